@@ -1,0 +1,33 @@
+# The two set-up commands: `make demo` and `make test`. Each installs what it needs.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint format redis-server clean
+
+demo: $(STAMP) redis-server
+	$(BIN)/leadscore demo
+
+test: $(STAMP) redis-server
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+
+$(STAMP): pyproject.toml
+	@scripts/ensure-venv $(PYTHON) $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+redis-server:
+	@scripts/ensure-redis
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

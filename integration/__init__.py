@@ -1,0 +1,1 @@
+"""Web side of leadscore: verify CRM webhooks, normalise them, enqueue scoring."""

@@ -1,0 +1,82 @@
+"""Flask app factory: `gunicorn 'integration.app:create_app()'`.
+
+The web side only verifies, normalises and enqueues; scoring happens in RQ workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import Flask, Request, jsonify
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from integration.errors import WebhookError
+from integration.hubspot.webhook import bp as hubspot_bp
+from integration.queue import redis_from_url
+from integration.settings import Settings, SettingsError, get_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What the handlers need, stored once on `app.extensions["leadscore"]`."""
+
+    settings: Settings
+    redis: Redis
+    queue: Queue
+
+    def public_url(self, request: Request) -> str:
+        """The URL the sender used, which is what webhook signatures cover."""
+        if self.settings.public_base_url is None:
+            return request.url
+        base = str(self.settings.public_base_url).rstrip("/")
+        return base + request.full_path.rstrip("?")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    if settings.proxy_fix_hops:
+        hops = settings.proxy_fix_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
+    if not settings.hubspot_app_secret:
+        log.warning("HUBSPOT_APP_SECRET is not set: /webhooks/hubspot will answer 503")
+
+    redis = redis_from_url(settings.redis_url)
+    app.extensions["leadscore"] = Services(
+        settings=settings, redis=redis, queue=Queue(settings.queue_name, connection=redis)
+    )
+    app.register_blueprint(hubspot_bp)
+
+    @app.get("/healthz")
+    def healthz():
+        try:
+            redis.ping()
+        except RedisError as exc:
+            return jsonify(status="unavailable", redis=f"unreachable: {exc}"), 503
+        return jsonify(status="ok", redis="ok")
+
+    @app.errorhandler(WebhookError)
+    def refuse(exc: WebhookError):
+        log.warning("refused delivery: %s", exc.message)
+        return jsonify(error=exc.message), exc.status
+
+    @app.errorhandler(SettingsError)
+    def not_configured(exc: SettingsError):
+        log.error("%s", exc)
+        return jsonify(error=str(exc)), 503
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_exc):
+        message = f"body exceeds the {settings.max_body_bytes}-byte limit (MAX_BODY_BYTES)"
+        return jsonify(error=message), 400
+
+    return app

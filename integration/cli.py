@@ -1,0 +1,123 @@
+"""`leadscore` command line: set-up, workers, replaying fixtures, emulators and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from integration.settings import SettingsError, get_settings
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def cmd_setup(args) -> int:
+    from integration.hubspot.api import HubSpotCRM
+
+    if args.crm != "hubspot":
+        print(f"setup for {args.crm} is not available yet", file=sys.stderr)
+        return 2
+    report = HubSpotCRM(get_settings()).ensure_properties()
+    for name in report.created:
+        print(f"created  {name}")
+    for name in report.existing:
+        print(f"exists   {name}")
+    print("Reps can now add Lead score, Lead tier and Lead score reason as contact list-view columns.")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from rq import Queue, Worker
+
+    from integration.queue import redis_from_url
+    from workers import jobs
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    jobs.context()  # validate config and build clients once, before RQ forks work horses
+    redis = redis_from_url(settings.redis_url)
+    worker = Worker([Queue(settings.queue_name, connection=redis)], connection=redis)
+    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from integration.replay import load_delivery, sign_and_post
+
+    secret = args.secret or get_settings().hubspot_app_secret
+    if not secret:
+        print("no signing secret: pass --secret or set HUBSPOT_APP_SECRET", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in args.files:
+        response = sign_and_post(args.url, load_delivery(path), secret)
+        print(f"{path}: {response.status_code} {response.text.strip()[:200]}")
+        failures += not response.ok
+    return 1 if failures else 0
+
+
+def cmd_emulate(args) -> int:
+    from integration.emulators.hubspot import HubSpotEmulator
+    from integration.emulators.llm import LLMStub
+
+    if args.service == "hubspot":
+        emulator = HubSpotEmulator(token=args.token or "emulator-token", latency_s=args.latency)
+        app = emulator.load_fixtures(args.fixtures or FIXTURES / "hubspot").app()
+    else:
+        stub = LLMStub(args.fixtures or FIXTURES / "llm", api_key=args.token or "stub-key")
+        stub.latency_s = args.latency
+        app = stub.app()
+    app.run(host="127.0.0.1", port=args.port, threaded=True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from integration.demo import run_demo
+
+    return run_demo(timeout_s=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leadscore", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    setup = sub.add_parser("setup", help="create leadscore's CRM fields (idempotent)")
+    setup.add_argument("crm", choices=["hubspot"])
+    setup.set_defaults(func=cmd_setup)
+
+    worker = sub.add_parser("worker", help="run an RQ worker for the scoring queue")
+    worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    worker.set_defaults(func=cmd_worker)
+
+    replay = sub.add_parser("replay", help="sign and post fixture deliveries to a running service")
+    replay.add_argument("files", nargs="+", type=Path)
+    replay.add_argument("--url", default="http://127.0.0.1:5000/webhooks/hubspot")
+    replay.add_argument("--secret", help="signing secret (default: HUBSPOT_APP_SECRET)")
+    replay.set_defaults(func=cmd_replay)
+
+    emulate = sub.add_parser("emulate", help="run the local HubSpot emulator or LLM stub")
+    emulate.add_argument("service", choices=["hubspot", "llm"])
+    emulate.add_argument("--port", type=int, default=8081)
+    emulate.add_argument("--fixtures", type=Path)
+    emulate.add_argument("--token", help="bearer token / API key the emulator expects")
+    emulate.add_argument("--latency", type=float, default=0.0, help="seconds added to each reply")
+    emulate.set_defaults(func=cmd_emulate)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on local emulators, or a real portal")
+    demo.add_argument("--timeout", type=float, default=90.0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"leadscore: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

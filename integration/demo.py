@@ -1,0 +1,243 @@
+"""`make demo`: the whole pipeline as it runs in production, on its embedded defaults.
+
+With no HubSpot credentials it starts a local Redis, the HubSpot emulator seeded
+from fixtures and the LLM stub, then the real web app (gunicorn) and a real RQ
+worker, replays a burst of signed fixture deliveries and prints the rep's list
+view once the scores are written. With HUBSPOT_ACCESS_TOKEN set, the same web
+and worker processes serve that real portal until interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, suppress
+from datetime import datetime
+from pathlib import Path
+
+import requests
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+
+from integration.replay import load_delivery, sign_and_post
+from integration.settings import get_settings
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+DEMO_SECRET = "demo-client-secret"
+DEMO_TOKEN = "demo-private-app-token"
+DEMO_LLM_KEY = "demo-llm-key"
+DEMO_APP_ID = "3307201"
+DEMO_PORTAL = "48213377"
+BURST = "contact.creation__demo_burst"
+FOLLOW_UPS = ("contact.propertyChange__demo_changes", "contact.propertyChange__demo_rep_edits")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _redis_reachable(url: str) -> bool:
+    try:
+        return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (RedisError, ValueError):
+        return False
+
+
+def _start_redis(stack: ExitStack) -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed and REDIS_URL is not reachable: run `make demo`")
+    port, workdir = _free_port(), tempfile.mkdtemp(prefix="leadscore-demo-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--appendonly", "yes"],
+        stdout=subprocess.DEVNULL,
+    )
+    stack.callback(shutil.rmtree, workdir, True)
+    stack.callback(_stop, proc)
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait(lambda: _redis_reachable(url), 10, "redis-server")
+    return url
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait(ready, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"{what} was not ready within {timeout_s:.0f}s")
+
+
+def _spawn(stack: ExitStack, args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    handle = log.open("w")
+    stack.callback(handle.close)
+    proc = subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    stack.callback(_stop, proc)
+    return proc
+
+
+def _start_services(stack: ExitStack, env: dict, port: int, logs: Path, bind: str = "127.0.0.1") -> str:
+    web = [sys.executable, "-m", "gunicorn", "--bind", f"{bind}:{port}", "--workers", "2",
+           "--access-logfile", "-", "integration.app:create_app()"]  # fmt: skip
+    _spawn(stack, web, env, logs / "web.log")
+    _spawn(stack, [sys.executable, "-m", "integration.cli", "worker"], env, logs / "worker.log")
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        with suppress(requests.RequestException):
+            return requests.get(f"{base}/healthz", timeout=1).ok
+        return False
+
+    _wait(healthy, 30, f"the web app (see {logs / 'web.log'})")
+    return base
+
+
+def _queue_idle(redis_url: str) -> bool:
+    queue = Queue(get_settings().queue_name, connection=Redis.from_url(redis_url))
+    return queue.count == 0 and queue.started_job_registry.count == 0
+
+
+def _print_list_view(rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: -int(float(r.get("leadscore_score") or -1)))
+    header = f"{'Name':<20} {'Company':<26} {'Title':<34} {'Score':>5} {'Tier':<4}  Reason"
+    print(header)
+    print("-" * (len(header) + 70))
+    for r in rows:
+        name = f"{r.get('firstname') or ''} {r.get('lastname') or ''}".strip() or "(no name)"
+        print(
+            f"{name[:20]:<20} {(r.get('company') or '')[:26]:<26} {(r.get('jobtitle') or '')[:34]:<34} "
+            f"{r.get('leadscore_score') or '–':>5} {r.get('leadscore_tier') or '–':<4}  "
+            f"{r.get('leadscore_reason') or 'not scored yet'}"
+        )
+
+
+def _serve_real_portal(stack: ExitStack, env: dict) -> int:
+    port = int(os.environ.get("PORT", "5000"))
+    logs = Path(tempfile.mkdtemp(prefix="leadscore-demo-logs-"))
+    base = _start_services(stack, env, port, logs, bind="0.0.0.0")
+    print(f"Serving your HubSpot portal. Webhook target URL: {base}/webhooks/hubspot")
+    print(f"(behind a proxy or tunnel, set PUBLIC_BASE_URL). Logs: {logs}. Ctrl-C to stop.")
+    with suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
+    return 0
+
+
+def run_demo(timeout_s: float = 90.0) -> int:
+    with ExitStack() as stack:
+        env = dict(os.environ)
+        if not _redis_reachable(env.get("REDIS_URL", "redis://127.0.0.1:6379/0")):
+            env["REDIS_URL"] = _start_redis(stack)
+        if env.get("HUBSPOT_ACCESS_TOKEN"):
+            return _serve_real_portal(stack, env)
+        return _run_on_emulators(stack, env, timeout_s)
+    return 0
+
+
+def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
+    from integration.emulators import serve_in_thread
+    from integration.emulators.hubspot import HubSpotEmulator
+    from integration.emulators.llm import LLMStub
+    from integration.hubspot.api import HubSpotCRM
+
+    emulator = HubSpotEmulator(token=DEMO_TOKEN).load_fixtures(FIXTURES / "hubspot")
+    hubspot_server = serve_in_thread(emulator.app())
+    stack.callback(hubspot_server.stop)
+    stub = LLMStub(FIXTURES / "llm", api_key=DEMO_LLM_KEY, latency_s=0.2)
+    llm_server = serve_in_thread(stub.app())
+    stack.callback(llm_server.stop)
+
+    env.update(
+        HUBSPOT_ACCESS_TOKEN=DEMO_TOKEN,
+        HUBSPOT_APP_SECRET=DEMO_SECRET,
+        HUBSPOT_APP_ID=DEMO_APP_ID,
+        HUBSPOT_API_BASE=hubspot_server.url,
+        LLM_BASE_URL=f"{llm_server.url}/v1",
+        LLM_API_KEY=DEMO_LLM_KEY,
+        LOG_LEVEL="WARNING",
+    )
+    os.environ.update(env)
+    get_settings.cache_clear()
+    settings = get_settings()
+    crm = HubSpotCRM(settings, portal_id=DEMO_PORTAL)
+    created = crm.ensure_properties().created
+    print(f"leadscore demo: HubSpot emulator {hubspot_server.url}, LLM stub {llm_server.url}, "
+          f"Redis {env['REDIS_URL']}")  # fmt: skip
+    print(f"setup hubspot: created {', '.join(created)}")
+
+    logs = Path(tempfile.mkdtemp(prefix="leadscore-demo-logs-"))
+    base = _start_services(stack, env, _free_port(), logs)
+    webhook = f"{base}/webhooks/hubspot"
+    emulator.echo_writes_to(webhook, DEMO_SECRET, DEMO_APP_ID, DEMO_PORTAL)
+    print(f"web {base} and an RQ worker are running (logs in {logs})\n")
+
+    burst = json.loads(load_delivery(FIXTURES / "hubspot" / f"{BURST}.json"))
+    contact_ids = [str(event["objectId"]) for event in burst]
+    started = time.time()
+    for chunk in range(0, len(burst), 6):  # HubSpot batches events; send the burst as 4 deliveries
+        body = json.dumps(burst[chunk : chunk + 6]).encode()
+        response = sign_and_post(webhook, body, DEMO_SECRET)
+        print(f"delivery of {len(burst[chunk:chunk + 6])} contact.creation events → "
+              f"{response.status_code} {response.json()['enqueued']} enqueued")  # fmt: skip
+
+    def all_scored() -> bool:
+        return all(emulator.contacts[i]["properties"].get("leadscore_scored_at") for i in contact_ids)
+
+    _wait(all_scored, timeout_s, f"scoring of {len(contact_ids)} contacts (see {logs / 'worker.log'})")
+    latencies = [
+        datetime.fromisoformat(emulator.contacts[i]["properties"]["leadscore_scored_at"]).timestamp()
+        - started
+        for i in contact_ids
+    ]
+    print(f"\nall {len(contact_ids)} contacts scored: median {statistics.median(latencies):.1f}s, "
+          f"slowest {max(latencies):.1f}s after the first delivery "
+          f"(one worker; the LLM stub answers in {stub.latency_s:.1f}s)\n")  # fmt: skip
+    _print_list_view(crm.list_scored(contact_ids))
+
+    before = {i: dict(emulator.contacts[i]["properties"]) for i in contact_ids}
+    writes_before = len(emulator.writes)
+    print("\nReps edit some leads; HubSpot sends property changes (and echoes of leadscore's own writes):")
+    for name in FOLLOW_UPS:
+        body = load_delivery(FIXTURES / "hubspot" / f"{name}.json")
+        emulator.apply_changes(json.loads(body))
+        response = sign_and_post(webhook, body, DEMO_SECRET)
+        summary = response.json()
+        print(f"  {name}: {response.status_code} received {summary['received']}, "
+              f"enqueued {summary['enqueued']}, ignored {summary['ignored']}")  # fmt: skip
+    time.sleep(1.0)  # let the last echo deliveries arrive
+    _wait(lambda: _queue_idle(env["REDIS_URL"]), timeout_s, "the follow-up scoring")
+    time.sleep(0.5)
+    for contact_id in contact_ids:
+        old, new = before[contact_id], emulator.contacts[contact_id]["properties"]
+        if old.get("leadscore_score") != new.get("leadscore_score"):
+            print(f"  {new.get('firstname')} {new.get('lastname')}: {old['leadscore_score']} "
+                  f"{old['leadscore_tier']} → {new['leadscore_score']} {new['leadscore_tier']} "
+                  f"({new['leadscore_reason']})")  # fmt: skip
+    rewrites = len(emulator.writes) - writes_before
+    echoes = emulator.echo_responses
+    ignored = sum(r.get("ignored", 0) for r in echoes)
+    enqueued = sum(r.get("enqueued", 0) for r in echoes)
+    print(f"\n{rewrites} contacts rewritten, the rest unchanged (no write). "
+          f"{len(echoes)} echo deliveries of leadscore's own writes: {ignored} events ignored, "
+          f"{enqueued} jobs enqueued.")  # fmt: skip
+    return 0

@@ -1,0 +1,80 @@
+"""An OpenAI-compatible Chat Completions stub that replays fixture replies.
+
+Each reply is a recorded `chat.completion` body, `fixtures/llm/chat_completion__<variant>.json`.
+The stub answers a lead with `lead_<id>` when that fixture exists, else `neutral`;
+tests can force a variant, an HTTP error or a delay.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+from flask import Flask, jsonify, request
+
+_LEAD_ID = re.compile(r'"lead_id":\s*"([^"]+)"')
+
+
+class LLMStub:
+    def __init__(self, fixtures: Path, api_key: str = "stub-key", latency_s: float = 0.0):
+        self.api_key = api_key
+        self.latency_s = latency_s
+        self.replies = {
+            path.stem.split("__", 1)[1]: json.loads(path.read_text())
+            for path in sorted(Path(fixtures).glob("chat_completion__*.json"))
+        }
+        self.forced_variant: str | None = None
+        self.forced_status: int | None = None
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+
+    def force(self, variant: str | None = None, status: int | None = None) -> None:
+        if variant is not None and variant not in self.replies:
+            raise KeyError(f"no fixture chat_completion__{variant}.json")
+        self.forced_variant, self.forced_status = variant, status
+
+    def app(self) -> Flask:
+        app = Flask("llm-stub")
+
+        @app.post("/v1/chat/completions")
+        @app.post("/chat/completions")
+        def chat_completions():
+            if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                error = {
+                    "message": "Incorrect API key provided.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+                return jsonify(error=error), 401
+            body = request.get_json(force=True)
+            with self._lock:
+                self.requests.append(body)
+            if self.latency_s:
+                time.sleep(self.latency_s)
+            if self.forced_status is not None:
+                error = {
+                    "message": "The server had an error while processing your request.",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+                return jsonify(error=error), self.forced_status
+            return jsonify(self.replies[self._variant_for(body)])
+
+        @app.get("/v1/models")
+        def models():
+            return jsonify(object="list", data=[{"id": "stub", "object": "model", "owned_by": "leadscore"}])
+
+        return app
+
+    def _variant_for(self, body: dict) -> str:
+        if self.forced_variant:
+            return self.forced_variant
+        text = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+        match = _LEAD_ID.search(text)
+        variant = f"lead_{match.group(1)}" if match else ""
+        return variant if variant in self.replies else "neutral"

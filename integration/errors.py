@@ -1,0 +1,41 @@
+"""Error types shared by every CRM adapter: one class per failure, chosen by status.
+
+The web layer turns a `WebhookError` into its HTTP status and message; callers
+decide what to do by the error's class, never by parsing its text.
+"""
+
+
+class WebhookError(Exception):
+    """A delivery was refused; `status` is what the sender gets back."""
+
+    status = 400
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class SignatureError(WebhookError):
+    """The delivery does not prove it came from the CRM (missing, stale or wrong signature)."""
+
+    status = 401
+
+
+class PayloadError(WebhookError):
+    """The body is not the shape the CRM sends; retrying the same body cannot succeed."""
+
+    status = 400
+
+
+class QueueUnavailable(WebhookError):
+    """Redis could not durably take the events; the sender must retry later."""
+
+    status = 503
+
+
+class CRMError(Exception):
+    """A CRM API call failed; subclasses say whether retrying can help."""
+
+
+class LeadGone(CRMError):
+    """The lead was deleted, merged away or archived before it could be scored."""

@@ -1,0 +1,54 @@
+"""The one event model every CRM adapter normalises into."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CRM = Literal["hubspot", "salesforce"]
+
+
+class LeadEvent(BaseModel):
+    """A lead that needs (re)scoring, and the CRM events that said so."""
+
+    model_config = ConfigDict(frozen=True)
+
+    crm: CRM
+    account_id: str = Field(description="HubSpot portal id or Salesforce org id")
+    lead_id: str
+    event_ids: tuple[str, ...]
+    kinds: tuple[str, ...] = Field(description="normalised kinds, e.g. creation, property_change")
+    changed_fields: tuple[str, ...] = ()
+    occurred_at: datetime
+
+    @property
+    def lead_key(self) -> str:
+        return f"{self.crm}:{self.account_id}:{self.lead_id}"
+
+    def merged_with(self, other: LeadEvent) -> LeadEvent:
+        """One event for the same lead standing for both; newest occurrence wins."""
+        if other.lead_key != self.lead_key:
+            raise ValueError(f"cannot merge events of {self.lead_key} and {other.lead_key}")
+        return self.model_copy(
+            update={
+                "event_ids": _union(self.event_ids, other.event_ids),
+                "kinds": _union(self.kinds, other.kinds),
+                "changed_fields": _union(self.changed_fields, other.changed_fields),
+                "occurred_at": max(self.occurred_at, other.occurred_at),
+            }
+        )
+
+
+def coalesce(events: list[LeadEvent]) -> list[LeadEvent]:
+    """One event per lead, in order of each lead's first appearance."""
+    by_lead: dict[str, LeadEvent] = {}
+    for event in events:
+        known = by_lead.get(event.lead_key)
+        by_lead[event.lead_key] = event if known is None else known.merged_with(event)
+    return list(by_lead.values())
+
+
+def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(first + second))

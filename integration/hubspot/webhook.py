@@ -1,0 +1,224 @@
+"""`POST /webhooks/hubspot`: verify the v3 signature, normalise, drop noise, enqueue.
+
+Event tables follow Zulip's webhook style: what we handle, what we ignore on
+purpose; anything else is logged as unsupported and still acknowledged, so
+HubSpot does not retry it forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, datetime
+
+from flask import Blueprint, current_app, jsonify, request
+from hubspot.exceptions import InvalidSignatureTimestampError
+from hubspot.utils.signature import Signature
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from integration.errors import PayloadError, SignatureError
+from integration.events import LeadEvent
+from integration.hubspot import OUTPUT_PROPERTIES
+from integration.queue import enqueue_scoring
+
+log = logging.getLogger(__name__)
+
+CONTACT_OBJECT_TYPE = "0-1"
+MAX_EVENTS = 100
+
+HANDLED_EVENTS = {
+    "contact.creation": "creation",
+    "contact.propertyChange": "property_change",
+    "object.creation": "creation",
+    "object.propertyChange": "property_change",
+}
+IGNORED_EVENTS = frozenset(
+    {
+        # Nothing left to score, or the change arrives again as property changes.
+        "contact.deletion",
+        "contact.privacyDeletion",
+        "contact.merge",
+        "contact.restore",
+        "contact.associationChange",
+        "object.deletion",
+        "object.merge",
+        "object.restore",
+        "object.associationChange",
+        # Other objects: leadscore scores contacts only.
+        "company.creation",
+        "company.deletion",
+        "company.propertyChange",
+        "company.associationChange",
+        "deal.creation",
+        "deal.deletion",
+        "deal.propertyChange",
+        "deal.associationChange",
+        "conversation.creation",
+        "conversation.deletion",
+        "conversation.newMessage",
+        "conversation.propertyChange",
+    }
+)
+OWN_PROPERTIES = frozenset(OUTPUT_PROPERTIES.values())
+
+# HubSpot signs the URI with these characters decoded (its v3 signature docs).
+_DECODED_IN_SIGNATURE = {
+    "%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$",
+    "%27": "'", "%28": "(", "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";",
+}  # fmt: skip
+_ENCODED = re.compile("|".join(_DECODED_IN_SIGNATURE), re.IGNORECASE)
+
+
+class HubSpotEvent(BaseModel):
+    """One element of HubSpot's webhook array, as its docs describe it."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    event_id: int = Field(alias="eventId")
+    subscription_id: int = Field(alias="subscriptionId")
+    portal_id: int = Field(alias="portalId")
+    app_id: int = Field(alias="appId")
+    occurred_at: int = Field(alias="occurredAt", description="epoch milliseconds")
+    subscription_type: str = Field(alias="subscriptionType")
+    attempt_number: int = Field(0, alias="attemptNumber")
+    object_id: int | None = Field(None, alias="objectId")
+    object_type_id: str | None = Field(None, alias="objectTypeId")
+    change_source: str | None = Field(None, alias="changeSource")
+    source_id: str | None = Field(None, alias="sourceId")
+    property_name: str | None = Field(None, alias="propertyName")
+    property_value: str | None = Field(None, alias="propertyValue")
+
+
+_DELIVERY = TypeAdapter(list[HubSpotEvent])
+
+
+def signed_uri(url: str) -> str:
+    return _ENCODED.sub(lambda m: _DECODED_IN_SIGNATURE[m.group(0).upper()], url)
+
+
+def verify_signature(
+    *, secret: str, method: str, uri: str, body: bytes, signature: str | None, timestamp: str | None
+) -> None:
+    """Raise `SignatureError` unless HubSpot's v3 signature over the raw body checks out."""
+    if not signature:
+        raise SignatureError(
+            "missing X-HubSpot-Signature-v3 header: only HubSpot's v3-signed deliveries are accepted"
+        )
+    if not timestamp:
+        raise SignatureError("missing X-HubSpot-Request-Timestamp header (epoch milliseconds)")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SignatureError("body is not UTF-8, so it cannot carry a HubSpot signature") from None
+    try:
+        valid = signature.isascii() and Signature.is_valid(
+            signature=signature,
+            client_secret=secret,
+            request_body=text,
+            http_uri=signed_uri(uri),
+            http_method=method,
+            signature_version="v3",
+            timestamp=timestamp,
+        )
+    except InvalidSignatureTimestampError:
+        raise SignatureError(
+            f"X-HubSpot-Request-Timestamp {timestamp!r} is not within the last 5 minutes: "
+            "a replayed delivery or a wrong clock"
+        ) from None
+    if not valid:
+        raise SignatureError(
+            "X-HubSpot-Signature-v3 does not match: check that HUBSPOT_APP_SECRET is this app's "
+            f"client secret and that {uri} is the exact URL HubSpot posts to (set PUBLIC_BASE_URL "
+            "behind a proxy)"
+        )
+
+
+def parse_delivery(body: bytes) -> list[HubSpotEvent]:
+    try:
+        events = _DELIVERY.validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise PayloadError(
+            "expected a JSON array of HubSpot webhook events (objects with eventId, "
+            f"subscriptionType, portalId, objectId, …); at {where}: {first['msg']}"
+        ) from None
+    if not events:
+        raise PayloadError("expected a JSON array of 1 to 100 HubSpot webhook events, got []")
+    if len(events) > MAX_EVENTS:
+        raise PayloadError(f"expected at most {MAX_EVENTS} events in one delivery, got {len(events)}")
+    return events
+
+
+def triage(event: HubSpotEvent, own_app_id: str) -> tuple[str, str]:
+    """Classify one event as ("score", kind) or ("ignore"/"unknown", why)."""
+    kind = HANDLED_EVENTS.get(event.subscription_type)
+    if kind is None:
+        if event.subscription_type in IGNORED_EVENTS:
+            return "ignore", f"{event.subscription_type} is not scored"
+        return "unknown", f"unsupported subscription type {event.subscription_type!r}"
+    if event.subscription_type.startswith("object.") and event.object_type_id != CONTACT_OBJECT_TYPE:
+        return "ignore", f"object type {event.object_type_id} is not a contact"
+    if event.object_id is None:
+        return "ignore", "event names no objectId"
+    if kind == "property_change" and event.property_name in OWN_PROPERTIES:
+        return "ignore", f"{event.property_name} is leadscore's own output"
+    if event.change_source == "INTEGRATION" and event.source_id == own_app_id:
+        return "ignore", "change made by leadscore itself"
+    return "score", kind
+
+
+def to_lead_event(event: HubSpotEvent, kind: str) -> LeadEvent:
+    return LeadEvent(
+        crm="hubspot",
+        account_id=str(event.portal_id),
+        lead_id=str(event.object_id),
+        event_ids=(str(event.event_id),),
+        kinds=(kind,),
+        changed_fields=(event.property_name,) if event.property_name else (),
+        occurred_at=datetime.fromtimestamp(event.occurred_at / 1000, tz=UTC),
+    )
+
+
+bp = Blueprint("hubspot", __name__)
+
+
+@bp.post("/webhooks/hubspot")
+def receive():
+    services = current_app.extensions["leadscore"]
+    settings = services.settings
+    settings.require_hubspot_webhook()
+    body = request.get_data(cache=False)
+    verify_signature(
+        secret=settings.hubspot_app_secret,
+        method=request.method,
+        uri=services.public_url(request),
+        body=body,
+        signature=request.headers.get("X-HubSpot-Signature-v3"),
+        timestamp=request.headers.get("X-HubSpot-Request-Timestamp"),
+    )
+    events = parse_delivery(body)
+
+    to_score: list[LeadEvent] = []
+    counts = {"ignored": 0, "unsupported": 0}
+    for event in events:
+        verdict, detail = triage(event, settings.hubspot_app_id or str(event.app_id))
+        if verdict == "score":
+            to_score.append(to_lead_event(event, detail))
+            continue
+        counts["ignored" if verdict == "ignore" else "unsupported"] += 1
+        log.log(
+            logging.INFO if verdict == "ignore" else logging.WARNING,
+            "hubspot event %s for object %s not scored: %s",
+            event.event_id,
+            event.object_id,
+            detail,
+        )
+    report = enqueue_scoring(services.queue, to_score)
+    return jsonify(
+        received=len(events),
+        enqueued=len(report.job_ids),
+        duplicates=report.duplicates,
+        jobs=report.job_ids,
+        **counts,
+    )

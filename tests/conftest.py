@@ -1,0 +1,185 @@
+"""Real parts for every test: a redis-server, the HubSpot emulator and the LLM stub over HTTP,
+the Flask app, and RQ workers that run the real job functions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq import Queue, SimpleWorker
+
+from integration.app import create_app
+from integration.emulators import serve_in_thread
+from integration.emulators.hubspot import HubSpotEmulator
+from integration.emulators.llm import LLMStub
+from integration.hubspot.api import HubSpotCRM
+from integration.replay import hubspot_headers, load_delivery
+from integration.settings import get_settings, load_settings
+from workers import jobs
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+APP_SECRET = "test-client-secret"
+APP_ID = "3307201"
+PORTAL_ID = "48213377"
+HUBSPOT_TOKEN = "pat-test-token"
+LLM_KEY = "sk-test"
+WEBHOOK_URL = "http://localhost/webhooks/hubspot"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(port: int, workdir: str, *extra: str) -> subprocess.Popen:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.exit("redis-server is not installed: run `make test`, which installs it", 2)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir, *extra],
+        stdout=subprocess.DEVNULL,
+    )
+    client = Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc
+        except Exception:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="leadscore-redis-")
+    proc = start_redis(port, workdir)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis(redis_server):
+    client = Redis.from_url(redis_server)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def hubspot():
+    emulator = HubSpotEmulator(token=HUBSPOT_TOKEN).load_fixtures(FIXTURES / "hubspot")
+    server = serve_in_thread(emulator.app())
+    emulator.url = server.url
+    yield emulator
+    server.stop()
+
+
+@pytest.fixture
+def llm():
+    stub = LLMStub(FIXTURES / "llm", api_key=LLM_KEY)
+    server = serve_in_thread(stub.app())
+    stub.url = server.url
+    yield stub
+    server.stop()
+
+
+@pytest.fixture
+def env(monkeypatch, redis, redis_server, hubspot, llm):
+    """Environment for every process role, pointing at the local real parts."""
+    values = {
+        "REDIS_URL": redis_server,
+        "HUBSPOT_ACCESS_TOKEN": HUBSPOT_TOKEN,
+        "HUBSPOT_APP_SECRET": APP_SECRET,
+        "HUBSPOT_APP_ID": APP_ID,
+        "HUBSPOT_API_BASE": hubspot.url,
+        "LLM_BASE_URL": f"{llm.url}/v1",
+        "LLM_API_KEY": LLM_KEY,
+        "LLM_MODEL": "gpt-4o-mini",
+        "LLM_TIMEOUT_S": "5",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    _clear_caches()
+    yield values
+    _clear_caches()
+
+
+def _clear_caches():
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+    jobs._hubspot.cache_clear()
+
+
+@pytest.fixture
+def settings(env):
+    return load_settings()
+
+
+@pytest.fixture
+def app(settings):
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def crm(settings, hubspot):
+    """The real adapter, with leadscore's properties set up as `leadscore setup hubspot` does."""
+    adapter = HubSpotCRM(settings, portal_id=PORTAL_ID)
+    adapter.ensure_properties()
+    return adapter
+
+
+@pytest.fixture
+def queue(redis, settings):
+    return Queue(settings.queue_name, connection=redis)
+
+
+@pytest.fixture
+def run_worker(queue, redis):
+    """Drain the queue with a real RQ worker running the real job functions."""
+
+    def run() -> list:
+        finished_before = set(queue.finished_job_registry.get_job_ids())
+        SimpleWorker([queue], connection=redis).work(burst=True)
+        ids = [i for i in queue.finished_job_registry.get_job_ids() if i not in finished_before]
+        return [queue.fetch_job(i).return_value() for i in ids]
+
+    return run
+
+
+@pytest.fixture
+def post_delivery(client):
+    """Sign and post a fixture delivery (or raw bytes) exactly as HubSpot would."""
+
+    def post(fixture_or_body, *, headers: dict | None = None, url: str = WEBHOOK_URL):
+        body = (
+            fixture_or_body
+            if isinstance(fixture_or_body, bytes)
+            else load_delivery(FIXTURES / "hubspot" / f"{fixture_or_body}.json")
+        )
+        signed = hubspot_headers(url, body, APP_SECRET)
+        return client.post(url, data=body, headers={**signed, **(headers or {})})
+
+    return post
+
+
+def fixture_json(name: str):
+    return json.loads((FIXTURES / name).read_text())

@@ -1,0 +1,1 @@
+"""Queue side of leadscore: read the lead, score it, write the score back."""

@@ -1,0 +1,171 @@
+"""Blend rules and propensity into a score, a tier and a two-second reason. No I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from integration.lead import Lead
+from workers.config import ScoringConfig
+from workers.propensity import NEUTRAL, PROMPT_VERSION, PropensityResult
+from workers.rules import COMPONENTS, RulesResult
+
+MAX_REASON_CHARS = 90
+DISQUALIFYING = 0.25  # a lead status scored this low explains the score before anything else
+PROPENSITY = "propensity"
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: int
+    tier: str
+    reason: str
+    details: dict
+
+    def fields(self) -> dict[str, str]:
+        """The CRM-neutral output fields, as text (what CRMs hand back on read)."""
+        return {
+            "score": str(self.score),
+            "tier": self.tier,
+            "reason": self.reason,
+            "details": json.dumps(self.details, sort_keys=True, separators=(",", ":")),
+        }
+
+
+def blend_weights(config: ScoringConfig) -> dict[str, float]:
+    """Rules weights renormalised to sum to 1, with the propensity share carved proportionally."""
+    share = config.blend.propensity_weight
+    weights = {name: w * (1 - share) for name, w in config.weights.normalised().items()}
+    weights[PROPENSITY] = share
+    return weights
+
+
+def effective_propensity(propensity: PropensityResult) -> float:
+    """Shrink toward neutral by confidence: an unsure LLM cannot move the ranking much."""
+    return NEUTRAL + propensity.confidence * (propensity.propensity - NEUTRAL)
+
+
+def input_fingerprint(lead: Lead, config: ScoringConfig) -> str:
+    payload = {"lead": lead.scoring_inputs(), "config": config.digest, "prompt": PROMPT_VERSION}
+    raw = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:-")
+    return cut + "…"
+
+
+MAX_TITLE_IN_REASON = 34
+
+
+def _who(lead: Lead, rules: RulesResult) -> str:
+    """Who the lead is, e.g. 'VP of Sales at 100-500-person SaaS'; seniority when the title is long."""
+    labels = {**rules.seniority.labels, **rules.role_fit.labels}
+    title = " ".join((lead.title or "").split())
+    who = title if 0 < len(title) <= MAX_TITLE_IN_REASON else labels.get("seniority") or "Contact"
+    if who == "Staff" and labels.get("function"):
+        who = f"{labels['function'].capitalize()} staff"
+    size, industry = labels.get("size"), labels.get("industry")
+    if size and industry:
+        return f"{who} at {size}-person {industry}"
+    where = industry or (lead.company or "").strip()
+    if size:
+        where = f"{size}-person {where or 'company'}"
+    return f"{who} at {where}" if where else who
+
+
+def _phrases(lead: Lead, rules: RulesResult, config: ScoringConfig) -> dict[str, str]:
+    """A short phrase for each rules driver that could explain this lead's score."""
+    ss = rules.source_stage.labels
+    status = config.source_stage.statuses.get(lead.status or "")
+    if _disqualified(lead, config):
+        source_phrase = status.label
+    else:
+        source_phrase = ss.get("intent") or ss.get("source") or ss.get("stage") or "Unknown source"
+        if "intent" not in ss and status is not None and status.score >= 0.8:
+            source_phrase = f"{source_phrase}, {status.label.lower()}"
+    who = _who(lead, rules)
+    return {
+        "source_stage": source_phrase,
+        "seniority": who,
+        "role_fit": who,
+        "reachability": rules.reachability.labels["reach"],
+    }
+
+
+def _disqualified(lead: Lead, config: ScoringConfig) -> bool:
+    status = config.source_stage.statuses.get(lead.status or "")
+    return status is not None and status.score <= DISQUALIFYING
+
+
+def explain(
+    contributions: dict[str, float],
+    phrases: dict[str, str],
+    ai_reason: str = "",
+    disqualified: bool = False,
+) -> str:
+    """Name the one or two drivers that moved the score most, in at most 90 characters.
+
+    The drivers are the rules a rep can check. The AI's own reason takes the second
+    place only when the AI moved the score most, against what the rules say.
+    """
+    rules_ranked = sorted(phrases, key=lambda name: abs(contributions[name]), reverse=True)
+    if disqualified:
+        rules_ranked.remove("source_stage")
+        rules_ranked.insert(0, "source_stage")
+    first = phrases[rules_ranked[0]]
+    second = next((phrases[n] for n in rules_ranked[1:] if phrases[n] != first), "")
+    ai = contributions.get(PROPENSITY, 0.0)
+    rules_direction = sum(contributions[name] for name in phrases)
+    if ai_reason and abs(ai) > max(abs(contributions[n]) for n in phrases) and ai * rules_direction < 0:
+        second = f"AI: {ai_reason}"
+    first = _clip(first, MAX_REASON_CHARS)
+    room = MAX_REASON_CHARS - len(first) - 2
+    if not second or room < 20:
+        return first
+    return f"{first}; {_clip(second, room)}"
+
+
+def score_lead(
+    lead: Lead, rules: RulesResult, propensity: PropensityResult, config: ScoringConfig
+) -> ScoreResult:
+    weights = blend_weights(config)
+    values = {**rules.scores(), PROPENSITY: effective_propensity(propensity)}
+    composite = sum(weights[name] * values[name] for name in weights)
+    score = max(0, min(100, round(composite * 100)))
+    contributions = {name: weights[name] * (values[name] - NEUTRAL) for name in weights}
+    if propensity.fallback:
+        contributions.pop(PROPENSITY)
+    details = {
+        "composite": round(composite, 4),
+        "sub_scores": {name: round(values[name], 4) for name in (*COMPONENTS, PROPENSITY)},
+        "weights": {name: round(w, 4) for name, w in weights.items()},
+        "propensity": {
+            "value": propensity.propensity,
+            "confidence": propensity.confidence,
+            "source": propensity.source,
+            "reason": propensity.reason,
+            "evidence": list(propensity.evidence),
+            **({"error": propensity.error} if propensity.error else {}),
+        },
+        "model": propensity.model or None,
+        "prompt_version": PROMPT_VERSION,
+        "config_version": config.version,
+        "fingerprint": input_fingerprint(lead, config),
+        "fallback": propensity.fallback,
+    }
+    return ScoreResult(
+        score=score,
+        tier=config.tiers.tier_for(score),
+        reason=explain(
+            contributions,
+            _phrases(lead, rules, config),
+            propensity.reason,
+            disqualified=_disqualified(lead, config),
+        ),
+        details=details,
+    )

@@ -1,0 +1,159 @@
+"""The scoring config a sales-ops person edits (TOML), validated with pydantic."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Score = Field(ge=0.0, le=1.0)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeywordRule(_Strict):
+    """A labelled score that applies when any keyword appears as a whole word."""
+
+    label: str
+    score: float = Score
+    keywords: tuple[str, ...] = Field(min_length=1)
+
+    @cached_property
+    def pattern(self) -> re.Pattern[str]:
+        words = "|".join(re.escape(k.lower()) for k in self.keywords)
+        return re.compile(rf"(?<![\w-])(?:{words})(?![\w-])")
+
+    def matches(self, text: str) -> bool:
+        return bool(self.pattern.search(text.lower()))
+
+
+class Labelled(_Strict):
+    score: float = Score
+    label: str
+
+
+class SizeBand(_Strict):
+    min: int = Field(ge=0)
+    score: float = Score
+
+
+class Weights(_Strict):
+    seniority: float = Field(ge=0)
+    role_fit: float = Field(ge=0)
+    reachability: float = Field(ge=0)
+    source_stage: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self):
+        if sum(self.model_dump().values()) <= 0:
+            raise ValueError("at least one rules weight must be above 0")
+        return self
+
+    def normalised(self) -> dict[str, float]:
+        raw = self.model_dump()
+        total = sum(raw.values())
+        return {name: weight / total for name, weight in raw.items()}
+
+
+class Blend(_Strict):
+    propensity_weight: float = Field(ge=0.0, lt=1.0)
+
+
+class Tiers(_Strict):
+    A: int = Field(ge=0, le=100)
+    B: int = Field(ge=0, le=100)
+    C: int = Field(ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _descending(self):
+        if not self.A > self.B > self.C:
+            raise ValueError(f"tiers must satisfy A > B > C, got A={self.A} B={self.B} C={self.C}")
+        return self
+
+    def tier_for(self, score: int) -> str:
+        for tier in ("A", "B", "C"):
+            if score >= getattr(self, tier):
+                return tier
+        return "D"
+
+
+class Seniority(_Strict):
+    unknown: float = Score
+    levels: tuple[KeywordRule, ...]
+
+
+class RoleFit(_Strict):
+    function_weight: float = Field(ge=0)
+    size_weight: float = Field(ge=0)
+    industry_weight: float = Field(ge=0)
+    unknown_function: float = Score
+    unknown_size: float = Score
+    unknown_industry: float = Score
+    functions: tuple[KeywordRule, ...]
+    company_sizes: tuple[SizeBand, ...] = Field(min_length=1)
+    industries: tuple[KeywordRule, ...]
+
+
+class Reachability(_Strict):
+    email: float = Score
+    phone: float = Score
+    engaged: float = Score
+    engaged_min_visits: int = Field(ge=0)
+    engaged_min_conversions: int = Field(ge=0)
+
+
+class SourceStage(_Strict):
+    source_weight: float = Field(ge=0)
+    status_weight: float = Field(ge=0)
+    stage_weight: float = Field(ge=0)
+    unknown_source: float = Score
+    unknown_status: float = Score
+    unknown_stage: float = Score
+    sources: dict[str, Labelled]
+    statuses: dict[str, Labelled]
+    stages: dict[str, Labelled]
+    intents: tuple[KeywordRule, ...] = ()
+
+
+class ScoringConfig(_Strict):
+    version: str
+    weights: Weights
+    blend: Blend
+    tiers: Tiers
+    seniority: Seniority
+    role_fit: RoleFit
+    reachability: Reachability
+    source_stage: SourceStage
+    digest: str = Field("", description="hash of the file, part of every input fingerprint")
+
+
+class ConfigError(ValueError):
+    """The scoring config cannot be used; the message names the file and the bad key."""
+
+
+def load_config(path: Path | None = None) -> ScoringConfig:
+    """Load and validate a scoring config; the shipped default when `path` is None."""
+    if path is None:
+        raw = resources.files("workers").joinpath("scoring_config.toml").read_bytes()
+        where = "the default scoring config"
+    else:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read scoring config {path}: {exc.strerror}") from None
+        where = str(path)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+        return ScoringConfig(**data, digest=hashlib.sha256(raw).hexdigest()[:16])
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where} is invalid: {problems}") from None
