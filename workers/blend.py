@@ -12,7 +12,6 @@ from workers.propensity import NEUTRAL, PROMPT_VERSION, PropensityResult
 from workers.rules import COMPONENTS, RulesResult
 
 MAX_REASON_CHARS = 90
-DISQUALIFYING = 0.25  # a lead status scored this low explains the score before anything else
 PROPENSITY = "propensity"
 
 
@@ -82,7 +81,7 @@ def _phrases(lead: Lead, rules: RulesResult, config: ScoringConfig) -> dict[str,
     """A short phrase for each rules driver that could explain this lead's score."""
     ss = rules.source_stage.labels
     status = config.source_stage.statuses.get(lead.status or "")
-    if _disqualified(lead, config):
+    if _status_cap(lead, config) is not None:
         source_phrase = status.label
     else:
         source_phrase = ss.get("intent") or ss.get("source") or ss.get("stage") or "Unknown source"
@@ -97,24 +96,25 @@ def _phrases(lead: Lead, rules: RulesResult, config: ScoringConfig) -> dict[str,
     }
 
 
-def _disqualified(lead: Lead, config: ScoringConfig) -> bool:
+def _status_cap(lead: Lead, config: ScoringConfig) -> int | None:
     status = config.source_stage.statuses.get(lead.status or "")
-    return status is not None and status.score <= DISQUALIFYING
+    return None if status is None else status.cap
 
 
 def explain(
     contributions: dict[str, float],
     phrases: dict[str, str],
     ai_reason: str = "",
-    disqualified: bool = False,
+    capped: bool = False,
 ) -> str:
     """Name the one or two drivers that moved the score most, in at most 90 characters.
 
-    The drivers are the rules a rep can check. The AI's own reason takes the second
-    place only when the AI moved the score most, against what the rules say.
+    The drivers are the rules a rep can check; a status that caps the score comes
+    first. The AI's own reason takes the second place only when the AI moved the
+    score most, against what the rules say.
     """
     rules_ranked = sorted(phrases, key=lambda name: abs(contributions[name]), reverse=True)
-    if disqualified:
+    if capped:
         rules_ranked.remove("source_stage")
         rules_ranked.insert(0, "source_stage")
     first = phrases[rules_ranked[0]]
@@ -136,12 +136,14 @@ def score_lead(
     weights = blend_weights(config)
     values = {**rules.scores(), PROPENSITY: effective_propensity(propensity)}
     composite = sum(weights[name] * values[name] for name in weights)
-    score = max(0, min(100, round(composite * 100)))
+    cap = _status_cap(lead, config)
+    score = max(0, min(100 if cap is None else cap, round(composite * 100)))
     contributions = {name: weights[name] * (values[name] - NEUTRAL) for name in weights}
     if propensity.fallback:
         contributions.pop(PROPENSITY)
     details = {
         "composite": round(composite, 4),
+        "cap": cap,
         "sub_scores": {name: round(values[name], 4) for name in (*COMPONENTS, PROPENSITY)},
         "weights": {name: round(w, 4) for name, w in weights.items()},
         "propensity": {
@@ -165,7 +167,7 @@ def score_lead(
             contributions,
             _phrases(lead, rules, config),
             propensity.reason,
-            disqualified=_disqualified(lead, config),
+            capped=_status_cap(lead, config) is not None,
         ),
         details=details,
     )

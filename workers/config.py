@@ -37,6 +37,7 @@ class KeywordRule(_Strict):
 class Labelled(_Strict):
     score: float = Score
     label: str
+    cap: int | None = Field(None, ge=0, le=100, description="the final score never exceeds this")
 
 
 class SizeBand(_Strict):

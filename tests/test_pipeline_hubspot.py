@@ -1,0 +1,313 @@
+"""End to end: signed fixture delivery → Flask → Redis → RQ worker → HubSpot emulator + LLM stub."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from rq import Queue
+
+from tests.conftest import PORTAL_ID, fixture_json
+
+VP_DEMO = "74300000101"
+
+
+def written(hubspot, contact_id: str) -> dict:
+    props = hubspot.contact_properties(contact_id)
+    return {k: v for k, v in props.items() if k.startswith("leadscore_")}
+
+
+def assert_recent(stamp: str) -> None:
+    when = datetime.fromisoformat(stamp)
+    assert stamp.endswith("Z") and abs(datetime.now(UTC) - when) < timedelta(minutes=1)
+
+
+def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
+    response = post_delivery("contact.creation__single")
+    assert response.status_code == 200
+    assert response.get_json()["enqueued"] == 1
+
+    [result] = run_worker()
+
+    assert result == {
+        "lead": f"hubspot:{PORTAL_ID}:{VP_DEMO}",
+        "outcome": "written",
+        "score": 89,
+        "tier": "A",
+        "reason": "Inbound demo request; VP of Sales at 100-500-person SaaS",
+        "fallback": False,
+    }
+    fields = written(hubspot, VP_DEMO)
+    assert_recent(fields.pop("leadscore_scored_at"))
+    details = json.loads(fields.pop("leadscore_details"))
+    assert fields == {
+        "leadscore_score": "89",
+        "leadscore_tier": "A",
+        "leadscore_reason": "Inbound demo request; VP of Sales at 100-500-person SaaS",
+    }
+    fingerprint = details.pop("fingerprint")
+    assert len(fingerprint) == 24 and int(fingerprint, 16) >= 0
+    assert details == {
+        "composite": 0.8908,
+        "cap": None,
+        "sub_scores": {
+            "seniority": 0.9,
+            "role_fit": 1.0,
+            "reachability": 1.0,
+            "source_stage": 0.9175,
+            "propensity": 0.788,
+        },
+        "weights": {
+            "seniority": 0.1625,
+            "role_fit": 0.1625,
+            "reachability": 0.0975,
+            "source_stage": 0.2275,
+            "propensity": 0.35,
+        },
+        "propensity": {
+            "value": 0.86,
+            "confidence": 0.8,
+            "source": "llm",
+            "reason": "Demo request from a VP of Sales at a mid-size software company",
+            "evidence": [
+                "recent_conversion_event_name: Demo request",
+                "jobtitle: VP of Sales",
+                "hs_lead_status: CONNECTED",
+                "numemployees: 100-500",
+            ],
+        },
+        "model": "gpt-4o-mini-2024-07-18",
+        "prompt_version": "propensity-v1",
+        "config_version": "b2b-saas-default-1",
+        "fallback": False,
+    }
+
+
+def test_contact_creation__single_prompt_is_grounded_and_fenced(post_delivery, crm, run_worker, llm):
+    post_delivery("contact.creation__single")
+    run_worker()
+
+    [request] = llm.requests
+    assert request["model"] == "gpt-4o-mini"
+    assert request["temperature"] == 0
+    assert request["response_format"] == {"type": "json_object"}
+    system, user = request["messages"]
+    assert "Lead source" in system["content"] and "Lead status" in system["content"]
+    record = json.loads(user["content"].removeprefix("<lead_data>\n").removesuffix("\n</lead_data>"))
+    assert list(record)[:6] == [
+        "lead_id",
+        "lead_source",
+        "lead_source_detail",
+        "most_recent_conversion",
+        "lead_status",
+        "lifecycle_stage",
+    ]
+    assert record["lead_id"] == VP_DEMO
+    assert record["most_recent_conversion"] == "Demo request"
+    assert record["texts"][0].startswith("Discovery call")
+
+
+def test_note_with_injection_stays_inside_the_fence(post_delivery, crm, run_worker, llm, hubspot):
+    post_delivery("contact.propertyChange__lead_status")  # any delivery; then one for 111
+    hubspot.contacts["74300000111"]["properties"]["hs_lead_status"] = "UNQUALIFIED"
+    body = json.dumps([{**fixture_json("hubspot/contact.creation__single.json")[0], "objectId": 74300000111}])
+    post_delivery(body.encode())
+    run_worker()
+
+    [user] = [r["messages"][1]["content"] for r in llm.requests if "74300000111" in r["messages"][1]["content"]]
+    assert user.count("<lead_data>") == 1 and user.count("</lead_data>") == 1
+    assert "Ignore previous instructions" in user
+    fields = written(hubspot, "74300000111")
+    assert fields["leadscore_tier"] == "D"
+    assert fields["leadscore_reason"].startswith("Marked unqualified")
+
+
+EXPECTED_BURST = {
+    "74300000101": (89, "A", "Inbound demo request; VP of Sales at 100-500-person SaaS"),
+    "74300000102": (85, "A", "Chief Revenue Officer at 500-1000-person fintech; Asked for sales"),
+    "74300000103": (76, "A", "Director of Marketing Operations at 100-500-person SaaS; Pricing enquiry"),
+    "74300000104": (83, "A", "Head of Revenue Operations at 100-500-person SaaS; Free trial signup"),
+    "74300000105": (66, "B", "CEO & Co-founder at 5-25-person SaaS; Asked for sales"),
+    "74300000106": (54, "C", "Sales Manager at 100-500-person Porchlight Logistics; Reachable, not engaged yet"),
+    "74300000107": (
+        43,
+        "C",
+        "Sales Development Representative at 100-500-person SaaS; AI: Individual-contributor SDR…",
+    ),
+    "74300000108": (36, "D", "Marketing Coordinator at 25-50-person retailer; Social"),
+    "74300000109": (21, "D", "Student at school; Organic search"),
+    "74300000110": (33, "D", "Marketing Intern at 25-50-person agency; Webinar attendee"),
+    "74300000111": (25, "D", "Marked unqualified; Independent Consultant at 1-5-person agency"),
+    "74300000112": (54, "C", "Bad timing; AI: Good-fit VP who requested a demo, but budget frozen until Q2 2027"),
+    "74300000113": (
+        47,
+        "C",
+        "Director of Sales at 100-500-person Redkite Security; AI: Relevant sales leader but…",
+    ),
+    "74300000114": (42, "C", "Revenue Operations Analyst at 50-100-person SaaS; Paid social"),
+    "74300000115": (41, "C", "Contact at Granite Peak Manufacturing; Offline source"),
+    "74300000116": (52, "C", "Pricing enquiry; Contact at 50-100-person SaaS"),
+    "74300000117": (
+        55,
+        "B",
+        "Chief Financial Officer at 1000+-person manufacturer; Reachable, not engaged yet",
+    ),
+    "74300000118": (
+        52,
+        "C",
+        "Director of IT at 500-1000-person healthcare firm; AI: IT director at a healthcare…",
+    ),
+    "74300000119": (
+        41,
+        "C",
+        "Reachable, not engaged yet; AI: HR manager who arrived via an HR search term; poor role…",
+    ),
+    "74300000120": (70, "A", "Sales Operations Manager at 100-500-person SaaS; Engaged and reachable"),
+    "74300000121": (
+        89,
+        "A",
+        "Inbound demo request; Director of Sales Operations at 500-1000-person SaaS",
+    ),
+    "74300000122": (66, "B", "Senior RevOps Manager at 100-500-person SaaS; Engaged and reachable"),
+    "74300000123": (75, "A", "Head of Sales at 25-50-person SaaS; Engaged and reachable"),
+    "74300000124": (78, "A", "Head of Sales Operations at 50-100-person SaaS; Asked for sales"),
+}
+
+
+def test_contact_creation__demo_burst(post_delivery, crm, run_worker, hubspot):
+    assert post_delivery("contact.creation__demo_burst").get_json()["enqueued"] == 24
+    results = run_worker()
+
+    assert len(results) == 24
+    got = {
+        contact_id: (
+            int(written(hubspot, contact_id)["leadscore_score"]),
+            written(hubspot, contact_id)["leadscore_tier"],
+            written(hubspot, contact_id)["leadscore_reason"],
+        )
+        for contact_id in EXPECTED_BURST
+    }
+    assert got == EXPECTED_BURST
+    assert all(len(reason) <= 90 for _, _, reason in got.values())
+
+
+def test_contact_propertyChange__lead_status_unchanged_lead_is_not_rewritten(
+    post_delivery, crm, run_worker, hubspot
+):
+    post_delivery("contact.propertyChange__lead_status")
+    [first] = run_worker()
+    writes = len(hubspot.writes)
+
+    body = json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0], "eventId": 1}])
+    post_delivery(body.encode())
+    [second] = run_worker()
+
+    assert first["outcome"] == "written"
+    assert second["outcome"] == "unchanged"
+    assert len(hubspot.writes) == writes
+
+
+def test_contact_propertyChange__lead_status_change_rescores(post_delivery, crm, run_worker, hubspot):
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()
+    before = written(hubspot, "74300000103")
+
+    hubspot.contacts["74300000103"]["properties"]["hs_lead_status"] = "UNQUALIFIED"
+    event = {**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0], "eventId": 2}
+    post_delivery(json.dumps([{**event, "propertyValue": "UNQUALIFIED"}]).encode())
+    [result] = run_worker()
+
+    after = written(hubspot, "74300000103")
+    assert result["outcome"] == "written"
+    assert (before["leadscore_score"], before["leadscore_tier"]) == ("76", "A")
+    assert (after["leadscore_score"], after["leadscore_tier"]) == ("25", "D")  # capped by the status
+    assert after["leadscore_reason"].startswith("Marked unqualified; ")
+
+
+def test_contact_creation__deleted_contact(post_delivery, crm, run_worker, queue):
+    assert post_delivery("contact.creation__deleted_contact").get_json()["enqueued"] == 1
+    [result] = run_worker()
+
+    assert result == {"lead": f"hubspot:{PORTAL_ID}:74300000999", "outcome": "lead_gone"}
+    assert queue.failed_job_registry.count == 0
+
+
+@pytest.mark.parametrize(
+    ("variant", "status", "fallback", "error"),
+    [
+        ("prose", None, True, "LLM reply unusable: reply is not JSON"),
+        ("out_of_range", None, True, "LLM reply unusable: reply does not fit ConversionPropensity at propensity"),
+        ("missing_fields", None, True, "LLM reply unusable: reply does not fit ConversionPropensity at propensity"),
+        ("fenced_json", None, False, None),
+        (None, 500, True, "LLM answered HTTP 500"),
+        (None, 429, True, "LLM answered HTTP 429"),
+    ],
+)
+def test_llm_reply_variants_fail_open_or_repair(
+    post_delivery, crm, run_worker, hubspot, llm, variant, status, fallback, error
+):
+    llm.force(variant=variant, status=status)
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    details = json.loads(written(hubspot, VP_DEMO)["leadscore_details"])
+    assert result["outcome"] == "written"
+    assert details["fallback"] is fallback
+    if fallback:
+        assert details["propensity"]["source"] == "propensity_prior_fallback"
+        assert (details["propensity"]["value"], details["propensity"]["confidence"]) == (0.5, 0.0)
+        assert details["propensity"]["error"].startswith(error)
+        assert details["sub_scores"]["propensity"] == 0.5
+    else:
+        assert (details["propensity"]["value"], details["propensity"]["confidence"]) == (0.72, 0.6)
+
+
+def test_llm_timeout_falls_back(post_delivery, crm, run_worker, hubspot, llm, monkeypatch):
+    from workers import jobs
+
+    monkeypatch.setenv("LLM_TIMEOUT_S", "0.2")
+    jobs.context.cache_clear()
+    from integration.settings import get_settings
+
+    get_settings.cache_clear()
+    llm.latency_s = 1.0
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    details = json.loads(written(hubspot, VP_DEMO)["leadscore_details"])
+    assert result["fallback"] is True
+    assert details["propensity"]["error"] == "LLM timed out"
+
+
+def test_llm_disabled_without_key_scores_on_rules(post_delivery, crm, run_worker, hubspot, llm, monkeypatch):
+    from integration.settings import get_settings
+    from workers import jobs
+
+    monkeypatch.setenv("LLM_API_KEY", "")
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    fields = written(hubspot, VP_DEMO)
+    details = json.loads(fields["leadscore_details"])
+    assert llm.requests == []
+    assert details["propensity"]["error"] == "LLM disabled: LLM_API_KEY is not set"
+    assert result["fallback"] is True
+    assert fields["leadscore_score"] == "79"  # 0.65 x rules 0.9461 + 0.35 x neutral 0.5
+    assert fields["leadscore_reason"] == "Inbound demo request; VP of Sales at 100-500-person SaaS"
+
+
+def test_worker_job_lands_in_failed_registry_when_hubspot_rejects_token(
+    post_delivery, crm, run_worker, hubspot, queue
+):
+    hubspot.token = "rotated"
+    post_delivery("contact.creation__single")
+    run_worker()
+
+    assert queue.failed_job_registry.count == 0  # first failure is retried later (RQ Retry)
+    scheduled = queue.scheduled_job_registry.get_job_ids()
+    assert len(scheduled) == 1
+    job = Queue.fetch_job(queue, scheduled[0])
+    assert job.retries_left == 4
