@@ -115,7 +115,9 @@ def test_note_with_injection_stays_inside_the_fence(post_delivery, crm, run_work
     post_delivery(body.encode())
     run_worker()
 
-    [user] = [r["messages"][1]["content"] for r in llm.requests if "74300000111" in r["messages"][1]["content"]]
+    [user] = [
+        r["messages"][1]["content"] for r in llm.requests if "74300000111" in r["messages"][1]["content"]
+    ]
     assert user.count("<lead_data>") == 1 and user.count("</lead_data>") == 1
     assert "Ignore previous instructions" in user
     fields = written(hubspot, "74300000111")
@@ -129,7 +131,11 @@ EXPECTED_BURST = {
     "74300000103": (76, "A", "Director of Marketing Operations at 100-500-person SaaS; Pricing enquiry"),
     "74300000104": (83, "A", "Head of Revenue Operations at 100-500-person SaaS; Free trial signup"),
     "74300000105": (66, "B", "CEO & Co-founder at 5-25-person SaaS; Asked for sales"),
-    "74300000106": (54, "C", "Sales Manager at 100-500-person Porchlight Logistics; Reachable, not engaged yet"),
+    "74300000106": (
+        54,
+        "C",
+        "Sales Manager at 100-500-person Porchlight Logistics; Reachable, not engaged yet",
+    ),
     "74300000107": (
         43,
         "C",
@@ -139,7 +145,11 @@ EXPECTED_BURST = {
     "74300000109": (21, "D", "Student at school; Organic search"),
     "74300000110": (33, "D", "Marketing Intern at 25-50-person agency; Webinar attendee"),
     "74300000111": (25, "D", "Marked unqualified; Independent Consultant at 1-5-person agency"),
-    "74300000112": (54, "C", "Bad timing; AI: Good-fit VP who requested a demo, but budget frozen until Q2 2027"),
+    "74300000112": (
+        54,
+        "C",
+        "Bad timing; AI: Good-fit VP who requested a demo, but budget frozen until Q2 2027",
+    ),
     "74300000113": (
         47,
         "C",
@@ -237,8 +247,18 @@ def test_contact_creation__deleted_contact(post_delivery, crm, run_worker, queue
     ("variant", "status", "fallback", "error"),
     [
         ("prose", None, True, "LLM reply unusable: reply is not JSON"),
-        ("out_of_range", None, True, "LLM reply unusable: reply does not fit ConversionPropensity at propensity"),
-        ("missing_fields", None, True, "LLM reply unusable: reply does not fit ConversionPropensity at propensity"),
+        (
+            "out_of_range",
+            None,
+            True,
+            "LLM reply unusable: reply does not fit ConversionPropensity at propensity",
+        ),
+        (
+            "missing_fields",
+            None,
+            True,
+            "LLM reply unusable: reply does not fit ConversionPropensity at propensity",
+        ),
         ("fenced_json", None, False, None),
         (None, 500, True, "LLM answered HTTP 500"),
         (None, 429, True, "LLM answered HTTP 429"),

@@ -35,6 +35,8 @@ class RunningServer:
 
 def serve_in_thread(app: Flask, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     server = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name=f"serve-{app.name}", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"serve-{app.name}", daemon=True
+    )
     thread.start()
     return RunningServer(server, thread)

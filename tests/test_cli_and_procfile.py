@@ -1,0 +1,117 @@
+"""The `leadscore` commands, and the Procfile's own lines run as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from integration.cli import main
+from integration.emulators import serve_in_thread
+from tests.conftest import FIXTURES, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SINGLE = FIXTURES / "hubspot" / "contact.creation__single.json"
+
+
+def test_setup_hubspot_is_idempotent(env, hubspot, capsys):
+    assert main(["setup", "hubspot"]) == 0
+    first = capsys.readouterr().out
+    assert main(["setup", "hubspot"]) == 0
+    second = capsys.readouterr().out
+
+    assert "created  group leadscore" in first and "created  leadscore_details" in first
+    assert "created" not in second and "exists   leadscore_score" in second
+    tier = hubspot.properties["leadscore_tier"]
+    assert (tier["type"], [o["value"] for o in tier["options"]]) == ("enumeration", ["A", "B", "C", "D"])
+    assert hubspot.properties["leadscore_score"]["type"] == "number"
+    assert {p["groupName"] for n, p in hubspot.properties.items() if n.startswith("leadscore_")} == {
+        "leadscore"
+    }
+
+
+def test_setup_without_token_says_what_to_set(env, monkeypatch, capsys):
+    from integration.settings import get_settings
+
+    monkeypatch.setenv("HUBSPOT_ACCESS_TOKEN", "")
+    get_settings.cache_clear()
+
+    assert main(["setup", "hubspot"]) == 2
+    assert "HUBSPOT_ACCESS_TOKEN is not set" in capsys.readouterr().err
+
+
+def test_replay_signs_and_posts_fixtures_to_a_running_service(app, queue, capsys):
+    server = serve_in_thread(app)
+    try:
+        code = main(["replay", str(SINGLE), "--url", f"{server.url}/webhooks/hubspot"])
+    finally:
+        server.stop()
+
+    assert code == 0
+    assert f"{SINGLE}: 200" in capsys.readouterr().out
+    assert queue.count == 1
+
+
+def test_replay_reports_refusals(app, queue, capsys):
+    server = serve_in_thread(app)
+    try:
+        code = main(["replay", str(SINGLE), "--url", f"{server.url}/webhooks/hubspot", "--secret", "wrong"])
+    finally:
+        server.stop()
+
+    assert code == 1
+    assert ": 401 " in capsys.readouterr().out
+    assert queue.count == 0
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip())
+
+
+@pytest.fixture
+def procfile_processes(env, crm):
+    """`web` and `worker` exactly as the Procfile starts them, configured only by the environment."""
+    port = free_port()
+    process_env = {
+        **os.environ,
+        **env,
+        "PORT": str(port),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    procs = [
+        subprocess.Popen(["bash", "-c", command], env=process_env, cwd=ROOT, start_new_session=True)
+        for command in procfile().values()
+    ]
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.2)
+    yield url
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        proc.wait(timeout=15)
+
+
+def test_procfile_web_and_worker_score_a_replayed_delivery(procfile_processes, hubspot, capsys):
+    assert set(procfile()) == {"web", "worker"}
+    assert main(["replay", str(SINGLE), "--url", f"{procfile_processes}/webhooks/hubspot"]) == 0
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not hubspot.writes:
+        time.sleep(0.1)
+
+    props = hubspot.contact_properties("74300000101")
+    assert (props["leadscore_score"], props["leadscore_tier"]) == ("89", "A")
+    assert props["leadscore_reason"] == "Inbound demo request; VP of Sales at 100-500-person SaaS"

@@ -1,0 +1,345 @@
+"""`POST /webhooks/hubspot`: each fixture delivery and each bad input, with exact outcomes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+from rq import Queue
+
+from integration.app import create_app
+from integration.replay import hubspot_headers, load_delivery
+from integration.settings import load_settings
+from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, free_port
+
+
+def queued_events(queue: Queue) -> list[dict]:
+    return [job.kwargs["event"] for job in queue.get_jobs()]
+
+
+def summary(response) -> dict:
+    body = response.get_json()
+    body.pop("jobs")
+    return body
+
+
+@pytest.mark.parametrize(
+    ("fixture", "expected", "leads"),
+    [
+        (
+            "contact.creation__single",
+            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            ["74300000101"],
+        ),
+        (
+            "contact.propertyChange__lead_status",
+            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            ["74300000103"],
+        ),
+        (
+            "contact.propertyChange__several_for_one_contact",
+            {"received": 3, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            ["74300000104"],
+        ),
+        (
+            "contact.propertyChange__own_output_only",
+            {"received": 2, "enqueued": 0, "duplicates": 0, "ignored": 2, "unsupported": 0},
+            [],
+        ),
+        (
+            "contact.propertyChange__integration_echo",
+            {"received": 2, "enqueued": 0, "duplicates": 0, "ignored": 2, "unsupported": 0},
+            [],
+        ),
+        (
+            "contact.propertyChange__other_integration",
+            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            ["74300000106"],
+        ),
+        (
+            "object.creation__contact",
+            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            ["74300000107"],
+        ),
+        (
+            "object.propertyChange__contact",
+            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            ["74300000108"],
+        ),
+        (
+            "object.propertyChange__deal",
+            {"received": 1, "enqueued": 0, "duplicates": 0, "ignored": 1, "unsupported": 0},
+            [],
+        ),
+        (
+            "contact.deletion__single",
+            {"received": 1, "enqueued": 0, "duplicates": 0, "ignored": 1, "unsupported": 0},
+            [],
+        ),
+        (
+            "mixed__creation_and_unknown",
+            {"received": 2, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 1},
+            ["74300000110"],
+        ),
+        (
+            "contact.propertyChange__demo_changes",
+            {"received": 7, "enqueued": 5, "duplicates": 0, "ignored": 1, "unsupported": 0},
+            ["74300000123", "74300000101", "74300000122", "74300000104", "74300000124"],
+        ),
+    ],
+)
+def test_fixture_delivery(post_delivery, queue, fixture, expected, leads):
+    response = post_delivery(fixture)
+
+    assert response.status_code == 200
+    assert summary(response) == expected
+    assert [event["lead_id"] for event in queued_events(queue)] == leads
+    assert all(event["account_id"] == PORTAL_ID for event in queued_events(queue))
+
+
+def test_contact_propertyChange__several_for_one_contact_is_one_job(post_delivery, queue):
+    post_delivery("contact.propertyChange__several_for_one_contact")
+
+    [event] = queued_events(queue)
+    assert event["crm"] == "hubspot"
+    assert len(event["event_ids"]) == 3
+    assert event["kinds"] == ["property_change"]
+    assert event["changed_fields"] == ["jobtitle", "numemployees", "hs_lead_status"]
+
+
+def test_contact_creation__single_duplicate_delivery_enqueues_nothing_new(post_delivery, queue):
+    first = post_delivery("contact.creation__single")
+    second = post_delivery("contact.creation__single")
+
+    assert summary(first)["enqueued"] == 1
+    assert summary(second) == {"received": 1, "enqueued": 0, "duplicates": 1, "ignored": 0, "unsupported": 0}
+    assert queue.count == 1
+
+
+def test_mixed__creation_and_unknown_logs_the_unknown_event(post_delivery, caplog):
+    with caplog.at_level(logging.WARNING, logger="integration.hubspot.webhook"):
+        post_delivery("mixed__creation_and_unknown")
+
+    assert "unsupported subscription type 'contact.sentimentChange'" in caplog.text
+
+
+# ---- bad input: signatures (401, nothing enqueued)
+
+
+def signed_single(url: str = WEBHOOK_URL, **overrides) -> tuple[bytes, dict]:
+    body = load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json")
+    return body, {**hubspot_headers(url, body, APP_SECRET), **overrides}
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        (
+            {"X-HubSpot-Signature-v3": ""},
+            "missing X-HubSpot-Signature-v3 header: only HubSpot's v3-signed deliveries are accepted",
+        ),
+        (
+            {"X-HubSpot-Request-Timestamp": ""},
+            "missing X-HubSpot-Request-Timestamp header (epoch milliseconds)",
+        ),
+        (
+            {"X-HubSpot-Signature-v3": "bm90IHRoZSBzaWduYXR1cmU="},
+            "X-HubSpot-Signature-v3 does not match: check that HUBSPOT_APP_SECRET is this app's client "
+            "secret and that http://localhost/webhooks/hubspot is the exact URL HubSpot posts to "
+            "(set PUBLIC_BASE_URL behind a proxy)",
+        ),
+        (
+            {"X-HubSpot-Signature-v3": "sïgnature"},
+            "X-HubSpot-Signature-v3 does not match: check that HUBSPOT_APP_SECRET is this app's client "
+            "secret and that http://localhost/webhooks/hubspot is the exact URL HubSpot posts to "
+            "(set PUBLIC_BASE_URL behind a proxy)",
+        ),
+        (
+            {"X-HubSpot-Request-Timestamp": "not-a-number"},
+            "X-HubSpot-Request-Timestamp 'not-a-number' is not within the last 5 minutes: "
+            "a replayed delivery or a wrong clock",
+        ),
+    ],
+)
+def test_bad_signature_headers_are_refused(client, queue, headers, message):
+    body, signed = signed_single(**headers)
+    response = client.post(WEBHOOK_URL, data=body, headers=signed)
+
+    assert response.status_code == 401
+    assert response.get_json() == {"error": message}
+    assert queue.count == 0
+
+
+def test_stale_signature_is_refused_even_when_correctly_signed(client, queue):
+    body = load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json")
+    six_minutes_ago = int((time.time() - 360) * 1000)
+    headers = hubspot_headers(WEBHOOK_URL, body, APP_SECRET, timestamp_ms=six_minutes_ago)
+
+    response = client.post(WEBHOOK_URL, data=body, headers=headers)
+
+    assert response.status_code == 401
+    assert "is not within the last 5 minutes" in response.get_json()["error"]
+    assert queue.count == 0
+
+
+def test_body_changed_after_signing_is_refused(client, queue):
+    body, headers = signed_single()
+    tampered = body.replace(b"74300000101", b"74300000102")
+
+    response = client.post(WEBHOOK_URL, data=tampered, headers=headers)
+
+    assert response.status_code == 401
+    assert queue.count == 0
+
+
+def test_wrong_secret_is_refused(client, queue):
+    body = load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json")
+    headers = hubspot_headers(WEBHOOK_URL, body, "someone-elses-secret")
+
+    assert client.post(WEBHOOK_URL, data=body, headers=headers).status_code == 401
+    assert queue.count == 0
+
+
+def test_signature_covers_the_public_url_behind_a_proxy(settings, queue):
+    public = "https://leadscore.example.com/webhooks/hubspot?portal=48213377"
+    app = create_app(settings.model_copy(update={"public_base_url": "https://leadscore.example.com"}))
+    client = app.test_client()
+    body, headers = signed_single(url=public)
+
+    accepted = client.post("/webhooks/hubspot?portal=48213377", data=body, headers=headers)
+    body, internal_headers = signed_single(url="http://localhost/webhooks/hubspot?portal=48213377")
+    refused = client.post("/webhooks/hubspot?portal=48213377", data=body, headers=internal_headers)
+
+    assert accepted.status_code == 200
+    assert refused.status_code == 401
+    assert queue.count == 1
+
+
+def test_signature_uses_hubspots_decoded_uri(client, queue):
+    url = "http://localhost/webhooks/hubspot?source=a%3Ab%40c"
+    body = load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json")
+    headers = hubspot_headers("http://localhost/webhooks/hubspot?source=a:b@c", body, APP_SECRET)
+
+    assert client.post(url, data=body, headers=headers).status_code == 200
+
+
+# ---- bad input: body shape (400, nothing enqueued)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"eventId": 1}',
+            "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
+            "portalId, objectId, …); at body: Input should be a valid array",
+        ),
+        (
+            b"not json at all",
+            "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
+            "portalId, objectId, …); at body: Invalid JSON: expected ident at line 1 column 2",
+        ),
+        (b"[]", "expected a JSON array of 1 to 100 HubSpot webhook events, got []"),
+        (
+            b'[{"eventId": 1, "subscriptionType": "contact.creation"}]',
+            "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
+            "portalId, objectId, …); at 0.subscriptionId: Field required",
+        ),
+        (
+            b'["contact.creation"]',
+            "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
+            "portalId, objectId, …); at 0: Input should be an object",
+        ),
+    ],
+)
+def test_body_that_is_not_an_event_array_is_refused(post_delivery, queue, body, message):
+    response = post_delivery(body)
+
+    assert response.status_code == 400
+    assert response.get_json() == {"error": message}
+    assert queue.count == 0
+
+
+def test_more_than_100_events_is_refused(post_delivery, queue):
+    [event] = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json"))
+    body = json.dumps([{**event, "eventId": i} for i in range(101)]).encode()
+
+    response = post_delivery(body)
+
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "expected at most 100 events in one delivery, got 101"}
+    assert queue.count == 0
+
+
+def test_body_over_the_size_limit_is_refused(settings, queue):
+    client = create_app(settings.model_copy(update={"max_body_bytes": 200})).test_client()
+    body, headers = signed_single()
+
+    response = client.post(WEBHOOK_URL, data=body + b" " * 200, headers=headers)
+
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "body exceeds the 200-byte limit (MAX_BODY_BYTES)"}
+    assert queue.count == 0
+
+
+# ---- Redis unreachable (503: HubSpot retries), configuration missing
+
+
+@pytest.fixture
+def app_without_redis(settings):
+    return create_app(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+
+
+def test_redis_unreachable_answers_503_never_2xx(app_without_redis):
+    body, headers = signed_single()
+
+    response = app_without_redis.test_client().post(WEBHOOK_URL, data=body, headers=headers)
+
+    assert response.status_code == 503
+    assert response.get_json() == {
+        "error": "the queue (Redis) is unavailable, nothing was accepted; retry later"
+    }
+
+
+def test_healthz_reports_redis(client, app_without_redis):
+    healthy = client.get("/healthz")
+    down = app_without_redis.test_client().get("/healthz")
+
+    assert (healthy.status_code, healthy.get_json()) == (200, {"status": "ok", "redis": "ok"})
+    assert down.status_code == 503
+    assert down.get_json()["redis"].startswith("unreachable: ")
+
+
+def test_missing_app_secret_answers_503_with_what_to_set(settings, queue):
+    client = create_app(settings.model_copy(update={"hubspot_app_secret": ""})).test_client()
+    body, headers = signed_single()
+
+    response = client.post(WEBHOOK_URL, data=body, headers=headers)
+
+    assert response.status_code == 503
+    assert response.get_json()["error"].startswith("HUBSPOT_APP_SECRET is not set")
+    assert queue.count == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "HUBSPOT_APP_ID",
+            "my-app",
+            "HUBSPOT_APP_ID: Value error, HUBSPOT_APP_ID must be the numeric app id",
+        ),
+        ("REDIS_URL", "localhost:6379", "REDIS_URL: Value error, REDIS_URL must start with redis://"),
+        ("LLM_TIMEOUT_S", "-1", "LLM_TIMEOUT_S: Input should be greater than 0"),
+        ("HUBSPOT_API_BASE", "not a url", "HUBSPOT_API_BASE: Input should be a valid URL"),
+    ],
+)
+def test_invalid_settings_say_which_variable_to_fix(monkeypatch, variable, value, message):
+    from integration.settings import SettingsError
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert message in str(caught.value)
