@@ -171,7 +171,7 @@ EXPECTED_BURST = {
     "74300000119": (
         41,
         "C",
-        "Reachable, not engaged yet; AI: HR manager who arrived via an HR search term; poor role…",
+        "Reachable, not engaged yet; AI: HR manager who arrived via an HR search term, poor role…",
     ),
     "74300000120": (70, "A", "Sales Operations Manager at 100-500-person SaaS; Engaged and reachable"),
     "74300000121": (

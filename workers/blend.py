@@ -122,7 +122,7 @@ def explain(
     ai = contributions.get(PROPENSITY, 0.0)
     rules_direction = sum(contributions[name] for name in phrases)
     if ai_reason and abs(ai) > max(abs(contributions[n]) for n in phrases) and ai * rules_direction < 0:
-        second = f"AI: {ai_reason}"
+        second = "AI: " + ai_reason.replace(";", ",")  # one driver, not several
     first = _clip(first, MAX_REASON_CHARS)
     room = MAX_REASON_CHARS - len(first) - 2
     if not second or room < 20:

@@ -44,6 +44,7 @@ Reply with one JSON object only, no prose, with exactly these keys:
 "reason": "at most 90 characters", "evidence": ["field: value", ...] (1-4 items quoting \
 the record's own fields)}"""
 
+_FENCE_MARKER = re.compile(r"<\s*(/?)\s*lead_data\s*>", re.IGNORECASE)
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL | re.IGNORECASE)
 
 
@@ -99,7 +100,7 @@ def parse_reply(content: str | None) -> ConversionPropensity:
 def _fenced(value):
     """Neutralise the fence markers inside free text so data cannot close the fence."""
     if isinstance(value, str):
-        return value.replace("<lead_data>", "(lead_data)").replace("</lead_data>", "(/lead_data)")
+        return _FENCE_MARKER.sub(lambda m: f"({m.group(1)}lead_data)", value)
     if isinstance(value, list | tuple):
         return [_fenced(v) for v in value]
     return value
