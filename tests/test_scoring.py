@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from integration.events import LeadEvent, coalesce
-from integration.hubspot.api import html_to_text
-from integration.lead import Lead, bounded_texts
+from integration.hubspot.api import TEXT_OBJECTS, lead_from_properties, newest_texts, record_text
+from integration.lead import Lead
 from workers.blend import (
     MAX_REASON_CHARS,
     PROPENSITY,
@@ -59,66 +59,30 @@ def config():
     return load_config()
 
 
-def _count(value: str | None) -> int:
-    try:
-        return int(float(value)) if value else 0
-    except ValueError:
-        return 0
-
-
 def _texts_by_id() -> dict[str, tuple[str, str]]:
     """Fixture notes and emails by id: (hs_timestamp, text as read_lead builds it)."""
     texts: dict[str, tuple[str, str]] = {}
-    for kind, fields in (("note", ("hs_note_body",)), ("email", ("hs_email_subject", "hs_email_text"))):
+    for kind, object_type in (("note", "notes"), ("email", "emails")):
         for path in FIXTURES.glob(f"hubspot/{kind}__*.json"):
             record = json.loads(path.read_text())
             props = record["properties"]
-            text = " — ".join(html_to_text(props[f]) for f in fields if props.get(f))
-            texts[record["id"]] = (props.get("hs_timestamp") or "", text)
+            texts[record["id"]] = (
+                props.get("hs_timestamp") or "",
+                record_text(props, TEXT_OBJECTS[object_type]),
+            )
     return texts
 
 
 def lead_from_contact(contact: dict, texts_by_id: dict[str, tuple[str, str]]) -> Lead:
-    """Map a HubSpot contact record to a Lead exactly as `HubSpotCRM.read_lead` does, without HTTP."""
-    props = contact["properties"]
+    """A HubSpot contact record as `HubSpotCRM.read_lead` maps it, without HTTP."""
     associations = contact.get("associations") or {}
     dated = [
         texts_by_id[link["id"]]
-        for kind in ("notes", "emails")
+        for kind in TEXT_OBJECTS
         for link in associations.get(kind, {}).get("results", [])
         if link["id"] in texts_by_id
     ]
-    dated.sort(reverse=True)
-    return Lead(
-        crm="hubspot",
-        account_id="48213377",
-        lead_id=str(contact["id"]),
-        first_name=props.get("firstname"),
-        last_name=props.get("lastname"),
-        has_email=bool(props.get("email")),
-        email_bad=props.get("hs_email_bad_address") == "true",
-        email_opted_out=props.get("hs_email_optout") == "true",
-        has_phone=bool(props.get("phone") or props.get("mobilephone")),
-        title=props.get("jobtitle"),
-        company=props.get("company"),
-        company_size=props.get("numemployees"),
-        industry=props.get("industry"),
-        source=props.get("hs_analytics_source"),
-        source_detail=" / ".join(
-            v for k in ("hs_analytics_source_data_1", "hs_analytics_source_data_2") if (v := props.get(k))
-        )
-        or None,
-        status=props.get("hs_lead_status"),
-        stage=props.get("lifecyclestage"),
-        conversions=_count(props.get("num_conversion_events")),
-        visits=_count(props.get("hs_analytics_num_visits")),
-        page_views=_count(props.get("hs_analytics_num_page_views")),
-        recent_conversion=props.get("recent_conversion_event_name"),
-        recent_conversion_at=props.get("recent_conversion_date"),
-        last_activity_at=props.get("notes_last_updated") or props.get("hs_last_sales_activity_timestamp"),
-        last_reply_at=props.get("hs_sales_email_last_replied"),
-        texts=bounded_texts([text for _, text in dated[:5]]),
-    )
+    return lead_from_properties(str(contact["id"]), "48213377", contact["properties"], newest_texts(dated))
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,53 @@ def _count(value: str | None) -> int:
         return 0
 
 
+def record_text(props: dict[str, str], fields: tuple[str, ...]) -> str:
+    """A note's or email's text fields as plain text."""
+    return " — ".join(html_to_text(props[f]) for f in fields if props.get(f))
+
+
+def newest_texts(dated: list[tuple[str, str]]) -> tuple[str, ...]:
+    """The newest texts first, bounded in count and size."""
+    return bounded_texts([text for _, text in sorted(dated, reverse=True)[:MAX_TEXT_RECORDS]])
+
+
+def lead_from_properties(
+    contact_id: str, portal_id: str, props: dict[str, str], texts: tuple[str, ...] = ()
+) -> Lead:
+    """Map HubSpot contact properties onto the CRM-neutral `Lead`."""
+    return Lead(
+        crm="hubspot",
+        account_id=portal_id,
+        lead_id=contact_id,
+        first_name=props.get("firstname"),
+        last_name=props.get("lastname"),
+        has_email=bool(props.get("email")),
+        email_bad=props.get("hs_email_bad_address") == "true",
+        email_opted_out=props.get("hs_email_optout") == "true",
+        has_phone=bool(props.get("phone") or props.get("mobilephone")),
+        title=props.get("jobtitle"),
+        company=props.get("company"),
+        company_size=props.get("numemployees"),
+        industry=props.get("industry"),
+        source=props.get("hs_analytics_source"),
+        source_detail=" / ".join(
+            v for k in ("hs_analytics_source_data_1", "hs_analytics_source_data_2") if (v := props.get(k))
+        )
+        or None,
+        status=props.get("hs_lead_status"),
+        stage=props.get("lifecyclestage"),
+        conversions=_count(props.get("num_conversion_events")),
+        visits=_count(props.get("hs_analytics_num_visits")),
+        page_views=_count(props.get("hs_analytics_num_page_views")),
+        recent_conversion=props.get("recent_conversion_event_name"),
+        recent_conversion_at=props.get("recent_conversion_date"),
+        last_activity_at=props.get("notes_last_updated") or props.get("hs_last_sales_activity_timestamp"),
+        last_reply_at=props.get("hs_sales_email_last_replied"),
+        texts=texts,
+        current_output={key: props[name] for key, name in OUTPUT_PROPERTIES.items() if props.get(name)},
+    )
+
+
 class HubSpotCRM:
     """One portal, reached with one access token; every call bounded by a timeout."""
 
@@ -112,38 +159,8 @@ class HubSpotCRM:
             if exc.status == 404:
                 raise LeadGone(f"HubSpot contact {contact_id} no longer exists") from None
             raise CRMError(f"reading HubSpot contact {contact_id}: {exc.status} {exc.reason}") from exc
-        props = contact.properties or {}
-        return Lead(
-            crm=self.crm,
-            account_id=self.portal_id,
-            lead_id=str(contact.id),
-            first_name=props.get("firstname"),
-            last_name=props.get("lastname"),
-            has_email=bool(props.get("email")),
-            email_bad=props.get("hs_email_bad_address") == "true",
-            email_opted_out=props.get("hs_email_optout") == "true",
-            has_phone=bool(props.get("phone") or props.get("mobilephone")),
-            title=props.get("jobtitle"),
-            company=props.get("company"),
-            company_size=props.get("numemployees"),
-            industry=props.get("industry"),
-            source=props.get("hs_analytics_source"),
-            source_detail=" / ".join(
-                v for k in ("hs_analytics_source_data_1", "hs_analytics_source_data_2") if (v := props.get(k))
-            )
-            or None,
-            status=props.get("hs_lead_status"),
-            stage=props.get("lifecyclestage"),
-            conversions=_count(props.get("num_conversion_events")),
-            visits=_count(props.get("hs_analytics_num_visits")),
-            page_views=_count(props.get("hs_analytics_num_page_views")),
-            recent_conversion=props.get("recent_conversion_event_name"),
-            recent_conversion_at=props.get("recent_conversion_date"),
-            last_activity_at=props.get("notes_last_updated") or props.get("hs_last_sales_activity_timestamp"),
-            last_reply_at=props.get("hs_sales_email_last_replied"),
-            texts=self._latest_texts(contact.associations or {}),
-            current_output={key: props[name] for key, name in OUTPUT_PROPERTIES.items() if props.get(name)},
-        )
+        texts = self._latest_texts(contact.associations or {})
+        return lead_from_properties(str(contact.id), self.portal_id, contact.properties or {}, texts)
 
     def _latest_texts(self, associations: dict) -> tuple[str, ...]:
         """Latest notes and emails, newest first, bounded in count and size."""
@@ -164,10 +181,8 @@ class HubSpotCRM:
             )
             for record in batch.results:
                 props = record.properties or {}
-                text = " — ".join(html_to_text(props[f]) for f in fields if props.get(f))
-                dated.append((props.get("hs_timestamp") or "", text))
-        dated.sort(reverse=True)
-        return bounded_texts([text for _, text in dated[:MAX_TEXT_RECORDS]])
+                dated.append((props.get("hs_timestamp") or "", record_text(props, fields)))
+        return newest_texts(dated)
 
     def write_scores(self, contact_id: str, fields: dict[str, str]) -> None:
         properties = {OUTPUT_PROPERTIES[key]: value for key, value in fields.items()}
