@@ -32,11 +32,14 @@ class Services:
     queue: Queue
 
     def public_url(self, request: Request) -> str:
-        """The URL the sender used, which is what webhook signatures cover."""
-        if self.settings.public_base_url is None:
-            return request.url
-        base = str(self.settings.public_base_url).rstrip("/")
-        return base + request.full_path.rstrip("?")
+        """The URL the sender used, byte for byte, which is what webhook signatures cover."""
+        raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or ""
+        if not raw.startswith("/"):
+            raw = request.full_path.rstrip("?")
+        if request.root_path and not raw.startswith(request.root_path + "/"):
+            raw = request.root_path + raw  # a proxy stripped the prefix it was mounted under
+        base = self.settings.public_base_url or request.host_url
+        return str(base).rstrip("/") + raw
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -46,7 +49,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if settings.proxy_fix_hops:
         hops = settings.proxy_fix_hops
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops, x_prefix=hops
+        )
     if not settings.hubspot_app_secret:
         log.warning("HUBSPOT_APP_SECRET is not set: /webhooks/hubspot will answer 503")
 

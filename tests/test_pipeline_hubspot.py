@@ -275,6 +275,45 @@ def test_llm_reply_variants_fail_open_or_repair(
         assert (details["propensity"]["value"], details["propensity"]["confidence"]) == (0.72, 0.6)
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/html", b"<html><body>502 Bad Gateway</body></html>"),
+        ("application/json", b"{}"),
+        ("application/json", b'{"id": "x", "object": "chat.completion", "choices": null}'),
+        ("application/json", b'{"id": "x", "object": "chat.completion", "choices": [{"index": 0}]}'),
+        (
+            "application/json",
+            json.dumps(
+                {"choices": [{"index": 0, "message": {"role": "assistant", "content": "[" * 100_000}}]}
+            ).encode(),
+        ),
+    ],
+    ids=["html_page", "empty_object", "null_choices", "no_message", "deeply_nested"],
+)
+def test_llm_malformed_http_replies_fall_back(
+    post_delivery, crm, run_worker, hubspot, llm, content_type, body
+):
+    llm.force(raw=(content_type, body))
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    details = json.loads(written(hubspot, VP_DEMO)["leadscore_details"])
+    assert (result["outcome"], result["fallback"]) == ("written", True)
+    assert details["propensity"]["error"].startswith("LLM reply unusable: ")
+
+
+def test_missing_email_scope_scores_without_email_text(post_delivery, crm, run_worker, hubspot, llm):
+    hubspot.forbidden_objects = {"emails"}
+    body = json.dumps([{**fixture_json("hubspot/contact.creation__single.json")[0], "objectId": 74300000120}])
+    post_delivery(body.encode())
+    [result] = run_worker()
+
+    [request] = llm.requests
+    assert result["outcome"] == "written"
+    assert '"texts"' not in request["messages"][1]["content"]
+
+
 def test_llm_timeout_falls_back(post_delivery, crm, run_worker, hubspot, llm, monkeypatch):
     from workers import jobs
 

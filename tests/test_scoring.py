@@ -412,6 +412,7 @@ def test_reason_with_ai_quote_still_names_at_most_two_drivers(config, fixture_le
         ("1,200", 1200),
         ("100-500", 300),
         ("1000+", 1000),
+        ("250.0", 250),
         ("", None),
         (None, None),
         ("n/a", None),

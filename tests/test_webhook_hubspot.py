@@ -158,7 +158,7 @@ def signed_single(url: str = WEBHOOK_URL, **overrides) -> tuple[bytes, dict]:
         ),
         (
             {"X-HubSpot-Request-Timestamp": "not-a-number"},
-            "X-HubSpot-Request-Timestamp 'not-a-number' is not within the last 5 minutes: "
+            "X-HubSpot-Request-Timestamp 'not-a-number' is not within 5 minutes of now: "
             "a replayed delivery or a wrong clock",
         ),
     ],
@@ -172,15 +172,19 @@ def test_bad_signature_headers_are_refused(client, queue, headers, message):
     assert queue.count == 0
 
 
-def test_stale_signature_is_refused_even_when_correctly_signed(client, queue):
+@pytest.mark.parametrize("offset_s", [-360, +360, 10**9])
+def test_stale_or_future_signature_is_refused_even_when_correctly_signed(client, queue, offset_s):
     body = load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json")
-    six_minutes_ago = int((time.time() - 360) * 1000)
-    headers = hubspot_headers(WEBHOOK_URL, body, APP_SECRET, timestamp_ms=six_minutes_ago)
+    when = int((time.time() + offset_s) * 1000)
+    headers = hubspot_headers(WEBHOOK_URL, body, APP_SECRET, timestamp_ms=when)
 
     response = client.post(WEBHOOK_URL, data=body, headers=headers)
 
     assert response.status_code == 401
-    assert "is not within the last 5 minutes" in response.get_json()["error"]
+    assert response.get_json() == {
+        "error": f"X-HubSpot-Request-Timestamp '{when}' is not within 5 minutes of now: "
+        "a replayed delivery or a wrong clock"
+    }
     assert queue.count == 0
 
 
@@ -214,6 +218,18 @@ def test_signature_covers_the_public_url_behind_a_proxy(settings, queue):
 
     assert accepted.status_code == 200
     assert refused.status_code == 401
+    assert queue.count == 1
+
+
+def test_signature_covers_a_path_prefix_behind_a_proxy(settings, queue):
+    app = create_app(settings.model_copy(update={"public_base_url": "https://example.com"}))
+    body, headers = signed_single(url="https://example.com/leadscore/webhooks/hubspot")
+
+    response = app.test_client().post(
+        "/webhooks/hubspot", data=body, headers=headers, base_url="http://internal:8000/leadscore"
+    )
+
+    assert response.status_code == 200
     assert queue.count == 1
 
 
@@ -260,6 +276,28 @@ def test_body_that_is_not_an_event_array_is_refused(post_delivery, queue, body, 
     assert response.status_code == 400
     assert response.get_json() == {"error": message}
     assert queue.count == 0
+
+
+@pytest.mark.parametrize("occurred_at", [10**17, -1])
+def test_out_of_range_occurred_at_is_refused(post_delivery, queue, occurred_at):
+    [event] = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json"))
+
+    response = post_delivery(json.dumps([{**event, "occurredAt": occurred_at}]).encode())
+
+    assert response.status_code == 400
+    assert "at 0.occurredAt: Input should be" in response.get_json()["error"]
+    assert queue.count == 0
+
+
+def test_same_event_id_at_another_time_is_a_new_event(post_delivery, queue):
+    [event] = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json"))
+    later = {**event, "occurredAt": event["occurredAt"] + 1}
+
+    post_delivery(json.dumps([event]).encode())
+    response = post_delivery(json.dumps([later]).encode())
+
+    assert summary(response)["enqueued"] == 1
+    assert queue.count == 2
 
 
 def test_more_than_100_events_is_refused(post_delivery, queue):

@@ -35,6 +35,7 @@ class WorkerContext:
 def context() -> WorkerContext:
     """Built once per process; `leadscore worker` builds it before forking work horses."""
     settings = get_settings()
+    settings.require_hubspot_api()
     return WorkerContext(
         settings=settings,
         config=load_config(settings.scoring_config_path),

@@ -87,7 +87,7 @@ def parse_reply(content: str | None) -> ConversionPropensity:
     text = fenced.group(1) if fenced else content.strip()
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise ValueError(f"reply is not JSON: {content[:80]!r}") from None
     try:
         return ConversionPropensity.model_validate(data)
@@ -122,6 +122,14 @@ def build_messages(lead: Lead) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
+def _reply_content(completion) -> str | None:
+    """The first choice's text; a proxy's HTML page or an empty body is not a reply."""
+    choices = getattr(completion, "choices", None)
+    if not choices or getattr(choices[0], "message", None) is None:
+        raise ValueError(f"no choices in the reply: {str(completion)[:80]!r}")
+    return choices[0].message.content
+
+
 class PropensityReasoner:
     """Asks the LLM for a `ConversionPropensity`; never raises."""
 
@@ -147,15 +155,17 @@ class PropensityReasoner:
                 response_format={"type": "json_object"},
                 max_tokens=300,
             )
-            reply = parse_reply(completion.choices[0].message.content)
+            reply = parse_reply(_reply_content(completion))
         except openai.APITimeoutError:
             return self._failed(lead, "LLM timed out")
         except openai.APIStatusError as exc:
             return self._failed(lead, f"LLM answered HTTP {exc.status_code}")
         except openai.APIError as exc:
             return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
-        except (ValueError, IndexError) as exc:
+        except ValueError as exc:
             return self._failed(lead, f"LLM reply unusable: {exc}")
+        except Exception as exc:  # fail open is the contract: no reply may stop scoring
+            return self._failed(lead, f"LLM reply unusable: {type(exc).__name__}")
         return PropensityResult(
             propensity=reply.propensity,
             confidence=reply.confidence,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from integration.lead import Lead
 from workers.config import KeywordRule, ScoringConfig
 
-_NUMBER = re.compile(r"\d[\d,]*")
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def employee_count(size: str | None) -> int | None:
     """A representative head count from "400", "1,200", "100-500" or "1000+"."""
     if not size:
         return None
-    numbers = [int(n.replace(",", "")) for n in _NUMBER.findall(size)]
+    numbers = [int(float(n.replace(",", ""))) for n in _NUMBER.findall(size)]
     if not numbers:
         return None
     return numbers[0] if len(numbers) == 1 else (numbers[0] + numbers[1]) // 2

@@ -61,6 +61,7 @@ class HubSpotEmulator:
         self.calls: list[tuple[str, str]] = []
         self.echo: dict | None = None
         self.echo_responses: list[dict] = []
+        self.forbidden_objects: set[str] = set()  # object types the token lacks the scope for
         self._lock = threading.Lock()
         self._event_id = 9_000_000_000
 
@@ -158,6 +159,12 @@ class HubSpotEmulator:
 
         @app.post("/crm/v3/objects/<object_type>/batch/read")
         def batch_read(object_type):
+            if object_type in self.forbidden_objects:
+                return _error(
+                    403,
+                    "MISSING_SCOPES",
+                    "This app hasn't been granted all required scopes to make this call.",
+                )
             store = self.contacts if object_type == "contacts" else self.objects.get(object_type)
             if store is None:
                 return _error(400, "VALIDATION_ERROR", f"Unable to infer object type from: {object_type}")

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 
 _LEAD_ID = re.compile(r'"lead_id":\s*"([^"]+)"')
 
@@ -28,13 +28,17 @@ class LLMStub:
         }
         self.forced_variant: str | None = None
         self.forced_status: int | None = None
+        self.forced_raw: tuple[str, bytes] | None = None
         self.requests: list[dict] = []
         self._lock = threading.Lock()
 
-    def force(self, variant: str | None = None, status: int | None = None) -> None:
+    def force(
+        self, variant: str | None = None, status: int | None = None, raw: tuple[str, bytes] | None = None
+    ) -> None:
+        """Answer every request with a fixture variant, an HTTP error, or a raw 200 (content type, body)."""
         if variant is not None and variant not in self.replies:
             raise KeyError(f"no fixture chat_completion__{variant}.json")
-        self.forced_variant, self.forced_status = variant, status
+        self.forced_variant, self.forced_status, self.forced_raw = variant, status, raw
 
     def app(self) -> Flask:
         app = Flask("llm-stub")
@@ -63,6 +67,9 @@ class LLMStub:
                     "code": None,
                 }
                 return jsonify(error=error), self.forced_status
+            if self.forced_raw is not None:
+                content_type, raw = self.forced_raw
+                return Response(raw, status=200, content_type=content_type)
             return jsonify(self.replies[self._variant_for(body)])
 
         @app.get("/v1/models")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from hubspot import HubSpot
 from hubspot.crm.contacts import ApiException, SimplePublicObjectInput
+from hubspot.crm.objects import ApiException as ObjectsApiException
 from hubspot.crm.objects import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
 from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCreate
 from urllib3.util.retry import Retry
@@ -136,7 +137,7 @@ class HubSpotCRM:
         retry = Retry(
             total=3,
             backoff_factor=0.5,
-            status_forcelist=(429, 502, 503, 504),
+            status_forcelist=(429, 500, 502, 503, 504),
             allowed_methods=frozenset({"GET", "PATCH", "POST"}),  # every call here is idempotent
             raise_on_status=False,
         )
@@ -170,15 +171,21 @@ class HubSpotCRM:
             ids = sorted({a.id for a in (linked.results if linked else [])}, key=int, reverse=True)
             if not ids:
                 continue
-            batch = self.client.crm.objects.batch_api.read(
-                object_type,
-                BatchReadInputSimplePublicObjectId(
-                    properties=[*fields, "hs_timestamp"],
-                    inputs=[SimplePublicObjectId(id=i) for i in ids[:MAX_TEXT_RECORDS]],
-                ),
-                archived=False,
-                _request_timeout=self.timeout,
-            )
+            try:
+                batch = self.client.crm.objects.batch_api.read(
+                    object_type,
+                    BatchReadInputSimplePublicObjectId(
+                        properties=[*fields, "hs_timestamp"],
+                        inputs=[SimplePublicObjectId(id=i) for i in ids[:MAX_TEXT_RECORDS]],
+                    ),
+                    archived=False,
+                    _request_timeout=self.timeout,
+                )
+            except ObjectsApiException as exc:  # e.g. 403 without the sales-email-read scope
+                log.warning(
+                    "scoring without %s: reading them answered %s %s", object_type, exc.status, exc.reason
+                )
+                continue
             for record in batch.results:
                 props = record.properties or {}
                 dated.append((props.get("hs_timestamp") or "", record_text(props, fields)))

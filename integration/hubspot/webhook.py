@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, jsonify, request
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 CONTACT_OBJECT_TYPE = "0-1"
 MAX_EVENTS = 100
+MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31, the last instant a datetime holds
+TIMESTAMP_TOLERANCE_MS = 300_000  # HubSpot's documented 5 minutes
 
 HANDLED_EVENTS = {
     "contact.creation": "creation",
@@ -78,7 +81,7 @@ class HubSpotEvent(BaseModel):
     subscription_id: int = Field(alias="subscriptionId")
     portal_id: int = Field(alias="portalId")
     app_id: int = Field(alias="appId")
-    occurred_at: int = Field(alias="occurredAt", description="epoch milliseconds")
+    occurred_at: int = Field(alias="occurredAt", ge=0, le=MAX_EPOCH_MS, description="epoch milliseconds")
     subscription_type: str = Field(alias="subscriptionType")
     attempt_number: int = Field(0, alias="attemptNumber")
     object_id: int | None = Field(None, alias="objectId")
@@ -106,6 +109,12 @@ def verify_signature(
         )
     if not timestamp:
         raise SignatureError("missing X-HubSpot-Request-Timestamp header (epoch milliseconds)")
+    stale = SignatureError(
+        f"X-HubSpot-Request-Timestamp {timestamp!r} is not within 5 minutes of now: "
+        "a replayed delivery or a wrong clock"
+    )
+    if not timestamp.isdigit() or abs(time.time() * 1000 - int(timestamp)) > TIMESTAMP_TOLERANCE_MS:
+        raise stale
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -121,10 +130,7 @@ def verify_signature(
             timestamp=timestamp,
         )
     except InvalidSignatureTimestampError:
-        raise SignatureError(
-            f"X-HubSpot-Request-Timestamp {timestamp!r} is not within the last 5 minutes: "
-            "a replayed delivery or a wrong clock"
-        ) from None
+        raise stale from None
     if not valid:
         raise SignatureError(
             "X-HubSpot-Signature-v3 does not match: check that HUBSPOT_APP_SECRET is this app's "
@@ -173,7 +179,8 @@ def to_lead_event(event: HubSpotEvent, kind: str) -> LeadEvent:
         crm="hubspot",
         account_id=str(event.portal_id),
         lead_id=str(event.object_id),
-        event_ids=(str(event.event_id),),
+        # eventId alone is not guaranteed unique; a redelivery repeats both.
+        event_ids=(f"{event.event_id}@{event.occurred_at}",),
         kinds=(kind,),
         changed_fields=(event.property_name,) if event.property_name else (),
         occurred_at=datetime.fromtimestamp(event.occurred_at / 1000, tz=UTC),
