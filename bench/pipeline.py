@@ -30,8 +30,7 @@ from pathlib import Path
 
 import requests
 
-from integration import demo
-from integration.emulators import serve_in_thread
+from integration.emulators import free_port, serve_in_thread, spawn_logged, start_redis, wait_until
 from integration.emulators.hubspot import HubSpotEmulator
 from integration.emulators.llm import LLMStub
 from integration.hubspot.api import HubSpotCRM
@@ -163,7 +162,7 @@ def main() -> int:
         stack.callback(llm_server.stop)
         env = {
             **os.environ,
-            "REDIS_URL": demo._start_redis(stack),
+            "REDIS_URL": start_redis(stack),
             "HUBSPOT_ACCESS_TOKEN": TOKEN, "HUBSPOT_APP_SECRET": SECRET, "HUBSPOT_APP_ID": APP_ID,
             "HUBSPOT_API_BASE": hubspot_server.url, "LLM_BASE_URL": f"{llm_server.url}/v1",
             "LLM_API_KEY": LLM_KEY, "LOG_LEVEL": "WARNING",
@@ -172,12 +171,12 @@ def main() -> int:
         get_settings.cache_clear()
         HubSpotCRM(get_settings(), portal_id=PORTAL).ensure_properties()
         logs = Path(tempfile.mkdtemp(prefix="leadscore-bench-"))
-        port = demo._free_port()
+        port = free_port()
         web = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
                "integration.app:create_app()"]  # fmt: skip
-        demo._spawn(stack, web, env, logs / "web.log")
+        spawn_logged(stack, web, env, logs / "web.log")
         url = f"http://127.0.0.1:{port}/webhooks/hubspot"
-        demo._wait(lambda: _healthy(port), 30, "web")
+        wait_until(lambda: _healthy(port), 30, "web")
 
         ingest = bench_ingest(url, args.seconds, args.concurrency)
         from redis import Redis
@@ -185,7 +184,7 @@ def main() -> int:
         Redis.from_url(env["REDIS_URL"]).flushdb()
         for n in range(args.workers):
             cmd = [sys.executable, "-m", "integration.cli", "worker"]
-            demo._spawn(stack, cmd, env, logs / f"worker{n}.log")
+            spawn_logged(stack, cmd, env, logs / f"worker{n}.log")
         time.sleep(1.0)
         freshness = bench_freshness(url, emulator, args.leads, args.rate)
 

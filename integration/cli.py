@@ -75,7 +75,11 @@ def cmd_emulate(args) -> int:
 def cmd_demo(args) -> int:
     from integration.demo import run_demo
 
-    return run_demo(timeout_s=args.timeout)
+    try:
+        return run_demo(timeout_s=args.timeout)
+    except RuntimeError as exc:
+        print(f"leadscore demo: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +21,9 @@ from pathlib import Path
 
 import requests
 from redis import Redis
-from redis.exceptions import RedisError
 from rq import Queue
 
+from integration.emulators import free_port, redis_reachable, spawn_logged, start_redis, wait_until
 from integration.replay import load_delivery, sign_and_post
 from integration.settings import get_settings
 
@@ -41,66 +37,11 @@ BURST = "contact.creation__demo_burst"
 FOLLOW_UPS = ("contact.propertyChange__demo_changes", "contact.propertyChange__demo_rep_edits")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _redis_reachable(url: str) -> bool:
-    try:
-        return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
-    except (RedisError, ValueError):
-        return False
-
-
-def _start_redis(stack: ExitStack) -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed and REDIS_URL is not reachable: run `make demo`")
-    port, workdir = _free_port(), tempfile.mkdtemp(prefix="leadscore-demo-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--appendonly", "yes"],
-        stdout=subprocess.DEVNULL,
-    )
-    stack.callback(shutil.rmtree, workdir, True)
-    stack.callback(_stop, proc)
-    url = f"redis://127.0.0.1:{port}/0"
-    _wait(lambda: _redis_reachable(url), 10, "redis-server")
-    return url
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait(ready, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"{what} was not ready within {timeout_s:.0f}s")
-
-
-def _spawn(stack: ExitStack, args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    handle = log.open("w")
-    stack.callback(handle.close)
-    proc = subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    stack.callback(_stop, proc)
-    return proc
-
-
 def _start_services(stack: ExitStack, env: dict, port: int, logs: Path, bind: str = "127.0.0.1") -> str:
     web = [sys.executable, "-m", "gunicorn", "--bind", f"{bind}:{port}", "--workers", "2",
            "--access-logfile", "-", "integration.app:create_app()"]  # fmt: skip
-    _spawn(stack, web, env, logs / "web.log")
-    _spawn(stack, [sys.executable, "-m", "integration.cli", "worker"], env, logs / "worker.log")
+    spawn_logged(stack, web, env, logs / "web.log")
+    spawn_logged(stack, [sys.executable, "-m", "integration.cli", "worker"], env, logs / "worker.log")
     base = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -108,7 +49,7 @@ def _start_services(stack: ExitStack, env: dict, port: int, logs: Path, bind: st
             return requests.get(f"{base}/healthz", timeout=1).ok
         return False
 
-    _wait(healthy, 30, f"the web app (see {logs / 'web.log'})")
+    wait_until(healthy, 30, f"the web app (see {logs / 'web.log'})")
     return base
 
 
@@ -147,10 +88,11 @@ def run_demo(timeout_s: float = 90.0) -> int:
     with ExitStack() as stack:
         env = dict(os.environ)
         if env.get("HUBSPOT_ACCESS_TOKEN"):
-            if not _redis_reachable(env.get("REDIS_URL", "redis://127.0.0.1:6379/0")):
-                env["REDIS_URL"] = _start_redis(stack)
+            if not redis_reachable(env.get("REDIS_URL", "redis://127.0.0.1:6379/0")):
+                env["REDIS_URL"] = start_redis(stack, "--appendonly", "yes")
             return _serve_real_portal(stack, env)
-        env["REDIS_URL"] = _start_redis(stack)  # a private one: earlier runs' seen marks stay out
+        # A private Redis, so that seen marks from earlier runs cannot swallow the replayed burst.
+        env["REDIS_URL"] = start_redis(stack, "--appendonly", "yes")
         return _run_on_emulators(stack, env, timeout_s)
 
 
@@ -186,7 +128,7 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
     print(f"setup hubspot: created {', '.join(created)}")
 
     logs = Path(tempfile.mkdtemp(prefix="leadscore-demo-logs-"))
-    base = _start_services(stack, env, _free_port(), logs)
+    base = _start_services(stack, env, free_port(), logs)
     webhook = f"{base}/webhooks/hubspot"
     emulator.echo_writes_to(webhook, DEMO_SECRET, DEMO_APP_ID, DEMO_PORTAL)
     print(f"web {base} and an RQ worker are running (logs in {logs})\n")
@@ -203,7 +145,7 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
     def all_scored() -> bool:
         return all(emulator.contacts[i]["properties"].get("leadscore_scored_at") for i in contact_ids)
 
-    _wait(all_scored, timeout_s, f"scoring of {len(contact_ids)} contacts (see {logs / 'worker.log'})")
+    wait_until(all_scored, timeout_s, f"scoring of {len(contact_ids)} contacts (see {logs / 'worker.log'})")
     latencies = [
         datetime.fromisoformat(emulator.contacts[i]["properties"]["leadscore_scored_at"]).timestamp()
         - started
@@ -225,7 +167,7 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
         print(f"  {name}: {response.status_code} received {summary['received']}, "
               f"enqueued {summary['enqueued']}, ignored {summary['ignored']}")  # fmt: skip
     time.sleep(1.0)  # let the last echo deliveries arrive
-    _wait(lambda: _queue_idle(env["REDIS_URL"]), timeout_s, "the follow-up scoring")
+    wait_until(lambda: _queue_idle(env["REDIS_URL"]), timeout_s, "the follow-up scoring")
     time.sleep(0.5)
     for contact_id in contact_ids:
         old, new = before[contact_id], emulator.contacts[contact_id]["properties"]

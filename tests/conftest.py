@@ -4,11 +4,7 @@ the Flask app, and RQ workers that run the real job functions."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 
 from integration.app import create_app
-from integration.emulators import serve_in_thread
+from integration.emulators import serve_in_thread, start_redis
 from integration.emulators.hubspot import HubSpotEmulator
 from integration.emulators.llm import LLMStub
 from integration.hubspot.api import HubSpotCRM
@@ -33,40 +29,10 @@ LLM_KEY = "sk-test"
 WEBHOOK_URL = "http://localhost/webhooks/hubspot"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_redis(port: int, workdir: str, *extra: str) -> subprocess.Popen:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.exit("redis-server is not installed: run `make test`, which installs it", 2)
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir, *extra],
-        stdout=subprocess.DEVNULL,
-    )
-    client = Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc
-        except Exception:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
-
-
 @pytest.fixture(scope="session")
 def redis_server():
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="leadscore-redis-")
-    proc = start_redis(port, workdir)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
-    shutil.rmtree(workdir, ignore_errors=True)
+    with ExitStack() as stack:
+        yield start_redis(stack, "--save", "")
 
 
 @pytest.fixture

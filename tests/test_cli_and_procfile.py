@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from integration.cli import main
-from integration.emulators import serve_in_thread
-from tests.conftest import FIXTURES, free_port
+from integration.emulators import free_port, serve_in_thread
+from tests.conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE = FIXTURES / "hubspot" / "contact.creation__single.json"

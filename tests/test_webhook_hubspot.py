@@ -10,9 +10,10 @@ import pytest
 from rq import Queue
 
 from integration.app import create_app
+from integration.emulators import free_port
 from integration.replay import hubspot_headers, load_delivery
 from integration.settings import load_settings
-from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, free_port
+from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL
 
 
 def queued_events(queue: Queue) -> list[dict]:

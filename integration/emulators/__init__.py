@@ -6,10 +6,20 @@ and `openai` clients talk to them unchanged.
 
 from __future__ import annotations
 
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
 import threading
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Flask
+from redis import Redis
+from redis.exceptions import RedisError
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 
@@ -40,3 +50,61 @@ def serve_in_thread(app: Flask, host: str = "127.0.0.1", port: int = 0) -> Runni
     )
     thread.start()
     return RunningServer(server, thread)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(ready, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} was not ready within {timeout_s:.0f}s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def spawn_logged(stack: ExitStack, args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """Start a process writing to `log`; it is stopped when `stack` closes."""
+    handle = log.open("w")
+    stack.callback(handle.close)
+    proc = subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    stack.callback(stop_process, proc)
+    return proc
+
+
+def redis_reachable(url: str) -> bool:
+    try:
+        return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (RedisError, ValueError):
+        return False
+
+
+def start_redis(stack: ExitStack, *options: str) -> str:
+    """A private redis-server on a free loopback port, stopped and removed when `stack` closes."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed: `make test` and `make demo` install it")
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="leadscore-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, *options],
+        stdout=subprocess.DEVNULL,
+    )
+    stack.callback(shutil.rmtree, workdir, True)
+    stack.callback(stop_process, proc)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: redis_reachable(url), 10, "redis-server")
+    return url
