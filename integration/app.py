@@ -18,6 +18,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from integration.errors import WebhookError
 from integration.hubspot.webhook import bp as hubspot_bp
 from integration.queue import redis_from_url
+from integration.salesforce.webhook import bp as salesforce_bp
 from integration.settings import Settings, SettingsError, get_settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings, redis=redis, queue=Queue(settings.queue_name, connection=redis)
     )
     app.register_blueprint(hubspot_bp)
+    app.register_blueprint(salesforce_bp)
 
     @app.get("/healthz")
     def healthz():

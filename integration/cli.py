@@ -13,17 +13,23 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def cmd_setup(args) -> int:
-    from integration.hubspot.api import HubSpotCRM
+    if args.crm == "hubspot":
+        from integration.hubspot.api import HubSpotCRM
 
-    if args.crm != "hubspot":
-        print(f"setup for {args.crm} is not available yet", file=sys.stderr)
-        return 2
-    report = HubSpotCRM(get_settings()).ensure_properties()
+        report = HubSpotCRM(get_settings()).ensure_properties()
+        todo = ["Add Lead score, Lead tier and Lead score reason as contact list-view columns."]
+    else:
+        from integration.salesforce.api import ADMIN_STEPS, SalesforceCRM
+
+        report = SalesforceCRM(get_settings()).ensure_fields()
+        todo = list(ADMIN_STEPS)
     for name in report.created:
         print(f"created  {name}")
     for name in report.existing:
         print(f"exists   {name}")
-    print("Reps can now add Lead score, Lead tier and Lead score reason as contact list-view columns.")
+    print("Still to do by hand:")
+    for step in todo:
+        print(f"  - {step}")
     return 0
 
 
@@ -43,15 +49,24 @@ def cmd_worker(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from integration.replay import load_delivery, sign_and_post
+    import requests
 
-    secret = args.secret or get_settings().hubspot_app_secret
-    if not secret:
-        print("no signing secret: pass --secret or set HUBSPOT_APP_SECRET", file=sys.stderr)
-        return 2
+    from integration.replay import prepare
+
+    settings = get_settings()
     failures = 0
     for path in args.files:
-        response = sign_and_post(args.url, load_delivery(path), secret)
+        try:
+            body, headers = prepare(
+                path,
+                args.url,
+                args.secret or settings.hubspot_app_secret,
+                args.secret or settings.salesforce_events_secret,
+            )
+        except ValueError as exc:
+            print(f"leadscore replay: {exc}", file=sys.stderr)
+            return 2
+        response = requests.post(args.url, data=body, headers=headers, timeout=30)
         print(f"{path}: {response.status_code} {response.text.strip()[:200]}")
         failures += not response.ok
     return 1 if failures else 0
@@ -87,17 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     setup = sub.add_parser("setup", help="create leadscore's CRM fields (idempotent)")
-    setup.add_argument("crm", choices=["hubspot"])
+    setup.add_argument("crm", choices=["hubspot", "salesforce"])
     setup.set_defaults(func=cmd_setup)
 
     worker = sub.add_parser("worker", help="run an RQ worker for the scoring queue")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     worker.set_defaults(func=cmd_worker)
 
-    replay = sub.add_parser("replay", help="sign and post fixture deliveries to a running service")
+    replay = sub.add_parser(
+        "replay",
+        help="post fixture deliveries to a running service, signed as the CRM would "
+        "(HubSpot .json arrays, Salesforce .xml Outbound Messages and .json change events)",
+    )
     replay.add_argument("files", nargs="+", type=Path)
     replay.add_argument("--url", default="http://127.0.0.1:5000/webhooks/hubspot")
-    replay.add_argument("--secret", help="signing secret (default: HUBSPOT_APP_SECRET)")
+    replay.add_argument(
+        "--secret", help="signing secret (default: HUBSPOT_APP_SECRET or SALESFORCE_EVENTS_SECRET)"
+    )
     replay.set_defaults(func=cmd_replay)
 
     emulate = sub.add_parser("emulate", help="run the local HubSpot emulator or LLM stub")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -23,6 +24,16 @@ SCORE_JOB = "workers.jobs.score_lead"
 SEEN_TTL_S = 7 * 24 * 3600  # HubSpot retries for up to three days
 JOB_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 JOB_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Triaged:
+    """What one CRM event comes to: a lead to score, or the reason it is not scored."""
+
+    verdict: Literal["score", "ignore", "unsupported"]
+    ref: str  # the CRM's own id for the event, for logs
+    detail: str = ""
+    lead_event: LeadEvent | None = None
 
 
 @dataclass
@@ -75,3 +86,20 @@ def enqueue_scoring(queue: Queue, events: list[LeadEvent]) -> EnqueueReport:
         raise QueueUnavailable("the queue (Redis) is unavailable, nothing was accepted; retry later") from exc
     report.job_ids = [job.id for job in jobs]
     return report
+
+
+def hand_off(queue: Queue, crm: str, triaged: list[Triaged]) -> dict:
+    """Log what is not scored, enqueue the rest; the summary every webhook answers with."""
+    for item in triaged:
+        if item.verdict != "score":
+            level = logging.INFO if item.verdict == "ignore" else logging.WARNING
+            log.log(level, "%s event %s not scored: %s", crm, item.ref, item.detail)
+    report = enqueue_scoring(queue, [t.lead_event for t in triaged if t.verdict == "score"])
+    return {
+        "received": len(triaged),
+        "enqueued": len(report.job_ids),
+        "duplicates": report.duplicates,
+        "ignored": sum(t.verdict == "ignore" for t in triaged),
+        "unsupported": sum(t.verdict == "unsupported" for t in triaged),
+        "jobs": report.job_ids,
+    }

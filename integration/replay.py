@@ -1,4 +1,9 @@
-"""Sign and post webhook deliveries the way HubSpot does (for `leadscore replay` and the demo)."""
+"""Post fixture deliveries the way each CRM sends them (for `leadscore replay`, the demo and bench).
+
+HubSpot deliveries (JSON arrays) are signed with HubSpot's v3 scheme, Salesforce
+change events (JSON objects) with leadscore's HMAC scheme; Outbound Messages (XML)
+are posted as they are, their token being part of the URL.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 import requests
 from hubspot.utils.signature import Signature
 
+from integration import signing
 from integration.hubspot.webhook import signed_uri
 
 
@@ -35,3 +41,19 @@ def load_delivery(path: Path) -> bytes:
     if not isinstance(events, list):
         raise ValueError(f"{path} is not a HubSpot delivery (a JSON array of events)")
     return json.dumps(events, separators=(",", ":")).encode()
+
+
+def prepare(path: Path, url: str, hubspot_secret: str, salesforce_secret: str) -> tuple[bytes, dict]:
+    """The body and headers a fixture file is delivered with, by its kind."""
+    path = Path(path)
+    if path.suffix == ".xml":
+        return path.read_bytes(), {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}
+    data = json.loads(path.read_text())
+    body = json.dumps(data, separators=(",", ":")).encode()
+    if isinstance(data, list):
+        if not hubspot_secret:
+            raise ValueError(f"{path}: a HubSpot delivery needs HUBSPOT_APP_SECRET (or --secret) to sign it")
+        return body, hubspot_headers(url, body, hubspot_secret)
+    if not salesforce_secret:
+        raise ValueError(f"{path}: Salesforce change events need SALESFORCE_EVENTS_SECRET to sign them")
+    return body, {"Content-Type": "application/json", **signing.sign_headers(salesforce_secret, body)}

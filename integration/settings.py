@@ -36,6 +36,22 @@ class Settings(BaseSettings):
     hubspot_api_base: AnyHttpUrl = AnyHttpUrl("https://api.hubapi.com")
     hubspot_timeout_s: float = Field(10.0, gt=0)
 
+    salesforce_org_ids: str = Field("", description="comma-separated organization ids allowed to post")
+    salesforce_webhook_token: str = Field("", description="secret in the Outbound Message URL")
+    salesforce_events_secret: str = Field("", description="HMAC key of /webhooks/salesforce/events")
+    salesforce_integration_user_id: str = Field("", description="the user leadscore writes as")
+    salesforce_client_name: str = Field("leadscore", description="client= in Sforce-Call-Options")
+    salesforce_instance_url: AnyHttpUrl | None = None
+    salesforce_access_token: str = ""
+    salesforce_consumer_key: str = ""
+    salesforce_consumer_secret: str = ""
+    salesforce_username: str = ""
+    salesforce_password: str = ""
+    salesforce_security_token: str = ""
+    salesforce_domain: str = Field("login", description="login, test or a My Domain, for username login")
+    salesforce_api_version: str = Field("60.0", pattern=r"^\d{2,3}\.0$")
+    salesforce_timeout_s: float = Field(10.0, gt=0)
+
     llm_base_url: AnyHttpUrl | None = None
     llm_api_key: str = ""
     llm_model: str = "gpt-4o-mini"
@@ -64,6 +80,19 @@ class Settings(BaseSettings):
     def llm_enabled(self) -> bool:
         return bool(self.llm_api_key)
 
+    @property
+    def allowed_org_ids(self) -> frozenset[str]:
+        """Org ids by their case-sensitive 15-character form, which both id lengths share."""
+        return frozenset(i.strip()[:15] for i in self.salesforce_org_ids.split(",") if i.strip())
+
+    @property
+    def hubspot_configured(self) -> bool:
+        return bool(self.hubspot_access_token)
+
+    @property
+    def salesforce_configured(self) -> bool:
+        return self.salesforce_instance_url is not None or bool(self.salesforce_username)
+
     def require_hubspot_webhook(self) -> None:
         if not self.hubspot_app_secret:
             raise SettingsError(
@@ -76,6 +105,44 @@ class Settings(BaseSettings):
             raise SettingsError(
                 "HUBSPOT_ACCESS_TOKEN is not set: use a private app token or an OAuth access "
                 "token with the crm.objects.contacts.read/write and crm.schemas.contacts.write scopes"
+            )
+
+    def require_salesforce_outbound(self) -> None:
+        if not (self.salesforce_webhook_token and self.allowed_org_ids):
+            raise SettingsError(
+                "SALESFORCE_WEBHOOK_TOKEN and SALESFORCE_ORG_IDS must both be set to accept Outbound "
+                "Messages: they carry no signature, so the URL token and the org id authenticate them"
+            )
+
+    def require_salesforce_events(self) -> None:
+        if not (self.salesforce_events_secret and self.allowed_org_ids):
+            raise SettingsError(
+                "SALESFORCE_EVENTS_SECRET and SALESFORCE_ORG_IDS must be set to accept signed "
+                "Salesforce change events"
+            )
+
+    def require_salesforce_api(self) -> None:
+        if self.salesforce_username and self.salesforce_password:
+            return
+        if self.salesforce_instance_url is None:
+            raise SettingsError(
+                "SALESFORCE_INSTANCE_URL is not set (e.g. https://acme.my.salesforce.com), nor "
+                "SALESFORCE_USERNAME/PASSWORD/SECURITY_TOKEN"
+            )
+        if not (
+            self.salesforce_access_token or (self.salesforce_consumer_key and self.salesforce_consumer_secret)
+        ):
+            raise SettingsError(
+                "Salesforce credentials missing: set SALESFORCE_ACCESS_TOKEN, or SALESFORCE_CONSUMER_KEY "
+                "and SALESFORCE_CONSUMER_SECRET (OAuth client credentials), or SALESFORCE_USERNAME, "
+                "SALESFORCE_PASSWORD and SALESFORCE_SECURITY_TOKEN"
+            )
+
+    def require_a_crm(self) -> None:
+        if not (self.hubspot_configured or self.salesforce_configured):
+            raise SettingsError(
+                "no CRM configured: set HUBSPOT_ACCESS_TOKEN, or SALESFORCE_INSTANCE_URL with Salesforce "
+                "credentials"
             )
 
 

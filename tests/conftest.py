@@ -11,12 +11,16 @@ import pytest
 from redis import Redis
 from rq import Queue, SimpleWorker
 
+from integration import signing
 from integration.app import create_app
 from integration.emulators import serve_in_thread, start_redis
 from integration.emulators.hubspot import HubSpotEmulator
 from integration.emulators.llm import LLMStub
+from integration.emulators.salesforce import SalesforceEmulator
+from integration.emulators.tls import LocalTLS, serve_tls_in_thread
 from integration.hubspot.api import HubSpotCRM
 from integration.replay import hubspot_headers, load_delivery
+from integration.salesforce.api import SalesforceCRM
 from integration.settings import get_settings, load_settings
 from workers import jobs
 
@@ -27,6 +31,15 @@ PORTAL_ID = "48213377"
 HUBSPOT_TOKEN = "pat-test-token"
 LLM_KEY = "sk-test"
 WEBHOOK_URL = "http://localhost/webhooks/hubspot"
+SF_ORG_ID = "00D5g000004XyZaEAK"
+SF_TOKEN = "sf-test-access-token"
+SF_WEBHOOK_TOKEN = "outbound-message-url-token"
+SF_EVENTS_SECRET = "sf-events-test-secret"
+SF_INTEGRATION_USER = "0055g00000LsIntEAA"
+SF_OUTPUT_FIELDS = (
+    "Leadscore_Score__c", "Leadscore_Tier__c", "Leadscore_Reason__c", "Leadscore_Scored_At__c",
+    "Leadscore_Details__c",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +74,26 @@ def llm():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def local_tls():
+    with LocalTLS() as tls:
+        yield tls
+
+
 @pytest.fixture
-def env(monkeypatch, redis, redis_server, hubspot, llm):
+def salesforce(local_tls):
+    """The Salesforce emulator over TLS, as an org before `leadscore setup salesforce` ran."""
+    emulator = SalesforceEmulator(token=SF_TOKEN).load_fixtures(FIXTURES / "salesforce")
+    for name in SF_OUTPUT_FIELDS:
+        emulator.remove_lead_field(name)
+    server = serve_tls_in_thread(emulator.app(), local_tls)
+    emulator.url = server.url
+    yield emulator
+    server.stop()
+
+
+@pytest.fixture
+def env(monkeypatch, redis, redis_server, hubspot, llm, salesforce, local_tls):
     """Environment for every process role, pointing at the local real parts."""
     values = {
         "REDIS_URL": redis_server,
@@ -74,6 +105,13 @@ def env(monkeypatch, redis, redis_server, hubspot, llm):
         "LLM_API_KEY": LLM_KEY,
         "LLM_MODEL": "gpt-4o-mini",
         "LLM_TIMEOUT_S": "5",
+        "SALESFORCE_INSTANCE_URL": salesforce.url,
+        "SALESFORCE_ACCESS_TOKEN": SF_TOKEN,
+        "SALESFORCE_ORG_IDS": SF_ORG_ID,
+        "SALESFORCE_WEBHOOK_TOKEN": SF_WEBHOOK_TOKEN,
+        "SALESFORCE_EVENTS_SECRET": SF_EVENTS_SECRET,
+        "SALESFORCE_INTEGRATION_USER_ID": SF_INTEGRATION_USER,
+        "REQUESTS_CA_BUNDLE": local_tls.ca_bundle(),
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -86,6 +124,7 @@ def _clear_caches():
     get_settings.cache_clear()
     jobs.context.cache_clear()
     jobs._hubspot.cache_clear()
+    jobs._salesforce.cache_clear()
 
 
 @pytest.fixture
@@ -110,6 +149,14 @@ def crm(settings, hubspot):
     """The real adapter, with leadscore's properties set up as `leadscore setup hubspot` does."""
     adapter = HubSpotCRM(settings, portal_id=PORTAL_ID)
     adapter.ensure_properties()
+    return adapter
+
+
+@pytest.fixture
+def sf_crm(settings, salesforce):
+    """The real adapter, with leadscore's fields created as `leadscore setup salesforce` does."""
+    adapter = SalesforceCRM(settings, org_id=SF_ORG_ID)
+    adapter.ensure_fields()
     return adapter
 
 
@@ -149,3 +196,38 @@ def post_delivery(client):
 
 def fixture_json(name: str):
     return json.loads((FIXTURES / name).read_text())
+
+
+@pytest.fixture
+def post_outbound(client):
+    """Post an Outbound Message fixture (or raw bytes) as Salesforce does, token in the URL."""
+
+    def post(fixture_or_body, *, token: str | None = SF_WEBHOOK_TOKEN, path: str | None = None):
+        body = (
+            fixture_or_body
+            if isinstance(fixture_or_body, bytes)
+            else (FIXTURES / "salesforce" / f"{fixture_or_body}.xml").read_bytes()
+        )
+        url = path or (f"/webhooks/salesforce/{token}" if token else "/webhooks/salesforce")
+        return client.post(
+            url, data=body, headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}
+        )
+
+    return post
+
+
+@pytest.fixture
+def post_change_events(client):
+    """Sign and post a change-event fixture (or a JSON-able value) as a Flow or CDC relay would."""
+
+    def post(fixture_or_value, *, secret: str = SF_EVENTS_SECRET, headers: dict | None = None):
+        value = (
+            fixture_json(f"salesforce/{fixture_or_value}.json")
+            if isinstance(fixture_or_value, str)
+            else fixture_or_value
+        )
+        body = value if isinstance(value, bytes) else json.dumps(value).encode()
+        signed = {"Content-Type": "application/json", **signing.sign_headers(secret, body)}
+        return client.post("/webhooks/salesforce/events", data=body, headers={**signed, **(headers or {})})
+
+    return post

@@ -6,9 +6,12 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
+from rq import get_current_job
+
 from integration.errors import LeadGone
 from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM
+from integration.salesforce.api import SalesforceCRM, WriteRejected
 from integration.settings import Settings, get_settings
 from workers.blend import score_lead as blend_score
 from workers.config import ScoringConfig, load_config
@@ -25,17 +28,17 @@ class WorkerContext:
     config: ScoringConfig
     reasoner: PropensityReasoner
 
-    def crm_for(self, event: LeadEvent):
+    def crm_for(self, event: LeadEvent) -> HubSpotCRM | SalesforceCRM:
         if event.crm == "hubspot":
             return _hubspot(event.account_id)
-        raise ValueError(f"no adapter for CRM {event.crm!r}")
+        return _salesforce(event.account_id)
 
 
 @lru_cache(maxsize=1)
 def context() -> WorkerContext:
     """Built once per process; `leadscore worker` builds it before forking work horses."""
     settings = get_settings()
-    settings.require_hubspot_api()
+    settings.require_a_crm()
     return WorkerContext(
         settings=settings,
         config=load_config(settings.scoring_config_path),
@@ -46,6 +49,11 @@ def context() -> WorkerContext:
 @lru_cache(maxsize=64)
 def _hubspot(portal_id: str) -> HubSpotCRM:
     return HubSpotCRM(context().settings, portal_id=portal_id)
+
+
+@lru_cache(maxsize=64)
+def _salesforce(org_id: str) -> SalesforceCRM:
+    return SalesforceCRM(context().settings, org_id=org_id)
 
 
 def score_lead(event: dict) -> dict:
@@ -69,6 +77,11 @@ def score_lead(event: dict) -> dict:
         except LeadGone as exc:
             log.info("not written: %s", exc)
             return {"lead": lead_event.lead_key, "outcome": "lead_gone"}
+        except WriteRejected as exc:
+            job = get_current_job()
+            if exc.permanent and job is not None:
+                job.retries_left = 0  # the same write would be refused again: dead-letter it now
+            raise
         outcome = "written"
     log.info(
         "scored %s: %s %s (%s) %s",

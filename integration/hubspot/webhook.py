@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from integration.errors import PayloadError, SignatureError
 from integration.events import LeadEvent
 from integration.hubspot import OUTPUT_PROPERTIES
-from integration.queue import enqueue_scoring
+from integration.queue import Triaged, hand_off
 
 log = logging.getLogger(__name__)
 
@@ -156,26 +156,23 @@ def parse_delivery(body: bytes) -> list[HubSpotEvent]:
     return events
 
 
-def triage(event: HubSpotEvent, own_app_id: str) -> tuple[str, str]:
-    """Classify one event as ("score", kind) or ("ignore"/"unknown", why)."""
+def triage(event: HubSpotEvent, own_app_id: str) -> Triaged:
+    """Score the contact this event is about, or say why not."""
+    ref = f"{event.event_id} ({event.subscription_type}, object {event.object_id})"
     kind = HANDLED_EVENTS.get(event.subscription_type)
     if kind is None:
         if event.subscription_type in IGNORED_EVENTS:
-            return "ignore", f"{event.subscription_type} is not scored"
-        return "unknown", f"unsupported subscription type {event.subscription_type!r}"
+            return Triaged("ignore", ref, f"{event.subscription_type} is not scored")
+        return Triaged("unsupported", ref, f"unsupported subscription type {event.subscription_type!r}")
     if event.subscription_type.startswith("object.") and event.object_type_id != CONTACT_OBJECT_TYPE:
-        return "ignore", f"object type {event.object_type_id} is not a contact"
+        return Triaged("ignore", ref, f"object type {event.object_type_id} is not a contact")
     if event.object_id is None:
-        return "ignore", "event names no objectId"
+        return Triaged("ignore", ref, "event names no objectId")
     if kind == "property_change" and event.property_name in OWN_PROPERTIES:
-        return "ignore", f"{event.property_name} is leadscore's own output"
+        return Triaged("ignore", ref, f"{event.property_name} is leadscore's own output")
     if event.change_source == "INTEGRATION" and event.source_id == own_app_id:
-        return "ignore", "change made by leadscore itself"
-    return "score", kind
-
-
-def to_lead_event(event: HubSpotEvent, kind: str) -> LeadEvent:
-    return LeadEvent(
+        return Triaged("ignore", ref, "change made by leadscore itself")
+    lead_event = LeadEvent(
         crm="hubspot",
         account_id=str(event.portal_id),
         lead_id=str(event.object_id),
@@ -185,6 +182,7 @@ def to_lead_event(event: HubSpotEvent, kind: str) -> LeadEvent:
         changed_fields=(event.property_name,) if event.property_name else (),
         occurred_at=datetime.fromtimestamp(event.occurred_at / 1000, tz=UTC),
     )
+    return Triaged("score", ref, kind, lead_event)
 
 
 bp = Blueprint("hubspot", __name__)
@@ -206,26 +204,6 @@ def receive():
     )
     events = parse_delivery(body)
 
-    to_score: list[LeadEvent] = []
-    counts = {"ignored": 0, "unsupported": 0}
-    for event in events:
-        verdict, detail = triage(event, settings.hubspot_app_id or str(event.app_id))
-        if verdict == "score":
-            to_score.append(to_lead_event(event, detail))
-            continue
-        counts["ignored" if verdict == "ignore" else "unsupported"] += 1
-        log.log(
-            logging.INFO if verdict == "ignore" else logging.WARNING,
-            "hubspot event %s for object %s not scored: %s",
-            event.event_id,
-            event.object_id,
-            detail,
-        )
-    report = enqueue_scoring(services.queue, to_score)
-    return jsonify(
-        received=len(events),
-        enqueued=len(report.job_ids),
-        duplicates=report.duplicates,
-        jobs=report.job_ids,
-        **counts,
-    )
+    own_app_id = settings.hubspot_app_id
+    summary = hand_off(services.queue, "hubspot", [triage(e, own_app_id or str(e.app_id)) for e in events])
+    return jsonify(summary)

@@ -1,0 +1,331 @@
+"""Salesforce REST through `simple-salesforce`: read a Lead as a `Lead`, write its score.
+
+Writes go through sObject Collections (`PATCH composite/sobjects`, up to 200
+records, allOrNone false), so one record's failure never blocks the others, and
+every call names leadscore in `Sforce-Call-Options` so its own changes can be
+recognised when they come back as change events.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import requests
+from simple_salesforce import Salesforce
+from simple_salesforce.exceptions import SalesforceError
+
+from integration.errors import CRMError, LeadGone
+from integration.lead import Lead, bounded_texts
+from integration.salesforce import OUTPUT_FIELDS
+from integration.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+LEAD_FIELDS = (
+    "Id", "FirstName", "LastName", "Email", "Phone", "MobilePhone", "HasOptedOutOfEmail", "DoNotCall",
+    "EmailBouncedReason", "Title", "Company", "NumberOfEmployees", "Industry", "LeadSource", "Status",
+    "Rating", "Description", "IsConverted", "LastActivityDate",
+)  # fmt: skip
+TASK_FIELDS = ("Subject", "Description", "ActivityDate", "CreatedDate")
+MAX_TASKS = 5
+MAX_COLLECTION = 200
+_RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
+# Salesforce's per-record status codes that retrying the same write cannot fix.
+PERMANENT_CODES = frozenset(
+    {
+        "FIELD_CUSTOM_VALIDATION_EXCEPTION", "INVALID_FIELD", "INVALID_FIELD_FOR_INSERT_UPDATE",
+        "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", "STRING_TOO_LONG", "INSUFFICIENT_ACCESS_OR_READONLY",
+        "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY", "FIELD_INTEGRITY_EXCEPTION", "INVALID_TYPE",
+    }
+)  # fmt: skip
+GONE_CODES = frozenset({"ENTITY_IS_DELETED", "CANNOT_UPDATE_CONVERTED_LEAD", "INVALID_CROSS_REFERENCE_KEY"})
+
+
+class WriteRejected(CRMError):
+    """Salesforce refused one record's write; `code` is its own status code."""
+
+    def __init__(self, lead_id: str, code: str, message: str):
+        super().__init__(f"Salesforce refused the write of Lead {lead_id}: {code}: {message}")
+        self.lead_id, self.code = lead_id, code
+
+    @property
+    def permanent(self) -> bool:
+        return self.code in PERMANENT_CODES
+
+
+@dataclass
+class SetupReport:
+    created: list[str]
+    existing: list[str]
+
+
+ADMIN_STEPS = (
+    "Grant field-level security on the five Leadscore fields: read/write for leadscore's integration "
+    "user's profile or permission set, read-only for the reps' profiles "
+    "(Setup > Object Manager > Lead > Fields & Relationships > each field > Set Field-Level Security).",
+    "Add Lead Score, Lead Tier and Lead Score Reason as columns of the reps' Lead list views "
+    "(list view > gear > Select Fields to Display).",
+    "Point an Outbound Message (Flow or workflow rule on Lead create/edit) at "
+    "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with fields Id and LastModifiedById, "
+    "or send signed change events to /webhooks/salesforce/events (see the README).",
+)
+
+FIELD_DEFINITIONS: dict[str, dict] = {
+    OUTPUT_FIELDS["score"]: {
+        "label": "Lead Score", "type": "Number", "precision": 3, "scale": 0,
+        "description": "Conversion propensity, 0-100 (leadscore)",
+    },
+    OUTPUT_FIELDS["tier"]: {
+        "label": "Lead Tier", "type": "Picklist", "values": ["A", "B", "C", "D"],
+        "description": "A = call first ... D = nurture (leadscore)",
+    },
+    OUTPUT_FIELDS["reason"]: {
+        "label": "Lead Score Reason", "type": "Text", "length": 255,
+        "description": "Why, in one line (leadscore)",
+    },
+    OUTPUT_FIELDS["scored_at"]: {
+        "label": "Lead Scored At", "type": "DateTime",
+        "description": "When the score was written (leadscore)",
+    },
+    OUTPUT_FIELDS["details"]: {
+        "label": "Lead Score Details", "type": "LongTextArea", "length": 32768, "visibleLines": 5,
+        "description": "JSON provenance: sub-scores, weights, model, evidence, fingerprint (leadscore)",
+    },
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    lead_id: str
+    ok: bool
+    code: str = ""
+    message: str = ""
+
+
+def _soql_ids(ids: list[str]) -> str:
+    for record_id in ids:
+        if not _RECORD_ID.match(record_id):
+            raise ValueError(f"{record_id!r} is not a Salesforce record id")
+    return ", ".join(f"'{i}'" for i in ids)
+
+
+def lead_from_record(record: dict, org_id: str, tasks: list[dict] = ()) -> Lead:
+    """Map a Salesforce Lead record (and its latest Tasks) onto the CRM-neutral `Lead`."""
+    employees = record.get("NumberOfEmployees")
+    texts = [record.get("Description") or ""] + [
+        " — ".join(t[f] for f in ("Subject", "Description") if t.get(f)) for t in tasks
+    ]
+    return Lead(
+        crm="salesforce",
+        account_id=org_id,
+        lead_id=record["Id"],
+        first_name=record.get("FirstName"),
+        last_name=record.get("LastName"),
+        has_email=bool(record.get("Email")),
+        email_bad=bool(record.get("EmailBouncedReason")),
+        email_opted_out=bool(record.get("HasOptedOutOfEmail")),
+        has_phone=bool((record.get("Phone") or record.get("MobilePhone")) and not record.get("DoNotCall")),
+        title=record.get("Title"),
+        company=record.get("Company"),
+        company_size=str(employees) if employees else None,
+        industry=record.get("Industry"),
+        source=record.get("LeadSource"),
+        status=record.get("Status"),
+        stage=record.get("Rating"),
+        last_activity_at=record.get("LastActivityDate"),
+        texts=bounded_texts(texts),
+        current_output={
+            key: str(record[name]) for key, name in OUTPUT_FIELDS.items() if record.get(name) is not None
+        },
+    )
+
+
+class SalesforceCRM:
+    """One org, reached as leadscore's integration user; every call bounded by a timeout."""
+
+    crm = "salesforce"
+
+    def __init__(self, settings: Settings, org_id: str = ""):
+        settings.require_salesforce_api()
+        self.org_id = org_id
+        self.timeout = settings.salesforce_timeout_s
+        session = requests.Session()
+        session.headers["Sforce-Call-Options"] = f"client={settings.salesforce_client_name}"
+        self.sf = _connect(settings, session)
+
+    def _query(self, soql: str) -> list[dict]:
+        try:
+            return self.sf.query_all(soql, timeout=self.timeout)["records"]
+        except SalesforceError as exc:
+            raise CRMError(f"Salesforce query failed: {exc}") from exc
+
+    def read_leads(self, lead_ids: list[str]) -> dict[str, Lead]:
+        """Leads by id; deleted and converted ones are left out (there is nothing to score)."""
+        ids = _soql_ids(lead_ids)
+        fields = ", ".join([*LEAD_FIELDS, *OUTPUT_FIELDS.values()])
+        records = self._query(f"SELECT {fields} FROM Lead WHERE Id IN ({ids})")
+        task_fields = ", ".join(TASK_FIELDS)
+        tasks = self._query(
+            f"SELECT WhoId, {task_fields} FROM Task WHERE WhoId IN ({ids}) ORDER BY CreatedDate DESC"
+        )
+        by_lead: dict[str, list[dict]] = {}
+        for task in tasks:
+            by_lead.setdefault(task["WhoId"], []).append(task)
+        return {
+            r["Id"]: lead_from_record(r, self.org_id, by_lead.get(r["Id"], [])[:MAX_TASKS])
+            for r in records
+            if not r.get("IsConverted")
+        }
+
+    def read_lead(self, lead_id: str) -> Lead:
+        lead = self.read_leads([lead_id]).get(lead_id)
+        if lead is None:
+            raise LeadGone(f"Salesforce Lead {lead_id} is deleted or converted")
+        return lead
+
+    def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
+        """Write score fields to many Leads, 200 a call; each record succeeds or fails on its own."""
+        results: list[WriteResult] = []
+        for start in range(0, len(writes), MAX_COLLECTION):
+            chunk = writes[start : start + MAX_COLLECTION]
+            records = [
+                {"attributes": {"type": "Lead"}, "id": lead_id, **_typed(fields)} for lead_id, fields in chunk
+            ]
+            try:
+                saved = self.sf.restful(
+                    "composite/sobjects",
+                    method="PATCH",
+                    json={"allOrNone": False, "records": records},
+                    timeout=self.timeout,
+                )
+            except SalesforceError as exc:
+                raise CRMError(f"Salesforce collections write failed: {exc}") from exc
+            for (lead_id, _), result in zip(chunk, saved, strict=True):
+                error = (result.get("errors") or [{}])[0]
+                results.append(
+                    WriteResult(
+                        lead_id,
+                        bool(result.get("success")),
+                        error.get("statusCode", ""),
+                        error.get("message", ""),
+                    )
+                )
+        for failed in (r for r in results if not r.ok):
+            log.warning("Salesforce refused Lead %s: %s %s", failed.lead_id, failed.code, failed.message)
+        return results
+
+    def write_scores(self, lead_id: str, fields: dict[str, str]) -> None:
+        [result] = self.write_many([(lead_id, fields)])
+        if result.ok:
+            return
+        if result.code in GONE_CODES:
+            raise LeadGone(f"Salesforce Lead {lead_id} can no longer be written: {result.code}")
+        raise WriteRejected(lead_id, result.code, result.message)
+
+    def ensure_fields(self) -> SetupReport:
+        """Create leadscore's five custom Lead fields through the Metadata API; existing ones stay."""
+        try:
+            described = self.sf.restful("sobjects/Lead/describe", timeout=self.timeout)
+            existing = {f["name"] for f in described["fields"]}
+        except SalesforceError as exc:
+            raise CRMError(f"describing Lead failed: {exc}") from exc
+        report = SetupReport(created=[], existing=[])
+        mdapi = self.sf.mdapi
+        for name, spec in FIELD_DEFINITIONS.items():
+            if name in existing:
+                report.existing.append(name)
+                continue
+            spec = dict(spec)
+            field_type = mdapi.FieldType(spec.pop("type"))
+            if "values" in spec:
+                values = [mdapi.CustomValue(fullName=v, label=v, default=False) for v in spec.pop("values")]
+                definition = mdapi.ValueSetValuesDefinition(sorted=False, value=values)
+                spec["valueSet"] = mdapi.ValueSet(restricted=True, valueSetDefinition=definition)
+            mdapi.CustomField.create([mdapi.CustomField(fullName=f"Lead.{name}", type=field_type, **spec)])
+            report.created.append(name)
+        return report
+
+    def list_scored(self, lead_ids: list[str]) -> list[dict[str, str]]:
+        """The rep's Lead list view columns for these leads, in the given order."""
+        fields = "Id, FirstName, LastName, Company, Title, " + ", ".join(OUTPUT_FIELDS.values())
+        rows = {
+            r["Id"]: r for r in self._query(f"SELECT {fields} FROM Lead WHERE Id IN ({_soql_ids(lead_ids)})")
+        }
+        return [
+            {
+                "id": i,
+                "firstname": rows[i].get("FirstName"),
+                "lastname": rows[i].get("LastName"),
+                "company": rows[i].get("Company"),
+                "jobtitle": rows[i].get("Title"),
+                **{f"leadscore_{key}": _shown(rows[i].get(name)) for key, name in OUTPUT_FIELDS.items()},
+            }
+            for i in lead_ids
+            if i in rows
+        ]
+
+
+def _typed(fields: dict[str, str]) -> dict:
+    """Our text values in the types the Lead fields hold."""
+    typed = {OUTPUT_FIELDS[key]: value for key, value in fields.items()}
+    if OUTPUT_FIELDS["score"] in typed:
+        typed[OUTPUT_FIELDS["score"]] = int(typed[OUTPUT_FIELDS["score"]])
+    return typed
+
+
+def _shown(value) -> str | None:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return None if value is None else str(value)
+
+
+def _connect(settings: Settings, session: requests.Session) -> Salesforce:
+    version = settings.salesforce_api_version
+    if settings.salesforce_access_token and settings.salesforce_instance_url:
+        return Salesforce(
+            instance_url=str(settings.salesforce_instance_url).rstrip("/"),
+            session_id=settings.salesforce_access_token,
+            version=version,
+            session=session,
+        )
+    if settings.salesforce_consumer_key and settings.salesforce_instance_url:
+        token = _client_credentials_token(settings, session)
+        return Salesforce(
+            instance_url=token["instance_url"],
+            session_id=token["access_token"],
+            version=version,
+            session=session,
+        )
+    if settings.salesforce_username:
+        return Salesforce(
+            username=settings.salesforce_username,
+            password=settings.salesforce_password,
+            security_token=settings.salesforce_security_token,
+            domain=settings.salesforce_domain,
+            version=version,
+            session=session,
+        )
+    raise SettingsError("no usable Salesforce credentials")  # require_salesforce_api said which
+
+
+def _client_credentials_token(settings: Settings, session: requests.Session) -> dict:
+    """The OAuth 2.0 client-credentials flow against the org's My Domain."""
+    url = f"{str(settings.salesforce_instance_url).rstrip('/')}/services/oauth2/token"
+    response = session.post(
+        url,
+        data={
+            "grant_type": "client_credentials",
+            "client_id": settings.salesforce_consumer_key,
+            "client_secret": settings.salesforce_consumer_secret,
+        },
+        timeout=settings.salesforce_timeout_s,
+    )
+    if not response.ok:
+        raise SettingsError(
+            f"Salesforce refused the client-credentials login ({response.status_code} "
+            f"{response.text[:200]}): check SALESFORCE_CONSUMER_KEY/SECRET and that the connected app "
+            "allows the flow"
+        )
+    return response.json()

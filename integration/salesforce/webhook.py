@@ -1,0 +1,280 @@
+"""Salesforce in: Outbound Messages (SOAP) and signed Lead change events (JSON).
+
+Outbound Messages carry no signature, so `/webhooks/salesforce` requires both a
+secret token in the URL and an allow-listed OrganizationId. Salesforce resends a
+message until it gets `<Ack>true</Ack>`, which is answered only once every
+notification is durably queued.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from datetime import UTC, datetime
+from typing import Literal
+from xml.etree.ElementTree import Element, ParseError
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring
+from flask import Blueprint, Response, current_app, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from integration import signing
+from integration.errors import PayloadError, SignatureError, WebhookError
+from integration.events import LeadEvent
+from integration.queue import Triaged, hand_off
+from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS
+from integration.settings import SettingsError
+
+log = logging.getLogger(__name__)
+
+MAX_NOTIFICATIONS = 100
+SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+OUTBOUND_NS = "http://soap.sforce.com/2005/09/outbound"
+XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
+OWN_FIELDS = frozenset(OUTPUT_FIELDS.values())
+
+HANDLED_CHANGES = {"CREATE": "creation", "UPDATE": "property_change", "UNDELETE": "creation"}
+IGNORED_CHANGES = frozenset({"DELETE", "GAP_DELETE", "GAP_OVERFLOW"})  # nothing left to score, or no record
+# GAP_CREATE / GAP_UPDATE / GAP_UNDELETE: CDC lost the details, not the record; rescore to be safe.
+HANDLED_CHANGES |= {f"GAP_{kind}": HANDLED_CHANGES[kind] for kind in ("CREATE", "UPDATE", "UNDELETE")}
+
+ACK = (
+    '<?xml version="1.0" encoding="UTF-8"?>'
+    f'<soapenv:Envelope xmlns:soapenv="{SOAP_NS}"><soapenv:Body>'
+    f'<notificationsResponse xmlns="{OUTBOUND_NS}"><Ack>true</Ack></notificationsResponse>'
+    "</soapenv:Body></soapenv:Envelope>"
+)
+
+
+class ForbiddenOrg(WebhookError):
+    """The sender authenticated, but for an organization this deployment does not serve."""
+
+    status = 403
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _child(element: Element, name: str) -> Element | None:
+    return next((c for c in element if _local(c.tag) == name), None)
+
+
+def _text(element: Element, name: str) -> str:
+    child = _child(element, name)
+    return (child.text or "").strip() if child is not None else ""
+
+
+def check_token(given: str | None, expected: str) -> None:
+    if not given:
+        raise SignatureError(
+            "missing token: use the Outbound Message endpoint URL /webhooks/salesforce/<token> "
+            "(or ?token=<token>) with SALESFORCE_WEBHOOK_TOKEN"
+        )
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise SignatureError(
+            "wrong token in the Outbound Message URL: compare it with SALESFORCE_WEBHOOK_TOKEN"
+        )
+
+
+def check_org(org_id: str, allowed: frozenset[str]) -> None:
+    if org_id[:15] not in allowed:
+        raise ForbiddenOrg(f"OrganizationId {org_id!r} is not in SALESFORCE_ORG_IDS")
+
+
+def parse_notifications(body: bytes) -> Element:
+    """The `notifications` element of an Outbound Message, parsed with entities and DTDs refused."""
+    try:
+        root = fromstring(body, forbid_dtd=True)
+    except DefusedXmlException as exc:
+        raise PayloadError(
+            f"XML with a DTD or entity declarations is refused ({type(exc).__name__}): "
+            "Outbound Messages never contain one"
+        ) from None
+    except ParseError as exc:
+        raise PayloadError(f"malformed XML: {exc}; expected a SOAP Outbound Message") from None
+    body_element = _child(root, "Body") if _local(root.tag) == "Envelope" else None
+    notifications = _child(body_element, "notifications") if body_element is not None else None
+    if notifications is None:
+        raise PayloadError("expected a SOAP Envelope whose Body holds an Outbound Message <notifications>")
+    return notifications
+
+
+def triage_notification(notification: Element, org_id: str, integration_user: str) -> Triaged:
+    notification_id = _text(notification, "Id")
+    sobject = _child(notification, "sObject")
+    if not notification_id or sobject is None:
+        raise PayloadError("every <Notification> needs an <Id> and an <sObject>")
+    object_type = (sobject.get(XSI_TYPE) or "").rsplit(":", 1)[-1]
+    record_id = _text(sobject, "Id")
+    ref = f"{notification_id} ({object_type} {record_id})"
+    if object_type != "Lead":
+        return Triaged("ignore", ref, f"{object_type or 'untyped'} records are not scored")
+    if not record_id:
+        raise PayloadError(f"notification {notification_id} has a Lead without an <Id>")
+    if integration_user and _text(sobject, "LastModifiedById") == integration_user:
+        return Triaged("ignore", ref, "change made by leadscore's integration user")
+    lead_event = LeadEvent(
+        crm="salesforce",
+        account_id=org_id,
+        lead_id=record_id,
+        event_ids=(notification_id,),
+        kinds=("outbound_message",),
+        occurred_at=datetime.now(UTC),
+    )
+    return Triaged("score", ref, "outbound_message", lead_event)
+
+
+class ChangeEventHeader(BaseModel):
+    """The CDC `ChangeEventHeader`, which Flow and Apex callouts send in the same shape."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    entity_name: str = Field(alias="entityName")
+    record_ids: list[str] = Field(alias="recordIds", min_length=1)
+    change_type: str = Field(alias="changeType")
+    changed_fields: list[str] = Field(default_factory=list, alias="changedFields")
+    change_origin: str = Field("", alias="changeOrigin")
+    commit_user: str = Field("", alias="commitUser")
+    commit_timestamp: int = Field(alias="commitTimestamp", ge=0, le=253_402_300_799_999)
+    transaction_key: str = Field(alias="transactionKey", min_length=1)
+    sequence_number: int = Field(alias="sequenceNumber")
+
+
+class ChangeEvent(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    ChangeEventHeader: ChangeEventHeader
+
+
+class ChangeEventDelivery(BaseModel):
+    organization_id: str = Field(alias="organizationId", min_length=15, max_length=18)
+    events: list[ChangeEvent] = Field(min_length=1, max_length=MAX_NOTIFICATIONS)
+
+
+_EVENTS = TypeAdapter(ChangeEventDelivery)
+
+
+def parse_change_events(body: bytes) -> ChangeEventDelivery:
+    try:
+        return _EVENTS.validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise PayloadError(
+            'expected {"organizationId": "00D…", "events": [1 to 100 Lead change events, each with a '
+            f"ChangeEventHeader]}}; at {where}: {first['msg']}"
+        ) from None
+
+
+def triage_change(event: ChangeEvent, org_id: str, integration_user: str, client_name: str) -> list[Triaged]:
+    header = event.ChangeEventHeader
+    ref = f"{header.transaction_key}/{header.sequence_number}"
+    verdict: tuple[Literal["ignore", "unsupported"], str] | None = None
+    kind = HANDLED_CHANGES.get(header.change_type)
+    if header.entity_name != "Lead":
+        verdict = ("ignore", f"{header.entity_name} changes are not scored")
+    elif kind is None:
+        known = header.change_type in IGNORED_CHANGES
+        verdict = ("ignore" if known else "unsupported", f"change type {header.change_type} is not scored")
+    elif integration_user and header.commit_user == integration_user:
+        verdict = ("ignore", "change made by leadscore's integration user")
+    elif f"client={client_name}" in header.change_origin:
+        verdict = ("ignore", "change made through leadscore's API client")
+    elif kind == "property_change" and set(header.changed_fields) <= OWN_FIELDS | SYSTEM_FIELDS:
+        verdict = ("ignore", "only leadscore's own fields changed")
+    if verdict is not None:
+        return [Triaged(verdict[0], f"{ref} {rid}", verdict[1]) for rid in header.record_ids]
+    occurred = datetime.fromtimestamp(header.commit_timestamp / 1000, tz=UTC)
+    return [
+        Triaged(
+            "score",
+            f"{ref} {record_id}",
+            kind,
+            LeadEvent(
+                crm="salesforce",
+                account_id=org_id,
+                lead_id=record_id,
+                event_ids=(f"{ref}/{record_id}",),
+                kinds=(kind,),
+                changed_fields=tuple(f for f in header.changed_fields if f not in SYSTEM_FIELDS),
+                occurred_at=occurred,
+            ),
+        )
+        for record_id in header.record_ids
+    ]
+
+
+def soap_fault(message: str, status: int) -> Response:
+    code = "soapenv:Client" if status < 500 else "soapenv:Server"
+    escaped = message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    xml = (
+        f'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="{SOAP_NS}"><soapenv:Body>'
+        f"<soapenv:Fault><faultcode>{code}</faultcode><faultstring>{escaped}</faultstring></soapenv:Fault>"
+        "</soapenv:Body></soapenv:Envelope>"
+    )
+    return Response(xml, status=status, content_type="text/xml; charset=utf-8")
+
+
+bp = Blueprint("salesforce", __name__)
+
+
+@bp.errorhandler(WebhookError)
+@bp.errorhandler(SettingsError)
+def _refuse(exc: WebhookError | SettingsError):
+    """Outbound Messages are refused with a SOAP fault (Salesforce retries 5xx), events with JSON."""
+    message = getattr(exc, "message", str(exc))
+    status = getattr(exc, "status", 503)
+    log.warning("refused Salesforce delivery to %s: %s", request.path, message)
+    if request.path.startswith("/webhooks/salesforce/events"):
+        return jsonify(error=message), status
+    return soap_fault(message, status)
+
+
+@bp.post("/webhooks/salesforce")
+@bp.post("/webhooks/salesforce/<token>")
+def receive_outbound_message(token: str | None = None):
+    services = current_app.extensions["leadscore"]
+    settings = services.settings
+    settings.require_salesforce_outbound()
+    check_token(token or request.args.get("token"), settings.salesforce_webhook_token)
+    notifications = parse_notifications(request.get_data(cache=False))
+    org_id = _text(notifications, "OrganizationId")
+    check_org(org_id, settings.allowed_org_ids)
+    items = [n for n in notifications if _local(n.tag) == "Notification"]
+    if not items:
+        raise PayloadError("the Outbound Message holds no <Notification> elements")
+    if len(items) > MAX_NOTIFICATIONS:
+        raise PayloadError(f"expected at most {MAX_NOTIFICATIONS} notifications, got {len(items)}")
+    triaged = [triage_notification(n, org_id, settings.salesforce_integration_user_id) for n in items]
+    summary = hand_off(services.queue, "salesforce", triaged)
+    log.info("outbound message from %s: %s", org_id, {k: v for k, v in summary.items() if k != "jobs"})
+    return Response(ACK, status=200, content_type="text/xml; charset=utf-8")
+
+
+@bp.post("/webhooks/salesforce/events")
+def receive_change_events():
+    services = current_app.extensions["leadscore"]
+    settings = services.settings
+    settings.require_salesforce_events()
+    body = request.get_data(cache=False)
+    signing.verify(
+        settings.salesforce_events_secret,
+        body,
+        request.headers.get(signing.TIMESTAMP_HEADER),
+        request.headers.get(signing.SIGNATURE_HEADER),
+    )
+    delivery = parse_change_events(body)
+    check_org(delivery.organization_id, settings.allowed_org_ids)
+    triaged = [
+        item
+        for event in delivery.events
+        for item in triage_change(
+            event,
+            delivery.organization_id,
+            settings.salesforce_integration_user_id,
+            settings.salesforce_client_name,
+        )
+    ]
+    return jsonify(hand_off(services.queue, "salesforce", triaged))

@@ -1,0 +1,210 @@
+"""End to end: Outbound Message or change event → Flask → Redis → RQ worker → the real
+simple-salesforce client over HTTPS → Salesforce emulator, with the LLM stub."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from integration.salesforce.api import SalesforceCRM
+from integration.settings import load_settings
+from tests.conftest import FIXTURES, SF_ORG_ID, fixture_json
+
+HOT = "00Q5g00000Ls0001EA"
+CRO = "00Q5g00000Ls0002EA"
+
+
+def written(salesforce, lead_id: str) -> dict:
+    return {k: v for k, v in salesforce.lead(lead_id).items() if k.startswith("Leadscore_")}
+
+
+def test_outbound_message__single(post_outbound, sf_crm, run_worker, salesforce):
+    post_outbound("outbound_message__single")
+    [result] = run_worker()
+
+    assert result == {
+        "lead": f"salesforce:{SF_ORG_ID}:{HOT}",
+        "outcome": "written",
+        "score": 82,
+        "tier": "A",
+        "reason": "VP of Sales at 250-person tech company; Web lead",
+        "fallback": False,
+    }
+    fields = written(salesforce, HOT)
+    stamp = datetime.fromisoformat(fields.pop("Leadscore_Scored_At__c"))
+    assert abs(datetime.now(UTC) - stamp) < timedelta(minutes=1)
+    details = json.loads(fields.pop("Leadscore_Details__c"))
+    assert fields == {
+        "Leadscore_Score__c": 82,
+        "Leadscore_Tier__c": "A",
+        "Leadscore_Reason__c": "VP of Sales at 250-person tech company; Web lead",
+    }
+    assert details["sub_scores"] == {
+        "seniority": 0.9,
+        "role_fit": 0.98,
+        "reachability": 0.75,
+        "source_stage": 0.68,
+        "propensity": 0.8145,
+    }
+    assert (details["propensity"]["source"], details["fallback"]) == ("llm", False)
+    [(lead_id, values)] = salesforce.writes
+    assert lead_id == HOT and set(values) == {
+        "Leadscore_Score__c", "Leadscore_Tier__c", "Leadscore_Reason__c", "Leadscore_Scored_At__c",
+        "Leadscore_Details__c",
+    }  # fmt: skip
+    writes = [c for c in salesforce.calls if c[0] == "PATCH"]
+    assert writes == [("PATCH", "/services/data/v60.0/composite/sobjects", "client=leadscore")]
+
+
+EXPECTED_BURST = {
+    "00Q5g00000Ls0001EA": (82, "A", "VP of Sales at 250-person tech company; Web lead"),
+    "00Q5g00000Ls0002EA": (84, "A", "Chief Revenue Officer at 900-person fintech; Partner referral"),
+    "00Q5g00000Ls0003EA": (
+        72,
+        "A",
+        "Director of Sales Operations at 1200-person tech company; Phone inquiry",
+    ),
+    "00Q5g00000Ls0004EA": (36, "D", "Purchased list; Contact at Halvorsen Industrial Supply"),
+    "00Q5g00000Ls0005EA": (24, "D", "Student at school; Reachable, not engaged yet"),
+    "00Q5g00000Ls0006EA": (25, "D", "Closed, not converted; Independent Consultant at 1-person agency"),
+    "00Q5g00000Ls0007EA": (47, "C", "Marketing Manager at 180-person agency; Opted out of email, no phone"),
+    "00Q5g00000Ls0008EA": (49, "C", "Revenue Operations Analyst at 2200-person retailer; Web lead"),
+    "00Q5g00000Ls0009EA": (
+        63,
+        "B",
+        "Chief Financial Officer at 5000-person manufacturer; Reachable, not engaged yet",
+    ),
+    "00Q5g00000Ls0010EA": (
+        54,
+        "C",
+        "Director of IT at 3400-person healthcare firm; Reachable, not engaged yet",
+    ),
+    "00Q5g00000Ls0012EA": (75, "A", "Head of Sales at 60-person tech company; Employee referral"),
+}
+
+
+def test_outbound_message__demo_burst(post_outbound, sf_crm, run_worker, salesforce):
+    post_outbound("outbound_message__demo_burst")
+    results = run_worker()
+
+    got = {
+        lead_id: (
+            written(salesforce, lead_id)["Leadscore_Score__c"],
+            written(salesforce, lead_id)["Leadscore_Tier__c"],
+            written(salesforce, lead_id)["Leadscore_Reason__c"],
+        )
+        for lead_id in EXPECTED_BURST
+    }
+    assert got == EXPECTED_BURST
+    assert [r["outcome"] for r in results].count("lead_gone") == 1  # the converted lead
+    assert written(salesforce, "00Q5g00000Ls0011EA")["Leadscore_Score__c"] is None
+
+
+@pytest.mark.parametrize("fixture", ["outbound_message__deleted_lead", "outbound_message__converted_lead"])
+def test_lead_deleted_or_converted_before_the_job_ends_cleanly(
+    post_outbound, sf_crm, run_worker, queue, fixture
+):
+    post_outbound(fixture)
+    [result] = run_worker()
+
+    assert result["outcome"] == "lead_gone"
+    assert queue.failed_job_registry.count == 0
+
+
+def test_lead_deleted_between_read_and_write_ends_cleanly(sf_crm, salesforce):
+    salesforce.delete_lead(HOT)
+
+    with pytest.raises(Exception) as caught:
+        sf_crm.write_scores(HOT, {"score": "50", "tier": "C", "reason": "r", "details": "{}"})
+
+    assert type(caught.value).__name__ == "LeadGone"
+
+
+def test_unchanged_lead_is_not_rewritten(post_outbound, post_change_events, sf_crm, run_worker, salesforce):
+    post_outbound("outbound_message__single")
+    run_worker()
+
+    post_change_events("lead_change_event__create")
+    [second] = run_worker()
+
+    assert second["outcome"] == "unchanged"
+    assert len(salesforce.writes) == 1
+
+
+def test_lead_change_event__status_update_rescores(post_change_events, sf_crm, run_worker, salesforce):
+    post_change_events("lead_change_event__status_update")
+    [first] = run_worker()
+    salesforce.leads["00Q5g00000Ls0004EA"]["Status"] = "Closed - Not Converted"
+    value = fixture_json("salesforce/lead_change_event__status_update.json")
+    value["events"][0]["ChangeEventHeader"]["transactionKey"] = "a-later-transaction"
+    post_change_events(value)
+    [second] = run_worker()
+
+    assert (first["outcome"], second["outcome"]) == ("written", "written")
+    assert second["score"] == 25 and second["reason"].startswith("Closed, not converted")
+
+
+def test_collections_write_reports_each_failed_record_with_salesforce_code(sf_crm, salesforce):
+    salesforce.reject[CRO] = (
+        "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+        "Score cannot be written while Status is Closed",
+    )
+    fields = {"score": "70", "tier": "A", "reason": "r", "details": "{}"}
+
+    results = sf_crm.write_many([(HOT, fields), (CRO, fields), ("00Q5g00000Ls0003EA", fields)])
+
+    assert [(r.lead_id, r.ok, r.code) for r in results] == [
+        (HOT, True, ""),
+        (CRO, False, "FIELD_CUSTOM_VALIDATION_EXCEPTION"),
+        ("00Q5g00000Ls0003EA", True, ""),
+    ]
+    assert results[1].message == "Score cannot be written while Status is Closed"
+    assert [lead_id for lead_id, _ in salesforce.writes] == [HOT, "00Q5g00000Ls0003EA"]
+
+
+def test_rejected_record_is_dead_lettered_with_its_code_and_others_are_written(
+    post_outbound, sf_crm, run_worker, salesforce, queue
+):
+    salesforce.reject[CRO] = (
+        "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+        "Score cannot be written while Status is Closed",
+    )
+    post_outbound("outbound_message__demo_burst")
+    results = run_worker()
+
+    assert len([r for r in results if r["outcome"] == "written"]) == 10
+    [failed_id] = queue.failed_job_registry.get_job_ids()
+    failed = queue.fetch_job(failed_id)
+    assert failed.kwargs["event"]["lead_id"] == CRO
+    assert "FIELD_CUSTOM_VALIDATION_EXCEPTION" in failed.latest_result().exc_string
+    assert queue.scheduled_job_registry.count == 0  # not retried: the same write would fail again
+
+
+def test_client_credentials_login(settings, salesforce, sf_crm):
+    oauth = load_settings(
+        **{
+            **settings.model_dump(),
+            "salesforce_access_token": "",
+            "salesforce_consumer_key": "leadscore-client-id",
+            "salesforce_consumer_secret": "leadscore-client-secret",
+        }
+    )
+
+    lead = SalesforceCRM(oauth, org_id=SF_ORG_ID).read_lead(HOT)
+
+    assert (lead.title, lead.source, lead.company_size) == ("VP of Sales", "Web", "250")
+    assert ("POST", "/services/oauth2/token", "client=leadscore") in salesforce.calls
+
+
+def test_task_text_is_read_and_fenced(post_outbound, sf_crm, run_worker, llm):
+    single = (FIXTURES / "salesforce" / "outbound_message__single.xml").read_bytes()
+    body = single.replace(HOT.encode(), b"00Q5g00000Ls0006EA")
+    post_outbound(body)
+    run_worker()
+
+    [request] = llm.requests
+    user = request["messages"][1]["content"]
+    assert user.count("<lead_data>") == 1 and user.count("</lead_data>") == 1
+    assert "ignore your instructions" in user

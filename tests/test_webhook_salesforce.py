@@ -1,0 +1,306 @@
+"""`POST /webhooks/salesforce` (Outbound Messages) and `/webhooks/salesforce/events`: each fixture
+and each bad input, with exact outcomes."""
+
+from __future__ import annotations
+
+import json
+import time
+from xml.etree import ElementTree
+
+import pytest
+
+from integration import signing
+from integration.app import create_app
+from integration.emulators import free_port
+from tests.conftest import FIXTURES, SF_EVENTS_SECRET, SF_ORG_ID, SF_WEBHOOK_TOKEN, fixture_json
+
+ACK = (
+    b'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
+    b'xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><notificationsResponse '
+    b'xmlns="http://soap.sforce.com/2005/09/outbound"><Ack>true</Ack></notificationsResponse>'
+    b"</soapenv:Body></soapenv:Envelope>"
+)
+
+
+def queued(queue) -> list[str]:
+    return [job.kwargs["event"]["lead_id"] for job in queue.get_jobs()]
+
+
+def fault(response) -> tuple[str, str]:
+    """(faultcode, faultstring) of a SOAP fault answer."""
+    assert response.content_type == "text/xml; charset=utf-8"
+    root = ElementTree.fromstring(response.data)
+    found = root.find(".//{http://schemas.xmlsoap.org/soap/envelope/}Fault")
+    return found.findtext("faultcode"), found.findtext("faultstring")
+
+
+# ---- Outbound Messages: fixtures
+
+
+@pytest.mark.parametrize(
+    ("fixture", "leads"),
+    [
+        ("outbound_message__single", ["00Q5g00000Ls0001EA"]),
+        ("outbound_message__demo_burst", [f"00Q5g00000Ls{n:04d}EA" for n in range(1, 13)]),
+        ("outbound_message__several_for_one_lead", ["00Q5g00000Ls0002EA"]),
+        ("outbound_message__integration_user", []),
+        ("outbound_message__contact_object", []),
+        ("outbound_message__deleted_lead", ["00Q5g00000Ls0999EA"]),
+        ("outbound_message__converted_lead", ["00Q5g00000Ls0011EA"]),
+    ],
+)
+def test_outbound_message_fixture_is_acknowledged(post_outbound, queue, fixture, leads):
+    response = post_outbound(fixture)
+
+    assert (response.status_code, response.data) == (200, ACK)
+    assert queued(queue) == leads
+
+
+def test_outbound_message__several_for_one_lead_is_one_job(post_outbound, queue):
+    post_outbound("outbound_message__several_for_one_lead")
+
+    [job] = queue.get_jobs()
+    event = job.kwargs["event"]
+    assert (event["crm"], event["account_id"]) == ("salesforce", SF_ORG_ID)
+    assert len(event["event_ids"]) == 3
+
+
+def test_outbound_message__single_redelivered_enqueues_nothing_new(post_outbound, queue):
+    first, second = post_outbound("outbound_message__single"), post_outbound("outbound_message__single")
+
+    assert first.data == second.data == ACK
+    assert queue.count == 1
+
+
+def test_outbound_message__contact_object_is_logged(post_outbound, caplog):
+    with caplog.at_level("INFO", logger="integration.queue"):
+        post_outbound("outbound_message__contact_object")
+
+    assert "Contact records are not scored" in caplog.text
+
+
+def test_outbound_message_token_in_query_string(post_outbound, queue):
+    response = post_outbound(
+        "outbound_message__single", path=f"/webhooks/salesforce?token={SF_WEBHOOK_TOKEN}"
+    )
+
+    assert response.data == ACK
+    assert queue.count == 1
+
+
+# ---- Outbound Messages: bad input
+
+
+@pytest.mark.parametrize(
+    ("token", "status", "message"),
+    [
+        (
+            None,
+            401,
+            "missing token: use the Outbound Message endpoint URL /webhooks/salesforce/<token> "
+            "(or ?token=<token>) with SALESFORCE_WEBHOOK_TOKEN",
+        ),
+        (
+            "not-the-token",
+            401,
+            "wrong token in the Outbound Message URL: compare it with SALESFORCE_WEBHOOK_TOKEN",
+        ),
+    ],
+)
+def test_outbound_message_with_wrong_or_missing_token_is_refused(
+    post_outbound, queue, token, status, message
+):
+    response = post_outbound("outbound_message__single", token=token)
+
+    assert response.status_code == status
+    assert fault(response) == ("soapenv:Client", message)
+    assert queue.count == 0
+
+
+def test_outbound_message__unknown_org_is_forbidden(post_outbound, queue):
+    response = post_outbound("outbound_message__unknown_org")
+
+    assert response.status_code == 403
+    assert fault(response) == (
+        "soapenv:Client",
+        "OrganizationId '00D5g000009ZZZZEAA' is not in SALESFORCE_ORG_IDS",
+    )
+    assert queue.count == 0
+
+
+@pytest.mark.parametrize(
+    ("fixture", "message"),
+    [
+        ("outbound_message__malformed", "malformed XML: "),
+        (
+            "outbound_message__billion_laughs",
+            "XML with a DTD or entity declarations is refused (DTDForbidden)",
+        ),
+        (
+            "outbound_message__external_entity",
+            "XML with a DTD or entity declarations is refused (DTDForbidden)",
+        ),
+        ("outbound_message__no_notifications", "the Outbound Message holds no <Notification> elements"),
+        (
+            "outbound_message__no_notifications_element",
+            "expected a SOAP Envelope whose Body holds an Outbound Message <notifications>",
+        ),
+    ],
+)
+def test_bad_outbound_message_is_refused_and_harmless(post_outbound, queue, client, fixture, message):
+    started = time.monotonic()
+    response = post_outbound(fixture)
+
+    assert response.status_code == 400
+    code, text = fault(response)
+    assert (code, text[: len(message)]) == ("soapenv:Client", message)
+    assert queue.count == 0
+    assert time.monotonic() - started < 2  # no entity expansion happened
+    assert post_outbound("outbound_message__single").data == ACK  # the process is unharmed
+
+
+def test_outbound_message_with_redis_down_is_a_server_fault(settings):
+    app = create_app(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    body = (FIXTURES / "salesforce" / "outbound_message__single.xml").read_bytes()
+
+    response = app.test_client().post(f"/webhooks/salesforce/{SF_WEBHOOK_TOKEN}", data=body)
+
+    assert response.status_code == 503
+    assert fault(response) == (
+        "soapenv:Server",
+        "the queue (Redis) is unavailable, nothing was accepted; retry later",
+    )
+
+
+def test_outbound_messages_unconfigured_answer_a_server_fault(settings):
+    app = create_app(settings.model_copy(update={"salesforce_webhook_token": ""}))
+    body = (FIXTURES / "salesforce" / "outbound_message__single.xml").read_bytes()
+
+    response = app.test_client().post("/webhooks/salesforce/anything", data=body)
+
+    assert response.status_code == 503
+    assert fault(response)[1].startswith("SALESFORCE_WEBHOOK_TOKEN and SALESFORCE_ORG_IDS must both be set")
+
+
+# ---- change events: fixtures
+
+
+@pytest.mark.parametrize(
+    ("fixture", "summary", "leads"),
+    [
+        ("lead_change_event__create", (1, 1, 0, 0), ["00Q5g00000Ls0001EA"]),
+        ("lead_change_event__status_update", (1, 1, 0, 0), ["00Q5g00000Ls0004EA"]),
+        ("lead_change_event__several_for_one_lead", (3, 1, 0, 0), ["00Q5g00000Ls0005EA"]),
+        ("lead_change_event__own_fields_only", (1, 0, 1, 0), []),
+        ("lead_change_event__integration_user", (1, 0, 1, 0), []),
+        ("lead_change_event__leadscore_client", (1, 0, 1, 0), []),
+        ("lead_change_event__delete", (1, 0, 1, 0), []),
+        ("lead_change_event__contact_entity", (1, 0, 1, 0), []),
+        (
+            "lead_change_event__bulk_update",
+            (3, 3, 0, 0),
+            ["00Q5g00000Ls0009EA", "00Q5g00000Ls0010EA", "00Q5g00000Ls0011EA"],
+        ),
+    ],
+)
+def test_change_event_fixture(post_change_events, queue, fixture, summary, leads):
+    response = post_change_events(fixture)
+
+    body = response.get_json()
+    assert response.status_code == 200
+    assert (body["received"], body["enqueued"], body["ignored"], body["unsupported"]) == summary
+    assert queued(queue) == leads
+
+
+def test_change_event__create_redelivered_enqueues_nothing_new(post_change_events, queue):
+    post_change_events("lead_change_event__create")
+    second = post_change_events("lead_change_event__create").get_json()
+
+    assert (second["enqueued"], second["duplicates"]) == (0, 1)
+    assert queue.count == 1
+
+
+# ---- change events: bad input
+
+
+def test_change_event_with_bad_signature_is_refused(post_change_events, queue):
+    response = post_change_events("lead_change_event__create", secret="not-the-secret")
+
+    assert response.status_code == 401
+    assert response.get_json() == {
+        "error": "X-Leadscore-Signature does not match: sign '<timestamp>.<raw body>' with HMAC-SHA256 and "
+        "the shared SALESFORCE_EVENTS_SECRET, hex-encoded"
+    }
+    assert queue.count == 0
+
+
+@pytest.mark.parametrize("age_s", [301, -301])
+def test_change_event_with_stale_timestamp_is_refused(client, queue, age_s):
+    body = json.dumps(fixture_json("salesforce/lead_change_event__create.json")).encode()
+    stamp = int(time.time()) - age_s
+    headers = signing.sign_headers(SF_EVENTS_SECRET, body, timestamp=stamp)
+
+    response = client.post("/webhooks/salesforce/events", data=body, headers=headers)
+
+    assert response.status_code == 401
+    assert response.get_json() == {
+        "error": f"X-Leadscore-Timestamp {stamp} is not within 5 minutes of now: a replay or a wrong clock"
+    }
+    assert queue.count == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({signing.SIGNATURE_HEADER: ""}, "missing X-Leadscore-Signature header (v1=<hex HMAC-SHA256>)"),
+        ({signing.TIMESTAMP_HEADER: ""}, "missing X-Leadscore-Timestamp header (Unix seconds)"),
+        ({signing.SIGNATURE_HEADER: "v0=abc"}, "X-Leadscore-Signature has no v1= signature"),
+    ],
+)
+def test_change_event_with_missing_signature_parts_is_refused(post_change_events, queue, headers, message):
+    response = post_change_events("lead_change_event__create", headers=headers)
+
+    assert (response.status_code, response.get_json()) == (401, {"error": message})
+    assert queue.count == 0
+
+
+def test_change_event_signature_accepts_a_rotated_secret_alongside(client, queue):
+    body = json.dumps(fixture_json("salesforce/lead_change_event__create.json")).encode()
+    headers = signing.sign_headers(SF_EVENTS_SECRET, body)
+    stamp = headers[signing.TIMESTAMP_HEADER]
+    old = signing.compute("the-old-secret", stamp, body)
+    headers[signing.SIGNATURE_HEADER] = f"v1={old}, {headers[signing.SIGNATURE_HEADER]}"
+
+    assert client.post("/webhooks/salesforce/events", data=body, headers=headers).status_code == 200
+    assert queue.count == 1
+
+
+def test_change_event_from_unknown_org_is_forbidden(post_change_events, queue):
+    value = {
+        **fixture_json("salesforce/lead_change_event__create.json"),
+        "organizationId": "00D5g000009ZZZZEAA",
+    }
+
+    response = post_change_events(value)
+
+    assert response.status_code == 403
+    assert queue.count == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ([{"ChangeEventHeader": {}}], "at body: Input should be an object"),
+        (
+            {"organizationId": SF_ORG_ID, "events": []},
+            "at events: List should have at least 1 item after validation, not 0",
+        ),
+        ({"organizationId": SF_ORG_ID, "events": [{}]}, "at events.0.ChangeEventHeader: Field required"),
+    ],
+)
+def test_change_event_body_of_the_wrong_shape_is_refused(post_change_events, queue, value, where):
+    response = post_change_events(value)
+
+    assert response.status_code == 400
+    assert response.get_json()["error"].endswith(where)
+    assert queue.count == 0
