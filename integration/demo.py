@@ -33,6 +33,9 @@ DEMO_TOKEN = "demo-private-app-token"
 DEMO_LLM_KEY = "demo-llm-key"
 DEMO_APP_ID = "3307201"
 DEMO_PORTAL = "48213377"
+DEMO_SF_TOKEN = "demo-salesforce-access-token"
+DEMO_SF_WEBHOOK_TOKEN = "demo-outbound-message-token"
+SALESFORCE_BURST = "outbound_message__demo_burst"
 BURST = "contact.creation__demo_burst"
 FOLLOW_UPS = ("contact.propertyChange__demo_changes", "contact.propertyChange__demo_rep_edits")
 
@@ -58,7 +61,8 @@ def _queue_idle(redis_url: str) -> bool:
     return queue.count == 0 and queue.started_job_registry.count == 0
 
 
-def _print_list_view(rows: list[dict]) -> None:
+def _print_list_view(title: str, rows: list[dict]) -> None:
+    print(f"{title}, as a rep's list view shows them:")
     rows = sorted(rows, key=lambda r: -int(float(r.get("leadscore_score") or -1)))
     header = f"{'Name':<20} {'Company':<26} {'Title':<34} {'Score':>5} {'Tier':<4}  Reason"
     print(header)
@@ -100,11 +104,21 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
     from integration.emulators import serve_in_thread
     from integration.emulators.hubspot import HubSpotEmulator
     from integration.emulators.llm import LLMStub
+    from integration.emulators.salesforce import SalesforceEmulator
+    from integration.emulators.tls import LocalTLS, serve_tls_in_thread
     from integration.hubspot.api import HubSpotCRM
+    from integration.salesforce import OUTPUT_FIELDS
+    from integration.salesforce.api import SalesforceCRM
 
-    emulator = HubSpotEmulator(token=DEMO_TOKEN).load_fixtures(FIXTURES / "hubspot")
-    hubspot_server = serve_in_thread(emulator.app())
+    hubspot = HubSpotEmulator(token=DEMO_TOKEN).load_fixtures(FIXTURES / "hubspot")
+    hubspot_server = serve_in_thread(hubspot.app())
     stack.callback(hubspot_server.stop)
+    salesforce = SalesforceEmulator(token=DEMO_SF_TOKEN).load_fixtures(FIXTURES / "salesforce")
+    for name in OUTPUT_FIELDS.values():  # an org where `leadscore setup salesforce` has not run yet
+        salesforce.remove_lead_field(name)
+    tls = stack.enter_context(LocalTLS())
+    salesforce_server = serve_tls_in_thread(salesforce.app(), tls)
+    stack.callback(salesforce_server.stop)
     stub = LLMStub(FIXTURES / "llm", api_key=DEMO_LLM_KEY, latency_s=0.2)
     llm_server = serve_in_thread(stub.app())
     stack.callback(llm_server.stop)
@@ -114,6 +128,12 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
         HUBSPOT_APP_SECRET=DEMO_SECRET,
         HUBSPOT_APP_ID=DEMO_APP_ID,
         HUBSPOT_API_BASE=hubspot_server.url,
+        SALESFORCE_INSTANCE_URL=salesforce_server.url,
+        SALESFORCE_ACCESS_TOKEN=DEMO_SF_TOKEN,
+        SALESFORCE_ORG_IDS=salesforce.org_id,
+        SALESFORCE_WEBHOOK_TOKEN=DEMO_SF_WEBHOOK_TOKEN,
+        SALESFORCE_INTEGRATION_USER_ID=salesforce.integration_user_id,
+        REQUESTS_CA_BUNDLE=tls.ca_bundle(),  # trust the emulator's throw-away CA, and only that extra
         LLM_BASE_URL=f"{llm_server.url}/v1",
         LLM_API_KEY=DEMO_LLM_KEY,
         LOG_LEVEL="WARNING",
@@ -121,18 +141,25 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
     os.environ.update(env)
     get_settings.cache_clear()
     settings = get_settings()
-    crm = HubSpotCRM(settings, portal_id=DEMO_PORTAL)
-    created = crm.ensure_properties().created
-    print(f"leadscore demo: HubSpot emulator {hubspot_server.url}, LLM stub {llm_server.url}, "
-          f"Redis {env['REDIS_URL']}")  # fmt: skip
-    print(f"setup hubspot: created {', '.join(created)}")
+    print(f"leadscore demo: HubSpot emulator {hubspot_server.url}, Salesforce emulator "
+          f"{salesforce_server.url}, LLM stub {llm_server.url}, Redis {env['REDIS_URL']}")  # fmt: skip
+    hubspot_crm = HubSpotCRM(settings, portal_id=DEMO_PORTAL)
+    print(f"setup hubspot: created {', '.join(hubspot_crm.ensure_properties().created)}")
+    salesforce_crm = SalesforceCRM(settings, org_id=salesforce.org_id)
+    print(f"setup salesforce: created {', '.join(salesforce_crm.ensure_fields().created)}")
 
     logs = Path(tempfile.mkdtemp(prefix="leadscore-demo-logs-"))
     base = _start_services(stack, env, free_port(), logs)
-    webhook = f"{base}/webhooks/hubspot"
-    emulator.echo_writes_to(webhook, DEMO_SECRET, DEMO_APP_ID, DEMO_PORTAL)
-    print(f"web {base} and an RQ worker are running (logs in {logs})\n")
+    print(f"web {base} and an RQ worker are running (logs in {logs})")
+    _hubspot_scene(hubspot, hubspot_crm, f"{base}/webhooks/hubspot", env["REDIS_URL"], stub, logs, timeout_s)
+    outbound_url = f"{base}/webhooks/salesforce/{DEMO_SF_WEBHOOK_TOKEN}"
+    _salesforce_scene(salesforce, salesforce_crm, outbound_url, env["REDIS_URL"], logs, timeout_s)
+    return 0
 
+
+def _hubspot_scene(emulator, crm, webhook: str, redis_url: str, stub, logs: Path, timeout_s: float) -> None:
+    print("\n== HubSpot: 24 new contacts arrive\n")
+    emulator.echo_writes_to(webhook, DEMO_SECRET, DEMO_APP_ID, DEMO_PORTAL)
     burst = json.loads(load_delivery(FIXTURES / "hubspot" / f"{BURST}.json"))
     contact_ids = [str(event["objectId"]) for event in burst]
     started = time.time()
@@ -154,7 +181,7 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
     print(f"\nall {len(contact_ids)} contacts scored: median {statistics.median(latencies):.1f}s, "
           f"slowest {max(latencies):.1f}s after the first delivery "
           f"(one worker; the LLM stub answers in {stub.latency_s:.1f}s)\n")  # fmt: skip
-    _print_list_view(crm.list_scored(contact_ids))
+    _print_list_view("HubSpot contacts", crm.list_scored(contact_ids))
 
     before = {i: dict(emulator.contacts[i]["properties"]) for i in contact_ids}
     writes_before = len(emulator.writes)
@@ -167,7 +194,7 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
         print(f"  {name}: {response.status_code} received {summary['received']}, "
               f"enqueued {summary['enqueued']}, ignored {summary['ignored']}")  # fmt: skip
     time.sleep(1.0)  # let the last echo deliveries arrive
-    wait_until(lambda: _queue_idle(env["REDIS_URL"]), timeout_s, "the follow-up scoring")
+    wait_until(lambda: _queue_idle(redis_url), timeout_s, "the follow-up scoring")
     time.sleep(0.5)
     for contact_id in contact_ids:
         old, new = before[contact_id], emulator.contacts[contact_id]["properties"]
@@ -182,4 +209,32 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
     print(f"\n{rewrites} contacts rewritten, the rest unchanged (no write). "
           f"{len(echoes)} echo deliveries of leadscore's own writes: {ignored} events ignored, "
           f"{enqueued} jobs enqueued.")  # fmt: skip
-    return 0
+
+
+def _salesforce_scene(emulator, crm, outbound_url: str, redis_url: str, logs: Path, timeout_s: float) -> None:
+    print("\n== Salesforce: an Outbound Message with 12 new Leads\n")
+    emulator.echo_writes_to(outbound_url)  # the org's workflow fires again on leadscore's own writes
+    body = (FIXTURES / "salesforce" / f"{SALESFORCE_BURST}.xml").read_bytes()
+    lead_ids = [lead_id for lead_id, record in emulator.leads.items() if not record.get("IsConverted")]
+    jobs_before = _jobs_run(redis_url)
+    response = requests.post(outbound_url, data=body, headers={"Content-Type": "text/xml"}, timeout=30)
+    acked = b"<Ack>true</Ack>" in response.content
+    print(f"Outbound Message of 12 notifications → {response.status_code}, Ack {str(acked).lower()}")
+
+    def all_scored() -> bool:
+        return all(emulator.leads[i].get("Leadscore_Scored_At__c") for i in lead_ids)
+
+    wait_until(all_scored, timeout_s, f"scoring of {len(lead_ids)} Leads (see {logs / 'worker.log'})")
+    time.sleep(1.0)  # let the echo messages of the last writes arrive
+    wait_until(lambda: _queue_idle(redis_url), timeout_s, "the echoes")
+    print(f"all {len(lead_ids)} open Leads scored; the converted one was skipped\n")
+    _print_list_view("Salesforce Leads", crm.list_scored(lead_ids))
+    echoes = len(emulator.echo_statuses)
+    extra_jobs = _jobs_run(redis_url) - jobs_before - 12
+    print(f"\n{echoes} echo Outbound Messages of leadscore's own writes acknowledged "
+          f"({sorted(set(emulator.echo_statuses))}); {extra_jobs} jobs enqueued for them.")  # fmt: skip
+
+
+def _jobs_run(redis_url: str) -> int:
+    queue = Queue(get_settings().queue_name, connection=Redis.from_url(redis_url))
+    return queue.finished_job_registry.count + queue.failed_job_registry.count + queue.count
