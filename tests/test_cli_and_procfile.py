@@ -115,3 +115,46 @@ def test_procfile_web_and_worker_score_a_replayed_delivery(procfile_processes, h
     props = hubspot.contact_properties("74300000101")
     assert (props["leadscore_score"], props["leadscore_tier"]) == ("89", "A")
     assert props["leadscore_reason"] == "Inbound demo request; VP of Sales at 100-500-person SaaS"
+
+
+def test_setup_salesforce_is_idempotent_and_says_what_is_left(env, salesforce, capsys):
+    assert main(["setup", "salesforce"]) == 0
+    first = capsys.readouterr().out
+    assert main(["setup", "salesforce"]) == 0
+    second = capsys.readouterr().out
+
+    assert "created  Leadscore_Score__c" in first and "created  Leadscore_Details__c" in first
+    assert "created" not in second and "exists   Leadscore_Tier__c" in second
+    assert "field-level security" in second.lower() and "list view" in second.lower()
+    tier = salesforce.lead_fields["Leadscore_Tier__c"]
+    assert (tier["type"], [v["value"] for v in tier["picklistValues"]]) == ("picklist", ["A", "B", "C", "D"])
+    assert salesforce.lead_fields["Leadscore_Score__c"]["type"] == "double"
+
+
+def test_replay_posts_salesforce_outbound_messages_and_signed_events(app, queue, capsys):
+    from tests.conftest import SF_WEBHOOK_TOKEN
+
+    server = serve_in_thread(app)
+    try:
+        outbound = main(
+            [
+                "replay",
+                str(FIXTURES / "salesforce" / "outbound_message__single.xml"),
+                "--url",
+                f"{server.url}/webhooks/salesforce/{SF_WEBHOOK_TOKEN}",
+            ]
+        )
+        events = main(
+            [
+                "replay",
+                str(FIXTURES / "salesforce" / "lead_change_event__status_update.json"),
+                "--url",
+                f"{server.url}/webhooks/salesforce/events",
+            ]
+        )
+    finally:
+        server.stop()
+
+    assert (outbound, events) == (0, 0)
+    assert capsys.readouterr().out.count(": 200 ") == 2
+    assert queue.count == 2
