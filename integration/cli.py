@@ -42,6 +42,9 @@ def cmd_worker(args) -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     jobs.context()  # validate config and build clients once, before RQ forks work horses
+    if settings.salesforce_configured:
+        for org_id in settings.allowed_org_ids:
+            jobs.salesforce_for(org_id)  # logs in once here, not in every work horse
     redis = redis_from_url(settings.redis_url)
     worker = Worker([Queue(settings.queue_name, connection=redis)], connection=redis)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     salesforce_webhook_token: str = Field("", description="secret in the Outbound Message URL")
     salesforce_events_secret: str = Field("", description="HMAC key of /webhooks/salesforce/events")
     salesforce_integration_user_id: str = Field("", description="the user leadscore writes as")
-    salesforce_client_name: str = Field("leadscore", description="client= in Sforce-Call-Options")
+    salesforce_client_name: str = Field(
+        "leadscore", min_length=1, pattern=r"^[\w.-]+$", description="client= in Sforce-Call-Options"
+    )
     salesforce_instance_url: AnyHttpUrl | None = None
     salesforce_access_token: str = ""
     salesforce_consumer_key: str = ""

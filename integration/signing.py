@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 from integration.errors import SignatureError
@@ -17,6 +18,7 @@ SCHEME = "v1"
 TOLERANCE_S = 300
 TIMESTAMP_HEADER = "X-Leadscore-Timestamp"
 SIGNATURE_HEADER = "X-Leadscore-Signature"
+_SECONDS = re.compile(r"[0-9]{1,11}")
 
 
 def compute(secret: str, timestamp: str, body: bytes) -> str:
@@ -35,7 +37,7 @@ def verify(secret: str, body: bytes, timestamp: str | None, signature: str | Non
         raise SignatureError(f"missing {TIMESTAMP_HEADER} header (Unix seconds)")
     if not signature:
         raise SignatureError(f"missing {SIGNATURE_HEADER} header (v1=<hex HMAC-SHA256>)")
-    if not timestamp.isdigit():
+    if not _SECONDS.fullmatch(timestamp):
         raise SignatureError(f"{TIMESTAMP_HEADER} {timestamp!r} is not Unix seconds")
     if abs(time.time() - int(timestamp)) > TOLERANCE_S:
         raise SignatureError(

@@ -12,8 +12,8 @@ from integration.salesforce.api import SalesforceCRM
 from integration.settings import load_settings
 from tests.conftest import FIXTURES, SF_ORG_ID, fixture_json
 
-HOT = "00Q5g00000Ls0001EA"
-CRO = "00Q5g00000Ls0002EA"
+HOT = "00Q5g00000Ls001EAB"
+CRO = "00Q5g00000Ls002EAB"
 
 
 def written(salesforce, lead_id: str) -> dict:
@@ -59,29 +59,29 @@ def test_outbound_message__single(post_outbound, sf_crm, run_worker, salesforce)
 
 
 EXPECTED_BURST = {
-    "00Q5g00000Ls0001EA": (82, "A", "VP of Sales at 250-person tech company; Web lead"),
-    "00Q5g00000Ls0002EA": (84, "A", "Chief Revenue Officer at 900-person fintech; Partner referral"),
-    "00Q5g00000Ls0003EA": (
+    "00Q5g00000Ls001EAB": (82, "A", "VP of Sales at 250-person tech company; Web lead"),
+    "00Q5g00000Ls002EAB": (84, "A", "Chief Revenue Officer at 900-person fintech; Partner referral"),
+    "00Q5g00000Ls003EAB": (
         72,
         "A",
         "Director of Sales Operations at 1200-person tech company; Phone inquiry",
     ),
-    "00Q5g00000Ls0004EA": (36, "D", "Purchased list; Contact at Halvorsen Industrial Supply"),
-    "00Q5g00000Ls0005EA": (24, "D", "Student at school; Reachable, not engaged yet"),
-    "00Q5g00000Ls0006EA": (25, "D", "Closed, not converted; Independent Consultant at 1-person agency"),
-    "00Q5g00000Ls0007EA": (47, "C", "Marketing Manager at 180-person agency; Opted out of email, no phone"),
-    "00Q5g00000Ls0008EA": (49, "C", "Revenue Operations Analyst at 2200-person retailer; Web lead"),
-    "00Q5g00000Ls0009EA": (
+    "00Q5g00000Ls004EAB": (36, "D", "Purchased list; Contact at Halvorsen Industrial Supply"),
+    "00Q5g00000Ls005EAB": (24, "D", "Student at school; Reachable, not engaged yet"),
+    "00Q5g00000Ls006EAB": (25, "D", "Closed, not converted; Independent Consultant at 1-person agency"),
+    "00Q5g00000Ls007EAB": (47, "C", "Marketing Manager at 180-person agency; Opted out of email, no phone"),
+    "00Q5g00000Ls008EAB": (49, "C", "Revenue Operations Analyst at 2200-person retailer; Web lead"),
+    "00Q5g00000Ls009EAB": (
         63,
         "B",
         "Chief Financial Officer at 5000-person manufacturer; Reachable, not engaged yet",
     ),
-    "00Q5g00000Ls0010EA": (
+    "00Q5g00000Ls010EAB": (
         54,
         "C",
         "Director of IT at 3400-person healthcare firm; Reachable, not engaged yet",
     ),
-    "00Q5g00000Ls0012EA": (75, "A", "Head of Sales at 60-person tech company; Employee referral"),
+    "00Q5g00000Ls012EAB": (75, "A", "Head of Sales at 60-person tech company; Employee referral"),
 }
 
 
@@ -99,7 +99,7 @@ def test_outbound_message__demo_burst(post_outbound, sf_crm, run_worker, salesfo
     }
     assert got == EXPECTED_BURST
     assert [r["outcome"] for r in results].count("lead_gone") == 1  # the converted lead
-    assert written(salesforce, "00Q5g00000Ls0011EA")["Leadscore_Score__c"] is None
+    assert written(salesforce, "00Q5g00000Ls011EAB")["Leadscore_Score__c"] is None
 
 
 @pytest.mark.parametrize("fixture", ["outbound_message__deleted_lead", "outbound_message__converted_lead"])
@@ -136,7 +136,7 @@ def test_unchanged_lead_is_not_rewritten(post_outbound, post_change_events, sf_c
 def test_lead_change_event__status_update_rescores(post_change_events, sf_crm, run_worker, salesforce):
     post_change_events("lead_change_event__status_update")
     [first] = run_worker()
-    salesforce.leads["00Q5g00000Ls0004EA"]["Status"] = "Closed - Not Converted"
+    salesforce.leads["00Q5g00000Ls004EAB"]["Status"] = "Closed - Not Converted"
     value = fixture_json("salesforce/lead_change_event__status_update.json")
     value["events"][0]["ChangeEventHeader"]["transactionKey"] = "a-later-transaction"
     post_change_events(value)
@@ -153,15 +153,15 @@ def test_collections_write_reports_each_failed_record_with_salesforce_code(sf_cr
     )
     fields = {"score": "70", "tier": "A", "reason": "r", "details": "{}"}
 
-    results = sf_crm.write_many([(HOT, fields), (CRO, fields), ("00Q5g00000Ls0003EA", fields)])
+    results = sf_crm.write_many([(HOT, fields), (CRO, fields), ("00Q5g00000Ls003EAB", fields)])
 
     assert [(r.lead_id, r.ok, r.code) for r in results] == [
         (HOT, True, ""),
         (CRO, False, "FIELD_CUSTOM_VALIDATION_EXCEPTION"),
-        ("00Q5g00000Ls0003EA", True, ""),
+        ("00Q5g00000Ls003EAB", True, ""),
     ]
     assert results[1].message == "Score cannot be written while Status is Closed"
-    assert [lead_id for lead_id, _ in salesforce.writes] == [HOT, "00Q5g00000Ls0003EA"]
+    assert [lead_id for lead_id, _ in salesforce.writes] == [HOT, "00Q5g00000Ls003EAB"]
 
 
 def test_rejected_record_is_dead_lettered_with_its_code_and_others_are_written(
@@ -200,7 +200,7 @@ def test_client_credentials_login(settings, salesforce, sf_crm):
 
 def test_task_text_is_read_and_fenced(post_outbound, sf_crm, run_worker, llm):
     single = (FIXTURES / "salesforce" / "outbound_message__single.xml").read_bytes()
-    body = single.replace(HOT.encode(), b"00Q5g00000Ls0006EA")
+    body = single.replace(HOT.encode(), b"00Q5g00000Ls006EAB")
     post_outbound(body)
     run_worker()
 
@@ -208,3 +208,12 @@ def test_task_text_is_read_and_fenced(post_outbound, sf_crm, run_worker, llm):
     user = request["messages"][1]["content"]
     assert user.count("<lead_data>") == 1 and user.count("</lead_data>") == 1
     assert "ignore your instructions" in user
+
+
+def test_fifteen_character_lead_id_is_scored(post_outbound, sf_crm, run_worker, salesforce):
+    single = (FIXTURES / "salesforce" / "outbound_message__single.xml").read_bytes()
+    post_outbound(single.replace(HOT.encode(), HOT[:15].encode()))
+    [result] = run_worker()
+
+    assert result["outcome"] == "written"
+    assert written(salesforce, HOT)["Leadscore_Tier__c"] == "A"

@@ -173,6 +173,16 @@ def test_bad_signature_headers_are_refused(client, queue, headers, message):
     assert queue.count == 0
 
 
+@pytest.mark.parametrize("stamp", ["1" * 400, "9" * 5000])
+def test_absurd_timestamps_are_refused_not_crashed(client, queue, stamp):
+    body, headers = signed_single(**{"X-HubSpot-Request-Timestamp": stamp})
+
+    response = client.post(WEBHOOK_URL, data=body, headers=headers)
+
+    assert response.status_code == 401
+    assert queue.count == 0
+
+
 @pytest.mark.parametrize("offset_s", [-360, +360, 10**9])
 def test_stale_or_future_signature_is_refused_even_when_correctly_signed(client, queue, offset_s):
     body = load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json")

@@ -40,13 +40,13 @@ def fault(response) -> tuple[str, str]:
 @pytest.mark.parametrize(
     ("fixture", "leads"),
     [
-        ("outbound_message__single", ["00Q5g00000Ls0001EA"]),
-        ("outbound_message__demo_burst", [f"00Q5g00000Ls{n:04d}EA" for n in range(1, 13)]),
-        ("outbound_message__several_for_one_lead", ["00Q5g00000Ls0002EA"]),
+        ("outbound_message__single", ["00Q5g00000Ls001EAB"]),
+        ("outbound_message__demo_burst", [f"00Q5g00000Ls{n:03d}EAB" for n in range(1, 13)]),
+        ("outbound_message__several_for_one_lead", ["00Q5g00000Ls002EAB"]),
         ("outbound_message__integration_user", []),
         ("outbound_message__contact_object", []),
-        ("outbound_message__deleted_lead", ["00Q5g00000Ls0999EA"]),
-        ("outbound_message__converted_lead", ["00Q5g00000Ls0011EA"]),
+        ("outbound_message__deleted_lead", ["00Q5g00000Ls999EAB"]),
+        ("outbound_message__converted_lead", ["00Q5g00000Ls011EAB"]),
     ],
 )
 def test_outbound_message_fixture_is_acknowledged(post_outbound, queue, fixture, leads):
@@ -188,9 +188,9 @@ def test_outbound_messages_unconfigured_answer_a_server_fault(settings):
 @pytest.mark.parametrize(
     ("fixture", "summary", "leads"),
     [
-        ("lead_change_event__create", (1, 1, 0, 0), ["00Q5g00000Ls0001EA"]),
-        ("lead_change_event__status_update", (1, 1, 0, 0), ["00Q5g00000Ls0004EA"]),
-        ("lead_change_event__several_for_one_lead", (3, 1, 0, 0), ["00Q5g00000Ls0005EA"]),
+        ("lead_change_event__create", (1, 1, 0, 0), ["00Q5g00000Ls001EAB"]),
+        ("lead_change_event__status_update", (1, 1, 0, 0), ["00Q5g00000Ls004EAB"]),
+        ("lead_change_event__several_for_one_lead", (3, 1, 0, 0), ["00Q5g00000Ls005EAB"]),
         ("lead_change_event__own_fields_only", (1, 0, 1, 0), []),
         ("lead_change_event__integration_user", (1, 0, 1, 0), []),
         ("lead_change_event__leadscore_client", (1, 0, 1, 0), []),
@@ -199,7 +199,7 @@ def test_outbound_messages_unconfigured_answer_a_server_fault(settings):
         (
             "lead_change_event__bulk_update",
             (3, 3, 0, 0),
-            ["00Q5g00000Ls0009EA", "00Q5g00000Ls0010EA", "00Q5g00000Ls0011EA"],
+            ["00Q5g00000Ls009EAB", "00Q5g00000Ls010EAB", "00Q5g00000Ls011EAB"],
         ),
     ],
 )
@@ -303,4 +303,71 @@ def test_change_event_body_of_the_wrong_shape_is_refused(post_change_events, que
 
     assert response.status_code == 400
     assert response.get_json()["error"].endswith(where)
+    assert queue.count == 0
+
+
+# ---- review findings, each pinned
+
+
+def _one_event(**header) -> dict:
+    value = fixture_json("salesforce/lead_change_event__status_update.json")
+    value["events"][0]["ChangeEventHeader"].update(header)
+    return value
+
+
+def test_gap_update_without_changed_fields_is_rescored(post_change_events, queue):
+    body = post_change_events(_one_event(changeType="GAP_UPDATE", changedFields=[])).get_json()
+
+    assert (body["enqueued"], body["ignored"]) == (1, 0)
+
+
+def test_wildcard_record_ids_are_unsupported_not_queued(post_change_events, queue):
+    body = post_change_events(_one_event(recordIds=["00Q*"])).get_json()
+
+    assert (body["enqueued"], body["unsupported"]) == (0, 1)
+    assert queue.count == 0
+
+
+@pytest.mark.parametrize(
+    ("origin", "enqueued"),
+    [
+        ("com/salesforce/api/rest/60.0;client=leadscore", 0),
+        ("com/salesforce/api/rest/60.0;client=leadscore/", 0),
+        ("com/salesforce/api/rest/60.0;client=leadscore-backfill", 1),
+        ("com/salesforce/api/soap/60.0;client=SfdcInternalAPI/", 1),
+    ],
+)
+def test_change_origin_client_is_matched_exactly(post_change_events, origin, enqueued):
+    assert post_change_events(_one_event(changeOrigin=origin)).get_json()["enqueued"] == enqueued
+
+
+def test_integration_user_given_as_15_characters_still_matches(settings, queue):
+    app = create_app(settings.model_copy(update={"salesforce_integration_user_id": "0055g00000LsInt"}))
+    body = (FIXTURES / "salesforce" / "outbound_message__integration_user.xml").read_bytes()
+
+    app.test_client().post(f"/webhooks/salesforce/{SF_WEBHOOK_TOKEN}", data=body)
+
+    assert queue.count == 0
+
+
+@pytest.mark.parametrize("stamp", ["\u00b2", "9" * 5000, "1" * 400])
+def test_odd_timestamps_are_refused_not_crashed(client, queue, stamp):
+    body = json.dumps(fixture_json("salesforce/lead_change_event__create.json")).encode()
+    headers = {signing.TIMESTAMP_HEADER: stamp.encode("latin-1", "ignore").decode("latin-1") or "x",
+               signing.SIGNATURE_HEADER: "v1=00"}  # fmt: skip
+
+    response = client.post("/webhooks/salesforce/events", data=body, headers=headers)
+
+    assert response.status_code == 401
+    assert queue.count == 0
+
+
+def test_outbound_message_over_the_size_limit_is_a_soap_fault(settings, queue):
+    app = create_app(settings.model_copy(update={"max_body_bytes": 500}))
+    body = (FIXTURES / "salesforce" / "outbound_message__demo_burst.xml").read_bytes()
+
+    response = app.test_client().post(f"/webhooks/salesforce/{SF_WEBHOOK_TOKEN}", data=body)
+
+    assert response.status_code == 413
+    assert fault(response) == ("soapenv:Client", "body exceeds the 500-byte limit (MAX_BODY_BYTES)")
     assert queue.count == 0

@@ -31,7 +31,7 @@ class WorkerContext:
     def crm_for(self, event: LeadEvent) -> HubSpotCRM | SalesforceCRM:
         if event.crm == "hubspot":
             return _hubspot(event.account_id)
-        return _salesforce(event.account_id)
+        return salesforce_for(event.account_id)
 
 
 @lru_cache(maxsize=1)
@@ -49,6 +49,11 @@ def context() -> WorkerContext:
 @lru_cache(maxsize=64)
 def _hubspot(portal_id: str) -> HubSpotCRM:
     return HubSpotCRM(context().settings, portal_id=portal_id)
+
+
+def salesforce_for(org_id: str) -> SalesforceCRM:
+    """One client per org, keyed on the 15-character id that 15- and 18-character forms share."""
+    return _salesforce(org_id[:15])
 
 
 @lru_cache(maxsize=64)

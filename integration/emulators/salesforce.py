@@ -32,6 +32,8 @@ import requests
 from defusedxml import ElementTree as SafeET
 from flask import Flask, Response, jsonify, request
 
+from integration.salesforce import is_record_id
+
 SOAPENV = "http://schemas.xmlsoap.org/soap/envelope/"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
 MD = "http://soap.sforce.com/2006/04/metadata"
@@ -184,6 +186,8 @@ def _literal_list(text: str) -> list:
 def _same(stored, wanted) -> bool:
     if wanted is None or stored is None:
         return stored is wanted
+    if isinstance(wanted, str) and isinstance(stored, str) and is_record_id(wanted) and is_record_id(stored):
+        return stored[:15] == wanted[:15]  # ids: 15 characters, case-sensitive, or 18 with a checksum
     if isinstance(wanted, str):
         return str(stored).casefold() == wanted.casefold()  # SOQL string comparison ignores case
     return stored == wanted

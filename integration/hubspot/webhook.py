@@ -69,6 +69,7 @@ _DECODED_IN_SIGNATURE = {
     "%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$",
     "%27": "'", "%28": "(", "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";",
 }  # fmt: skip
+_MILLISECONDS = re.compile(r"[0-9]{1,15}")
 _ENCODED = re.compile("|".join(_DECODED_IN_SIGNATURE), re.IGNORECASE)
 
 
@@ -113,7 +114,10 @@ def verify_signature(
         f"X-HubSpot-Request-Timestamp {timestamp!r} is not within 5 minutes of now: "
         "a replayed delivery or a wrong clock"
     )
-    if not timestamp.isdigit() or abs(time.time() * 1000 - int(timestamp)) > TIMESTAMP_TOLERANCE_MS:
+    if (
+        not _MILLISECONDS.fullmatch(timestamp)
+        or abs(time.time() * 1000 - int(timestamp)) > TIMESTAMP_TOLERANCE_MS
+    ):
         raise stale
     try:
         text = body.decode("utf-8")

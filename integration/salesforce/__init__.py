@@ -1,5 +1,7 @@
 """Salesforce adapter: Outbound Messages and signed change events in, Lead fields out."""
 
+import re
+
 OUTPUT_FIELDS = {
     "score": "Leadscore_Score__c",
     "tier": "Leadscore_Tier__c",
@@ -7,5 +9,12 @@ OUTPUT_FIELDS = {
     "scored_at": "Leadscore_Scored_At__c",
     "details": "Leadscore_Details__c",
 }
+_RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
+
+
+def is_record_id(value: str) -> bool:
+    return bool(_RECORD_ID.match(value))
+
+
 # Salesforce stamps these on every change, ours included; alone they are no reason to rescore.
 SYSTEM_FIELDS = frozenset({"LastModifiedDate", "LastModifiedById", "SystemModstamp", "LastReferencedDate"})

@@ -9,7 +9,6 @@ recognised when they come back as change events.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import requests
@@ -18,7 +17,7 @@ from simple_salesforce.exceptions import SalesforceError
 
 from integration.errors import CRMError, LeadGone
 from integration.lead import Lead, bounded_texts
-from integration.salesforce import OUTPUT_FIELDS
+from integration.salesforce import OUTPUT_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -31,13 +30,13 @@ LEAD_FIELDS = (
 TASK_FIELDS = ("Subject", "Description", "ActivityDate", "CreatedDate")
 MAX_TASKS = 5
 MAX_COLLECTION = 200
-_RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
 # Salesforce's per-record status codes that retrying the same write cannot fix.
 PERMANENT_CODES = frozenset(
     {
         "FIELD_CUSTOM_VALIDATION_EXCEPTION", "INVALID_FIELD", "INVALID_FIELD_FOR_INSERT_UPDATE",
         "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", "STRING_TOO_LONG", "INSUFFICIENT_ACCESS_OR_READONLY",
         "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY", "FIELD_INTEGRITY_EXCEPTION", "INVALID_TYPE",
+        "DUPLICATES_DETECTED", "REQUIRED_FIELD_MISSING",
     }
 )  # fmt: skip
 GONE_CODES = frozenset({"ENTITY_IS_DELETED", "CANNOT_UPDATE_CONVERTED_LEAD", "INVALID_CROSS_REFERENCE_KEY"})
@@ -106,7 +105,7 @@ class WriteResult:
 
 def _soql_ids(ids: list[str]) -> str:
     for record_id in ids:
-        if not _RECORD_ID.match(record_id):
+        if not is_record_id(record_id):
             raise ValueError(f"{record_id!r} is not a Salesforce record id")
     return ", ".join(f"'{i}'" for i in ids)
 
@@ -168,15 +167,17 @@ class SalesforceCRM:
         records = self._query(f"SELECT {fields} FROM Lead WHERE Id IN ({ids})")
         task_fields = ", ".join(TASK_FIELDS)
         tasks = self._query(
-            f"SELECT WhoId, {task_fields} FROM Task WHERE WhoId IN ({ids}) ORDER BY CreatedDate DESC"
+            f"SELECT WhoId, {task_fields} FROM Task WHERE WhoId IN ({ids}) "
+            f"ORDER BY CreatedDate DESC LIMIT {MAX_TASKS * len(lead_ids)}"
         )
         by_lead: dict[str, list[dict]] = {}
         for task in tasks:
-            by_lead.setdefault(task["WhoId"], []).append(task)
-        return {
-            r["Id"]: lead_from_record(r, self.org_id, by_lead.get(r["Id"], [])[:MAX_TASKS])
-            for r in records
-            if not r.get("IsConverted")
+            by_lead.setdefault(task["WhoId"][:15], []).append(task)
+        found = {r["Id"][:15]: r for r in records if not r.get("IsConverted")}
+        return {  # keyed by the ids asked for, whether 15 or 18 characters long
+            lead_id: lead_from_record(found[key], self.org_id, by_lead.get(key, [])[:MAX_TASKS])
+            for lead_id in lead_ids
+            if (key := lead_id[:15]) in found
         }
 
     def read_lead(self, lead_id: str) -> Lead:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Literal
 from xml.etree.ElementTree import Element, ParseError
@@ -18,12 +19,13 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from integration import signing
 from integration.errors import PayloadError, SignatureError, WebhookError
 from integration.events import LeadEvent
 from integration.queue import Triaged, hand_off
-from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS
+from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_record_id
 from integration.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 OUTBOUND_NS = "http://soap.sforce.com/2005/09/outbound"
 XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 OWN_FIELDS = frozenset(OUTPUT_FIELDS.values())
+_CLIENT = re.compile(r";client=([^;]*)")
 
 HANDLED_CHANGES = {"CREATE": "creation", "UPDATE": "property_change", "UNDELETE": "creation"}
 IGNORED_CHANGES = frozenset({"DELETE", "GAP_DELETE", "GAP_OVERFLOW"})  # nothing left to score, or no record
@@ -64,6 +67,17 @@ def _child(element: Element, name: str) -> Element | None:
 def _text(element: Element, name: str) -> str:
     child = _child(element, name)
     return (child.text or "").strip() if child is not None else ""
+
+
+def same_record(first: str, second: str) -> bool:
+    """Salesforce ids compare on their case-sensitive 15-character form (18 adds a checksum)."""
+    return bool(first and second) and first[:15] == second[:15]
+
+
+def api_client(change_origin: str) -> str:
+    """The `client=` name in a CDC changeOrigin such as 'com/salesforce/api/rest/60.0;client=leadscore'."""
+    match = _CLIENT.search(change_origin)
+    return match.group(1).rstrip("/") if match else ""
 
 
 def check_token(given: str | None, expected: str) -> None:
@@ -113,7 +127,9 @@ def triage_notification(notification: Element, org_id: str, integration_user: st
         return Triaged("ignore", ref, f"{object_type or 'untyped'} records are not scored")
     if not record_id:
         raise PayloadError(f"notification {notification_id} has a Lead without an <Id>")
-    if integration_user and _text(sobject, "LastModifiedById") == integration_user:
+    if not is_record_id(record_id):
+        return Triaged("unsupported", ref, f"{record_id!r} is not a Salesforce record id")
+    if same_record(_text(sobject, "LastModifiedById"), integration_user):
         return Triaged("ignore", ref, "change made by leadscore's integration user")
     lead_event = LeadEvent(
         crm="salesforce",
@@ -178,14 +194,17 @@ def triage_change(event: ChangeEvent, org_id: str, integration_user: str, client
     elif kind is None:
         known = header.change_type in IGNORED_CHANGES
         verdict = ("ignore" if known else "unsupported", f"change type {header.change_type} is not scored")
-    elif integration_user and header.commit_user == integration_user:
+    elif same_record(header.commit_user, integration_user):
         verdict = ("ignore", "change made by leadscore's integration user")
-    elif f"client={client_name}" in header.change_origin:
+    elif api_client(header.change_origin) == client_name:
         verdict = ("ignore", "change made through leadscore's API client")
-    elif kind == "property_change" and set(header.changed_fields) <= OWN_FIELDS | SYSTEM_FIELDS:
+    elif header.change_type == "UPDATE" and set(header.changed_fields) <= OWN_FIELDS | SYSTEM_FIELDS:
         verdict = ("ignore", "only leadscore's own fields changed")
     if verdict is not None:
         return [Triaged(verdict[0], f"{ref} {rid}", verdict[1]) for rid in header.record_ids]
+    invalid = [rid for rid in header.record_ids if not is_record_id(rid)]
+    if invalid:  # CDC sends wildcards like "00Q*" when a field's type changes for every record
+        return [Triaged("unsupported", f"{ref} {rid}", "not a single record id") for rid in header.record_ids]
     occurred = datetime.fromtimestamp(header.commit_timestamp / 1000, tz=UTC)
     return [
         Triaged(
@@ -220,12 +239,23 @@ def soap_fault(message: str, status: int) -> Response:
 bp = Blueprint("salesforce", __name__)
 
 
-@bp.errorhandler(WebhookError)
-@bp.errorhandler(SettingsError)
-def _refuse(exc: WebhookError | SettingsError):
-    """Outbound Messages are refused with a SOAP fault (Salesforce retries 5xx), events with JSON."""
-    message = getattr(exc, "message", str(exc))
-    status = getattr(exc, "status", 503)
+@bp.errorhandler(RequestEntityTooLarge)  # by code: Flask tries code handlers before class ones
+@bp.errorhandler(Exception)
+def _refuse(exc: Exception):
+    """Every refusal of an Outbound Message is a SOAP fault (Salesforce resends until acknowledged);
+    change events are refused with JSON."""
+    if isinstance(exc, WebhookError):
+        message, status = exc.message, exc.status
+    elif isinstance(exc, SettingsError):
+        message, status = str(exc), 503
+    elif isinstance(exc, RequestEntityTooLarge):
+        limit = current_app.extensions["leadscore"].settings.max_body_bytes
+        message, status = f"body exceeds the {limit}-byte limit (MAX_BODY_BYTES)", 413
+    elif isinstance(exc, HTTPException):
+        message, status = exc.description or exc.name, exc.code or 500
+    else:
+        log.exception("unexpected error on %s", request.path)
+        message, status = f"internal error ({type(exc).__name__}); nothing was acknowledged", 500
     log.warning("refused Salesforce delivery to %s: %s", request.path, message)
     if request.path.startswith("/webhooks/salesforce/events"):
         return jsonify(error=message), status
