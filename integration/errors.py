@@ -39,3 +39,10 @@ class CRMError(Exception):
 
 class LeadGone(CRMError):
     """The lead was deleted, merged away or archived before it could be scored."""
+
+
+def first_problem(exc) -> str:
+    """'at <where>: <what>' for the first error of a pydantic ValidationError."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"at {where}: {first['msg']}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from integration.errors import first_problem
 from integration.lead import Lead
 from integration.settings import Settings
 
@@ -92,9 +93,7 @@ def parse_reply(content: str | None) -> ConversionPropensity:
     try:
         return ConversionPropensity.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "reply"
-        raise ValueError(f"reply does not fit ConversionPropensity at {where}: {first['msg']}") from None
+        raise ValueError(f"reply does not fit ConversionPropensity {first_problem(exc)}") from None
 
 
 def _fenced(value):

@@ -17,7 +17,7 @@ from hubspot.exceptions import InvalidSignatureTimestampError
 from hubspot.utils.signature import Signature
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from integration.errors import PayloadError, SignatureError
+from integration.errors import PayloadError, SignatureError, first_problem
 from integration.events import LeadEvent
 from integration.hubspot import OUTPUT_PROPERTIES
 from integration.queue import Triaged, hand_off
@@ -147,11 +147,9 @@ def parse_delivery(body: bytes) -> list[HubSpotEvent]:
     try:
         events = _DELIVERY.validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
         raise PayloadError(
             "expected a JSON array of HubSpot webhook events (objects with eventId, "
-            f"subscriptionType, portalId, objectId, …); at {where}: {first['msg']}"
+            f"subscriptionType, portalId, objectId, …); {first_problem(exc)}"
         ) from None
     if not events:
         raise PayloadError("expected a JSON array of 1 to 100 HubSpot webhook events, got []")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from integration import signing
-from integration.errors import PayloadError, SignatureError, WebhookError
+from integration.errors import PayloadError, SignatureError, WebhookError, first_problem
 from integration.events import LeadEvent
 from integration.queue import Triaged, hand_off
 from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_record_id
@@ -176,11 +176,9 @@ def parse_change_events(body: bytes) -> ChangeEventDelivery:
     try:
         return _EVENTS.validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
         raise PayloadError(
             'expected {"organizationId": "00D…", "events": [1 to 100 Lead change events, each with a '
-            f"ChangeEventHeader]}}; at {where}: {first['msg']}"
+            f"ChangeEventHeader]}}; {first_problem(exc)}"
         ) from None
 
 
