@@ -6,15 +6,17 @@ The web side only verifies, normalises and enqueues; scoring happens in RQ worke
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
-from flask import Flask, Request, jsonify
+from flask import Flask, Request, Response, jsonify, request
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from integration import logs, metrics, pending
 from integration.errors import WebhookError
 from integration.hubspot.webhook import bp as hubspot_bp
 from integration.queue import redis_from_url
@@ -43,9 +45,29 @@ class Services:
         return str(base).rstrip("/") + raw
 
 
+def queue_gauges(redis: Redis, queue_name: str) -> dict:
+    """Scrape-time gauges: what waits in RQ and in the pending store, and for how long."""
+
+    def depth():
+        return [
+            ({"queue": queue_name}, float(Queue(queue_name, connection=redis).count)),
+            ({"queue": "pending"}, float(pending.depth(redis))),
+        ]
+
+    def oldest_age():
+        oldest: dict[str, float] = {}
+        for member, since in redis.zrange(pending.ACCOUNTS, 0, -1, withscores=True):
+            crm = member.decode().split(":", 1)[0]
+            oldest[crm] = min(oldest.get(crm, since), since)
+        now = time.time()
+        return [({"crm": crm}, now - since) for crm, since in oldest.items()]
+
+    return {"queue_depth": depth, "oldest_pending_age_seconds": oldest_age}
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.log_level)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if settings.proxy_fix_hops:
@@ -62,6 +84,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.register_blueprint(hubspot_bp)
     app.register_blueprint(salesforce_bp)
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        body, content_type = metrics.exposition(redis, gauges=queue_gauges(redis, settings.queue_name))
+        return Response(body, content_type=content_type)
+
+    if settings.bench_bare_endpoint:
+
+        @app.post("/_bench/bare")
+        def bare():
+            """What the ingest benchmark compares the webhook with: read the body, answer 204."""
+            request.get_data()
+            return "", 204
 
     @app.get("/healthz")
     def healthz():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -34,20 +33,71 @@ def cmd_setup(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from rq import Queue, Worker
+    from rq import Queue
 
+    from integration import logs
     from integration.queue import redis_from_url
     from workers import jobs
+    from workers.worker import build
 
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.log_level)
     jobs.context()  # validate config and build clients once, before RQ forks work horses
     if settings.salesforce_configured:
         for org_id in settings.allowed_org_ids:
             jobs.salesforce_for(org_id)  # logs in once here, not in every work horse
     redis = redis_from_url(settings.redis_url)
-    worker = Worker([Queue(settings.queue_name, connection=redis)], connection=redis)
+    worker = build([Queue(settings.queue_name, connection=redis)], redis, settings.worker_maintenance_s)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    return 0
+
+
+def _failed_registry():
+    from rq import Queue
+
+    from integration.queue import redis_from_url
+
+    settings = get_settings()
+    return Queue(settings.queue_name, connection=redis_from_url(settings.redis_url)).failed_job_registry
+
+
+def _leads_of(job) -> str:
+    import json
+
+    if job.func_name.endswith("score_batch"):
+        keys = [json.loads(raw)["lead_id"] for raw in job.args[2]]
+        return f"{job.args[0]}:{job.args[1]} " + (
+            ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+        )
+    return " ".join(str(a) for a in job.args)[:60]
+
+
+def cmd_failed(args) -> int:
+    registry = _failed_registry()
+    ids = registry.get_job_ids()
+    if not ids:
+        print("no failed jobs")
+        return 0
+    for job in registry.job_class.fetch_many(ids, connection=registry.connection):
+        if job is None:
+            continue
+        result = job.latest_result()
+        reason = (result.exc_string or "").strip().splitlines()[-1] if result and result.exc_string else "?"
+        ended = job.ended_at.isoformat(timespec="seconds") if job.ended_at else "?"
+        print(f"{job.id}  {ended}  {_leads_of(job)}\n    {reason}")
+    print(f"{len(ids)} failed; `leadscore requeue JOB_ID...` or `leadscore requeue --all` runs them again")
+    return 0
+
+
+def cmd_requeue(args) -> int:
+    registry = _failed_registry()
+    ids = registry.get_job_ids() if args.all else args.job_ids
+    if not ids:
+        print("nothing to requeue: name job ids or pass --all", file=sys.stderr)
+        return 2
+    for job_id in ids:
+        registry.requeue(job_id)
+        print(f"requeued {job_id}")
     return 0
 
 
@@ -111,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run an RQ worker for the scoring queue")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     worker.set_defaults(func=cmd_worker)
+
+    failed = sub.add_parser("failed", help="list jobs that failed for good, with the reason")
+    failed.set_defaults(func=cmd_failed)
+
+    requeue = sub.add_parser("requeue", help="run failed jobs again")
+    requeue.add_argument("job_ids", nargs="*")
+    requeue.add_argument("--all", action="store_true", help="every job in the failed registry")
+    requeue.set_defaults(func=cmd_requeue)
 
     replay = sub.add_parser(
         "replay",

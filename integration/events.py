@@ -22,6 +22,7 @@ class LeadEvent(BaseModel):
     kinds: tuple[str, ...] = Field(description="normalised kinds, e.g. creation, property_change")
     changed_fields: tuple[str, ...] = ()
     occurred_at: datetime
+    accepted_at: datetime | None = Field(None, description="when leadscore durably queued it")
 
     @property
     def lead_key(self) -> str:

@@ -1,7 +1,7 @@
-"""Hand-off from the web side to RQ: deduplicate, coalesce, enqueue atomically.
+"""Hand-off from the web side to the queue: deduplicate, coalesce, record atomically.
 
-A delivery is acknowledged only after its jobs and its "seen" marks are in
-Redis in one MULTI/EXEC, so an answered 2xx always means durably queued and a
+A delivery is acknowledged only after its pending leads and its "seen" marks are
+in Redis in one MULTI/EXEC, so an answered 2xx always means durably queued and a
 redelivery after a failure is never mistaken for a duplicate.
 """
 
@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, Retry
+from rq import Queue
 
+from integration import metrics, pending
 from integration.errors import QueueUnavailable
 from integration.events import LeadEvent, coalesce
 
 log = logging.getLogger(__name__)
 
-SCORE_JOB = "workers.jobs.score_lead"
 SEEN_TTL_S = 7 * 24 * 3600  # HubSpot retries for up to three days
-JOB_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
-JOB_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class Triaged:
 
 @dataclass
 class EnqueueReport:
-    job_ids: list[str] = field(default_factory=list)
+    leads: list[str] = field(default_factory=list)
     duplicates: int = 0
 
 
@@ -51,7 +50,7 @@ def _seen_key(event: LeadEvent, event_id: str) -> str:
 
 
 def enqueue_scoring(queue: Queue, events: list[LeadEvent]) -> EnqueueReport:
-    """Enqueue one scoring job per lead for the events not seen before."""
+    """Record the leads of events not seen before as pending, and kick their accounts' collectors."""
     report = EnqueueReport()
     if not events:
         return report
@@ -60,46 +59,47 @@ def enqueue_scoring(queue: Queue, events: list[LeadEvent]) -> EnqueueReport:
         seen_flags = connection.mget([_seen_key(e, e.event_ids[0]) for e in events])
         fresh = [e for e, seen in zip(events, seen_flags, strict=True) if seen is None]
         report.duplicates = len(events) - len(fresh)
-        to_score = coalesce(fresh)
+        accepted_at = datetime.now(UTC)
+        to_score = [e.model_copy(update={"accepted_at": accepted_at}) for e in coalesce(fresh)]
         if not to_score:
             return report
         with connection.pipeline(transaction=True) as pipe:
-            jobs = queue.enqueue_many(
-                [
-                    Queue.prepare_data(
-                        SCORE_JOB,
-                        kwargs={"event": event.model_dump(mode="json")},
-                        description=f"score {event.lead_key}",
-                        timeout=JOB_TIMEOUT_S,
-                        retry=JOB_RETRY,
-                    )
-                    for event in to_score
-                ],
-                pipeline=pipe,
-            )
+            pending.record(pipe, to_score, accepted_at.timestamp())
             for event in fresh:
                 for event_id in event.event_ids:
                     pipe.set(_seen_key(event, event_id), 1, ex=SEEN_TTL_S)
             pipe.execute()
+        report.leads = [e.lead_key for e in to_score]
+        for crm, account in dict.fromkeys((e.crm, e.account_id) for e in to_score):
+            pending.kick(queue, crm, account)
     except RedisError as exc:
         log.error("redis refused the delivery: %s", exc)
+        if report.leads:  # recorded durably; only the kick failed, and the sweeper repairs that
+            return report
         raise QueueUnavailable("the queue (Redis) is unavailable, nothing was accepted; retry later") from exc
-    report.job_ids = [job.id for job in jobs]
     return report
 
 
 def hand_off(queue: Queue, crm: str, triaged: list[Triaged]) -> dict:
     """Log what is not scored, enqueue the rest; the summary every webhook answers with."""
+    redis = queue.connection
+    metrics.incr(redis, "events_received_total", len(triaged), crm=crm)
     for item in triaged:
         if item.verdict != "score":
             level = logging.INFO if item.verdict == "ignore" else logging.WARNING
-            log.log(level, "%s event %s not scored: %s", crm, item.ref, item.detail)
-    report = enqueue_scoring(queue, [t.lead_event for t in triaged if t.verdict == "score"])
+            log.log(
+                level, "%s event %s not scored: %s", crm, item.ref, item.detail, extra={"event_id": item.ref}
+            )
+            metrics.incr(redis, "events_ignored_total", crm=crm, reason=item.verdict)
+    to_score = [t.lead_event for t in triaged if t.verdict == "score"]
+    report = enqueue_scoring(queue, to_score)
+    metrics.incr(redis, "events_deduplicated_total", report.duplicates, crm=crm)
+    metrics.incr(redis, "events_enqueued_total", len(to_score) - report.duplicates, crm=crm)
     return {
         "received": len(triaged),
-        "enqueued": len(report.job_ids),
+        "enqueued": len(report.leads),
         "duplicates": report.duplicates,
         "ignored": sum(t.verdict == "ignore" for t in triaged),
         "unsupported": sum(t.verdict == "unsupported" for t in triaged),
-        "jobs": report.job_ids,
+        "leads": report.leads,
     }

@@ -59,6 +59,20 @@ class Settings(BaseSettings):
     llm_model: str = "gpt-4o-mini"
     llm_timeout_s: float = Field(8.0, gt=0)
 
+    batch_linger_s: float = Field(1.0, ge=0, le=30, description="how long a lone lead waits for company")
+    batch_size: int = Field(
+        100, ge=1, le=200, description="leads per batch (HubSpot takes 100, Salesforce 200)"
+    )
+    llm_concurrency: int = Field(8, ge=1, le=64, description="LLM calls in flight per batch")
+    llm_cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="how long an LLM answer is reused")
+    fallback_rescore_s: int = Field(300, ge=0, description="rescore fallback leads after this; 0 = never")
+    hubspot_calls_per_10s: int = Field(100, ge=1, description="shared by all workers, per portal")
+    salesforce_api_stop_fraction: float = Field(
+        0.9, gt=0, le=1, description="stop calling when this share of the org's daily API budget is used"
+    )
+    bench_bare_endpoint: bool = Field(False, description="serve POST /_bench/bare (benchmarks only)")
+    worker_maintenance_s: int = Field(15, ge=1, description="how often a worker sweeps for lost work")
+
     scoring_config_path: Path | None = Field(
         None, description="TOML scoring config; the shipped B2B SaaS default when unset"
     )

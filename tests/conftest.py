@@ -105,6 +105,8 @@ def env(monkeypatch, redis, redis_server, hubspot, llm, salesforce, local_tls):
         "LLM_API_KEY": LLM_KEY,
         "LLM_MODEL": "gpt-4o-mini",
         "LLM_TIMEOUT_S": "5",
+        "BATCH_LINGER_S": "0",
+        "FALLBACK_RESCORE_S": "0",
         "SALESFORCE_INSTANCE_URL": salesforce.url,
         "SALESFORCE_ACCESS_TOKEN": SF_TOKEN,
         "SALESFORCE_ORG_IDS": SF_ORG_ID,
@@ -169,11 +171,13 @@ def queue(redis, settings):
 def run_worker(queue, redis):
     """Drain the queue with a real RQ worker running the real job functions."""
 
-    def run() -> list:
+    def run() -> list[dict]:
+        """Each scored lead's outcome, from the score_batch jobs that finished in this run."""
         finished_before = set(queue.finished_job_registry.get_job_ids())
         SimpleWorker([queue], connection=redis).work(burst=True)
         ids = [i for i in queue.finished_job_registry.get_job_ids() if i not in finished_before]
-        return [queue.fetch_job(i).return_value() for i in ids]
+        jobs = sorted((queue.fetch_job(i) for i in ids), key=lambda job: job.ended_at)
+        return [r for job in jobs if job.func_name.endswith("score_batch") for r in job.return_value()]
 
     return run
 
@@ -231,3 +235,12 @@ def post_change_events(client):
         return client.post("/webhooks/salesforce/events", data=body, headers={**signed, **(headers or {})})
 
     return post
+
+
+def pending_events(redis, crm: str, account: str) -> list[dict]:
+    """The leads waiting to be scored for an account, oldest first, as their LeadEvents."""
+    from integration import pending
+
+    ids = redis.zrange(pending.since_key(crm, account), 0, -1)
+    raw = redis.hmget(pending.pending_key(crm, account), ids) if ids else []
+    return [json.loads(r) for r in raw]

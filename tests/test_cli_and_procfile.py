@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from integration import pending
 from integration.cli import main
 from integration.emulators import free_port, serve_in_thread
 from tests.conftest import FIXTURES
@@ -55,7 +56,7 @@ def test_replay_signs_and_posts_fixtures_to_a_running_service(app, queue, capsys
 
     assert code == 0
     assert f"{SINGLE}: 200" in capsys.readouterr().out
-    assert queue.count == 1
+    assert pending.depth(queue.connection) == 1
 
 
 def test_replay_reports_refusals(app, queue, capsys):
@@ -67,7 +68,7 @@ def test_replay_reports_refusals(app, queue, capsys):
 
     assert code == 1
     assert ": 401 " in capsys.readouterr().out
-    assert queue.count == 0
+    assert pending.depth(queue.connection) == 0
 
 
 def procfile() -> dict[str, str]:
@@ -157,4 +158,4 @@ def test_replay_posts_salesforce_outbound_messages_and_signed_events(app, queue,
 
     assert (outbound, events) == (0, 0)
     assert capsys.readouterr().out.count(": 200 ") == 2
-    assert queue.count == 2
+    assert pending.depth(queue.connection) == 2

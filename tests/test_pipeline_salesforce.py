@@ -177,7 +177,8 @@ def test_rejected_record_is_dead_lettered_with_its_code_and_others_are_written(
     assert len([r for r in results if r["outcome"] == "written"]) == 10
     [failed_id] = queue.failed_job_registry.get_job_ids()
     failed = queue.fetch_job(failed_id)
-    assert failed.kwargs["event"]["lead_id"] == CRO
+    crm, account, [event] = failed.args
+    assert json.loads(event)["lead_id"] == CRO
     assert "FIELD_CUSTOM_VALIDATION_EXCEPTION" in failed.latest_result().exc_string
     assert queue.scheduled_job_registry.count == 0  # not retried: the same write would fail again
 

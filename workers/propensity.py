@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.exceptions import RedisError
 
 from integration.errors import first_problem
 from integration.lead import Lead
@@ -129,11 +131,37 @@ def _reply_content(completion) -> str | None:
     return choices[0].message.content
 
 
+def to_cache(result: PropensityResult) -> str:
+    return json.dumps(
+        {
+            "propensity": result.propensity,
+            "confidence": result.confidence,
+            "reason": result.reason,
+            "evidence": list(result.evidence),
+            "model": result.model,
+        }
+    )
+
+
+def from_cache(raw: bytes | str) -> PropensityResult:
+    data = json.loads(raw)
+    return PropensityResult(
+        propensity=data["propensity"],
+        confidence=data["confidence"],
+        reason=data["reason"],
+        evidence=tuple(data["evidence"]),
+        model=data["model"],
+        extra={"cached": True},
+    )
+
+
 class PropensityReasoner:
     """Asks the LLM for a `ConversionPropensity`; never raises."""
 
     def __init__(self, settings: Settings):
         self.model = settings.llm_model
+        self.concurrency = settings.llm_concurrency
+        self.cache_ttl_s = settings.llm_cache_ttl_s
         self.client: openai.OpenAI | None = None
         if settings.llm_enabled:
             self.client = openai.OpenAI(
@@ -172,6 +200,41 @@ class PropensityReasoner:
             evidence=tuple(reply.evidence),
             model=completion.model or self.model,
         )
+
+    def assess_many(self, leads: list[Lead], fingerprints: list[str], redis=None) -> list[PropensityResult]:
+        """Answers for many leads: cached ones from Redis, the rest concurrently from the LLM.
+
+        Only real LLM answers are cached (by input fingerprint, which covers the prompt
+        version), so a fallback is retried the next time the lead is scored.
+        """
+        cached: list[bytes | None] = [None] * len(leads)
+        if redis is not None and self.cache_ttl_s and leads:
+            try:
+                cached = redis.mget([f"leadscore:llm:{fp}" for fp in fingerprints])
+            except RedisError:
+                log.warning("LLM cache unavailable; asking the LLM")
+        results: list[PropensityResult | None] = [from_cache(c) if c else None for c in cached]
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(missing))) as pool:
+                for i, result in zip(
+                    missing, pool.map(self.assess, [leads[i] for i in missing]), strict=True
+                ):
+                    results[i] = result
+            fresh = {
+                f"leadscore:llm:{fingerprints[i]}": to_cache(results[i])
+                for i in missing
+                if not results[i].fallback
+            }
+            if redis is not None and self.cache_ttl_s and fresh:
+                try:
+                    with redis.pipeline(transaction=False) as pipe:
+                        for key, value in fresh.items():
+                            pipe.set(key, value, ex=self.cache_ttl_s)
+                        pipe.execute()
+                except RedisError:
+                    log.warning("LLM cache unavailable; answers not kept")
+        return results
 
     def _failed(self, lead: Lead, why: str) -> PropensityResult:
         log.warning("propensity fallback for %s:%s: %s", lead.crm, lead.lead_id, why)

@@ -4,6 +4,9 @@ Behaves like HubSpot where it matters to the integration: bearer auth, only the
 requested properties returned, 404 for unknown contacts, writes refused for
 properties that do not exist or values outside an enumeration, and (optionally)
 the property-change webhooks HubSpot sends back after an integration's write.
+
+Also: batch read/update answering 207 with per-input errors, v4 association batch
+reads, and HubSpot's rate limiting (rolling ten-second limit, 429 storms, daily limit).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import json
 import threading
 import time
 import uuid
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 
 ALWAYS_RETURNED = (
     "createdate",
@@ -27,6 +31,12 @@ ALWAYS_RETURNED = (
     "lastmodifieddate",
     "hs_lastmodifieddate",
 )
+BATCH_LIMIT = 100  # inputs per CRM v3 batch call
+RATE_WINDOW_S = 10.0  # HubSpot's "ten secondly rolling" window
+DEFAULT_RATE_MAX = 100  # private-app burst limit reported when a storm hits without `rate_limit`
+DAILY_MAX = 250_000
+SETUP_PATH_PREFIX = "/crm/v3/properties/"  # property and group setup: not counted by `api_calls()`
+ASSOCIATION_TYPE_IDS = {"notes": 202, "emails": 198}  # contact -> note / email, HUBSPOT_DEFINED
 
 
 def _now() -> str:
@@ -43,14 +53,49 @@ def _error(status: int, category: str, message: str):
     return jsonify(body), status
 
 
+def _type_name(object_type: str) -> str:
+    """`contacts` -> `CONTACT`, as HubSpot names object types in messages and contexts."""
+    return object_type.upper().removesuffix("S")
+
+
+def _batch(results: list[dict], errors: list[dict], started: str):
+    """A batch reply: 200 when every input succeeded, else 207 with the errors."""
+    body = {"status": "COMPLETE", "results": results}
+    if errors:
+        body.update(numErrors=len(errors), errors=errors)
+    body.update(startedAt=started, completedAt=_now())
+    return jsonify(body), 207 if errors else 200
+
+
+def _batch_error(category: str, message: str, context: dict, details: list[dict] | None = None) -> dict:
+    return {
+        "status": "error",
+        "category": category,
+        "message": message,
+        "context": context,
+        "errors": details or [],
+        "links": {},
+    }
+
+
+def _too_many(count: int):
+    return _error(
+        400, "VALIDATION_ERROR", f"Batch input may hold at most {BATCH_LIMIT} inputs; it held {count}."
+    )
+
+
 def _list_arg(name: str) -> list[str]:
     return [v for raw in request.args.getlist(name) for v in raw.split(",") if v]
 
 
 class HubSpotEmulator:
-    def __init__(self, token: str = "emulator-token", latency_s: float = 0.0):
+    def __init__(self, token: str = "emulator-token", latency_s: float = 0.0, rate_limit: int | None = None):
         self.token = token
         self.latency_s = latency_s
+        self.rate_limit = rate_limit  # authenticated calls per rolling 10 s; None = unlimited
+        self.daily_limit_reached = False  # every authenticated call answers 429 DAILY
+        self.throttled = 0  # 429s answered
+        self.reject: dict[str, str] = {}  # contact id -> message: writes fail like a validation rule
         self.contacts: dict[str, dict] = {}
         self.objects: dict[str, dict[str, dict]] = {"notes": {}, "emails": {}}
         self.groups: dict[str, dict] = {
@@ -64,6 +109,9 @@ class HubSpotEmulator:
         self.forbidden_objects: set[str] = set()  # object types the token lacks the scope for
         self._lock = threading.Lock()
         self._event_id = 9_000_000_000
+        self._authenticated: list[tuple[str, str]] = []
+        self._window: deque[float] = deque()
+        self._storm = 0
 
     # ---- seeding and inspection (used by tests and the demo, not over HTTP)
 
@@ -94,6 +142,16 @@ class HubSpotEmulator:
                 if contact and event.get("propertyName") and event.get("changeSource") != "INTEGRATION":
                     contact["properties"][event["propertyName"]] = event.get("propertyValue") or ""
                     contact["properties"]["lastmodifieddate"] = contact["updatedAt"] = _now()
+
+    def storm(self, n: int) -> None:
+        """The next `n` authenticated calls answer 429 (ten-secondly limit), whatever the rate."""
+        with self._lock:
+            self._storm = n
+
+    def api_calls(self) -> int:
+        """Authenticated calls (429s included), leaving out property and group setup."""
+        with self._lock:
+            return sum(1 for _, path in self._authenticated if not path.startswith(SETUP_PATH_PREFIX))
 
     def echo_writes_to(self, url: str, app_secret: str, app_id: str, portal_id: str) -> None:
         """After each write, post the property-change webhooks HubSpot would send."""
@@ -128,7 +186,14 @@ class HubSpotEmulator:
                     "authentication and you can find more details at "
                     "https://developers.hubspot.com/docs/methods/auth/oauth-overview",
                 )
-            return None
+            return self._admit()
+
+        @app.after_request
+        def rate_limit_headers(response):
+            remaining = g.get("rate_remaining")
+            if remaining is not None and response.status_code != 429:
+                response.headers.update(self._rate_headers(remaining))
+            return response
 
         @app.get("/crm/v3/objects/contacts/<contact_id>")
         def get_contact(contact_id):
@@ -143,19 +208,42 @@ class HubSpotEmulator:
             if contact is None:
                 return _error(404, "OBJECT_NOT_FOUND", "resource not found")
             values = (request.get_json(silent=True) or {}).get("properties") or {}
-            problems = [p for name, value in values.items() if (p := self._invalid(name, value))]
-            if problems:
-                return _error(
-                    400, "VALIDATION_ERROR", f"Property values were not valid: {json.dumps(problems)}"
-                )
-            with self._lock:
-                changed = {k: str(v) for k, v in values.items() if contact["properties"].get(k) != str(v)}
-                contact["properties"].update(changed)
-                contact["properties"]["lastmodifieddate"] = contact["updatedAt"] = _now()
-                self.writes.append((contact_id, dict(values)))
-            if self.echo and changed:
-                self._send_echo(contact_id, changed)
+            refused = self._refused(contact_id, values)
+            if refused:
+                return _error(400, refused["category"], refused["message"])
+            self._write(contact_id, values)
             return jsonify(self._view(contact, list(values), []))
+
+        @app.post("/crm/v3/objects/contacts/batch/update")
+        def batch_update():
+            inputs = (request.get_json(silent=True) or {}).get("inputs") or []
+            if len(inputs) > BATCH_LIMIT:
+                return _too_many(len(inputs))
+            ids = [str(i.get("id")) for i in inputs]
+            if len(set(ids)) != len(ids):
+                return _error(400, "VALIDATION_ERROR", "Duplicate IDs found in batch input.")
+            started, results, errors = _now(), [], []
+            for contact_id, item in zip(ids, inputs, strict=True):
+                values = item.get("properties") or {}
+                if contact_id not in self.contacts or self.contacts[contact_id].get("archived"):
+                    refused = {
+                        "category": "OBJECT_NOT_FOUND",
+                        "message": "Could not get some CONTACT objects, they may be deleted or not exist. "
+                        "Check that ids are valid.",
+                        "errors": [],
+                    }
+                else:
+                    refused = self._refused(contact_id, values)
+                if refused:
+                    errors.append(
+                        _batch_error(
+                            refused["category"], refused["message"], {"ids": [contact_id]}, refused["errors"]
+                        )
+                    )
+                    continue
+                self._write(contact_id, values)
+                results.append(self._view(self.contacts[contact_id], list(values), []))
+            return _batch(results, errors, started)
 
         @app.post("/crm/v3/objects/<object_type>/batch/read")
         def batch_read(object_type):
@@ -169,12 +257,54 @@ class HubSpotEmulator:
             if store is None:
                 return _error(400, "VALIDATION_ERROR", f"Unable to infer object type from: {object_type}")
             body = request.get_json(silent=True) or {}
+            inputs = body.get("inputs") or []
+            if len(inputs) > BATCH_LIMIT:
+                return _too_many(len(inputs))
             wanted = body.get("properties") or []
             started = _now()
-            results = [
-                self._view(store[i["id"]], wanted, []) for i in body.get("inputs", []) if i.get("id") in store
+            ids = list(dict.fromkeys(str(i.get("id")) for i in inputs))
+            results = [self._view(store[i], wanted, []) for i in ids if i in store]
+            missing = [i for i in ids if i not in store]
+            errors = [
+                _batch_error(
+                    "OBJECT_NOT_FOUND",
+                    f"Could not get some {_type_name(object_type)} objects, they may be deleted or not "
+                    "exist. Check that ids are valid.",
+                    {"ids": missing},
+                )
             ]
-            return jsonify(status="COMPLETE", results=results, startedAt=started, completedAt=_now())
+            return _batch(results, errors if missing else [], started)
+
+        @app.post("/crm/v4/associations/<from_type>/<to_type>/batch/read")
+        def association_batch_read(from_type, to_type):
+            if to_type in self.forbidden_objects:
+                return _error(
+                    403,
+                    "MISSING_SCOPES",
+                    "This app hasn't been granted all required scopes to make this call.",
+                )
+            if from_type != "contacts" or to_type not in ASSOCIATION_TYPE_IDS:
+                return _error(
+                    400, "VALIDATION_ERROR", f"Unable to infer object type from: {from_type} -> {to_type}"
+                )
+            inputs = (request.get_json(silent=True) or {}).get("inputs") or []
+            started, results, errors = _now(), [], []
+            spec = {"category": "HUBSPOT_DEFINED", "typeId": ASSOCIATION_TYPE_IDS[to_type], "label": None}
+            for contact_id in dict.fromkeys(str(i.get("id")) for i in inputs):
+                contact = self.contacts.get(contact_id) or {}
+                linked = ((contact.get("associations") or {}).get(to_type) or {}).get("results") or []
+                to_ids = list(dict.fromkeys(str(a["id"]) for a in linked))
+                if to_ids and not contact.get("archived"):
+                    to = [{"toObjectId": int(i), "associationTypes": [dict(spec)]} for i in to_ids]
+                    results.append({"from": {"id": contact_id}, "to": to})
+                    continue
+                error = _batch_error(
+                    "OBJECT_NOT_FOUND",
+                    f"No {to_type} is associated with contact {contact_id}.",
+                    {"fromObjectId": [contact_id], "toObjectType": [_type_name(to_type)]},
+                )
+                errors.append({**error, "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND"})
+            return _batch(results, errors, started)
 
         @app.get("/crm/v3/properties/contacts/groups")
         def list_groups():
@@ -216,6 +346,86 @@ class HubSpotEmulator:
             return jsonify(self.properties[prop["name"]]), 201
 
         return app
+
+    # ---- rate limiting
+
+    def _admit(self):
+        """Count an authenticated call; answer 429 when a limit is hit, else None to serve it."""
+        with self._lock:
+            self._authenticated.append((request.method, request.path))
+            if self.daily_limit_reached:
+                policy = "DAILY"
+            elif self._storm > 0:
+                self._storm -= 1
+                policy = "TEN_SECONDLY_ROLLING"
+            elif self.rate_limit is not None:
+                now = time.monotonic()
+                while self._window and now - self._window[0] >= RATE_WINDOW_S:
+                    self._window.popleft()
+                if len(self._window) >= self.rate_limit:
+                    policy = "TEN_SECONDLY_ROLLING"
+                else:
+                    self._window.append(now)
+                    g.rate_remaining = self.rate_limit - len(self._window)
+                    return None
+            else:
+                return None
+            self.throttled += 1
+        return self._too_many_requests(policy)
+
+    def _rate_headers(self, remaining: int) -> dict[str, str]:
+        return {
+            "X-HubSpot-RateLimit-Interval-Milliseconds": str(int(RATE_WINDOW_S * 1000)),
+            "X-HubSpot-RateLimit-Max": str(self.rate_limit or DEFAULT_RATE_MAX),
+            "X-HubSpot-RateLimit-Remaining": str(remaining),
+        }
+
+    def _too_many_requests(self, policy: str):
+        daily = policy == "DAILY"
+        body = {
+            "status": "error",
+            "message": f"You have reached your {'daily' if daily else 'ten_secondly_rolling'} limit.",
+            "errorType": "RATE_LIMIT",
+            "correlationId": str(uuid.uuid4()),
+            "policyName": policy,
+            "groupName": "publicapi",
+        }
+        headers = self._rate_headers(0)
+        if daily:
+            headers["X-HubSpot-RateLimit-Daily"] = str(DAILY_MAX)
+            headers["X-HubSpot-RateLimit-Daily-Remaining"] = "0"
+        return jsonify(body), 429, headers
+
+    # ---- writes
+
+    def _refused(self, contact_id: str, values: dict) -> dict | None:
+        """Why a write of `values` to an existing contact would be refused, or None."""
+        problems = [p for name, value in values.items() if (p := self._invalid(name, value))]
+        if problems:
+            return {
+                "category": "VALIDATION_ERROR",
+                "message": f"Property values were not valid: {json.dumps(problems)}",
+                "errors": [{"message": p["message"], "code": p["error"], "in": p["name"]} for p in problems],
+            }
+        if contact_id in self.reject:
+            message = self.reject[contact_id]
+            return {
+                "category": "VALIDATION_ERROR",
+                "message": message,
+                "errors": [{"message": message, "code": "VALIDATION_RULE"}],
+            }
+        return None
+
+    def _write(self, contact_id: str, values: dict) -> None:
+        """Apply a validated write as HubSpot would, and echo the changed values."""
+        contact = self.contacts[contact_id]
+        with self._lock:
+            changed = {k: str(v) for k, v in values.items() if contact["properties"].get(k) != str(v)}
+            contact["properties"].update(changed)
+            contact["properties"]["lastmodifieddate"] = contact["updatedAt"] = _now()
+            self.writes.append((contact_id, dict(values)))
+        if self.echo and changed:
+            self._send_echo(contact_id, changed)
 
     def _view(self, record: dict, properties: list[str], associations: list[str]) -> dict:
         props = record["properties"]

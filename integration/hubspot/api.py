@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import html
+import json
 import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hubspot import HubSpot
-from hubspot.crm.contacts import ApiException, SimplePublicObjectInput
+from hubspot.crm.associations.v4 import ApiException as AssociationsApiException
+from hubspot.crm.associations.v4 import (
+    BatchInputPublicFetchAssociationsBatchRequest,
+    PublicFetchAssociationsBatchRequest,
+)
+from hubspot.crm.contacts import (
+    ApiException,
+    BatchInputSimplePublicObjectBatchInput,
+    SimplePublicObjectBatchInput,
+    SimplePublicObjectInput,
+)
 from hubspot.crm.objects import ApiException as ObjectsApiException
 from hubspot.crm.objects import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
 from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCreate
 from urllib3.util.retry import Retry
 
+from integration.crm import WriteResult
 from integration.errors import CRMError, LeadGone
 from integration.hubspot import OUTPUT_PROPERTIES
 from integration.lead import Lead, bounded_texts
+from integration.ratelimit import RateLimited, RateLimiter
 from integration.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +47,15 @@ CONTACT_PROPERTIES = (
 )  # fmt: skip
 TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_email_text")}
 MAX_TEXT_RECORDS = 5
+HUBSPOT_BATCH = 100
+MAX_THROTTLED_TRIES = 8
+# A contact with any of these has had sales activity, so may have notes or emails worth reading.
+ACTIVITY_PROPERTIES = (
+    "notes_last_updated",
+    "hs_last_sales_activity_timestamp",
+    "hs_sales_email_last_replied",
+)
+API_ERRORS = (ApiException, ObjectsApiException, AssociationsApiException)
 GROUP = PropertyGroupCreate(name="leadscore", label="leadscore", display_order=-1)
 PROPERTY_DEFINITIONS = (
     PropertyCreate(
@@ -125,19 +149,38 @@ def lead_from_properties(
     )
 
 
+def _throttle(exc) -> tuple[str, float]:
+    """HubSpot's 429 policy (TEN_SECONDLY_ROLLING, SECONDLY, DAILY) and how long to hold off."""
+    try:
+        policy = json.loads(exc.body or "{}").get("policyName", "")
+    except (ValueError, AttributeError):
+        policy = ""
+    headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+    if headers.get("retry-after", "").isdigit():
+        return policy, float(headers["retry-after"])
+    return policy, 1.0 if policy == "SECONDLY" else 2.0
+
+
 class HubSpotCRM:
     """One portal, reached with one access token; every call bounded by a timeout."""
 
     crm = "hubspot"
 
-    def __init__(self, settings: Settings, portal_id: str = ""):
+    def __init__(
+        self,
+        settings: Settings,
+        portal_id: str = "",
+        limiter: RateLimiter | None = None,
+        telemetry: Callable[..., None] = lambda *args, **labels: None,
+    ):
         settings.require_hubspot_api()
         self.portal_id = portal_id
+        self.limiter, self.telemetry = limiter, telemetry
         self.timeout = settings.hubspot_timeout_s
         retry = Retry(
             total=3,
             backoff_factor=0.5,
-            status_forcelist=(429, 500, 502, 503, 504),
+            status_forcelist=(500, 502, 503, 504),  # 429s are handled in _call, for every worker
             allowed_methods=frozenset({"GET", "PATCH", "POST"}),  # every call here is idempotent
             raise_on_status=False,
         )
@@ -147,62 +190,196 @@ class HubSpotCRM:
             retry=retry,
         )
 
+    def _call(self, operation: str, fn, *args, **kwargs):
+        """One API call: within the shared rate limit, paused and retried on HubSpot's 429s."""
+        for _ in range(MAX_THROTTLED_TRIES):
+            if self.limiter is not None:
+                self.limiter.acquire()
+            self.telemetry("crm_calls", crm="hubspot", operation=operation)
+            try:
+                return fn(*args, _request_timeout=self.timeout, **kwargs)
+            except API_ERRORS as exc:
+                if exc.status != 429:
+                    raise
+                self.telemetry("crm_throttled", crm="hubspot")
+                policy, wait_s = _throttle(exc)
+                if policy == "DAILY":
+                    raise RateLimited(f"HubSpot portal {self.portal_id}: daily API limit reached") from None
+                log.warning("HubSpot answered 429 (%s); every worker pauses %.1fs", policy, wait_s)
+                if self.limiter is not None:
+                    self.limiter.pause(wait_s)
+                else:
+                    time.sleep(wait_s)
+        raise RateLimited(
+            f"HubSpot portal {self.portal_id}: still throttled after {MAX_THROTTLED_TRIES} tries"
+        )
+
     def read_lead(self, contact_id: str) -> Lead:
+        """One contact, one call (plus its texts): the unbatched path."""
         try:
-            contact = self.client.crm.contacts.basic_api.get_by_id(
+            contact = self._call(
+                "read",
+                self.client.crm.contacts.basic_api.get_by_id,
                 contact_id,
                 properties=[*CONTACT_PROPERTIES, *OUTPUT_PROPERTIES.values()],
                 associations=list(TEXT_OBJECTS),
                 archived=False,
-                _request_timeout=self.timeout,
             )
         except ApiException as exc:
             if exc.status == 404:
                 raise LeadGone(f"HubSpot contact {contact_id} no longer exists") from None
             raise CRMError(f"reading HubSpot contact {contact_id}: {exc.status} {exc.reason}") from exc
-        texts = self._latest_texts(contact.associations or {})
+        linked = {
+            kind: [a.id for a in collection.results]
+            for kind, collection in (contact.associations or {}).items()
+            if kind in TEXT_OBJECTS and collection
+        }
+        texts = self._texts({str(contact.id): linked}).get(str(contact.id), ())
         return lead_from_properties(str(contact.id), self.portal_id, contact.properties or {}, texts)
 
-    def _latest_texts(self, associations: dict) -> tuple[str, ...]:
-        """Latest notes and emails, newest first, bounded in count and size."""
-        dated: list[tuple[str, str]] = []
-        for object_type, fields in TEXT_OBJECTS.items():
-            linked = associations.get(object_type)
-            ids = sorted({a.id for a in (linked.results if linked else [])}, key=int, reverse=True)
-            if not ids:
-                continue
+    def read_leads(self, contact_ids: list[str]) -> dict[str, Lead]:
+        """Contacts 100 a call with `batch/read`; deleted ones are simply absent (HubSpot's 207)."""
+        found: dict[str, dict[str, str]] = {}
+        for start in range(0, len(contact_ids), HUBSPOT_BATCH):
+            chunk = contact_ids[start : start + HUBSPOT_BATCH]
             try:
-                batch = self.client.crm.objects.batch_api.read(
-                    object_type,
+                batch = self._call(
+                    "batch_read",
+                    self.client.crm.contacts.batch_api.read,
                     BatchReadInputSimplePublicObjectId(
-                        properties=[*fields, "hs_timestamp"],
-                        inputs=[SimplePublicObjectId(id=i) for i in ids[:MAX_TEXT_RECORDS]],
+                        properties=[*CONTACT_PROPERTIES, *OUTPUT_PROPERTIES.values()],
+                        inputs=[SimplePublicObjectId(id=i) for i in chunk],
                     ),
                     archived=False,
-                    _request_timeout=self.timeout,
                 )
-            except ObjectsApiException as exc:  # e.g. 403 without the sales-email-read scope
-                log.warning(
-                    "scoring without %s: reading them answered %s %s", object_type, exc.status, exc.reason
-                )
-                continue
-            for record in batch.results:
-                props = record.properties or {}
-                dated.append((props.get("hs_timestamp") or "", record_text(props, fields)))
-        return newest_texts(dated)
+            except ApiException as exc:
+                raise CRMError(f"HubSpot batch read failed: {exc.status} {exc.reason}") from exc
+            found.update({str(c.id): c.properties or {} for c in batch.results})
+        active = [i for i in found if any(found[i].get(p) for p in ACTIVITY_PROPERTIES)]
+        texts = self._texts(self._associated(active)) if active else {}
+        return {
+            i: lead_from_properties(i, self.portal_id, found[i], texts.get(i, ()))
+            for i in contact_ids
+            if i in found
+        }
+
+    def _associated(self, contact_ids: list[str]) -> dict[str, dict[str, list[str]]]:
+        """Note and email ids of each contact, through the v4 associations batch read."""
+        linked: dict[str, dict[str, list[str]]] = {}
+        for kind in TEXT_OBJECTS:
+            for start in range(0, len(contact_ids), HUBSPOT_BATCH):
+                chunk = contact_ids[start : start + HUBSPOT_BATCH]
+                try:
+                    page = self._call(
+                        "associations_read",
+                        self.client.crm.associations.v4.batch_api.get_page,
+                        "contacts",
+                        kind,
+                        BatchInputPublicFetchAssociationsBatchRequest(
+                            inputs=[PublicFetchAssociationsBatchRequest(id=i) for i in chunk]
+                        ),
+                    )
+                except AssociationsApiException as exc:
+                    log.warning("scoring without %s: associations answered %s", kind, exc.status)
+                    continue
+                for result in page.results or []:
+                    ids = [str(t.to_object_id) for t in result.to or []]
+                    linked.setdefault(str(result._from.id), {})[kind] = ids
+        return linked
+
+    def _texts(self, linked: dict[str, dict[str, list[str]]]) -> dict[str, tuple[str, ...]]:
+        """Latest notes and emails per contact, newest first, bounded in count and size."""
+        wanted = {
+            kind: sorted({i for kinds in linked.values() for i in kinds.get(kind, [])[-MAX_TEXT_RECORDS:]})
+            for kind in TEXT_OBJECTS
+        }
+        text_of: dict[str, tuple[str, str]] = {}
+        for kind, fields in TEXT_OBJECTS.items():
+            for start in range(0, len(wanted[kind]), HUBSPOT_BATCH):
+                try:
+                    batch = self._call(
+                        "texts_read",
+                        self.client.crm.objects.batch_api.read,
+                        kind,
+                        BatchReadInputSimplePublicObjectId(
+                            properties=[*fields, "hs_timestamp"],
+                            inputs=[
+                                SimplePublicObjectId(id=i)
+                                for i in wanted[kind][start : start + HUBSPOT_BATCH]
+                            ],
+                        ),
+                        archived=False,
+                    )
+                except ObjectsApiException as exc:  # e.g. 403 without the sales-email-read scope
+                    log.warning(
+                        "scoring without %s: reading them answered %s %s", kind, exc.status, exc.reason
+                    )
+                    break
+                for record in batch.results:
+                    props = record.properties or {}
+                    text_of[str(record.id)] = (props.get("hs_timestamp") or "", record_text(props, fields))
+        return {
+            contact: newest_texts([text_of[i] for ids in kinds.values() for i in ids if i in text_of])
+            for contact, kinds in linked.items()
+        }
 
     def write_scores(self, contact_id: str, fields: dict[str, str]) -> None:
+        """One contact, one PATCH: the unbatched path."""
         properties = {OUTPUT_PROPERTIES[key]: value for key, value in fields.items()}
         try:
-            self.client.crm.contacts.basic_api.update(
+            self._call(
+                "write",
+                self.client.crm.contacts.basic_api.update,
                 contact_id,
                 SimplePublicObjectInput(properties=properties),
-                _request_timeout=self.timeout,
             )
         except ApiException as exc:
             if exc.status == 404:
                 raise LeadGone(f"HubSpot contact {contact_id} was deleted before the write") from None
             raise CRMError(f"writing HubSpot contact {contact_id}: {exc.status} {exc.body}") from exc
+
+    def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
+        """Score fields to many contacts, 100 a `batch/update`; a 207 names the ones that failed."""
+        results: dict[str, WriteResult] = {}
+        for start in range(0, len(writes), HUBSPOT_BATCH):
+            chunk = writes[start : start + HUBSPOT_BATCH]
+            inputs = [
+                SimplePublicObjectBatchInput(
+                    id=contact_id, properties={OUTPUT_PROPERTIES[k]: v for k, v in fields.items()}
+                )
+                for contact_id, fields in chunk
+            ]
+            try:
+                response = self._call(
+                    "batch_update",
+                    self.client.crm.contacts.batch_api.update,
+                    BatchInputSimplePublicObjectBatchInput(inputs=inputs),
+                )
+            except ApiException as exc:
+                raise CRMError(f"HubSpot batch update failed: {exc.status} {exc.body}") from exc
+            for error in getattr(response, "errors", None) or []:
+                context = error.context or {}
+                code = (
+                    ", ".join(e.code for e in error.errors or [] if getattr(e, "code", None))
+                    or error.category
+                )
+                for contact_id in context.get("ids") or context.get("id") or []:
+                    results[str(contact_id)] = WriteResult(
+                        str(contact_id),
+                        False,
+                        code,
+                        error.message,
+                        permanent=error.category == "VALIDATION_ERROR",
+                        gone=error.category == "OBJECT_NOT_FOUND",
+                    )
+            for contact in response.results or []:
+                results.setdefault(str(contact.id), WriteResult(str(contact.id), True))
+        for failed in (r for r in results.values() if not r.ok):
+            log.warning("HubSpot refused contact %s: %s %s", failed.lead_id, failed.code, failed.message)
+        return [
+            results.get(contact_id, WriteResult(contact_id, False, "NO_RESULT", "HubSpot did not report it"))
+            for contact_id, _ in writes
+        ]
 
     def ensure_properties(self) -> SetupReport:
         """Create the leadscore property group and properties; existing ones are left alone."""

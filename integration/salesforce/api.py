@@ -9,14 +9,17 @@ recognised when they come back as change events.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError
 
+from integration.crm import WriteRejected, WriteResult
 from integration.errors import CRMError, LeadGone
 from integration.lead import Lead, bounded_texts
+from integration.ratelimit import RateLimited
 from integration.salesforce import OUTPUT_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
 
@@ -40,18 +43,6 @@ PERMANENT_CODES = frozenset(
     }
 )  # fmt: skip
 GONE_CODES = frozenset({"ENTITY_IS_DELETED", "CANNOT_UPDATE_CONVERTED_LEAD", "INVALID_CROSS_REFERENCE_KEY"})
-
-
-class WriteRejected(CRMError):
-    """Salesforce refused one record's write; `code` is its own status code."""
-
-    def __init__(self, lead_id: str, code: str, message: str):
-        super().__init__(f"Salesforce refused the write of Lead {lead_id}: {code}: {message}")
-        self.lead_id, self.code = lead_id, code
-
-    @property
-    def permanent(self) -> bool:
-        return self.code in PERMANENT_CODES
 
 
 @dataclass
@@ -93,14 +84,6 @@ FIELD_DEFINITIONS: dict[str, dict] = {
         "description": "JSON provenance: sub-scores, weights, model, evidence, fingerprint (leadscore)",
     },
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    lead_id: str
-    ok: bool
-    code: str = ""
-    message: str = ""
 
 
 def _soql_ids(ids: list[str]) -> str:
@@ -146,15 +129,34 @@ class SalesforceCRM:
 
     crm = "salesforce"
 
-    def __init__(self, settings: Settings, org_id: str = ""):
+    def __init__(
+        self,
+        settings: Settings,
+        org_id: str = "",
+        telemetry: Callable[..., None] = lambda *args, **labels: None,
+    ):
         settings.require_salesforce_api()
         self.org_id = org_id
         self.timeout = settings.salesforce_timeout_s
+        self.stop_fraction = settings.salesforce_api_stop_fraction
+        self.telemetry = telemetry
         session = requests.Session()
         session.headers["Sforce-Call-Options"] = f"client={settings.salesforce_client_name}"
         self.sf = _connect(settings, session)
 
+    def _within_budget(self, operation: str) -> None:
+        """Stop before the org's daily API budget is spent (Sforce-Limit-Info, seen on every answer)."""
+        usage = self.sf.api_usage.get("api-usage")
+        if usage is not None and usage.total and usage.used / usage.total >= self.stop_fraction:
+            self.telemetry("crm_throttled", crm="salesforce")
+            raise RateLimited(
+                f"Salesforce org {self.org_id} has used {usage.used} of {usage.total} daily API calls; "
+                f"leadscore stops at {self.stop_fraction:.0%} (SALESFORCE_API_STOP_FRACTION)"
+            )
+        self.telemetry("crm_calls", crm="salesforce", operation=operation)
+
     def _query(self, soql: str) -> list[dict]:
+        self._within_budget("query")
         try:
             return self.sf.query_all(soql, timeout=self.timeout)["records"]
         except SalesforceError as exc:
@@ -194,6 +196,7 @@ class SalesforceCRM:
             records = [
                 {"attributes": {"type": "Lead"}, "id": lead_id, **_typed(fields)} for lead_id, fields in chunk
             ]
+            self._within_budget("collections_update")
             try:
                 saved = self.sf.restful(
                     "composite/sobjects",
@@ -205,12 +208,15 @@ class SalesforceCRM:
                 raise CRMError(f"Salesforce collections write failed: {exc}") from exc
             for (lead_id, _), result in zip(chunk, saved, strict=True):
                 error = (result.get("errors") or [{}])[0]
+                code = error.get("statusCode", "")
                 results.append(
                     WriteResult(
                         lead_id,
                         bool(result.get("success")),
-                        error.get("statusCode", ""),
+                        code,
                         error.get("message", ""),
+                        permanent=code in PERMANENT_CODES,
+                        gone=code in GONE_CODES,
                     )
                 )
         for failed in (r for r in results if not r.ok):
@@ -221,9 +227,9 @@ class SalesforceCRM:
         [result] = self.write_many([(lead_id, fields)])
         if result.ok:
             return
-        if result.code in GONE_CODES:
+        if result.gone:
             raise LeadGone(f"Salesforce Lead {lead_id} can no longer be written: {result.code}")
-        raise WriteRejected(lead_id, result.code, result.message)
+        raise WriteRejected(self.crm, result)
 
     def ensure_fields(self) -> SetupReport:
         """Create leadscore's five custom Lead fields through the Metadata API; existing ones stay."""

@@ -1,0 +1,43 @@
+"""What every CRM adapter offers the scoring job, and the per-record write outcome they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from integration.errors import CRMError
+from integration.lead import Lead
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """One record's outcome in a batched write, in the CRM's own words."""
+
+    lead_id: str
+    ok: bool
+    code: str = ""
+    message: str = ""
+    permanent: bool = False  # retrying the same write cannot succeed
+    gone: bool = False  # the record was deleted or converted meanwhile
+
+
+class WriteRejected(CRMError):
+    """The CRM refused one record's write; `code` is its own error code."""
+
+    def __init__(self, crm: str, result: WriteResult):
+        super().__init__(f"{crm} refused the write of {result.lead_id}: {result.code}: {result.message}")
+        self.result = result
+
+    @property
+    def permanent(self) -> bool:
+        return self.result.permanent
+
+
+class CRMAdapter(Protocol):
+    crm: str
+
+    def read_leads(self, lead_ids: list[str]) -> dict[str, Lead]:
+        """The leads that still exist, by the ids asked for; one or few API calls."""
+
+    def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
+        """Write score fields to many leads in as few calls as the CRM allows."""

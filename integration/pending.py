@@ -1,0 +1,134 @@
+"""Pending leads, coalesced per CRM account: one entry per lead, the newest event wins.
+
+The web side records leads here; a `collect` job per account (kicked when the
+first lead arrives) waits a short linger, then moves up to a batch of leads at a
+time into one `score_batch` RQ job. Each move is one WATCH/MULTI transaction, so
+a lead is always either pending or inside a durable RQ job — never in between.
+
+Keys, all under `leadscore:`:
+  pending:{crm}:{account}  hash   lead id → LeadEvent JSON
+  since:{crm}:{account}    zset   lead id → when it first became pending (linger, age)
+  accounts                 zset   "{crm}:{account}" → its oldest pending lead's time
+  kick:{crm}:{account}     string a collect job is queued or running for the account
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+from rq import Queue, Retry
+from rq.job import Job
+
+from integration.events import LeadEvent
+
+ACCOUNTS = "leadscore:accounts"
+COLLECT_JOB = "workers.batch.collect"
+SCORE_BATCH_JOB = "workers.batch.score_batch"
+KICK_TTL_S = 120  # a collect job that died is replaced after this long
+BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
+BATCH_TIMEOUT_S = 600
+
+
+def pending_key(crm: str, account: str) -> str:
+    return f"leadscore:pending:{crm}:{account}"
+
+
+def since_key(crm: str, account: str) -> str:
+    return f"leadscore:since:{crm}:{account}"
+
+
+def kick_key(crm: str, account: str) -> str:
+    return f"leadscore:kick:{crm}:{account}"
+
+
+def record(pipe: Pipeline, events: list[LeadEvent], now: float) -> None:
+    """Queue-side half of accepting a delivery; runs inside the web's transaction."""
+    for event in events:
+        pipe.hset(pending_key(event.crm, event.account_id), event.lead_id, event.model_dump_json())
+        pipe.zadd(since_key(event.crm, event.account_id), {event.lead_id: now}, nx=True)
+        pipe.zadd(ACCOUNTS, {f"{event.crm}:{event.account_id}": now}, nx=True)
+
+
+def kick(queue: Queue, crm: str, account: str) -> Job | None:
+    """Make sure one collect job is queued or running for the account."""
+    if not queue.connection.set(kick_key(crm, account), 1, nx=True, ex=KICK_TTL_S):
+        return None
+    return queue.enqueue(
+        COLLECT_JOB,
+        crm,
+        account,
+        job_timeout=BATCH_TIMEOUT_S,
+        retry=Retry(max=3, interval=[1, 5, 30]),
+        result_ttl=300,
+        description=f"collect {crm}:{account}",
+    )
+
+
+def oldest(redis: Redis, crm: str, account: str) -> tuple[int, float | None]:
+    """How many leads are pending for the account, and since when the oldest."""
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(since_key(crm, account))
+        pipe.zrange(since_key(crm, account), 0, 0, withscores=True)
+        count, first = pipe.execute()
+    return count, (first[0][1] if first else None)
+
+
+def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
+    """Move up to `size` pending leads, oldest first, into one durable score_batch job."""
+    pending, since = pending_key(crm, account), since_key(crm, account)
+    with queue.connection.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(pending, since)
+                ids = [i.decode() for i in pipe.zrange(since, 0, size - 1)]
+                if not ids:
+                    pipe.unwatch()
+                    return None
+                events = [raw.decode() for raw in pipe.hmget(pending, ids) if raw is not None]
+                after = pipe.zrange(since, size, size, withscores=True)
+                pipe.multi()
+                pipe.hdel(pending, *ids)
+                pipe.zrem(since, *ids)
+                if after:
+                    pipe.zadd(ACCOUNTS, {f"{crm}:{account}": after[0][1]})
+                else:
+                    pipe.zrem(ACCOUNTS, f"{crm}:{account}")
+                [job] = queue.enqueue_many(
+                    [
+                        Queue.prepare_data(
+                            SCORE_BATCH_JOB,
+                            args=(crm, account, events),
+                            timeout=BATCH_TIMEOUT_S,
+                            retry=BATCH_RETRY,
+                            description=f"score {len(events)} leads of {crm}:{account}",
+                        )
+                    ],
+                    pipeline=pipe,
+                )
+                pipe.execute()
+                return job
+            except WatchError:
+                continue
+
+
+def release(queue: Queue, crm: str, account: str) -> Job | None:
+    """A collect job is done: drop its kick, and kick again if leads arrived meanwhile."""
+    redis = queue.connection
+    redis.delete(kick_key(crm, account))
+    if redis.zcard(since_key(crm, account)):
+        return kick(queue, crm, account)
+    return None
+
+
+def stale_accounts(redis: Redis, older_than_s: float, now: float | None = None) -> list[tuple[str, str]]:
+    """Accounts whose oldest pending lead waits longer than it should (a lost kick)."""
+    cutoff = (now or time.time()) - older_than_s
+    return [tuple(member.decode().split(":", 1)) for member in redis.zrangebyscore(ACCOUNTS, 0, cutoff)]
+
+
+def depth(redis: Redis) -> int:
+    members = redis.zrange(ACCOUNTS, 0, -1)
+    return sum(redis.zcard(since_key(*member.decode().split(":", 1))) for member in members)

@@ -1,0 +1,72 @@
+"""A rolling-window rate limiter shared by every worker through Redis.
+
+HubSpot counts calls per app and portal over a rolling 10 seconds; all of
+leadscore's workers, on however many machines, must stay under it together.
+Each call takes a slot in a Redis sorted set (one Lua script: drop expired slots,
+count, take one or say how long to wait). A 429 from the CRM pauses every worker
+for the time the CRM asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+_TAKE = """
+local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then return tostring(paused / 1000) end
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+if redis.call('ZCARD', key) < limit then
+  redis.call('ZADD', key, now, ARGV[4])
+  redis.call('PEXPIRE', key, math.ceil(window * 1000))
+  return '0'
+end
+local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+return tostring(tonumber(oldest[2]) + window - now)
+"""
+
+
+class RateLimited(Exception):
+    """No slot within the time a caller may wait; the job is retried later by RQ."""
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis, name: str, limit: int, window_s: float = 10.0):
+        self.redis, self.limit, self.window_s = redis, limit, window_s
+        self.key, self.pause_key = f"leadscore:rate:{name}", f"leadscore:rate-pause:{name}"
+        self._take = redis.register_script(_TAKE)
+
+    def acquire(self, max_wait_s: float = 120.0) -> float:
+        """Block until a call may be made; returns the seconds waited."""
+        waited = 0.0
+        while True:
+            try:
+                wait = float(
+                    self._take(
+                        keys=[self.key, self.pause_key],
+                        args=[time.time(), self.window_s, self.limit, uuid.uuid4().hex],
+                    )
+                )
+            except RedisError as exc:  # a limiter outage must not stop scoring; the CRM's 429s still bind
+                log.warning("rate limiter unavailable (%s); calling without it", exc)
+                return waited
+            if wait <= 0:
+                return waited
+            if waited + wait > max_wait_s:
+                raise RateLimited(f"{self.key}: no call slot within {max_wait_s:.0f}s")
+            time.sleep(min(wait, 1.0) + 0.01)
+            waited += min(wait, 1.0) + 0.01
+
+    def pause(self, seconds: float) -> None:
+        """Every worker holds off for `seconds` (the CRM said so with a 429)."""
+        try:
+            self.redis.set(self.pause_key, 1, px=max(1, int(seconds * 1000)))
+        except RedisError:
+            time.sleep(seconds)

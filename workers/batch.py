@@ -1,0 +1,154 @@
+"""The pipeline's RQ jobs: `collect` turns pending leads into batches, `score_batch` scores them.
+
+A batch is one CRM read (HubSpot `batch/read`, Salesforce one SOQL `IN`), LLM calls
+made concurrently (cached by input fingerprint), and one CRM write (HubSpot
+`batch/update`, Salesforce sObject Collections). A record the CRM refuses is split
+off into a job of its own, so it is retried — or dead-lettered with the CRM's
+reason — without holding back the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+
+from rq import Queue, get_current_job
+
+from integration import metrics, pending
+from integration.crm import WriteRejected
+from integration.events import LeadEvent
+from workers.jobs import context, outcome
+
+log = logging.getLogger(__name__)
+
+CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
+SWEEP_AFTER_S = 30  # a pending lead older than this with no collector means a lost kick
+
+
+def _queue() -> Queue:
+    job = get_current_job()
+    return Queue(job.origin, connection=job.connection)
+
+
+def collect(crm: str, account: str) -> dict:
+    """Wait out the linger (or a full batch), then move pending leads into score_batch jobs."""
+    queue = _queue()
+    settings = context().settings
+    size = min(settings.batch_size, CRM_BATCH_LIMIT[crm])
+    batches = 0
+    try:
+        while True:
+            count, since = pending.oldest(queue.connection, crm, account)
+            if not count:
+                break
+            wait = since + settings.batch_linger_s - time.time()
+            if count < size and wait > 0:
+                time.sleep(min(wait, settings.batch_linger_s))
+                continue
+            if pending.take_batch(queue, crm, account, size) is not None:
+                batches += 1
+    finally:
+        pending.release(queue, crm, account)
+    sweep(queue)
+    return {"account": f"{crm}:{account}", "batches": batches}
+
+
+def sweep(queue: Queue) -> int:
+    """Kick accounts whose leads wait with no collector (its kick was lost with a dead process)."""
+    kicked = 0
+    for crm, account in pending.stale_accounts(queue.connection, SWEEP_AFTER_S):
+        kicked += pending.kick(queue, crm, account) is not None
+    return kicked
+
+
+def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
+    """Score a batch of leads of one account; returns each lead's outcome, in order."""
+    started = time.monotonic()
+    ctx = context()
+    adapter = ctx.crm(crm, account)
+    lead_events = [LeadEvent.model_validate_json(raw) for raw in events]
+    by_id = {event.lead_id: event for event in lead_events}
+    leads = adapter.read_leads(list(by_id))  # keyed by the ids asked for
+    scored = dict(zip(leads, ctx.score(list(leads.values())), strict=True))
+    to_write = [(s.lead.lead_id, s.fields) for s in scored.values() if s.fields is not None]
+    written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
+
+    results, failed, fallbacks = [], [], []
+    now = datetime.now(UTC)
+    for event in lead_events:
+        lead_id, key = event.lead_id, event.lead_key
+        s = scored.get(lead_id)
+        if s is None:
+            results.append(outcome(key, "lead_gone"))
+            continue
+        if s.propensity is not None and s.propensity.fallback:
+            fallbacks.append(event)
+        if s.fields is None:
+            ctx.telemetry("writes_total", crm=crm, outcome="unchanged")
+            results.append(outcome(key, "unchanged", s))
+            continue
+        result = written[s.lead.lead_id]
+        if result.ok:
+            ctx.telemetry("writes_total", crm=crm, outcome="written")
+            if event.accepted_at is not None:
+                metrics.observe(
+                    ctx.redis, "scoring_latency_seconds", (now - event.accepted_at).total_seconds(), crm=crm
+                )
+            results.append(outcome(key, "written", s))
+        elif result.gone:
+            results.append(outcome(key, "lead_gone"))
+        else:
+            ctx.telemetry("writes_total", crm=crm, outcome="failed")
+            failed.append((event, result))
+            results.append({**outcome(key, "failed", s), "error": f"{result.code}: {result.message}"})
+
+    queue = _queue()
+    if failed and len(lead_events) == 1:
+        _fail_alone(failed[0][1], crm)
+    for (
+        event,
+        result,
+    ) in failed:  # each refused record goes on alone: retried, or dead-lettered with its reason
+        log.warning("isolating %s after %s: %s", event.lead_key, result.code, result.message)
+        queue.enqueue_many(
+            [
+                Queue.prepare_data(
+                    "workers.batch.score_batch",
+                    args=(crm, account, [event.model_dump_json()]),
+                    timeout=pending.BATCH_TIMEOUT_S,
+                    retry=pending.BATCH_RETRY,
+                    description=f"score {event.lead_key} alone after {result.code}",
+                )
+            ]
+        )
+    if fallbacks and ctx.settings.fallback_rescore_s:
+        queue.enqueue_in(
+            timedelta(seconds=ctx.settings.fallback_rescore_s),
+            "workers.batch.rescore",
+            crm,
+            account,
+            [e.model_dump_json() for e in fallbacks],
+        )
+    metrics.observe(ctx.redis, "batch_duration_seconds", time.monotonic() - started, crm=crm)
+    return results
+
+
+def _fail_alone(result, crm: str) -> None:
+    """A lone record the CRM refused: raise, so RQ retries it — or, if retrying cannot help,
+    so it lands in the failed registry now, with the CRM's own code as the reason."""
+    job = get_current_job()
+    if result.permanent and job is not None:
+        job.retries_left = 0
+    raise WriteRejected(crm, result)
+
+
+def rescore(crm: str, account: str, events: list[str]) -> int:
+    """Leads scored while the LLM was down go back to pending, so they get a real propensity."""
+    queue = _queue()
+    lead_events = [LeadEvent.model_validate_json(raw) for raw in events]
+    with queue.connection.pipeline(transaction=True) as pipe:
+        pending.record(pipe, lead_events, time.time())
+        pipe.execute()
+    pending.kick(queue, crm, account)
+    return len(lead_events)
