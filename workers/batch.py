@@ -130,7 +130,14 @@ def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
             account,
             [e.model_dump_json() for e in fallbacks],
         )
-    metrics.observe(ctx.redis, "batch_duration_seconds", time.monotonic() - started, crm=crm)
+    elapsed = time.monotonic() - started
+    metrics.observe(ctx.redis, "batch_duration_seconds", elapsed, crm=crm)
+    counts = {name: sum(r["outcome"] == name for r in results) for name in ("written", "unchanged", "failed")}
+    log.info(
+        "scored %d leads of %s:%s in %.2fs: %s",
+        len(results), crm, account, elapsed, counts,
+        extra={"crm": crm, "account_id": account, "leads": len(results), **counts},
+    )  # fmt: skip
     return results
 
 

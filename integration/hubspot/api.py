@@ -195,13 +195,13 @@ class HubSpotCRM:
         for _ in range(MAX_THROTTLED_TRIES):
             if self.limiter is not None:
                 self.limiter.acquire()
-            self.telemetry("crm_calls", crm="hubspot", operation=operation)
+            self.telemetry("crm_calls_total", crm="hubspot", operation=operation)
             try:
                 return fn(*args, _request_timeout=self.timeout, **kwargs)
             except API_ERRORS as exc:
                 if exc.status != 429:
                     raise
-                self.telemetry("crm_throttled", crm="hubspot")
+                self.telemetry("crm_throttled_total", crm="hubspot")
                 policy, wait_s = _throttle(exc)
                 if policy == "DAILY":
                     raise RateLimited(f"HubSpot portal {self.portal_id}: daily API limit reached") from None
@@ -359,10 +359,8 @@ class HubSpotCRM:
                 raise CRMError(f"HubSpot batch update failed: {exc.status} {exc.body}") from exc
             for error in getattr(response, "errors", None) or []:
                 context = error.context or {}
-                code = (
-                    ", ".join(e.code for e in error.errors or [] if getattr(e, "code", None))
-                    or error.category
-                )
+                detail = ", ".join(e.code for e in error.errors or [] if getattr(e, "code", None))
+                code = f"{error.category} ({detail})" if detail else error.category
                 for contact_id in context.get("ids") or context.get("id") or []:
                     results[str(contact_id)] = WriteResult(
                         str(contact_id),

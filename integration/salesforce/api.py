@@ -148,12 +148,12 @@ class SalesforceCRM:
         """Stop before the org's daily API budget is spent (Sforce-Limit-Info, seen on every answer)."""
         usage = self.sf.api_usage.get("api-usage")
         if usage is not None and usage.total and usage.used / usage.total >= self.stop_fraction:
-            self.telemetry("crm_throttled", crm="salesforce")
+            self.telemetry("crm_throttled_total", crm="salesforce")
             raise RateLimited(
                 f"Salesforce org {self.org_id} has used {usage.used} of {usage.total} daily API calls; "
                 f"leadscore stops at {self.stop_fraction:.0%} (SALESFORCE_API_STOP_FRACTION)"
             )
-        self.telemetry("crm_calls", crm="salesforce", operation=operation)
+        self.telemetry("crm_calls_total", crm="salesforce", operation=operation)
 
     def _query(self, soql: str) -> list[dict]:
         self._within_budget("query")

@@ -1,0 +1,313 @@
+"""Delivery you can trust: coalescing, batching, skipping unchanged work, CRM limits, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from contextlib import ExitStack
+
+from prometheus_client.parser import text_string_to_metric_families
+from rq.scheduler import RQScheduler
+
+from integration import pending
+from integration.app import create_app
+from integration.cli import main
+from integration.emulators import start_redis
+from integration.ratelimit import RateLimiter
+from integration.replay import hubspot_headers
+from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, fixture_json
+
+BURST = "contact.creation__demo_burst"
+VP = "74300000101"
+
+
+def scored(hubspot) -> dict[str, str]:
+    return {i: c["properties"].get("leadscore_score") for i, c in hubspot.contacts.items()}
+
+
+def change(contact_id: int, event_id: int, prop="hs_lead_status", value="CONNECTED") -> dict:
+    event = fixture_json("hubspot/contact.propertyChange__lead_status.json")[0]
+    return {
+        **event,
+        "objectId": contact_id,
+        "eventId": event_id,
+        "propertyName": prop,
+        "propertyValue": value,
+    }
+
+
+def test_demo_burst_is_one_batch_read_and_one_batch_write(post_delivery, crm, run_worker, hubspot):
+    calls_before = hubspot.api_calls()
+    post_delivery(BURST)
+    results = run_worker()
+
+    assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
+    made = [path for _, path in hubspot.calls[-(hubspot.api_calls() - calls_before) :]]
+    assert made.count("/crm/v3/objects/contacts/batch/read") == 1
+    assert made.count("/crm/v3/objects/contacts/batch/update") == 1
+    assert hubspot.api_calls() - calls_before <= 7  # + associations and texts for contacts with activity
+
+
+def test_many_events_for_one_lead_across_deliveries_score_it_once(
+    post_delivery, crm, run_worker, hubspot, llm
+):
+    for n in range(5):
+        post_delivery(json.dumps([change(int(VP), 900 + n, "jobtitle", "VP of Sales")]).encode())
+    results = run_worker()
+
+    assert [r["lead"].rsplit(":", 1)[1] for r in results] == [VP]
+    assert len(llm.requests) == 1
+
+
+def test_redelivered_unchanged_lead_costs_no_llm_call_and_no_write(
+    post_delivery, crm, run_worker, hubspot, llm
+):
+    post_delivery(BURST)
+    run_worker()
+    llm_before, writes_before = len(llm.requests), len(hubspot.writes)
+
+    events = [change(int(i), 5000 + n) for n, i in enumerate(hubspot.contacts) if i.startswith("743000001")]
+    post_delivery(json.dumps(events[:24]).encode())
+    results = run_worker()
+
+    assert {r["outcome"] for r in results} == {"unchanged"}
+    assert (len(llm.requests) - llm_before, len(hubspot.writes) - writes_before) == (0, 0)
+
+
+def test_llm_answers_are_cached_by_input_fingerprint(post_delivery, crm, run_worker, hubspot, llm):
+    post_delivery("contact.creation__single")
+    run_worker()
+    hubspot.contacts[VP]["properties"]["leadscore_details"] = ""  # someone cleared our provenance
+
+    post_delivery(json.dumps([change(int(VP), 777)]).encode())
+    [result] = run_worker()
+
+    assert result["outcome"] == "written"
+    assert len(llm.requests) == 1  # the second score reused the first answer
+
+
+def test_lone_lead_waits_only_the_linger(env, monkeypatch, post_delivery, crm, queue, redis):
+    monkeypatch.setenv("BATCH_LINGER_S", "0.3")
+    from integration.settings import get_settings
+    from workers import jobs
+
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+    post_delivery("contact.creation__single")
+    [collect] = queue.get_jobs()
+
+    started = time.monotonic()
+    from rq import SimpleWorker
+
+    SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
+    waited = time.monotonic() - started
+
+    assert collect.func_name == "workers.batch.collect"
+    assert 0.25 <= waited < 1.5
+    assert pending.depth(redis) == 0 and queue.count == 1  # the score_batch job
+
+
+# ---- the CRM's limits
+
+
+def test_429_storm_waits_and_finishes_with_nothing_dropped(post_delivery, crm, run_worker, hubspot):
+    hubspot.storm(4)
+    post_delivery(BURST)
+    results = run_worker()
+
+    assert hubspot.throttled == 4
+    assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
+    assert all(scored(hubspot)[c] for c in hubspot.contacts if c.startswith("743000001"))
+
+
+def test_daily_limit_stops_and_retries_later(post_delivery, crm, run_worker, hubspot, queue):
+    hubspot.daily_limit_reached = True
+    post_delivery("contact.creation__single")
+    run_worker()
+
+    assert queue.scheduled_job_registry.count == 1  # score_batch waits for RQ's retry
+    assert hubspot.throttled == 1
+
+
+def test_hubspot_207_writes_the_valid_and_reports_the_invalid(post_delivery, crm, run_worker, hubspot, queue):
+    hubspot.reject["74300000102"] = "Lead score cannot be set while the contact is in a sequence"
+    post_delivery(BURST)
+    results = run_worker()
+
+    failed = [r for r in results if r["outcome"] == "failed"]
+    assert [r["lead"] for r in failed] == [f"hubspot:{PORTAL_ID}:74300000102"]
+    assert "Lead score cannot be set" in failed[0]["error"]
+    assert sum(r["outcome"] == "written" for r in results) == 23
+    [dead] = queue.failed_job_registry.get_job_ids()  # tried alone, refused again: dead-lettered
+    assert "VALIDATION_ERROR" in queue.fetch_job(dead).latest_result().exc_string
+
+
+def test_rate_limiter_is_shared_through_redis(redis):
+    first = RateLimiter(redis, "test", limit=3, window_s=0.5)
+    second = RateLimiter(redis, "test", limit=3, window_s=0.5)  # another worker
+
+    waits = [first.acquire(), second.acquire(), first.acquire()]
+    started = time.monotonic()
+    second.acquire()
+
+    assert waits == [0.0, 0.0, 0.0]
+    assert 0.3 < time.monotonic() - started < 1.0
+
+
+def test_salesforce_stops_before_the_daily_api_budget(post_outbound, sf_crm, run_worker, salesforce, queue):
+    salesforce.api_calls = int(salesforce.api_limit * 0.95)
+    post_outbound("outbound_message__single")
+    run_worker()
+
+    assert salesforce.writes == []
+    assert queue.scheduled_job_registry.count == 1
+
+
+# ---- the LLM
+
+
+def test_llm_down_scores_with_fallback_then_rescores_when_back(
+    env, monkeypatch, post_delivery, crm, queue, redis, run_worker, hubspot, llm
+):
+    monkeypatch.setenv("FALLBACK_RESCORE_S", "1")
+    from integration.settings import get_settings
+    from workers import jobs
+
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+    llm.force(status=500)
+    post_delivery("contact.creation__single")
+    [first] = run_worker()
+    llm.force()  # the LLM is back
+
+    time.sleep(1.1)
+    scheduler = RQScheduler([queue], connection=redis)
+    scheduler.acquire_locks()
+    scheduler.enqueue_scheduled_jobs()
+    scheduler.release_locks()
+    [second] = run_worker()
+
+    assert (first["fallback"], first["score"]) == (True, 79)
+    assert (second["outcome"], second["fallback"], second["score"]) == ("written", False, 89)
+
+
+# ---- Redis down at the webhook
+
+
+def test_redis_down_answers_503_and_up_again_accepts_without_restart(settings, tmp_path):
+    with ExitStack() as stack:
+        url = start_redis(stack, "--appendonly", "yes", "--dir", str(tmp_path))
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        client = create_app(settings.model_copy(update={"redis_url": url})).test_client()
+        body = (FIXTURES / "hubspot" / "contact.creation__single.json").read_bytes()
+        compact = json.dumps(json.loads(body)).encode()
+
+        def post():
+            return client.post(
+                WEBHOOK_URL, data=compact, headers=hubspot_headers(WEBHOOK_URL, compact, APP_SECRET)
+            )
+
+        subprocess.run(["redis-cli", "-p", port, "shutdown", "nosave"], capture_output=True, timeout=10)
+        down = post()
+        stack.enter_context(_redis_on(port, tmp_path))
+        up = post()
+
+    assert down.status_code == 503
+    assert up.status_code == 200 and up.get_json()["enqueued"] == 1
+
+
+class _redis_on:
+    def __init__(self, port: str, workdir):
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                port,
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(workdir),
+                "--appendonly",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            if (
+                subprocess.run(["redis-cli", "-p", port, "ping"], capture_output=True).stdout.strip()
+                == b"PONG"
+            ):
+                break
+            time.sleep(0.05)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.kill(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=10)
+
+
+# ---- operations
+
+
+def test_failed_and_requeue_commands(post_delivery, crm, run_worker, hubspot, queue, capsys):
+    hubspot.reject["74300000101"] = "Blocked by a validation rule"
+    post_delivery("contact.creation__single")
+    run_worker()  # refused alone: dead-lettered at once
+
+    assert main(["failed"]) == 0
+    listing = capsys.readouterr().out
+    hubspot.reject.clear()
+    [job_id] = queue.failed_job_registry.get_job_ids()
+    assert main(["requeue", job_id]) == 0
+    [result] = run_worker()
+
+    assert f"hubspot:{PORTAL_ID} {VP}" in listing and "VALIDATION_ERROR" in listing
+    assert result["outcome"] == "written"
+    assert queue.failed_job_registry.count == 0
+
+
+def test_metrics_count_the_pipeline(post_delivery, crm, run_worker, client):
+    post_delivery(BURST)
+    post_delivery(BURST)  # redelivered: deduplicated
+    post_delivery("contact.propertyChange__own_output_only")
+    run_worker()
+
+    families = {
+        f.name: f for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
+    }
+
+    def value(name: str, **labels) -> float:
+        return sum(
+            s.value
+            for s in families[name].samples
+            if s.name.endswith(("_total", name)) and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert value("leadscore_events_received", crm="hubspot") == 50
+    assert value("leadscore_events_deduplicated", crm="hubspot") == 24
+    assert value("leadscore_events_ignored", crm="hubspot") == 2
+    assert value("leadscore_events_enqueued", crm="hubspot") == 24
+    assert value("leadscore_writes", crm="hubspot", outcome="written") == 24
+    assert value("leadscore_llm_calls", outcome="ok") == 24
+    assert value("leadscore_crm_calls", crm="hubspot", operation="batch_update") == 1
+    assert families["leadscore_scoring_latency_seconds"].samples
+    assert value("leadscore_queue_depth", queue="pending") == 0
+
+
+def test_logs_are_json_without_emails_or_phones(post_delivery, crm, run_worker, capfd):
+    from integration import logs
+
+    logs.configure("INFO")
+    post_delivery(BURST)
+    run_worker()
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+
+    assert lines and all({"timestamp", "level", "logger", "message"} <= set(line) for line in lines)
+    text = json.dumps(lines)
+    assert "@brightloop.io" not in text and "555 0143" not in text
+    assert any(line.get("job_id") for line in lines)
