@@ -23,6 +23,7 @@ import requests
 from redis import Redis
 from rq import Queue
 
+from integration import metrics, pending
 from integration.emulators import free_port, redis_reachable, spawn_logged, start_redis, wait_until
 from integration.replay import load_delivery, sign_and_post
 from integration.settings import get_settings
@@ -57,8 +58,9 @@ def _start_services(stack: ExitStack, env: dict, port: int, logs: Path, bind: st
 
 
 def _queue_idle(redis_url: str) -> bool:
-    queue = Queue(get_settings().queue_name, connection=Redis.from_url(redis_url))
-    return queue.count == 0 and queue.started_job_registry.count == 0
+    redis = Redis.from_url(redis_url)
+    queue = Queue(get_settings().queue_name, connection=redis)
+    return pending.depth(redis) == 0 and queue.count == 0 and queue.started_job_registry.count == 0
 
 
 def _print_list_view(title: str, rows: list[dict]) -> None:
@@ -216,7 +218,8 @@ def _salesforce_scene(emulator, crm, outbound_url: str, redis_url: str, logs: Pa
     emulator.echo_writes_to(outbound_url)  # the org's workflow fires again on leadscore's own writes
     body = (FIXTURES / "salesforce" / f"{SALESFORCE_BURST}.xml").read_bytes()
     lead_ids = [lead_id for lead_id, record in emulator.leads.items() if not record.get("IsConverted")]
-    jobs_before = _jobs_run(redis_url)
+    redis = Redis.from_url(redis_url)
+    enqueued_before = metrics.counter_value(redis, "events_enqueued_total", crm="salesforce")
     response = requests.post(outbound_url, data=body, headers={"Content-Type": "text/xml"}, timeout=30)
     acked = b"<Ack>true</Ack>" in response.content
     print(f"Outbound Message of 12 notifications → {response.status_code}, Ack {str(acked).lower()}")
@@ -230,11 +233,6 @@ def _salesforce_scene(emulator, crm, outbound_url: str, redis_url: str, logs: Pa
     print(f"all {len(lead_ids)} open Leads scored; the converted one was skipped\n")
     _print_list_view("Salesforce Leads", crm.list_scored(lead_ids))
     echoes = len(emulator.echo_statuses)
-    extra_jobs = _jobs_run(redis_url) - jobs_before - 12
-    print(f"\n{echoes} echo Outbound Messages of leadscore's own writes acknowledged "
-          f"({sorted(set(emulator.echo_statuses))}); {extra_jobs} jobs enqueued for them.")  # fmt: skip
-
-
-def _jobs_run(redis_url: str) -> int:
-    queue = Queue(get_settings().queue_name, connection=Redis.from_url(redis_url))
-    return queue.finished_job_registry.count + queue.failed_job_registry.count + queue.count
+    extra = metrics.counter_value(redis, "events_enqueued_total", crm="salesforce") - enqueued_before - 12
+    print(f"\n{echoes} echo Outbound Message(s) of leadscore's own writes acknowledged "
+          f"({sorted(set(emulator.echo_statuses))}); {extra:.0f} leads enqueued for them.")  # fmt: skip

@@ -147,6 +147,12 @@ def _known(name: str, kind: dict[str, str], what: str) -> str | None:
     return name
 
 
+def counter_value(redis: Redis, name: str, **labels: str) -> float:
+    """A counter's current total for exactly these labels (0 when never counted)."""
+    raw = redis.hget(COUNTERS_KEY, _series(name, labels))
+    return float(raw) if raw is not None else 0.0
+
+
 def _series(name: str, labels: dict[str, object]) -> str:
     """`name|a=x|b=y`: labels sorted, values %-quoted so `|`, `=` and `#` never appear inside."""
     parts = [name]
