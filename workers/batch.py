@@ -153,9 +153,12 @@ def _fail_alone(result, crm: str) -> None:
 def rescore(crm: str, account: str, events: list[str]) -> int:
     """Leads scored while the LLM was down go back to pending, so they get a real propensity."""
     queue = _queue()
-    lead_events = [LeadEvent.model_validate_json(raw) for raw in events]
+    now = datetime.now(UTC)
+    lead_events = [
+        LeadEvent.model_validate_json(raw).model_copy(update={"accepted_at": now}) for raw in events
+    ]
     with queue.connection.pipeline(transaction=True) as pipe:
-        pending.record(pipe, lead_events, time.time())
+        pending.record(pipe, lead_events, now.timestamp())
         pipe.execute()
     pending.kick(queue, crm, account)
     return len(lead_events)

@@ -101,7 +101,8 @@ def _already_scored(lead: Lead, fingerprint: str) -> bool:
         details = json.loads(lead.current_output.get("details") or "{}")
     except json.JSONDecodeError:
         return False
-    return details.get("fingerprint") == fingerprint and details.get("fallback") is False
+    shown = all(lead.current_output.get(key) for key in ("score", "tier", "reason"))
+    return shown and details.get("fingerprint") == fingerprint and details.get("fallback") is False
 
 
 @lru_cache(maxsize=1)
