@@ -110,7 +110,10 @@ def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
         event,
         result,
     ) in failed:  # each refused record goes on alone: retried, or dead-lettered with its reason
-        log.warning("isolating %s after %s: %s", event.lead_key, result.code, result.message)
+        log.warning(
+            "isolating %s after %s: %s", event.lead_key, result.code, result.message,
+            extra={"lead_id": event.lead_id, "event_id": ",".join(event.event_ids), "crm": crm},
+        )  # fmt: skip
         queue.enqueue_many(
             [
                 Queue.prepare_data(
