@@ -25,11 +25,9 @@ from hubspot.crm.contacts import (
     SimplePublicObjectInput,
 )
 
-from integration.emulators import serve_in_thread
-from integration.emulators.hubspot import HubSpotEmulator
 from integration.hubspot.api import GROUP, PROPERTY_DEFINITIONS
 
-from .conftest import FIXTURES, HUBSPOT_TOKEN
+from .conftest import HUBSPOT_TOKEN
 
 MAYA = "74300000101"  # one note
 BOTH_NOTES = "74300000121"  # two notes
@@ -42,12 +40,9 @@ NO_ASSOCIATIONS = ("OBJECT_NOT_FOUND", "crm.associations.NO_ASSOCIATIONS_FOUND")
 
 
 @pytest.fixture
-def emulator():
-    emulator = HubSpotEmulator(token=HUBSPOT_TOKEN).load_fixtures(FIXTURES / "hubspot")
-    server = serve_in_thread(emulator.app())
-    emulator.url = server.url
-    yield emulator
-    server.stop()
+def emulator(hubspot):
+    """The conftest's HubSpot emulator, seeded from fixtures and served over HTTP."""
+    return hubspot
 
 
 @pytest.fixture
