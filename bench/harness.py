@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -204,20 +204,16 @@ def signal_tree(proc: subprocess.Popen, sig: int) -> int:
             hit += 1
         except ProcessLookupError:
             pass
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
     return hit
 
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     if proc.poll() is None:
         signal_tree(proc, signal.SIGTERM)
-        try:
+        with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     signal_tree(proc, signal.SIGKILL)
     if proc.poll() is None:
         proc.wait(timeout=5)

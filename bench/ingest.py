@@ -52,7 +52,9 @@ def body(client: int, n: int, now_ms: int) -> bytes:
 
     Rendered from a template (the same JSON `json.dumps` gives) to keep the client's CPU low."""
     first = 90_000_000_000 + client * 100_000_000 + n * EVENTS_PER_DELIVERY
-    return ("[" + ",".join(_EVENT % (first + j, now_ms, first + j) for j in range(EVENTS_PER_DELIVERY)) + "]").encode()
+    return (
+        "[" + ",".join(_EVENT % (first + j, now_ms, first + j) for j in range(EVENTS_PER_DELIVERY)) + "]"
+    ).encode()
 
 
 def run_loop(pipe: Pipeline, path: str, expect: int, seconds: float, concurrency: int) -> dict:

@@ -68,8 +68,13 @@ def naive(pipe: Pipeline, ids: list[str], seconds: float) -> dict:
             "workers.jobs.score_lead",
             kwargs={
                 "event": LeadEvent(
-                    crm="hubspot", account_id=PORTAL, lead_id=i, event_ids=(f"{8_000_000_000 + n}@0",),
-                    kinds=("creation",), occurred_at=now, accepted_at=now,
+                    crm="hubspot",
+                    account_id=PORTAL,
+                    lead_id=i,
+                    event_ids=(f"{8_000_000_000 + n}@0",),
+                    kinds=("creation",),
+                    occurred_at=now,
+                    accepted_at=now,
                 ).model_dump(mode="json")
             },
             description=f"naive score {i}",
