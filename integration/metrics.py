@@ -147,6 +147,23 @@ def _known(name: str, kind: dict[str, str], what: str) -> str | None:
     return name
 
 
+def incr_many(redis: Redis, increments: list[tuple[str, float, dict[str, str]]]) -> None:
+    """Several counters in one round trip: [(name, amount, labels), ...]. Never raises."""
+    try:
+        if _backing_off(redis):
+            return
+        with redis.pipeline(transaction=False) as pipe:
+            for name, amount, labels in increments:
+                known = _known(name, COUNTER_HELP, "counter")
+                if known is not None and amount and amount > 0:
+                    pipe.hincrbyfloat(COUNTERS_KEY, _series(known, labels), float(amount))
+            pipe.execute()
+    except RedisError as exc:
+        _failed(redis, exc)
+    except Exception:  # metrics must never break the caller
+        log.exception("metrics: could not record counters")
+
+
 def counter_value(redis: Redis, name: str, **labels: str) -> float:
     """A counter's current total for exactly these labels (0 when never counted)."""
     raw = redis.hget(COUNTERS_KEY, _series(name, labels))

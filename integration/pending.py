@@ -1,9 +1,10 @@
 """Pending leads, coalesced per CRM account: one entry per lead, the newest event wins.
 
-The web side records leads here; a `collect` job per account (kicked when the
-first lead arrives) waits a short linger, then moves up to a batch of leads at a
-time into one `score_batch` RQ job. Each move is one WATCH/MULTI transaction, so
-a lead is always either pending or inside a durable RQ job — never in between.
+The web side records leads here and moves every full batch straight into a
+`score_batch` RQ job; for what is left, a `collect` job per account waits out a short
+linger — only while the workers have nothing else to do — and batches it then. Each move
+is one WATCH/MULTI transaction, so a lead is always either pending or inside a
+durable RQ job — never in between.
 
 Keys, all under `leadscore:`:
   pending:{crm}:{account}  hash   lead id → LeadEvent JSON
@@ -25,6 +26,7 @@ from rq.job import Job
 from integration.events import LeadEvent
 
 ACCOUNTS = "leadscore:accounts"
+CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
 COLLECT_JOB = "workers.batch.collect"
 SCORE_BATCH_JOB = "workers.batch.score_batch"
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
@@ -44,12 +46,19 @@ def kick_key(crm: str, account: str) -> str:
     return f"leadscore:kick:{crm}:{account}"
 
 
+def batch_size(crm: str, wanted: int) -> int:
+    return min(wanted, CRM_BATCH_LIMIT[crm])
+
+
 def record(pipe: Pipeline, events: list[LeadEvent], now: float) -> None:
     """Queue-side half of accepting a delivery; runs inside the web's transaction."""
+    by_account: dict[tuple[str, str], list[LeadEvent]] = {}
     for event in events:
-        pipe.hset(pending_key(event.crm, event.account_id), event.lead_id, event.model_dump_json())
-        pipe.zadd(since_key(event.crm, event.account_id), {event.lead_id: now}, nx=True)
-        pipe.zadd(ACCOUNTS, {f"{event.crm}:{event.account_id}": now}, nx=True)
+        by_account.setdefault((event.crm, event.account_id), []).append(event)
+    for (crm, account), group in by_account.items():
+        pipe.hset(pending_key(crm, account), mapping={e.lead_id: e.model_dump_json() for e in group})
+        pipe.zadd(since_key(crm, account), dict.fromkeys((e.lead_id for e in group), now), nx=True)
+        pipe.zadd(ACCOUNTS, {f"{crm}:{account}": now}, nx=True)
 
 
 def kick(queue: Queue, crm: str, account: str) -> Job | None:

@@ -22,7 +22,7 @@ from integration.events import LeadEvent, coalesce
 
 log = logging.getLogger(__name__)
 
-SEEN_TTL_S = 7 * 24 * 3600  # HubSpot retries for up to three days
+SEEN_DAYS = 4  # HubSpot retries for up to three days
 
 
 @dataclass(frozen=True)
@@ -45,56 +45,88 @@ def redis_from_url(url: str) -> Redis:
     return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
 
-def _seen_key(event: LeadEvent, event_id: str) -> str:
-    return f"leadscore:seen:{event.crm}:{event.account_id}:{event_id}"
+def _seen_keys(crm: str, account: str, day: int) -> list[str]:
+    """One set of seen event ids per account and UTC day; a redelivery is looked up over SEEN_DAYS."""
+    return [f"leadscore:seen:{crm}:{account}:{d}" for d in range(day, day - SEEN_DAYS, -1)]
 
 
-def enqueue_scoring(queue: Queue, events: list[LeadEvent]) -> EnqueueReport:
-    """Record the leads of events not seen before as pending, and kick their accounts' collectors."""
+def enqueue_scoring(queue: Queue, events: list[LeadEvent], batch_size: int = 100) -> EnqueueReport:
+    """Record the leads of events not seen before as pending, and get them batched.
+
+    A handful of Redis commands a delivery, whatever its size: one SMISMEMBER per day
+    looked back, then one transaction with one HSET, two ZADDs and one SADD per account.
+    """
     report = EnqueueReport()
     if not events:
         return report
     connection: Redis = queue.connection
+    now = datetime.now(UTC)
+    day = int(now.timestamp() // 86400)
+    accounts = list(dict.fromkeys((e.crm, e.account_id) for e in events))
     try:
-        seen_flags = connection.mget([_seen_key(e, e.event_ids[0]) for e in events])
-        fresh = [e for e, seen in zip(events, seen_flags, strict=True) if seen is None]
+        seen: set[tuple[str, str, str]] = set()
+        with connection.pipeline(transaction=False) as pipe:
+            for crm, account in accounts:
+                ids = [e.event_ids[0] for e in events if (e.crm, e.account_id) == (crm, account)]
+                for key in _seen_keys(crm, account, day):
+                    pipe.smismember(key, ids)
+            answers = iter(pipe.execute())
+            for crm, account in accounts:
+                ids = [e.event_ids[0] for e in events if (e.crm, e.account_id) == (crm, account)]
+                hits = [any(flags) for flags in zip(*(next(answers) for _ in range(SEEN_DAYS)), strict=True)]
+                seen |= {(crm, account, i) for i, hit in zip(ids, hits, strict=True) if hit}
+        fresh = [e for e in events if (e.crm, e.account_id, e.event_ids[0]) not in seen]
         report.duplicates = len(events) - len(fresh)
-        accepted_at = datetime.now(UTC)
-        to_score = [e.model_copy(update={"accepted_at": accepted_at}) for e in coalesce(fresh)]
+        to_score = [e.model_copy(update={"accepted_at": now}) for e in coalesce(fresh)]
         if not to_score:
             return report
         with connection.pipeline(transaction=True) as pipe:
-            pending.record(pipe, to_score, accepted_at.timestamp())
-            for event in fresh:
-                for event_id in event.event_ids:
-                    pipe.set(_seen_key(event, event_id), 1, ex=SEEN_TTL_S)
-            pipe.execute()
+            pending.record(pipe, to_score, now.timestamp())
+            for crm, account in accounts:
+                ids = [i for e in fresh if (e.crm, e.account_id) == (crm, account) for i in e.event_ids]
+                if ids:
+                    key = _seen_keys(crm, account, day)[0]
+                    pipe.sadd(key, *ids)
+                    pipe.expire(key, SEEN_DAYS * 86400)
+            for crm, account in accounts:
+                pipe.zcard(pending.since_key(crm, account))
+            counts = pipe.execute()[-len(accounts) :]
         report.leads = [e.lead_key for e in to_score]
-        for crm, account in dict.fromkeys((e.crm, e.account_id) for e in to_score):
-            pending.kick(queue, crm, account)
+        for (crm, account), count in zip(accounts, counts, strict=True):
+            size = pending.batch_size(crm, batch_size)
+            while count >= size and pending.take_batch(queue, crm, account, size) is not None:
+                count -= size  # full batches go straight to the workers; no linger for them
+            if count:
+                pending.kick(queue, crm, account)
     except RedisError as exc:
         log.error("redis refused the delivery: %s", exc)
-        if report.leads:  # recorded durably; only the kick failed, and the sweeper repairs that
+        if report.leads:  # recorded durably; only the batching failed, and the sweeper repairs that
             return report
         raise QueueUnavailable("the queue (Redis) is unavailable, nothing was accepted; retry later") from exc
     return report
 
 
-def hand_off(queue: Queue, crm: str, triaged: list[Triaged]) -> dict:
+def hand_off(queue: Queue, crm: str, triaged: list[Triaged], batch_size: int = 100) -> dict:
     """Log what is not scored, enqueue the rest; the summary every webhook answers with."""
-    redis = queue.connection
-    metrics.incr(redis, "events_received_total", len(triaged), crm=crm)
+    ignored: dict[str, int] = {}
     for item in triaged:
         if item.verdict != "score":
             level = logging.INFO if item.verdict == "ignore" else logging.WARNING
             log.log(
                 level, "%s event %s not scored: %s", crm, item.ref, item.detail, extra={"event_id": item.ref}
             )
-            metrics.incr(redis, "events_ignored_total", crm=crm, reason=item.verdict)
+            ignored[item.verdict] = ignored.get(item.verdict, 0) + 1
     to_score = [t.lead_event for t in triaged if t.verdict == "score"]
-    report = enqueue_scoring(queue, to_score)
-    metrics.incr(redis, "events_deduplicated_total", report.duplicates, crm=crm)
-    metrics.incr(redis, "events_enqueued_total", len(to_score) - report.duplicates, crm=crm)
+    report = enqueue_scoring(queue, to_score, batch_size)
+    metrics.incr_many(
+        queue.connection,
+        [
+            ("events_received_total", len(triaged), {"crm": crm}),
+            ("events_deduplicated_total", report.duplicates, {"crm": crm}),
+            ("events_enqueued_total", len(to_score) - report.duplicates, {"crm": crm}),
+            *(("events_ignored_total", n, {"crm": crm, "reason": reason}) for reason, n in ignored.items()),
+        ],
+    )
     return {
         "received": len(triaged),
         "enqueued": len(report.leads),

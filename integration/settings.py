@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     llm_model: str = "gpt-4o-mini"
     llm_timeout_s: float = Field(8.0, gt=0)
 
-    batch_linger_s: float = Field(1.0, ge=0, le=30, description="how long a lone lead waits for company")
+    batch_linger_s: float = Field(0.5, ge=0, le=30, description="how long a lone lead waits for company")
     batch_size: int = Field(
         100, ge=1, le=200, description="leads per batch (HubSpot takes 100, Salesforce 200)"
     )

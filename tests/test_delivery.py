@@ -10,6 +10,7 @@ import time
 from contextlib import ExitStack
 
 from prometheus_client.parser import text_string_to_metric_families
+from rq import SimpleWorker
 from rq.scheduler import RQScheduler
 
 from integration import pending
@@ -100,14 +101,48 @@ def test_lone_lead_waits_only_the_linger(env, monkeypatch, post_delivery, crm, q
     [collect] = queue.get_jobs()
 
     started = time.monotonic()
-    from rq import SimpleWorker
-
     SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
     waited = time.monotonic() - started
 
     assert collect.func_name == "workers.batch.collect"
-    assert 0.25 <= waited < 1.5
-    assert pending.depth(redis) == 0 and queue.count == 1  # the score_batch job
+    assert 0.25 <= waited < 1.0
+    assert pending.depth(redis) == 0 and [j.func_name for j in queue.get_jobs()] == [
+        "workers.batch.score_batch"
+    ]
+
+
+def test_collector_steps_aside_when_other_work_is_queued(env, monkeypatch, post_delivery, crm, queue, redis):
+    monkeypatch.setenv("BATCH_LINGER_S", "5")
+    from integration.settings import get_settings
+    from workers import jobs
+
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+    post_delivery("contact.creation__single")
+    queue.enqueue("workers.batch.sweep_all")  # some other work waiting
+
+    started = time.monotonic()
+    SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
+
+    assert time.monotonic() - started < 1.0  # did not sit out the 5 s linger
+    assert pending.depth(redis) == 1
+    assert [j.func_name for j in queue.get_jobs()] == ["workers.batch.sweep_all", "workers.batch.collect"]
+
+
+def test_a_full_batch_goes_to_the_workers_at_once(env, monkeypatch, crm, queue, redis):
+    monkeypatch.setenv("BATCH_LINGER_S", "5")
+    monkeypatch.setenv("BATCH_SIZE", "10")
+    from integration.settings import get_settings
+
+    get_settings.cache_clear()
+    app = create_app(get_settings())
+    body = json.dumps([change(74300000100 + n, 6000 + n) for n in range(1, 25)]).encode()
+    app.test_client().post(WEBHOOK_URL, data=body, headers=hubspot_headers(WEBHOOK_URL, body, APP_SECRET))
+
+    batches = [job for job in queue.get_jobs() if job.func_name == "workers.batch.score_batch"]
+    assert [len(job.args[2]) for job in batches] == [10, 10]
+    assert pending.depth(redis) == 4  # the rest lingers, with its collector queued
+    assert [j.func_name for j in queue.get_jobs()].count("workers.batch.collect") == 1
 
 
 # ---- the CRM's limits

@@ -22,8 +22,8 @@ from workers.jobs import context, outcome
 
 log = logging.getLogger(__name__)
 
-CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
 SWEEP_AFTER_S = 30  # a pending lead older than this with no collector means a lost kick
+LINGER_POLL_S = 0.05
 
 
 def _queue() -> Queue:
@@ -32,22 +32,24 @@ def _queue() -> Queue:
 
 
 def collect(crm: str, account: str) -> dict:
-    """Wait out the linger (or a full batch), then move pending leads into score_batch jobs."""
+    """Batch the account's pending leads: full batches at once, the rest once the oldest lead
+    has lingered long enough. It waits only while no other job is queued; otherwise it steps
+    aside (goes to the back of the queue), so it never holds a worker that has work to do."""
     queue = _queue()
     settings = context().settings
-    size = min(settings.batch_size, CRM_BATCH_LIMIT[crm])
+    size = pending.batch_size(crm, settings.batch_size)
     batches = 0
     try:
         while True:
             count, since = pending.oldest(queue.connection, crm, account)
             if not count:
                 break
-            wait = since + settings.batch_linger_s - time.time()
-            if count < size and wait > 0:
-                time.sleep(min(wait, settings.batch_linger_s))
+            if count >= size or since + settings.batch_linger_s <= time.time():
+                batches += pending.take_batch(queue, crm, account, size) is not None
                 continue
-            if pending.take_batch(queue, crm, account, size) is not None:
-                batches += 1
+            if queue.count:
+                break  # the release below queues this collector again, behind that work
+            time.sleep(LINGER_POLL_S)
     finally:
         pending.release(queue, crm, account)
     sweep(queue)
@@ -165,3 +167,8 @@ def rescore(crm: str, account: str, events: list[str]) -> int:
         pipe.execute()
     pending.kick(queue, crm, account)
     return len(lead_events)
+
+
+def sweep_all() -> int:
+    """Maintenance as a job: kick every account whose pending leads have no collector."""
+    return sweep(_queue())

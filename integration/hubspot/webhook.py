@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from integration.errors import PayloadError, SignatureError, first_problem
 from integration.events import LeadEvent
 from integration.hubspot import OUTPUT_PROPERTIES
-from integration.queue import Triaged, hand_off
+from integration.queue import Triaged
 
 log = logging.getLogger(__name__)
 
@@ -207,5 +207,5 @@ def receive():
     events = parse_delivery(body)
 
     own_app_id = settings.hubspot_app_id
-    summary = hand_off(services.queue, "hubspot", [triage(e, own_app_id or str(e.app_id)) for e in events])
+    summary = services.hand_off("hubspot", [triage(e, own_app_id or str(e.app_id)) for e in events])
     return jsonify(summary)

@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from integration import signing
 from integration.errors import PayloadError, SignatureError, WebhookError, first_problem
 from integration.events import LeadEvent
-from integration.queue import Triaged, hand_off
+from integration.queue import Triaged
 from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_record_id
 from integration.settings import SettingsError
 
@@ -276,7 +276,7 @@ def receive_outbound_message(token: str | None = None):
     if len(items) > MAX_NOTIFICATIONS:
         raise PayloadError(f"expected at most {MAX_NOTIFICATIONS} notifications, got {len(items)}")
     triaged = [triage_notification(n, org_id, settings.salesforce_integration_user_id) for n in items]
-    summary = hand_off(services.queue, "salesforce", triaged)
+    summary = services.hand_off("salesforce", triaged)
     log.info("outbound message from %s: %s", org_id, {k: v for k, v in summary.items() if k != "jobs"})
     return Response(ACK, status=200, content_type="text/xml; charset=utf-8")
 
@@ -305,4 +305,4 @@ def receive_change_events():
             settings.salesforce_client_name,
         )
     ]
-    return jsonify(hand_off(services.queue, "salesforce", triaged))
+    return jsonify(services.hand_off("salesforce", triaged))
