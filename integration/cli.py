@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 from pathlib import Path
 
 from integration.settings import SettingsError, get_settings
@@ -46,10 +48,25 @@ def cmd_worker(args) -> int:
     if settings.salesforce_configured:
         for org_id in settings.allowed_org_ids:
             jobs.salesforce_for(org_id)  # logs in once here, not in every work horse
-    redis = redis_from_url(settings.redis_url)
-    worker = build([Queue(settings.queue_name, connection=redis)], redis, settings.worker_maintenance_s)
-    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
-    return 0
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    log = logging.getLogger("leadscore.worker")
+    backoff = 1.0
+    while True:  # a Redis restart must not end the worker: wait for it, then work again
+        try:
+            redis = redis_from_url(settings.redis_url)
+            worker = build(
+                [Queue(settings.queue_name, connection=redis)], redis, settings.worker_maintenance_s
+            )
+            worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+            return 0
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if args.burst:
+                raise
+            log.warning("Redis unreachable (%s); working again in %.0fs", exc, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
 
 def _failed_registry():
