@@ -102,24 +102,30 @@ def incr(redis: Redis, name: str, amount: float = 1, **labels: str) -> None:
 
 def observe(redis: Redis, name: str, seconds: float, **labels: str) -> None:
     """Record one observation of histogram `name` {labels}; negative values count as 0. Never raises."""
+    observe_many(redis, name, [seconds], **labels)
+
+
+def observe_many(redis: Redis, name: str, values: list[float], **labels: str) -> None:
+    """Record many observations of histogram `name` {labels} in one round trip. Never raises."""
     try:
         name = _known(name, HISTOGRAM_HELP, "histogram")
-        if name is None:
+        if name is None or not values:
             return
-        seconds = float(seconds)
-        if math.isnan(seconds):
+        values = [float(v) for v in values]
+        if any(math.isnan(v) for v in values):
             _warn("bad-amount", "metrics: histogram %s refuses NaN", name)
             return
-        seconds = max(seconds, 0.0)  # clock skew between machines must not make sums go down
+        values = [max(v, 0.0) for v in values]  # clock skew between machines must not make sums go down
         if _backing_off(redis):
             return
         series = _series(name, labels)
         pipe = redis.pipeline(transaction=True)  # one round trip; a scrape never sees half of it
         for le in BUCKETS:
-            if seconds <= le:
-                pipe.hincrby(HISTOGRAMS_KEY, f"{series}#bucket={floatToGoString(le)}", 1)
-        pipe.hincrbyfloat(HISTOGRAMS_KEY, f"{series}#sum", seconds)
-        pipe.hincrby(HISTOGRAMS_KEY, f"{series}#count", 1)
+            inside = sum(v <= le for v in values)
+            if inside:
+                pipe.hincrby(HISTOGRAMS_KEY, f"{series}#bucket={floatToGoString(le)}", inside)
+        pipe.hincrbyfloat(HISTOGRAMS_KEY, f"{series}#sum", sum(values))
+        pipe.hincrby(HISTOGRAMS_KEY, f"{series}#count", len(values))
         pipe.execute()
     except RedisError as exc:
         _failed(redis, exc)

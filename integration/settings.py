@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(
         100, ge=1, le=200, description="leads per batch (HubSpot takes 100, Salesforce 200)"
     )
-    llm_concurrency: int = Field(8, ge=1, le=64, description="LLM calls in flight per batch")
+    llm_concurrency: int = Field(16, ge=1, le=200, description="LLM calls in flight per batch")
     llm_cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="how long an LLM answer is reused")
     fallback_rescore_s: int = Field(300, ge=0, description="rescore fallback leads after this; 0 = never")
     hubspot_calls_per_10s: int = Field(100, ge=1, description="shared by all workers, per portal")

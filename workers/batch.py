@@ -66,8 +66,13 @@ def sweep(queue: Queue) -> int:
 
 def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
     """Score a batch of leads of one account; returns each lead's outcome, in order."""
-    started = time.monotonic()
     ctx = context()
+    with ctx.tallied():
+        return _score_batch(ctx, crm, account, events)
+
+
+def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
+    started = time.monotonic()
     adapter = ctx.crm(crm, account)
     lead_events = [LeadEvent.model_validate_json(raw) for raw in events]
     by_id = {event.lead_id: event for event in lead_events}
@@ -76,7 +81,7 @@ def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
     to_write = [(s.lead.lead_id, s.fields) for s in scored.values() if s.fields is not None]
     written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
 
-    results, failed, fallbacks = [], [], []
+    results, failed, fallbacks, latencies = [], [], [], []
     now = datetime.now(UTC)
     for event in lead_events:
         lead_id, key = event.lead_id, event.lead_key
@@ -94,9 +99,7 @@ def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
         if result.ok:
             ctx.telemetry("writes_total", crm=crm, outcome="written")
             if event.accepted_at is not None:
-                metrics.observe(
-                    ctx.redis, "scoring_latency_seconds", (now - event.accepted_at).total_seconds(), crm=crm
-                )
+                latencies.append((now - event.accepted_at).total_seconds())
             results.append(outcome(key, "written", s))
         elif result.gone:
             results.append(outcome(key, "lead_gone"))
@@ -135,6 +138,7 @@ def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
             account,
             [e.model_dump_json() for e in fallbacks],
         )
+    metrics.observe_many(ctx.redis, "scoring_latency_seconds", latencies, crm=crm)
     elapsed = time.monotonic() - started
     metrics.observe(ctx.redis, "batch_duration_seconds", elapsed, crm=crm)
     counts = {name: sum(r["outcome"] == name for r in results) for name in ("written", "unchanged", "failed")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -49,12 +50,28 @@ class WorkerContext:
     config: ScoringConfig
     reasoner: PropensityReasoner
 
+    tally: dict | None = None  # while set, counters are summed here and written once
+
     @cached_property
     def redis(self) -> Redis:
         return redis_from_url(self.settings.redis_url)
 
     def telemetry(self, name: str, amount: float = 1, **labels: str) -> None:
-        metrics.incr(self.redis, name, amount, **labels)
+        if self.tally is None:
+            metrics.incr(self.redis, name, amount, **labels)
+            return
+        key = (name, tuple(sorted(labels.items())))
+        self.tally[key] = self.tally.get(key, 0) + amount
+
+    @contextmanager
+    def tallied(self):
+        """Count in memory for a batch, then write every counter in one round trip."""
+        self.tally = {}
+        try:
+            yield
+        finally:
+            tally, self.tally = self.tally, None
+            metrics.incr_many(self.redis, [(name, n, dict(labels)) for (name, labels), n in tally.items()])
 
     def crm(self, crm: str, account: str) -> HubSpotCRM | SalesforceCRM:
         return _hubspot(account) if crm == "hubspot" else salesforce_for(account)
