@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--llm-latency", type=float, default=0.3)
     parser.add_argument("--hubspot-latency", type=float, default=0.05)
-    parser.add_argument("--llm-concurrency", type=int, default=64, help="LLM_CONCURRENCY (product max 64)")
+    parser.add_argument("--llm-concurrency", type=int, default=100, help="LLM_CONCURRENCY (product max 200)")
     parser.add_argument("--linger", type=float, default=1.0, help="BATCH_LINGER_S")
     parser.add_argument("--calls-per-10s", type=int, default=100, help="HUBSPOT_CALLS_PER_10S")
     parser.add_argument("--drain-timeout", type=float, default=120, help="wait after the last delivery")

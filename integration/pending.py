@@ -105,22 +105,28 @@ def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
                     pipe.zadd(ACCOUNTS, {f"{crm}:{account}": after[0][1]})
                 else:
                     pipe.zrem(ACCOUNTS, f"{crm}:{account}")
-                [job] = queue.enqueue_many(
-                    [
-                        Queue.prepare_data(
-                            SCORE_BATCH_JOB,
-                            args=(crm, account, events),
-                            timeout=BATCH_TIMEOUT_S,
-                            retry=BATCH_RETRY,
-                            description=f"score {len(events)} leads of {crm}:{account}",
-                        )
-                    ],
-                    pipeline=pipe,
-                )
+                job = enqueue_batch(queue, pipe, crm, account, events)
                 pipe.execute()
                 return job
             except WatchError:
                 continue
+
+
+def enqueue_batch(queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[str]) -> Job:
+    """A score_batch job for these leads (LeadEvent JSON), queued inside the caller's transaction."""
+    [job] = queue.enqueue_many(
+        [
+            Queue.prepare_data(
+                SCORE_BATCH_JOB,
+                args=(crm, account, events),
+                timeout=BATCH_TIMEOUT_S,
+                retry=BATCH_RETRY,
+                description=f"score {len(events)} leads of {crm}:{account}",
+            )
+        ],
+        pipeline=pipe,
+    )
+    return job
 
 
 def release(queue: Queue, crm: str, account: str) -> Job | None:

@@ -22,7 +22,7 @@ from integration.events import LeadEvent, coalesce
 
 log = logging.getLogger(__name__)
 
-SEEN_DAYS = 4  # HubSpot retries for up to three days
+SEEN_WINDOW_S = 4 * 24 * 3600  # HubSpot retries for up to three days
 
 
 @dataclass(frozen=True)
@@ -45,62 +45,65 @@ def redis_from_url(url: str) -> Redis:
     return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
 
-def _seen_keys(crm: str, account: str, day: int) -> list[str]:
-    """One set of seen event ids per account and UTC day; a redelivery is looked up over SEEN_DAYS."""
-    return [f"leadscore:seen:{crm}:{account}:{d}" for d in range(day, day - SEEN_DAYS, -1)]
+def _seen_keys(crm: str, account: str, window: int) -> list[str]:
+    """Seen event ids per account in windows of SEEN_WINDOW_S; this window's and the last are checked."""
+    return [f"leadscore:seen:{crm}:{account}:{w}" for w in (window, window - 1)]
 
 
 def enqueue_scoring(queue: Queue, events: list[LeadEvent], batch_size: int = 100) -> EnqueueReport:
-    """Record the leads of events not seen before as pending, and get them batched.
+    """Queue the leads of events not seen before, and get them batched.
 
-    A handful of Redis commands a delivery, whatever its size: one SMISMEMBER per day
-    looked back, then one transaction with one HSET, two ZADDs and one SADD per account.
+    A handful of Redis commands a delivery, whatever its size: SMISMEMBER on two sets per
+    account, then one transaction holding the seen marks, a score_batch job for every full
+    batch in this delivery, and the rest as pending leads (HSET, two ZADDs) for the collector.
     """
     report = EnqueueReport()
     if not events:
         return report
     connection: Redis = queue.connection
     now = datetime.now(UTC)
-    day = int(now.timestamp() // 86400)
-    accounts = list(dict.fromkeys((e.crm, e.account_id) for e in events))
+    window = int(now.timestamp() // SEEN_WINDOW_S)
+    groups: dict[tuple[str, str], list[LeadEvent]] = {}
+    for event in events:
+        groups.setdefault((event.crm, event.account_id), []).append(event)
     try:
-        seen: set[tuple[str, str, str]] = set()
         with connection.pipeline(transaction=False) as pipe:
-            for crm, account in accounts:
-                ids = [e.event_ids[0] for e in events if (e.crm, e.account_id) == (crm, account)]
-                for key in _seen_keys(crm, account, day):
-                    pipe.smismember(key, ids)
+            for (crm, account), group in groups.items():
+                for key in _seen_keys(crm, account, window):
+                    pipe.smismember(key, [e.event_ids[0] for e in group])
             answers = iter(pipe.execute())
-            for crm, account in accounts:
-                ids = [e.event_ids[0] for e in events if (e.crm, e.account_id) == (crm, account)]
-                hits = [any(flags) for flags in zip(*(next(answers) for _ in range(SEEN_DAYS)), strict=True)]
-                seen |= {(crm, account, i) for i, hit in zip(ids, hits, strict=True) if hit}
-        fresh = [e for e in events if (e.crm, e.account_id, e.event_ids[0]) not in seen]
-        report.duplicates = len(events) - len(fresh)
-        to_score = [e.model_copy(update={"accepted_at": now}) for e in coalesce(fresh)]
-        if not to_score:
-            return report
+        fresh: dict[tuple[str, str], list[LeadEvent]] = {}
+        for account_key, group in groups.items():
+            flags = zip(next(answers), next(answers), strict=True)
+            fresh[account_key] = [
+                e for e, (now_seen, before) in zip(group, flags, strict=True) if not (now_seen or before)
+            ]
+        report.duplicates = len(events) - sum(len(g) for g in fresh.values())
+        queued: list[str] = []
         with connection.pipeline(transaction=True) as pipe:
-            pending.record(pipe, to_score, now.timestamp())
-            for crm, account in accounts:
-                ids = [i for e in fresh if (e.crm, e.account_id) == (crm, account) for i in e.event_ids]
-                if ids:
-                    key = _seen_keys(crm, account, day)[0]
-                    pipe.sadd(key, *ids)
-                    pipe.expire(key, SEEN_DAYS * 86400)
-            for crm, account in accounts:
-                pipe.zcard(pending.since_key(crm, account))
-            counts = pipe.execute()[-len(accounts) :]
-        report.leads = [e.lead_key for e in to_score]
-        for (crm, account), count in zip(accounts, counts, strict=True):
-            size = pending.batch_size(crm, batch_size)
-            while count >= size and pending.take_batch(queue, crm, account, size) is not None:
-                count -= size  # full batches go straight to the workers; no linger for them
-            if count:
+            for (crm, account), group in fresh.items():
+                if not group:
+                    continue
+                leads = [e.model_copy(update={"accepted_at": now}) for e in coalesce(group)]
+                queued += [e.lead_key for e in leads]
+                size = pending.batch_size(crm, batch_size)
+                full = len(leads) - len(leads) % size  # full batches go straight to the workers
+                for start in range(0, full, size):
+                    batch = [e.model_dump_json() for e in leads[start : start + size]]
+                    pending.enqueue_batch(queue, pipe, crm, account, batch)
+                if leads[full:]:
+                    pending.record(pipe, leads[full:], now.timestamp())
+                key = _seen_keys(crm, account, window)[0]
+                pipe.sadd(key, *(i for e in group for i in e.event_ids))
+                pipe.expire(key, 2 * SEEN_WINDOW_S)
+            pipe.execute()
+        report.leads = queued  # durably queued from here on
+        for (crm, account), group in fresh.items():
+            if group and connection.zcard(pending.since_key(crm, account)):
                 pending.kick(queue, crm, account)
     except RedisError as exc:
         log.error("redis refused the delivery: %s", exc)
-        if report.leads:  # recorded durably; only the batching failed, and the sweeper repairs that
+        if report.leads:  # queued durably; only a kick failed, and the sweeper repairs that
             return report
         raise QueueUnavailable("the queue (Redis) is unavailable, nothing was accepted; retry later") from exc
     return report
