@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,10 @@ class LeadEvent(BaseModel):
     kinds: tuple[str, ...] = Field(description="normalised kinds, e.g. creation, property_change")
     changed_fields: tuple[str, ...] = ()
     occurred_at: datetime
-    accepted_at: datetime | None = Field(None, description="when leadscore durably queued it")
+    accepted_at: datetime | None = Field(
+        default_factory=lambda: datetime.now(UTC),
+        description="when leadscore took it in (the webhook builds it just before queueing it)",
+    )
 
     @property
     def lead_key(self) -> str:

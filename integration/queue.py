@@ -84,7 +84,7 @@ def enqueue_scoring(queue: Queue, events: list[LeadEvent], batch_size: int = 100
             for (crm, account), group in fresh.items():
                 if not group:
                     continue
-                leads = [e.model_copy(update={"accepted_at": now}) for e in coalesce(group)]
+                leads = coalesce(group)
                 queued += [e.lead_key for e in leads]
                 size = pending.batch_size(crm, batch_size)
                 full = len(leads) - len(leads) % size  # full batches go straight to the workers
