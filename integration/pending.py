@@ -16,6 +16,7 @@ Keys, all under `leadscore:`:
 from __future__ import annotations
 
 import time
+import uuid
 
 from redis import Redis
 from redis.client import Pipeline
@@ -25,10 +26,14 @@ from rq.job import Job
 
 from integration.events import LeadEvent
 
+_DELETE_IF_OWN = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
 ACCOUNTS = "leadscore:accounts"
 CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
 COLLECT_JOB = "workers.batch.collect"
 SCORE_BATCH_JOB = "workers.batch.score_batch"
+LATEST_TTL_S = 24 * 3600
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
 BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 BATCH_TIMEOUT_S = 600
@@ -63,12 +68,14 @@ def record(pipe: Pipeline, events: list[LeadEvent], now: float) -> None:
 
 def kick(queue: Queue, crm: str, account: str) -> Job | None:
     """Make sure one collect job is queued or running for the account."""
-    if not queue.connection.set(kick_key(crm, account), 1, nx=True, ex=KICK_TTL_S):
+    token = uuid.uuid4().hex
+    if not queue.connection.set(kick_key(crm, account), token, nx=True, ex=KICK_TTL_S):
         return None
     return queue.enqueue(
         COLLECT_JOB,
         crm,
         account,
+        token,
         job_timeout=BATCH_TIMEOUT_S,
         retry=Retry(max=3, interval=[1, 5, 30]),
         result_ttl=300,
@@ -78,11 +85,11 @@ def kick(queue: Queue, crm: str, account: str) -> Job | None:
 
 def oldest(redis: Redis, crm: str, account: str) -> tuple[int, float | None]:
     """How many leads are pending for the account, and since when the oldest."""
-    with redis.pipeline(transaction=False) as pipe:
+    with redis.pipeline(transaction=True) as pipe:
         pipe.zcard(since_key(crm, account))
         pipe.zrange(since_key(crm, account), 0, 0, withscores=True)
         count, first = pipe.execute()
-    return count, (first[0][1] if first else None)
+    return (count, first[0][1]) if first else (0, None)
 
 
 def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
@@ -105,15 +112,30 @@ def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
                     pipe.zadd(ACCOUNTS, {f"{crm}:{account}": after[0][1]})
                 else:
                     pipe.zrem(ACCOUNTS, f"{crm}:{account}")
-                job = enqueue_batch(queue, pipe, crm, account, events)
+                stamps = {
+                    e.lead_id: e.accepted_at.timestamp() for e in map(LeadEvent.model_validate_json, events)
+                }
+                job = enqueue_batch(queue, pipe, crm, account, events, stamps)
                 pipe.execute()
                 return job
             except WatchError:
                 continue
 
 
-def enqueue_batch(queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[str]) -> Job:
-    """A score_batch job for these leads (LeadEvent JSON), queued inside the caller's transaction."""
+def latest_key(crm: str, account: str) -> str:
+    return f"leadscore:latest:{crm}:{account}"
+
+
+def enqueue_batch(
+    queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[str], accepted: dict[str, float]
+) -> Job:
+    """A score_batch job for these leads (LeadEvent JSON), queued inside the caller's transaction.
+
+    `accepted` (lead id → when its newest event was accepted) is kept per lead, so a slower
+    batch holding an older event can tell that a newer one has been handed out since.
+    """
+    pipe.hset(latest_key(crm, account), mapping=accepted)
+    pipe.expire(latest_key(crm, account), LATEST_TTL_S)
     [job] = queue.enqueue_many(
         [
             Queue.prepare_data(
@@ -129,10 +151,10 @@ def enqueue_batch(queue: Queue, pipe: Pipeline, crm: str, account: str, events: 
     return job
 
 
-def release(queue: Queue, crm: str, account: str) -> Job | None:
-    """A collect job is done: drop its kick, and kick again if leads arrived meanwhile."""
+def release(queue: Queue, crm: str, account: str, token: str | None) -> Job | None:
+    """A collect job is done: drop its kick (only its own), and kick again if leads arrived meanwhile."""
     redis = queue.connection
-    redis.delete(kick_key(crm, account))
+    redis.eval(_DELETE_IF_OWN, 1, kick_key(crm, account), token or "")
     if redis.zcard(since_key(crm, account)):
         return kick(queue, crm, account)
     return None

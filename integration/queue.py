@@ -89,8 +89,11 @@ def enqueue_scoring(queue: Queue, events: list[LeadEvent], batch_size: int = 100
                 size = pending.batch_size(crm, batch_size)
                 full = len(leads) - len(leads) % size  # full batches go straight to the workers
                 for start in range(0, full, size):
-                    batch = [e.model_dump_json() for e in leads[start : start + size]]
-                    pending.enqueue_batch(queue, pipe, crm, account, batch)
+                    chunk = leads[start : start + size]
+                    stamps = {e.lead_id: e.accepted_at.timestamp() for e in chunk}
+                    pending.enqueue_batch(
+                        queue, pipe, crm, account, [e.model_dump_json() for e in chunk], stamps
+                    )
                 if leads[full:]:
                     pending.record(pipe, leads[full:], now.timestamp())
                 key = _seen_keys(crm, account, window)[0]

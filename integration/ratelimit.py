@@ -34,7 +34,11 @@ return tostring(tonumber(oldest[2]) + window - now)
 
 
 class RateLimited(Exception):
-    """No slot within the time a caller may wait; the job is retried later by RQ."""
+    """No call may be made for a while; the job is put off by `retry_after_s`, not failed."""
+
+    def __init__(self, message: str, retry_after_s: float = 60.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RateLimiter:
@@ -60,7 +64,7 @@ class RateLimiter:
             if wait <= 0:
                 return waited
             if waited + wait > max_wait_s:
-                raise RateLimited(f"{self.key}: no call slot within {max_wait_s:.0f}s")
+                raise RateLimited(f"{self.key}: no call slot within {max_wait_s:.0f}s", retry_after_s=wait)
             time.sleep(min(wait, 1.0) + 0.01)
             waited += min(wait, 1.0) + 0.01
 

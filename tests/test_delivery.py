@@ -124,7 +124,7 @@ def test_collector_steps_aside_when_other_work_is_queued(env, monkeypatch, post_
     started = time.monotonic()
     SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
 
-    assert time.monotonic() - started < 1.0  # did not sit out the 5 s linger
+    assert time.monotonic() - started < 3.0  # did not sit out the 5 s linger
     assert pending.depth(redis) == 1
     assert [j.func_name for j in queue.get_jobs()] == ["workers.batch.sweep_all", "workers.batch.collect"]
 
@@ -156,15 +156,6 @@ def test_429_storm_waits_and_finishes_with_nothing_dropped(post_delivery, crm, r
     assert hubspot.throttled == 4
     assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
     assert all(scored(hubspot)[c] for c in hubspot.contacts if c.startswith("743000001"))
-
-
-def test_daily_limit_stops_and_retries_later(post_delivery, crm, run_worker, hubspot, queue):
-    hubspot.daily_limit_reached = True
-    post_delivery("contact.creation__single")
-    run_worker()
-
-    assert queue.scheduled_job_registry.count == 1  # score_batch waits for RQ's retry
-    assert hubspot.throttled == 1
 
 
 def test_hubspot_207_writes_the_valid_and_reports_the_invalid(post_delivery, crm, run_worker, hubspot, queue):
@@ -346,3 +337,36 @@ def test_logs_are_json_without_emails_or_phones(post_delivery, crm, run_worker, 
     text = json.dumps(lines)
     assert "@brightloop.io" not in text and "555 0143" not in text
     assert any(line.get("job_id") for line in lines)
+
+
+def test_an_older_batch_never_overwrites_a_newer_events_score(env, monkeypatch, crm, queue, redis, hubspot):
+    monkeypatch.setenv("BATCH_SIZE", "1")  # each delivery becomes a batch job at once
+    from integration.settings import get_settings
+
+    get_settings.cache_clear()
+    client = create_app(get_settings()).test_client()
+    for event_id in (8001, 8002):
+        body = json.dumps([change(int(VP), event_id)]).encode()
+        client.post(WEBHOOK_URL, data=body, headers=hubspot_headers(WEBHOOK_URL, body, APP_SECRET))
+        time.sleep(0.01)
+
+    SimpleWorker([queue], connection=redis).work(burst=True)
+    older, newer = sorted(
+        (queue.fetch_job(i) for i in queue.finished_job_registry.get_job_ids()), key=lambda j: j.enqueued_at
+    )
+
+    assert [r["outcome"] for r in older.return_value()] == ["superseded"]
+    assert [r["outcome"] for r in newer.return_value()] == ["written"]
+    assert len(hubspot.writes) == 1
+
+
+def test_daily_limit_defers_the_batch_instead_of_failing_it(post_delivery, crm, run_worker, hubspot, queue):
+    hubspot.daily_limit_reached = True
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    assert result["outcome"] == "deferred"
+    assert queue.failed_job_registry.count == 0
+    [deferred] = queue.scheduled_job_registry.get_job_ids()
+    due = queue.scheduled_job_registry.get_scheduled_time(deferred).timestamp()
+    assert 3000 < due - time.time() <= 3600

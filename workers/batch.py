@@ -18,6 +18,7 @@ from rq import Queue, get_current_job
 from integration import metrics, pending
 from integration.crm import WriteRejected
 from integration.events import LeadEvent
+from integration.ratelimit import RateLimited
 from workers.jobs import context, outcome
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def _queue() -> Queue:
     return Queue(job.origin, connection=job.connection)
 
 
-def collect(crm: str, account: str) -> dict:
+def collect(crm: str, account: str, token: str | None = None) -> dict:
     """Batch the account's pending leads: full batches at once, the rest once the oldest lead
     has lingered long enough. It waits only while no other job is queued; otherwise it steps
     aside (goes to the back of the queue), so it never holds a worker that has work to do."""
@@ -51,7 +52,7 @@ def collect(crm: str, account: str) -> dict:
                 break  # the release below queues this collector again, behind that work
             time.sleep(LINGER_POLL_S)
     finally:
-        pending.release(queue, crm, account)
+        pending.release(queue, crm, account, token)
     sweep(queue)
     return {"account": f"{crm}:{account}", "batches": batches}
 
@@ -67,8 +68,23 @@ def sweep(queue: Queue) -> int:
 def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
     """Score a batch of leads of one account; returns each lead's outcome, in order."""
     ctx = context()
-    with ctx.tallied():
-        return _score_batch(ctx, crm, account, events)
+    try:
+        with ctx.tallied():
+            return _score_batch(ctx, crm, account, events)
+    except RateLimited as exc:  # not a failure: the CRM asked us to wait, so the batch waits
+        log.warning("%s; batch of %d put off %.0fs", exc, len(events), exc.retry_after_s)
+        _queue().enqueue_in(
+            timedelta(seconds=max(1.0, exc.retry_after_s)),
+            "workers.batch.score_batch",
+            crm,
+            account,
+            events,
+            job_timeout=pending.BATCH_TIMEOUT_S,
+            retry=pending.BATCH_RETRY,
+        )
+        return [
+            {"lead": LeadEvent.model_validate_json(raw).lead_key, "outcome": "deferred"} for raw in events
+        ]
 
 
 def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
@@ -78,7 +94,10 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     by_id = {event.lead_id: event for event in lead_events}
     leads = adapter.read_leads(list(by_id))  # keyed by the ids asked for
     scored = dict(zip(leads, ctx.score(list(leads.values())), strict=True))
-    to_write = [(s.lead.lead_id, s.fields) for s in scored.values() if s.fields is not None]
+    superseded = _superseded(ctx, crm, account, [by_id[i] for i, s in scored.items() if s.fields is not None])
+    to_write = [
+        (s.lead.lead_id, s.fields) for i, s in scored.items() if s.fields is not None and i not in superseded
+    ]
     written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
 
     results, failed, fallbacks, latencies = [], [], [], []
@@ -88,6 +107,9 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         s = scored.get(lead_id)
         if s is None:
             results.append(outcome(key, "lead_gone"))
+            continue
+        if lead_id in superseded:
+            results.append(outcome(key, "superseded", s))  # a newer event's batch writes this lead
             continue
         if s.propensity is not None and s.propensity.fallback:
             fallbacks.append(event)
@@ -148,6 +170,18 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         extra={"crm": crm, "account_id": account, "leads": len(results), **counts},
     )  # fmt: skip
     return results
+
+
+def _superseded(ctx, crm: str, account: str, events: list[LeadEvent]) -> set[str]:
+    """Leads of this batch that a newer event has since put in another batch: not ours to write."""
+    if not events:
+        return set()
+    latest = ctx.redis.hmget(pending.latest_key(crm, account), [e.lead_id for e in events])
+    return {
+        e.lead_id
+        for e, stamp in zip(events, latest, strict=True)
+        if stamp is not None and e.accepted_at is not None and float(stamp) > e.accepted_at.timestamp() + 1e-3
+    }
 
 
 def _fail_alone(result, crm: str) -> None:

@@ -7,6 +7,7 @@ path, kept for single-lead reruns and as the benchmark's naive baseline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from contextlib import contextmanager
@@ -127,9 +128,12 @@ def context() -> WorkerContext:
     """Built once per process; `leadscore worker` builds it before forking work horses."""
     settings = get_settings()
     settings.require_a_crm()
+    config = load_config(settings.scoring_config_path)
+    # The LLM model is an input too: changing it must neither reuse cached answers nor skip leads.
+    digest = hashlib.sha256(f"{config.digest}:{settings.llm_model}".encode()).hexdigest()[:16]
     return WorkerContext(
         settings=settings,
-        config=load_config(settings.scoring_config_path),
+        config=config.model_copy(update={"digest": digest}),
         reasoner=PropensityReasoner(settings),
     )
 

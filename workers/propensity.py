@@ -155,6 +155,17 @@ def from_cache(raw: bytes | str) -> PropensityResult:
     )
 
 
+def _cached(raw: bytes | None) -> PropensityResult | None:
+    """A cached answer, or None when there is none or it cannot be read (then the LLM is asked)."""
+    if not raw:
+        return None
+    try:
+        return from_cache(raw)
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring an unreadable LLM cache entry")
+        return None
+
+
 class PropensityReasoner:
     """Asks the LLM for a `ConversionPropensity`; never raises."""
 
@@ -213,7 +224,7 @@ class PropensityReasoner:
                 cached = redis.mget([f"leadscore:llm:{fp}" for fp in fingerprints])
             except RedisError:
                 log.warning("LLM cache unavailable; asking the LLM")
-        results: list[PropensityResult | None] = [from_cache(c) if c else None for c in cached]
+        results: list[PropensityResult | None] = [_cached(c) for c in cached]
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(missing))) as pool:

@@ -49,6 +49,7 @@ TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_e
 MAX_TEXT_RECORDS = 5
 HUBSPOT_BATCH = 100
 MAX_THROTTLED_TRIES = 8
+DAILY_PAUSE_S = 3600  # HubSpot resets daily limits at midnight in the portal's time zone
 # A contact with any of these has had sales activity, so may have notes or emails worth reading.
 ACTIVITY_PROPERTIES = (
     "notes_last_updated",
@@ -183,6 +184,7 @@ class HubSpotCRM:
             status_forcelist=(500, 502, 503, 504),  # 429s are handled in _call, for every worker
             allowed_methods=frozenset({"GET", "PATCH", "POST"}),  # every call here is idempotent
             raise_on_status=False,
+            respect_retry_after_header=False,  # 429s are _call's: it pauses every worker, not just this one
         )
         self.client = HubSpot(
             access_token=settings.hubspot_access_token,
@@ -204,7 +206,12 @@ class HubSpotCRM:
                 self.telemetry("crm_throttled_total", crm="hubspot")
                 policy, wait_s = _throttle(exc)
                 if policy == "DAILY":
-                    raise RateLimited(f"HubSpot portal {self.portal_id}: daily API limit reached") from None
+                    if self.limiter is not None:
+                        self.limiter.pause(DAILY_PAUSE_S)  # no worker spends a call to learn it again
+                    raise RateLimited(
+                        f"HubSpot portal {self.portal_id}: daily API limit reached",
+                        retry_after_s=DAILY_PAUSE_S,
+                    ) from None
                 log.warning("HubSpot answered 429 (%s); every worker pauses %.1fs", policy, wait_s)
                 if self.limiter is not None:
                     self.limiter.pause(wait_s)

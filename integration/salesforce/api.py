@@ -151,7 +151,8 @@ class SalesforceCRM:
             self.telemetry("crm_throttled_total", crm="salesforce")
             raise RateLimited(
                 f"Salesforce org {self.org_id} has used {usage.used} of {usage.total} daily API calls; "
-                f"leadscore stops at {self.stop_fraction:.0%} (SALESFORCE_API_STOP_FRACTION)"
+                f"leadscore stops at {self.stop_fraction:.0%} (SALESFORCE_API_STOP_FRACTION)",
+                retry_after_s=3600,
             )
         self.telemetry("crm_calls_total", crm="salesforce", operation=operation)
 
