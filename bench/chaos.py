@@ -18,7 +18,7 @@ A supervisor also restarts any worker that exits on its own, and counts it.
 Then, bounded by `--recovery-timeout` (240 s), it waits until the queue, the running/scheduled job
 registries and the pending store are empty and every lead is fresh: leadscore_scored_at set and
 the leadscore_details fingerprint equal to `workers.blend.input_fingerprint` of the lead as read
-now from the emulator (checked last with `HubSpotCRM.read_leads` and `workers.config.load_config`).
+now from the emulator (checked last with `HubSpotCRM.read_leads` and `workers.jobs.scoring_config`).
 
 RQ retries a job abandoned by a killed worker only after its heartbeat expires (job monitoring
 interval 5 s + 60 s) and a worker runs maintenance: WORKER_MAINTENANCE_S is set to
@@ -47,7 +47,7 @@ from rq import Worker
 from integration.hubspot.api import HubSpotCRM, lead_from_properties
 from integration.settings import get_settings
 from workers.blend import input_fingerprint
-from workers.config import load_config
+from workers.jobs import scoring_config
 
 STATUSES = ("NEW", "OPEN", "IN_PROGRESS", "ATTEMPTED_TO_CONTACT", "CONNECTED", "BAD_TIMING")
 
@@ -128,7 +128,7 @@ def main() -> int:
         env=env,
         redis_options=redis_options,
     ) as pipe:
-        config = load_config(get_settings().scoring_config_path)
+        config = scoring_config(get_settings())
         ids = pipe.seed_contacts(args.leads, 85_000_000_000)
         order = plan(ids, args.events, rng)
         chunks = [order[i : i + args.per_delivery] for i in range(0, len(order), args.per_delivery)]

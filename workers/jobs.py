@@ -128,14 +128,17 @@ def context() -> WorkerContext:
     """Built once per process; `leadscore worker` builds it before forking work horses."""
     settings = get_settings()
     settings.require_a_crm()
-    config = load_config(settings.scoring_config_path)
-    # The LLM model is an input too: changing it must neither reuse cached answers nor skip leads.
-    digest = hashlib.sha256(f"{config.digest}:{settings.llm_model}".encode()).hexdigest()[:16]
     return WorkerContext(
-        settings=settings,
-        config=config.model_copy(update={"digest": digest}),
-        reasoner=PropensityReasoner(settings),
+        settings=settings, config=scoring_config(settings), reasoner=PropensityReasoner(settings)
     )
+
+
+def scoring_config(settings: Settings) -> ScoringConfig:
+    """The config scores are made with; its digest (part of every fingerprint) covers the LLM
+    model too, so changing the model neither reuses cached answers nor skips leads."""
+    config = load_config(settings.scoring_config_path)
+    digest = hashlib.sha256(f"{config.digest}:{settings.llm_model}".encode()).hexdigest()[:16]
+    return config.model_copy(update={"digest": digest})
 
 
 @lru_cache(maxsize=64)
