@@ -56,3 +56,13 @@ def coalesce(events: list[LeadEvent]) -> list[LeadEvent]:
 
 def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(first + second))
+
+
+
+def dump_events(events: list[LeadEvent]) -> list[str]:
+    """Each event's JSON, as queued jobs and the pending store carry them."""
+    return [e.model_dump_json() for e in events]
+
+
+def parse_events(raw: list[str] | list[bytes]) -> list[LeadEvent]:
+    return [LeadEvent.model_validate_json(r) for r in raw]

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import quote, unquote
 
@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ GAUGE_HELP: dict[str, str] = {
 # The documented metric names (without the `leadscore_` prefix) and their help text.
 METRICS: dict[str, str] = {**COUNTER_HELP, **HISTOGRAM_HELP, **GAUGE_HELP}
 
+Increments = Sequence[tuple[str, float, dict[str, str]]]
 GaugeCallable = Callable[[], list[tuple[dict[str, str], float]]]
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -153,21 +155,29 @@ def _known(name: str, kind: dict[str, str], what: str) -> str | None:
     return name
 
 
-def incr_many(redis: Redis, increments: list[tuple[str, float, dict[str, str]]]) -> None:
+def incr_many(redis: Redis, increments: Increments) -> None:
     """Several counters in one round trip: [(name, amount, labels), ...]. Never raises."""
     try:
         if _backing_off(redis):
             return
         with redis.pipeline(transaction=False) as pipe:
-            for name, amount, labels in increments:
-                known = _known(name, COUNTER_HELP, "counter")
-                if known is not None and amount and amount > 0:
-                    pipe.hincrbyfloat(COUNTERS_KEY, _series(known, labels), float(amount))
+            add_counters(pipe, increments)
             pipe.execute()
     except RedisError as exc:
         _failed(redis, exc)
     except Exception:  # metrics must never break the caller
         log.exception("metrics: could not record counters")
+
+
+def add_counters(pipe: Pipeline, increments: Increments) -> None:
+    """Queue counter increments on a caller's pipeline, to ride its round trip. Never raises."""
+    for name, amount, labels in increments:
+        try:
+            known = _known(name, COUNTER_HELP, "counter")
+            if known is not None and amount and amount > 0:
+                pipe.hincrbyfloat(COUNTERS_KEY, _series(known, labels), float(amount))
+        except Exception:  # metrics must never break the caller
+            log.exception("metrics: could not record counter %s", name)
 
 
 def counter_value(redis: Redis, name: str, **labels: str) -> float:

@@ -24,7 +24,7 @@ from redis.exceptions import WatchError
 from rq import Queue, Retry
 from rq.job import Job
 
-from integration.events import LeadEvent
+from integration.events import LeadEvent, dump_events, parse_events
 
 _DELETE_IF_OWN = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -61,8 +61,9 @@ def record(pipe: Pipeline, events: list[LeadEvent], now: float) -> None:
     for event in events:
         by_account.setdefault((event.crm, event.account_id), []).append(event)
     for (crm, account), group in by_account.items():
-        pipe.hset(pending_key(crm, account), mapping={e.lead_id: e.model_dump_json() for e in group})
-        pipe.zadd(since_key(crm, account), dict.fromkeys((e.lead_id for e in group), now), nx=True)
+        ids = [e.lead_id for e in group]
+        pipe.hset(pending_key(crm, account), mapping=dict(zip(ids, dump_events(group), strict=True)))
+        pipe.zadd(since_key(crm, account), dict.fromkeys(ids, now), nx=True)
         pipe.zadd(ACCOUNTS, {f"{crm}:{account}": now}, nx=True)
 
 
@@ -112,10 +113,7 @@ def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
                     pipe.zadd(ACCOUNTS, {f"{crm}:{account}": after[0][1]})
                 else:
                     pipe.zrem(ACCOUNTS, f"{crm}:{account}")
-                stamps = {
-                    e.lead_id: e.accepted_at.timestamp() for e in map(LeadEvent.model_validate_json, events)
-                }
-                job = enqueue_batch(queue, pipe, crm, account, events, stamps)
+                job = enqueue_batch(queue, pipe, crm, account, parse_events(events))
                 pipe.execute()
                 return job
             except WatchError:
@@ -126,21 +124,19 @@ def latest_key(crm: str, account: str) -> str:
     return f"leadscore:latest:{crm}:{account}"
 
 
-def enqueue_batch(
-    queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[str], accepted: dict[str, float]
-) -> Job:
-    """A score_batch job for these leads (LeadEvent JSON), queued inside the caller's transaction.
+def enqueue_batch(queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[LeadEvent]) -> Job:
+    """A score_batch job for these leads, queued inside the caller's transaction.
 
-    `accepted` (lead id → when its newest event was accepted) is kept per lead, so a slower
-    batch holding an older event can tell that a newer one has been handed out since.
+    When each lead's newest event was accepted is kept per lead, so a slower batch holding an
+    older event can tell that a newer one has been handed out since.
     """
-    pipe.hset(latest_key(crm, account), mapping=accepted)
+    pipe.hset(latest_key(crm, account), mapping={e.lead_id: e.accepted_at.timestamp() for e in events})
     pipe.expire(latest_key(crm, account), LATEST_TTL_S)
     [job] = queue.enqueue_many(
         [
             Queue.prepare_data(
                 SCORE_BATCH_JOB,
-                args=(crm, account, events),
+                args=(crm, account, dump_events(events)),
                 timeout=BATCH_TIMEOUT_S,
                 retry=BATCH_RETRY,
                 description=f"score {len(events)} leads of {crm}:{account}",

@@ -50,17 +50,21 @@ def _seen_keys(crm: str, account: str, window: int) -> list[str]:
     return [f"leadscore:seen:{crm}:{account}:{w}" for w in (window, window - 1)]
 
 
-def enqueue_scoring(queue: Queue, events: list[LeadEvent], batch_size: int = 100) -> EnqueueReport:
+def enqueue_scoring(
+    queue: Queue, events: list[LeadEvent], batch_size: int = 100, counters: metrics.Increments = ()
+) -> EnqueueReport:
     """Queue the leads of events not seen before, and get them batched.
 
-    A handful of Redis commands a delivery, whatever its size: SMISMEMBER on two sets per
-    account, then one transaction holding the seen marks, a score_batch job for every full
-    batch in this delivery, and the rest as pending leads (HSET, two ZADDs) for the collector.
+    Two round trips a delivery, whatever its size: SMISMEMBER on two sets per account, then
+    one transaction holding the seen marks, a score_batch job for every full batch in this
+    delivery, the rest as pending leads (HSET, two ZADDs) for the collector, the delivery's
+    counters (`counters` plus deduplicated/enqueued) and a ZCARD telling whether to kick.
     """
     report = EnqueueReport()
-    if not events:
-        return report
     connection: Redis = queue.connection
+    if not events:
+        metrics.incr_many(connection, list(counters))
+        return report
     now = datetime.now(UTC)
     window = int(now.timestamp() // SEEN_WINDOW_S)
     groups: dict[tuple[str, str], list[LeadEvent]] = {}
@@ -80,6 +84,7 @@ def enqueue_scoring(queue: Queue, events: list[LeadEvent], batch_size: int = 100
             ]
         report.duplicates = len(events) - sum(len(g) for g in fresh.values())
         queued: list[str] = []
+        pending_counts: dict[tuple[str, str], int] = {}  # account → position of its ZCARD's answer
         with connection.pipeline(transaction=True) as pipe:
             for (crm, account), group in fresh.items():
                 if not group:
@@ -89,20 +94,27 @@ def enqueue_scoring(queue: Queue, events: list[LeadEvent], batch_size: int = 100
                 size = pending.batch_size(crm, batch_size)
                 full = len(leads) - len(leads) % size  # full batches go straight to the workers
                 for start in range(0, full, size):
-                    chunk = leads[start : start + size]
-                    stamps = {e.lead_id: e.accepted_at.timestamp() for e in chunk}
-                    pending.enqueue_batch(
-                        queue, pipe, crm, account, [e.model_dump_json() for e in chunk], stamps
-                    )
+                    pending.enqueue_batch(queue, pipe, crm, account, leads[start : start + size])
                 if leads[full:]:
                     pending.record(pipe, leads[full:], now.timestamp())
                 key = _seen_keys(crm, account, window)[0]
                 pipe.sadd(key, *(i for e in group for i in e.event_ids))
                 pipe.expire(key, 2 * SEEN_WINDOW_S)
-            pipe.execute()
+                pending_counts[(crm, account)] = len(pipe)
+                pipe.zcard(pending.since_key(crm, account))
+            crm = events[0].crm
+            metrics.add_counters(
+                pipe,
+                [
+                    *counters,
+                    ("events_deduplicated_total", report.duplicates, {"crm": crm}),
+                    ("events_enqueued_total", len(events) - report.duplicates, {"crm": crm}),
+                ],
+            )
+            answers = pipe.execute()
         report.leads = queued  # durably queued from here on
-        for (crm, account), group in fresh.items():
-            if group and connection.zcard(pending.since_key(crm, account)):
+        for (crm, account), position in pending_counts.items():
+            if answers[position]:
                 pending.kick(queue, crm, account)
     except RedisError as exc:
         log.error("redis refused the delivery: %s", exc)
@@ -123,21 +135,16 @@ def hand_off(queue: Queue, crm: str, triaged: list[Triaged], batch_size: int = 1
             )
             ignored[item.verdict] = ignored.get(item.verdict, 0) + 1
     to_score = [t.lead_event for t in triaged if t.verdict == "score"]
-    report = enqueue_scoring(queue, to_score, batch_size)
-    metrics.incr_many(
-        queue.connection,
-        [
-            ("events_received_total", len(triaged), {"crm": crm}),
-            ("events_deduplicated_total", report.duplicates, {"crm": crm}),
-            ("events_enqueued_total", len(to_score) - report.duplicates, {"crm": crm}),
-            *(("events_ignored_total", n, {"crm": crm, "reason": reason}) for reason, n in ignored.items()),
-        ],
-    )
+    counters = [
+        ("events_received_total", len(triaged), {"crm": crm}),
+        *(("events_ignored_total", n, {"crm": crm, "reason": reason}) for reason, n in ignored.items()),
+    ]
+    report = enqueue_scoring(queue, to_score, batch_size, counters)
     return {
         "received": len(triaged),
         "enqueued": len(report.leads),
         "duplicates": report.duplicates,
-        "ignored": sum(t.verdict == "ignore" for t in triaged),
-        "unsupported": sum(t.verdict == "unsupported" for t in triaged),
+        "ignored": ignored.get("ignore", 0),
+        "unsupported": ignored.get("unsupported", 0),
         "leads": report.leads,
     }
