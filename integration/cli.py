@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from integration.errors import TableError
 from integration.settings import SettingsError, get_settings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+OFFLINE_COMMANDS = frozenset({"train", "score-file", "evaluate"})
 
 
 def cmd_setup(args) -> int:
@@ -45,6 +47,7 @@ def cmd_worker(args) -> int:
     settings = get_settings()
     logs.configure(settings.log_level)
     jobs.context()  # validate config and build clients once, before RQ forks work horses
+    _prepare_store(settings.database_url)
     if settings.salesforce_configured:
         for org_id in settings.allowed_org_ids:
             jobs.salesforce_for(org_id)  # logs in once here, not in every work horse
@@ -67,6 +70,19 @@ def cmd_worker(args) -> int:
             log.warning("Redis unreachable (%s); working again in %.0fs", exc, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+
+def _prepare_store(url: str) -> None:
+    """Bring the score store's schema up to date; without it, scores still reach the CRM."""
+    from workers import store
+
+    try:
+        store.upgrade(url)
+    except Exception as exc:
+        logging.getLogger("leadscore.worker").error(
+            "score store %s is unavailable (%s): scores are written to the CRM but not kept",
+            _redacted(url), exc,
+        )  # fmt: skip
 
 
 def _failed_registry():
@@ -167,6 +183,91 @@ def cmd_demo(args) -> int:
         return 1
 
 
+def cmd_db(args) -> int:
+    from workers import store
+
+    settings = get_settings()
+    store.upgrade(settings.database_url)
+    counts = store.Store(settings.database_url).counts()
+    print(f"schema of {_redacted(settings.database_url)} is at head: {counts}")
+    return 0
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _scoring_config():
+    from workers.jobs import scoring_config
+
+    return scoring_config(get_settings())
+
+
+def cmd_train(args) -> int:
+    from workers import offline
+
+    if args.from_store:
+        from workers.store import Store
+
+        trained = offline.train_from_store(Store(get_settings().database_url), args.out, args.min_age_days)
+    else:
+        if not (args.data and args.mapping):
+            raise UsageError("train needs --data FILE and --mapping MAP, or --from-store")
+        trained = offline.train_from_file(args.data, args.mapping, args.label, args.out)
+    meta = trained.meta
+    print(f"model {meta['version']} saved to {args.out} ({meta['training']['seconds']} s)")
+    for name, m in meta["candidates"].items():
+        chosen = "  <- kept" if name == meta["model"] else ""
+        print(f"  {name:20s} CV ROC AUC {m['cv_auc_mean']:.4f} ± {m['cv_auc_sd']:.4f}{chosen}")
+    print(f"  calibration: {meta['calibration']} (cross-validated ECE {meta['calibration_ece']})")
+    return 0
+
+
+def cmd_score_file(args) -> int:
+    from workers import offline
+
+    rows = offline.score_file(args.data, args.mapping, args.out, _scoring_config(), args.model)
+    print(
+        f"scored {rows} rows with {'model ' + str(args.model) if args.model else 'the rules'} -> {args.out}"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from workers import offline
+
+    store = None
+    if args.with_store:
+        from workers.store import Store
+
+        store = Store(get_settings().database_url)
+    summary = offline.evaluate(
+        args.data, args.mapping, args.label, args.out, _scoring_config(), args.model, store
+    )
+    print(f"{summary['rows']} leads, overall conversion {summary['base_rate']:.1%}")
+    for name, s in summary["scorers"].items():
+        tier_a = s["tiers"][0]
+        print(f"  {name:40s} ROC AUC {s['roc_auc']:.4f}  ECE {s['ece']:.4f}  "
+              f"tier A {tier_a['conversion_rate'] or 0:.1%} ({tier_a['lift'] or 0}x)")  # fmt: skip
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def cmd_outcomes(args) -> int:
+    from workers.outcomes import sync
+
+    report = sync(get_settings(), crm=args.crm, since_days=args.since_days)
+    for crm, counts in report.items():
+        print(f"{crm}: {counts['leads']} leads read, {counts['new_outcomes']} new outcomes")
+    return 0
+
+
+class UsageError(RuntimeError):
+    """A command given the wrong arguments; the message says which to give."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leadscore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +311,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on local emulators, or a real portal")
     demo.add_argument("--timeout", type=float, default=90.0)
     demo.set_defaults(func=cmd_demo)
+
+    db = sub.add_parser("db", help="the score store's schema (Alembic)")
+    db.add_argument("action", choices=["upgrade"])
+    db.set_defaults(func=cmd_db)
+
+    train = sub.add_parser("train", help="compare models by cross-validation, calibrate the best, save it")
+    train.add_argument("--data", type=Path, help="CSV of leads with an outcome column")
+    train.add_argument("--label", help="the outcome column (default: the mapping's `label`)")
+    train.add_argument("--mapping", type=Path, help="TOML mapping columns to lead fields")
+    train.add_argument("--from-store", action="store_true", help="train on the score store instead")
+    train.add_argument(
+        "--min-age-days", type=float, default=30.0,
+        help="--from-store: a lead with no outcome counts as not converted once scored this long ago",
+    )  # fmt: skip
+    train.add_argument("--out", type=Path, required=True, help="directory for the model artifact")
+    train.set_defaults(func=cmd_train)
+
+    score_file = sub.add_parser("score-file", help="score every row of a CSV: id, score, tier, reason")
+    score_file.add_argument("--data", type=Path, required=True)
+    score_file.add_argument("--mapping", type=Path, required=True)
+    score_file.add_argument("--model", type=Path, help="a `train` artifact; without it, the rules alone")
+    score_file.add_argument("--out", type=Path, required=True)
+    score_file.set_defaults(func=cmd_score_file)
+
+    evaluate = sub.add_parser("evaluate", help="report how well each scorer ranks and calibrates")
+    evaluate.add_argument("--data", type=Path, required=True, help="CSV of leads with an outcome column")
+    evaluate.add_argument("--mapping", type=Path, required=True)
+    evaluate.add_argument("--label")
+    evaluate.add_argument("--model", type=Path, action="append", default=[], help="repeatable")
+    evaluate.add_argument("--with-store", action="store_true",
+                          help="add the store's holdout and rep-feedback tables")  # fmt: skip
+    evaluate.add_argument("--out", type=Path, required=True, help="directory for report.md, plots, JSON")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    outcomes = sub.add_parser("outcomes", help="outcomes kept in the score store")
+    outcomes.add_argument("action", choices=["sync"])
+    outcomes.add_argument("--crm", choices=["hubspot", "salesforce"], help="default: every configured CRM")
+    outcomes.add_argument("--since-days", type=float, default=365.0, help="leads changed in this window")
+    outcomes.set_defaults(func=cmd_outcomes)
     return parser
 
 
@@ -217,8 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SettingsError as exc:
+    except (SettingsError, UsageError) as exc:
         print(f"leadscore: {exc}", file=sys.stderr)
+        return 2
+    except (TableError, FileNotFoundError, ValueError) as exc:
+        if not isinstance(exc, TableError) and args.command not in OFFLINE_COMMANDS:
+            raise
+        print(f"leadscore {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -140,6 +140,9 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
         LLM_API_KEY=DEMO_LLM_KEY,
         LOG_LEVEL="WARNING",
     )
+    env.setdefault(
+        "DATABASE_URL", f"sqlite:///{stack.enter_context(tempfile.TemporaryDirectory())}/demo.sqlite3"
+    )
     os.environ.update(env)
     get_settings.cache_clear()
     settings = get_settings()

@@ -41,6 +41,10 @@ class LeadGone(CRMError):
     """The lead was deleted, merged away or archived before it could be scored."""
 
 
+class TableError(ValueError):
+    """A data file or mapping that cannot be used as given; the message says what to fix."""
+
+
 def first_problem(exc) -> str:
     """'at <where>: <what>' for the first error of a pydantic ValidationError."""
     first = exc.errors()[0]

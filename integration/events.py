@@ -58,7 +58,6 @@ def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(first + second))
 
 
-
 def dump_events(events: list[LeadEvent]) -> list[str]:
     """Each event's JSON, as queued jobs and the pending store carry them."""
     return [e.model_dump_json() for e in events]

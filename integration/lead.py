@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
+# Read with the lead but not scored: names, our own output, and what reps and outcomes say about it.
+NOT_SCORING_INPUTS = frozenset(
+    {"current_output", "first_name", "last_name", "feedback", "outcome", "read_only"}
+)
 
 
 class Lead(BaseModel):
@@ -26,10 +30,13 @@ class Lead(BaseModel):
     company_size: str | None = Field(None, description="employee count or band as the CRM holds it")
     industry: str | None = None
 
+    do_not_call: bool = False
+
     source: str | None = Field(None, description="lead source, e.g. HubSpot's hs_analytics_source")
     source_detail: str | None = None
     status: str | None = Field(None, description="lead status, e.g. hs_lead_status")
     stage: str | None = Field(None, description="lifecycle stage")
+    rating: str | None = Field(None, description="the owner's judgement, e.g. Salesforce's Rating")
 
     conversions: int = 0
     visits: int = 0
@@ -41,9 +48,16 @@ class Lead(BaseModel):
 
     texts: tuple[str, ...] = Field((), description="latest notes and emails, newest first, bounded")
 
+    custom: dict[str, str] = Field(
+        default_factory=dict, description="further CRM properties a trained model reads, by feature name"
+    )
+
     current_output: dict[str, str] = Field(
         default_factory=dict, description="leadscore's fields as the CRM holds them now"
     )
+    feedback: str | None = Field(None, description="the rep's leadscore_feedback: too_high, too_low, right")
+    outcome: str | None = Field(None, description="opportunity, customer, converted or won, if it got there")
+    read_only: bool = Field(False, description="the CRM takes no more writes (a converted Salesforce Lead)")
 
     @property
     def display_name(self) -> str:
@@ -51,7 +65,7 @@ class Lead(BaseModel):
 
     def scoring_inputs(self) -> dict:
         """Everything the score depends on — the input to the fingerprint and the LLM prompt."""
-        return self.model_dump(exclude={"current_output", "first_name", "last_name"})
+        return self.model_dump(exclude=NOT_SCORING_INPUTS)
 
 
 def bounded_texts(texts: list[str], limit: int = MAX_TEXT_CHARS) -> tuple[str, ...]:

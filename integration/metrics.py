@@ -56,6 +56,7 @@ COUNTER_HELP: dict[str, str] = {
     "writes_total": "Score write-backs to the CRM {crm,outcome=written|unchanged|failed}",
     "leads_scored_total": "Leads scored {crm}",
     "leads_skipped_unchanged_total": "Leads not rescored because their inputs did not change {crm}",
+    "store_errors_total": "Batches whose scores, outcomes or feedback the score store could not keep",
 }
 HISTOGRAM_HELP: dict[str, str] = {
     "scoring_latency_seconds": "Time from webhook accepted to CRM score field written {crm}",

@@ -76,6 +76,16 @@ class Settings(BaseSettings):
     scoring_config_path: Path | None = Field(
         None, description="TOML scoring config; the shipped B2B SaaS default when unset"
     )
+    database_url: str = Field(
+        "sqlite:///leadscore.sqlite3",
+        description="SQLAlchemy URL of the score, outcome and feedback store (PostgreSQL in production)",
+    )
+    scoring_model_path: Path | None = Field(
+        None, description="a `leadscore train` artifact directory; rules + LLM blend when unset"
+    )
+    holdout_share: float = Field(
+        0.0, ge=0, lt=1, description="share of leads (stable hash of the id) that get no visible tier"
+    )
     log_level: str = "INFO"
 
     @field_validator("hubspot_app_id")

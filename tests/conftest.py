@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 from rq import Queue, SimpleWorker
+from sqlalchemy import select
 
 from integration import signing
 from integration.app import create_app
@@ -22,7 +23,7 @@ from integration.hubspot.api import HubSpotCRM
 from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import get_settings, load_settings
-from workers import jobs
+from workers import jobs, store
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 APP_SECRET = "test-client-secret"
@@ -38,7 +39,7 @@ SF_EVENTS_SECRET = "sf-events-test-secret"
 SF_INTEGRATION_USER = "0055g00000LsIntEAA"
 SF_OUTPUT_FIELDS = (
     "Leadscore_Score__c", "Leadscore_Tier__c", "Leadscore_Reason__c", "Leadscore_Scored_At__c",
-    "Leadscore_Details__c",
+    "Leadscore_Details__c", "Leadscore_Holdout__c", "Leadscore_Feedback__c",
 )  # fmt: skip
 
 
@@ -93,9 +94,12 @@ def salesforce(local_tls):
 
 
 @pytest.fixture
-def env(monkeypatch, redis, redis_server, hubspot, llm, salesforce, local_tls):
+def env(monkeypatch, tmp_path, redis, redis_server, hubspot, llm, salesforce, local_tls):
     """Environment for every process role, pointing at the local real parts."""
+    database_url = f"sqlite:///{tmp_path}/leadscore.sqlite3"
+    store.upgrade(database_url)
     values = {
+        "DATABASE_URL": database_url,
         "REDIS_URL": redis_server,
         "HUBSPOT_ACCESS_TOKEN": HUBSPOT_TOKEN,
         "HUBSPOT_APP_SECRET": APP_SECRET,
@@ -244,3 +248,13 @@ def pending_events(redis, crm: str, account: str) -> list[dict]:
     ids = redis.zrange(pending.since_key(crm, account), 0, -1)
     raw = redis.hmget(pending.pending_key(crm, account), ids) if ids else []
     return [json.loads(r) for r in raw]
+
+
+def stored_outcomes(env) -> list[tuple]:
+    """The outcomes the score store holds: (crm, account, lead, kind, source)."""
+    with store.Store(env["DATABASE_URL"]).engine.connect() as connection:
+        rows = connection.execute(
+            select(store.outcomes.c.crm, store.outcomes.c.account_id, store.outcomes.c.lead_id,
+                   store.outcomes.c.kind, store.outcomes.c.source).order_by(store.outcomes.c.id)
+        )  # fmt: skip
+        return [tuple(row) for row in rows]

@@ -10,7 +10,7 @@ import pytest
 
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import load_settings
-from tests.conftest import FIXTURES, SF_ORG_ID, fixture_json
+from tests.conftest import FIXTURES, SF_ORG_ID, fixture_json, stored_outcomes
 
 HOT = "00Q5g00000Ls001EAB"
 CRO = "00Q5g00000Ls002EAB"
@@ -98,19 +98,27 @@ def test_outbound_message__demo_burst(post_outbound, sf_crm, run_worker, salesfo
         for lead_id in EXPECTED_BURST
     }
     assert got == EXPECTED_BURST
-    assert [r["outcome"] for r in results].count("lead_gone") == 1  # the converted lead
+    assert [r["outcome"] for r in results].count("converted") == 1  # 00Q5g00000Ls011EAB
     assert written(salesforce, "00Q5g00000Ls011EAB")["Leadscore_Score__c"] is None
 
 
-@pytest.mark.parametrize("fixture", ["outbound_message__deleted_lead", "outbound_message__converted_lead"])
-def test_lead_deleted_or_converted_before_the_job_ends_cleanly(
-    post_outbound, sf_crm, run_worker, queue, fixture
-):
-    post_outbound(fixture)
+def test_outbound_message__deleted_lead(post_outbound, sf_crm, run_worker, queue):
+    post_outbound("outbound_message__deleted_lead")
     [result] = run_worker()
 
     assert result["outcome"] == "lead_gone"
     assert queue.failed_job_registry.count == 0
+
+
+def test_outbound_message__converted_lead(post_outbound, sf_crm, run_worker, queue, salesforce, env):
+    """A converted Lead takes no more writes; its conversion is the outcome the store keeps."""
+    post_outbound("outbound_message__converted_lead")
+    [result] = run_worker()
+
+    assert result == {"lead": f"salesforce:{SF_ORG_ID}:00Q5g00000Ls011EAB", "outcome": "converted"}
+    assert written(salesforce, "00Q5g00000Ls011EAB")["Leadscore_Score__c"] is None
+    assert queue.failed_job_registry.count == 0
+    assert stored_outcomes(env) == [("salesforce", SF_ORG_ID[:15], "00Q5g00000Ls011EAB", "converted", "webhook")]
 
 
 def test_lead_deleted_between_read_and_write_ends_cleanly(sf_crm, salesforce):

@@ -708,8 +708,8 @@ def test_fields_to_write_none_when_crm_already_shows_it():
         ),
         "scored_at": "2026-11-19T15:40:27.616Z",
     }
-    assert fields_to_write(result, current) is None
-    assert fields_to_write(result, {**current, "score": "89"}) is None
+    assert fields_to_write(result.fields(), current) is None
+    assert fields_to_write(result.fields(), {**current, "score": "89"}) is None
 
 
 @pytest.mark.parametrize(
@@ -728,7 +728,7 @@ def test_fields_to_write_when_anything_differs(change):
     result = _result()
     current = {**result.fields(), **change}
     now = datetime(2026, 11, 19, 15, 40, 27, 616123, tzinfo=UTC)
-    assert fields_to_write(result, current, now) == {
+    assert fields_to_write(result.fields(), current, now) == {
         **result.fields(),
         "scored_at": "2026-11-19T15:40:27.616Z",
     }
@@ -737,11 +737,11 @@ def test_fields_to_write_when_anything_differs(change):
 def test_fields_to_write_for_an_unscored_lead_stamps_utc():
     result = _result()
     paris = datetime(2026, 11, 19, 16, 40, 27, 5000, tzinfo=timezone(timedelta(hours=1)))
-    written = fields_to_write(result, {}, paris)
+    written = fields_to_write(result.fields(), {}, paris)
     assert written["scored_at"] == "2026-11-19T15:40:27.005Z"
     assert written["score"] == "89"
     assert json.loads(written["details"]) == result.details
-    stamp = fields_to_write(result, {})["scored_at"]
+    stamp = fields_to_write(result.fields(), {})["scored_at"]
     assert stamp.endswith("Z")
     assert abs(datetime.now(UTC) - datetime.fromisoformat(stamp)) < timedelta(minutes=1)
 

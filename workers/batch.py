@@ -93,18 +93,23 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     lead_events = [LeadEvent.model_validate_json(raw) for raw in events]
     by_id = {event.lead_id: event for event in lead_events}
     leads = adapter.read_leads(list(by_id))  # keyed by the ids asked for
-    scored = dict(zip(leads, ctx.score(list(leads.values())), strict=True))
+    closed = {i: lead for i, lead in leads.items() if lead.read_only}  # converted: an outcome, no score
+    open_leads = {i: lead for i, lead in leads.items() if i not in closed}
+    scored = dict(zip(open_leads, ctx.score(list(open_leads.values())), strict=True))
     superseded = _superseded(ctx, crm, account, [by_id[i] for i, s in scored.items() if s.fields is not None])
     to_write = [
         (s.lead.lead_id, s.fields) for i, s in scored.items() if s.fields is not None and i not in superseded
     ]
     written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
 
-    results, failed, fallbacks, latencies = [], [], [], []
+    results, failed, fallbacks, latencies, kept = [], [], [], [], []
     now = datetime.now(UTC)
     for event in lead_events:
         lead_id, key = event.lead_id, event.lead_key
         s = scored.get(lead_id)
+        if lead_id in closed:
+            results.append(outcome(key, closed[lead_id].outcome or "read_only"))
+            continue
         if s is None:
             results.append(outcome(key, "lead_gone"))
             continue
@@ -123,6 +128,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             if event.accepted_at is not None:
                 latencies.append((now - event.accepted_at).total_seconds())
             results.append(outcome(key, "written", s))
+            kept.append(s)
         elif result.gone:
             results.append(outcome(key, "lead_gone"))
         else:
@@ -130,6 +136,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             failed.append((event, result))
             results.append({**outcome(key, "failed", s), "error": f"{result.code}: {result.message}"})
 
+    ctx.keep(kept, list(leads.values()))
     queue = _queue()
     if failed and len(lead_events) == 1:
         _fail_alone(failed[0][1], crm)

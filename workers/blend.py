@@ -51,7 +51,7 @@ def input_fingerprint(lead: Lead, config: ScoringConfig) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def _clip(text: str, limit: int) -> str:
+def clip_text(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     cut = text[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:-")
@@ -123,11 +123,11 @@ def explain(
     rules_direction = sum(contributions[name] for name in phrases)
     if ai_reason and abs(ai) > max(abs(contributions[n]) for n in phrases) and ai * rules_direction < 0:
         second = "AI: " + ai_reason.replace(";", ",")  # one driver, not several
-    first = _clip(first, MAX_REASON_CHARS)
+    first = clip_text(first, MAX_REASON_CHARS)
     room = MAX_REASON_CHARS - len(first) - 2
     if not second or room < 20:
         return first
-    return f"{first}; {_clip(second, room)}"
+    return f"{first}; {clip_text(second, room)}"
 
 
 def score_lead(

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+import pandas as pd
 from redis import Redis
 
 from integration import metrics
@@ -25,11 +26,15 @@ from integration.queue import redis_from_url
 from integration.ratelimit import RateLimiter
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings, get_settings
+from workers import model_scoring, tabular
 from workers.blend import ScoreResult, input_fingerprint
 from workers.blend import score_lead as blend_score
 from workers.config import ScoringConfig, load_config
+from workers.holdout import in_holdout, shown_fields
+from workers.model import TrainedModel
 from workers.propensity import PropensityReasoner, PropensityResult
 from workers.rules import evaluate_rules
+from workers.store import LeadFact, ScoreRecord, Store
 from workers.writer import fields_to_write
 
 log = logging.getLogger(__name__)
@@ -41,8 +46,20 @@ class Scored:
 
     lead: Lead
     result: ScoreResult | None  # None: inputs unchanged since the last score, nothing to do
-    propensity: PropensityResult | None
+    propensity: PropensityResult | None  # None also when a trained model that ignores the LLM scored it
     fields: dict[str, str] | None  # what to write; None when the CRM already shows it
+    holdout: bool = False  # the CRM shows no score for this lead (the randomised holdout)
+
+    def record(self) -> ScoreRecord:
+        """What the store keeps of a score that was written."""
+        details = self.result.details
+        return ScoreRecord(
+            crm=self.lead.crm, account_id=self.lead.account_id, lead_id=self.lead.lead_id,
+            score=self.result.score, tier=self.result.tier, reason=self.result.reason,
+            scorer=details.get("scorer", "rules+llm"), model_version=details.get("model"),
+            fingerprint=details["fingerprint"], fallback=bool(details.get("fallback")), holdout=self.holdout,
+            features=tabular.snapshot(self.lead, self.propensity), details=details,
+        )  # fmt: skip
 
 
 @dataclass
@@ -50,12 +67,37 @@ class WorkerContext:
     settings: Settings
     config: ScoringConfig
     reasoner: PropensityReasoner
+    model: TrainedModel | None = None  # SCORING_MODEL_PATH: a trained model scores, the LLM assists
 
     tally: dict | None = None  # while set, counters are summed here and written once
 
     @cached_property
     def redis(self) -> Redis:
         return redis_from_url(self.settings.redis_url)
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.settings.database_url)
+
+    def keep(self, scored: list[Scored], leads: list[Lead]) -> None:
+        """Record written scores, outcomes and rep feedback in the store; never fails the batch."""
+        try:
+            self.store.record_scores(s.record() for s in scored)
+            facts = [
+                LeadFact(lead.crm, lead.account_id, lead.lead_id, lead.outcome)
+                for lead in leads
+                if lead.outcome
+            ]
+            self.store.record_outcomes(facts, source="webhook")
+            said = [
+                LeadFact(lead.crm, lead.account_id, lead.lead_id, lead.feedback)
+                for lead in leads
+                if lead.feedback
+            ]
+            self.store.record_feedback(said)
+        except Exception as exc:  # the CRM write is the product; the store can be caught up later
+            log.error("score store unavailable, %d scores not kept: %s", len(scored), exc)
+            self.telemetry("store_errors_total")
 
     def telemetry(self, name: str, amount: float = 1, **labels: str) -> None:
         if self.tally is None:
@@ -81,26 +123,52 @@ class WorkerContext:
         return self.crm(event.crm, event.account_id)
 
     def score(self, leads: list[Lead]) -> list[Scored]:
-        """Rules, LLM (cached, concurrent) and blend for many leads; skips leads whose inputs
-        have not changed since a score that was not a fallback."""
+        """Score many leads — rules + LLM blend, or the trained model with the LLM as a feature —
+        skipping leads whose inputs have not changed since a score that was not a fallback."""
         fingerprints = [input_fingerprint(lead, self.config) for lead in leads]
         fresh = [i for i, lead in enumerate(leads) if not _already_scored(lead, fingerprints[i])]
-        answers = self.reasoner.assess_many(
-            [leads[i] for i in fresh], [fingerprints[i] for i in fresh], self.redis
-        )
+        if self.model is None or self.model.uses_llm:
+            answers = self.reasoner.assess_many(
+                [leads[i] for i in fresh], [fingerprints[i] for i in fresh], self.redis
+            )
+        else:
+            answers = [None] * len(fresh)
         by_index = dict(zip(fresh, answers, strict=True))
+        results = self._results([leads[i] for i in fresh], answers, [fingerprints[i] for i in fresh])
+        result_of = dict(zip(fresh, results, strict=True))
+        share = self.settings.holdout_share
         scored = []
         for i, lead in enumerate(leads):
-            propensity = by_index.get(i)
-            if propensity is None:
+            if i not in result_of:
                 self.telemetry("leads_skipped_unchanged_total", crm=lead.crm)
                 scored.append(Scored(lead, None, None, None))
                 continue
-            self._count_llm(propensity)
-            result = blend_score(lead, evaluate_rules(lead, self.config), propensity, self.config)
-            scored.append(Scored(lead, result, propensity, fields_to_write(result, lead.current_output)))
+            propensity, result = by_index[i], result_of[i]
+            if propensity is not None:
+                self._count_llm(propensity)
+            holdout = in_holdout(f"{lead.crm}:{lead.account_id}:{lead.lead_id}", share)
+            fields = fields_to_write(shown_fields(result, holdout, share > 0), lead.current_output)
+            scored.append(Scored(lead, result, propensity, fields, holdout))
             self.telemetry("leads_scored_total", crm=lead.crm)
         return scored
+
+    def _results(
+        self, leads: list[Lead], answers: list[PropensityResult | None], fingerprints: list[str]
+    ) -> list[ScoreResult]:
+        if self.model is None:
+            return [
+                blend_score(lead, evaluate_rules(lead, self.config), propensity, self.config)
+                for lead, propensity in zip(leads, answers, strict=True)
+            ]
+        rows = [
+            tabular.lead_features(lead, self.model.kinds, propensity)
+            for lead, propensity in zip(leads, answers, strict=True)
+        ]
+        results = model_scoring.score_frame(self.model, pd.DataFrame(rows, columns=list(self.model.kinds)))
+        return [
+            model_scoring.with_provenance(result, propensity, fingerprint, self.config)
+            for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
+        ]
 
     def _count_llm(self, propensity: PropensityResult) -> None:
         if propensity.extra.get("cached"):
@@ -119,8 +187,8 @@ def _already_scored(lead: Lead, fingerprint: str) -> bool:
         details = json.loads(lead.current_output.get("details") or "{}")
     except json.JSONDecodeError:
         return False
-    shown = all(lead.current_output.get(key) for key in ("score", "tier", "reason"))
-    return shown and details.get("fingerprint") == fingerprint and details.get("fallback") is False
+    shown = details.get("holdout") or all(lead.current_output.get(key) for key in ("score", "tier", "reason"))
+    return bool(shown) and details.get("fingerprint") == fingerprint and details.get("fallback") is False
 
 
 @lru_cache(maxsize=1)
@@ -128,24 +196,49 @@ def context() -> WorkerContext:
     """Built once per process; `leadscore worker` builds it before forking work horses."""
     settings = get_settings()
     settings.require_a_crm()
+    model = load_model(settings)
     return WorkerContext(
-        settings=settings, config=scoring_config(settings), reasoner=PropensityReasoner(settings)
+        settings=settings,
+        config=scoring_config(settings, model),
+        reasoner=PropensityReasoner(settings),
+        model=model,
     )
 
 
-def scoring_config(settings: Settings) -> ScoringConfig:
+def load_model(settings: Settings) -> TrainedModel | None:
+    if settings.scoring_model_path is None:
+        return None
+    model = TrainedModel.load(settings.scoring_model_path)
+    log.info("scoring with model %s (%s features)", model.version, len(model.kinds))
+    return model
+
+
+def scoring_config(settings: Settings, model: TrainedModel | None = None) -> ScoringConfig:
     """The config scores are made with; its digest (part of every fingerprint) covers the LLM
-    model too, so changing the model neither reuses cached answers nor skips leads."""
+    model and the trained model too, so changing either neither reuses cached answers nor skips
+    leads."""
     config = load_config(settings.scoring_config_path)
-    digest = hashlib.sha256(f"{config.digest}:{settings.llm_model}".encode()).hexdigest()[:16]
+    trained = model.version if model is not None else "-"
+    digest = hashlib.sha256(f"{config.digest}:{settings.llm_model}:{trained}".encode()).hexdigest()[:16]
     return config.model_copy(update={"digest": digest})
+
+
+def _custom_fields(ctx: WorkerContext, crm: str) -> dict[str, str]:
+    """The CRM properties a trained model reads beyond the standard ones, by feature name."""
+    if ctx.model is None:
+        return {}
+    props = ctx.model.meta.get("crm_properties", {})
+    return {name: where[crm] for name, where in props.items() if crm in where and name in ctx.model.kinds}
 
 
 @lru_cache(maxsize=64)
 def _hubspot(portal_id: str) -> HubSpotCRM:
     ctx = context()
     limiter = RateLimiter(ctx.redis, f"hubspot:{portal_id}", ctx.settings.hubspot_calls_per_10s)
-    return HubSpotCRM(ctx.settings, portal_id=portal_id, limiter=limiter, telemetry=ctx.telemetry)
+    return HubSpotCRM(
+        ctx.settings, portal_id=portal_id, limiter=limiter, telemetry=ctx.telemetry,
+        custom_properties=_custom_fields(ctx, "hubspot"),
+    )  # fmt: skip
 
 
 def salesforce_for(org_id: str) -> SalesforceCRM:
@@ -156,7 +249,9 @@ def salesforce_for(org_id: str) -> SalesforceCRM:
 @lru_cache(maxsize=64)
 def _salesforce(org_id: str) -> SalesforceCRM:
     ctx = context()
-    return SalesforceCRM(ctx.settings, org_id=org_id, telemetry=ctx.telemetry)
+    return SalesforceCRM(
+        ctx.settings, org_id=org_id, telemetry=ctx.telemetry, custom_fields=_custom_fields(ctx, "salesforce")
+    )
 
 
 def outcome(lead_key: str, name: str, scored: Scored | None = None) -> dict:
@@ -182,12 +277,17 @@ def score_lead(event: dict) -> dict:
     except LeadGone as exc:
         log.info("not scored: %s", exc)
         return outcome(lead_event.lead_key, "lead_gone")
+    if lead.read_only:
+        ctx.keep([], [lead])
+        return outcome(lead_event.lead_key, lead.outcome or "read_only")
     [scored] = ctx.score([lead])
     if scored.fields is None:
+        ctx.keep([], [lead])
         return outcome(lead_event.lead_key, "unchanged", scored)
     try:
         crm.write_scores(lead.lead_id, scored.fields)
     except LeadGone as exc:
         log.info("not written: %s", exc)
         return outcome(lead_event.lead_key, "lead_gone")
+    ctx.keep([scored], [lead])
     return outcome(lead_event.lead_key, "written", scored)

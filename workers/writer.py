@@ -9,10 +9,6 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from workers.blend import ScoreResult
-
-COMPARED = ("score", "tier", "reason")
-
 
 def _same_details(current: str | None, new: str) -> bool:
     if not current:
@@ -24,23 +20,27 @@ def _same_details(current: str | None, new: str) -> bool:
 
 
 def _same_number(current: str | None, new: str) -> bool:
+    if not new:
+        return not current  # both blank (a holdout lead)
     try:
         return current is not None and float(current) == float(new)
     except ValueError:
         return False
 
 
+def _same(key: str, current: str | None, new: str) -> bool:
+    if key == "score":
+        return _same_number(current, new)
+    if key == "details":
+        return _same_details(current, new)
+    return (current or "").lower() == new.lower() if key == "holdout" else (current or "") == new
+
+
 def fields_to_write(
-    result: ScoreResult, current: dict[str, str], now: datetime | None = None
+    new: dict[str, str], current: dict[str, str], now: datetime | None = None
 ) -> dict[str, str] | None:
-    """The fields to write, or None when the CRM already shows exactly this score."""
-    new = result.fields()
-    unchanged = (
-        _same_number(current.get("score"), new["score"])
-        and all(current.get(key) == new[key] for key in COMPARED if key != "score")
-        and _same_details(current.get("details"), new["details"])
-    )
-    if unchanged:
+    """The fields to write, or None when the CRM already shows exactly these."""
+    if all(_same(key, current.get(key), value) for key, value in new.items()):
         return None
     stamp = (now or datetime.now(UTC)).astimezone(UTC)
     return {**new, "scored_at": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")}

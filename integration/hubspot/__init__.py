@@ -6,4 +6,8 @@ OUTPUT_PROPERTIES = {
     "reason": "leadscore_reason",
     "scored_at": "leadscore_scored_at",
     "details": "leadscore_details",
+    "holdout": "leadscore_holdout",  # written only while HOLDOUT_SHARE > 0
 }
+FEEDBACK_PROPERTY = "leadscore_feedback"  # set by reps: too_high, too_low, right
+# lifecyclestage values that count as an outcome, and which
+OUTCOME_STAGES = {"opportunity": "opportunity", "customer": "customer", "evangelist": "customer"}

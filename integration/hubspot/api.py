@@ -29,7 +29,7 @@ from urllib3.util.retry import Retry
 
 from integration.crm import WriteResult
 from integration.errors import CRMError, LeadGone
-from integration.hubspot import OUTPUT_PROPERTIES
+from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_STAGES, OUTPUT_PROPERTIES
 from integration.lead import Lead, bounded_texts
 from integration.ratelimit import RateLimited, RateLimiter
 from integration.settings import Settings
@@ -82,6 +82,20 @@ PROPERTY_DEFINITIONS = (
         field_type="textarea", group_name=GROUP.name,
         description="JSON provenance: sub-scores, weights, model, evidence, fingerprint",
     ),
+    PropertyCreate(
+        name=OUTPUT_PROPERTIES["holdout"], label="Lead score holdout", type="bool",
+        field_type="booleancheckbox", group_name=GROUP.name,
+        description="In the randomised holdout: no score shown, so lift can be measured (leadscore)",
+        options=[OptionInput(label="Yes", value="true", display_order=0, hidden=False),
+                 OptionInput(label="No", value="false", display_order=1, hidden=False)],
+    ),
+    PropertyCreate(
+        name=FEEDBACK_PROPERTY, label="Lead score feedback", type="enumeration", field_type="select",
+        group_name=GROUP.name, description="Reps: is this score too high, too low or right?",
+        options=[OptionInput(label=label, value=value, display_order=i, hidden=False)
+                 for i, (value, label) in enumerate(
+                     [("too_high", "Too high"), ("too_low", "Too low"), ("right", "Right")])],
+    ),
 )  # fmt: skip
 _TAG = re.compile(r"<[^>]+>")
 
@@ -114,7 +128,11 @@ def newest_texts(dated: list[tuple[str, str]]) -> tuple[str, ...]:
 
 
 def lead_from_properties(
-    contact_id: str, portal_id: str, props: dict[str, str], texts: tuple[str, ...] = ()
+    contact_id: str,
+    portal_id: str,
+    props: dict[str, str],
+    texts: tuple[str, ...] = (),
+    custom_properties: dict[str, str] | None = None,
 ) -> Lead:
     """Map HubSpot contact properties onto the CRM-neutral `Lead`."""
     return Lead(
@@ -146,7 +164,10 @@ def lead_from_properties(
         last_activity_at=props.get("notes_last_updated") or props.get("hs_last_sales_activity_timestamp"),
         last_reply_at=props.get("hs_sales_email_last_replied"),
         texts=texts,
+        custom={n: props[p] for n, p in (custom_properties or {}).items() if props.get(p)},
         current_output={key: props[name] for key, name in OUTPUT_PROPERTIES.items() if props.get(name)},
+        feedback=props.get(FEEDBACK_PROPERTY) or None,
+        outcome=OUTCOME_STAGES.get(props.get("lifecyclestage") or ""),
     )
 
 
@@ -173,9 +194,16 @@ class HubSpotCRM:
         portal_id: str = "",
         limiter: RateLimiter | None = None,
         telemetry: Callable[..., None] = lambda *args, **labels: None,
+        custom_properties: dict[str, str] | None = None,
     ):
+        """`custom_properties`: further properties a trained model reads, feature name -> property."""
         settings.require_hubspot_api()
         self.portal_id = portal_id
+        self.custom_properties = dict(custom_properties or {})
+        self.read_properties = list(dict.fromkeys([
+            *CONTACT_PROPERTIES, *OUTPUT_PROPERTIES.values(), FEEDBACK_PROPERTY,
+            *self.custom_properties.values(),
+        ]))  # fmt: skip
         self.limiter, self.telemetry = limiter, telemetry
         self.timeout = settings.hubspot_timeout_s
         retry = Retry(
@@ -228,7 +256,7 @@ class HubSpotCRM:
                 "read",
                 self.client.crm.contacts.basic_api.get_by_id,
                 contact_id,
-                properties=[*CONTACT_PROPERTIES, *OUTPUT_PROPERTIES.values()],
+                properties=self.read_properties,
                 associations=list(TEXT_OBJECTS),
                 archived=False,
             )
@@ -242,7 +270,9 @@ class HubSpotCRM:
             if kind in TEXT_OBJECTS and collection
         }
         texts = self._texts({str(contact.id): linked}).get(str(contact.id), ())
-        return lead_from_properties(str(contact.id), self.portal_id, contact.properties or {}, texts)
+        return lead_from_properties(
+            str(contact.id), self.portal_id, contact.properties or {}, texts, self.custom_properties
+        )
 
     def read_leads(self, contact_ids: list[str]) -> dict[str, Lead]:
         """Contacts 100 a call with `batch/read`; deleted ones are simply absent (HubSpot's 207)."""
@@ -254,7 +284,7 @@ class HubSpotCRM:
                     "batch_read",
                     self.client.crm.contacts.batch_api.read,
                     BatchReadInputSimplePublicObjectId(
-                        properties=[*CONTACT_PROPERTIES, *OUTPUT_PROPERTIES.values()],
+                        properties=self.read_properties,
                         inputs=[SimplePublicObjectId(id=i) for i in chunk],
                     ),
                     archived=False,
@@ -265,7 +295,7 @@ class HubSpotCRM:
         active = [i for i in found if any(found[i].get(p) for p in ACTIVITY_PROPERTIES)]
         texts = self._texts(self._associated(active)) if active else {}
         return {
-            i: lead_from_properties(i, self.portal_id, found[i], texts.get(i, ()))
+            i: lead_from_properties(i, self.portal_id, found[i], texts.get(i, ()), self.custom_properties)
             for i in contact_ids
             if i in found
         }

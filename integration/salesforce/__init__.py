@@ -8,7 +8,9 @@ OUTPUT_FIELDS = {
     "reason": "Leadscore_Reason__c",
     "scored_at": "Leadscore_Scored_At__c",
     "details": "Leadscore_Details__c",
+    "holdout": "Leadscore_Holdout__c",  # written only while HOLDOUT_SHARE > 0
 }
+FEEDBACK_FIELD = "Leadscore_Feedback__c"  # set by reps: too_high, too_low, right
 _RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
 
 

@@ -20,7 +20,7 @@ from integration.crm import WriteRejected, WriteResult
 from integration.errors import CRMError, LeadGone
 from integration.lead import Lead, bounded_texts
 from integration.ratelimit import RateLimited
-from integration.salesforce import OUTPUT_FIELDS, is_record_id
+from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,14 @@ FIELD_DEFINITIONS: dict[str, dict] = {
         "label": "Lead Score Details", "type": "LongTextArea", "length": 32768, "visibleLines": 5,
         "description": "JSON provenance: sub-scores, weights, model, evidence, fingerprint (leadscore)",
     },
+    OUTPUT_FIELDS["holdout"]: {
+        "label": "Lead Score Holdout", "type": "Checkbox", "defaultValue": "false",
+        "description": "In the randomised holdout: no score shown, so lift can be measured (leadscore)",
+    },
+    FEEDBACK_FIELD: {
+        "label": "Lead Score Feedback", "type": "Picklist", "values": ["too_high", "too_low", "right"],
+        "description": "Reps: is this score too high, too low or right? (leadscore)",
+    },
 }  # fmt: skip
 
 
@@ -93,7 +101,9 @@ def _soql_ids(ids: list[str]) -> str:
     return ", ".join(f"'{i}'" for i in ids)
 
 
-def lead_from_record(record: dict, org_id: str, tasks: list[dict] = ()) -> Lead:
+def lead_from_record(
+    record: dict, org_id: str, tasks: list[dict] = (), custom_fields: dict[str, str] | None = None
+) -> Lead:
     """Map a Salesforce Lead record (and its latest Tasks) onto the CRM-neutral `Lead`."""
     employees = record.get("NumberOfEmployees")
     texts = [record.get("Description") or ""] + [
@@ -118,9 +128,15 @@ def lead_from_record(record: dict, org_id: str, tasks: list[dict] = ()) -> Lead:
         stage=record.get("Rating"),
         last_activity_at=record.get("LastActivityDate"),
         texts=bounded_texts(texts),
+        rating=record.get("Rating"),
+        do_not_call=bool(record.get("DoNotCall")),
+        custom={n: str(record[f]) for n, f in (custom_fields or {}).items() if record.get(f) is not None},
         current_output={
-            key: str(record[name]) for key, name in OUTPUT_FIELDS.items() if record.get(name) is not None
+            key: _shown(record[name]) for key, name in OUTPUT_FIELDS.items() if record.get(name) is not None
         },
+        feedback=record.get(FEEDBACK_FIELD) or None,
+        outcome="converted" if record.get("IsConverted") else None,
+        read_only=bool(record.get("IsConverted")),  # Salesforce refuses updates to converted Leads
     )
 
 
@@ -134,9 +150,15 @@ class SalesforceCRM:
         settings: Settings,
         org_id: str = "",
         telemetry: Callable[..., None] = lambda *args, **labels: None,
+        custom_fields: dict[str, str] | None = None,
     ):
+        """`custom_fields`: further Lead fields a trained model reads, feature name -> field API name."""
         settings.require_salesforce_api()
         self.org_id = org_id
+        self.custom_fields = dict(custom_fields or {})
+        self.read_fields = list(dict.fromkeys(
+            [*LEAD_FIELDS, *OUTPUT_FIELDS.values(), FEEDBACK_FIELD, *self.custom_fields.values()]
+        ))  # fmt: skip
         self.timeout = settings.salesforce_timeout_s
         self.stop_fraction = settings.salesforce_api_stop_fraction
         self.telemetry = telemetry
@@ -164,9 +186,9 @@ class SalesforceCRM:
             raise CRMError(f"Salesforce query failed: {exc}") from exc
 
     def read_leads(self, lead_ids: list[str]) -> dict[str, Lead]:
-        """Leads by id; deleted and converted ones are left out (there is nothing to score)."""
+        """Leads by id; deleted ones are left out, converted ones come back `read_only`."""
         ids = _soql_ids(lead_ids)
-        fields = ", ".join([*LEAD_FIELDS, *OUTPUT_FIELDS.values()])
+        fields = ", ".join(self.read_fields)
         records = self._query(f"SELECT {fields} FROM Lead WHERE Id IN ({ids})")
         task_fields = ", ".join(TASK_FIELDS)
         tasks = self._query(
@@ -176,9 +198,11 @@ class SalesforceCRM:
         by_lead: dict[str, list[dict]] = {}
         for task in tasks:
             by_lead.setdefault(task["WhoId"][:15], []).append(task)
-        found = {r["Id"][:15]: r for r in records if not r.get("IsConverted")}
+        found = {r["Id"][:15]: r for r in records}
         return {  # keyed by the ids asked for, whether 15 or 18 characters long
-            lead_id: lead_from_record(found[key], self.org_id, by_lead.get(key, [])[:MAX_TASKS])
+            lead_id: lead_from_record(
+                found[key], self.org_id, by_lead.get(key, [])[:MAX_TASKS], self.custom_fields
+            )
             for lead_id in lead_ids
             if (key := lead_id[:15]) in found
         }
@@ -186,7 +210,7 @@ class SalesforceCRM:
     def read_lead(self, lead_id: str) -> Lead:
         lead = self.read_leads([lead_id]).get(lead_id)
         if lead is None:
-            raise LeadGone(f"Salesforce Lead {lead_id} is deleted or converted")
+            raise LeadGone(f"Salesforce Lead {lead_id} is deleted")
         return lead
 
     def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
@@ -233,7 +257,7 @@ class SalesforceCRM:
         raise WriteRejected(self.crm, result)
 
     def ensure_fields(self) -> SetupReport:
-        """Create leadscore's five custom Lead fields through the Metadata API; existing ones stay."""
+        """Create leadscore's custom Lead fields through the Metadata API; existing ones stay."""
         try:
             described = self.sf.restful("sobjects/Lead/describe", timeout=self.timeout)
             existing = {f["name"] for f in described["fields"]}
@@ -277,13 +301,17 @@ class SalesforceCRM:
 
 def _typed(fields: dict[str, str]) -> dict:
     """Our text values in the types the Lead fields hold."""
-    typed = {OUTPUT_FIELDS[key]: value for key, value in fields.items()}
-    if OUTPUT_FIELDS["score"] in typed:
+    typed: dict = {OUTPUT_FIELDS[key]: value or None for key, value in fields.items()}  # "" clears a field
+    if typed.get(OUTPUT_FIELDS["score"]) is not None:
         typed[OUTPUT_FIELDS["score"]] = int(typed[OUTPUT_FIELDS["score"]])
+    if OUTPUT_FIELDS["holdout"] in typed:
+        typed[OUTPUT_FIELDS["holdout"]] = typed[OUTPUT_FIELDS["holdout"]] == "true"
     return typed
 
 
 def _shown(value) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return None if value is None else str(value)

@@ -1,0 +1,36 @@
+"""The randomised holdout: a stable share of leads whose score reps do not see.
+
+Propensity is not uplift: only by comparing leads reps saw a score for with leads they did
+not can a team see what the score changes. Membership is a hash of the lead, so it never
+flips between scorings and needs no state. Pure; no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from workers.blend import ScoreResult
+
+PROVENANCE_KEPT = ("fingerprint", "fallback", "scorer", "model", "config_version", "prompt_version")
+
+
+def in_holdout(lead_key: str, share: float) -> bool:
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(f"leadscore-holdout:{lead_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def shown_fields(result: ScoreResult, holdout: bool, holdout_on: bool) -> dict[str, str]:
+    """What the CRM shows: the score, or for a holdout lead blank fields and why they are blank."""
+    if not holdout:
+        fields = result.fields()
+    else:
+        details = {key: result.details[key] for key in PROVENANCE_KEPT if key in result.details}
+        details["holdout"] = True
+        fields = {"score": "", "tier": "", "reason": "",
+                  "details": json.dumps(details, sort_keys=True, separators=(",", ":"))}  # fmt: skip
+    if holdout_on:
+        fields["holdout"] = "true" if holdout else "false"
+    return fields

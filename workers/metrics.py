@@ -1,0 +1,57 @@
+"""How well a scorer ranks and how honest its probabilities are. Pure numpy; no I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+ECE_BINS = 10
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean |predicted - observed| over equal-width probability bins, weighted by bin size."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            error += inside.mean() * abs(p[inside].mean() - y[inside].mean())
+    return float(error)
+
+
+def classification_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    return {
+        "roc_auc": round(float(roc_auc_score(y, p)), 4),
+        "pr_auc": round(float(average_precision_score(y, p)), 4),
+        "brier": round(float(brier_score_loss(y, p)), 4),
+        "ece": round(expected_calibration_error(y, p), 4),
+    }
+
+
+def tier_table(y: np.ndarray, tiers: list[str], order: tuple[str, ...] = ("A", "B", "C", "D")) -> list[dict]:
+    """Share of leads, conversion rate and lift over the overall rate, per tier."""
+    y = np.asarray(y, dtype=float)
+    tiers_arr = np.asarray(tiers)
+    base = float(y.mean()) if len(y) else 0.0
+    rows = []
+    for tier in order:
+        inside = tiers_arr == tier
+        n = int(inside.sum())
+        rate = float(y[inside].mean()) if n else float("nan")
+        rows.append({
+            "tier": tier,
+            "leads": n,
+            "share": round(n / len(y), 4) if len(y) else 0.0,
+            "conversion_rate": round(rate, 4) if n else None,
+            "lift": round(rate / base, 2) if n and base else None,
+        })  # fmt: skip
+    return rows
+
+
+def cumulative_gains(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Share of all conversions captured when calling the top x% of leads by score."""
+    order = np.argsort(-np.asarray(p), kind="stable")
+    captured = np.cumsum(np.asarray(y)[order]) / max(1, int(np.sum(y)))
+    called = np.arange(1, len(order) + 1) / len(order)
+    return np.concatenate([[0.0], called]), np.concatenate([[0.0], captured])

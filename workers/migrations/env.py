@@ -1,0 +1,18 @@
+"""Alembic environment: the URL comes from the caller (`workers.store.upgrade`) or DATABASE_URL."""
+
+from alembic import context
+
+from integration.settings import get_settings
+from workers.store import engine_for, metadata
+
+url = context.config.attributes.get("url") or get_settings().database_url
+
+if context.is_offline_mode():
+    context.configure(url=url, target_metadata=metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    with engine_for(url).connect() as connection:
+        context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()

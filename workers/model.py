@@ -1,0 +1,296 @@
+"""Trained scorers: candidates compared by cross-validation, the winner calibrated and saved.
+
+A model artifact is a directory: `model.joblib` (estimator and calibrator) and `model.json`
+(version, features, categories, metrics, training window) — readable without loading the
+pickle. Artifacts are code (joblib); load only ones you trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+from workers.metrics import classification_metrics, expected_calibration_error
+from workers.tabular import Kind
+
+ARTIFACT_FORMAT = 1
+MISSING = "(missing)"
+FOLDS = 5
+SEED = 0
+LIGHTGBM_PARAMS = dict(
+    n_estimators=300, learning_rate=0.05, num_leaves=15, min_child_samples=20, subsample=0.8,
+    subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0, min_data_per_group=20, cat_smooth=10,
+    n_jobs=2, verbose=-1, random_state=SEED,
+)  # fmt: skip
+LOGISTIC_C = 1.0
+RARE_CATEGORY_MIN = 20  # one-hot levels rarer than this are pooled (logistic regression)
+
+Progress = Callable[[Iterable], Iterable]
+
+
+def _no_progress(items: Iterable) -> Iterable:
+    return items
+
+
+def _lightgbm(kinds: dict[str, Kind]):
+    import lightgbm
+
+    return lightgbm.LGBMClassifier(**LIGHTGBM_PARAMS)
+
+
+def _logistic_regression(kinds: dict[str, Kind]):
+    categorical = [n for n, k in kinds.items() if k == "categorical"]
+    numeric = [n for n, k in kinds.items() if k != "categorical"]
+    numbers = make_pipeline(
+        SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
+        FunctionTransformer(_signed_log1p, feature_names_out="one-to-one"),
+        StandardScaler(),
+    )
+    encode = OneHotEncoder(
+        handle_unknown="infrequent_if_exist", min_frequency=RARE_CATEGORY_MIN, sparse_output=False
+    )
+    prepare = ColumnTransformer([("categorical", encode, categorical), ("numeric", numbers, numeric)])
+    return make_pipeline(prepare, LogisticRegression(C=LOGISTIC_C, max_iter=5000))
+
+
+def _signed_log1p(x):
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+CANDIDATES = {"logistic_regression": _logistic_regression, "lightgbm": _lightgbm}
+
+
+def categories_of(frame: pd.DataFrame, kinds: dict[str, Kind]) -> dict[str, list[str]]:
+    return {
+        name: sorted(frame[name].dropna().astype(str).unique().tolist())
+        for name, kind in kinds.items()
+        if kind == "categorical"
+    }
+
+
+def design_matrix(
+    frame: pd.DataFrame, kinds: dict[str, Kind], categories: dict[str, list[str]]
+) -> pd.DataFrame:
+    """Features in training order; categoricals as pandas categories fixed at training time
+    (missing is a level of its own, an unseen value is NaN), the rest as floats."""
+    columns = {}
+    for name, kind in kinds.items():
+        values = frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
+        if kind == "categorical":
+            text = values.astype("object").where(values.notna(), MISSING).astype(str)
+            columns[name] = pd.Categorical(text, categories=[MISSING, *categories[name]])
+        else:
+            columns[name] = pd.to_numeric(values, errors="coerce").astype(float)
+    return pd.DataFrame(columns, index=frame.index)
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    oof: np.ndarray
+    fold_auc: list[float]
+    fit_seconds: float
+
+    @property
+    def auc_mean(self) -> float:
+        return float(np.mean(self.fold_auc))
+
+    def summary(self, y: np.ndarray) -> dict:
+        return {
+            "cv_auc_mean": round(self.auc_mean, 4),
+            "cv_auc_sd": round(float(np.std(self.fold_auc)), 4),
+            "fit_seconds_per_fold": round(self.fit_seconds, 3),
+            **{f"oof_{k}": v for k, v in classification_metrics(y, self.oof).items()},
+        }
+
+
+def cross_validate(
+    X: pd.DataFrame,
+    y: np.ndarray,
+    kinds: dict[str, Kind],
+    folds: int = FOLDS,
+    progress: Progress = _no_progress,
+) -> dict[str, CandidateResult]:
+    """Out-of-fold probabilities of every candidate on the same stratified folds."""
+    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=SEED).split(X, y))
+    results = {}
+    steps = [(name, i) for name in CANDIDATES for i in range(folds)]
+    oof = {name: np.zeros(len(y)) for name in CANDIDATES}
+    aucs: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+    seconds: dict[str, float] = dict.fromkeys(CANDIDATES, 0.0)
+    for name, i in progress(steps):
+        train_idx, test_idx = splits[i]
+        started = time.perf_counter()
+        estimator = CANDIDATES[name](kinds).fit(X.iloc[train_idx], y[train_idx])
+        seconds[name] += time.perf_counter() - started
+        oof[name][test_idx] = estimator.predict_proba(X.iloc[test_idx])[:, 1]
+        aucs[name].append(float(roc_auc_score(y[test_idx], oof[name][test_idx])))
+    for name in CANDIDATES:
+        results[name] = CandidateResult(name, oof[name], aucs[name], seconds[name] / folds)
+    return results
+
+
+class Calibrator:
+    """Maps raw probabilities to calibrated ones: Platt (sigmoid on the logit) or isotonic."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self._fit = None
+
+    def fit(self, raw: np.ndarray, y: np.ndarray) -> Calibrator:
+        if self.method == "isotonic":
+            self._fit = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(raw, y)
+        else:
+            self._fit = LogisticRegression(C=1e6).fit(_logit(raw).reshape(-1, 1), y)
+        return self
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        if self.method == "isotonic":
+            return np.clip(self._fit.predict(raw), 0.0, 1.0)
+        return self._fit.predict_proba(_logit(raw).reshape(-1, 1))[:, 1]
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def choose_calibration(oof: np.ndarray, y: np.ndarray, folds: int = FOLDS) -> tuple[str, dict[str, float]]:
+    """The calibration with the lowest cross-validated ECE on the winner's out-of-fold scores."""
+    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=SEED + 1).split(oof, y))
+    scores = {}
+    for method in ("sigmoid", "isotonic"):
+        calibrated = np.zeros(len(y))
+        for fit_idx, test_idx in splits:
+            calibrated[test_idx] = Calibrator(method).fit(oof[fit_idx], y[fit_idx])(oof[test_idx])
+        scores[method] = round(expected_calibration_error(y, calibrated), 4)
+    scores["none"] = round(expected_calibration_error(y, oof), 4)
+    return min(("sigmoid", "isotonic"), key=scores.__getitem__), scores
+
+
+@dataclass
+class TrainedModel:
+    estimator: object
+    calibrator: Calibrator
+    kinds: dict[str, Kind]
+    categories: dict[str, list[str]]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def uses_llm(self) -> bool:
+        from workers.tabular import LLM_FEATURE
+
+        return LLM_FEATURE in self.kinds
+
+    def matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return design_matrix(frame, self.kinds, self.categories)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Calibrated conversion probabilities."""
+        return self.calibrator(self.estimator.predict_proba(self.matrix(frame))[:, 1])
+
+    def contributions(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Per-lead, per-feature contributions to the raw log-odds (LightGBM's pred_contrib; for
+        other estimators, the change in log-odds when the feature is set to missing)."""
+        X = self.matrix(frame)
+        booster = getattr(self.estimator, "booster_", None)
+        if booster is not None:
+            values = self.estimator.predict(X, pred_contrib=True)[:, : len(self.kinds)]
+            return pd.DataFrame(values, columns=list(self.kinds), index=frame.index)
+        base = _logit(self.estimator.predict_proba(X)[:, 1])
+        out = {}
+        for name, kind in self.kinds.items():
+            blank = X.copy()
+            blank[name] = MISSING if kind == "categorical" else np.nan
+            if kind == "categorical":
+                blank[name] = pd.Categorical(blank[name], categories=X[name].cat.categories)
+            out[name] = base - _logit(self.estimator.predict_proba(blank)[:, 1])
+        return pd.DataFrame(out, index=frame.index)
+
+    def save(self, directory: Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        joblib.dump({"estimator": self.estimator, "calibrator": self.calibrator}, directory / "model.joblib")
+        meta = {**self.meta, "kinds": self.kinds, "categories": self.categories}
+        (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainedModel:
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "model.json").read_text())
+            parts = joblib.load(directory / "model.joblib")
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{directory} is not a leadscore model: {exc.filename} is missing (make one with "
+                "`leadscore train`)"
+            ) from None
+        if meta.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(
+                f"{directory} holds model format {meta.get('format')}, expected {ARTIFACT_FORMAT}"
+            )
+        kinds, categories = meta.pop("kinds"), meta.pop("categories")
+        return cls(parts["estimator"], parts["calibrator"], kinds, categories, meta)
+
+
+def train(
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    kinds: dict[str, Kind],
+    *,
+    source: dict,
+    folds: int = FOLDS,
+    progress: Progress = _no_progress,
+) -> TrainedModel:
+    """Compare the candidates by cross-validation, refit the best on all rows, calibrate it on its
+    out-of-fold scores. `source` describes the training data (file, rows, window) for the artifact."""
+    categories = categories_of(frame, kinds)
+    X = design_matrix(frame, kinds, categories)
+    results = cross_validate(X, y, kinds, folds, progress)
+    best = max(results.values(), key=lambda r: r.auc_mean)
+    method, calibration_ece = choose_calibration(best.oof, y, folds)
+    calibrator = Calibrator(method).fit(best.oof, y)
+    estimator = CANDIDATES[best.name](kinds).fit(X, y)
+    created = datetime.now(UTC)
+    digest = hashlib.sha256(
+        json.dumps({"source": source, "kinds": kinds, "model": best.name}, sort_keys=True).encode()
+    ).hexdigest()[:8]
+    meta = {
+        "format": ARTIFACT_FORMAT,
+        "version": f"{created:%Y%m%dT%H%M%SZ}-{best.name}-{digest}",
+        "created_at": created.isoformat(timespec="seconds"),
+        "model": best.name,
+        "calibration": method,
+        "calibration_ece": calibration_ece,
+        "candidates": {name: r.summary(y) for name, r in results.items()},
+        "training": {
+            **source,
+            "rows": int(len(y)),
+            "positive_rate": round(float(y.mean()), 4),
+            "folds": folds,
+        },
+        "base_rate": float(y.mean()),
+    }
+    return TrainedModel(estimator, calibrator, dict(kinds), categories, meta)

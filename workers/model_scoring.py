@@ -1,0 +1,125 @@
+"""Score, tier and two-second reason from a trained model. No I/O.
+
+The reason names the one or two features that pushed this lead's score most in the direction
+it went (per-lead contributions), e.g. "Status: will revert after reading the email; Rating:
+high in relevance" — at most 90 characters, like the rules' reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from workers.blend import MAX_REASON_CHARS, ScoreResult, clip_text
+from workers.config import ScoringConfig, Tiers
+from workers.model import TrainedModel
+from workers.propensity import PROMPT_VERSION
+
+FEATURE_LABELS = {
+    "source": "Source",
+    "source_detail": "Origin",
+    "status": "Status",
+    "stage": "Stage",
+    "rating": "Rating",
+    "title": "Role",
+    "company_size": "Company size",
+    "industry": "Industry",
+    "recent_conversion": "Last form",
+    "has_email": "Email",
+    "has_phone": "Phone",
+    "email_bad": "Bad email",
+    "email_opted_out": "Email opt-out",
+    "do_not_call": "Do not call",
+    "conversions": "Form fills",
+    "visits": "Visits",
+    "page_views": "Page views",
+    "llm_propensity": "AI propensity",
+}
+DEFAULT_MODEL_TIERS = Tiers(A=70, B=45, C=20)
+
+
+def feature_label(name: str) -> str:
+    return FEATURE_LABELS.get(name) or name.replace("_", " ").capitalize()
+
+
+def _shown(value: object, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "none"
+    if kind == "boolean":
+        return "yes" if value else "no"
+    if kind == "numeric":
+        number = float(value)
+        return f"{number:,.0f}" if number.is_integer() or abs(number) >= 100 else f"{number:.1f}"
+    return str(value)
+
+
+def model_reason(contributions: dict[str, float], values: dict[str, object], kinds: dict[str, str],
+                 upward: bool) -> str:  # fmt: skip
+    """The strongest one or two drivers in the score's direction, in at most 90 characters."""
+    sign = 1.0 if upward else -1.0
+    ranked = sorted((n for n in contributions if sign * contributions[n] > 0),
+                    key=lambda n: sign * contributions[n], reverse=True)  # fmt: skip
+    if not ranked:
+        ranked = sorted(contributions, key=lambda n: abs(contributions[n]), reverse=True)
+    phrases = [f"{feature_label(n)}: {_shown(values.get(n), kinds[n])}" for n in ranked[:2]]
+    first = clip_text(phrases[0], MAX_REASON_CHARS) if phrases else "No signal"
+    room = MAX_REASON_CHARS - len(first) - 2
+    if len(phrases) < 2 or room < 20:
+        return first
+    return f"{first}; {clip_text(phrases[1], room)}"
+
+
+def tiers_of(model: TrainedModel) -> Tiers:
+    return Tiers(**model.meta["tiers"]) if "tiers" in model.meta else DEFAULT_MODEL_TIERS
+
+
+def score_frame(model: TrainedModel, frame: pd.DataFrame) -> list[ScoreResult]:
+    """Score every row of a feature frame (feature name → value) with the model."""
+    probabilities = model.predict(frame)
+    contributions = model.contributions(frame)
+    tiers = tiers_of(model)
+    base = model.meta.get("base_rate", 0.5)
+    results = []
+    for i, (index, p) in enumerate(zip(frame.index, probabilities, strict=True)):
+        row_contrib = {name: float(contributions.iat[i, j]) for j, name in enumerate(contributions.columns)}
+        values = {name: frame.at[index, name] if name in frame else None for name in model.kinds}
+        score = int(np.clip(round(float(p) * 100), 0, 100))
+        results.append(
+            ScoreResult(
+                score=score,
+                tier=tiers.tier_for(score),
+                reason=model_reason(row_contrib, values, model.kinds, upward=float(p) >= base),
+                details={
+                    "scorer": "model",
+                    "model": model.version,
+                    "probability": round(float(p), 4),
+                    "contributions": {
+                        n: round(c, 3)
+                        for n, c in sorted(row_contrib.items(), key=lambda item: abs(item[1]), reverse=True)
+                        if round(c, 3)
+                    },
+                },  # fmt: skip
+            )
+        )
+    return results
+
+
+def with_provenance(result: ScoreResult, propensity, fingerprint: str, config: ScoringConfig) -> ScoreResult:
+    """A model's score with what every written score carries: fingerprint, versions, the LLM's part."""
+    details = {
+        **result.details,
+        "fingerprint": fingerprint,
+        "config_version": config.version,
+        "prompt_version": PROMPT_VERSION,
+        "fallback": bool(propensity is not None and propensity.fallback),
+    }
+    if propensity is not None:
+        details["propensity"] = {
+            "value": propensity.propensity, "confidence": propensity.confidence, "source": propensity.source,
+            "reason": propensity.reason, "evidence": list(propensity.evidence),
+            **({"error": propensity.error} if propensity.error else {}),
+        }  # fmt: skip
+    return replace(result, details=details)

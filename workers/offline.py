@@ -1,0 +1,177 @@
+"""`leadscore train`, `score-file` and `evaluate`: the offline side of the model's life.
+
+Each works on a CSV plus a mapping (`workers.tabular`), or on the score store, and writes
+plain files a team can open: a model directory, a scored CSV, a report with plots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from workers import model_scoring, tabular
+from workers.blend import ScoreResult
+from workers.blend import score_lead as blend_score
+from workers.config import ScoringConfig
+from workers.metrics import classification_metrics, cumulative_gains, tier_table
+from workers.model import TrainedModel, train
+from workers.propensity import fallback
+from workers.rules import evaluate_rules
+
+RULES = "rules"
+
+
+def progress(desc: str):
+    """A progress bar on a terminal, silence in CI logs."""
+    return lambda items: tqdm(items, desc=desc, leave=False, disable=None)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class LabelledTable:
+    frame: pd.DataFrame  # the file's rows, as text
+    features: pd.DataFrame  # mapped and normalised
+    mapping: tabular.Mapping
+    y: np.ndarray | None
+    source: dict
+
+
+def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bool) -> LabelledTable:
+    mapping = tabular.load_mapping(mapping_path)
+    if label:
+        mapping = mapping.model_copy(update={"label": label})
+    frame = tabular.read_table(data, mapping, need_label=need_label)
+    y = tabular.labels(frame, mapping.label) if need_label else None
+    source = {"file": Path(data).name, "sha256": file_digest(data), "mapping": Path(mapping_path).name}
+    return LabelledTable(frame, tabular.feature_frame(frame, mapping), mapping, y, source)
+
+
+def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: dict | None = None):
+    started = time.perf_counter()
+    table = load_table(data, mapping_path, label, need_label=True)
+    trained = train(
+        table.features, table.y, table.mapping.feature_kinds(), source=table.source,
+        progress=progress("cross-validating"),
+    )  # fmt: skip
+    return _finish(trained, table.mapping, out, tiers, started)
+
+
+def train_from_store(store, out: Path, min_age_days: float, tiers: dict | None = None):
+    from workers.store_data import training_rows
+
+    started = time.perf_counter()
+    features, y, kinds, window = training_rows(store, min_age_days)
+    trained = train(features, y, kinds, source={"store": store.url.split("@")[-1], **window},
+                    progress=progress("cross-validating"))  # fmt: skip
+    return _finish(trained, None, out, tiers, started)
+
+
+def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, tiers: dict | None, started):
+    trained.meta["tiers"] = tiers or model_scoring.DEFAULT_MODEL_TIERS.model_dump()
+    if mapping is not None:
+        trained.meta["crm_properties"] = {
+            name: {crm: prop for crm in ("hubspot", "salesforce") if (prop := getattr(spec, crm))}
+            for name, spec in mapping.custom.items()
+        }
+    trained.meta["training"]["seconds"] = round(time.perf_counter() - started, 1)
+    trained.save(out)
+    return trained
+
+
+def rules_results(table: LabelledTable, config: ScoringConfig) -> list[ScoreResult]:
+    """Zero-label mode: the rules scorer alone (the AI propensity held neutral)."""
+    neutral = fallback("zero-label mode: rules only")
+    leads = tabular.leads_from_frame(table.frame, table.mapping)
+    return [
+        blend_score(lead, evaluate_rules(lead, config), neutral, config)
+        for lead in progress("scoring")(leads)
+    ]
+
+
+def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel | None) -> list[ScoreResult]:
+    if model is None:
+        return rules_results(table, config)
+    return model_scoring.score_frame(model, table.features)
+
+
+def score_file(
+    data: Path, mapping_path: Path, out: Path, config: ScoringConfig, model_dir: Path | None
+) -> int:
+    table = load_table(data, mapping_path, None, need_label=False)
+    model = TrainedModel.load(model_dir) if model_dir else None
+    results = score_table(table, config, model)
+    pd.DataFrame({
+        table.mapping.id: table.frame[table.mapping.id],
+        "score": [r.score for r in results],
+        "tier": [r.tier for r in results],
+        "reason": [r.reason for r in results],
+    }).to_csv(out, index=False)  # fmt: skip
+    return len(results)
+
+
+def evaluate(
+    data: Path, mapping_path: Path, label: str | None, out: Path, config: ScoringConfig,
+    model_dirs: list[Path], store=None,
+) -> dict:  # fmt: skip
+    """Every scorer on the same labelled file, side by side: metrics JSON, Markdown report, plots."""
+    from workers import report
+
+    table = load_table(data, mapping_path, label, need_label=True)
+    scorers: dict[str, dict] = {}
+    notes: list[str] = []
+    results = {RULES: rules_results(table, config)}
+    for directory in model_dirs:
+        model = TrainedModel.load(directory)
+        name = f"model {model.version}"
+        results[name] = model_scoring.score_frame(model, table.features)
+        if model.meta.get("training", {}).get("sha256") == table.source["sha256"]:
+            notes.append(
+                f"`{name}` was trained on this very file, so its numbers here are in-sample and "
+                f"optimistic; its cross-validated ROC AUC is {_cv_auc(model)}."
+            )
+        scorers[name] = {
+            "cross_validation": model.meta.get("candidates"),
+            "calibration": model.meta["calibration"],
+        }
+    for name, rows in results.items():
+        p = np.array([r.score for r in rows], dtype=float) / 100
+        tiers = [r.tier for r in rows]
+        scorers.setdefault(name, {}).update(
+            {**classification_metrics(table.y, p), "tiers": tier_table(table.y, tiers)}
+        )
+    summary = {
+        "data": table.source,
+        "rows": int(len(table.y)),
+        "base_rate": round(float(table.y.mean()), 4),
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scorers": scorers,
+        "notes": notes,
+    }
+    if store is not None:
+        from workers.store_data import store_summary
+
+        summary["store"] = store_summary(store)
+    curves = {
+        name: (table.y, np.array([r.score for r in rows], dtype=float) / 100, [r.tier for r in rows])
+        for name, rows in results.items()
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report.write(out, summary, curves, cumulative_gains)
+    return summary
+
+
+def _cv_auc(model: TrainedModel) -> str:
+    candidate = (model.meta.get("candidates") or {}).get(model.meta.get("model"), {})
+    return f"{candidate.get('cv_auc_mean', float('nan')):.4f}"

@@ -1,0 +1,149 @@
+"""The evaluation report: Markdown with PNG plots, one scorer beside another."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+TIERS = ("A", "B", "C", "D")
+
+
+def _roc(path: Path, curves: dict) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p, _) in curves.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _calibration(path: Path, curves: dict) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p, _) in curves.items():
+        observed, predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
+        ax.plot(predicted, observed, marker="o", label=name)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(xlabel="score / 100", ylabel="observed conversion rate", title="Calibration")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _tiers(path: Path, curves: dict) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(curves))
+    x = np.arange(len(TIERS))
+    for i, (name, (y, _, tiers)) in enumerate(curves.items()):
+        tiers = np.asarray(tiers)
+        rates = [float(y[tiers == t].mean()) if (tiers == t).any() else 0.0 for t in TIERS]
+        ax.bar(x + i * width, rates, width, label=name)
+    ax.axhline(float(np.mean(next(iter(curves.values()))[0])), linestyle=":", color="grey", label="overall")
+    ax.set_xticks(x + width * (len(curves) - 1) / 2, TIERS)
+    ax.set(ylabel="conversion rate", title="Conversion rate by tier", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _gains(path: Path, curves: dict, cumulative_gains) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p, _) in curves.items():
+        called, captured = cumulative_gains(y, p)
+        ax.plot(called, captured, label=name)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="random")
+    ax.set(xlabel="share of leads called, best scores first", ylabel="share of conversions reached",
+           title="Cumulative gains")  # fmt: skip
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "# leadscore evaluation",
+        "",
+        f"Data: `{summary['data']['file']}` ({summary['rows']} leads, overall conversion "
+        f"{summary['base_rate']:.1%}), evaluated {summary['evaluated_at']}.",
+        "",
+        "| scorer | ROC AUC | PR AUC | Brier | ECE |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in summary["scorers"].items():
+        lines.append(
+            f"| {name} | {_fmt(s['roc_auc'])} | {_fmt(s['pr_auc'])} | {_fmt(s['brier'])} | {_fmt(s['ece'])} |"
+        )
+    lines += [
+        "",
+        "## Tiers",
+        "",
+        "| scorer | tier | leads | share | conversion | lift |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary["scorers"].items():
+        for row in s["tiers"]:
+            lines.append(
+                f"| {name} | {row['tier']} | {row['leads']} | {row['share']:.1%} | "
+                f"{_fmt(row['conversion_rate'])} | {_fmt(row['lift'])} |"
+            )
+    for name, s in summary["scorers"].items():
+        cv = s.get("cross_validation")
+        if cv:
+            lines += ["", f"## Cross-validation behind `{name}` (calibration: {s['calibration']})", "",
+                      "| candidate | CV ROC AUC | ± | out-of-fold ECE |", "|---|---|---|---|"]  # fmt: skip
+            for candidate, m in cv.items():
+                lines.append(
+                    f"| {candidate} | {m['cv_auc_mean']:.4f} | {m['cv_auc_sd']:.4f} | {m['oof_ece']:.4f} |"
+                )
+    store = summary.get("store")
+    if store:
+        lines += [
+            "", "## From the score store", "",
+            f"Scores kept: {store['scores']}, leads: {store['leads']}, "
+            f"with an outcome: {store['converted']}.", "",
+        ]  # fmt: skip
+        lines += [
+            "### Holdout (no visible score)",
+            "",
+            "| group | leads | converted | rate |",
+            "|---|---|---|---|",
+        ]
+        for group, row in store["holdout"].items():
+            lines.append(f"| {group} | {row['leads']} | {row['converted']} | {_fmt(row['rate'])} |")
+        lines += [
+            "",
+            "### Rep feedback",
+            "",
+            "| tier shown | too_high | right | too_low |",
+            "|---|---|---|---|",
+        ]
+        for tier, row in store["feedback"].items():
+            lines.append(
+                f"| {tier} | {row.get('too_high', 0)} | {row.get('right', 0)} | {row.get('too_low', 0)} |"
+            )
+    if summary["notes"]:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in summary["notes"])]
+    lines += ["", "## Plots", "", "![ROC](roc.png) ![Calibration](calibration.png)", "",
+              "![Conversion by tier](tiers.png) ![Cumulative gains](gains.png)", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write(out: Path, summary: dict, curves: dict, cumulative_gains) -> None:
+    _roc(out / "roc.png", curves)
+    _calibration(out / "calibration.png", curves)
+    _tiers(out / "tiers.png", curves)
+    _gains(out / "gains.png", curves, cumulative_gains)
+    (out / "report.md").write_text(markdown(summary))

@@ -1,0 +1,221 @@
+"""The score, outcome and feedback store: what was shown to reps, and what happened next.
+
+SQLAlchemy Core over SQLite by default (`DATABASE_URL`, PostgreSQL in production); the schema
+is Alembic's (`workers/migrations`), applied by `leadscore db upgrade` or by a worker at start.
+Recording is the worker's side job: the CRM write is the product, so a store that is down costs
+a logged error, never a score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+metadata = MetaData()
+
+scores = Table(
+    "scores",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("crm", String(16), nullable=False),
+    Column("account_id", String(64), nullable=False),
+    Column("lead_id", String(64), nullable=False),
+    Column("score", Integer, nullable=False),
+    Column("tier", String(8), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("scorer", String(32), nullable=False),  # rules+llm | model
+    Column("model_version", String(64)),
+    Column("fingerprint", String(64), nullable=False),
+    Column("fallback", Boolean, nullable=False, default=False),
+    Column("holdout", Boolean, nullable=False, default=False),
+    Column("features", JSON, nullable=False),  # the inputs as read: what `train --from-store` learns
+    Column("details", JSON, nullable=False),
+    Column("scored_at", DateTime(timezone=True), nullable=False),
+    Index("ix_scores_lead", "crm", "account_id", "lead_id", "id"),
+    sqlite_autoincrement=True,
+)
+outcomes = Table(
+    "outcomes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("crm", String(16), nullable=False),
+    Column("account_id", String(64), nullable=False),
+    Column("lead_id", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),  # opportunity | customer | converted | won
+    Column("source", String(16), nullable=False),  # webhook | sync
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("crm", "account_id", "lead_id", "kind", name="uq_outcome_per_lead_kind"),
+)
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("crm", String(16), nullable=False),
+    Column("account_id", String(64), nullable=False),
+    Column("lead_id", String(64), nullable=False),
+    Column("value", String(16), nullable=False),  # too_high | too_low | right
+    Column("score", Integer),  # the score shown when the rep said so
+    Column("tier", String(8)),
+    Column("fingerprint", String(64)),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Index("ix_feedback_lead", "crm", "account_id", "lead_id", "id"),
+)
+
+FEEDBACK_VALUES = ("too_high", "too_low", "right")
+POSITIVE_OUTCOMES = ("opportunity", "customer", "converted", "won")
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    crm: str
+    account_id: str
+    lead_id: str
+    score: int
+    tier: str
+    reason: str
+    scorer: str
+    fingerprint: str
+    features: dict
+    details: dict
+    model_version: str | None = None
+    fallback: bool = False
+    holdout: bool = False
+    scored_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass(frozen=True)
+class LeadFact:
+    """An outcome or a rep's feedback seen on a lead, keyed like its scores."""
+
+    crm: str
+    account_id: str
+    lead_id: str
+    value: str
+
+
+def engine_for(url: str) -> Engine:
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # several workers share one file
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.close()
+
+    return engine
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema to `revision` with Alembic (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["url"] = url
+    command.upgrade(config, revision)
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = engine_for(url)
+
+    def record_scores(self, records: Iterable[ScoreRecord]) -> int:
+        rows = [asdict(r) for r in records]
+        if rows:
+            with self.engine.begin() as connection:
+                connection.execute(scores.insert(), rows)
+        return len(rows)
+
+    def record_outcomes(self, facts: Iterable[LeadFact], source: str) -> int:
+        """Keep each lead's outcome kinds once; returns how many were new."""
+        facts = list(facts)
+        if not facts:
+            return 0
+        now = datetime.now(UTC)
+        with self.engine.begin() as connection:
+            known = _existing_outcomes(connection, facts)
+            new = [
+                {**_keys(f), "kind": f.value, "source": source, "recorded_at": now}
+                for f in dict.fromkeys(facts)
+                if (f.crm, f.account_id, f.lead_id, f.value) not in known
+            ]
+            if new:
+                connection.execute(outcomes.insert(), new)
+        return len(new)
+
+    def record_feedback(self, facts: Iterable[LeadFact]) -> int:
+        """Keep a rep's feedback when it differs from what they said last, with the score they saw."""
+        added = 0
+        now = datetime.now(UTC)
+        with self.engine.begin() as connection:
+            for fact in facts:
+                if fact.value not in FEEDBACK_VALUES:
+                    log.warning("ignoring feedback %r on %s: expected one of %s", fact.value, fact.lead_id,
+                                ", ".join(FEEDBACK_VALUES))  # fmt: skip
+                    continue
+                last = connection.execute(
+                    select(feedback.c.value).filter_by(**_keys(fact)).order_by(feedback.c.id.desc()).limit(1)
+                ).scalar()
+                if last == fact.value:
+                    continue
+                shown = connection.execute(
+                    select(scores.c.score, scores.c.tier, scores.c.fingerprint)
+                    .filter_by(**_keys(fact))
+                    .order_by(scores.c.id.desc())
+                    .limit(1)
+                ).first()
+                snapshot = dict(shown._mapping) if shown else {}
+                connection.execute(feedback.insert(), [{**_keys(fact), **snapshot, "value": fact.value,
+                                                        "recorded_at": now}])  # fmt: skip
+                added += 1
+        return added
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as connection:
+            return {
+                table.name: connection.execute(select(func.count()).select_from(table)).scalar_one()
+                for table in (scores, outcomes, feedback)
+            }
+
+
+def _keys(fact: LeadFact) -> dict[str, str]:
+    return {"crm": fact.crm, "account_id": fact.account_id, "lead_id": fact.lead_id}
+
+
+def _existing_outcomes(connection, facts: list[LeadFact]) -> set[tuple[str, str, str, str]]:
+    lead_ids = sorted({f.lead_id for f in facts})
+    rows = connection.execute(
+        select(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id, outcomes.c.kind).where(
+            outcomes.c.lead_id.in_(lead_ids)
+        )
+    )
+    return {tuple(row) for row in rows}

@@ -1,0 +1,220 @@
+"""Lead tables (CSV) and the mapping that says which column is which leadscore lead field.
+
+The same feature names serve a CSV row, a row kept in the store and a lead read from a CRM,
+so a model trained offline scores live leads. Pure functions of data; reading files is at
+the edge (`read_table`, `load_mapping`).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from integration.errors import TableError
+from integration.lead import Lead
+
+Kind = Literal["categorical", "numeric", "boolean"]
+# The Lead fields a mapping may fill, and how each is used as a feature.
+LEAD_FIELD_KINDS: dict[str, Kind] = {
+    "source": "categorical",
+    "source_detail": "categorical",
+    "status": "categorical",
+    "stage": "categorical",
+    "rating": "categorical",
+    "title": "categorical",
+    "company_size": "categorical",
+    "industry": "categorical",
+    "recent_conversion": "categorical",
+    "has_email": "boolean",
+    "has_phone": "boolean",
+    "email_bad": "boolean",
+    "email_opted_out": "boolean",
+    "do_not_call": "boolean",
+    "conversions": "numeric",
+    "visits": "numeric",
+    "page_views": "numeric",
+}
+_TRUE = frozenset({"1", "true", "yes", "y", "t"})
+_FALSE = frozenset({"0", "false", "no", "n", "f"})
+LLM_FEATURE = "llm_propensity"
+
+
+class CustomField(BaseModel):
+    """A further model feature: its column in files, and the CRM property holding it live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str
+    kind: Kind = "categorical"
+    hubspot: str | None = Field(None, description="HubSpot contact property name")
+    salesforce: str | None = Field(None, description="Salesforce Lead field API name")
+
+
+class Mapping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="the column identifying a lead")
+    label: str | None = Field(None, description="the outcome column (1 = converted)")
+    missing: list[str] = Field(default_factory=list, description="values meaning 'not filled in'")
+    fields: dict[str, str] = Field(default_factory=dict, description="lead field -> column")
+    custom: dict[str, CustomField] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> Mapping:
+        unknown = sorted(set(self.fields) - set(LEAD_FIELD_KINDS))
+        if unknown:
+            raise ValueError(
+                f"[fields] names {', '.join(unknown)}, which are not lead fields; use one of "
+                f"{', '.join(LEAD_FIELD_KINDS)} or put the column under [custom]"
+            )
+        clash = sorted(set(self.custom) & set(LEAD_FIELD_KINDS))
+        if clash:
+            raise ValueError(f"[custom] reuses the lead field name(s) {', '.join(clash)}; rename them")
+        return self
+
+    def feature_kinds(self) -> dict[str, Kind]:
+        return {
+            **{name: LEAD_FIELD_KINDS[name] for name in self.fields},
+            **{name: spec.kind for name, spec in self.custom.items()},
+        }
+
+    def columns(self) -> dict[str, str]:
+        """feature name -> column"""
+        return {**self.fields, **{name: spec.column for name, spec in self.custom.items()}}
+
+
+def load_mapping(path: Path) -> Mapping:
+    try:
+        return Mapping.model_validate(tomllib.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise TableError(f"mapping file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TableError(f"mapping file {path} is not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'mapping'}: {e['msg']}" for e in exc.errors())
+        raise TableError(f"mapping file {path}: {problems}") from None
+
+
+def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
+    """The file's rows, checked against the mapping; every cell read as text."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise TableError(f"data file {path} does not exist") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise TableError(f"data file {path} is not a readable CSV: {exc}") from None
+    wanted = [mapping.id, *mapping.columns().values()]
+    if need_label:
+        if not mapping.label:
+            raise TableError("no label column: pass --label COLUMN or set `label` in the mapping")
+        wanted.append(mapping.label)
+    missing = [c for c in dict.fromkeys(wanted) if c not in frame.columns]
+    if missing:
+        raise TableError(
+            f"{path} has no column {', '.join(repr(c) for c in missing)} that the mapping names; "
+            f"its columns are: {', '.join(frame.columns)}"
+        )
+    if frame.empty:
+        raise TableError(f"{path} has a header but no rows")
+    return frame
+
+
+def labels(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """The outcome column as 0/1; refuses empty cells and anything not binary."""
+    raw = frame[column].str.strip().str.lower()
+    empty = int((raw == "").sum())
+    if empty:
+        first = int(np.flatnonzero((raw == "").to_numpy())[0]) + 2  # 1-based, after the header
+        raise TableError(
+            f"label column {column!r} is empty in {empty} of {len(raw)} rows (first at line {first}); "
+            "every row needs an outcome (1 = converted, 0 = not)"
+        )
+    values = set(raw.unique())
+    if not values <= (_TRUE | _FALSE):
+        strange = sorted(values - (_TRUE | _FALSE))[:5]
+        raise TableError(
+            f"label column {column!r} is not binary: found {', '.join(repr(v) for v in strange)}; "
+            "expected 1/0, true/false or yes/no"
+        )
+    y = raw.isin(_TRUE).to_numpy().astype(int)
+    if y.min() == y.max():
+        raise TableError(f"label column {column!r} holds only {y[0]}s: a model needs both outcomes")
+    return y
+
+
+def normalise(value: object, kind: Kind, missing: frozenset[str] = frozenset()) -> object:
+    """One cell or CRM value as a feature value: categories lower-cased, booleans 0/1, NaN when absent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return np.nan
+    if isinstance(value, bool):
+        return float(value) if kind != "categorical" else str(value).lower()
+    text = " ".join(str(value).split())
+    if not text or text in missing:
+        return np.nan
+    if kind == "categorical":
+        return text.lower()
+    if kind == "boolean":
+        lowered = text.lower()
+        return 1.0 if lowered in _TRUE else 0.0 if lowered in _FALSE else np.nan
+    try:
+        number = float(text.replace(",", ""))
+    except ValueError:
+        return np.nan
+    return number if math.isfinite(number) else np.nan
+
+
+def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> pd.DataFrame:
+    """One column per mapped feature, values normalised (categories still plain text)."""
+    missing = frozenset(mapping.missing)
+    kinds = mapping.feature_kinds()
+    return pd.DataFrame(
+        {
+            name: [normalise(v, kinds[name], missing) for v in frame[column]]
+            for name, column in mapping.columns().items()
+        },
+        index=frame.index,
+    )
+
+
+def snapshot(lead: Lead, propensity=None) -> dict[str, object]:
+    """Everything a model could learn from this lead, raw, as the store keeps it."""
+    values = {name: getattr(lead, name) for name in LEAD_FIELD_KINDS}
+    values.update(lead.custom)
+    if propensity is not None and not propensity.fallback:
+        values[LLM_FEATURE] = propensity.propensity
+    return values
+
+
+def lead_features(lead: Lead, kinds: dict[str, Kind], propensity=None) -> dict[str, object]:
+    """A live lead's features under the names a model was trained with (`propensity`: the LLM's
+    answer, a feature when the model has one; a fallback counts as missing)."""
+    raw = snapshot(lead, propensity)
+    return {name: normalise(raw.get(name), kind) for name, kind in kinds.items()}
+
+
+def leads_from_frame(frame: pd.DataFrame, mapping: Mapping) -> list[Lead]:
+    """Rows as Leads, so the rules scorer reads a file the way it reads a CRM."""
+    missing = frozenset(mapping.missing)
+    leads = []
+    for row in frame.to_dict("records"):
+        values: dict[str, object] = {}
+        for name, column in mapping.fields.items():
+            value = normalise(row[column], LEAD_FIELD_KINDS[name], missing)
+            if isinstance(value, float) and math.isnan(value):
+                continue
+            kind = LEAD_FIELD_KINDS[name]
+            if kind == "boolean":
+                value = bool(value)
+            elif kind == "numeric":
+                value = max(0, int(value))
+            else:
+                value = " ".join(str(row[column]).split())  # the rules match words case-insensitively
+            values[name] = value
+        leads.append(Lead(crm="file", account_id="file", lead_id=str(row[mapping.id]), **values))
+    return leads
