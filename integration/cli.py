@@ -221,7 +221,10 @@ def cmd_train(args) -> int:
     for name, m in meta["candidates"].items():
         chosen = "  <- kept" if name == meta["model"] else ""
         print(f"  {name:20s} CV ROC AUC {m['cv_auc_mean']:.4f} ± {m['cv_auc_sd']:.4f}{chosen}")
-    print(f"  calibration: {meta['calibration']} (cross-validated ECE {meta['calibration_ece']})")
+    chosen = meta["calibration_cv"][meta["calibration"]]
+    print(
+        f"  calibration: {meta['calibration']} (cross-validated log loss {chosen['log_loss']}, ECE {chosen['ece']})"
+    )
     return 0
 
 
@@ -258,9 +261,11 @@ def cmd_evaluate(args) -> int:
 def cmd_outcomes(args) -> int:
     from workers.outcomes import sync
 
-    report = sync(get_settings(), crm=args.crm, since_days=args.since_days)
-    for crm, counts in report.items():
-        print(f"{crm}: {counts['leads']} leads read, {counts['new_outcomes']} new outcomes")
+    report = sync(get_settings(), crm=args.crm, accounts=args.account)
+    if not report:
+        raise UsageError("no CRM account to sync: configure a CRM, or name the portal/org with --account")
+    for account, counts in report.items():
+        print(f"{account}: {counts['leads']} leads at an outcome, {counts['new_outcomes']} new in the store")
     return 0
 
 
@@ -348,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes = sub.add_parser("outcomes", help="outcomes kept in the score store")
     outcomes.add_argument("action", choices=["sync"])
     outcomes.add_argument("--crm", choices=["hubspot", "salesforce"], help="default: every configured CRM")
-    outcomes.add_argument("--since-days", type=float, default=365.0, help="leads changed in this window")
+    outcomes.add_argument(
+        "--account", action="append", help="HubSpot portal id / Salesforce org id (default: those scored)"
+    )
     outcomes.set_defaults(func=cmd_outcomes)
     return parser
 

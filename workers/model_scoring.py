@@ -38,7 +38,7 @@ FEATURE_LABELS = {
     "page_views": "Page views",
     "llm_propensity": "AI propensity",
 }
-DEFAULT_MODEL_TIERS = Tiers(A=70, B=45, C=20)
+DEFAULT_MODEL_TIERS = Tiers(A=80, B=50, C=20)  # on a calibrated probability x 100
 
 
 def feature_label(name: str) -> str:

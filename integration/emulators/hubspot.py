@@ -31,6 +31,7 @@ ALWAYS_RETURNED = (
     "lastmodifieddate",
     "hs_lastmodifieddate",
 )
+SEARCH_LIMIT = 200
 BATCH_LIMIT = 100  # inputs per CRM v3 batch call
 RATE_WINDOW_S = 10.0  # HubSpot's "ten secondly rolling" window
 DEFAULT_RATE_MAX = 100  # private-app burst limit reported when a storm hits without `rate_limit`
@@ -76,6 +77,28 @@ def _batch_error(category: str, message: str, context: dict, details: list[dict]
         "errors": details or [],
         "links": {},
     }
+
+
+def _passes(contact: dict, condition: dict) -> bool:
+    """One search filter (EQ, NEQ, GT, GTE, LT, LTE, IN, NOT_IN) against a contact."""
+    name, operator = condition.get("propertyName"), condition.get("operator", "EQ")
+    stored = contact["id"] if name == "hs_object_id" else contact["properties"].get(name)
+    if operator in ("IN", "NOT_IN"):
+        inside = stored is not None and str(stored).casefold() in {
+            str(v).casefold() for v in condition["values"]
+        }
+        return inside if operator == "IN" else not inside
+    if stored is None:
+        return operator == "NEQ"
+    wanted = condition.get("value")
+    try:
+        left, right = float(stored), float(wanted)
+    except (TypeError, ValueError):
+        left, right = str(stored).casefold(), str(wanted).casefold()
+    return {
+        "EQ": left == right, "NEQ": left != right, "GT": left > right, "GTE": left >= right,
+        "LT": left < right, "LTE": left <= right,
+    }[operator]  # fmt: skip
 
 
 def _too_many(count: int):
@@ -244,6 +267,31 @@ class HubSpotEmulator:
                 self._write(contact_id, values)
                 results.append(self._view(self.contacts[contact_id], list(values), []))
             return _batch(results, errors, started)
+
+        @app.post("/crm/v3/objects/contacts/search")
+        def search_contacts():
+            body = request.get_json(silent=True) or {}
+            limit = int(body.get("limit") or 10)
+            if limit > SEARCH_LIMIT:
+                return _error(400, "VALIDATION_ERROR", f"limit must be at most {SEARCH_LIMIT}, was {limit}")
+            groups = body.get("filterGroups") or []
+
+            def wanted(contact: dict) -> bool:  # filter groups are ORed, filters inside a group ANDed
+                return not groups or any(
+                    all(_passes(contact, f) for f in g.get("filters") or []) for g in groups
+                )
+
+            found = [c for c in self.contacts.values() if not c.get("archived") and wanted(c)]
+            found.sort(key=lambda contact: int(contact["id"]))  # hs_object_id order, as sorted by id
+            start = int(body.get("after") or 0)
+            page = found[start : start + limit]
+            reply = {
+                "total": len(found),
+                "results": [self._view(c, body.get("properties") or [], []) for c in page],
+            }
+            if start + limit < len(found):
+                reply["paging"] = {"next": {"after": str(start + limit)}}
+            return jsonify(reply)
 
         @app.post("/crm/v3/objects/<object_type>/batch/read")
         def batch_read(object_type):

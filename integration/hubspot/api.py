@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hubspot import HubSpot
@@ -19,6 +19,9 @@ from hubspot.crm.associations.v4 import (
 from hubspot.crm.contacts import (
     ApiException,
     BatchInputSimplePublicObjectBatchInput,
+    Filter,
+    FilterGroup,
+    PublicObjectSearchRequest,
     SimplePublicObjectBatchInput,
     SimplePublicObjectInput,
 )
@@ -48,6 +51,7 @@ CONTACT_PROPERTIES = (
 TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_email_text")}
 MAX_TEXT_RECORDS = 5
 HUBSPOT_BATCH = 100
+SEARCH_PAGE = 200  # the search API's largest page
 MAX_THROTTLED_TRIES = 8
 DAILY_PAUSE_S = 3600  # HubSpot resets daily limits at midnight in the portal's time zone
 # A contact with any of these has had sales activity, so may have notes or emails worth reading.
@@ -248,6 +252,32 @@ class HubSpotCRM:
         raise RateLimited(
             f"HubSpot portal {self.portal_id}: still throttled after {MAX_THROTTLED_TRIES} tries"
         )
+
+    def contacts_at_outcome(self) -> Iterator[tuple[str, str]]:
+        """(contact id, outcome) of every contact whose lifecycle stage is an outcome, 200 a search.
+
+        Pages by `hs_object_id` rather than the `after` cursor, which HubSpot stops at 10,000."""
+        last_id = "0"
+        while True:
+            request = PublicObjectSearchRequest(
+                filter_groups=[FilterGroup(filters=[
+                    Filter(property_name="lifecyclestage", operator="IN", values=list(OUTCOME_STAGES)),
+                    Filter(property_name="hs_object_id", operator="GT", value=last_id),
+                ])],
+                sorts=[{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
+                properties=["lifecyclestage"], limit=SEARCH_PAGE,
+            )  # fmt: skip
+            try:
+                page = self._call("search", self.client.crm.contacts.search_api.do_search, request)
+            except ApiException as exc:
+                raise CRMError(f"HubSpot contact search failed: {exc.status} {exc.reason}") from exc
+            for contact in page.results:
+                stage = (contact.properties or {}).get("lifecyclestage") or ""
+                if stage in OUTCOME_STAGES:
+                    yield str(contact.id), OUTCOME_STAGES[stage]
+            if len(page.results) < SEARCH_PAGE:
+                return
+            last_id = str(page.results[-1].id)
 
     def read_lead(self, contact_id: str) -> Lead:
         """One contact, one call (plus its texts): the unbatched path."""

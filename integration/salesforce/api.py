@@ -207,6 +207,10 @@ class SalesforceCRM:
             if (key := lead_id[:15]) in found
         }
 
+    def converted_leads(self) -> list[str]:
+        """Ids of the org's converted Leads (query_all pages through them)."""
+        return [r["Id"] for r in self._query("SELECT Id FROM Lead WHERE IsConverted = true")]
+
     def read_lead(self, lead_id: str) -> Lead:
         lead = self.read_leads([lead_id]).get(lead_id)
         if lead is None:

@@ -1,0 +1,45 @@
+"""`leadscore outcomes sync`: backfill outcomes from the CRM APIs into the score store.
+
+Webhooks bring outcomes as they happen (the worker reads the lead's stage with every score);
+this catches up on what happened while leadscore was not listening, or before it existed.
+Outcomes are kept once per lead and kind, so running it again only adds what is new.
+"""
+
+from __future__ import annotations
+
+from integration.hubspot.api import HubSpotCRM
+from integration.salesforce.api import SalesforceCRM
+from integration.settings import Settings
+from workers.store import LeadFact, Store, scores
+
+
+def _accounts_in_store(store: Store, crm: str) -> list[str]:
+    from sqlalchemy import select
+
+    with store.engine.connect() as connection:
+        return sorted(
+            connection.execute(select(scores.c.account_id).where(scores.c.crm == crm).distinct()).scalars()
+        )
+
+
+def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None = None) -> dict[str, dict]:
+    """Read every lead at an outcome from each configured CRM and keep the new outcomes."""
+    store = Store(settings.database_url)
+    report: dict[str, dict] = {}
+    if crm in (None, "hubspot") and settings.hubspot_configured:
+        for portal in accounts or _accounts_in_store(store, "hubspot"):
+            found = list(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome())
+            facts = [LeadFact("hubspot", portal, contact, kind) for contact, kind in found]
+            report[f"hubspot:{portal}"] = {
+                "leads": len(found),
+                "new_outcomes": store.record_outcomes(facts, "sync"),
+            }
+    if crm in (None, "salesforce") and settings.salesforce_configured:
+        for org in accounts or sorted(settings.allowed_org_ids) or _accounts_in_store(store, "salesforce"):
+            org = org[:15]
+            converted = SalesforceCRM(settings, org_id=org).converted_leads()
+            facts = [LeadFact("salesforce", org, lead_id, "converted") for lead_id in converted]
+            report[f"salesforce:{org}"] = {
+                "leads": len(converted), "new_outcomes": store.record_outcomes(facts, "sync"),
+            }  # fmt: skip
+    return report
