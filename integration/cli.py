@@ -219,12 +219,11 @@ def cmd_train(args) -> int:
     meta = trained.meta
     print(f"model {meta['version']} saved to {args.out} ({meta['training']['seconds']} s)")
     for name, m in meta["candidates"].items():
-        chosen = "  <- kept" if name == meta["model"] else ""
-        print(f"  {name:20s} CV ROC AUC {m['cv_auc_mean']:.4f} ± {m['cv_auc_sd']:.4f}{chosen}")
-    chosen = meta["calibration_cv"][meta["calibration"]]
-    print(
-        f"  calibration: {meta['calibration']} (cross-validated log loss {chosen['log_loss']}, ECE {chosen['ece']})"
-    )
+        kept = "  <- kept" if name == meta["model"] else ""
+        print(f"  {name:20s} CV ROC AUC {m['cv_auc_mean']:.4f} ± {m['cv_auc_sd']:.4f}{kept}")
+    method = meta["calibration"]
+    cv = meta["calibration_cv"][method]
+    print(f"  calibration: {method} (cross-validated log loss {cv['log_loss']}, ECE {cv['ece']})")
     return 0
 
 
