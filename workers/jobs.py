@@ -263,7 +263,7 @@ def outcome(lead_key: str, name: str, scored: Scored | None = None) -> dict:
         "score": scored.result.score,
         "tier": scored.result.tier,
         "reason": scored.result.reason,
-        "fallback": scored.propensity.fallback,
+        "fallback": bool(scored.result.details.get("fallback")),
     }
 
 

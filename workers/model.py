@@ -94,8 +94,9 @@ def design_matrix(
     for name, kind in kinds.items():
         values = frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
         if kind == "categorical":
+            known = [MISSING, *categories[name]]
             text = values.astype("object").where(values.notna(), MISSING).astype(str)
-            columns[name] = pd.Categorical(text, categories=[MISSING, *categories[name]])
+            columns[name] = pd.Categorical(text.where(text.isin(known)), categories=known)  # unseen: NaN
         else:
             columns[name] = pd.to_numeric(values, errors="coerce").astype(float)
     return pd.DataFrame(columns, index=frame.index)

@@ -41,8 +41,9 @@ FEATURE_LABELS = {
 DEFAULT_MODEL_TIERS = Tiers(A=80, B=50, C=20)  # on a calibrated probability x 100
 
 
-def feature_label(name: str) -> str:
-    return FEATURE_LABELS.get(name) or name.replace("_", " ").capitalize()
+def feature_label(name: str, labels: dict[str, str] | None = None) -> str:
+    """How a reason names a feature: the mapping's label, leadscore's own, or the name spaced out."""
+    return (labels or {}).get(name) or FEATURE_LABELS.get(name) or name.replace("_", " ").capitalize()
 
 
 def _shown(value: object, kind: str) -> str:
@@ -57,14 +58,14 @@ def _shown(value: object, kind: str) -> str:
 
 
 def model_reason(contributions: dict[str, float], values: dict[str, object], kinds: dict[str, str],
-                 upward: bool) -> str:  # fmt: skip
+                 upward: bool, labels: dict[str, str] | None = None) -> str:  # fmt: skip
     """The strongest one or two drivers in the score's direction, in at most 90 characters."""
     sign = 1.0 if upward else -1.0
     ranked = sorted((n for n in contributions if sign * contributions[n] > 0),
                     key=lambda n: sign * contributions[n], reverse=True)  # fmt: skip
     if not ranked:
         ranked = sorted(contributions, key=lambda n: abs(contributions[n]), reverse=True)
-    phrases = [f"{feature_label(n)}: {_shown(values.get(n), kinds[n])}" for n in ranked[:2]]
+    phrases = [f"{feature_label(n, labels)}: {_shown(values.get(n), kinds[n])}" for n in ranked[:2]]
     first = clip_text(phrases[0], MAX_REASON_CHARS) if phrases else "No signal"
     room = MAX_REASON_CHARS - len(first) - 2
     if len(phrases) < 2 or room < 20:
@@ -82,26 +83,27 @@ def score_frame(model: TrainedModel, frame: pd.DataFrame) -> list[ScoreResult]:
     contributions = model.contributions(frame)
     tiers = tiers_of(model)
     base = model.meta.get("base_rate", 0.5)
+    names = list(model.kinds)
+    values = frame.reindex(columns=names).to_dict("records")
+    contribution_rows = contributions[names].to_numpy()
     results = []
-    for i, (index, p) in enumerate(zip(frame.index, probabilities, strict=True)):
-        row_contrib = {name: float(contributions.iat[i, j]) for j, name in enumerate(contributions.columns)}
-        values = {name: frame.at[index, name] if name in frame else None for name in model.kinds}
+    for p, row, contribution in zip(probabilities, values, contribution_rows, strict=True):
+        row_contrib = dict(zip(names, contribution.tolist(), strict=True))
         score = int(np.clip(round(float(p) * 100), 0, 100))
+        ranked = sorted(row_contrib.items(), key=lambda item: abs(item[1]), reverse=True)
         results.append(
             ScoreResult(
                 score=score,
                 tier=tiers.tier_for(score),
-                reason=model_reason(row_contrib, values, model.kinds, upward=float(p) >= base),
+                reason=model_reason(
+                    row_contrib, row, model.kinds, float(p) >= base, model.meta.get("labels")
+                ),
                 details={
                     "scorer": "model",
                     "model": model.version,
                     "probability": round(float(p), 4),
-                    "contributions": {
-                        n: round(c, 3)
-                        for n, c in sorted(row_contrib.items(), key=lambda item: abs(item[1]), reverse=True)
-                        if round(c, 3)
-                    },
-                },  # fmt: skip
+                    "contributions": {name: round(c, 3) for name, c in ranked if round(c, 3)},
+                },
             )
         )
     return results

@@ -80,6 +80,7 @@ def train_from_store(store, out: Path, min_age_days: float, tiers: dict | None =
 def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, tiers: dict | None, started):
     trained.meta["tiers"] = tiers or model_scoring.DEFAULT_MODEL_TIERS.model_dump()
     if mapping is not None:
+        trained.meta["labels"] = mapping.labels()
         trained.meta["crm_properties"] = {
             name: {crm: prop for crm in ("hubspot", "salesforce") if (prop := getattr(spec, crm))}
             for name, spec in mapping.custom.items()
@@ -128,7 +129,7 @@ def evaluate(
     from workers import report
 
     table = load_table(data, mapping_path, label, need_label=True)
-    scorers: dict[str, dict] = {}
+    scorers: dict[str, dict] = {RULES: {}}
     notes: list[str] = []
     results = {RULES: rules_results(table, config)}
     for directory in model_dirs:
@@ -147,7 +148,7 @@ def evaluate(
     for name, rows in results.items():
         p = np.array([r.score for r in rows], dtype=float) / 100
         tiers = [r.tier for r in rows]
-        scorers.setdefault(name, {}).update(
+        scorers[name].update(
             {**classification_metrics(table.y, p), "tiers": tier_table(table.y, tiers)}
         )
     summary = {

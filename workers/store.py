@@ -132,15 +132,21 @@ def engine_for(url: str) -> Engine:
     return engine
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the schema to `revision` with Alembic (idempotent)."""
-    from alembic import command
+def alembic_config(url: str):
+    """Alembic's configuration for this store, without an alembic.ini."""
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["url"] = url
-    command.upgrade(config, revision)
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema to `revision` with Alembic (idempotent)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
 
 
 class Store:

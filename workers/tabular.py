@@ -52,6 +52,7 @@ class CustomField(BaseModel):
 
     column: str
     kind: Kind = "categorical"
+    label: str | None = Field(None, description="how reasons name it; default: the name, spaced")
     hubspot: str | None = Field(None, description="HubSpot contact property name")
     salesforce: str | None = Field(None, description="Salesforce Lead field API name")
 
@@ -83,6 +84,9 @@ class Mapping(BaseModel):
             **{name: LEAD_FIELD_KINDS[name] for name in self.fields},
             **{name: spec.kind for name, spec in self.custom.items()},
         }
+
+    def labels(self) -> dict[str, str]:
+        return {name: spec.label for name, spec in self.custom.items() if spec.label}
 
     def columns(self) -> dict[str, str]:
         """feature name -> column"""

@@ -499,6 +499,8 @@ class HubSpotEmulator:
                 "error": "PROPERTY_DOESNT_EXIST",
                 "name": name,
             }
+        if value == "":
+            return None  # an empty string clears a property of any type
         if definition.get("type") == "enumeration":
             allowed = {o["value"] for o in definition.get("options", [])}
             if str(value) not in allowed:

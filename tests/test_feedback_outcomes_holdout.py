@@ -1,0 +1,210 @@
+"""Outcomes, rep feedback, the randomised holdout and a trained model, through the same
+webhooks and workers as every score (real Redis, RQ, SDK clients and emulators)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from sqlalchemy import select
+
+from integration.cli import main
+from integration.settings import get_settings
+from tests.conftest import FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
+from workers import jobs, store
+from workers.holdout import in_holdout
+
+CONTACT = "74300000103"
+SLICE = FIXTURES / "data" / "leads_slice.csv"
+MAPPING = FIXTURES / "data" / "x_education_mapping.toml"
+
+
+def written(hubspot, contact_id: str) -> dict:
+    return {k: v for k, v in hubspot.contact_properties(contact_id).items() if k.startswith("leadscore_")}
+
+
+def table(env, which) -> list[dict]:
+    with store.Store(env["DATABASE_URL"]).engine.connect() as connection:
+        return [dict(r._mapping) for r in connection.execute(select(which).order_by(which.c.id))]
+
+
+def reconfigure(monkeypatch, **values: str) -> None:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+    jobs._hubspot.cache_clear()
+    jobs._salesforce.cache_clear()
+
+
+def test_every_written_score_is_kept_with_the_inputs_it_was_made_from(env, post_delivery, crm, run_worker):
+    post_delivery("contact.propertyChange__lead_status")
+    [result] = run_worker()
+
+    [kept] = table(env, store.scores)
+    assert (kept["crm"], kept["account_id"], kept["lead_id"]) == ("hubspot", PORTAL_ID, CONTACT)
+    assert (kept["score"], kept["tier"], kept["reason"]) == (
+        result["score"],
+        result["tier"],
+        result["reason"],
+    )
+    assert kept["scorer"] == "rules+llm"
+    assert kept["model_version"] == "gpt-4o-mini-2024-07-18"  # the LLM model, as it answered
+    assert kept["holdout"] is False and kept["fallback"] is False
+    assert kept["features"]["status"] == "IN_PROGRESS" and 0 <= kept["features"]["llm_propensity"] <= 1
+    assert kept["fingerprint"] == kept["details"]["fingerprint"]
+
+
+def test_contact_propertyChange__rep_feedback(env, post_delivery, crm, run_worker, hubspot, llm):
+    post_delivery("contact.propertyChange__lead_status")
+    [scored] = run_worker()
+    calls, writes = len(llm.requests), len(hubspot.writes)
+
+    hubspot.contacts[CONTACT]["properties"]["leadscore_feedback"] = "too_high"
+    assert post_delivery("contact.propertyChange__rep_feedback").get_json()["enqueued"] == 1
+    [result] = run_worker()
+    again = json.dumps(
+        [{**fixture_json("hubspot/contact.propertyChange__rep_feedback.json")[0], "eventId": 7}]
+    )
+    post_delivery(again.encode())
+    run_worker()
+
+    assert result["outcome"] == "unchanged"  # feedback is not a scoring input: no LLM call, no write
+    assert (len(llm.requests), len(hubspot.writes)) == (calls, writes)
+    [said] = table(env, store.feedback)  # said twice, kept once
+    assert (said["lead_id"], said["value"], said["score"], said["tier"]) == (
+        CONTACT, "too_high", scored["score"], scored["tier"]
+    )  # fmt: skip
+
+
+def test_contact_propertyChange__lifecyclestage_customer(env, post_delivery, crm, run_worker, hubspot):
+    hubspot.contacts[CONTACT]["properties"]["lifecyclestage"] = "customer"
+    post_delivery("contact.propertyChange__lifecyclestage_customer")
+    [result] = run_worker()
+
+    assert result["outcome"] == "written"
+    assert stored_outcomes(env) == [("hubspot", PORTAL_ID, CONTACT, "customer", "webhook")]
+
+
+def test_lead_change_event__rep_feedback(env, post_change_events, sf_crm, run_worker, salesforce):
+    post_change_events("lead_change_event__create")
+    run_worker()
+    salesforce.leads["00Q5g00000Ls001EAB"]["Leadscore_Feedback__c"] = "too_low"
+
+    assert post_change_events("lead_change_event__rep_feedback").get_json()["enqueued"] == 1
+    [result] = run_worker()
+
+    assert result["outcome"] == "unchanged"
+    [said] = table(env, store.feedback)
+    assert (said["crm"], said["lead_id"], said["value"]) == ("salesforce", "00Q5g00000Ls001EAB", "too_low")
+    assert said["score"] == 82  # the score the rep was looking at
+
+
+def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+    assert main(["outcomes", "sync", "--crm", "salesforce"]) == 0
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+
+    kept = stored_outcomes(env)
+    assert sorted(kept) == [
+        ("hubspot", PORTAL_ID, "74300000120", "customer", "sync"),
+        ("hubspot", PORTAL_ID, "74300000121", "opportunity", "sync"),
+        ("salesforce", SF_ORG_ID[:15], "00Q5g00000Ls011EAB", "converted", "sync"),
+    ]
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"hubspot:{PORTAL_ID}: 2 leads at an outcome, 0 new in the store"
+
+
+def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post_delivery, crm, run_worker,
+                                                         hubspot, llm):  # fmt: skip
+    reconfigure(monkeypatch, HOLDOUT_SHARE="0.25")
+    post_delivery("contact.creation__demo_burst")
+    run_worker()
+    held = {c for c in hubspot.contacts if in_holdout(f"hubspot:{PORTAL_ID}:{c}", 0.25)}
+    scored = {c for c in hubspot.contacts if written(hubspot, c).get("leadscore_scored_at")}
+
+    assert len(held & scored) == 6  # a stable hash of the lead id, about a quarter of 24
+    for contact in held & scored:
+        fields = written(hubspot, contact)
+        assert fields["leadscore_holdout"] == "true"
+        assert (fields.get("leadscore_score", ""), fields.get("leadscore_tier", ""),
+                fields.get("leadscore_reason", "")) == ("", "", "")  # fmt: skip
+        assert json.loads(fields["leadscore_details"])["holdout"] is True
+    for contact in scored - held:
+        assert written(hubspot, contact)["leadscore_holdout"] == "false"
+        assert written(hubspot, contact)["leadscore_tier"] in "ABCD"
+    kept = {row["lead_id"]: row for row in table(env, store.scores)}
+    assert {c for c, row in kept.items() if row["holdout"]} == held & scored
+    assert all(row["tier"] in "ABCD" for row in kept.values())  # the store keeps the real score
+
+    calls, writes = len(llm.requests), len(hubspot.writes)
+    burst = fixture_json("hubspot/contact.creation__demo_burst.json")
+    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 1} for e in burst]).encode())
+    results = run_worker()
+    assert {r["outcome"] for r in results} == {"unchanged"}
+    assert (len(llm.requests), len(hubspot.writes)) == (calls, writes)
+
+
+@pytest.fixture(scope="module")
+def crm_model(tmp_path_factory):
+    """A model trained on the lead slice; its custom features map to HubSpot properties."""
+    out = tmp_path_factory.mktemp("model") / "m"
+    assert main(["train", "--data", str(SLICE), "--mapping", str(MAPPING), "--out", str(out)]) == 0
+    return out
+
+
+def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypatch, crm_model, post_delivery,
+                                                                  crm, run_worker, hubspot, llm):  # fmt: skip
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
+    post_delivery("contact.creation__demo_burst")
+    results = run_worker()
+
+    assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
+    assert llm.requests == []  # this model has no LLM feature: no LLM call at all
+    version = json.loads((crm_model / "model.json").read_text())["version"]
+    for result in results:
+        contact = result["lead"].rsplit(":", 1)[1]
+        fields = written(hubspot, contact)
+        details = json.loads(fields["leadscore_details"])
+        assert details["scorer"] == "model" and details["model"] == version
+        assert int(fields["leadscore_score"]) == round(details["probability"] * 100)
+        assert len(fields["leadscore_reason"]) <= 90
+        top = max(details["contributions"], key=lambda n: abs(details["contributions"][n]))
+        assert details["contributions"][top] != 0 and details["fallback"] is False
+    kept = table(env, store.scores)
+    assert {row["scorer"] for row in kept} == {"model"} and {row["model_version"] for row in kept} == {
+        version
+    }
+
+
+def test_a_model_with_the_llm_as_a_feature_calls_it_and_falls_back_without_it(
+    env, monkeypatch, tmp_path, post_delivery, crm, run_worker, hubspot, llm
+):
+    frame = pd.read_csv(SLICE, dtype=str, keep_default_na=False)
+    frame["AI propensity"] = [
+        f"{0.2 + 0.6 * int(c) + (i % 7) / 70:.3f}" for i, c in enumerate(frame["Converted"])
+    ]
+    data = tmp_path / "with_llm.csv"
+    frame.to_csv(data, index=False)
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        MAPPING.read_text() + 'llm_propensity = { column = "AI propensity", kind = "numeric" }\n'
+    )
+    assert main(["train", "--data", str(data), "--mapping", str(mapping), "--out", str(tmp_path / "m")]) == 0
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(tmp_path / "m"))
+
+    post_delivery("contact.propertyChange__lead_status")
+    [first] = run_worker()
+    details = json.loads(written(hubspot, CONTACT)["leadscore_details"])
+    assert len(llm.requests) == 1 and details["propensity"]["source"] == "llm"
+    assert "llm_propensity" in details["contributions"] and details["fallback"] is False
+
+    hubspot.contacts[CONTACT]["properties"]["hs_lead_status"] = "CONNECTED"
+    llm.force(status=500)
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 9, "propertyValue": "CONNECTED"}]).encode())  # fmt: skip
+    [second] = run_worker()
+    details = json.loads(written(hubspot, CONTACT)["leadscore_details"])
+    assert second["outcome"] == "written" and second["fallback"] is True
+    assert details["fallback"] is True and "llm_propensity" not in details["contributions"]

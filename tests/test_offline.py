@@ -1,0 +1,214 @@
+"""`leadscore train`, `score-file` and `evaluate` on a slice of the public lead dataset
+(fixtures/data/leads_slice.csv, mapped by fixtures/data/x_education_mapping.toml)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from integration.cli import main
+from tests.conftest import FIXTURES
+from workers import model_scoring, offline, tabular
+from workers.model import TrainedModel
+
+DATA = FIXTURES / "data" / "leads_slice.csv"
+MAPPING = FIXTURES / "data" / "x_education_mapping.toml"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "x-education"
+    assert main(["train", "--data", str(DATA), "--mapping", str(MAPPING), "--out", str(out)]) == 0
+    return out
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_compares_candidates_by_cross_validation_and_keeps_the_better(trained):
+    meta = json.loads((trained / "model.json").read_text())
+
+    assert set(meta["candidates"]) == {"logistic_regression", "lightgbm"}
+    best = max(meta["candidates"], key=lambda name: meta["candidates"][name]["cv_auc_mean"])
+    assert meta["model"] == best
+    assert meta["candidates"][best]["cv_auc_mean"] > 0.9  # 500 rows; the full file gives 0.983
+    assert meta["calibration"] in ("sigmoid", "isotonic")
+    chosen = meta["calibration"]
+    other = "isotonic" if chosen == "sigmoid" else "sigmoid"
+    assert meta["calibration_cv"][chosen]["log_loss"] <= meta["calibration_cv"][other]["log_loss"]
+    assert meta["training"]["rows"] == 500 and meta["training"]["file"] == "leads_slice.csv"
+    assert meta["training"]["positive_rate"] == 0.37
+    assert [f["name"] for f in meta["features"]][:3] == ["source", "source_detail", "status"]
+    assert meta["tiers"] == {"A": 80, "B": 50, "C": 20}
+    assert meta["version"].endswith(f"-{meta['model']}-" + meta["version"].rsplit("-", 1)[1])
+
+
+def test_a_saved_model_predicts_exactly_as_the_one_trained(tmp_path):
+    table = offline.load_table(DATA, MAPPING, None, need_label=True)
+    fresh = offline.train_from_file(DATA, MAPPING, None, tmp_path / "m")
+    loaded = TrainedModel.load(tmp_path / "m")
+
+    assert list(loaded.kinds) == list(fresh.kinds)  # the estimator reads features by position
+    assert np.array_equal(loaded.predict(table.features), fresh.predict(table.features))
+
+
+def test_score_file_without_a_model_uses_the_rules_alone(tmp_path, capsys):
+    out = tmp_path / "rules.csv"
+    assert main(["score-file", "--data", str(DATA), "--mapping", str(MAPPING), "--out", str(out)]) == 0
+
+    scored = rows(out)
+    assert len(scored) == 500
+    assert scored[:3] == [
+        {"Prospect ID": "7927b2df-8bba-4d29-b9a2-b6e0beafe620", "score": "38", "tier": "D",
+         "reason": "No email or phone; Unemployed"},
+        {"Prospect ID": "82cb5fb0-2d97-4a39-a630-ab5fe2e7f18c", "score": "40", "tier": "C",
+         "reason": "Unemployed; No email or phone"},
+        {"Prospect ID": "e60a54bc-0816-430e-a99a-019a8b5a27e5", "score": "42", "tier": "C",
+         "reason": "Working Professional at fintech; No email or phone"},
+    ]  # fmt: skip
+    assert "scored 500 rows with the rules" in capsys.readouterr().out
+
+
+def test_score_file_with_a_model_names_each_leads_drivers(trained, tmp_path):
+    out = tmp_path / "model.csv"
+    args = [
+        "score-file",
+        "--data",
+        str(DATA),
+        "--mapping",
+        str(MAPPING),
+        "--model",
+        str(trained),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+
+    scored = pd.read_csv(out)
+    truth = pd.read_csv(DATA)["Converted"]
+    assert list(scored.columns) == ["Prospect ID", "score", "tier", "reason"]
+    assert scored["Prospect ID"].tolist() == pd.read_csv(DATA)["Prospect ID"].tolist()
+    assert scored["score"].between(0, 100).all()
+    tiers = model_scoring.DEFAULT_MODEL_TIERS
+    assert (scored["tier"] == [tiers.tier_for(s) for s in scored["score"]]).all()
+    assert scored["reason"].str.len().max() <= 90
+    labels = ("Status: ", "Rating: ", "Seconds on site: ", "Last activity: ", "Last notable activity: ")
+    assert scored["reason"].str.startswith(labels).mean() > 0.8  # the strong signals lead the reasons
+    converted_in_a = truth[scored["tier"] == "A"].mean()
+    assert converted_in_a >= 2 * truth.mean()
+
+
+def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = [
+        "evaluate",
+        "--data",
+        str(DATA),
+        "--mapping",
+        str(MAPPING),
+        "--model",
+        str(trained),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] == 500 and metrics["base_rate"] == 0.37
+    names = list(metrics["scorers"])
+    assert names[0] == "rules" and names[1].startswith("model ")
+    for scorer in metrics["scorers"].values():
+        assert set(scorer) >= {"roc_auc", "pr_auc", "brier", "ece", "tiers"}
+        assert [row["tier"] for row in scorer["tiers"]] == ["A", "B", "C", "D"]
+        assert sum(row["leads"] for row in scorer["tiers"]) == 500
+    assert metrics["scorers"][names[1]]["roc_auc"] > metrics["scorers"]["rules"]["roc_auc"]
+    assert "trained on this very file" in metrics["notes"][0]  # in-sample numbers are flagged
+    for plot in ("roc.png", "calibration.png", "tiers.png", "gains.png"):
+        assert (out / plot).read_bytes().startswith(PNG)
+    report = (out / "report.md").read_text()
+    assert "| rules |" in report and "![ROC](roc.png)" in report
+    assert "report:" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad input, each a clear error
+
+
+def _write(tmp_path: Path, frame: pd.DataFrame) -> Path:
+    path = tmp_path / "leads.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _train(tmp_path: Path, data: Path, mapping: Path = MAPPING) -> int:
+    return main(["train", "--data", str(data), "--mapping", str(mapping), "--out", str(tmp_path / "m")])
+
+
+def test_a_missing_column_is_named(tmp_path, capsys):
+    data = _write(tmp_path, pd.read_csv(DATA, dtype=str).drop(columns=["Tags"]))
+
+    assert _train(tmp_path, data) == 2
+    err = capsys.readouterr().err
+    assert f"leadscore train: {data} has no column 'Tags' that the mapping names; its columns are: " in err
+
+
+def test_an_empty_label_is_refused_with_its_line(tmp_path, capsys):
+    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
+    frame.loc[4, "Converted"] = ""
+    data = _write(tmp_path, frame)
+
+    assert _train(tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        "leadscore train: label column 'Converted' is empty in 1 of 500 rows (first at line 6); "
+        "every row needs an outcome (1 = converted, 0 = not)\n"
+    )
+
+
+def test_a_label_that_is_not_binary_is_refused(tmp_path, capsys):
+    frame = pd.read_csv(DATA, dtype=str)
+    frame.loc[0, "Converted"] = "2"
+    frame.loc[1, "Converted"] = "maybe"
+    data = _write(tmp_path, frame)
+
+    assert _train(tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        "leadscore train: label column 'Converted' is not binary: found '2', 'maybe'; "
+        "expected 1/0, true/false or yes/no\n"
+    )
+
+
+def test_a_label_with_one_outcome_only_is_refused(tmp_path, capsys):
+    frame = pd.read_csv(DATA, dtype=str)
+    frame["Converted"] = "0"
+
+    assert _train(tmp_path, _write(tmp_path, frame)) == 2
+    assert "label column 'Converted' holds only 0s: a model needs both outcomes" in capsys.readouterr().err
+
+
+def test_a_mapping_naming_an_unknown_lead_field_is_refused(tmp_path, capsys):
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text('id = "Prospect ID"\nlabel = "Converted"\n[fields]\nlead_status = "Tags"\n')
+
+    assert _train(tmp_path, DATA, mapping) == 2
+    err = capsys.readouterr().err
+    assert "[fields] names lead_status, which are not lead fields; use one of source, source_detail" in err
+
+
+def test_train_without_data_or_store_says_what_to_give(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "m")]) == 2
+    assert "train needs --data FILE and --mapping MAP, or --from-store" in capsys.readouterr().err
+
+
+def test_normalise_treats_placeholders_as_missing_and_folds_case():
+    assert np.isnan(tabular.normalise("Select", "categorical", frozenset({"Select"})))
+    assert tabular.normalise(" Google ", "categorical") == "google"
+    assert tabular.normalise("google", "categorical") == "google"
+    assert tabular.normalise("Yes", "boolean") == 1.0 and tabular.normalise("no", "boolean") == 0.0
+    assert tabular.normalise("1,532", "numeric") == 1532.0
