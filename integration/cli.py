@@ -224,6 +224,11 @@ def cmd_train(args) -> int:
     method = meta["calibration"]
     cv = meta["calibration_cv"][method]
     print(f"  calibration: {method} (cross-validated log loss {cv['log_loss']}, ECE {cv['ece']})")
+    expected, tier_a = meta["expected"], meta["expected"]["tiers"][0]
+    print(f"  expected on unseen leads (out-of-fold): ROC AUC {expected['roc_auc']:.4f}, "
+          f"ECE {expected['ece']:.4f}, "
+          f"tier A {tier_a['share']:.0%} of leads converting at {tier_a['conversion_rate'] or 0:.0%} "
+          f"({tier_a['lift']}x the {meta['base_rate']:.0%} base rate)")  # fmt: skip
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ import pandas as pd
 import pytest
 
 from integration.cli import main
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, tabular
 from workers.model import TrainedModel
+from workers.store import LeadFact, ScoreRecord, Store
 
 DATA = FIXTURES / "data" / "leads_slice.csv"
 MAPPING = FIXTURES / "data" / "x_education_mapping.toml"
@@ -212,3 +214,97 @@ def test_normalise_treats_placeholders_as_missing_and_folds_case():
     assert tabular.normalise("google", "categorical") == "google"
     assert tabular.normalise("Yes", "boolean") == 1.0 and tabular.normalise("no", "boolean") == 0.0
     assert tabular.normalise("1,532", "numeric") == 1532.0
+
+
+def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, capsys):
+    table = offline.load_table(DATA, MAPPING, None, need_label=True)
+    leads = tabular.leads_from_frame(table.frame, table.mapping)
+    kept = Store(env["DATABASE_URL"])
+    long_ago = datetime.now(UTC) - timedelta(days=45)
+    kept.record_scores(
+        ScoreRecord(
+            crm="hubspot",
+            account_id=PORTAL_ID,
+            lead_id=lead.lead_id,
+            score=50,
+            tier="C",
+            reason="r",
+            scorer="rules+llm",
+            fingerprint="f",
+            features=tabular.snapshot(lead),
+            details={},
+            scored_at=long_ago,
+        )  # fmt: skip
+        for lead in leads
+    )
+    kept.record_outcomes(
+        [
+            LeadFact("hubspot", PORTAL_ID, lead.lead_id, "customer")
+            for lead, y in zip(leads, table.y, strict=True)
+            if y
+        ],
+        "sync",
+    )
+    too_recent = ScoreRecord(
+        crm="hubspot",
+        account_id=PORTAL_ID,
+        lead_id="new",
+        score=50,
+        tier="C",
+        reason="r",
+        scorer="rules+llm",
+        fingerprint="f",
+        features=tabular.snapshot(leads[0]),
+        details={},
+    )
+    kept.record_scores([too_recent])  # no outcome yet and scored today: too early to call it a loss
+
+    assert main(["train", "--from-store", "--min-age-days", "30", "--out", str(tmp_path / "m")]) == 0
+
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["training"]["rows"] == 500 and meta["training"]["positive_rate"] == 0.37
+    assert meta["training"]["store"].startswith("sqlite:///") and meta["training"]["min_age_days"] == 30
+    assert meta["training"]["to"] == long_ago.isoformat(timespec="seconds")
+    kinds = {f["name"]: f["kind"] for f in meta["features"]}
+    assert (
+        kinds["status"] == "categorical"
+        and kinds["visits"] == "numeric"
+        and kinds["email_opted_out"] == "boolean"
+    )
+    assert meta["candidates"]["lightgbm"]["cv_auc_mean"] > 0.85  # the lead fields alone, without [custom]
+    assert "expected on unseen leads (out-of-fold): ROC AUC" in capsys.readouterr().out
+
+
+def test_train_from_an_empty_store_says_what_is_missing(env, tmp_path, capsys):
+    assert main(["train", "--from-store", "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore train: the store has no labelled leads yet: none converted and none scored over "
+        "30 days ago (lower --min-age-days, or run `leadscore outcomes sync`)\n"
+    )
+
+
+def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tmp_path):
+    kept = Store(env["DATABASE_URL"])
+    rows = [("1", 91, "A", False), ("2", 85, "A", True), ("3", 30, "D", False), ("4", 12, "D", True)]
+    kept.record_scores(
+        ScoreRecord(crm="salesforce", account_id="00D5g000004XyZa", lead_id=lead, score=score, tier=tier,
+                    reason="r", scorer="model", fingerprint=lead, features={}, details={}, holdout=holdout)
+        for lead, score, tier, holdout in rows
+    )  # fmt: skip
+    kept.record_outcomes([LeadFact("salesforce", "00D5g000004XyZa", "1", "converted")], "webhook")
+    kept.record_feedback([LeadFact("salesforce", "00D5g000004XyZa", "3", "too_low"),
+                          LeadFact("salesforce", "00D5g000004XyZa", "1", "right")])  # fmt: skip
+    out = tmp_path / "report"
+
+    args = ["evaluate", "--data", str(DATA), "--mapping", str(MAPPING), "--with-store", "--out", str(out)]
+    assert main(args) == 0
+
+    summary = json.loads((out / "metrics.json").read_text())["store"]
+    assert summary == {
+        "scores": 4, "leads": 4, "converted": 1,
+        "holdout": {"scored": {"leads": 2, "converted": 1, "rate": 0.5},
+                    "holdout": {"leads": 2, "converted": 0, "rate": 0.0}},
+        "feedback": {"A": {"right": 1}, "D": {"too_low": 1}},
+    }  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "### Holdout (no visible score)" in report and "| D | 0 | 0 | 1 |" in report

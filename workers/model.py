@@ -27,7 +27,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-from workers.metrics import classification_metrics, expected_calibration_error
+from workers.config import Tiers
+from workers.metrics import classification_metrics, expected_calibration_error, tier_table
 from workers.tabular import Kind
 
 ARTIFACT_FORMAT = 1
@@ -173,26 +174,40 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def choose_calibration(oof: np.ndarray, y: np.ndarray, folds: int = FOLDS) -> tuple[str, dict[str, dict]]:
+def choose_calibration(
+    oof: np.ndarray, y: np.ndarray, folds: int = FOLDS
+) -> tuple[str, dict[str, dict], np.ndarray]:
     """Sigmoid or isotonic, whichever has the lower cross-validated log loss on the winner's
     out-of-fold scores: a proper scoring rule, so an isotonic map that buys ECE with ties
-    (and ranking) does not win on ECE alone."""
+    (and ranking) does not win on ECE alone. Also returns the chosen method's cross-validated
+    probabilities: what the model's scores on unseen leads are expected to look like."""
     splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=SEED + 1).split(oof, y))
-    scores = {
-        "none": {
-            "log_loss": round(float(log_loss(y, oof)), 4),
-            "ece": round(expected_calibration_error(y, oof), 4),
-        }
-    }
+    scores = {"none": {"log_loss": _log_loss(y, oof), "ece": round(expected_calibration_error(y, oof), 4)}}
+    calibrated = {}
     for method in ("sigmoid", "isotonic"):
-        calibrated = np.zeros(len(y))
+        calibrated[method] = np.zeros(len(y))
         for fit_idx, test_idx in splits:
-            calibrated[test_idx] = Calibrator(method).fit(oof[fit_idx], y[fit_idx])(oof[test_idx])
+            calibrated[method][test_idx] = Calibrator(method).fit(oof[fit_idx], y[fit_idx])(oof[test_idx])
         scores[method] = {
-            "log_loss": round(float(log_loss(y, np.clip(calibrated, 1e-6, 1 - 1e-6))), 4),
-            "ece": round(expected_calibration_error(y, calibrated), 4),
+            "log_loss": _log_loss(y, calibrated[method]),
+            "ece": round(expected_calibration_error(y, calibrated[method]), 4),
         }
-    return min(("sigmoid", "isotonic"), key=lambda m: scores[m]["log_loss"]), scores
+    best = min(("sigmoid", "isotonic"), key=lambda m: scores[m]["log_loss"])
+    return best, scores, calibrated[best]
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    return round(float(log_loss(y, np.clip(p, 1e-6, 1 - 1e-6))), 4)
+
+
+def expected_performance(y: np.ndarray, probabilities: np.ndarray, tiers: Tiers) -> dict:
+    """Metrics of out-of-fold, calibrated scores (rounded to 0-100 as written): the honest
+    estimate for leads the model has not seen."""
+    scores = np.clip(np.round(probabilities * 100), 0, 100)
+    return {
+        **classification_metrics(y, scores / 100),
+        "tiers": tier_table(y, [tiers.tier_for(int(s)) for s in scores]),
+    }
 
 
 @dataclass
@@ -274,6 +289,7 @@ def train(
     kinds: dict[str, Kind],
     *,
     source: dict,
+    tiers: Tiers,
     folds: int = FOLDS,
     progress: Progress = _no_progress,
 ) -> TrainedModel:
@@ -283,7 +299,7 @@ def train(
     X = design_matrix(frame, kinds, categories)
     results = cross_validate(X, y, kinds, folds, progress)
     best = max(results.values(), key=lambda r: r.auc_mean)
-    method, calibration_scores = choose_calibration(best.oof, y, folds)
+    method, calibration_scores, calibrated_oof = choose_calibration(best.oof, y, folds)
     calibrator = Calibrator(method).fit(best.oof, y)
     estimator = CANDIDATES[best.name](kinds).fit(X, y)
     created = datetime.now(UTC)
@@ -297,6 +313,8 @@ def train(
         "model": best.name,
         "calibration": method,
         "calibration_cv": calibration_scores,
+        "tiers": tiers.model_dump(),
+        "expected": expected_performance(y, calibrated_oof, tiers),
         "candidates": {name: r.summary(y) for name, r in results.items()},
         "training": {
             **source,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
-from workers.config import ScoringConfig
+from workers.config import ScoringConfig, Tiers
 from workers.metrics import classification_metrics, cumulative_gains, tier_table
 from workers.model import TrainedModel, train
 from workers.propensity import fallback
@@ -57,28 +57,30 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
     return LabelledTable(frame, tabular.feature_frame(frame, mapping), mapping, y, source)
 
 
-def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: dict | None = None):
+def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: Tiers | None = None):
     started = time.perf_counter()
     table = load_table(data, mapping_path, label, need_label=True)
     trained = train(
         table.features, table.y, table.mapping.feature_kinds(), source=table.source,
-        progress=progress("cross-validating"),
+        tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS, progress=progress("cross-validating"),
     )  # fmt: skip
-    return _finish(trained, table.mapping, out, tiers, started)
+    return _finish(trained, table.mapping, out, started)
 
 
-def train_from_store(store, out: Path, min_age_days: float, tiers: dict | None = None):
+def train_from_store(store, out: Path, min_age_days: float, tiers: Tiers | None = None):
+    from sqlalchemy.engine import make_url
+
     from workers.store_data import training_rows
 
     started = time.perf_counter()
     features, y, kinds, window = training_rows(store, min_age_days)
-    trained = train(features, y, kinds, source={"store": store.url.split("@")[-1], **window},
+    source = {"store": make_url(store.url).render_as_string(hide_password=True), **window}
+    trained = train(features, y, kinds, source=source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
                     progress=progress("cross-validating"))  # fmt: skip
-    return _finish(trained, None, out, tiers, started)
+    return _finish(trained, None, out, started)
 
 
-def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, tiers: dict | None, started):
-    trained.meta["tiers"] = tiers or model_scoring.DEFAULT_MODEL_TIERS.model_dump()
+def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, started: float):
     if mapping is not None:
         trained.meta["labels"] = mapping.labels()
         trained.meta["crm_properties"] = {
@@ -148,9 +150,7 @@ def evaluate(
     for name, rows in results.items():
         p = np.array([r.score for r in rows], dtype=float) / 100
         tiers = [r.tier for r in rows]
-        scorers[name].update(
-            {**classification_metrics(table.y, p), "tiers": tier_table(table.y, tiers)}
-        )
+        scorers[name].update({**classification_metrics(table.y, p), "tiers": tier_table(table.y, tiers)})
     summary = {
         "data": table.source,
         "rows": int(len(table.y)),
