@@ -77,18 +77,25 @@ def procfile() -> dict[str, str]:
 
 
 @pytest.fixture
-def procfile_processes(env, crm):
-    """`web` and `worker` exactly as the Procfile starts them, configured only by the environment."""
+def procfile_processes(env, crm, tmp_path):
+    """The Procfile's `release` step, then `web` and `worker` as it starts them, configured only by
+    the environment (a fresh score store, so `release` has a schema to create)."""
     port = free_port()
     process_env = {
         **os.environ,
         **env,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/release.sqlite3",
         "PORT": str(port),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
+    commands = procfile()
+    release = subprocess.run(["bash", "-c", commands.pop("release")], env=process_env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert release.returncode == 0, release.stderr
+    assert "is at head: {'scores': 0, 'outcomes': 0, 'feedback': 0}" in release.stdout
     procs = [
         subprocess.Popen(["bash", "-c", command], env=process_env, cwd=ROOT, start_new_session=True)
-        for command in procfile().values()
+        for command in commands.values()
     ]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -106,7 +113,7 @@ def procfile_processes(env, crm):
 
 
 def test_procfile_web_and_worker_score_a_replayed_delivery(procfile_processes, hubspot, capsys):
-    assert set(procfile()) == {"web", "worker"}
+    assert set(procfile()) == {"release", "web", "worker"}
     assert main(["replay", str(SINGLE), "--url", f"{procfile_processes}/webhooks/hubspot"]) == 0
 
     deadline = time.monotonic() + 30
