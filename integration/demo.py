@@ -159,7 +159,19 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
     _hubspot_scene(hubspot, hubspot_crm, f"{base}/webhooks/hubspot", env["REDIS_URL"], stub, logs, timeout_s)
     outbound_url = f"{base}/webhooks/salesforce/{DEMO_SF_WEBHOOK_TOKEN}"
     _salesforce_scene(salesforce, salesforce_crm, outbound_url, env["REDIS_URL"], logs, timeout_s)
+    _store_scene(settings.database_url)
     return 0
+
+
+def _store_scene(database_url: str) -> None:
+    """What the score store kept: the raw material for `leadscore evaluate` and `leadscore train`."""
+    from workers.store import Store
+
+    time.sleep(0.5)  # the worker keeps a batch's scores just after writing them to the CRM
+    counts = Store(database_url).counts()
+    print(f"\n== Score store: {counts['scores']} scores kept with their inputs, {counts['outcomes']} "
+          f"outcomes (customers, opportunities, converted Leads), {counts['feedback']} rep feedback; "
+          "`leadscore evaluate --with-store` reports on them")  # fmt: skip
 
 
 def _hubspot_scene(emulator, crm, webhook: str, redis_url: str, stub, logs: Path, timeout_s: float) -> None:
