@@ -21,6 +21,7 @@ from workers.store import LeadFact, ScoreRecord, Store
 DATA = FIXTURES / "data" / "leads_slice.csv"
 MAPPING = FIXTURES / "data" / "x_education_mapping.toml"
 PNG = b"\x89PNG\r\n\x1a\n"
+FILE_ARGS = ["--data", str(DATA), "--mapping", str(MAPPING)]
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +82,7 @@ def test_score_file_without_a_model_uses_the_rules_alone(tmp_path, capsys):
 
 def test_score_file_with_a_model_names_each_leads_drivers(trained, tmp_path):
     out = tmp_path / "model.csv"
-    args = [
-        "score-file",
-        "--data",
-        str(DATA),
-        "--mapping",
-        str(MAPPING),
-        "--model",
-        str(trained),
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
+    assert main(["score-file", *FILE_ARGS, "--model", str(trained), "--out", str(out)]) == 0
 
     scored = pd.read_csv(out)
     truth = pd.read_csv(DATA)["Converted"]
@@ -110,18 +100,7 @@ def test_score_file_with_a_model_names_each_leads_drivers(trained, tmp_path):
 
 def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
     out = tmp_path / "report"
-    args = [
-        "evaluate",
-        "--data",
-        str(DATA),
-        "--mapping",
-        str(MAPPING),
-        "--model",
-        str(trained),
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
+    assert main(["evaluate", *FILE_ARGS, "--model", str(trained), "--out", str(out)]) == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rows"] == 500 and metrics["base_rate"] == 0.37
@@ -161,37 +140,25 @@ def test_a_missing_column_is_named(tmp_path, capsys):
     assert f"leadscore train: {data} has no column 'Tags' that the mapping names; its columns are: " in err
 
 
-def test_an_empty_label_is_refused_with_its_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("cells", "message"),
+    [
+        ({4: ""}, "label column 'Converted' is empty in 1 of 500 rows (first at line 6); "
+                  "every row needs an outcome (1 = converted, 0 = not)"),
+        ({0: "2", 1: "maybe"}, "label column 'Converted' is not binary: found '2', 'maybe'; "
+                               "expected 1/0, true/false or yes/no"),
+        ({row: "0" for row in range(500)},
+         "label column 'Converted' holds only 0s: a model needs both outcomes"),
+    ],
+    ids=["empty", "not_binary", "one_outcome"],
+)  # fmt: skip
+def test_a_bad_label_is_refused_with_what_to_fix(tmp_path, capsys, cells, message):
     frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
-    frame.loc[4, "Converted"] = ""
-    data = _write(tmp_path, frame)
-
-    assert _train(tmp_path, data) == 2
-    assert capsys.readouterr().err == (
-        "leadscore train: label column 'Converted' is empty in 1 of 500 rows (first at line 6); "
-        "every row needs an outcome (1 = converted, 0 = not)\n"
-    )
-
-
-def test_a_label_that_is_not_binary_is_refused(tmp_path, capsys):
-    frame = pd.read_csv(DATA, dtype=str)
-    frame.loc[0, "Converted"] = "2"
-    frame.loc[1, "Converted"] = "maybe"
-    data = _write(tmp_path, frame)
-
-    assert _train(tmp_path, data) == 2
-    assert capsys.readouterr().err == (
-        "leadscore train: label column 'Converted' is not binary: found '2', 'maybe'; "
-        "expected 1/0, true/false or yes/no\n"
-    )
-
-
-def test_a_label_with_one_outcome_only_is_refused(tmp_path, capsys):
-    frame = pd.read_csv(DATA, dtype=str)
-    frame["Converted"] = "0"
+    for row, value in cells.items():
+        frame.loc[row, "Converted"] = value
 
     assert _train(tmp_path, _write(tmp_path, frame)) == 2
-    assert "label column 'Converted' holds only 0s: a model needs both outcomes" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"leadscore train: {message}\n"
 
 
 def test_a_mapping_naming_an_unknown_lead_field_is_refused(tmp_path, capsys):

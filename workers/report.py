@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -15,57 +16,61 @@ from sklearn.metrics import roc_curve  # noqa: E402
 TIERS = ("A", "B", "C", "D")
 
 
+@contextmanager
+def _figure(path: Path, size: tuple[float, float] = (5, 5)):
+    """One plot saved to `path` as PNG, closed whatever happens."""
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.legend(fontsize=8)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def _diagonal(ax, label: str | None = None) -> None:
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label=label)
+
+
 def _roc(path: Path, curves: dict) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, (y, p, _) in curves.items():
-        fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    with _figure(path) as ax:
+        for name, (y, p, _) in curves.items():
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, label=name)
+        _diagonal(ax)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
 
 
 def _calibration(path: Path, curves: dict) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, (y, p, _) in curves.items():
-        observed, predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
-        ax.plot(predicted, observed, marker="o", label=name)
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(xlabel="score / 100", ylabel="observed conversion rate", title="Calibration")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    with _figure(path) as ax:
+        for name, (y, p, _) in curves.items():
+            observed, predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
+            ax.plot(predicted, observed, marker="o", label=name)
+        _diagonal(ax)
+        ax.set(xlabel="score / 100", ylabel="observed conversion rate", title="Calibration")
 
 
 def _tiers(path: Path, curves: dict) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.8 / max(1, len(curves))
-    x = np.arange(len(TIERS))
-    for i, (name, (y, _, tiers)) in enumerate(curves.items()):
-        tiers = np.asarray(tiers)
-        rates = [float(y[tiers == t].mean()) if (tiers == t).any() else 0.0 for t in TIERS]
-        ax.bar(x + i * width, rates, width, label=name)
-    ax.axhline(float(np.mean(next(iter(curves.values()))[0])), linestyle=":", color="grey", label="overall")
-    ax.set_xticks(x + width * (len(curves) - 1) / 2, TIERS)
-    ax.set(ylabel="conversion rate", title="Conversion rate by tier", ylim=(0, 1))
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    with _figure(path, (6, 4)) as ax:
+        width = 0.8 / max(1, len(curves))
+        x = np.arange(len(TIERS))
+        for i, (name, (y, _, tiers)) in enumerate(curves.items()):
+            tiers = np.asarray(tiers)
+            rates = [float(y[tiers == t].mean()) if (tiers == t).any() else 0.0 for t in TIERS]
+            ax.bar(x + i * width, rates, width, label=name)
+        overall = float(np.mean(next(iter(curves.values()))[0]))
+        ax.axhline(overall, linestyle=":", color="grey", label="overall")
+        ax.set_xticks(x + width * (len(curves) - 1) / 2, TIERS)
+        ax.set(ylabel="conversion rate", title="Conversion rate by tier", ylim=(0, 1))
 
 
 def _gains(path: Path, curves: dict, cumulative_gains) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, (y, p, _) in curves.items():
-        called, captured = cumulative_gains(y, p)
-        ax.plot(called, captured, label=name)
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="random")
-    ax.set(xlabel="share of leads called, best scores first", ylabel="share of conversions reached",
-           title="Cumulative gains")  # fmt: skip
-    ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    with _figure(path) as ax:
+        for name, (y, p, _) in curves.items():
+            ax.plot(*cumulative_gains(y, p), label=name)
+        _diagonal(ax, "random")
+        ax.set(xlabel="share of leads called, best scores first", ylabel="share of conversions reached",
+               title="Cumulative gains")  # fmt: skip
 
 
 def _fmt(value) -> str:

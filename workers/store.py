@@ -38,13 +38,21 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 metadata = MetaData()
 
+
+def _lead_columns() -> list[Column]:
+    """Every table is keyed by the lead: CRM, account (portal / 15-character org id), lead id."""
+    return [
+        Column("id", Integer, primary_key=True),
+        Column("crm", String(16), nullable=False),
+        Column("account_id", String(64), nullable=False),
+        Column("lead_id", String(64), nullable=False),
+    ]
+
+
 scores = Table(
     "scores",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("crm", String(16), nullable=False),
-    Column("account_id", String(64), nullable=False),
-    Column("lead_id", String(64), nullable=False),
+    *_lead_columns(),
     Column("score", Integer, nullable=False),
     Column("tier", String(8), nullable=False),
     Column("reason", Text, nullable=False),
@@ -62,10 +70,7 @@ scores = Table(
 outcomes = Table(
     "outcomes",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("crm", String(16), nullable=False),
-    Column("account_id", String(64), nullable=False),
-    Column("lead_id", String(64), nullable=False),
+    *_lead_columns(),
     Column("kind", String(32), nullable=False),  # opportunity | customer | converted | won
     Column("source", String(16), nullable=False),  # webhook | sync
     Column("recorded_at", DateTime(timezone=True), nullable=False),
@@ -74,10 +79,7 @@ outcomes = Table(
 feedback = Table(
     "feedback",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("crm", String(16), nullable=False),
-    Column("account_id", String(64), nullable=False),
-    Column("lead_id", String(64), nullable=False),
+    *_lead_columns(),
     Column("value", String(16), nullable=False),  # too_high | too_low | right
     Column("score", Integer),  # the score shown when the rep said so
     Column("tier", String(8)),
