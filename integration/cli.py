@@ -50,7 +50,7 @@ def cmd_worker(args) -> int:
     _prepare_store(settings.database_url)
     if settings.salesforce_configured:
         for org_id in settings.allowed_org_ids:
-            jobs.salesforce_for(org_id)  # logs in once here, not in every work horse
+            jobs.salesforce_for(org_id).prepare()  # log in and describe Lead once here, not per work horse
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -211,7 +211,8 @@ def cmd_train(args) -> int:
     if args.from_store:
         from workers.store import Store
 
-        trained = offline.train_from_store(Store(get_settings().database_url), args.out, args.min_age_days)
+        store = Store(get_settings().database_url)
+        trained = offline.train_from_store(store, args.out, args.min_age_days, args.mapping)
     else:
         if not (args.data and args.mapping):
             raise UsageError("train needs --data FILE and --mapping MAP, or --from-store")
@@ -263,9 +264,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_outcomes(args) -> int:
-    from workers.outcomes import sync
+    from workers.outcomes import SyncError, sync
 
-    report = sync(get_settings(), crm=args.crm, accounts=args.account)
+    try:
+        report = sync(get_settings(), crm=args.crm, accounts=args.account)
+    except SyncError as exc:
+        raise UsageError(str(exc)) from None
     if not report:
         raise UsageError("no CRM account to sync: configure a CRM, or name the portal/org with --account")
     for account, counts in report.items():
@@ -328,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="compare models by cross-validation, calibrate the best, save it")
     train.add_argument("--data", type=Path, help="CSV of leads with an outcome column")
     train.add_argument("--label", help="the outcome column (default: the mapping's `label`)")
-    train.add_argument("--mapping", type=Path, help="TOML mapping columns to lead fields")
+    train.add_argument(
+        "--mapping",
+        type=Path,
+        help="TOML mapping columns to lead fields (with --from-store: its [custom] part)",
+    )
     train.add_argument("--from-store", action="store_true", help="train on the score store instead")
     train.add_argument(
         "--min-age-days", type=float, default=30.0,

@@ -9,6 +9,7 @@ MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
 NOT_SCORING_INPUTS = frozenset(
     {"current_output", "first_name", "last_name", "feedback", "outcome", "read_only"}
 )
+ADDED_LATER = {"do_not_call": False, "rating": None, "custom": {}}  # field -> its empty value
 
 
 class Lead(BaseModel):
@@ -64,8 +65,15 @@ class Lead(BaseModel):
         return " ".join(p for p in (self.first_name, self.last_name) if p) or f"#{self.lead_id}"
 
     def scoring_inputs(self) -> dict:
-        """Everything the score depends on — the input to the fingerprint and the LLM prompt."""
-        return self.model_dump(exclude=NOT_SCORING_INPUTS)
+        """Everything the score depends on — the input to the fingerprint and the LLM prompt.
+
+        Fields added after launch are left out while empty, so that adding them did not change
+        every existing lead's fingerprint (and send each through the LLM again)."""
+        inputs = self.model_dump(exclude=NOT_SCORING_INPUTS)
+        for name, empty in ADDED_LATER.items():
+            if inputs[name] == empty:
+                del inputs[name]
+        return inputs
 
 
 def bounded_texts(texts: list[str], limit: int = MAX_TEXT_CHARS) -> tuple[str, ...]:

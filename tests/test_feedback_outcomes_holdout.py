@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
+from integration import metrics
 from integration.cli import main
 from integration.settings import get_settings
 from tests.conftest import FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
@@ -145,6 +146,14 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
     assert {r["outcome"] for r in results} == {"unchanged"}
     assert (len(llm.requests), len(hubspot.writes)) == (calls, writes)
 
+    reconfigure(monkeypatch, HOLDOUT_SHARE="0")  # the holdout ends: its leads get their scores shown
+    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 2} for e in burst]).encode())
+    outcomes_now = {r["lead"].rsplit(":", 1)[1]: r["outcome"] for r in run_worker()}
+    assert {c for c, outcome in outcomes_now.items() if outcome == "written"} == held & scored
+    for contact in held & scored:
+        fields = written(hubspot, contact)
+        assert fields["leadscore_holdout"] == "false" and fields["leadscore_tier"] in "ABCD"
+
 
 @pytest.fixture(scope="module")
 def crm_model(tmp_path_factory):
@@ -208,3 +217,24 @@ def test_a_model_with_the_llm_as_a_feature_calls_it_and_falls_back_without_it(
     details = json.loads(written(hubspot, CONTACT)["leadscore_details"])
     assert second["outcome"] == "written" and second["fallback"] is True
     assert details["fallback"] is True and "llm_propensity" not in details["contributions"]
+
+
+def test_scores_reach_the_crm_when_the_store_is_unavailable(env, monkeypatch, tmp_path, post_delivery, crm,
+                                                           run_worker, hubspot, redis):  # fmt: skip
+    reconfigure(monkeypatch, DATABASE_URL=f"sqlite:///{tmp_path}/never-migrated.sqlite3")  # no tables
+    post_delivery("contact.propertyChange__lead_status")
+    [result] = run_worker()
+
+    assert result["outcome"] == "written" and written(hubspot, CONTACT)["leadscore_tier"] == "A"
+    assert metrics.counter_value(redis, "store_errors_total") == 1
+
+
+def test_salesforce_org_without_the_newer_fields_still_scores(
+    env, post_outbound, sf_crm, run_worker, salesforce
+):
+    for name in ("Leadscore_Feedback__c", "Leadscore_Holdout__c"):  # setup ran before these existed
+        salesforce.remove_lead_field(name)
+    post_outbound("outbound_message__single")
+    [result] = run_worker()
+
+    assert result["outcome"] == "written" and result["score"] == 82

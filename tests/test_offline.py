@@ -16,7 +16,8 @@ from integration.cli import main
 from tests.conftest import FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, tabular
 from workers.model import TrainedModel
-from workers.store import LeadFact, ScoreRecord, Store
+from workers.store import Feedback, LeadFact, ScoreRecord, Store
+from workers.store_data import training_rows
 
 DATA = FIXTURES / "data" / "leads_slice.csv"
 MAPPING = FIXTURES / "data" / "x_education_mapping.toml"
@@ -239,6 +240,13 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
         and kinds["email_opted_out"] == "boolean"
     )
     assert meta["candidates"]["lightgbm"]["cv_auc_mean"] > 0.85  # the lead fields alone, without [custom]
+    model = TrainedModel.load(tmp_path / "m")  # live leads are normalised as the stored rows were
+    live = pd.DataFrame(
+        [tabular.lead_features(lead, model.kinds) for lead in leads], columns=list(model.kinds)
+    )
+    stored, _, _, _ = training_rows(kept, 30)
+    assert np.array_equal(model.predict(live), model.predict(stored))
+    assert model.matrix(live)["status"].isna().sum() == 0  # no category unseen for being cased differently
     assert "expected on unseen leads (out-of-fold): ROC AUC" in capsys.readouterr().out
 
 
@@ -259,8 +267,12 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
         for lead, score, tier, holdout in rows
     )  # fmt: skip
     kept.record_outcomes([LeadFact("salesforce", "00D5g000004XyZa", "1", "converted")], "webhook")
-    kept.record_feedback([LeadFact("salesforce", "00D5g000004XyZa", "3", "too_low"),
-                          LeadFact("salesforce", "00D5g000004XyZa", "1", "right")])  # fmt: skip
+    kept.record_feedback(
+        [
+            Feedback("salesforce", "00D5g000004XyZa", "3", "too_low", 30, "D"),
+            Feedback("salesforce", "00D5g000004XyZa", "2", "too_high"),
+        ]
+    )  # a holdout lead: nothing shown
     out = tmp_path / "report"
 
     args = ["evaluate", "--data", str(DATA), "--mapping", str(MAPPING), "--with-store", "--out", str(out)]
@@ -271,7 +283,8 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
         "scores": 4, "leads": 4, "converted": 1,
         "holdout": {"scored": {"leads": 2, "converted": 1, "rate": 0.5},
                     "holdout": {"leads": 2, "converted": 0, "rate": 0.0}},
-        "feedback": {"A": {"right": 1}, "D": {"too_low": 1}},
+        "feedback": {"(none shown)": {"too_high": 1}, "D": {"too_low": 1}},
     }  # fmt: skip
     report = (out / "report.md").read_text()
     assert "### Holdout (no visible score)" in report and "| D | 0 | 0 | 1 |" in report
+    assert "| (none shown) | 1 | 0 | 0 |" in report

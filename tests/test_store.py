@@ -8,14 +8,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
 from workers import store
-from workers.store import LeadFact, ScoreRecord, Store
-
-
-def _record(lead_id: str, score: int, tier: str) -> ScoreRecord:
-    return ScoreRecord(
-        crm="hubspot", account_id="48213377", lead_id=lead_id, score=score, tier=tier, reason="r",
-        scorer="rules+llm", fingerprint=f"fp-{lead_id}-{score}", features={"status": "NEW"}, details={},
-    )  # fmt: skip
+from workers.store import Feedback, LeadFact, Store
 
 
 def test_migrations_build_exactly_the_tables_the_code_uses(tmp_path):
@@ -40,6 +33,7 @@ def test_outcomes_are_kept_once_per_lead_and_kind(tmp_path):
 
     assert kept.record_outcomes(facts, "webhook") == 2
     assert kept.record_outcomes([*facts, LeadFact("hubspot", "48213377", "1", "opportunity")], "sync") == 1
+    assert kept.record_outcomes(facts, "sync") == 0  # a racing sync or worker: inserted once, no error
     assert kept.counts()["outcomes"] == 3
 
 
@@ -47,14 +41,12 @@ def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(tmp_path):
     url = f"sqlite:///{tmp_path}/store.sqlite3"
     store.upgrade(url)
     kept = Store(url)
-    kept.record_scores([_record("7", 91, "A")])
     lead = ("hubspot", "48213377", "7")
 
-    assert kept.record_feedback([LeadFact(*lead, "too_high")]) == 1
-    assert kept.record_feedback([LeadFact(*lead, "too_high")]) == 0  # said again: nothing new
-    assert kept.record_feedback([LeadFact(*lead, "very_wrong")]) == 0  # not a feedback value
-    kept.record_scores([_record("7", 60, "B")])
-    assert kept.record_feedback([LeadFact(*lead, "right")]) == 1
+    assert kept.record_feedback([Feedback(*lead, "too_high", 91, "A")]) == 1
+    assert kept.record_feedback([Feedback(*lead, "too_high", 91, "A")]) == 0  # said again: nothing new
+    assert kept.record_feedback([Feedback(*lead, "very_wrong", 91, "A")]) == 0  # not a feedback value
+    assert kept.record_feedback([Feedback(*lead, "right", 60, "B")]) == 1
 
     with kept.engine.connect() as connection:
         rows = connection.execute(

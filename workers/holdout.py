@@ -22,8 +22,9 @@ def in_holdout(lead_key: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
-def shown_fields(result: ScoreResult, holdout: bool, holdout_on: bool) -> dict[str, str]:
-    """What the CRM shows: the score, or for a holdout lead blank fields and why they are blank."""
+def shown_fields(result: ScoreResult, holdout: bool, write_flag: bool) -> dict[str, str]:
+    """What the CRM shows: the score, or for a holdout lead blank fields and why they are blank.
+    `write_flag`: also set the holdout flag (while a holdout runs, or to clear it once it stops)."""
     if not holdout:
         fields = result.fields()
     else:
@@ -31,6 +32,6 @@ def shown_fields(result: ScoreResult, holdout: bool, holdout_on: bool) -> dict[s
         details["holdout"] = True
         fields = {"score": "", "tier": "", "reason": "",
                   "details": json.dumps(details, sort_keys=True, separators=(",", ":"))}  # fmt: skip
-    if holdout_on:
+    if write_flag:
         fields["holdout"] = "true" if holdout else "false"
     return fields

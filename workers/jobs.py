@@ -34,7 +34,7 @@ from workers.holdout import in_holdout, shown_fields
 from workers.model import TrainedModel
 from workers.propensity import PropensityReasoner, PropensityResult
 from workers.rules import evaluate_rules
-from workers.store import LeadFact, ScoreRecord, Store
+from workers.store import Feedback, LeadFact, ScoreRecord, Store
 from workers.writer import fields_to_write
 
 log = logging.getLogger(__name__)
@@ -80,24 +80,26 @@ class WorkerContext:
         return Store(self.settings.database_url)
 
     def keep(self, scored: list[Scored], leads: list[Lead]) -> None:
-        """Record written scores, outcomes and rep feedback in the store; never fails the batch."""
-        try:
-            self.store.record_scores(s.record() for s in scored)
-            facts = [
-                LeadFact(lead.crm, lead.account_id, lead.lead_id, lead.outcome)
-                for lead in leads
-                if lead.outcome
-            ]
-            self.store.record_outcomes(facts, source="webhook")
-            said = [
-                LeadFact(lead.crm, lead.account_id, lead.lead_id, lead.feedback)
-                for lead in leads
-                if lead.feedback
-            ]
-            self.store.record_feedback(said)
-        except Exception as exc:  # the CRM write is the product; the store can be caught up later
-            log.error("score store unavailable, %d scores not kept: %s", len(scored), exc)
-            self.telemetry("store_errors_total")
+        """Record written scores, outcomes and rep feedback in the store; never fails the batch.
+
+        The CRM write is the product: a store that is down costs the records of this batch (logged
+        and counted); outcomes come back with `leadscore outcomes sync`, scores at the next rescoring."""
+        reached = [
+            LeadFact(lead.crm, lead.account_id, lead.lead_id, lead.outcome) for lead in leads if lead.outcome
+        ]
+        steps = {
+            "scores": lambda: self.store.record_scores(s.record() for s in scored),
+            "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
+            "feedback": lambda: self.store.record_feedback(
+                _feedback(lead) for lead in leads if lead.feedback
+            ),
+        }
+        for what, step in steps.items():
+            try:
+                step()
+            except Exception as exc:
+                log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
+                self.telemetry("store_errors_total")
 
     def telemetry(self, name: str, amount: float = 1, **labels: str) -> None:
         if self.tally is None:
@@ -126,7 +128,8 @@ class WorkerContext:
         """Score many leads — rules + LLM blend, or the trained model with the LLM as a feature —
         skipping leads whose inputs have not changed since a score that was not a fallback."""
         fingerprints = [input_fingerprint(lead, self.config) for lead in leads]
-        fresh = [i for i, lead in enumerate(leads) if not _already_scored(lead, fingerprints[i])]
+        share = self.settings.holdout_share
+        fresh = [i for i, lead in enumerate(leads) if not _already_scored(lead, fingerprints[i], share)]
         if self.model is None or self.model.uses_llm:
             answers = self.reasoner.assess_many(
                 [leads[i] for i in fresh], [fingerprints[i] for i in fresh], self.redis
@@ -136,7 +139,6 @@ class WorkerContext:
         by_index = dict(zip(fresh, answers, strict=True))
         results = self._results([leads[i] for i in fresh], answers, [fingerprints[i] for i in fresh])
         result_of = dict(zip(fresh, results, strict=True))
-        share = self.settings.holdout_share
         scored = []
         for i, lead in enumerate(leads):
             if i not in result_of:
@@ -146,8 +148,10 @@ class WorkerContext:
             propensity, result = by_index[i], result_of[i]
             if propensity is not None:
                 self._count_llm(propensity)
-            holdout = in_holdout(f"{lead.crm}:{lead.account_id}:{lead.lead_id}", share)
-            fields = fields_to_write(shown_fields(result, holdout, share > 0), lead.current_output)
+            holdout = in_holdout(_key(lead), share)
+            flagged = (lead.current_output.get("holdout") or "").lower() == "true"
+            shown = shown_fields(result, holdout, write_flag=share > 0 or flagged)
+            fields = fields_to_write(shown, lead.current_output)
             scored.append(Scored(lead, result, propensity, fields, holdout))
             self.telemetry("leads_scored_total", crm=lead.crm)
         return scored
@@ -155,6 +159,8 @@ class WorkerContext:
     def _results(
         self, leads: list[Lead], answers: list[PropensityResult | None], fingerprints: list[str]
     ) -> list[ScoreResult]:
+        if not leads:
+            return []
         if self.model is None:
             return [
                 blend_score(lead, evaluate_rules(lead, self.config), propensity, self.config)
@@ -181,14 +187,38 @@ class WorkerContext:
             self.telemetry("llm_calls_total", outcome="ok")
 
 
-def _already_scored(lead: Lead, fingerprint: str) -> bool:
-    """The CRM already holds a score for exactly these inputs, and it was not a fallback."""
+def _key(lead: Lead) -> str:
+    return f"{lead.crm}:{lead.account_id}:{lead.lead_id}"
+
+
+def _shown_details(lead: Lead) -> dict:
     try:
         details = json.loads(lead.current_output.get("details") or "{}")
     except json.JSONDecodeError:
-        return False
-    shown = details.get("holdout") or all(lead.current_output.get(key) for key in ("score", "tier", "reason"))
-    return bool(shown) and details.get("fingerprint") == fingerprint and details.get("fallback") is False
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
+def _already_scored(lead: Lead, fingerprint: str, holdout_share: float) -> bool:
+    """The CRM already shows a score (or, in the holdout, its absence) for exactly these inputs,
+    it was not a fallback, and the lead is still on the same side of the holdout."""
+    details = _shown_details(lead)
+    held = bool(details.get("holdout"))
+    if held != in_holdout(_key(lead), holdout_share):
+        return False  # HOLDOUT_SHARE changed: show or hide the score now
+    shown = held or all(lead.current_output.get(key) for key in ("score", "tier", "reason"))
+    return shown and details.get("fingerprint") == fingerprint and details.get("fallback") is False
+
+
+def _feedback(lead: Lead) -> Feedback:
+    """The rep's feedback with what the CRM showed them: blank for a holdout lead."""
+    shown = lead.current_output
+    score = shown.get("score")
+    return Feedback(
+        lead.crm, lead.account_id, lead.lead_id, lead.feedback,
+        score=round(float(score)) if score else None, tier=shown.get("tier") or None,
+        fingerprint=_shown_details(lead).get("fingerprint"),
+    )  # fmt: skip
 
 
 @lru_cache(maxsize=1)

@@ -35,6 +35,8 @@ ARTIFACT_FORMAT = 1
 MISSING = "(missing)"
 FOLDS = 5
 SEED = 0
+# n_jobs=1: the data are small, other processes share the cores, and a model predicts inside RQ's
+# forked work horses, where an OpenMP thread pool started in the parent must not be relied on.
 LIGHTGBM_PARAMS = dict(
     n_estimators=200, learning_rate=0.05, num_leaves=7, min_child_samples=20, subsample=0.8,
     subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0, min_data_per_group=20, cat_smooth=10,

@@ -67,17 +67,23 @@ def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path
     return _finish(trained, table.mapping, out, started)
 
 
-def train_from_store(store, out: Path, min_age_days: float, tiers: Tiers | None = None):
+def train_from_store(
+    store, out: Path, min_age_days: float, mapping_path: Path | None = None, tiers: Tiers | None = None
+):
+    """Learn from the inputs kept with each score, labelled by the outcomes. A mapping is optional:
+    its [custom] entries give those features' kinds, labels and CRM properties."""
     from sqlalchemy.engine import make_url
 
     from workers.store_data import training_rows
 
     started = time.perf_counter()
-    features, y, kinds, window = training_rows(store, min_age_days)
+    mapping = tabular.load_mapping(mapping_path) if mapping_path else None
+    custom = {name: spec.kind for name, spec in mapping.custom.items()} if mapping else None
+    features, y, kinds, window = training_rows(store, min_age_days, custom)
     source = {"store": make_url(store.url).render_as_string(hide_password=True), **window}
     trained = train(features, y, kinds, source=source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
                     progress=progress("cross-validating"))  # fmt: skip
-    return _finish(trained, None, out, started)
+    return _finish(trained, mapping, out, started)
 
 
 def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, started: float):

@@ -22,12 +22,31 @@ def _accounts_in_store(store: Store, crm: str) -> list[str]:
         )
 
 
+def _the_account(crm: str, candidates: list[str]) -> list[str]:
+    """The one account the configured credentials reach; several would be a guess."""
+    if len(candidates) > 1:
+        raise SyncError(
+            f"{crm}: the store and settings name several accounts ({', '.join(candidates)}) but the "
+            f"credentials reach one: say which with --crm {crm} --account ID"
+        )
+    return candidates
+
+
+class SyncError(ValueError):
+    """`outcomes sync` cannot tell which account to file outcomes under."""
+
+
 def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None = None) -> dict[str, dict]:
-    """Read every lead at an outcome from each configured CRM and keep the new outcomes."""
+    """Read every lead at an outcome from each configured CRM and keep the new outcomes, filed
+    under the account the credentials reach (`accounts`, given with `crm`, or the one known)."""
+    if accounts and crm is None:
+        raise SyncError(
+            "--account needs --crm: a HubSpot portal id and a Salesforce org id are not interchangeable"
+        )
     store = Store(settings.database_url)
     report: dict[str, dict] = {}
     if crm in (None, "hubspot") and settings.hubspot_configured:
-        for portal in accounts or _accounts_in_store(store, "hubspot"):
+        for portal in accounts or _the_account("hubspot", _accounts_in_store(store, "hubspot")):
             found = list(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome())
             facts = [LeadFact("hubspot", portal, contact, kind) for contact, kind in found]
             report[f"hubspot:{portal}"] = {
@@ -35,7 +54,8 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
                 "new_outcomes": store.record_outcomes(facts, "sync"),
             }
     if crm in (None, "salesforce") and settings.salesforce_configured:
-        for org in accounts or sorted(settings.allowed_org_ids) or _accounts_in_store(store, "salesforce"):
+        known = sorted(settings.allowed_org_ids) or _accounts_in_store(store, "salesforce")
+        for org in accounts or _the_account("salesforce", known):
             org = org[:15]
             converted = SalesforceCRM(settings, org_id=org).converted_leads()
             facts = [LeadFact("salesforce", org, lead_id, "converted") for lead_id in converted]

@@ -57,7 +57,7 @@ scores = Table(
     Column("tier", String(8), nullable=False),
     Column("reason", Text, nullable=False),
     Column("scorer", String(32), nullable=False),  # rules+llm | model
-    Column("model_version", String(64)),
+    Column("model_version", String(64)),  # the trained model's version, or the LLM's model name
     Column("fingerprint", String(64), nullable=False),
     Column("fallback", Boolean, nullable=False, default=False),
     Column("holdout", Boolean, nullable=False, default=False),
@@ -112,12 +112,26 @@ class ScoreRecord:
 
 @dataclass(frozen=True)
 class LeadFact:
-    """An outcome or a rep's feedback seen on a lead, keyed like its scores."""
+    """An outcome seen on a lead, keyed like its scores."""
 
     crm: str
     account_id: str
     lead_id: str
     value: str
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A rep's feedback, with the score, tier and fingerprint the CRM showed them when they gave it
+    (blank for a holdout lead: they saw none)."""
+
+    crm: str
+    account_id: str
+    lead_id: str
+    value: str
+    score: int | None = None
+    tier: str | None = None
+    fingerprint: str | None = None
 
 
 def engine_for(url: str) -> Engine:
@@ -164,24 +178,23 @@ class Store:
         return len(rows)
 
     def record_outcomes(self, facts: Iterable[LeadFact], source: str) -> int:
-        """Keep each lead's outcome kinds once; returns how many were new."""
-        facts = list(facts)
-        if not facts:
-            return 0
+        """Keep each lead's outcome kinds once (insert-or-ignore, so workers and `outcomes sync`
+        can race); returns how many were new."""
         now = datetime.now(UTC)
+        rows = [
+            {**_keys(f), "kind": f.value, "source": source, "recorded_at": now} for f in dict.fromkeys(facts)
+        ]
+        if not rows:
+            return 0
+        insert = _insert_ignoring_duplicates(self.engine.dialect.name)
+        added = 0
         with self.engine.begin() as connection:
-            known = _existing_outcomes(connection, facts)
-            new = [
-                {**_keys(f), "kind": f.value, "source": source, "recorded_at": now}
-                for f in dict.fromkeys(facts)
-                if (f.crm, f.account_id, f.lead_id, f.value) not in known
-            ]
-            if new:
-                connection.execute(outcomes.insert(), new)
-        return len(new)
+            for row in rows:
+                added += connection.execute(insert, row).rowcount
+        return added
 
-    def record_feedback(self, facts: Iterable[LeadFact]) -> int:
-        """Keep a rep's feedback when it differs from what they said last, with the score they saw."""
+    def record_feedback(self, facts: Iterable[Feedback]) -> int:
+        """Keep a rep's feedback whenever it differs from what they said last about the lead."""
         added = 0
         now = datetime.now(UTC)
         with self.engine.begin() as connection:
@@ -190,21 +203,13 @@ class Store:
                     log.warning("ignoring feedback %r on %s: expected one of %s", fact.value, fact.lead_id,
                                 ", ".join(FEEDBACK_VALUES))  # fmt: skip
                     continue
+                keys = {"crm": fact.crm, "account_id": fact.account_id, "lead_id": fact.lead_id}
                 last = connection.execute(
-                    select(feedback.c.value).filter_by(**_keys(fact)).order_by(feedback.c.id.desc()).limit(1)
+                    select(feedback.c.value).filter_by(**keys).order_by(feedback.c.id.desc()).limit(1)
                 ).scalar()
-                if last == fact.value:
-                    continue
-                shown = connection.execute(
-                    select(scores.c.score, scores.c.tier, scores.c.fingerprint)
-                    .filter_by(**_keys(fact))
-                    .order_by(scores.c.id.desc())
-                    .limit(1)
-                ).first()
-                snapshot = dict(shown._mapping) if shown else {}
-                connection.execute(feedback.insert(), [{**_keys(fact), **snapshot, "value": fact.value,
-                                                        "recorded_at": now}])  # fmt: skip
-                added += 1
+                if last != fact.value:
+                    connection.execute(feedback.insert(), [{**asdict(fact), "recorded_at": now}])
+                    added += 1
         return added
 
     def counts(self) -> dict[str, int]:
@@ -219,11 +224,12 @@ def _keys(fact: LeadFact) -> dict[str, str]:
     return {"crm": fact.crm, "account_id": fact.account_id, "lead_id": fact.lead_id}
 
 
-def _existing_outcomes(connection, facts: list[LeadFact]) -> set[tuple[str, str, str, str]]:
-    lead_ids = sorted({f.lead_id for f in facts})
-    rows = connection.execute(
-        select(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id, outcomes.c.kind).where(
-            outcomes.c.lead_id.in_(lead_ids)
-        )
-    )
-    return {tuple(row) for row in rows}
+def _insert_ignoring_duplicates(dialect: str):
+    """INSERT … ON CONFLICT DO NOTHING on the (lead, kind) key, in the dialect's own words."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise ValueError(f"the score store supports SQLite and PostgreSQL, not {dialect}")
+    return insert(outcomes).on_conflict_do_nothing(index_elements=["crm", "account_id", "lead_id", "kind"])

@@ -3,6 +3,8 @@ of the evaluation report (holdout vs scored conversion, rep feedback by tier).""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -10,23 +12,53 @@ import pandas as pd
 from sqlalchemy import func, select
 
 from workers.store import POSITIVE_OUTCOMES, Store, feedback, outcomes, scores
-from workers.tabular import LEAD_FIELD_KINDS, LLM_FEATURE, Kind, TableError
+from workers.tabular import LEAD_FIELD_KINDS, LLM_FEATURE, Kind, TableError, normalise
 
-LEAD = (scores.c.crm, scores.c.account_id, scores.c.lead_id)
-
-
-def _latest_scores(connection):
-    newest = select(func.max(scores.c.id).label("id")).group_by(*LEAD).subquery()
-    return connection.execute(select(scores).join(newest, scores.c.id == newest.c.id)).mappings().all()
+LeadKey = tuple[str, str, str]
 
 
-def _converted(connection) -> set[tuple[str, str, str]]:
-    rows = connection.execute(
-        select(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id).where(
-            outcomes.c.kind.in_(POSITIVE_OUTCOMES)
+@dataclass
+class LeadHistory:
+    """One lead's scores in the order they were written, and when it first reached an outcome."""
+
+    scores: list[dict]
+    converted_at: datetime | None
+
+    @property
+    def first(self) -> dict:
+        return self.scores[0]
+
+    def last_before(self, moment: datetime) -> dict | None:
+        """The newest score written before `moment`: what the lead looked like before it converted."""
+        before = [row for row in self.scores if row["scored_at"] < moment]
+        return before[-1] if before else None
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+
+
+def histories(store: Store) -> Iterator[LeadHistory]:
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            select(scores.c.crm, scores.c.account_id, scores.c.lead_id, scores.c.features, scores.c.holdout,
+                   scores.c.scored_at).order_by(scores.c.id)
+        ).mappings().all()  # fmt: skip
+        first_outcomes = connection.execute(
+            select(
+                outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id, func.min(outcomes.c.recorded_at)
+            )
+            .where(outcomes.c.kind.in_(POSITIVE_OUTCOMES))
+            .group_by(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id)
+        ).all()
+    converted = {(crm, account, lead): _utc(moment) for crm, account, lead, moment in first_outcomes}
+    by_lead: dict[LeadKey, list[dict]] = {}
+    for row in rows:
+        by_lead.setdefault((row["crm"], row["account_id"], row["lead_id"]), []).append(
+            {**row, "scored_at": _utc(row["scored_at"])}
         )
-    )
-    return {tuple(row) for row in rows}
+    for key, lead_scores in by_lead.items():
+        yield LeadHistory(lead_scores, converted.get(key))
 
 
 def _kind_of(name: str, values: pd.Series) -> Kind:
@@ -40,26 +72,25 @@ def _kind_of(name: str, values: pd.Series) -> Kind:
 
 
 def training_rows(
-    store: Store, min_age_days: float
+    store: Store, min_age_days: float, kinds: dict[str, Kind] | None = None
 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, Kind], dict]:
-    """Each lead's newest scored inputs, labelled 1 when it reached an outcome, 0 when it has not
-    after `min_age_days` (younger leads without an outcome are left out: too early to tell)."""
+    """One row a lead, normalised as live leads are: a lead that converted is represented by its
+    last score *before* it converted (later ones already show the outcome, e.g. its lifecycle
+    stage); one that did not counts as lost once first scored over `min_age_days` ago (younger
+    ones are left out: too early to tell). Leads first scored after converting teach nothing."""
     cutoff = datetime.now(UTC) - timedelta(days=min_age_days)
-    with store.engine.connect() as connection:
-        latest = _latest_scores(connection)
-        converted = _converted(connection)
     rows, y, times = [], [], []
-    for row in latest:
-        key = (row["crm"], row["account_id"], row["lead_id"])
-        scored_at = row["scored_at"] if row["scored_at"].tzinfo else row["scored_at"].replace(tzinfo=UTC)
-        if key in converted:
-            y.append(1)
-        elif scored_at <= cutoff:
-            y.append(0)
+    for history in histories(store):
+        if history.converted_at is not None:
+            row, label = history.last_before(history.converted_at), 1
+        elif history.first["scored_at"] <= cutoff:
+            row, label = history.scores[-1], 0
         else:
             continue
-        rows.append(row["features"])
-        times.append(scored_at)
+        if row is not None:
+            rows.append(row["features"])
+            y.append(label)
+            times.append(row["scored_at"])
     if not rows:
         raise TableError(
             f"the store has no labelled leads yet: none converted and none scored over {min_age_days:g} days "
@@ -68,8 +99,14 @@ def training_rows(
     labels = np.array(y)
     if labels.min() == labels.max():
         raise TableError(f"every labelled lead in the store has outcome {labels[0]}: a model needs both")
-    frame = pd.DataFrame(rows)
-    kinds = {name: _kind_of(name, frame[name]) for name in frame.columns}
+    raw = pd.DataFrame(rows)
+    kinds = {**{name: _kind_of(name, raw[name]) for name in raw.columns}, **(kinds or {})}
+    frame = pd.DataFrame(
+        {
+            name: [normalise(v, kind) for v in raw[name]] if name in raw else np.nan
+            for name, kind in kinds.items()
+        }
+    )
     window = {
         "from": min(times).isoformat(timespec="seconds"),
         "to": max(times).isoformat(timespec="seconds"),
@@ -79,28 +116,28 @@ def training_rows(
 
 
 def store_summary(store: Store) -> dict:
-    with store.engine.connect() as connection:
-        latest = _latest_scores(connection)
-        converted = _converted(connection)
-        said = connection.execute(select(feedback.c.tier, feedback.c.value)).all()
-        kept = connection.execute(select(func.count()).select_from(scores)).scalar_one()
-    groups: dict[str, dict] = {
-        "scored": {"leads": 0, "converted": 0},
-        "holdout": {"leads": 0, "converted": 0},
-    }
-    for row in latest:
-        group = groups["holdout" if row["holdout"] else "scored"]
+    """Conversion of leads reps saw a score for beside the holdout's (membership and outcomes
+    counted from each lead's first score on), and rep feedback by the tier they were shown."""
+    groups: dict[str, dict] = {name: {"leads": 0, "converted": 0} for name in ("scored", "holdout")}
+    kept = 0
+    for history in histories(store):
+        kept += len(history.scores)
+        group = groups["holdout" if history.first["holdout"] else "scored"]
         group["leads"] += 1
-        group["converted"] += (row["crm"], row["account_id"], row["lead_id"]) in converted
+        group["converted"] += (
+            history.converted_at is not None and history.converted_at > history.first["scored_at"]
+        )
     for group in groups.values():
         group["rate"] = round(group["converted"] / group["leads"], 4) if group["leads"] else None
+    with store.engine.connect() as connection:
+        said = connection.execute(select(feedback.c.tier, feedback.c.value)).all()
     by_tier: dict[str, dict[str, int]] = {}
     for tier, value in said:
-        by_tier.setdefault(tier or "(none)", {}).setdefault(value, 0)
-        by_tier[tier or "(none)"][value] += 1
+        counts = by_tier.setdefault(tier or "(none shown)", {})
+        counts[value] = counts.get(value, 0) + 1
     return {
         "scores": kept,
-        "leads": len(latest),
+        "leads": sum(g["leads"] for g in groups.values()),
         "converted": sum(g["converted"] for g in groups.values()),
         "holdout": groups,
         "feedback": dict(sorted(by_tier.items())),

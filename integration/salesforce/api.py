@@ -156,15 +156,45 @@ class SalesforceCRM:
         settings.require_salesforce_api()
         self.org_id = org_id
         self.custom_fields = dict(custom_fields or {})
-        self.read_fields = list(dict.fromkeys(
-            [*LEAD_FIELDS, *OUTPUT_FIELDS.values(), FEEDBACK_FIELD, *self.custom_fields.values()]
-        ))  # fmt: skip
+        self._read_fields: list[str] | None = None
         self.timeout = settings.salesforce_timeout_s
         self.stop_fraction = settings.salesforce_api_stop_fraction
         self.telemetry = telemetry
         session = requests.Session()
         session.headers["Sforce-Call-Options"] = f"client={settings.salesforce_client_name}"
         self.sf = _connect(settings, session)
+
+    @property
+    def read_fields(self) -> list[str]:
+        """The Lead fields read with every lead. The ones leadscore added later (feedback, holdout)
+        and a model's custom fields are read only where the org has them, so an org that has not
+        re-run `leadscore setup salesforce` keeps scoring instead of failing every query. One
+        describe call per process (`leadscore worker` makes it before forking)."""
+        if self._read_fields is None:
+            optional = [FEEDBACK_FIELD, OUTPUT_FIELDS["holdout"], *self.custom_fields.values()]
+            present = self._lead_field_names()
+            missing = [name for name in optional if name not in present]
+            if missing:
+                log.warning(
+                    "Salesforce org %s has no Lead field %s: not read (`leadscore setup salesforce` adds "
+                    "leadscore's own)", self.org_id, ", ".join(missing),
+                )  # fmt: skip
+            required = [*LEAD_FIELDS, *(f for key, f in OUTPUT_FIELDS.items() if key != "holdout")]
+            self._read_fields = list(dict.fromkeys([*required, *(f for f in optional if f in present)]))
+        return self._read_fields
+
+    def prepare(self) -> None:
+        """Settle which Lead fields to read now, in the worker's parent, so work horses inherit it."""
+        self._read_fields = None
+        _ = self.read_fields
+
+    def _lead_field_names(self) -> set[str]:
+        self._within_budget("describe")
+        try:
+            described = self.sf.restful("sobjects/Lead/describe", timeout=self.timeout)
+        except SalesforceError as exc:
+            raise CRMError(f"describing Lead failed: {exc}") from exc
+        return {f["name"] for f in described["fields"]}
 
     def _within_budget(self, operation: str) -> None:
         """Stop before the org's daily API budget is spent (Sforce-Limit-Info, seen on every answer)."""
@@ -262,11 +292,7 @@ class SalesforceCRM:
 
     def ensure_fields(self) -> SetupReport:
         """Create leadscore's custom Lead fields through the Metadata API; existing ones stay."""
-        try:
-            described = self.sf.restful("sobjects/Lead/describe", timeout=self.timeout)
-            existing = {f["name"] for f in described["fields"]}
-        except SalesforceError as exc:
-            raise CRMError(f"describing Lead failed: {exc}") from exc
+        existing = self._lead_field_names()
         report = SetupReport(created=[], existing=[])
         mdapi = self.sf.mdapi
         for name, spec in FIELD_DEFINITIONS.items():
@@ -281,6 +307,7 @@ class SalesforceCRM:
                 spec["valueSet"] = mdapi.ValueSet(restricted=True, valueSetDefinition=definition)
             mdapi.CustomField.create([mdapi.CustomField(fullName=f"Lead.{name}", type=field_type, **spec)])
             report.created.append(name)
+        self._read_fields = None  # read the new fields from now on
         return report
 
     def list_scored(self, lead_ids: list[str]) -> list[dict[str, str]]:
