@@ -274,9 +274,11 @@ class Pipeline:
         info = self.redis.info("server")
         self.redis_pid, self.redis_port = int(info["process_id"]), int(info["tcp_port"])
         self.redis_dir = self.redis.config_get("dir")["dir"]
+        store_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="leadscore-bench-store-"))
         self.env = {
             **os.environ,
             "REDIS_URL": self.redis_url,
+            "DATABASE_URL": f"sqlite:///{store_dir}/store.sqlite3",  # the workers keep every score here
             "QUEUE_NAME": QUEUE_NAME,
             "HUBSPOT_ACCESS_TOKEN": TOKEN,
             "HUBSPOT_APP_SECRET": SECRET,
