@@ -108,11 +108,14 @@ def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
     assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
 
     kept = stored_outcomes(env)
-    assert sorted(kept) == [
-        ("hubspot", PORTAL_ID, "74300000120", "customer", "sync"),
-        ("hubspot", PORTAL_ID, "74300000121", "opportunity", "sync"),
-        ("salesforce", SF_ORG_ID[:15], "00Q5g00000Ls011EAB", "converted", "sync"),
-    ]
+    assert (
+        sorted(kept)
+        == [
+            ("hubspot", PORTAL_ID, "74300000120", "won", "sync"),  # a customer with a closed-won deal
+            ("hubspot", PORTAL_ID, "74300000121", "opportunity", "sync"),  # its deal is still open
+            ("salesforce", SF_ORG_ID[:15], "00Q5g00000Ls011EAB", "won", "sync"),  # its opportunity is won
+        ]
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"hubspot:{PORTAL_ID}: 2 leads at an outcome, 0 new in the store"
 
@@ -238,3 +241,10 @@ def test_salesforce_org_without_the_newer_fields_still_scores(
     [result] = run_worker()
 
     assert result["outcome"] == "written" and result["score"] == 82
+
+
+def test_outcomes_sync_without_the_deals_scope_keeps_the_lifecycle_stages(env, crm, hubspot):
+    hubspot.forbidden_objects.add("deals")
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+
+    assert [row[3] for row in stored_outcomes(env)] == ["customer", "opportunity"]

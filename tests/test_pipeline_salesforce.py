@@ -98,7 +98,7 @@ def test_outbound_message__demo_burst(post_outbound, sf_crm, run_worker, salesfo
         for lead_id in EXPECTED_BURST
     }
     assert got == EXPECTED_BURST
-    assert [r["outcome"] for r in results].count("converted") == 1  # 00Q5g00000Ls011EAB
+    assert [r["outcome"] for r in results].count("won") == 1  # 00Q5g00000Ls011EAB, converted, opportunity won
     assert written(salesforce, "00Q5g00000Ls011EAB")["Leadscore_Score__c"] is None
 
 
@@ -110,16 +110,20 @@ def test_outbound_message__deleted_lead(post_outbound, sf_crm, run_worker, queue
     assert queue.failed_job_registry.count == 0
 
 
-def test_outbound_message__converted_lead(post_outbound, sf_crm, run_worker, queue, salesforce, env):
-    """A converted Lead takes no more writes; its conversion is the outcome the store keeps."""
+@pytest.mark.parametrize(("opportunity_won", "kind"), [(True, "won"), (False, "converted")])
+def test_outbound_message__converted_lead(post_outbound, sf_crm, run_worker, queue, salesforce, env,
+                                          opportunity_won, kind):  # fmt: skip
+    """A converted Lead takes no more writes; its conversion (and its opportunity's win) is the
+    outcome the store keeps."""
+    salesforce.opportunities["0065g00000LsO011AA"]["IsWon"] = opportunity_won
     post_outbound("outbound_message__converted_lead")
     [result] = run_worker()
 
-    assert result == {"lead": f"salesforce:{SF_ORG_ID}:00Q5g00000Ls011EAB", "outcome": "converted"}
+    assert result == {"lead": f"salesforce:{SF_ORG_ID}:00Q5g00000Ls011EAB", "outcome": kind}
     assert written(salesforce, "00Q5g00000Ls011EAB")["Leadscore_Score__c"] is None
     assert queue.failed_job_registry.count == 0
     org = SF_ORG_ID[:15]  # the form 15- and 18-character org ids share
-    assert stored_outcomes(env) == [("salesforce", org, "00Q5g00000Ls011EAB", "converted", "webhook")]
+    assert stored_outcomes(env) == [("salesforce", org, "00Q5g00000Ls011EAB", kind, "webhook")]
 
 
 def test_lead_deleted_between_read_and_write_ends_cleanly(sf_crm, salesforce):

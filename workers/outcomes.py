@@ -58,7 +58,7 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
         for org in accounts or _the_account("salesforce", known):
             org = org[:15]
             converted = SalesforceCRM(settings, org_id=org).converted_leads()
-            facts = [LeadFact("salesforce", org, lead_id, "converted") for lead_id in converted]
+            facts = [LeadFact("salesforce", org, lead_id, kind) for lead_id, kind in converted]
             report[f"salesforce:{org}"] = {
                 "leads": len(converted), "new_outcomes": store.record_outcomes(facts, "sync"),
             }  # fmt: skip

@@ -37,7 +37,11 @@ RATE_WINDOW_S = 10.0  # HubSpot's "ten secondly rolling" window
 DEFAULT_RATE_MAX = 100  # private-app burst limit reported when a storm hits without `rate_limit`
 DAILY_MAX = 250_000
 SETUP_PATH_PREFIX = "/crm/v3/properties/"  # property and group setup: not counted by `api_calls()`
-ASSOCIATION_TYPE_IDS = {"notes": 202, "emails": 198}  # contact -> note / email, HUBSPOT_DEFINED
+ASSOCIATION_TYPE_IDS = {
+    "notes": 202,
+    "emails": 198,
+    "deals": 4,
+}  # contact -> note / email / deal, HUBSPOT_DEFINED
 
 
 def _now() -> str:
@@ -120,7 +124,7 @@ class HubSpotEmulator:
         self.throttled = 0  # 429s answered
         self.reject: dict[str, str] = {}  # contact id -> message: writes fail like a validation rule
         self.contacts: dict[str, dict] = {}
-        self.objects: dict[str, dict[str, dict]] = {"notes": {}, "emails": {}}
+        self.objects: dict[str, dict[str, dict]] = {"notes": {}, "emails": {}, "deals": {}}
         self.groups: dict[str, dict] = {
             "contactinformation": {"name": "contactinformation", "label": "Contact information"}
         }

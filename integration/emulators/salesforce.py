@@ -64,6 +64,10 @@ READ_ONLY_FIELDS = frozenset({
     "SystemModstamp", "LastActivityDate", "LastViewedDate", "LastReferencedDate", "MasterRecordId",
     "PhotoUrl", "Name",
 })  # fmt: skip
+OPPORTUNITY_FIELDS = frozenset({
+    "Id", "Name", "StageName", "IsClosed", "IsWon", "Amount", "CloseDate", "AccountId", "OwnerId",
+    "CreatedDate", "LastModifiedDate",
+})  # fmt: skip
 TASK_FIELDS = frozenset({
     "Id", "Subject", "Status", "Priority", "WhoId", "WhatId", "OwnerId", "ActivityDate", "Description",
     "Type", "TaskSubtype", "IsClosed", "IsDeleted", "CallType", "CallDurationInSeconds",
@@ -271,6 +275,7 @@ class SalesforceEmulator:
         self.latency_s = latency_s
         self.leads: dict[str, dict] = {}
         self.tasks: dict[str, dict] = {}
+        self.opportunities: dict[str, dict] = {}
         self.lead_fields: dict[str, dict] = {}
         self.custom_fields: dict[str, dict] = {}  # fullName -> metadata tree, as createMetadata received it
         self.writes: list[tuple[str, dict]] = []
@@ -295,6 +300,9 @@ class SalesforceEmulator:
         for path in sorted(directory.glob("task__*.json")):
             record = json.loads(path.read_text())
             self.tasks[record["Id"]] = record
+        for path in sorted(directory.glob("opportunity__*.json")):
+            record = json.loads(path.read_text())
+            self.opportunities[record["Id"]] = record
         return self
 
     def add_lead(self, record: dict) -> None:
@@ -353,6 +361,13 @@ class SalesforceEmulator:
             return name
         lowered = name.lower()
         return next((n for n in self.lead_fields if n.lower() == lowered), None)
+
+    def _opportunity_field(self, name: str) -> str | None:
+        known = set(OPPORTUNITY_FIELDS).union(*(o.keys() for o in self.opportunities.values())) - {
+            "attributes"
+        }
+        lowered = name.lower()
+        return next((n for n in sorted(known) if n.lower() == lowered), None)
 
     def _task_field(self, name: str) -> str | None:
         known = set(TASK_FIELDS).union(*(t.keys() for t in self.tasks.values())) - {"attributes"}
@@ -514,7 +529,7 @@ class SalesforceEmulator:
         if not match:
             raise SoqlError("MALFORMED_QUERY", f"\n{soql}\n^\nERROR at Row:1:Column:1\nunexpected token")
         entity = match["entity"]
-        if entity.lower() not in ("lead", "task"):
+        if entity.lower() not in ("lead", "task", "opportunity"):
             raise SoqlError(
                 "INVALID_TYPE",
                 f"\n{soql}\n^\nERROR at Row:1:Column:{match.start('entity') + 1}\n"
@@ -522,8 +537,12 @@ class SalesforceEmulator:
                 "be sure to append the '__c' after the entity name. Please reference your WSDL or the "
                 "describe call for the appropriate names.",
             )
-        entity = "Lead" if entity.lower() == "lead" else "Task"
-        resolve = self._lead_field if entity == "Lead" else self._task_field
+        entity = {"lead": "Lead", "task": "Task", "opportunity": "Opportunity"}[entity.lower()]
+        resolve = {
+            "Lead": self._lead_field,
+            "Task": self._task_field,
+            "Opportunity": self._opportunity_field,
+        }[entity]
 
         def column(name: str, start: int) -> str:
             canonical = resolve(name) if "." not in name else None
@@ -549,7 +568,9 @@ class SalesforceEmulator:
                     f"unexpected token: '{name}'",
                 )
             selected.append(column(name, start))
-        rows = list((self.leads if entity == "Lead" else self.tasks).values())
+        rows = list(
+            {"Lead": self.leads, "Task": self.tasks, "Opportunity": self.opportunities}[entity].values()
+        )
         if match["where_field"]:
             where = column(match["where_field"], match.start("where_field"))
             wanted = [_literal(match["value"])] if match["eq"] else _literal_list(match["values"])

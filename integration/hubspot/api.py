@@ -254,7 +254,8 @@ class HubSpotCRM:
         )
 
     def contacts_at_outcome(self) -> Iterator[tuple[str, str]]:
-        """(contact id, outcome) of every contact whose lifecycle stage is an outcome, 200 a search.
+        """(contact id, outcome) of every contact whose lifecycle stage is an outcome, 200 a search;
+        the outcome is "won" where the contact has a closed-won deal the token may read.
 
         Pages by `hs_object_id` rather than the `after` cursor, which HubSpot stops at 10,000."""
         last_id = "0"
@@ -271,10 +272,11 @@ class HubSpotCRM:
                 page = self._call("search", self.client.crm.contacts.search_api.do_search, request)
             except ApiException as exc:
                 raise CRMError(f"HubSpot contact search failed: {exc.status} {exc.reason}") from exc
-            for contact in page.results:
-                stage = (contact.properties or {}).get("lifecyclestage") or ""
+            stages = {str(c.id): (c.properties or {}).get("lifecyclestage") or "" for c in page.results}
+            won = self._with_won_deal([i for i, stage in stages.items() if stage in OUTCOME_STAGES])
+            for contact_id, stage in stages.items():
                 if stage in OUTCOME_STAGES:
-                    yield str(contact.id), OUTCOME_STAGES[stage]
+                    yield contact_id, "won" if contact_id in won else OUTCOME_STAGES[stage]
             if len(page.results) < SEARCH_PAGE:
                 return
             last_id = str(page.results[-1].id)
@@ -330,10 +332,13 @@ class HubSpotCRM:
             if i in found
         }
 
-    def _associated(self, contact_ids: list[str]) -> dict[str, dict[str, list[str]]]:
-        """Note and email ids of each contact, through the v4 associations batch read."""
+    def _associated(
+        self, contact_ids: list[str], kinds: tuple[str, ...] = tuple(TEXT_OBJECTS)
+    ) -> dict[str, dict[str, list[str]]]:
+        """Associated record ids (notes and emails by default) of each contact, through the v4
+        associations batch read; a kind the token may not read is left out."""
         linked: dict[str, dict[str, list[str]]] = {}
-        for kind in TEXT_OBJECTS:
+        for kind in kinds:
             for start in range(0, len(contact_ids), HUBSPOT_BATCH):
                 chunk = contact_ids[start : start + HUBSPOT_BATCH]
                 try:
@@ -353,6 +358,33 @@ class HubSpotCRM:
                     ids = [str(t.to_object_id) for t in result.to or []]
                     linked.setdefault(str(result._from.id), {})[kind] = ids
         return linked
+
+    def _with_won_deal(self, contact_ids: list[str]) -> set[str]:
+        """Which of these contacts have a closed-won deal, where the token may read deals: two calls
+        a 100 (associations, then the deals)."""
+        if not contact_ids:
+            return set()
+        linked = self._associated(contact_ids, ("deals",))
+        deal_ids = sorted({d for kinds in linked.values() for d in kinds.get("deals", [])})
+        won: set[str] = set()
+        for start in range(0, len(deal_ids), HUBSPOT_BATCH):
+            try:
+                batch = self._call(
+                    "deals_read",
+                    self.client.crm.objects.batch_api.read,
+                    "deals",
+                    BatchReadInputSimplePublicObjectId(
+                        properties=["hs_is_closed_won", "dealstage"],
+                        inputs=[SimplePublicObjectId(id=i) for i in deal_ids[start : start + HUBSPOT_BATCH]],
+                    ),
+                )
+            except ObjectsApiException as exc:
+                log.warning("outcomes without deals: reading deals answered %s", exc.status)
+                return set()
+            won |= {
+                str(d.id) for d in batch.results if (d.properties or {}).get("hs_is_closed_won") == "true"
+            }
+        return {c for c, kinds in linked.items() if won.intersection(kinds.get("deals", []))}
 
     def _texts(self, linked: dict[str, dict[str, list[str]]]) -> dict[str, tuple[str, ...]]:
         """Latest notes and emails per contact, newest first, bounded in count and size."""

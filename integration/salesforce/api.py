@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 LEAD_FIELDS = (
     "Id", "FirstName", "LastName", "Email", "Phone", "MobilePhone", "HasOptedOutOfEmail", "DoNotCall",
     "EmailBouncedReason", "Title", "Company", "NumberOfEmployees", "Industry", "LeadSource", "Status",
-    "Rating", "Description", "IsConverted", "LastActivityDate",
+    "Rating", "Description", "IsConverted", "ConvertedOpportunityId", "LastActivityDate",
 )  # fmt: skip
 TASK_FIELDS = ("Subject", "Description", "ActivityDate", "CreatedDate")
 MAX_TASKS = 5
@@ -102,7 +102,11 @@ def _soql_ids(ids: list[str]) -> str:
 
 
 def lead_from_record(
-    record: dict, org_id: str, tasks: list[dict] = (), custom_fields: dict[str, str] | None = None
+    record: dict,
+    org_id: str,
+    tasks: list[dict] = (),
+    custom_fields: dict[str, str] | None = None,
+    won: bool = False,
 ) -> Lead:
     """Map a Salesforce Lead record (and its latest Tasks) onto the CRM-neutral `Lead`."""
     employees = record.get("NumberOfEmployees")
@@ -135,7 +139,7 @@ def lead_from_record(
             key: _shown(record[name]) for key, name in OUTPUT_FIELDS.items() if record.get(name) is not None
         },
         feedback=record.get(FEEDBACK_FIELD) or None,
-        outcome="converted" if record.get("IsConverted") else None,
+        outcome=("won" if won else "converted") if record.get("IsConverted") else None,
         read_only=bool(record.get("IsConverted")),  # Salesforce refuses updates to converted Leads
     )
 
@@ -229,17 +233,40 @@ class SalesforceCRM:
         for task in tasks:
             by_lead.setdefault(task["WhoId"][:15], []).append(task)
         found = {r["Id"][:15]: r for r in records}
+        won = self._won_opportunities(
+            [r.get("ConvertedOpportunityId") for r in records if r.get("IsConverted")]
+        )
         return {  # keyed by the ids asked for, whether 15 or 18 characters long
             lead_id: lead_from_record(
-                found[key], self.org_id, by_lead.get(key, [])[:MAX_TASKS], self.custom_fields
+                found[key],
+                self.org_id,
+                by_lead.get(key, [])[:MAX_TASKS],
+                self.custom_fields,
+                won=(found[key].get("ConvertedOpportunityId") or "")[:15] in won,
             )
             for lead_id in lead_ids
             if (key := lead_id[:15]) in found
         }
 
-    def converted_leads(self) -> list[str]:
-        """Ids of the org's converted Leads (query_all pages through them)."""
-        return [r["Id"] for r in self._query("SELECT Id FROM Lead WHERE IsConverted = true")]
+    def converted_leads(self) -> list[tuple[str, str]]:
+        """(Lead id, "won" or "converted") for each of the org's converted Leads."""
+        records = self._query("SELECT Id, ConvertedOpportunityId FROM Lead WHERE IsConverted = true")
+        won = self._won_opportunities([r.get("ConvertedOpportunityId") for r in records])
+        return [
+            (r["Id"], "won" if (r.get("ConvertedOpportunityId") or "")[:15] in won else "converted")
+            for r in records
+        ]
+
+    def _won_opportunities(self, opportunity_ids: list[str | None]) -> set[str]:
+        """Which of these opportunities (a converted Lead's) are won, by 15-character id; one query a
+        200, and none when no Lead in the batch was converted."""
+        ids = sorted({i for i in opportunity_ids if i})
+        won: set[str] = set()
+        for start in range(0, len(ids), MAX_COLLECTION):
+            chunk = _soql_ids(ids[start : start + MAX_COLLECTION])
+            rows = self._query(f"SELECT Id, IsWon FROM Opportunity WHERE Id IN ({chunk})")
+            won |= {row["Id"][:15] for row in rows if row.get("IsWon")}
+        return won
 
     def read_lead(self, lead_id: str) -> Lead:
         lead = self.read_leads([lead_id]).get(lead_id)
