@@ -26,6 +26,9 @@ from pathlib import Path
 import requests
 from harness import Pipeline, encode, events_for, machine, percentile, post, save, table
 
+from integration import metrics
+from workers.store import Store
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(
@@ -94,6 +97,8 @@ def main() -> int:
         sampler.join()
         written = {i: pipe.scored_at(i) for i in accepted if i not in unscored}
         failed = pipe.failed_jobs()
+        kept = Store(pipe.env["DATABASE_URL"]).counts()["scores"]  # two workers share one SQLite store
+        store_errors = int(metrics.counter_value(pipe.redis, "store_errors_total"))
 
     delays = [written[i] - accepted[i] for i in written]
     last = max(written.values()) if written else time.time()
@@ -117,6 +122,8 @@ def main() -> int:
         "freshness": row,
         "late_submissions": late[0],
         "failed_jobs": failed,
+        "scores_kept_in_store": kept,
+        "store_errors": store_errors,
         "backlog_samples": backlog_samples,
         "target_p95_s": target_s,
         "target_met": met,
@@ -130,7 +137,8 @@ def main() -> int:
     columns = ["accepted", "offered_per_s", "scored", "lost", "scored_per_s", "p50_s", "p95_s", "max_s",
                "peak_pending_leads", "peak_queued_jobs"]  # fmt: skip
     print(table([row], columns))
-    print(f"target p95 <= {target_s:g}s and 0 lost: {'met' if met else 'NOT met'}; failed jobs {failed}")
+    print(f"target p95 <= {target_s:g}s and 0 lost: {'met' if met else 'NOT met'}; failed jobs {failed}; "
+          f"scores kept in the store {kept}, store errors {store_errors}")  # fmt: skip
     print(f"results: {path}")
     return 0
 
