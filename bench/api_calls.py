@@ -25,7 +25,18 @@ import time
 from pathlib import Path
 
 import requests
-from harness import Pipeline, encode, events_for, machine, metric_sum, post, save, table
+from harness import (
+    Pipeline,
+    add_pipeline_options,
+    encode,
+    events_for,
+    machine,
+    metric_sum,
+    pipeline_env,
+    post,
+    save,
+    table,
+)
 
 PER_DELIVERY = 100
 
@@ -55,17 +66,14 @@ def main() -> int:
     )
     parser.add_argument("--leads", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--llm-latency", type=float, default=0.05)
-    parser.add_argument("--hubspot-latency", type=float, default=0.0)
-    parser.add_argument("--llm-concurrency", type=int, default=8, help="LLM_CONCURRENCY")
-    parser.add_argument("--linger", type=float, default=1.0, help="BATCH_LINGER_S")
+    add_pipeline_options(parser, llm_latency=0.05, hubspot_latency=0.0, llm_concurrency=8)
     parser.add_argument("--no-echo", action="store_true", help="do not echo writes back as webhooks")
     parser.add_argument("--timeout", type=float, default=120, help="bound on each phase")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     info = machine()
-    env = {"LLM_CONCURRENCY": str(args.llm_concurrency), "BATCH_LINGER_S": str(args.linger)}
+    env = pipeline_env(args)
     with Pipeline(
         hubspot_latency=args.hubspot_latency, llm_latency=args.llm_latency, env=env, echo=not args.no_echo
     ) as pipe:

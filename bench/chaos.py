@@ -41,7 +41,19 @@ import time
 from pathlib import Path
 
 import requests
-from harness import PORTAL, SCORED_AT, Pipeline, encode, event, machine, post_until_accepted, save, table
+from harness import (
+    PORTAL,
+    SCORED_AT,
+    Pipeline,
+    add_pipeline_options,
+    encode,
+    event,
+    machine,
+    pipeline_env,
+    post_until_accepted,
+    save,
+    table,
+)
 from rq import Worker
 
 from integration.hubspot.api import HubSpotCRM, lead_from_properties
@@ -103,10 +115,7 @@ def main() -> int:
     parser.add_argument("--per-delivery", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=30.0, help="the deliveries are paced over this")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--llm-latency", type=float, default=0.3)
-    parser.add_argument("--hubspot-latency", type=float, default=0.05)
-    parser.add_argument("--llm-concurrency", type=int, default=32, help="LLM_CONCURRENCY")
-    parser.add_argument("--linger", type=float, default=1.0, help="BATCH_LINGER_S")
+    add_pipeline_options(parser, llm_latency=0.3, hubspot_latency=0.05, llm_concurrency=32)
     parser.add_argument("--maintenance", type=int, default=5, help="WORKER_MAINTENANCE_S")
     parser.add_argument("--redis-down", type=float, default=3.0, help="seconds between kill and restart")
     parser.add_argument("--recovery-timeout", type=float, default=240)
@@ -116,11 +125,7 @@ def main() -> int:
 
     info = machine()
     rng = random.Random(args.seed)
-    env = {
-        "LLM_CONCURRENCY": str(args.llm_concurrency),
-        "BATCH_LINGER_S": str(args.linger),
-        "WORKER_MAINTENANCE_S": str(args.maintenance),
-    }
+    env = pipeline_env(args, WORKER_MAINTENANCE_S=str(args.maintenance))
     redis_options = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
     with Pipeline(
         hubspot_latency=args.hubspot_latency,

@@ -24,7 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from harness import Pipeline, encode, events_for, machine, percentile, post, save, table
+from harness import (
+    Pipeline,
+    add_pipeline_options,
+    encode,
+    events_for,
+    machine,
+    percentile,
+    pipeline_env,
+    post,
+    save,
+    table,
+)
 
 from integration import metrics
 from workers.store import Store
@@ -38,22 +49,16 @@ def main() -> int:
     parser.add_argument("--per-delivery", type=int, default=10, help="new leads per delivery")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--llm-latency", type=float, default=0.3)
-    parser.add_argument("--hubspot-latency", type=float, default=0.05)
-    parser.add_argument("--llm-concurrency", type=int, default=100, help="LLM_CONCURRENCY (product max 200)")
-    parser.add_argument("--linger", type=float, default=1.0, help="BATCH_LINGER_S")
-    parser.add_argument("--calls-per-10s", type=int, default=100, help="HUBSPOT_CALLS_PER_10S")
+    add_pipeline_options(
+        parser, llm_latency=0.3, hubspot_latency=0.05, llm_concurrency=100, calls_per_10s=100
+    )
     parser.add_argument("--drain-timeout", type=float, default=120, help="wait after the last delivery")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     info = machine()
     deliveries = int(args.rate * args.seconds)
-    env = {
-        "LLM_CONCURRENCY": str(args.llm_concurrency),
-        "BATCH_LINGER_S": str(args.linger),
-        "HUBSPOT_CALLS_PER_10S": str(args.calls_per_10s),
-    }
+    env = pipeline_env(args)
     with Pipeline(hubspot_latency=args.hubspot_latency, llm_latency=args.llm_latency, env=env) as pipe:
         ids = pipe.seed_contacts(deliveries * args.per_delivery, 84_000_000_000)
         pipe.start_workers(args.workers)

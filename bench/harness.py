@@ -63,6 +63,34 @@ _TEMPLATES: list[dict] = []
 # ---- numbers and output
 
 
+def add_pipeline_options(
+    parser,
+    *,
+    llm_latency: float,
+    hubspot_latency: float,
+    llm_concurrency: int,
+    calls_per_10s: int | None = None,
+) -> None:
+    """The knobs the pipeline benchmarks share; `pipeline_env` turns them into the workers' settings."""
+    parser.add_argument("--llm-latency", type=float, default=llm_latency, help="seconds the LLM stub takes")
+    parser.add_argument(
+        "--hubspot-latency", type=float, default=hubspot_latency, help="added to every CRM call"
+    )
+    parser.add_argument(
+        "--llm-concurrency", type=int, default=llm_concurrency, help="LLM_CONCURRENCY (product max 200)"
+    )
+    parser.add_argument("--linger", type=float, default=1.0, help="BATCH_LINGER_S")
+    if calls_per_10s is not None:
+        parser.add_argument("--calls-per-10s", type=int, default=calls_per_10s, help="HUBSPOT_CALLS_PER_10S")
+
+
+def pipeline_env(args, **extra: str) -> dict[str, str]:
+    env = {"LLM_CONCURRENCY": str(args.llm_concurrency), "BATCH_LINGER_S": str(args.linger), **extra}
+    if getattr(args, "calls_per_10s", None) is not None:
+        env["HUBSPOT_CALLS_PER_10S"] = str(args.calls_per_10s)
+    return env
+
+
 def percentile(values: list[float], pct: float) -> float:
     if not values:
         return float("nan")

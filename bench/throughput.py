@@ -27,7 +27,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
-from harness import PORTAL, QUEUE_NAME, Pipeline, encode, events_for, machine, post, save, table
+from harness import (
+    PORTAL,
+    QUEUE_NAME,
+    Pipeline,
+    add_pipeline_options,
+    encode,
+    events_for,
+    machine,
+    pipeline_env,
+    post,
+    save,
+    table,
+)
 from rq import Queue
 
 from integration.events import LeadEvent
@@ -103,22 +115,14 @@ def main() -> int:
     )
     parser.add_argument("--leads", type=int, default=2000)
     parser.add_argument("--per-delivery", type=int, default=100, help="events per delivery (batched)")
-    parser.add_argument("--llm-latency", type=float, default=0.3)
-    parser.add_argument("--hubspot-latency", type=float, default=0.05, help="added to every CRM call")
-    parser.add_argument("--llm-concurrency", type=int, default=8, help="LLM_CONCURRENCY")
-    parser.add_argument("--linger", type=float, default=1.0, help="BATCH_LINGER_S")
-    parser.add_argument("--calls-per-10s", type=int, default=100, help="HUBSPOT_CALLS_PER_10S")
+    add_pipeline_options(parser, llm_latency=0.3, hubspot_latency=0.05, llm_concurrency=8, calls_per_10s=100)
     parser.add_argument("--batched-timeout", type=float, default=240, help="bound on phase (a)")
     parser.add_argument("--naive-seconds", type=float, default=45, help="how long phase (b) runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     info = machine()
-    env = {
-        "LLM_CONCURRENCY": str(args.llm_concurrency),
-        "BATCH_LINGER_S": str(args.linger),
-        "HUBSPOT_CALLS_PER_10S": str(args.calls_per_10s),
-    }
+    env = pipeline_env(args)
     with Pipeline(hubspot_latency=args.hubspot_latency, llm_latency=args.llm_latency, env=env) as pipe:
         ids = pipe.seed_contacts(args.leads, 81_000_000_000)
         pipe.start_workers(1)
