@@ -94,7 +94,7 @@ def main() -> int:
         pipe.wait_idle(args.timeout)
         after = counters(pipe)
         scored = args.leads - len(unscored)
-        echo_enqueued = sum(r.get("enqueued", 0) for r in pipe.emulator.echo_responses)
+        echo_queued = sum(r.get("queued", 0) for r in pipe.emulator.echo_responses)
         burst = {
             "phase": "burst (creation)",
             "leads": args.leads,
@@ -107,7 +107,7 @@ def main() -> int:
             "llm_calls": after["llm_calls"] - before["llm_calls"],
             "llm_calls_per_lead": round((after["llm_calls"] - before["llm_calls"]) / max(scored, 1), 3),
             "echo_deliveries": after["echo_deliveries"] - before["echo_deliveries"],
-            "echo_leads_enqueued": echo_enqueued,
+            "echo_events_queued": echo_queued,
         }
 
         skipped0 = metric_sum(pipe.metrics(), "leads_skipped_unchanged_total")
@@ -153,7 +153,7 @@ def main() -> int:
     columns = ["phase", "leads", "scored", "skipped_unchanged", "crm_calls", "crm_calls_per_lead",
                "contacts_written", "llm_calls", "llm_calls_per_lead", "echo_deliveries"]  # fmt: skip
     print(table([burst, redelivery], columns))
-    print(f"echoes of the burst's writes enqueued {burst['echo_leads_enqueued']} leads; failed jobs {failed}")
+    print(f"echoes of the burst's writes queued {burst['echo_events_queued']} events; failed jobs {failed}")
     for name, ok in targets.items():
         print(f"  {name}: {'met' if ok else 'NOT met'}")
     print(f"results: {path}")

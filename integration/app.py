@@ -18,8 +18,9 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from integration import logs, metrics, pending
 from integration.errors import WebhookError
+from integration.events import IntakeRow
 from integration.hubspot.webhook import bp as hubspot_bp
-from integration.queue import Triaged, hand_off, redis_from_url
+from integration.queue import Skipped, hand_off, redis_from_url
 from integration.salesforce.webhook import bp as salesforce_bp
 from integration.settings import Settings, SettingsError, get_settings
 
@@ -34,8 +35,8 @@ class Services:
     redis: Redis
     queue: Queue
 
-    def hand_off(self, crm: str, triaged: list[Triaged]) -> dict:
-        return hand_off(self.queue, crm, triaged, self.settings.batch_size)
+    def hand_off(self, crm: str, triaged: list[IntakeRow | Skipped]) -> dict:
+        return hand_off(self.queue, crm, triaged)
 
     def public_url(self, request: Request) -> str:
         """The URL the sender used, byte for byte, which is what webhook signatures cover."""

@@ -184,7 +184,7 @@ def _hubspot_scene(emulator, crm, webhook: str, redis_url: str, stub, logs: Path
         body = json.dumps(burst[chunk : chunk + 6]).encode()
         response = sign_and_post(webhook, body, DEMO_SECRET)
         print(f"delivery of {len(burst[chunk:chunk + 6])} contact.creation events → "
-              f"{response.status_code} {response.json()['enqueued']} enqueued")  # fmt: skip
+              f"{response.status_code} {response.json()['queued']} queued")  # fmt: skip
 
     def all_scored() -> bool:
         return all(emulator.contacts[i]["properties"].get("leadscore_scored_at") for i in contact_ids)
@@ -209,7 +209,7 @@ def _hubspot_scene(emulator, crm, webhook: str, redis_url: str, stub, logs: Path
         response = sign_and_post(webhook, body, DEMO_SECRET)
         summary = response.json()
         print(f"  {name}: {response.status_code} received {summary['received']}, "
-              f"enqueued {summary['enqueued']}, ignored {summary['ignored']}")  # fmt: skip
+              f"queued {summary['queued']}, ignored {summary['ignored']}")  # fmt: skip
     time.sleep(1.0)  # let the last echo deliveries arrive
     wait_until(lambda: _queue_idle(redis_url), timeout_s, "the follow-up scoring")
     time.sleep(0.5)
@@ -222,10 +222,10 @@ def _hubspot_scene(emulator, crm, webhook: str, redis_url: str, stub, logs: Path
     rewrites = len(emulator.writes) - writes_before
     echoes = emulator.echo_responses
     ignored = sum(r.get("ignored", 0) for r in echoes)
-    enqueued = sum(r.get("enqueued", 0) for r in echoes)
+    queued = sum(r.get("queued", 0) for r in echoes)
     print(f"\n{rewrites} contacts rewritten, the rest unchanged (no write). "
           f"{len(echoes)} echo deliveries of leadscore's own writes: {ignored} events ignored, "
-          f"{enqueued} jobs enqueued.")  # fmt: skip
+          f"{queued} events queued.")  # fmt: skip
 
 
 def _salesforce_scene(emulator, crm, outbound_url: str, redis_url: str, logs: Path, timeout_s: float) -> None:
@@ -250,4 +250,4 @@ def _salesforce_scene(emulator, crm, outbound_url: str, redis_url: str, logs: Pa
     echoes = len(emulator.echo_statuses)
     extra = metrics.counter_value(redis, "events_enqueued_total", crm="salesforce") - enqueued_before - 12
     print(f"\n{echoes} echo Outbound Message(s) of leadscore's own writes acknowledged "
-          f"({sorted(set(emulator.echo_statuses))}); {extra:.0f} leads enqueued for them.")  # fmt: skip
+          f"({sorted(set(emulator.echo_statuses))}); {extra:.0f} events queued for them.")  # fmt: skip

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -65,3 +66,41 @@ def dump_events(events: list[LeadEvent]) -> list[str]:
 
 def parse_events(raw: list[str] | list[bytes]) -> list[LeadEvent]:
     return [LeadEvent.model_validate_json(r) for r in raw]
+
+
+class IntakeRow(NamedTuple):
+    """One event to score, as the web queues it: a LeadEvent with nothing repeated or derived.
+
+    A delivery's rows travel as one compact JSON entry (`pack_intake`); the collector turns
+    them back into LeadEvents (`unpack_intake`). Building a pydantic model per event would
+    cost the web more than everything else it does for a delivery.
+    """
+
+    account_id: str
+    lead_id: str
+    event_id: str
+    kind: str
+    changed_fields: tuple[str, ...]
+    occurred_at_ms: int
+
+
+def pack_intake(rows: list[IntakeRow], accepted_at: float) -> str:
+    return json.dumps([accepted_at, rows], separators=(",", ":"))
+
+
+def unpack_intake(crm: CRM, raw: str | bytes) -> list[LeadEvent]:
+    accepted_at, rows = json.loads(raw)
+    accepted = datetime.fromtimestamp(accepted_at, tz=UTC)
+    return [
+        LeadEvent(
+            crm=crm,
+            account_id=row.account_id,
+            lead_id=row.lead_id,
+            event_ids=(row.event_id,),
+            kinds=(row.kind,),
+            changed_fields=tuple(row.changed_fields),
+            occurred_at=datetime.fromtimestamp(row.occurred_at_ms / 1000, tz=UTC),
+            accepted_at=accepted,
+        )
+        for row in map(IntakeRow._make, rows)
+    ]

@@ -1,16 +1,22 @@
 """Pending leads, coalesced per CRM account: one entry per lead, the newest event wins.
 
-The web side records leads here and moves every full batch straight into a
-`score_batch` RQ job; for what is left, a `collect` job per account waits out a short
-linger — only while the workers have nothing else to do — and batches it then. Each move
-is one WATCH/MULTI transaction, so a lead is always either pending or inside a
-durable RQ job — never in between.
+The web side appends each delivery's events to the account's intake stream, in the
+transaction that lets it answer 2xx. The account's `collect` job drains the intake — drops
+events seen before, coalesces the rest into one pending entry per lead — moves every full
+batch into a `score_batch` RQ job at once, and batches what is left after a short linger
+(only while the workers have nothing else to do). Each move is one MULTI transaction, so an
+event is always in the intake, pending, or inside a durable RQ job — never in between; a
+collector killed mid-drain leaves its entries in the intake for the next one, and the
+seen marks make draining them twice harmless.
 
 Keys, all under `leadscore:`:
-  pending:{crm}:{account}  hash   lead id → LeadEvent JSON
-  since:{crm}:{account}    zset   lead id → when it first became pending (linger, age)
-  accounts                 zset   "{crm}:{account}" → its oldest pending lead's time
-  kick:{crm}:{account}     string a collect job is queued or running for the account
+  intake:{crm}:{account}         stream  deliveries as the web queued them (`pack_intake`)
+  intake-events:{crm}:{account}  string  how many events the intake holds
+  seen:{crm}:{account}:{window}  set     event ids drained, per SEEN_WINDOW_S window
+  pending:{crm}:{account}        hash    lead id → LeadEvent JSON
+  since:{crm}:{account}          zset    lead id → when its event was accepted (linger, age)
+  accounts                       zset    "{crm}:{account}" → when its oldest waiting event came
+  kick:{crm}:{account}           string  a collect job is queued or running for the account
 """
 
 from __future__ import annotations
@@ -24,11 +30,35 @@ from redis.exceptions import WatchError
 from rq import Queue, Retry
 from rq.job import Job
 
-from integration.events import LeadEvent, dump_events, parse_events
+from integration import metrics
+from integration.events import LeadEvent, coalesce, dump_events, parse_events, unpack_intake
 
 _DELETE_IF_OWN = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
+# Deletes intake entries (ARGV: id, events, id, events, …) and takes the events of those it
+# deleted off the intake's count; an entry another collector already deleted counts nothing.
+_DELETE_DRAINED = """
+local drained = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then drained = drained + tonumber(ARGV[i + 1]) end
+end
+if drained > 0 then redis.call('DECRBY', KEYS[2], drained) end
+return drained
+"""
+# accounts[member] = the older of the first pending lead and the first intake entry (its id
+# starts with its time in ms), or no entry when both are empty.
+_REFRESH_OLDEST = """
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local oldest = first[2] and tonumber(first[2])
+local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if head[1] then
+  local queued = tonumber(string.match(head[1][1], '^(%d+)')) / 1000
+  if not oldest or queued < oldest then oldest = queued end
+end
+if oldest then return redis.call('ZADD', KEYS[3], oldest, ARGV[1]) end
+return redis.call('ZREM', KEYS[3], ARGV[1])
+"""
 ACCOUNTS = "leadscore:accounts"
 CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
 COLLECT_JOB = "workers.batch.collect"
@@ -37,6 +67,8 @@ LATEST_TTL_S = 24 * 3600
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
 BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 BATCH_TIMEOUT_S = 600
+SEEN_WINDOW_S = 4 * 24 * 3600  # HubSpot retries for up to three days
+DRAIN_ENTRIES = 20  # deliveries a collector takes from the intake at a time
 
 
 def pending_key(crm: str, account: str) -> str:
@@ -51,20 +83,83 @@ def kick_key(crm: str, account: str) -> str:
     return f"leadscore:kick:{crm}:{account}"
 
 
+def intake_key(crm: str, account: str) -> str:
+    return f"leadscore:intake:{crm}:{account}"
+
+
+def intake_events_key(crm: str, account: str) -> str:
+    return f"leadscore:intake-events:{crm}:{account}"
+
+
+def seen_keys(crm: str, account: str, now: float) -> tuple[str, str]:
+    """This window's set of drained event ids, and the last window's; both are checked."""
+    window = int(now // SEEN_WINDOW_S)
+    return tuple(f"leadscore:seen:{crm}:{account}:{w}" for w in (window, window - 1))
+
+
+def add_intake(pipe: Pipeline, crm: str, account: str, packed: str, events: int, accepted_at: float) -> None:
+    """The web's half of accepting a delivery; runs inside its transaction."""
+    pipe.xadd(intake_key(crm, account), {"d": packed})
+    pipe.incrby(intake_events_key(crm, account), events)
+    pipe.zadd(ACCOUNTS, {f"{crm}:{account}": accepted_at}, nx=True)
+
+
+def drain(redis: Redis, crm: str, account: str, entries: int = DRAIN_ENTRIES) -> int:
+    """Move the oldest intake entries into pending leads; returns how many entries it moved."""
+    taken = redis.xrange(intake_key(crm, account), count=entries)
+    if taken:
+        move_to_pending(redis, crm, account, taken)
+    return len(taken)
+
+
+def move_to_pending(redis: Redis, crm: str, account: str, taken: list[tuple[bytes, dict]]) -> None:
+    """Events drained before (a CRM's retry, a redelivery, a racing collector) are dropped and
+    counted; the rest are coalesced, one pending entry per lead, in the transaction that deletes
+    the entries."""
+    unpacked = [(entry_id, unpack_intake(crm, fields[b"d"])) for entry_id, fields in taken]
+    events = [event for _, entry_events in unpacked for event in entry_events]
+    current, previous = seen_keys(crm, account, time.time())
+    ids = [event.event_ids[0] for event in events]
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.smismember(current, ids)
+        pipe.smismember(previous, ids)
+        seen_now, seen_before = pipe.execute()
+    fresh: dict[str, LeadEvent] = {}
+    for event, now, before in zip(events, seen_now, seen_before, strict=True):
+        if not (now or before):
+            fresh.setdefault(event.event_ids[0], event)
+    with redis.pipeline(transaction=True) as pipe:
+        if fresh:
+            record(pipe, coalesce(list(fresh.values())))
+            pipe.sadd(current, *fresh)
+            pipe.expire(current, 2 * SEEN_WINDOW_S)
+        sizes = [arg for entry_id, entry_events in unpacked for arg in (entry_id, len(entry_events))]
+        pipe.eval(_DELETE_DRAINED, 2, intake_key(crm, account), intake_events_key(crm, account), *sizes)
+        refresh_oldest(pipe, crm, account)
+        metrics.add_counters(pipe, [("events_deduplicated_total", len(events) - len(fresh), {"crm": crm})])
+        pipe.execute()
+
+
+def refresh_oldest(pipe: Pipeline, crm: str, account: str) -> None:
+    keys = (since_key(crm, account), intake_key(crm, account), ACCOUNTS)
+    pipe.eval(_REFRESH_OLDEST, len(keys), *keys, f"{crm}:{account}")
+
+
 def batch_size(crm: str, wanted: int) -> int:
     return min(wanted, CRM_BATCH_LIMIT[crm])
 
 
-def record(pipe: Pipeline, events: list[LeadEvent], now: float) -> None:
-    """Queue-side half of accepting a delivery; runs inside the web's transaction."""
+def record(pipe: Pipeline, events: list[LeadEvent]) -> None:
+    """Make these leads pending (the newest event replaces one already there); in the caller's
+    transaction. A lead's linger counts from when its event was accepted."""
     by_account: dict[tuple[str, str], list[LeadEvent]] = {}
     for event in events:
         by_account.setdefault((event.crm, event.account_id), []).append(event)
     for (crm, account), group in by_account.items():
         ids = [e.lead_id for e in group]
         pipe.hset(pending_key(crm, account), mapping=dict(zip(ids, dump_events(group), strict=True)))
-        pipe.zadd(since_key(crm, account), dict.fromkeys(ids, now), nx=True)
-        pipe.zadd(ACCOUNTS, {f"{crm}:{account}": now}, nx=True)
+        pipe.zadd(since_key(crm, account), {e.lead_id: e.accepted_at.timestamp() for e in group}, nx=True)
+        pipe.zadd(ACCOUNTS, {f"{crm}:{account}": min(e.accepted_at.timestamp() for e in group)}, nx=True)
 
 
 def kick(queue: Queue, crm: str, account: str) -> Job | None:
@@ -105,14 +200,10 @@ def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
                     pipe.unwatch()
                     return None
                 events = [raw.decode() for raw in pipe.hmget(pending, ids) if raw is not None]
-                after = pipe.zrange(since, size, size, withscores=True)
                 pipe.multi()
                 pipe.hdel(pending, *ids)
                 pipe.zrem(since, *ids)
-                if after:
-                    pipe.zadd(ACCOUNTS, {f"{crm}:{account}": after[0][1]})
-                else:
-                    pipe.zrem(ACCOUNTS, f"{crm}:{account}")
+                refresh_oldest(pipe, crm, account)
                 job = enqueue_batch(queue, pipe, crm, account, parse_events(events))
                 pipe.execute()
                 return job
@@ -151,7 +242,7 @@ def release(queue: Queue, crm: str, account: str, token: str | None) -> Job | No
     """A collect job is done: drop its kick (only its own), and kick again if leads arrived meanwhile."""
     redis = queue.connection
     redis.eval(_DELETE_IF_OWN, 1, kick_key(crm, account), token or "")
-    if redis.zcard(since_key(crm, account)):
+    if redis.zcard(since_key(crm, account)) or redis.xlen(intake_key(crm, account)):
         return kick(queue, crm, account)
     return None
 
@@ -163,5 +254,10 @@ def stale_accounts(redis: Redis, older_than_s: float, now: float | None = None) 
 
 
 def depth(redis: Redis) -> int:
-    members = redis.zrange(ACCOUNTS, 0, -1)
-    return sum(redis.zcard(since_key(*member.decode().split(":", 1))) for member in members)
+    """Leads pending plus events still in the intakes (not yet deduplicated or coalesced)."""
+    accounts = [member.decode().split(":", 1) for member in redis.zrange(ACCOUNTS, 0, -1)]
+    with redis.pipeline(transaction=False) as pipe:
+        for crm, account in accounts:
+            pipe.zcard(since_key(crm, account))
+            pipe.get(intake_events_key(crm, account))
+        return sum(int(answer or 0) for answer in pipe.execute())

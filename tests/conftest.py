@@ -242,9 +242,12 @@ def post_change_events(client):
 
 
 def pending_events(redis, crm: str, account: str) -> list[dict]:
-    """The leads waiting to be scored for an account, oldest first, as their LeadEvents."""
+    """The leads waiting to be scored for an account, oldest first, as their LeadEvents, once
+    the account's collector has drained its intake (deduplicated and coalesced)."""
     from integration import pending
 
+    while pending.drain(redis, crm, account):
+        pass
     ids = redis.zrange(pending.since_key(crm, account), 0, -1)
     raw = redis.hmget(pending.pending_key(crm, account), ids) if ids else []
     return [json.loads(r) for r in raw]

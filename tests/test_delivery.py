@@ -13,13 +13,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from rq import SimpleWorker
 from rq.scheduler import RQScheduler
 
-from integration import pending
+from integration import metrics, pending
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import start_redis
 from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers
-from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, fixture_json
+from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, fixture_json, pending_events
+from workers import batch
 
 BURST = "contact.creation__demo_burst"
 VP = "74300000101"
@@ -111,6 +112,34 @@ def test_lone_lead_waits_only_the_linger(env, monkeypatch, post_delivery, crm, q
     ]
 
 
+def test_an_entry_two_racing_collectors_both_read_is_queued_once(post_delivery, queue, redis):
+    post_delivery("contact.creation__single")
+    intake = pending.intake_key("hubspot", PORTAL_ID)
+    taken = redis.xrange(intake)
+
+    pending.move_to_pending(redis, "hubspot", PORTAL_ID, taken)
+    pending.move_to_pending(redis, "hubspot", PORTAL_ID, taken)
+
+    assert [e["lead_id"] for e in pending_events(redis, "hubspot", PORTAL_ID)] == ["74300000101"]
+    assert redis.xlen(intake) == 0 and pending.depth(redis) == 1
+    assert metrics.counter_value(redis, "events_deduplicated_total", crm="hubspot") == 1
+
+
+def test_an_account_whose_collector_was_lost_is_kicked_by_the_sweeper(
+    post_delivery, crm, queue, redis, hubspot
+):
+    post_delivery("contact.creation__single")
+    queue.empty()  # its collect job died with its worker...
+    redis.delete(pending.kick_key("hubspot", PORTAL_ID))  # ...and its kick expired
+
+    assert batch.sweep(queue) == 0  # too early to tell a lost kick from a busy collector
+    redis.zadd(pending.ACCOUNTS, {f"hubspot:{PORTAL_ID}": time.time() - 60})
+    assert batch.sweep(queue) == 1
+    SimpleWorker([queue], connection=redis).work(burst=True)
+
+    assert pending.depth(redis) == 0 and len(hubspot.writes) == 1
+
+
 def test_collector_steps_aside_when_other_work_is_queued(env, monkeypatch, post_delivery, crm, queue, redis):
     monkeypatch.setenv("BATCH_LINGER_S", "5")
     from integration.settings import get_settings
@@ -133,15 +162,21 @@ def test_a_full_batch_goes_to_the_workers_at_once(env, monkeypatch, crm, queue, 
     monkeypatch.setenv("BATCH_LINGER_S", "5")
     monkeypatch.setenv("BATCH_SIZE", "10")
     from integration.settings import get_settings
+    from workers import jobs
 
     get_settings.cache_clear()
+    jobs.context.cache_clear()
     app = create_app(get_settings())
     body = json.dumps([change(74300000100 + n, 6000 + n) for n in range(1, 25)]).encode()
     app.test_client().post(WEBHOOK_URL, data=body, headers=hubspot_headers(WEBHOOK_URL, body, APP_SECRET))
 
+    started = time.monotonic()
+    SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)  # the collector
+
+    assert time.monotonic() - started < 3.0  # full batches never wait out the 5 s linger
     batches = [job for job in queue.get_jobs() if job.func_name == "workers.batch.score_batch"]
     assert [len(job.args[2]) for job in batches] == [10, 10]
-    assert pending.depth(redis) == 4  # the rest lingers, with its collector queued
+    assert pending.depth(redis) == 4  # the rest lingers, with its collector queued again
     assert [j.func_name for j in queue.get_jobs()].count("workers.batch.collect") == 1
 
 
@@ -242,7 +277,7 @@ def test_redis_down_answers_503_and_up_again_accepts_without_restart(settings, t
         up = post()
 
     assert down.status_code == 503
-    assert up.status_code == 200 and up.get_json()["enqueued"] == 1
+    assert up.status_code == 200 and up.get_json()["queued"] == 1
 
 
 class _redis_on:
@@ -317,7 +352,7 @@ def test_metrics_count_the_pipeline(post_delivery, crm, run_worker, client):
     assert value("leadscore_events_received", crm="hubspot") == 50
     assert value("leadscore_events_deduplicated", crm="hubspot") == 24
     assert value("leadscore_events_ignored", crm="hubspot") == 2
-    assert value("leadscore_events_enqueued", crm="hubspot") == 24
+    assert value("leadscore_events_enqueued", crm="hubspot") == 48  # the collector drops the repeats
     assert value("leadscore_writes", crm="hubspot", outcome="written") == 24
     assert value("leadscore_llm_calls", outcome="ok") == 24
     assert value("leadscore_crm_calls", crm="hubspot", operation="batch_update") == 1
@@ -339,20 +374,19 @@ def test_logs_are_json_without_emails_or_phones(post_delivery, crm, run_worker, 
     assert any(line.get("job_id") for line in lines)
 
 
-def test_an_older_batch_never_overwrites_a_newer_events_score(env, monkeypatch, crm, queue, redis, hubspot):
-    monkeypatch.setenv("BATCH_SIZE", "1")  # each delivery becomes a batch job at once
-    from integration.settings import get_settings
-
-    get_settings.cache_clear()
-    client = create_app(get_settings()).test_client()
-    for event_id in (8001, 8002):
+def test_an_older_batch_never_overwrites_a_newer_events_score(settings, crm, queue, redis, hubspot):
+    client = create_app(settings).test_client()
+    for event_id in (8001, 8002):  # each event is batched (as a collector does) before the next comes
         body = json.dumps([change(int(VP), event_id)]).encode()
         client.post(WEBHOOK_URL, data=body, headers=hubspot_headers(WEBHOOK_URL, body, APP_SECRET))
+        pending.drain(redis, "hubspot", PORTAL_ID)
+        pending.take_batch(queue, "hubspot", PORTAL_ID, 1)
         time.sleep(0.01)
 
     SimpleWorker([queue], connection=redis).work(burst=True)
+    finished = [queue.fetch_job(i) for i in queue.finished_job_registry.get_job_ids()]
     older, newer = sorted(
-        (queue.fetch_job(i) for i in queue.finished_job_registry.get_job_ids()), key=lambda j: j.enqueued_at
+        (job for job in finished if job.func_name == "workers.batch.score_batch"), key=lambda j: j.enqueued_at
     )
 
     assert [r["outcome"] for r in older.return_value()] == ["superseded"]

@@ -63,7 +63,7 @@ def test_contact_propertyChange__rep_feedback(env, post_delivery, crm, run_worke
     calls, writes = len(llm.requests), len(hubspot.writes)
 
     hubspot.contacts[CONTACT]["properties"]["leadscore_feedback"] = "too_high"
-    assert post_delivery("contact.propertyChange__rep_feedback").get_json()["enqueued"] == 1
+    assert post_delivery("contact.propertyChange__rep_feedback").get_json()["queued"] == 1
     [result] = run_worker()
     again = json.dumps(
         [{**fixture_json("hubspot/contact.propertyChange__rep_feedback.json")[0], "eventId": 7}]
@@ -93,7 +93,7 @@ def test_lead_change_event__rep_feedback(env, post_change_events, sf_crm, run_wo
     run_worker()
     salesforce.leads["00Q5g00000Ls001EAB"]["Leadscore_Feedback__c"] = "too_low"
 
-    assert post_change_events("lead_change_event__rep_feedback").get_json()["enqueued"] == 1
+    assert post_change_events("lead_change_event__rep_feedback").get_json()["queued"] == 1
     [result] = run_worker()
 
     assert result["outcome"] == "unchanged"

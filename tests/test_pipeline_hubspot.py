@@ -26,7 +26,7 @@ def assert_recent(stamp: str) -> None:
 def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
     response = post_delivery("contact.creation__single")
     assert response.status_code == 200
-    assert response.get_json()["enqueued"] == 1
+    assert response.get_json()["queued"] == 1
 
     [result] = run_worker()
 
@@ -178,7 +178,7 @@ EXPECTED_BURST = {
 
 
 def test_contact_creation__demo_burst(post_delivery, crm, run_worker, hubspot):
-    assert post_delivery("contact.creation__demo_burst").get_json()["enqueued"] == 24
+    assert post_delivery("contact.creation__demo_burst").get_json()["queued"] == 24
     results = run_worker()
 
     assert len(results) == 24
@@ -228,7 +228,7 @@ def test_contact_propertyChange__lead_status_change_rescores(post_delivery, crm,
 
 
 def test_contact_creation__deleted_contact(post_delivery, crm, run_worker, queue):
-    assert post_delivery("contact.creation__deleted_contact").get_json()["enqueued"] == 1
+    assert post_delivery("contact.creation__deleted_contact").get_json()["queued"] == 1
     [result] = run_worker()
 
     assert result == {"lead": f"hubspot:{PORTAL_ID}:74300000999", "outcome": "lead_gone"}

@@ -9,7 +9,7 @@ import time
 import pytest
 from rq import Queue
 
-from integration import pending
+from integration import metrics, pending
 from integration.app import create_app
 from integration.emulators import free_port
 from integration.replay import hubspot_headers, load_delivery
@@ -22,9 +22,7 @@ def queued_events(queue: Queue) -> list[dict]:
 
 
 def summary(response) -> dict:
-    body = response.get_json()
-    body.pop("leads")
-    return body
+    return response.get_json()
 
 
 @pytest.mark.parametrize(
@@ -32,62 +30,62 @@ def summary(response) -> dict:
     [
         (
             "contact.creation__single",
-            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
             ["74300000101"],
         ),
         (
             "contact.propertyChange__lead_status",
-            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
             ["74300000103"],
         ),
         (
             "contact.propertyChange__several_for_one_contact",
-            {"received": 3, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            {"received": 3, "queued": 3, "ignored": 0, "unsupported": 0},
             ["74300000104"],
         ),
         (
             "contact.propertyChange__own_output_only",
-            {"received": 2, "enqueued": 0, "duplicates": 0, "ignored": 2, "unsupported": 0},
+            {"received": 2, "queued": 0, "ignored": 2, "unsupported": 0},
             [],
         ),
         (
             "contact.propertyChange__integration_echo",
-            {"received": 2, "enqueued": 0, "duplicates": 0, "ignored": 2, "unsupported": 0},
+            {"received": 2, "queued": 0, "ignored": 2, "unsupported": 0},
             [],
         ),
         (
             "contact.propertyChange__other_integration",
-            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
             ["74300000106"],
         ),
         (
             "object.creation__contact",
-            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
             ["74300000107"],
         ),
         (
             "object.propertyChange__contact",
-            {"received": 1, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 0},
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
             ["74300000108"],
         ),
         (
             "object.propertyChange__deal",
-            {"received": 1, "enqueued": 0, "duplicates": 0, "ignored": 1, "unsupported": 0},
+            {"received": 1, "queued": 0, "ignored": 1, "unsupported": 0},
             [],
         ),
         (
             "contact.deletion__single",
-            {"received": 1, "enqueued": 0, "duplicates": 0, "ignored": 1, "unsupported": 0},
+            {"received": 1, "queued": 0, "ignored": 1, "unsupported": 0},
             [],
         ),
         (
             "mixed__creation_and_unknown",
-            {"received": 2, "enqueued": 1, "duplicates": 0, "ignored": 0, "unsupported": 1},
+            {"received": 2, "queued": 1, "ignored": 0, "unsupported": 1},
             ["74300000110"],
         ),
         (
             "contact.propertyChange__demo_changes",
-            {"received": 7, "enqueued": 5, "duplicates": 0, "ignored": 1, "unsupported": 0},
+            {"received": 7, "queued": 6, "ignored": 1, "unsupported": 0},
             ["74300000123", "74300000101", "74300000122", "74300000104", "74300000124"],
         ),
     ],
@@ -113,11 +111,13 @@ def test_contact_propertyChange__several_for_one_contact_is_one_job(post_deliver
 
 def test_contact_creation__single_duplicate_delivery_enqueues_nothing_new(post_delivery, queue):
     first = post_delivery("contact.creation__single")
+    pending.drain(queue.connection, "hubspot", PORTAL_ID)  # the collector takes the first in
     second = post_delivery("contact.creation__single")
 
-    assert summary(first)["enqueued"] == 1
-    assert summary(second) == {"received": 1, "enqueued": 0, "duplicates": 1, "ignored": 0, "unsupported": 0}
+    assert summary(first) == summary(second) == {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0}
+    assert [e["lead_id"] for e in queued_events(queue)] == ["74300000101"]
     assert pending.depth(queue.connection) == 1
+    assert metrics.counter_value(queue.connection, "events_deduplicated_total", crm="hubspot") == 1
 
 
 def test_mixed__creation_and_unknown_logs_the_unknown_event(post_delivery, caplog):
@@ -308,9 +308,10 @@ def test_same_event_id_at_another_time_is_a_new_event(post_delivery, queue):
     post_delivery(json.dumps([event]).encode())
     response = post_delivery(json.dumps([later]).encode())
 
-    assert summary(response)["enqueued"] == 1
-    [event] = queued_events(queue)
-    assert event["event_ids"] == [f"{later['eventId']}@{later['occurredAt']}"]  # the newest event wins
+    assert summary(response)["queued"] == 1
+    [lead] = queued_events(queue)  # two events for one contact: coalesced, neither a duplicate
+    assert lead["event_ids"] == [f"{e['eventId']}@{e['occurredAt']}" for e in (event, later)]
+    assert metrics.counter_value(queue.connection, "events_deduplicated_total", crm="hubspot") == 0
 
 
 def test_more_than_100_events_is_refused(post_delivery, queue):

@@ -33,24 +33,29 @@ def _queue() -> Queue:
 
 
 def collect(crm: str, account: str, token: str | None = None) -> dict:
-    """Batch the account's pending leads: full batches at once, the rest once the oldest lead
-    has lingered long enough. It waits only while no other job is queued; otherwise it steps
-    aside (goes to the back of the queue), so it never holds a worker that has work to do."""
+    """Drain the account's intake into pending leads and batch them: full batches at once, the
+    rest once the oldest lead has lingered long enough. It waits only while no other job is
+    queued; otherwise it steps aside (goes to the back of the queue), so it never holds a
+    worker that has work to do."""
     queue = _queue()
     settings = context().settings
     size = pending.batch_size(crm, settings.batch_size)
     batches = 0
     try:
         while True:
+            drained = pending.drain(queue.connection, crm, account)
             count, since = pending.oldest(queue.connection, crm, account)
             if not count:
+                if drained:
+                    continue
                 break
             if count >= size or since + settings.batch_linger_s <= time.time():
                 batches += pending.take_batch(queue, crm, account, size) is not None
                 continue
             if queue.count:
                 break  # the release below queues this collector again, behind that work
-            time.sleep(LINGER_POLL_S)
+            if not drained:
+                time.sleep(LINGER_POLL_S)
     finally:
         pending.release(queue, crm, account, token)
     sweep(queue)
@@ -208,7 +213,7 @@ def rescore(crm: str, account: str, events: list[str]) -> int:
         LeadEvent.model_validate_json(raw).model_copy(update={"accepted_at": now}) for raw in events
     ]
     with queue.connection.pipeline(transaction=True) as pipe:
-        pending.record(pipe, lead_events, now.timestamp())
+        pending.record(pipe, lead_events)
         pipe.execute()
     pending.kick(queue, crm, account)
     return len(lead_events)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, jsonify, request
 from hubspot.exceptions import InvalidSignatureTimestampError
@@ -18,9 +17,9 @@ from hubspot.utils.signature import Signature
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from integration.errors import PayloadError, SignatureError, first_problem
-from integration.events import LeadEvent
+from integration.events import IntakeRow
 from integration.hubspot import OUTPUT_PROPERTIES
-from integration.queue import Triaged
+from integration.queue import Skipped
 
 log = logging.getLogger(__name__)
 
@@ -158,33 +157,34 @@ def parse_delivery(body: bytes) -> list[HubSpotEvent]:
     return events
 
 
-def triage(event: HubSpotEvent, own_app_id: str) -> Triaged:
-    """Score the contact this event is about, or say why not."""
-    ref = f"{event.event_id} ({event.subscription_type}, object {event.object_id})"
+def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
+    """Score the contact this event is about, or say why not. Runs for every event, so it is lean."""
     kind = HANDLED_EVENTS.get(event.subscription_type)
     if kind is None:
         if event.subscription_type in IGNORED_EVENTS:
-            return Triaged("ignore", ref, f"{event.subscription_type} is not scored")
-        return Triaged("unsupported", ref, f"unsupported subscription type {event.subscription_type!r}")
+            return _skipped(event, "ignore", f"{event.subscription_type} is not scored")
+        return _skipped(event, "unsupported", f"unsupported subscription type {event.subscription_type!r}")
     if event.subscription_type.startswith("object.") and event.object_type_id != CONTACT_OBJECT_TYPE:
-        return Triaged("ignore", ref, f"object type {event.object_type_id} is not a contact")
+        return _skipped(event, "ignore", f"object type {event.object_type_id} is not a contact")
     if event.object_id is None:
-        return Triaged("ignore", ref, "event names no objectId")
+        return _skipped(event, "ignore", "event names no objectId")
     if kind == "property_change" and event.property_name in OWN_PROPERTIES:
-        return Triaged("ignore", ref, f"{event.property_name} is leadscore's own output")
+        return _skipped(event, "ignore", f"{event.property_name} is leadscore's own output")
     if event.change_source == "INTEGRATION" and event.source_id == own_app_id:
-        return Triaged("ignore", ref, "change made by leadscore itself")
-    lead_event = LeadEvent(
-        crm="hubspot",
+        return _skipped(event, "ignore", "change made by leadscore itself")
+    return IntakeRow(
         account_id=str(event.portal_id),
         lead_id=str(event.object_id),
         # eventId alone is not guaranteed unique; a redelivery repeats both.
-        event_ids=(f"{event.event_id}@{event.occurred_at}",),
-        kinds=(kind,),
+        event_id=f"{event.event_id}@{event.occurred_at}",
+        kind=kind,
         changed_fields=(event.property_name,) if event.property_name else (),
-        occurred_at=datetime.fromtimestamp(event.occurred_at / 1000, tz=UTC),
+        occurred_at_ms=event.occurred_at,
     )
-    return Triaged("score", ref, kind, lead_event)
+
+
+def _skipped(event: HubSpotEvent, verdict: str, detail: str) -> Skipped:
+    return Skipped(verdict, f"{event.event_id} ({event.subscription_type}, object {event.object_id})", detail)
 
 
 bp = Blueprint("hubspot", __name__)

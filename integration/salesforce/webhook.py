@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from datetime import UTC, datetime
+import time
 from typing import Literal
 from xml.etree.ElementTree import Element, ParseError
 
@@ -23,8 +23,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from integration import signing
 from integration.errors import PayloadError, SignatureError, WebhookError, first_problem
-from integration.events import LeadEvent
-from integration.queue import Triaged
+from integration.events import IntakeRow
+from integration.queue import Skipped
 from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_record_id
 from integration.settings import SettingsError
 
@@ -115,7 +115,7 @@ def parse_notifications(body: bytes) -> Element:
     return notifications
 
 
-def triage_notification(notification: Element, org_id: str, integration_user: str) -> Triaged:
+def triage_notification(notification: Element, org_id: str, integration_user: str) -> IntakeRow | Skipped:
     notification_id = _text(notification, "Id")
     sobject = _child(notification, "sObject")
     if not notification_id or sobject is None:
@@ -124,22 +124,21 @@ def triage_notification(notification: Element, org_id: str, integration_user: st
     record_id = _text(sobject, "Id")
     ref = f"{notification_id} ({object_type} {record_id})"
     if object_type != "Lead":
-        return Triaged("ignore", ref, f"{object_type or 'untyped'} records are not scored")
+        return Skipped("ignore", ref, f"{object_type or 'untyped'} records are not scored")
     if not record_id:
         raise PayloadError(f"notification {notification_id} has a Lead without an <Id>")
     if not is_record_id(record_id):
-        return Triaged("unsupported", ref, f"{record_id!r} is not a Salesforce record id")
+        return Skipped("unsupported", ref, f"{record_id!r} is not a Salesforce record id")
     if same_record(_text(sobject, "LastModifiedById"), integration_user):
-        return Triaged("ignore", ref, "change made by leadscore's integration user")
-    lead_event = LeadEvent(
-        crm="salesforce",
+        return Skipped("ignore", ref, "change made by leadscore's integration user")
+    return IntakeRow(
         account_id=org_id,
         lead_id=record_id,
-        event_ids=(notification_id,),
-        kinds=("outbound_message",),
-        occurred_at=datetime.now(UTC),
+        event_id=notification_id,
+        kind="outbound_message",
+        changed_fields=(),
+        occurred_at_ms=int(time.time() * 1000),  # an Outbound Message carries no time of change
     )
-    return Triaged("score", ref, "outbound_message", lead_event)
 
 
 class ChangeEventHeader(BaseModel):
@@ -182,7 +181,9 @@ def parse_change_events(body: bytes) -> ChangeEventDelivery:
         ) from None
 
 
-def triage_change(event: ChangeEvent, org_id: str, integration_user: str, client_name: str) -> list[Triaged]:
+def triage_change(
+    event: ChangeEvent, org_id: str, integration_user: str, client_name: str
+) -> list[IntakeRow | Skipped]:
     header = event.ChangeEventHeader
     ref = f"{header.transaction_key}/{header.sequence_number}"
     verdict: tuple[Literal["ignore", "unsupported"], str] | None = None
@@ -199,25 +200,19 @@ def triage_change(event: ChangeEvent, org_id: str, integration_user: str, client
     elif header.change_type == "UPDATE" and set(header.changed_fields) <= OWN_FIELDS | SYSTEM_FIELDS:
         verdict = ("ignore", "only leadscore's own fields changed")
     if verdict is not None:
-        return [Triaged(verdict[0], f"{ref} {rid}", verdict[1]) for rid in header.record_ids]
+        return [Skipped(verdict[0], f"{ref} {rid}", verdict[1]) for rid in header.record_ids]
     invalid = [rid for rid in header.record_ids if not is_record_id(rid)]
     if invalid:  # CDC sends wildcards like "00Q*" when a field's type changes for every record
-        return [Triaged("unsupported", f"{ref} {rid}", "not a single record id") for rid in header.record_ids]
-    occurred = datetime.fromtimestamp(header.commit_timestamp / 1000, tz=UTC)
+        return [Skipped("unsupported", f"{ref} {rid}", "not a single record id") for rid in header.record_ids]
+    changed = tuple(f for f in header.changed_fields if f not in SYSTEM_FIELDS)
     return [
-        Triaged(
-            "score",
-            f"{ref} {record_id}",
-            kind,
-            LeadEvent(
-                crm="salesforce",
-                account_id=org_id,
-                lead_id=record_id,
-                event_ids=(f"{ref}/{record_id}",),
-                kinds=(kind,),
-                changed_fields=tuple(f for f in header.changed_fields if f not in SYSTEM_FIELDS),
-                occurred_at=occurred,
-            ),
+        IntakeRow(
+            account_id=org_id,
+            lead_id=record_id,
+            event_id=f"{ref}/{record_id}",
+            kind=kind,
+            changed_fields=changed,
+            occurred_at_ms=header.commit_timestamp,
         )
         for record_id in header.record_ids
     ]
@@ -277,7 +272,7 @@ def receive_outbound_message(token: str | None = None):
         raise PayloadError(f"expected at most {MAX_NOTIFICATIONS} notifications, got {len(items)}")
     triaged = [triage_notification(n, org_id, settings.salesforce_integration_user_id) for n in items]
     summary = services.hand_off("salesforce", triaged)
-    log.info("outbound message from %s: %s", org_id, {k: v for k, v in summary.items() if k != "jobs"})
+    log.info("outbound message from %s: %s", org_id, summary)
     return Response(ACK, status=200, content_type="text/xml; charset=utf-8")
 
 
