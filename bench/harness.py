@@ -426,7 +426,8 @@ class Pipeline:
     # -- queue state and metrics
 
     def backlog(self) -> dict[str, int]:
-        """What is still to do: queued, running, scheduled (retries) jobs and pending leads."""
+        """What is still to do: queued, running, scheduled (retries) jobs, and pending leads plus
+        events not yet drained from the intakes."""
         queue = Queue(QUEUE_NAME, connection=self.redis)
         return {
             "queued": queue.count,

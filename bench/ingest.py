@@ -1,15 +1,16 @@
 """Ingest: how many webhook events per second the web tier accepts, next to a bare endpoint.
 
 Signed 100-event HubSpot deliveries (contact.propertyChange for distinct contacts, unique
-eventIds) are posted by `--concurrency` client threads, each with its own http.client connection, for
-`--seconds`, first to /webhooks/hubspot (verify, normalise, dedupe, record in Redis, kick), then
-with the same bodies and headers to /_bench/bare on the same gunicorn (reads the body, answers
-204). No workers run. Reported per endpoint: deliveries/s, events/s, p50/p99 per delivery, and CPU
-seconds used by the client (this process), gunicorn and redis-server; then webhook/bare.
+eventIds) are posted by `--concurrency` client threads, each with its own http.client connection,
+for `--seconds`, first to /webhooks/hubspot (verify, validate, normalise, queue on the account's
+intake in Redis, kick), then with the same bodies and headers to /_bench/bare on the same gunicorn
+(reads the body, answers 204). No workers run. Reported per endpoint: deliveries/s, events/s,
+p50/p99 per delivery, and CPU seconds used by the client (this process), gunicorn and
+redis-server; then webhook/bare.
 
 Targets: webhook throughput >= 50% of bare; webhook p99 < 100 ms.
 
-Run: /tmp/venv/bin/python bench/ingest.py [--seconds 10] [--concurrency 10]
+Run: .venv/bin/python bench/ingest.py [--seconds 10] [--concurrency 10]
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def main() -> int:
         "webhook": webhook,
         "bare": bare,
         "webhook_over_bare": round(ratio, 3),
-        "pending_leads_after": backlog["pending"],
+        "events_queued_after": backlog["pending"],
         "targets": {
             "throughput_ratio_ge_0.5": ratio >= 0.5,
             "webhook_p99_lt_100ms": webhook["p99_ms"] < 100,
@@ -145,7 +146,7 @@ def main() -> int:
     print(
         f"webhook/bare throughput {ratio:.2f} (target >= 0.50: {'met' if ratio >= 0.5 else 'NOT met'}); "
         f"webhook p99 {webhook['p99_ms']} ms (target < 100 ms: "
-        f"{'met' if webhook['p99_ms'] < 100 else 'NOT met'}); pending leads recorded {backlog['pending']}"
+        f"{'met' if webhook['p99_ms'] < 100 else 'NOT met'}); events queued {backlog['pending']}"
     )
     print(f"results: {path}")
     return 0

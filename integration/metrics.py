@@ -46,8 +46,8 @@ BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, math.in
 COUNTER_HELP: dict[str, str] = {
     "events_received_total": "CRM events received by webhooks {crm}",
     "events_ignored_total": "CRM events received but not scored {crm,reason}",
-    "events_deduplicated_total": "CRM events dropped as duplicates of an event already queued {crm}",
-    "events_enqueued_total": "CRM events enqueued for scoring {crm}",
+    "events_deduplicated_total": "CRM events the collector dropped as repeats of one queued before {crm}",
+    "events_enqueued_total": "CRM events the web queued for scoring, repeats included {crm}",
     "llm_calls_total": "Lead scoring attempts through the LLM {outcome=ok|fallback}",
     "llm_fallbacks_total": "Scores produced by the fallback instead of the LLM {reason}",
     "llm_cache_hits_total": "Scores served from the cache without calling the LLM",

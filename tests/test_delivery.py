@@ -112,6 +112,26 @@ def test_lone_lead_waits_only_the_linger(env, monkeypatch, post_delivery, crm, q
     ]
 
 
+def test_a_collector_steps_aside_between_full_batches_after_its_pass(env, monkeypatch, crm, queue, redis):
+    monkeypatch.setenv("BATCH_SIZE", "10")
+    monkeypatch.setattr(batch, "PASS_S", 0.0)  # as if it had been collecting for a while
+    from integration.settings import get_settings
+    from workers import jobs
+
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+    app = create_app(get_settings())
+    body = json.dumps([change(74300000100 + n, 7000 + n) for n in range(1, 25)]).encode()
+    app.test_client().post(WEBHOOK_URL, data=body, headers=hubspot_headers(WEBHOOK_URL, body, APP_SECRET))
+
+    SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
+
+    score_batch, collect = queue.get_jobs()
+    assert (score_batch.func_name, len(score_batch.args[2])) == ("workers.batch.score_batch", 10)
+    assert collect.func_name == "workers.batch.collect"  # queued again, behind the batch
+    assert pending.depth(redis) == 14
+
+
 def test_an_entry_two_racing_collectors_both_read_is_queued_once(post_delivery, queue, redis):
     post_delivery("contact.creation__single")
     intake = pending.intake_key("hubspot", PORTAL_ID)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_AFTER_S = 30  # a pending lead older than this with no collector means a lost kick
 LINGER_POLL_S = 0.05
+PASS_S = 1.0  # under a steady stream of events, a collector steps aside this often
 
 
 def _queue() -> Queue:
@@ -35,14 +36,15 @@ def _queue() -> Queue:
 def collect(crm: str, account: str, token: str | None = None) -> dict:
     """Drain the account's intake into pending leads and batch them: full batches at once, the
     rest once the oldest lead has lingered long enough. It waits only while no other job is
-    queued; otherwise it steps aside (goes to the back of the queue), so it never holds a
-    worker that has work to do."""
+    queued, and stops batching after PASS_S when other jobs wait; then it steps aside (goes to
+    the back of the queue), so it never holds a worker that has work to do."""
     queue = _queue()
     settings = context().settings
     size = pending.batch_size(crm, settings.batch_size)
     batches = 0
+    step_aside_at = time.monotonic() + PASS_S
     try:
-        while True:
+        while time.monotonic() < step_aside_at or not queue.count:
             drained = pending.drain(queue.connection, crm, account)
             count, since = pending.oldest(queue.connection, crm, account)
             if not count:
