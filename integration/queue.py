@@ -55,6 +55,15 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
         *(("events_ignored_total", n, {"crm": crm, "reason": reason}) for reason, n in ignored.items() if n),
         ("events_enqueued_total", queued, {"crm": crm}),
     ]
+    summary = {
+        "received": len(triaged),
+        "queued": queued,
+        "ignored": ignored["ignore"],
+        "unsupported": ignored["unsupported"],
+    }
+    if not by_account:  # nothing to queue, so nothing to refuse when Redis is down
+        metrics.incr_many(queue.connection, counters)
+        return summary
     accepted_at = time.time()
     kicked_at: dict[str, int] = {}  # account → position of the answer telling whether it has a collector
     try:
@@ -74,9 +83,4 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
                 pending.kick(queue, crm, account)
             except RedisError as exc:  # the events are queued; the sweeper kicks the account later
                 log.error("could not kick the collector of %s:%s: %s", crm, account, exc)
-    return {
-        "received": len(triaged),
-        "queued": queued,
-        "ignored": ignored["ignore"],
-        "unsupported": ignored["unsupported"],
-    }
+    return summary

@@ -18,7 +18,7 @@ from integration.app import create_app
 from integration.cli import main
 from integration.emulators import start_redis
 from integration.ratelimit import RateLimiter
-from integration.replay import hubspot_headers
+from integration.replay import hubspot_headers, load_delivery
 from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, fixture_json, pending_events
 from workers import batch
 
@@ -298,6 +298,19 @@ def test_redis_down_answers_503_and_up_again_accepts_without_restart(settings, t
 
     assert down.status_code == 503
     assert up.status_code == 200 and up.get_json()["queued"] == 1
+
+
+def test_redis_down_still_acknowledges_a_delivery_with_nothing_to_queue(settings):
+    with ExitStack() as stack:
+        url = start_redis(stack)
+        client = create_app(settings.model_copy(update={"redis_url": url})).test_client()
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        subprocess.run(["redis-cli", "-p", port, "shutdown", "nosave"], capture_output=True, timeout=10)
+        body = load_delivery(FIXTURES / "hubspot" / "contact.propertyChange__own_output_only.json")
+        response = client.post(WEBHOOK_URL, data=body, headers=hubspot_headers(WEBHOOK_URL, body, APP_SECRET))
+
+    assert response.status_code == 200
+    assert response.get_json() == {"received": 2, "queued": 0, "ignored": 2, "unsupported": 0}
 
 
 class _redis_on:
