@@ -106,7 +106,7 @@ def test_lone_lead_waits_only_the_linger(env, monkeypatch, post_delivery, crm, q
     waited = time.monotonic() - started
 
     assert collect.func_name == "workers.batch.collect"
-    assert 0.25 <= waited < 1.0
+    assert 0.25 <= waited < 3.0  # the 0.3 s linger, not the 30 s sweep or a lost kick's 120 s
     assert pending.depth(redis) == 0 and [j.func_name for j in queue.get_jobs()] == [
         "workers.batch.score_batch"
     ]
@@ -235,7 +235,7 @@ def test_rate_limiter_is_shared_through_redis(redis):
     second.acquire()
 
     assert waits == [0.0, 0.0, 0.0]
-    assert 0.3 < time.monotonic() - started < 1.0
+    assert 0.3 < time.monotonic() - started < 2.0  # about the 0.5 s window
 
 
 def test_salesforce_stops_before_the_daily_api_budget(post_outbound, sf_crm, run_worker, salesforce, queue):
