@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
 # Read with the lead but not scored: names, our own output, and what reps and outcomes say about it.
 NOT_SCORING_INPUTS = frozenset(
-    {"current_output", "first_name", "last_name", "feedback", "outcome", "read_only"}
+    {"current_output", "first_name", "last_name", "feedback", "outcome", "outcome_at", "read_only"}
 )
 ADDED_LATER = {"do_not_call": False, "rating": None, "custom": {}}  # field -> its empty value
 
@@ -58,6 +60,7 @@ class Lead(BaseModel):
     )
     feedback: str | None = Field(None, description="the rep's leadscore_feedback: too_high, too_low, right")
     outcome: str | None = Field(None, description="opportunity, customer, converted or won, if it got there")
+    outcome_at: datetime | None = Field(None, description="when it got there, where the CRM keeps the date")
     read_only: bool = Field(False, description="the CRM takes no more writes (a converted Salesforce Lead)")
 
     @property
@@ -74,6 +77,19 @@ class Lead(BaseModel):
             if inputs[name] == empty:
                 del inputs[name]
         return inputs
+
+
+_MOMENT = TypeAdapter(datetime)
+
+
+def moment_of(value: object) -> datetime | None:
+    """A CRM timestamp (ISO 8601, a date, or epoch milliseconds) as an aware UTC datetime; None
+    when it is blank or unreadable."""
+    try:
+        moment = _MOMENT.validate_python(value)
+    except ValidationError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def bounded_texts(texts: list[str], limit: int = MAX_TEXT_CHARS) -> tuple[str, ...]:

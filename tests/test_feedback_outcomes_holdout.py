@@ -4,6 +4,7 @@ webhooks and workers as every score (real Redis, RQ, SDK clients and emulators).
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -13,8 +14,9 @@ from integration import metrics
 from integration.cli import main
 from integration.settings import get_settings
 from tests.conftest import FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
-from workers import jobs, store
+from workers import jobs, store, store_data
 from workers.holdout import in_holdout
+from workers.tabular import TableError
 
 CONTACT = "74300000103"
 SLICE = FIXTURES / "data" / "leads_slice.csv"
@@ -88,6 +90,40 @@ def test_contact_propertyChange__lifecyclestage_customer(env, post_delivery, crm
     assert stored_outcomes(env) == [("hubspot", PORTAL_ID, CONTACT, "customer", "webhook")]
 
 
+@pytest.mark.parametrize("dated_by_hubspot", [True, False])
+def test_a_lead_that_converts_is_learned_from_its_score_before_it_converted(
+    env, post_delivery, crm, run_worker, hubspot, dated_by_hubspot
+):
+    post_delivery("contact.creation__single")  # another lead, which has not converted
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()  # scored while a marketing-qualified lead
+    properties = hubspot.contacts[CONTACT]["properties"]
+    properties["lifecyclestage"] = "customer"
+    if dated_by_hubspot:
+        properties["hs_lifecyclestage_customer_date"] = datetime.now(UTC).isoformat(timespec="milliseconds")
+    post_delivery("contact.propertyChange__lifecyclestage_customer")
+    [rescored] = run_worker()  # the stage is a scoring input: scored again, now as a customer
+
+    kept = store.Store(env["DATABASE_URL"])
+    frame, labels, _, _ = store_data.training_rows(kept, min_age_days=0)
+    assert rescored["outcome"] == "written" and len(table(env, store.scores)) == 3
+    assert sorted(labels.tolist()) == [0, 1]
+    converted = frame[labels == 1]
+    assert converted["stage"].tolist() == ["marketingqualifiedlead"]  # not the score that shows the outcome
+    assert store_data.store_summary(kept)["holdout"]["scored"] == {"leads": 2, "converted": 1, "rate": 0.5}
+
+
+def test_a_lead_first_seen_as_a_customer_teaches_nothing(env, post_delivery, crm, run_worker, hubspot):
+    hubspot.contacts[CONTACT]["properties"]["lifecyclestage"] = "customer"
+    post_delivery("contact.propertyChange__lifecyclestage_customer")
+    run_worker()
+
+    kept = store.Store(env["DATABASE_URL"])
+    with pytest.raises(TableError, match="no labelled leads yet"):
+        store_data.training_rows(kept, min_age_days=30)
+    assert store_data.store_summary(kept)["holdout"]["scored"] == {"leads": 1, "converted": 0, "rate": 0.0}
+
+
 def test_lead_change_event__rep_feedback(env, post_change_events, sf_crm, run_worker, salesforce):
     post_change_events("lead_change_event__create")
     run_worker()
@@ -118,6 +154,9 @@ def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
     )
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"hubspot:{PORTAL_ID}: 2 leads at an outcome, 0 new in the store"
+    reached = {row["lead_id"]: row["reached_at"].replace(tzinfo=UTC) for row in table(env, store.outcomes)}
+    assert reached["74300000120"] == datetime(2026, 10, 9, 15, 20, 44, 512000, UTC)  # its opportunity date
+    assert reached["74300000121"] == datetime(2026, 11, 2, 13, 44, 9, 118000, UTC)
 
 
 def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post_delivery, crm, run_worker,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -35,6 +37,22 @@ def test_outcomes_are_kept_once_per_lead_and_kind(tmp_path):
     assert kept.record_outcomes([*facts, LeadFact("hubspot", "48213377", "1", "opportunity")], "sync") == 1
     assert kept.record_outcomes(facts, "sync") == 0  # a racing sync or worker: inserted once, no error
     assert kept.counts()["outcomes"] == 3
+
+
+def test_an_outcome_is_dated_when_the_crm_says_the_lead_reached_it(tmp_path):
+    url = f"sqlite:///{tmp_path}/store.sqlite3"
+    store.upgrade(url)
+    kept = Store(url)
+    converted = datetime(2026, 10, 30, 10, 5, 17, tzinfo=UTC)
+    kept.record_outcomes([LeadFact("hubspot", "48213377", "1", "customer", converted)], "sync")
+    kept.record_outcomes([LeadFact("hubspot", "48213377", "2", "customer", datetime(2099, 1, 1, tzinfo=UTC))],
+                         "sync")  # fmt: skip
+
+    with kept.engine.connect() as connection:
+        rows = connection.execute(select(store.outcomes.c.reached_at, store.outcomes.c.recorded_at)).all()
+    (first, first_recorded), (clock_ahead, recorded) = [[m.replace(tzinfo=UTC) for m in r] for r in rows]
+    assert first == converted and first_recorded > converted
+    assert clock_ahead == recorded  # a CRM date in the future is not believed: it is when we saw it
 
 
 def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(tmp_path):

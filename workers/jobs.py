@@ -12,6 +12,7 @@ import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property, lru_cache
 
 import pandas as pd
@@ -84,8 +85,19 @@ class WorkerContext:
 
         The CRM write is the product: a store that is down costs the records of this batch (logged
         and counted); outcomes come back with `leadscore outcomes sync`, scores at the next rescoring."""
+        # An outcome seen now was reached before this batch's scores: those already show it (a
+        # lifecycle stage of customer, say), and `train --from-store` must learn from an earlier one.
+        read_by = datetime.now(UTC)
         reached = [
-            LeadFact(lead.crm, lead.account_id, lead.lead_id, lead.outcome) for lead in leads if lead.outcome
+            LeadFact(
+                lead.crm,
+                lead.account_id,
+                lead.lead_id,
+                lead.outcome,
+                min(lead.outcome_at or read_by, read_by),
+            )
+            for lead in leads
+            if lead.outcome
         ]
         steps = {
             "scores": lambda: self.store.record_scores(s.record() for s in scored),

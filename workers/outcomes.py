@@ -48,7 +48,7 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
     if crm in (None, "hubspot") and settings.hubspot_configured:
         for portal in accounts or _the_account("hubspot", _accounts_in_store(store, "hubspot")):
             found = list(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome())
-            facts = [LeadFact("hubspot", portal, contact, kind) for contact, kind in found]
+            facts = [LeadFact("hubspot", portal, contact, kind, at) for contact, kind, at in found]
             report[f"hubspot:{portal}"] = {
                 "leads": len(found),
                 "new_outcomes": store.record_outcomes(facts, "sync"),

@@ -73,7 +73,9 @@ outcomes = Table(
     *_lead_columns(),
     Column("kind", String(32), nullable=False),  # opportunity | customer | converted | won
     Column("source", String(16), nullable=False),  # webhook | sync
-    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),  # when leadscore learned of it
+    # When the lead got there: the CRM's own date where it keeps one, else when leadscore first read it.
+    Column("reached_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("crm", "account_id", "lead_id", "kind", name="uq_outcome_per_lead_kind"),
 )
 feedback = Table(
@@ -112,12 +114,13 @@ class ScoreRecord:
 
 @dataclass(frozen=True)
 class LeadFact:
-    """An outcome seen on a lead, keyed like its scores."""
+    """An outcome seen on a lead, keyed like its scores, and when the lead reached it (None: now)."""
 
     crm: str
     account_id: str
     lead_id: str
     value: str
+    reached_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -182,16 +185,16 @@ class Store:
         can race); returns how many were new."""
         now = datetime.now(UTC)
         rows = [
-            {**_keys(f), "kind": f.value, "source": source, "recorded_at": now} for f in dict.fromkeys(facts)
-        ]
+            {**_keys(f), "kind": f.value, "source": source, "recorded_at": now,
+             "reached_at": min(f.reached_at, now) if f.reached_at else now}
+            for f in dict.fromkeys(facts)
+        ]  # fmt: skip
         if not rows:
             return 0
-        insert = _insert_ignoring_duplicates(self.engine.dialect.name)
-        added = 0
+        insert = _insert_ignoring_duplicates(self.engine.dialect.name).returning(outcomes.c.id)
         with self.engine.begin() as connection:
-            for row in rows:
-                added += connection.execute(insert, row).rowcount
-        return added
+            # RETURNING, not rowcount: psycopg reports -1 for an INSERT … ON CONFLICT DO NOTHING.
+            return sum(len(connection.execute(insert, row).all()) for row in rows)
 
     def record_feedback(self, facts: Iterable[Feedback]) -> int:
         """Keep a rep's feedback whenever it differs from what they said last about the lead."""

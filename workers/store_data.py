@@ -45,9 +45,7 @@ def histories(store: Store) -> Iterator[LeadHistory]:
                    scores.c.scored_at).order_by(scores.c.id)
         ).mappings().all()  # fmt: skip
         first_outcomes = connection.execute(
-            select(
-                outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id, func.min(outcomes.c.recorded_at)
-            )
+            select(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id, func.min(outcomes.c.reached_at))
             .where(outcomes.c.kind.in_(POSITIVE_OUTCOMES))
             .group_by(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id)
         ).all()

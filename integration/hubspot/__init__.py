@@ -11,3 +11,5 @@ OUTPUT_PROPERTIES = {
 FEEDBACK_PROPERTY = "leadscore_feedback"  # set by reps: too_high, too_low, right
 # lifecyclestage values that count as an outcome, and which
 OUTCOME_STAGES = {"opportunity": "opportunity", "customer": "customer", "evangelist": "customer"}
+# HubSpot dates every lifecycle stage a contact enters: the earliest of these is when it converted.
+OUTCOME_DATE_PROPERTIES = tuple(f"hs_lifecyclestage_{stage}_date" for stage in OUTCOME_STAGES)

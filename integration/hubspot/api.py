@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from hubspot import HubSpot
 from hubspot.crm.associations.v4 import ApiException as AssociationsApiException
@@ -32,8 +33,8 @@ from urllib3.util.retry import Retry
 
 from integration.crm import WriteResult
 from integration.errors import CRMError, LeadGone
-from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_STAGES, OUTPUT_PROPERTIES
-from integration.lead import Lead, bounded_texts
+from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES, OUTCOME_STAGES, OUTPUT_PROPERTIES
+from integration.lead import Lead, bounded_texts, moment_of
 from integration.ratelimit import RateLimited, RateLimiter
 from integration.settings import Settings
 
@@ -46,7 +47,7 @@ CONTACT_PROPERTIES = (
     "hs_lead_status", "lifecyclestage", "num_conversion_events", "hs_analytics_num_visits",
     "hs_analytics_num_page_views", "recent_conversion_event_name", "recent_conversion_date",
     "notes_last_updated", "hs_last_sales_activity_timestamp", "hs_analytics_last_visit_timestamp",
-    "hs_sales_email_last_replied",
+    "hs_sales_email_last_replied", *OUTCOME_DATE_PROPERTIES,
 )  # fmt: skip
 TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_email_text")}
 MAX_TEXT_RECORDS = 5
@@ -172,7 +173,14 @@ def lead_from_properties(
         current_output={key: props[name] for key, name in OUTPUT_PROPERTIES.items() if props.get(name)},
         feedback=props.get(FEEDBACK_PROPERTY) or None,
         outcome=OUTCOME_STAGES.get(props.get("lifecyclestage") or ""),
+        outcome_at=converted_at(props),
     )
+
+
+def converted_at(props: dict[str, str]) -> datetime | None:
+    """The earliest moment the contact entered an outcome stage, as HubSpot dates it."""
+    moments = [moment_of(props[p]) for p in OUTCOME_DATE_PROPERTIES if props.get(p)]
+    return min((m for m in moments if m), default=None)
 
 
 def _throttle(exc) -> tuple[str, float]:
@@ -253,9 +261,10 @@ class HubSpotCRM:
             f"HubSpot portal {self.portal_id}: still throttled after {MAX_THROTTLED_TRIES} tries"
         )
 
-    def contacts_at_outcome(self) -> Iterator[tuple[str, str]]:
-        """(contact id, outcome) of every contact whose lifecycle stage is an outcome, 200 a search;
-        the outcome is "won" where the contact has a closed-won deal the token may read.
+    def contacts_at_outcome(self) -> Iterator[tuple[str, str, datetime | None]]:
+        """(contact id, outcome, when it converted) of every contact whose lifecycle stage is an
+        outcome, 200 a search; the outcome is "won" where the contact has a closed-won deal the token
+        may read.
 
         Pages by `hs_object_id` rather than the `after` cursor, which HubSpot stops at 10,000."""
         last_id = "0"
@@ -266,17 +275,19 @@ class HubSpotCRM:
                     Filter(property_name="hs_object_id", operator="GT", value=last_id),
                 ])],
                 sorts=[{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
-                properties=["lifecyclestage"], limit=SEARCH_PAGE,
+                properties=["lifecyclestage", *OUTCOME_DATE_PROPERTIES], limit=SEARCH_PAGE,
             )  # fmt: skip
             try:
                 page = self._call("search", self.client.crm.contacts.search_api.do_search, request)
             except ApiException as exc:
                 raise CRMError(f"HubSpot contact search failed: {exc.status} {exc.reason}") from exc
-            stages = {str(c.id): (c.properties or {}).get("lifecyclestage") or "" for c in page.results}
-            won = self._with_won_deal([i for i, stage in stages.items() if stage in OUTCOME_STAGES])
-            for contact_id, stage in stages.items():
-                if stage in OUTCOME_STAGES:
-                    yield contact_id, "won" if contact_id in won else OUTCOME_STAGES[stage]
+            found = {str(c.id): c.properties or {} for c in page.results}
+            at_outcome = [i for i, props in found.items() if props.get("lifecyclestage") in OUTCOME_STAGES]
+            won = self._with_won_deal(at_outcome)
+            for contact_id in at_outcome:
+                props = found[contact_id]
+                kind = "won" if contact_id in won else OUTCOME_STAGES[props["lifecyclestage"]]
+                yield contact_id, kind, converted_at(props)
             if len(page.results) < SEARCH_PAGE:
                 return
             last_id = str(page.results[-1].id)
