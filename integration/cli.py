@@ -211,12 +211,12 @@ def cmd_train(args) -> int:
     if args.from_store:
         from workers.store import Store
 
-        store = Store(get_settings().database_url)
-        trained = offline.train_from_store(store, args.out, args.min_age_days, args.mapping)
+        store = Store(get_settings().database_url).require_schema()
+        trained = offline.train_from_store(store, args.out, args.min_age_days, args.mapping, args.tiers)
     else:
         if not (args.data and args.mapping):
             raise UsageError("train needs --data FILE and --mapping MAP, or --from-store")
-        trained = offline.train_from_file(args.data, args.mapping, args.label, args.out)
+        trained = offline.train_from_file(args.data, args.mapping, args.label, args.out, args.tiers)
     meta = trained.meta
     print(f"model {meta['version']} saved to {args.out} ({meta['training']['seconds']} s)")
     for name, m in meta["candidates"].items():
@@ -225,12 +225,50 @@ def cmd_train(args) -> int:
     method = meta["calibration"]
     cv = meta["calibration_cv"][method]
     print(f"  calibration: {method} (cross-validated log loss {cv['log_loss']}, ECE {cv['ece']})")
-    expected, tier_a = meta["expected"], meta["expected"]["tiers"][0]
+    expected = meta["expected"]
     print(f"  expected on unseen leads (out-of-fold): ROC AUC {expected['roc_auc']:.4f}, "
-          f"ECE {expected['ece']:.4f}, "
-          f"tier A {tier_a['share']:.0%} of leads converting at {tier_a['conversion_rate'] or 0:.0%} "
-          f"({tier_a['lift']}x the {meta['base_rate']:.0%} base rate)")  # fmt: skip
+          f"ECE {expected['ece']:.4f}, {_tier_a(expected['tiers'], meta['base_rate'])}")  # fmt: skip
+    by_tier = {row["tier"]: row for row in expected["tiers"]}
+    if by_tier["D"]["share"] > MOST_IN_D:
+        cuts = meta["tiers"]
+        print(f"  warning: {by_tier['D']['share']:.0%} of leads land in tier D. The cut-offs (A {cuts['A']}, "
+              f"B {cuts['B']}, C {cuts['C']}) are calibrated conversion probabilities; with a "
+              f"{meta['base_rate']:.0%} base rate set lower ones, e.g. --tiers "
+              f"{_suggested_tiers(meta['base_rate'])}")  # fmt: skip
     return 0
+
+
+MOST_IN_D = 0.8
+
+
+def _tier_a(tiers: list[dict], base_rate: float) -> str:
+    a = tiers[0]
+    if not a["leads"]:
+        return "tier A empty (no lead reaches its cut-off)"
+    return (f"tier A {a['share']:.0%} of leads converting at {a['conversion_rate']:.0%} "
+            f"({a['lift']:.2f}x the {base_rate:.0%} base rate)")  # fmt: skip
+
+
+def _suggested_tiers(base_rate: float) -> str:
+    """Cut-offs at 4x, 2x and 1x the base rate: A leads convert several times as often as most."""
+    cuts = [min(100 - 2 * i, max(3 - i, round(base_rate * 100 * k))) for i, k in enumerate((4, 2, 1))]
+    return ",".join(str(c) for c in cuts)
+
+
+def tiers_argument(text: str):
+    """`--tiers A,B,C`: the model's cut-offs on its calibrated probability x 100."""
+    from pydantic import ValidationError
+
+    from workers.config import Tiers
+
+    try:
+        a, b, c = (int(part) for part in text.split(","))
+        return Tiers(A=a, B=b, C=c)
+    except (ValueError, ValidationError) as exc:
+        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "expected three integers"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected A,B,C, three whole numbers 0-100 with A > B > C, e.g. 80,50,20 ({detail})"
+        ) from None
 
 
 def cmd_score_file(args) -> int:
@@ -250,15 +288,14 @@ def cmd_evaluate(args) -> int:
     if args.with_store:
         from workers.store import Store
 
-        store = Store(get_settings().database_url)
+        store = Store(get_settings().database_url).require_schema()
     summary = offline.evaluate(
         args.data, args.mapping, args.label, args.out, _scoring_config(), args.model, store
     )
     print(f"{summary['rows']} leads, overall conversion {summary['base_rate']:.1%}")
     for name, s in summary["scorers"].items():
-        tier_a = s["tiers"][0]
         print(f"  {name:40s} ROC AUC {s['roc_auc']:.4f}  ECE {s['ece']:.4f}  "
-              f"tier A {tier_a['conversion_rate'] or 0:.1%} ({tier_a['lift'] or 0}x)")  # fmt: skip
+              f"{_tier_a(s['tiers'], summary['base_rate'])}")  # fmt: skip
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -341,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--min-age-days", type=float, default=30.0,
         help="--from-store: a lead with no outcome counts as not converted once scored this long ago",
+    )  # fmt: skip
+    train.add_argument(
+        "--tiers", type=tiers_argument, metavar="A,B,C",
+        help="tier cut-offs, calibrated probability x 100 (default 80,50,20; lower for a low base rate)",
     )  # fmt: skip
     train.add_argument("--out", type=Path, required=True, help="directory for the model artifact")
     train.set_defaults(func=cmd_train)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from integration.cli import main
+from integration.settings import get_settings
 from tests.conftest import FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, tabular
 from workers.model import TrainedModel
@@ -256,6 +257,53 @@ def test_train_from_an_empty_store_says_what_is_missing(env, tmp_path, capsys):
         "leadscore train: the store has no labelled leads yet: none converted and none scored over "
         "30 days ago (lower --min-age-days, or run `leadscore outcomes sync`)\n"
     )
+
+
+@pytest.mark.parametrize("migrated", [False, True], ids=["no_file", "no_tables"])
+def test_commands_that_read_the_store_refuse_one_the_workers_did_not_write(tmp_path, monkeypatch, capsys,
+                                                                          migrated):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///leadscore.sqlite3")
+    get_settings.cache_clear()
+    if migrated:
+        Store("sqlite:///leadscore.sqlite3").engine.connect().close()  # a file, but no schema
+    fix = "point DATABASE_URL at the workers' store, or create it with `leadscore db upgrade`"
+    problem = "holds no leadscore tables" if migrated else f"no score store at sqlite:///leadscore.sqlite3 " \
+        f"(relative to {tmp_path})"  # fmt: skip
+
+    assert main(["train", "--from-store", "--out", "m"]) == 2
+    assert main(["evaluate", *FILE_ARGS, "--out", "report", "--with-store"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    shown = "" if not migrated else "sqlite:///leadscore.sqlite3 "
+    assert err == [f"leadscore {cmd}: {shown}{problem}: {fix}" for cmd in ("train", "evaluate")]
+    assert (tmp_path / "leadscore.sqlite3").exists() is migrated  # nothing left behind
+    get_settings.cache_clear()
+
+
+def test_train_tiers_must_descend(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", *FILE_ARGS, "--tiers", "50,80,20", "--out", str(tmp_path / "m")])
+    assert exited.value.code == 2
+    assert "argument --tiers: '50,80,20': expected A,B,C, three whole numbers 0-100 with A > B > C" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_low_base_rate_is_warned_about_and_tiers_can_follow_it(tmp_path, capsys):
+    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
+    positives = frame.index[frame["Converted"] == "1"]
+    rare = frame.drop(positives[25:])  # 25 conversions in 340 leads: a 7% base rate
+    data = _write(tmp_path, rare)
+
+    assert _train(tmp_path, data) == 0
+    out = capsys.readouterr().out
+    assert "of leads land in tier D. The cut-offs (A 80, B 50, C 20) are calibrated conversion " in out
+    assert out.rstrip().endswith("with a 7% base rate set lower ones, e.g. --tiers 29,15,7")
+
+    assert main(["train", *("--data", str(data), "--mapping", str(MAPPING)), "--tiers", "29,15,7",
+                 "--out", str(tmp_path / "m2")]) == 0  # fmt: skip
+    assert "warning" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "m2" / "model.json").read_text())["tiers"] == {"A": 29, "B": 15, "C": 7}
 
 
 def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tmp_path):

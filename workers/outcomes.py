@@ -43,7 +43,7 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
         raise SyncError(
             "--account needs --crm: a HubSpot portal id and a Salesforce org id are not interchangeable"
         )
-    store = Store(settings.database_url)
+    store = Store(settings.database_url).require_schema()
     report: dict[str, dict] = {}
     if crm in (None, "hubspot") and settings.hubspot_configured:
         for portal in accounts or _the_account("hubspot", _accounts_in_store(store, "hubspot")):

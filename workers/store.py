@@ -168,10 +168,29 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+class StoreNotReady(ValueError):
+    """The store a command reads has no leadscore schema (wrong DATABASE_URL, or never migrated)."""
+
+
 class Store:
     def __init__(self, url: str):
         self.url = url
         self.engine = engine_for(url)
+
+    def require_schema(self) -> Store:
+        """For commands that read the store: fail in one line, and never leave an empty SQLite file
+        behind, when it is not the store the workers write."""
+        from sqlalchemy import inspect
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url)
+        shown = url.render_as_string(hide_password=True)
+        fix = "point DATABASE_URL at the workers' store, or create it with `leadscore db upgrade`"
+        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+            raise StoreNotReady(f"no score store at {shown} (relative to {Path.cwd()}): {fix}")
+        if not inspect(self.engine).has_table(scores.name):
+            raise StoreNotReady(f"{shown} holds no leadscore tables: {fix}")
+        return self
 
     def record_scores(self, records: Iterable[ScoreRecord]) -> int:
         rows = [asdict(r) for r in records]
