@@ -172,6 +172,63 @@ def test_a_mapping_naming_an_unknown_lead_field_is_refused(tmp_path, capsys):
     assert "[fields] names lead_status, which are not lead fields; use one of source, source_detail" in err
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[fields]\nllm_propensity = "AI score"\n',
+         'llm_propensity is the LLM\'s answer (0-1), not a lead field: map its column under [custom] as '
+         'llm_propensity = { column = "...", kind = "numeric" }'),
+        ('[custom]\nllm_propensity = { column = "AI score" }\n', "llm_propensity is the LLM's answer"),
+        ("", "maps no column to a feature: name some under [fields] (or [custom])"),
+    ],
+    ids=["llm_as_field", "llm_not_numeric", "no_features"],
+)  # fmt: skip
+def test_a_mapping_that_cannot_work_says_what_to_change(tmp_path, capsys, toml, message):
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(f'id = "Prospect ID"\nlabel = "Converted"\n{toml}')
+
+    assert _train(tmp_path, DATA, mapping) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_numeric_feature_mapped_to_a_text_column_is_refused(tmp_path, capsys):
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(MAPPING.read_text().replace('visits = "TotalVisits"', 'visits = "Tags"'))
+
+    assert _train(tmp_path, DATA, mapping) == 2
+    assert capsys.readouterr().err == (
+        "leadscore train: column 'Tags', mapped to the numeric feature visits, holds no numbers "
+        "(first value: 'Interested in other courses'): map another column, or make the feature "
+        "categorical under [custom]\n"
+    )
+
+
+def test_labels_written_as_decimals_are_read(tmp_path):
+    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
+    frame["Converted"] = frame["Converted"] + ".0"
+
+    assert (
+        tabular.labels(frame, "Converted").tolist()
+        == tabular.labels(pd.read_csv(DATA, dtype=str), "Converted").tolist()
+    )
+
+
+def test_scoring_with_a_mapping_that_lacks_model_features_warns_and_writes(trained, tmp_path, capsys):
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text('id = "Prospect ID"\nlabel = "Converted"\n[fields]\nstatus = "Tags"\n')
+    out = tmp_path / "new" / "dir" / "scores.csv"
+
+    assert main(["score-file", "--data", str(DATA), "--mapping", str(mapping), "--model", str(trained),
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert len(rows(out)) == 500
+    err = capsys.readouterr().err
+    assert (
+        "warning: the mapping gives no column for 21 of the model's 22 features (source, source_detail, "
+        in err
+    )
+    assert err.rstrip().endswith("they are scored as missing, which ranks less well")
+
+
 def test_train_without_data_or_store_says_what_to_give(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "m")]) == 2
     assert "train needs --data FILE and --mapping MAP, or --from-store" in capsys.readouterr().err

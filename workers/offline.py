@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -114,12 +115,32 @@ def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel
     return model_scoring.score_frame(model, table.features)
 
 
+def unmapped_features(model: TrainedModel, table: LabelledTable) -> str | None:
+    """A warning when the mapping leaves some of the model's features out: they score as missing,
+    which the model tolerates but ranks less well with."""
+    absent = [name for name in model.kinds if name not in table.features.columns]
+    if not absent:
+        return None
+    return (
+        f"the mapping gives no column for {len(absent)} of the model's {len(model.kinds)} features "
+        f"({', '.join(absent)}): they are scored as missing, which ranks less well"
+    )
+
+
+def _warn(message: str | None) -> None:
+    if message:
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def score_file(
     data: Path, mapping_path: Path, out: Path, config: ScoringConfig, model_dir: Path | None
 ) -> int:
     table = load_table(data, mapping_path, None, need_label=False)
     model = TrainedModel.load(model_dir) if model_dir else None
+    if model is not None:
+        _warn(unmapped_features(model, table))
     results = score_table(table, config, model)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({
         table.mapping.id: table.frame[table.mapping.id],
         "score": [r.score for r in results],
@@ -144,6 +165,9 @@ def evaluate(
         model = TrainedModel.load(directory)
         name = f"model {model.version}"
         results[name] = model_scoring.score_frame(model, table.features)
+        if warning := unmapped_features(model, table):
+            _warn(warning)
+            notes.append(f"`{name}`: {warning}.")
         if model.meta.get("training", {}).get("sha256") == table.source["sha256"]:
             notes.append(
                 f"`{name}` was trained on this very file, so its numbers here are in-sample and "

@@ -68,6 +68,15 @@ class Mapping(BaseModel):
 
     @model_validator(mode="after")
     def _known_fields(self) -> Mapping:
+        if LLM_FEATURE in self.fields or (
+            LLM_FEATURE in self.custom and self.custom[LLM_FEATURE].kind != "numeric"
+        ):
+            raise ValueError(
+                f"{LLM_FEATURE} is the LLM's answer (0-1), not a lead field: map its column under [custom] "
+                f'as {LLM_FEATURE} = {{ column = "...", kind = "numeric" }}'
+            )
+        if not self.fields and not self.custom:
+            raise ValueError("maps no column to a feature: name some under [fields] (or [custom])")
         unknown = sorted(set(self.fields) - set(LEAD_FIELD_KINDS))
         if unknown:
             raise ValueError(
@@ -139,6 +148,7 @@ def labels(frame: pd.DataFrame, column: str) -> np.ndarray:
             f"label column {column!r} is empty in {empty} of {len(raw)} rows (first at line {first}); "
             "every row needs an outcome (1 = converted, 0 = not)"
         )
+    raw = raw.replace({"1.0": "1", "0.0": "0"})  # as spreadsheets and pandas write them
     values = set(raw.unique())
     if not values <= (_TRUE | _FALSE):
         strange = sorted(values - (_TRUE | _FALSE))[:5]
@@ -177,13 +187,23 @@ def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> pd.DataFrame:
     """One column per mapped feature, values normalised (categories still plain text)."""
     missing = frozenset(mapping.missing)
     kinds = mapping.feature_kinds()
-    return pd.DataFrame(
+    features = pd.DataFrame(
         {
             name: [normalise(v, kinds[name], missing) for v in frame[column]]
             for name, column in mapping.columns().items()
         },
         index=frame.index,
     )
+    for name, column in mapping.columns().items():
+        filled = frame[column].str.strip().ne("") & ~frame[column].isin(missing)
+        if kinds[name] != "categorical" and filled.any() and features.loc[filled, name].isna().all():
+            expected = "numbers" if kinds[name] == "numeric" else "yes/no values"
+            raise TableError(
+                f"column {column!r}, mapped to the {kinds[name]} feature {name}, holds no {expected} "
+                f"(first value: {frame.loc[filled, column].iloc[0]!r}): map another column, or make the "
+                "feature categorical under [custom]"
+            )
+    return features
 
 
 def snapshot(lead: Lead, propensity=None) -> dict[str, object]:
