@@ -72,13 +72,14 @@ def test_score_file_without_a_model_uses_the_rules_alone(tmp_path, capsys):
     scored = rows(out)
     assert len(scored) == 500
     assert scored[:3] == [
-        {"Prospect ID": "7927b2df-8bba-4d29-b9a2-b6e0beafe620", "score": "38", "tier": "D",
-         "reason": "No email or phone; Unemployed"},
-        {"Prospect ID": "82cb5fb0-2d97-4a39-a630-ab5fe2e7f18c", "score": "40", "tier": "C",
-         "reason": "Unemployed; No email or phone"},
-        {"Prospect ID": "e60a54bc-0816-430e-a99a-019a8b5a27e5", "score": "42", "tier": "C",
-         "reason": "Working Professional at fintech; No email or phone"},
+        {"Prospect ID": "7927b2df-8bba-4d29-b9a2-b6e0beafe620", "score": "45", "tier": "C",
+         "reason": "Unemployed; Reachable, not engaged yet"},  # no visits
+        {"Prospect ID": "82cb5fb0-2d97-4a39-a630-ab5fe2e7f18c", "score": "48", "tier": "C",
+         "reason": "Engaged and reachable; Unemployed"},
+        {"Prospect ID": "e60a54bc-0816-430e-a99a-019a8b5a27e5", "score": "49", "tier": "C",
+         "reason": "Engaged and reachable; Working Professional at fintech"},
     ]  # fmt: skip
+    # The file has no contact columns: its leads are taken as reachable, not as "No email or phone".
     assert "scored 500 rows with the rules" in capsys.readouterr().out
 
 

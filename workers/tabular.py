@@ -222,12 +222,18 @@ def lead_features(lead: Lead, kinds: dict[str, Kind], propensity=None) -> dict[s
     return {name: normalise(raw.get(name), kind) for name, kind in kinds.items()}
 
 
+# A file without contact columns says nothing about whether its leads can be reached: the rules
+# take them as reachable rather than mark every one "No email or phone".
+ASSUMED_WHEN_UNMAPPED = {"has_email": True, "has_phone": True}
+
+
 def leads_from_frame(frame: pd.DataFrame, mapping: Mapping) -> list[Lead]:
     """Rows as Leads, so the rules scorer reads a file the way it reads a CRM."""
     missing = frozenset(mapping.missing)
+    assumed = {name: value for name, value in ASSUMED_WHEN_UNMAPPED.items() if name not in mapping.fields}
     leads = []
     for row in frame.to_dict("records"):
-        values: dict[str, object] = {}
+        values: dict[str, object] = dict(assumed)
         for name, column in mapping.fields.items():
             value = normalise(row[column], LEAD_FIELD_KINDS[name], missing)
             if isinstance(value, float) and math.isnan(value):
