@@ -25,6 +25,7 @@ from workers.blend import (
     score_lead,
 )
 from workers.config import ConfigError, load_config
+from workers.model_scoring import model_reason
 from workers.propensity import (
     FALLBACK_SOURCE,
     SYSTEM_PROMPT,
@@ -822,3 +823,25 @@ def test_fallback_result_is_marked(config):
     assert result.source == FALLBACK_SOURCE and result.fallback
     assert (result.propensity, result.confidence, result.error) == (0.5, 0.0, "LLM timed out")
     assert not PropensityResult(0.5, 0.0, "r").fallback
+
+
+@pytest.mark.parametrize(
+    ("contributions", "values", "reason"),
+    [
+        ({"last_activity": 1.0, "last_notable_activity": 0.8, "status": 0.5},
+         {"last_activity": "olark chat conversation", "last_notable_activity": "olark chat conversation",
+          "status": "ringing"},
+         "Last activity & Last notable activity: olark chat conversation; Status: ringing"),
+        ({"status": 0.9, "visits": 0.4, "last_activity": 0.1},
+         {"status": None, "visits": 12.0, "last_activity": "sms sent"},
+         "Status: not set; Visits: 12"),
+        ({"status": -0.9, "visits": 0.4},
+         {"status": "ringing", "visits": 3.0},
+         "Visits: 3"),  # a score above the base rate names what pushed it up
+    ],
+    ids=["same_value_once", "missing_value", "direction"],
+)  # fmt: skip
+def test_model_reason_names_the_drivers_in_the_scores_direction(contributions, values, reason):
+    kinds = {"last_activity": "categorical", "last_notable_activity": "categorical", "status": "categorical",
+             "visits": "numeric"}  # fmt: skip
+    assert model_reason(contributions, values, kinds, upward=True) == reason

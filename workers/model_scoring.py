@@ -48,7 +48,7 @@ def feature_label(name: str, labels: dict[str, str] | None = None) -> str:
 
 def _shown(value: object, kind: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "none"
+        return "not set"
     if kind == "boolean":
         return "yes" if value else "no"
     if kind == "numeric":
@@ -65,7 +65,14 @@ def model_reason(contributions: dict[str, float], values: dict[str, object], kin
                     key=lambda n: sign * contributions[n], reverse=True)  # fmt: skip
     if not ranked:
         ranked = sorted(contributions, key=lambda n: abs(contributions[n]), reverse=True)
-    phrases = [f"{feature_label(n, labels)}: {_shown(values.get(n), kinds[n])}" for n in ranked[:2]]
+    named: dict[str, list[str]] = {}  # shown value -> the drivers showing it, strongest first
+    for n in ranked[:3]:
+        shown = _shown(values.get(n), kinds[n])
+        if shown not in named and len(named) == 2:
+            break
+        named.setdefault(shown, []).append(feature_label(n, labels))
+    # Two drivers with one value (Last activity and Last notable activity, say) read as one phrase.
+    phrases = [f"{' & '.join(names[:2])}: {shown}" for shown, names in named.items()]
     first = clip_text(phrases[0], MAX_REASON_CHARS) if phrases else "No signal"
     room = MAX_REASON_CHARS - len(first) - 2
     if len(phrases) < 2 or room < 20:

@@ -77,6 +77,14 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
 def markdown(summary: dict) -> str:
     lines = [
         "# leadscore evaluation",
@@ -102,7 +110,7 @@ def markdown(summary: dict) -> str:
         for row in s["tiers"]:
             lines.append(
                 f"| {name} | {row['tier']} | {row['leads']} | {row['share']:.1%} | "
-                f"{_fmt(row['conversion_rate'])} | {_fmt(row['lift'])} |"
+                f"{_percent(row['conversion_rate'])} | {_times(row['lift'])} |"
             )
     for name, s in summary["scorers"].items():
         cv = s.get("cross_validation")
@@ -127,7 +135,7 @@ def markdown(summary: dict) -> str:
             "|---|---|---|---|",
         ]
         for group, row in store["holdout"].items():
-            lines.append(f"| {group} | {row['leads']} | {row['converted']} | {_fmt(row['rate'])} |")
+            lines.append(f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} |")
         lines += [
             "",
             "### Rep feedback",
