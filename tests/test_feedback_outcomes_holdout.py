@@ -81,13 +81,14 @@ def test_contact_propertyChange__rep_feedback(env, post_delivery, crm, run_worke
     )  # fmt: skip
 
 
-def test_contact_propertyChange__lifecyclestage_customer(env, post_delivery, crm, run_worker, hubspot):
-    hubspot.contacts[CONTACT]["properties"]["lifecyclestage"] = "customer"
-    post_delivery("contact.propertyChange__lifecyclestage_customer")
+@pytest.mark.parametrize("stage", ["customer", "opportunity"])
+def test_contact_propertyChange__lifecyclestage(env, post_delivery, crm, run_worker, hubspot, stage):
+    hubspot.contacts[CONTACT]["properties"]["lifecyclestage"] = stage
+    post_delivery(f"contact.propertyChange__lifecyclestage_{stage}")
     [result] = run_worker()
 
     assert result["outcome"] == "written"
-    assert stored_outcomes(env) == [("hubspot", PORTAL_ID, CONTACT, "customer", "webhook")]
+    assert stored_outcomes(env) == [("hubspot", PORTAL_ID, CONTACT, stage, "webhook")]
 
 
 @pytest.mark.parametrize("dated_by_hubspot", [True, False])
@@ -195,6 +196,24 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
     for contact in held & scored:
         fields = written(hubspot, contact)
         assert fields["leadscore_holdout"] == "false" and fields["leadscore_tier"] in "ABCD"
+
+
+def test_lead_change_event__create__in_the_holdout(env, monkeypatch, post_change_events, sf_crm, run_worker,
+                                                   salesforce):  # fmt: skip
+    lead_id = "00Q5g00000Ls001EAB"
+    reconfigure(monkeypatch, HOLDOUT_SHARE="0.25")
+    assert in_holdout(f"salesforce:{SF_ORG_ID[:15]}:{lead_id}", 0.25)  # its stable hash falls in a quarter
+
+    post_change_events("lead_change_event__create")
+    [result] = run_worker()
+
+    lead = salesforce.leads[lead_id]
+    assert result["outcome"] == "written" and lead["Leadscore_Holdout__c"] is True
+    assert [lead.get(f) for f in ("Leadscore_Score__c", "Leadscore_Tier__c", "Leadscore_Reason__c")] == [
+        None, None, None
+    ]  # fmt: skip
+    [kept] = table(env, store.scores)
+    assert kept["holdout"] is True and (kept["score"], kept["tier"]) == (82, "A")  # the real score, kept
 
 
 @pytest.fixture(scope="module")

@@ -230,6 +230,16 @@ def test_scoring_with_a_mapping_that_lacks_model_features_warns_and_writes(train
     assert err.rstrip().endswith("they are scored as missing, which ranks less well")
 
 
+def test_label_names_the_outcome_column_over_the_mapping(tmp_path):
+    data = _write(
+        tmp_path, pd.read_csv(DATA, dtype=str, keep_default_na=False).rename(columns={"Converted": "Won"})
+    )
+
+    assert main(["train", "--data", str(data), "--mapping", str(MAPPING), "--label", "Won",
+                 "--out", str(tmp_path / "m")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["training"]["positive_rate"] == 0.37
+
+
 def test_train_without_data_or_store_says_what_to_give(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "m")]) == 2
     assert "train needs --data FILE and --mapping MAP, or --from-store" in capsys.readouterr().err
