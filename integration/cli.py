@@ -289,13 +289,18 @@ def cmd_evaluate(args) -> int:
         from workers.store import Store
 
         store = Store(get_settings().database_url).require_schema()
+    if bool(args.data) != bool(args.mapping) or not (args.data or args.with_store):
+        raise UsageError("evaluate needs --data FILE and --mapping MAP, or --with-store, or both")
+    if args.model and not args.data:
+        raise UsageError("--model scores a file: give --data FILE and --mapping MAP as well")
     summary = offline.evaluate(
-        args.data, args.mapping, args.label, args.out, _scoring_config(), args.model, store
+        args.data, args.mapping, args.label, args.out, _scoring_config(), args.model, store, args.min_age_days
     )
-    print(f"{summary['rows']} leads, overall conversion {summary['base_rate']:.1%}")
+    if "file" in summary["data"]:
+        print(f"{summary['rows']} leads, overall conversion {summary['base_rate']:.1%}")
     for name, s in summary["scorers"].items():
         print(f"  {name:40s} ROC AUC {s['roc_auc']:.4f}  ECE {s['ece']:.4f}  "
-              f"{_tier_a(s['tiers'], summary['base_rate'])}")  # fmt: skip
+              f"{_tier_a(s['tiers'], s['base_rate'])}")  # fmt: skip
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -394,12 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     score_file.set_defaults(func=cmd_score_file)
 
     evaluate = sub.add_parser("evaluate", help="report how well each scorer ranks and calibrates")
-    evaluate.add_argument("--data", type=Path, required=True, help="CSV of leads with an outcome column")
-    evaluate.add_argument("--mapping", type=Path, required=True)
+    evaluate.add_argument("--data", type=Path, help="CSV of leads with an outcome column")
+    evaluate.add_argument("--mapping", type=Path, help="TOML mapping the file's columns to lead fields")
     evaluate.add_argument("--label")
     evaluate.add_argument("--model", type=Path, action="append", default=[], help="repeatable")
-    evaluate.add_argument("--with-store", action="store_true",
-                          help="add the store's holdout and rep-feedback tables")  # fmt: skip
+    evaluate.add_argument(
+        "--with-store",
+        action="store_true",
+        help="add the live scores against captured outcomes, the holdout and rep feedback",
+    )
+    evaluate.add_argument(
+        "--min-age-days", type=float, default=30.0,
+        help="--with-store: a lead with no outcome counts as not converted once scored this long ago",
+    )  # fmt: skip
     evaluate.add_argument("--out", type=Path, required=True, help="directory for report.md, plots, JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 

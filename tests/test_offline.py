@@ -404,3 +404,38 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
     report = (out / "report.md").read_text()
     assert "### Holdout (no visible score)" in report and "| D | 0 | 0 | 1 |" in report
     assert "| (none shown) | 1 | 0 | 0 |" in report
+
+
+def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env, tmp_path, capsys):
+    kept = Store(env["DATABASE_URL"])
+    weeks_ago = datetime.now(UTC) - timedelta(days=45)
+    rules, model = ("rules+llm", None), ("model", "v7")
+    rows = [("1", 91, "A", *rules), ("2", 85, "A", *rules), ("3", 30, "C", *rules), ("4", 12, "D", *rules),
+            ("5", 80, "A", *model), ("6", 20, "C", *model)]  # fmt: skip
+    kept.record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead, score=score, tier=tier, reason="r",
+                    scorer=scorer, model_version=version, fingerprint=lead, features={}, details={},
+                    scored_at=weeks_ago)
+        for lead, score, tier, scorer, version in rows
+    )  # fmt: skip
+    kept.record_outcomes(
+        [LeadFact("hubspot", PORTAL_ID, lead, "customer") for lead in ("1", "3", "5")], "webhook"
+    )
+    out = tmp_path / "report"
+
+    assert main(["evaluate", "--with-store", "--out", str(out)]) == 0
+
+    scorers = json.loads((out / "metrics.json").read_text())["scorers"]
+    assert list(scorers) == ["live rules+llm", "live v7"]
+    live = scorers["live rules+llm"]
+    assert (live["leads"], live["base_rate"], live["roc_auc"]) == (4, 0.5, 0.75)  # 30 ranks under 85
+    assert live["tiers"][0] == {"tier": "A", "leads": 2, "share": 0.5, "conversion_rate": 0.5, "lift": 1.0}
+    assert (scorers["live v7"]["leads"], scorers["live v7"]["roc_auc"]) == (2, 1.0)
+    printed = capsys.readouterr().out
+    assert "live rules+llm" in printed and "ROC AUC 0.7500" in printed
+    assert "| live v7 | 2 | 50.0% | 1.0000 |" in (out / "report.md").read_text()
+
+
+def test_evaluate_needs_a_file_or_the_store(tmp_path, capsys):
+    assert main(["evaluate", "--out", str(tmp_path / "r")]) == 2
+    assert "evaluate needs --data FILE and --mapping MAP, or --with-store, or both" in capsys.readouterr().err

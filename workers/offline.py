@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from integration.errors import TableError
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
@@ -151,52 +152,71 @@ def score_file(
 
 
 def evaluate(
-    data: Path, mapping_path: Path, label: str | None, out: Path, config: ScoringConfig,
-    model_dirs: list[Path], store=None,
+    data: Path | None, mapping_path: Path | None, label: str | None, out: Path, config: ScoringConfig,
+    model_dirs: list[Path], store=None, min_age_days: float = 30.0,
 ) -> dict:  # fmt: skip
-    """Every scorer on the same labelled file, side by side: metrics JSON, Markdown report, plots."""
+    """Every scorer side by side: on a labelled file, the rules and each model; with the store, the
+    scores the workers wrote, against the outcomes it captured. Metrics JSON, Markdown, plots."""
     from workers import report
 
-    table = load_table(data, mapping_path, label, need_label=True)
-    scorers: dict[str, dict] = {RULES: {}}
+    scorers: dict[str, dict] = {}
     notes: list[str] = []
-    results = {RULES: rules_results(table, config)}
-    for directory in model_dirs:
-        model = TrainedModel.load(directory)
-        name = f"model {model.version}"
-        results[name] = model_scoring.score_frame(model, table.features)
-        if warning := unmapped_features(model, table):
-            _warn(warning)
-            notes.append(f"`{name}`: {warning}.")
-        if model.meta.get("training", {}).get("sha256") == table.source["sha256"]:
-            notes.append(
-                f"`{name}` was trained on this very file, so its numbers here are in-sample and "
-                f"optimistic; its cross-validated ROC AUC is {_cv_auc(model)}."
+    curves: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+    summary: dict = {"data": {}, "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    if data is not None:
+        table = load_table(data, mapping_path, label, need_label=True)
+        results = {RULES: rules_results(table, config)}
+        scorers[RULES] = {}
+        for directory in model_dirs:
+            model = TrainedModel.load(directory)
+            name = f"model {model.version}"
+            results[name] = model_scoring.score_frame(model, table.features)
+            if warning := unmapped_features(model, table):
+                _warn(warning)
+                notes.append(f"`{name}`: {warning}.")
+            if model.meta.get("training", {}).get("sha256") == table.source["sha256"]:
+                notes.append(
+                    f"`{name}` was trained on this very file, so its numbers here are in-sample and "
+                    f"optimistic; its cross-validated ROC AUC is {_cv_auc(model)}."
+                )
+            scorers[name] = {
+                "cross_validation": model.meta.get("candidates"),
+                "calibration": model.meta["calibration"],
+            }
+        for name, rows in results.items():
+            curves[name] = (
+                table.y,
+                np.array([r.score for r in rows], dtype=float) / 100,
+                [r.tier for r in rows],
             )
-        scorers[name] = {
-            "cross_validation": model.meta.get("candidates"),
-            "calibration": model.meta["calibration"],
-        }
-    for name, rows in results.items():
-        p = np.array([r.score for r in rows], dtype=float) / 100
-        tiers = [r.tier for r in rows]
-        scorers[name].update({**classification_metrics(table.y, p), "tiers": tier_table(table.y, tiers)})
-    summary = {
-        "data": table.source,
-        "rows": int(len(table.y)),
-        "base_rate": round(float(table.y.mean()), 4),
-        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "scorers": scorers,
-        "notes": notes,
-    }
+        summary.update(data=table.source, rows=int(len(table.y)), base_rate=round(float(table.y.mean()), 4))
     if store is not None:
-        from workers.store_data import store_summary
+        from workers.store_data import live_scorers, store_summary
 
         summary["store"] = store_summary(store)
-    curves = {
-        name: (table.y, np.array([r.score for r in rows], dtype=float) / 100, [r.tier for r in rows])
-        for name, rows in results.items()
-    }
+        for name, (y, p, tiers) in live_scorers(store, min_age_days).items():
+            if y.min() == y.max():
+                notes.append(
+                    f"`{name}`: all {len(y)} leads with an outcome so far "
+                    f"{'converted' if y[0] else 'did not convert'}; there is no ranking to measure yet."
+                )
+                continue
+            scorers[name] = {"min_age_days": min_age_days}
+            curves[name] = (y, p, tiers)
+    if not curves:
+        raise TableError(
+            "nothing to evaluate: give a labelled --data file, or a store whose scored leads include "
+            "both outcomes (run `leadscore outcomes sync`, or lower --min-age-days)"
+        )
+    for name, (y, p, tiers) in curves.items():
+        scorers[name].update({
+            "leads": int(len(y)), "base_rate": round(float(y.mean()), 4),
+            **classification_metrics(y, p), "tiers": tier_table(y, tiers),
+        })  # fmt: skip
+    if data is None:
+        first = next(iter(curves.values()))[0]
+        summary.update(rows=int(len(first)), base_rate=round(float(first.mean()), 4))
+    summary.update(scorers=scorers, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     report.write(out, summary, curves, cumulative_gains)

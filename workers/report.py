@@ -85,19 +85,34 @@ def _times(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+def _source(summary: dict) -> str:
+    parts = []
+    if "file" in summary["data"]:
+        parts.append(
+            f"Data: `{summary['data']['file']}` ({summary['rows']} leads, overall conversion "
+            f"{summary['base_rate']:.1%})."
+        )
+    if any(name.startswith("live ") for name in summary["scorers"]):
+        parts.append(
+            "`live …` rows are the scores the workers wrote, from the score store: each lead's last score "
+            "before it converted, or its last score once it has gone unconverted long enough."
+        )
+    return " ".join([*parts, f"Evaluated {summary['evaluated_at']}."])
+
+
 def markdown(summary: dict) -> str:
     lines = [
         "# leadscore evaluation",
         "",
-        f"Data: `{summary['data']['file']}` ({summary['rows']} leads, overall conversion "
-        f"{summary['base_rate']:.1%}), evaluated {summary['evaluated_at']}.",
+        _source(summary),
         "",
-        "| scorer | ROC AUC | PR AUC | Brier | ECE |",
-        "|---|---|---|---|---|",
+        "| scorer | leads | converted | ROC AUC | PR AUC | Brier | ECE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["scorers"].items():
         lines.append(
-            f"| {name} | {_fmt(s['roc_auc'])} | {_fmt(s['pr_auc'])} | {_fmt(s['brier'])} | {_fmt(s['ece'])} |"
+            f"| {name} | {s['leads']} | {_percent(s['base_rate'])} | {_fmt(s['roc_auc'])} "
+            f"| {_fmt(s['pr_auc'])} | {_fmt(s['brier'])} | {_fmt(s['ece'])} |"
         )
     lines += [
         "",

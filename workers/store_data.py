@@ -41,7 +41,8 @@ def _utc(moment: datetime) -> datetime:
 def histories(store: Store) -> Iterator[LeadHistory]:
     with store.engine.connect() as connection:
         rows = connection.execute(
-            select(scores.c.crm, scores.c.account_id, scores.c.lead_id, scores.c.features, scores.c.holdout,
+            select(scores.c.crm, scores.c.account_id, scores.c.lead_id, scores.c.score, scores.c.tier,
+                   scores.c.scorer, scores.c.model_version, scores.c.features, scores.c.holdout,
                    scores.c.scored_at).order_by(scores.c.id)
         ).mappings().all()  # fmt: skip
         first_outcomes = connection.execute(
@@ -69,15 +70,12 @@ def _kind_of(name: str, values: pd.Series) -> Kind:
     return "numeric" if len(present) and numeric.notna().all() else "categorical"
 
 
-def training_rows(
-    store: Store, min_age_days: float, kinds: dict[str, Kind] | None = None
-) -> tuple[pd.DataFrame, np.ndarray, dict[str, Kind], dict]:
-    """One row a lead, normalised as live leads are: a lead that converted is represented by its
-    last score *before* it converted (later ones already show the outcome, e.g. its lifecycle
-    stage); one that did not counts as lost once first scored over `min_age_days` ago (younger
-    ones are left out: too early to tell). Leads first scored after converting teach nothing."""
+def labelled_scores(store: Store, min_age_days: float) -> Iterator[tuple[dict, int]]:
+    """One score a lead, with its outcome: a lead that converted is represented by its last score
+    *before* it converted (later ones already show the outcome, e.g. its lifecycle stage); one
+    that did not counts as lost once first scored over `min_age_days` ago (younger ones are left
+    out: too early to tell). Leads first scored after converting teach nothing."""
     cutoff = datetime.now(UTC) - timedelta(days=min_age_days)
-    rows, y, times = [], [], []
     for history in histories(store):
         if history.converted_at is not None:
             row, label = history.last_before(history.converted_at), 1
@@ -86,9 +84,35 @@ def training_rows(
         else:
             continue
         if row is not None:
-            rows.append(row["features"])
-            y.append(label)
-            times.append(row["scored_at"])
+            yield row, label
+
+
+def live_scorers(store: Store, min_age_days: float) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """The scores the workers wrote (holdout leads' included: kept, though not shown), against the
+    outcomes, per scorer: (labels, score / 100, tiers)."""
+    grouped: dict[str, list[tuple[dict, int]]] = {}
+    for row, label in labelled_scores(store, min_age_days):
+        name = f"live {row['model_version'] if row['scorer'] == 'model' else row['scorer']}"
+        grouped.setdefault(name, []).append((row, label))
+    return {
+        name: (
+            np.array([label for _, label in rows]),
+            np.array([row["score"] for row, _ in rows], dtype=float) / 100,
+            [row["tier"] for row, _ in rows],
+        )
+        for name, rows in sorted(grouped.items())
+    }
+
+
+def training_rows(
+    store: Store, min_age_days: float, kinds: dict[str, Kind] | None = None
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, Kind], dict]:
+    """One row a lead (see `labelled_scores`), normalised as live leads are."""
+    rows, y, times = [], [], []
+    for row, label in labelled_scores(store, min_age_days):
+        rows.append(row["features"])
+        y.append(label)
+        times.append(row["scored_at"])
     if not rows:
         raise TableError(
             f"the store has no labelled leads yet: none converted and none scored over {min_age_days:g} days "
