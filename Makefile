@@ -4,12 +4,12 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format redis-server clean
+.PHONY: demo test lint format redis-server postgres clean
 
 demo: $(STAMP) redis-server
 	$(BIN)/leadscore demo
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server postgres
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml
 
 redis-server:
 	@scripts/ensure-redis
+
+postgres:
+	@scripts/ensure-postgres
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

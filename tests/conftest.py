@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from redis import Redis
 from rq import Queue, SimpleWorker
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
 
 from integration import signing
 from integration.app import create_app
-from integration.emulators import serve_in_thread, start_redis
+from integration.emulators import serve_in_thread, start_postgres, start_redis
 from integration.emulators.hubspot import HubSpotEmulator
 from integration.emulators.llm import LLMStub
 from integration.emulators.salesforce import SalesforceEmulator
@@ -47,6 +47,27 @@ SF_OUTPUT_FIELDS = (
 def redis_server():
     with ExitStack() as stack:
         yield start_redis(stack, "--save", "")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    with ExitStack() as stack:
+        yield start_postgres(stack)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """An empty database for the score store: a SQLite file, and a fresh database on a real
+    PostgreSQL server (the production store)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.sqlite3"
+    server = request.getfixturevalue("postgres_server")
+    name = f"store_{request.node.name.split('[')[0][-40:]}_{len(tmp_path.parts)}_{id(tmp_path)}"
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return f"{server.rsplit('/', 1)[0]}/{name}"
 
 
 @pytest.fixture

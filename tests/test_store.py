@@ -13,8 +13,12 @@ from workers import store
 from workers.store import Feedback, LeadFact, Store
 
 
-def test_migrations_build_exactly_the_tables_the_code_uses(tmp_path):
-    url = f"sqlite:///{tmp_path}/store.sqlite3"
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+
+
+def test_migrations_build_exactly_the_tables_the_code_uses(store_url):
+    url = store_url
     store.upgrade(url)
     store.upgrade(url)  # idempotent
     engine = Store(url).engine
@@ -24,8 +28,8 @@ def test_migrations_build_exactly_the_tables_the_code_uses(tmp_path):
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
 
 
-def test_outcomes_are_kept_once_per_lead_and_kind(tmp_path):
-    url = f"sqlite:///{tmp_path}/store.sqlite3"
+def test_outcomes_are_kept_once_per_lead_and_kind(store_url):
+    url = store_url
     store.upgrade(url)
     kept = Store(url)
     facts = [
@@ -39,8 +43,8 @@ def test_outcomes_are_kept_once_per_lead_and_kind(tmp_path):
     assert kept.counts()["outcomes"] == 3
 
 
-def test_an_outcome_is_dated_when_the_crm_says_the_lead_reached_it(tmp_path):
-    url = f"sqlite:///{tmp_path}/store.sqlite3"
+def test_an_outcome_is_dated_when_the_crm_says_the_lead_reached_it(store_url):
+    url = store_url
     store.upgrade(url)
     kept = Store(url)
     converted = datetime(2026, 10, 30, 10, 5, 17, tzinfo=UTC)
@@ -50,13 +54,13 @@ def test_an_outcome_is_dated_when_the_crm_says_the_lead_reached_it(tmp_path):
 
     with kept.engine.connect() as connection:
         rows = connection.execute(select(store.outcomes.c.reached_at, store.outcomes.c.recorded_at)).all()
-    (first, first_recorded), (clock_ahead, recorded) = [[m.replace(tzinfo=UTC) for m in r] for r in rows]
+    (first, first_recorded), (clock_ahead, recorded) = [[_utc(m) for m in r] for r in rows]
     assert first == converted and first_recorded > converted
     assert clock_ahead == recorded  # a CRM date in the future is not believed: it is when we saw it
 
 
-def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(tmp_path):
-    url = f"sqlite:///{tmp_path}/store.sqlite3"
+def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(store_url):
+    url = store_url
     store.upgrade(url)
     kept = Store(url)
     lead = ("hubspot", "48213377", "7")

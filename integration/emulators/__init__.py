@@ -6,6 +6,7 @@ and `openai` clients talk to them unchanged.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -108,3 +109,28 @@ def start_redis(stack: ExitStack, *options: str) -> str:
     url = f"redis://127.0.0.1:{port}/0"
     wait_until(lambda: redis_reachable(url), 10, "redis-server")
     return url
+
+
+def start_postgres(stack: ExitStack) -> str:
+    """A private PostgreSQL server on a free loopback port (trust auth, no fsync), stopped and removed
+    when `stack` closes; returns the URL of its `postgres` database. As root, it runs as the
+    `postgres` user, since the server refuses to run as root."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: `make test` installs it")
+    bindir = found[-1].parent
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    workdir = Path(tempfile.mkdtemp(prefix="leadscore-postgres-"))
+    stack.callback(shutil.rmtree, workdir, True)
+    if as_user:
+        shutil.chown(workdir, "postgres")
+    data, port = workdir / "data", free_port()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
+    subprocess.run([*as_user, bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres"], **quiet)
+    subprocess.run(
+        [*as_user, bindir / "pg_ctl", "-D", data, "-l", workdir / "server.log", "-w", "start", "-o",
+         f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -F"], **quiet,
+    )  # fmt: skip
+    stack.callback(subprocess.run, [*as_user, bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
