@@ -216,6 +216,16 @@ def test_lead_change_event__create__in_the_holdout(env, monkeypatch, post_change
     assert kept["holdout"] is True and (kept["score"], kept["tier"]) == (82, "A")  # the real score, kept
 
 
+def test_a_worker_with_a_bad_model_path_says_so_in_one_line(env, monkeypatch, tmp_path, capsys):
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(tmp_path / "no-model"))
+
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: SCORING_MODEL_PATH: {tmp_path / 'no-model'} is not a leadscore model: "
+        f"{tmp_path / 'no-model' / 'model.json'} is missing (make one with `leadscore train`)\n"
+    )
+
+
 @pytest.fixture(scope="module")
 def crm_model(tmp_path_factory):
     """A model trained on the lead slice; its custom features map to HubSpot properties."""

@@ -26,7 +26,7 @@ from integration.lead import Lead
 from integration.queue import redis_from_url
 from integration.ratelimit import RateLimiter
 from integration.salesforce.api import SalesforceCRM
-from integration.settings import Settings, get_settings
+from integration.settings import Settings, SettingsError, get_settings
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult, input_fingerprint
 from workers.blend import score_lead as blend_score
@@ -250,7 +250,10 @@ def context() -> WorkerContext:
 def load_model(settings: Settings) -> TrainedModel | None:
     if settings.scoring_model_path is None:
         return None
-    model = TrainedModel.load(settings.scoring_model_path)
+    try:
+        model = TrainedModel.load(settings.scoring_model_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SettingsError(f"SCORING_MODEL_PATH: {exc}") from None
     log.info("scoring with model %s (%s features)", model.version, len(model.kinds))
     return model
 
