@@ -251,8 +251,10 @@ def _tier_a(tiers: list[dict], base_rate: float) -> str:
 
 def _suggested_tiers(base_rate: float) -> str:
     """Cut-offs at 4x, 2x and 1x the base rate: A leads convert several times as often as most."""
-    cuts = [min(100 - 2 * i, max(3 - i, round(base_rate * 100 * k))) for i, k in enumerate((4, 2, 1))]
-    return ",".join(str(c) for c in cuts)
+    c = max(1, round(base_rate * 100))
+    b = max(c + 1, round(base_rate * 200))
+    a = min(100, max(b + 1, round(base_rate * 400)))
+    return f"{a},{b},{c}"
 
 
 def tiers_argument(text: str):

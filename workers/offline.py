@@ -151,6 +151,9 @@ def score_file(
     return len(results)
 
 
+Curves = dict[str, tuple[np.ndarray, np.ndarray, list[str]]]  # scorer -> (labels, score / 100, tiers)
+
+
 def evaluate(
     data: Path | None, mapping_path: Path | None, label: str | None, out: Path, config: ScoringConfig,
     model_dirs: list[Path], store=None, min_age_days: float = 30.0,
@@ -161,48 +164,17 @@ def evaluate(
 
     scorers: dict[str, dict] = {}
     notes: list[str] = []
-    curves: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+    curves: Curves = {}
     summary: dict = {"data": {}, "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds")}
     if data is not None:
         table = load_table(data, mapping_path, label, need_label=True)
-        results = {RULES: rules_results(table, config)}
-        scorers[RULES] = {}
-        for directory in model_dirs:
-            model = TrainedModel.load(directory)
-            name = f"model {model.version}"
-            results[name] = model_scoring.score_frame(model, table.features)
-            if warning := unmapped_features(model, table):
-                _warn(warning)
-                notes.append(f"`{name}`: {warning}.")
-            if model.meta.get("training", {}).get("sha256") == table.source["sha256"]:
-                notes.append(
-                    f"`{name}` was trained on this very file, so its numbers here are in-sample and "
-                    f"optimistic; its cross-validated ROC AUC is {_cv_auc(model)}."
-                )
-            scorers[name] = {
-                "cross_validation": model.meta.get("candidates"),
-                "calibration": model.meta["calibration"],
-            }
-        for name, rows in results.items():
-            curves[name] = (
-                table.y,
-                np.array([r.score for r in rows], dtype=float) / 100,
-                [r.tier for r in rows],
-            )
-        summary.update(data=table.source, rows=int(len(table.y)), base_rate=round(float(table.y.mean()), 4))
+        curves.update(_file_scorers(table, config, model_dirs, scorers, notes))
+        summary["data"] = table.source
     if store is not None:
-        from workers.store_data import live_scorers, store_summary
+        from workers.store_data import store_summary
 
         summary["store"] = store_summary(store)
-        for name, (y, p, tiers) in live_scorers(store, min_age_days).items():
-            if y.min() == y.max():
-                notes.append(
-                    f"`{name}`: all {len(y)} leads with an outcome so far "
-                    f"{'converted' if y[0] else 'did not convert'}; there is no ranking to measure yet."
-                )
-                continue
-            scorers[name] = {"min_age_days": min_age_days}
-            curves[name] = (y, p, tiers)
+        curves.update(_live_scorers(store, min_age_days, scorers, notes))
     if not curves:
         raise TableError(
             "nothing to evaluate: give a labelled --data file, or a store whose scored leads include "
@@ -213,14 +185,57 @@ def evaluate(
             "leads": int(len(y)), "base_rate": round(float(y.mean()), 4),
             **classification_metrics(y, p), "tiers": tier_table(y, tiers),
         })  # fmt: skip
-    if data is None:
-        first = next(iter(curves.values()))[0]
-        summary.update(rows=int(len(first)), base_rate=round(float(first.mean()), 4))
-    summary.update(scorers=scorers, notes=notes)
+    first = next(iter(scorers.values()))  # the file's rules, or else the first live scorer
+    summary.update(rows=first["leads"], base_rate=first["base_rate"], scorers=scorers, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     report.write(out, summary, curves, cumulative_gains)
     return summary
+
+
+def _file_scorers(
+    table: LabelledTable, config: ScoringConfig, model_dirs: list[Path], scorers: dict, notes: list[str]
+) -> Curves:
+    """The rules and each model, scoring the same labelled file."""
+    results = {RULES: rules_results(table, config)}
+    scorers[RULES] = {}
+    for directory in model_dirs:
+        model = TrainedModel.load(directory)
+        name = f"model {model.version}"
+        results[name] = model_scoring.score_frame(model, table.features)
+        if warning := unmapped_features(model, table):
+            _warn(warning)
+            notes.append(f"`{name}`: {warning}.")
+        if model.meta.get("training", {}).get("sha256") == table.source["sha256"]:
+            notes.append(
+                f"`{name}` was trained on this very file, so its numbers here are in-sample and "
+                f"optimistic; its cross-validated ROC AUC is {_cv_auc(model)}."
+            )
+        scorers[name] = {
+            "cross_validation": model.meta.get("candidates"),
+            "calibration": model.meta["calibration"],
+        }
+    return {
+        name: (table.y, np.array([r.score for r in rows], dtype=float) / 100, [r.tier for r in rows])
+        for name, rows in results.items()
+    }
+
+
+def _live_scorers(store, min_age_days: float, scorers: dict, notes: list[str]) -> Curves:
+    """The scores the workers wrote, per scorer, against the outcomes the store captured."""
+    from workers.store_data import live_scorers
+
+    curves: Curves = {}
+    for name, (y, p, tiers) in live_scorers(store, min_age_days).items():
+        if y.min() == y.max():
+            notes.append(
+                f"`{name}`: all {len(y)} leads with an outcome so far "
+                f"{'converted' if y[0] else 'did not convert'}; there is no ranking to measure yet."
+            )
+            continue
+        scorers[name] = {"min_age_days": min_age_days}
+        curves[name] = (y, p, tiers)
+    return curves
 
 
 def _cv_auc(model: TrainedModel) -> str:
