@@ -228,13 +228,13 @@ def cmd_train(args) -> int:
     expected = meta["expected"]
     print(f"  expected on unseen leads (out-of-fold): ROC AUC {expected['roc_auc']:.4f}, "
           f"ECE {expected['ece']:.4f}, {_tier_a(expected['tiers'], meta['base_rate'])}")  # fmt: skip
-    by_tier = {row["tier"]: row for row in expected["tiers"]}
-    if by_tier["D"]["share"] > MOST_IN_D:
-        cuts = meta["tiers"]
-        print(f"  warning: {by_tier['D']['share']:.0%} of leads land in tier D. The cut-offs (A {cuts['A']}, "
-              f"B {cuts['B']}, C {cuts['C']}) are calibrated conversion probabilities; with a "
-              f"{meta['base_rate']:.0%} base rate set lower ones, e.g. --tiers "
-              f"{_suggested_tiers(meta['base_rate'])}")  # fmt: skip
+    in_d, cuts = expected["tiers"][-1]["share"], meta["tiers"]
+    suggested = _suggested_tiers(meta["base_rate"])
+    if in_d > MOST_IN_D and suggested is not None and cuts["A"] > suggested.A:
+        print(f"  warning: {in_d:.0%} of leads land in tier D. The cut-offs (A {cuts['A']}, B {cuts['B']}, "
+              f"C {cuts['C']}) are calibrated conversion probabilities; with a {meta['base_rate']:.0%} "
+              f"base rate set lower ones, e.g. --tiers {suggested.A},{suggested.B},"
+              f"{suggested.C}")  # fmt: skip
     return 0
 
 
@@ -249,12 +249,15 @@ def _tier_a(tiers: list[dict], base_rate: float) -> str:
             f"({a['lift']:.2f}x the {base_rate:.0%} base rate)")  # fmt: skip
 
 
-def _suggested_tiers(base_rate: float) -> str:
-    """Cut-offs at 4x, 2x and 1x the base rate: A leads convert several times as often as most."""
+def _suggested_tiers(base_rate: float):
+    """Cut-offs at 4x, 2x and 1x the base rate, so A leads convert several times as often as most;
+    None when the base rate is too high for that (a quarter or more)."""
+    from workers.config import Tiers
+
     c = max(1, round(base_rate * 100))
     b = max(c + 1, round(base_rate * 200))
-    a = min(100, max(b + 1, round(base_rate * 400)))
-    return f"{a},{b},{c}"
+    a = max(b + 1, round(base_rate * 400))
+    return Tiers(A=a, B=b, C=c) if a < 100 else None
 
 
 def tiers_argument(text: str):
@@ -309,10 +312,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_outcomes(args) -> int:
     from workers.outcomes import SyncError, sync
+    from workers.store import StoreNotReady
 
     try:
         report = sync(get_settings(), crm=args.crm, accounts=args.account)
-    except SyncError as exc:
+    except (SyncError, StoreNotReady) as exc:
         raise UsageError(str(exc)) from None
     if not report:
         raise UsageError("no CRM account to sync: configure a CRM, or name the portal/org with --account")

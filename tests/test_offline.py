@@ -250,6 +250,20 @@ def test_normalise_treats_placeholders_as_missing_and_folds_case():
     assert tabular.normalise(" Google ", "categorical") == "google"
     assert tabular.normalise("google", "categorical") == "google"
     assert tabular.normalise("Yes", "boolean") == 1.0 and tabular.normalise("no", "boolean") == 0.0
+    assert tabular.normalise("1.0", "boolean") == 1.0 and tabular.normalise("0.0", "boolean") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("fields", "reachable"),
+    [({}, (True, True)), ({"has_email": "Email?"}, (False, False))],
+    ids=["no_contact_columns", "email_column_only"],
+)  # fmt: skip
+def test_a_file_without_contact_columns_is_taken_as_reachable(fields, reachable):
+    frame = pd.DataFrame({"id": ["1"], "Email?": ["no"], "Title": ["VP Sales"]})
+    mapping = tabular.Mapping(id="id", fields={"title": "Title", **fields})
+
+    [lead] = tabular.leads_from_frame(frame, mapping)
+    assert (lead.has_email, lead.has_phone) == reachable  # a mapped column speaks for both
     assert tabular.normalise("1,532", "numeric") == 1532.0
 
 
@@ -341,9 +355,10 @@ def test_commands_that_read_the_store_refuse_one_the_workers_did_not_write(tmp_p
 
     assert main(["train", "--from-store", "--out", "m"]) == 2
     assert main(["evaluate", *FILE_ARGS, "--out", "report", "--with-store"]) == 2
+    assert main(["outcomes", "sync"]) == 2
     err = capsys.readouterr().err.splitlines()
     shown = "" if not migrated else "sqlite:///leadscore.sqlite3 "
-    assert err == [f"leadscore {cmd}: {shown}{problem}: {fix}" for cmd in ("train", "evaluate")]
+    assert err == [f"leadscore{cmd}: {shown}{problem}: {fix}" for cmd in (" train", " evaluate", "")]
     assert (tmp_path / "leadscore.sqlite3").exists() is migrated  # nothing left behind
     get_settings.cache_clear()
 

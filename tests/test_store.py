@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 
 from workers import store
-from workers.store import Feedback, LeadFact, Store
+from workers.store import Feedback, LeadFact, ScoreRecord, Store, StoreNotReady
+from workers.store_data import labelled_scores, live_scorers, training_rows
 
 
 def _utc(moment: datetime) -> datetime:
@@ -77,3 +79,78 @@ def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(store_url):
             )
         ).all()
     assert [tuple(r) for r in rows] == [("too_high", 91, "A"), ("right", 60, "B")]
+
+
+def test_an_outcome_reported_again_with_an_earlier_date_moves_back_to_it(store_url):
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    lead = ("hubspot", "48213377", "1")
+    converted = datetime(2026, 10, 30, 10, 5, 17, tzinfo=UTC)
+
+    assert kept.record_outcomes([LeadFact(*lead, "customer")], "webhook") == 1  # undated: now
+    assert kept.record_outcomes([LeadFact(*lead, "customer", converted)], "sync") == 0  # the CRM's date
+    assert kept.record_outcomes([LeadFact(*lead, "customer", converted + timedelta(days=1))], "sync") == 0
+
+    with kept.engine.connect() as connection:
+        [reached] = connection.execute(select(store.outcomes.c.reached_at)).scalars()
+    assert _utc(reached) == converted
+
+
+def _score(lead: str, at: datetime, stage: str, scorer: str = "rules+llm", version: str | None = None):
+    return ScoreRecord(crm="hubspot", account_id="48213377", lead_id=lead, score=50, tier="B", reason="r",
+                       scorer=scorer, model_version=version, fingerprint=f"{lead}{at}",
+                       features={"stage": stage}, details={}, scored_at=at)  # fmt: skip
+
+
+def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_them(store_url):
+    store.upgrade(store_url, "0001_store")
+    kept = Store(store_url)
+    now = datetime.now(UTC)
+    saw_it = now - timedelta(days=40)
+    kept.record_scores([_score("1", now - timedelta(days=45), "lead"), _score("1", saw_it, "customer"),
+                        _score("2", now - timedelta(days=45), "lead")])  # fmt: skip
+    with kept.engine.begin() as connection:  # as the previous release kept it: after the batch's score
+        connection.execute(
+            text("INSERT INTO outcomes (crm, account_id, lead_id, kind, source, recorded_at) "
+                 "VALUES ('hubspot', '48213377', '1', 'customer', 'webhook', :at)"),
+            {"at": saw_it + timedelta(milliseconds=3)},
+        )  # fmt: skip
+    with pytest.raises(StoreNotReady, match="is at schema revision 0001_store, this leadscore needs 0002"):
+        kept.require_schema()
+
+    store.upgrade(store_url)
+
+    frame, labels, _, _ = training_rows(kept.require_schema(), min_age_days=30)
+    # The converted lead is learned from its score before it was a customer, not the one that saw it.
+    assert sorted(zip(labels.tolist(), frame["stage"], strict=True)) == [(0, "lead"), (1, "lead")]
+
+
+def test_a_lead_that_did_not_convert_is_judged_by_the_score_reps_saw_in_its_window(store_url):
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    now = datetime.now(UTC)
+    kept.record_scores([
+        _score("1", now - timedelta(days=60), "lead"),  # shown while it could have converted
+        _score("1", now - timedelta(days=1), "lead", "model", "m2"),  # rescored long after
+        _score("2", now - timedelta(days=50), "lead", version="gpt-4o-mini"), _score("3", now, "lead"),
+    ])  # fmt: skip
+    kept.record_outcomes(
+        [LeadFact("hubspot", "48213377", "3", "customer", now + timedelta(seconds=1))], "sync"
+    )
+
+    judged = {row["lead_id"]: (row["scorer"], label) for row, label in labelled_scores(kept, 30)}
+    assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "3": ("rules+llm", 1)}
+    assert list(live_scorers(kept, 30)) == ["live rules+llm", "live rules+llm gpt-4o-mini"]
+
+
+def test_workers_of_the_previous_release_still_keep_outcomes_after_the_upgrade(store_url):
+    store.upgrade(store_url)  # the release step runs while the old workers still write
+    kept = Store(store_url)
+    with kept.engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO outcomes (crm, account_id, lead_id, kind, source, recorded_at) "
+                 "VALUES ('hubspot', '48213377', '1', 'customer', 'webhook', :at)"),
+            {"at": datetime.now(UTC)},
+        )  # fmt: skip
+        [reached] = connection.execute(select(store.outcomes.c.reached_at)).scalars()
+    assert reached is not None

@@ -57,11 +57,11 @@ def _tiers(path: Path, curves: dict) -> None:
         for i, (name, (y, _, tiers)) in enumerate(curves.items()):
             tiers = np.asarray(tiers)
             rates = [float(y[tiers == t].mean()) if (tiers == t).any() else 0.0 for t in TIERS]
-            ax.bar(x + i * width, rates, width, label=name)
-        overall = float(np.mean(next(iter(curves.values()))[0]))
-        ax.axhline(overall, linestyle=":", color="grey", label="overall")
+            bars = ax.bar(x + i * width, rates, width, label=name)
+            ax.axhline(float(np.mean(y)), linestyle=":", color=bars.patches[0].get_facecolor(), linewidth=1)
         ax.set_xticks(x + width * (len(curves) - 1) / 2, TIERS)
-        ax.set(ylabel="conversion rate", title="Conversion rate by tier", ylim=(0, 1))
+        ax.set(ylabel="conversion rate (dotted: each scorer's overall rate)", title="Conversion rate by tier",
+               ylim=(0, 1))  # fmt: skip
 
 
 def _gains(path: Path, curves: dict, cumulative_gains) -> None:

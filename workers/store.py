@@ -27,10 +27,12 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
     select,
+    update,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ outcomes = Table(
     Column("source", String(16), nullable=False),  # webhook | sync
     Column("recorded_at", DateTime(timezone=True), nullable=False),  # when leadscore learned of it
     # When the lead got there: the CRM's own date where it keeps one, else when leadscore first read it.
-    Column("reached_at", DateTime(timezone=True), nullable=False),
+    # (The server default keeps workers of the previous release writing during a rolling deploy.)
+    Column("reached_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("crm", "account_id", "lead_id", "kind", name="uq_outcome_per_lead_kind"),
 )
 feedback = Table(
@@ -161,6 +164,16 @@ def alembic_config(url: str):
     return config
 
 
+def schema_revisions(engine: Engine, url: str) -> tuple[str | None, str]:
+    """(the store's Alembic revision, the newest this code ships)."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    with engine.connect() as connection:
+        at = MigrationContext.configure(connection).get_current_revision()
+    return at, ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema to `revision` with Alembic (idempotent)."""
     from alembic import command
@@ -190,6 +203,11 @@ class Store:
             raise StoreNotReady(f"no score store at {shown} (relative to {Path.cwd()}): {fix}")
         if not inspect(self.engine).has_table(scores.name):
             raise StoreNotReady(f"{shown} holds no leadscore tables: {fix}")
+        at, head = schema_revisions(self.engine, self.url)
+        if at != head:
+            raise StoreNotReady(
+                f"{shown} is at schema revision {at}, this leadscore needs {head}: run `leadscore db upgrade`"
+            )
         return self
 
     def record_scores(self, records: Iterable[ScoreRecord]) -> int:
@@ -201,7 +219,7 @@ class Store:
 
     def record_outcomes(self, facts: Iterable[LeadFact], source: str) -> int:
         """Keep each lead's outcome kinds once (insert-or-ignore, so workers and `outcomes sync`
-        can race); returns how many were new."""
+        can race), and the earliest date anyone gave for it; returns how many were new."""
         now = datetime.now(UTC)
         rows = [
             {**_keys(f), "kind": f.value, "source": source, "recorded_at": now,
@@ -210,10 +228,26 @@ class Store:
         ]  # fmt: skip
         if not rows:
             return 0
-        insert = _insert_ignoring_duplicates(self.engine.dialect.name).returning(outcomes.c.id)
+        dialect = self.engine.dialect.name
+        insert = _insert_ignoring_duplicates(dialect)
+        if dialect == "postgresql":  # psycopg reports rowcount -1 for INSERT … ON CONFLICT DO NOTHING
+            insert = insert.returning(outcomes.c.id)
+        key = (outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id, outcomes.c.kind)
+        earlier = (
+            update(outcomes)
+            .where(*(column == bindparam(f"_{column.name}") for column in key))
+            .where(outcomes.c.reached_at > bindparam("_reached_at"))
+            .values(reached_at=bindparam("_reached_at"))
+        )
+        added = 0
         with self.engine.begin() as connection:
-            # RETURNING, not rowcount: psycopg reports -1 for an INSERT … ON CONFLICT DO NOTHING.
-            return sum(len(connection.execute(insert, row).all()) for row in rows)
+            for row in rows:
+                result = connection.execute(insert, row)
+                added += len(result.all()) if dialect == "postgresql" else result.rowcount
+            # A later report with an earlier date (the CRM's own, say) moves the outcome back to it.
+            connection.execute(earlier, [{f"_{k}": row[k] for k in (*(c.name for c in key), "reached_at")}
+                                         for row in rows])  # fmt: skip
+        return added
 
     def record_feedback(self, facts: Iterable[Feedback]) -> int:
         """Keep a rep's feedback whenever it differs from what they said last about the lead."""

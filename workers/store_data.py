@@ -33,6 +33,11 @@ class LeadHistory:
         before = [row for row in self.scores if row["scored_at"] < moment]
         return before[-1] if before else None
 
+    def last_within(self, window: timedelta) -> dict:
+        """The newest score written within `window` of the first: what reps saw while it could convert."""
+        end = self.first["scored_at"] + window
+        return [row for row in self.scores if row["scored_at"] <= end][-1]
+
 
 def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite hands back naive UTC
@@ -73,14 +78,16 @@ def _kind_of(name: str, values: pd.Series) -> Kind:
 def labelled_scores(store: Store, min_age_days: float) -> Iterator[tuple[dict, int]]:
     """One score a lead, with its outcome: a lead that converted is represented by its last score
     *before* it converted (later ones already show the outcome, e.g. its lifecycle stage); one
-    that did not counts as lost once first scored over `min_age_days` ago (younger ones are left
-    out: too early to tell). Leads first scored after converting teach nothing."""
-    cutoff = datetime.now(UTC) - timedelta(days=min_age_days)
+    that did not counts as lost once first scored over `min_age_days` ago, represented by its last
+    score within those days (younger ones are left out: too early to tell). Leads first scored
+    after converting teach nothing."""
+    window = timedelta(days=min_age_days)
+    cutoff = datetime.now(UTC) - window
     for history in histories(store):
         if history.converted_at is not None:
             row, label = history.last_before(history.converted_at), 1
         elif history.first["scored_at"] <= cutoff:
-            row, label = history.scores[-1], 0
+            row, label = history.last_within(window), 0
         else:
             continue
         if row is not None:
@@ -89,10 +96,16 @@ def labelled_scores(store: Store, min_age_days: float) -> Iterator[tuple[dict, i
 
 def live_scorers(store: Store, min_age_days: float) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     """The scores the workers wrote (holdout leads' included: kept, though not shown), against the
-    outcomes, per scorer: (labels, score / 100, tiers)."""
+    outcomes, per scorer and version (the trained model's, or the LLM's): (labels, score / 100,
+    tiers)."""
     grouped: dict[str, list[tuple[dict, int]]] = {}
     for row, label in labelled_scores(store, min_age_days):
-        name = f"live {row['model_version'] if row['scorer'] == 'model' else row['scorer']}"
+        version = row["model_version"]
+        name = (
+            f"live {version}"
+            if row["scorer"] == "model"
+            else " ".join(filter(None, ("live", row["scorer"], version)))
+        )
         grouped.setdefault(name, []).append((row, label))
     return {
         name: (

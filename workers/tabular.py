@@ -40,8 +40,8 @@ LEAD_FIELD_KINDS: dict[str, Kind] = {
     "visits": "numeric",
     "page_views": "numeric",
 }
-_TRUE = frozenset({"1", "true", "yes", "y", "t"})
-_FALSE = frozenset({"0", "false", "no", "n", "f"})
+_TRUE = frozenset({"1", "1.0", "true", "yes", "y", "t"})  # 1.0 / 0.0: as spreadsheets and pandas write them
+_FALSE = frozenset({"0", "0.0", "false", "no", "n", "f"})
 LLM_FEATURE = "llm_propensity"
 
 
@@ -148,7 +148,6 @@ def labels(frame: pd.DataFrame, column: str) -> np.ndarray:
             f"label column {column!r} is empty in {empty} of {len(raw)} rows (first at line {first}); "
             "every row needs an outcome (1 = converted, 0 = not)"
         )
-    raw = raw.replace({"1.0": "1", "0.0": "0"})  # as spreadsheets and pandas write them
     values = set(raw.unique())
     if not values <= (_TRUE | _FALSE):
         strange = sorted(values - (_TRUE | _FALSE))[:5]
@@ -223,14 +222,15 @@ def lead_features(lead: Lead, kinds: dict[str, Kind], propensity=None) -> dict[s
 
 
 # A file without contact columns says nothing about whether its leads can be reached: the rules
-# take them as reachable rather than mark every one "No email or phone".
+# take them as reachable rather than mark every one "No email or phone". Map either, and the file
+# speaks for both.
 ASSUMED_WHEN_UNMAPPED = {"has_email": True, "has_phone": True}
 
 
 def leads_from_frame(frame: pd.DataFrame, mapping: Mapping) -> list[Lead]:
     """Rows as Leads, so the rules scorer reads a file the way it reads a CRM."""
     missing = frozenset(mapping.missing)
-    assumed = {name: value for name, value in ASSUMED_WHEN_UNMAPPED.items() if name not in mapping.fields}
+    assumed = {} if set(ASSUMED_WHEN_UNMAPPED) & set(mapping.fields) else ASSUMED_WHEN_UNMAPPED
     leads = []
     for row in frame.to_dict("records"):
         values: dict[str, object] = dict(assumed)

@@ -13,13 +13,32 @@ down_revision = "0001_store"
 branch_labels = None
 depends_on = None
 
+# Workers before this revision kept a batch's scores, then its outcomes: a webhook outcome's lead was
+# last scored, at or before the outcome was recorded, in the very batch that saw the outcome. That
+# score already shows it, so the outcome is dated at it (`train --from-store` learns from the score
+# before). Other rows keep the time they were recorded; `outcomes sync` moves them to the CRM's date.
+SCORE_THAT_SAW_IT = """
+    SELECT MAX(s.scored_at) FROM scores s
+    WHERE s.crm = outcomes.crm AND s.account_id = outcomes.account_id AND s.lead_id = outcomes.lead_id
+      AND s.scored_at <= outcomes.recorded_at
+"""
+
 
 def upgrade() -> None:
     with op.batch_alter_table("outcomes") as batch:
         batch.add_column(sa.Column("reached_at", sa.DateTime(timezone=True), nullable=True))
-    op.execute("UPDATE outcomes SET reached_at = recorded_at")  # the best that earlier rows know
+    op.execute("UPDATE outcomes SET reached_at = recorded_at")
+    op.execute(
+        f"UPDATE outcomes SET reached_at = COALESCE(({SCORE_THAT_SAW_IT}), reached_at) "
+        "WHERE source = 'webhook'"
+    )
     with op.batch_alter_table("outcomes") as batch:
-        batch.alter_column("reached_at", existing_type=sa.DateTime(timezone=True), nullable=False)
+        batch.alter_column(
+            "reached_at",
+            existing_type=sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.now(),
+        )
 
 
 def downgrade() -> None:
