@@ -4,6 +4,7 @@ the Flask app, and RQ workers that run the real job functions."""
 from __future__ import annotations
 
 import json
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -59,15 +60,22 @@ def postgres_server():
 def store_url(request, tmp_path) -> str:
     """An empty database for the score store: a SQLite file, and a fresh database on a real
     PostgreSQL server (the production store)."""
-    if request.param == "sqlite":
+    return _empty_database(request.param, request, tmp_path)
+
+
+def _empty_database(kind: str, request, tmp_path) -> str:
+    if kind == "sqlite":
         return f"sqlite:///{tmp_path}/store.sqlite3"
     server = request.getfixturevalue("postgres_server")
-    name = f"store_{request.node.name.split('[')[0][-40:]}_{len(tmp_path.parts)}_{id(tmp_path)}"
+    name = f"store_{uuid.uuid4().hex}"  # within PostgreSQL's 63-character limit, unlike test names
     engine = create_engine(server, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
     return f"{server.rsplit('/', 1)[0]}/{name}"
+
+
+EACH_STORE = pytest.mark.parametrize("env", ["sqlite", "postgresql"], indirect=True)
 
 
 @pytest.fixture
@@ -115,9 +123,10 @@ def salesforce(local_tls):
 
 
 @pytest.fixture
-def env(monkeypatch, tmp_path, redis, redis_server, hubspot, llm, salesforce, local_tls):
-    """Environment for every process role, pointing at the local real parts."""
-    database_url = f"sqlite:///{tmp_path}/leadscore.sqlite3"
+def env(request, monkeypatch, tmp_path, redis, redis_server, hubspot, llm, salesforce, local_tls):
+    """Environment for every process role, pointing at the local real parts. The score store is a
+    SQLite file unless a test parametrizes `env` indirectly with "postgresql"."""
+    database_url = _empty_database(getattr(request, "param", "sqlite"), request, tmp_path)
     store.upgrade(database_url)
     values = {
         "DATABASE_URL": database_url,

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from integration import metrics
 from integration.cli import main
 from integration.settings import get_settings
-from tests.conftest import FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
+from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
 from workers import jobs, store, store_data
 from workers.holdout import in_holdout
 from workers.tabular import TableError
@@ -41,6 +41,7 @@ def reconfigure(monkeypatch, **values: str) -> None:
     jobs._salesforce.cache_clear()
 
 
+@EACH_STORE
 def test_every_written_score_is_kept_with_the_inputs_it_was_made_from(env, post_delivery, crm, run_worker):
     post_delivery("contact.propertyChange__lead_status")
     [result] = run_worker()
@@ -59,6 +60,7 @@ def test_every_written_score_is_kept_with_the_inputs_it_was_made_from(env, post_
     assert kept["fingerprint"] == kept["details"]["fingerprint"]
 
 
+@EACH_STORE
 def test_contact_propertyChange__rep_feedback(env, post_delivery, crm, run_worker, hubspot, llm):
     post_delivery("contact.propertyChange__lead_status")
     [scored] = run_worker()
@@ -91,6 +93,7 @@ def test_contact_propertyChange__lifecyclestage(env, post_delivery, crm, run_wor
     assert stored_outcomes(env) == [("hubspot", PORTAL_ID, CONTACT, stage, "webhook")]
 
 
+@EACH_STORE
 @pytest.mark.parametrize("dated_by_hubspot", [True, False])
 def test_a_lead_that_converts_is_learned_from_its_score_before_it_converted(
     env, post_delivery, crm, run_worker, hubspot, dated_by_hubspot
@@ -125,6 +128,7 @@ def test_a_lead_first_seen_as_a_customer_teaches_nothing(env, post_delivery, crm
     assert store_data.store_summary(kept)["holdout"]["scored"] == {"leads": 1, "converted": 0, "rate": 0.0}
 
 
+@EACH_STORE
 def test_lead_change_event__rep_feedback(env, post_change_events, sf_crm, run_worker, salesforce):
     post_change_events("lead_change_event__create")
     run_worker()
@@ -139,6 +143,7 @@ def test_lead_change_event__rep_feedback(env, post_change_events, sf_crm, run_wo
     assert said["score"] == 82  # the score the rep was looking at
 
 
+@EACH_STORE
 def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
     assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
     assert main(["outcomes", "sync", "--crm", "salesforce"]) == 0
