@@ -46,8 +46,8 @@ def cmd_worker(args) -> int:
 
     settings = get_settings()
     logs.configure(settings.log_level)
-    jobs.context()  # validate config and build clients once, before RQ forks work horses
-    _prepare_store(settings.database_url)
+    ctx = jobs.context()  # validate config and build clients once, before RQ forks work horses
+    _prepare_store(ctx.store)
     if settings.salesforce_configured:
         for org_id in settings.allowed_org_ids:
             jobs.salesforce_for(org_id).prepare()  # log in and describe Lead once here, not per work horse
@@ -72,16 +72,19 @@ def cmd_worker(args) -> int:
             backoff = min(backoff * 2, 30.0)
 
 
-def _prepare_store(url: str) -> None:
-    """Bring the score store's schema up to date; without it, scores still reach the CRM."""
+def _prepare_store(kept) -> None:
+    """Bring the score store's schema up to date, and connect once so that every work horse forks
+    with the engine's dialect set up and an empty pool; without a store, scores still reach the CRM."""
     from workers import store
 
     try:
-        store.upgrade(url)
+        store.upgrade(kept.url)
+        kept.engine.connect().close()
+        kept.engine.dispose()  # no connection is shared across the fork
     except Exception as exc:
         logging.getLogger("leadscore.worker").error(
             "score store %s is unavailable (%s): scores are written to the CRM but not kept",
-            _redacted(url), exc,
+            store.redacted(kept.url), exc,
         )  # fmt: skip
 
 
@@ -189,14 +192,8 @@ def cmd_db(args) -> int:
     settings = get_settings()
     store.upgrade(settings.database_url)
     counts = store.Store(settings.database_url).counts()
-    print(f"schema of {_redacted(settings.database_url)} is at head: {counts}")
+    print(f"schema of {store.redacted(settings.database_url)} is at head: {counts}")
     return 0
-
-
-def _redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _scoring_config():

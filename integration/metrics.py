@@ -86,21 +86,7 @@ _lock = threading.Lock()
 
 def incr(redis: Redis, name: str, amount: float = 1, **labels: str) -> None:
     """Add `amount` (>= 0) to counter `name` {labels}. Never raises."""
-    try:
-        name = _known(name, COUNTER_HELP, "counter")
-        if name is None:
-            return
-        amount = float(amount)
-        if not math.isfinite(amount) or amount < 0:
-            _warn("bad-amount", "metrics: counter %s refuses amount %r", name, amount)
-            return
-        if amount == 0 or _backing_off(redis):
-            return
-        redis.hincrbyfloat(COUNTERS_KEY, _series(name, labels), amount)
-    except RedisError as exc:
-        _failed(redis, exc)
-    except Exception:  # metrics must never break the caller
-        log.exception("metrics: could not record counter %s", name)
+    incr_many(redis, [(name, amount, labels)])
 
 
 def observe(redis: Redis, name: str, seconds: float, **labels: str) -> None:
@@ -175,8 +161,13 @@ def add_counters(pipe: Pipeline, increments: Increments) -> None:
     for name, amount, labels in increments:
         try:
             known = _known(name, COUNTER_HELP, "counter")
-            if known is not None and amount and amount > 0:
-                pipe.hincrbyfloat(COUNTERS_KEY, _series(known, labels), float(amount))
+            if known is None:
+                continue
+            amount = float(amount)
+            if not math.isfinite(amount) or amount < 0:
+                _warn("bad-amount", "metrics: counter %s refuses amount %r", known, amount)
+            elif amount:
+                pipe.hincrbyfloat(COUNTERS_KEY, _series(known, labels), amount)
         except Exception:  # metrics must never break the caller
             log.exception("metrics: could not record counter %s", name)
 

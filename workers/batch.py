@@ -17,7 +17,7 @@ from rq import Queue, get_current_job
 
 from integration import metrics, pending
 from integration.crm import WriteRejected
-from integration.events import LeadEvent
+from integration.events import LeadEvent, parse_events
 from integration.ratelimit import RateLimited
 from workers.jobs import context, outcome
 
@@ -82,22 +82,20 @@ def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
         log.warning("%s; batch of %d put off %.0fs", exc, len(events), exc.retry_after_s)
         _queue().enqueue_in(
             timedelta(seconds=max(1.0, exc.retry_after_s)),
-            "workers.batch.score_batch",
+            pending.SCORE_BATCH_JOB,
             crm,
             account,
             events,
             job_timeout=pending.BATCH_TIMEOUT_S,
             retry=pending.BATCH_RETRY,
         )
-        return [
-            {"lead": LeadEvent.model_validate_json(raw).lead_key, "outcome": "deferred"} for raw in events
-        ]
+        return [{"lead": event.lead_key, "outcome": "deferred"} for event in parse_events(events)]
 
 
 def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     started = time.monotonic()
     adapter = ctx.crm(crm, account)
-    lead_events = [LeadEvent.model_validate_json(raw) for raw in events]
+    lead_events = parse_events(events)
     by_id = {event.lead_id: event for event in lead_events}
     leads = adapter.read_leads(list(by_id))  # keyed by the ids asked for
     closed = {i: lead for i, lead in leads.items() if lead.read_only}  # converted: an outcome, no score
@@ -158,7 +156,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         queue.enqueue_many(
             [
                 Queue.prepare_data(
-                    "workers.batch.score_batch",
+                    pending.SCORE_BATCH_JOB,
                     args=(crm, account, [event.model_dump_json()]),
                     timeout=pending.BATCH_TIMEOUT_S,
                     retry=pending.BATCH_RETRY,
@@ -211,9 +209,7 @@ def rescore(crm: str, account: str, events: list[str]) -> int:
     """Leads scored while the LLM was down go back to pending, so they get a real propensity."""
     queue = _queue()
     now = datetime.now(UTC)
-    lead_events = [
-        LeadEvent.model_validate_json(raw).model_copy(update={"accepted_at": now}) for raw in events
-    ]
+    lead_events = [event.model_copy(update={"accepted_at": now}) for event in parse_events(events)]
     with queue.connection.pipeline(transaction=True) as pipe:
         pending.record(pipe, lead_events)
         pipe.execute()

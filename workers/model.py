@@ -237,15 +237,20 @@ class TrainedModel:
         """Calibrated conversion probabilities."""
         return self.calibrator(self.estimator.predict_proba(self.matrix(frame))[:, 1])
 
-    def contributions(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Per-lead, per-feature contributions to the raw log-odds (LightGBM's pred_contrib; for
-        other estimators, the change in log-odds when the feature is set to missing)."""
+    def explain(self, frame: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+        """Calibrated probabilities and per-lead, per-feature contributions to the raw log-odds
+        (LightGBM's pred_contrib; for other estimators, the change in log-odds when the feature is
+        set to missing), from one design matrix."""
         X = self.matrix(frame)
+        raw = self.estimator.predict_proba(X)[:, 1]
+        return self.calibrator(raw), self._contributions(X, raw, frame.index)
+
+    def _contributions(self, X: pd.DataFrame, raw: np.ndarray, index: pd.Index) -> pd.DataFrame:
         booster = getattr(self.estimator, "booster_", None)
         if booster is not None:
             values = self.estimator.predict(X, pred_contrib=True)[:, : len(self.kinds)]
-            return pd.DataFrame(values, columns=list(self.kinds), index=frame.index)
-        base = _logit(self.estimator.predict_proba(X)[:, 1])
+            return pd.DataFrame(values, columns=list(self.kinds), index=index)
+        base = _logit(raw)
         out = {}
         for name, kind in self.kinds.items():
             blank = X.copy()
@@ -253,7 +258,7 @@ class TrainedModel:
             if kind == "categorical":
                 blank[name] = pd.Categorical(blank[name], categories=X[name].cat.categories)
             out[name] = base - _logit(self.estimator.predict_proba(blank)[:, 1])
-        return pd.DataFrame(out, index=frame.index)
+        return pd.DataFrame(out, index=index)
 
     def save(self, directory: Path) -> Path:
         directory = Path(directory)

@@ -86,8 +86,7 @@ def tiers_of(model: TrainedModel) -> Tiers:
 
 def score_frame(model: TrainedModel, frame: pd.DataFrame) -> list[ScoreResult]:
     """Score every row of a feature frame (feature name → value) with the model."""
-    probabilities = model.predict(frame)
-    contributions = model.contributions(frame)
+    probabilities, contributions = model.explain(frame)
     tiers = tiers_of(model)
     base = model.meta.get("base_rate", 0.5)
     names = list(model.kinds)

@@ -74,15 +74,14 @@ def train_from_store(
 ):
     """Learn from the inputs kept with each score, labelled by the outcomes. A mapping is optional:
     its [custom] entries give those features' kinds, labels and CRM properties."""
-    from sqlalchemy.engine import make_url
-
+    from workers.store import redacted
     from workers.store_data import training_rows
 
     started = time.perf_counter()
     mapping = tabular.load_mapping(mapping_path) if mapping_path else None
     custom = {name: spec.kind for name, spec in mapping.custom.items()} if mapping else None
     features, y, kinds, window = training_rows(store, min_age_days, custom)
-    source = {"store": make_url(store.url).render_as_string(hide_password=True), **window}
+    source = {"store": redacted(store.url), **window}
     trained = train(features, y, kinds, source=source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
                     progress=progress("cross-validating"))  # fmt: skip
     return _finish(trained, mapping, out, started)

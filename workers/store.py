@@ -31,6 +31,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    make_url,
     select,
     update,
 )
@@ -181,6 +182,11 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+def redacted(url: str) -> str:
+    """The database URL with its password hidden, for messages and artifacts."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 class StoreNotReady(ValueError):
     """The store a command reads has no leadscore schema (wrong DATABASE_URL, or never migrated)."""
 
@@ -194,10 +200,9 @@ class Store:
         """For commands that read the store: fail in one line, and never leave an empty SQLite file
         behind, when it is not the store the workers write."""
         from sqlalchemy import inspect
-        from sqlalchemy.engine import make_url
 
         url = make_url(self.url)
-        shown = url.render_as_string(hide_password=True)
+        shown = redacted(self.url)
         fix = "point DATABASE_URL at the workers' store, or create it with `leadscore db upgrade`"
         if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
             raise StoreNotReady(f"no score store at {shown} (relative to {Path.cwd()}): {fix}")
