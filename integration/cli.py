@@ -20,7 +20,11 @@ def cmd_setup(args) -> int:
         from integration.hubspot.api import HubSpotCRM
 
         report = HubSpotCRM(get_settings()).ensure_properties()
-        todo = ["Add Lead score, Lead tier and Lead score reason as contact list-view columns."]
+        todo = [
+            "Add Lead score, Lead tier and Lead score reason as contact list-view columns.",
+            "Show Lead score feedback on the contact record (Settings > Objects > Contacts > Record "
+            "customization), so reps can say a score is too high, too low or right.",
+        ]
     else:
         from integration.salesforce.api import ADMIN_STEPS, SalesforceCRM
 
@@ -227,7 +231,7 @@ def cmd_train(args) -> int:
           f"ECE {expected['ece']:.4f}, {_tier_a(expected['tiers'], meta['base_rate'])}")  # fmt: skip
     in_d, cuts = expected["tiers"][-1]["share"], meta["tiers"]
     suggested = _suggested_tiers(meta["base_rate"])
-    if in_d > MOST_IN_D and suggested is not None and cuts["A"] > suggested.A:
+    if in_d > MOST_IN_ONE_TIER and suggested is not None and cuts["A"] > suggested.A:
         print(f"  warning: {in_d:.0%} of leads land in tier D. The cut-offs (A {cuts['A']}, B {cuts['B']}, "
               f"C {cuts['C']}) are calibrated conversion probabilities; with a {meta['base_rate']:.0%} "
               f"base rate set lower ones, e.g. --tiers {suggested.A},{suggested.B},"
@@ -235,7 +239,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-MOST_IN_D = 0.8
+MOST_IN_ONE_TIER = 0.8  # beyond this share in one tier, say the tiers barely separate leads
 
 
 def _tier_a(tiers: list[dict], base_rate: float) -> str:
@@ -276,10 +280,20 @@ def tiers_argument(text: str):
 def cmd_score_file(args) -> int:
     from workers import offline
 
-    rows = offline.score_file(args.data, args.mapping, args.out, _scoring_config(), args.model)
-    print(
-        f"scored {rows} rows with {'model ' + str(args.model) if args.model else 'the rules'} -> {args.out}"
-    )
+    landed = offline.score_file(args.data, args.mapping, args.out, _scoring_config(), args.model)
+    rows = sum(landed.values())
+    scorer = f"model {args.model}" if args.model else "the rules"
+    shares = ", ".join(f"{tier} {count / rows:.0%}" for tier, count in landed.items()) if rows else "none"
+    print(f"scored {rows} rows with {scorer} -> {args.out} (tiers: {shares})")
+    crowded, count = max(landed.items(), key=lambda item: item[1])
+    if rows and count / rows > MOST_IN_ONE_TIER:
+        fix = (
+            "choose other cut-offs with train --tiers"
+            if args.model
+            else "tune SCORING_CONFIG_PATH (weights, statuses, tier cut-offs) to them, or train a model"
+        )
+        print(f"  warning: {count / rows:.0%} of rows land in tier {crowded}, so the tiers barely separate "
+              f"these leads: {fix}")  # fmt: skip
     return 0
 
 

@@ -263,6 +263,58 @@ def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypa
     }
 
 
+ENGAGED = {"time_on_site_s": "1500", "last_activity": "SMS Sent", "city": "Mumbai"}  # kept as the CRM said
+
+
+def test_a_models_custom_features_are_read_from_hubspot_properties(
+    env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm
+):
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()
+    before = json.loads(written(hubspot, CONTACT)["leadscore_details"])
+    hubspot.contacts[CONTACT]["properties"].update(
+        leadscore_time_on_site="1500", leadscore_last_activity="SMS Sent", city="Mumbai"
+    )  # the properties the mapping names for [custom] features
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 9, "propertyName": "leadscore_time_on_site",
+                               "propertyValue": "1500"}]).encode())  # fmt: skip
+    run_worker()
+    after = json.loads(written(hubspot, CONTACT)["leadscore_details"])
+
+    first, second = table(env, store.scores)
+    assert not set(ENGAGED) & set(first["features"])  # unset: missing, as the model was told
+    assert {name: second["features"][name] for name in ENGAGED} == ENGAGED
+    assert after["probability"] > before["probability"]  # 25 minutes on site and an SMS: a likelier lead
+    assert after["contributions"]["time_on_site_s"] > before["contributions"]["time_on_site_s"]
+
+
+def test_a_models_custom_features_are_read_from_salesforce_fields(
+    env, monkeypatch, crm_model, post_outbound, sf_crm, run_worker, salesforce
+):
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
+    lead = salesforce.leads["00Q5g00000Ls001EAB"]
+    salesforce.add_lead({**lead, "City": "Mumbai", "Time_On_Site__c": None, "Last_Activity__c": None})
+    post_outbound("outbound_message__single")
+    run_worker()
+    before = json.loads(salesforce.lead(lead["Id"])["Leadscore_Details__c"])
+    salesforce.leads[lead["Id"]].update(Time_On_Site__c=1500, Last_Activity__c="SMS Sent")
+    post_outbound(
+        FIXTURES.joinpath("salesforce/outbound_message__single.xml")
+        .read_bytes()
+        .replace(b"10:02:11", b"10:09:11")
+        .replace(b"N001AA", b"N009AA")
+    )  # a later notification
+    run_worker()
+    after = json.loads(salesforce.lead(lead["Id"])["Leadscore_Details__c"])
+
+    first, second = table(env, store.scores)
+    assert first["features"]["city"] == "Mumbai" and "time_on_site_s" not in first["features"]
+    assert {name: second["features"][name] for name in ENGAGED} == ENGAGED
+    assert after["probability"] > before["probability"]
+    assert after["contributions"]["time_on_site_s"] > before["contributions"]["time_on_site_s"]
+
+
 def test_a_model_with_the_llm_as_a_feature_calls_it_and_falls_back_without_it(
     env, monkeypatch, tmp_path, post_delivery, crm, run_worker, hubspot, llm
 ):

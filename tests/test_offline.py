@@ -17,7 +17,10 @@ from integration.cli import main
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, tabular
+from workers.config import load_config
+from workers.metrics import rate_difference
 from workers.model import TrainedModel
+from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
 from workers.store_data import training_rows
 
@@ -73,15 +76,22 @@ def test_score_file_without_a_model_uses_the_rules_alone(tmp_path, capsys):
     scored = rows(out)
     assert len(scored) == 500
     assert scored[:3] == [
-        {"Prospect ID": "7927b2df-8bba-4d29-b9a2-b6e0beafe620", "score": "45", "tier": "C",
+        {"Prospect ID": "7927b2df-8bba-4d29-b9a2-b6e0beafe620", "score": "43", "tier": "C",
          "reason": "Unemployed; Reachable, not engaged yet"},  # no visits
-        {"Prospect ID": "82cb5fb0-2d97-4a39-a630-ab5fe2e7f18c", "score": "48", "tier": "C",
+        {"Prospect ID": "82cb5fb0-2d97-4a39-a630-ab5fe2e7f18c", "score": "46", "tier": "C",
          "reason": "Engaged and reachable; Unemployed"},
         {"Prospect ID": "e60a54bc-0816-430e-a99a-019a8b5a27e5", "score": "49", "tier": "C",
          "reason": "Engaged and reachable; Working Professional at fintech"},
     ]  # fmt: skip
     # The file has no contact columns: its leads are taken as reachable, not as "No email or phone".
-    assert "scored 500 rows with the rules" in capsys.readouterr().out
+    config, table = load_config(), offline.load_table(DATA, MAPPING, None, need_label=True)
+    rules = evaluate_rules(tabular.leads_from_frame(table.frame.head(1), table.mapping)[0], config).scores()
+    weights = config.weights.normalised()  # no share left for the AI propensity
+    assert int(scored[0]["score"]) == round(100 * sum(weights[name] * rules[name] for name in weights))
+    printed = capsys.readouterr().out
+    assert "scored 500 rows with the rules" in printed and "(tiers: A 0%, B 0%, C 94%, D 6%)" in printed
+    # B2B SaaS defaults on B2C course leads: the command says the tiers do not separate them.
+    assert "warning: 94% of rows land in tier C" in printed and "SCORING_CONFIG_PATH" in printed
 
 
 def test_score_file_with_a_model_names_each_leads_drivers(trained, tmp_path):
@@ -392,6 +402,18 @@ def test_a_low_base_rate_is_warned_about_and_tiers_can_follow_it(tmp_path, capsy
     assert json.loads((tmp_path / "m2" / "model.json").read_text())["tiers"] == {"A": 29, "B": 15, "C": 7}
 
 
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ((56, 70, 48, 80), {"points": 20.0, "ci95": [5.2, 33.4]}),  # Newcombe (1998), table II, method 10
+        ((9, 10, 3, 10), {"points": 60.0, "ci95": [17.1, 80.9]}),
+        ((5, 10, 0, 0), None),  # no holdout yet
+    ],
+)
+def test_the_holdout_difference_has_newcombes_interval(counts, expected):
+    assert rate_difference(*counts) == expected
+
+
 @EACH_STORE
 def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tmp_path):
     kept = Store(env["DATABASE_URL"])
@@ -404,10 +426,11 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
     kept.record_outcomes([LeadFact("salesforce", "00D5g000004XyZa", "1", "converted")], "webhook")
     kept.record_feedback(
         [
-            Feedback("salesforce", "00D5g000004XyZa", "3", "too_low", 30, "D"),
-            Feedback("salesforce", "00D5g000004XyZa", "2", "too_high"),
+            Feedback("salesforce", "00D5g000004XyZa", "3", "too_low", 30, "D", "3"),
+            Feedback("salesforce", "00D5g000004XyZa", "2", "too_high"),  # a holdout lead: nothing shown
+            Feedback("salesforce", "00D5g000004XyZa", "3", "right", 30, "D", "3"),  # a change of mind
         ]
-    )  # a holdout lead: nothing shown
+    )
     out = tmp_path / "report"
 
     args = ["evaluate", "--data", str(DATA), "--mapping", str(MAPPING), "--with-store", "--out", str(out)]
@@ -418,10 +441,14 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
         "scores": 4, "leads": 4, "converted": 1,
         "holdout": {"scored": {"leads": 2, "converted": 1, "rate": 0.5},
                     "holdout": {"leads": 2, "converted": 0, "rate": 0.0}},
-        "feedback": {"(none shown)": {"too_high": 1}, "D": {"too_low": 1}},
+        "shown_minus_holdout": {"points": 50.0, "ci95": [-27.3, 90.5]},
+        "feedback": {"(none shown)": {"too_high": 1}, "D": {"right": 1}},
     }  # fmt: skip
     report = (out / "report.md").read_text()
-    assert "### Holdout (no visible score)" in report and "| D | 0 | 0 | 1 |" in report
+    assert "### Holdout (no visible score)" in report and "| D | 0 | 1 | 0 |" in report
+    assert "Shown minus holdout: +50.0 points (95% interval -27.3 to +90.5): the interval includes 0" in (
+        report
+    )
     assert "| (none shown) | 1 | 0 | 0 |" in report
 
 

@@ -67,6 +67,9 @@ class Blend(_Strict):
     propensity_weight: float = Field(ge=0.0, lt=1.0)
 
 
+TIER_NAMES = ("A", "B", "C", "D")  # best first; D is what no cut-off reaches
+
+
 class Tiers(_Strict):
     A: int = Field(ge=0, le=100)
     B: int = Field(ge=0, le=100)
@@ -79,10 +82,10 @@ class Tiers(_Strict):
         return self
 
     def tier_for(self, score: int) -> str:
-        for tier in ("A", "B", "C"):
+        for tier in TIER_NAMES[:-1]:
             if score >= getattr(self, tier):
                 return tier
-        return "D"
+        return TIER_NAMES[-1]
 
 
 class Seniority(_Strict):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+from workers.config import TIER_NAMES
 
 ECE_BINS = 10
 
@@ -29,7 +33,7 @@ def classification_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     }
 
 
-def tier_table(y: np.ndarray, tiers: list[str], order: tuple[str, ...] = ("A", "B", "C", "D")) -> list[dict]:
+def tier_table(y: np.ndarray, tiers: list[str], order: tuple[str, ...] = TIER_NAMES) -> list[dict]:
     """Share of leads, conversion rate and lift over the overall rate, per tier."""
     y = np.asarray(y, dtype=float)
     tiers_arr = np.asarray(tiers)
@@ -55,3 +59,28 @@ def cumulative_gains(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarr
     captured = np.cumsum(np.asarray(y)[order]) / max(1, int(np.sum(y)))
     called = np.arange(1, len(order) + 1) / len(order)
     return np.concatenate([[0.0], called]), np.concatenate([[0.0], captured])
+
+
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion: sound for small n and for rates of 0 or 1."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def rate_difference(converted_a: int, leads_a: int, converted_b: int, leads_b: int) -> dict | None:
+    """Conversion rate of group a minus group b, in percentage points, with Newcombe's 95% interval
+    (hybrid score, from the two Wilson intervals); None while either group is empty."""
+    if not leads_a or not leads_b:
+        return None
+    p_a, p_b = converted_a / leads_a, converted_b / leads_b
+    low_a, high_a = wilson_interval(converted_a, leads_a)
+    low_b, high_b = wilson_interval(converted_b, leads_b)
+    difference = p_a - p_b
+    low = difference - math.sqrt((p_a - low_a) ** 2 + (high_b - p_b) ** 2)
+    high = difference + math.sqrt((high_a - p_a) ** 2 + (p_b - low_b) ** 2)
+    return {"points": round(100 * difference, 1), "ci95": [round(100 * low, 1), round(100 * high, 1)]}

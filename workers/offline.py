@@ -10,30 +10,26 @@ import hashlib
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from integration.errors import TableError
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
-from workers.config import ScoringConfig, Tiers
+from workers.config import TIER_NAMES, ScoringConfig, Tiers
 from workers.metrics import classification_metrics, cumulative_gains, tier_table
 from workers.model import TrainedModel, train
+from workers.progress import progress
 from workers.propensity import fallback
 from workers.rules import evaluate_rules
 
 RULES = "rules"
-
-
-def progress(desc: str):
-    """A progress bar on a terminal, silence in CI logs."""
-    return lambda items: tqdm(items, desc=desc, leave=False, disable=None)
 
 
 def file_digest(path: Path) -> str:
@@ -99,13 +95,19 @@ def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, s
     return trained
 
 
+def rules_only(config: ScoringConfig) -> ScoringConfig:
+    """The same rules with no propensity share: a neutral propensity would pull every score
+    toward 50 and crowd the file into one tier."""
+    return config.model_copy(update={"blend": config.blend.model_copy(update={"propensity_weight": 0.0})})
+
+
 def rules_results(table: LabelledTable, config: ScoringConfig) -> list[ScoreResult]:
-    """Zero-label mode: the rules scorer alone (the AI propensity held neutral)."""
+    """Zero-label mode: the rules scorer alone."""
     neutral = fallback("zero-label mode: rules only")
+    rules = rules_only(config)
     leads = tabular.leads_from_frame(table.frame, table.mapping)
     return [
-        blend_score(lead, evaluate_rules(lead, config), neutral, config)
-        for lead in progress("scoring")(leads)
+        blend_score(lead, evaluate_rules(lead, rules), neutral, rules) for lead in progress("scoring")(leads)
     ]
 
 
@@ -134,7 +136,8 @@ def _warn(message: str | None) -> None:
 
 def score_file(
     data: Path, mapping_path: Path, out: Path, config: ScoringConfig, model_dir: Path | None
-) -> int:
+) -> dict[str, int]:
+    """Writes the scored file; returns how many rows landed in each tier."""
     table = load_table(data, mapping_path, None, need_label=False)
     model = TrainedModel.load(model_dir) if model_dir else None
     if model is not None:
@@ -147,7 +150,8 @@ def score_file(
         "tier": [r.tier for r in results],
         "reason": [r.reason for r in results],
     }).to_csv(out, index=False)  # fmt: skip
-    return len(results)
+    landed = Counter(r.tier for r in results)
+    return {tier: landed[tier] for tier in TIER_NAMES}
 
 
 Curves = dict[str, tuple[np.ndarray, np.ndarray, list[str]]]  # scorer -> (labels, score / 100, tiers)

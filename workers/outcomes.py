@@ -10,6 +10,7 @@ from __future__ import annotations
 from integration.hubspot.api import HubSpotCRM
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings
+from workers.progress import progress
 from workers.store import LeadFact, Store, scores
 
 
@@ -47,7 +48,8 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
     report: dict[str, dict] = {}
     if crm in (None, "hubspot") and settings.hubspot_configured:
         for portal in accounts or _the_account("hubspot", _accounts_in_store(store, "hubspot")):
-            found = list(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome())
+            reading = progress(f"reading hubspot:{portal} contacts at an outcome")
+            found = list(reading(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome()))
             facts = [LeadFact("hubspot", portal, contact, kind, at) for contact, kind, at in found]
             report[f"hubspot:{portal}"] = {
                 "leads": len(found),

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-TIERS = ("A", "B", "C", "D")
+from workers.config import TIER_NAMES  # noqa: E402
 
 
 @contextmanager
@@ -53,13 +53,13 @@ def _calibration(path: Path, curves: dict) -> None:
 def _tiers(path: Path, curves: dict) -> None:
     with _figure(path, (6, 4)) as ax:
         width = 0.8 / max(1, len(curves))
-        x = np.arange(len(TIERS))
+        x = np.arange(len(TIER_NAMES))
         for i, (name, (y, _, tiers)) in enumerate(curves.items()):
             tiers = np.asarray(tiers)
-            rates = [float(y[tiers == t].mean()) if (tiers == t).any() else 0.0 for t in TIERS]
+            rates = [float(y[tiers == t].mean()) if (tiers == t).any() else 0.0 for t in TIER_NAMES]
             bars = ax.bar(x + i * width, rates, width, label=name)
             ax.axhline(float(np.mean(y)), linestyle=":", color=bars.patches[0].get_facecolor(), linewidth=1)
-        ax.set_xticks(x + width * (len(curves) - 1) / 2, TIERS)
+        ax.set_xticks(x + width * (len(curves) - 1) / 2, TIER_NAMES)
         ax.set(ylabel="conversion rate (dotted: each scorer's overall rate)", title="Conversion rate by tier",
                ylim=(0, 1))  # fmt: skip
 
@@ -151,6 +151,7 @@ def markdown(summary: dict) -> str:
         ]
         for group, row in store["holdout"].items():
             lines.append(f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} |")
+        lines += ["", _holdout_difference(store["shown_minus_holdout"])]
         lines += [
             "",
             "### Rep feedback",
@@ -167,6 +168,19 @@ def markdown(summary: dict) -> str:
     lines += ["", "## Plots", "", "![ROC](roc.png) ![Calibration](calibration.png)", "",
               "![Conversion by tier](tiers.png) ![Cumulative gains](gains.png)", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _holdout_difference(difference: dict | None) -> str:
+    if difference is None:
+        return "No difference yet: a group has no leads (is `HOLDOUT_SHARE` above 0?)."
+    low, high = difference["ci95"]
+    said = (
+        "the interval includes 0, so these leads cannot yet tell whether showing the score changes conversion"
+        if low <= 0 <= high
+        else f"showing the score goes with {'higher' if low > 0 else 'lower'} conversion"
+    )
+    interval = f"95% interval {low:+.1f} to {high:+.1f}"
+    return f"Shown minus holdout: {difference['points']:+.1f} points ({interval}): {said}."
 
 
 def write(out: Path, summary: dict, curves: dict, cumulative_gains) -> None:

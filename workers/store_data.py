@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import func, select
 
+from workers.metrics import rate_difference
 from workers.store import POSITIVE_OUTCOMES, Store, feedback, outcomes, scores
 from workers.tabular import LEAD_FIELD_KINDS, LLM_FEATURE, Kind, TableError, normalise
 
@@ -152,7 +153,8 @@ def training_rows(
 
 def store_summary(store: Store) -> dict:
     """Conversion of leads reps saw a score for beside the holdout's (membership and outcomes
-    counted from each lead's first score on), and rep feedback by the tier they were shown."""
+    counted from each lead's first score on) and the difference, and rep feedback by the tier they
+    were shown: what each rep says now about each score they saw, so a changed mind counts once."""
     groups: dict[str, dict] = {name: {"leads": 0, "converted": 0} for name in ("scored", "holdout")}
     kept = 0
     for history in histories(store):
@@ -164,16 +166,24 @@ def store_summary(store: Store) -> dict:
         )
     for group in groups.values():
         group["rate"] = round(group["converted"] / group["leads"], 4) if group["leads"] else None
+    scored, held = groups["scored"], groups["holdout"]
     with store.engine.connect() as connection:
-        said = connection.execute(select(feedback.c.tier, feedback.c.value)).all()
+        said = connection.execute(
+            select(feedback.c.crm, feedback.c.account_id, feedback.c.lead_id, feedback.c.fingerprint,
+                   feedback.c.tier, feedback.c.value).order_by(feedback.c.id)
+        ).all()  # fmt: skip
+    latest = {tuple(row[:4]): (row.tier, row.value) for row in said}
     by_tier: dict[str, dict[str, int]] = {}
-    for tier, value in said:
+    for tier, value in latest.values():
         counts = by_tier.setdefault(tier or "(none shown)", {})
         counts[value] = counts.get(value, 0) + 1
     return {
         "scores": kept,
-        "leads": sum(g["leads"] for g in groups.values()),
-        "converted": sum(g["converted"] for g in groups.values()),
+        "leads": scored["leads"] + held["leads"],
+        "converted": scored["converted"] + held["converted"],
         "holdout": groups,
+        "shown_minus_holdout": rate_difference(
+            scored["converted"], scored["leads"], held["converted"], held["leads"]
+        ),
         "feedback": dict(sorted(by_tier.items())),
     }

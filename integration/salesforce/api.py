@@ -51,17 +51,6 @@ class SetupReport:
     existing: list[str]
 
 
-ADMIN_STEPS = (
-    "Grant field-level security on the five Leadscore fields: read/write for leadscore's integration "
-    "user's profile or permission set, read-only for the reps' profiles "
-    "(Setup > Object Manager > Lead > Fields & Relationships > each field > Set Field-Level Security).",
-    "Add Lead Score, Lead Tier and Lead Score Reason as columns of the reps' Lead list views "
-    "(list view > gear > Select Fields to Display).",
-    "Point an Outbound Message (Flow or workflow rule on Lead create/edit) at "
-    "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with fields Id and LastModifiedById, "
-    "or send signed change events to /webhooks/salesforce/events (see the README).",
-)
-
 FIELD_DEFINITIONS: dict[str, dict] = {
     OUTPUT_FIELDS["score"]: {
         "label": "Lead Score", "type": "Number", "precision": 3, "scale": 0,
@@ -92,6 +81,20 @@ FIELD_DEFINITIONS: dict[str, dict] = {
         "description": "Reps: is this score too high, too low or right? (leadscore)",
     },
 }  # fmt: skip
+
+ADMIN_STEPS = (
+    f"Grant field-level security on the {len(FIELD_DEFINITIONS)} Leadscore fields: read/write for "
+    "leadscore's integration user's profile or permission set; for the reps' profiles read-only, except "
+    "Lead Score Feedback, which reps edit "
+    "(Setup > Object Manager > Lead > Fields & Relationships > each field > Set Field-Level Security).",
+    "Add Lead Score, Lead Tier and Lead Score Reason as columns of the reps' Lead list views "
+    "(list view > gear > Select Fields to Display).",
+    "Put Lead Score Feedback on the reps' Lead page layout, so they can say a score is too high, too low "
+    "or right (Object Manager > Lead > Page Layouts).",
+    "Point an Outbound Message (Flow or workflow rule on Lead create/edit) at "
+    "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with fields Id and LastModifiedById, "
+    "or send signed change events to /webhooks/salesforce/events (see the README).",
+)
 
 
 def _soql_ids(ids: list[str]) -> str:

@@ -1,0 +1,10 @@
+"""Progress bars for the long-running commands (train, score-file, evaluate, outcomes sync)."""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+
+def progress(desc: str):
+    """A progress bar on a terminal, silence in CI logs."""
+    return lambda items: tqdm(items, desc=desc, leave=False, disable=None)
