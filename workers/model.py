@@ -37,9 +37,11 @@ FOLDS = 5
 SEED = 0
 # n_jobs=1: the data are small, other processes share the cores, and a model predicts inside RQ's
 # forked work horses, where an OpenMP thread pool started in the parent must not be relied on.
+# Many small, slow-learning trees that each see under a third of the features: chosen by
+# cross-validation on the X Education file (README, "Model notes").
 LIGHTGBM_PARAMS = dict(
-    n_estimators=200, learning_rate=0.05, num_leaves=7, min_child_samples=20, subsample=0.8,
-    subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0, min_data_per_group=20, cat_smooth=10,
+    n_estimators=750, learning_rate=0.02, num_leaves=15, min_child_samples=5, subsample=0.8,
+    subsample_freq=1, colsample_bytree=0.3, reg_lambda=1.0, min_data_per_group=5, cat_smooth=10,
     n_jobs=1, verbose=-1, random_state=SEED, deterministic=True, force_row_wise=True,
 )  # fmt: skip
 LOGISTIC_C = 1.0
