@@ -281,20 +281,20 @@ def cmd_score_file(args) -> int:
     from workers import offline
 
     landed = offline.score_file(args.data, args.mapping, args.out, _scoring_config(), args.model)
-    rows = sum(landed.values())
+    rows = sum(landed.values())  # a file without rows is refused before scoring
     scorer = f"model {args.model}" if args.model else "the rules"
-    shares = ", ".join(f"{tier} {count / rows:.0%}" for tier, count in landed.items()) if rows else "none"
+    shares = ", ".join(f"{tier} {count / rows:.0%}" for tier, count in landed.items())
     print(f"scored {rows} rows with {scorer} -> {args.out} (tiers: {shares})")
     crowded, count = max(landed.items(), key=lambda item: item[1])
-    if rows and count / rows > MOST_IN_ONE_TIER:
-        fix = (
-            "choose other cut-offs with train --tiers"
-            if args.model
-            else "tune SCORING_CONFIG_PATH (weights, statuses, tier cut-offs) to them, or train a model"
-        )
-        print(f"  warning: {count / rows:.0%} of rows land in tier {crowded}, so the tiers barely separate "
-              f"these leads: {fix}")  # fmt: skip
+    # A model's crowded tier is train's to warn about: there it can say which --tiers would fit.
+    if not args.model and rows >= MIN_ROWS_TO_JUDGE_TIERS and count / rows > MOST_IN_ONE_TIER:
+        print(f"  warning: {count / rows:.0%} of rows land in tier {crowded}, so the rules barely separate "
+              "these leads: tune the rules in SCORING_CONFIG_PATH (weights, statuses) to them, or train "
+              "a model")  # fmt: skip
     return 0
+
+
+MIN_ROWS_TO_JUDGE_TIERS = 50
 
 
 def cmd_evaluate(args) -> int:

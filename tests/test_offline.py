@@ -17,9 +17,11 @@ from integration.cli import main
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, tabular
+from workers.blend import blend_weights
 from workers.config import load_config
 from workers.metrics import rate_difference
 from workers.model import TrainedModel
+from workers.propensity import NEUTRAL
 from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
 from workers.store_data import training_rows
@@ -76,9 +78,9 @@ def test_score_file_without_a_model_uses_the_rules_alone(tmp_path, capsys):
     scored = rows(out)
     assert len(scored) == 500
     assert scored[:3] == [
-        {"Prospect ID": "7927b2df-8bba-4d29-b9a2-b6e0beafe620", "score": "43", "tier": "C",
+        {"Prospect ID": "7927b2df-8bba-4d29-b9a2-b6e0beafe620", "score": "45", "tier": "C",
          "reason": "Unemployed; Reachable, not engaged yet"},  # no visits
-        {"Prospect ID": "82cb5fb0-2d97-4a39-a630-ab5fe2e7f18c", "score": "46", "tier": "C",
+        {"Prospect ID": "82cb5fb0-2d97-4a39-a630-ab5fe2e7f18c", "score": "48", "tier": "C",
          "reason": "Engaged and reachable; Unemployed"},
         {"Prospect ID": "e60a54bc-0816-430e-a99a-019a8b5a27e5", "score": "49", "tier": "C",
          "reason": "Engaged and reachable; Working Professional at fintech"},
@@ -86,12 +88,13 @@ def test_score_file_without_a_model_uses_the_rules_alone(tmp_path, capsys):
     # The file has no contact columns: its leads are taken as reachable, not as "No email or phone".
     config, table = load_config(), offline.load_table(DATA, MAPPING, None, need_label=True)
     rules = evaluate_rules(tabular.leads_from_frame(table.frame.head(1), table.mapping)[0], config).scores()
-    weights = config.weights.normalised()  # no share left for the AI propensity
-    assert int(scored[0]["score"]) == round(100 * sum(weights[name] * rules[name] for name in weights))
+    weights = blend_weights(config)  # the propensity share held at the neutral prior, as live with no LLM
+    composite = sum(weight * rules.get(name, NEUTRAL) for name, weight in weights.items())
+    assert int(scored[0]["score"]) == round(100 * composite)
     printed = capsys.readouterr().out
-    assert "scored 500 rows with the rules" in printed and "(tiers: A 0%, B 0%, C 94%, D 6%)" in printed
-    # B2B SaaS defaults on B2C course leads: the command says the tiers do not separate them.
-    assert "warning: 94% of rows land in tier C" in printed and "SCORING_CONFIG_PATH" in printed
+    assert "scored 500 rows with the rules" in printed and "(tiers: A 0%, B 0%, C 99%, D 1%)" in printed
+    # B2B SaaS defaults on B2C course leads: the command says the rules do not separate them.
+    assert "warning: 99% of rows land in tier C, so the rules barely separate" in printed
 
 
 def test_score_file_with_a_model_names_each_leads_drivers(trained, tmp_path):
@@ -429,6 +432,7 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
             Feedback("salesforce", "00D5g000004XyZa", "3", "too_low", 30, "D", "3"),
             Feedback("salesforce", "00D5g000004XyZa", "2", "too_high"),  # a holdout lead: nothing shown
             Feedback("salesforce", "00D5g000004XyZa", "3", "right", 30, "D", "3"),  # a change of mind
+            Feedback("salesforce", "00D5g000004XyZa", "3", "too_low", 35, "D", "3b"),  # on a later score
         ]
     )
     out = tmp_path / "report"
@@ -442,10 +446,10 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
         "holdout": {"scored": {"leads": 2, "converted": 1, "rate": 0.5},
                     "holdout": {"leads": 2, "converted": 0, "rate": 0.0}},
         "shown_minus_holdout": {"points": 50.0, "ci95": [-27.3, 90.5]},
-        "feedback": {"(none shown)": {"too_high": 1}, "D": {"right": 1}},
+        "feedback": {"(none shown)": {"too_high": 1}, "D": {"right": 1, "too_low": 1}},
     }  # fmt: skip
     report = (out / "report.md").read_text()
-    assert "### Holdout (no visible score)" in report and "| D | 0 | 1 | 0 |" in report
+    assert "### Holdout (no visible score)" in report and "| D | 0 | 1 | 1 |" in report
     assert "Shown minus holdout: +50.0 points (95% interval -27.3 to +90.5): the interval includes 0" in (
         report
     )

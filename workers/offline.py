@@ -95,19 +95,14 @@ def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, s
     return trained
 
 
-def rules_only(config: ScoringConfig) -> ScoringConfig:
-    """The same rules with no propensity share: a neutral propensity would pull every score
-    toward 50 and crowd the file into one tier."""
-    return config.model_copy(update={"blend": config.blend.model_copy(update={"propensity_weight": 0.0})})
-
-
 def rules_results(table: LabelledTable, config: ScoringConfig) -> list[ScoreResult]:
-    """Zero-label mode: the rules scorer alone."""
+    """Zero-label mode: the rules scorer alone, the AI propensity held at its neutral prior, so
+    each score is the one production writes for the lead when no LLM answers."""
     neutral = fallback("zero-label mode: rules only")
-    rules = rules_only(config)
     leads = tabular.leads_from_frame(table.frame, table.mapping)
     return [
-        blend_score(lead, evaluate_rules(lead, rules), neutral, rules) for lead in progress("scoring")(leads)
+        blend_score(lead, evaluate_rules(lead, config), neutral, config)
+        for lead in progress("scoring")(leads)
     ]
 
 

@@ -48,7 +48,7 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
     report: dict[str, dict] = {}
     if crm in (None, "hubspot") and settings.hubspot_configured:
         for portal in accounts or _the_account("hubspot", _accounts_in_store(store, "hubspot")):
-            reading = progress(f"reading hubspot:{portal} contacts at an outcome")
+            reading = progress(f"reading hubspot:{portal} contacts at an outcome")  # Salesforce: one query
             found = list(reading(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome()))
             facts = [LeadFact("hubspot", portal, contact, kind, at) for contact, kind, at in found]
             report[f"hubspot:{portal}"] = {

@@ -1,4 +1,5 @@
-"""Progress bars for the long-running commands (train, score-file, evaluate, outcomes sync)."""
+"""Progress bars for the long-running commands: train, score-file, evaluate, and outcomes sync's
+HubSpot search pages."""
 
 from __future__ import annotations
 

@@ -153,8 +153,8 @@ def training_rows(
 
 def store_summary(store: Store) -> dict:
     """Conversion of leads reps saw a score for beside the holdout's (membership and outcomes
-    counted from each lead's first score on) and the difference, and rep feedback by the tier they
-    were shown: what each rep says now about each score they saw, so a changed mind counts once."""
+    counted from each lead's first score on) and the difference, and rep feedback by the tier shown:
+    the latest feedback on each lead for each score shown, so a changed mind counts once."""
     groups: dict[str, dict] = {name: {"leads": 0, "converted": 0} for name in ("scored", "holdout")}
     kept = 0
     for history in histories(store):

@@ -90,7 +90,7 @@ ADMIN_STEPS = (
     "Add Lead Score, Lead Tier and Lead Score Reason as columns of the reps' Lead list views "
     "(list view > gear > Select Fields to Display).",
     "Put Lead Score Feedback on the reps' Lead page layout, so they can say a score is too high, too low "
-    "or right (Object Manager > Lead > Page Layouts).",
+    "or right (Setup > Object Manager > Lead > Page Layouts).",
     "Point an Outbound Message (Flow or workflow rule on Lead create/edit) at "
     "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with fields Id and LastModifiedById, "
     "or send signed change events to /webhooks/salesforce/events (see the README).",
