@@ -27,10 +27,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 redis-server:
-	@scripts/ensure-redis
+	@scripts/ensure-apt redis-server command -v redis-server
 
 postgres:
-	@scripts/ensure-postgres
+	@scripts/ensure-apt postgresql sh -c 'ls /usr/lib/postgresql/*/bin/initdb'
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

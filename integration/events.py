@@ -8,6 +8,8 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from integration.lead import lead_key
+
 CRM = Literal["hubspot", "salesforce"]
 
 
@@ -30,7 +32,7 @@ class LeadEvent(BaseModel):
 
     @property
     def lead_key(self) -> str:
-        return f"{self.crm}:{self.account_id}:{self.lead_id}"
+        return lead_key(self.crm, self.account_id, self.lead_id)
 
     def merged_with(self, other: LeadEvent) -> LeadEvent:
         """One event for the same lead standing for both; newest occurrence wins."""

@@ -7,11 +7,17 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
+FEEDBACK_VALUES = ("too_high", "too_low", "right")  # what reps may say of a score, in both CRMs
 # Read with the lead but not scored: names, our own output, and what reps and outcomes say about it.
 NOT_SCORING_INPUTS = frozenset(
     {"current_output", "first_name", "last_name", "feedback", "outcome", "outcome_at", "read_only"}
 )
 ADDED_LATER = {"do_not_call": False, "rating": None, "custom": {}}  # field -> its empty value
+
+
+def lead_key(crm: str, account_id: str, lead_id: str) -> str:
+    """One lead across CRMs and accounts: what the holdout hashes and job results name."""
+    return f"{crm}:{account_id}:{lead_id}"
 
 
 class Lead(BaseModel):
@@ -62,6 +68,10 @@ class Lead(BaseModel):
     outcome: str | None = Field(None, description="opportunity, customer, converted or won, if it got there")
     outcome_at: datetime | None = Field(None, description="when it got there, where the CRM keeps the date")
     read_only: bool = Field(False, description="the CRM takes no more writes (a converted Salesforce Lead)")
+
+    @property
+    def lead_key(self) -> str:
+        return lead_key(self.crm, self.account_id, self.lead_id)
 
     @property
     def display_name(self) -> str:

@@ -204,7 +204,7 @@ def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
                 pipe.hdel(pending, *ids)
                 pipe.zrem(since, *ids)
                 refresh_oldest(pipe, crm, account)
-                job = enqueue_batch(queue, pipe, crm, account, parse_events(events))
+                job = enqueue_batch(queue, pipe, crm, account, events)
                 pipe.execute()
                 return job
             except WatchError:
@@ -215,19 +215,21 @@ def latest_key(crm: str, account: str) -> str:
     return f"leadscore:latest:{crm}:{account}"
 
 
-def enqueue_batch(queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[LeadEvent]) -> Job:
-    """A score_batch job for these leads, queued inside the caller's transaction.
+def enqueue_batch(queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[str]) -> Job:
+    """A score_batch job for these leads (LeadEvent JSON, passed on as is), queued inside the
+    caller's transaction.
 
     When each lead's newest event was accepted is kept per lead, so a slower batch holding an
     older event can tell that a newer one has been handed out since.
     """
-    pipe.hset(latest_key(crm, account), mapping={e.lead_id: e.accepted_at.timestamp() for e in events})
+    accepted = {e.lead_id: e.accepted_at.timestamp() for e in parse_events(events)}
+    pipe.hset(latest_key(crm, account), mapping=accepted)
     pipe.expire(latest_key(crm, account), LATEST_TTL_S)
     [job] = queue.enqueue_many(
         [
             Queue.prepare_data(
                 SCORE_BATCH_JOB,
-                args=(crm, account, dump_events(events)),
+                args=(crm, account, events),
                 timeout=BATCH_TIMEOUT_S,
                 retry=BATCH_RETRY,
                 description=f"score {len(events)} leads of {crm}:{account}",

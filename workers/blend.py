@@ -123,11 +123,31 @@ def explain(
     rules_direction = sum(contributions[name] for name in phrases)
     if ai_reason and abs(ai) > max(abs(contributions[n]) for n in phrases) and ai * rules_direction < 0:
         second = "AI: " + ai_reason.replace(";", ",")  # one driver, not several
+    return join_reason(first, second)
+
+
+MIN_SECOND_DRIVER_CHARS = 20  # less room than this, and the second driver is left out
+
+
+def join_reason(first: str, second: str = "") -> str:
+    """One or two drivers in at most 90 characters; the second only where it fits readably."""
     first = clip_text(first, MAX_REASON_CHARS)
     room = MAX_REASON_CHARS - len(first) - 2
-    if not second or room < 20:
+    if not second or room < MIN_SECOND_DRIVER_CHARS:
         return first
     return f"{first}; {clip_text(second, room)}"
+
+
+def propensity_details(propensity: PropensityResult) -> dict:
+    """The LLM's part of a score's provenance, as `leadscore_details` and the store keep it."""
+    return {
+        "value": propensity.propensity,
+        "confidence": propensity.confidence,
+        "source": propensity.source,
+        "reason": propensity.reason,
+        "evidence": list(propensity.evidence),
+        **({"error": propensity.error} if propensity.error else {}),
+    }
 
 
 def score_lead(
@@ -146,14 +166,7 @@ def score_lead(
         "cap": cap,
         "sub_scores": {name: round(values[name], 4) for name in (*COMPONENTS, PROPENSITY)},
         "weights": {name: round(w, 4) for name, w in weights.items()},
-        "propensity": {
-            "value": propensity.propensity,
-            "confidence": propensity.confidence,
-            "source": propensity.source,
-            "reason": propensity.reason,
-            "evidence": list(propensity.evidence),
-            **({"error": propensity.error} if propensity.error else {}),
-        },
+        "propensity": propensity_details(propensity),
         "model": propensity.model or None,
         "prompt_version": PROMPT_VERSION,
         "config_version": config.version,

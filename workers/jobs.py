@@ -141,7 +141,8 @@ class WorkerContext:
         skipping leads whose inputs have not changed since a score that was not a fallback."""
         fingerprints = [input_fingerprint(lead, self.config) for lead in leads]
         share = self.settings.holdout_share
-        fresh = [i for i, lead in enumerate(leads) if not _already_scored(lead, fingerprints[i], share)]
+        held = [in_holdout(lead.lead_key, share) for lead in leads]
+        fresh = [i for i, lead in enumerate(leads) if not _already_scored(lead, fingerprints[i], held[i])]
         if self.model is None or self.model.uses_llm:
             answers = self.reasoner.assess_many(
                 [leads[i] for i in fresh], [fingerprints[i] for i in fresh], self.redis
@@ -160,7 +161,7 @@ class WorkerContext:
             propensity, result = by_index[i], result_of[i]
             if propensity is not None:
                 self._count_llm(propensity)
-            holdout = in_holdout(_key(lead), share)
+            holdout = held[i]
             flagged = (lead.current_output.get("holdout") or "").lower() == "true"
             shown = shown_fields(result, holdout, write_flag=share > 0 or flagged)
             fields = fields_to_write(shown, lead.current_output)
@@ -199,10 +200,6 @@ class WorkerContext:
             self.telemetry("llm_calls_total", outcome="ok")
 
 
-def _key(lead: Lead) -> str:
-    return f"{lead.crm}:{lead.account_id}:{lead.lead_id}"
-
-
 def _shown_details(lead: Lead) -> dict:
     try:
         details = json.loads(lead.current_output.get("details") or "{}")
@@ -211,12 +208,12 @@ def _shown_details(lead: Lead) -> dict:
     return details if isinstance(details, dict) else {}
 
 
-def _already_scored(lead: Lead, fingerprint: str, holdout_share: float) -> bool:
+def _already_scored(lead: Lead, fingerprint: str, in_holdout_now: bool) -> bool:
     """The CRM already shows a score (or, in the holdout, its absence) for exactly these inputs,
     it was not a fallback, and the lead is still on the same side of the holdout."""
     details = _shown_details(lead)
     held = bool(details.get("holdout"))
-    if held != in_holdout(_key(lead), holdout_share):
+    if held != in_holdout_now:
         return False  # HOLDOUT_SHARE changed: show or hide the score now
     shown = held or all(lead.current_output.get(key) for key in ("score", "tier", "reason"))
     return shown and details.get("fingerprint") == fingerprint and details.get("fallback") is False

@@ -206,10 +206,15 @@ def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
     return round(float(log_loss(y, np.clip(p, 1e-6, 1 - 1e-6))), 4)
 
 
+def score_of(probability):
+    """The 0-100 score written for a calibrated probability (or an array of them)."""
+    return np.clip(np.round(np.asarray(probability) * 100), 0, 100).astype(int)
+
+
 def expected_performance(y: np.ndarray, probabilities: np.ndarray, tiers: Tiers) -> dict:
     """Metrics of out-of-fold, calibrated scores (rounded to 0-100 as written): the honest
     estimate for leads the model has not seen."""
-    scores = np.clip(np.round(probabilities * 100), 0, 100)
+    scores = score_of(probabilities)
     return {
         **classification_metrics(y, scores / 100),
         "tiers": tier_table(y, [tiers.tier_for(int(s)) for s in scores]),

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import numpy as np
 import pandas as pd
 
-from workers.blend import MAX_REASON_CHARS, ScoreResult, clip_text
+from workers.blend import ScoreResult, join_reason, propensity_details
 from workers.config import ScoringConfig, Tiers
-from workers.model import TrainedModel
+from workers.model import TrainedModel, score_of
 from workers.propensity import PROMPT_VERSION
 
 FEATURE_LABELS = {
@@ -73,11 +72,9 @@ def model_reason(contributions: dict[str, float], values: dict[str, object], kin
         named.setdefault(shown, []).append(feature_label(n, labels))
     # Two drivers with one value (Last activity and Last notable activity, say) read as one phrase.
     phrases = [f"{' & '.join(names[:2])}: {shown}" for shown, names in named.items()]
-    first = clip_text(phrases[0], MAX_REASON_CHARS) if phrases else "No signal"
-    room = MAX_REASON_CHARS - len(first) - 2
-    if len(phrases) < 2 or room < 20:
-        return first
-    return f"{first}; {clip_text(phrases[1], room)}"
+    if not phrases:
+        return "No signal"
+    return join_reason(phrases[0], phrases[1] if len(phrases) > 1 else "")
 
 
 def tiers_of(model: TrainedModel) -> Tiers:
@@ -95,7 +92,7 @@ def score_frame(model: TrainedModel, frame: pd.DataFrame) -> list[ScoreResult]:
     results = []
     for p, row, contribution in zip(probabilities, values, contribution_rows, strict=True):
         row_contrib = dict(zip(names, contribution.tolist(), strict=True))
-        score = int(np.clip(round(float(p) * 100), 0, 100))
+        score = int(score_of(p))
         ranked = sorted(row_contrib.items(), key=lambda item: abs(item[1]), reverse=True)
         results.append(
             ScoreResult(
@@ -125,9 +122,5 @@ def with_provenance(result: ScoreResult, propensity, fingerprint: str, config: S
         "fallback": bool(propensity is not None and propensity.fallback),
     }
     if propensity is not None:
-        details["propensity"] = {
-            "value": propensity.propensity, "confidence": propensity.confidence, "source": propensity.source,
-            "reason": propensity.reason, "evidence": list(propensity.evidence),
-            **({"error": propensity.error} if propensity.error else {}),
-        }  # fmt: skip
+        details["propensity"] = propensity_details(propensity)
     return replace(result, details=details)

@@ -14,6 +14,7 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from workers.config import TIER_NAMES  # noqa: E402
+from workers.metrics import ECE_BINS  # noqa: E402
 
 
 @contextmanager
@@ -44,7 +45,7 @@ def _roc(path: Path, curves: dict) -> None:
 def _calibration(path: Path, curves: dict) -> None:
     with _figure(path) as ax:
         for name, (y, p, _) in curves.items():
-            observed, predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
+            observed, predicted = calibration_curve(y, p, n_bins=ECE_BINS, strategy="uniform")
             ax.plot(predicted, observed, marker="o", label=name)
         _diagonal(ax)
         ax.set(xlabel="score / 100", ylabel="observed conversion rate", title="Calibration")

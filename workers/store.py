@@ -36,6 +36,8 @@ from sqlalchemy import (
     update,
 )
 
+from integration.lead import FEEDBACK_VALUES
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -94,7 +96,6 @@ feedback = Table(
     Index("ix_feedback_lead", "crm", "account_id", "lead_id", "id"),
 )
 
-FEEDBACK_VALUES = ("too_high", "too_low", "right")
 POSITIVE_OUTCOMES = ("opportunity", "customer", "converted", "won")
 
 
@@ -256,22 +257,32 @@ class Store:
 
     def record_feedback(self, facts: Iterable[Feedback]) -> int:
         """Keep a rep's feedback whenever it differs from what they said last about the lead."""
-        added = 0
+        valid = []
+        for fact in facts:
+            if fact.value in FEEDBACK_VALUES:
+                valid.append(fact)
+            else:
+                log.warning("ignoring feedback %r on %s: expected one of %s", fact.value, fact.lead_id,
+                            ", ".join(FEEDBACK_VALUES))  # fmt: skip
+        if not valid:
+            return 0
         now = datetime.now(UTC)
         with self.engine.begin() as connection:
-            for fact in facts:
-                if fact.value not in FEEDBACK_VALUES:
-                    log.warning("ignoring feedback %r on %s: expected one of %s", fact.value, fact.lead_id,
-                                ", ".join(FEEDBACK_VALUES))  # fmt: skip
-                    continue
-                keys = {"crm": fact.crm, "account_id": fact.account_id, "lead_id": fact.lead_id}
-                last = connection.execute(
-                    select(feedback.c.value).filter_by(**keys).order_by(feedback.c.id.desc()).limit(1)
-                ).scalar()
-                if last != fact.value:
-                    connection.execute(feedback.insert(), [{**asdict(fact), "recorded_at": now}])
-                    added += 1
-        return added
+            said = connection.execute(  # what was said last about each of these leads: one query a batch
+                select(feedback.c.crm, feedback.c.account_id, feedback.c.lead_id, feedback.c.value)
+                .where(feedback.c.lead_id.in_(sorted({f.lead_id for f in valid})))
+                .order_by(feedback.c.id)
+            ).all()
+            last = {tuple(row[:3]): row.value for row in said}
+            new = []
+            for fact in valid:
+                key = (fact.crm, fact.account_id, fact.lead_id)
+                if last.get(key) != fact.value:
+                    new.append({**asdict(fact), "recorded_at": now})
+                    last[key] = fact.value
+            if new:
+                connection.execute(feedback.insert(), new)
+        return len(new)
 
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as connection:

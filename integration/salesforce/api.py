@@ -18,7 +18,7 @@ from simple_salesforce.exceptions import SalesforceError
 
 from integration.crm import WriteRejected, WriteResult
 from integration.errors import CRMError, LeadGone
-from integration.lead import Lead, bounded_texts
+from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts
 from integration.ratelimit import RateLimited
 from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
@@ -77,7 +77,7 @@ FIELD_DEFINITIONS: dict[str, dict] = {
         "description": "In the randomised holdout: no score shown, so lift can be measured (leadscore)",
     },
     FEEDBACK_FIELD: {
-        "label": "Lead Score Feedback", "type": "Picklist", "values": ["too_high", "too_low", "right"],
+        "label": "Lead Score Feedback", "type": "Picklist", "values": list(FEEDBACK_VALUES),
         "description": "Reps: is this score too high, too low or right? (leadscore)",
     },
 }  # fmt: skip
