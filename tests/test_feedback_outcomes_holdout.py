@@ -368,6 +368,51 @@ def test_salesforce_org_without_the_newer_fields_still_scores(
     assert result["outcome"] == "written" and result["score"] == 82
 
 
+@EACH_STORE
+def test_deal_propertyChange__closed_won(env, post_delivery, crm, run_worker, hubspot):
+    post_delivery("deal.propertyChange__closed_won")
+    [result] = run_worker()
+
+    assert result == {
+        "lead": f"hubspot:{PORTAL_ID}:deal:93000000001", "outcome": "deal_won", "contacts": ["74300000120"],
+    }  # fmt: skip
+    assert stored_outcomes(env) == [("hubspot", PORTAL_ID, "74300000120", "won", "webhook")]
+    [row] = table(env, store.outcomes)
+    assert row["reached_at"].replace(tzinfo=UTC) == datetime(2026, 10, 30, 17, 0, tzinfo=UTC)  # its closedate
+    assert hubspot.writes == []  # a deal's outcome is kept, not written
+
+
+def test_deal_propertyChange__open_stage(env, post_delivery, crm, run_worker, hubspot):
+    post_delivery("deal.propertyChange__open_stage")
+    [result] = run_worker()
+
+    assert result == {"lead": f"hubspot:{PORTAL_ID}:deal:93000000002", "outcome": "no_won_deal"}
+    assert stored_outcomes(env) == []
+
+
+def test_a_won_deal_without_the_deals_scope_is_no_outcome_and_no_failure(env, post_delivery, crm, run_worker,
+                                                                         hubspot):  # fmt: skip
+    hubspot.forbidden_objects.add("deals")
+    post_delivery("deal.propertyChange__closed_won")
+    [result] = run_worker()
+
+    assert result["outcome"] == "no_won_deal" and stored_outcomes(env) == []
+
+
+def test_a_deal_and_a_contact_in_one_delivery_are_both_handled(env, post_delivery, crm, run_worker, hubspot):
+    both = [*fixture_json("hubspot/contact.propertyChange__lead_status.json"),
+            *fixture_json("hubspot/deal.propertyChange__closed_won.json")]  # fmt: skip
+    post_delivery(json.dumps(both).encode())
+    results = run_worker()
+
+    assert [(r["lead"], r["outcome"]) for r in results] == [
+        (f"hubspot:{PORTAL_ID}:{CONTACT}", "written"),
+        (f"hubspot:{PORTAL_ID}:deal:93000000001", "deal_won"),
+    ]
+    assert stored_outcomes(env) == [("hubspot", PORTAL_ID, "74300000120", "won", "webhook")]
+    assert [lead for lead, _ in hubspot.writes] == [CONTACT]
+
+
 def test_outcomes_sync_without_the_deals_scope_keeps_the_lifecycle_stages(env, crm, hubspot):
     hubspot.forbidden_objects.add("deals")
     assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0

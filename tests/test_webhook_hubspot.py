@@ -69,7 +69,17 @@ def summary(response) -> dict:
             ["74300000108"],
         ),
         (
-            "object.propertyChange__deal",
+            "object.propertyChange__deal",  # a stage change: the worker reads whether it is won
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
+            ["deal:18452000031"],
+        ),
+        (
+            "deal.propertyChange__closed_won",
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
+            ["deal:93000000001"],  # its own key: deal and contact ids are separate spaces
+        ),
+        (
+            "deal.propertyChange__amount",  # no outcome in it
             {"received": 1, "queued": 0, "ignored": 1, "unsupported": 0},
             [],
         ),

@@ -18,8 +18,10 @@ from rq import Queue, get_current_job
 from integration import metrics, pending
 from integration.crm import WriteRejected
 from integration.events import LeadEvent, parse_events
+from integration.hubspot import deal_of
 from integration.ratelimit import RateLimited
 from workers.jobs import context, outcome
+from workers.store import LeadFact
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,10 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     started = time.monotonic()
     adapter = ctx.crm(crm, account)
     lead_events = parse_events(events)
+    deal_events = [event for event in lead_events if deal_of(event.lead_id)]
+    if deal_events:
+        lead_events = [event for event in lead_events if not deal_of(event.lead_id)]
+    won, deal_results = _won_deals(adapter, crm, account, deal_events)
     by_id = {event.lead_id: event for event in lead_events}
     leads = adapter.read_leads(list(by_id))  # keyed by the ids asked for
     closed = {i: lead for i, lead in leads.items() if lead.read_only}  # converted: an outcome, no score
@@ -141,7 +147,8 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             failed.append((event, result))
             results.append({**outcome(key, "failed", s), "error": f"{result.code}: {result.message}"})
 
-    ctx.keep(kept, list(leads.values()))
+    results += deal_results
+    ctx.keep(kept, list(leads.values()), won)
     queue = _queue()
     if failed and len(lead_events) == 1:
         _fail_alone(failed[0][1], crm)
@@ -182,6 +189,26 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         extra={"crm": crm, "account_id": account, "leads": len(results), **counts},
     )  # fmt: skip
     return results
+
+
+def _won_deals(
+    adapter, crm: str, account: str, deal_events: list[LeadEvent]
+) -> tuple[list[LeadFact], list[dict]]:
+    """Deals whose stage changed (HubSpot): a closed-won one is a "won" outcome for each of its
+    contacts, dated when it closed. Nothing is written to the CRM for them."""
+    if not deal_events:
+        return [], []
+    won = adapter.won_deal_contacts([deal_of(event.lead_id) for event in deal_events])
+    facts, results = [], []
+    for event in deal_events:
+        deal = deal_of(event.lead_id)
+        if deal not in won:
+            results.append(outcome(event.lead_key, "no_won_deal"))
+            continue
+        closed_at, contacts = won[deal]
+        facts += [LeadFact(crm, account, contact, "won", closed_at) for contact in contacts]
+        results.append({**outcome(event.lead_key, "deal_won"), "contacts": contacts})
+    return facts, results
 
 
 def _superseded(ctx, crm: str, account: str, events: list[LeadEvent]) -> set[str]:

@@ -80,8 +80,9 @@ class WorkerContext:
     def store(self) -> Store:
         return Store(self.settings.database_url)
 
-    def keep(self, scored: list[Scored], leads: list[Lead]) -> None:
-        """Record written scores, outcomes and rep feedback in the store; never fails the batch.
+    def keep(self, scored: list[Scored], leads: list[Lead], won: list[LeadFact] = ()) -> None:
+        """Record written scores, outcomes (the leads' own, and `won`: those of closed-won deals)
+        and rep feedback in the store; never fails the batch.
 
         The CRM write is the product: a store that is down costs the records of this batch (logged
         and counted); outcomes come back with `leadscore outcomes sync`, scores at the next rescoring."""
@@ -98,7 +99,7 @@ class WorkerContext:
             )
             for lead in leads
             if lead.outcome
-        ]
+        ] + list(won)
         steps = {
             "scores": lambda: self.store.record_scores(s.record() for s in scored),
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),

@@ -38,10 +38,11 @@ DEFAULT_RATE_MAX = 100  # private-app burst limit reported when a storm hits wit
 DAILY_MAX = 250_000
 SETUP_PATH_PREFIX = "/crm/v3/properties/"  # property and group setup: not counted by `api_calls()`
 ASSOCIATION_TYPE_IDS = {
-    "notes": 202,
-    "emails": 198,
-    "deals": 4,
-}  # contact -> note / email / deal, HUBSPOT_DEFINED
+    ("contacts", "notes"): 202,
+    ("contacts", "emails"): 198,
+    ("contacts", "deals"): 4,
+    ("deals", "contacts"): 3,
+}  # HUBSPOT_DEFINED association type ids
 
 
 def _now() -> str:
@@ -61,6 +62,10 @@ def _error(status: int, category: str, message: str):
 def _type_name(object_type: str) -> str:
     """`contacts` -> `CONTACT`, as HubSpot names object types in messages and contexts."""
     return object_type.upper().removesuffix("S")
+
+
+def _associations(contact: dict, kind: str) -> list[dict]:
+    return ((contact.get("associations") or {}).get(kind) or {}).get("results") or []
 
 
 def _batch(results: list[dict], errors: list[dict], started: str):
@@ -335,25 +340,24 @@ class HubSpotEmulator:
                     "MISSING_SCOPES",
                     "This app hasn't been granted all required scopes to make this call.",
                 )
-            if from_type != "contacts" or to_type not in ASSOCIATION_TYPE_IDS:
+            if (from_type, to_type) not in ASSOCIATION_TYPE_IDS:
                 return _error(
                     400, "VALIDATION_ERROR", f"Unable to infer object type from: {from_type} -> {to_type}"
                 )
             inputs = (request.get_json(silent=True) or {}).get("inputs") or []
             started, results, errors = _now(), [], []
-            spec = {"category": "HUBSPOT_DEFINED", "typeId": ASSOCIATION_TYPE_IDS[to_type], "label": None}
-            for contact_id in dict.fromkeys(str(i.get("id")) for i in inputs):
-                contact = self.contacts.get(contact_id) or {}
-                linked = ((contact.get("associations") or {}).get(to_type) or {}).get("results") or []
-                to_ids = list(dict.fromkeys(str(a["id"]) for a in linked))
-                if to_ids and not contact.get("archived"):
+            type_id = ASSOCIATION_TYPE_IDS[(from_type, to_type)]
+            spec = {"category": "HUBSPOT_DEFINED", "typeId": type_id, "label": None}
+            for from_id in dict.fromkeys(str(i.get("id")) for i in inputs):
+                to_ids = self._linked(from_type, from_id, to_type)
+                if to_ids:
                     to = [{"toObjectId": int(i), "associationTypes": [dict(spec)]} for i in to_ids]
-                    results.append({"from": {"id": contact_id}, "to": to})
+                    results.append({"from": {"id": from_id}, "to": to})
                     continue
                 error = _batch_error(
                     "OBJECT_NOT_FOUND",
-                    f"No {to_type} is associated with contact {contact_id}.",
-                    {"fromObjectId": [contact_id], "toObjectType": [_type_name(to_type)]},
+                    f"No {to_type} is associated with {from_type.removesuffix('s')} {from_id}.",
+                    {"fromObjectId": [from_id], "toObjectType": [_type_name(to_type)]},
                 )
                 errors.append({**error, "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND"})
             return _batch(results, errors, started)
@@ -478,6 +482,23 @@ class HubSpotEmulator:
             self.writes.append((contact_id, dict(values)))
         if self.echo and changed:
             self._send_echo(contact_id, changed)
+
+    def _linked(self, from_type: str, from_id: str, to_type: str) -> list[str]:
+        """Ids associated with a live record: a contact's as it holds them; a deal's contacts are
+        the contacts that name it (the emulator keeps each association once, on the contact)."""
+        if from_type == "contacts":
+            contact = self.contacts.get(from_id) or {}
+            if contact.get("archived"):
+                return []
+            return list(dict.fromkeys(str(a["id"]) for a in _associations(contact, to_type)))
+        if from_id not in self.objects[from_type]:
+            return []
+        return [
+            contact_id
+            for contact_id, contact in self.contacts.items()
+            if not contact.get("archived")
+            and any(str(a["id"]) == from_id for a in _associations(contact, from_type))
+        ]
 
     def _view(self, record: dict, properties: list[str], associations: list[str]) -> dict:
         props = record["properties"]

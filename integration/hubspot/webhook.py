@@ -18,12 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from integration.errors import PayloadError, SignatureError, first_problem
 from integration.events import IntakeRow
-from integration.hubspot import OUTPUT_PROPERTIES
+from integration.hubspot import DEAL_OUTCOME_PROPERTIES, OUTPUT_PROPERTIES, deal_key
 from integration.queue import Skipped
 
 log = logging.getLogger(__name__)
 
 CONTACT_OBJECT_TYPE = "0-1"
+DEAL_OBJECT_TYPE = "0-3"
 MAX_EVENTS = 100
 MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31, the last instant a datetime holds
 TIMESTAMP_TOLERANCE_MS = 300_000  # HubSpot's documented 5 minutes
@@ -33,6 +34,7 @@ HANDLED_EVENTS = {
     "contact.propertyChange": "property_change",
     "object.creation": "creation",
     "object.propertyChange": "property_change",
+    "deal.propertyChange": "deal_change",  # a stage change: closed won is an outcome for its contacts
 }
 IGNORED_EVENTS = frozenset(
     {
@@ -53,7 +55,6 @@ IGNORED_EVENTS = frozenset(
         "company.associationChange",
         "deal.creation",
         "deal.deletion",
-        "deal.propertyChange",
         "deal.associationChange",
         "conversation.creation",
         "conversation.deletion",
@@ -164,17 +165,28 @@ def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
         if event.subscription_type in IGNORED_EVENTS:
             return _skipped(event, "ignore", f"{event.subscription_type} is not scored")
         return _skipped(event, "unsupported", f"unsupported subscription type {event.subscription_type!r}")
-    if event.subscription_type.startswith("object.") and event.object_type_id != CONTACT_OBJECT_TYPE:
-        return _skipped(event, "ignore", f"object type {event.object_type_id} is not a contact")
+    if event.subscription_type.startswith("object."):
+        if kind == "property_change" and event.object_type_id == DEAL_OBJECT_TYPE:
+            kind = "deal_change"
+        elif event.object_type_id != CONTACT_OBJECT_TYPE:
+            return _skipped(event, "ignore", f"object type {event.object_type_id} is not a contact")
     if event.object_id is None:
         return _skipped(event, "ignore", "event names no objectId")
+    if kind == "deal_change":
+        if event.property_name not in DEAL_OUTCOME_PROPERTIES:
+            return _skipped(event, "ignore", f"deal property {event.property_name} does not make an outcome")
+        return _row(event, deal_key(str(event.object_id)), kind)
     if kind == "property_change" and event.property_name in OWN_PROPERTIES:
         return _skipped(event, "ignore", f"{event.property_name} is leadscore's own output")
     if event.change_source == "INTEGRATION" and event.source_id == own_app_id:
         return _skipped(event, "ignore", "change made by leadscore itself")
+    return _row(event, str(event.object_id), kind)
+
+
+def _row(event: HubSpotEvent, key: str, kind: str) -> IntakeRow:
     return IntakeRow(
         account_id=str(event.portal_id),
-        lead_id=str(event.object_id),
+        lead_id=key,
         # eventId alone is not guaranteed unique; a redelivery repeats both.
         event_id=f"{event.event_id}@{event.occurred_at}",
         kind=kind,
