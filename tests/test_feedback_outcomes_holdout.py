@@ -388,6 +388,22 @@ def test_deal_propertyChange__open_stage(env, post_delivery, crm, run_worker, hu
 
     assert result == {"lead": f"hubspot:{PORTAL_ID}:deal:93000000002", "outcome": "no_won_deal"}
     assert stored_outcomes(env) == []
+    deal = hubspot.objects["deals"]["93000000002"]["properties"]
+    deal.update(hs_is_closed_won="true", dealstage="closedwon")
+    post_delivery(json.dumps([{**fixture_json("hubspot/deal.propertyChange__open_stage.json")[0],
+                               "eventId": 9, "propertyValue": "closedwon"}]).encode())  # fmt: skip
+    [result] = run_worker()  # the same deal, now won: read from HubSpot, not taken from the event
+    assert result["outcome"] == "deal_won" and result["contacts"] == ["74300000121"]
+
+
+def test_a_failing_deals_read_is_retried_not_taken_as_no_outcome(env, post_delivery, crm, run_worker, hubspot,
+                                                                  queue):  # fmt: skip
+    hubspot.unavailable_objects.add("deals")
+    post_delivery("deal.propertyChange__closed_won")
+    assert run_worker() == []  # the batch failed: RQ retries it later
+
+    [waiting] = queue.scheduled_job_registry.get_job_ids()
+    assert queue.fetch_job(waiting).func_name == "workers.batch.score_batch" and stored_outcomes(env) == []
 
 
 def test_a_won_deal_without_the_deals_scope_is_no_outcome_and_no_failure(env, post_delivery, crm, run_worker,
@@ -411,6 +427,20 @@ def test_a_deal_and_a_contact_in_one_delivery_are_both_handled(env, post_deliver
     ]
     assert stored_outcomes(env) == [("hubspot", PORTAL_ID, "74300000120", "won", "webhook")]
     assert [lead for lead, _ in hubspot.writes] == [CONTACT]
+
+
+def test_a_refused_contact_beside_a_deal_is_tried_alone_and_the_deal_kept(env, post_delivery, crm, run_worker,
+                                                                          hubspot, queue):  # fmt: skip
+    hubspot.reject[CONTACT] = "Blocked by a validation rule"
+    both = [*fixture_json("hubspot/contact.propertyChange__lead_status.json"),
+            *fixture_json("hubspot/deal.propertyChange__closed_won.json")]  # fmt: skip
+    post_delivery(json.dumps(both).encode())
+    results = run_worker()
+
+    assert [r["outcome"] for r in results] == ["failed", "deal_won"]  # the batch finished, deal and all
+    [dead] = queue.failed_job_registry.get_job_ids()  # the contact, tried alone, refused again
+    assert queue.fetch_job(dead).description.startswith(f"score hubspot:{PORTAL_ID}:{CONTACT} alone")
+    assert stored_outcomes(env) == [("hubspot", PORTAL_ID, "74300000120", "won", "webhook")]
 
 
 def test_outcomes_sync_without_the_deals_scope_keeps_the_lifecycle_stages(env, crm, hubspot):

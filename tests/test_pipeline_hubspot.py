@@ -100,6 +100,14 @@ def test_contact_creation__single_prompt_is_grounded_and_fenced(post_delivery, c
     assert record["texts"][0].startswith("Discovery call")
 
 
+def test_a_batch_reads_each_contacts_notes_and_emails(crm):
+    emailed, noted = "74300000104", "74300000101"  # one has an email only, the other a note only
+    leads = crm.read_leads([emailed, noted])
+
+    assert [len(leads[i].texts) for i in (emailed, noted)] == [1, 1]
+    assert leads[noted].texts[0].startswith("Discovery call")
+
+
 def test_note_with_injection_stays_inside_the_fence(post_delivery, crm, run_worker, llm, hubspot):
     post_delivery("contact.propertyChange__lead_status")  # any delivery; then one for 111
     hubspot.contacts["74300000111"]["properties"]["hs_lead_status"] = "UNQUALIFIED"

@@ -150,7 +150,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     results += deal_results
     ctx.keep(kept, list(leads.values()), won)
     queue = _queue()
-    if failed and len(lead_events) == 1:
+    if failed and len(lead_events) == 1 and not deal_events:
         _fail_alone(failed[0][1], crm)
     for (
         event,

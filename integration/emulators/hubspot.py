@@ -139,6 +139,7 @@ class HubSpotEmulator:
         self.echo: dict | None = None
         self.echo_responses: list[dict] = []
         self.forbidden_objects: set[str] = set()  # object types the token lacks the scope for
+        self.unavailable_objects: set[str] = set()  # batch reads of these answer 503
         self._lock = threading.Lock()
         self._event_id = 9_000_000_000
         self._authenticated: list[tuple[str, str]] = []
@@ -310,6 +311,8 @@ class HubSpotEmulator:
                     "MISSING_SCOPES",
                     "This app hasn't been granted all required scopes to make this call.",
                 )
+            if object_type in self.unavailable_objects:
+                return _error(503, "SERVICE_UNAVAILABLE", "The service is temporarily unavailable.")
             store = self.contacts if object_type == "contacts" else self.objects.get(object_type)
             if store is None:
                 return _error(400, "VALIDATION_ERROR", f"Unable to infer object type from: {object_type}")
@@ -334,7 +337,7 @@ class HubSpotEmulator:
 
         @app.post("/crm/v4/associations/<from_type>/<to_type>/batch/read")
         def association_batch_read(from_type, to_type):
-            if to_type in self.forbidden_objects:
+            if {from_type, to_type} & self.forbidden_objects:
                 return _error(
                     403,
                     "MISSING_SCOPES",

@@ -365,8 +365,8 @@ class HubSpotCRM:
                     log.warning("scoring without %s: associations answered %s", kind, exc.status)
                     continue
                 for result in page.results or []:
-                    ids = [str(t.to_object_id) for t in result.to or []]
-                    linked.setdefault(str(result._from.id), {})[kind] = ids
+                    to_ids = [str(t.to_object_id) for t in result.to or []]
+                    linked.setdefault(str(result._from.id), {})[kind] = to_ids
         return linked
 
     def _with_won_deal(self, contact_ids: list[str]) -> set[str]:
@@ -402,6 +402,8 @@ class HubSpotCRM:
                     ),
                 )
             except ObjectsApiException as exc:
+                if exc.status not in (401, 403):  # not a missing scope: fail, so it is retried
+                    raise CRMError(f"HubSpot deals read failed: {exc.status} {exc.reason}") from exc
                 log.warning("outcomes without deals: reading deals answered %s", exc.status)
                 return {}
             for deal in batch.results:
