@@ -322,11 +322,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_outcomes(args) -> int:
+    from integration.errors import CRMError
     from workers.outcomes import SyncError, sync
     from workers.store import StoreNotReady
 
     try:
         report = sync(get_settings(), crm=args.crm, accounts=args.account)
+    except CRMError as exc:
+        raise UsageError(f"outcomes sync stopped: {exc}; run it again (it only adds what is new)") from None
     except (SyncError, StoreNotReady) as exc:
         raise UsageError(str(exc)) from None
     if not report:

@@ -443,6 +443,16 @@ def test_a_refused_contact_beside_a_deal_is_tried_alone_and_the_deal_kept(env, p
     assert stored_outcomes(env) == [("hubspot", PORTAL_ID, "74300000120", "won", "webhook")]
 
 
+def test_outcomes_sync_stops_in_one_line_when_hubspot_fails(env, crm, hubspot, capsys):
+    hubspot.unavailable_objects.add("deals")
+
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: outcomes sync stopped: HubSpot deals read failed: 503 SERVICE UNAVAILABLE; "
+        "run it again (it only adds what is new)\n"
+    )
+
+
 def test_outcomes_sync_without_the_deals_scope_keeps_the_lifecycle_stages(env, crm, hubspot):
     hubspot.forbidden_objects.add("deals")
     assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
