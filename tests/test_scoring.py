@@ -234,7 +234,7 @@ def test_neutral_ranking_of_final_scores_respects_caps(config, fixture_leads):
 def test_vp_demo_request_scores_like_the_pipeline(config, fixture_leads):
     result = score(fixture_leads[VP_DEMO], llm_propensity(VP_DEMO), config)
     assert (result.score, result.tier) == (89, "A")
-    assert result.reason == "Inbound demo request; VP of Sales at 100-500-person SaaS"
+    assert result.reason == "Inbound demo request, connected; VP of Sales at 100-500-person SaaS"
     assert result.details["composite"] == 0.8908
     assert result.details["sub_scores"] == {
         "seniority": 0.9,
@@ -335,7 +335,10 @@ def test_reason_for_adversarial_leads(config):
         for propensity in (fallback("x"), huge_ai, PropensityResult(1.0, 1.0, "y " * 150)):
             _assert_reason_shape(score(lead, propensity, config).reason)
     # a long title is replaced by its seniority label
-    assert score(leads[0], fallback("x"), config).reason == "Inbound demo request; VP at 100-500-person SaaS"
+    assert (
+        score(leads[0], fallback("x"), config).reason
+        == "Inbound demo request, connected; VP at 100-500-person SaaS"
+    )
 
 
 PHRASES = {
@@ -506,6 +509,40 @@ def test_source_stage_demo_request_lifts_source_to_one(config):
     referral = source_stage(make_lead(source="REFERRALS", recent_conversion="Webinar registration"), config)
     assert referral.labels == {"source": "Referral"}
     assert referral.score == pytest.approx(0.45 * 0.85 + 0.175 + 0.08)
+
+
+def test_source_stage_reads_a_rating_where_the_lead_has_no_stage(config):
+    rated = source_stage(make_lead(source="Web", rating="Hot"), config)
+    assert rated.labels == {"source": "Web lead", "stage": "Rated hot"}
+    assert rated.score == pytest.approx(0.45 * 0.55 + 0.175 + 0.2 * 0.85)
+    both = source_stage(make_lead(stage="lead", rating="Hot"), config)
+    assert both.labels == {"stage": "Lead"}  # a lifecycle stage, where there is one, is the stage
+
+
+def test_source_stage_pulls_are_each_parts_move_from_an_unknown_lead(config):
+    lead = make_lead(source="SOCIAL_MEDIA", recent_conversion="Demo request", status="ATTEMPTED_TO_CONTACT")
+    component = source_stage(lead, config)
+    # weights 0.45 / 0.35 / 0.2; unknown source 0.4, status 0.5; an outdone source pulls nothing
+    assert component.pulls == pytest.approx({"intent": 0.45 * 0.6, "status": 0.35 * -0.1})
+
+
+@pytest.mark.parametrize(
+    "fields, phrase",
+    [
+        ({"source": "Web", "status": "Working - Contacted", "rating": "Hot"}, "Rated hot, working"),
+        ({"source": "Partner Referral", "rating": "Hot"}, "Partner referral, rated hot"),
+        ({"source": "Partner Referral", "stage": "lead"}, "Partner referral"),  # stage "lead" pulls < 0.03
+        ({"source": "Partner Referral", "rating": "Cold"}, "Partner referral"),  # pulls the other way
+        ({"source": "ORGANIC_SEARCH", "stage": "marketingqualifiedlead"}, "Organic search, MQL"),  # MQL stays
+        ({"source": "SOCIAL_MEDIA", "stage": "subscriber"}, "Subscriber"),
+        ({"status": "UNQUALIFIED", "source": "REFERRALS"}, "Marked unqualified"),  # a cap speaks alone
+        ({}, "Unknown source"),
+    ],
+)
+def test_reason_names_the_source_status_or_stage_that_moved_the_score_most(config, fields, phrase):
+    lead = make_lead(has_email=True, title="VP of Sales", **fields)
+    reason = score_lead(lead, evaluate_rules(lead, config), fallback("x"), config).reason
+    assert phrase in reason.split("; ")
 
 
 # ---------------------------------------------------------------- 8. config validation

@@ -79,21 +79,40 @@ def _who(lead: Lead, rules: RulesResult) -> str:
 
 def _phrases(lead: Lead, rules: RulesResult, config: ScoringConfig) -> dict[str, str]:
     """A short phrase for each rules driver that could explain this lead's score."""
-    ss = rules.source_stage.labels
-    status = config.source_stage.statuses.get(lead.status or "")
-    if _status_cap(lead, config) is not None:
-        source_phrase = status.label
-    else:
-        source_phrase = ss.get("intent") or ss.get("source") or ss.get("stage") or "Unknown source"
-        if "intent" not in ss and status is not None and status.score >= 0.8:
-            source_phrase = f"{source_phrase}, {status.label.lower()}"
     who = _who(lead, rules)
     return {
-        "source_stage": source_phrase,
+        "source_stage": _source_stage_phrase(lead, rules, config),
         "seniority": who,
         "role_fit": who,
         "reachability": rules.reachability.labels["reach"],
     }
+
+
+MIN_PULL_TO_NAME = 0.03  # a second source/status/stage part that moved the sub-score less is not named
+
+
+def _source_stage_phrase(lead: Lead, rules: RulesResult, config: ScoringConfig) -> str:
+    """The source, status or stage that moved the score furthest, and a second one that moved it
+    clearly the same way; a status that caps the score, alone."""
+    component = rules.source_stage
+    if _status_cap(lead, config) is not None:
+        return component.labels["status"]
+    ranked = sorted(component.pulls, key=lambda key: abs(component.pulls[key]), reverse=True)
+    if not ranked:
+        return "Unknown source"
+    first, *others = ranked
+    pull = component.pulls[first]
+    second = next(
+        (k for k in others if component.pulls[k] * pull > 0 and abs(component.pulls[k]) >= MIN_PULL_TO_NAME),
+        None,
+    )
+    phrase = component.labels[first]
+    if second is None:
+        return phrase
+    label = component.labels[second]
+    if label[1:2].islower():  # "Rated hot" reads "rated hot"; "MQL" stays
+        label = label[0].lower() + label[1:]
+    return f"{phrase}, {label}"
 
 
 def _status_cap(lead: Lead, config: ScoringConfig) -> int | None:

@@ -20,6 +20,8 @@ class Component:
 
     score: float
     labels: dict[str, str] = field(default_factory=dict)
+    # How far each labelled part moved the score from an unknown lead's, weighted (source_stage).
+    pulls: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,31 +119,31 @@ def reachability(lead: Lead, config: ScoringConfig) -> Component:
 
 def source_stage(lead: Lead, config: ScoringConfig) -> Component:
     ss = config.source_stage
+    total = ss.source_weight + ss.status_weight + ss.stage_weight
     labels: dict[str, str] = {}
-    source = ss.sources.get(lead.source or "")
-    source_score = ss.unknown_source if source is None else source.score
-    if source is not None:
-        labels["source"] = source.label
+    pulls: dict[str, float] = {}
+
+    def part(key: str, found, weight: float, unknown: float) -> float:
+        if found is None:
+            return unknown
+        labels[key] = found.label
+        pulls[key] = (weight * (found.score - unknown) / total) if total else 0.0
+        return found.score
+
+    source_score = part("source", ss.sources.get(lead.source or ""), ss.source_weight, ss.unknown_source)
     intent = _first_match(ss.intents, lead.recent_conversion)
     if intent is not None and intent.score >= source_score:
-        source_score = intent.score
-        labels["intent"] = intent.label
-
-    status = ss.statuses.get(lead.status or "")
-    status_score = ss.unknown_status if status is None else status.score
-    if status is not None:
-        labels["status"] = status.label
-    stage = ss.stages.get(lead.stage or "")
-    stage_score = ss.unknown_stage if stage is None else stage.score
-    if stage is not None:
-        labels["stage"] = stage.label
-
-    total = ss.source_weight + ss.status_weight + ss.stage_weight
+        pulls.pop("source", None)  # the intent is what counts
+        source_score = part("intent", intent, ss.source_weight, ss.unknown_source)
+    status_score = part("status", ss.statuses.get(lead.status or ""), ss.status_weight, ss.unknown_status)
+    # Where a lead has no lifecycle stage, its owner's rating is the stage-like signal.
+    stage = ss.stages.get(lead.stage or lead.rating or "")
+    stage_score = part("stage", stage, ss.stage_weight, ss.unknown_stage)
     score = (
         ss.source_weight * source_score + ss.status_weight * status_score
         + ss.stage_weight * stage_score
     ) / total if total else 0.0  # fmt: skip
-    return Component(score, labels)
+    return Component(score, labels, pulls)
 
 
 def evaluate_rules(lead: Lead, config: ScoringConfig) -> RulesResult:
