@@ -280,6 +280,26 @@ def test_scoring_with_a_mapping_that_lacks_model_features_warns_and_writes(train
     assert err.rstrip().endswith("they are scored as missing, which ranks less well")
 
 
+def test_values_a_model_never_saw_are_named_when_scoring_and_evaluating(trained, tmp_path, capsys):
+    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
+    frame.loc[:20, "Tags"] = "Asked for a callback"
+    frame.loc[:10, "Lead Source"] = "TikTok"
+    frame.loc[11:12, "Lead Source"] = "Podcast"
+    data = _write(tmp_path, frame)
+
+    assert main(["score-file", "--data", str(data), "--mapping", str(MAPPING), "--model", str(trained),
+                 "--out", str(tmp_path / "scores.csv")]) == 0  # fmt: skip
+    warning = (
+        f"values model {TrainedModel.load(trained).version} never saw in training: Lead Source in 13 rows "
+        "('TikTok', 'Podcast'); Tags in 21 rows ('Asked for a callback'). They score as unknown to it; "
+        "retrain once they are common"
+    )
+    assert capsys.readouterr().err == f"warning: {warning}\n"
+    assert main(["evaluate", "--data", str(data), "--mapping", str(MAPPING), "--model", str(trained),
+                 "--out", str(tmp_path / "report")]) == 0  # fmt: skip
+    assert warning in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_label_names_the_outcome_column_over_the_mapping(tmp_path):
     data = _write(
         tmp_path, pd.read_csv(DATA, dtype=str, keep_default_na=False).rename(columns={"Converted": "Won"})

@@ -124,6 +124,32 @@ def unmapped_features(model: TrainedModel, table: LabelledTable) -> str | None:
     )
 
 
+MAX_UNSEEN_NAMED = 3
+
+
+def unseen_values(model: TrainedModel, table: LabelledTable) -> str | None:
+    """A warning when rows hold a category the model never saw in training: it knows nothing of
+    such a value (not even that it is missing), so a new status or source is ranked by the rest."""
+    X = model.matrix(table.features)
+    columns = table.mapping.columns()
+    found = []
+    for name, kind in model.kinds.items():
+        if kind != "categorical" or name not in table.features.columns:
+            continue
+        counts = table.frame[columns[name]][X[name].isna()].value_counts()  # as the file spells them
+        if counts.empty:
+            continue
+        named = ", ".join(repr(value) for value in counts.index[:MAX_UNSEEN_NAMED])
+        more = f" and {len(counts) - MAX_UNSEEN_NAMED} more" if len(counts) > MAX_UNSEEN_NAMED else ""
+        found.append(f"{columns[name]} in {counts.sum()} rows ({named}{more})")
+    if not found:
+        return None
+    return (
+        f"values model {model.version} never saw in training: {'; '.join(found)}. They score as "
+        "unknown to it; retrain once they are common"
+    )
+
+
 def _warn(message: str | None) -> None:
     if message:
         print(f"warning: {message}", file=sys.stderr)
@@ -137,6 +163,7 @@ def score_file(
     model = TrainedModel.load(model_dir) if model_dir else None
     if model is not None:
         _warn(unmapped_features(model, table))
+        _warn(unseen_values(model, table))
     results = score_table(table, config, model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({
@@ -201,9 +228,10 @@ def _file_scorers(
         model = TrainedModel.load(directory)
         name = f"model {model.version}"
         results[name] = model_scoring.score_frame(model, table.features)
-        if warning := unmapped_features(model, table):
-            _warn(warning)
-            notes.append(f"`{name}`: {warning}.")
+        for warning in (unmapped_features(model, table), unseen_values(model, table)):
+            if warning:
+                _warn(warning)
+                notes.append(f"`{name}`: {warning}.")
         if model.meta.get("training", {}).get("sha256") == table.source["sha256"]:
             notes.append(
                 f"`{name}` was trained on this very file, so its numbers here are in-sample and "
