@@ -263,6 +263,33 @@ def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypa
     }
 
 
+def test_a_value_the_model_never_saw_is_logged_once(
+    env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm, caplog
+):
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
+    monkeypatch.setattr(jobs, "_UNSEEN_LOGGED", set())
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()
+    hubspot.contacts[CONTACT]["properties"]["leadscore_time_on_site"] = "900"  # a change to re-score on
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 9, "propertyName": "leadscore_time_on_site",
+                               "propertyValue": "900"}]).encode())  # fmt: skip
+    run_worker()
+
+    version = json.loads((crm_model / "model.json").read_text())["version"]
+    unseen = sorted(r.getMessage() for r in caplog.records if "never saw" in r.getMessage())
+    # The model learnt X Education's tags and sources, not HubSpot's: said once for each, not per score.
+    assert unseen == [
+        f"model {version} never saw {name} = {value!r} in training: it scores such leads as unknown to it; "
+        "retrain once the value is common"
+        for name, value in [
+            ("industry", "saas"), ("source", "paid_search"),
+            ("source_detail", "google / revops platform pricing"), ("status", "in_progress"),
+            ("title", "director of marketing operations"),
+        ]
+    ]  # fmt: skip
+
+
 ENGAGED = {"time_on_site_s": "1500", "last_activity": "SMS Sent", "city": "Mumbai"}  # kept as the CRM said
 
 

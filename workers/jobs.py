@@ -184,7 +184,9 @@ class WorkerContext:
             tabular.lead_features(lead, self.model.kinds, propensity)
             for lead, propensity in zip(leads, answers, strict=True)
         ]
-        results = model_scoring.score_frame(self.model, pd.DataFrame(rows, columns=list(self.model.kinds)))
+        frame = pd.DataFrame(rows, columns=list(self.model.kinds))
+        _log_unseen(self.model, frame)
+        results = model_scoring.score_frame(self.model, frame)
         return [
             model_scoring.with_provenance(result, propensity, fingerprint, self.config)
             for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
@@ -199,6 +201,21 @@ class WorkerContext:
             self.telemetry("llm_fallbacks_total", reason=reason)
         else:
             self.telemetry("llm_calls_total", outcome="ok")
+
+
+_UNSEEN_LOGGED: set[tuple[str, str, object]] = set()  # (model, feature, value): once per process
+
+
+def _log_unseen(model: TrainedModel, frame: pd.DataFrame) -> None:
+    """Say once when live leads hold a value the model never saw (a status added after training)."""
+    for name, rows in model.unseen(frame).items():
+        for value in frame.loc[rows, name].unique():
+            if (model.version, name, value) not in _UNSEEN_LOGGED:
+                _UNSEEN_LOGGED.add((model.version, name, value))
+                log.warning(
+                    "model %s never saw %s = %r in training: it scores such leads as unknown to it; "
+                    "retrain once the value is common", model.version, name, value,
+                )  # fmt: skip
 
 
 def _shown_details(lead: Lead) -> dict:

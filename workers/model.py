@@ -242,6 +242,16 @@ class TrainedModel:
     def matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
         return design_matrix(frame, self.kinds, self.categories)
 
+    def unseen(self, frame: pd.DataFrame) -> dict[str, pd.Series]:
+        """Per categorical feature in the frame, a mask of the rows whose value training never saw
+        (a new status or source): the model knows nothing of it, not even that it is missing."""
+        X = self.matrix(frame)
+        return {
+            name: X[name].isna()
+            for name, kind in self.kinds.items()
+            if kind == "categorical" and name in frame.columns and X[name].isna().any()
+        }
+
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Calibrated conversion probabilities."""
         return self.calibrator(self.estimator.predict_proba(self.matrix(frame))[:, 1])

@@ -130,15 +130,10 @@ MAX_UNSEEN_NAMED = 3
 def unseen_values(model: TrainedModel, table: LabelledTable) -> str | None:
     """A warning when rows hold a category the model never saw in training: it knows nothing of
     such a value (not even that it is missing), so a new status or source is ranked by the rest."""
-    X = model.matrix(table.features)
     columns = table.mapping.columns()
     found = []
-    for name, kind in model.kinds.items():
-        if kind != "categorical" or name not in table.features.columns:
-            continue
-        counts = table.frame[columns[name]][X[name].isna()].value_counts()  # as the file spells them
-        if counts.empty:
-            continue
+    for name, rows in model.unseen(table.features).items():
+        counts = table.frame[columns[name]][rows].value_counts()  # as the file spells them
         named = ", ".join(repr(value) for value in counts.index[:MAX_UNSEEN_NAMED])
         more = f" and {len(counts) - MAX_UNSEEN_NAMED} more" if len(counts) > MAX_UNSEEN_NAMED else ""
         found.append(f"{columns[name]} in {counts.sum()} rows ({named}{more})")
