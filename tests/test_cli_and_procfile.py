@@ -123,7 +123,7 @@ def test_procfile_web_and_worker_score_a_replayed_delivery(procfile_processes, h
 
     props = hubspot.contact_properties("74300000101")
     assert (props["leadscore_score"], props["leadscore_tier"]) == ("89", "A")
-    assert props["leadscore_reason"] == "Inbound demo request, connected; VP of Sales at 100-500-person SaaS"
+    assert props["leadscore_reason"] == "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS"
 
 
 def test_setup_salesforce_is_idempotent_and_says_what_is_left(env, salesforce, capsys):

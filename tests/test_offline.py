@@ -117,11 +117,11 @@ def test_score_file_with_the_teams_own_rules_separates_its_leads(team_rules, tmp
         {"Prospect ID": "7927b2df-8bba-4d29-b9a2-b6e0beafe620", "score": "34", "tier": "D",
          "reason": "Wants other courses; Unemployed"},
         {"Prospect ID": "82cb5fb0-2d97-4a39-a630-ab5fe2e7f18c", "score": "49", "tier": "C",
-         "reason": "Engaged and reachable; Google"},
+         "reason": "Engaged and reachable; No status yet"},  # no tag: nobody has spoken to them
         {"Prospect ID": "e60a54bc-0816-430e-a99a-019a8b5a27e5", "score": "60", "tier": "B",
          "reason": "Working Professional; Engaged and reachable"},
         {"Prospect ID": "59e722da-edff-43d9-af61-f5c8bcc986c4", "score": "45", "tier": "C",
-         "reason": "Owner: low relevance, busy when called; Engaged and reachable"},
+         "reason": "Owner: low relevance, Busy when called; Engaged and reachable"},
     ]  # fmt: skip
     printed = capsys.readouterr().out
     assert "(tiers: A 12%, B 9%, C 53%, D 26%)" in printed and "warning" not in printed
@@ -129,7 +129,7 @@ def test_score_file_with_the_teams_own_rules_separates_its_leads(team_rules, tmp
     report = tmp_path / "report"
     assert main(["evaluate", *FILE_ARGS, "--out", str(report)]) == 0
     rules = json.loads((report / "metrics.json").read_text())["scorers"]["rules"]
-    assert rules["roc_auc"] == 0.8217  # the B2B defaults: 0.56 on the full file
+    assert rules["roc_auc"] == 0.818  # the B2B defaults: 0.56 on the full file
     assert rules["tiers"][0]["lift"] >= 2
 
 

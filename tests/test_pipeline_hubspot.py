@@ -35,7 +35,7 @@ def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
         "outcome": "written",
         "score": 89,
         "tier": "A",
-        "reason": "Inbound demo request, connected; VP of Sales at 100-500-person SaaS",
+        "reason": "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS",
         "fallback": False,
     }
     fields = written(hubspot, VP_DEMO)
@@ -44,7 +44,7 @@ def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
     assert fields == {
         "leadscore_score": "89",
         "leadscore_tier": "A",
-        "leadscore_reason": "Inbound demo request, connected; VP of Sales at 100-500-person SaaS",
+        "leadscore_reason": "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS",
     }
     fingerprint = details.pop("fingerprint")
     assert len(fingerprint) == 24 and int(fingerprint, 16) >= 0
@@ -126,17 +126,17 @@ def test_note_with_injection_stays_inside_the_fence(post_delivery, crm, run_work
 
 
 EXPECTED_BURST = {
-    "74300000101": (89, "A", "Inbound demo request, connected; VP of Sales at 100-500-person SaaS"),
+    "74300000101": (89, "A", "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS"),
     "74300000102": (85, "A", "Chief Revenue Officer at 500-1000-person fintech; Asked for sales, MQL"),
     "74300000103": (
         76,
         "A",
-        "Director of Marketing Operations at 100-500-person SaaS; Pricing enquiry, in progress",
+        "Director of Marketing Operations at 100-500-person SaaS; Pricing enquiry, In progress",
     ),
     "74300000104": (
         83,
         "A",
-        "Head of Revenue Operations at 100-500-person SaaS; Free trial signup, in progress",
+        "Head of Revenue Operations at 100-500-person SaaS; Free trial signup, In progress",
     ),
     "74300000105": (66, "B", "CEO & Co-founder at 5-25-person SaaS; Asked for sales"),
     "74300000106": (
@@ -149,8 +149,8 @@ EXPECTED_BURST = {
         "C",
         "Sales Development Representative at 100-500-person SaaS; AI: Individual-contributor SDR…",
     ),
-    "74300000108": (36, "D", "Marketing Coordinator at 25-50-person retailer; Subscriber"),
-    "74300000109": (21, "D", "Student at school; Organic search"),
+    "74300000108": (36, "D", "Marketing Coordinator at 25-50-person retailer; Social, Subscriber"),
+    "74300000109": (21, "D", "Student at school; Subscriber"),
     "74300000110": (33, "D", "Marketing Intern at 25-50-person agency; Webinar attendee"),
     "74300000111": (25, "D", "Marked unqualified; Independent Consultant at 1-5-person agency"),
     "74300000112": (
@@ -163,7 +163,11 @@ EXPECTED_BURST = {
         "C",
         "Director of Sales at 100-500-person Redkite Security; AI: Relevant sales leader but…",
     ),
-    "74300000114": (42, "C", "Revenue Operations Analyst at 50-100-person SaaS; Attempted"),
+    "74300000114": (
+        42,
+        "C",
+        "Revenue Operations Analyst at 50-100-person SaaS; Paid social, Contact attempted",
+    ),
     "74300000115": (41, "C", "Contact at Granite Peak Manufacturing; Offline source"),
     "74300000116": (52, "C", "Pricing enquiry; Contact at 50-100-person SaaS"),
     "74300000117": (
@@ -185,7 +189,7 @@ EXPECTED_BURST = {
     "74300000121": (
         89,
         "A",
-        "Inbound demo request, open deal; Director of Sales Operations at 500-1000-person SaaS",
+        "Inbound demo request, Open deal; Director of Sales Operations at 500-1000-person SaaS",
     ),
     "74300000122": (66, "B", "Senior RevOps Manager at 100-500-person SaaS; Engaged and reachable"),
     "74300000123": (75, "A", "Head of Sales at 25-50-person SaaS; Engaged and reachable"),
@@ -363,7 +367,7 @@ def test_llm_disabled_without_key_scores_on_rules(post_delivery, crm, run_worker
     assert details["propensity"]["error"] == "LLM disabled: LLM_API_KEY is not set"
     assert result["fallback"] is True
     assert fields["leadscore_score"] == "79"  # 0.65 x rules 0.9461 + 0.35 x neutral 0.5
-    assert fields["leadscore_reason"] == "Inbound demo request, connected; VP of Sales at 100-500-person SaaS"
+    assert fields["leadscore_reason"] == "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS"
 
 
 def test_worker_job_lands_in_failed_registry_when_hubspot_rejects_token(

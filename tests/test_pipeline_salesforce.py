@@ -29,7 +29,7 @@ def test_outbound_message__single(post_outbound, sf_crm, run_worker, salesforce)
         "outcome": "written",
         "score": 82,
         "tier": "A",
-        "reason": "VP of Sales at 250-person tech company; Rated hot, working",
+        "reason": "VP of Sales at 250-person tech company; Working, Rated hot",
         "fallback": False,
     }
     fields = written(salesforce, HOT)
@@ -39,7 +39,7 @@ def test_outbound_message__single(post_outbound, sf_crm, run_worker, salesforce)
     assert fields == {
         "Leadscore_Score__c": 82,
         "Leadscore_Tier__c": "A",
-        "Leadscore_Reason__c": "VP of Sales at 250-person tech company; Rated hot, working",
+        "Leadscore_Reason__c": "VP of Sales at 250-person tech company; Working, Rated hot",
     }
     assert details["sub_scores"] == {
         "seniority": 0.9,
@@ -59,22 +59,22 @@ def test_outbound_message__single(post_outbound, sf_crm, run_worker, salesforce)
 
 
 EXPECTED_BURST = {
-    "00Q5g00000Ls001EAB": (82, "A", "VP of Sales at 250-person tech company; Rated hot, working"),
+    "00Q5g00000Ls001EAB": (82, "A", "VP of Sales at 250-person tech company; Working, Rated hot"),
     "00Q5g00000Ls002EAB": (
         84,
         "A",
-        "Chief Revenue Officer at 900-person fintech; Partner referral, rated hot",
+        "Chief Revenue Officer at 900-person fintech; Partner referral, Working",
     ),
     "00Q5g00000Ls003EAB": (
         72,
         "A",
-        "Director of Sales Operations at 1200-person tech company; Phone inquiry, working",
+        "Director of Sales Operations at 1200-person tech company; Phone inquiry, Working",
     ),
-    "00Q5g00000Ls004EAB": (36, "D", "Purchased list; Contact at Halvorsen Industrial Supply"),
+    "00Q5g00000Ls004EAB": (36, "D", "Purchased list, Rated cold; Contact at Halvorsen Industrial Supply"),
     "00Q5g00000Ls005EAB": (24, "D", "Student at school; Reachable, not engaged yet"),
     "00Q5g00000Ls006EAB": (25, "D", "Closed, not converted; Independent Consultant at 1-person agency"),
     "00Q5g00000Ls007EAB": (47, "C", "Marketing Manager at 180-person agency; Opted out of email, no phone"),
-    "00Q5g00000Ls008EAB": (49, "C", "Revenue Operations Analyst at 2200-person retailer; Working, web lead"),
+    "00Q5g00000Ls008EAB": (49, "C", "Revenue Operations Analyst at 2200-person retailer; Working"),
     "00Q5g00000Ls009EAB": (
         63,
         "B",
@@ -85,7 +85,7 @@ EXPECTED_BURST = {
         "C",
         "Director of IT at 3400-person healthcare firm; Reachable, not engaged yet",
     ),
-    "00Q5g00000Ls012EAB": (75, "A", "Head of Sales at 60-person tech company; Employee referral, rated warm"),
+    "00Q5g00000Ls012EAB": (75, "A", "Head of Sales at 60-person tech company; Employee referral"),
 }
 
 

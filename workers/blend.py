@@ -77,42 +77,41 @@ def _who(lead: Lead, rules: RulesResult) -> str:
     return f"{who} at {where}" if where else who
 
 
-def _phrases(lead: Lead, rules: RulesResult, config: ScoringConfig) -> dict[str, str]:
+def _phrases(lead: Lead, rules: RulesResult, config: ScoringConfig, capped: bool) -> dict[str, str]:
     """A short phrase for each rules driver that could explain this lead's score."""
     who = _who(lead, rules)
+    source_stage = rules.source_stage.labels["status"] if capped else _source_stage_phrase(rules, config)
     return {
-        "source_stage": _source_stage_phrase(lead, rules, config),
+        "source_stage": source_stage,
         "seniority": who,
         "role_fit": who,
         "reachability": rules.reachability.labels["reach"],
     }
 
 
-MIN_PULL_TO_NAME = 0.03  # a second source/status/stage part that moved the sub-score less is not named
+MIN_PULL_TO_NAME = 0.03  # a second part that moved the source/stage sub-score less is not named
+UNKNOWN_PARTS = {"source": "Unknown source", "status": "No status yet", "stage": "No stage yet"}
 
 
-def _source_stage_phrase(lead: Lead, rules: RulesResult, config: ScoringConfig) -> str:
-    """The source, status or stage that moved the score furthest, and a second one that moved it
-    clearly the same way; a status that caps the score, alone."""
+def _source_stage_phrase(rules: RulesResult, config: ScoringConfig) -> str:
+    """Which of source (or intent), status and stage moved the sub-score furthest from neutral in
+    the way it went, and a second that clearly moved it the same way: "Rated hot, Working"."""
+    ss = config.source_stage
+    weights = {"source": ss.source_weight, "intent": ss.source_weight, "status": ss.status_weight,
+               "stage": ss.stage_weight}  # fmt: skip
+    total = ss.source_weight + ss.status_weight + ss.stage_weight
     component = rules.source_stage
-    if _status_cap(lead, config) is not None:
-        return component.labels["status"]
-    ranked = sorted(component.pulls, key=lambda key: abs(component.pulls[key]), reverse=True)
-    if not ranked:
-        return "Unknown source"
-    first, *others = ranked
-    pull = component.pulls[first]
-    second = next(
-        (k for k in others if component.pulls[k] * pull > 0 and abs(component.pulls[k]) >= MIN_PULL_TO_NAME),
-        None,
-    )
-    phrase = component.labels[first]
-    if second is None:
-        return phrase
-    label = component.labels[second]
-    if label[1:2].islower():  # "Rated hot" reads "rated hot"; "MQL" stays
-        label = label[0].lower() + label[1:]
-    return f"{phrase}, {label}"
+    pulls = {
+        key: round(weights[key] * (score - NEUTRAL) / total, 6) if total else 0.0
+        for key, score in component.parts.items()
+    }
+    direction = component.score - NEUTRAL
+    ranked = sorted(pulls, key=lambda key: abs(pulls[key]), reverse=True)
+    named = [key for key in ranked if pulls[key] * direction > 0] or ranked[:1]
+    first, *others = named
+    second = next((key for key in others if abs(pulls[key]) >= MIN_PULL_TO_NAME), None)
+    phrases = [component.labels.get(key) or UNKNOWN_PARTS[key] for key in (first, second) if key]
+    return ", ".join(phrases)
 
 
 def _status_cap(lead: Lead, config: ScoringConfig) -> int | None:
@@ -192,14 +191,10 @@ def score_lead(
         "fingerprint": input_fingerprint(lead, config),
         "fallback": propensity.fallback,
     }
+    phrases = _phrases(lead, rules, config, capped=cap is not None)
     return ScoreResult(
         score=score,
         tier=config.tiers.tier_for(score),
-        reason=explain(
-            contributions,
-            _phrases(lead, rules, config),
-            propensity.reason,
-            capped=_status_cap(lead, config) is not None,
-        ),
+        reason=explain(contributions, phrases, propensity.reason, capped=cap is not None),
         details=details,
     )

@@ -20,8 +20,9 @@ class Component:
 
     score: float
     labels: dict[str, str] = field(default_factory=dict)
-    # How far each labelled part moved the score from an unknown lead's, weighted (source_stage).
-    pulls: dict[str, float] = field(default_factory=dict)
+    # The score of each part this component averages, known or not (source_stage: source or intent,
+    # status, stage), so a reason can say which part moved it.
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,31 +120,29 @@ def reachability(lead: Lead, config: ScoringConfig) -> Component:
 
 def source_stage(lead: Lead, config: ScoringConfig) -> Component:
     ss = config.source_stage
-    total = ss.source_weight + ss.status_weight + ss.stage_weight
     labels: dict[str, str] = {}
-    pulls: dict[str, float] = {}
+    parts: dict[str, float] = {}
 
-    def part(key: str, found, weight: float, unknown: float) -> float:
-        if found is None:
-            return unknown
-        labels[key] = found.label
-        pulls[key] = (weight * (found.score - unknown) / total) if total else 0.0
-        return found.score
+    def part(key: str, found, unknown: float) -> float:
+        if found is not None:
+            labels[key] = found.label
+        parts[key] = unknown if found is None else found.score
+        return parts[key]
 
-    source_score = part("source", ss.sources.get(lead.source or ""), ss.source_weight, ss.unknown_source)
+    source_score = part("source", ss.sources.get(lead.source or ""), ss.unknown_source)
     intent = _first_match(ss.intents, lead.recent_conversion)
     if intent is not None and intent.score >= source_score:
-        pulls.pop("source", None)  # the intent is what counts
-        source_score = part("intent", intent, ss.source_weight, ss.unknown_source)
-    status_score = part("status", ss.statuses.get(lead.status or ""), ss.status_weight, ss.unknown_status)
+        del parts["source"]  # the intent is what counts
+        source_score = part("intent", intent, ss.unknown_source)
+    status_score = part("status", ss.statuses.get(lead.status or ""), ss.unknown_status)
     # Where a lead has no lifecycle stage, its owner's rating is the stage-like signal.
-    stage = ss.stages.get(lead.stage or lead.rating or "")
-    stage_score = part("stage", stage, ss.stage_weight, ss.unknown_stage)
+    stage_score = part("stage", ss.stages.get(lead.stage or lead.rating or ""), ss.unknown_stage)
+    total = ss.source_weight + ss.status_weight + ss.stage_weight
     score = (
         ss.source_weight * source_score + ss.status_weight * status_score
         + ss.stage_weight * stage_score
     ) / total if total else 0.0  # fmt: skip
-    return Component(score, labels, pulls)
+    return Component(score, labels, parts)
 
 
 def evaluate_rules(lead: Lead, config: ScoringConfig) -> RulesResult:
