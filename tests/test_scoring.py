@@ -540,7 +540,10 @@ def test_source_stage_keeps_each_parts_score_known_or_not(config):
         ({"source": "SOCIAL_MEDIA", "stage": "subscriber"}, "Social, Subscriber"),
         ({"status": "Working - Contacted", "stage": "marketingqualifiedlead"}, "Working, MQL"),  # MQL: 0.03
         # the biggest pull, against the way the sub-score went, is not what explains it
-        ({"source": "Purchased List", "status": "CONNECTED", "stage": "opportunity"}, "Connected, Opportunity"),
+        (
+            {"source": "Purchased List", "status": "CONNECTED", "stage": "opportunity"},
+            "Connected, Opportunity",
+        ),
         ({"status": "ATTEMPTED_TO_CONTACT"}, "Unknown source, Contact attempted"),  # what is missing, too
         ({"status": "UNQUALIFIED", "source": "REFERRALS"}, "Marked unqualified"),  # a cap speaks alone
         ({}, "Unknown source"),
