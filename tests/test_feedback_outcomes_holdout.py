@@ -267,7 +267,7 @@ def test_a_value_the_model_never_saw_is_logged_once(
     env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm, caplog
 ):
     reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
-    monkeypatch.setattr(jobs, "_UNSEEN_LOGGED", set())
+    monkeypatch.setattr(jobs, "_unseen_logged", {})
     post_delivery("contact.propertyChange__lead_status")
     run_worker()
     hubspot.contacts[CONTACT]["properties"]["leadscore_time_on_site"] = "900"  # a change to re-score on
@@ -288,6 +288,22 @@ def test_a_value_the_model_never_saw_is_logged_once(
             ("title", "director of marketing operations"),
         ]
     ]  # fmt: skip
+
+
+def test_a_free_text_field_new_to_the_model_logs_a_few_values_not_every_lead(
+    env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm, caplog
+):
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
+    monkeypatch.setattr(jobs, "_unseen_logged", {})
+    post_delivery("contact.creation__demo_burst")
+    assert len(run_worker()) == 24
+
+    about_titles = [
+        r.getMessage() for r in caplog.records if "never saw" in r.getMessage() and " title" in r.getMessage()
+    ]
+    # 24 job titles, none an occupation the model learnt: three named, then one line saying so
+    assert len(about_titles) == jobs.MAX_UNSEEN_LOGGED + 1
+    assert about_titles[-1].endswith("never saw more values of title either; no more are logged")
 
 
 ENGAGED = {"time_on_site_s": "1500", "last_activity": "SMS Sent", "city": "Mumbai"}  # kept as the CRM said

@@ -203,19 +203,27 @@ class WorkerContext:
             self.telemetry("llm_calls_total", outcome="ok")
 
 
-_UNSEEN_LOGGED: set[tuple[str, str, object]] = set()  # (model, feature, value): once per process
+MAX_UNSEEN_LOGGED = 3  # values per model and feature; a free-text field would otherwise log every lead
+_unseen_logged: dict[tuple[str, str], set[object]] = {}  # (model, feature) -> values logged, per process
 
 
 def _log_unseen(model: TrainedModel, frame: pd.DataFrame) -> None:
-    """Say once when live leads hold a value the model never saw (a status added after training)."""
+    """Say when live leads hold a value the model never saw (a status added after training): each
+    value once, and at most a few per feature."""
     for name, rows in model.unseen(frame).items():
+        logged = _unseen_logged.setdefault((model.version, name), set())
         for value in frame.loc[rows, name].unique():
-            if (model.version, name, value) not in _UNSEEN_LOGGED:
-                _UNSEEN_LOGGED.add((model.version, name, value))
-                log.warning(
-                    "model %s never saw %s = %r in training: it scores such leads as unknown to it; "
-                    "retrain once the value is common", model.version, name, value,
-                )  # fmt: skip
+            if value in logged or len(logged) > MAX_UNSEEN_LOGGED:
+                continue
+            logged.add(value)
+            if len(logged) > MAX_UNSEEN_LOGGED:
+                log.warning("model %s never saw more values of %s either; no more are logged",
+                            model.version, name)  # fmt: skip
+                continue
+            log.warning(
+                "model %s never saw %s = %r in training: it scores such leads as unknown to it; "
+                "retrain once the value is common", model.version, name, value,
+            )  # fmt: skip
 
 
 def _shown_details(lead: Lead) -> dict:
