@@ -264,12 +264,12 @@ def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypa
 
 
 def test_a_value_the_model_never_saw_is_logged_once(
-    env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm, caplog
+    env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm, caplog, redis
 ):
     reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
-    monkeypatch.setattr(jobs, "_unseen_logged", {})
     post_delivery("contact.propertyChange__lead_status")
     run_worker()
+    jobs.context.cache_clear()  # as in a fresh work horse: RQ forks one for every job
     hubspot.contacts[CONTACT]["properties"]["leadscore_time_on_site"] = "900"  # a change to re-score on
     post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
                                "eventId": 9, "propertyName": "leadscore_time_on_site",
@@ -288,13 +288,14 @@ def test_a_value_the_model_never_saw_is_logged_once(
             ("title", "director of marketing operations"),
         ]
     ]  # fmt: skip
+    key = f"leadscore:unseen:{version}:status"
+    assert redis.smembers(key) == {b"in_progress"} and 0 < redis.ttl(key) <= jobs.UNSEEN_MEMORY_S
 
 
 def test_a_free_text_field_new_to_the_model_logs_a_few_values_not_every_lead(
     env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm, caplog
 ):
     reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
-    monkeypatch.setattr(jobs, "_unseen_logged", {})
     post_delivery("contact.creation__demo_burst")
     assert len(run_worker()) == 24
 
@@ -303,7 +304,7 @@ def test_a_free_text_field_new_to_the_model_logs_a_few_values_not_every_lead(
     ]
     # 24 job titles, none an occupation the model learnt: three named, then one line saying so
     assert len(about_titles) == jobs.MAX_UNSEEN_LOGGED + 1
-    assert about_titles[-1].endswith("never saw more values of title either; no more are logged")
+    assert about_titles[-1].endswith("never saw more values of title either; no more are logged today")
 
 
 ENGAGED = {"time_on_site_s": "1500", "last_activity": "SMS Sent", "city": "Mumbai"}  # kept as the CRM said

@@ -545,6 +545,7 @@ def test_source_stage_keeps_each_parts_score_known_or_not(config):
             "Connected, Opportunity",
         ),
         ({"status": "ATTEMPTED_TO_CONTACT"}, "Unknown source, Contact attempted"),  # what is missing, too
+        ({"source": "Podcast", "status": "ATTEMPTED_TO_CONTACT"}, "Podcast, Contact attempted"),  # not listed
         ({"status": "UNQUALIFIED", "source": "REFERRALS"}, "Marked unqualified"),  # a cap speaks alone
         ({}, "Unknown source"),
     ],
@@ -583,6 +584,14 @@ def test_config_unknown_key_is_named(tmp_path):
         "propensity_weight = 0.35", "propensity_weight = 0.35\npropensity_wieght = 0.5"
     )
     with pytest.raises(ConfigError, match=r"blend\.propensity_wieght"):
+        load_config(_write(tmp_path, text))
+
+
+def test_config_empty_label_is_refused(tmp_path):
+    text = DEFAULT_CONFIG_PATH.read_text().replace('label = "Contact attempted"', 'label = ""')
+    with pytest.raises(
+        ConfigError, match=r"statuses\.ATTEMPTED_TO_CONTACT\.label: String should have at least 1"
+    ):
         load_config(_write(tmp_path, text))
 
 

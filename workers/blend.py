@@ -80,7 +80,9 @@ def _who(lead: Lead, rules: RulesResult) -> str:
 def _phrases(lead: Lead, rules: RulesResult, config: ScoringConfig, capped: bool) -> dict[str, str]:
     """A short phrase for each rules driver that could explain this lead's score."""
     who = _who(lead, rules)
-    source_stage = rules.source_stage.labels["status"] if capped else _source_stage_phrase(rules, config)
+    source_stage = (
+        rules.source_stage.labels["status"] if capped else _source_stage_phrase(lead, rules, config)
+    )
     return {
         "source_stage": source_stage,
         "seniority": who,
@@ -93,9 +95,10 @@ MIN_PULL_TO_NAME = 0.03  # a second part that moved the source/stage sub-score l
 UNKNOWN_PARTS = {"source": "Unknown source", "status": "No status yet", "stage": "No stage yet"}
 
 
-def _source_stage_phrase(rules: RulesResult, config: ScoringConfig) -> str:
+def _source_stage_phrase(lead: Lead, rules: RulesResult, config: ScoringConfig) -> str:
     """Which of source (or intent), status and stage moved the sub-score furthest from neutral in
-    the way it went, and a second that clearly moved it the same way: "Rated hot, Working"."""
+    the way it went, and a second that clearly moved it the same way: "Working, Rated hot". A part
+    the rules do not list is named by the lead's own value, or as missing."""
     ss = config.source_stage
     weights = {"source": ss.source_weight, "intent": ss.source_weight, "status": ss.status_weight,
                "stage": ss.stage_weight}  # fmt: skip
@@ -110,7 +113,10 @@ def _source_stage_phrase(rules: RulesResult, config: ScoringConfig) -> str:
     named = [key for key in ranked if pulls[key] * direction > 0] or ranked[:1]
     first, *others = named
     second = next((key for key in others if abs(pulls[key]) >= MIN_PULL_TO_NAME), None)
-    phrases = [component.labels.get(key) or UNKNOWN_PARTS[key] for key in (first, second) if key]
+    own = {"source": lead.source, "status": lead.status, "stage": lead.stage or lead.rating}
+    phrases = [
+        component.labels.get(key) or own.get(key) or UNKNOWN_PARTS[key] for key in (first, second) if key
+    ]
     return ", ".join(phrases)
 
 

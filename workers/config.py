@@ -21,7 +21,7 @@ class _Strict(BaseModel):
 class KeywordRule(_Strict):
     """A labelled score that applies when any keyword appears as a whole word."""
 
-    label: str
+    label: str = Field(min_length=1)
     score: float = Score
     keywords: tuple[str, ...] = Field(min_length=1)
 
@@ -36,7 +36,7 @@ class KeywordRule(_Strict):
 
 class Labelled(_Strict):
     score: float = Score
-    label: str
+    label: str = Field(min_length=1)
     cap: int | None = Field(None, ge=0, le=100, description="the final score never exceeds this")
 
 

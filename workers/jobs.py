@@ -17,6 +17,7 @@ from functools import cached_property, lru_cache
 
 import pandas as pd
 from redis import Redis
+from redis.exceptions import RedisError
 
 from integration import metrics
 from integration.errors import LeadGone
@@ -185,12 +186,45 @@ class WorkerContext:
             for lead, propensity in zip(leads, answers, strict=True)
         ]
         frame = pd.DataFrame(rows, columns=list(self.model.kinds))
-        _log_unseen(self.model, frame)
+        self._log_unseen(frame)
         results = model_scoring.score_frame(self.model, frame)
         return [
             model_scoring.with_provenance(result, propensity, fingerprint, self.config)
             for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
         ]
+
+    def _log_unseen(self, frame: pd.DataFrame) -> None:
+        """Say when live leads hold a value the model never saw (a status added after training): each
+        value once a day across all workers, at most a few a feature. Redis remembers what was said,
+        since every job runs in a fresh work horse; without Redis nothing is said."""
+        unseen = self.model.unseen(frame)
+        if not unseen:
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for name in unseen:
+                    pipe.scard(_unseen_key(self.model, name))
+                said = dict(zip(unseen, pipe.execute(), strict=True))
+            for name, rows in unseen.items():
+                key = _unseen_key(self.model, name)
+                for value in frame.loc[rows, name].unique():
+                    if said[name] > MAX_UNSEEN_LOGGED:
+                        break
+                    if not self.redis.sadd(key, str(value)):
+                        continue
+                    said[name] += 1
+                    if said[name] == 1:
+                        self.redis.expire(key, UNSEEN_MEMORY_S)
+                    if said[name] > MAX_UNSEEN_LOGGED:
+                        log.warning("model %s never saw more values of %s either; no more are logged today",
+                                    self.model.version, name)  # fmt: skip
+                    else:
+                        log.warning(
+                            "model %s never saw %s = %r in training: it scores such leads as unknown to "
+                            "it; retrain once the value is common", self.model.version, name, value,
+                        )  # fmt: skip
+        except RedisError as exc:
+            log.debug("unseen values not checked: %s", exc)
 
     def _count_llm(self, propensity: PropensityResult) -> None:
         if propensity.extra.get("cached"):
@@ -203,27 +237,12 @@ class WorkerContext:
             self.telemetry("llm_calls_total", outcome="ok")
 
 
-MAX_UNSEEN_LOGGED = 3  # values per model and feature; a free-text field would otherwise log every lead
-_unseen_logged: dict[tuple[str, str], set[object]] = {}  # (model, feature) -> values logged, per process
+MAX_UNSEEN_LOGGED = 3  # values a day per model and feature; a free-text field would log every lead
+UNSEEN_MEMORY_S = 86_400
 
 
-def _log_unseen(model: TrainedModel, frame: pd.DataFrame) -> None:
-    """Say when live leads hold a value the model never saw (a status added after training): each
-    value once, and at most a few per feature."""
-    for name, rows in model.unseen(frame).items():
-        logged = _unseen_logged.setdefault((model.version, name), set())
-        for value in frame.loc[rows, name].unique():
-            if value in logged or len(logged) > MAX_UNSEEN_LOGGED:
-                continue
-            logged.add(value)
-            if len(logged) > MAX_UNSEEN_LOGGED:
-                log.warning("model %s never saw more values of %s either; no more are logged",
-                            model.version, name)  # fmt: skip
-                continue
-            log.warning(
-                "model %s never saw %s = %r in training: it scores such leads as unknown to it; "
-                "retrain once the value is common", model.version, name, value,
-            )  # fmt: skip
+def _unseen_key(model: TrainedModel, feature: str) -> str:
+    return f"leadscore:unseen:{model.version}:{feature}"
 
 
 def _shown_details(lead: Lead) -> dict:

@@ -243,14 +243,18 @@ class TrainedModel:
         return design_matrix(frame, self.kinds, self.categories)
 
     def unseen(self, frame: pd.DataFrame) -> dict[str, pd.Series]:
-        """Per categorical feature in the frame, a mask of the rows whose value training never saw
-        (a new status or source): the model knows nothing of it, not even that it is missing."""
-        X = self.matrix(frame)
-        return {
-            name: X[name].isna()
-            for name, kind in self.kinds.items()
-            if kind == "categorical" and name in frame.columns and X[name].isna().any()
-        }
+        """Per categorical feature of a feature frame (values normalised as `tabular` does), a mask of
+        the rows whose value training never saw (a new status or source): the model knows nothing of
+        it, not even that it is missing. The same test as `design_matrix`, without building it."""
+        masks = {}
+        for name, kind in self.kinds.items():
+            if kind != "categorical" or name not in frame.columns:
+                continue
+            values = frame[name]
+            mask = values.notna() & ~values.astype(str).isin({MISSING, *self.categories[name]})
+            if mask.any():
+                masks[name] = mask
+        return masks
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Calibrated conversion probabilities."""
