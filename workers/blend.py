@@ -77,12 +77,10 @@ def _who(lead: Lead, rules: RulesResult) -> str:
     return f"{who} at {where}" if where else who
 
 
-def _phrases(lead: Lead, rules: RulesResult, config: ScoringConfig, capped: bool) -> dict[str, str]:
+def _phrases(lead: Lead, rules: RulesResult, capped: bool) -> dict[str, str]:
     """A short phrase for each rules driver that could explain this lead's score."""
     who = _who(lead, rules)
-    source_stage = (
-        rules.source_stage.labels["status"] if capped else _source_stage_phrase(lead, rules, config)
-    )
+    source_stage = rules.source_stage.labels["status"] if capped else _source_stage_phrase(lead, rules)
     return {
         "source_stage": source_stage,
         "seniority": who,
@@ -95,18 +93,13 @@ MIN_PULL_TO_NAME = 0.03  # a second part that moved the source/stage sub-score l
 UNKNOWN_PARTS = {"source": "Unknown source", "status": "No status yet", "stage": "No stage yet"}
 
 
-def _source_stage_phrase(lead: Lead, rules: RulesResult, config: ScoringConfig) -> str:
+def _source_stage_phrase(lead: Lead, rules: RulesResult) -> str:
     """Which of source (or intent), status and stage moved the sub-score furthest from neutral in
     the way it went, and a second that clearly moved it the same way: "Working, Rated hot". A part
     the rules do not list is named by the lead's own value, or as missing."""
-    ss = config.source_stage
-    weights = {"source": ss.source_weight, "intent": ss.source_weight, "status": ss.status_weight,
-               "stage": ss.stage_weight}  # fmt: skip
-    total = ss.source_weight + ss.status_weight + ss.stage_weight
     component = rules.source_stage
     pulls = {
-        key: round(weights[key] * (score - NEUTRAL) / total, 6) if total else 0.0
-        for key, score in component.parts.items()
+        key: round(share * (component.parts[key] - NEUTRAL), 6) for key, share in component.shares.items()
     }
     direction = component.score - NEUTRAL
     ranked = sorted(pulls, key=lambda key: abs(pulls[key]), reverse=True)
@@ -197,7 +190,7 @@ def score_lead(
         "fingerprint": input_fingerprint(lead, config),
         "fallback": propensity.fallback,
     }
-    phrases = _phrases(lead, rules, config, capped=cap is not None)
+    phrases = _phrases(lead, rules, capped=cap is not None)
     return ScoreResult(
         score=score,
         tier=config.tiers.tier_for(score),

@@ -23,6 +23,7 @@ class Component:
     # The score of each part this component averages, known or not (source_stage: source or intent,
     # status, stage), so a reason can say which part moved it.
     parts: dict[str, float] = field(default_factory=dict)
+    shares: dict[str, float] = field(default_factory=dict)  # each part's weight in the component
 
 
 @dataclass(frozen=True)
@@ -120,29 +121,32 @@ def reachability(lead: Lead, config: ScoringConfig) -> Component:
 
 def source_stage(lead: Lead, config: ScoringConfig) -> Component:
     ss = config.source_stage
+    total = ss.source_weight + ss.status_weight + ss.stage_weight
     labels: dict[str, str] = {}
     parts: dict[str, float] = {}
+    shares: dict[str, float] = {}
 
-    def part(key: str, found, unknown: float) -> float:
+    def part(key: str, found, unknown: float, weight: float) -> float:
         if found is not None:
             labels[key] = found.label
         parts[key] = unknown if found is None else found.score
+        shares[key] = weight / total if total else 0.0
         return parts[key]
 
-    source_score = part("source", ss.sources.get(lead.source or ""), ss.unknown_source)
+    source_score = part("source", ss.sources.get(lead.source or ""), ss.unknown_source, ss.source_weight)
     intent = _first_match(ss.intents, lead.recent_conversion)
     if intent is not None and intent.score >= source_score:
-        del parts["source"]  # the intent is what counts
-        source_score = part("intent", intent, ss.unknown_source)
-    status_score = part("status", ss.statuses.get(lead.status or ""), ss.unknown_status)
+        del parts["source"], shares["source"]  # the intent is what counts
+        source_score = part("intent", intent, ss.unknown_source, ss.source_weight)
+    status_score = part("status", ss.statuses.get(lead.status or ""), ss.unknown_status, ss.status_weight)
     # Where a lead has no lifecycle stage, its owner's rating is the stage-like signal.
-    stage_score = part("stage", ss.stages.get(lead.stage or lead.rating or ""), ss.unknown_stage)
-    total = ss.source_weight + ss.status_weight + ss.stage_weight
+    stage = ss.stages.get(lead.stage or lead.rating or "")
+    stage_score = part("stage", stage, ss.unknown_stage, ss.stage_weight)
     score = (
         ss.source_weight * source_score + ss.status_weight * status_score
         + ss.stage_weight * stage_score
     ) / total if total else 0.0  # fmt: skip
-    return Component(score, labels, parts)
+    return Component(score, labels, parts, shares)
 
 
 def evaluate_rules(lead: Lead, config: ScoringConfig) -> RulesResult:
