@@ -7,7 +7,8 @@ compared with each other:
 
 - the shipped settings, and how often a holdout-sized sample (2,720 leads) of their out-of-fold
   scores reaches ROC AUC 0.985;
-- LightGBM variants: its default many-vs-many categorical splits, extra-trees, DART, path smoothing;
+- LightGBM variants: without the mapping's [monotone], its default many-vs-many categorical splits,
+  extra-trees, DART, path smoothing;
 - extra features: the team's own rules (fixtures/data/x_education_rules.toml) as four sub-scores or
   one score; `Lead Number` (an identifier, not shipped), also on a forward split by it;
 - fewer features: without `Tags` and `Lead Quality` (what a brand-new lead looks like);
@@ -45,16 +46,26 @@ HOLDOUT_ROWS = 2720
 TARGET = 0.985
 
 
-def out_of_fold(X: pd.DataFrame, y: np.ndarray, seed: int, folds: int = 5, **params) -> np.ndarray:
+def lightgbm_model(columns, monotone: dict[str, str], **params) -> lightgbm.LGBMClassifier:
+    """The shipped LightGBM (with the mapping's [monotone]), `params` changed."""
+    constraints = wm.monotone_constraints(columns, monotone)
+    return lightgbm.LGBMClassifier(**{**wm.LIGHTGBM_PARAMS, **constraints, **params})
+
+
+def out_of_fold(
+    X: pd.DataFrame, y: np.ndarray, seed: int, monotone: dict[str, str], folds: int = 5, **params
+) -> np.ndarray:
     scores = np.zeros(len(y))
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
-        model = lightgbm.LGBMClassifier(**{**wm.LIGHTGBM_PARAMS, **params}).fit(X.iloc[train], y[train])
+        model = lightgbm_model(X.columns, monotone, **params).fit(X.iloc[train], y[train])
         scores[test] = model.predict_proba(X.iloc[test])[:, 1]
     return scores
 
 
-def cv_auc(X: pd.DataFrame, y: np.ndarray, folds: int = 5, **params) -> float:
-    return float(np.mean([roc_auc_score(y, out_of_fold(X, y, seed, folds, **params)) for seed in SEEDS]))
+def cv_auc(X: pd.DataFrame, y: np.ndarray, monotone: dict[str, str], folds: int = 5, **params) -> float:
+    return float(
+        np.mean([roc_auc_score(y, out_of_fold(X, y, seed, monotone, folds, **params)) for seed in SEEDS])
+    )
 
 
 def main() -> None:
@@ -65,6 +76,7 @@ def main() -> None:
     started, began = machine(), time.perf_counter()
     data = load_table(args.data, MAPPING, None, need_label=True)
     kinds, y = data.mapping.feature_kinds(), data.y
+    monotone = data.mapping.monotone_for(kinds)
     X = wm.design_matrix(data.features, kinds, wm.categories_of(data.features, kinds))
     config = load_config(TEAM_RULES)
     rules = pd.DataFrame(
@@ -78,11 +90,14 @@ def main() -> None:
 
     rows: list[dict] = []
 
+    def cv(features: pd.DataFrame, **params) -> float:
+        return cv_auc(features, y, monotone, **params)
+
     def study(name: str, auc: float, note: str = "") -> None:
         rows.append({"study": name, "roc_auc": round(auc, 4), "note": note})
         print(f"  {name}: {auc:.4f} {note}", flush=True)
 
-    shipped = [out_of_fold(X, y, seed) for seed in SEEDS]
+    shipped = [out_of_fold(X, y, seed, monotone) for seed in SEEDS]
     rng = np.random.default_rng(0)
     samples = [
         roc_auc_score(y[pick], scores[pick])
@@ -92,30 +107,31 @@ def main() -> None:
     reach = float(np.mean(np.array(samples) >= TARGET))
     study("shipped settings", float(np.mean([roc_auc_score(y, s) for s in shipped])),
           f"{reach:.0%} of {HOLDOUT_ROWS}-lead samples reach {TARGET}")  # fmt: skip
-    study("many-vs-many categorical splits", cv_auc(X, y, max_cat_to_onehot=4), "(LightGBM's default)")
-    study("extra-trees", cv_auc(X, y, extra_trees=True))
-    study("extra-trees, 1,500 trees", cv_auc(X, y, extra_trees=True, n_estimators=1500))
-    study("DART (300 trees, lr 0.1)", cv_auc(X, y, boosting_type="dart", n_estimators=300, learning_rate=0.1,
-                                          drop_rate=0.1))  # fmt: skip
-    study("path smoothing 10", cv_auc(X, y, path_smooth=10))
-    study("path smoothing 50", cv_auc(X, y, path_smooth=50))
+    study("without [monotone]", cv_auc(X, y, {}), "(time on site free to lower a score)")
+    study("many-vs-many categorical splits", cv(X, max_cat_to_onehot=4), "(LightGBM's default)")
+    study("extra-trees", cv(X, extra_trees=True))
+    study("extra-trees, 1,500 trees", cv(X, extra_trees=True, n_estimators=1500))
+    dart = dict(boosting_type="dart", n_estimators=300, learning_rate=0.1, drop_rate=0.1)
+    study("DART (300 trees, lr 0.1)", cv(X, **dart))
+    study("path smoothing 10", cv(X, path_smooth=10))
+    study("path smoothing 50", cv(X, path_smooth=50))
     study(
         "+ team rules, 4 sub-scores",
-        cv_auc(pd.concat([X, rules[list(COMPONENTS)].add_prefix("rules_")], axis=1), y),
+        cv(pd.concat([X, rules[list(COMPONENTS)].add_prefix("rules_")], axis=1)),
     )
     composite = sum(weights[name] * rules[name] for name in COMPONENTS)
-    study("+ team rules, 1 score", cv_auc(X.assign(rules_score=composite), y))
+    study("+ team rules, 1 score", cv(X.assign(rules_score=composite)))
     number = pd.to_numeric(data.frame["Lead Number"], errors="coerce").to_numpy()
-    study("+ Lead Number", cv_auc(X.assign(lead_number=number), y), "(an identifier: not shipped)")
+    study("+ Lead Number", cv(X.assign(lead_number=number)), "(an identifier: not shipped)")
     order = np.argsort(number, kind="stable")
     earliest, latest = order[: int(0.8 * len(order))], order[int(0.8 * len(order)) :]
     for name, features in (("", X), (" + Lead Number", X.assign(lead_number=number))):
-        model = lightgbm.LGBMClassifier(**wm.LIGHTGBM_PARAMS).fit(features.iloc[earliest], y[earliest])
+        model = lightgbm_model(features.columns, monotone).fit(features.iloc[earliest], y[earliest])
         forward = roc_auc_score(y[latest], model.predict_proba(features.iloc[latest])[:, 1])
         study(f"forward split{name}", forward, "(one split: trained on the earliest 80% by number)")
-    study("without Tags and Lead Quality", cv_auc(X.drop(columns=["status", "rating"]), y))
-    study("2-fold (trains on 50%)", cv_auc(X, y, folds=2))
-    study("20-fold (trains on 95%)", cv_auc(X, y, folds=20))
+    study("without Tags and Lead Quality", cv(X.drop(columns=["status", "rating"])))
+    study("2-fold (trains on 50%)", cv(X, folds=2))
+    study("20-fold (trains on 95%)", cv(X, folds=20))
 
     print(table(rows, ["study", "roc_auc", "note"]))
     print(f"{time.perf_counter() - began:.0f} s")

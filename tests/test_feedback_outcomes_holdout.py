@@ -370,7 +370,9 @@ def test_a_model_with_the_llm_as_a_feature_calls_it_and_falls_back_without_it(
     frame.to_csv(data, index=False)
     mapping = tmp_path / "mapping.toml"
     mapping.write_text(
-        MAPPING.read_text() + 'llm_propensity = { column = "AI propensity", kind = "numeric" }\n'
+        MAPPING.read_text().replace(
+            "[custom]\n", '[custom]\nllm_propensity = { column = "AI propensity", kind = "numeric" }\n'
+        )
     )
     assert main(["train", "--data", str(data), "--mapping", str(mapping), "--out", str(tmp_path / "m")]) == 0
     reconfigure(monkeypatch, SCORING_MODEL_PATH=str(tmp_path / "m"))

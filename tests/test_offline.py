@@ -62,6 +62,30 @@ def test_train_compares_candidates_by_cross_validation_and_keeps_the_better(trai
     assert meta["version"].endswith(f"-{meta['model']}-" + meta["version"].rsplit("-", 1)[1])
 
 
+def _scores_as_time_on_site_grows(model: TrainedModel) -> np.ndarray:
+    """Each lead of the slice scored at 0 s to 40 min on the site: one row a lead, one column a time."""
+    features = offline.load_table(DATA, MAPPING, None, need_label=True).features
+    times = [0, 30, 60, 120, 300, 600, 900, 1200, 1800, 2400]
+    return np.column_stack([model.predict(features.assign(time_on_site_s=float(t))) for t in times])
+
+
+def test_a_trained_model_keeps_the_mappings_monotone_features_in_order(trained, tmp_path):
+    model = TrainedModel.load(trained)
+    free = offline.train_from_file(DATA, _without_monotone(tmp_path), None, tmp_path / "free")
+
+    assert model.meta["model"] == "lightgbm"
+    assert model.meta["monotone"] == {"time_on_site_s": "increasing"}
+    assert (np.diff(_scores_as_time_on_site_grows(model), axis=1) >= 0).all()
+    assert free.meta["monotone"] == {}
+    assert (np.diff(_scores_as_time_on_site_grows(free), axis=1) < 0).any()  # what [monotone] prevents
+
+
+def _without_monotone(tmp_path: Path) -> Path:
+    mapping = tmp_path / "free.toml"
+    mapping.write_text(MAPPING.read_text().split("[monotone]")[0])
+    return mapping
+
+
 def test_a_saved_model_predicts_exactly_as_the_one_trained(tmp_path):
     table = offline.load_table(DATA, MAPPING, None, need_label=True)
     fresh = offline.train_from_file(DATA, MAPPING, None, tmp_path / "m")
@@ -231,8 +255,19 @@ def test_a_mapping_naming_an_unknown_lead_field_is_refused(tmp_path, capsys):
          'llm_propensity = { column = "...", kind = "numeric" }'),
         ('[custom]\nllm_propensity = { column = "AI score" }\n', "llm_propensity is the LLM's answer"),
         ("", "maps no column to a feature: name some under [fields] (or [custom])"),
+        ('[fields]\nstatus = "Tags"\n[monotone]\nstatus = "increasing"\n',
+         "[monotone] names status, which is categorical: only a numeric or yes/no feature has an order "
+         "to keep"),
+        ('[fields]\nvisits = "TotalVisits"\n[monotone]\nvisitz = "increasing"\n',
+         "[monotone] names visitz, which is neither a lead field nor a feature under [custom]"),
+        ('[fields]\nvisits = "TotalVisits"\n[monotone]\nvisits = "up"\n',
+         "monotone.visits: Input should be 'increasing' or 'decreasing'"),
+        ('[fields]\nsource = "Lead Source"\n[monotone]\nvisits = "increasing"\n',
+         "[monotone] names visits, which the training data has no values for: map a column to it, or "
+         "drop it from [monotone]"),
     ],
-    ids=["llm_as_field", "llm_not_numeric", "no_features"],
+    ids=["llm_as_field", "llm_not_numeric", "no_features", "monotone_categorical", "monotone_unknown",
+         "monotone_direction", "monotone_unmapped"],
 )  # fmt: skip
 def test_a_mapping_that_cannot_work_says_what_to_change(tmp_path, capsys, toml, message):
     mapping = tmp_path / "mapping.toml"
@@ -403,6 +438,11 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     assert np.array_equal(model.predict(live), model.predict(stored))
     assert model.matrix(live)["status"].isna().sum() == 0  # no category unseen for being cased differently
     assert "expected on unseen leads (out-of-fold): ROC AUC" in capsys.readouterr().out
+
+    with_mapping = ["--mapping", str(MAPPING), "--out", str(tmp_path / "m2")]  # [monotone] binds here too
+    assert main(["train", "--from-store", "--min-age-days", "30", *with_mapping]) == 0
+    meta = json.loads((tmp_path / "m2" / "model.json").read_text())
+    assert meta["model"] == "lightgbm" and meta["monotone"] == {"time_on_site_s": "increasing"}
 
 
 def test_train_from_an_empty_store_says_what_is_missing(env, tmp_path, capsys):

@@ -29,7 +29,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 from workers.config import Tiers
 from workers.metrics import classification_metrics, expected_calibration_error, tier_table
-from workers.tabular import Kind
+from workers.tabular import DIRECTION_SIGNS, Direction, Kind
 
 ARTIFACT_FORMAT = 1
 MISSING = "(missing)"
@@ -58,13 +58,22 @@ def _no_progress(items: Iterable) -> Iterable:
     return items
 
 
-def _lightgbm(kinds: dict[str, Kind]):
+def monotone_constraints(columns: Iterable[str], monotone: dict[str, Direction]) -> dict:
+    """LightGBM's parameter for the features kept in order, one entry per column; no parameter at all
+    when there are none."""
+    if not monotone:
+        return {}
+    return {"monotone_constraints": [DIRECTION_SIGNS.get(monotone.get(c), 0) for c in columns]}
+
+
+def _lightgbm(kinds: dict[str, Kind], monotone: dict[str, Direction]):
     import lightgbm
 
-    return lightgbm.LGBMClassifier(**LIGHTGBM_PARAMS)
+    return lightgbm.LGBMClassifier(**LIGHTGBM_PARAMS, **monotone_constraints(kinds, monotone))
 
 
-def _logistic_regression(kinds: dict[str, Kind]):
+def _logistic_regression(kinds: dict[str, Kind], monotone: dict[str, Direction]):
+    """One weight per number, left to the data: [monotone] binds the gradient-boosting candidate."""
     categorical = [n for n, k in kinds.items() if k == "categorical"]
     numeric = [n for n, k in kinds.items() if k != "categorical"]
     numbers = make_pipeline(
@@ -137,6 +146,7 @@ def cross_validate(
     kinds: dict[str, Kind],
     folds: int = FOLDS,
     progress: Progress = _no_progress,
+    monotone: dict[str, Direction] | None = None,
 ) -> dict[str, CandidateResult]:
     """Out-of-fold probabilities of every candidate on the same stratified folds."""
     splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=SEED).split(X, y))
@@ -148,7 +158,7 @@ def cross_validate(
     for name, i in progress(steps):
         train_idx, test_idx = splits[i]
         started = time.perf_counter()
-        estimator = CANDIDATES[name](kinds).fit(X.iloc[train_idx], y[train_idx])
+        estimator = CANDIDATES[name](kinds, monotone or {}).fit(X.iloc[train_idx], y[train_idx])
         seconds[name] += time.perf_counter() - started
         oof[name][test_idx] = estimator.predict_proba(X.iloc[test_idx])[:, 1]
         aucs[name].append(float(roc_auc_score(y[test_idx], oof[name][test_idx])))
@@ -324,19 +334,24 @@ def train(
     tiers: Tiers,
     folds: int = FOLDS,
     progress: Progress = _no_progress,
+    monotone: dict[str, Direction] | None = None,
 ) -> TrainedModel:
     """Compare the candidates by cross-validation, refit the best on all rows, calibrate it on its
-    out-of-fold scores. `source` describes the training data (file, rows, window) for the artifact."""
+    out-of-fold scores. `source` describes the training data (file, rows, window) for the artifact;
+    `monotone` the features kept in order (the mapping's [monotone])."""
+    monotone = monotone or {}
     categories = categories_of(frame, kinds)
     X = design_matrix(frame, kinds, categories)
-    results = cross_validate(X, y, kinds, folds, progress)
+    results = cross_validate(X, y, kinds, folds, progress, monotone)
     best = max(results.values(), key=lambda r: r.auc_mean)
     method, calibration_scores, calibrated_oof = choose_calibration(best.oof, y, folds)
     calibrator = Calibrator(method).fit(best.oof, y)
-    estimator = CANDIDATES[best.name](kinds).fit(X, y)
+    estimator = CANDIDATES[best.name](kinds, monotone).fit(X, y)
     created = datetime.now(UTC)
     digest = hashlib.sha256(
-        json.dumps({"source": source, "kinds": kinds, "model": best.name}, sort_keys=True).encode()
+        json.dumps(
+            {"source": source, "kinds": kinds, "model": best.name, "monotone": monotone}, sort_keys=True
+        ).encode()
     ).hexdigest()[:8]
     meta = {
         "format": ARTIFACT_FORMAT,
@@ -345,6 +360,7 @@ def train(
         "model": best.name,
         "calibration": method,
         "calibration_cv": calibration_scores,
+        "monotone": monotone if best.name == "lightgbm" else {},  # the logistic regression ignores it
         "tiers": tiers.model_dump(),
         "expected": expected_performance(y, calibrated_oof, tiers),
         "candidates": {name: r.summary(y) for name, r in results.items()},

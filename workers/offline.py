@@ -58,9 +58,10 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
 def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: Tiers | None = None):
     started = time.perf_counter()
     table = load_table(data, mapping_path, label, need_label=True)
+    kinds = table.mapping.feature_kinds()
     trained = train(
-        table.features, table.y, table.mapping.feature_kinds(), source=table.source,
-        tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS, progress=progress("cross-validating"),
+        table.features, table.y, kinds, source=table.source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
+        progress=progress("cross-validating"), monotone=table.mapping.monotone_for(kinds),
     )  # fmt: skip
     return _finish(trained, table.mapping, out, started)
 
@@ -69,7 +70,8 @@ def train_from_store(
     store, out: Path, min_age_days: float, mapping_path: Path | None = None, tiers: Tiers | None = None
 ):
     """Learn from the inputs kept with each score, labelled by the outcomes. A mapping is optional:
-    its [custom] entries give those features' kinds, labels and CRM properties."""
+    its [custom] entries give those features' kinds, labels and CRM properties, its [monotone] the
+    features kept in order."""
     from workers.store import redacted
     from workers.store_data import training_rows
 
@@ -79,7 +81,8 @@ def train_from_store(
     features, y, kinds, window = training_rows(store, min_age_days, custom)
     source = {"store": redacted(store.url), **window}
     trained = train(features, y, kinds, source=source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
-                    progress=progress("cross-validating"))  # fmt: skip
+                    progress=progress("cross-validating"),
+                    monotone=mapping.monotone_for(kinds) if mapping else None)  # fmt: skip
     return _finish(trained, mapping, out, started)
 
 

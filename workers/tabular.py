@@ -20,6 +20,8 @@ from integration.errors import TableError
 from integration.lead import Lead
 
 Kind = Literal["categorical", "numeric", "boolean"]
+Direction = Literal["increasing", "decreasing"]
+DIRECTION_SIGNS: dict[Direction, int] = {"increasing": 1, "decreasing": -1}
 # The Lead fields a mapping may fill, and how each is used as a feature.
 LEAD_FIELD_KINDS: dict[str, Kind] = {
     "source": "categorical",
@@ -65,6 +67,11 @@ class Mapping(BaseModel):
     missing: list[str] = Field(default_factory=list, description="values meaning 'not filled in'")
     fields: dict[str, str] = Field(default_factory=dict, description="lead field -> column")
     custom: dict[str, CustomField] = Field(default_factory=dict)
+    monotone: dict[str, Direction] = Field(
+        default_factory=dict,
+        description="numeric or yes/no features whose rise never lowers (increasing) or never raises "
+        "(decreasing) a trained model's score",
+    )
 
     @model_validator(mode="after")
     def _known_fields(self) -> Mapping:
@@ -86,6 +93,18 @@ class Mapping(BaseModel):
         clash = sorted(set(self.custom) & set(LEAD_FIELD_KINDS))
         if clash:
             raise ValueError(f"[custom] reuses the lead field name(s) {', '.join(clash)}; rename them")
+        known = {**LEAD_FIELD_KINDS, **{name: spec.kind for name, spec in self.custom.items()},
+                 LLM_FEATURE: "numeric"}  # fmt: skip
+        for name in self.monotone:
+            if name not in known:
+                raise ValueError(
+                    f"[monotone] names {name}, which is neither a lead field nor a feature under [custom]"
+                )
+            if known[name] == "categorical":
+                raise ValueError(
+                    f"[monotone] names {name}, which is categorical: only a numeric or yes/no feature has "
+                    "an order to keep"
+                )
         return self
 
     def feature_kinds(self) -> dict[str, Kind]:
@@ -93,6 +112,16 @@ class Mapping(BaseModel):
             **{name: LEAD_FIELD_KINDS[name] for name in self.fields},
             **{name: spec.kind for name, spec in self.custom.items()},
         }
+
+    def monotone_for(self, kinds: dict[str, Kind]) -> dict[str, Direction]:
+        """[monotone], checked against the features a model is trained on."""
+        absent = [name for name in self.monotone if name not in kinds]
+        if absent:
+            raise TableError(
+                f"[monotone] names {', '.join(absent)}, which the training data has no values for: map "
+                "a column to it, or drop it from [monotone]"
+            )
+        return dict(self.monotone)
 
     def labels(self) -> dict[str, str]:
         return {name: spec.label for name, spec in self.custom.items() if spec.label}
