@@ -46,9 +46,10 @@ HOLDOUT_ROWS = 2720
 TARGET = 0.985
 
 
-def lightgbm_model(columns, monotone: dict[str, str], **params) -> lightgbm.LGBMClassifier:
-    """The shipped LightGBM (with the mapping's [monotone]), `params` changed."""
-    constraints = wm.monotone_constraints(columns, monotone)
+def lightgbm_model(X: pd.DataFrame, monotone: dict[str, str], **params) -> lightgbm.LGBMClassifier:
+    """The shipped LightGBM (with the mapping's [monotone]) for these columns, `params` changed."""
+    kinds = {c: "categorical" if isinstance(X[c].dtype, pd.CategoricalDtype) else "numeric" for c in X}
+    constraints = wm.monotone_constraints(kinds, monotone)
     return lightgbm.LGBMClassifier(**{**wm.LIGHTGBM_PARAMS, **constraints, **params})
 
 
@@ -57,7 +58,7 @@ def out_of_fold(
 ) -> np.ndarray:
     scores = np.zeros(len(y))
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
-        model = lightgbm_model(X.columns, monotone, **params).fit(X.iloc[train], y[train])
+        model = lightgbm_model(X, monotone, **params).fit(X.iloc[train], y[train])
         scores[test] = model.predict_proba(X.iloc[test])[:, 1]
     return scores
 
@@ -126,7 +127,7 @@ def main() -> None:
     order = np.argsort(number, kind="stable")
     earliest, latest = order[: int(0.8 * len(order))], order[int(0.8 * len(order)) :]
     for name, features in (("", X), (" + Lead Number", X.assign(lead_number=number))):
-        model = lightgbm_model(features.columns, monotone).fit(features.iloc[earliest], y[earliest])
+        model = lightgbm_model(features, monotone).fit(features.iloc[earliest], y[earliest])
         forward = roc_auc_score(y[latest], model.predict_proba(features.iloc[latest])[:, 1])
         study(f"forward split{name}", forward, "(one split: trained on the earliest 80% by number)")
     study("without Tags and Lead Quality", cv(X.drop(columns=["status", "rating"])))

@@ -58,22 +58,26 @@ def _no_progress(items: Iterable) -> Iterable:
     return items
 
 
-def monotone_constraints(columns: Iterable[str], monotone: dict[str, Direction]) -> dict:
-    """LightGBM's parameter for the features kept in order, one entry per column; no parameter at all
-    when there are none."""
+def monotone_constraints(kinds: dict[str, Kind], monotone: dict[str, Direction] | None) -> dict:
+    """LightGBM's parameter for the features kept in order, one entry per feature in training order;
+    no parameter at all when there are none. A constraint on a categorical is refused here, since
+    LightGBM would abort the whole process on it."""
     if not monotone:
         return {}
-    return {"monotone_constraints": [DIRECTION_SIGNS.get(monotone.get(c), 0) for c in columns]}
+    categorical = [name for name in monotone if kinds.get(name) == "categorical"]
+    if categorical:
+        raise ValueError(f"cannot keep the categorical feature(s) {', '.join(categorical)} in order")
+    return {"monotone_constraints": [DIRECTION_SIGNS.get(monotone.get(name), 0) for name in kinds]}
 
 
-def _lightgbm(kinds: dict[str, Kind], monotone: dict[str, Direction]):
+def _lightgbm(kinds: dict[str, Kind], monotone: dict[str, Direction] | None):
     import lightgbm
 
     return lightgbm.LGBMClassifier(**LIGHTGBM_PARAMS, **monotone_constraints(kinds, monotone))
 
 
-def _logistic_regression(kinds: dict[str, Kind], monotone: dict[str, Direction]):
-    """One weight per number, left to the data: [monotone] binds the gradient-boosting candidate."""
+def _logistic_regression(kinds: dict[str, Kind], monotone: dict[str, Direction] | None):
+    """Does not enforce [monotone]: only the gradient-boosting candidate keeps features in order."""
     categorical = [n for n, k in kinds.items() if k == "categorical"]
     numeric = [n for n, k in kinds.items() if k != "categorical"]
     numbers = make_pipeline(
@@ -158,7 +162,7 @@ def cross_validate(
     for name, i in progress(steps):
         train_idx, test_idx = splits[i]
         started = time.perf_counter()
-        estimator = CANDIDATES[name](kinds, monotone or {}).fit(X.iloc[train_idx], y[train_idx])
+        estimator = CANDIDATES[name](kinds, monotone).fit(X.iloc[train_idx], y[train_idx])
         seconds[name] += time.perf_counter() - started
         oof[name][test_idx] = estimator.predict_proba(X.iloc[test_idx])[:, 1]
         aucs[name].append(float(roc_auc_score(y[test_idx], oof[name][test_idx])))
@@ -339,7 +343,6 @@ def train(
     """Compare the candidates by cross-validation, refit the best on all rows, calibrate it on its
     out-of-fold scores. `source` describes the training data (file, rows, window) for the artifact;
     `monotone` the features kept in order (the mapping's [monotone])."""
-    monotone = monotone or {}
     categories = categories_of(frame, kinds)
     X = design_matrix(frame, kinds, categories)
     results = cross_validate(X, y, kinds, folds, progress, monotone)
@@ -347,12 +350,12 @@ def train(
     method, calibration_scores, calibrated_oof = choose_calibration(best.oof, y, folds)
     calibrator = Calibrator(method).fit(best.oof, y)
     estimator = CANDIDATES[best.name](kinds, monotone).fit(X, y)
+    kept_in_order = (monotone or {}) if best.name == "lightgbm" else {}  # the logistic regression cannot
     created = datetime.now(UTC)
-    digest = hashlib.sha256(
-        json.dumps(
-            {"source": source, "kinds": kinds, "model": best.name, "monotone": monotone}, sort_keys=True
-        ).encode()
-    ).hexdigest()[:8]
+    identity = {"source": source, "kinds": kinds, "model": best.name}
+    if kept_in_order:  # versions of models without [monotone] stay as they were
+        identity["monotone"] = kept_in_order
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     meta = {
         "format": ARTIFACT_FORMAT,
         "version": f"{created:%Y%m%dT%H%M%SZ}-{best.name}-{digest}",
@@ -360,7 +363,7 @@ def train(
         "model": best.name,
         "calibration": method,
         "calibration_cv": calibration_scores,
-        "monotone": monotone if best.name == "lightgbm" else {},  # the logistic regression ignores it
+        "monotone": kept_in_order,
         "tiers": tiers.model_dump(),
         "expected": expected_performance(y, calibrated_oof, tiers),
         "candidates": {name: r.summary(y) for name, r in results.items()},

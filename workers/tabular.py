@@ -118,8 +118,9 @@ class Mapping(BaseModel):
         absent = [name for name in self.monotone if name not in kinds]
         if absent:
             raise TableError(
-                f"[monotone] names {', '.join(absent)}, which the training data has no values for: map "
-                "a column to it, or drop it from [monotone]"
+                f"[monotone] names {', '.join(absent)}, which the training rows lack: map a column to it "
+                "under [fields] or [custom] (from the store: no kept score has it yet, as llm_propensity "
+                "before any LLM answer), or drop it from [monotone]"
             )
         return dict(self.monotone)
 
