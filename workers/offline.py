@@ -87,10 +87,10 @@ def train_from_store(
 
 
 def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, started: float):
-    if mapping is not None and mapping.monotone and not trained.meta["monotone"]:
-        _warn(f"[monotone] is not enforced: {trained.meta['model']} ranked best, and only lightgbm keeps "
-              "features in order")  # fmt: skip
     if mapping is not None:
+        if mapping.monotone and not trained.meta["monotone"]:
+            _warn(f"[monotone] is not enforced: {trained.meta['model']} ranked best, and only lightgbm "
+                  "keeps features in order")  # fmt: skip
         trained.meta["labels"] = mapping.labels()
         trained.meta["crm_properties"] = {
             name: {crm: prop for crm in ("hubspot", "salesforce") if (prop := getattr(spec, crm))}
