@@ -204,6 +204,11 @@ def test_score_file_with_a_model_names_each_leads_drivers(trained, tmp_path):
     assert scored["reason"].str.len().max() <= 90
     labels = ("Status: ", "Rating: ", "Seconds on site: ", "Last activity: ", "Last notable activity: ")
     assert scored["reason"].str.startswith(labels).mean() > 0.8  # the strong signals lead the reasons
+    status = scored["reason"].str.extract(r"^Status: ([^;]+)")[0]
+    named = status.notna() & (status != "not set")
+    assert named.sum() > 50
+    spelled = pd.read_csv(DATA)["Tags"].str.split().str.join(" ")  # as the file spells them, spaced once
+    assert (status[named] == spelled[named]).all()
     converted_in_a = truth[scored["tier"] == "A"].mean()
     assert converted_in_a >= 2 * truth.mean()
 

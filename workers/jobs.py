@@ -181,19 +181,24 @@ class WorkerContext:
                 blend_score(lead, evaluate_rules(lead, self.config), propensity, self.config)
                 for lead, propensity in zip(leads, answers, strict=True)
             ]
-        rows = [
-            tabular.lead_features(lead, self.model.kinds, propensity)
-            for lead, propensity in zip(leads, answers, strict=True)
-        ]
-        frame = pd.DataFrame(rows, columns=list(self.model.kinds))
-        self._log_unseen(frame)
-        results = model_scoring.score_frame(self.model, frame)
+        frame, shown = (
+            pd.DataFrame(
+                [
+                    tabular.lead_features(lead, self.model.kinds, propensity, keep_case)
+                    for lead, propensity in zip(leads, answers, strict=True)
+                ],
+                columns=list(self.model.kinds),
+            )
+            for keep_case in (False, True)
+        )
+        self._log_unseen(frame, shown)
+        results = model_scoring.score_frame(self.model, frame, shown)
         return [
             model_scoring.with_provenance(result, propensity, fingerprint, self.config)
             for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
         ]
 
-    def _log_unseen(self, frame: pd.DataFrame) -> None:
+    def _log_unseen(self, frame: pd.DataFrame, shown: pd.DataFrame) -> None:
         """Say when live leads hold a value the model never saw (a status added after training): each
         value once a day across all workers, at most a few a feature. Redis remembers what was said,
         since every job runs in a fresh work horse; without Redis nothing is said."""
@@ -207,7 +212,8 @@ class WorkerContext:
                 said = dict(zip(unseen, pipe.execute(), strict=True))
             for name, rows in unseen.items():
                 key = _unseen_key(self.model, name)
-                for value in frame.loc[rows, name].unique():
+                spellings = dict(zip(frame.loc[rows, name], shown.loc[rows, name], strict=True))
+                for value, spelled in spellings.items():
                     if said[name] > MAX_UNSEEN_LOGGED:
                         break
                     if not self.redis.sadd(key, str(value)):
@@ -221,7 +227,7 @@ class WorkerContext:
                     else:
                         log.warning(
                             "model %s never saw %s = %r in training: it scores such leads as unknown to "
-                            "it; retrain once the value is common", self.model.version, name, value,
+                            "it; retrain once the value is common", self.model.version, name, spelled,
                         )  # fmt: skip
         except RedisError as exc:
             log.debug("unseen values not checked: %s", exc)

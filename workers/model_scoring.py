@@ -1,8 +1,8 @@
 """Score, tier and two-second reason from a trained model. No I/O.
 
 The reason names the one or two features that pushed this lead's score most in the direction
-it went (per-lead contributions), e.g. "Status: will revert after reading the email; Rating:
-high in relevance" — at most 90 characters, like the rules' reasons.
+it went (per-lead contributions), e.g. "Status: Will revert after reading the email; Rating:
+High in Relevance" — at most 90 characters, like the rules' reasons.
 """
 
 from __future__ import annotations
@@ -81,13 +81,16 @@ def tiers_of(model: TrainedModel) -> Tiers:
     return Tiers(**model.meta["tiers"]) if "tiers" in model.meta else DEFAULT_MODEL_TIERS
 
 
-def score_frame(model: TrainedModel, frame: pd.DataFrame) -> list[ScoreResult]:
-    """Score every row of a feature frame (feature name → value) with the model."""
+def score_frame(
+    model: TrainedModel, frame: pd.DataFrame, shown: pd.DataFrame | None = None
+) -> list[ScoreResult]:
+    """Score every row of a feature frame (feature name → value) with the model; the reasons show
+    `shown`'s values (the same features, categories spelled as the CRM or file spells them)."""
     probabilities, contributions = model.explain(frame)
     tiers = tiers_of(model)
     base = model.meta.get("base_rate", 0.5)
     names = list(model.kinds)
-    values = frame.reindex(columns=names).to_dict("records")
+    values = (frame if shown is None else shown).reindex(columns=names).to_dict("records")
     contribution_rows = contributions[names].to_numpy()
     results = []
     for p, row, contribution in zip(probabilities, values, contribution_rows, strict=True):

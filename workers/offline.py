@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,11 @@ class LabelledTable:
     mapping: tabular.Mapping
     y: np.ndarray | None
     source: dict
+
+    @cached_property
+    def shown(self) -> pd.DataFrame:
+        """The features as the file spells them, for the reasons reps read."""
+        return tabular.feature_frame(self.frame, self.mapping, keep_case=True)
 
 
 def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bool) -> LabelledTable:
@@ -115,7 +121,7 @@ def rules_results(table: LabelledTable, config: ScoringConfig) -> list[ScoreResu
 def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel | None) -> list[ScoreResult]:
     if model is None:
         return rules_results(table, config)
-    return model_scoring.score_frame(model, table.features)
+    return model_scoring.score_frame(model, table.features, table.shown)
 
 
 def unmapped_features(model: TrainedModel, table: LabelledTable) -> str | None:
@@ -228,7 +234,7 @@ def _file_scorers(
     for directory in model_dirs:
         model = TrainedModel.load(directory)
         name = f"model {model.version}"
-        results[name] = model_scoring.score_frame(model, table.features)
+        results[name] = model_scoring.score_frame(model, table.features, table.shown)
         for warning in (unmapped_features(model, table), unseen_values(model, table)):
             if warning:
                 _warn(warning)

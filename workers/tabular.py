@@ -191,8 +191,11 @@ def labels(frame: pd.DataFrame, column: str) -> np.ndarray:
     return y
 
 
-def normalise(value: object, kind: Kind, missing: frozenset[str] = frozenset()) -> object:
-    """One cell or CRM value as a feature value: categories lower-cased, booleans 0/1, NaN when absent."""
+def normalise(
+    value: object, kind: Kind, missing: frozenset[str] = frozenset(), keep_case: bool = False
+) -> object:
+    """One cell or CRM value as a feature value: categories lower-cased (with `keep_case`, spelled as
+    given, for a reason a rep reads), booleans 0/1, NaN when absent."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return np.nan
     if isinstance(value, bool):
@@ -201,7 +204,7 @@ def normalise(value: object, kind: Kind, missing: frozenset[str] = frozenset()) 
     if not text or text in missing:
         return np.nan
     if kind == "categorical":
-        return text.lower()
+        return text if keep_case else text.lower()
     if kind == "boolean":
         lowered = text.lower()
         return 1.0 if lowered in _TRUE else 0.0 if lowered in _FALSE else np.nan
@@ -212,13 +215,13 @@ def normalise(value: object, kind: Kind, missing: frozenset[str] = frozenset()) 
     return number if math.isfinite(number) else np.nan
 
 
-def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> pd.DataFrame:
+def feature_frame(frame: pd.DataFrame, mapping: Mapping, keep_case: bool = False) -> pd.DataFrame:
     """One column per mapped feature, values normalised (categories still plain text)."""
     missing = frozenset(mapping.missing)
     kinds = mapping.feature_kinds()
     features = pd.DataFrame(
         {
-            name: [normalise(v, kinds[name], missing) for v in frame[column]]
+            name: [normalise(v, kinds[name], missing, keep_case) for v in frame[column]]
             for name, column in mapping.columns().items()
         },
         index=frame.index,
@@ -244,11 +247,13 @@ def snapshot(lead: Lead, propensity=None) -> dict[str, object]:
     return values
 
 
-def lead_features(lead: Lead, kinds: dict[str, Kind], propensity=None) -> dict[str, object]:
+def lead_features(
+    lead: Lead, kinds: dict[str, Kind], propensity=None, keep_case: bool = False
+) -> dict[str, object]:
     """A live lead's features under the names a model was trained with (`propensity`: the LLM's
     answer, a feature when the model has one; a fallback counts as missing)."""
     raw = snapshot(lead, propensity)
-    return {name: normalise(raw.get(name), kind) for name, kind in kinds.items()}
+    return {name: normalise(raw.get(name), kind, keep_case=keep_case) for name, kind in kinds.items()}
 
 
 # A file without contact columns says nothing about whether its leads can be reached: the rules
