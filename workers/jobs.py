@@ -181,16 +181,15 @@ class WorkerContext:
                 blend_score(lead, evaluate_rules(lead, self.config), propensity, self.config)
                 for lead, propensity in zip(leads, answers, strict=True)
             ]
-        frame, shown = (
-            pd.DataFrame(
-                [
-                    tabular.lead_features(lead, self.model.kinds, propensity, keep_case)
-                    for lead, propensity in zip(leads, answers, strict=True)
-                ],
-                columns=list(self.model.kinds),
-            )
-            for keep_case in (False, True)
-        )
+
+        def features(keep_case: bool) -> pd.DataFrame:
+            rows = [
+                tabular.lead_features(lead, self.model.kinds, propensity, keep_case)
+                for lead, propensity in zip(leads, answers, strict=True)
+            ]
+            return pd.DataFrame(rows, columns=list(self.model.kinds))
+
+        frame, shown = features(keep_case=False), features(keep_case=True)  # the model's, the reasons'
         self._log_unseen(frame, shown)
         results = model_scoring.score_frame(self.model, frame, shown)
         return [
