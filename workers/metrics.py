@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from workers.config import TIER_NAMES
@@ -61,15 +62,10 @@ def cumulative_gains(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.concatenate([[0.0], called]), np.concatenate([[0.0], captured])
 
 
-Z_95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson's score interval for a proportion: sound for small n and for rates of 0 or 1."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """Wilson's 95% score interval for a proportion: sound for small n and for rates of 0 or 1."""
+    interval = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def rate_difference(converted_a: int, leads_a: int, converted_b: int, leads_b: int) -> dict | None:
