@@ -95,7 +95,10 @@ def test_monotone_directions_become_lightgbms_signs_in_training_order():
     )  # fmt: skip
     kinds = mapping.feature_kinds()
 
-    assert monotone_constraints(kinds, mapping.monotone_for(kinds)) == {"monotone_constraints": [0, -1, 1]}
+    assert monotone_constraints(kinds, mapping.monotone_for(kinds)) == {
+        "monotone_constraints": [0, -1, 1],
+        "monotone_constraints_method": "advanced",
+    }
     assert monotone_constraints(kinds, {}) == {}
     with pytest.raises(ValueError, match="cannot keep the categorical feature"):
         monotone_constraints(kinds, {"source": "increasing"})  # LightGBM would abort the process

@@ -59,15 +59,19 @@ def _no_progress(items: Iterable) -> Iterable:
 
 
 def monotone_constraints(kinds: dict[str, Kind], monotone: dict[str, Direction] | None) -> dict:
-    """LightGBM's parameter for the features kept in order, one entry per feature in training order;
-    no parameter at all when there are none. A constraint on a categorical is refused here, since
-    LightGBM would abort the whole process on it."""
+    """LightGBM's parameters for the features kept in order, one entry per feature in training order;
+    no parameters at all when there are none. LightGBM's "advanced" method keeps the same guarantee
+    with fewer needless limits on the other splits than its default. A constraint on a categorical is
+    refused here, since LightGBM would abort the whole process on it."""
     if not monotone:
         return {}
     categorical = [name for name in monotone if kinds.get(name) == "categorical"]
     if categorical:
         raise ValueError(f"cannot keep the categorical feature(s) {', '.join(categorical)} in order")
-    return {"monotone_constraints": [DIRECTION_SIGNS.get(monotone.get(name), 0) for name in kinds]}
+    return {
+        "monotone_constraints": [DIRECTION_SIGNS.get(monotone.get(name), 0) for name in kinds],
+        "monotone_constraints_method": "advanced",
+    }
 
 
 def _lightgbm(kinds: dict[str, Kind], monotone: dict[str, Direction] | None):
