@@ -317,6 +317,9 @@ def cmd_evaluate(args) -> int:
     for name, s in summary["scorers"].items():
         print(f"  {name:40s} ROC AUC {s['roc_auc']:.4f}  ECE {s['ece']:.4f}  "
               f"{_tier_a(s['tiers'], s['base_rate'])}")  # fmt: skip
+    if not summary["scorers"]:
+        print("  no scorer can be ranked yet (no scored leads of both outcomes); the report shows the "
+              "holdout and rep feedback")  # fmt: skip
     print(f"report: {args.out / 'report.md'}")
     return 0
 

@@ -629,6 +629,33 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
     assert "| live v7 | 2 | 50.0% | 1.0000 |" in (out / "report.md").read_text()
 
 
+@EACH_STORE
+def test_evaluate_from_a_young_store_shows_holdout_and_feedback_before_any_ranking(env, tmp_path, capsys):
+    kept = Store(env["DATABASE_URL"])
+    rows = [("1", 91, "A", False), ("2", 85, "A", True), ("3", 30, "D", False), ("4", 12, "D", True)]
+    kept.record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead, score=score, tier=tier, reason="r",
+                    scorer="rules+llm", fingerprint=lead, features={}, details={}, holdout=holdout)
+        for lead, score, tier, holdout in rows
+    )  # fmt: skip
+    kept.record_outcomes([LeadFact("hubspot", PORTAL_ID, "1", "customer")], "webhook")  # none 30 days old
+    kept.record_feedback([Feedback("hubspot", PORTAL_ID, "3", "too_low", 30, "D", "3")])
+    out = tmp_path / "report"
+
+    assert main(["evaluate", "--with-store", "--out", str(out)]) == 0
+
+    assert "no scorer can be ranked yet (no scored leads of both outcomes)" in capsys.readouterr().out
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["scorers"] == {}
+    assert summary["store"]["holdout"]["scored"] == {"leads": 2, "converted": 1, "rate": 0.5}
+    assert summary["store"]["feedback"] == {"D": {"too_low": 1}}
+    report = (out / "report.md").read_text()
+    assert "### Holdout (no visible score)" in report and "| D | 0 | 0 | 1 |" in report
+    assert "- No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts as " \
+           "not converted only once it has gone 30 days without converting" in report  # fmt: skip
+    assert "## Plots" not in report and not list(out.glob("*.png"))
+
+
 def test_evaluate_needs_a_file_or_the_store(tmp_path, capsys):
     assert main(["evaluate", "--out", str(tmp_path / "r")]) == 2
     assert "evaluate needs --data FILE and --mapping MAP, or --with-store, or both" in capsys.readouterr().err

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from integration.errors import TableError
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
@@ -208,17 +207,18 @@ def evaluate(
         summary["store"] = store_summary(store)
         curves.update(_live_scorers(store, min_age_days, scorers, notes))
     if not curves:
-        raise TableError(
-            "nothing to evaluate: give a labelled --data file, or a store whose scored leads include "
-            "both outcomes (run `leadscore outcomes sync`, or lower --min-age-days)"
+        notes.append(
+            "No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts as "
+            f"not converted only once it has gone {min_age_days:g} days without converting (run "
+            "`leadscore outcomes sync`, or lower --min-age-days). The holdout and rep feedback are above."
         )
     for name, (y, p, tiers) in curves.items():
         scorers[name].update({
             "leads": int(len(y)), "base_rate": round(float(y.mean()), 4),
             **classification_metrics(y, p), "tiers": tier_table(y, tiers),
         })  # fmt: skip
-    first = next(iter(scorers.values()))  # the file's rules, or else the first live scorer
-    summary.update(rows=first["leads"], base_rate=first["base_rate"], scorers=scorers, notes=notes)
+    first = next(iter(scorers.values()), {})  # the file's rules, or else the first live scorer
+    summary.update(rows=first.get("leads"), base_rate=first.get("base_rate"), scorers=scorers, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     report.write(out, summary, curves, cumulative_gains)

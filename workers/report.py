@@ -102,15 +102,27 @@ def _source(summary: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
+    lines = ["# leadscore evaluation", "", _source(summary)]
+    if summary["scorers"]:
+        lines += _scorer_tables(summary["scorers"])
+    store = summary.get("store")
+    if store:
+        lines += _store_tables(store)
+    if summary["notes"]:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in summary["notes"])]
+    if summary["scorers"]:
+        lines += ["", "## Plots", "", "![ROC](roc.png) ![Calibration](calibration.png)", "",
+                  "![Conversion by tier](tiers.png) ![Cumulative gains](gains.png)"]  # fmt: skip
+    return "\n".join([*lines, ""])
+
+
+def _scorer_tables(scorers: dict) -> list[str]:
     lines = [
-        "# leadscore evaluation",
-        "",
-        _source(summary),
         "",
         "| scorer | leads | converted | ROC AUC | PR AUC | Brier | ECE |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, s in summary["scorers"].items():
+    for name, s in scorers.items():
         lines.append(
             f"| {name} | {s['leads']} | {_percent(s['base_rate'])} | {_fmt(s['roc_auc'])} "
             f"| {_fmt(s['pr_auc'])} | {_fmt(s['brier'])} | {_fmt(s['ece'])} |"
@@ -122,13 +134,13 @@ def markdown(summary: dict) -> str:
         "| scorer | tier | leads | share | conversion | lift |",
         "|---|---|---|---|---|---|",
     ]
-    for name, s in summary["scorers"].items():
+    for name, s in scorers.items():
         for row in s["tiers"]:
             lines.append(
                 f"| {name} | {row['tier']} | {row['leads']} | {row['share']:.1%} | "
                 f"{_percent(row['conversion_rate'])} | {_times(row['lift'])} |"
             )
-    for name, s in summary["scorers"].items():
+    for name, s in scorers.items():
         cv = s.get("cross_validation")
         if cv:
             lines += ["", f"## Cross-validation behind `{name}` (calibration: {s['calibration']})", "",
@@ -137,38 +149,29 @@ def markdown(summary: dict) -> str:
                 lines.append(
                     f"| {candidate} | {m['cv_auc_mean']:.4f} | {m['cv_auc_sd']:.4f} | {m['oof_ece']:.4f} |"
                 )
-    store = summary.get("store")
-    if store:
-        lines += [
-            "", "## From the score store", "",
-            f"Scores kept: {store['scores']}, leads: {store['leads']}, "
-            f"with an outcome: {store['converted']}.", "",
-        ]  # fmt: skip
-        lines += [
-            "### Holdout (no visible score)",
-            "",
-            "| group | leads | converted | rate |",
-            "|---|---|---|---|",
-        ]
-        for group, row in store["holdout"].items():
-            lines.append(f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} |")
-        lines += ["", _holdout_difference(store["shown_minus_holdout"])]
-        lines += [
-            "",
-            "### Rep feedback",
-            "",
-            "| tier shown | too_high | right | too_low |",
-            "|---|---|---|---|",
-        ]
-        for tier, row in store["feedback"].items():
-            lines.append(
-                f"| {tier} | {row.get('too_high', 0)} | {row.get('right', 0)} | {row.get('too_low', 0)} |"
-            )
-    if summary["notes"]:
-        lines += ["", "## Notes", "", *(f"- {note}" for note in summary["notes"])]
-    lines += ["", "## Plots", "", "![ROC](roc.png) ![Calibration](calibration.png)", "",
-              "![Conversion by tier](tiers.png) ![Cumulative gains](gains.png)", ""]  # fmt: skip
-    return "\n".join(lines)
+    return lines
+
+
+def _store_tables(store: dict) -> list[str]:
+    lines = [
+        "", "## From the score store", "",
+        f"Scores kept: {store['scores']}, leads: {store['leads']}, with an outcome: {store['converted']}.",
+        "", "### Holdout (no visible score)", "", "| group | leads | converted | rate |", "|---|---|---|---|",
+    ]  # fmt: skip
+    for group, row in store["holdout"].items():
+        lines.append(f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} |")
+    lines += ["", _holdout_difference(store["shown_minus_holdout"])]
+    lines += [
+        "",
+        "### Rep feedback",
+        "",
+        "| tier shown | too_high | right | too_low |",
+        "|---|---|---|---|",
+    ]
+    for tier, row in store["feedback"].items():
+        counts = " | ".join(str(row.get(value, 0)) for value in ("too_high", "right", "too_low"))
+        lines.append(f"| {tier} | {counts} |")
+    return lines
 
 
 def _holdout_difference(difference: dict | None) -> str:
@@ -185,8 +188,10 @@ def _holdout_difference(difference: dict | None) -> str:
 
 
 def write(out: Path, summary: dict, curves: dict, cumulative_gains) -> None:
-    _roc(out / "roc.png", curves)
-    _calibration(out / "calibration.png", curves)
-    _tiers(out / "tiers.png", curves)
-    _gains(out / "gains.png", curves, cumulative_gains)
+    """The report, with its plots when some scorer can be ranked."""
+    if curves:
+        _roc(out / "roc.png", curves)
+        _calibration(out / "calibration.png", curves)
+        _tiers(out / "tiers.png", curves)
+        _gains(out / "gains.png", curves, cumulative_gains)
     (out / "report.md").write_text(markdown(summary))
