@@ -4,7 +4,15 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -214,6 +222,41 @@ def test_score_file_with_a_model_names_each_leads_drivers(trained, tmp_path):
     assert (status[named] == spelled[named]).all()
     converted_in_a = truth[scored["tier"] == "A"].mean()
     assert converted_in_a >= 2 * truth.mean()
+
+
+def test_a_model_scores_a_file_in_chunks_exactly_as_in_one_pass(trained, monkeypatch):
+    table = offline.load_table(DATA, MAPPING, None, need_label=False)
+    model = TrainedModel.load(trained)
+    monkeypatch.setattr(offline, "MODEL_CHUNK_ROWS", 64)  # 500 rows: 8 chunks, the last one short
+
+    assert offline.model_results(table, model) == model_scoring.score_frame(
+        model, table.features, table.shown
+    )
+
+
+def test_score_file_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path, capsys):
+    command = [sys.executable, "-m", "integration.cli", "score-file", *FILE_ARGS, "--model", str(trained)]
+    terminal, its_end = pty.openpty()
+    fcntl.ioctl(its_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws in its width
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL}
+    subprocess.run([*command, "--out", str(tmp_path / "a.csv")], **quiet, stderr=its_end, cwd=FIXTURES.parent,
+                   check=True, timeout=120)  # fmt: skip
+    os.close(its_end)
+    shown = b""
+    while chunk := _read_or_nothing(terminal):
+        shown += chunk
+    os.close(terminal)
+    assert re.search(rb"\rscoring: +\d+%\|.*\| \d+/1 ", shown)  # 500 rows: one chunk
+
+    assert main(["score-file", *FILE_ARGS, "--model", str(trained), "--out", str(tmp_path / "b.csv")]) == 0
+    assert "scoring" not in capsys.readouterr().err  # no bar in CI logs
+
+
+def _read_or_nothing(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # Linux reports EIO once the writing side has closed
+        return b""
 
 
 def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):

@@ -117,10 +117,28 @@ def rules_results(table: LabelledTable, config: ScoringConfig) -> list[ScoreResu
     ]
 
 
+def model_results(table: LabelledTable, model: TrainedModel) -> list[ScoreResult]:
+    """The model's scores and reasons, a chunk of rows at a time so that the progress bar moves:
+    the per-lead contributions are most of `score-file`'s time."""
+    starts = range(0, len(table.features), MODEL_CHUNK_ROWS)
+    return [
+        result
+        for start in progress("scoring")(starts)
+        for result in model_scoring.score_frame(
+            model,
+            table.features.iloc[start : start + MODEL_CHUNK_ROWS],
+            table.shown.iloc[start : start + MODEL_CHUNK_ROWS],
+        )
+    ]
+
+
+MODEL_CHUNK_ROWS = 500
+
+
 def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel | None) -> list[ScoreResult]:
     if model is None:
         return rules_results(table, config)
-    return model_scoring.score_frame(model, table.features, table.shown)
+    return model_results(table, model)
 
 
 def unmapped_features(model: TrainedModel, table: LabelledTable) -> str | None:
@@ -234,7 +252,7 @@ def _file_scorers(
     for directory in model_dirs:
         model = TrainedModel.load(directory)
         name = f"model {model.version}"
-        results[name] = model_scoring.score_frame(model, table.features, table.shown)
+        results[name] = model_results(table, model)
         for warning in (unmapped_features(model, table), unseen_values(model, table)):
             if warning:
                 _warn(warning)
