@@ -102,6 +102,25 @@ class Settings(BaseSettings):
             raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_with_its_driver(cls, value: str) -> str:
+        """Platforms hand out `postgres://…` (a scheme SQLAlchemy dropped) and plain `postgresql://…`
+        (which SQLAlchemy reads as psycopg2); both mean the psycopg 3 driver that `.[postgres]` installs."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                f"DATABASE_URL must be an SQLAlchemy URL such as sqlite:///leadscore.sqlite3 or "
+                f"postgresql+psycopg://user:password@host/db, got {value!r}"
+            ) from None
+        if url.drivername in ("postgres", "postgresql"):
+            return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return value
+
     @property
     def llm_enabled(self) -> bool:
         return bool(self.llm_api_key)

@@ -396,6 +396,7 @@ def test_missing_app_secret_answers_503_with_what_to_set(settings, queue):
         ("REDIS_URL", "localhost:6379", "REDIS_URL: Value error, REDIS_URL must start with redis://"),
         ("LLM_TIMEOUT_S", "-1", "LLM_TIMEOUT_S: Input should be greater than 0"),
         ("HUBSPOT_API_BASE", "not a url", "HUBSPOT_API_BASE: Input should be a valid URL"),
+        ("DATABASE_URL", "store.db", "DATABASE_URL: Value error, DATABASE_URL must be an SQLAlchemy URL"),
     ],
 )
 def test_invalid_settings_say_which_variable_to_fix(monkeypatch, variable, value, message):
