@@ -209,6 +209,11 @@ def _scoring_config():
 def cmd_train(args) -> int:
     from workers import offline
 
+    if (args.out / "model.json").exists():
+        raise UsageError(
+            f"--out {args.out} already holds a model: give a new directory (workers loading that one "
+            "must not see it change under them), or remove it first"
+        )
     if args.from_store:
         from workers.store import Store
 
@@ -346,6 +351,22 @@ class UsageError(RuntimeError):
     """A command given the wrong arguments; the message says which to give."""
 
 
+def a_file(text: str) -> Path:
+    """A file to read or write: refused up front when it names a directory."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory: give a file")
+    return path
+
+
+def a_directory(text: str) -> Path:
+    """A directory to write into: refused up front when it names a file, before any long run."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file: give a directory to write into")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leadscore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -395,11 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(func=cmd_db)
 
     train = sub.add_parser("train", help="compare models by cross-validation, calibrate the best, save it")
-    train.add_argument("--data", type=Path, help="CSV of leads with an outcome column")
+    train.add_argument("--data", type=a_file, help="CSV of leads with an outcome column")
     train.add_argument("--label", help="the outcome column (default: the mapping's `label`)")
     train.add_argument(
         "--mapping",
-        type=Path,
+        type=a_file,
         help="TOML mapping columns to lead fields (with --from-store: its [custom] part)",
     )
     train.add_argument("--from-store", action="store_true", help="train on the score store instead")
@@ -411,19 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiers", type=tiers_argument, metavar="A,B,C",
         help="tier cut-offs, calibrated probability x 100 (default 80,50,20; lower for a low base rate)",
     )  # fmt: skip
-    train.add_argument("--out", type=Path, required=True, help="directory for the model artifact")
+    train.add_argument("--out", type=a_directory, required=True, help="directory for the model artifact")
     train.set_defaults(func=cmd_train)
 
     score_file = sub.add_parser("score-file", help="score every row of a CSV: id, score, tier, reason")
-    score_file.add_argument("--data", type=Path, required=True)
-    score_file.add_argument("--mapping", type=Path, required=True)
+    score_file.add_argument("--data", type=a_file, required=True)
+    score_file.add_argument("--mapping", type=a_file, required=True)
     score_file.add_argument("--model", type=Path, help="a `train` artifact; without it, the rules alone")
-    score_file.add_argument("--out", type=Path, required=True)
+    score_file.add_argument("--out", type=a_file, required=True, help="the CSV to write")
     score_file.set_defaults(func=cmd_score_file)
 
     evaluate = sub.add_parser("evaluate", help="report how well each scorer ranks and calibrates")
-    evaluate.add_argument("--data", type=Path, help="CSV of leads with an outcome column")
-    evaluate.add_argument("--mapping", type=Path, help="TOML mapping the file's columns to lead fields")
+    evaluate.add_argument("--data", type=a_file, help="CSV of leads with an outcome column")
+    evaluate.add_argument("--mapping", type=a_file, help="TOML mapping the file's columns to lead fields")
     evaluate.add_argument("--label")
     evaluate.add_argument("--model", type=Path, action="append", default=[], help="repeatable")
     evaluate.add_argument(
@@ -435,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-age-days", type=float, default=30.0,
         help="--with-store: a lead with no outcome counts as not converted once scored this long ago",
     )  # fmt: skip
-    evaluate.add_argument("--out", type=Path, required=True, help="directory for report.md, plots, JSON")
+    evaluate.add_argument("--out", type=a_directory, required=True, help="directory: report.md, plots, JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 
     outcomes = sub.add_parser("outcomes", help="outcomes kept in the score store")
@@ -455,10 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, UsageError) as exc:
         print(f"leadscore: {exc}", file=sys.stderr)
         return 2
-    except (TableError, FileNotFoundError, ValueError) as exc:
+    except (TableError, OSError, ValueError) as exc:
         if not isinstance(exc, TableError) and args.command not in OFFLINE_COMMANDS:
             raise
-        print(f"leadscore {args.command}: {exc}", file=sys.stderr)
+        said = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else exc
+        print(f"leadscore {args.command}: {said}", file=sys.stderr)
         return 2
 
 

@@ -293,12 +293,19 @@ def _train(tmp_path: Path, data: Path, mapping: Path = MAPPING) -> int:
     return main(["train", "--data", str(data), "--mapping", str(mapping), "--out", str(tmp_path / "m")])
 
 
-def test_a_missing_column_is_named(tmp_path, capsys):
+def _run(command: str, tmp_path: Path, data: Path, mapping: Path = MAPPING) -> int:
+    out = tmp_path / ("scored.csv" if command == "score-file" else command)
+    return main([command, "--data", str(data), "--mapping", str(mapping), "--out", str(out)])
+
+
+@pytest.mark.parametrize("command", ["train", "score-file", "evaluate"])
+def test_a_missing_column_is_named(tmp_path, capsys, command):
     data = _write(tmp_path, pd.read_csv(DATA, dtype=str).drop(columns=["Tags"]))
 
-    assert _train(tmp_path, data) == 2
+    assert _run(command, tmp_path, data) == 2
     err = capsys.readouterr().err
-    assert f"leadscore train: {data} has no column 'Tags' that the mapping names; its columns are: " in err
+    named = "has no column 'Tags' that the mapping (or --label) names; its columns are: "
+    assert err.startswith(f"leadscore {command}: {data} {named}")
 
 
 @pytest.mark.parametrize(
@@ -313,13 +320,87 @@ def test_a_missing_column_is_named(tmp_path, capsys):
     ],
     ids=["empty", "not_binary", "one_outcome"],
 )  # fmt: skip
-def test_a_bad_label_is_refused_with_what_to_fix(tmp_path, capsys, cells, message):
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_bad_label_is_refused_with_what_to_fix(tmp_path, capsys, cells, message, command):
     frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
     for row, value in cells.items():
         frame.loc[row, "Converted"] = value
 
-    assert _train(tmp_path, _write(tmp_path, frame)) == 2
-    assert capsys.readouterr().err == f"leadscore train: {message}\n"
+    assert _run(command, tmp_path, _write(tmp_path, frame)) == 2
+    assert capsys.readouterr().err == f"leadscore {command}: {message}\n"
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_lead_on_two_rows_is_refused(tmp_path, capsys, command):
+    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
+    frame.loc[7, "Prospect ID"] = frame.loc[2, "Prospect ID"]
+    data = _write(tmp_path, frame)
+
+    assert _run(command, tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore {command}: {data}: 1 row(s) repeat an earlier row's Prospect ID (first: "
+        f"{frame.loc[2, 'Prospect ID']!r}): a lead on both sides of a cross-validation split, or counted "
+        "twice, makes the numbers optimistic; keep one row per lead\n"
+    )
+
+
+def test_the_label_mapped_as_a_feature_is_refused(tmp_path, capsys):
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        'id = "Prospect ID"\nlabel = "Converted"\n[fields]\nstatus = "Tags"\n'
+        '[custom]\nleak = { column = "Converted" }\n'
+    )
+
+    assert _train(tmp_path, DATA, mapping) == 2
+    assert capsys.readouterr().err == (
+        "leadscore train: the label column 'Converted' is also mapped as leak: a model would learn the "
+        "outcome from itself; map it only as the label\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["score-file", *FILE_ARGS, "--out", "{tmp}"], "argument --out: '{tmp}' is a directory: give a file"),
+        (["train", "--data", "{tmp}", "--mapping", str(MAPPING), "--out", "{tmp}/m"],
+         "argument --data: '{tmp}' is a directory: give a file"),
+        (["evaluate", *FILE_ARGS, "--mapping", "{tmp}", "--out", "{tmp}/r"],
+         "argument --mapping: '{tmp}' is a directory: give a file"),
+        (["train", *FILE_ARGS, "--out", "{tmp}/a-file"], "argument --out: '{tmp}/a-file' is a file: give a "
+                                                         "directory to write into"),
+        (["evaluate", *FILE_ARGS, "--out", "{tmp}/a-file"], "argument --out: '{tmp}/a-file' is a file"),
+    ],
+    ids=["score_file_out_dir", "data_dir", "mapping_dir", "train_out_file", "evaluate_out_file"],
+)  # fmt: skip
+def test_paths_of_the_wrong_kind_are_refused_before_any_work(tmp_path, capsys, arguments, message):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(SystemExit) as exited:
+        main([argument.format(tmp=tmp_path) for argument in arguments])
+    assert exited.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_train_does_not_overwrite_a_model(trained, capsys):
+    before = (trained / "model.json").read_text()
+
+    assert main(["train", *FILE_ARGS, "--out", str(trained)]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: --out {trained} already holds a model: give a new directory (workers loading that "
+        "one must not see it change under them), or remove it first\n"
+    )
+    assert (trained / "model.json").read_text() == before
+
+
+def test_a_damaged_model_is_named_as_such(trained, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "model.json").write_text((trained / "model.json").read_text())
+    (damaged / "model.joblib").write_bytes((trained / "model.joblib").read_bytes()[:1000])
+
+    assert main(["score-file", *FILE_ARGS, "--model", str(damaged), "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"leadscore score-file: {damaged} holds a damaged model (")
+    assert err.endswith("): train it again, or copy the artifact directory over whole\n")
 
 
 def test_a_mapping_naming_an_unknown_lead_field_is_refused(tmp_path, capsys):

@@ -324,6 +324,11 @@ class TrainedModel:
                 f"{directory} is not a leadscore model: {exc.filename} is missing (make one with "
                 "`leadscore train`)"
             ) from None
+        except Exception as exc:  # json's and pickle's many ways of failing on a damaged file
+            raise ValueError(
+                f"{directory} holds a damaged model ({type(exc).__name__}: {exc}): train it again, or "
+                "copy the artifact directory over whole"
+            ) from None
         if meta.get("format") != ARTIFACT_FORMAT:
             raise ValueError(
                 f"{directory} holds model format {meta.get('format')}, expected {ARTIFACT_FORMAT}"

@@ -152,19 +152,34 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
         raise TableError(f"data file {path} does not exist") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise TableError(f"data file {path} is not a readable CSV: {exc}") from None
-    wanted = [mapping.id, *mapping.columns().values()]
+    features = mapping.columns()
+    wanted = [mapping.id, *features.values()]
     if need_label:
         if not mapping.label:
             raise TableError("no label column: pass --label COLUMN or set `label` in the mapping")
         wanted.append(mapping.label)
+    leaked = [name for name, column in features.items() if column == mapping.label]
+    if leaked:
+        raise TableError(
+            f"the label column {mapping.label!r} is also mapped as {', '.join(leaked)}: a model would "
+            "learn the outcome from itself; map it only as the label"
+        )
     missing = [c for c in dict.fromkeys(wanted) if c not in frame.columns]
     if missing:
         raise TableError(
-            f"{path} has no column {', '.join(repr(c) for c in missing)} that the mapping names; "
-            f"its columns are: {', '.join(frame.columns)}"
+            f"{path} has no column {', '.join(repr(c) for c in missing)} that the mapping (or --label) "
+            f"names; its columns are: {', '.join(frame.columns)}"
         )
     if frame.empty:
         raise TableError(f"{path} has a header but no rows")
+    if need_label:
+        repeated = frame[mapping.id][frame[mapping.id].duplicated()]
+        if len(repeated):
+            raise TableError(
+                f"{path}: {len(repeated)} row(s) repeat an earlier row's {mapping.id} (first: "
+                f"{repeated.iloc[0]!r}): a lead on both sides of a cross-validation split, or counted "
+                "twice, makes the numbers optimistic; keep one row per lead"
+            )
     return frame
 
 
