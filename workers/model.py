@@ -280,18 +280,18 @@ class TrainedModel:
         """Calibrated conversion probabilities."""
         return self.calibrator(self.estimator.predict_proba(self.matrix(frame))[:, 1])
 
-    def explain(self, frame: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    def explain(self, frame: pd.DataFrame, threads: int = 1) -> tuple[np.ndarray, pd.DataFrame]:
         """Calibrated probabilities and per-lead, per-feature contributions to the raw log-odds
-        (LightGBM's pred_contrib; for other estimators, the change in log-odds when the feature is
-        set to missing), from one design matrix."""
+        (LightGBM's pred_contrib, on `threads` threads, 0 for every core; for other estimators, the
+        change in log-odds when the feature is set to missing), from one design matrix."""
         X = self.matrix(frame)
         raw = self.estimator.predict_proba(X)[:, 1]
-        return self.calibrator(raw), self._contributions(X, raw, frame.index)
+        return self.calibrator(raw), self._contributions(X, raw, frame.index, threads)
 
-    def _contributions(self, X: pd.DataFrame, raw: np.ndarray, index: pd.Index) -> pd.DataFrame:
+    def _contributions(self, X: pd.DataFrame, raw: np.ndarray, index: pd.Index, threads: int) -> pd.DataFrame:
         booster = getattr(self.estimator, "booster_", None)
         if booster is not None:
-            values = self.estimator.predict(X, pred_contrib=True)[:, : len(self.kinds)]
+            values = self.estimator.predict(X, pred_contrib=True, num_threads=threads)[:, : len(self.kinds)]
             return pd.DataFrame(values, columns=list(self.kinds), index=index)
         base = _logit(raw)
         out = {}

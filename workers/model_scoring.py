@@ -82,11 +82,13 @@ def tiers_of(model: TrainedModel) -> Tiers:
 
 
 def score_frame(
-    model: TrainedModel, frame: pd.DataFrame, shown: pd.DataFrame | None = None
+    model: TrainedModel, frame: pd.DataFrame, shown: pd.DataFrame | None = None, threads: int = 1
 ) -> list[ScoreResult]:
     """Score every row of a feature frame (feature name → value) with the model; the reasons show
-    `shown`'s values (the same features, categories spelled as the CRM or file spells them)."""
-    probabilities, contributions = model.explain(frame)
+    `shown`'s values (the same features, categories spelled as the CRM or file spells them).
+    `threads` for the per-lead contributions: one in a worker (workers scale by processes), every
+    core (0) for a file."""
+    probabilities, contributions = model.explain(frame, threads)
     tiers = tiers_of(model)
     base = model.meta.get("base_rate", 0.5)
     names = list(model.kinds)

@@ -128,6 +128,7 @@ def model_results(table: LabelledTable, model: TrainedModel) -> list[ScoreResult
             model,
             table.features.iloc[start : start + MODEL_CHUNK_ROWS],
             table.shown.iloc[start : start + MODEL_CHUNK_ROWS],
+            threads=0,  # every core: the contributions are most of the time
         )
     ]
 
