@@ -344,6 +344,40 @@ def test_a_lead_on_two_rows_is_refused(tmp_path, capsys, command):
     )
 
 
+def _with_created(tmp_path: Path, created: list[str]) -> tuple[Path, Path]:
+    """The slice with a `Created` column, and the X Education mapping naming it."""
+    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False).assign(Created=created)
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        MAPPING.read_text().replace('label = "Converted"\n', 'label = "Converted"\ncreated = "Created"\n')
+    )
+    return _write(tmp_path, frame), mapping
+
+
+def test_a_created_column_gives_a_file_trained_model_its_training_window(tmp_path):
+    created = [f"2026-{1 + i % 9:02d}-{1 + i % 28:02d}T08:{i % 60:02d}:00Z" for i in range(500)]
+    created[0], created[1], created[2] = "", "2025-12-31T23:15:00.000+0000", "2026-10-02 17:45"  # as exported
+    data, mapping = _with_created(tmp_path, created)
+
+    assert _train(tmp_path, data, mapping) == 0
+
+    training = json.loads((tmp_path / "m" / "model.json").read_text())["training"]
+    assert (training["from"], training["to"]) == ("2025-12-31T23:15:00+00:00", "2026-10-02T17:45:00+00:00")
+    assert training["rows"] == 500
+
+
+def test_a_created_cell_that_is_not_a_date_is_named(tmp_path, capsys):
+    created = ["2026-03-01T10:00:00Z"] * 500
+    created[6] = "last Tuesday"
+    data, mapping = _with_created(tmp_path, created)
+
+    assert _train(tmp_path, data, mapping) == 2
+    assert capsys.readouterr().err == (
+        "leadscore train: created column 'Created' holds 'last Tuesday' at line 8, which is not a date "
+        "(use ISO 8601, e.g. 2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)\n"
+    )
+
+
 def test_the_label_mapped_as_a_feature_is_refused(tmp_path, capsys):
     mapping = tmp_path / "mapping.toml"
     mapping.write_text(

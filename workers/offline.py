@@ -57,6 +57,8 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
     frame = tabular.read_table(data, mapping, need_label=need_label)
     y = tabular.labels(frame, mapping.label) if need_label else None
     source = {"file": Path(data).name, "sha256": file_digest(data), "mapping": Path(mapping_path).name}
+    if mapping.created:
+        source.update(tabular.created_window(frame, mapping.created))
     return LabelledTable(frame, tabular.feature_frame(frame, mapping), mapping, y, source)
 
 

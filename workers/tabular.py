@@ -64,6 +64,9 @@ class Mapping(BaseModel):
 
     id: str = Field(description="the column identifying a lead")
     label: str | None = Field(None, description="the outcome column (1 = converted)")
+    created: str | None = Field(
+        None, description="the column of when each lead was created: a file-trained model's training window"
+    )
     missing: list[str] = Field(default_factory=list, description="values meaning 'not filled in'")
     fields: dict[str, str] = Field(default_factory=dict, description="lead field -> column")
     custom: dict[str, CustomField] = Field(default_factory=dict)
@@ -153,7 +156,7 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise TableError(f"data file {path} is not a readable CSV: {exc}") from None
     features = mapping.columns()
-    wanted = [mapping.id, *features.values()]
+    wanted = [mapping.id, *features.values(), *([mapping.created] if mapping.created else [])]
     if need_label:
         if not mapping.label:
             raise TableError("no label column: pass --label COLUMN or set `label` in the mapping")
@@ -181,6 +184,28 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
                 "twice, makes the numbers optimistic; keep one row per lead"
             )
     return frame
+
+
+def created_window(frame: pd.DataFrame, column: str) -> dict[str, str]:
+    """When the file's leads were created, first to last (blank cells skipped): the training window
+    of a model trained on it. A cell that is not a date is refused, naming its line."""
+    cells = frame[column].str.strip()
+    moments = pd.to_datetime(cells, errors="coerce", utc=True, format="mixed")
+    bad = moments.isna() & (cells != "")
+    if bad.any():
+        first = int(np.flatnonzero(bad.to_numpy())[0])
+        raise TableError(
+            f"created column {column!r} holds {cells.iloc[first]!r} at line {first + 2}, which is not a date "
+            "(use ISO 8601, e.g. 2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)"
+        )
+    if moments.isna().all():
+        raise TableError(
+            f"created column {column!r} is empty: map it only if it holds when leads were created"
+        )
+    return {
+        "from": moments.min().isoformat(timespec="seconds"),
+        "to": moments.max().isoformat(timespec="seconds"),
+    }
 
 
 def labels(frame: pd.DataFrame, column: str) -> np.ndarray:
