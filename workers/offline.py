@@ -119,6 +119,9 @@ def rules_results(table: LabelledTable, config: ScoringConfig) -> list[ScoreResu
     ]
 
 
+MODEL_CHUNK_ROWS = 500
+
+
 def model_results(table: LabelledTable, model: TrainedModel) -> list[ScoreResult]:
     """The model's scores and reasons, a chunk of rows at a time so that the progress bar moves:
     the per-lead contributions are most of `score-file`'s time."""
@@ -133,9 +136,6 @@ def model_results(table: LabelledTable, model: TrainedModel) -> list[ScoreResult
             threads=0,  # every core: the contributions are most of the time
         )
     ]
-
-
-MODEL_CHUNK_ROWS = 500
 
 
 def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel | None) -> list[ScoreResult]:
