@@ -19,14 +19,13 @@ from workers.store_data import labelled_scores, live_scorers, training_rows
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 def test_a_platforms_postgres_url_reaches_the_store_through_psycopg_3(store_url, monkeypatch, capsys):
-    url = store_url
-    assert url.startswith("postgresql+psycopg://")
-    platform_form = "postgres://" + url.removeprefix("postgresql+psycopg://")  # as Heroku hands it out
+    assert store_url.startswith("postgresql+psycopg://")
+    platform_form = "postgres://" + store_url.removeprefix("postgresql+psycopg://")  # as Heroku hands it out
     monkeypatch.setenv("DATABASE_URL", platform_form)
     get_settings.cache_clear()
     try:
         assert main(["db", "upgrade"]) == 0
-        assert get_settings().database_url == url
+        assert get_settings().database_url == store_url
     finally:
         get_settings.cache_clear()
     assert "is at head: {'scores': 0" in capsys.readouterr().out
