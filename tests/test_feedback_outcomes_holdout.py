@@ -114,7 +114,12 @@ def test_a_lead_that_converts_is_learned_from_its_score_before_it_converted(
     assert sorted(labels.tolist()) == [0, 1]
     converted = frame[labels == 1]
     assert converted["stage"].tolist() == ["marketingqualifiedlead"]  # not the score that shows the outcome
-    assert store_data.store_summary(kept)["holdout"]["scored"] == {"leads": 2, "converted": 1, "rate": 0.5}
+    assert store_data.store_summary(kept)["holdout"]["scored"] == {
+        "leads": 2,
+        "converted": 1,
+        "waiting": 0,
+        "rate": 0.5,
+    }
 
 
 def test_a_lead_first_seen_as_a_customer_teaches_nothing(env, post_delivery, crm, run_worker, hubspot):
@@ -125,7 +130,12 @@ def test_a_lead_first_seen_as_a_customer_teaches_nothing(env, post_delivery, crm
     kept = store.Store(env["DATABASE_URL"])
     with pytest.raises(TableError, match="no labelled leads yet"):
         store_data.training_rows(kept, min_age_days=30)
-    assert store_data.store_summary(kept)["holdout"]["scored"] == {"leads": 1, "converted": 0, "rate": 0.0}
+    assert store_data.store_summary(kept)["holdout"]["scored"] == {
+        "leads": 1,
+        "converted": 0,
+        "waiting": 0,
+        "rate": 0.0,
+    }
 
 
 @EACH_STORE

@@ -225,7 +225,7 @@ def evaluate(
     if store is not None:
         from workers.store_data import store_summary
 
-        summary["store"] = store_summary(store)
+        summary["store"] = store_summary(store, min_age_days)
         curves.update(_live_scorers(store, min_age_days, scorers, notes))
     if not curves:
         notes.append(

@@ -155,12 +155,19 @@ def _scorer_tables(scorers: dict) -> list[str]:
 def _store_tables(store: dict) -> list[str]:
     lines = [
         "", "## From the score store", "",
-        f"Scores kept: {store['scores']}, leads: {store['leads']}, with an outcome: {store['converted']}.",
-        "", "### Holdout (no visible score)", "", "| group | leads | converted | rate |", "|---|---|---|---|",
+        f"Scores kept: {store['scores']}, leads: {store['leads']}, converted since first scored: "
+        f"{store['converted']}.",
+        "", "### Holdout (no visible score)", "",
+        f"Leads first scored at least {store['min_age_days']:g} days ago, converted since; newer leads are "
+        "still waiting.", "",
+        "| group | leads | converted | rate | waiting |", "|---|---|---|---|---|",
     ]  # fmt: skip
     for group, row in store["holdout"].items():
-        lines.append(f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} |")
-    lines += ["", _holdout_difference(store["shown_minus_holdout"])]
+        lines.append(
+            f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} | {row['waiting']} |"
+        )
+    waiting = sum(row["waiting"] for row in store["holdout"].values())
+    lines += ["", _holdout_difference(store["shown_minus_holdout"], waiting)]
     lines += [
         "",
         "### Rep feedback",
@@ -174,8 +181,10 @@ def _store_tables(store: dict) -> list[str]:
     return lines
 
 
-def _holdout_difference(difference: dict | None) -> str:
+def _holdout_difference(difference: dict | None, waiting: int) -> str:
     if difference is None:
+        if waiting:
+            return f"No difference yet: a group has no leads old enough ({waiting} waiting)."
         return "No difference yet: a group has no leads (is `HOLDOUT_SHARE` above 0?)."
     low, high = difference["ci95"]
     said = (

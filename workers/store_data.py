@@ -151,19 +151,26 @@ def training_rows(
     return frame, labels, kinds, window
 
 
-def store_summary(store: Store) -> dict:
+def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
     """Conversion of leads reps saw a score for beside the holdout's (membership and outcomes
     counted from each lead's first score on) and the difference, and rep feedback by the tier shown:
-    the latest feedback on each lead for each score shown, so a changed mind counts once."""
-    groups: dict[str, dict] = {name: {"leads": 0, "converted": 0} for name in ("scored", "holdout")}
-    kept = 0
+    the latest feedback on each lead for each score shown, so a changed mind counts once. Only leads
+    first scored at least `min_age_days` ago are compared: the newest have had no time to convert,
+    and counting them would shrink the difference; they are counted as `waiting`."""
+    groups = {name: {"leads": 0, "converted": 0, "waiting": 0} for name in ("scored", "holdout")}
+    totals = {"scores": 0, "leads": 0, "converted": 0}
+    mature = datetime.now(UTC) - timedelta(days=min_age_days)
     for history in histories(store):
-        kept += len(history.scores)
+        converted = history.converted_at is not None and history.converted_at > history.first["scored_at"]
+        totals["scores"] += len(history.scores)
+        totals["leads"] += 1
+        totals["converted"] += converted
         group = groups["holdout" if history.first["holdout"] else "scored"]
-        group["leads"] += 1
-        group["converted"] += (
-            history.converted_at is not None and history.converted_at > history.first["scored_at"]
-        )
+        if history.first["scored_at"] > mature:
+            group["waiting"] += 1
+        else:
+            group["leads"] += 1
+            group["converted"] += converted
     for group in groups.values():
         group["rate"] = round(group["converted"] / group["leads"], 4) if group["leads"] else None
     scored, held = groups["scored"], groups["holdout"]
@@ -178,9 +185,8 @@ def store_summary(store: Store) -> dict:
         counts = by_tier.setdefault(tier or "(none shown)", {})
         counts[value] = counts.get(value, 0) + 1
     return {
-        "scores": kept,
-        "leads": scored["leads"] + held["leads"],
-        "converted": scored["converted"] + held["converted"],
+        **totals,
+        "min_age_days": min_age_days,
         "holdout": groups,
         "shown_minus_holdout": rate_difference(
             scored["converted"], scored["leads"], held["converted"], held["leads"]
