@@ -360,10 +360,11 @@ def a_file(text: str) -> Path:
 
 
 def a_directory(text: str) -> Path:
-    """A directory to write into: refused up front when it names a file, before any long run."""
+    """A directory (a model to read, or one to write into): refused up front when it names a file,
+    before any long run."""
     path = Path(text)
     if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a file: give a directory to write into")
+        raise argparse.ArgumentTypeError(f"{text!r} is a file: give a directory")
     return path
 
 
@@ -438,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     score_file = sub.add_parser("score-file", help="score every row of a CSV: id, score, tier, reason")
     score_file.add_argument("--data", type=a_file, required=True)
     score_file.add_argument("--mapping", type=a_file, required=True)
-    score_file.add_argument("--model", type=Path, help="a `train` artifact; without it, the rules alone")
+    score_file.add_argument(
+        "--model", type=a_directory, help="a `train` artifact; without it, the rules alone"
+    )
     score_file.add_argument("--out", type=a_file, required=True, help="the CSV to write")
     score_file.set_defaults(func=cmd_score_file)
 
@@ -446,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=a_file, help="CSV of leads with an outcome column")
     evaluate.add_argument("--mapping", type=a_file, help="TOML mapping the file's columns to lead fields")
     evaluate.add_argument("--label")
-    evaluate.add_argument("--model", type=Path, action="append", default=[], help="repeatable")
+    evaluate.add_argument("--model", type=a_directory, action="append", default=[], help="repeatable")
     evaluate.add_argument(
         "--with-store",
         action="store_true",

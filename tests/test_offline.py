@@ -401,10 +401,12 @@ def test_the_label_mapped_as_a_feature_is_refused(tmp_path, capsys):
         (["evaluate", *FILE_ARGS, "--mapping", "{tmp}", "--out", "{tmp}/r"],
          "argument --mapping: '{tmp}' is a directory: give a file"),
         (["train", *FILE_ARGS, "--out", "{tmp}/a-file"], "argument --out: '{tmp}/a-file' is a file: give a "
-                                                         "directory to write into"),
+                                                         "directory"),
+        (["score-file", *FILE_ARGS, "--model", "{tmp}/a-file", "--out", "{tmp}/s.csv"],
+         "argument --model: '{tmp}/a-file' is a file: give a directory"),
         (["evaluate", *FILE_ARGS, "--out", "{tmp}/a-file"], "argument --out: '{tmp}/a-file' is a file"),
     ],
-    ids=["score_file_out_dir", "data_dir", "mapping_dir", "train_out_file", "evaluate_out_file"],
+    ids=["score_file_out_dir", "data_dir", "mapping_dir", "train_out_file", "model_file", "eval_out_file"],
 )  # fmt: skip
 def test_paths_of_the_wrong_kind_are_refused_before_any_work(tmp_path, capsys, arguments, message):
     (tmp_path / "a-file").write_text("not a directory")
