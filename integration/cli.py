@@ -51,10 +51,12 @@ def cmd_worker(args) -> int:
     settings = get_settings()
     logs.configure(settings.log_level)
     ctx = jobs.context()  # validate config and build clients once, before RQ forks work horses
-    _prepare_store(ctx.store)
     if settings.salesforce_configured:
         for org_id in settings.allowed_org_ids:
             jobs.salesforce_for(org_id).prepare()  # log in and describe Lead once here, not per work horse
+    if settings.holdout_share > 0:
+        _require_holdout_fields(settings, jobs)
+    _prepare_store(ctx.store)
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -74,6 +76,36 @@ def cmd_worker(args) -> int:
             log.warning("Redis unreachable (%s); working again in %.0fs", exc, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+
+def _require_holdout_fields(settings, jobs) -> None:
+    """With HOLDOUT_SHARE set, every write carries the holdout flag, and a CRM without its field
+    refuses them all: say so at start rather than dead-letter every lead. A CRM that cannot be
+    asked now is not a reason to stop scoring."""
+    from hubspot.crm.properties import ApiException as PropertiesApiException
+    from urllib3.exceptions import HTTPError
+
+    from integration.hubspot import OUTPUT_PROPERTIES
+    from integration.hubspot.api import HubSpotCRM
+    from integration.salesforce import OUTPUT_FIELDS
+
+    missing = []
+    if settings.hubspot_configured:
+        try:
+            if OUTPUT_PROPERTIES["holdout"] not in HubSpotCRM(settings).contact_property_names():
+                missing.append(f"HubSpot has no contact property {OUTPUT_PROPERTIES['holdout']}")
+        except (PropertiesApiException, HTTPError) as exc:
+            logging.getLogger("leadscore.worker").warning(
+                "could not check HubSpot for the %s property (%s)", OUTPUT_PROPERTIES["holdout"], exc
+            )
+    for org_id in settings.allowed_org_ids if settings.salesforce_configured else ():
+        if OUTPUT_FIELDS["holdout"] not in jobs.salesforce_for(org_id).read_fields:
+            missing.append(f"Salesforce org {org_id} has no Lead field {OUTPUT_FIELDS['holdout']}")
+    if missing:
+        raise SettingsError(
+            f"HOLDOUT_SHARE is {settings.holdout_share:g}, but {'; '.join(missing)}: run `leadscore setup "
+            "hubspot` / `leadscore setup salesforce` to add it, or set HOLDOUT_SHARE=0"
+        )
 
 
 def _prepare_store(kept) -> None:
@@ -330,13 +362,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_outcomes(args) -> int:
+    import requests
+    import urllib3
+
     from integration.errors import CRMError
+    from integration.ratelimit import RateLimited
     from workers.outcomes import SyncError, sync
     from workers.store import StoreNotReady
 
+    unreachable = (requests.RequestException, urllib3.exceptions.HTTPError)  # simple-salesforce's, HubSpot's
     try:
         report = sync(get_settings(), crm=args.crm, accounts=args.account)
-    except CRMError as exc:
+    except (CRMError, RateLimited, *unreachable) as exc:
         raise UsageError(f"outcomes sync stopped: {exc}; run it again (it only adds what is new)") from None
     except (SyncError, StoreNotReady) as exc:
         raise UsageError(str(exc)) from None

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from integration import metrics
+from integration import cli, metrics
 from integration.cli import main
+from integration.emulators import free_port
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
 from workers import jobs, store, store_data
@@ -118,6 +119,7 @@ def test_a_lead_that_converts_is_learned_from_its_score_before_it_converted(
         "leads": 2,
         "converted": 1,
         "waiting": 0,
+        "converted_before": 0,
         "rate": 0.5,
     }
 
@@ -131,10 +133,11 @@ def test_a_lead_first_seen_as_a_customer_teaches_nothing(env, post_delivery, crm
     with pytest.raises(TableError, match="no labelled leads yet"):
         store_data.training_rows(kept, min_age_days=30)
     assert store_data.store_summary(kept)["holdout"]["scored"] == {
-        "leads": 1,
+        "leads": 0,  # no score could have changed it: not compared
         "converted": 0,
         "waiting": 0,
-        "rate": 0.0,
+        "converted_before": 1,
+        "rate": None,
     }
 
 
@@ -239,6 +242,39 @@ def test_a_worker_with_a_bad_model_path_says_so_in_one_line(env, monkeypatch, tm
         f"leadscore: SCORING_MODEL_PATH: {tmp_path / 'no-model'} is not a leadscore model: "
         f"{tmp_path / 'no-model' / 'model.json'} is missing (make one with `leadscore train`)\n"
     )
+
+
+NO_HUBSPOT_FLAG = "HubSpot has no contact property leadscore_holdout"
+NO_SALESFORCE_FLAG = f"Salesforce org {SF_ORG_ID[:15]} has no Lead field Leadscore_Holdout__c"
+
+
+@pytest.mark.parametrize(
+    ("set_up", "lacking"),
+    [
+        ((), [NO_HUBSPOT_FLAG, NO_SALESFORCE_FLAG]),
+        (("crm",), [NO_SALESFORCE_FLAG]),
+        (("sf_crm",), [NO_HUBSPOT_FLAG]),
+    ],
+    ids=["neither_set_up", "salesforce_not_set_up", "hubspot_not_set_up"],
+)
+def test_a_worker_with_a_holdout_share_needs_the_holdout_field(
+    env, monkeypatch, request, capsys, set_up, lacking
+):
+    """Every write then carries the flag, which a CRM without the field would refuse, lead after lead."""
+    for fixture in set_up:
+        request.getfixturevalue(fixture)
+    reconfigure(monkeypatch, HOLDOUT_SHARE="0.05")
+
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"leadscore: HOLDOUT_SHARE is 0.05, but {'; '.join(lacking)}: run `leadscore setup hubspot` / "
+        "`leadscore setup salesforce` to add it, or set HOLDOUT_SHARE=0"
+    )  # after the log lines saying which fields the worker will not read
+
+
+def test_a_worker_with_a_holdout_share_starts_once_both_crms_have_the_field(env, monkeypatch, crm, sf_crm):
+    reconfigure(monkeypatch, HOLDOUT_SHARE="0.05")
+    cli._require_holdout_fields(get_settings(), jobs)  # raises SettingsError when a field is missing
 
 
 @pytest.fixture(scope="module")
@@ -507,6 +543,37 @@ def test_outcomes_sync_stops_in_one_line_when_hubspot_fails(env, crm, hubspot, c
         "leadscore: outcomes sync stopped: HubSpot deals read failed: 503 SERVICE UNAVAILABLE; "
         "run it again (it only adds what is new)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("crm_name", "setting", "said"),
+    [
+        ("hubspot", "HUBSPOT_API_BASE", "Connection refused"),
+        ("salesforce", "SALESFORCE_INSTANCE_URL", "Salesforce query failed: HTTPSConnectionPool"),
+        ("salesforce", None, "of 15000 daily API calls; leadscore stops at 90%"),
+    ],
+    ids=["hubspot_unreachable", "salesforce_unreachable", "salesforce_api_budget_spent"],
+)
+def test_outcomes_sync_stops_in_one_line_when_the_crm_cannot_be_reached(
+    env, monkeypatch, crm, sf_crm, salesforce, capsys, crm_name, setting, said
+):
+    if setting:
+        reconfigure(monkeypatch, **{setting: f"http://127.0.0.1:{free_port()}"})  # nothing listens there
+    else:
+        salesforce.api_calls = 14990
+
+    account = ["--account", PORTAL_ID] if crm_name == "hubspot" else []  # Salesforce: SALESFORCE_ORG_IDS
+    assert main(["outcomes", "sync", "--crm", crm_name, *account]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("leadscore: outcomes sync stopped: ") and said in err
+    assert err.endswith("; run it again (it only adds what is new)\n") and err.count("\n") == 1
+
+
+def test_outcomes_sync_without_opportunity_read_keeps_conversions(env, sf_crm, salesforce):
+    salesforce.revoke_read("Opportunity")
+    assert main(["outcomes", "sync", "--crm", "salesforce"]) == 0
+
+    assert stored_outcomes(env) == [("salesforce", SF_ORG_ID[:15], "00Q5g00000Ls011EAB", "converted", "sync")]
 
 
 def test_outcomes_sync_without_the_deals_scope_keeps_the_lifecycle_stages(env, crm, hubspot):

@@ -725,7 +725,7 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
     now = datetime.now(UTC)
     old = now - timedelta(days=45)
     rows = [("1", 91, "A", False, old), ("2", 85, "A", True, old), ("3", 30, "D", False, old),
-            ("4", 12, "D", True, old), ("5", 88, "A", False, now)]  # fmt: skip
+            ("4", 12, "D", True, old), ("5", 88, "A", False, now), ("6", 99, "A", False, old)]  # fmt: skip
     kept.record_scores(
         ScoreRecord(crm="salesforce", account_id="00D5g000004XyZa", lead_id=lead, score=score, tier=tier,
                     reason="r", scorer="model", fingerprint=lead, features={}, details={}, holdout=holdout,
@@ -733,6 +733,8 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
         for lead, score, tier, holdout, scored_at in rows
     )  # fmt: skip
     kept.record_outcomes([LeadFact("salesforce", "00D5g000004XyZa", "1", "converted")], "webhook")
+    before = old - timedelta(days=3)  # a customer already when leadscore first scored it
+    kept.record_outcomes([LeadFact("salesforce", "00D5g000004XyZa", "6", "converted", before)], "sync")
     kept.record_feedback(
         [
             Feedback("salesforce", "00D5g000004XyZa", "3", "too_low", 30, "D", "3"),
@@ -748,15 +750,17 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
 
     summary = json.loads((out / "metrics.json").read_text())["store"]
     assert summary == {
-        "scores": 5, "leads": 5, "converted": 1, "min_age_days": 30.0,
-        "holdout": {"scored": {"leads": 2, "converted": 1, "waiting": 1, "rate": 0.5},  # lead 5 is days old
-                    "holdout": {"leads": 2, "converted": 0, "waiting": 0, "rate": 0.0}},
+        "scores": 6, "leads": 6, "converted": 1, "min_age_days": 30.0,
+        "holdout": {"scored": {"leads": 2, "converted": 1, "waiting": 1, "converted_before": 1,  # 5 is new
+                               "rate": 0.5},
+                    "holdout": {"leads": 2, "converted": 0, "waiting": 0, "converted_before": 0,
+                                "rate": 0.0}},
         "shown_minus_holdout": {"points": 50.0, "ci95": [-27.3, 90.5]},
         "feedback": {"(none shown)": {"too_high": 1}, "D": {"right": 1, "too_low": 1}},
     }  # fmt: skip
     report = (out / "report.md").read_text()
     assert "### Holdout (no visible score)" in report and "| D | 0 | 1 | 1 |" in report
-    assert "| scored | 2 | 1 | 50.0% | 1 |" in report
+    assert "| scored | 2 | 1 | 50.0% | 1 | 1 |" in report
     assert "Shown minus holdout: +50.0 points (95% interval -27.3 to +90.5): the interval includes 0" in (
         report
     )
@@ -812,7 +816,9 @@ def test_evaluate_from_a_young_store_shows_holdout_and_feedback_before_any_ranki
     assert "no scorer can be ranked yet (no scored leads of both outcomes)" in capsys.readouterr().out
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["scorers"] == {}
-    assert summary["store"]["holdout"]["scored"] == {"leads": 0, "converted": 0, "waiting": 2, "rate": None}
+    assert summary["store"]["holdout"]["scored"] == {
+        "leads": 0, "converted": 0, "waiting": 2, "converted_before": 0, "rate": None
+    }  # fmt: skip
     assert summary["store"]["feedback"] == {"D": {"too_low": 1}}
     report = (out / "report.md").read_text()
     assert "### Holdout (no visible score)" in report and "| D | 0 | 0 | 1 |" in report

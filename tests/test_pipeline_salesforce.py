@@ -130,6 +130,24 @@ def test_outbound_message__converted_lead(post_outbound, sf_crm, run_worker, que
     assert stored_outcomes(env) == [("salesforce", org, "00Q5g00000Ls011EAB", kind, "webhook")]
 
 
+def test_outbound_message__demo_burst_without_opportunity_read(post_outbound, sf_crm, run_worker, queue,
+                                                               salesforce, env, caplog):  # fmt: skip
+    """An integration user that may not read Opportunity still scores the whole batch; its converted
+    Lead is kept as converted, since whether the opportunity was won cannot be read."""
+    salesforce.revoke_read("Opportunity")
+    post_outbound("outbound_message__demo_burst")
+    results = run_worker()
+
+    assert sorted(r["outcome"] for r in results) == ["converted"] + ["written"] * 11
+    assert {i: written(salesforce, i)["Leadscore_Score__c"] for i in EXPECTED_BURST} == {
+        i: score for i, (score, _, _) in EXPECTED_BURST.items()
+    }
+    assert queue.failed_job_registry.count == 0 and len(queue.scheduled_job_registry) == 0
+    org = SF_ORG_ID[:15]
+    assert stored_outcomes(env) == [("salesforce", org, "00Q5g00000Ls011EAB", "converted", "webhook")]
+    assert "cannot read Opportunity, so converted Leads are kept as converted" in caplog.text
+
+
 def test_lead_deleted_between_read_and_write_ends_cleanly(sf_crm, salesforce):
     salesforce.delete_lead(HOT)
 

@@ -112,8 +112,9 @@ def test_an_outcome_reported_again_with_an_earlier_date_moves_back_to_it(store_u
     assert _utc(reached) == converted
 
 
-def _score(lead: str, at: datetime, stage: str, scorer: str = "rules+llm", version: str | None = None):
-    return ScoreRecord(crm="hubspot", account_id="48213377", lead_id=lead, score=50, tier="B", reason="r",
+def _score(lead: str, at: datetime, stage: str, scorer: str = "rules+llm", version: str | None = None,
+           crm: str = "hubspot"):  # fmt: skip
+    return ScoreRecord(crm=crm, account_id="48213377", lead_id=lead, score=50, tier="B", reason="r",
                        scorer=scorer, model_version=version, fingerprint=f"{lead}{at}",
                        features={"stage": stage}, details={}, scored_at=at)  # fmt: skip
 
@@ -124,21 +125,28 @@ def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_
     now = datetime.now(UTC)
     saw_it = now - timedelta(days=40)
     kept.record_scores([_score("1", now - timedelta(days=45), "lead"), _score("1", saw_it, "customer"),
-                        _score("2", now - timedelta(days=45), "lead")])  # fmt: skip
-    with kept.engine.begin() as connection:  # as the previous release kept it: after the batch's score
-        connection.execute(
-            text("INSERT INTO outcomes (crm, account_id, lead_id, kind, source, recorded_at) "
-                 "VALUES ('hubspot', '48213377', '1', 'customer', 'webhook', :at)"),
-            {"at": saw_it + timedelta(milliseconds=3)},
-        )  # fmt: skip
+                        _score("2", now - timedelta(days=45), "lead"),
+                        _score("3", now - timedelta(days=45), "opportunity"),  # its deal is won later
+                        _score("00Q4", now - timedelta(days=45), "Working", crm="salesforce")])  # fmt: skip
+    with kept.engine.begin() as connection:  # as the previous release kept them: after the batch's score
+        for crm, lead, kind in [("hubspot", "1", "customer"), ("hubspot", "3", "won"),
+                                ("salesforce", "00Q4", "converted")]:  # fmt: skip
+            connection.execute(
+                text("INSERT INTO outcomes (crm, account_id, lead_id, kind, source, recorded_at) "
+                     "VALUES (:crm, '48213377', :lead, :kind, 'webhook', :at)"),
+                {"crm": crm, "lead": lead, "kind": kind, "at": saw_it + timedelta(milliseconds=3)},
+            )  # fmt: skip
     with pytest.raises(StoreNotReady, match="is at schema revision 0001_store, this leadscore needs 0002"):
         kept.require_schema()
 
     store.upgrade(store_url)
 
     frame, labels, _, _ = training_rows(kept.require_schema(), min_age_days=30)
-    # The converted lead is learned from its score before it was a customer, not the one that saw it.
-    assert sorted(zip(labels.tolist(), frame["stage"], strict=True)) == [(0, "lead"), (1, "lead")]
+    # The converted lead is learned from its score before it was a customer, not the one that saw it;
+    # the won deal's contact and the converted Salesforce Lead, which no score saw, from their last.
+    assert sorted(zip(labels.tolist(), frame["stage"], strict=True)) == [
+        (0, "lead"), (1, "lead"), (1, "opportunity"), (1, "working")
+    ]  # fmt: skip
 
 
 def test_a_lead_that_did_not_convert_is_judged_by_the_score_reps_saw_in_its_window(store_url):

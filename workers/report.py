@@ -159,12 +159,13 @@ def _store_tables(store: dict) -> list[str]:
         f"{store['converted']}.",
         "", "### Holdout (no visible score)", "",
         f"Leads first scored at least {store['min_age_days']:g} days ago, converted since; newer leads are "
-        "still waiting.", "",
-        "| group | leads | converted | rate | waiting |", "|---|---|---|---|---|",
+        "still waiting, and leads that had converted before their first score are left out.", "",
+        "| group | leads | converted | rate | waiting | converted before |", "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for group, row in store["holdout"].items():
         lines.append(
-            f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} | {row['waiting']} |"
+            f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} | {row['waiting']} "
+            f"| {row['converted_before']} |"
         )
     waiting = sum(row["waiting"] for row in store["holdout"].values())
     lines += ["", _holdout_difference(store["shown_minus_holdout"], waiting)]

@@ -156,8 +156,13 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
     counted from each lead's first score on) and the difference, and rep feedback by the tier shown:
     the latest feedback on each lead for each score shown, so a changed mind counts once. Only leads
     first scored at least `min_age_days` ago are compared: the newest have had no time to convert,
-    and counting them would shrink the difference; they are counted as `waiting`."""
-    groups = {name: {"leads": 0, "converted": 0, "waiting": 0} for name in ("scored", "holdout")}
+    and counting them would shrink the difference; they are counted as `waiting`. Nor are leads that
+    had converted before their first score (a customer scored when leadscore was switched on): no
+    score could change them; they are counted as `converted_before`."""
+    groups = {
+        name: {"leads": 0, "converted": 0, "waiting": 0, "converted_before": 0}
+        for name in ("scored", "holdout")
+    }
     totals = {"scores": 0, "leads": 0, "converted": 0}
     mature = datetime.now(UTC) - timedelta(days=min_age_days)
     for history in histories(store):
@@ -166,7 +171,9 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
         totals["leads"] += 1
         totals["converted"] += converted
         group = groups["holdout" if history.first["holdout"] else "scored"]
-        if history.first["scored_at"] > mature:
+        if history.converted_at is not None and not converted:
+            group["converted_before"] += 1
+        elif history.first["scored_at"] > mature:
             group["waiting"] += 1
         else:
             group["leads"] += 1

@@ -281,6 +281,7 @@ class SalesforceEmulator:
         self.writes: list[tuple[str, dict]] = []
         self.calls: list[tuple[str, str, str | None]] = []
         self.reject: dict[str, tuple[str, str]] = {}
+        self.unreadable: set[str] = set()  # objects the integration user has no Read on
         self.api_calls = 0
         self.api_limit = 15000
         self.echo_url: str | None = None
@@ -340,6 +341,10 @@ class SalesforceEmulator:
                 del self.lead_fields[canonical]
             for full_name in [n for n in self.custom_fields if n.lower() == f"lead.{name}".lower()]:
                 del self.custom_fields[full_name]
+
+    def revoke_read(self, entity: str) -> None:
+        """Take Read on an object (e.g. Opportunity) from the integration user's profile."""
+        self.unreadable.add(entity)
 
     @staticmethod
     def _standard_field(name: str, value) -> dict:
@@ -529,7 +534,8 @@ class SalesforceEmulator:
         if not match:
             raise SoqlError("MALFORMED_QUERY", f"\n{soql}\n^\nERROR at Row:1:Column:1\nunexpected token")
         entity = match["entity"]
-        if entity.lower() not in ("lead", "task", "opportunity"):
+        readable = {"lead", "task", "opportunity"} - {name.lower() for name in self.unreadable}
+        if entity.lower() not in readable:  # Salesforce says the same of an object the user cannot read
             raise SoqlError(
                 "INVALID_TYPE",
                 f"\n{soql}\n^\nERROR at Row:1:Column:{match.start('entity') + 1}\n"

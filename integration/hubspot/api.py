@@ -504,6 +504,11 @@ class HubSpotCRM:
             for contact_id, _ in writes
         ]
 
+    def contact_property_names(self) -> set[str]:
+        """The portal's contact properties, in one call (`leadscore worker` asks at start)."""
+        found = self._call("properties", self.client.crm.properties.core_api.get_all, "contacts")
+        return {p.name for p in found.results}
+
     def ensure_properties(self) -> SetupReport:
         """Create the leadscore property group and properties; existing ones are left alone."""
         api = self.client.crm.properties

@@ -87,6 +87,8 @@ ADMIN_STEPS = (
     "leadscore's integration user's profile or permission set; for the reps' profiles read-only, except "
     "Lead Score Feedback, which reps edit "
     "(Setup > Object Manager > Lead > Fields & Relationships > each field > Set Field-Level Security).",
+    "Give that profile or permission set Read on Opportunity, so a Lead converted into an opportunity "
+    "that is won counts as won, not only converted.",
     "Add Lead Score, Lead Tier and Lead Score Reason as columns of the reps' Lead list views "
     "(list view > gear > Select Fields to Display).",
     "Put Lead Score Feedback on the reps' Lead page layout, so they can say a score is too high, too low "
@@ -95,6 +97,16 @@ ADMIN_STEPS = (
     "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with fields Id and LastModifiedById, "
     "or send signed change events to /webhooks/salesforce/events (see the README).",
 )
+
+
+class ObjectUnreadable(CRMError):
+    """The query names an object the integration user may not read (Salesforce's INVALID_TYPE)."""
+
+
+def _error_codes(exc: SalesforceError) -> set[str]:
+    """The errorCode of each error in a Salesforce REST error answer (a JSON list)."""
+    content = exc.content if isinstance(exc.content, list) else []
+    return {error.get("errorCode", "") for error in content if isinstance(error, dict)}
 
 
 def _soql_ids(ids: list[str]) -> str:
@@ -220,6 +232,9 @@ class SalesforceCRM:
         try:
             return self.sf.query_all(soql, timeout=self.timeout)["records"]
         except SalesforceError as exc:
+            refused = ObjectUnreadable if "INVALID_TYPE" in _error_codes(exc) else CRMError
+            raise refused(f"Salesforce query failed: {exc}") from exc
+        except requests.RequestException as exc:
             raise CRMError(f"Salesforce query failed: {exc}") from exc
 
     def read_leads(self, lead_ids: list[str]) -> dict[str, Lead]:
@@ -267,7 +282,14 @@ class SalesforceCRM:
         won: set[str] = set()
         for start in range(0, len(ids), MAX_COLLECTION):
             chunk = _soql_ids(ids[start : start + MAX_COLLECTION])
-            rows = self._query(f"SELECT Id, IsWon FROM Opportunity WHERE Id IN ({chunk})")
+            try:
+                rows = self._query(f"SELECT Id, IsWon FROM Opportunity WHERE Id IN ({chunk})")
+            except ObjectUnreadable:
+                log.warning(
+                    "Salesforce org %s: leadscore's integration user cannot read Opportunity, so converted "
+                    "Leads are kept as converted, never won (grant Read on Opportunity)", self.org_id,
+                )  # fmt: skip
+                return set()
             won |= {row["Id"][:15] for row in rows if row.get("IsWon")}
         return won
 
