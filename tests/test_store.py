@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -44,6 +46,17 @@ def test_migrations_build_exactly_the_tables_the_code_uses(store_url):
         assert compare_metadata(MigrationContext.configure(connection), store.metadata) == []
     command.downgrade(store.alembic_config(url), "base")  # and down again
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+
+
+def test_workers_starting_together_on_an_empty_store_all_find_it_migrated(store_url):
+    """Each `leadscore worker` upgrades the store at start; started together (honcho, systemd, two
+    dynos) the first migrates and the others wait for it, instead of failing on its tables."""
+    upgrade = f"from workers import store; store.upgrade({store_url!r})"
+    workers = [subprocess.Popen([sys.executable, "-c", upgrade], stderr=subprocess.PIPE) for _ in range(6)]
+    errors = [worker.communicate(timeout=120)[1].decode() for worker in workers]
+
+    assert [worker.returncode for worker in workers] == [0] * 6, "\n".join(errors)
+    assert Store(store_url).require_schema() is not None
 
 
 def test_outcomes_are_kept_once_per_lead_and_kind(store_url):
