@@ -336,6 +336,10 @@ def test_a_value_the_model_never_saw_is_logged_once(
     ]  # fmt: skip  # as HubSpot spells them; the model matches them lower-cased
     key = f"leadscore:unseen:{version}:status"
     assert redis.smembers(key) == {b"in_progress"} and 0 < redis.ttl(key) <= jobs.UNSEEN_MEMORY_S
+    # HubSpot's status drives this score only as a value the model does not know, and the reason says so.
+    assert written(hubspot, CONTACT)["leadscore_reason"] == (
+        "Status: IN_PROGRESS (new to model); Last activity & Rating: not set"
+    )
 
 
 def test_a_free_text_field_new_to_the_model_logs_a_few_values_not_every_lead(

@@ -894,10 +894,14 @@ def test_fallback_result_is_marked(config):
         ({"status": -0.9, "visits": 0.4},
          {"status": "ringing", "visits": 3.0},
          "Visits: 3"),  # a score above the base rate names what pushed it up
+        ({"status": 0.9, "visits": 0.4},
+         {"status": "IN_PROGRESS", "visits": 12.0},
+         "Status: IN_PROGRESS (new to model); Visits: 12"),  # scored as unknown, not for what it says
     ],
-    ids=["same_value_once", "missing_value", "direction"],
+    ids=["same_value_once", "missing_value", "direction", "value_new_to_the_model"],
 )  # fmt: skip
 def test_model_reason_names_the_drivers_in_the_scores_direction(contributions, values, reason):
     kinds = {"last_activity": "categorical", "last_notable_activity": "categorical", "status": "categorical",
              "visits": "numeric"}  # fmt: skip
-    assert model_reason(contributions, values, kinds, upward=True) == reason
+    unseen = frozenset({"status"} if values["status"] == "IN_PROGRESS" else ())
+    assert model_reason(contributions, values, kinds, upward=True, unseen=unseen) == reason

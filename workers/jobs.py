@@ -190,18 +190,18 @@ class WorkerContext:
             return pd.DataFrame(rows, columns=list(self.model.kinds))
 
         frame, shown = features(keep_case=False), features(keep_case=True)  # the model's, the reasons'
-        self._log_unseen(frame, shown)
-        results = model_scoring.score_frame(self.model, frame, shown)
+        unseen = self.model.unseen(frame)
+        self._log_unseen(frame, shown, unseen)
+        results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen)
         return [
             model_scoring.with_provenance(result, propensity, fingerprint, self.config)
             for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
         ]
 
-    def _log_unseen(self, frame: pd.DataFrame, shown: pd.DataFrame) -> None:
+    def _log_unseen(self, frame: pd.DataFrame, shown: pd.DataFrame, unseen: dict[str, pd.Series]) -> None:
         """Say when live leads hold a value the model never saw (a status added after training): each
         value once a day across all workers, at most a few a feature. Redis remembers what was said,
         since every job runs in a fresh work horse; without Redis nothing is said."""
-        unseen = self.model.unseen(frame)
         if not unseen:
             return
         try:

@@ -57,8 +57,11 @@ def _shown(value: object, kind: str) -> str:
 
 
 def model_reason(contributions: dict[str, float], values: dict[str, object], kinds: dict[str, str],
-                 upward: bool, labels: dict[str, str] | None = None) -> str:  # fmt: skip
-    """The strongest one or two drivers in the score's direction, in at most 90 characters."""
+                 upward: bool, labels: dict[str, str] | None = None,
+                 unseen: frozenset[str] = frozenset()) -> str:  # fmt: skip
+    """The strongest one or two drivers in the score's direction, in at most 90 characters. A value
+    training never saw (`unseen` names its features) says so: the model scored it as unknown, not
+    for what it says."""
     sign = 1.0 if upward else -1.0
     ranked = sorted((n for n in contributions if sign * contributions[n] > 0),
                     key=lambda n: sign * contributions[n], reverse=True)  # fmt: skip
@@ -66,7 +69,7 @@ def model_reason(contributions: dict[str, float], values: dict[str, object], kin
         ranked = sorted(contributions, key=lambda n: abs(contributions[n]), reverse=True)
     named: dict[str, list[str]] = {}  # shown value -> the drivers showing it, strongest first
     for n in ranked[:3]:
-        shown = _shown(values.get(n), kinds[n])
+        shown = _shown(values.get(n), kinds[n]) + (" (new to model)" if n in unseen else "")
         if shown not in named and len(named) == 2:
             break
         named.setdefault(shown, []).append(feature_label(n, labels))
@@ -82,21 +85,28 @@ def tiers_of(model: TrainedModel) -> Tiers:
 
 
 def score_frame(
-    model: TrainedModel, frame: pd.DataFrame, shown: pd.DataFrame | None = None, threads: int = 1
+    model: TrainedModel,
+    frame: pd.DataFrame,
+    shown: pd.DataFrame | None = None,
+    threads: int = 1,
+    unseen: dict[str, pd.Series] | None = None,
 ) -> list[ScoreResult]:
     """Score every row of a feature frame (feature name → value) with the model; the reasons show
     `shown`'s values (the same features, categories spelled as the CRM or file spells them).
     `threads` for the per-lead contributions: one in a worker (workers scale by processes), every
-    core (0) for a file."""
+    core (0) for a file. `unseen`: `model.unseen(frame)`, when the caller has it already."""
     probabilities, contributions = model.explain(frame, threads)
     tiers = tiers_of(model)
     base = model.meta.get("base_rate", 0.5)
     names = list(model.kinds)
     values = (frame if shown is None else shown).reindex(columns=names).to_dict("records")
     contribution_rows = contributions[names].to_numpy()
+    unseen = model.unseen(frame) if unseen is None else unseen
+    masks = {name: mask.to_numpy() for name, mask in unseen.items()}
     results = []
-    for p, row, contribution in zip(probabilities, values, contribution_rows, strict=True):
+    for i, (p, row, contribution) in enumerate(zip(probabilities, values, contribution_rows, strict=True)):
         row_contrib = dict(zip(names, contribution.tolist(), strict=True))
+        new = frozenset(name for name, mask in masks.items() if mask[i])
         score = int(score_of(p))
         ranked = sorted(row_contrib.items(), key=lambda item: abs(item[1]), reverse=True)
         results.append(
@@ -104,7 +114,7 @@ def score_frame(
                 score=score,
                 tier=tiers.tier_for(score),
                 reason=model_reason(
-                    row_contrib, row, model.kinds, float(p) >= base, model.meta.get("labels")
+                    row_contrib, row, model.kinds, float(p) >= base, model.meta.get("labels"), new
                 ),
                 details={
                     "scorer": "model",
