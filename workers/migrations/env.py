@@ -11,6 +11,7 @@ from integration.settings import get_settings
 from workers.store import engine_for, metadata
 
 url = context.config.attributes.get("url") or get_settings().database_url
+IN_MEMORY = (None, "", ":memory:")  # SQLite databases with no file to lock
 MIGRATION_LOCK_KEY = 0x6C73636F7265  # "lscore": PostgreSQL's advisory lock id for leadscore's migrations
 
 
@@ -26,9 +27,8 @@ def one_migration_at_a_time(connection: Connection):
         finally:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
             connection.commit()
-    elif connection.dialect.name == "sqlite" and make_url(url).database not in (None, "", ":memory:"):
-        # flock, which SQLite's own (fcntl) locks on the same file do not see
-        with open(make_url(url).database, "ab") as database:
+    elif connection.dialect.name == "sqlite" and (path := make_url(url).database) not in IN_MEMORY:
+        with open(path, "ab") as database:  # flock, which SQLite's own (fcntl) locks do not see
             fcntl.flock(database, fcntl.LOCK_EX)
             yield
     else:
