@@ -317,6 +317,11 @@ def tiers_argument(text: str):
 def cmd_score_file(args) -> int:
     from workers import offline
 
+    for option, given in (("--data", args.data), ("--mapping", args.mapping)):
+        if args.out.resolve() == given.resolve():
+            raise UsageError(
+                f"--out {args.out} is the {option} file: scores would replace it; give another file"
+            )
     landed = offline.score_file(args.data, args.mapping, args.out, _scoring_config(), args.model)
     rows = sum(landed.values())  # a file without rows is refused before scoring
     scorer = f"model {args.model}" if args.model else "the rules"

@@ -427,6 +427,31 @@ def test_train_does_not_overwrite_a_model(trained, capsys):
     assert (trained / "model.json").read_text() == before
 
 
+@pytest.mark.parametrize("option", ["--data", "--mapping"])
+def test_score_file_does_not_write_over_its_own_input(tmp_path, capsys, option):
+    data, mapping = tmp_path / "leads.csv", tmp_path / "mapping.toml"
+    data.write_bytes(DATA.read_bytes())
+    mapping.write_bytes(MAPPING.read_bytes())
+    target = data if option == "--data" else mapping
+    before = target.read_bytes()
+    out = tmp_path / "." / target.name  # the same file, spelt another way
+
+    assert main(["score-file", "--data", str(data), "--mapping", str(mapping), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: --out {out} is the {option} file: scores would replace it; give another file\n"
+    )
+    assert target.read_bytes() == before
+
+
+def test_score_file_replaces_an_earlier_output_whole(tmp_path):
+    out = tmp_path / "scores.csv"
+    out.write_text("an earlier run's scores\n")
+
+    assert main(["score-file", *FILE_ARGS, "--out", str(out)]) == 0
+    assert len(rows(out)) == 500
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv"]  # no partial file left behind
+
+
 def test_a_damaged_model_is_named_as_such(trained, tmp_path, capsys):
     damaged = tmp_path / "damaged"
     damaged.mkdir()

@@ -192,13 +192,16 @@ def score_file(
         _warn(unmapped_features(model, table))
         _warn(unseen_values(model, table))
     results = score_table(table, config, model)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")  # an interrupted run leaves the last file whole
     pd.DataFrame({
         table.mapping.id: table.frame[table.mapping.id],
         "score": [r.score for r in results],
         "tier": [r.tier for r in results],
         "reason": [r.reason for r in results],
-    }).to_csv(out, index=False)  # fmt: skip
+    }).to_csv(partial, index=False)  # fmt: skip
+    partial.replace(out)
     landed = Counter(r.tier for r in results)
     return {tier: landed[tier] for tier in TIER_NAMES}
 
