@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from integration.errors import CRMError
@@ -35,9 +36,14 @@ class WriteRejected(CRMError):
 
 class CRMAdapter(Protocol):
     crm: str
+    account_id: str  # the portal or org, as its leads (and the store) name it
 
     def read_leads(self, lead_ids: list[str]) -> dict[str, Lead]:
         """The leads that still exist, by the ids asked for; one or few API calls."""
 
     def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
         """Write score fields to many leads in as few calls as the CRM allows."""
+
+    def won_deal_leads(self, deal_ids: list[str]) -> dict[str, tuple[datetime | None, list[str]]]:
+        """Of these deals (opportunities), the won ones, by the ids asked for: when each was won, where
+        the CRM says, and the leads it is an outcome for."""

@@ -11,6 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from integration.lead import lead_key
 
 CRM = Literal["hubspot", "salesforce"]
+# A deal (HubSpot) or opportunity (Salesforce) whose stage changed is queued under a key of its own,
+# since its id is no lead's: the worker reads whether it is won, an outcome for its leads.
+DEAL_KEY_PREFIX = "deal:"
+
+
+def deal_key(deal_id: str) -> str:
+    return f"{DEAL_KEY_PREFIX}{deal_id}"
+
+
+def deal_of(key: str) -> str | None:
+    """The deal or opportunity id a queued key stands for, or None for a lead."""
+    return key.removeprefix(DEAL_KEY_PREFIX) if key.startswith(DEAL_KEY_PREFIX) else None
 
 
 class LeadEvent(BaseModel):

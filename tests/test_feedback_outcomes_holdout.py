@@ -470,7 +470,7 @@ def test_deal_propertyChange__closed_won(env, post_delivery, crm, run_worker, hu
     [result] = run_worker()
 
     assert result == {
-        "lead": f"hubspot:{PORTAL_ID}:deal:93000000001", "outcome": "deal_won", "contacts": ["74300000120"],
+        "lead": f"hubspot:{PORTAL_ID}:deal:93000000001", "outcome": "deal_won", "leads": ["74300000120"],
     }  # fmt: skip
     assert stored_outcomes(env) == [("hubspot", PORTAL_ID, "74300000120", "won", "webhook")]
     [row] = table(env, store.outcomes)
@@ -489,7 +489,7 @@ def test_deal_propertyChange__open_stage(env, post_delivery, crm, run_worker, hu
     post_delivery(json.dumps([{**fixture_json("hubspot/deal.propertyChange__open_stage.json")[0],
                                "eventId": 9, "propertyValue": "closedwon"}]).encode())  # fmt: skip
     [result] = run_worker()  # the same deal, now won: read from HubSpot, not taken from the event
-    assert result["outcome"] == "deal_won" and result["contacts"] == ["74300000121"]
+    assert result["outcome"] == "deal_won" and result["leads"] == ["74300000121"]
 
 
 def test_a_failing_deals_read_is_retried_not_taken_as_no_outcome(env, post_delivery, crm, run_worker, hubspot,

@@ -130,6 +130,65 @@ def test_outbound_message__converted_lead(post_outbound, sf_crm, run_worker, que
     assert stored_outcomes(env) == [("salesforce", org, "00Q5g00000Ls011EAB", kind, "webhook")]
 
 
+CONVERTED, OPPORTUNITY = "00Q5g00000Ls011EAB", "0065g00000LsO011AA"
+
+
+@pytest.mark.parametrize(("opportunity_won", "expected"), [(True, "deal_won"), (False, "no_won_deal")])
+def test_opportunity_change_event__closed_won(post_change_events, sf_crm, run_worker, salesforce, env,
+                                              opportunity_won, expected):  # fmt: skip
+    """An opportunity won after its Lead converted changes no Lead: its own change event brings the
+    win, read from Salesforce rather than taken from the event."""
+    salesforce.opportunities[OPPORTUNITY]["IsWon"] = opportunity_won
+    post_change_events("opportunity_change_event__closed_won")
+    [result] = run_worker()
+
+    key = f"salesforce:{SF_ORG_ID}:deal:{OPPORTUNITY}"
+    org = SF_ORG_ID[:15]
+    if opportunity_won:
+        assert result == {"lead": key, "outcome": "deal_won", "leads": [CONVERTED]}
+        assert stored_outcomes(env) == [("salesforce", org, CONVERTED, "won", "webhook")]
+    else:
+        assert result == {"lead": key, "outcome": "no_won_deal"}
+        assert stored_outcomes(env) == []
+    assert salesforce.writes == []  # an opportunity's outcome is kept, not written
+
+
+def test_outbound_message__opportunity_won(post_outbound, sf_crm, run_worker, salesforce, env):
+    post_outbound("outbound_message__opportunity_won")
+    [result] = run_worker()
+
+    assert result == {"lead": f"salesforce:{SF_ORG_ID}:deal:{OPPORTUNITY}", "outcome": "deal_won",
+                      "leads": [CONVERTED]}  # fmt: skip
+    assert stored_outcomes(env) == [("salesforce", SF_ORG_ID[:15], CONVERTED, "won", "webhook")]
+
+
+def test_a_won_opportunity_without_opportunity_read_is_no_outcome_and_no_failure(
+    post_change_events, sf_crm, run_worker, salesforce, env, queue, caplog
+):
+    salesforce.revoke_read("Opportunity")
+    post_change_events("opportunity_change_event__closed_won")
+    [result] = run_worker()
+
+    assert result["outcome"] == "no_won_deal" and stored_outcomes(env) == []
+    assert queue.failed_job_registry.count == 0
+    assert "cannot read Opportunity" in caplog.text
+
+
+def test_a_lead_and_an_opportunity_in_one_delivery_are_both_handled(post_change_events, sf_crm, run_worker,
+                                                                    salesforce, env):  # fmt: skip
+    both = fixture_json("salesforce/lead_change_event__status_update.json")
+    both["events"] += fixture_json("salesforce/opportunity_change_event__closed_won.json")["events"]
+    post_change_events(both)
+    results = run_worker()
+
+    assert [(r["lead"], r["outcome"]) for r in results] == [
+        (f"salesforce:{SF_ORG_ID}:00Q5g00000Ls004EAB", "written"),
+        (f"salesforce:{SF_ORG_ID}:deal:{OPPORTUNITY}", "deal_won"),
+    ]
+    assert [lead for lead, _ in salesforce.writes] == ["00Q5g00000Ls004EAB"]
+    assert stored_outcomes(env) == [("salesforce", SF_ORG_ID[:15], CONVERTED, "won", "webhook")]
+
+
 def test_outbound_message__demo_burst_without_opportunity_read(post_outbound, sf_crm, run_worker, queue,
                                                                salesforce, env, caplog):  # fmt: skip
     """An integration user that may not read Opportunity still scores the whole batch; its converted

@@ -54,6 +54,7 @@ def fault(response) -> tuple[str, str]:
         ("outbound_message__contact_object", []),
         ("outbound_message__deleted_lead", ["00Q5g00000Ls999EAB"]),
         ("outbound_message__converted_lead", ["00Q5g00000Ls011EAB"]),
+        ("outbound_message__opportunity_won", ["deal:0065g00000LsO011AA"]),  # is it won? the worker reads
     ],
 )
 def test_outbound_message_fixture_is_acknowledged(post_outbound, queue, fixture, leads):
@@ -205,6 +206,8 @@ def test_outbound_messages_unconfigured_answer_a_server_fault(settings):
         ("lead_change_event__leadscore_client", (1, 0, 1, 0), []),
         ("lead_change_event__delete", (1, 0, 1, 0), []),
         ("lead_change_event__contact_entity", (1, 0, 1, 0), []),
+        ("opportunity_change_event__closed_won", (1, 1, 0, 0), ["deal:0065g00000LsO011AA"]),
+        ("opportunity_change_event__amount_update", (1, 0, 1, 0), []),  # its stage did not change
         (
             "lead_change_event__bulk_update",
             (3, 3, 0, 0),

@@ -17,8 +17,7 @@ from rq import Queue, get_current_job
 
 from integration import metrics, pending
 from integration.crm import WriteRejected
-from integration.events import LeadEvent, parse_events
-from integration.hubspot import deal_of
+from integration.events import LeadEvent, deal_of, parse_events
 from integration.ratelimit import RateLimited
 from workers.jobs import context, outcome
 from workers.store import LeadFact
@@ -101,7 +100,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     deal_events = [event for event in lead_events if deal_of(event.lead_id)]
     if deal_events:
         lead_events = [event for event in lead_events if not deal_of(event.lead_id)]
-    won, deal_results = _won_deals(adapter, crm, account, deal_events)
+    won, deal_results = _won_deals(adapter, crm, deal_events)
     by_id = {event.lead_id: event for event in lead_events}
     leads = adapter.read_leads(list(by_id))  # keyed by the ids asked for
     closed = {i: lead for i, lead in leads.items() if lead.read_only}  # converted: an outcome, no score
@@ -191,23 +190,22 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     return results
 
 
-def _won_deals(
-    adapter, crm: str, account: str, deal_events: list[LeadEvent]
-) -> tuple[list[LeadFact], list[dict]]:
-    """Deals whose stage changed (HubSpot): a closed-won one is a "won" outcome for each of its
-    contacts, dated when it closed. Nothing is written to the CRM for them."""
+def _won_deals(adapter, crm: str, deal_events: list[LeadEvent]) -> tuple[list[LeadFact], list[dict]]:
+    """Deals (HubSpot) or opportunities (Salesforce) whose stage changed: a won one is a "won"
+    outcome for each of its leads (a deal's contacts, the Leads converted into an opportunity).
+    Nothing is written to the CRM for them."""
     if not deal_events:
         return [], []
-    won = adapter.won_deal_contacts([deal_of(event.lead_id) for event in deal_events])
+    won = adapter.won_deal_leads([deal_of(event.lead_id) for event in deal_events])
     facts, results = [], []
     for event in deal_events:
         deal = deal_of(event.lead_id)
         if deal not in won:
             results.append(outcome(event.lead_key, "no_won_deal"))
             continue
-        closed_at, contacts = won[deal]
-        facts += [LeadFact(crm, account, contact, "won", closed_at) for contact in contacts]
-        results.append({**outcome(event.lead_key, "deal_won"), "contacts": contacts})
+        closed_at, leads = won[deal]
+        facts += [LeadFact(crm, adapter.account_id, lead, "won", closed_at) for lead in leads]
+        results.append({**outcome(event.lead_key, "deal_won"), "leads": leads})
     return facts, results
 
 

@@ -14,16 +14,5 @@ OUTCOME_STAGES = {"opportunity": "opportunity", "customer": "customer", "evangel
 # HubSpot dates every lifecycle stage a contact enters: the earliest of these is when it converted.
 OUTCOME_DATE_PROPERTIES = tuple(f"hs_lifecyclestage_{stage}_date" for stage in OUTCOME_STAGES)
 # A deal reaching closed won is an outcome for its contacts. Its stage ids differ per pipeline, so
-# every stage change is queued, under a key of its own (deal and contact ids are separate spaces),
-# and the worker reads whether the deal is won.
+# every stage change is queued (under `events.deal_key`), and the worker reads whether the deal is won.
 DEAL_OUTCOME_PROPERTIES = frozenset({"dealstage", "hs_is_closed_won"})
-DEAL_KEY_PREFIX = "deal:"
-
-
-def deal_key(deal_id: str) -> str:
-    return f"{DEAL_KEY_PREFIX}{deal_id}"
-
-
-def deal_of(key: str) -> str | None:
-    """The deal id a queued key stands for, or None for a contact."""
-    return key.removeprefix(DEAL_KEY_PREFIX) if key.startswith(DEAL_KEY_PREFIX) else None

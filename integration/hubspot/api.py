@@ -209,7 +209,7 @@ class HubSpotCRM:
     ):
         """`custom_properties`: further properties a trained model reads, feature name -> property."""
         settings.require_hubspot_api()
-        self.portal_id = portal_id
+        self.portal_id = self.account_id = portal_id
         self.custom_properties = dict(custom_properties or {})
         self.read_properties = list(dict.fromkeys([
             *CONTACT_PROPERTIES, *OUTPUT_PROPERTIES.values(), FEEDBACK_PROPERTY,
@@ -378,7 +378,7 @@ class HubSpotCRM:
         won = self._won_deals(sorted({d for kinds in linked.values() for d in kinds.get("deals", [])}))
         return {c for c, kinds in linked.items() if won.keys() & set(kinds.get("deals", []))}
 
-    def won_deal_contacts(self, deal_ids: list[str]) -> dict[str, tuple[datetime | None, list[str]]]:
+    def won_deal_leads(self, deal_ids: list[str]) -> dict[str, tuple[datetime | None, list[str]]]:
         """Each of these deals that is closed won: when it closed (its `closedate`) and its contacts.
         What a deal webhook needs: two calls a 100 (the deals, then the won ones' contacts); none
         where the token may not read deals."""

@@ -17,8 +17,8 @@ from hubspot.utils.signature import Signature
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from integration.errors import PayloadError, SignatureError, first_problem
-from integration.events import IntakeRow
-from integration.hubspot import DEAL_OUTCOME_PROPERTIES, OUTPUT_PROPERTIES, deal_key
+from integration.events import IntakeRow, deal_key
+from integration.hubspot import DEAL_OUTCOME_PROPERTIES, OUTPUT_PROPERTIES
 from integration.queue import Skipped
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import requests
 from simple_salesforce import Salesforce
@@ -96,6 +97,9 @@ ADMIN_STEPS = (
     "Point an Outbound Message (Flow or workflow rule on Lead create/edit) at "
     "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with fields Id and LastModifiedById, "
     "or send signed change events to /webhooks/salesforce/events (see the README).",
+    "Send Opportunity stage changes the same way (an Outbound Message with field Id from a Flow on "
+    "Opportunity when its stage changes, or its change events), so an opportunity won after its Lead "
+    "converted counts as that Lead's win.",
 )
 
 
@@ -173,7 +177,7 @@ class SalesforceCRM:
     ):
         """`custom_fields`: further Lead fields a trained model reads, feature name -> field API name."""
         settings.require_salesforce_api()
-        self.org_id = org_id
+        self.org_id = self.account_id = org_id
         self.custom_fields = dict(custom_fields or {})
         self._read_fields: list[str] | None = None
         self.timeout = settings.salesforce_timeout_s
@@ -239,6 +243,8 @@ class SalesforceCRM:
 
     def read_leads(self, lead_ids: list[str]) -> dict[str, Lead]:
         """Leads by id; deleted ones are left out, converted ones come back `read_only`."""
+        if not lead_ids:  # a batch of opportunities alone
+            return {}
         ids = _soql_ids(lead_ids)
         fields = ", ".join(self.read_fields)
         records = self._query(f"SELECT {fields} FROM Lead WHERE Id IN ({ids})")
@@ -275,9 +281,23 @@ class SalesforceCRM:
             for r in records
         ]
 
+    def won_deal_leads(self, opportunity_ids: list[str]) -> dict[str, tuple[datetime | None, list[str]]]:
+        """Of these opportunities, the won ones, by the ids asked for, with the Leads converted into
+        them: what an opportunity's change event needs (two queries a 200). Undated: `CloseDate` is a
+        date alone, and the Leads are no longer scored, so when it was seen serves."""
+        won = self._won_opportunities(opportunity_ids)
+        leads: dict[str, list[str]] = {}
+        for start in range(0, len(won), MAX_COLLECTION):
+            chunk = _soql_ids(sorted(won)[start : start + MAX_COLLECTION])
+            for row in self._query(
+                f"SELECT Id, ConvertedOpportunityId FROM Lead WHERE ConvertedOpportunityId IN ({chunk})"
+            ):
+                leads.setdefault(row["ConvertedOpportunityId"][:15], []).append(row["Id"])
+        return {i: (None, sorted(leads.get(i[:15], []))) for i in opportunity_ids if i[:15] in won}
+
     def _won_opportunities(self, opportunity_ids: list[str | None]) -> set[str]:
-        """Which of these opportunities (a converted Lead's) are won, by 15-character id; one query a
-        200, and none when no Lead in the batch was converted."""
+        """Which of these opportunities are won, by 15-character id; one query a 200, none without
+        ids, and none won when the integration user may not read Opportunity (logged)."""
         ids = sorted({i for i in opportunity_ids if i})
         won: set[str] = set()
         for start in range(0, len(ids), MAX_COLLECTION):

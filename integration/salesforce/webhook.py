@@ -1,4 +1,5 @@
-"""Salesforce in: Outbound Messages (SOAP) and signed Lead change events (JSON).
+"""Salesforce in: Outbound Messages (SOAP) and signed change events (JSON), for Leads and for
+Opportunities (a won one is an outcome for the Lead converted into it).
 
 Outbound Messages carry no signature, so `/webhooks/salesforce` requires both a
 secret token in the URL and an allow-listed OrganizationId. Salesforce resends a
@@ -23,7 +24,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from integration import signing
 from integration.errors import PayloadError, SignatureError, WebhookError, first_problem
-from integration.events import IntakeRow
+from integration.events import IntakeRow, deal_key
 from integration.queue import Skipped
 from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_record_id
 from integration.settings import SettingsError
@@ -41,6 +42,10 @@ HANDLED_CHANGES = {"CREATE": "creation", "UPDATE": "property_change", "UNDELETE"
 IGNORED_CHANGES = frozenset({"DELETE", "GAP_DELETE", "GAP_OVERFLOW"})  # nothing left to score, or no record
 # GAP_CREATE / GAP_UPDATE / GAP_UNDELETE: CDC lost the details, not the record; rescore to be safe.
 HANDLED_CHANGES |= {f"GAP_{kind}": HANDLED_CHANGES[kind] for kind in ("CREATE", "UPDATE", "UNDELETE")}
+# An opportunity's stage change may make it won: an outcome for the Lead converted into it, whose
+# record no longer changes. Queued under its own key; the worker reads whether it is won.
+OPPORTUNITY_OUTCOME_FIELDS = frozenset({"StageName", "IsWon", "IsClosed"})
+OPPORTUNITY_CHANGES = frozenset({"UPDATE", "GAP_UPDATE"})  # a GAP_ event no longer says which fields
 
 ACK = (
     '<?xml version="1.0" encoding="UTF-8"?>'
@@ -123,19 +128,23 @@ def triage_notification(notification: Element, org_id: str, integration_user: st
     object_type = (sobject.get(XSI_TYPE) or "").rsplit(":", 1)[-1]
     record_id = _text(sobject, "Id")
     ref = f"{notification_id} ({object_type} {record_id})"
-    if object_type != "Lead":
+    if object_type not in ("Lead", "Opportunity"):
         return Skipped("ignore", ref, f"{object_type or 'untyped'} records are not scored")
     if not record_id:
-        raise PayloadError(f"notification {notification_id} has a Lead without an <Id>")
+        raise PayloadError(f"notification {notification_id} has a {object_type} without an <Id>")
     if not is_record_id(record_id):
         return Skipped("unsupported", ref, f"{record_id!r} is not a Salesforce record id")
-    if same_record(_text(sobject, "LastModifiedById"), integration_user):
+    if object_type == "Opportunity":  # which fields changed is not said: the worker reads if it is won
+        key, kind = deal_key(record_id), "deal_change"
+    elif same_record(_text(sobject, "LastModifiedById"), integration_user):
         return Skipped("ignore", ref, "change made by leadscore's integration user")
+    else:
+        key, kind = record_id, "outbound_message"
     return IntakeRow(
         account_id=org_id,
-        lead_id=record_id,
+        lead_id=key,
         event_id=notification_id,
-        kind="outbound_message",
+        kind=kind,
         changed_fields=(),
         occurred_at_ms=int(time.time() * 1000),  # an Outbound Message carries no time of change
     )
@@ -176,8 +185,8 @@ def parse_change_events(body: bytes) -> ChangeEventDelivery:
         return _EVENTS.validate_json(body)
     except ValidationError as exc:
         raise PayloadError(
-            'expected {"organizationId": "00D…", "events": [1 to 100 Lead change events, each with a '
-            f"ChangeEventHeader]}}; {first_problem(exc)}"
+            'expected {"organizationId": "00D…", "events": [1 to 100 Lead or Opportunity change events, '
+            f"each with a ChangeEventHeader]}}; {first_problem(exc)}"
         ) from None
 
 
@@ -186,19 +195,15 @@ def triage_change(
 ) -> list[IntakeRow | Skipped]:
     header = event.ChangeEventHeader
     ref = f"{header.transaction_key}/{header.sequence_number}"
-    verdict: tuple[Literal["ignore", "unsupported"], str] | None = None
-    kind = HANDLED_CHANGES.get(header.change_type)
-    if header.entity_name != "Lead":
+    if header.entity_name == "Lead":
+        kind, key = HANDLED_CHANGES.get(header.change_type), str
+        verdict = _lead_verdict(header, integration_user, client_name)
+    elif header.entity_name == "Opportunity":
+        kind, key = "deal_change", deal_key
+        verdict = _opportunity_verdict(header)
+    else:
+        kind, key = None, str
         verdict = ("ignore", f"{header.entity_name} changes are not scored")
-    elif kind is None:
-        known = header.change_type in IGNORED_CHANGES
-        verdict = ("ignore" if known else "unsupported", f"change type {header.change_type} is not scored")
-    elif same_record(header.commit_user, integration_user):
-        verdict = ("ignore", "change made by leadscore's integration user")
-    elif api_client(header.change_origin) == client_name:
-        verdict = ("ignore", "change made through leadscore's API client")
-    elif header.change_type == "UPDATE" and set(header.changed_fields) <= OWN_FIELDS | SYSTEM_FIELDS:
-        verdict = ("ignore", "only leadscore's own fields changed")
     if verdict is not None:
         return [Skipped(verdict[0], f"{ref} {rid}", verdict[1]) for rid in header.record_ids]
     invalid = [rid for rid in header.record_ids if not is_record_id(rid)]
@@ -208,7 +213,7 @@ def triage_change(
     return [
         IntakeRow(
             account_id=org_id,
-            lead_id=record_id,
+            lead_id=key(record_id),
             event_id=f"{ref}/{record_id}",
             kind=kind,
             changed_fields=changed,
@@ -216,6 +221,31 @@ def triage_change(
         )
         for record_id in header.record_ids
     ]
+
+
+Verdict = tuple[Literal["ignore", "unsupported"], str] | None  # None: queue it
+
+
+def _lead_verdict(header: ChangeEventHeader, integration_user: str, client_name: str) -> Verdict:
+    if header.change_type not in HANDLED_CHANGES:
+        known = header.change_type in IGNORED_CHANGES
+        return ("ignore" if known else "unsupported", f"change type {header.change_type} is not scored")
+    if same_record(header.commit_user, integration_user):
+        return ("ignore", "change made by leadscore's integration user")
+    if api_client(header.change_origin) == client_name:
+        return ("ignore", "change made through leadscore's API client")
+    if header.change_type == "UPDATE" and set(header.changed_fields) <= OWN_FIELDS | SYSTEM_FIELDS:
+        return ("ignore", "only leadscore's own fields changed")
+    return None
+
+
+def _opportunity_verdict(header: ChangeEventHeader) -> Verdict:
+    if header.change_type not in OPPORTUNITY_CHANGES:
+        known = header.change_type in HANDLED_CHANGES.keys() | IGNORED_CHANGES
+        return ("ignore" if known else "unsupported", f"Opportunity {header.change_type} makes no outcome")
+    if header.change_type == "UPDATE" and not OPPORTUNITY_OUTCOME_FIELDS & set(header.changed_fields):
+        return ("ignore", "the Opportunity's stage did not change")
+    return None
 
 
 def soap_fault(message: str, status: int) -> Response:
