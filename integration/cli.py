@@ -125,12 +125,20 @@ def _prepare_store(kept) -> None:
 
 
 def _failed_registry():
+    from redis.exceptions import RedisError
     from rq import Queue
 
     from integration.queue import redis_from_url
 
     settings = get_settings()
-    return Queue(settings.queue_name, connection=redis_from_url(settings.redis_url)).failed_job_registry
+    connection = redis_from_url(settings.redis_url)
+    try:
+        connection.ping()
+    except RedisError as exc:
+        raise UsageError(
+            f"cannot reach Redis ({exc}): start it, or point REDIS_URL at the workers' Redis"
+        ) from None
+    return Queue(settings.queue_name, connection=connection).failed_job_registry
 
 
 def _leads_of(job) -> str:
@@ -191,7 +199,14 @@ def cmd_replay(args) -> int:
         except ValueError as exc:
             print(f"leadscore replay: {exc}", file=sys.stderr)
             return 2
-        response = requests.post(args.url, data=body, headers=headers, timeout=30)
+        except OSError as exc:
+            print(f"leadscore replay: {exc.strerror}: {exc.filename}", file=sys.stderr)
+            return 2
+        try:
+            response = requests.post(args.url, data=body, headers=headers, timeout=30)
+        except requests.RequestException as exc:
+            print(f"leadscore replay: cannot post to {args.url}: {exc}", file=sys.stderr)
+            return 2
         print(f"{path}: {response.status_code} {response.text.strip()[:200]}")
         failures += not response.ok
     return 1 if failures else 0
@@ -383,7 +398,15 @@ def cmd_outcomes(args) -> int:
     except (SyncError, StoreNotReady) as exc:
         raise UsageError(str(exc)) from None
     if not report:
-        raise UsageError("no CRM account to sync: configure a CRM, or name the portal/org with --account")
+        settings = get_settings()
+        if not (settings.hubspot_configured or settings.salesforce_configured):
+            raise UsageError(
+                "no CRM to sync: set HubSpot's or Salesforce's credentials (README, Configuration)"
+            )
+        raise UsageError(
+            "no portal or org to sync yet (leadscore learns a HubSpot portal from the first lead it scores, "
+            "a Salesforce org from SALESFORCE_ORG_IDS): name it with --crm CRM --account ID"
+        )
     for account, counts in report.items():
         print(f"{account}: {counts['leads']} leads at an outcome, {counts['new_outcomes']} new in the store")
     return 0

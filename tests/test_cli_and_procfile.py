@@ -72,6 +72,39 @@ def test_replay_reports_refusals(app, queue, capsys):
     assert pending.depth(queue.connection) == 0
 
 
+def test_replay_of_a_missing_file_or_to_nothing_listening_says_so_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    assert main(["replay", str(missing), "--url", "http://127.0.0.1:1/webhooks/hubspot"]) == 2
+    assert capsys.readouterr().err == f"leadscore replay: No such file or directory: {missing}\n"
+
+    url = f"http://127.0.0.1:{free_port()}/webhooks/hubspot"  # nothing listens there
+    assert main(["replay", str(SINGLE), "--url", url, "--secret", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"leadscore replay: cannot post to {url}: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["failed"], ["requeue", "--all"]])
+def test_failed_and_requeue_without_redis_say_so_in_one_line(env, monkeypatch, capsys, command):
+    from integration.settings import get_settings
+
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    get_settings.cache_clear()
+
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("leadscore: cannot reach Redis (") and err.count("\n") == 1
+    assert err.endswith("start it, or point REDIS_URL at the workers' Redis\n")
+    get_settings.cache_clear()
+
+
+def test_outcomes_sync_before_any_portal_is_known_says_to_name_it(env, capsys):
+    assert main(["outcomes", "sync", "--crm", "hubspot"]) == 2  # no lead scored yet: no portal known
+    assert capsys.readouterr().err == (
+        "leadscore: no portal or org to sync yet (leadscore learns a HubSpot portal from the first lead it "
+        "scores, a Salesforce org from SALESFORCE_ORG_IDS): name it with --crm CRM --account ID\n"
+    )
+
+
 def procfile() -> dict[str, str]:
     lines = (ROOT / "Procfile").read_text().splitlines()
     return dict(line.split(": ", 1) for line in lines if line.strip())
