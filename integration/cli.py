@@ -399,10 +399,11 @@ def cmd_outcomes(args) -> int:
         raise UsageError(str(exc)) from None
     if not report:
         settings = get_settings()
-        if not (settings.hubspot_configured or settings.salesforce_configured):
-            raise UsageError(
-                "no CRM to sync: set HubSpot's or Salesforce's credentials (README, Configuration)"
-            )
+        configured = {"hubspot": settings.hubspot_configured, "salesforce": settings.salesforce_configured}
+        asked = [args.crm] if args.crm else list(configured)
+        if not any(configured[crm] for crm in asked):
+            names = " or ".join({"hubspot": "HubSpot's", "salesforce": "Salesforce's"}[crm] for crm in asked)
+            raise UsageError(f"no CRM to sync: set {names} credentials (README, Configuration)")
         raise UsageError(
             "no portal or org to sync yet (leadscore learns a HubSpot portal from the first lead it scores, "
             "a Salesforce org from SALESFORCE_ORG_IDS): name it with --crm CRM --account ID"

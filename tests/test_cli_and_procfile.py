@@ -97,6 +97,19 @@ def test_failed_and_requeue_without_redis_say_so_in_one_line(env, monkeypatch, c
     get_settings.cache_clear()
 
 
+def test_outcomes_sync_of_a_crm_not_configured_says_what_to_set(env, monkeypatch, capsys):
+    from integration.settings import get_settings
+
+    monkeypatch.setenv("HUBSPOT_ACCESS_TOKEN", "")
+    get_settings.cache_clear()
+
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", "12345"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: no CRM to sync: set HubSpot's credentials (README, Configuration)\n"
+    )
+    get_settings.cache_clear()
+
+
 def test_outcomes_sync_before_any_portal_is_known_says_to_name_it(env, capsys):
     assert main(["outcomes", "sync", "--crm", "hubspot"]) == 2  # no lead scored yet: no portal known
     assert capsys.readouterr().err == (

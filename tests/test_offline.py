@@ -434,7 +434,8 @@ def test_score_file_does_not_write_over_its_own_input(tmp_path, capsys, option):
     mapping.write_bytes(MAPPING.read_bytes())
     target = data if option == "--data" else mapping
     before = target.read_bytes()
-    out = tmp_path / "." / target.name  # the same file, spelt another way
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "elsewhere" / ".." / target.name  # the same file, spelt another way
 
     assert main(["score-file", "--data", str(data), "--mapping", str(mapping), "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
@@ -443,13 +444,24 @@ def test_score_file_does_not_write_over_its_own_input(tmp_path, capsys, option):
     assert target.read_bytes() == before
 
 
-def test_score_file_replaces_an_earlier_output_whole(tmp_path):
+def test_score_file_that_fails_to_write_leaves_the_earlier_output_whole(tmp_path, monkeypatch, capsys):
     out = tmp_path / "scores.csv"
     out.write_text("an earlier run's scores\n")
+    write = pd.DataFrame.to_csv
 
+    def disk_fills_up(frame, path, **options):
+        write(frame.head(10), path, **options)
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_fills_up)
+    assert main(["score-file", *FILE_ARGS, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("leadscore score-file: No space left on device: ")
+    assert out.read_text() == "an earlier run's scores\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv"]  # no partial file left behind
+
+    monkeypatch.undo()
     assert main(["score-file", *FILE_ARGS, "--out", str(out)]) == 0
     assert len(rows(out)) == 500
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv"]  # no partial file left behind
 
 
 def test_a_damaged_model_is_named_as_such(trained, tmp_path, capsys):

@@ -194,14 +194,17 @@ def score_file(
     results = score_table(table, config, model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")  # an interrupted run leaves the last file whole
-    pd.DataFrame({
-        table.mapping.id: table.frame[table.mapping.id],
-        "score": [r.score for r in results],
-        "tier": [r.tier for r in results],
-        "reason": [r.reason for r in results],
-    }).to_csv(partial, index=False)  # fmt: skip
-    partial.replace(out)
+    partial = out.with_name(f".{out.name}.partial")  # a failed write leaves the last file whole
+    try:
+        pd.DataFrame({
+            table.mapping.id: table.frame[table.mapping.id],
+            "score": [r.score for r in results],
+            "tier": [r.tier for r in results],
+            "reason": [r.reason for r in results],
+        }).to_csv(partial, index=False)  # fmt: skip
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     landed = Counter(r.tier for r in results)
     return {tier: landed[tier] for tier in TIER_NAMES}
 
