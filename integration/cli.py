@@ -12,7 +12,8 @@ from integration.errors import TableError
 from integration.settings import SettingsError, get_settings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-OFFLINE_COMMANDS = frozenset({"train", "score-file", "evaluate"})
+# Commands reading files the user names: a file they cannot read is told in one line, not a traceback.
+FILE_COMMANDS = frozenset({"train", "score-file", "evaluate", "replay"})
 
 
 def cmd_setup(args) -> int:
@@ -189,19 +190,12 @@ def cmd_replay(args) -> int:
     settings = get_settings()
     failures = 0
     for path in args.files:
-        try:
-            body, headers = prepare(
-                path,
-                args.url,
-                args.secret or settings.hubspot_app_secret,
-                args.secret or settings.salesforce_events_secret,
-            )
-        except ValueError as exc:
-            print(f"leadscore replay: {exc}", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"leadscore replay: {exc.strerror}: {exc.filename}", file=sys.stderr)
-            return 2
+        body, headers = prepare(  # a file it cannot read or sign ends in one line (`main`)
+            path,
+            args.url,
+            args.secret or settings.hubspot_app_secret,
+            args.secret or settings.salesforce_events_secret,
+        )
         try:
             response = requests.post(args.url, data=body, headers=headers, timeout=30)
         except requests.RequestException as exc:
@@ -546,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leadscore: {exc}", file=sys.stderr)
         return 2
     except (TableError, OSError, ValueError) as exc:
-        if not isinstance(exc, TableError) and args.command not in OFFLINE_COMMANDS:
+        if not isinstance(exc, TableError) and args.command not in FILE_COMMANDS:
             raise
         said = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else exc
         print(f"leadscore {args.command}: {said}", file=sys.stderr)
