@@ -182,14 +182,14 @@ class WorkerContext:
                 for lead, propensity in zip(leads, answers, strict=True)
             ]
 
-        def features(keep_case: bool) -> pd.DataFrame:
-            rows = [
-                tabular.lead_features(lead, self.model.kinds, propensity, keep_case)
+        shown = pd.DataFrame(  # as the CRM spells them, for the reasons; the model matches them lower-cased
+            [
+                tabular.lead_features(lead, self.model.kinds, propensity, keep_case=True)
                 for lead, propensity in zip(leads, answers, strict=True)
-            ]
-            return pd.DataFrame(rows, columns=list(self.model.kinds))
-
-        frame, shown = features(keep_case=False), features(keep_case=True)  # the model's, the reasons'
+            ],
+            columns=list(self.model.kinds),
+        )
+        frame = tabular.model_values(shown, self.model.kinds)
         unseen = self.model.unseen(frame)
         self._log_unseen(frame, shown, unseen)
         results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen)

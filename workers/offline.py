@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +38,11 @@ def file_digest(path: Path) -> str:
 @dataclass
 class LabelledTable:
     frame: pd.DataFrame  # the file's rows, as text
-    features: pd.DataFrame  # mapped and normalised
+    features: pd.DataFrame  # mapped and normalised, as the model matches them
+    shown: pd.DataFrame  # the same features as the file spells them, for the reasons reps read
     mapping: tabular.Mapping
     y: np.ndarray | None
     source: dict
-
-    @cached_property
-    def shown(self) -> pd.DataFrame:
-        """The features as the file spells them, for the reasons reps read."""
-        return tabular.feature_frame(self.frame, self.mapping, keep_case=True)
 
 
 def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bool) -> LabelledTable:
@@ -59,7 +54,9 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
     source = {"file": Path(data).name, "sha256": file_digest(data), "mapping": Path(mapping_path).name}
     if mapping.created:
         source.update(tabular.created_window(frame, mapping.created))
-    return LabelledTable(frame, tabular.feature_frame(frame, mapping), mapping, y, source)
+    shown = tabular.feature_frame(frame, mapping)
+    features = tabular.model_values(shown, mapping.feature_kinds())
+    return LabelledTable(frame, features, shown, mapping, y, source)
 
 
 def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: Tiers | None = None):

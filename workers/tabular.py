@@ -255,13 +255,14 @@ def normalise(
     return number if math.isfinite(number) else np.nan
 
 
-def feature_frame(frame: pd.DataFrame, mapping: Mapping, keep_case: bool = False) -> pd.DataFrame:
-    """One column per mapped feature, values normalised (categories still plain text)."""
+def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> pd.DataFrame:
+    """One column per mapped feature, values normalised, categories still spelled as the file spells
+    them (`model_values` gives what a model matches)."""
     missing = frozenset(mapping.missing)
     kinds = mapping.feature_kinds()
     features = pd.DataFrame(
         {
-            name: [normalise(v, kinds[name], missing, keep_case) for v in frame[column]]
+            name: [normalise(v, kinds[name], missing, keep_case=True) for v in frame[column]]
             for name, column in mapping.columns().items()
         },
         index=frame.index,
@@ -294,6 +295,17 @@ def lead_features(
     answer, a feature when the model has one; a fallback counts as missing)."""
     raw = snapshot(lead, propensity)
     return {name: normalise(raw.get(name), kind, keep_case=keep_case) for name, kind in kinds.items()}
+
+
+def model_values(shown: pd.DataFrame, kinds: dict[str, Kind]) -> pd.DataFrame:
+    """The values a model matches, from the features as spelled for reps: categories lower-cased, as
+    `normalise` gives them. One normalising pass serves both."""
+    lowered = {
+        name: shown[name].map(str.lower, na_action="ignore")
+        for name, kind in kinds.items()
+        if kind == "categorical" and name in shown.columns
+    }
+    return shown.assign(**lowered)
 
 
 # A file without contact columns says nothing about whether its leads can be reached: the rules
