@@ -403,7 +403,12 @@ def cmd_outcomes(args) -> int:
             "a Salesforce org from SALESFORCE_ORG_IDS): name it with --crm CRM --account ID"
         )
     for account, counts in report.items():
-        print(f"{account}: {counts['leads']} leads at an outcome, {counts['new_outcomes']} new in the store")
+        if counts["since"] is None:
+            print(f"{account}: no score kept yet, so no outcome to learn from: nothing read")
+            continue
+        since = f"{counts['since']:%Y-%m-%d %H:%M} UTC"
+        print(f"{account}: {counts['leads']} leads at an outcome changed since {since}, "
+              f"{counts['new_outcomes']} new in the store")  # fmt: skip
     return 0
 
 

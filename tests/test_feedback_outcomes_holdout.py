@@ -156,8 +156,18 @@ def test_lead_change_event__rep_feedback(env, post_change_events, sf_crm, run_wo
     assert said["score"] == 82  # the score the rep was looking at
 
 
+def kept_score(env, crm: str, account: str, at: datetime = datetime(2026, 11, 1, tzinfo=UTC)) -> None:
+    """A score kept for one lead of this account at `at`: `outcomes sync` reads what changed since."""
+    store.Store(env["DATABASE_URL"]).record_scores([store.ScoreRecord(
+        crm=crm, account_id=account, lead_id="first", score=50, tier="B", reason="r", scorer="rules",
+        fingerprint="f", features={}, details={}, scored_at=at,
+    )])  # fmt: skip
+
+
 @EACH_STORE
 def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
+    kept_score(env, "hubspot", PORTAL_ID)
+    kept_score(env, "salesforce", SF_ORG_ID[:15])
     assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
     assert main(["outcomes", "sync", "--crm", "salesforce"]) == 0
     assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
@@ -172,10 +182,44 @@ def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
         ]
     )
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == f"hubspot:{PORTAL_ID}: 2 leads at an outcome, 0 new in the store"
+    assert out[-1] == (
+        f"hubspot:{PORTAL_ID}: 2 leads at an outcome changed since 2026-10-31 00:00 UTC, 0 new in the store"
+    )
     reached = {row["lead_id"]: row["reached_at"].replace(tzinfo=UTC) for row in table(env, store.outcomes)}
     assert reached["74300000120"] == datetime(2026, 10, 9, 15, 20, 44, 512000, UTC)  # its opportunity date
     assert reached["74300000121"] == datetime(2026, 11, 2, 13, 44, 9, 118000, UTC)
+
+
+def test_outcomes_sync_reads_only_leads_changed_since_the_day_before_the_first_kept_score(
+    env, crm, sf_crm, salesforce, capsys
+):
+    first = datetime(2026, 11, 19, 12, tzinfo=UTC)  # the customer last changed 2026-11-18 09:22, a day before
+    kept_score(env, "hubspot", PORTAL_ID, at=first)
+    kept_score(env, "salesforce", SF_ORG_ID[:15], at=first)  # the converted Lead last changed 2026-11-12
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+    assert main(["outcomes", "sync", "--crm", "salesforce"]) == 0
+
+    assert stored_outcomes(env) == [("hubspot", PORTAL_ID, "74300000121", "opportunity", "sync")]
+    assert capsys.readouterr().out.splitlines() == [
+        f"hubspot:{PORTAL_ID}: 1 leads at an outcome changed since 2026-11-18 12:00 UTC, 1 new in the store",
+        f"salesforce:{SF_ORG_ID[:15]}: 0 leads at an outcome changed since 2026-11-18 12:00 UTC, "
+        "0 new in the store",
+    ]
+
+
+def test_outcomes_sync_of_an_account_with_no_kept_score_reads_nothing(
+    env, monkeypatch, crm, sf_crm, salesforce, capsys
+):
+    reconfigure(monkeypatch, HUBSPOT_API_BASE=f"http://127.0.0.1:{free_port()}")  # a read would fail
+    calls = salesforce.api_calls
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+    assert main(["outcomes", "sync", "--crm", "salesforce"]) == 0
+
+    assert salesforce.api_calls == calls and stored_outcomes(env) == []
+    assert capsys.readouterr().out.splitlines() == [
+        f"{account}: no score kept yet, so no outcome to learn from: nothing read"
+        for account in (f"hubspot:{PORTAL_ID}", f"salesforce:{SF_ORG_ID[:15]}")
+    ]
 
 
 def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post_delivery, crm, run_worker,
@@ -540,6 +584,7 @@ def test_a_refused_contact_beside_a_deal_is_tried_alone_and_the_deal_kept(env, p
 
 
 def test_outcomes_sync_stops_in_one_line_when_hubspot_fails(env, crm, hubspot, capsys):
+    kept_score(env, "hubspot", PORTAL_ID)
     hubspot.unavailable_objects.add("deals")
 
     assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 2
@@ -561,6 +606,7 @@ def test_outcomes_sync_stops_in_one_line_when_hubspot_fails(env, crm, hubspot, c
 def test_outcomes_sync_stops_in_one_line_when_the_crm_cannot_be_reached(
     env, monkeypatch, crm, sf_crm, salesforce, capsys, crm_name, setting, said
 ):
+    kept_score(env, crm_name, PORTAL_ID if crm_name == "hubspot" else SF_ORG_ID[:15])
     if setting:
         reconfigure(monkeypatch, **{setting: f"http://127.0.0.1:{free_port()}"})  # nothing listens there
     else:
@@ -574,6 +620,7 @@ def test_outcomes_sync_stops_in_one_line_when_the_crm_cannot_be_reached(
 
 
 def test_outcomes_sync_without_opportunity_read_keeps_conversions(env, sf_crm, salesforce):
+    kept_score(env, "salesforce", SF_ORG_ID[:15])
     salesforce.revoke_read("Opportunity")
     assert main(["outcomes", "sync", "--crm", "salesforce"]) == 0
 
@@ -581,6 +628,7 @@ def test_outcomes_sync_without_opportunity_read_keeps_conversions(env, sf_crm, s
 
 
 def test_outcomes_sync_without_the_deals_scope_keeps_the_lifecycle_stages(env, crm, hubspot):
+    kept_score(env, "hubspot", PORTAL_ID)
     hubspot.forbidden_objects.add("deals")
     assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
 

@@ -121,6 +121,23 @@ def test_query_where_in_order_by_limit(salesforce):
     assert [r["Id"] for r in referral["records"]] == [LEAD_B, LEAD_C]
 
 
+def test_query_where_conditions_joined_by_and_compare_datetimes_as_instants(salesforce):
+    salesforce.leads[LEAD_B]["LastModifiedDate"] = "2026-11-12T14:33:50.000+0000"
+    salesforce.leads[LEAD_C]["LastModifiedDate"] = "2026-11-12T16:33:50.000+0200"  # 14:33:50 UTC too
+    sf = client(salesforce)
+    since = sf.query(
+        "SELECT Id FROM Lead WHERE LeadSource = 'referral' AND LastModifiedDate >= 2026-11-12T14:33:50Z"
+    )
+    assert [r["Id"] for r in since["records"]] == [LEAD_B, LEAD_C]
+    before = sf.query(
+        "SELECT Id FROM Lead WHERE LastModifiedDate < 2026-11-12T14:33:50Z AND IsConverted = false"
+    )
+    assert [r["Id"] for r in before["records"]] == [LEAD_A]
+    with pytest.raises(SalesforceMalformedRequest) as not_joined:
+        sf.query("SELECT Id FROM Lead WHERE IsConverted = false LeadSource = 'Web'")
+    assert not_joined.value.content[0]["errorCode"] == "MALFORMED_QUERY"
+
+
 def test_query_unknown_field_and_malformed(salesforce):
     sf = client(salesforce)
     with pytest.raises(SalesforceMalformedRequest) as bad_field:

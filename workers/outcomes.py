@@ -1,26 +1,43 @@
 """`leadscore outcomes sync`: backfill outcomes from the CRM APIs into the score store.
 
 Webhooks bring outcomes as they happen (the worker reads the lead's stage with every score);
-this catches up on what happened while leadscore was not listening, or before it existed.
-Outcomes are kept once per lead and kind, so running it again only adds what is new.
+this catches up on what happened while leadscore was not listening. An outcome teaches something
+only about a lead scored before it, so only leads changed since the day before an account's first
+kept score are read: a CRM with years of customers costs the API calls of the months leadscore has
+run. Outcomes are kept once per lead and kind, so running it again only adds what is new.
 """
 
 from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
 
 from integration.hubspot.api import HubSpotCRM
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings
 from workers.progress import progress
-from workers.store import LeadFact, Store, scores
+from workers.store import LeadFact, Store, as_utc, scores
+
+CLOCK_MARGIN = timedelta(days=1)  # the CRM's clock against leadscore's; the day costs a few more reads
+NOT_SCORED = {"since": None, "leads": 0, "new_outcomes": 0}  # an account with no kept score: not read
 
 
 def _accounts_in_store(store: Store, crm: str) -> list[str]:
-    from sqlalchemy import select
-
     with store.engine.connect() as connection:
         return sorted(
             connection.execute(select(scores.c.account_id).where(scores.c.crm == crm).distinct()).scalars()
         )
+
+
+def _changed_since(store: Store, crm: str, account: str) -> datetime | None:
+    """When a lead of this account could first have reached an outcome worth keeping: the day
+    before its first kept score; None before any score."""
+    with store.engine.connect() as connection:
+        first = connection.execute(
+            select(func.min(scores.c.scored_at)).where(scores.c.crm == crm, scores.c.account_id == account)
+        ).scalar()
+    return as_utc(first) - CLOCK_MARGIN if first else None
 
 
 def _the_account(crm: str, candidates: list[str]) -> list[str]:
@@ -38,8 +55,9 @@ class SyncError(ValueError):
 
 
 def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None = None) -> dict[str, dict]:
-    """Read every lead at an outcome from each configured CRM and keep the new outcomes, filed
-    under the account the credentials reach (`accounts`, given with `crm`, or the one known)."""
+    """Read each configured CRM's leads at an outcome, changed since the day before the account's
+    first kept score, and keep the new outcomes, filed under the account the credentials reach
+    (`accounts`, given with `crm`, or the one known). An account with no score yet is not read."""
     if accounts and crm is None:
         raise SyncError(
             "--account needs --crm: a HubSpot portal id and a Salesforce org id are not interchangeable"
@@ -48,20 +66,25 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
     report: dict[str, dict] = {}
     if crm in (None, "hubspot") and settings.hubspot_configured:
         for portal in accounts or _the_account("hubspot", _accounts_in_store(store, "hubspot")):
+            if (since := _changed_since(store, "hubspot", portal)) is None:
+                report[f"hubspot:{portal}"] = NOT_SCORED
+                continue
             reading = progress(f"reading hubspot:{portal} contacts at an outcome")  # Salesforce: one query
-            found = list(reading(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome()))
+            found = list(reading(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome(since)))
             facts = [LeadFact("hubspot", portal, contact, kind, at) for contact, kind, at in found]
             report[f"hubspot:{portal}"] = {
-                "leads": len(found),
-                "new_outcomes": store.record_outcomes(facts, "sync"),
-            }
+                "since": since, "leads": len(found), "new_outcomes": store.record_outcomes(facts, "sync"),
+            }  # fmt: skip
     if crm in (None, "salesforce") and settings.salesforce_configured:
         known = sorted(settings.allowed_org_ids) or _accounts_in_store(store, "salesforce")
         for org in accounts or _the_account("salesforce", known):
             org = org[:15]
-            converted = SalesforceCRM(settings, org_id=org).converted_leads()
+            if (since := _changed_since(store, "salesforce", org)) is None:
+                report[f"salesforce:{org}"] = NOT_SCORED
+                continue
+            converted = SalesforceCRM(settings, org_id=org).converted_leads(since)
             facts = [LeadFact("salesforce", org, lead_id, kind) for lead_id, kind in converted]
             report[f"salesforce:{org}"] = {
-                "leads": len(converted), "new_outcomes": store.record_outcomes(facts, "sync"),
+                "since": since, "leads": len(converted), "new_outcomes": store.record_outcomes(facts, "sync"),
             }  # fmt: skip
     return report

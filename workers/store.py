@@ -188,6 +188,10 @@ def redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+
+
 class StoreNotReady(ValueError):
     """The store a command reads has no leadscore schema (wrong DATABASE_URL, or never migrated)."""
 

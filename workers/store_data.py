@@ -12,7 +12,7 @@ import pandas as pd
 from sqlalchemy import func, select
 
 from workers.metrics import rate_difference
-from workers.store import POSITIVE_OUTCOMES, Store, feedback, outcomes, scores
+from workers.store import POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
 from workers.tabular import LEAD_FIELD_KINDS, LLM_FEATURE, Kind, TableError, normalise
 
 LeadKey = tuple[str, str, str]
@@ -40,10 +40,6 @@ class LeadHistory:
         return [row for row in self.scores if row["scored_at"] <= end][-1]
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite hands back naive UTC
-
-
 def histories(store: Store) -> Iterator[LeadHistory]:
     with store.engine.connect() as connection:
         rows = connection.execute(
@@ -56,11 +52,11 @@ def histories(store: Store) -> Iterator[LeadHistory]:
             .where(outcomes.c.kind.in_(POSITIVE_OUTCOMES))
             .group_by(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id)
         ).all()
-    converted = {(crm, account, lead): _utc(moment) for crm, account, lead, moment in first_outcomes}
+    converted = {(crm, account, lead): as_utc(moment) for crm, account, lead, moment in first_outcomes}
     by_lead: dict[LeadKey, list[dict]] = {}
     for row in rows:
         by_lead.setdefault((row["crm"], row["account_id"], row["lead_id"]), []).append(
-            {**row, "scored_at": _utc(row["scored_at"])}
+            {**row, "scored_at": as_utc(row["scored_at"])}
         )
     for key, lead_scores in by_lead.items():
         yield LeadHistory(lead_scores, converted.get(key))

@@ -88,6 +88,15 @@ def _batch_error(category: str, message: str, context: dict, details: list[dict]
     }
 
 
+def _number(value) -> float | None:
+    """A filter operand as HubSpot orders it: a number, or a datetime as epoch milliseconds."""
+    with contextlib.suppress(TypeError, ValueError):
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError):
+        return datetime.fromisoformat(value).timestamp() * 1000
+    return None
+
+
 def _passes(contact: dict, condition: dict) -> bool:
     """One search filter (EQ, NEQ, GT, GTE, LT, LTE, IN, NOT_IN) against a contact."""
     name, operator = condition.get("propertyName"), condition.get("operator", "EQ")
@@ -100,9 +109,8 @@ def _passes(contact: dict, condition: dict) -> bool:
     if stored is None:
         return operator == "NEQ"
     wanted = condition.get("value")
-    try:
-        left, right = float(stored), float(wanted)
-    except (TypeError, ValueError):
+    left, right = _number(stored), _number(wanted)
+    if left is None or right is None:
         left, right = str(stored).casefold(), str(wanted).casefold()
     return {
         "EQ": left == right, "NEQ": left != right, "GT": left > right, "GTE": left >= right,

@@ -25,6 +25,7 @@ import string
 import threading
 import time
 from datetime import UTC, datetime
+from operator import ge, gt, le, lt
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -151,18 +152,26 @@ class SoqlError(Exception):
 
 _SOQL = re.compile(
     r"^\s*SELECT\s+(?P<fields>.+?)\s+FROM\s+(?P<entity>\w+)"
-    r"(?:\s+WHERE\s+(?P<where_field>[\w.]+)\s*(?:(?P<eq>=)\s*(?P<value>'(?:[^'\\]|\\.)*'|[\w.+-]+)"
-    r"|(?P<in>IN)\s*\((?P<values>[^)]*)\)))?"
+    r"(?:\s+WHERE\s+(?P<where>.+?))?"
     r"(?:\s+ORDER\s+BY\s+(?P<order_field>[\w.]+)(?:\s+(?P<direction>ASC|DESC))?)?"
     r"(?:\s+LIMIT\s+(?P<limit>\d+))?\s*$",
     re.IGNORECASE | re.DOTALL,
 )
+_CONDITION = re.compile(
+    r"(?P<field>[\w.]+)\s*(?:(?P<op>=|!=|<=|>=|<|>)\s*(?P<value>'(?:[^'\\]|\\.)*'|[\w.:+-]+)"
+    r"|(?P<in>IN)\s*\((?P<values>[^)]*)\))\s*",
+    re.IGNORECASE,
+)
+_AND = re.compile(r"AND\s+", re.IGNORECASE)
 _LITERAL = re.compile(r"\s*('(?:[^'\\]|\\.)*'|[\w.+-]+)\s*(,|$)")
+_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})")
 
 
 def _literal(token: str):
     if token.startswith("'"):
         return re.sub(r"\\(.)", r"\1", token[1:-1])
+    if _DATETIME.fullmatch(token):
+        return datetime.fromisoformat(token)
     lowered = token.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -195,6 +204,17 @@ def _same(stored, wanted) -> bool:
     if isinstance(wanted, str):
         return str(stored).casefold() == wanted.casefold()  # SOQL string comparison ignores case
     return stored == wanted
+
+
+def _compared(stored, operator: str, wanted) -> bool:
+    """One WHERE condition: =, != or an order; datetimes compare as instants, as SOQL's do."""
+    if operator in ("=", "!="):
+        return _same(stored, wanted) == (operator == "=")
+    if stored is None or wanted is None:
+        return False
+    if isinstance(wanted, datetime):
+        stored = datetime.fromisoformat(stored)
+    return {"<": lt, "<=": le, ">": gt, ">=": ge}[operator](stored, wanted)
 
 
 def _sort_key(value):
@@ -577,10 +597,11 @@ class SalesforceEmulator:
         rows = list(
             {"Lead": self.leads, "Task": self.tasks, "Opportunity": self.opportunities}[entity].values()
         )
-        if match["where_field"]:
-            where = column(match["where_field"], match.start("where_field"))
-            wanted = [_literal(match["value"])] if match["eq"] else _literal_list(match["values"])
-            rows = [r for r in rows if any(_same(r.get(where), w) for w in wanted)]
+        for field, operator, wanted in self._conditions(soql, match, column):
+            if operator == "IN":
+                rows = [r for r in rows if any(_same(r.get(field), w) for w in wanted)]
+            else:
+                rows = [r for r in rows if _compared(r.get(field), operator, wanted)]
         if match["order_field"]:
             order = column(match["order_field"], match.start("order_field"))
             descending = (match["direction"] or "").upper() == "DESC"
@@ -589,6 +610,31 @@ class SalesforceEmulator:
             rows = rows[: int(match["limit"])]
         records = [self._view(entity, r, selected) for r in rows]
         return {"totalSize": len(records), "done": True, "records": records}
+
+    @staticmethod
+    def _conditions(soql: str, match: re.Match, column) -> list[tuple[str, str, object]]:
+        """The WHERE clause as (field, operator, value or IN's values), conditions joined by AND."""
+        if not match["where"]:
+            return []
+        where, start, conditions, pos = match["where"], match.start("where"), [], 0
+
+        def malformed() -> SoqlError:
+            return SoqlError("MALFORMED_QUERY", f"\n{soql}\n{' ' * (start + pos)}^\nunexpected token")
+
+        while True:
+            if not (condition := _CONDITION.match(where, pos)):
+                raise malformed()
+            field = column(condition["field"], start + condition.start("field"))
+            if condition["in"]:
+                conditions.append((field, "IN", _literal_list(condition["values"])))
+            else:
+                conditions.append((field, condition["op"], _literal(condition["value"])))
+            pos = condition.end()
+            if pos == len(where):
+                return conditions
+            if not (joined := _AND.match(where, pos)):
+                raise malformed()
+            pos = joined.end()
 
     # ---- sObject Collections update
 

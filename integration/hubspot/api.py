@@ -260,10 +260,10 @@ class HubSpotCRM:
             f"HubSpot portal {self.portal_id}: still throttled after {MAX_THROTTLED_TRIES} tries"
         )
 
-    def contacts_at_outcome(self) -> Iterator[tuple[str, str, datetime | None]]:
-        """(contact id, outcome, when it converted) of every contact whose lifecycle stage is an
-        outcome, 200 a search; the outcome is "won" where the contact has a closed-won deal the token
-        may read.
+    def contacts_at_outcome(self, changed_since: datetime) -> Iterator[tuple[str, str, datetime | None]]:
+        """(contact id, outcome, when it converted) of every contact changed since `changed_since`
+        whose lifecycle stage is an outcome, 200 a search; the outcome is "won" where the contact has
+        a closed-won deal the token may read.
 
         Pages by `hs_object_id` rather than the `after` cursor, which HubSpot stops at 10,000."""
         last_id = "0"
@@ -271,6 +271,8 @@ class HubSpotCRM:
             request = PublicObjectSearchRequest(
                 filter_groups=[FilterGroup(filters=[
                     Filter(property_name="lifecyclestage", operator="IN", values=list(OUTCOME_STAGES)),
+                    Filter(property_name="lastmodifieddate", operator="GTE",
+                           value=str(int(changed_since.timestamp() * 1000))),
                     Filter(property_name="hs_object_id", operator="GT", value=last_id),
                 ])],
                 sorts=[{"propertyName": "hs_object_id", "direction": "ASCENDING"}],

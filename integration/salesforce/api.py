@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import requests
 from simple_salesforce import Salesforce
@@ -272,9 +272,13 @@ class SalesforceCRM:
             if (key := lead_id[:15]) in found
         }
 
-    def converted_leads(self) -> list[tuple[str, str]]:
-        """(Lead id, "won" or "converted") for each of the org's converted Leads."""
-        records = self._query("SELECT Id, ConvertedOpportunityId FROM Lead WHERE IsConverted = true")
+    def converted_leads(self, changed_since: datetime) -> list[tuple[str, str]]:
+        """(Lead id, "won" or "converted") for each of the org's Leads converted, and so changed,
+        since `changed_since`."""
+        records = self._query(
+            "SELECT Id, ConvertedOpportunityId FROM Lead WHERE IsConverted = true "
+            f"AND SystemModstamp >= {changed_since.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+        )
         won = self._won_opportunities([r.get("ConvertedOpportunityId") for r in records])
         return [
             (r["Id"], "won" if (r.get("ConvertedOpportunityId") or "")[:15] in won else "converted")
