@@ -207,7 +207,9 @@ def _same(stored, wanted) -> bool:
 
 
 def _compared(stored, operator: str, wanted) -> bool:
-    """One WHERE condition: =, != or an order; datetimes compare as instants, as SOQL's do."""
+    """One WHERE condition: =, !=, IN or an order; datetimes compare as instants, as SOQL's do."""
+    if operator == "IN":
+        return any(_same(stored, w) for w in wanted)
     if operator in ("=", "!="):
         return _same(stored, wanted) == (operator == "=")
     if stored is None or wanted is None:
@@ -598,10 +600,7 @@ class SalesforceEmulator:
             {"Lead": self.leads, "Task": self.tasks, "Opportunity": self.opportunities}[entity].values()
         )
         for field, operator, wanted in self._conditions(soql, match, column):
-            if operator == "IN":
-                rows = [r for r in rows if any(_same(r.get(field), w) for w in wanted)]
-            else:
-                rows = [r for r in rows if _compared(r.get(field), operator, wanted)]
+            rows = [r for r in rows if _compared(r.get(field), operator, wanted)]
         if match["order_field"]:
             order = column(match["order_field"], match.start("order_field"))
             descending = (match["direction"] or "").upper() == "DESC"
