@@ -41,6 +41,7 @@ class LeadEvent(BaseModel):
         default_factory=lambda: datetime.now(UTC),
         description="when leadscore took it in (the webhook builds it just before queueing it)",
     )
+    rescores: int = Field(0, ge=0, description="times scored again because the LLM had failed on the lead")
 
     @property
     def lead_key(self) -> str:

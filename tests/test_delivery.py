@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from contextlib import ExitStack
+from datetime import UTC, datetime
 
 from prometheus_client.parser import text_string_to_metric_families
 from rq import SimpleWorker
@@ -253,12 +254,7 @@ def test_salesforce_stops_before_the_daily_api_budget(post_outbound, sf_crm, run
 def test_llm_down_scores_with_fallback_then_rescores_when_back(
     env, monkeypatch, post_delivery, crm, queue, redis, run_worker, hubspot, llm
 ):
-    monkeypatch.setenv("FALLBACK_RESCORE_S", "1")
-    from integration.settings import get_settings
-    from workers import jobs
-
-    get_settings.cache_clear()
-    jobs.context.cache_clear()
+    _fallback_rescore_every(monkeypatch, 1)
     llm.force(status=500)
     post_delivery("contact.creation__single")
     [first] = run_worker()
@@ -273,6 +269,48 @@ def test_llm_down_scores_with_fallback_then_rescores_when_back(
 
     assert (first["fallback"], first["score"]) == (True, 79)
     assert (second["outcome"], second["fallback"], second["score"]) == ("written", False, 89)
+
+
+def _fallback_rescore_every(monkeypatch, seconds: int) -> None:
+    from integration.settings import get_settings
+    from workers import jobs
+
+    monkeypatch.setenv("FALLBACK_RESCORE_S", str(seconds))
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+
+
+def test_an_llm_that_keeps_failing_on_a_lead_rescores_it_five_times_waiting_twice_as_long_each_time(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.force(status=500)
+    post_delivery("contact.creation__single")
+    runs, waits = [run_worker()], []
+    registry = queue.scheduled_job_registry
+    while registry.count and len(runs) < 10:
+        [job] = [queue.fetch_job(i) for i in registry.get_job_ids()]
+        waits.append(round((registry.get_scheduled_time(job) - datetime.now(UTC)).total_seconds() / 60))
+        registry.remove(job)
+        queue.enqueue_job(job)  # its time has come
+        runs.append(run_worker())
+
+    assert waits == [1, 2, 4, 8, 16]  # minutes
+    outcomes = [[(r["outcome"], r["fallback"]) for r in run] for run in runs]
+    assert outcomes == [[("written", True)]] + [[("unchanged", True)]] * 5
+
+
+def test_an_llm_left_unconfigured_is_not_a_reason_to_rescore(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    monkeypatch.delenv("LLM_API_KEY")
+    _fallback_rescore_every(monkeypatch, 60)
+    post_delivery("contact.creation__single")
+    [scored] = run_worker()
+
+    assert (scored["outcome"], scored["fallback"], scored["score"]) == ("written", True, 79)
+    assert queue.scheduled_job_registry.count == 0
+    assert llm.requests == []
 
 
 # ---- Redis down at the webhook

@@ -126,7 +126,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         if lead_id in superseded:
             results.append(outcome(key, "superseded", s))  # a newer event's batch writes this lead
             continue
-        if s.propensity is not None and s.propensity.fallback:
+        if s.propensity is not None and s.propensity.retryable:
             fallbacks.append(event)
         if s.fields is None:
             ctx.telemetry("writes_total", crm=crm, outcome="unchanged")
@@ -170,14 +170,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
                 )
             ]
         )
-    if fallbacks and ctx.settings.fallback_rescore_s:
-        queue.enqueue_in(
-            timedelta(seconds=ctx.settings.fallback_rescore_s),
-            "workers.batch.rescore",
-            crm,
-            account,
-            [e.model_dump_json() for e in fallbacks],
-        )
+    _rescore_later(queue, ctx.settings.fallback_rescore_s, crm, account, fallbacks)
     metrics.observe_many(ctx.redis, "scoring_latency_seconds", latencies, crm=crm)
     elapsed = time.monotonic() - started
     metrics.observe(ctx.redis, "batch_duration_seconds", elapsed, crm=crm)
@@ -228,6 +221,31 @@ def _fail_alone(result, crm: str) -> None:
     if result.permanent and job is not None:
         job.retries_left = 0
     raise WriteRejected(crm, result)
+
+
+MAX_FALLBACK_RESCORES = 5  # at the default 300 s: after 5, 10, 20, 40 and 80 minutes
+
+
+def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, events: list[LeadEvent]) -> None:
+    """Leads scored with the fallback because the LLM failed are scored again, waiting twice as
+    long each time and at most MAX_FALLBACK_RESCORES times, so an LLM that keeps failing on a lead
+    costs a bounded number of CRM reads. The lead's next real event starts the count again."""
+    if not first_delay_s:
+        return
+    by_round: dict[int, list[str]] = {}
+    for event in events:
+        if event.rescores >= MAX_FALLBACK_RESCORES:
+            log.warning(
+                "%s still scored with the fallback after %d rescores; it waits for its next event",
+                event.lead_key, event.rescores, extra={"lead_id": event.lead_id, "crm": crm},
+            )  # fmt: skip
+            continue
+        again = event.model_copy(update={"rescores": event.rescores + 1})
+        by_round.setdefault(event.rescores, []).append(again.model_dump_json())
+    for done, batch in by_round.items():
+        queue.enqueue_in(
+            timedelta(seconds=first_delay_s * 2**done), "workers.batch.rescore", crm, account, batch
+        )
 
 
 def rescore(crm: str, account: str, events: list[str]) -> int:

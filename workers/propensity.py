@@ -72,14 +72,17 @@ class PropensityResult:
     model: str = ""
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    retryable: bool = False  # the LLM failed on this lead; asking again later may get an answer
 
     @property
     def fallback(self) -> bool:
         return self.source == FALLBACK_SOURCE
 
 
-def fallback(why: str) -> PropensityResult:
-    return PropensityResult(propensity=NEUTRAL, confidence=0.0, reason="", source=FALLBACK_SOURCE, error=why)
+def fallback(why: str, retryable: bool = False) -> PropensityResult:
+    return PropensityResult(
+        propensity=NEUTRAL, confidence=0.0, reason="", source=FALLBACK_SOURCE, error=why, retryable=retryable
+    )
 
 
 def parse_reply(content: str | None) -> ConversionPropensity:
@@ -249,4 +252,4 @@ class PropensityReasoner:
 
     def _failed(self, lead: Lead, why: str) -> PropensityResult:
         log.warning("propensity fallback for %s:%s: %s", lead.crm, lead.lead_id, why)
-        return fallback(why)
+        return fallback(why, retryable=True)
