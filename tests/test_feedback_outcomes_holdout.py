@@ -4,7 +4,9 @@ webhooks and workers as every score (real Redis, RQ, SDK clients and emulators).
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -286,6 +288,38 @@ def test_a_worker_with_a_bad_model_path_says_so_in_one_line(env, monkeypatch, tm
         f"leadscore: SCORING_MODEL_PATH: {tmp_path / 'no-model'} is not a leadscore model: "
         f"{tmp_path / 'no-model' / 'model.json'} is missing (make one with `leadscore train`)\n"
     )
+
+
+def _copy_of(model: Path, to: Path, **meta) -> Path:
+    """The artifact with model.json's entries replaced (None drops one)."""
+    shutil.copytree(model, to)
+    changed = {**json.loads((model / "model.json").read_text()), **meta}
+    (to / "model.json").write_text(json.dumps({k: v for k, v in changed.items() if v is not None}))
+    return to
+
+
+@pytest.mark.parametrize(
+    ("meta", "problem"),
+    [
+        ({"features": None}, "holds a damaged model (KeyError: 'features')"),
+        ({"features": "age"}, "holds a damaged model (TypeError: string indices must be integers"),
+        ({"version": None}, "holds a damaged model (KeyError: 'version')"),
+        ({"version": "20261101T000000Z-lightgbm-0badcafe"}, "mixes two models: model.json is "
+         "20261101T000000Z-lightgbm-0badcafe, model.joblib is {version}"),
+    ],
+    ids=["no-features", "features-not-a-list", "no-version", "json-of-another-run"],
+)  # fmt: skip
+def test_a_worker_with_an_inconsistent_model_says_so_in_one_line(
+    env, monkeypatch, tmp_path, capsys, crm_model, meta, problem
+):
+    broken = _copy_of(crm_model, tmp_path / "broken", **meta)
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(broken))
+    version = json.loads((crm_model / "model.json").read_text())["version"]
+
+    assert main(["worker", "--burst"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"leadscore: SCORING_MODEL_PATH: {broken} {problem.format(version=version)}")
+    assert err.count("\n") == 1
 
 
 NO_HUBSPOT_FLAG = "HubSpot has no contact property leadscore_holdout"

@@ -1,6 +1,6 @@
 """Trained scorers: candidates compared by cross-validation, the winner calibrated and saved.
 
-A model artifact is a directory: `model.joblib` (estimator and calibrator) and `model.json`
+A model artifact is a directory: `model.joblib` (estimator, calibrator and version) and `model.json`
 (version, features, categories, metrics, training window) — readable without loading the
 pickle. Artifacts are code (joblib); load only ones you trained.
 """
@@ -306,7 +306,8 @@ class TrainedModel:
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        joblib.dump({"estimator": self.estimator, "calibrator": self.calibrator}, directory / "model.joblib")
+        parts = {"estimator": self.estimator, "calibrator": self.calibrator, "version": self.version}
+        joblib.dump(parts, directory / "model.joblib")
         # Features are positional for the estimator: keep their order as a list, not a sorted object.
         features = [{"name": name, "kind": kind} for name, kind in self.kinds.items()]
         meta = {**self.meta, "features": features, "categories": self.categories}
@@ -325,17 +326,30 @@ class TrainedModel:
                 "`leadscore train`)"
             ) from None
         except Exception as exc:  # json's and pickle's many ways of failing on a damaged file
+            raise _damaged(directory, exc) from None
+        if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{directory} holds model format {found}, expected {ARTIFACT_FORMAT}")
+        try:
+            kinds = {feature["name"]: feature["kind"] for feature in meta.pop("features")}
+            categories = meta.pop("categories")
+            model = cls(parts["estimator"], parts["calibrator"], kinds, categories, meta)
+            made_by = parts.get("version", model.version)  # artifacts saved before it was kept there
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise _damaged(directory, exc) from None
+        if made_by != model.version:
             raise ValueError(
-                f"{directory} holds a damaged model ({type(exc).__name__}: {exc}): train it again, or "
-                "copy the artifact directory over whole"
-            ) from None
-        if meta.get("format") != ARTIFACT_FORMAT:
-            raise ValueError(
-                f"{directory} holds model format {meta.get('format')}, expected {ARTIFACT_FORMAT}"
+                f"{directory} mixes two models: model.json is {model.version}, model.joblib is {made_by}: "
+                "copy the artifact directory of one `leadscore train` over whole"
             )
-        kinds = {feature["name"]: feature["kind"] for feature in meta.pop("features")}
-        categories = meta.pop("categories")
-        return cls(parts["estimator"], parts["calibrator"], kinds, categories, meta)
+        return model
+
+
+def _damaged(directory: Path, exc: Exception) -> ValueError:
+    return ValueError(
+        f"{directory} holds a damaged model ({type(exc).__name__}: {exc}): train it again, or copy the "
+        "artifact directory over whole"
+    )
 
 
 def train(
