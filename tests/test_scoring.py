@@ -891,17 +891,23 @@ def test_fallback_result_is_marked(config):
         ({"status": 0.9, "visits": 0.4, "last_activity": 0.1},
          {"status": None, "visits": 12.0, "last_activity": "sms sent"},
          "Status: not set; Visits: 12"),
+        ({"status": 0.9, "visits": -0.4},
+         {"status": "ringing", "visits": 3.0},
+         "Status: ringing"),  # a score pushed up names only what pushed it up
         ({"status": -0.9, "visits": 0.4},
          {"status": "ringing", "visits": 3.0},
-         "Visits: 3"),  # a score above the base rate names what pushed it up
+         "Status: ringing"),  # and one pushed down only what pushed it down
+        ({"status": 0.0, "visits": 0.0003},
+         {"status": "ringing", "visits": 0.0},
+         "No field stands out"),  # contributions leadscore_details rounds to 0 drive nothing
         ({"status": 0.9, "visits": 0.4},
          {"status": "IN_PROGRESS", "visits": 12.0},
          "Status: IN_PROGRESS (new to model); Visits: 12"),  # scored as unknown, not for what it says
     ],
-    ids=["same_value_once", "missing_value", "direction", "value_new_to_the_model"],
+    ids=["same_value_once", "missing_value", "up", "down", "negligible", "value_new_to_the_model"],
 )  # fmt: skip
 def test_model_reason_names_the_drivers_in_the_scores_direction(contributions, values, reason):
     kinds = {"last_activity": "categorical", "last_notable_activity": "categorical", "status": "categorical",
              "visits": "numeric"}  # fmt: skip
     unseen = frozenset({"status"} if values["status"] == "IN_PROGRESS" else ())
-    assert model_reason(contributions, values, kinds, upward=True, unseen=unseen) == reason
+    assert model_reason(contributions, values, kinds, unseen=unseen) == reason

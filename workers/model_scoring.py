@@ -56,17 +56,24 @@ def _shown(value: object, kind: str) -> str:
     return str(value)
 
 
-def model_reason(contributions: dict[str, float], values: dict[str, object], kinds: dict[str, str],
-                 upward: bool, labels: dict[str, str] | None = None,
-                 unseen: frozenset[str] = frozenset()) -> str:  # fmt: skip
-    """The strongest one or two drivers in the score's direction, in at most 90 characters. A value
-    training never saw (`unseen` names its features) says so: the model scored it as unknown, not
-    for what it says."""
-    sign = 1.0 if upward else -1.0
-    ranked = sorted((n for n in contributions if sign * contributions[n] > 0),
+NO_DRIVER = "No field stands out"
+NEGLIGIBLE = 0.0005  # contributions to the log-odds that leadscore_details rounds to 0
+
+
+def model_reason(
+    contributions: dict[str, float],
+    values: dict[str, object],
+    kinds: dict[str, str],
+    labels: dict[str, str] | None = None,
+    unseen: frozenset[str] = frozenset(),
+) -> str:
+    """The strongest one or two drivers in the direction the contributions took the score from the
+    model's starting point, in at most 90 characters; never a driver that pushed the other way. A
+    value training never saw (`unseen` names its features) says so: the model scored it as unknown,
+    not for what it says."""
+    sign = 1.0 if sum(contributions.values()) >= 0 else -1.0
+    ranked = sorted((n for n in contributions if sign * contributions[n] >= NEGLIGIBLE),
                     key=lambda n: sign * contributions[n], reverse=True)  # fmt: skip
-    if not ranked:
-        ranked = sorted(contributions, key=lambda n: abs(contributions[n]), reverse=True)
     named: dict[str, list[str]] = {}  # shown value -> the drivers showing it, strongest first
     for n in ranked[:3]:
         shown = _shown(values.get(n), kinds[n]) + (" (new to model)" if n in unseen else "")
@@ -76,7 +83,7 @@ def model_reason(contributions: dict[str, float], values: dict[str, object], kin
     # Two drivers with one value (Last activity and Last notable activity, say) read as one phrase.
     phrases = [f"{' & '.join(names[:2])}: {shown}" for shown, names in named.items()]
     if not phrases:
-        return "No signal"
+        return NO_DRIVER
     return join_reason(phrases[0], phrases[1] if len(phrases) > 1 else "")
 
 
@@ -97,7 +104,6 @@ def score_frame(
     core (0) for a file. `unseen`: `model.unseen(frame)`, when the caller has it already."""
     probabilities, contributions = model.explain(frame, threads)
     tiers = tiers_of(model)
-    base = model.meta.get("base_rate", 0.5)
     names = list(model.kinds)
     values = (frame if shown is None else shown).reindex(columns=names).to_dict("records")
     contribution_rows = contributions[names].to_numpy()
@@ -113,9 +119,7 @@ def score_frame(
             ScoreResult(
                 score=score,
                 tier=tiers.tier_for(score),
-                reason=model_reason(
-                    row_contrib, row, model.kinds, float(p) >= base, model.meta.get("labels"), new
-                ),
+                reason=model_reason(row_contrib, row, model.kinds, model.meta.get("labels"), new),
                 details={
                     "scorer": "model",
                     "model": model.version,
