@@ -112,7 +112,7 @@ def test_a_lead_that_converts_is_learned_from_its_score_before_it_converted(
     [rescored] = run_worker()  # the stage is a scoring input: scored again, now as a customer
 
     kept = store.Store(env["DATABASE_URL"])
-    frame, labels, _, _ = store_data.training_rows(kept, min_age_days=0)
+    frame, labels, *_ = store_data.training_rows(kept, min_age_days=0)
     assert rescored["outcome"] == "written" and len(table(env, store.scores)) == 3
     assert sorted(labels.tolist()) == [0, 1]
     converted = frame[labels == 1]

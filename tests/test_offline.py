@@ -627,11 +627,11 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
             reason="r",
             scorer="rules+llm",
             fingerprint="f",
-            features=tabular.snapshot(lead),
+            features={**tabular.snapshot(lead), "time_on_site_s": seconds},  # read for a former model
             details={},
             scored_at=long_ago,
         )  # fmt: skip
-        for lead in leads
+        for lead, seconds in zip(leads, table.frame["Total Time Spent on Website"], strict=True)
     )
     kept.record_outcomes(
         [
@@ -663,20 +663,20 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     assert meta["training"]["min_age_days"] == 30
     assert meta["training"]["to"] == long_ago.isoformat(timespec="seconds")
     kinds = {f["name"]: f["kind"] for f in meta["features"]}
-    assert (
-        kinds["status"] == "categorical"
-        and kinds["visits"] == "numeric"
-        and kinds["email_opted_out"] == "boolean"
-    )
+    assert kinds == tabular.LEAD_FIELD_KINDS  # what a worker reads for every lead
     assert meta["candidates"]["lightgbm"]["cv_auc_mean"] > 0.85  # the lead fields alone, without [custom]
+    captured = capsys.readouterr()
+    assert "warning: not learned from: time_on_site_s, kept with earlier scores but read by no worker" in (
+        captured.err
+    )  # without a mapping, no worker would read it for live leads
+    assert "expected on unseen leads (out-of-fold): ROC AUC" in captured.out
     model = TrainedModel.load(tmp_path / "m")  # live leads are normalised as the stored rows were
     live = pd.DataFrame(
         [tabular.lead_features(lead, model.kinds) for lead in leads], columns=list(model.kinds)
     )
-    stored, _, _, _ = training_rows(kept, 30)
+    stored = training_rows(kept, 30).frame
     assert np.array_equal(model.predict(live), model.predict(stored))
     assert model.matrix(live)["status"].isna().sum() == 0  # no category unseen for being cased differently
-    assert "expected on unseen leads (out-of-fold): ROC AUC" in capsys.readouterr().out
 
     with_mapping = ["--mapping", str(MAPPING), "--out", str(tmp_path / "m2")]  # [monotone] binds here too
     assert main(["train", "--from-store", "--min-age-days", "30", *with_mapping]) == 0
@@ -686,6 +686,8 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     constraints = model.estimator.get_params()["monotone_constraints"]
     assert [name for name, sign in zip(model.kinds, constraints, strict=True) if sign] == ["time_on_site_s"]
     assert constraints[list(model.kinds).index("time_on_site_s")] == 1
+    assert set(model.kinds) == {*tabular.LEAD_FIELD_KINDS, *table.mapping.custom}
+    assert "not learned from" not in capsys.readouterr().err
 
 
 def test_train_from_an_empty_store_says_what_is_missing(env, tmp_path, capsys):

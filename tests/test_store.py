@@ -154,7 +154,7 @@ def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_
 
     store.upgrade(store_url)
 
-    frame, labels, _, _ = training_rows(kept.require_schema(), min_age_days=30)
+    frame, labels, *_ = training_rows(kept.require_schema(), min_age_days=30)
     # The converted lead is learned from its score before it was a customer, not the one that saw it;
     # the won deal's contact and the converted Salesforce Lead, which no score saw, from their last.
     assert sorted(zip(labels.tolist(), frame["stage"], strict=True)) == [

@@ -82,11 +82,15 @@ def train_from_store(
     started = time.perf_counter()
     mapping = tabular.load_mapping(mapping_path) if mapping_path else None
     custom = {name: spec.kind for name, spec in mapping.custom.items()} if mapping else None
-    features, y, kinds, window = training_rows(store, min_age_days, custom)
-    source = {"store": redacted(store.url), **window}
-    trained = train(features, y, kinds, source=source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
-                    progress=progress("cross-validating"),
-                    monotone=mapping.monotone_for(kinds) if mapping else None)  # fmt: skip
+    rows = training_rows(store, min_age_days, custom)
+    if rows.unread:
+        _warn(f"not learned from: {', '.join(rows.unread)}, kept with earlier scores but read by no worker "
+              "now; to learn from one, name it under [custom] in a --mapping with the CRM property that "
+              "holds it")  # fmt: skip
+    source = {"store": redacted(store.url), **rows.window}
+    trained = train(rows.frame, rows.labels, rows.kinds, source=source,
+                    tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS, progress=progress("cross-validating"),
+                    monotone=mapping.monotone_for(rows.kinds) if mapping else None)  # fmt: skip
     return _finish(trained, mapping, out, started)
 
 

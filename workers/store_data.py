@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -62,16 +63,6 @@ def histories(store: Store) -> Iterator[LeadHistory]:
         yield LeadHistory(lead_scores, converted.get(key))
 
 
-def _kind_of(name: str, values: pd.Series) -> Kind:
-    if name in LEAD_FIELD_KINDS:
-        return LEAD_FIELD_KINDS[name]
-    if name == LLM_FEATURE:
-        return "numeric"
-    present = values.dropna()
-    numeric = pd.to_numeric(present, errors="coerce")
-    return "numeric" if len(present) and numeric.notna().all() else "categorical"
-
-
 def labelled_scores(store: Store, min_age_days: float) -> Iterator[tuple[dict, int]]:
     """One score a lead, with its outcome: a lead that converted is represented by its last score
     *before* it converted (later ones already show the outcome, e.g. its lifecycle stage); one
@@ -114,10 +105,19 @@ def live_scorers(store: Store, min_age_days: float) -> dict[str, tuple[np.ndarra
     }
 
 
-def training_rows(
-    store: Store, min_age_days: float, kinds: dict[str, Kind] | None = None
-) -> tuple[pd.DataFrame, np.ndarray, dict[str, Kind], dict]:
-    """One row a lead (see `labelled_scores`), normalised as live leads are."""
+class TrainingRows(NamedTuple):
+    frame: pd.DataFrame
+    labels: np.ndarray
+    kinds: dict[str, Kind]
+    window: dict
+    unread: list[str]  # inputs kept with earlier scores that no worker reads now: not learned from
+
+
+def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | None = None) -> TrainingRows:
+    """One row a lead (see `labelled_scores`), normalised as live leads are. The features are what a
+    worker reads for every lead (the lead fields, the LLM's propensity) and `custom`, the mapping's
+    [custom] kinds, whose CRM properties the model records. Other inputs a score kept (a former
+    mapping's custom fields) are left out: live leads would always lack them."""
     rows, y, times = [], [], []
     for row, label in labelled_scores(store, min_age_days):
         rows.append(row["features"])
@@ -132,7 +132,8 @@ def training_rows(
     if labels.min() == labels.max():
         raise TableError(f"every labelled lead in the store has outcome {labels[0]}: a model needs both")
     raw = pd.DataFrame(rows)
-    kinds = {**{name: _kind_of(name, raw[name]) for name in raw.columns}, **(kinds or {})}
+    always_read = {**LEAD_FIELD_KINDS, LLM_FEATURE: "numeric"}
+    kinds = {**{name: kind for name, kind in always_read.items() if name in raw}, **(custom or {})}
     frame = pd.DataFrame(
         {
             name: [normalise(v, kind) for v in raw[name]] if name in raw else np.nan
@@ -144,7 +145,7 @@ def training_rows(
         "to": max(times).isoformat(timespec="seconds"),
         "min_age_days": min_age_days,
     }
-    return frame, labels, kinds, window
+    return TrainingRows(frame, labels, kinds, window, sorted(set(raw.columns) - set(kinds)))
 
 
 def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
