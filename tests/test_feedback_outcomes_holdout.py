@@ -363,6 +363,9 @@ def crm_model(tmp_path_factory):
     return out
 
 
+CAPS = {"UNQUALIFIED": 25, "BAD_TIMING": 54}  # the default config's, on HubSpot's lead statuses
+
+
 def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypatch, crm_model, post_delivery,
                                                                   crm, run_worker, hubspot, llm):  # fmt: skip
     reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
@@ -372,6 +375,7 @@ def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypa
     assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
     assert llm.requests == []  # this model has no LLM feature: no LLM call at all
     version = json.loads((crm_model / "model.json").read_text())["version"]
+    statuses = set()
     for result in results:
         contact = result["lead"].rsplit(":", 1)[1]
         fields = written(hubspot, contact)
@@ -381,6 +385,11 @@ def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypa
         assert len(fields["leadscore_reason"]) <= 90
         top = max(details["contributions"], key=lambda n: abs(details["contributions"][n]))
         assert details["contributions"][top] != 0 and details["fallback"] is False
+        status = hubspot.contacts[contact]["properties"].get("hs_lead_status")
+        statuses.add(status)
+        assert details.get("cap") == CAPS.get(status)  # the config's caps bind the model as the rules
+        assert int(fields["leadscore_score"]) <= CAPS.get(status, 100)
+    assert set(CAPS) <= statuses  # both capped statuses are among the demo contacts
     kept = table(env, store.scores)
     assert {row["scorer"] for row in kept} == {"model"} and {row["model_version"] for row in kept} == {
         version

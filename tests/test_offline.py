@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import termios
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -229,9 +230,31 @@ def test_a_model_scores_a_file_in_chunks_exactly_as_in_one_pass(trained, monkeyp
     model = TrainedModel.load(trained)
     monkeypatch.setattr(offline, "MODEL_CHUNK_ROWS", 64)  # 500 rows: 8 chunks, the last one short
 
-    assert offline.model_results(table, model) == model_scoring.score_frame(
+    assert offline.model_results(table, model, load_config()) == model_scoring.score_frame(
         model, table.features, table.shown
-    )
+    )  # the default config caps no status of this file
+
+
+def test_a_status_the_config_caps_caps_the_models_score_as_it_caps_the_rules(trained, tmp_path, team_rules):
+    out = tmp_path / "capped.csv"
+    assert main(["score-file", *FILE_ARGS, "--model", str(trained), "--out", str(out)]) == 0
+
+    table = offline.load_table(DATA, MAPPING, None, need_label=False)
+    model = TrainedModel.load(trained)
+    statuses = load_config(TEAM_RULES).source_stage.statuses  # the team caps tags it has written off
+    expected, bound = [], []
+    uncapped = offline.model_results(table, model, load_config())
+    for result, tag in zip(uncapped, table.frame["Tags"], strict=True):
+        rule = statuses.get(tag) if isinstance(tag, str) else None
+        if rule is not None and rule.cap is not None and result.score > rule.cap:
+            bound.append(tag)
+            expected.append([rule.cap, model_scoring.tiers_of(model).tier_for(rule.cap), rule.label])
+        else:
+            expected.append([result.score, result.tier, result.reason])  # as the model scores it
+
+    assert pd.read_csv(out)[["score", "tier", "reason"]].values.tolist() == expected
+    assert Counter(bound) == {"Lost to EINS": 12, "invalid number": 1, "Graduation in progress": 1,
+                              "Interested in other courses": 1}  # fmt: skip
 
 
 def test_score_file_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path, capsys):

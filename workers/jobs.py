@@ -193,6 +193,8 @@ class WorkerContext:
         unseen = self.model.unseen(frame)
         self._log_unseen(frame, shown, unseen)
         results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen)
+        statuses = [lead.status for lead in leads]
+        results = model_scoring.capped_by_status(self.model, results, statuses, self.config)
         return [
             model_scoring.with_provenance(result, propensity, fingerprint, self.config)
             for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)

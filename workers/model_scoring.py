@@ -8,6 +8,7 @@ High in Relevance" — at most 90 characters, like the rules' reasons.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import replace
 
 import pandas as pd
@@ -129,6 +130,24 @@ def score_frame(
             )
         )
     return results
+
+
+def capped_by_status(
+    model: TrainedModel, results: list[ScoreResult], statuses: Iterable[str | None], config: ScoringConfig
+) -> list[ScoreResult]:
+    """A lead status the scoring config caps (a lead a rep marked unqualified) caps the model's score
+    as it caps the rules': a rep's judgement is respected, not overridden. The reason then names
+    the status, alone, as the rules' does."""
+    tiers = tiers_of(model)
+    out = []
+    for result, status in zip(results, statuses, strict=True):
+        rule = config.source_stage.statuses.get(status or "")
+        if rule is not None and rule.cap is not None:
+            result = replace(result, details={**result.details, "cap": rule.cap})
+            if result.score > rule.cap:
+                result = replace(result, score=rule.cap, tier=tiers.tier_for(rule.cap), reason=rule.label)
+        out.append(result)
+    return out
 
 
 def with_provenance(result: ScoreResult, propensity, fingerprint: str, config: ScoringConfig) -> ScoreResult:

@@ -123,11 +123,12 @@ def rules_results(table: LabelledTable, config: ScoringConfig) -> list[ScoreResu
 MODEL_CHUNK_ROWS = 500
 
 
-def model_results(table: LabelledTable, model: TrainedModel) -> list[ScoreResult]:
-    """The model's scores and reasons, a chunk of rows at a time so that the progress bar moves:
-    the per-lead contributions are most of `score-file`'s time."""
+def model_results(table: LabelledTable, model: TrainedModel, config: ScoringConfig) -> list[ScoreResult]:
+    """The model's scores and reasons, as workers write them (statuses the config caps included), a
+    chunk of rows at a time so that the progress bar moves: the per-lead contributions are most of
+    `score-file`'s time."""
     starts = range(0, len(table.features), MODEL_CHUNK_ROWS)
-    return [
+    results = [
         result
         for start in progress("scoring")(starts)
         for result in model_scoring.score_frame(
@@ -137,12 +138,14 @@ def model_results(table: LabelledTable, model: TrainedModel) -> list[ScoreResult
             threads=0,  # every core: the contributions are most of the time
         )
     ]
+    statuses = [lead.status for lead in tabular.leads_from_frame(table.frame, table.mapping)]
+    return model_scoring.capped_by_status(model, results, statuses, config)
 
 
 def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel | None) -> list[ScoreResult]:
     if model is None:
         return rules_results(table, config)
-    return model_results(table, model)
+    return model_results(table, model, config)
 
 
 def unmapped_features(model: TrainedModel, table: LabelledTable) -> str | None:
@@ -262,7 +265,7 @@ def _file_scorers(
     for directory in model_dirs:
         model = TrainedModel.load(directory)
         name = f"model {model.version}"
-        results[name] = model_results(table, model)
+        results[name] = model_results(table, model, config)
         for warning in (unmapped_features(model, table), unseen_values(model, table)):
             if warning:
                 _warn(warning)
