@@ -304,6 +304,14 @@ def load_model(settings: Settings) -> TrainedModel | None:
     except (FileNotFoundError, ValueError) as exc:
         raise SettingsError(f"SCORING_MODEL_PATH: {exc}") from None
     log.info("scoring with model %s (%s features)", model.version, len(model.kinds))
+    for crm in ("hubspot", "salesforce"):
+        read = {*tabular.LEAD_FIELD_KINDS, tabular.LLM_FEATURE, *_custom_fields(model, crm)}
+        if getattr(settings, f"{crm}_configured") and (unread := [n for n in model.kinds if n not in read]):
+            log.warning(
+                "model %s: no %s property is named for %s in the mapping's [custom], so live leads always "
+                "lack them and score as if they were missing; name one and train again to use them",
+                model.version, crm, ", ".join(unread),
+            )  # fmt: skip
     return model
 
 
@@ -317,12 +325,12 @@ def scoring_config(settings: Settings, model: TrainedModel | None = None) -> Sco
     return config.model_copy(update={"digest": digest})
 
 
-def _custom_fields(ctx: WorkerContext, crm: str) -> dict[str, str]:
+def _custom_fields(model: TrainedModel | None, crm: str) -> dict[str, str]:
     """The CRM properties a trained model reads beyond the standard ones, by feature name."""
-    if ctx.model is None:
+    if model is None:
         return {}
-    props = ctx.model.meta.get("crm_properties", {})
-    return {name: where[crm] for name, where in props.items() if crm in where and name in ctx.model.kinds}
+    props = model.meta.get("crm_properties", {})
+    return {name: where[crm] for name, where in props.items() if crm in where and name in model.kinds}
 
 
 @lru_cache(maxsize=64)
@@ -331,7 +339,7 @@ def _hubspot(portal_id: str) -> HubSpotCRM:
     limiter = RateLimiter(ctx.redis, f"hubspot:{portal_id}", ctx.settings.hubspot_calls_per_10s)
     return HubSpotCRM(
         ctx.settings, portal_id=portal_id, limiter=limiter, telemetry=ctx.telemetry,
-        custom_properties=_custom_fields(ctx, "hubspot"),
+        custom_properties=_custom_fields(ctx.model, "hubspot"),
     )  # fmt: skip
 
 
@@ -343,9 +351,8 @@ def salesforce_for(org_id: str) -> SalesforceCRM:
 @lru_cache(maxsize=64)
 def _salesforce(org_id: str) -> SalesforceCRM:
     ctx = context()
-    return SalesforceCRM(
-        ctx.settings, org_id=org_id, telemetry=ctx.telemetry, custom_fields=_custom_fields(ctx, "salesforce")
-    )
+    custom_fields = _custom_fields(ctx.model, "salesforce")
+    return SalesforceCRM(ctx.settings, org_id=org_id, telemetry=ctx.telemetry, custom_fields=custom_fields)
 
 
 def outcome(lead_key: str, name: str, scored: Scored | None = None) -> dict:
