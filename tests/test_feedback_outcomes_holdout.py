@@ -290,6 +290,16 @@ def test_a_worker_with_a_bad_model_path_says_so_in_one_line(env, monkeypatch, tm
     )
 
 
+def test_a_worker_given_a_model_file_instead_of_its_directory_says_so(env, monkeypatch, crm_model, capsys):
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model / "model.json"))
+
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: SCORING_MODEL_PATH: {crm_model / 'model.json'} is a file: point at the directory "
+        "`leadscore train` wrote (model.json and model.joblib)\n"
+    )
+
+
 def _copy_of(model: Path, to: Path, **meta) -> Path:
     """The artifact with model.json's entries replaced (None drops one)."""
     shutil.copytree(model, to)

@@ -320,6 +320,11 @@ class TrainedModel:
         try:
             meta = json.loads((directory / "model.json").read_text())
             parts = joblib.load(directory / "model.joblib")
+        except NotADirectoryError:
+            raise ValueError(
+                f"{directory} is a file: point at the directory `leadscore train` wrote (model.json and "
+                "model.joblib)"
+            ) from None
         except FileNotFoundError as exc:
             raise FileNotFoundError(
                 f"{directory} is not a leadscore model: {exc.filename} is missing (make one with "
