@@ -611,6 +611,40 @@ def test_a_file_without_contact_columns_is_taken_as_reachable(fields, reachable)
     assert tabular.normalise("1,532", "numeric") == 1532.0
 
 
+def _slice() -> pd.DataFrame:
+    return pd.read_csv(DATA, dtype=str, keep_default_na=False)
+
+
+@pytest.mark.parametrize(
+    ("kept", "message"),
+    [
+        ((1, 495), "only 1 converted lead (label 'Converted')"),
+        ((3, 315), "only 3 converted leads (label 'Converted')"),
+        ((4, 4), "only 4 converted leads (label 'Converted')"),
+        ((185, 2), "only 2 leads that did not convert (label 'Converted')"),
+    ],
+    ids=["one_converted", "three_converted", "eight_rows", "two_lost"],
+)  # fmt: skip
+def test_train_refuses_too_few_of_an_outcome_for_cross_validation(tmp_path, capsys, kept, message):
+    frame = _slice()
+    converted, lost = frame[frame["Converted"] == "1"], frame[frame["Converted"] == "0"]
+    data = _write(tmp_path, pd.concat([converted.head(kept[0]), lost.head(kept[1])]))
+
+    assert _train(tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore train: {message}: cross-validation in 5 folds needs at least 5 of each outcome\n"
+    )
+    assert not (tmp_path / "m").exists()  # refused before any work
+
+
+def test_no_nan_reaches_a_models_json(trained, tmp_path):
+    model = TrainedModel.load(trained)
+    model.meta["base_rate"] = float("nan")
+
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        model.save(tmp_path / "m")
+
+
 @EACH_STORE
 def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, capsys):
     table = offline.load_table(DATA, MAPPING, None, need_label=True)
@@ -694,6 +728,29 @@ def test_train_from_an_empty_store_says_what_is_missing(env, tmp_path, capsys):
         "leadscore train: the store has no labelled leads yet: none converted and none scored over "
         "30 days ago (lower --min-age-days, or run `leadscore outcomes sync`)\n"
     )
+
+
+def test_train_from_a_store_with_too_few_conversions_is_refused(env, tmp_path, capsys):
+    table = offline.load_table(DATA, MAPPING, None, need_label=True)
+    leads = tabular.leads_from_frame(table.frame, table.mapping)[:40]
+    kept = Store(env["DATABASE_URL"])
+    long_ago = datetime.now(UTC) - timedelta(days=45)
+    kept.record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead.lead_id, score=50, tier="C", reason="r",
+                    scorer="rules+llm", fingerprint="f", features=tabular.snapshot(lead), details={},
+                    scored_at=long_ago)
+        for lead in leads
+    )  # fmt: skip
+    kept.record_outcomes(
+        [LeadFact("hubspot", PORTAL_ID, lead.lead_id, "customer") for lead in leads[:3]], "sync"
+    )
+
+    assert main(["train", "--from-store", "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore train: only 3 converted leads in the store: cross-validation in 5 folds needs at least 5 "
+        "of each outcome; run `leadscore outcomes sync`, or train once more leads have an outcome\n"
+    )
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("migrated", [False, True], ids=["no_file", "no_tables"])

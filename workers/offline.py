@@ -23,7 +23,7 @@ from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
 from workers.config import TIER_NAMES, ScoringConfig, Tiers
 from workers.metrics import classification_metrics, cumulative_gains, tier_table
-from workers.model import TrainedModel, train
+from workers.model import TrainedModel, require_folds, train
 from workers.progress import progress
 from workers.propensity import fallback
 from workers.rules import evaluate_rules
@@ -62,6 +62,7 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
 def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: Tiers | None = None):
     started = time.perf_counter()
     table = load_table(data, mapping_path, label, need_label=True)
+    require_folds(table.y, f"(label {table.mapping.label!r})")
     kinds = table.mapping.feature_kinds()
     trained = train(
         table.features, table.y, kinds, source=table.source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
@@ -83,6 +84,9 @@ def train_from_store(
     mapping = tabular.load_mapping(mapping_path) if mapping_path else None
     custom = {name: spec.kind for name, spec in mapping.custom.items()} if mapping else None
     features, y, kinds, window = training_rows(store, min_age_days, custom)
+    require_folds(
+        y, "in the store", "; run `leadscore outcomes sync`, or train once more leads have an outcome"
+    )
     source = {"store": redacted(store.url), **window}
     trained = train(features, y, kinds, source=source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
                     progress=progress("cross-validating"),
@@ -244,7 +248,7 @@ def evaluate(
     first = next(iter(scorers.values()), {})  # the file's rules, or else the first live scorer
     summary.update(rows=first.get("leads"), base_rate=first.get("base_rate"), scorers=scorers, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     report.write(out, summary, curves, cumulative_gains)
     return summary
 
