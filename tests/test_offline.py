@@ -645,6 +645,23 @@ def test_no_nan_reaches_a_models_json(trained, tmp_path):
         model.save(tmp_path / "m")
 
 
+@pytest.mark.parametrize("command", ["score-file", "evaluate"])
+def test_a_mapping_reading_a_model_feature_as_another_kind_is_refused(trained, tmp_path, capsys, command):
+    boolean = 'kind = "boolean", label = "Free copy"'
+    assert boolean in MAPPING.read_text()
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(MAPPING.read_text().replace(boolean, 'label = "Free copy"'))  # categorical
+
+    out = tmp_path / ("scored.csv" if command == "score-file" else "report")
+    assert main([command, *FILE_ARGS[:2], "--mapping", str(mapping), "--model", str(trained),
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert capsys.readouterr().err == (
+        f"leadscore {command}: model {TrainedModel.load(trained).version} learned free_copy as boolean, but "
+        "the mapping reads free_copy as categorical: make the mapping's kind match the model's\n"
+    )
+    assert not out.exists()
+
+
 @EACH_STORE
 def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, capsys):
     table = offline.load_table(DATA, MAPPING, None, need_label=True)

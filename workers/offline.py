@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from integration.errors import TableError
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
@@ -145,6 +146,20 @@ def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel
     return model_results(table, model)
 
 
+def require_model_kinds(model: TrainedModel, table: LabelledTable) -> None:
+    """Refuses a mapping that reads one of the model's features as another kind: that is wrong data,
+    not a gap (a yes/no column read as categorical gives values the model never saw, on every row)."""
+    kinds = table.mapping.feature_kinds()
+    differ = [name for name, kind in model.kinds.items() if kinds.get(name, kind) != kind]
+    if differ:
+        raise TableError(
+            f"model {model.version} learned "
+            f"{', '.join(f'{name} as {model.kinds[name]}' for name in differ)}, but the mapping reads "
+            f"{', '.join(f'{name} as {kinds[name]}' for name in differ)}: make the mapping's kind match "
+            "the model's"
+        )
+
+
 def unmapped_features(model: TrainedModel, table: LabelledTable) -> str | None:
     """A warning when the mapping leaves some of the model's features out: they score as missing,
     which the model tolerates but ranks less well with."""
@@ -190,6 +205,7 @@ def score_file(
     table = load_table(data, mapping_path, None, need_label=False)
     model = TrainedModel.load(model_dir) if model_dir else None
     if model is not None:
+        require_model_kinds(model, table)
         _warn(unmapped_features(model, table))
         _warn(unseen_values(model, table))
     results = score_table(table, config, model)
@@ -261,6 +277,7 @@ def _file_scorers(
     scorers[RULES] = {}
     for directory in model_dirs:
         model = TrainedModel.load(directory)
+        require_model_kinds(model, table)
         name = f"model {model.version}"
         results[name] = model_results(table, model)
         for warning in (unmapped_features(model, table), unseen_values(model, table)):
