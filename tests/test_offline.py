@@ -662,6 +662,75 @@ def test_a_mapping_reading_a_model_feature_as_another_kind_is_refused(trained, t
     assert not out.exists()
 
 
+def test_rows_with_every_cell_blank_are_skipped(tmp_path, capsys):
+    data = tmp_path / "leads.csv"
+    commas = "," * (len(_slice().columns) - 1)
+    data.write_text(DATA.read_text().replace("\n", "\n\n", 1) + f"{commas}\n{commas}\n \n")
+
+    assert _run("score-file", tmp_path, data) == 0
+    assert len(rows(tmp_path / "scored.csv")) == 500
+    assert "scored 500 rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "score-file", "evaluate"])
+def test_rows_without_an_id_are_refused(tmp_path, capsys, command):
+    frame = _slice()
+    frame.loc[[3, 9], "Prospect ID"] = ["", "  "]
+    data = _write(tmp_path, frame)
+
+    assert _run(command, tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore {command}: {data}: 2 row(s) have no Prospect ID (first on line 5): give each its id, "
+        "or delete the row\n"
+    )
+
+
+def test_lines_are_counted_as_in_the_file(tmp_path, capsys):
+    frame = _slice()
+    frame.loc[1, "Lead Profile"] = "Potential Lead\nsee notes"  # a quoted cell over two lines
+    frame.loc[10, "Converted"] = ""
+    data = tmp_path / "leads.csv"
+    data.write_text(frame.to_csv(index=False).replace("\n", "\n\n", 1))  # a blank line under the header
+
+    assert _train(tmp_path, data) == 2
+    assert "(first at line 14)" in capsys.readouterr().err  # header 1, blank 2, rows 3, 4-5, 6, ... 14
+
+
+def test_a_file_separated_by_semicolons_is_named_as_such(tmp_path, capsys):
+    data = tmp_path / "leads.csv"
+    _slice().to_csv(data, sep=";", index=False)
+
+    assert _train(tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore train: data file {data} looks separated by semicolons; save it as CSV (comma delimited)\n"
+    )
+
+
+@pytest.mark.parametrize("option", ["--data", "--mapping"])
+def test_a_file_not_in_utf8_is_named_with_how_to_save_it(tmp_path, capsys, option):
+    frame = _slice()
+    frame.loc[2, "Tags"] = "Won’t say"
+    data, mapping = tmp_path / "leads.csv", tmp_path / "mapping.toml"
+    frame.to_csv(data, index=False, encoding="cp1252" if option == "--data" else "utf-8")
+    mapping.write_text(MAPPING.read_text().replace("# How", "# Café: how", 1),
+                       encoding="latin-1" if option == "--mapping" else "utf-8")  # fmt: skip
+
+    assert _train(tmp_path, data, mapping) == 2
+    said = (
+        f'data file {data} is not UTF-8 (byte 0x92 on line 4): save it as "CSV UTF-8"'
+        if option == "--data"
+        else f"mapping file {mapping} is not UTF-8 (byte 0xe9 on line 1): save it as UTF-8"
+    )
+    assert capsys.readouterr().err == f"leadscore train: {said}\n"
+
+
+def test_a_mapping_starting_with_a_byte_order_mark_is_read(tmp_path):
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(MAPPING.read_text(), encoding="utf-8-sig")
+
+    assert tabular.load_mapping(mapping) == tabular.load_mapping(MAPPING)
+
+
 @EACH_STORE
 def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, capsys):
     table = offline.load_table(DATA, MAPPING, None, need_label=True)

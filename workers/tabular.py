@@ -7,6 +7,8 @@ the edge (`read_table`, `load_mapping`).
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import tomllib
 from pathlib import Path
@@ -137,7 +139,7 @@ class Mapping(BaseModel):
 
 def load_mapping(path: Path) -> Mapping:
     try:
-        return Mapping.model_validate(tomllib.loads(Path(path).read_text()))
+        return Mapping.model_validate(tomllib.loads(read_text(path, "mapping file", "save it as UTF-8")))
     except FileNotFoundError:
         raise TableError(f"mapping file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
@@ -147,14 +149,49 @@ def load_mapping(path: Path) -> Mapping:
         raise TableError(f"mapping file {path}: {problems}") from None
 
 
-def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
-    """The file's rows, checked against the mapping; every cell read as text."""
+def read_text(path: Path, what: str, fix: str) -> str:
+    """A file's text as UTF-8, a leading byte order mark dropped (Excel and Notepad write one). A file
+    in another encoding (Excel's plain "CSV" is Windows-1252) is refused, naming the file and line."""
+    data = Path(path).read_bytes()
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise TableError(
+            f"{what} {path} is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): {fix}"
+        ) from None
+
+
+def _records(path: Path) -> list[tuple[int, list[str]]]:
+    """The file's records, each with the line it starts on (a quoted cell may span lines). Records
+    with every cell blank are skipped: blank lines, and the `,,,` rows spreadsheets leave below."""
+    reader = csv.reader(io.StringIO(read_text(path, "data file", 'save it as "CSV UTF-8"'), newline=""))
+    records, line = [], 1
+    try:
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                records.append((line, cells))
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        raise TableError(f"data file {path} is not a readable CSV: {exc} (line {line})") from None
+    if not records:
+        raise TableError(f"data file {path} is empty")
+    return records
+
+
+def line_of(frame: pd.DataFrame, rows) -> int:
+    """The line in the file of the first row where `rows` (a mask) holds: `read_table` indexes each
+    row by the line it starts on, blank lines and cells spanning lines counted."""
+    return int(frame.index[np.asarray(rows, dtype=bool)][0])
+
+
+def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
+    """The file's rows, checked against the mapping; every cell read as text, each row indexed by its
+    line in the file (`line_of`)."""
+    try:
+        (_, header), *body = _records(path)
     except FileNotFoundError:
         raise TableError(f"data file {path} does not exist") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise TableError(f"data file {path} is not a readable CSV: {exc}") from None
     features = mapping.columns()
     wanted = [mapping.id, *features.values(), *([mapping.created] if mapping.created else [])]
     if need_label:
@@ -167,14 +204,29 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
             f"the label column {mapping.label!r} is also mapped as {', '.join(leaked)}: a model would "
             "learn the outcome from itself; map it only as the label"
         )
-    missing = [c for c in dict.fromkeys(wanted) if c not in frame.columns]
+    missing = [c for c in dict.fromkeys(wanted) if c not in header]
+    if missing and set(missing) <= set(",".join(header).split(";")):
+        raise TableError(f"data file {path} looks separated by semicolons; save it as CSV (comma delimited)")
     if missing:
         raise TableError(
             f"{path} has no column {', '.join(repr(c) for c in missing)} that the mapping (or --label) "
-            f"names; its columns are: {', '.join(frame.columns)}"
+            f"names; its columns are: {', '.join(header)}"
         )
-    if frame.empty:
+    twice = [c for c in dict.fromkeys(wanted) if header.count(c) > 1]
+    if twice:
+        raise TableError(
+            f"{path} has more than one column named {', '.join(repr(c) for c in twice)}, which the mapping "
+            "names: rename or delete the one it does not mean"
+        )
+    if not body:
         raise TableError(f"{path} has a header but no rows")
+    frame = _frame(path, header, body)
+    ids = frame[mapping.id].str.strip()
+    if (ids == "").any():
+        raise TableError(
+            f"{path}: {int((ids == '').sum())} row(s) have no {mapping.id} (first on line "
+            f"{line_of(frame, ids == '')}): give each its id, or delete the row"
+        )
     if need_label:
         repeated = frame[mapping.id][frame[mapping.id].duplicated()]
         if len(repeated):
@@ -184,6 +236,23 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
                 "twice, makes the numbers optimistic; keep one row per lead"
             )
     return frame
+
+
+def _frame(path: Path, header: list[str], body: list[tuple[int, list[str]]]) -> pd.DataFrame:
+    """The rows as text, indexed by line. A short row is padded with blanks; blank cells past the
+    header's width (a spreadsheet's trailing commas) are dropped, filled ones refused."""
+    width = len(header)
+    for line, cells in body:
+        if any(cell.strip() for cell in cells[width:]):
+            raise TableError(f"data file {path} is not a readable CSV: line {line} has {len(cells)} cells, "
+                             f"its header {width}")  # fmt: skip
+    frame = pd.DataFrame(
+        [cells[:width] + [""] * (width - len(cells)) for _, cells in body],
+        columns=header,
+        index=pd.Index([line for line, _ in body], name="line"),
+        dtype=str,
+    )
+    return frame.loc[:, ~frame.columns.duplicated()]  # a column the mapping does not name may repeat
 
 
 def created_window(frame: pd.DataFrame, column: str) -> dict[str, str]:
@@ -213,9 +282,9 @@ def labels(frame: pd.DataFrame, column: str) -> np.ndarray:
     raw = frame[column].str.strip().str.lower()
     empty = int((raw == "").sum())
     if empty:
-        first = int(np.flatnonzero((raw == "").to_numpy())[0]) + 2  # 1-based, after the header
         raise TableError(
-            f"label column {column!r} is empty in {empty} of {len(raw)} rows (first at line {first}); "
+            f"label column {column!r} is empty in {empty} of {len(raw)} rows (first at line "
+            f"{line_of(frame, raw == '')}); "
             "every row needs an outcome (1 = converted, 0 = not)"
         )
     values = set(raw.unique())
