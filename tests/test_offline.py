@@ -366,15 +366,24 @@ def test_a_created_column_gives_a_file_trained_model_its_training_window(tmp_pat
     assert training["rows"] == 500
 
 
-def test_a_created_cell_that_is_not_a_date_is_named(tmp_path, capsys):
-    created = ["2026-03-01T10:00:00Z"] * 500
-    created[6] = "last Tuesday"
+@pytest.mark.parametrize(
+    ("every", "cells", "named"),
+    [
+        ("2026-03-01T10:00:00Z", {6: "last Tuesday"}, "'last Tuesday' at line 8"),
+        ("05/11/2026 10:00", {3: "13/11/2026 10:00"}, "'05/11/2026 10:00' at line 2"),  # 5 Nov or 11 May?
+    ],
+    ids=["not_a_date", "day_month_order"],
+)  # fmt: skip
+def test_a_created_cell_that_is_not_an_iso_8601_date_is_named(tmp_path, capsys, every, cells, named):
+    created = [every] * 500
+    for row, cell in cells.items():
+        created[row] = cell
     data, mapping = _with_created(tmp_path, created)
 
     assert _train(tmp_path, data, mapping) == 2
     assert capsys.readouterr().err == (
-        "leadscore train: created column 'Created' holds 'last Tuesday' at line 8, which is not a date "
-        "(use ISO 8601, e.g. 2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)\n"
+        f"leadscore train: created column 'Created' holds {named}, which is not an ISO 8601 date (use e.g. "
+        "2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)\n"
     )
 
 

@@ -257,15 +257,15 @@ def _frame(path: Path, header: list[str], body: list[tuple[int, list[str]]]) -> 
 
 def created_window(frame: pd.DataFrame, column: str) -> dict[str, str]:
     """When the file's leads were created, first to last (blank cells skipped): the training window
-    of a model trained on it. A cell that is not a date is refused, naming its line."""
+    of a model trained on it. Only ISO 8601 is read: a date like 05/11/2026 is the 5th of November in
+    one country and the 11th of May in another. A cell that is not one is refused, naming its line."""
     cells = frame[column].str.strip()
-    moments = pd.to_datetime(cells, errors="coerce", utc=True, format="mixed")
+    moments = pd.to_datetime(cells, errors="coerce", utc=True, format="ISO8601")
     bad = moments.isna() & (cells != "")
     if bad.any():
-        first = int(np.flatnonzero(bad.to_numpy())[0])
         raise TableError(
-            f"created column {column!r} holds {cells.iloc[first]!r} at line {first + 2}, which is not a date "
-            "(use ISO 8601, e.g. 2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)"
+            f"created column {column!r} holds {cells[bad].iloc[0]!r} at line {line_of(frame, bad)}, which is "
+            "not an ISO 8601 date (use e.g. 2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)"
         )
     if moments.isna().all():
         raise TableError(
