@@ -671,6 +671,28 @@ def test_a_mapping_reading_a_model_feature_as_another_kind_is_refused(trained, t
     assert not out.exists()
 
 
+def test_a_comma_that_is_not_a_thousands_separator_makes_no_number():
+    assert tabular.normalise("1,532", "numeric") == 1532.0
+    assert tabular.normalise("-12,345,678.5", "numeric") == -12345678.5
+    for text in ("2,5", "1,23", "1,2345", "12,34,567", "$1,532"):
+        assert np.isnan(tabular.normalise(text, "numeric")), text
+
+
+def test_numbers_that_cannot_be_read_are_counted_once_per_column(tmp_path, capsys):
+    frame = _slice()
+    frame.loc[[3, 8, 9], "Page Views Per Visit"] = ["2,5", "1 532", "45%"]
+    frame.loc[20, "Do Not Email"] = "maybe"
+    data = _write(tmp_path, frame)
+
+    assert _run("score-file", tmp_path, data) == 0
+    assert capsys.readouterr().err == (
+        "warning: Do Not Email: 1 value(s) are not yes/no values and count as missing (first: 'maybe' on "
+        "line 22)\n"
+        "warning: Page Views Per Visit: 3 value(s) are not numbers and count as missing (first: '2,5' on "
+        "line 5)\n"
+    )
+
+
 def test_rows_with_every_cell_blank_are_skipped(tmp_path, capsys):
     data = tmp_path / "leads.csv"
     commas = "," * (len(_slice().columns) - 1)

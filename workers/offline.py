@@ -55,7 +55,9 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
     source = {"file": Path(data).name, "sha256": file_digest(data), "mapping": Path(mapping_path).name}
     if mapping.created:
         source.update(tabular.created_window(frame, mapping.created))
-    shown = tabular.feature_frame(frame, mapping)
+    shown, warnings = tabular.feature_frame(frame, mapping)
+    for warning in warnings:
+        _warn(warning)
     features = tabular.model_values(shown, mapping.feature_kinds())
     return LabelledTable(frame, features, shown, mapping, y, source)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,7 @@ LEAD_FIELD_KINDS: dict[str, Kind] = {
 _TRUE = frozenset({"1", "1.0", "true", "yes", "y", "t"})  # 1.0 / 0.0: as spreadsheets and pandas write them
 _FALSE = frozenset({"0", "0.0", "false", "no", "n", "f"})
 LLM_FEATURE = "llm_propensity"
+_GROUPED = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")  # 1,532 or 1,532.5: thousands
 
 
 class CustomField(BaseModel):
@@ -317,6 +319,8 @@ def normalise(
     if kind == "boolean":
         lowered = text.lower()
         return 1.0 if lowered in _TRUE else 0.0 if lowered in _FALSE else np.nan
+    if "," in text and not _GROUPED.fullmatch(text):
+        return np.nan  # "2,5" is two and a half in much of Europe, 25 read as thousands: neither is sure
     try:
         number = float(text.replace(",", ""))
     except ValueError:
@@ -324,9 +328,10 @@ def normalise(
     return number if math.isfinite(number) else np.nan
 
 
-def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> pd.DataFrame:
+def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> tuple[pd.DataFrame, list[str]]:
     """One column per mapped feature, values normalised, categories still spelled as the file spells
-    them (`model_values` gives what a model matches)."""
+    them (`model_values` gives what a model matches); and a warning for each numeric or yes/no column
+    some of whose values cannot be read, which count as missing."""
     missing = frozenset(mapping.missing)
     kinds = mapping.feature_kinds()
     features = pd.DataFrame(
@@ -336,16 +341,23 @@ def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> pd.DataFrame:
         },
         index=frame.index,
     )
+    warnings = []
     for name, column in mapping.columns().items():
         filled = frame[column].str.strip().ne("") & ~frame[column].isin(missing)
-        if kinds[name] != "categorical" and filled.any() and features.loc[filled, name].isna().all():
-            expected = "numbers" if kinds[name] == "numeric" else "yes/no values"
+        unread = filled & features[name].isna()
+        if kinds[name] == "categorical" or not unread.any():
+            continue
+        expected = "numbers" if kinds[name] == "numeric" else "yes/no values"
+        first = frame.loc[unread, column].iloc[0]
+        if unread.sum() == filled.sum():
             raise TableError(
                 f"column {column!r}, mapped to the {kinds[name]} feature {name}, holds no {expected} "
-                f"(first value: {frame.loc[filled, column].iloc[0]!r}): map another column, or make the "
-                "feature categorical under [custom]"
+                f"(first value: {first!r}): map another column, or make the feature categorical under "
+                "[custom]"
             )
-    return features
+        warnings.append(f"{column}: {unread.sum()} value(s) are not {expected} and count as missing "
+                        f"(first: {first!r} on line {line_of(frame, unread)})")  # fmt: skip
+    return features, warnings
 
 
 def snapshot(lead: Lead, propensity=None) -> dict[str, object]:
