@@ -389,15 +389,24 @@ def test_a_created_column_gives_a_file_trained_model_its_training_window(tmp_pat
     assert training["rows"] == 500
 
 
-def test_a_created_cell_that_is_not_a_date_is_named(tmp_path, capsys):
-    created = ["2026-03-01T10:00:00Z"] * 500
-    created[6] = "last Tuesday"
+@pytest.mark.parametrize(
+    ("every", "cells", "named"),
+    [
+        ("2026-03-01T10:00:00Z", {6: "last Tuesday"}, "'last Tuesday' at line 8"),
+        ("05/11/2026 10:00", {3: "13/11/2026 10:00"}, "'05/11/2026 10:00' at line 2"),  # 5 Nov or 11 May?
+    ],
+    ids=["not_a_date", "day_month_order"],
+)  # fmt: skip
+def test_a_created_cell_that_is_not_an_iso_8601_date_is_named(tmp_path, capsys, every, cells, named):
+    created = [every] * 500
+    for row, cell in cells.items():
+        created[row] = cell
     data, mapping = _with_created(tmp_path, created)
 
     assert _train(tmp_path, data, mapping) == 2
     assert capsys.readouterr().err == (
-        "leadscore train: created column 'Created' holds 'last Tuesday' at line 8, which is not a date "
-        "(use ISO 8601, e.g. 2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)\n"
+        f"leadscore train: created column 'Created' holds {named}, which is not an ISO 8601 date (use e.g. "
+        "2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)\n"
     )
 
 
@@ -634,6 +643,148 @@ def test_a_file_without_contact_columns_is_taken_as_reachable(fields, reachable)
     assert tabular.normalise("1,532", "numeric") == 1532.0
 
 
+def _slice() -> pd.DataFrame:
+    return pd.read_csv(DATA, dtype=str, keep_default_na=False)
+
+
+@pytest.mark.parametrize(
+    ("kept", "message"),
+    [
+        ((1, 495), "only 1 converted lead (label 'Converted')"),
+        ((3, 315), "only 3 converted leads (label 'Converted')"),
+        ((4, 4), "only 4 converted leads (label 'Converted')"),
+        ((185, 2), "only 2 leads that did not convert (label 'Converted')"),
+    ],
+    ids=["one_converted", "three_converted", "eight_rows", "two_lost"],
+)  # fmt: skip
+def test_train_refuses_too_few_of_an_outcome_for_cross_validation(tmp_path, capsys, kept, message):
+    frame = _slice()
+    converted, lost = frame[frame["Converted"] == "1"], frame[frame["Converted"] == "0"]
+    data = _write(tmp_path, pd.concat([converted.head(kept[0]), lost.head(kept[1])]))
+
+    assert _train(tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore train: {message}: cross-validation in 5 folds needs at least 5 of each outcome\n"
+    )
+    assert not (tmp_path / "m").exists()  # refused before any work
+
+
+def test_no_nan_reaches_a_models_json(trained, tmp_path):
+    model = TrainedModel.load(trained)
+    model.meta["base_rate"] = float("nan")
+
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        model.save(tmp_path / "m")
+
+
+@pytest.mark.parametrize("command", ["score-file", "evaluate"])
+def test_a_mapping_reading_a_model_feature_as_another_kind_is_refused(trained, tmp_path, capsys, command):
+    boolean = 'kind = "boolean", label = "Free copy"'
+    assert boolean in MAPPING.read_text()
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(MAPPING.read_text().replace(boolean, 'label = "Free copy"'))  # categorical
+
+    out = tmp_path / ("scored.csv" if command == "score-file" else "report")
+    assert main([command, *FILE_ARGS[:2], "--mapping", str(mapping), "--model", str(trained),
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert capsys.readouterr().err == (
+        f"leadscore {command}: model {TrainedModel.load(trained).version} learned free_copy as boolean, but "
+        "the mapping reads free_copy as categorical: make the mapping's kind match the model's\n"
+    )
+    assert not out.exists()
+
+
+def test_a_comma_that_is_not_a_thousands_separator_makes_no_number():
+    assert tabular.normalise("1,532", "numeric") == 1532.0
+    assert tabular.normalise("-12,345,678.5", "numeric") == -12345678.5
+    for text in ("2,5", "1,23", "1,2345", "12,34,567", "$1,532"):
+        assert np.isnan(tabular.normalise(text, "numeric")), text
+
+
+def test_numbers_that_cannot_be_read_are_counted_once_per_column(tmp_path, capsys):
+    frame = _slice()
+    frame.loc[[3, 8, 9], "Page Views Per Visit"] = ["2,5", "1 532", "45%"]
+    frame.loc[20, "Do Not Email"] = "maybe"
+    data = _write(tmp_path, frame)
+
+    assert _run("score-file", tmp_path, data) == 0
+    assert capsys.readouterr().err == (
+        "warning: Do Not Email: 1 value(s) are not yes/no values and count as missing (first: 'maybe' on "
+        "line 22)\n"
+        "warning: Page Views Per Visit: 3 value(s) are not numbers and count as missing (first: '2,5' on "
+        "line 5)\n"
+    )
+
+
+def test_rows_with_every_cell_blank_are_skipped(tmp_path, capsys):
+    data = tmp_path / "leads.csv"
+    commas = "," * (len(_slice().columns) - 1)
+    data.write_text(DATA.read_text().replace("\n", "\n\n", 1) + f"{commas}\n{commas}\n \n")
+
+    assert _run("score-file", tmp_path, data) == 0
+    assert len(rows(tmp_path / "scored.csv")) == 500
+    assert "scored 500 rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "score-file", "evaluate"])
+def test_rows_without_an_id_are_refused(tmp_path, capsys, command):
+    frame = _slice()
+    frame.loc[[3, 9], "Prospect ID"] = ["", "  "]
+    data = _write(tmp_path, frame)
+
+    assert _run(command, tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore {command}: {data}: 2 row(s) have no Prospect ID (first on line 5): give each its id, "
+        "or delete the row\n"
+    )
+
+
+def test_lines_are_counted_as_in_the_file(tmp_path, capsys):
+    frame = _slice()
+    frame.loc[1, "Lead Profile"] = "Potential Lead\nsee notes"  # a quoted cell over two lines
+    frame.loc[10, "Converted"] = ""
+    data = tmp_path / "leads.csv"
+    data.write_text(frame.to_csv(index=False).replace("\n", "\n\n", 1))  # a blank line under the header
+
+    assert _train(tmp_path, data) == 2
+    assert "(first at line 14)" in capsys.readouterr().err  # header 1, blank 2, rows 3, 4-5, 6, ... 14
+
+
+def test_a_file_separated_by_semicolons_is_named_as_such(tmp_path, capsys):
+    data = tmp_path / "leads.csv"
+    _slice().to_csv(data, sep=";", index=False)
+
+    assert _train(tmp_path, data) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore train: data file {data} looks separated by semicolons; save it as CSV (comma delimited)\n"
+    )
+
+
+@pytest.mark.parametrize("option", ["--data", "--mapping"])
+def test_a_file_not_in_utf8_is_named_with_how_to_save_it(tmp_path, capsys, option):
+    frame = _slice()
+    frame.loc[2, "Tags"] = "Won’t say"
+    data, mapping = tmp_path / "leads.csv", tmp_path / "mapping.toml"
+    frame.to_csv(data, index=False, encoding="cp1252" if option == "--data" else "utf-8")
+    mapping.write_text(MAPPING.read_text().replace("# How", "# Café: how", 1),
+                       encoding="latin-1" if option == "--mapping" else "utf-8")  # fmt: skip
+
+    assert _train(tmp_path, data, mapping) == 2
+    said = (
+        f'data file {data} is not UTF-8 (byte 0x92 on line 4): save it as "CSV UTF-8"'
+        if option == "--data"
+        else f"mapping file {mapping} is not UTF-8 (byte 0xe9 on line 1): save it as UTF-8"
+    )
+    assert capsys.readouterr().err == f"leadscore train: {said}\n"
+
+
+def test_a_mapping_starting_with_a_byte_order_mark_is_read(tmp_path):
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(MAPPING.read_text(), encoding="utf-8-sig")
+
+    assert tabular.load_mapping(mapping) == tabular.load_mapping(MAPPING)
+
+
 @EACH_STORE
 def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, capsys):
     table = offline.load_table(DATA, MAPPING, None, need_label=True)
@@ -719,6 +870,29 @@ def test_train_from_an_empty_store_says_what_is_missing(env, tmp_path, capsys):
         "leadscore train: the store has no labelled leads yet: none converted and none scored over "
         "30 days ago (lower --min-age-days, or run `leadscore outcomes sync`)\n"
     )
+
+
+def test_train_from_a_store_with_too_few_conversions_is_refused(env, tmp_path, capsys):
+    table = offline.load_table(DATA, MAPPING, None, need_label=True)
+    leads = tabular.leads_from_frame(table.frame, table.mapping)[:40]
+    kept = Store(env["DATABASE_URL"])
+    long_ago = datetime.now(UTC) - timedelta(days=45)
+    kept.record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead.lead_id, score=50, tier="C", reason="r",
+                    scorer="rules+llm", fingerprint="f", features=tabular.snapshot(lead), details={},
+                    scored_at=long_ago)
+        for lead in leads
+    )  # fmt: skip
+    kept.record_outcomes(
+        [LeadFact("hubspot", PORTAL_ID, lead.lead_id, "customer") for lead in leads[:3]], "sync"
+    )
+
+    assert main(["train", "--from-store", "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore train: only 3 converted leads in the store: cross-validation in 5 folds needs at least 5 "
+        "of each outcome; run `leadscore outcomes sync`, or train once more leads have an outcome\n"
+    )
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("migrated", [False, True], ids=["no_file", "no_tables"])

@@ -27,6 +27,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
+from integration.errors import TableError
 from workers.config import Tiers
 from workers.metrics import classification_metrics, expected_calibration_error, tier_table
 from workers.tabular import DIRECTION_SIGNS, Direction, Kind
@@ -126,6 +127,20 @@ def design_matrix(
         else:
             columns[name] = pd.to_numeric(values, errors="coerce").astype(float)
     return pd.DataFrame(columns, index=frame.index)
+
+
+def require_folds(y: np.ndarray, where: str, fix: str = "", folds: int = FOLDS) -> None:
+    """Refuses labels with fewer than `folds` rows of either outcome, before any work: stratified
+    cross-validation puts each outcome in every fold, and a fold without one has no ROC AUC."""
+    converted = int(np.sum(y))
+    fewest = min(converted, len(y) - converted)
+    if fewest < folds:
+        outcome = "converted lead" if fewest == converted else "lead that did not convert"
+        outcome = outcome if fewest == 1 else outcome.replace("lead", "leads", 1)
+        raise TableError(
+            f"only {fewest} {outcome} {where}: cross-validation in {folds} folds needs at least {folds} of "
+            f"each outcome{fix}"
+        )
 
 
 @dataclass
@@ -311,7 +326,9 @@ class TrainedModel:
         # Features are positional for the estimator: keep their order as a list, not a sorted object.
         features = [{"name": name, "kind": kind} for name, kind in self.kinds.items()]
         meta = {**self.meta, "features": features, "categories": self.categories}
-        (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (directory / "model.json").write_text(
+            json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        )
         return directory
 
     @classmethod

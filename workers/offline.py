@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from integration.errors import TableError
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
 from workers.config import TIER_NAMES, ScoringConfig, Tiers
 from workers.metrics import classification_metrics, cumulative_gains, tier_table
-from workers.model import TrainedModel, train
+from workers.model import TrainedModel, require_folds, train
 from workers.progress import progress
 from workers.propensity import fallback
 from workers.rules import evaluate_rules
@@ -54,7 +55,9 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
     source = {"file": Path(data).name, "sha256": file_digest(data), "mapping": Path(mapping_path).name}
     if mapping.created:
         source.update(tabular.created_window(frame, mapping.created))
-    shown = tabular.feature_frame(frame, mapping)
+    shown, warnings = tabular.feature_frame(frame, mapping)
+    for warning in warnings:
+        _warn(warning)
     features = tabular.model_values(shown, mapping.feature_kinds())
     return LabelledTable(frame, features, shown, mapping, y, source)
 
@@ -62,6 +65,7 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
 def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: Tiers | None = None):
     started = time.perf_counter()
     table = load_table(data, mapping_path, label, need_label=True)
+    require_folds(table.y, f"(label {table.mapping.label!r})")
     kinds = table.mapping.feature_kinds()
     trained = train(
         table.features, table.y, kinds, source=table.source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
@@ -83,6 +87,8 @@ def train_from_store(
     mapping = tabular.load_mapping(mapping_path) if mapping_path else None
     custom = {name: spec.kind for name, spec in mapping.custom.items()} if mapping else None
     rows = training_rows(store, min_age_days, custom)
+    later = "; run `leadscore outcomes sync`, or train once more leads have an outcome"
+    require_folds(rows.labels, "in the store", later)
     if rows.unread:
         _warn(f"not learned from: {', '.join(rows.unread)}, kept with earlier scores but read by no worker "
               "now; to learn from one, name it under [custom] in a --mapping with the CRM property that "
@@ -148,6 +154,20 @@ def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel
     return model_results(table, model, config)
 
 
+def require_model_kinds(model: TrainedModel, table: LabelledTable) -> None:
+    """Refuses a mapping that reads one of the model's features as another kind: that is wrong data,
+    not a gap (a yes/no column read as categorical gives values the model never saw, on every row)."""
+    kinds = table.mapping.feature_kinds()
+    differ = [name for name, kind in model.kinds.items() if kinds.get(name, kind) != kind]
+    if differ:
+        raise TableError(
+            f"model {model.version} learned "
+            f"{', '.join(f'{name} as {model.kinds[name]}' for name in differ)}, but the mapping reads "
+            f"{', '.join(f'{name} as {kinds[name]}' for name in differ)}: make the mapping's kind match "
+            "the model's"
+        )
+
+
 def unmapped_features(model: TrainedModel, table: LabelledTable) -> str | None:
     """A warning when the mapping leaves some of the model's features out: they score as missing,
     which the model tolerates but ranks less well with."""
@@ -193,6 +213,7 @@ def score_file(
     table = load_table(data, mapping_path, None, need_label=False)
     model = TrainedModel.load(model_dir) if model_dir else None
     if model is not None:
+        require_model_kinds(model, table)
         _warn(unmapped_features(model, table))
         _warn(unseen_values(model, table))
     results = score_table(table, config, model)
@@ -251,7 +272,7 @@ def evaluate(
     first = next(iter(scorers.values()), {})  # the file's rules, or else the first live scorer
     summary.update(rows=first.get("leads"), base_rate=first.get("base_rate"), scorers=scorers, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     report.write(out, summary, curves, cumulative_gains)
     return summary
 
@@ -264,6 +285,7 @@ def _file_scorers(
     scorers[RULES] = {}
     for directory in model_dirs:
         model = TrainedModel.load(directory)
+        require_model_kinds(model, table)
         name = f"model {model.version}"
         results[name] = model_results(table, model, config)
         for warning in (unmapped_features(model, table), unseen_values(model, table)):

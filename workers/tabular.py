@@ -7,7 +7,10 @@ the edge (`read_table`, `load_mapping`).
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -45,6 +48,7 @@ LEAD_FIELD_KINDS: dict[str, Kind] = {
 _TRUE = frozenset({"1", "1.0", "true", "yes", "y", "t"})  # 1.0 / 0.0: as spreadsheets and pandas write them
 _FALSE = frozenset({"0", "0.0", "false", "no", "n", "f"})
 LLM_FEATURE = "llm_propensity"
+_GROUPED = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")  # 1,532 or 1,532.5: thousands
 
 
 class CustomField(BaseModel):
@@ -137,7 +141,7 @@ class Mapping(BaseModel):
 
 def load_mapping(path: Path) -> Mapping:
     try:
-        return Mapping.model_validate(tomllib.loads(Path(path).read_text()))
+        return Mapping.model_validate(tomllib.loads(read_text(path, "mapping file", "save it as UTF-8")))
     except FileNotFoundError:
         raise TableError(f"mapping file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
@@ -147,14 +151,49 @@ def load_mapping(path: Path) -> Mapping:
         raise TableError(f"mapping file {path}: {problems}") from None
 
 
-def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
-    """The file's rows, checked against the mapping; every cell read as text."""
+def read_text(path: Path, what: str, fix: str) -> str:
+    """A file's text as UTF-8, a leading byte order mark dropped (Excel and Notepad write one). A file
+    in another encoding (Excel's plain "CSV" is Windows-1252) is refused, naming the file and line."""
+    data = Path(path).read_bytes()
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise TableError(
+            f"{what} {path} is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): {fix}"
+        ) from None
+
+
+def _records(path: Path) -> list[tuple[int, list[str]]]:
+    """The file's records, each with the line it starts on (a quoted cell may span lines). Records
+    with every cell blank are skipped: blank lines, and the `,,,` rows spreadsheets leave below."""
+    reader = csv.reader(io.StringIO(read_text(path, "data file", 'save it as "CSV UTF-8"'), newline=""))
+    records, line = [], 1
+    try:
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                records.append((line, cells))
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        raise TableError(f"data file {path} is not a readable CSV: {exc} (line {line})") from None
+    if not records:
+        raise TableError(f"data file {path} is empty")
+    return records
+
+
+def line_of(frame: pd.DataFrame, rows) -> int:
+    """The line in the file of the first row where `rows` (a mask) holds: `read_table` indexes each
+    row by the line it starts on, blank lines and cells spanning lines counted."""
+    return int(frame.index[np.asarray(rows, dtype=bool)][0])
+
+
+def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
+    """The file's rows, checked against the mapping; every cell read as text, each row indexed by its
+    line in the file (`line_of`)."""
+    try:
+        (_, header), *body = _records(path)
     except FileNotFoundError:
         raise TableError(f"data file {path} does not exist") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise TableError(f"data file {path} is not a readable CSV: {exc}") from None
     features = mapping.columns()
     wanted = [mapping.id, *features.values(), *([mapping.created] if mapping.created else [])]
     if need_label:
@@ -167,14 +206,29 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
             f"the label column {mapping.label!r} is also mapped as {', '.join(leaked)}: a model would "
             "learn the outcome from itself; map it only as the label"
         )
-    missing = [c for c in dict.fromkeys(wanted) if c not in frame.columns]
+    missing = [c for c in dict.fromkeys(wanted) if c not in header]
+    if missing and set(missing) <= set(",".join(header).split(";")):
+        raise TableError(f"data file {path} looks separated by semicolons; save it as CSV (comma delimited)")
     if missing:
         raise TableError(
             f"{path} has no column {', '.join(repr(c) for c in missing)} that the mapping (or --label) "
-            f"names; its columns are: {', '.join(frame.columns)}"
+            f"names; its columns are: {', '.join(header)}"
         )
-    if frame.empty:
+    twice = [c for c in dict.fromkeys(wanted) if header.count(c) > 1]
+    if twice:
+        raise TableError(
+            f"{path} has more than one column named {', '.join(repr(c) for c in twice)}, which the mapping "
+            "names: rename or delete the one it does not mean"
+        )
+    if not body:
         raise TableError(f"{path} has a header but no rows")
+    frame = _frame(path, header, body)
+    ids = frame[mapping.id].str.strip()
+    if (ids == "").any():
+        raise TableError(
+            f"{path}: {int((ids == '').sum())} row(s) have no {mapping.id} (first on line "
+            f"{line_of(frame, ids == '')}): give each its id, or delete the row"
+        )
     if need_label:
         repeated = frame[mapping.id][frame[mapping.id].duplicated()]
         if len(repeated):
@@ -186,17 +240,34 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
     return frame
 
 
+def _frame(path: Path, header: list[str], body: list[tuple[int, list[str]]]) -> pd.DataFrame:
+    """The rows as text, indexed by line. A short row is padded with blanks; blank cells past the
+    header's width (a spreadsheet's trailing commas) are dropped, filled ones refused."""
+    width = len(header)
+    for line, cells in body:
+        if any(cell.strip() for cell in cells[width:]):
+            raise TableError(f"data file {path} is not a readable CSV: line {line} has {len(cells)} cells, "
+                             f"its header {width}")  # fmt: skip
+    frame = pd.DataFrame(
+        [cells[:width] + [""] * (width - len(cells)) for _, cells in body],
+        columns=header,
+        index=pd.Index([line for line, _ in body], name="line"),
+        dtype=str,
+    )
+    return frame.loc[:, ~frame.columns.duplicated()]  # a column the mapping does not name may repeat
+
+
 def created_window(frame: pd.DataFrame, column: str) -> dict[str, str]:
     """When the file's leads were created, first to last (blank cells skipped): the training window
-    of a model trained on it. A cell that is not a date is refused, naming its line."""
+    of a model trained on it. Only ISO 8601 is read: a date like 05/11/2026 is the 5th of November in
+    one country and the 11th of May in another. A cell that is not one is refused, naming its line."""
     cells = frame[column].str.strip()
-    moments = pd.to_datetime(cells, errors="coerce", utc=True, format="mixed")
+    moments = pd.to_datetime(cells, errors="coerce", utc=True, format="ISO8601")
     bad = moments.isna() & (cells != "")
     if bad.any():
-        first = int(np.flatnonzero(bad.to_numpy())[0])
         raise TableError(
-            f"created column {column!r} holds {cells.iloc[first]!r} at line {first + 2}, which is not a date "
-            "(use ISO 8601, e.g. 2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)"
+            f"created column {column!r} holds {cells[bad].iloc[0]!r} at line {line_of(frame, bad)}, which is "
+            "not an ISO 8601 date (use e.g. 2026-11-02T09:30:00Z, as HubSpot and Salesforce export them)"
         )
     if moments.isna().all():
         raise TableError(
@@ -213,9 +284,9 @@ def labels(frame: pd.DataFrame, column: str) -> np.ndarray:
     raw = frame[column].str.strip().str.lower()
     empty = int((raw == "").sum())
     if empty:
-        first = int(np.flatnonzero((raw == "").to_numpy())[0]) + 2  # 1-based, after the header
         raise TableError(
-            f"label column {column!r} is empty in {empty} of {len(raw)} rows (first at line {first}); "
+            f"label column {column!r} is empty in {empty} of {len(raw)} rows (first at line "
+            f"{line_of(frame, raw == '')}); "
             "every row needs an outcome (1 = converted, 0 = not)"
         )
     values = set(raw.unique())
@@ -248,6 +319,8 @@ def normalise(
     if kind == "boolean":
         lowered = text.lower()
         return 1.0 if lowered in _TRUE else 0.0 if lowered in _FALSE else np.nan
+    if "," in text and not _GROUPED.fullmatch(text):
+        return np.nan  # "2,5" is two and a half in much of Europe, 25 read as thousands: neither is sure
     try:
         number = float(text.replace(",", ""))
     except ValueError:
@@ -255,9 +328,10 @@ def normalise(
     return number if math.isfinite(number) else np.nan
 
 
-def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> pd.DataFrame:
+def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> tuple[pd.DataFrame, list[str]]:
     """One column per mapped feature, values normalised, categories still spelled as the file spells
-    them (`model_values` gives what a model matches)."""
+    them (`model_values` gives what a model matches); and a warning for each numeric or yes/no column
+    some of whose values cannot be read, which count as missing."""
     missing = frozenset(mapping.missing)
     kinds = mapping.feature_kinds()
     features = pd.DataFrame(
@@ -267,16 +341,23 @@ def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> pd.DataFrame:
         },
         index=frame.index,
     )
+    warnings = []
     for name, column in mapping.columns().items():
         filled = frame[column].str.strip().ne("") & ~frame[column].isin(missing)
-        if kinds[name] != "categorical" and filled.any() and features.loc[filled, name].isna().all():
-            expected = "numbers" if kinds[name] == "numeric" else "yes/no values"
+        unread = filled & features[name].isna()
+        if kinds[name] == "categorical" or not unread.any():
+            continue
+        expected = "numbers" if kinds[name] == "numeric" else "yes/no values"
+        first = frame.loc[unread, column].iloc[0]
+        if unread.sum() == filled.sum():
             raise TableError(
                 f"column {column!r}, mapped to the {kinds[name]} feature {name}, holds no {expected} "
-                f"(first value: {frame.loc[filled, column].iloc[0]!r}): map another column, or make the "
-                "feature categorical under [custom]"
+                f"(first value: {first!r}): map another column, or make the feature categorical under "
+                "[custom]"
             )
-    return features
+        warnings.append(f"{column}: {unread.sum()} value(s) are not {expected} and count as missing "
+                        f"(first: {first!r} on line {line_of(frame, unread)})")  # fmt: skip
+    return features, warnings
 
 
 def snapshot(lead: Lead, propensity=None) -> dict[str, object]:
