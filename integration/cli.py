@@ -418,7 +418,7 @@ class UsageError(RuntimeError):
 
 def a_file(text: str) -> Path:
     """A file to read or write: refused up front when it names a directory."""
-    path = Path(text)
+    path = _not_under_a_file(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory: give a file")
     return path
@@ -427,9 +427,17 @@ def a_file(text: str) -> Path:
 def a_directory(text: str) -> Path:
     """A directory (a model to read, or one to write into): refused up front when it names a file,
     before any long run."""
-    path = Path(text)
+    path = _not_under_a_file(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file: give a directory")
+    return path
+
+
+def _not_under_a_file(text: str) -> Path:
+    """A path whose parent is a file can be neither read nor written: said before any long run."""
+    path = Path(text)
+    if file := next((str(parent) for parent in path.parents if parent.is_file()), None):
+        raise argparse.ArgumentTypeError(f"{text!r} is inside {file!r}, which is a file: give another path")
     return path
 
 

@@ -437,8 +437,13 @@ def test_the_label_mapped_as_a_feature_is_refused(tmp_path, capsys):
         (["score-file", *FILE_ARGS, "--model", "{tmp}/a-file", "--out", "{tmp}/s.csv"],
          "argument --model: '{tmp}/a-file' is a file: give a directory"),
         (["evaluate", *FILE_ARGS, "--out", "{tmp}/a-file"], "argument --out: '{tmp}/a-file' is a file"),
+        (["score-file", *FILE_ARGS, "--out", "{tmp}/a-file/s.csv"],
+         "argument --out: '{tmp}/a-file/s.csv' is inside '{tmp}/a-file', which is a file: give another path"),
+        (["train", *FILE_ARGS, "--out", "{tmp}/a-file/m"],
+         "argument --out: '{tmp}/a-file/m' is inside '{tmp}/a-file', which is a file: give another path"),
     ],
-    ids=["score_file_out_dir", "data_dir", "mapping_dir", "train_out_file", "model_file", "eval_out_file"],
+    ids=["score_file_out_dir", "data_dir", "mapping_dir", "train_out_file", "model_file", "eval_out_file",
+         "score_file_out_under_a_file", "train_out_under_a_file"],
 )  # fmt: skip
 def test_paths_of_the_wrong_kind_are_refused_before_any_work(tmp_path, capsys, arguments, message):
     (tmp_path / "a-file").write_text("not a directory")
