@@ -560,8 +560,8 @@ def test_a_numeric_feature_mapped_to_a_text_column_is_refused(tmp_path, capsys):
     assert _train(tmp_path, DATA, mapping) == 2
     assert capsys.readouterr().err == (
         "leadscore train: column 'Tags', mapped to the numeric feature visits, holds no numbers "
-        "(first value: 'Interested in other courses'): map another column, or make the feature "
-        "categorical under [custom]\n"
+        "(first value: 'Interested in other courses'): map another column, add 'Interested in other courses' "
+        "to `missing` if it stands for no value, or make a [custom] feature categorical\n"
     )
 
 

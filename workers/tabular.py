@@ -352,8 +352,8 @@ def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> tuple[pd.DataFrame, 
         if unread.sum() == filled.sum():
             raise TableError(
                 f"column {column!r}, mapped to the {kinds[name]} feature {name}, holds no {expected} "
-                f"(first value: {first!r}): map another column, or make the feature categorical under "
-                "[custom]"
+                f"(first value: {first!r}): map another column, add {first!r} to `missing` if it stands "
+                "for no value, or make a [custom] feature categorical"
             )
         warnings.append(f"{column}: {unread.sum()} value(s) are not {expected} and count as missing "
                         f"(first: {first!r} on line {line_of(frame, unread)})")  # fmt: skip
