@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from integration.errors import CRMError
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import load_settings
 from tests.conftest import FIXTURES, SF_ORG_ID, fixture_json, stored_outcomes
@@ -277,8 +278,8 @@ def test_rejected_record_is_dead_lettered_with_its_code_and_others_are_written(
     assert queue.scheduled_job_registry.count == 0  # not retried: the same write would fail again
 
 
-def test_client_credentials_login(settings, salesforce, sf_crm):
-    oauth = load_settings(
+def _client_credentials(settings):
+    return load_settings(
         **{
             **settings.model_dump(),
             "salesforce_access_token": "",
@@ -287,10 +288,40 @@ def test_client_credentials_login(settings, salesforce, sf_crm):
         }
     )
 
-    lead = SalesforceCRM(oauth, org_id=SF_ORG_ID).read_lead(HOT)
+
+def test_client_credentials_login(settings, salesforce, sf_crm):
+    lead = SalesforceCRM(_client_credentials(settings), org_id=SF_ORG_ID).read_lead(HOT)
 
     assert (lead.title, lead.source, lead.company_size) == ("VP of Sales", "Web", "250")
     assert ("POST", "/services/oauth2/token", "client=leadscore") in salesforce.calls
+
+
+def test_a_client_credentials_token_that_expired_is_replaced_and_the_call_made_again(
+    settings, salesforce, sf_crm
+):
+    crm = SalesforceCRM(_client_credentials(settings), org_id=SF_ORG_ID)
+    crm.read_lead(HOT)
+    salesforce.token = "a-later-token"  # the org expired the first one
+
+    lead = crm.read_lead(HOT)
+    [result] = crm.write_many([(HOT, {"score": "88"})])
+
+    assert lead.title == "VP of Sales" and result.ok and written(salesforce, HOT)["Leadscore_Score__c"] == 88
+    assert [c for c in salesforce.calls if c[1] == "/services/oauth2/token"] == [
+        ("POST", "/services/oauth2/token", "client=leadscore")
+    ] * 2  # one new token, not one a call
+
+
+def test_a_fixed_access_token_that_expired_says_what_to_set(settings, salesforce, sf_crm):
+    salesforce.token = "a-later-token"
+
+    with pytest.raises(CRMError) as refused:
+        sf_crm.read_lead(HOT)
+    assert str(refused.value) == (
+        "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or revoked): set "
+        "a new one, or let leadscore log in itself with SALESFORCE_CONSUMER_KEY and "
+        "SALESFORCE_CONSUMER_SECRET, or a username and password"
+    )
 
 
 def test_task_text_is_read_and_fenced(post_outbound, sf_crm, run_worker, llm):

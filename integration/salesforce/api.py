@@ -12,10 +12,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import requests
 from simple_salesforce import Salesforce
-from simple_salesforce.exceptions import SalesforceError
+from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
 from integration.crm import WriteRejected, WriteResult
 from integration.errors import CRMError, LeadGone
@@ -25,6 +26,7 @@ from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LEAD_FIELDS = (
     "Id", "FirstName", "LastName", "Email", "Phone", "MobilePhone", "HasOptedOutOfEmail", "DoNotCall",
@@ -183,9 +185,10 @@ class SalesforceCRM:
         self.timeout = settings.salesforce_timeout_s
         self.stop_fraction = settings.salesforce_api_stop_fraction
         self.telemetry = telemetry
-        session = requests.Session()
-        session.headers["Sforce-Call-Options"] = f"client={settings.salesforce_client_name}"
-        self.sf = _connect(settings, session)
+        self.settings = settings
+        self.session = requests.Session()
+        self.session.headers["Sforce-Call-Options"] = f"client={settings.salesforce_client_name}"
+        self.sf = _connect(settings, self.session)
 
     @property
     def read_fields(self) -> list[str]:
@@ -214,10 +217,32 @@ class SalesforceCRM:
     def _lead_field_names(self) -> set[str]:
         self._within_budget("describe")
         try:
-            described = self.sf.restful("sobjects/Lead/describe", timeout=self.timeout)
+            described = self._renewing(
+                lambda: self.sf.restful("sobjects/Lead/describe", timeout=self.timeout)
+            )
         except SalesforceError as exc:
             raise CRMError(f"describing Lead failed: {exc}") from exc
         return {f["name"] for f in described["fields"]}
+
+    def _renewing(self, call: Callable[[], T]) -> T:
+        """`call`, and once more with a new token when the org says the session expired and leadscore
+        gets its own tokens (client credentials; simple-salesforce logs in again by password itself).
+        A fixed SALESFORCE_ACCESS_TOKEN cannot be renewed: said so, with what to set."""
+        try:
+            return call()
+        except SalesforceExpiredSession:
+            mode = _auth_mode(self.settings)
+            if mode == "token":
+                raise CRMError(
+                    "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
+                    "revoked): set a new one, or let leadscore log in itself with SALESFORCE_CONSUMER_KEY "
+                    "and SALESFORCE_CONSUMER_SECRET, or a username and password"
+                ) from None
+            if mode != "client_credentials":
+                raise
+            log.info("Salesforce session of org %s expired: getting a new token", self.org_id)
+            self.sf = _connect(self.settings, self.session)
+            return call()
 
     def _within_budget(self, operation: str) -> None:
         """Stop before the org's daily API budget is spent (Sforce-Limit-Info, seen on every answer)."""
@@ -234,7 +259,7 @@ class SalesforceCRM:
     def _query(self, soql: str) -> list[dict]:
         self._within_budget("query")
         try:
-            return self.sf.query_all(soql, timeout=self.timeout)["records"]
+            return self._renewing(lambda: self.sf.query_all(soql, timeout=self.timeout))["records"]
         except SalesforceError as exc:
             refused = ObjectUnreadable if "INVALID_TYPE" in _error_codes(exc) else CRMError
             raise refused(f"Salesforce query failed: {exc}") from exc
@@ -333,11 +358,13 @@ class SalesforceCRM:
             ]
             self._within_budget("collections_update")
             try:
-                saved = self.sf.restful(
-                    "composite/sobjects",
-                    method="PATCH",
-                    json={"allOrNone": False, "records": records},
-                    timeout=self.timeout,
+                saved = self._renewing(
+                    lambda: self.sf.restful(
+                        "composite/sobjects",
+                        method="PATCH",
+                        json={"allOrNone": False, "records": records},  # noqa: B023 (called at once)
+                        timeout=self.timeout,
+                    )
                 )
             except SalesforceError as exc:
                 raise CRMError(f"Salesforce collections write failed: {exc}") from exc
@@ -424,16 +451,28 @@ def _shown(value) -> str | None:
     return None if value is None else str(value)
 
 
+def _auth_mode(settings: Settings) -> str:
+    """How leadscore signs in to Salesforce: the first of these the settings allow."""
+    if settings.salesforce_access_token and settings.salesforce_instance_url:
+        return "token"
+    if settings.salesforce_consumer_key and settings.salesforce_instance_url:
+        return "client_credentials"
+    if settings.salesforce_username:
+        return "password"
+    raise SettingsError("no usable Salesforce credentials")  # require_salesforce_api said which
+
+
 def _connect(settings: Settings, session: requests.Session) -> Salesforce:
     version = settings.salesforce_api_version
-    if settings.salesforce_access_token and settings.salesforce_instance_url:
+    mode = _auth_mode(settings)
+    if mode == "token":
         return Salesforce(
             instance_url=str(settings.salesforce_instance_url).rstrip("/"),
             session_id=settings.salesforce_access_token,
             version=version,
             session=session,
         )
-    if settings.salesforce_consumer_key and settings.salesforce_instance_url:
+    if mode == "client_credentials":
         token = _client_credentials_token(settings, session)
         return Salesforce(
             instance_url=token["instance_url"],
@@ -441,16 +480,14 @@ def _connect(settings: Settings, session: requests.Session) -> Salesforce:
             version=version,
             session=session,
         )
-    if settings.salesforce_username:
-        return Salesforce(
-            username=settings.salesforce_username,
-            password=settings.salesforce_password,
-            security_token=settings.salesforce_security_token,
-            domain=settings.salesforce_domain,
-            version=version,
-            session=session,
-        )
-    raise SettingsError("no usable Salesforce credentials")  # require_salesforce_api said which
+    return Salesforce(
+        username=settings.salesforce_username,
+        password=settings.salesforce_password,
+        security_token=settings.salesforce_security_token,
+        domain=settings.salesforce_domain,
+        version=version,
+        session=session,
+    )
 
 
 def _client_credentials_token(settings: Settings, session: requests.Session) -> dict:
