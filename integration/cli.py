@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from integration.errors import TableError
+from integration.errors import CRMError, TableError
 from integration.settings import SettingsError, get_settings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -54,7 +54,7 @@ def cmd_worker(args) -> int:
     ctx = jobs.context()  # validate config and build clients once, before RQ forks work horses
     if settings.salesforce_configured:
         for org_id in settings.allowed_org_ids:
-            jobs.salesforce_for(org_id).prepare()  # log in and describe Lead once here, not per work horse
+            _prepare_salesforce(jobs, org_id)
     if settings.holdout_share > 0:
         _require_holdout_fields(settings, jobs)
     _prepare_store(ctx.store)
@@ -107,6 +107,24 @@ def _require_holdout_fields(settings, jobs) -> None:
             f"HOLDOUT_SHARE is {settings.holdout_share:g}, but {'; '.join(missing)}: run `leadscore setup "
             "hubspot` / `leadscore setup salesforce` to add it, or set HOLDOUT_SHARE=0"
         )
+
+
+def _prepare_salesforce(jobs, org_id: str) -> None:
+    """Log in and describe Lead once here, not in every work horse. An org that fails now (down,
+    over its API budget, refusing a credential) must not stop the worker: HubSpot scoring goes on,
+    and each of the org's jobs tries again, failing with the org's own error until it answers."""
+    import requests
+    from simple_salesforce.exceptions import SalesforceError
+
+    from integration.ratelimit import RateLimited
+
+    try:
+        jobs.salesforce_for(org_id).prepare()
+    except (CRMError, RateLimited, SettingsError, SalesforceError, requests.RequestException) as exc:
+        logging.getLogger("leadscore.worker").error(
+            "Salesforce org %s is not ready at start (%s); the worker starts, and its jobs try again",
+            org_id, exc,
+        )  # fmt: skip
 
 
 def _prepare_store(kept) -> None:
@@ -379,7 +397,6 @@ def cmd_outcomes(args) -> int:
     import requests
     import urllib3
 
-    from integration.errors import CRMError
     from integration.ratelimit import RateLimited
     from workers.outcomes import SyncError, sync
     from workers.store import StoreNotReady

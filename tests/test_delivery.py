@@ -20,7 +20,15 @@ from integration.cli import main
 from integration.emulators import start_redis
 from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers, load_delivery
-from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, fixture_json, pending_events
+from tests.conftest import (
+    APP_SECRET,
+    FIXTURES,
+    PORTAL_ID,
+    SF_ORG_ID,
+    WEBHOOK_URL,
+    fixture_json,
+    pending_events,
+)
 from workers import batch
 
 BURST = "contact.creation__demo_burst"
@@ -246,6 +254,27 @@ def test_salesforce_stops_before_the_daily_api_budget(post_outbound, sf_crm, run
 
     assert salesforce.writes == []
     assert queue.scheduled_job_registry.count == 1
+
+
+def test_a_worker_started_past_the_api_stop_scores_again_once_the_budget_resets(settings, salesforce, sf_crm):
+    salesforce.api_calls = int(salesforce.api_limit * 0.95)
+    sf_crm.prepare()  # in the worker's parent; every work horse starts from what it knows then
+    salesforce.api_calls = 0  # a new day
+
+    assert sf_crm.read_lead("00Q5g00000Ls001EAB").title == "VP of Sales"
+
+
+def test_a_salesforce_org_failing_at_worker_start_does_not_stop_hubspot_scoring(
+    env, post_delivery, crm, hubspot, salesforce, caplog
+):
+    salesforce.token = "a-later-token"  # SALESFORCE_ACCESS_TOKEN has expired
+    post_delivery("contact.creation__single")
+
+    assert main(["worker", "--burst"]) == 0
+    assert hubspot.contact_properties("74300000101")["leadscore_score"] == "89"
+    [refused] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert refused.startswith(f"Salesforce org {SF_ORG_ID[:15]} is not ready at start (Salesforce no longer ")
+    assert refused.endswith("password); the worker starts, and its jobs try again")
 
 
 # ---- the LLM

@@ -210,9 +210,14 @@ class SalesforceCRM:
         return self._read_fields
 
     def prepare(self) -> None:
-        """Settle which Lead fields to read now, in the worker's parent, so work horses inherit it."""
+        """Settle which Lead fields to read now, in the worker's parent, so work horses inherit it;
+        not the API usage the describe reported: each work horse learns that from its own first call,
+        or a worker started past SALESFORCE_API_STOP_FRACTION would never see the budget reset."""
         self._read_fields = None
-        _ = self.read_fields
+        try:
+            _ = self.read_fields
+        finally:
+            self.sf.api_usage.clear()
 
     def _lead_field_names(self) -> set[str]:
         self._within_budget("describe")
