@@ -602,9 +602,13 @@ def test_deal_propertyChange__open_stage(env, post_delivery, crm, run_worker, hu
     assert result["outcome"] == "deal_won" and result["leads"] == ["74300000121"]
 
 
+@pytest.mark.parametrize("failure", ["deals_unavailable", "token_revoked"])
 def test_a_failing_deals_read_is_retried_not_taken_as_no_outcome(env, post_delivery, crm, run_worker, hubspot,
-                                                                  queue):  # fmt: skip
-    hubspot.unavailable_objects.add("deals")
+                                                                  queue, failure):  # fmt: skip
+    if failure == "token_revoked":
+        hubspot.token = "revoked"  # 401: not the 403 of a token without the deals scope
+    else:
+        hubspot.unavailable_objects.add("deals")
     post_delivery("deal.propertyChange__closed_won")
     assert run_worker() == []  # the batch failed: RQ retries it later
 
