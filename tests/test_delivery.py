@@ -235,6 +235,22 @@ def test_hubspot_207_writes_the_valid_and_reports_the_invalid(post_delivery, crm
     assert "VALIDATION_ERROR" in queue.fetch_job(dead).latest_result().exc_string
 
 
+def test_a_deleted_leadscore_property_dead_letters_saying_to_run_setup(post_delivery, crm, run_worker,
+                                                                       hubspot, queue):  # fmt: skip
+    del hubspot.properties["leadscore_reason"]  # someone deleted it in HubSpot's settings
+    post_delivery("contact.creation__single")
+
+    assert run_worker() == []
+    [dead] = queue.failed_job_registry.get_job_ids()  # no retry can help: dead-lettered, to requeue
+    reason = queue.fetch_job(dead).latest_result().exc_string.rstrip()
+    assert reason.endswith(
+        "hubspot refused the write of 74300000101: VALIDATION_ERROR (PROPERTY_DOESNT_EXIST): Property values "
+        'were not valid: [{"isValid": false, "message": "Property \\"leadscore_reason\\" does not exist", '
+        '"error": "PROPERTY_DOESNT_EXIST", "name": "leadscore_reason"}]: `leadscore setup hubspot` creates '
+        "leadscore's properties"
+    )
+
+
 def test_rate_limiter_is_shared_through_redis(redis):
     first = RateLimiter(redis, "test", limit=3, window_s=0.5)
     second = RateLimiter(redis, "test", limit=3, window_s=0.5)  # another worker

@@ -483,7 +483,9 @@ class HubSpotCRM:
                     BatchInputSimplePublicObjectBatchInput(inputs=inputs),
                 )
             except ApiException as exc:
-                raise CRMError(f"HubSpot batch update failed: {exc.status} {exc.body}") from exc
+                raise CRMError(
+                    f"HubSpot batch update failed: {exc.status} {exc.body}{_setup_fix(exc.body)}"
+                ) from exc
             for error in getattr(response, "errors", None) or []:
                 context = error.context or {}
                 detail = ", ".join(e.code for e in error.errors or [] if getattr(e, "code", None))
@@ -493,7 +495,7 @@ class HubSpotCRM:
                         str(contact_id),
                         False,
                         code,
-                        error.message,
+                        f"{error.message}{_setup_fix(detail)}",
                         permanent=error.category == "VALIDATION_ERROR",
                         gone=error.category == "OBJECT_NOT_FOUND",
                     )
@@ -547,3 +549,12 @@ class HubSpotCRM:
                 raise
             rows.append({"id": str(contact.id), **(contact.properties or {})})
         return rows
+
+
+def _setup_fix(codes: object) -> str:
+    """What to add to a refusal naming a property that does not exist: how to create leadscore's."""
+    return (
+        ": `leadscore setup hubspot` creates leadscore's properties"
+        if "PROPERTY_DOESNT_EXIST" in str(codes)
+        else ""
+    )
