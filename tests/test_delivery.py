@@ -251,6 +251,20 @@ def test_a_deleted_leadscore_property_dead_letters_saying_to_run_setup(post_deli
     )
 
 
+def test_a_revoked_hubspot_token_fails_the_batch_naming_the_setting(post_delivery, crm, run_worker, hubspot,
+                                                                     queue, caplog):  # fmt: skip
+    hubspot.token = "revoked"
+    post_delivery("contact.creation__single")
+
+    assert run_worker() == []
+    assert queue.scheduled_job_registry.count == 1  # retried by RQ: it scores once the token is set
+    [failure] = [r.getMessage() for r in caplog.records if r.name == "rq.worker" and r.levelname == "ERROR"]
+    assert failure.rstrip().endswith(
+        f"HubSpot refused HUBSPOT_ACCESS_TOKEN for portal {PORTAL_ID} (401: revoked, expired or mistyped): "
+        "set the private app's current token"
+    )
+
+
 def test_rate_limiter_is_shared_through_redis(redis):
     first = RateLimiter(redis, "test", limit=3, window_s=0.5)
     second = RateLimiter(redis, "test", limit=3, window_s=0.5)  # another worker

@@ -240,6 +240,11 @@ class HubSpotCRM:
             try:
                 return fn(*args, _request_timeout=self.timeout, **kwargs)
             except API_ERRORS as exc:
+                if exc.status == 401:
+                    raise CRMError(
+                        f"HubSpot refused HUBSPOT_ACCESS_TOKEN for portal {self.portal_id} (401: revoked, "
+                        "expired or mistyped): set the private app's current token"
+                    ) from exc
                 if exc.status != 429:
                     raise
                 self.telemetry("crm_throttled_total", crm="hubspot")
