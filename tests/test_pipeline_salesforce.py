@@ -312,6 +312,20 @@ def test_a_client_credentials_token_that_expired_is_replaced_and_the_call_made_a
     ] * 2  # one new token, not one a call
 
 
+def test_a_leadscore_field_deleted_in_the_org_says_to_run_setup(settings, salesforce, sf_crm):
+    sf_crm.prepare()  # the worker learned the org's fields at start
+    salesforce.remove_lead_field("Leadscore_Reason__c")  # then an admin deleted one
+
+    with pytest.raises(CRMError) as refused:
+        sf_crm.read_lead(HOT)
+    assert str(refused.value) == (
+        "Salesforce query failed: INVALID_FIELD: No such column 'Leadscore_Reason__c' on entity 'Lead'. If "
+        "you are attempting to use a custom field, be sure to append the '__c' after the custom field name. "
+        "Please reference your WSDL or the describe call for the appropriate names. (`leadscore setup "
+        "salesforce` creates leadscore's fields)"
+    )
+
+
 def test_a_fixed_access_token_that_expired_says_what_to_set(settings, salesforce, sf_crm):
     salesforce.token = "a-later-token"
 

@@ -109,10 +109,28 @@ class ObjectUnreadable(CRMError):
     """The query names an object the integration user may not read (Salesforce's INVALID_TYPE)."""
 
 
-def _error_codes(exc: SalesforceError) -> set[str]:
-    """The errorCode of each error in a Salesforce REST error answer (a JSON list)."""
+def _errors(exc: SalesforceError) -> list[dict]:
+    """The errors of a Salesforce REST error answer (a JSON list of errorCode and message)."""
     content = exc.content if isinstance(exc.content, list) else []
-    return {error.get("errorCode", "") for error in content if isinstance(error, dict)}
+    return [error for error in content if isinstance(error, dict)]
+
+
+def _error_codes(exc: SalesforceError) -> set[str]:
+    return {error.get("errorCode", "") for error in _errors(exc)}
+
+
+def _said(exc: SalesforceError) -> str:
+    """What Salesforce said, without the query it quotes (simple-salesforce's URL holds it, and a
+    SOQL error repeats it above its last line); a field it does not know comes with how leadscore's
+    own fields are created."""
+    parts = []
+    for error in _errors(exc):
+        lines = str(error.get("message", "")).strip().splitlines() or [""]
+        parts.append(f"{error.get('errorCode')}: {lines[-1]}")
+    said = "; ".join(parts)
+    if "INVALID_FIELD" in _error_codes(exc):
+        said += " (`leadscore setup salesforce` creates leadscore's fields)"
+    return said or str(exc)
 
 
 def _soql_ids(ids: list[str]) -> str:
@@ -226,7 +244,7 @@ class SalesforceCRM:
                 lambda: self.sf.restful("sobjects/Lead/describe", timeout=self.timeout)
             )
         except SalesforceError as exc:
-            raise CRMError(f"describing Lead failed: {exc}") from exc
+            raise CRMError(f"describing Lead failed: {_said(exc)}") from exc
         return {f["name"] for f in described["fields"]}
 
     def _renewing(self, call: Callable[[], T]) -> T:
@@ -267,7 +285,7 @@ class SalesforceCRM:
             return self._renewing(lambda: self.sf.query_all(soql, timeout=self.timeout))["records"]
         except SalesforceError as exc:
             refused = ObjectUnreadable if "INVALID_TYPE" in _error_codes(exc) else CRMError
-            raise refused(f"Salesforce query failed: {exc}") from exc
+            raise refused(f"Salesforce query failed: {_said(exc)}") from exc
         except requests.RequestException as exc:
             raise CRMError(f"Salesforce query failed: {exc}") from exc
 
@@ -372,7 +390,7 @@ class SalesforceCRM:
                     )
                 )
             except SalesforceError as exc:
-                raise CRMError(f"Salesforce collections write failed: {exc}") from exc
+                raise CRMError(f"Salesforce collections write failed: {_said(exc)}") from exc
             for (lead_id, _), result in zip(chunk, saved, strict=True):
                 error = (result.get("errors") or [{}])[0]
                 code = error.get("statusCode", "")
