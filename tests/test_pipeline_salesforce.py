@@ -312,30 +312,32 @@ def test_a_client_credentials_token_that_expired_is_replaced_and_the_call_made_a
     ] * 2  # one new token, not one a call
 
 
-def test_a_leadscore_field_deleted_in_the_org_says_to_run_setup(settings, salesforce, sf_crm):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("an admin deleted a leadscore field",
+         "Salesforce query failed: INVALID_FIELD: No such column 'Leadscore_Reason__c' on entity 'Lead'. If "
+         "you are attempting to use a custom field, be sure to append the '__c' after the custom field name. "
+         "Please reference your WSDL or the describe call for the appropriate names. (`leadscore setup "
+         "salesforce` creates leadscore's fields)"),
+        ("SALESFORCE_ACCESS_TOKEN expired",
+         "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or revoked): set "
+         "a new one, or let leadscore log in itself with SALESFORCE_CONSUMER_KEY and "
+         "SALESFORCE_CONSUMER_SECRET, or a username and password"),
+    ],
+    ids=["field_deleted", "token_expired"],
+)  # fmt: skip
+def test_a_read_the_org_refuses_after_the_worker_started_says_what_to_fix(salesforce, sf_crm, change,
+                                                                          message):  # fmt: skip
     sf_crm.prepare()  # the worker learned the org's fields at start
-    salesforce.remove_lead_field("Leadscore_Reason__c")  # then an admin deleted one
+    if change == "SALESFORCE_ACCESS_TOKEN expired":
+        salesforce.token = "a-later-token"
+    else:
+        salesforce.remove_lead_field("Leadscore_Reason__c")
 
     with pytest.raises(CRMError) as refused:
         sf_crm.read_lead(HOT)
-    assert str(refused.value) == (
-        "Salesforce query failed: INVALID_FIELD: No such column 'Leadscore_Reason__c' on entity 'Lead'. If "
-        "you are attempting to use a custom field, be sure to append the '__c' after the custom field name. "
-        "Please reference your WSDL or the describe call for the appropriate names. (`leadscore setup "
-        "salesforce` creates leadscore's fields)"
-    )
-
-
-def test_a_fixed_access_token_that_expired_says_what_to_set(settings, salesforce, sf_crm):
-    salesforce.token = "a-later-token"
-
-    with pytest.raises(CRMError) as refused:
-        sf_crm.read_lead(HOT)
-    assert str(refused.value) == (
-        "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or revoked): set "
-        "a new one, or let leadscore log in itself with SALESFORCE_CONSUMER_KEY and "
-        "SALESFORCE_CONSUMER_SECRET, or a username and password"
-    )
+    assert str(refused.value) == message
 
 
 def test_task_text_is_read_and_fenced(post_outbound, sf_crm, run_worker, llm):
