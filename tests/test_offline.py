@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import fcntl
 import json
@@ -765,19 +766,44 @@ def test_a_file_separated_by_semicolons_is_named_as_such(tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize("option", ["--data", "--mapping"])
+@pytest.mark.parametrize(
+    ("line", "broken", "problem"),
+    [
+        (501, '"Acme, Inc', "a quote opened on line 501 is never closed"),
+        (4, '"Acme, Inc', "',' expected after '\"' in the record starting on line 4 (check its quotes)"),
+        (4, "Acme, Inc",
+         "line 4 has 38 cells, the header 37 (put a cell that holds a comma in double quotes)"),
+    ],
+    ids=["quote_never_closed", "quote_closed_rows_later", "unquoted_comma"],
+)  # fmt: skip
+def test_a_row_that_breaks_the_csv_is_named_not_read_as_something_else(tmp_path, capsys, line, broken,
+                                                                        problem):  # fmt: skip
+    lines = DATA.read_text().splitlines(keepends=True)
+    first, _, rest = lines[line - 1].split(",", 2)
+    lines[line - 1] = f"{first},{broken},{rest}"  # the line's second cell
+    data = tmp_path / "leads.csv"
+    data.write_text("".join(lines))
+
+    assert _run("score-file", tmp_path, data) == 2
+    said = capsys.readouterr().err
+    assert said == f"leadscore score-file: data file {data} is not a readable CSV: {problem}\n"
+
+
+@pytest.mark.parametrize("option", ["--data", "--mapping", "--data with a byte order mark"])
 def test_a_file_not_in_utf8_is_named_with_how_to_save_it(tmp_path, capsys, option):
     frame = _slice()
     frame.loc[2, "Tags"] = "Won’t say"
     data, mapping = tmp_path / "leads.csv", tmp_path / "mapping.toml"
-    frame.to_csv(data, index=False, encoding="cp1252" if option == "--data" else "utf-8")
+    frame.to_csv(data, index=False, encoding="cp1252" if option.startswith("--data") else "utf-8")
+    if option.endswith("mark"):
+        data.write_bytes(codecs.BOM_UTF8 + data.read_bytes())
     mapping.write_text(MAPPING.read_text().replace("# How", "# Café: how", 1),
                        encoding="latin-1" if option == "--mapping" else "utf-8")  # fmt: skip
 
     assert _train(tmp_path, data, mapping) == 2
     said = (
         f'data file {data} is not UTF-8 (byte 0x92 on line 4): save it as "CSV UTF-8"'
-        if option == "--data"
+        if option.startswith("--data")
         else f"mapping file {mapping} is not UTF-8 (byte 0xe9 on line 1): save it as UTF-8"
     )
     assert capsys.readouterr().err == f"leadscore train: {said}\n"

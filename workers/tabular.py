@@ -7,13 +7,13 @@ the edge (`read_table`, `load_mapping`).
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ LEAD_FIELD_KINDS: dict[str, Kind] = {
 _TRUE = frozenset({"1", "1.0", "true", "yes", "y", "t"})  # 1.0 / 0.0: as spreadsheets and pandas write them
 _FALSE = frozenset({"0", "0.0", "false", "no", "n", "f"})
 LLM_FEATURE = "llm_propensity"
+csv.field_size_limit(2**31 - 1)  # a notes cell may well exceed the csv module's default of 128 KiB
 _GROUPED = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")  # 1,532 or 1,532.5: thousands
 
 
@@ -154,31 +155,70 @@ def load_mapping(path: Path) -> Mapping:
 def read_text(path: Path, what: str, fix: str) -> str:
     """A file's text as UTF-8, a leading byte order mark dropped (Excel and Notepad write one). A file
     in another encoding (Excel's plain "CSV" is Windows-1252) is refused, naming the file and line."""
-    data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8-sig")
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_utf8(path, what, fix) from None
+
+
+def _not_utf8(path: Path, what: str, fix: str) -> TableError:
+    """The refusal of a file that is not UTF-8, naming its first bad byte and that byte's line."""
+    data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise TableError(
-            f"{what} {path} is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): {fix}"
-        ) from None
+        return TableError(f"{what} {path} is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): {fix}")
+    return TableError(f"{what} {path} is not UTF-8: {fix}")
 
 
-def _records(path: Path) -> list[tuple[int, list[str]]]:
-    """The file's records, each with the line it starts on (a quoted cell may span lines). Records
-    with every cell blank are skipped: blank lines, and the `,,,` rows spreadsheets leave below."""
-    reader = csv.reader(io.StringIO(read_text(path, "data file", 'save it as "CSV UTF-8"'), newline=""))
-    records, line = [], 1
+class CsvFile(NamedTuple):
+    header: list[str]
+    lines: list[int]  # the line each record starts on (a quoted cell may span lines)
+    cells_of: dict[str, list[str]]  # by column; of columns that share a name, the first
+    too_wide: tuple[int, int] | None  # the first record with filled cells past the header: line, cells
+
+
+def _read_csv(path: Path) -> CsvFile:
+    """The file as a stream of records. Records with every cell blank are skipped: blank lines, and
+    the `,,,` rows spreadsheets leave below. A short record is padded with blanks; blank cells past
+    the header's width (trailing commas) are dropped. An unclosed quote is refused, not read as one
+    cell holding the rest of the file."""
+    header: list[str] | None = None
+    too_wide: tuple[int, int] | None = None
+    lines: list[int] = []
+    cells_of: dict[str, list[str]] = {}
+    positions: list[tuple[int, list[str]]] = []  # (position in a record, its column's cells)
+    same: dict[str, str] = {}  # one string per distinct value: a column repeats few
+    line = 1
     try:
-        for cells in reader:
-            if any(cell.strip() for cell in cells):
-                records.append((line, cells))
-            line = reader.line_num + 1
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, strict=True)
+            for cells in reader:
+                if any(cell.strip() for cell in cells):
+                    if header is None:
+                        header = cells
+                        for position, name in enumerate(header):
+                            if name not in cells_of:
+                                positions.append((position, cells_of.setdefault(name, [])))
+                    elif any(cell.strip() for cell in cells[len(header) :]):
+                        too_wide = too_wide or (line, len(cells))
+                    else:
+                        lines.append(line)
+                        for position, column in positions:
+                            cell = cells[position] if position < len(cells) else ""
+                            column.append(same.setdefault(cell, cell))
+                line = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise _not_utf8(path, "data file", 'save it as "CSV UTF-8"') from None
     except csv.Error as exc:
-        raise TableError(f"data file {path} is not a readable CSV: {exc} (line {line})") from None
-    if not records:
+        problem = f"a quote opened on line {line} is never closed" if "end of data" in str(exc) else (
+            f"{exc} in the record starting on line {line} (check its quotes)"
+        )  # fmt: skip
+        raise TableError(f"data file {path} is not a readable CSV: {problem}") from None
+    if header is None:
         raise TableError(f"data file {path} is empty")
-    return records
+    return CsvFile(header, lines, cells_of, too_wide)
 
 
 def line_of(frame: pd.DataFrame, rows) -> int:
@@ -191,7 +231,7 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
     """The file's rows, checked against the mapping; every cell read as text, each row indexed by its
     line in the file (`line_of`)."""
     try:
-        (_, header), *body = _records(path)
+        header, lines, cells_of, too_wide = _read_csv(path)
     except FileNotFoundError:
         raise TableError(f"data file {path} does not exist") from None
     features = mapping.columns()
@@ -220,9 +260,14 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
             f"{path} has more than one column named {', '.join(repr(c) for c in twice)}, which the mapping "
             "names: rename or delete the one it does not mean"
         )
-    if not body:
+    if too_wide:
+        raise TableError(
+            f"data file {path} is not a readable CSV: line {too_wide[0]} has {too_wide[1]} cells, the header "
+            f"{len(header)} (put a cell that holds a comma in double quotes)"
+        )
+    if not lines:
         raise TableError(f"{path} has a header but no rows")
-    frame = _frame(path, header, body)
+    frame = pd.DataFrame(cells_of, index=pd.Index(lines, name="line"), dtype=str)
     ids = frame[mapping.id].str.strip()
     if (ids == "").any():
         raise TableError(
@@ -238,23 +283,6 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
                 "twice, makes the numbers optimistic; keep one row per lead"
             )
     return frame
-
-
-def _frame(path: Path, header: list[str], body: list[tuple[int, list[str]]]) -> pd.DataFrame:
-    """The rows as text, indexed by line. A short row is padded with blanks; blank cells past the
-    header's width (a spreadsheet's trailing commas) are dropped, filled ones refused."""
-    width = len(header)
-    for line, cells in body:
-        if any(cell.strip() for cell in cells[width:]):
-            raise TableError(f"data file {path} is not a readable CSV: line {line} has {len(cells)} cells, "
-                             f"its header {width}")  # fmt: skip
-    frame = pd.DataFrame(
-        [cells[:width] + [""] * (width - len(cells)) for _, cells in body],
-        columns=header,
-        index=pd.Index([line for line, _ in body], name="line"),
-        dtype=str,
-    )
-    return frame.loc[:, ~frame.columns.duplicated()]  # a column the mapping does not name may repeat
 
 
 def created_window(frame: pd.DataFrame, column: str) -> dict[str, str]:
