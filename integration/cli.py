@@ -52,11 +52,12 @@ def cmd_worker(args) -> int:
     settings = get_settings()
     logs.configure(settings.log_level)
     ctx = jobs.context()  # validate config and build clients once, before RQ forks work horses
+    ready_orgs = []
     if settings.salesforce_configured:
-        for org_id in settings.allowed_org_ids:
-            _prepare_salesforce(jobs, org_id)
+        settings.require_salesforce_api()  # missing credentials are a setting to fix, not an org's trouble
+        ready_orgs = [org_id for org_id in settings.allowed_org_ids if _prepare_salesforce(jobs, org_id)]
     if settings.holdout_share > 0:
-        _require_holdout_fields(settings, jobs)
+        _require_holdout_fields(settings, jobs, ready_orgs)
     _prepare_store(ctx.store)
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -79,10 +80,11 @@ def cmd_worker(args) -> int:
             backoff = min(backoff * 2, 30.0)
 
 
-def _require_holdout_fields(settings, jobs) -> None:
+def _require_holdout_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
     """With HOLDOUT_SHARE set, every write carries the holdout flag, and a CRM without its field
     refuses them all: say so at start rather than dead-letter every lead. A CRM that cannot be
-    asked now is not a reason to stop scoring."""
+    asked now (HubSpot down; a Salesforce org not in `salesforce_orgs`, the ones that answered at
+    start) is not a reason to stop scoring."""
     from hubspot.crm.properties import ApiException as PropertiesApiException
     from urllib3.exceptions import HTTPError
 
@@ -99,7 +101,7 @@ def _require_holdout_fields(settings, jobs) -> None:
             logging.getLogger("leadscore.worker").warning(
                 "could not check HubSpot for the %s property (%s)", OUTPUT_PROPERTIES["holdout"], exc
             )
-    for org_id in settings.allowed_org_ids if settings.salesforce_configured else ():
+    for org_id in salesforce_orgs:
         if OUTPUT_FIELDS["holdout"] not in jobs.salesforce_for(org_id).read_fields:
             missing.append(f"Salesforce org {org_id} has no Lead field {OUTPUT_FIELDS['holdout']}")
     if missing:
@@ -109,10 +111,11 @@ def _require_holdout_fields(settings, jobs) -> None:
         )
 
 
-def _prepare_salesforce(jobs, org_id: str) -> None:
-    """Log in and describe Lead once here, not in every work horse. An org that fails now (down,
-    over its API budget, refusing a credential) must not stop the worker: HubSpot scoring goes on,
-    and each of the org's jobs tries again, failing with the org's own error until it answers."""
+def _prepare_salesforce(jobs, org_id: str) -> bool:
+    """Log in and describe Lead once here, not in every work horse; whether the org answered. An org
+    that fails now (down, over its API budget, refusing a credential) must not stop the worker:
+    HubSpot scoring goes on, and each of the org's jobs tries again, failing with the org's own
+    error until it answers."""
     import requests
     from simple_salesforce.exceptions import SalesforceError
 
@@ -125,6 +128,8 @@ def _prepare_salesforce(jobs, org_id: str) -> None:
             "Salesforce org %s is not ready at start (%s); the worker starts, and its jobs try again",
             org_id, exc,
         )  # fmt: skip
+        return False
+    return True
 
 
 def _prepare_store(kept) -> None:

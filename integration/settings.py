@@ -148,8 +148,8 @@ class Settings(BaseSettings):
     def require_hubspot_api(self) -> None:
         if not self.hubspot_access_token:
             raise SettingsError(
-                "HUBSPOT_ACCESS_TOKEN is not set: use a private app token or an OAuth access "
-                "token with the crm.objects.contacts.read/write and crm.schemas.contacts.write scopes"
+                "HUBSPOT_ACCESS_TOKEN is not set: use a private app token with the "
+                "crm.objects.contacts.read/write and crm.schemas.contacts.write scopes"
             )
 
     def require_salesforce_outbound(self) -> None:

@@ -10,6 +10,7 @@ import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rq import SimpleWorker
 from rq.scheduler import RQScheduler
@@ -26,6 +27,7 @@ from tests.conftest import (
     PORTAL_ID,
     SF_ORG_ID,
     WEBHOOK_URL,
+    _clear_caches,
     fixture_json,
     pending_events,
 )
@@ -294,17 +296,28 @@ def test_a_worker_started_past_the_api_stop_scores_again_once_the_budget_resets(
     assert sf_crm.read_lead("00Q5g00000Ls001EAB").title == "VP of Sales"
 
 
+@pytest.mark.parametrize("holdout_share", ["0", "0.1"])  # with a holdout, the start checks the org's field
 def test_a_salesforce_org_failing_at_worker_start_does_not_stop_hubspot_scoring(
-    env, post_delivery, crm, hubspot, salesforce, caplog
+    env, monkeypatch, post_delivery, crm, hubspot, salesforce, caplog, holdout_share
 ):
+    monkeypatch.setenv("HOLDOUT_SHARE", holdout_share)
+    _clear_caches()
     salesforce.token = "a-later-token"  # SALESFORCE_ACCESS_TOKEN has expired
     post_delivery("contact.creation__single")
 
     assert main(["worker", "--burst"]) == 0
-    assert hubspot.contact_properties("74300000101")["leadscore_score"] == "89"
+    assert "leadscore_details" in hubspot.contact_properties("74300000101")  # scored, shown or held out
     [refused] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert refused.startswith(f"Salesforce org {SF_ORG_ID[:15]} is not ready at start (Salesforce no longer ")
     assert refused.endswith("password); the worker starts, and its jobs try again")
+
+
+def test_a_worker_without_salesforce_credentials_says_what_to_set(env, monkeypatch, capsys):
+    monkeypatch.delenv("SALESFORCE_ACCESS_TOKEN")
+    _clear_caches()
+
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err.startswith("leadscore: Salesforce credentials missing: set ")
 
 
 # ---- the LLM

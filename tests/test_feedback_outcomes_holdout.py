@@ -362,7 +362,7 @@ def test_a_worker_with_a_holdout_share_needs_the_holdout_field(
 
 def test_a_worker_with_a_holdout_share_starts_once_both_crms_have_the_field(env, monkeypatch, crm, sf_crm):
     reconfigure(monkeypatch, HOLDOUT_SHARE="0.05")
-    cli._require_holdout_fields(get_settings(), jobs)  # raises SettingsError when a field is missing
+    cli._require_holdout_fields(get_settings(), jobs, [SF_ORG_ID])  # raises SettingsError when one is missing
 
 
 @pytest.fixture(scope="module")

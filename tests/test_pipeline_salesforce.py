@@ -322,7 +322,7 @@ def test_a_client_credentials_token_that_expired_is_replaced_and_the_call_made_a
          "salesforce` creates leadscore's fields)"),
         ("SALESFORCE_ACCESS_TOKEN expired",
          "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or revoked): set "
-         "a new one, or let leadscore log in itself with SALESFORCE_CONSUMER_KEY and "
+         "a new one, or unset it and let leadscore log in itself with SALESFORCE_CONSUMER_KEY and "
          "SALESFORCE_CONSUMER_SECRET, or a username and password"),
     ],
     ids=["field_deleted", "token_expired"],

@@ -258,8 +258,8 @@ class SalesforceCRM:
             if mode == "token":
                 raise CRMError(
                     "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
-                    "revoked): set a new one, or let leadscore log in itself with SALESFORCE_CONSUMER_KEY "
-                    "and SALESFORCE_CONSUMER_SECRET, or a username and password"
+                    "revoked): set a new one, or unset it and let leadscore log in itself with "
+                    "SALESFORCE_CONSUMER_KEY and SALESFORCE_CONSUMER_SECRET, or a username and password"
                 ) from None
             if mode != "client_credentials":
                 raise
