@@ -24,7 +24,7 @@ from workers.blend import (
     input_fingerprint,
     score_lead,
 )
-from workers.config import ConfigError, load_config
+from workers.config import ConfigError, Tiers, load_config
 from workers.model_scoring import model_reason
 from workers.propensity import (
     FALLBACK_SOURCE,
@@ -911,3 +911,10 @@ def test_model_reason_names_the_drivers_in_the_scores_direction(contributions, v
              "visits": "numeric"}  # fmt: skip
     unseen = frozenset({"status"} if values["status"] == "IN_PROGRESS" else ())
     assert model_reason(contributions, values, kinds, unseen=unseen) == reason
+
+
+def test_the_top_of_each_tier_is_one_below_the_next_tier_up():
+    tiers = Tiers(A=80, B=50, C=20)
+
+    assert [tiers.top_of(tier) for tier in "ABCD"] == [100, 79, 49, 19]
+    assert [tiers.tier_for(tiers.top_of(tier)) for tier in "ABCD"] == list("ABCD")

@@ -87,6 +87,11 @@ class Tiers(_Strict):
                 return tier
         return TIER_NAMES[-1]
 
+    def top_of(self, tier: str) -> int:
+        """The highest score in `tier`."""
+        above = TIER_NAMES.index(tier) - 1
+        return 100 if above < 0 else getattr(self, TIER_NAMES[above]) - 1
+
 
 class Seniority(_Strict):
     unknown: float = Score

@@ -136,16 +136,18 @@ def capped_by_status(
     model: TrainedModel, results: list[ScoreResult], statuses: Iterable[str | None], config: ScoringConfig
 ) -> list[ScoreResult]:
     """A lead status the scoring config caps (a lead a rep marked unqualified) caps the model's score
-    as it caps the rules': a rep's judgement is respected, not overridden. The reason then names
-    the status, alone, as the rules' does."""
+    too: a rep's judgement is respected, not overridden. The cap was written on the rules' tiers (25,
+    say, keeps a lead in D), so the model's score stays at or below it and in no higher tier than the
+    cap allows there: D under the model's tiers as well. Where it binds, the reason is the status."""
     tiers = tiers_of(model)
     out = []
     for result, status in zip(results, statuses, strict=True):
         rule = config.source_stage.statuses.get(status or "")
         if rule is not None and rule.cap is not None:
-            result = replace(result, details={**result.details, "cap": rule.cap})
-            if result.score > rule.cap:
-                result = replace(result, score=rule.cap, tier=tiers.tier_for(rule.cap), reason=rule.label)
+            ceiling = min(rule.cap, tiers.top_of(config.tiers.tier_for(rule.cap)))
+            result = replace(result, details={**result.details, "cap": ceiling})
+            if result.score > ceiling:
+                result = replace(result, score=ceiling, tier=tiers.tier_for(ceiling), reason=rule.label)
         out.append(result)
     return out
 
