@@ -149,15 +149,20 @@ def batch_size(crm: str, wanted: int) -> int:
     return min(wanted, CRM_BATCH_LIMIT[crm])
 
 
-def record(pipe: Pipeline, events: list[LeadEvent]) -> None:
-    """Make these leads pending (the newest event replaces one already there); in the caller's
+def record(pipe: Pipeline, events: list[LeadEvent], keep_waiting: bool = False) -> None:
+    """Make these leads pending (the newest event replaces one already there, unless `keep_waiting`:
+    a rescore leaves a lead's waiting event, which scores it anyway, as it is); in the caller's
     transaction. A lead's linger counts from when its event was accepted."""
     by_account: dict[tuple[str, str], list[LeadEvent]] = {}
     for event in events:
         by_account.setdefault((event.crm, event.account_id), []).append(event)
     for (crm, account), group in by_account.items():
         ids = [e.lead_id for e in group]
-        pipe.hset(pending_key(crm, account), mapping=dict(zip(ids, dump_events(group), strict=True)))
+        if keep_waiting:
+            for lead_id, event in zip(ids, dump_events(group), strict=True):
+                pipe.hsetnx(pending_key(crm, account), lead_id, event)
+        else:
+            pipe.hset(pending_key(crm, account), mapping=dict(zip(ids, dump_events(group), strict=True)))
         pipe.zadd(since_key(crm, account), {e.lead_id: e.accepted_at.timestamp() for e in group}, nx=True)
         pipe.zadd(ACCOUNTS, {f"{crm}:{account}": min(e.accepted_at.timestamp() for e in group)}, nx=True)
 

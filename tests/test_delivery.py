@@ -19,6 +19,7 @@ from integration import metrics, pending
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import start_redis
+from integration.events import LeadEvent
 from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers, load_delivery
 from tests.conftest import (
@@ -370,6 +371,17 @@ def test_an_llm_that_keeps_failing_on_a_lead_rescores_it_five_times_waiting_twic
     assert waits == [1, 2, 4, 8, 16]  # minutes
     outcomes = [[(r["outcome"], r["fallback"]) for r in run] for run in runs]
     assert outcomes == [[("written", True)]] + [[("unchanged", True)]] * 5
+
+
+def test_a_rescore_leaves_a_waiting_event_of_the_lead_as_it_is(post_delivery, redis):
+    post_delivery("contact.propertyChange__lead_status")
+    [waiting] = pending_events(redis, "hubspot", PORTAL_ID)
+    rescore = LeadEvent.model_validate({**waiting, "event_ids": ["an-earlier-one"], "rescores": 3})
+    with redis.pipeline(transaction=True) as pipe:
+        pending.record(pipe, [rescore], keep_waiting=True)
+        pipe.execute()
+
+    assert pending_events(redis, "hubspot", PORTAL_ID) == [waiting]  # its real event: the count starts again
 
 
 def test_an_llm_left_unconfigured_is_not_a_reason_to_rescore(

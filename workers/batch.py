@@ -254,7 +254,7 @@ def rescore(crm: str, account: str, events: list[str]) -> int:
     now = datetime.now(UTC)
     lead_events = [event.model_copy(update={"accepted_at": now}) for event in parse_events(events)]
     with queue.connection.pipeline(transaction=True) as pipe:
-        pending.record(pipe, lead_events)
+        pending.record(pipe, lead_events, keep_waiting=True)
         pipe.execute()
     pending.kick(queue, crm, account)
     return len(lead_events)

@@ -409,7 +409,7 @@ class HubSpotCRM:
                     ),
                 )
             except ObjectsApiException as exc:
-                if exc.status != 403:  # not a missing scope (a revoked token is 401): fail, so it is retried
+                if exc.status != 403:  # not a missing scope: fail, so it is retried
                     raise CRMError(f"HubSpot deals read failed: {exc.status} {exc.reason}") from exc
                 log.warning("outcomes without deals: reading deals answered %s", exc.status)
                 return {}
