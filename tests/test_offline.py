@@ -674,7 +674,8 @@ def test_train_refuses_too_few_of_an_outcome_for_cross_validation(tmp_path, caps
 
     assert _train(tmp_path, data) == 2
     assert capsys.readouterr().err == (
-        f"leadscore train: {message}: cross-validation in 5 folds needs at least 5 of each outcome\n"
+        f"leadscore train: {message}: cross-validation in 5 folds needs at least 5 of each outcome; add "
+        "labelled rows\n"
     )
     assert not (tmp_path / "m").exists()  # refused before any work
 
@@ -875,7 +876,7 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     assert kinds == tabular.LEAD_FIELD_KINDS  # what a worker reads for every lead
     assert meta["candidates"]["lightgbm"]["cv_auc_mean"] > 0.85  # the lead fields alone, without [custom]
     captured = capsys.readouterr()
-    assert "warning: not learned from: time_on_site_s, kept with earlier scores but read by no worker" in (
+    assert "warning: not learned from: time_on_site_s, kept with earlier scores but not named under" in (
         captured.err
     )  # without a mapping, no worker would read it for live leads
     assert "expected on unseen leads (out-of-fold): ROC AUC" in captured.out

@@ -305,7 +305,7 @@ def load_model(settings: Settings) -> TrainedModel | None:
         raise SettingsError(f"SCORING_MODEL_PATH: {exc}") from None
     log.info("scoring with model %s (%s features)", model.version, len(model.kinds))
     for crm in ("hubspot", "salesforce"):
-        read = {*tabular.LEAD_FIELD_KINDS, tabular.LLM_FEATURE, *_custom_fields(model, crm)}
+        read = {*tabular.ALWAYS_READ, *_custom_fields(model, crm)}
         if getattr(settings, f"{crm}_configured") and (unread := [n for n in model.kinds if n not in read]):
             log.warning(
                 "model %s: no %s property is named for %s in the mapping's [custom], so live leads always "

@@ -320,15 +320,14 @@ class TrainedModel:
 
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        parts = {"estimator": self.estimator, "calibrator": self.calibrator, "version": self.version}
-        joblib.dump(parts, directory / "model.joblib")
         # Features are positional for the estimator: keep their order as a list, not a sorted object.
         features = [{"name": name, "kind": kind} for name, kind in self.kinds.items()]
         meta = {**self.meta, "features": features, "categories": self.categories}
-        (directory / "model.json").write_text(
-            json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        )
+        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"  # may fail: before writing
+        directory.mkdir(parents=True, exist_ok=True)
+        parts = {"estimator": self.estimator, "calibrator": self.calibrator, "version": self.version}
+        joblib.dump(parts, directory / "model.joblib")
+        (directory / "model.json").write_text(text)
         return directory
 
     @classmethod

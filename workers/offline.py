@@ -65,7 +65,7 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
 def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: Tiers | None = None):
     started = time.perf_counter()
     table = load_table(data, mapping_path, label, need_label=True)
-    require_folds(table.y, f"(label {table.mapping.label!r})")
+    require_folds(table.y, f"(label {table.mapping.label!r})", "; add labelled rows")
     kinds = table.mapping.feature_kinds()
     trained = train(
         table.features, table.y, kinds, source=table.source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
@@ -90,9 +90,9 @@ def train_from_store(
     later = "; run `leadscore outcomes sync`, or train once more leads have an outcome"
     require_folds(rows.labels, "in the store", later)
     if rows.unread:
-        _warn(f"not learned from: {', '.join(rows.unread)}, kept with earlier scores but read by no worker "
-              "now; to learn from one, name it under [custom] in a --mapping with the CRM property that "
-              "holds it")  # fmt: skip
+        _warn(f"not learned from: {', '.join(rows.unread)}, kept with earlier scores but not named under "
+              "[custom] in a --mapping, so no worker would read it for a live lead; to learn from one, name "
+              "it there with the CRM property that holds it")  # fmt: skip
     source = {"store": redacted(store.url), **rows.window}
     trained = train(rows.frame, rows.labels, rows.kinds, source=source,
                     tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS, progress=progress("cross-validating"),

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from workers.metrics import rate_difference
 from workers.store import POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
-from workers.tabular import LEAD_FIELD_KINDS, LLM_FEATURE, Kind, TableError, normalise
+from workers.tabular import ALWAYS_READ, Kind, TableError, normalise
 
 LeadKey = tuple[str, str, str]
 
@@ -132,8 +132,7 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
     if labels.min() == labels.max():
         raise TableError(f"every labelled lead in the store has outcome {labels[0]}: a model needs both")
     raw = pd.DataFrame(rows)
-    always_read = {**LEAD_FIELD_KINDS, LLM_FEATURE: "numeric"}
-    kinds = {**{name: kind for name, kind in always_read.items() if name in raw}, **(custom or {})}
+    kinds = {**{name: kind for name, kind in ALWAYS_READ.items() if name in raw}, **(custom or {})}
     frame = pd.DataFrame(
         {
             name: [normalise(v, kind) for v in raw[name]] if name in raw else np.nan

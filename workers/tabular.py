@@ -48,6 +48,8 @@ LEAD_FIELD_KINDS: dict[str, Kind] = {
 _TRUE = frozenset({"1", "1.0", "true", "yes", "y", "t"})  # 1.0 / 0.0: as spreadsheets and pandas write them
 _FALSE = frozenset({"0", "0.0", "false", "no", "n", "f"})
 LLM_FEATURE = "llm_propensity"
+# What a worker reads for every lead, whatever the mapping: the lead fields and the LLM's propensity.
+ALWAYS_READ: dict[str, Kind] = {**LEAD_FIELD_KINDS, LLM_FEATURE: "numeric"}
 csv.field_size_limit(2**31 - 1)  # a notes cell may well exceed the csv module's default of 128 KiB
 _GROUPED = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")  # 1,532 or 1,532.5: thousands
 
