@@ -716,6 +716,7 @@ def test_numbers_that_cannot_be_read_are_counted_once_per_column(tmp_path, capsy
     frame = _slice()
     frame.loc[[3, 8, 9], "Page Views Per Visit"] = ["2,5", "1 532", "45%"]
     frame.loc[20, "Do Not Email"] = "maybe"
+    frame.loc[[30, 31], "TotalVisits"] = ["Select ", " Select"]  # the placeholder, spaced: no warning
     data = _write(tmp_path, frame)
 
     assert _run("score-file", tmp_path, data) == 0

@@ -373,7 +373,8 @@ def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> tuple[pd.DataFrame, 
     )
     warnings = []
     for name, column in mapping.columns().items():
-        filled = frame[column].str.strip().ne("") & ~frame[column].isin(missing)
+        spaced = frame[column].str.split().str.join(" ")  # as `normalise` reads each cell
+        filled = spaced.ne("") & ~spaced.isin(missing)
         unread = filled & features[name].isna()
         if kinds[name] == "categorical" or not unread.any():
             continue
