@@ -439,7 +439,7 @@ class UsageError(RuntimeError):
 
 
 def a_file(text: str) -> Path:
-    """A file to read or write: refused up front when it names a directory."""
+    """A file to read or write: refused up front when it names a directory, or lies inside a file."""
     path = _not_under_a_file(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory: give a file")

@@ -380,9 +380,12 @@ def test_a_worker_names_the_model_features_no_crm_property_holds(env, monkeypatc
     never = "last_notable_activity, lead_profile, motivation, heard_from, free_copy, activity_index, " \
         "profile_index, activity_score, profile_score"  # fmt: skip
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.levelname == "WARNING"] == [
-        f"no {crm} property is named for {unread} in the mapping's [custom], so live leads always lack them "
-        "and score as if they were missing; name one and train again to use them"
-        for crm, unread in [("hubspot", never), ("salesforce", f"pages_per_visit, {never}")]
+        f"no {holder} is named for {unread} in the mapping's [custom], so live leads always lack them and "
+        "score as if they were missing; name one and train again to use them"
+        for holder, unread in [
+            ("HubSpot property", never),
+            ("Salesforce Lead field", f"pages_per_visit, {never}"),
+        ]  # fmt: skip
     ]
 
 

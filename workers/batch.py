@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SWEEP_AFTER_S = 30  # a pending lead older than this with no collector means a lost kick
 LINGER_POLL_S = 0.05
 PASS_S = 1.0  # under a steady stream of events, a collector steps aside this often
+MAX_FALLBACK_RESCORES = 5  # at the default FALLBACK_RESCORE_S: after 5, 10, 20, 40 and 80 minutes
 
 
 def _queue() -> Queue:
@@ -221,9 +222,6 @@ def _fail_alone(result, crm: str) -> None:
     if result.permanent and job is not None:
         job.retries_left = 0
     raise WriteRejected(crm, result)
-
-
-MAX_FALLBACK_RESCORES = 5  # at the default 300 s: after 5, 10, 20, 40 and 80 minutes
 
 
 def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, events: list[LeadEvent]) -> None:

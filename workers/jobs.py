@@ -304,13 +304,13 @@ def load_model(settings: Settings) -> TrainedModel | None:
     except (FileNotFoundError, ValueError) as exc:
         raise SettingsError(f"SCORING_MODEL_PATH: {exc}") from None
     log.info("scoring with model %s (%s features)", model.version, len(model.kinds))
-    for crm in ("hubspot", "salesforce"):
+    for crm, holder in (("hubspot", "HubSpot property"), ("salesforce", "Salesforce Lead field")):
         read = {*tabular.ALWAYS_READ, *_custom_fields(model, crm)}
         if getattr(settings, f"{crm}_configured") and (unread := [n for n in model.kinds if n not in read]):
             log.warning(
-                "model %s: no %s property is named for %s in the mapping's [custom], so live leads always "
-                "lack them and score as if they were missing; name one and train again to use them",
-                model.version, crm, ", ".join(unread),
+                "model %s: no %s is named for %s in the mapping's [custom], so live leads always lack "
+                "them and score as if they were missing; name one and train again to use them",
+                model.version, holder, ", ".join(unread),
             )  # fmt: skip
     return model
 
