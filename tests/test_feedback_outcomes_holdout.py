@@ -385,7 +385,7 @@ def test_a_worker_names_the_model_features_no_crm_property_holds(env, monkeypatc
         for holder, unread in [
             ("HubSpot property", never),
             ("Salesforce Lead field", f"pages_per_visit, {never}"),
-        ]  # fmt: skip
+        ]
     ]
 
 
