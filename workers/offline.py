@@ -144,7 +144,8 @@ def model_results(table: LabelledTable, model: TrainedModel, config: ScoringConf
             threads=0,  # every core: the contributions are most of the time
         )
     ]
-    statuses = [lead.status for lead in tabular.leads_from_frame(table.frame, table.mapping)]
+    shown = table.shown.get("status")  # spelled as a lead's status is: the config's caps match it
+    statuses = [None] * len(results) if shown is None else [s if isinstance(s, str) else None for s in shown]
     return model_scoring.capped_by_status(model, results, statuses, config)
 
 
