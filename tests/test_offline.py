@@ -762,9 +762,10 @@ def test_lines_are_counted_as_in_the_file(tmp_path, capsys):
     assert "(first at line 14)" in capsys.readouterr().err  # header 1, blank 2, rows 3, 4-5, 6, ... 14
 
 
-def test_a_file_separated_by_semicolons_is_named_as_such(tmp_path, capsys):
+@pytest.mark.parametrize("quoting", [csv.QUOTE_MINIMAL, csv.QUOTE_ALL], ids=["bare", "quoted"])
+def test_a_file_separated_by_semicolons_is_named_as_such(tmp_path, capsys, quoting):
     data = tmp_path / "leads.csv"
-    _slice().to_csv(data, sep=";", index=False)
+    _slice().to_csv(data, sep=";", index=False, quoting=quoting)
 
     assert _train(tmp_path, data) == 2
     assert capsys.readouterr().err == (

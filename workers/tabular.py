@@ -214,6 +214,8 @@ def _read_csv(path: Path) -> CsvFile:
     except UnicodeDecodeError:
         raise _not_utf8(path, "data file", 'save it as "CSV UTF-8"') from None
     except csv.Error as exc:
+        if header is None and _semicolon_header(path):
+            raise _semicolons(path) from None
         problem = f"a quote opened on line {line} is never closed" if "end of data" in str(exc) else (
             f"{exc} in the record starting on line {line} (check its quotes)"
         )  # fmt: skip
@@ -221,6 +223,21 @@ def _read_csv(path: Path) -> CsvFile:
     if header is None:
         raise TableError(f"data file {path} is empty")
     return CsvFile(header, lines, cells_of, too_wide)
+
+
+def _semicolon_header(path: Path) -> bool:
+    """Whether the file's first record reads as cells between semicolons, as a spreadsheet in a
+    comma-decimal locale saves CSV (quoted, it is not even a readable comma-separated record)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        return len(next(csv.reader([first], delimiter=";", strict=True), [])) > 1
+    except csv.Error:
+        return False
+
+
+def _semicolons(path: Path) -> TableError:
+    return TableError(f"data file {path} looks separated by semicolons; save it as CSV (comma delimited)")
 
 
 def line_of(frame: pd.DataFrame, rows) -> int:
@@ -250,7 +267,7 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
         )
     missing = [c for c in dict.fromkeys(wanted) if c not in header]
     if missing and set(missing) <= set(",".join(header).split(";")):
-        raise TableError(f"data file {path} looks separated by semicolons; save it as CSV (comma delimited)")
+        raise _semicolons(path)
     if missing:
         raise TableError(
             f"{path} has no column {', '.join(repr(c) for c in missing)} that the mapping (or --label) "
