@@ -3,6 +3,7 @@ simple-salesforce client over HTTPS → Salesforce emulator, with the LLM stub."
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +12,8 @@ import pytest
 from integration.errors import CRMError
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import load_settings
-from tests.conftest import FIXTURES, SF_ORG_ID, fixture_json, stored_outcomes
+from tests.conftest import FIXTURES, SF_ORG_ID, _clear_caches, fixture_json, stored_outcomes
+from workers import jobs
 
 HOT = "00Q5g00000Ls001EAB"
 CRO = "00Q5g00000Ls002EAB"
@@ -310,6 +312,30 @@ def test_a_client_credentials_token_that_expired_is_replaced_and_the_call_made_a
     assert [c for c in salesforce.calls if c[1] == "/services/oauth2/token"] == [
         ("POST", "/services/oauth2/token", "client=leadscore")
     ] * 2  # one new token, not one a call
+
+
+def test_a_session_one_work_horse_renewed_serves_the_next_without_a_login(
+    env, monkeypatch, salesforce, sf_crm
+):
+    monkeypatch.setenv("SALESFORCE_ACCESS_TOKEN", "")
+    monkeypatch.setenv("SALESFORCE_CONSUMER_KEY", "leadscore-client-id")
+    monkeypatch.setenv("SALESFORCE_CONSUMER_SECRET", "leadscore-client-secret")
+    _clear_caches()
+    parent = jobs.salesforce_for(SF_ORG_ID)
+    parent.prepare()  # `leadscore worker` logs in and describes Lead before forking work horses
+    before = len(salesforce.calls)
+    parent.read_lead(HOT)
+    one_read = salesforce.calls[before:]
+    salesforce.token = "a-later-token"  # the org ended the session
+
+    copy.copy(parent).read_lead(HOT)  # a work horse, forked holding the ended session: refused, logs in
+    before = len(salesforce.calls)
+    lead = jobs.salesforce_for(SF_ORG_ID).read_lead(HOT)  # the next work horse
+
+    assert lead.title == "VP of Sales" and salesforce.calls[before:] == one_read  # not refused, no login
+    assert [c for c in salesforce.calls if c[1] == "/services/oauth2/token"] == [
+        ("POST", "/services/oauth2/token", "client=leadscore")
+    ] * 2
 
 
 @pytest.mark.parametrize(

@@ -344,15 +344,20 @@ def _hubspot(portal_id: str) -> HubSpotCRM:
 
 
 def salesforce_for(org_id: str) -> SalesforceCRM:
-    """One client per org, keyed on the 15-character id that 15- and 18-character forms share."""
-    return _salesforce(org_id[:15])
+    """One client per org, keyed on the 15-character id that 15- and 18-character forms share, on
+    the org's latest session."""
+    client = _salesforce(org_id[:15])
+    client.adopt_shared_session()
+    return client
 
 
 @lru_cache(maxsize=64)
 def _salesforce(org_id: str) -> SalesforceCRM:
     ctx = context()
     custom_fields = _custom_fields(ctx.model, "salesforce")
-    return SalesforceCRM(ctx.settings, org_id=org_id, telemetry=ctx.telemetry, custom_fields=custom_fields)
+    return SalesforceCRM(
+        ctx.settings, org_id=org_id, telemetry=ctx.telemetry, custom_fields=custom_fields, redis=ctx.redis
+    )
 
 
 def outcome(lead_key: str, name: str, scored: Scored | None = None) -> dict:

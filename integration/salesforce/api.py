@@ -8,13 +8,16 @@ recognised when they come back as change events.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import requests
+from redis import Redis
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
@@ -194,8 +197,10 @@ class SalesforceCRM:
         org_id: str = "",
         telemetry: Callable[..., None] = lambda *args, **labels: None,
         custom_fields: dict[str, str] | None = None,
+        redis: Redis | None = None,
     ):
-        """`custom_fields`: further Lead fields a trained model reads, feature name -> field API name."""
+        """`custom_fields`: further Lead fields a trained model reads, feature name -> field API name.
+        `redis`: where the org's session is shared with the worker's other processes (`SharedSession`)."""
         settings.require_salesforce_api()
         self.org_id = self.account_id = org_id
         self.custom_fields = dict(custom_fields or {})
@@ -206,7 +211,33 @@ class SalesforceCRM:
         self.settings = settings
         self.session = requests.Session()
         self.session.headers["Sforce-Call-Options"] = f"client={settings.salesforce_client_name}"
-        self.sf = _connect(settings, self.session)
+        renewable = redis is not None and _auth_mode(settings) != "token"
+        self.shared = SharedSession(redis, settings, org_id) if renewable else None
+        shared = self.shared.get() if self.shared else None
+        self.sf = self._client(shared) if shared else self._log_in()
+
+    def _client(self, token: SessionToken) -> Salesforce:
+        return Salesforce(
+            instance_url=token.instance_url,
+            session_id=token.access_token,
+            version=self.settings.salesforce_api_version,
+            session=self.session,
+        )
+
+    def _log_in(self) -> Salesforce:
+        """A client on a new session, which the worker's other processes then use too."""
+        token = _new_session(self.settings, self.session)
+        if self.shared:
+            self.shared.put(token)
+        return self._client(token)
+
+    def adopt_shared_session(self) -> None:
+        """Take up the session another process of the worker renewed. A work horse is forked from a
+        parent that keeps the session it started with; without this, every job after that session
+        expired would be refused once and log in again."""
+        shared = self.shared.get() if self.shared else None
+        if shared and shared.access_token != self.sf.session_id:
+            self.sf = self._client(shared)
 
     @property
     def read_fields(self) -> list[str]:
@@ -248,23 +279,20 @@ class SalesforceCRM:
         return {f["name"] for f in described["fields"]}
 
     def _renewing(self, call: Callable[[], T]) -> T:
-        """`call`, and once more with a new token when the org says the session expired and leadscore
-        gets its own tokens (client credentials; simple-salesforce logs in again by password itself).
-        A fixed SALESFORCE_ACCESS_TOKEN cannot be renewed: said so, with what to set."""
+        """`call`, and once more on a new session when the org says this one expired and leadscore
+        logs in itself (client credentials, or username and password). A fixed
+        SALESFORCE_ACCESS_TOKEN cannot be renewed: said so, with what to set."""
         try:
             return call()
         except SalesforceExpiredSession:
-            mode = _auth_mode(self.settings)
-            if mode == "token":
+            if _auth_mode(self.settings) == "token":
                 raise CRMError(
                     "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
                     "revoked): set a new one, or unset it and let leadscore log in itself with "
                     "SALESFORCE_CONSUMER_KEY and SALESFORCE_CONSUMER_SECRET, or a username and password"
                 ) from None
-            if mode != "client_credentials":
-                raise
-            log.info("Salesforce session of org %s expired: getting a new token", self.org_id)
-            self.sf = _connect(self.settings, self.session)
+            log.info("Salesforce session of org %s expired: logging in again", self.org_id)
+            self.sf = self._log_in()
             return call()
 
     def _within_budget(self, operation: str) -> None:
@@ -485,32 +513,51 @@ def _auth_mode(settings: Settings) -> str:
     raise SettingsError("no usable Salesforce credentials")  # require_salesforce_api said which
 
 
-def _connect(settings: Settings, session: requests.Session) -> Salesforce:
-    version = settings.salesforce_api_version
+class SessionToken(NamedTuple):
+    instance_url: str
+    access_token: str
+
+
+def _new_session(settings: Settings, session: requests.Session) -> SessionToken:
+    """A session as the settings allow: the fixed token as it is, or a new one."""
     mode = _auth_mode(settings)
     if mode == "token":
-        return Salesforce(
-            instance_url=str(settings.salesforce_instance_url).rstrip("/"),
-            session_id=settings.salesforce_access_token,
-            version=version,
-            session=session,
-        )
+        instance_url = str(settings.salesforce_instance_url).rstrip("/")
+        return SessionToken(instance_url, settings.salesforce_access_token)
     if mode == "client_credentials":
         token = _client_credentials_token(settings, session)
-        return Salesforce(
-            instance_url=token["instance_url"],
-            session_id=token["access_token"],
-            version=version,
-            session=session,
-        )
-    return Salesforce(
+        return SessionToken(token["instance_url"], token["access_token"])
+    by_password = Salesforce(
         username=settings.salesforce_username,
         password=settings.salesforce_password,
         security_token=settings.salesforce_security_token,
         domain=settings.salesforce_domain,
-        version=version,
+        version=settings.salesforce_api_version,
         session=session,
     )
+    return SessionToken(f"https://{by_password.sf_instance}", by_password.session_id)
+
+
+class SharedSession:
+    """An org's current session, kept in Redis for every process of every worker that logs in with
+    the same credentials. Kept a day at most: Salesforce ends sessions sooner, and an ended one is
+    replaced at the first call it fails."""
+
+    KEEP_S = 24 * 3600
+
+    def __init__(self, redis: Redis, settings: Settings, org_id: str):
+        login = (_auth_mode(settings), settings.salesforce_instance_url, settings.salesforce_domain,
+                 settings.salesforce_consumer_key, settings.salesforce_username)  # fmt: skip
+        digest = hashlib.sha256("\n".join(str(part or "") for part in login).encode()).hexdigest()[:16]
+        self.redis = redis
+        self.key = f"leadscore:salesforce:session:{org_id[:15]}:{digest}"
+
+    def get(self) -> SessionToken | None:
+        kept = self.redis.get(self.key)
+        return SessionToken(**json.loads(kept)) if kept else None
+
+    def put(self, token: SessionToken) -> None:
+        self.redis.set(self.key, json.dumps(token._asdict()), ex=self.KEEP_S)
 
 
 def _client_credentials_token(settings: Settings, session: requests.Session) -> dict:
