@@ -249,5 +249,8 @@ def _salesforce_scene(emulator, crm, outbound_url: str, redis_url: str, logs: Pa
     _print_list_view("Salesforce Leads", crm.list_scored(lead_ids))
     echoes = len(emulator.echo_statuses)
     extra = metrics.counter_value(redis, "events_enqueued_total", crm="salesforce") - enqueued_before - 12
+    unchanged = metrics.counter_value(redis, "leads_skipped_unchanged_total", crm="salesforce")
     print(f"\n{echoes} echo Outbound Message(s) of leadscore's own writes acknowledged "
-          f"({sorted(set(emulator.echo_statuses))}); {extra:.0f} events queued for them.")  # fmt: skip
+          f"({sorted(set(emulator.echo_statuses))}); {extra:.0f} events queued for them, and "
+          f"{unchanged:.0f} leads read and found unchanged, so not written again. A Flow with the entry "
+          "condition `LastModifiedById ≠ integration user` sends no echoes.")  # fmt: skip

@@ -230,6 +230,29 @@ def test_unchanged_lead_is_not_rewritten(post_outbound, post_change_events, sf_c
     assert len(salesforce.writes) == 1
 
 
+def test_a_rep_edit_sent_after_leadscore_wrote_the_lead_is_scored(
+    post_outbound, sf_crm, run_worker, salesforce, monkeypatch
+):
+    """Salesforce sends an Outbound Message with the record as it is then: a rep's edit made while a
+    batch scored the lead arrives naming leadscore's integration user as its last modifier."""
+    read_leads = SalesforceCRM.read_leads
+
+    def read_then_a_rep_edits(crm, lead_ids):
+        leads = read_leads(crm, lead_ids)
+        salesforce.leads[HOT].update(Status="Closed - Not Converted", LastModifiedById="0055g00000RepAAAA")
+        return leads
+
+    monkeypatch.setattr(SalesforceCRM, "read_leads", read_then_a_rep_edits)
+    post_outbound("outbound_message__single")
+    [first] = run_worker()
+    monkeypatch.setattr(SalesforceCRM, "read_leads", read_leads)
+    post_outbound(salesforce.outbound_message([(HOT, {})]))  # the rep's edit, as Salesforce sends it now
+    [second] = run_worker()
+
+    assert salesforce.lead(HOT)["LastModifiedById"] == salesforce.integration_user_id
+    assert (first["score"], second["outcome"], second["score"], second["tier"]) == (82, "written", 25, "D")
+
+
 def test_lead_change_event__status_update_rescores(post_change_events, sf_crm, run_worker, salesforce):
     post_change_events("lead_change_event__status_update")
     [first] = run_worker()

@@ -50,7 +50,7 @@ def fault(response) -> tuple[str, str]:
         ("outbound_message__single", ["00Q5g00000Ls001EAB"]),
         ("outbound_message__demo_burst", [f"00Q5g00000Ls{n:03d}EAB" for n in range(1, 13)]),
         ("outbound_message__several_for_one_lead", ["00Q5g00000Ls002EAB"]),
-        ("outbound_message__integration_user", []),
+        ("outbound_message__integration_user", ["00Q5g00000Ls003EAB"]),  # the record as sent, not as changed
         ("outbound_message__contact_object", []),
         ("outbound_message__deleted_lead", ["00Q5g00000Ls999EAB"]),
         ("outbound_message__converted_lead", ["00Q5g00000Ls011EAB"]),
@@ -357,11 +357,12 @@ def test_change_origin_client_is_matched_exactly(post_change_events, origin, enq
 
 def test_integration_user_given_as_15_characters_still_matches(settings, queue):
     app = create_app(settings.model_copy(update={"salesforce_integration_user_id": "0055g00000LsInt"}))
-    body = (FIXTURES / "salesforce" / "outbound_message__integration_user.xml").read_bytes()
+    body = json.dumps(fixture_json("salesforce/lead_change_event__integration_user.json")).encode()
+    headers = {"Content-Type": "application/json", **signing.sign_headers(SF_EVENTS_SECRET, body)}
 
-    app.test_client().post(f"/webhooks/salesforce/{SF_WEBHOOK_TOKEN}", data=body)
+    response = app.test_client().post("/webhooks/salesforce/events", data=body, headers=headers)
 
-    assert pending.depth(queue.connection) == 0
+    assert response.get_json()["ignored"] == 1 and pending.depth(queue.connection) == 0
 
 
 @pytest.mark.parametrize("stamp", ["\u00b2", "9" * 5000, "1" * 400])

@@ -99,8 +99,8 @@ ADMIN_STEPS = (
     "(list view > gear > Select Fields to Display).",
     "Put Lead Score Feedback on the reps' Lead page layout, so they can say a score is too high, too low "
     "or right (Setup > Object Manager > Lead > Page Layouts).",
-    "Point an Outbound Message (Flow or workflow rule on Lead create/edit) at "
-    "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with fields Id and LastModifiedById, "
+    "Point an Outbound Message (a Flow on Lead create/edit, entry condition LastModifiedById is not the "
+    "integration user) at https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with field Id, "
     "or send signed change events to /webhooks/salesforce/events (see the README).",
     "Send Opportunity stage changes the same way (an Outbound Message with field Id from a Flow on "
     "Opportunity when its stage changes, or its change events), so an opportunity won after its Lead "

@@ -120,7 +120,11 @@ def parse_notifications(body: bytes) -> Element:
     return notifications
 
 
-def triage_notification(notification: Element, org_id: str, integration_user: str) -> IntakeRow | Skipped:
+def triage_notification(notification: Element, org_id: str) -> IntakeRow | Skipped:
+    """A Lead's notification is queued whoever it names as `LastModifiedById`: Salesforce sends the
+    record as it is when the message goes out, not as the change left it, so leadscore's own write
+    landing in between would hide a rep's edit. The Flow's entry condition keeps leadscore's writes
+    from sending messages; an echo that still comes costs one read, and the unchanged lead no write."""
     notification_id = _text(notification, "Id")
     sobject = _child(notification, "sObject")
     if not notification_id or sobject is None:
@@ -136,8 +140,6 @@ def triage_notification(notification: Element, org_id: str, integration_user: st
         return Skipped("unsupported", ref, f"{record_id!r} is not a Salesforce record id")
     if object_type == "Opportunity":  # which fields changed is not said: the worker reads if it is won
         key, kind = deal_key(record_id), "deal_change"
-    elif same_record(_text(sobject, "LastModifiedById"), integration_user):
-        return Skipped("ignore", ref, "change made by leadscore's integration user")
     else:
         key, kind = record_id, "outbound_message"
     return IntakeRow(
@@ -300,7 +302,7 @@ def receive_outbound_message(token: str | None = None):
         raise PayloadError("the Outbound Message holds no <Notification> elements")
     if len(items) > MAX_NOTIFICATIONS:
         raise PayloadError(f"expected at most {MAX_NOTIFICATIONS} notifications, got {len(items)}")
-    triaged = [triage_notification(n, org_id, settings.salesforce_integration_user_id) for n in items]
+    triaged = [triage_notification(n, org_id) for n in items]
     summary = services.hand_off("salesforce", triaged)
     log.info("outbound message from %s: %s", org_id, summary)
     return Response(ACK, status=200, content_type="text/xml; charset=utf-8")
