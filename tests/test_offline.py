@@ -999,7 +999,8 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
     now = datetime.now(UTC)
     old = now - timedelta(days=45)
     rows = [("1", 91, "A", False, old), ("2", 85, "A", True, old), ("3", 30, "D", False, old),
-            ("4", 12, "D", True, old), ("5", 88, "A", False, now), ("6", 99, "A", False, old)]  # fmt: skip
+            ("4", 12, "D", True, old), ("5", 88, "A", False, now), ("6", 99, "A", False, old),
+            ("7", 50, "B", True, now)]  # fmt: skip
     kept.record_scores(
         ScoreRecord(crm="salesforce", account_id="00D5g000004XyZa", lead_id=lead, score=score, tier=tier,
                     reason="r", scorer="model", fingerprint=lead, features={}, details={}, holdout=holdout,
@@ -1024,13 +1025,13 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
 
     summary = json.loads((out / "metrics.json").read_text())["store"]
     assert summary == {
-        "scores": 6, "leads": 6, "converted": 1, "min_age_days": 30.0,
+        "scores": 7, "leads": 7, "converted": 1, "min_age_days": 30.0,
         "holdout": {"scored": {"leads": 2, "converted": 1, "waiting": 1, "converted_before": 1,  # 5 is new
-                               "rate": 0.5},
-                    "holdout": {"leads": 2, "converted": 0, "waiting": 0, "converted_before": 0,
-                                "rate": 0.0}},
+                               "outside_holdout": 0, "rate": 0.5},
+                    "holdout": {"leads": 2, "converted": 0, "waiting": 1, "converted_before": 0,
+                                "outside_holdout": 0, "rate": 0.0}},
         "shown_minus_holdout": {"points": 50.0, "ci95": [-27.3, 90.5]},
-        "feedback": {"(none shown)": {"too_high": 1}, "D": {"right": 1, "too_low": 1}},
+        "feedback": {"(held out)": {"too_high": 1}, "D": {"right": 1, "too_low": 1}},
     }  # fmt: skip
     report = (out / "report.md").read_text()
     assert "### Holdout (no visible score)" in report and "| D | 0 | 1 | 1 |" in report
@@ -1038,7 +1039,7 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
     assert "Shown minus holdout: +50.0 points (95% interval -27.3 to +90.5): the interval includes 0" in (
         report
     )
-    assert "| (none shown) | 1 | 0 | 0 |" in report
+    assert "| (held out) | 1 | 0 | 0 |" in report
 
 
 @EACH_STORE
@@ -1075,7 +1076,7 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
 @EACH_STORE
 def test_evaluate_from_a_young_store_shows_holdout_and_feedback_before_any_ranking(env, tmp_path, capsys):
     kept = Store(env["DATABASE_URL"])
-    rows = [("1", 91, "A", False), ("2", 85, "A", True), ("3", 30, "D", False), ("4", 12, "D", True)]
+    rows = [("2", 85, "A", True), ("1", 91, "A", False), ("3", 30, "D", False), ("4", 12, "D", True)]
     kept.record_scores(
         ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead, score=score, tier=tier, reason="r",
                     scorer="rules+llm", fingerprint=lead, features={}, details={}, holdout=holdout)
@@ -1091,7 +1092,7 @@ def test_evaluate_from_a_young_store_shows_holdout_and_feedback_before_any_ranki
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["scorers"] == {}
     assert summary["store"]["holdout"]["scored"] == {
-        "leads": 0, "converted": 0, "waiting": 2, "converted_before": 0, "rate": None
+        "leads": 0, "converted": 0, "waiting": 2, "converted_before": 0, "outside_holdout": 0, "rate": None
     }  # fmt: skip
     assert summary["store"]["feedback"] == {"D": {"too_low": 1}}
     report = (out / "report.md").read_text()

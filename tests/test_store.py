@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,7 +17,7 @@ from integration.cli import main
 from integration.settings import get_settings
 from workers import store
 from workers.store import Feedback, LeadFact, ScoreRecord, Store, StoreNotReady
-from workers.store_data import labelled_scores, live_scorers, training_rows
+from workers.store_data import labelled_scores, live_scorers, store_summary, training_rows
 
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
@@ -110,6 +111,49 @@ def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(store_url):
     assert [tuple(r) for r in rows] == [("too_high", 91, "A"), ("right", 60, "B")]
 
 
+def test_feedback_cleared_and_said_again_of_a_new_score_counts_again(store_url):
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    lead, never, withdrawn = (("hubspot", "48213377", n) for n in ("7", "8", "10"))
+    kept.record_scores([_score(n, datetime.now(UTC), "lead") for n in ("7", "10")])
+
+    assert kept.record_feedback([Feedback(*lead, "too_high", 85, "A", "f1"), Feedback(*never, None)]) == 1
+    assert kept.record_feedback([Feedback(*lead, None, 60, "B", "f2")]) == 1  # emptied once rescored
+    assert kept.record_feedback([Feedback(*lead, None, 60, "B", "f2")]) == 0  # still empty
+    assert kept.record_feedback([Feedback(*lead, "too_high", 60, "B", "f2")]) == 1  # of the new score
+    assert kept.record_feedback([Feedback("hubspot", "48213377", "9", "right")]) == 1  # before any score
+    kept.record_feedback([Feedback(*withdrawn, "too_low", 40, "C", "f3")])
+    kept.record_feedback([Feedback(*withdrawn, None, 40, "C", "f3")])  # taken back, the same score shown
+
+    assert store_summary(kept)["feedback"] == {
+        "(not scored yet)": {"right": 1}, "A": {"too_high": 1}, "B": {"too_high": 1}
+    }  # fmt: skip
+
+
+def test_the_holdout_comparison_leaves_out_leads_scored_before_the_holdout_began(store_url):
+    """HOLDOUT_SHARE switched on after leadscore had run: the older leads, which had longer to
+    convert, have no held-out peers, and counting them would make the score look like it helped."""
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    now = datetime.now(UTC)
+    before, since = now - timedelta(days=200), now - timedelta(days=60)
+    early = [_score(str(n), before, "lead") for n in range(6)]  # half of them converted
+    held = [replace(_score(f"h{n}", since + timedelta(days=n), "lead"), holdout=True) for n in range(2)]
+    shown = [_score(f"s{n}", since, "lead") for n in range(2)]
+    kept.record_scores([*early, *held, *shown])
+    kept.record_outcomes(
+        [LeadFact("hubspot", "48213377", lead, "customer", now - timedelta(days=30)) for lead in
+         ("0", "1", "2", "h0", "s0")], "sync",
+    )  # fmt: skip
+
+    summary = store_summary(kept, min_age_days=30)
+
+    assert summary["holdout"]["scored"] == {
+        "leads": 2, "converted": 1, "waiting": 0, "converted_before": 0, "outside_holdout": 6, "rate": 0.5
+    }  # fmt: skip
+    assert summary["holdout"]["holdout"]["rate"] == 0.5 and summary["shown_minus_holdout"]["points"] == 0.0
+
+
 def test_an_outcome_reported_again_with_an_earlier_date_moves_back_to_it(store_url):
     store.upgrade(store_url)
     kept = Store(store_url)
@@ -162,22 +206,31 @@ def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_
     ]  # fmt: skip
 
 
-def test_a_lead_that_did_not_convert_is_judged_by_the_score_reps_saw_in_its_window(store_url):
+def test_each_lead_is_judged_by_its_score_at_conversion_or_at_the_end_of_its_window_and_young_ones_wait(
+    store_url,
+):
     store.upgrade(store_url)
     kept = Store(store_url)
     now = datetime.now(UTC)
     kept.record_scores([
         _score("1", now - timedelta(days=60), "lead"),  # shown while it could have converted
         _score("1", now - timedelta(days=1), "lead", "model", "m2"),  # rescored long after
-        _score("2", now - timedelta(days=50), "lead", version="gpt-4o-mini"), _score("3", now, "lead"),
+        _score("2", now - timedelta(days=50), "lead", version="gpt-4o-mini"),
+        _score("3", now, "lead"),  # converts at once, but its non-converting peers are not judged yet
+        _score("4", now - timedelta(days=40), "lead"),
+        _score("4", now - timedelta(days=5), "opportunity", "model", "m2"),  # converts after its window
+        _score("5", now - timedelta(days=40), "lead"),
+        _score("5", now - timedelta(days=37), "opportunity", "model", "m2"),  # converts within it
     ])  # fmt: skip
     kept.record_outcomes(
-        [LeadFact("hubspot", "48213377", "3", "customer", now + timedelta(seconds=1))], "sync"
-    )
+        [LeadFact("hubspot", "48213377", "3", "customer", now + timedelta(seconds=1)),
+         LeadFact("hubspot", "48213377", "4", "customer", now - timedelta(days=2)),
+         LeadFact("hubspot", "48213377", "5", "customer", now - timedelta(days=36))], "sync",
+    )  # fmt: skip
 
     judged = {row["lead_id"]: (row["scorer"], label) for row, label in labelled_scores(kept, 30)}
-    assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "3": ("rules+llm", 1)}
-    assert list(live_scorers(kept, 30)) == ["live rules+llm", "live rules+llm gpt-4o-mini"]
+    assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "4": ("rules+llm", 1), "5": ("model", 1)}
+    assert list(live_scorers(kept, 30)) == ["live m2", "live rules+llm", "live rules+llm gpt-4o-mini"]
 
 
 def test_workers_of_the_previous_release_still_keep_outcomes_after_the_upgrade(store_url):

@@ -104,9 +104,7 @@ class WorkerContext:
         steps = {
             "scores": lambda: self.store.record_scores(s.record() for s in scored),
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
-            "feedback": lambda: self.store.record_feedback(
-                _feedback(lead) for lead in leads if lead.feedback
-            ),
+            "feedback": lambda: self.store.record_feedback(_feedback(lead) for lead in leads),
         }
         for what, step in steps.items():
             try:

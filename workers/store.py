@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -97,6 +97,7 @@ feedback = Table(
 )
 
 POSITIVE_OUTCOMES = ("opportunity", "customer", "converted", "won")
+CLEARED = "cleared"  # kept when a rep empties the feedback property: saying the same again counts anew
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class Feedback:
     crm: str
     account_id: str
     lead_id: str
-    value: str
+    value: str | None  # None: the property is empty
     score: int | None = None
     tier: str | None = None
     fingerprint: str | None = None
@@ -260,10 +261,15 @@ class Store:
         return added
 
     def record_feedback(self, facts: Iterable[Feedback]) -> int:
-        """Keep a rep's feedback whenever it differs from what they said last about the lead."""
+        """Keep a rep's feedback whenever it differs from what they said last about the lead. A fact
+        without a value (the property is empty) is kept as `CLEARED`, and only after feedback that
+        was not: a rep who clears a "too high" and later says it again, of a new score, is heard
+        twice, while a lead that never had feedback keeps none."""
         valid = []
         for fact in facts:
-            if fact.value in FEEDBACK_VALUES:
+            if fact.value is None:
+                valid.append(replace(fact, value=CLEARED))
+            elif fact.value in FEEDBACK_VALUES:
                 valid.append(fact)
             else:
                 log.warning("ignoring feedback %r on %s: expected one of %s", fact.value, fact.lead_id,
@@ -281,7 +287,7 @@ class Store:
             new = []
             for fact in valid:
                 key = (fact.crm, fact.account_id, fact.lead_id)
-                if last.get(key) != fact.value:
+                if last.get(key, CLEARED) != fact.value:
                     new.append({**asdict(fact), "recorded_at": now})
                     last[key] = fact.value
             if new:

@@ -13,7 +13,7 @@ import pandas as pd
 from sqlalchemy import func, select
 
 from workers.metrics import rate_difference
-from workers.store import POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
+from workers.store import CLEARED, POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
 from workers.tabular import ALWAYS_READ, Kind, TableError, normalise
 
 LeadKey = tuple[str, str, str]
@@ -64,22 +64,23 @@ def histories(store: Store) -> Iterator[LeadHistory]:
 
 
 def labelled_scores(store: Store, min_age_days: float) -> Iterator[tuple[dict, int]]:
-    """One score a lead, with its outcome: a lead that converted is represented by its last score
-    *before* it converted (later ones already show the outcome, e.g. its lifecycle stage); one
-    that did not counts as lost once first scored over `min_age_days` ago, represented by its last
-    score within those days (younger ones are left out: too early to tell). Leads first scored
-    after converting teach nothing."""
+    """One score a lead, with its outcome, by one rule for both outcomes. Only leads first scored at
+    least `min_age_days` ago count: younger ones have not had the time to show either outcome, and
+    keeping their conversions but not their non-conversions would inflate every rate. Each is
+    represented by its last score before it converted or before its first `min_age_days` ended,
+    whichever came first: later scores already show the outcome (e.g. its lifecycle stage), and one
+    moment for all keeps a rescore late in a lead's life from telling the outcomes apart. Leads that
+    had converted before their first score teach nothing."""
     window = timedelta(days=min_age_days)
     cutoff = datetime.now(UTC) - window
     for history in histories(store):
-        if history.converted_at is not None:
-            row, label = history.last_before(history.converted_at), 1
-        elif history.first["scored_at"] <= cutoff:
-            row, label = history.last_within(window), 0
-        else:
+        first_scored, converted = history.first["scored_at"], history.converted_at
+        if first_scored > cutoff or (converted is not None and converted <= first_scored):
             continue
-        if row is not None:
-            yield row, label
+        if converted is not None and converted <= first_scored + window:
+            yield history.last_before(converted), 1
+        else:
+            yield history.last_within(window), int(converted is not None)
 
 
 def live_scorers(store: Store, min_age_days: float) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
@@ -149,27 +150,47 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
 
 def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
     """Conversion of leads reps saw a score for beside the holdout's (membership and outcomes
-    counted from each lead's first score on) and the difference, and rep feedback by the tier shown:
-    the latest feedback on each lead for each score shown, so a changed mind counts once. Only leads
-    first scored at least `min_age_days` ago are compared: the newest have had no time to convert,
-    and counting them would shrink the difference; they are counted as `waiting`. Nor are leads that
-    had converted before their first score (a customer scored when leadscore was switched on): no
-    score could change them; they are counted as `converted_before`."""
+    counted from each lead's first score on) and the difference, and rep feedback by the tier shown.
+
+    Only leads that could have landed in either group are compared: in each account, those first
+    scored while the holdout ran (from its first lead to its last), so switching HOLDOUT_SHARE on
+    after leadscore had run (or off) leaves the other leads, older or newer than any held out, out
+    of the comparison; they are counted as `outside_holdout`. Of those, only leads first scored at
+    least `min_age_days` ago: the newest have had no time to convert, and counting them would shrink
+    the difference; they are counted as `waiting`. Nor are leads that had converted before their
+    first score (a customer scored when leadscore was switched on): no score could change them; they
+    are counted as `converted_before`.
+
+    Feedback: the latest on each lead for each score shown, so a changed mind counts once."""
     groups = {
-        name: {"leads": 0, "converted": 0, "waiting": 0, "converted_before": 0}
+        name: {"leads": 0, "converted": 0, "waiting": 0, "converted_before": 0, "outside_holdout": 0}
         for name in ("scored", "holdout")
     }
     totals = {"scores": 0, "leads": 0, "converted": 0}
     mature = datetime.now(UTC) - timedelta(days=min_age_days)
-    for history in histories(store):
-        converted = history.converted_at is not None and history.converted_at > history.first["scored_at"]
+    every = list(histories(store))
+    ran: dict[tuple[str, str], tuple[datetime, datetime]] = {}  # account -> first and last holdout lead
+    for history in every:
+        if history.first["holdout"]:
+            account, moment = (history.first["crm"], history.first["account_id"]), history.first["scored_at"]
+            first, last = ran.get(account, (moment, moment))
+            ran[account] = (min(first, moment), max(last, moment))
+    held_out = set()
+    for history in every:
+        first_score = history.first
+        converted = history.converted_at is not None and history.converted_at > first_score["scored_at"]
         totals["scores"] += len(history.scores)
         totals["leads"] += 1
         totals["converted"] += converted
-        group = groups["holdout" if history.first["holdout"] else "scored"]
-        if history.converted_at is not None and not converted:
+        if history.scores[-1]["holdout"]:
+            held_out.add((first_score["crm"], first_score["account_id"], first_score["lead_id"]))
+        group = groups["holdout" if first_score["holdout"] else "scored"]
+        start, end = ran.get((first_score["crm"], first_score["account_id"]), (None, None))
+        if start is None or not start <= first_score["scored_at"] <= end:
+            group["outside_holdout"] += 1
+        elif history.converted_at is not None and not converted:
             group["converted_before"] += 1
-        elif history.first["scored_at"] > mature:
+        elif first_score["scored_at"] > mature:
             group["waiting"] += 1
         else:
             group["leads"] += 1
@@ -177,16 +198,6 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
     for group in groups.values():
         group["rate"] = round(group["converted"] / group["leads"], 4) if group["leads"] else None
     scored, held = groups["scored"], groups["holdout"]
-    with store.engine.connect() as connection:
-        said = connection.execute(
-            select(feedback.c.crm, feedback.c.account_id, feedback.c.lead_id, feedback.c.fingerprint,
-                   feedback.c.tier, feedback.c.value).order_by(feedback.c.id)
-        ).all()  # fmt: skip
-    latest = {tuple(row[:4]): (row.tier, row.value) for row in said}
-    by_tier: dict[str, dict[str, int]] = {}
-    for tier, value in latest.values():
-        counts = by_tier.setdefault(tier or "(none shown)", {})
-        counts[value] = counts.get(value, 0) + 1
     return {
         **totals,
         "min_age_days": min_age_days,
@@ -194,5 +205,24 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
         "shown_minus_holdout": rate_difference(
             scored["converted"], scored["leads"], held["converted"], held["leads"]
         ),
-        "feedback": dict(sorted(by_tier.items())),
+        "feedback": _feedback_by_tier(store, held_out),
     }
+
+
+def _feedback_by_tier(store: Store, held_out: set[LeadKey]) -> dict[str, dict[str, int]]:
+    """Counts of each feedback value by the tier the rep saw. Feedback given where no tier showed is
+    told apart: on a lead held out (its latest score), or on one not scored yet."""
+    with store.engine.connect() as connection:
+        said = connection.execute(
+            select(feedback.c.crm, feedback.c.account_id, feedback.c.lead_id, feedback.c.fingerprint,
+                   feedback.c.tier, feedback.c.value).order_by(feedback.c.id)
+        ).all()  # fmt: skip
+    latest = {tuple(row[:4]): (tuple(row[:3]), row.tier, row.value) for row in said}
+    by_tier: dict[str, dict[str, int]] = {}
+    for lead, tier, value in latest.values():
+        if value == CLEARED:
+            continue
+        shown = tier or ("(held out)" if lead in held_out else "(not scored yet)")
+        counts = by_tier.setdefault(shown, {})
+        counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(by_tier.items()))
