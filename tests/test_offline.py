@@ -29,7 +29,7 @@ from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, tabular
 from workers.blend import blend_weights
 from workers.config import load_config
-from workers.metrics import rate_difference
+from workers.metrics import cumulative_gains, rate_difference
 from workers.model import TrainedModel, monotone_constraints
 from workers.propensity import NEUTRAL
 from workers.rules import evaluate_rules
@@ -991,6 +991,17 @@ def test_a_low_base_rate_is_warned_about_and_tiers_can_follow_it(tmp_path, capsy
 )
 def test_the_holdout_difference_has_newcombes_interval(counts, expected):
     assert rate_difference(*counts) == expected
+
+
+def test_the_gains_curve_is_the_same_whatever_the_order_of_leads_with_tied_scores():
+    scores = np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1])
+    converters_first = cumulative_gains(np.array([1, 1, 1, 0, 0, 1, 0, 0]), scores)
+    converters_last = cumulative_gains(np.array([1, 0, 0, 1, 1, 0, 0, 1]), scores)
+
+    assert [a.tolist() for a in converters_first] == [a.tolist() for a in converters_last]
+    called, captured = converters_first  # one point per distinct score, a straight line across its ties
+    assert called.tolist() == [0.0, 0.125, 0.625, 1.0]
+    assert captured.tolist() == [0.0, 0.25, 0.75, 1.0]
 
 
 @EACH_STORE

@@ -55,11 +55,15 @@ def tier_table(y: np.ndarray, tiers: list[str], order: tuple[str, ...] = TIER_NA
 
 
 def cumulative_gains(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Share of all conversions captured when calling the top x% of leads by score."""
-    order = np.argsort(-np.asarray(p), kind="stable")
+    """Share of all conversions captured when calling the top x% of leads by score. One point per
+    distinct score, after all the leads tied on it (as sklearn's roc_curve treats ties): a score
+    cannot order the leads it ties, so the curve runs straight across them whatever the row order."""
+    scores = np.asarray(p)
+    order = np.argsort(-scores, kind="stable")
     captured = np.cumsum(np.asarray(y)[order]) / max(1, int(np.sum(y)))
     called = np.arange(1, len(order) + 1) / len(order)
-    return np.concatenate([[0.0], called]), np.concatenate([[0.0], captured])
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(scores[order])), len(order) - 1]
+    return np.r_[0.0, called[last_of_each_score]], np.r_[0.0, captured[last_of_each_score]]
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
