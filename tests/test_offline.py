@@ -26,7 +26,7 @@ from sqlalchemy import make_url
 from integration.cli import main
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
-from workers import model_scoring, offline, tabular
+from workers import model_scoring, offline, report, tabular
 from workers.blend import blend_weights
 from workers.config import load_config
 from workers.metrics import cumulative_gains, rate_difference
@@ -1002,6 +1002,14 @@ def test_the_gains_curve_is_the_same_whatever_the_order_of_leads_with_tied_score
     called, captured = converters_first  # one point per distinct score, a straight line across its ties
     assert called.tolist() == [0.0, 0.125, 0.625, 1.0]
     assert captured.tolist() == [0.0, 0.25, 0.75, 1.0]
+
+
+def test_a_tier_without_leads_has_no_bar_and_each_bar_is_labelled_with_its_leads():
+    y = np.array([1, 0, 0, 0, 1, 0, 0, 0])
+    rates, labels = report.tier_bars(y, ["A", "A", "C", "C", "D", "D", "D", "D"])
+
+    assert np.array_equal(rates, [0.5, np.nan, 0.0, 0.25], equal_nan=True)  # B empty, C never converts
+    assert labels == ["n=2", "n=0", "n=2", "n=4"]
 
 
 @EACH_STORE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from workers.config import TIER_NAMES  # noqa: E402
-from workers.metrics import ECE_BINS  # noqa: E402
+from workers.metrics import ECE_BINS, tier_table  # noqa: E402
 
 
 @contextmanager
@@ -56,13 +57,24 @@ def _tiers(path: Path, curves: dict) -> None:
         width = 0.8 / max(1, len(curves))
         x = np.arange(len(TIER_NAMES))
         for i, (name, (y, _, tiers)) in enumerate(curves.items()):
-            tiers = np.asarray(tiers)
-            rates = [float(y[tiers == t].mean()) if (tiers == t).any() else 0.0 for t in TIER_NAMES]
+            rates, labels = tier_bars(y, tiers)
             bars = ax.bar(x + i * width, rates, width, label=name)
+            for left, top, label in zip(x + i * width, np.nan_to_num(rates), labels, strict=True):
+                ax.text(left, top, label, ha="center", va="bottom", fontsize=7)
             ax.axhline(float(np.mean(y)), linestyle=":", color=bars.patches[0].get_facecolor(), linewidth=1)
-        ax.set_xticks(x + width * (len(curves) - 1) / 2, TIER_NAMES)
+        centres = x + width * (len(curves) - 1) / 2
+        ax.set_xticks(centres, TIER_NAMES)
+        ax.set_xlim(centres[0] - 0.5, centres[-1] + 0.5)  # an empty tier, unplotted, keeps its place
         ax.set(ylabel="conversion rate (dotted: each scorer's overall rate)", title="Conversion rate by tier",
                ylim=(0, 1))  # fmt: skip
+
+
+def tier_bars(y: np.ndarray, tiers: list[str]) -> tuple[list[float], list[str]]:
+    """Each tier's conversion rate and its bar's label, the tier's lead count: a tier without leads
+    gets NaN, no bar, since drawn as 0% it would look like a tier whose leads never convert."""
+    rows = tier_table(y, tiers)
+    rates = [math.nan if row["conversion_rate"] is None else row["conversion_rate"] for row in rows]
+    return rates, [f"n={row['leads']}" for row in rows]
 
 
 def _gains(path: Path, curves: dict, cumulative_gains) -> None:
