@@ -308,6 +308,34 @@ def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
 
 
+def test_each_tier_gives_its_conversions_with_wilsons_interval_and_a_small_tier_is_flagged(tmp_path):
+    out = tmp_path / "report"
+    assert main(["evaluate", *FILE_ARGS, "--out", str(out)]) == 0
+
+    tiers = json.loads((out / "metrics.json").read_text())["scorers"]["rules"]["tiers"]
+    assert tiers[0] == {"tier": "A", "leads": 0, "share": 0.0, "conversion_rate": None, "lift": None,
+                        "converted": 0, "ci95": None}  # fmt: skip
+    assert tiers[3] == {"tier": "D", "leads": 5, "share": 0.01, "conversion_rate": 0.2, "lift": 0.54,
+                        "converted": 1, "ci95": [0.0362, 0.6245]}  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "| rules | C | 495 | 99.0% | 184 | 37.2% | 33.0% – 41.5% | 1.00× |" in report
+    assert "| rules | D | 5 | 1.0% | 1 | 20.0% | 3.6% – 62.5% | 0.54× |" in report
+    assert "- `rules`: tier D (5 leads): fewer than 30 leads, so conversion and lift are rough; the 95% " \
+           "interval says how rough." in report  # fmt: skip
+    assert "too few outcomes" not in report  # 185 converted, 315 not
+
+
+def test_a_scorer_with_few_conversions_is_flagged_as_too_few_to_rank(tmp_path):
+    leads = pd.read_csv(DATA)
+    few = pd.concat([leads[leads["Converted"] == 1].head(12), leads[leads["Converted"] == 0]])
+    out = tmp_path / "report"
+    assert main(["evaluate", "--data", str(_write(tmp_path, few)), "--mapping", str(MAPPING), "--out",
+                 str(out)]) == 0  # fmt: skip
+
+    assert "- `rules`: 12 converted and 315 unconverted leads: too few outcomes to rank reliably (its ROC " \
+           "AUC, PR AUC and curves want at least 20 of each)." in (out / "report.md").read_text()  # fmt: skip
+
+
 # ---------------------------------------------------------------- bad input, each a clear error
 
 
@@ -1084,7 +1112,8 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
     assert list(scorers) == ["live rules+llm", "live v7"]
     live = scorers["live rules+llm"]
     assert (live["leads"], live["base_rate"], live["roc_auc"]) == (4, 0.5, 0.75)  # 30 ranks under 85
-    assert live["tiers"][0] == {"tier": "A", "leads": 2, "share": 0.5, "conversion_rate": 0.5, "lift": 1.0}
+    assert live["tiers"][0] == {"tier": "A", "leads": 2, "share": 0.5, "conversion_rate": 0.5, "lift": 1.0,
+                                "converted": 1, "ci95": [0.0945, 0.9055]}  # fmt: skip
     assert (scorers["live v7"]["leads"], scorers["live v7"]["roc_auc"]) == (2, 1.0)
     printed = capsys.readouterr().out
     assert "live rules+llm" in printed and "ROC AUC 0.7500" in printed

@@ -35,7 +35,8 @@ def classification_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def tier_table(y: np.ndarray, tiers: list[str], order: tuple[str, ...] = TIER_NAMES) -> list[dict]:
-    """Share of leads, conversion rate and lift over the overall rate, per tier."""
+    """Share of leads, conversion rate and lift over the overall rate, per tier; the conversions and
+    the rate's 95% Wilson interval say how far a small tier's rate can be trusted."""
     y = np.asarray(y, dtype=float)
     tiers_arr = np.asarray(tiers)
     base = float(y.mean()) if len(y) else 0.0
@@ -43,13 +44,16 @@ def tier_table(y: np.ndarray, tiers: list[str], order: tuple[str, ...] = TIER_NA
     for tier in order:
         inside = tiers_arr == tier
         n = int(inside.sum())
-        rate = float(y[inside].mean()) if n else float("nan")
+        converted = int(y[inside].sum())
+        rate = converted / n if n else float("nan")
         rows.append({
             "tier": tier,
             "leads": n,
             "share": round(n / len(y), 4) if len(y) else 0.0,
             "conversion_rate": round(rate, 4) if n else None,
             "lift": round(rate / base, 2) if n and base else None,
+            "converted": converted,
+            "ci95": [round(bound, 4) for bound in wilson_interval(converted, n)] if n else None,
         })  # fmt: skip
     return rows
 

@@ -17,6 +17,9 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from workers.config import TIER_NAMES  # noqa: E402
 from workers.metrics import ECE_BINS, tier_table  # noqa: E402
 
+MIN_EACH_OUTCOME_TO_RANK = 20  # converted leads, and unconverted, for a ranking read without a caveat
+MIN_TIER_LEADS = 30  # leads in a tier, for its conversion rate read without a caveat
+
 
 @contextmanager
 def _figure(path: Path, size: tuple[float, float] = (5, 5)):
@@ -139,19 +142,22 @@ def _scorer_tables(scorers: dict) -> list[str]:
             f"| {name} | {s['leads']} | {_percent(s['base_rate'])} | {_fmt(s['roc_auc'])} "
             f"| {_fmt(s['pr_auc'])} | {_fmt(s['brier'])} | {_fmt(s['ece'])} |"
         )
+    lines += _bullets(_too_few_outcomes(name, s) for name, s in scorers.items())
     lines += [
         "",
         "## Tiers",
         "",
-        "| scorer | tier | leads | share | conversion | lift |",
-        "|---|---|---|---|---|---|",
+        "| scorer | tier | leads | share | converted | conversion | 95% interval | lift |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in scorers.items():
         for row in s["tiers"]:
+            interval = "–" if row["ci95"] is None else " – ".join(_percent(bound) for bound in row["ci95"])
             lines.append(
-                f"| {name} | {row['tier']} | {row['leads']} | {row['share']:.1%} | "
-                f"{_percent(row['conversion_rate'])} | {_times(row['lift'])} |"
+                f"| {name} | {row['tier']} | {row['leads']} | {row['share']:.1%} | {row['converted']} | "
+                f"{_percent(row['conversion_rate'])} | {interval} | {_times(row['lift'])} |"
             )
+    lines += _bullets(_small_tiers(name, s) for name, s in scorers.items())
     for name, s in scorers.items():
         cv = s.get("cross_validation")
         if cv:
@@ -162,6 +168,40 @@ def _scorer_tables(scorers: dict) -> list[str]:
                     f"| {candidate} | {m['cv_auc_mean']:.4f} | {m['cv_auc_sd']:.4f} | {m['oof_ece']:.4f} |"
                 )
     return lines
+
+
+def _too_few_outcomes(name: str, scorer: dict) -> str | None:
+    """A ranking measured on a handful of conversions (or of leads that did not convert) can swing
+    widely from one sample to the next."""
+    converted = sum(row["converted"] for row in scorer["tiers"])
+    unconverted = scorer["leads"] - converted
+    if min(converted, unconverted) >= MIN_EACH_OUTCOME_TO_RANK:
+        return None
+    return (
+        f"`{name}`: {converted} converted and {unconverted} unconverted leads: too few outcomes to rank "
+        f"reliably (its ROC AUC, PR AUC and curves want at least {MIN_EACH_OUTCOME_TO_RANK} of each)."
+    )
+
+
+def _small_tiers(name: str, scorer: dict) -> str | None:
+    """Tiers whose conversion rate rests on few leads (empty ones have no rate at all)."""
+    small = [
+        f"tier {row['tier']} ({row['leads']} leads)"
+        for row in scorer["tiers"]
+        if 0 < row["leads"] < MIN_TIER_LEADS
+    ]
+    if not small:
+        return None
+    return (
+        f"`{name}`: {', '.join(small)}: fewer than {MIN_TIER_LEADS} leads, so conversion and lift are rough; "
+        "the 95% interval says how rough."
+    )
+
+
+def _bullets(notes) -> list[str]:
+    """A list under a table, of the notes that apply."""
+    kept = [f"- {note}" for note in notes if note]
+    return ["", *kept] if kept else []
 
 
 def _store_tables(store: dict) -> list[str]:
