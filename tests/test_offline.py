@@ -1150,6 +1150,26 @@ def test_evaluate_from_a_young_store_shows_holdout_and_feedback_before_any_ranki
     assert "## Plots" not in report and not list(out.glob("*.png"))
 
 
+@EACH_STORE
+def test_evaluate_without_a_holdout_says_no_lead_was_held_out(env, tmp_path):
+    kept = Store(env["DATABASE_URL"])
+    kept.record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead, score=score, tier=tier, reason="r",
+                    scorer="rules+llm", fingerprint=lead, features={}, details={})
+        for lead, score, tier in [("1", 91, "A"), ("2", 30, "D")]
+    )  # fmt: skip
+    out = tmp_path / "report"
+
+    assert main(["evaluate", "--with-store", "--out", str(out)]) == 0
+
+    report = (out / "report.md").read_text()
+    assert "| holdout | 0 | 0 | – | 0 | 0 |" in report and "| scored | 0 | 0 | – | 2 | 0 |" in report
+    assert "No difference: no lead was held out (set `HOLDOUT_SHARE` above 0 to measure the difference)." in (
+        report
+    )
+    assert "waiting)" not in report
+
+
 def test_evaluate_needs_a_file_or_the_store(tmp_path, capsys):
     assert main(["evaluate", "--out", str(tmp_path / "r")]) == 2
     assert "evaluate needs --data FILE and --mapping MAP, or --with-store, or both" in capsys.readouterr().err

@@ -219,8 +219,7 @@ def _store_tables(store: dict) -> list[str]:
             f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} | {row['waiting']} "
             f"| {row['converted_before']} |"
         )
-    waiting = sum(row["waiting"] for row in store["holdout"].values())
-    lines += ["", _holdout_difference(store["shown_minus_holdout"], waiting)]
+    lines += ["", _holdout_difference(store["shown_minus_holdout"], store["holdout"])]
     lines += [
         "",
         "### Rep feedback",
@@ -234,11 +233,16 @@ def _store_tables(store: dict) -> list[str]:
     return lines
 
 
-def _holdout_difference(difference: dict | None, waiting: int) -> str:
+def _holdout_difference(difference: dict | None, groups: dict[str, dict]) -> str:
     if difference is None:
+        if not any(groups["holdout"][count] for count in ("leads", "waiting", "converted_before")):
+            return (
+                "No difference: no lead was held out (set `HOLDOUT_SHARE` above 0 to measure the difference)."
+            )
+        waiting = sum(row["waiting"] for row in groups.values())
         if waiting:
             return f"No difference yet: a group has no leads old enough ({waiting} waiting)."
-        return "No difference yet: a group has no leads (is `HOLDOUT_SHARE` above 0?)."
+        return "No difference yet: a group has no leads to compare."
     low, high = difference["ci95"]
     said = (
         "the interval includes 0, so these leads cannot yet tell whether showing the score changes conversion"
