@@ -336,6 +336,19 @@ def test_a_scorer_with_few_conversions_is_flagged_as_too_few_to_rank(tmp_path):
            "AUC, PR AUC and curves want at least 20 of each)." in (out / "report.md").read_text()  # fmt: skip
 
 
+def test_brier_and_ece_of_the_rules_are_said_to_measure_a_points_scale(trained, tmp_path):
+    out = tmp_path / "report"
+    assert main(["evaluate", *FILE_ARGS, "--model", str(trained), "--out", str(out)]) == 0
+
+    scorers = json.loads((out / "metrics.json").read_text())["scorers"]
+    assert [scorer["scale"] for scorer in scorers.values()] == ["points", "probability"]
+    report = (out / "report.md").read_text()
+    assert "\n- `rules`: the rules' 0–100 is a points scale, not a probability, so Brier and ECE measure " \
+           "it against a scale it was not built for; compare the rules by ROC AUC, PR AUC and tier lift.\n" \
+           in report  # fmt: skip
+    assert "`model " not in report.split("## Tiers")[0]  # the model's Brier and ECE stand as they are
+
+
 # ---------------------------------------------------------------- bad input, each a clear error
 
 
@@ -1117,7 +1130,10 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
     assert (scorers["live v7"]["leads"], scorers["live v7"]["roc_auc"]) == (2, 1.0)
     printed = capsys.readouterr().out
     assert "live rules+llm" in printed and "ROC AUC 0.7500" in printed
-    assert "| live v7 | 2 | 50.0% | 1.0000 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| live v7 | 2 | 50.0% | 1.0000 |" in report
+    assert [scorer["scale"] for scorer in scorers.values()] == ["points", "probability"]
+    assert "- `live rules+llm`: the rules' 0–100 is a points scale, not a probability" in report
 
 
 @EACH_STORE

@@ -11,6 +11,9 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 from workers.config import TIER_NAMES
 
 ECE_BINS = 10
+# What a scorer's 0-100 means: a trained model's is a calibrated probability; the rules' (blended
+# with the LLM's propensity live) a points scale, which Brier and ECE were not made to judge.
+PROBABILITY, POINTS = "probability", "points"
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:

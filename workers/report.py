@@ -15,7 +15,7 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from workers.config import TIER_NAMES  # noqa: E402
-from workers.metrics import ECE_BINS, tier_table  # noqa: E402
+from workers.metrics import ECE_BINS, POINTS, tier_table  # noqa: E402
 
 MIN_EACH_OUTCOME_TO_RANK = 20  # converted leads, and unconverted, for a ranking read without a caveat
 MIN_TIER_LEADS = 30  # leads in a tier, for its conversion rate read without a caveat
@@ -142,7 +142,7 @@ def _scorer_tables(scorers: dict) -> list[str]:
             f"| {name} | {s['leads']} | {_percent(s['base_rate'])} | {_fmt(s['roc_auc'])} "
             f"| {_fmt(s['pr_auc'])} | {_fmt(s['brier'])} | {_fmt(s['ece'])} |"
         )
-    lines += _bullets(_too_few_outcomes(name, s) for name, s in scorers.items())
+    lines += _bullets([_points_scale(scorers), *(_too_few_outcomes(name, s) for name, s in scorers.items())])
     lines += [
         "",
         "## Tiers",
@@ -168,6 +168,17 @@ def _scorer_tables(scorers: dict) -> list[str]:
                     f"| {candidate} | {m['cv_auc_mean']:.4f} | {m['cv_auc_sd']:.4f} | {m['oof_ece']:.4f} |"
                 )
     return lines
+
+
+def _points_scale(scorers: dict) -> str | None:
+    """Brier and ECE treat a score / 100 as a probability, which the rules' points never claimed to be."""
+    names = [f"`{name}`" for name, s in scorers.items() if s["scale"] == POINTS]
+    if not names:
+        return None
+    return (
+        f"{', '.join(names)}: the rules' 0–100 is a points scale, not a probability, so Brier and ECE "
+        "measure it against a scale it was not built for; compare the rules by ROC AUC, PR AUC and tier lift."
+    )
 
 
 def _too_few_outcomes(name: str, scorer: dict) -> str | None:
