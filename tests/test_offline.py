@@ -29,7 +29,7 @@ from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, report, tabular
 from workers.blend import blend_weights
 from workers.config import load_config
-from workers.metrics import cumulative_gains, rate_difference
+from workers.metrics import calibration_bins, cumulative_gains, expected_calibration_error, rate_difference
 from workers.model import TrainedModel, monotone_constraints
 from workers.propensity import NEUTRAL
 from workers.rules import evaluate_rules
@@ -1032,6 +1032,18 @@ def test_a_low_base_rate_is_warned_about_and_tiers_can_follow_it(tmp_path, capsy
 )
 def test_the_holdout_difference_has_newcombes_interval(counts, expected):
     assert rate_difference(*counts) == expected
+
+
+def test_ece_and_the_calibration_plot_bin_alike_each_bin_holding_its_lower_edge():
+    y = np.array([0, 1, 1, 0, 1])
+    p = np.array([0.125, 0.1875, 0.5, 0.5625, 1.0])
+
+    share, predicted, observed = calibration_bins(y, p)
+
+    assert share.tolist() == [0.4, 0.4, 0.2]  # 0.5 sits with 0.5625, not with 0.4-0.5; 1.0 in the last
+    assert predicted.tolist() == [0.15625, 0.53125, 1.0]
+    assert observed.tolist() == [0.5, 0.5, 1.0]
+    assert expected_calibration_error(y, p) == pytest.approx(0.15)  # 0.4 × 0.34375 + 0.4 × 0.03125
 
 
 def test_the_gains_curve_is_the_same_whatever_the_order_of_leads_with_tied_scores():

@@ -16,16 +16,25 @@ ECE_BINS = 10
 PROBABILITY, POINTS = "probability", "points"
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Mean |predicted - observed| over equal-width probability bins, weighted by bin size."""
+def calibration_bins(
+    y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per non-empty equal-width probability bin (each holding its lower edge, the last also 1.0, so a
+    score of 50 sits with 50-59): its share of leads, mean predicted probability and observed rate.
+    ECE and the calibration plot both bin here, so they judge the same leads together."""
     y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
     index = np.minimum((p * bins).astype(int), bins - 1)
-    error = 0.0
-    for b in range(bins):
-        inside = index == b
-        if inside.any():
-            error += inside.mean() * abs(p[inside].mean() - y[inside].mean())
-    return float(error)
+    leads = np.bincount(index, minlength=bins)
+    filled = leads > 0
+    predicted = np.bincount(index, weights=p, minlength=bins)[filled] / leads[filled]
+    observed = np.bincount(index, weights=y, minlength=bins)[filled] / leads[filled]
+    return leads[filled] / len(p), predicted, observed
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean |predicted - observed| over equal-width probability bins, weighted by bin size."""
+    share, predicted, observed = calibration_bins(y, p, bins)
+    return float(np.sum(share * np.abs(predicted - observed)))
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:

@@ -11,11 +11,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from workers.config import TIER_NAMES  # noqa: E402
-from workers.metrics import ECE_BINS, POINTS, tier_table  # noqa: E402
+from workers.metrics import POINTS, calibration_bins, tier_table  # noqa: E402
 
 MIN_EACH_OUTCOME_TO_RANK = 20  # converted leads, and unconverted, for a ranking read without a caveat
 MIN_TIER_LEADS = 30  # leads in a tier, for its conversion rate read without a caveat
@@ -49,7 +48,7 @@ def _roc(path: Path, curves: dict) -> None:
 def _calibration(path: Path, curves: dict) -> None:
     with _figure(path) as ax:
         for name, (y, p, _) in curves.items():
-            observed, predicted = calibration_curve(y, p, n_bins=ECE_BINS, strategy="uniform")
+            _, predicted, observed = calibration_bins(y, p)
             ax.plot(predicted, observed, marker="o", label=name)
         _diagonal(ax)
         ax.set(xlabel="score / 100", ylabel="observed conversion rate", title="Calibration")
