@@ -349,6 +349,24 @@ def test_brier_and_ece_of_the_rules_are_said_to_measure_a_points_scale(trained, 
     assert "`model " not in report.split("## Tiers")[0]  # the model's Brier and ECE stand as they are
 
 
+def test_the_cross_validation_table_tells_uncalibrated_from_calibrated_ece(trained, tmp_path):
+    out = tmp_path / "report"
+    assert main(["evaluate", *FILE_ARGS, "--model", str(trained), "--out", str(out)]) == 0
+
+    meta = json.loads((trained / "model.json").read_text())
+    kept, other = meta["model"], ({"lightgbm", "logistic_regression"} - {meta["model"]}).pop()
+    scorer = json.loads((out / "metrics.json").read_text())["scorers"][f"model {meta['version']}"]
+    assert (scorer["kept_candidate"], scorer["calibrated_oof_ece"]) == (kept, meta["expected"]["ece"])
+    report = (out / "report.md").read_text()
+    assert "| candidate | CV ROC AUC | sd across folds | out-of-fold ECE, uncalibrated | out-of-fold ECE, " \
+           f"{meta['calibration']}-calibrated |" in report  # fmt: skip
+    k, o = meta["candidates"][kept], meta["candidates"][other]
+    assert f"| {kept} (kept) | {k['cv_auc_mean']:.4f} | {k['cv_auc_sd']:.4f} | {k['oof_ece']:.4f} | " \
+           f"{meta['expected']['ece']:.4f} |" in report  # fmt: skip
+    assert f"| {other} | {o['cv_auc_mean']:.4f} | {o['cv_auc_sd']:.4f} | {o['oof_ece']:.4f} | – |" in report
+    assert "(calibration: " not in report
+
+
 # ---------------------------------------------------------------- bad input, each a clear error
 
 

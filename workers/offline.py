@@ -302,6 +302,8 @@ def _file_scorers(
             "scale": PROBABILITY,
             "cross_validation": model.meta.get("candidates"),
             "calibration": model.meta["calibration"],
+            "kept_candidate": model.meta.get("model"),
+            "calibrated_oof_ece": model.meta.get("expected", {}).get("ece"),
         }
     return {
         name: (table.y, np.array([r.score for r in rows], dtype=float) / 100, [r.tier for r in rows])
