@@ -26,10 +26,10 @@ from sqlalchemy import make_url
 from integration.cli import main
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
-from workers import model_scoring, offline, tabular
+from workers import model_scoring, offline, report, tabular
 from workers.blend import blend_weights
 from workers.config import load_config
-from workers.metrics import rate_difference
+from workers.metrics import calibration_bins, cumulative_gains, expected_calibration_error, rate_difference
 from workers.model import TrainedModel, monotone_constraints
 from workers.propensity import NEUTRAL
 from workers.rules import evaluate_rules
@@ -306,6 +306,65 @@ def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| rules |" in report and "![ROC](roc.png)" in report
     assert "report:" in capsys.readouterr().out
+
+
+def test_each_tier_gives_its_conversions_with_wilsons_interval_and_a_small_tier_is_flagged(tmp_path):
+    out = tmp_path / "report"
+    assert main(["evaluate", *FILE_ARGS, "--out", str(out)]) == 0
+
+    tiers = json.loads((out / "metrics.json").read_text())["scorers"]["rules"]["tiers"]
+    assert tiers[0] == {"tier": "A", "leads": 0, "share": 0.0, "conversion_rate": None, "lift": None,
+                        "converted": 0, "ci95": None}  # fmt: skip
+    assert tiers[3] == {"tier": "D", "leads": 5, "share": 0.01, "conversion_rate": 0.2, "lift": 0.54,
+                        "converted": 1, "ci95": [0.0362, 0.6245]}  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "| rules | C | 495 | 99.0% | 184 | 37.2% | 33.0% – 41.5% | 1.00× |" in report
+    assert "| rules | D | 5 | 1.0% | 1 | 20.0% | 3.6% – 62.5% | 0.54× |" in report
+    assert "- `rules`: tier D (5 leads): fewer than 30 leads, so conversion and lift are rough; the 95% " \
+           "interval says how rough." in report  # fmt: skip
+    assert "too few outcomes" not in report  # 185 converted, 315 not
+
+
+def test_a_scorer_with_few_conversions_is_flagged_as_too_few_to_rank(tmp_path):
+    leads = pd.read_csv(DATA)
+    few = pd.concat([leads[leads["Converted"] == 1].head(12), leads[leads["Converted"] == 0]])
+    out = tmp_path / "report"
+    assert main(["evaluate", "--data", str(_write(tmp_path, few)), "--mapping", str(MAPPING), "--out",
+                 str(out)]) == 0  # fmt: skip
+
+    assert "- `rules`: 12 converted and 315 unconverted leads: too few outcomes to rank reliably (its ROC " \
+           "AUC, PR AUC and curves want at least 20 of each)." in (out / "report.md").read_text()  # fmt: skip
+
+
+def test_brier_and_ece_of_the_rules_are_said_to_measure_a_points_scale(trained, tmp_path):
+    out = tmp_path / "report"
+    assert main(["evaluate", *FILE_ARGS, "--model", str(trained), "--out", str(out)]) == 0
+
+    scorers = json.loads((out / "metrics.json").read_text())["scorers"]
+    assert [scorer["scale"] for scorer in scorers.values()] == ["points", "probability"]
+    report = (out / "report.md").read_text()
+    assert "\n- `rules`: the rules' 0–100 is a points scale, not a probability, so Brier and ECE measure " \
+           "it against a scale it was not built for; compare the rules by ROC AUC, PR AUC and tier lift.\n" \
+           in report  # fmt: skip
+    assert "`model " not in report.split("## Tiers")[0]  # the model's Brier and ECE stand as they are
+
+
+def test_the_cross_validation_table_tells_uncalibrated_from_calibrated_ece(trained, tmp_path):
+    out = tmp_path / "report"
+    assert main(["evaluate", *FILE_ARGS, "--model", str(trained), "--out", str(out)]) == 0
+
+    meta = json.loads((trained / "model.json").read_text())
+    kept, other = meta["model"], ({"lightgbm", "logistic_regression"} - {meta["model"]}).pop()
+    scorer = json.loads((out / "metrics.json").read_text())["scorers"][f"model {meta['version']}"]
+    assert (scorer["kept_candidate"], scorer["calibrated_oof_ece"]) == (kept, meta["expected"]["ece"])
+    report = (out / "report.md").read_text()
+    assert "| candidate | CV ROC AUC | sd across folds | out-of-fold ECE, uncalibrated | out-of-fold ECE, " \
+           f"{meta['calibration']}-calibrated |" in report  # fmt: skip
+    k, o = meta["candidates"][kept], meta["candidates"][other]
+    assert f"| {kept} (kept) | {k['cv_auc_mean']:.4f} | {k['cv_auc_sd']:.4f} | {k['oof_ece']:.4f} | " \
+           f"{meta['expected']['ece']:.4f} |" in report  # fmt: skip
+    assert f"| {other} | {o['cv_auc_mean']:.4f} | {o['cv_auc_sd']:.4f} | {o['oof_ece']:.4f} | – |" in report
+    assert "(calibration: " not in report
 
 
 # ---------------------------------------------------------------- bad input, each a clear error
@@ -993,6 +1052,37 @@ def test_the_holdout_difference_has_newcombes_interval(counts, expected):
     assert rate_difference(*counts) == expected
 
 
+def test_ece_and_the_calibration_plot_bin_alike_each_bin_holding_its_lower_edge():
+    y = np.array([0, 1, 1, 0, 1])
+    p = np.array([0.125, 0.1875, 0.5, 0.5625, 1.0])
+
+    share, predicted, observed = calibration_bins(y, p)
+
+    assert share.tolist() == [0.4, 0.4, 0.2]  # 0.5 sits with 0.5625, not with 0.4-0.5; 1.0 in the last
+    assert predicted.tolist() == [0.15625, 0.53125, 1.0]
+    assert observed.tolist() == [0.5, 0.5, 1.0]
+    assert expected_calibration_error(y, p) == pytest.approx(0.15)  # 0.4 × 0.34375 + 0.4 × 0.03125
+
+
+def test_the_gains_curve_is_the_same_whatever_the_order_of_leads_with_tied_scores():
+    scores = np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1])
+    converters_first = cumulative_gains(np.array([1, 1, 1, 0, 0, 1, 0, 0]), scores)
+    converters_last = cumulative_gains(np.array([1, 0, 0, 1, 1, 0, 0, 1]), scores)
+
+    assert [a.tolist() for a in converters_first] == [a.tolist() for a in converters_last]
+    called, captured = converters_first  # one point per distinct score, a straight line across its ties
+    assert called.tolist() == [0.0, 0.125, 0.625, 1.0]
+    assert captured.tolist() == [0.0, 0.25, 0.75, 1.0]
+
+
+def test_a_tier_without_leads_has_no_bar_and_each_bar_is_labelled_with_its_leads():
+    y = np.array([1, 0, 0, 0, 1, 0, 0, 0])
+    rates, labels = report.tier_bars(y, ["A", "A", "C", "C", "D", "D", "D", "D"])
+
+    assert np.array_equal(rates, [0.5, np.nan, 0.0, 0.25], equal_nan=True)  # B empty, C never converts
+    assert labels == ["n=2", "n=0", "n=2", "n=4"]
+
+
 @EACH_STORE
 def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tmp_path):
     kept = Store(env["DATABASE_URL"])
@@ -1066,11 +1156,15 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
     assert list(scorers) == ["live rules+llm", "live v7"]
     live = scorers["live rules+llm"]
     assert (live["leads"], live["base_rate"], live["roc_auc"]) == (4, 0.5, 0.75)  # 30 ranks under 85
-    assert live["tiers"][0] == {"tier": "A", "leads": 2, "share": 0.5, "conversion_rate": 0.5, "lift": 1.0}
+    assert live["tiers"][0] == {"tier": "A", "leads": 2, "share": 0.5, "conversion_rate": 0.5, "lift": 1.0,
+                                "converted": 1, "ci95": [0.0945, 0.9055]}  # fmt: skip
     assert (scorers["live v7"]["leads"], scorers["live v7"]["roc_auc"]) == (2, 1.0)
     printed = capsys.readouterr().out
     assert "live rules+llm" in printed and "ROC AUC 0.7500" in printed
-    assert "| live v7 | 2 | 50.0% | 1.0000 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| live v7 | 2 | 50.0% | 1.0000 |" in report
+    assert [scorer["scale"] for scorer in scorers.values()] == ["points", "probability"]
+    assert "- `live rules+llm`: the rules' 0–100 is a points scale, not a probability" in report
 
 
 @EACH_STORE
@@ -1101,6 +1195,26 @@ def test_evaluate_from_a_young_store_shows_holdout_and_feedback_before_any_ranki
     assert "- No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts as " \
            "not converted only once it has gone 30 days without converting" in report  # fmt: skip
     assert "## Plots" not in report and not list(out.glob("*.png"))
+
+
+@EACH_STORE
+def test_evaluate_without_a_holdout_says_no_lead_was_held_out(env, tmp_path):
+    kept = Store(env["DATABASE_URL"])
+    kept.record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead, score=score, tier=tier, reason="r",
+                    scorer="rules+llm", fingerprint=lead, features={}, details={})
+        for lead, score, tier in [("1", 91, "A"), ("2", 30, "D")]
+    )  # fmt: skip
+    out = tmp_path / "report"
+
+    assert main(["evaluate", "--with-store", "--out", str(out)]) == 0
+
+    report = (out / "report.md").read_text()
+    assert "| holdout | 0 | 0 | – | 0 | 0 |" in report and "| scored | 0 | 0 | – | 2 | 0 |" in report
+    assert "No difference: no lead was held out (set `HOLDOUT_SHARE` above 0 to measure the difference)." in (
+        report
+    )
+    assert "waiting)" not in report
 
 
 def test_evaluate_needs_a_file_or_the_store(tmp_path, capsys):

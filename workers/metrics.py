@@ -11,18 +11,30 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 from workers.config import TIER_NAMES
 
 ECE_BINS = 10
+# What a scorer's 0-100 means: a trained model's is a calibrated probability; the rules' (blended
+# with the LLM's propensity live) a points scale, which Brier and ECE were not made to judge.
+PROBABILITY, POINTS = "probability", "points"
+
+
+def calibration_bins(
+    y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per non-empty equal-width probability bin (each holding its lower edge, the last also 1.0, so a
+    score of 50 sits with 50-59): its share of leads, mean predicted probability and observed rate.
+    ECE and the calibration plot both bin here, so they judge the same leads together."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    leads = np.bincount(index, minlength=bins)
+    filled = leads > 0
+    predicted = np.bincount(index, weights=p, minlength=bins)[filled] / leads[filled]
+    observed = np.bincount(index, weights=y, minlength=bins)[filled] / leads[filled]
+    return leads[filled] / len(p), predicted, observed
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
     """Mean |predicted - observed| over equal-width probability bins, weighted by bin size."""
-    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
-    index = np.minimum((p * bins).astype(int), bins - 1)
-    error = 0.0
-    for b in range(bins):
-        inside = index == b
-        if inside.any():
-            error += inside.mean() * abs(p[inside].mean() - y[inside].mean())
-    return float(error)
+    share, predicted, observed = calibration_bins(y, p, bins)
+    return float(np.sum(share * np.abs(predicted - observed)))
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -35,7 +47,8 @@ def classification_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def tier_table(y: np.ndarray, tiers: list[str], order: tuple[str, ...] = TIER_NAMES) -> list[dict]:
-    """Share of leads, conversion rate and lift over the overall rate, per tier."""
+    """Share of leads, conversion rate and lift over the overall rate, per tier; the conversions and
+    the rate's 95% Wilson interval say how far a small tier's rate can be trusted."""
     y = np.asarray(y, dtype=float)
     tiers_arr = np.asarray(tiers)
     base = float(y.mean()) if len(y) else 0.0
@@ -43,23 +56,30 @@ def tier_table(y: np.ndarray, tiers: list[str], order: tuple[str, ...] = TIER_NA
     for tier in order:
         inside = tiers_arr == tier
         n = int(inside.sum())
-        rate = float(y[inside].mean()) if n else float("nan")
+        converted = int(y[inside].sum())
+        rate = converted / n if n else float("nan")
         rows.append({
             "tier": tier,
             "leads": n,
             "share": round(n / len(y), 4) if len(y) else 0.0,
             "conversion_rate": round(rate, 4) if n else None,
             "lift": round(rate / base, 2) if n and base else None,
+            "converted": converted,
+            "ci95": [round(bound, 4) for bound in wilson_interval(converted, n)] if n else None,
         })  # fmt: skip
     return rows
 
 
 def cumulative_gains(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Share of all conversions captured when calling the top x% of leads by score."""
-    order = np.argsort(-np.asarray(p), kind="stable")
+    """Share of all conversions captured when calling the top x% of leads by score. One point per
+    distinct score, after all the leads tied on it (as sklearn's roc_curve treats ties): a score
+    cannot order the leads it ties, so the curve runs straight across them whatever the row order."""
+    scores = np.asarray(p)
+    order = np.argsort(-scores, kind="stable")
     captured = np.cumsum(np.asarray(y)[order]) / max(1, int(np.sum(y)))
     called = np.arange(1, len(order) + 1) / len(order)
-    return np.concatenate([[0.0], called]), np.concatenate([[0.0], captured])
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(scores[order])), len(order) - 1]
+    return np.r_[0.0, called[last_of_each_score]], np.r_[0.0, captured[last_of_each_score]]
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:

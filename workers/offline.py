@@ -23,7 +23,7 @@ from workers import model_scoring, tabular
 from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
 from workers.config import TIER_NAMES, ScoringConfig, Tiers
-from workers.metrics import classification_metrics, cumulative_gains, tier_table
+from workers.metrics import POINTS, PROBABILITY, classification_metrics, cumulative_gains, tier_table
 from workers.model import TrainedModel, require_folds, train
 from workers.progress import progress
 from workers.propensity import fallback
@@ -283,7 +283,7 @@ def _file_scorers(
 ) -> Curves:
     """The rules and each model, scoring the same labelled file."""
     results = {RULES: rules_results(table, config)}
-    scorers[RULES] = {}
+    scorers[RULES] = {"scale": POINTS}
     for directory in model_dirs:
         model = TrainedModel.load(directory)
         require_model_kinds(model, table)
@@ -299,8 +299,11 @@ def _file_scorers(
                 f"optimistic; its cross-validated ROC AUC is {_cv_auc(model)}."
             )
         scorers[name] = {
+            "scale": PROBABILITY,
             "cross_validation": model.meta.get("candidates"),
             "calibration": model.meta["calibration"],
+            "kept_candidate": model.meta.get("model"),
+            "calibrated_oof_ece": model.meta.get("expected", {}).get("ece"),
         }
     return {
         name: (table.y, np.array([r.score for r in rows], dtype=float) / 100, [r.tier for r in rows])
@@ -313,14 +316,14 @@ def _live_scorers(store, min_age_days: float, scorers: dict, notes: list[str]) -
     from workers.store_data import live_scorers
 
     curves: Curves = {}
-    for name, (y, p, tiers) in live_scorers(store, min_age_days).items():
+    for name, (y, p, tiers, scale) in live_scorers(store, min_age_days).items():
         if y.min() == y.max():
             notes.append(
                 f"`{name}`: all {len(y)} leads with an outcome so far "
                 f"{'converted' if y[0] else 'did not convert'}; there is no ranking to measure yet."
             )
             continue
-        scorers[name] = {"min_age_days": min_age_days}
+        scorers[name] = {"min_age_days": min_age_days, "scale": scale}
         curves[name] = (y, p, tiers)
     return curves
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from workers.config import TIER_NAMES  # noqa: E402
-from workers.metrics import ECE_BINS  # noqa: E402
+from workers.metrics import POINTS, calibration_bins, tier_table  # noqa: E402
+
+MIN_EACH_OUTCOME_TO_RANK = 20  # converted leads, and unconverted, for a ranking read without a caveat
+MIN_TIER_LEADS = 30  # leads in a tier, for its conversion rate read without a caveat
 
 
 @contextmanager
@@ -45,7 +48,7 @@ def _roc(path: Path, curves: dict) -> None:
 def _calibration(path: Path, curves: dict) -> None:
     with _figure(path) as ax:
         for name, (y, p, _) in curves.items():
-            observed, predicted = calibration_curve(y, p, n_bins=ECE_BINS, strategy="uniform")
+            _, predicted, observed = calibration_bins(y, p)
             ax.plot(predicted, observed, marker="o", label=name)
         _diagonal(ax)
         ax.set(xlabel="score / 100", ylabel="observed conversion rate", title="Calibration")
@@ -56,13 +59,24 @@ def _tiers(path: Path, curves: dict) -> None:
         width = 0.8 / max(1, len(curves))
         x = np.arange(len(TIER_NAMES))
         for i, (name, (y, _, tiers)) in enumerate(curves.items()):
-            tiers = np.asarray(tiers)
-            rates = [float(y[tiers == t].mean()) if (tiers == t).any() else 0.0 for t in TIER_NAMES]
+            rates, labels = tier_bars(y, tiers)
             bars = ax.bar(x + i * width, rates, width, label=name)
+            for left, top, label in zip(x + i * width, np.nan_to_num(rates), labels, strict=True):
+                ax.text(left, top, label, ha="center", va="bottom", fontsize=7)
             ax.axhline(float(np.mean(y)), linestyle=":", color=bars.patches[0].get_facecolor(), linewidth=1)
-        ax.set_xticks(x + width * (len(curves) - 1) / 2, TIER_NAMES)
+        centres = x + width * (len(curves) - 1) / 2
+        ax.set_xticks(centres, TIER_NAMES)
+        ax.set_xlim(centres[0] - 0.5, centres[-1] + 0.5)  # an empty tier, unplotted, keeps its place
         ax.set(ylabel="conversion rate (dotted: each scorer's overall rate)", title="Conversion rate by tier",
                ylim=(0, 1))  # fmt: skip
+
+
+def tier_bars(y: np.ndarray, tiers: list[str]) -> tuple[list[float], list[str]]:
+    """Each tier's conversion rate and its bar's label, the tier's lead count: a tier without leads
+    gets NaN, no bar, since drawn as 0% it would look like a tier whose leads never convert."""
+    rows = tier_table(y, tiers)
+    rates = [math.nan if row["conversion_rate"] is None else row["conversion_rate"] for row in rows]
+    return rates, [f"n={row['leads']}" for row in rows]
 
 
 def _gains(path: Path, curves: dict, cumulative_gains) -> None:
@@ -127,29 +141,89 @@ def _scorer_tables(scorers: dict) -> list[str]:
             f"| {name} | {s['leads']} | {_percent(s['base_rate'])} | {_fmt(s['roc_auc'])} "
             f"| {_fmt(s['pr_auc'])} | {_fmt(s['brier'])} | {_fmt(s['ece'])} |"
         )
+    lines += _bullets([_points_scale(scorers), *(_too_few_outcomes(name, s) for name, s in scorers.items())])
     lines += [
         "",
         "## Tiers",
         "",
-        "| scorer | tier | leads | share | conversion | lift |",
-        "|---|---|---|---|---|---|",
+        "| scorer | tier | leads | share | converted | conversion | 95% interval | lift |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in scorers.items():
         for row in s["tiers"]:
+            interval = "–" if row["ci95"] is None else " – ".join(_percent(bound) for bound in row["ci95"])
             lines.append(
-                f"| {name} | {row['tier']} | {row['leads']} | {row['share']:.1%} | "
-                f"{_percent(row['conversion_rate'])} | {_times(row['lift'])} |"
+                f"| {name} | {row['tier']} | {row['leads']} | {row['share']:.1%} | {row['converted']} | "
+                f"{_percent(row['conversion_rate'])} | {interval} | {_times(row['lift'])} |"
             )
+    lines += _bullets(_small_tiers(name, s) for name, s in scorers.items())
     for name, s in scorers.items():
         cv = s.get("cross_validation")
         if cv:
-            lines += ["", f"## Cross-validation behind `{name}` (calibration: {s['calibration']})", "",
-                      "| candidate | CV ROC AUC | ± | out-of-fold ECE |", "|---|---|---|---|"]  # fmt: skip
-            for candidate, m in cv.items():
-                lines.append(
-                    f"| {candidate} | {m['cv_auc_mean']:.4f} | {m['cv_auc_sd']:.4f} | {m['oof_ece']:.4f} |"
-                )
+            lines += _cross_validation_table(name, s)
     return lines
+
+
+def _cross_validation_table(name: str, scorer: dict) -> list[str]:
+    """The candidates' out-of-fold ECE is of their raw probabilities: only the kept one is calibrated,
+    so its calibrated figure stands in a column of its own."""
+    calibrated = f"out-of-fold ECE, {scorer['calibration']}-calibrated"
+    lines = ["", f"## Cross-validation behind `{name}`", "",
+             f"| candidate | CV ROC AUC | sd across folds | out-of-fold ECE, uncalibrated | {calibrated} |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for candidate, m in scorer["cross_validation"].items():
+        kept = candidate == scorer["kept_candidate"]
+        lines.append(
+            f"| {candidate}{' (kept)' if kept else ''} | {m['cv_auc_mean']:.4f} | {m['cv_auc_sd']:.4f} "
+            f"| {m['oof_ece']:.4f} | {_fmt(scorer['calibrated_oof_ece'] if kept else None)} |"
+        )
+    return [*lines, "", "The calibrated ECE is that of the kept candidate's out-of-fold scores once "
+            "calibrated and rounded to 0–100 as written (`expected` in its model.json)."]  # fmt: skip
+
+
+def _points_scale(scorers: dict) -> str | None:
+    """Brier and ECE treat a score / 100 as a probability, which the rules' points never claimed to be."""
+    names = [f"`{name}`" for name, s in scorers.items() if s["scale"] == POINTS]
+    if not names:
+        return None
+    return (
+        f"{', '.join(names)}: the rules' 0–100 is a points scale, not a probability, so Brier and ECE "
+        "measure it against a scale it was not built for; compare the rules by ROC AUC, PR AUC and tier lift."
+    )
+
+
+def _too_few_outcomes(name: str, scorer: dict) -> str | None:
+    """A ranking measured on a handful of conversions (or of leads that did not convert) can swing
+    widely from one sample to the next."""
+    converted = sum(row["converted"] for row in scorer["tiers"])
+    unconverted = scorer["leads"] - converted
+    if min(converted, unconverted) >= MIN_EACH_OUTCOME_TO_RANK:
+        return None
+    return (
+        f"`{name}`: {converted} converted and {unconverted} unconverted leads: too few outcomes to rank "
+        f"reliably (its ROC AUC, PR AUC and curves want at least {MIN_EACH_OUTCOME_TO_RANK} of each)."
+    )
+
+
+def _small_tiers(name: str, scorer: dict) -> str | None:
+    """Tiers whose conversion rate rests on few leads (empty ones have no rate at all)."""
+    small = [
+        f"tier {row['tier']} ({row['leads']} leads)"
+        for row in scorer["tiers"]
+        if 0 < row["leads"] < MIN_TIER_LEADS
+    ]
+    if not small:
+        return None
+    return (
+        f"`{name}`: {', '.join(small)}: fewer than {MIN_TIER_LEADS} leads, so conversion and lift are rough; "
+        "the 95% interval says how rough."
+    )
+
+
+def _bullets(notes) -> list[str]:
+    """A list under a table, of the notes that apply."""
+    kept = [f"- {note}" for note in notes if note]
+    return ["", *kept] if kept else []
 
 
 def _store_tables(store: dict) -> list[str]:
@@ -167,8 +241,7 @@ def _store_tables(store: dict) -> list[str]:
             f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} | {row['waiting']} "
             f"| {row['converted_before']} |"
         )
-    waiting = sum(row["waiting"] for row in store["holdout"].values())
-    lines += ["", _holdout_difference(store["shown_minus_holdout"], waiting)]
+    lines += ["", _holdout_difference(store["shown_minus_holdout"], store["holdout"])]
     lines += [
         "",
         "### Rep feedback",
@@ -182,11 +255,16 @@ def _store_tables(store: dict) -> list[str]:
     return lines
 
 
-def _holdout_difference(difference: dict | None, waiting: int) -> str:
+def _holdout_difference(difference: dict | None, groups: dict[str, dict]) -> str:
     if difference is None:
+        if not any(groups["holdout"][count] for count in ("leads", "waiting", "converted_before")):
+            return (
+                "No difference: no lead was held out (set `HOLDOUT_SHARE` above 0 to measure the difference)."
+            )
+        waiting = sum(row["waiting"] for row in groups.values())
         if waiting:
             return f"No difference yet: a group has no leads old enough ({waiting} waiting)."
-        return "No difference yet: a group has no leads (is `HOLDOUT_SHARE` above 0?)."
+        return "No difference yet: a group has no leads to compare."
     low, high = difference["ci95"]
     said = (
         "the interval includes 0, so these leads cannot yet tell whether showing the score changes conversion"

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import func, select
 
-from workers.metrics import rate_difference
+from workers.metrics import POINTS, PROBABILITY, rate_difference
 from workers.store import CLEARED, POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
 from workers.tabular import ALWAYS_READ, Kind, TableError, normalise
 
@@ -83,11 +83,14 @@ def labelled_scores(store: Store, min_age_days: float) -> Iterator[tuple[dict, i
             yield history.last_within(window), int(converted is not None)
 
 
-def live_scorers(store: Store, min_age_days: float) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+def live_scorers(
+    store: Store, min_age_days: float
+) -> dict[str, tuple[np.ndarray, np.ndarray, list[str], str]]:
     """The scores the workers wrote (holdout leads' included: kept, though not shown), against the
     outcomes, per scorer and version (the trained model's, or the LLM's): (labels, score / 100,
-    tiers)."""
+    tiers, scale of the score)."""
     grouped: dict[str, list[tuple[dict, int]]] = {}
+    scales: dict[str, str] = {}
     for row, label in labelled_scores(store, min_age_days):
         version = row["model_version"]
         name = (
@@ -96,11 +99,13 @@ def live_scorers(store: Store, min_age_days: float) -> dict[str, tuple[np.ndarra
             else " ".join(filter(None, ("live", row["scorer"], version)))
         )
         grouped.setdefault(name, []).append((row, label))
+        scales[name] = PROBABILITY if row["scorer"] == "model" else POINTS
     return {
         name: (
             np.array([label for _, label in rows]),
             np.array([row["score"] for row, _ in rows], dtype=float) / 100,
             [row["tier"] for row, _ in rows],
+            scales[name],
         )
         for name, rows in sorted(grouped.items())
     }
