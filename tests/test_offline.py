@@ -1125,7 +1125,7 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
     }  # fmt: skip
     report = (out / "report.md").read_text()
     assert "### Holdout (no visible score)" in report and "| D | 0 | 1 | 1 |" in report
-    assert "| scored | 2 | 1 | 50.0% | 1 | 1 |" in report
+    assert "| scored | 2 | 1 | 50.0% | 1 | 1 | 0 |" in report
     assert "Shown minus holdout: +50.0 points (95% interval -27.3 to +90.5): the interval includes 0" in (
         report
     )
@@ -1210,7 +1210,7 @@ def test_evaluate_without_a_holdout_says_no_lead_was_held_out(env, tmp_path):
     assert main(["evaluate", "--with-store", "--out", str(out)]) == 0
 
     report = (out / "report.md").read_text()
-    assert "| holdout | 0 | 0 | – | 0 | 0 |" in report and "| scored | 0 | 0 | – | 2 | 0 |" in report
+    assert "| holdout | 0 | 0 | – | 0 | 0 | 0 |" in report and "| scored | 0 | 0 | – | 0 | 0 | 2 |" in report
     assert "No difference: no lead was held out (set `HOLDOUT_SHARE` above 0 to measure the difference)." in (
         report
     )

@@ -232,14 +232,17 @@ def _store_tables(store: dict) -> list[str]:
         f"Scores kept: {store['scores']}, leads: {store['leads']}, converted since first scored: "
         f"{store['converted']}.",
         "", "### Holdout (no visible score)", "",
-        f"Leads first scored at least {store['min_age_days']:g} days ago, converted since; newer leads are "
-        "still waiting, and leads that had converted before their first score are left out.", "",
-        "| group | leads | converted | rate | waiting | converted before |", "|---|---|---|---|---|---|",
+        "Leads first scored while the holdout ran in their account (from its first held-out lead to its "
+        f"last) and at least {store['min_age_days']:g} days ago, converted since. Left out: newer leads, "
+        "still waiting; leads that had converted before their first score; and leads scored outside the "
+        "holdout's run, which have no held-out peers (e.g. from before `HOLDOUT_SHARE` was set).", "",
+        "| group | leads | converted | rate | waiting | converted before | outside the holdout's run |",
+        "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for group, row in store["holdout"].items():
         lines.append(
             f"| {group} | {row['leads']} | {row['converted']} | {_percent(row['rate'])} | {row['waiting']} "
-            f"| {row['converted_before']} |"
+            f"| {row['converted_before']} | {row['outside_holdout']} |"
         )
     lines += ["", _holdout_difference(store["shown_minus_holdout"], store["holdout"])]
     lines += [
