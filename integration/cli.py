@@ -399,17 +399,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_outcomes(args) -> int:
-    import requests
-    import urllib3
-
     from integration.ratelimit import RateLimited
     from workers.outcomes import SyncError, sync
     from workers.store import StoreNotReady
 
-    unreachable = (requests.RequestException, urllib3.exceptions.HTTPError)  # simple-salesforce's, HubSpot's
     try:
         report = sync(get_settings(), crm=args.crm, accounts=args.account)
-    except (CRMError, RateLimited, *unreachable) as exc:
+    except (CRMError, RateLimited, *unreachable()) as exc:
         raise UsageError(f"outcomes sync stopped: {exc}; run it again (it only adds what is new)") from None
     except (SyncError, StoreNotReady) as exc:
         raise UsageError(str(exc)) from None
@@ -436,6 +432,46 @@ def cmd_outcomes(args) -> int:
 
 class UsageError(RuntimeError):
     """A command given the wrong arguments; the message says which to give."""
+
+
+def unreachable() -> tuple[type[Exception], ...]:
+    """What the CRM clients raise when a service cannot be reached: simple-salesforce's requests
+    errors, HubSpot's urllib3 ones."""
+    import requests
+    import urllib3
+
+    return (requests.RequestException, urllib3.exceptions.HTTPError)
+
+
+def _cannot_reach(exc: Exception) -> str:
+    """'cannot reach URL (why)', and the setting that names it when it is one of leadscore's."""
+    from urllib3.exceptions import MaxRetryError
+
+    retried = exc.args[0] if exc.args and isinstance(exc.args[0], MaxRetryError) else exc  # requests wraps it
+    if isinstance(retried, MaxRetryError) and retried.pool is not None:
+        pool = retried.pool
+        url, why = f"{pool.scheme}://{pool.host}:{pool.port}", str(retried.reason).split("): ", 1)[-1]
+    else:
+        url, why = getattr(getattr(exc, "request", None), "url", None) or "the CRM", str(exc)
+    settings = get_settings()
+    named = {
+        "HUBSPOT_API_BASE": settings.hubspot_api_base,
+        "SALESFORCE_INSTANCE_URL": settings.salesforce_instance_url,
+        "LLM_BASE_URL": settings.llm_base_url,
+    }
+    setting = next((name for name, at in named.items() if at and url.startswith(_origin(at))), None)
+    fix = f"check {setting} and that it is up" if setting else "check the address and the network"
+    return f"cannot reach {url} ({why}): {fix}"
+
+
+def _origin(url) -> str:
+    return f"{url.scheme}://{url.host}:{url.port}"
+
+
+def _store_unavailable() -> type[Exception]:
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError
 
 
 def a_file(text: str) -> Path:
@@ -571,8 +607,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SettingsError, UsageError) as exc:
+    except (SettingsError, UsageError, CRMError) as exc:
         print(f"leadscore: {exc}", file=sys.stderr)
+        return 2
+    except unreachable() as exc:  # evaluated only when an error reaches it, so imported only then
+        print(f"leadscore: {_cannot_reach(exc)}", file=sys.stderr)
+        return 2
+    except _store_unavailable() as exc:
+        if exc.statement is not None:  # connected, and a statement failed: not the operator's to fix
+            raise
+        from workers.store import redacted
+
+        why = str(exc.orig).splitlines()[0]
+        url = redacted(get_settings().database_url)
+        print(f"leadscore: cannot open the score store at {url} ({why}): start it, or fix DATABASE_URL",
+              file=sys.stderr)  # fmt: skip
         return 2
     except (TableError, OSError, ValueError) as exc:
         if not isinstance(exc, TableError) and args.command not in FILE_COMMANDS:

@@ -215,3 +215,84 @@ def test_replay_posts_salesforce_outbound_messages_and_signed_events(app, queue,
     assert (outbound, events) == (0, 0)
     assert capsys.readouterr().out.count(": 200 ") == 2
     assert pending.depth(queue.connection) == 2
+
+
+def reconfigure(monkeypatch, **values: str) -> None:
+    from integration.settings import get_settings
+    from workers import jobs
+
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+
+
+def test_setup_hubspot_with_a_refused_token_names_the_setting(env, hubspot, capsys):
+    hubspot.token = "rotated-since"
+
+    assert main(["setup", "hubspot"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: HubSpot refused HUBSPOT_ACCESS_TOKEN (401: revoked, expired or mistyped): set the "
+        "private app's current token\n"
+    )
+
+
+def test_setup_salesforce_with_an_expired_token_says_what_to_set(env, salesforce, capsys):
+    salesforce.token = "a-newer-session"
+
+    assert main(["setup", "salesforce"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
+        "revoked): set a new one, or unset it and let leadscore log in itself with SALESFORCE_CONSUMER_KEY "
+        "and SALESFORCE_CONSUMER_SECRET, or a username and password\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("crm", "setting", "scheme"),
+    [("hubspot", "HUBSPOT_API_BASE", "http"), ("salesforce", "SALESFORCE_INSTANCE_URL", "https")],
+)
+def test_setup_of_a_crm_that_cannot_be_reached_names_its_url(env, monkeypatch, capsys, crm, setting, scheme):
+    url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
+    reconfigure(monkeypatch, **{setting: url})
+
+    assert main(["setup", crm]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: cannot reach {url} (Failed to establish a new connection: [Errno 111] Connection "
+        f"refused): check {setting} and that it is up\n"
+    )
+
+
+def test_db_upgrade_with_the_database_down_names_it_without_its_password(env, monkeypatch, capsys):
+    port = free_port()  # nothing listens there
+    reconfigure(monkeypatch, DATABASE_URL=f"postgresql+psycopg://leadscore:s3cret@127.0.0.1:{port}/scores")
+
+    assert main(["db", "upgrade"]) == 2
+    shown = f"postgresql+psycopg://leadscore:***@127.0.0.1:{port}/scores"
+    assert capsys.readouterr().err == (
+        f"leadscore: cannot open the score store at {shown} "
+        f'(connection failed: connection to server at "127.0.0.1", port {port} failed: Connection refused): '
+        "start it, or fix DATABASE_URL\n"
+    )
+
+
+def test_worker_with_a_scoring_config_it_cannot_use_names_the_setting(env, monkeypatch, tmp_path, capsys):
+    missing = tmp_path / "nope.toml"
+    reconfigure(monkeypatch, SCORING_CONFIG_PATH=str(missing))
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: SCORING_CONFIG_PATH: cannot read scoring config {missing}: No such file or directory\n"
+    )
+
+    unordered = tmp_path / "scoring.toml"
+    unordered.write_text(
+        (ROOT / "workers" / "scoring_config.toml")
+        .read_text()
+        .replace("A = 70\nB = 55\nC = 40", "A = 50\nB = 60\nC = 40")
+    )
+    reconfigure(monkeypatch, SCORING_CONFIG_PATH=str(unordered))
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: SCORING_CONFIG_PATH: {unordered} is invalid: tiers: Value error, tiers must satisfy "
+        "A > B > C, got A=50 B=60 C=40\n"
+    )
