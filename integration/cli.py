@@ -199,10 +199,18 @@ def cmd_requeue(args) -> int:
     if not ids:
         print("nothing to requeue: name job ids or pass --all", file=sys.stderr)
         return 2
+    from rq.exceptions import InvalidJobOperation, NoSuchJobError
+
+    refused = 0
     for job_id in ids:
-        registry.requeue(job_id)
+        try:
+            registry.requeue(job_id)
+        except (NoSuchJobError, InvalidJobOperation):  # mistyped, or not in the failed registry
+            print(f"not a failed job: {job_id}", file=sys.stderr)
+            refused += 1
+            continue
         print(f"requeued {job_id}")
-    return 0
+    return 2 if refused else 0
 
 
 def cmd_replay(args) -> int:

@@ -97,6 +97,22 @@ def test_failed_and_requeue_without_redis_say_so_in_one_line(env, monkeypatch, c
     get_settings.cache_clear()
 
 
+def test_requeue_says_which_ids_are_not_failed_jobs_and_requeues_the_rest(env, queue, redis, capsys):
+    from rq import SimpleWorker
+
+    failed = queue.enqueue("json.loads", "{not json")
+    SimpleWorker([queue], connection=redis).work(burst=True)
+    waiting = queue.enqueue("json.loads", "1")  # queued, never failed
+
+    assert main(["requeue", "mistyped-id", waiting.id, failed.id]) == 2
+    assert capsys.readouterr() == (
+        f"requeued {failed.id}\n",
+        f"not a failed job: mistyped-id\nnot a failed job: {waiting.id}\n",
+    )
+    assert queue.get_job_ids() == [waiting.id, failed.id]
+    assert queue.failed_job_registry.get_job_ids() == []
+
+
 def test_outcomes_sync_of_a_crm_not_configured_says_what_to_set(env, monkeypatch, capsys):
     from integration.settings import get_settings
 
