@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class SettingsError(RuntimeError):
     """The environment does not describe a runnable leadscore; the message says what to fix."""
@@ -94,6 +96,13 @@ class Settings(BaseSettings):
         if value and not value.isdigit():
             raise ValueError(f"HUBSPOT_APP_ID must be the numeric app id, got {value!r}")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_known(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.upper()
 
     @field_validator("redis_url")
     @classmethod

@@ -312,3 +312,17 @@ def test_worker_with_a_scoring_config_it_cannot_use_names_the_setting(env, monke
         f"leadscore: SCORING_CONFIG_PATH: {unordered} is invalid: tiers: Value error, tiers must satisfy "
         "A > B > C, got A=50 B=60 C=40\n"
     )
+
+
+def test_log_level_is_one_of_pythons_in_any_case_and_an_unknown_one_is_named(env, monkeypatch, capsys):
+    from integration.settings import get_settings
+
+    reconfigure(monkeypatch, LOG_LEVEL="warning")
+    assert get_settings().log_level == "WARNING"
+
+    reconfigure(monkeypatch, LOG_LEVEL="verbose")
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: invalid leadscore settings: LOG_LEVEL: Value error, LOG_LEVEL must be one of DEBUG, "
+        "INFO, WARNING, ERROR, CRITICAL, got 'verbose'\n"
+    )
