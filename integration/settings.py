@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}")
+            raise ValueError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {masked(value)!r}"
+            )
         return value
 
     @field_validator("database_url")
@@ -124,7 +126,7 @@ class Settings(BaseSettings):
         except ArgumentError:
             raise ValueError(
                 f"DATABASE_URL must be an SQLAlchemy URL such as sqlite:///leadscore.sqlite3 or "
-                f"postgresql+psycopg://user:password@host/db, got {value!r}"
+                f"postgresql+psycopg://user:password@host/db, got {masked(value)!r}"
             ) from None
         if url.drivername in ("postgres", "postgresql"):
             return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
@@ -198,6 +200,15 @@ class Settings(BaseSettings):
                 "no CRM configured: set HUBSPOT_ACCESS_TOKEN, or SALESFORCE_INSTANCE_URL with Salesforce "
                 "credentials"
             )
+
+
+def masked(url: str) -> str:
+    """`url` with its password (the user info after ':', up to the last '@') shown as ***, even
+    when the rest of it is malformed."""
+    head, at, host = url.rpartition("@")
+    scheme, sep, userinfo = head.partition("://") if "://" in head else ("", "", head)
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user}:***@{host}" if at and colon else url
 
 
 def load_settings(**overrides) -> Settings:

@@ -326,3 +326,19 @@ def test_log_level_is_one_of_pythons_in_any_case_and_an_unknown_one_is_named(env
         "leadscore: invalid leadscore settings: LOG_LEVEL: Value error, LOG_LEVEL must be one of DEBUG, "
         "INFO, WARNING, ERROR, CRITICAL, got 'verbose'\n"
     )
+
+
+def test_invalid_redis_and_database_urls_are_echoed_without_their_password(env, monkeypatch, capsys):
+    reconfigure(
+        monkeypatch,
+        REDIS_URL="redis//default:s3cr@t@redis.example:6379",
+        DATABASE_URL="postgresql//leadscore:s3cr@t@db.example/scores",
+    )
+
+    assert main(["db", "upgrade"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: invalid leadscore settings: REDIS_URL: Value error, REDIS_URL must start with redis://, "
+        "rediss:// or unix://, got 'redis//default:***@redis.example:6379'; DATABASE_URL: Value error, "
+        "DATABASE_URL must be an SQLAlchemy URL such as sqlite:///leadscore.sqlite3 or "
+        "postgresql+psycopg://user:password@host/db, got 'postgresql//leadscore:***@db.example/scores'\n"
+    )
