@@ -342,3 +342,18 @@ def test_invalid_redis_and_database_urls_are_echoed_without_their_password(env, 
         "DATABASE_URL must be an SQLAlchemy URL such as sqlite:///leadscore.sqlite3 or "
         "postgresql+psycopg://user:password@host/db, got 'postgresql//leadscore:***@db.example/scores'\n"
     )
+
+
+def test_procfile_web_binds_port_5000_when_port_is_not_set():
+    environment = {name: value for name, value in os.environ.items() if name != "PORT"}
+    argv = subprocess.run(["sh", "-c", f'set -- {procfile()["web"]}; printf "%s\\n" "$@"'], env=environment,
+                          capture_output=True, text=True, check=True).stdout.splitlines()  # fmt: skip
+
+    assert argv == [
+        "gunicorn",
+        "--bind",
+        "0.0.0.0:5000",
+        "--access-logfile",
+        "-",
+        "integration.app:create_app()",
+    ]
