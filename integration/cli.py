@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -533,7 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(HubSpot .json arrays, Salesforce .xml Outbound Messages and .json change events)",
     )
     replay.add_argument("files", nargs="+", type=Path)
-    replay.add_argument("--url", default="http://127.0.0.1:5000/webhooks/hubspot")
+    replay.add_argument(
+        "--url",
+        default=f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/webhooks/hubspot",
+        help="the webhook to post to (default: %(default)s, from $PORT)",
+    )
     replay.add_argument(
         "--secret", help="signing secret (default: HUBSPOT_APP_SECRET or SALESFORCE_EVENTS_SECRET)"
     )

@@ -60,6 +60,26 @@ def test_replay_signs_and_posts_fixtures_to_a_running_service(app, queue, capsys
     assert pending.depth(queue.connection) == 1
 
 
+def test_replay_posts_to_port_by_default_and_its_help_says_so(app, queue, monkeypatch, capsys):
+    server = serve_in_thread(app)
+    port = server.url.rsplit(":", 1)[1]
+    monkeypatch.setenv("PORT", port)
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per option
+    try:
+        code = main(["replay", str(SINGLE)])
+    finally:
+        server.stop()
+    with pytest.raises(SystemExit):
+        main(["replay", "--help"])
+
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{SINGLE}: 200 ")
+    assert pending.depth(queue.connection) == 1
+    url = f"http://127.0.0.1:{port}/webhooks/hubspot"
+    assert f"  --url URL        the webhook to post to (default: {url}, from $PORT)" in out.splitlines()
+
+
 def test_replay_reports_refusals(app, queue, capsys):
     server = serve_in_thread(app)
     try:
