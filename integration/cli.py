@@ -238,18 +238,36 @@ def cmd_replay(args) -> int:
     return 1 if failures else 0
 
 
+# Per service: its name, default port and token, and the settings that point leadscore at it.
+EMULATED = {
+    "hubspot": (
+        "HubSpot emulator",
+        8081,
+        "emulator-token",
+        "HUBSPOT_API_BASE={url} HUBSPOT_ACCESS_TOKEN={token}",
+    ),
+    "llm": ("LLM stub", 8082, "stub-key", "LLM_BASE_URL={url}/v1 LLM_API_KEY={token}"),
+}
+
+
 def cmd_emulate(args) -> int:
     from integration.emulators.hubspot import HubSpotEmulator
     from integration.emulators.llm import LLMStub
 
+    name, default_port, default_token, settings = EMULATED[args.service]
+    port, token = args.port or default_port, args.token or default_token
     if args.service == "hubspot":
-        emulator = HubSpotEmulator(token=args.token or "emulator-token", latency_s=args.latency)
+        emulator = HubSpotEmulator(token=token, latency_s=args.latency)
         app = emulator.load_fixtures(args.fixtures or FIXTURES / "hubspot").app()
     else:
-        stub = LLMStub(args.fixtures or FIXTURES / "llm", api_key=args.token or "stub-key")
+        stub = LLMStub(args.fixtures or FIXTURES / "llm", api_key=token)
         stub.latency_s = args.latency
         app = stub.app()
-    app.run(host="127.0.0.1", port=args.port, threaded=True)
+    url = f"http://127.0.0.1:{port}"
+    print(
+        f"{name} on {url}; point leadscore at it with:\n  {settings.format(url=url, token=token)}", flush=True
+    )
+    app.run(host="127.0.0.1", port=port, threaded=True)
     return 0
 
 
@@ -545,11 +563,21 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     emulate = sub.add_parser("emulate", help="run the local HubSpot emulator or LLM stub")
-    emulate.add_argument("service", choices=["hubspot", "llm"])
-    emulate.add_argument("--port", type=int, default=8081)
-    emulate.add_argument("--fixtures", type=Path)
-    emulate.add_argument("--token", help="bearer token / API key the emulator expects")
-    emulate.add_argument("--latency", type=float, default=0.0, help="seconds added to each reply")
+    emulate.add_argument(
+        "service",
+        choices=list(EMULATED),
+        help="hubspot: the CRM v3 emulator; llm: the OpenAI-compatible stub",
+    )
+    ports = ", ".join(f"{port} for {service}" for service, (_, port, _, _) in EMULATED.items())
+    tokens = ", ".join(f"{token} for {service}" for service, (_, _, token, _) in EMULATED.items())
+    emulate.add_argument("--port", type=int, help=f"the port to listen on (default: {ports})")
+    emulate.add_argument(
+        "--fixtures", type=Path, help="the replies to serve (default: fixtures/hubspot or fixtures/llm)"
+    )
+    emulate.add_argument("--token", help=f"bearer token / API key it expects (default: {tokens})")
+    emulate.add_argument(
+        "--latency", type=float, default=0.0, help="seconds added to each reply (default: %(default)s)"
+    )
     emulate.set_defaults(func=cmd_emulate)
 
     demo = sub.add_parser("demo", help="the whole pipeline on local emulators, or a real portal")

@@ -14,7 +14,7 @@ import requests
 
 from integration import pending
 from integration.cli import main
-from integration.emulators import free_port, serve_in_thread
+from integration.emulators import free_port, serve_in_thread, wait_until
 from tests.conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -377,3 +377,62 @@ def test_procfile_web_binds_port_5000_when_port_is_not_set():
         "-",
         "integration.app:create_app()",
     ]
+
+
+@pytest.fixture
+def emulate():
+    """`leadscore emulate SERVICE --port P` as a process of its own, and the lines it printed at start."""
+    started = []
+
+    def start(service: str, port: int) -> list[str]:
+        command = [sys.executable, "-m", "integration.cli", "emulate", service, "--port", str(port)]
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        started.append(proc)
+        return [proc.stdout.readline(), proc.stdout.readline()]
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_emulate_prints_the_settings_that_point_leadscore_at_it_and_they_work(emulate):
+    from hubspot import HubSpot
+    from openai import OpenAI
+
+    hubspot_port, llm_port = free_port(), free_port()
+    assert emulate("hubspot", hubspot_port) == [
+        f"HubSpot emulator on http://127.0.0.1:{hubspot_port}; point leadscore at it with:\n",
+        f"  HUBSPOT_API_BASE=http://127.0.0.1:{hubspot_port} HUBSPOT_ACCESS_TOKEN=emulator-token\n",
+    ]
+    assert emulate("llm", llm_port) == [
+        f"LLM stub on http://127.0.0.1:{llm_port}; point leadscore at it with:\n",
+        f"  LLM_BASE_URL=http://127.0.0.1:{llm_port}/v1 LLM_API_KEY=stub-key\n",
+    ]
+
+    def answering(url: str) -> bool:
+        try:
+            return requests.get(url, timeout=1).status_code < 500
+        except requests.RequestException:
+            return False
+
+    wait_until(lambda: answering(f"http://127.0.0.1:{hubspot_port}/"), 10, "the HubSpot emulator")
+    wait_until(lambda: answering(f"http://127.0.0.1:{llm_port}/v1/models"), 10, "the LLM stub")
+    client = HubSpot(access_token="emulator-token", host=f"http://127.0.0.1:{hubspot_port}")
+    assert client.crm.properties.core_api.get_all("contacts").results  # the token is the one it expects
+    llm = OpenAI(base_url=f"http://127.0.0.1:{llm_port}/v1", api_key="stub-key", max_retries=0)
+    reply = llm.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+
+
+def test_emulate_help_shows_each_services_default_port_and_token(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per option
+    with pytest.raises(SystemExit):
+        main(["emulate", "--help"])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert "  --port PORT          the port to listen on (default: 8081 for hubspot, 8082 for llm)" in lines
+    token = "  --token TOKEN        bearer token / API key it expects"
+    assert f"{token} (default: emulator-token for hubspot, stub-key for llm)" in lines
