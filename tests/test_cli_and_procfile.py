@@ -436,3 +436,33 @@ def test_emulate_help_shows_each_services_default_port_and_token(monkeypatch, ca
     assert "  --port PORT          the port to listen on (default: 8081 for hubspot, 8082 for llm)" in lines
     token = "  --token TOKEN        bearer token / API key it expects"
     assert f"{token} (default: emulator-token for hubspot, stub-key for llm)" in lines
+
+
+def test_demo_serves_the_portal_whose_token_is_in_dot_env(redis_server, hubspot, tmp_path):
+    from tests.conftest import HUBSPOT_TOKEN
+
+    (tmp_path / ".env").write_text(f"HUBSPOT_ACCESS_TOKEN={HUBSPOT_TOKEN}\nHUBSPOT_API_BASE={hubspot.url}\n")
+    port = free_port()
+    process_env = {
+        **{
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("HUBSPOT_", "SALESFORCE_"))
+        },
+        "REDIS_URL": redis_server,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/demo.sqlite3",
+        "PORT": str(port),
+    }
+    demo = subprocess.Popen([sys.executable, "-m", "integration.cli", "demo"], cwd=tmp_path, env=process_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        first = demo.stdout.readline()
+    finally:
+        demo.send_signal(signal.SIGINT)  # as Ctrl-C: the demo stops its web and worker processes
+        demo.wait(timeout=30)
+
+    assert (
+        first
+        == f"Serving your HubSpot portal. Webhook target URL: http://127.0.0.1:{port}/webhooks/hubspot\n"
+    )
