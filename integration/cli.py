@@ -1,4 +1,5 @@
-"""`leadscore` command line: set-up, workers, replaying fixtures, emulators and the demo."""
+"""`leadscore` command line: CRM set-up, workers and their failed jobs, replaying fixtures, emulators,
+the demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, `evaluate`)."""
 
 from __future__ import annotations
 
@@ -531,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     setup = sub.add_parser("setup", help="create leadscore's CRM fields (idempotent)")
-    setup.add_argument("crm", choices=["hubspot", "salesforce"])
+    setup.add_argument("crm", choices=["hubspot", "salesforce"], help="the CRM to create the fields in")
     setup.set_defaults(func=cmd_setup)
 
     worker = sub.add_parser("worker", help="run an RQ worker for the scoring queue")
@@ -542,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     failed.set_defaults(func=cmd_failed)
 
     requeue = sub.add_parser("requeue", help="run failed jobs again")
-    requeue.add_argument("job_ids", nargs="*")
+    requeue.add_argument(
+        "job_ids", nargs="*", metavar="JOB_ID", help="a failed job's id, as `leadscore failed` lists it"
+    )
     requeue.add_argument("--all", action="store_true", help="every job in the failed registry")
     requeue.set_defaults(func=cmd_requeue)
 
@@ -551,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="post fixture deliveries to a running service, signed as the CRM would "
         "(HubSpot .json arrays, Salesforce .xml Outbound Messages and .json change events)",
     )
-    replay.add_argument("files", nargs="+", type=Path)
+    replay.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="a delivery to post (see fixtures/)"
+    )
     replay.add_argument(
         "--url",
         default=f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/webhooks/hubspot",
@@ -581,11 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.set_defaults(func=cmd_emulate)
 
     demo = sub.add_parser("demo", help="the whole pipeline on local emulators, or a real portal")
-    demo.add_argument("--timeout", type=float, default=90.0)
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="give up when scores take longer than this to arrive, in seconds (default: %(default)s)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     db = sub.add_parser("db", help="the score store's schema (Alembic)")
-    db.add_argument("action", choices=["upgrade"])
+    db.add_argument("action", choices=["upgrade"], help="apply the schema's migrations up to the latest")
     db.set_defaults(func=cmd_db)
 
     train = sub.add_parser("train", help="compare models by cross-validation, calibrate the best, save it")
@@ -635,10 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     outcomes = sub.add_parser("outcomes", help="outcomes kept in the score store")
-    outcomes.add_argument("action", choices=["sync"])
+    outcomes.add_argument("action", choices=["sync"], help="read outcomes from the CRM into the store")
     outcomes.add_argument("--crm", choices=["hubspot", "salesforce"], help="default: every configured CRM")
     outcomes.add_argument(
-        "--account", action="append", help="HubSpot portal id / Salesforce org id (default: those scored)"
+        "--account",
+        action="append",
+        help="with --crm: a HubSpot portal id / Salesforce org id, repeatable (default: those scored)",
     )
     outcomes.set_defaults(func=cmd_outcomes)
     return parser

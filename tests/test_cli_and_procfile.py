@@ -466,3 +466,25 @@ def test_demo_serves_the_portal_whose_token_is_in_dot_env(redis_server, hubspot,
         first
         == f"Serving your HubSpot portal. Webhook target URL: http://127.0.0.1:{port}/webhooks/hubspot\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "line"),
+    [
+        ([], "`leadscore` command line: CRM set-up, workers and their failed jobs, replaying fixtures, "
+             "emulators, the demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, "
+             "`evaluate`)."),
+        (["setup"], "  {hubspot,salesforce}  the CRM to create the fields in"),
+        (["requeue"], "  JOB_ID      a failed job's id, as `leadscore failed` lists it"),
+        (["replay"], "  FILE             a delivery to post (see fixtures/)"),
+        (["demo"], "  --timeout TIMEOUT  give up when scores take longer than this to arrive, in seconds "
+                   "(default: 90.0)"),
+    ],
+    ids=["leadscore", "setup", "requeue", "replay", "demo"],
+)  # fmt: skip
+def test_help_describes_every_command_and_argument(monkeypatch, capsys, command, line):
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per argument
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+
+    assert line in capsys.readouterr().out.splitlines()
