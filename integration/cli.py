@@ -1,9 +1,11 @@
-"""`leadscore` command line: set-up, workers, replaying fixtures, emulators and the demo."""
+"""`leadscore` command line: CRM set-up, workers and their failed jobs, replaying fixtures, emulators,
+the demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, `evaluate`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -199,10 +201,18 @@ def cmd_requeue(args) -> int:
     if not ids:
         print("nothing to requeue: name job ids or pass --all", file=sys.stderr)
         return 2
+    from rq.exceptions import InvalidJobOperation, NoSuchJobError
+
+    refused = 0
     for job_id in ids:
-        registry.requeue(job_id)
+        try:
+            registry.requeue(job_id)
+        except (NoSuchJobError, InvalidJobOperation):  # mistyped, or not in the failed registry
+            print(f"not a failed job: {job_id}", file=sys.stderr)
+            refused += 1
+            continue
         print(f"requeued {job_id}")
-    return 0
+    return 2 if refused else 0
 
 
 def cmd_replay(args) -> int:
@@ -229,18 +239,36 @@ def cmd_replay(args) -> int:
     return 1 if failures else 0
 
 
+# Per service: its name, default port and token, and the settings that point leadscore at it.
+EMULATED = {
+    "hubspot": (
+        "HubSpot emulator",
+        8081,
+        "emulator-token",
+        "HUBSPOT_API_BASE={url} HUBSPOT_ACCESS_TOKEN={token}",
+    ),
+    "llm": ("LLM stub", 8082, "stub-key", "LLM_BASE_URL={url}/v1 LLM_API_KEY={token}"),
+}
+
+
 def cmd_emulate(args) -> int:
     from integration.emulators.hubspot import HubSpotEmulator
     from integration.emulators.llm import LLMStub
 
+    name, default_port, default_token, settings = EMULATED[args.service]
+    port, token = args.port or default_port, args.token or default_token
     if args.service == "hubspot":
-        emulator = HubSpotEmulator(token=args.token or "emulator-token", latency_s=args.latency)
+        emulator = HubSpotEmulator(token=token, latency_s=args.latency)
         app = emulator.load_fixtures(args.fixtures or FIXTURES / "hubspot").app()
     else:
-        stub = LLMStub(args.fixtures or FIXTURES / "llm", api_key=args.token or "stub-key")
+        stub = LLMStub(args.fixtures or FIXTURES / "llm", api_key=token)
         stub.latency_s = args.latency
         app = stub.app()
-    app.run(host="127.0.0.1", port=args.port, threaded=True)
+    url = f"http://127.0.0.1:{port}"
+    print(
+        f"{name} on {url}; point leadscore at it with:\n  {settings.format(url=url, token=token)}", flush=True
+    )
+    app.run(host="127.0.0.1", port=port, threaded=True)
     return 0
 
 
@@ -399,17 +427,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_outcomes(args) -> int:
-    import requests
-    import urllib3
-
     from integration.ratelimit import RateLimited
     from workers.outcomes import SyncError, sync
     from workers.store import StoreNotReady
 
-    unreachable = (requests.RequestException, urllib3.exceptions.HTTPError)  # simple-salesforce's, HubSpot's
     try:
         report = sync(get_settings(), crm=args.crm, accounts=args.account)
-    except (CRMError, RateLimited, *unreachable) as exc:
+    except (CRMError, RateLimited, *unreachable()) as exc:
         raise UsageError(f"outcomes sync stopped: {exc}; run it again (it only adds what is new)") from None
     except (SyncError, StoreNotReady) as exc:
         raise UsageError(str(exc)) from None
@@ -436,6 +460,46 @@ def cmd_outcomes(args) -> int:
 
 class UsageError(RuntimeError):
     """A command given the wrong arguments; the message says which to give."""
+
+
+def unreachable() -> tuple[type[Exception], ...]:
+    """What the CRM clients raise when a service cannot be reached: simple-salesforce's requests
+    errors, HubSpot's urllib3 ones."""
+    import requests
+    import urllib3
+
+    return (requests.RequestException, urllib3.exceptions.HTTPError)
+
+
+def _cannot_reach(exc: Exception) -> str:
+    """'cannot reach URL (why)', and the setting that names it when it is one of leadscore's."""
+    from urllib3.exceptions import MaxRetryError
+
+    retried = exc.args[0] if exc.args and isinstance(exc.args[0], MaxRetryError) else exc  # requests wraps it
+    if isinstance(retried, MaxRetryError) and retried.pool is not None:
+        pool = retried.pool
+        url, why = f"{pool.scheme}://{pool.host}:{pool.port}", str(retried.reason).split("): ", 1)[-1]
+    else:
+        url, why = getattr(getattr(exc, "request", None), "url", None) or "the CRM", str(exc)
+    settings = get_settings()
+    named = {
+        "HUBSPOT_API_BASE": settings.hubspot_api_base,
+        "SALESFORCE_INSTANCE_URL": settings.salesforce_instance_url,
+        "LLM_BASE_URL": settings.llm_base_url,
+    }
+    setting = next((name for name, at in named.items() if at and url.startswith(_origin(at))), None)
+    fix = f"check {setting} and that it is up" if setting else "check the address and the network"
+    return f"cannot reach {url} ({why}): {fix}"
+
+
+def _origin(url) -> str:
+    return f"{url.scheme}://{url.host}:{url.port}"
+
+
+def _store_unavailable() -> type[Exception]:
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError
 
 
 def a_file(text: str) -> Path:
@@ -468,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     setup = sub.add_parser("setup", help="create leadscore's CRM fields (idempotent)")
-    setup.add_argument("crm", choices=["hubspot", "salesforce"])
+    setup.add_argument("crm", choices=["hubspot", "salesforce"], help="the CRM to create the fields in")
     setup.set_defaults(func=cmd_setup)
 
     worker = sub.add_parser("worker", help="run an RQ worker for the scoring queue")
@@ -479,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     failed.set_defaults(func=cmd_failed)
 
     requeue = sub.add_parser("requeue", help="run failed jobs again")
-    requeue.add_argument("job_ids", nargs="*")
+    requeue.add_argument(
+        "job_ids", nargs="*", metavar="JOB_ID", help="a failed job's id, as `leadscore failed` lists it"
+    )
     requeue.add_argument("--all", action="store_true", help="every job in the failed registry")
     requeue.set_defaults(func=cmd_requeue)
 
@@ -488,27 +554,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="post fixture deliveries to a running service, signed as the CRM would "
         "(HubSpot .json arrays, Salesforce .xml Outbound Messages and .json change events)",
     )
-    replay.add_argument("files", nargs="+", type=Path)
-    replay.add_argument("--url", default="http://127.0.0.1:5000/webhooks/hubspot")
+    replay.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="a delivery to post (see fixtures/)"
+    )
+    replay.add_argument(
+        "--url",
+        default=f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/webhooks/hubspot",
+        help="the webhook to post to (default: %(default)s, from $PORT)",
+    )
     replay.add_argument(
         "--secret", help="signing secret (default: HUBSPOT_APP_SECRET or SALESFORCE_EVENTS_SECRET)"
     )
     replay.set_defaults(func=cmd_replay)
 
     emulate = sub.add_parser("emulate", help="run the local HubSpot emulator or LLM stub")
-    emulate.add_argument("service", choices=["hubspot", "llm"])
-    emulate.add_argument("--port", type=int, default=8081)
-    emulate.add_argument("--fixtures", type=Path)
-    emulate.add_argument("--token", help="bearer token / API key the emulator expects")
-    emulate.add_argument("--latency", type=float, default=0.0, help="seconds added to each reply")
+    emulate.add_argument(
+        "service",
+        choices=list(EMULATED),
+        help="hubspot: the CRM v3 emulator; llm: the OpenAI-compatible stub",
+    )
+    ports = ", ".join(f"{port} for {service}" for service, (_, port, _, _) in EMULATED.items())
+    tokens = ", ".join(f"{token} for {service}" for service, (_, _, token, _) in EMULATED.items())
+    emulate.add_argument("--port", type=int, help=f"the port to listen on (default: {ports})")
+    emulate.add_argument(
+        "--fixtures", type=Path, help="the replies to serve (default: fixtures/hubspot or fixtures/llm)"
+    )
+    emulate.add_argument("--token", help=f"bearer token / API key it expects (default: {tokens})")
+    emulate.add_argument(
+        "--latency", type=float, default=0.0, help="seconds added to each reply (default: %(default)s)"
+    )
     emulate.set_defaults(func=cmd_emulate)
 
     demo = sub.add_parser("demo", help="the whole pipeline on local emulators, or a real portal")
-    demo.add_argument("--timeout", type=float, default=90.0)
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="give up when scores take longer than this to arrive, in seconds (default: %(default)s)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     db = sub.add_parser("db", help="the score store's schema (Alembic)")
-    db.add_argument("action", choices=["upgrade"])
+    db.add_argument("action", choices=["upgrade"], help="apply the schema's migrations up to the latest")
     db.set_defaults(func=cmd_db)
 
     train = sub.add_parser("train", help="compare models by cross-validation, calibrate the best, save it")
@@ -558,10 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     outcomes = sub.add_parser("outcomes", help="outcomes kept in the score store")
-    outcomes.add_argument("action", choices=["sync"])
+    outcomes.add_argument("action", choices=["sync"], help="read outcomes from the CRM into the store")
     outcomes.add_argument("--crm", choices=["hubspot", "salesforce"], help="default: every configured CRM")
     outcomes.add_argument(
-        "--account", action="append", help="HubSpot portal id / Salesforce org id (default: those scored)"
+        "--account",
+        action="append",
+        help="with --crm: a HubSpot portal id / Salesforce org id, repeatable (default: those scored)",
     )
     outcomes.set_defaults(func=cmd_outcomes)
     return parser
@@ -571,8 +660,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SettingsError, UsageError) as exc:
+    except (SettingsError, UsageError, CRMError) as exc:
         print(f"leadscore: {exc}", file=sys.stderr)
+        return 2
+    except unreachable() as exc:  # evaluated only when an error reaches it, so imported only then
+        print(f"leadscore: {_cannot_reach(exc)}", file=sys.stderr)
+        return 2
+    except _store_unavailable() as exc:
+        if exc.statement is not None:  # connected, and a statement failed: not the operator's to fix
+            raise
+        from workers.store import redacted
+
+        why = str(exc.orig).splitlines()[0]
+        url = redacted(get_settings().database_url)
+        print(f"leadscore: cannot open the score store at {url} ({why}): start it, or fix DATABASE_URL",
+              file=sys.stderr)  # fmt: skip
         return 2
     except (TableError, OSError, ValueError) as exc:
         if not isinstance(exc, TableError) and args.command not in FILE_COMMANDS:

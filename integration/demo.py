@@ -91,10 +91,11 @@ def _serve_real_portal(stack: ExitStack, env: dict) -> int:
 
 
 def run_demo(timeout_s: float = 90.0) -> int:
+    settings = get_settings()  # the environment and `.env`, as the web and worker processes read them
     with ExitStack() as stack:
         env = dict(os.environ)
-        if env.get("HUBSPOT_ACCESS_TOKEN"):
-            if not redis_reachable(env.get("REDIS_URL", "redis://127.0.0.1:6379/0")):
+        if settings.hubspot_configured:
+            if not redis_reachable(settings.redis_url):
                 env["REDIS_URL"] = start_redis(stack, "--appendonly", "yes")
             return _serve_real_portal(stack, env)
         # A private Redis, so that seen marks from earlier runs cannot swallow the replayed burst.

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class SettingsError(RuntimeError):
     """The environment does not describe a runnable leadscore; the message says what to fix."""
@@ -95,11 +97,20 @@ class Settings(BaseSettings):
             raise ValueError(f"HUBSPOT_APP_ID must be the numeric app id, got {value!r}")
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_known(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.upper()
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}")
+            raise ValueError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {masked(value)!r}"
+            )
         return value
 
     @field_validator("database_url")
@@ -115,7 +126,7 @@ class Settings(BaseSettings):
         except ArgumentError:
             raise ValueError(
                 f"DATABASE_URL must be an SQLAlchemy URL such as sqlite:///leadscore.sqlite3 or "
-                f"postgresql+psycopg://user:password@host/db, got {value!r}"
+                f"postgresql+psycopg://user:password@host/db, got {masked(value)!r}"
             ) from None
         if url.drivername in ("postgres", "postgresql"):
             return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
@@ -189,6 +200,15 @@ class Settings(BaseSettings):
                 "no CRM configured: set HUBSPOT_ACCESS_TOKEN, or SALESFORCE_INSTANCE_URL with Salesforce "
                 "credentials"
             )
+
+
+def masked(url: str) -> str:
+    """`url` with its password (the user info after ':', up to the last '@') shown as ***, even
+    when the rest of it is malformed."""
+    head, at, host = url.rpartition("@")
+    scheme, sep, userinfo = head.partition("://") if "://" in head else ("", "", head)
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user}:***@{host}" if at and colon else url
 
 
 def load_settings(**overrides) -> Settings:

@@ -14,7 +14,7 @@ import requests
 
 from integration import pending
 from integration.cli import main
-from integration.emulators import free_port, serve_in_thread
+from integration.emulators import free_port, serve_in_thread, wait_until
 from tests.conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +60,26 @@ def test_replay_signs_and_posts_fixtures_to_a_running_service(app, queue, capsys
     assert pending.depth(queue.connection) == 1
 
 
+def test_replay_posts_to_port_by_default_and_its_help_says_so(app, queue, monkeypatch, capsys):
+    server = serve_in_thread(app)
+    port = server.url.rsplit(":", 1)[1]
+    monkeypatch.setenv("PORT", port)
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per option
+    try:
+        code = main(["replay", str(SINGLE)])
+    finally:
+        server.stop()
+    with pytest.raises(SystemExit):
+        main(["replay", "--help"])
+
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{SINGLE}: 200 ")
+    assert pending.depth(queue.connection) == 1
+    url = f"http://127.0.0.1:{port}/webhooks/hubspot"
+    assert f"  --url URL        the webhook to post to (default: {url}, from $PORT)" in out.splitlines()
+
+
 def test_replay_reports_refusals(app, queue, capsys):
     server = serve_in_thread(app)
     try:
@@ -95,6 +115,22 @@ def test_failed_and_requeue_without_redis_say_so_in_one_line(env, monkeypatch, c
     assert err.startswith("leadscore: cannot reach Redis (") and err.count("\n") == 1
     assert err.endswith("start it, or point REDIS_URL at the workers' Redis\n")
     get_settings.cache_clear()
+
+
+def test_requeue_says_which_ids_are_not_failed_jobs_and_requeues_the_rest(env, queue, redis, capsys):
+    from rq import SimpleWorker
+
+    failed = queue.enqueue("json.loads", "{not json")
+    SimpleWorker([queue], connection=redis).work(burst=True)
+    waiting = queue.enqueue("json.loads", "1")  # queued, never failed
+
+    assert main(["requeue", "mistyped-id", waiting.id, failed.id]) == 2
+    assert capsys.readouterr() == (
+        f"requeued {failed.id}\n",
+        f"not a failed job: mistyped-id\nnot a failed job: {waiting.id}\n",
+    )
+    assert queue.get_job_ids() == [waiting.id, failed.id]
+    assert queue.failed_job_registry.get_job_ids() == []
 
 
 def test_outcomes_sync_of_a_crm_not_configured_says_what_to_set(env, monkeypatch, capsys):
@@ -215,3 +251,240 @@ def test_replay_posts_salesforce_outbound_messages_and_signed_events(app, queue,
     assert (outbound, events) == (0, 0)
     assert capsys.readouterr().out.count(": 200 ") == 2
     assert pending.depth(queue.connection) == 2
+
+
+def reconfigure(monkeypatch, **values: str) -> None:
+    from integration.settings import get_settings
+    from workers import jobs
+
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+
+
+def test_setup_hubspot_with_a_refused_token_names_the_setting(env, hubspot, capsys):
+    hubspot.token = "rotated-since"
+
+    assert main(["setup", "hubspot"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: HubSpot refused HUBSPOT_ACCESS_TOKEN (401: revoked, expired or mistyped): set the "
+        "private app's current token\n"
+    )
+
+
+def test_setup_salesforce_with_an_expired_token_says_what_to_set(env, salesforce, capsys):
+    salesforce.token = "a-newer-session"
+
+    assert main(["setup", "salesforce"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
+        "revoked): set a new one, or unset it and let leadscore log in itself with SALESFORCE_CONSUMER_KEY "
+        "and SALESFORCE_CONSUMER_SECRET, or a username and password\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("crm", "setting", "scheme"),
+    [("hubspot", "HUBSPOT_API_BASE", "http"), ("salesforce", "SALESFORCE_INSTANCE_URL", "https")],
+)
+def test_setup_of_a_crm_that_cannot_be_reached_names_its_url(env, monkeypatch, capsys, crm, setting, scheme):
+    url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
+    reconfigure(monkeypatch, **{setting: url})
+
+    assert main(["setup", crm]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: cannot reach {url} (Failed to establish a new connection: [Errno 111] Connection "
+        f"refused): check {setting} and that it is up\n"
+    )
+
+
+def test_db_upgrade_with_the_database_down_names_it_without_its_password(env, monkeypatch, capsys):
+    port = free_port()  # nothing listens there
+    reconfigure(monkeypatch, DATABASE_URL=f"postgresql+psycopg://leadscore:s3cret@127.0.0.1:{port}/scores")
+
+    assert main(["db", "upgrade"]) == 2
+    shown = f"postgresql+psycopg://leadscore:***@127.0.0.1:{port}/scores"
+    assert capsys.readouterr().err == (
+        f"leadscore: cannot open the score store at {shown} "
+        f'(connection failed: connection to server at "127.0.0.1", port {port} failed: Connection refused): '
+        "start it, or fix DATABASE_URL\n"
+    )
+
+
+def test_worker_with_a_scoring_config_it_cannot_use_names_the_setting(env, monkeypatch, tmp_path, capsys):
+    missing = tmp_path / "nope.toml"
+    reconfigure(monkeypatch, SCORING_CONFIG_PATH=str(missing))
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: SCORING_CONFIG_PATH: cannot read scoring config {missing}: No such file or directory\n"
+    )
+
+    unordered = tmp_path / "scoring.toml"
+    unordered.write_text(
+        (ROOT / "workers" / "scoring_config.toml")
+        .read_text()
+        .replace("A = 70\nB = 55\nC = 40", "A = 50\nB = 60\nC = 40")
+    )
+    reconfigure(monkeypatch, SCORING_CONFIG_PATH=str(unordered))
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: SCORING_CONFIG_PATH: {unordered} is invalid: tiers: Value error, tiers must satisfy "
+        "A > B > C, got A=50 B=60 C=40\n"
+    )
+
+
+def test_log_level_is_one_of_pythons_in_any_case_and_an_unknown_one_is_named(env, monkeypatch, capsys):
+    from integration.settings import get_settings
+
+    reconfigure(monkeypatch, LOG_LEVEL="warning")
+    assert get_settings().log_level == "WARNING"
+
+    reconfigure(monkeypatch, LOG_LEVEL="verbose")
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: invalid leadscore settings: LOG_LEVEL: Value error, LOG_LEVEL must be one of DEBUG, "
+        "INFO, WARNING, ERROR, CRITICAL, got 'verbose'\n"
+    )
+
+
+def test_invalid_redis_and_database_urls_are_echoed_without_their_password(env, monkeypatch, capsys):
+    reconfigure(
+        monkeypatch,
+        REDIS_URL="redis//default:s3cr@t@redis.example:6379",
+        DATABASE_URL="postgresql//leadscore:s3cr@t@db.example/scores",
+    )
+
+    assert main(["db", "upgrade"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: invalid leadscore settings: REDIS_URL: Value error, REDIS_URL must start with redis://, "
+        "rediss:// or unix://, got 'redis//default:***@redis.example:6379'; DATABASE_URL: Value error, "
+        "DATABASE_URL must be an SQLAlchemy URL such as sqlite:///leadscore.sqlite3 or "
+        "postgresql+psycopg://user:password@host/db, got 'postgresql//leadscore:***@db.example/scores'\n"
+    )
+
+
+def test_procfile_web_binds_port_5000_when_port_is_not_set():
+    environment = {name: value for name, value in os.environ.items() if name != "PORT"}
+    argv = subprocess.run(["sh", "-c", f'set -- {procfile()["web"]}; printf "%s\\n" "$@"'], env=environment,
+                          capture_output=True, text=True, check=True).stdout.splitlines()  # fmt: skip
+
+    assert argv == [
+        "gunicorn",
+        "--bind",
+        "0.0.0.0:5000",
+        "--access-logfile",
+        "-",
+        "integration.app:create_app()",
+    ]
+
+
+@pytest.fixture
+def emulate():
+    """`leadscore emulate SERVICE --port P` as a process of its own, and the lines it printed at start."""
+    started = []
+
+    def start(service: str, port: int) -> list[str]:
+        command = [sys.executable, "-m", "integration.cli", "emulate", service, "--port", str(port)]
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        started.append(proc)
+        return [proc.stdout.readline(), proc.stdout.readline()]
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_emulate_prints_the_settings_that_point_leadscore_at_it_and_they_work(emulate):
+    from hubspot import HubSpot
+    from openai import OpenAI
+
+    hubspot_port, llm_port = free_port(), free_port()
+    assert emulate("hubspot", hubspot_port) == [
+        f"HubSpot emulator on http://127.0.0.1:{hubspot_port}; point leadscore at it with:\n",
+        f"  HUBSPOT_API_BASE=http://127.0.0.1:{hubspot_port} HUBSPOT_ACCESS_TOKEN=emulator-token\n",
+    ]
+    assert emulate("llm", llm_port) == [
+        f"LLM stub on http://127.0.0.1:{llm_port}; point leadscore at it with:\n",
+        f"  LLM_BASE_URL=http://127.0.0.1:{llm_port}/v1 LLM_API_KEY=stub-key\n",
+    ]
+
+    def answering(url: str) -> bool:
+        try:
+            return requests.get(url, timeout=1).status_code < 500
+        except requests.RequestException:
+            return False
+
+    wait_until(lambda: answering(f"http://127.0.0.1:{hubspot_port}/"), 10, "the HubSpot emulator")
+    wait_until(lambda: answering(f"http://127.0.0.1:{llm_port}/v1/models"), 10, "the LLM stub")
+    client = HubSpot(access_token="emulator-token", host=f"http://127.0.0.1:{hubspot_port}")
+    assert client.crm.properties.core_api.get_all("contacts").results  # the token is the one it expects
+    llm = OpenAI(base_url=f"http://127.0.0.1:{llm_port}/v1", api_key="stub-key", max_retries=0)
+    reply = llm.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+
+
+def test_emulate_help_shows_each_services_default_port_and_token(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per option
+    with pytest.raises(SystemExit):
+        main(["emulate", "--help"])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert "  --port PORT          the port to listen on (default: 8081 for hubspot, 8082 for llm)" in lines
+    token = "  --token TOKEN        bearer token / API key it expects"
+    assert f"{token} (default: emulator-token for hubspot, stub-key for llm)" in lines
+
+
+def test_demo_serves_the_portal_whose_token_is_in_dot_env(redis_server, hubspot, tmp_path):
+    from tests.conftest import HUBSPOT_TOKEN
+
+    (tmp_path / ".env").write_text(f"HUBSPOT_ACCESS_TOKEN={HUBSPOT_TOKEN}\nHUBSPOT_API_BASE={hubspot.url}\n")
+    port = free_port()
+    process_env = {
+        **{
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("HUBSPOT_", "SALESFORCE_"))
+        },
+        "REDIS_URL": redis_server,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/demo.sqlite3",
+        "PORT": str(port),
+    }
+    demo = subprocess.Popen([sys.executable, "-m", "integration.cli", "demo"], cwd=tmp_path, env=process_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        first = demo.stdout.readline()
+    finally:
+        demo.send_signal(signal.SIGINT)  # as Ctrl-C: the demo stops its web and worker processes
+        demo.wait(timeout=30)
+
+    assert (
+        first
+        == f"Serving your HubSpot portal. Webhook target URL: http://127.0.0.1:{port}/webhooks/hubspot\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "line"),
+    [
+        ([], "`leadscore` command line: CRM set-up, workers and their failed jobs, replaying fixtures, "
+             "emulators, the demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, "
+             "`evaluate`)."),
+        (["setup"], "  {hubspot,salesforce}  the CRM to create the fields in"),
+        (["requeue"], "  JOB_ID      a failed job's id, as `leadscore failed` lists it"),
+        (["replay"], "  FILE             a delivery to post (see fixtures/)"),
+        (["demo"], "  --timeout TIMEOUT  give up when scores take longer than this to arrive, in seconds "
+                   "(default: 90.0)"),
+    ],
+    ids=["leadscore", "setup", "requeue", "replay", "demo"],
+)  # fmt: skip
+def test_help_describes_every_command_and_argument(monkeypatch, capsys, command, line):
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per argument
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+
+    assert line in capsys.readouterr().out.splitlines()

@@ -31,7 +31,7 @@ from integration.settings import Settings, SettingsError, get_settings
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult, input_fingerprint
 from workers.blend import score_lead as blend_score
-from workers.config import ScoringConfig, load_config
+from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
 from workers.model import TrainedModel
 from workers.propensity import PropensityReasoner, PropensityResult
@@ -317,7 +317,10 @@ def scoring_config(settings: Settings, model: TrainedModel | None = None) -> Sco
     """The config scores are made with; its digest (part of every fingerprint) covers the LLM
     model and the trained model too, so changing either neither reuses cached answers nor skips
     leads."""
-    config = load_config(settings.scoring_config_path)
+    try:
+        config = load_config(settings.scoring_config_path)
+    except ConfigError as exc:
+        raise SettingsError(f"SCORING_CONFIG_PATH: {exc}") from None
     trained = model.version if model is not None else "-"
     digest = hashlib.sha256(f"{config.digest}:{settings.llm_model}:{trained}".encode()).hexdigest()[:16]
     return config.model_copy(update={"digest": digest})

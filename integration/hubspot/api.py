@@ -28,6 +28,7 @@ from hubspot.crm.contacts import (
 )
 from hubspot.crm.objects import ApiException as ObjectsApiException
 from hubspot.crm.objects import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
+from hubspot.crm.properties import ApiException as PropertiesApiException
 from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCreate
 from urllib3.util.retry import Retry
 
@@ -241,10 +242,7 @@ class HubSpotCRM:
                 return fn(*args, _request_timeout=self.timeout, **kwargs)
             except API_ERRORS as exc:
                 if exc.status == 401:
-                    raise CRMError(
-                        f"HubSpot refused HUBSPOT_ACCESS_TOKEN for portal {self.portal_id} (401: revoked, "
-                        "expired or mistyped): set the private app's current token"
-                    ) from exc
+                    raise CRMError(_token_refused(self.portal_id)) from exc
                 if exc.status != 429:
                     raise
                 self.telemetry("crm_throttled_total", crm="hubspot")
@@ -520,6 +518,14 @@ class HubSpotCRM:
 
     def ensure_properties(self) -> SetupReport:
         """Create the leadscore property group and properties; existing ones are left alone."""
+        try:
+            return self._ensure_properties()
+        except PropertiesApiException as exc:
+            if exc.status == 401:
+                raise CRMError(_token_refused(self.portal_id)) from exc
+            raise
+
+    def _ensure_properties(self) -> SetupReport:
         api = self.client.crm.properties
         existing_groups = {g.name for g in api.groups_api.get_all("contacts").results}
         report = SetupReport(created=[], existing=[])
@@ -554,6 +560,14 @@ class HubSpotCRM:
                 raise
             rows.append({"id": str(contact.id), **(contact.properties or {})})
         return rows
+
+
+def _token_refused(portal_id: str) -> str:
+    portal = f" for portal {portal_id}" if portal_id else ""
+    return (
+        f"HubSpot refused HUBSPOT_ACCESS_TOKEN{portal} (401: revoked, expired or mistyped): set the "
+        "private app's current token"
+    )
 
 
 def _setup_fix(codes: object) -> str:
