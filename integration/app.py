@@ -20,7 +20,7 @@ from integration import logs, metrics, pending
 from integration.errors import WebhookError
 from integration.events import IntakeRow
 from integration.hubspot.webhook import bp as hubspot_bp
-from integration.queue import Skipped, hand_off, redis_from_url
+from integration.queue import Skipped, durability_risks, hand_off, redis_from_url
 from integration.salesforce.webhook import bp as salesforce_bp
 from integration.settings import Settings, SettingsError, get_settings
 
@@ -105,10 +105,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.get("/healthz")
     def healthz():
         try:
-            redis.ping()
+            risks = durability_risks(redis)
         except RedisError as exc:
             return jsonify(status="unavailable", redis=f"unreachable: {exc}"), 503
-        return jsonify(status="ok", redis="ok")
+        return jsonify(status="ok", redis="ok", redis_risks=risks)
 
     @app.errorhandler(WebhookError)
     def refuse(exc: WebhookError):

@@ -47,7 +47,7 @@ def cmd_worker(args) -> int:
     from rq import Queue
 
     from integration import logs
-    from integration.queue import redis_from_url
+    from integration.queue import durability_risks, redis_from_url
     from workers import jobs
     from workers.worker import build
 
@@ -62,9 +62,15 @@ def cmd_worker(args) -> int:
         _require_holdout_fields(settings, jobs, ready_orgs)
     _prepare_store(ctx.store)
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     log = logging.getLogger("leadscore.worker")
+    try:
+        for risk in durability_risks(redis_from_url(settings.redis_url)):
+            log.warning("Redis: %s", risk)
+    except RedisError:
+        pass  # unreachable: the loop below waits for it
     backoff = 1.0
     while True:  # a Redis restart must not end the worker: wait for it, then work again
         try:

@@ -38,6 +38,24 @@ def redis_from_url(url: str) -> Redis:
     return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
 
+def durability_risks(redis: Redis) -> list[str]:
+    """Redis settings under which events leadscore acknowledged can be lost, each with its fix. Read
+    from INFO, which managed Redis services answer where they refuse CONFIG."""
+    info = redis.info("memory") | redis.info("persistence")
+    risks = []
+    policy = info.get("maxmemory_policy", "noeviction")
+    if policy.startswith("allkeys-"):
+        risks.append(f"maxmemory-policy is {policy}: when memory runs short Redis evicts queued events; "
+                     "set it to noeviction")  # fmt: skip
+    elif policy != "noeviction":
+        risks.append(f"maxmemory-policy is {policy}: when memory runs short Redis evicts the marks that stop "
+                     "repeated events and keep their order; set it to noeviction")  # fmt: skip
+    if not info.get("aof_enabled"):
+        risks.append("appendonly is off: a Redis restart loses the events acknowledged since its last "
+                     "snapshot; set appendonly yes")  # fmt: skip
+    return risks
+
+
 def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict:
     """Log what is not scored, queue the rest; the summary every webhook answers with."""
     ignored = {"ignore": 0, "unsupported": 0}

@@ -47,7 +47,7 @@ SF_OUTPUT_FIELDS = (
 @pytest.fixture(scope="session")
 def redis_server():
     with ExitStack() as stack:
-        yield start_redis(stack, "--save", "")
+        yield start_redis(stack, "--save", "", "--appendonly", "yes", "--appendfsync", "no")
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 
 import pytest
 from rq import Queue
 
 from integration import metrics, pending
 from integration.app import create_app
-from integration.emulators import free_port
+from integration.cli import main
+from integration.emulators import free_port, start_redis
 from integration.replay import hubspot_headers, load_delivery
 from integration.settings import load_settings
-from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, pending_events
+from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, _clear_caches, pending_events
 
 
 def queued_events(queue: Queue) -> list[dict]:
@@ -369,9 +371,33 @@ def test_healthz_reports_redis(client, app_without_redis):
     healthy = client.get("/healthz")
     down = app_without_redis.test_client().get("/healthz")
 
-    assert (healthy.status_code, healthy.get_json()) == (200, {"status": "ok", "redis": "ok"})
+    assert (healthy.status_code, healthy.get_json()) == (
+        200,
+        {"status": "ok", "redis": "ok", "redis_risks": []},
+    )
     assert down.status_code == 503
     assert down.get_json()["redis"].startswith("unreachable: ")
+
+
+def test_healthz_and_the_worker_name_redis_settings_that_can_lose_acknowledged_events(
+    settings, monkeypatch, caplog
+):
+    with ExitStack() as stack:
+        url = start_redis(stack, "--maxmemory-policy", "allkeys-lru")  # and no append-only file
+        risky = create_app(settings.model_copy(update={"redis_url": url})).test_client().get("/healthz")
+        monkeypatch.setenv("REDIS_URL", url)
+        _clear_caches()
+        assert main(["worker", "--burst"]) == 0
+
+    risks = [
+        "maxmemory-policy is allkeys-lru: when memory runs short Redis evicts queued events; set it to "
+        "noeviction",
+        "appendonly is off: a Redis restart loses the events acknowledged since its last snapshot; set "
+        "appendonly yes",
+    ]
+    assert (risky.status_code, risky.get_json()["redis_risks"]) == (200, risks)
+    worker_warned = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker"]
+    assert worker_warned == [f"Redis: {risk}" for risk in risks]
 
 
 def test_missing_app_secret_answers_503_with_what_to_set(settings, queue):
