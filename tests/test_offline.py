@@ -287,6 +287,30 @@ def _read_or_nothing(fd: int) -> bytes:
         return b""
 
 
+def test_evaluate_says_how_many_leads_a_model_learned_from_in_a_reshuffled_copy(trained, tmp_path, capsys):
+    frame = _slice().sort_values("Converted", ascending=False).head(250)
+    frame.iloc[200:, frame.columns.get_loc("Prospect ID")] = [f"new-{n}" for n in range(50)]  # unseen
+    data = _write(tmp_path, frame)
+
+    assert main(["evaluate", "--data", str(data), "--mapping", str(MAPPING), "--model", str(trained),
+                 "--out", str(tmp_path / "report")]) == 0  # fmt: skip
+
+    [note] = json.loads((tmp_path / "report" / "metrics.json").read_text())["notes"]
+    said = "was trained on 200 of these 250 leads (80%), so its numbers are optimistic; its cross-validated"
+    assert said in note and said in capsys.readouterr().err
+
+
+def test_evaluate_tells_a_model_saved_without_its_leads_by_the_very_file(trained, tmp_path):
+    older = TrainedModel.load(trained)
+    older.trained_on = None  # as artifacts saved before the leads' digests were kept
+    older.save(tmp_path / "older")
+
+    assert main(["evaluate", *FILE_ARGS, "--model", str(tmp_path / "older"), "--out", str(tmp_path)]) == 0
+
+    [note] = json.loads((tmp_path / "metrics.json").read_text())["notes"]
+    assert "was trained on this very file, so its numbers here are in-sample and optimistic" in note
+
+
 def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["evaluate", *FILE_ARGS, "--model", str(trained), "--out", str(out)]) == 0
@@ -300,7 +324,7 @@ def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
         assert [row["tier"] for row in scorer["tiers"]] == ["A", "B", "C", "D"]
         assert sum(row["leads"] for row in scorer["tiers"]) == 500
     assert metrics["scorers"][names[1]]["roc_auc"] > metrics["scorers"]["rules"]["roc_auc"]
-    assert "trained on this very file" in metrics["notes"][0]  # in-sample numbers are flagged
+    assert "trained on 500 of these 500 leads (100%), so its numbers are optimistic" in metrics["notes"][0]
     for plot in ("roc.png", "calibration.png", "tiers.png", "gains.png"):
         assert (out / plot).read_bytes().startswith(PNG)
     report = (out / "report.md").read_text()

@@ -263,6 +263,7 @@ class TrainedModel:
     kinds: dict[str, Kind]
     categories: dict[str, list[str]]
     meta: dict = field(default_factory=dict)
+    trained_on: np.ndarray | None = None  # `lead_digests` of the leads it learned from (None: not kept)
 
     @property
     def version(self) -> str:
@@ -325,7 +326,8 @@ class TrainedModel:
         meta = {**self.meta, "features": features, "categories": self.categories}
         text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"  # may fail: before writing
         directory.mkdir(parents=True, exist_ok=True)
-        parts = {"estimator": self.estimator, "calibrator": self.calibrator, "version": self.version}
+        parts = {"estimator": self.estimator, "calibrator": self.calibrator, "version": self.version,
+                 "trained_on": self.trained_on}  # fmt: skip
         joblib.dump(parts, directory / "model.joblib")
         (directory / "model.json").write_text(text)
         return directory
@@ -354,7 +356,8 @@ class TrainedModel:
         try:
             kinds = {feature["name"]: feature["kind"] for feature in meta.pop("features")}
             categories = meta.pop("categories")
-            model = cls(parts["estimator"], parts["calibrator"], kinds, categories, meta)
+            trained_on = parts.get("trained_on")  # artifacts saved before it was kept: None
+            model = cls(parts["estimator"], parts["calibrator"], kinds, categories, meta, trained_on)
             made_by = parts.get("version", model.version)  # artifacts saved before it was kept there
         except (KeyError, TypeError, AttributeError) as exc:
             raise _damaged(directory, exc) from None
@@ -364,6 +367,13 @@ class TrainedModel:
                 "copy the artifact directory of one `leadscore train` over whole"
             )
         return model
+
+
+def lead_digests(ids) -> np.ndarray:
+    """Eight bytes of a hash of each lead id, sorted: enough to tell whether a lead was among those a
+    model learned from, without keeping the ids themselves in the artifact."""
+    digests = b"".join(hashlib.blake2b(str(i).strip().encode(), digest_size=8).digest() for i in ids)
+    return np.sort(np.frombuffer(digests, dtype=np.uint64))
 
 
 def _damaged(directory: Path, exc: Exception) -> ValueError:

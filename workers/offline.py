@@ -24,7 +24,7 @@ from workers.blend import ScoreResult
 from workers.blend import score_lead as blend_score
 from workers.config import TIER_NAMES, ScoringConfig, Tiers
 from workers.metrics import POINTS, PROBABILITY, classification_metrics, cumulative_gains, tier_table
-from workers.model import TrainedModel, require_folds, train
+from workers.model import TrainedModel, lead_digests, require_folds, train
 from workers.progress import progress
 from workers.propensity import fallback
 from workers.rules import evaluate_rules
@@ -71,6 +71,7 @@ def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path
         table.features, table.y, kinds, source=table.source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
         progress=progress("cross-validating"), monotone=table.mapping.monotone_for(kinds),
     )  # fmt: skip
+    trained.trained_on = lead_digests(table.frame[table.mapping.id])
     return _finish(trained, table.mapping, out, started)
 
 
@@ -97,6 +98,7 @@ def train_from_store(
     trained = train(rows.frame, rows.labels, rows.kinds, source=source,
                     tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS, progress=progress("cross-validating"),
                     monotone=mapping.monotone_for(rows.kinds) if mapping else None)  # fmt: skip
+    trained.trained_on = lead_digests(rows.leads)
     return _finish(trained, mapping, out, started)
 
 
@@ -293,11 +295,10 @@ def _file_scorers(
             if warning:
                 _warn(warning)
                 notes.append(f"`{name}`: {warning}.")
-        if model.meta.get("training", {}).get("sha256") == table.source["sha256"]:
-            notes.append(
-                f"`{name}` was trained on this very file, so its numbers here are in-sample and "
-                f"optimistic; its cross-validated ROC AUC is {_cv_auc(model)}."
-            )
+        in_sample = _in_sample(model, table)
+        if in_sample:
+            _warn(f"{name}: {in_sample}")
+            notes.append(f"`{name}` {in_sample}")
         scorers[name] = {
             "scale": PROBABILITY,
             "cross_validation": model.meta.get("candidates"),
@@ -326,6 +327,22 @@ def _live_scorers(store, min_age_days: float, scorers: dict, notes: list[str]) -
         scorers[name] = {"min_age_days": min_age_days, "scale": scale}
         curves[name] = (y, p, tiers)
     return curves
+
+
+def _in_sample(model: TrainedModel, table: LabelledTable) -> str | None:
+    """Whether the model learned from leads of this file (by id; for artifacts that did not keep
+    them, whether it is the very file), said with the honest figure: numbers on leads a model was
+    trained on are optimistic."""
+    honest = f"optimistic; its cross-validated ROC AUC is {_cv_auc(model)}."
+    if model.trained_on is None:
+        if model.meta.get("training", {}).get("sha256") != table.source["sha256"]:
+            return None
+        return f"was trained on this very file, so its numbers here are in-sample and {honest}"
+    seen = int(np.isin(lead_digests(table.frame[table.mapping.id]), model.trained_on).sum())
+    if not seen:
+        return None
+    leads = len(table.frame)
+    return f"was trained on {seen} of these {leads} leads ({seen / leads:.0%}), so its numbers are {honest}"
 
 
 def _cv_auc(model: TrainedModel) -> str:

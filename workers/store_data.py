@@ -117,6 +117,7 @@ class TrainingRows(NamedTuple):
     kinds: dict[str, Kind]
     window: dict
     unread: list[str]  # inputs kept with earlier scores that no worker reads now: not learned from
+    leads: list[str]  # each row's lead, as crm:account:lead
 
 
 def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | None = None) -> TrainingRows:
@@ -124,11 +125,12 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
     worker reads for every lead (the lead fields, the LLM's propensity) and `custom`, the mapping's
     [custom] kinds, whose CRM properties the model records. Other inputs a score kept (a former
     mapping's custom fields) are left out: live leads would always lack them."""
-    rows, y, times = [], [], []
+    rows, y, times, leads = [], [], [], []
     for row, label in labelled_scores(store, min_age_days):
         rows.append(row["features"])
         y.append(label)
         times.append(row["scored_at"])
+        leads.append(f"{row['crm']}:{row['account_id']}:{row['lead_id']}")
     if not rows:
         raise TableError(
             f"the store has no labelled leads yet: none converted and none scored over {min_age_days:g} days "
@@ -150,7 +152,7 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
         "to": max(times).isoformat(timespec="seconds"),
         "min_age_days": min_age_days,
     }
-    return TrainingRows(frame, labels, kinds, window, sorted(set(raw.columns) - set(kinds)))
+    return TrainingRows(frame, labels, kinds, window, sorted(set(raw.columns) - set(kinds)), leads)
 
 
 def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
