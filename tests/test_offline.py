@@ -194,12 +194,12 @@ def test_score_file_with_the_teams_own_rules_separates_its_leads(team_rules, tmp
          "reason": "Owner: low relevance, Busy when called; Engaged and reachable"},
     ]  # fmt: skip
     printed = capsys.readouterr().out
-    assert "(tiers: A 12%, B 9%, C 53%, D 26%)" in printed and "warning" not in printed
+    assert "(tiers: A 12%, B 9%, C 52%, D 27%)" in printed and "warning" not in printed
 
     report = tmp_path / "report"
     assert main(["evaluate", *FILE_ARGS, "--out", str(report)]) == 0
     rules = json.loads((report / "metrics.json").read_text())["scorers"]["rules"]
-    assert rules["roc_auc"] == 0.818  # the B2B defaults: 0.56 on the full file
+    assert rules["roc_auc"] == 0.82  # the B2B defaults: 0.56 on the full file
     assert rules["tiers"][0]["lift"] >= 2
 
 
@@ -242,14 +242,14 @@ def test_a_status_the_config_caps_caps_the_models_score_as_it_caps_the_rules(tra
 
     table = offline.load_table(DATA, MAPPING, None, need_label=False)
     model = TrainedModel.load(trained)
-    statuses = load_config(TEAM_RULES).source_stage.statuses  # the team caps tags it has written off
+    caps = load_config(TEAM_RULES).source_stage  # the team caps tags it has written off
     # Its caps of 25 and 39 keep a lead in the rules' tier D, 54 in C: under the model's tiers (A 80,
     # B 50, C 20) a lead stays at or below 19 and 49.
     ceiling_of = {25: 19, 39: 19, 54: 49}
     expected, bound = [], []
     uncapped = offline.model_results(table, model, load_config())
     for result, tag in zip(uncapped, table.frame["Tags"], strict=True):
-        rule = statuses.get(tag) if isinstance(tag, str) else None
+        rule = caps.status(tag)
         if rule is not None and rule.cap is not None and result.score > ceiling_of[rule.cap]:
             bound.append(tag)
             ceiling = ceiling_of[rule.cap]
@@ -260,6 +260,14 @@ def test_a_status_the_config_caps_caps_the_models_score_as_it_caps_the_rules(tra
     assert pd.read_csv(out)[["score", "tier", "reason"]].values.tolist() == expected
     assert Counter(bound) == {"Lost to EINS": 12, "invalid number": 1, "Graduation in progress": 1,
                               "Interested in other courses": 1}  # fmt: skip
+
+    assert main(["evaluate", *FILE_ARGS, "--model", str(trained), "--out", str(tmp_path / "report")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    [model_name] = [name for name in metrics["scorers"] if name.startswith("model ")]
+    assert (metrics["scoring_config"], metrics["scorers"][model_name]["capped"]) == ("x-education-team-1", 15)
+    assert f"- `{model_name}`: 15 leads capped by their status, as scoring config `x-education-team-1` " in (
+        (tmp_path / "report" / "report.md").read_text()
+    )
 
 
 def test_score_file_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path, capsys):

@@ -620,6 +620,15 @@ def test_config_propensity_weight_must_be_below_one(tmp_path):
         load_config(_write(tmp_path, text))
 
 
+def test_a_config_value_or_a_lead_value_with_a_doubled_space_still_matches(tmp_path):
+    text = DEFAULT_CONFIG_PATH.read_text().replace("\nUNQUALIFIED ", '\n"Not  qualified" ', 1)
+    spaced = load_config(_write(tmp_path, text)).source_stage
+
+    assert spaced.status("Not qualified").label == "Marked unqualified"
+    assert spaced.status("Not   qualified ").label == "Marked unqualified"  # as a CRM may hold it
+    assert spaced.status("Not qualified at all") is None
+
+
 def test_config_valid_copy_loads_and_digest_tracks_bytes(tmp_path, config):
     same = load_config(_write(tmp_path, DEFAULT_CONFIG_PATH.read_text(), "same.toml"))
     assert same.digest == config.digest

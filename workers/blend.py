@@ -114,7 +114,7 @@ def _source_stage_phrase(lead: Lead, rules: RulesResult) -> str:
 
 
 def _status_cap(lead: Lead, config: ScoringConfig) -> int | None:
-    status = config.source_stage.statuses.get(lead.status or "")
+    status = config.source_stage.status(lead.status)
     return None if status is None else status.cap
 
 

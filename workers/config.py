@@ -9,7 +9,7 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Score = Field(ge=0.0, le=1.0)
 
@@ -129,6 +129,26 @@ class SourceStage(_Strict):
     statuses: dict[str, Labelled]
     stages: dict[str, Labelled]
     intents: tuple[KeywordRule, ...] = ()
+
+    @field_validator("sources", "statuses", "stages")
+    @classmethod
+    def _spaced_once(cls, table: dict[str, Labelled]) -> dict[str, Labelled]:
+        """A value copied with a doubled space ("Interested  in full time MBA") still matches: CRM
+        values and data files are read with runs of spaces made one."""
+        return {_spaced(value): rule for value, rule in table.items()}
+
+    def source(self, value: str | None) -> Labelled | None:
+        return self.sources.get(_spaced(value))
+
+    def status(self, value: str | None) -> Labelled | None:
+        return self.statuses.get(_spaced(value))
+
+    def stage(self, value: str | None) -> Labelled | None:
+        return self.stages.get(_spaced(value))
+
+
+def _spaced(value: str | None) -> str:
+    return " ".join((value or "").split())
 
 
 class ScoringConfig(_Strict):

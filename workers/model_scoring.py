@@ -138,16 +138,19 @@ def capped_by_status(
     """A lead status the scoring config caps (a lead a rep marked unqualified) caps the model's score
     too: a rep's judgement is respected, not overridden. The cap was written on the rules' tiers (25,
     say, keeps a lead in D), so the model's score stays at or below it and in no higher tier than the
-    cap allows there: D under the model's tiers as well. Where it binds, the reason is the status."""
+    cap allows there: D under the model's tiers as well. Where it binds, the reason is the status, and
+    the details keep the model's own score (`capped_from`)."""
     tiers = tiers_of(model)
     out = []
     for result, status in zip(results, statuses, strict=True):
-        rule = config.source_stage.statuses.get(status or "")
+        rule = config.source_stage.status(status)
         if rule is not None and rule.cap is not None:
             ceiling = min(rule.cap, tiers.top_of(config.tiers.tier_for(rule.cap)))
             result = replace(result, details={**result.details, "cap": ceiling})
             if result.score > ceiling:
-                result = replace(result, score=ceiling, tier=tiers.tier_for(ceiling), reason=rule.label)
+                details = {**result.details, "capped_from": result.score}
+                result = replace(result, score=ceiling, tier=tiers.tier_for(ceiling), reason=rule.label,
+                                 details=details)  # fmt: skip
         out.append(result)
     return out
 

@@ -251,7 +251,11 @@ def evaluate(
     scorers: dict[str, dict] = {}
     notes: list[str] = []
     curves: Curves = {}
-    summary: dict = {"data": {}, "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    summary: dict = {
+        "data": {},
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scoring_config": config.version,  # its rules, and the statuses whose caps bind a model too
+    }
     if data is not None:
         table = load_table(data, mapping_path, label, need_label=True)
         curves.update(_file_scorers(table, config, model_dirs, scorers, notes))
@@ -301,6 +305,7 @@ def _file_scorers(
             notes.append(f"`{name}` {in_sample}")
         scorers[name] = {
             "scale": PROBABILITY,
+            "capped": sum("capped_from" in result.details for result in results[name]),
             "cross_validation": model.meta.get("candidates"),
             "calibration": model.meta["calibration"],
             "kept_candidate": model.meta.get("model"),

@@ -112,13 +112,15 @@ def _source(summary: dict) -> str:
             "`live …` rows are the scores the workers wrote, from the score store: each lead's last score "
             "before it converted, or its last score once it has gone unconverted long enough."
         )
-    return " ".join([*parts, f"Evaluated {summary['evaluated_at']}."])
+    return " ".join(
+        [*parts, f"Scoring config: `{summary['scoring_config']}`.", f"Evaluated {summary['evaluated_at']}."]
+    )
 
 
 def markdown(summary: dict) -> str:
     lines = ["# leadscore evaluation", "", _source(summary)]
     if summary["scorers"]:
-        lines += _scorer_tables(summary["scorers"])
+        lines += _scorer_tables(summary["scorers"], summary["scoring_config"])
     store = summary.get("store")
     if store:
         lines += _store_tables(store)
@@ -130,7 +132,7 @@ def markdown(summary: dict) -> str:
     return "\n".join([*lines, ""])
 
 
-def _scorer_tables(scorers: dict) -> list[str]:
+def _scorer_tables(scorers: dict, config: str) -> list[str]:
     lines = [
         "",
         "| scorer | leads | converted | ROC AUC | PR AUC | Brier | ECE |",
@@ -141,7 +143,11 @@ def _scorer_tables(scorers: dict) -> list[str]:
             f"| {name} | {s['leads']} | {_percent(s['base_rate'])} | {_fmt(s['roc_auc'])} "
             f"| {_fmt(s['pr_auc'])} | {_fmt(s['brier'])} | {_fmt(s['ece'])} |"
         )
-    lines += _bullets([_points_scale(scorers), *(_too_few_outcomes(name, s) for name, s in scorers.items())])
+    lines += _bullets([
+        _points_scale(scorers),
+        *(_too_few_outcomes(name, s) for name, s in scorers.items()),
+        *(_capped(name, s, config) for name, s in scorers.items()),
+    ])  # fmt: skip
     lines += [
         "",
         "## Tiers",
@@ -179,6 +185,16 @@ def _cross_validation_table(name: str, scorer: dict) -> list[str]:
         )
     return [*lines, "", "The calibrated ECE is that of the kept candidate's out-of-fold scores once "
             "calibrated and rounded to 0–100 as written (`expected` in its model.json)."]  # fmt: skip
+
+
+def _capped(name: str, scorer: dict, config: str) -> str | None:
+    """A model's numbers depend on the scoring config too: the statuses it caps cap the model."""
+    if not scorer.get("capped"):
+        return None
+    return (
+        f"`{name}`: {scorer['capped']} leads capped by their status, as scoring config `{config}` caps "
+        "them in production; another config caps other leads."
+    )
 
 
 def _points_scale(scorers: dict) -> str | None:

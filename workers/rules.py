@@ -133,14 +133,14 @@ def source_stage(lead: Lead, config: ScoringConfig) -> Component:
         shares[key] = weight / total if total else 0.0
         return parts[key]
 
-    source_score = part("source", ss.sources.get(lead.source or ""), ss.unknown_source, ss.source_weight)
+    source_score = part("source", ss.source(lead.source), ss.unknown_source, ss.source_weight)
     intent = _first_match(ss.intents, lead.recent_conversion)
     if intent is not None and intent.score >= source_score:
         del parts["source"], shares["source"]  # the intent is what counts
         source_score = part("intent", intent, ss.unknown_source, ss.source_weight)
-    status_score = part("status", ss.statuses.get(lead.status or ""), ss.unknown_status, ss.status_weight)
+    status_score = part("status", ss.status(lead.status), ss.unknown_status, ss.status_weight)
     # Where a lead has no lifecycle stage, its owner's rating is the stage-like signal.
-    stage = ss.stages.get(lead.stage or lead.rating or "")
+    stage = ss.stage(lead.stage or lead.rating)
     stage_score = part("stage", stage, ss.unknown_stage, ss.stage_weight)
     score = (
         ss.source_weight * source_score + ss.status_weight * status_score
