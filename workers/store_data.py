@@ -176,12 +176,7 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
     totals = {"scores": 0, "leads": 0, "converted": 0}
     mature = datetime.now(UTC) - timedelta(days=min_age_days)
     every = list(histories(store))
-    ran: dict[tuple[str, str], tuple[datetime, datetime]] = {}  # account -> first and last holdout lead
-    for history in every:
-        if history.first["holdout"]:
-            account, moment = (history.first["crm"], history.first["account_id"]), history.first["scored_at"]
-            first, last = ran.get(account, (moment, moment))
-            ran[account] = (min(first, moment), max(last, moment))
+    ran = _holdout_runs(every)
     held_out = set()
     for history in every:
         first_score = history.first
@@ -214,6 +209,18 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
         ),
         "feedback": _feedback_by_tier(store, held_out),
     }
+
+
+def _holdout_runs(every: list[LeadHistory]) -> dict[tuple[str, str], tuple[datetime, datetime]]:
+    """Per account (crm, account id), when its first and its last held-out lead were first scored."""
+    runs: dict[tuple[str, str], tuple[datetime, datetime]] = {}
+    for history in every:
+        first_score = history.first
+        if first_score["holdout"]:
+            account, moment = (first_score["crm"], first_score["account_id"]), first_score["scored_at"]
+            start, end = runs.get(account, (moment, moment))
+            runs[account] = (min(start, moment), max(end, moment))
+    return runs
 
 
 def _feedback_by_tier(store: Store, held_out: set[LeadKey]) -> dict[str, dict[str, int]]:
