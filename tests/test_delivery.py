@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 from contextlib import ExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -656,6 +656,30 @@ def test_an_older_batch_never_overwrites_a_newer_events_score(settings, crm, que
 
     assert [r["outcome"] for r in older.return_value()] == ["superseded"]
     assert [r["outcome"] for r in newer.return_value()] == ["written"]
+    assert len(hubspot.writes) == 1
+
+
+def test_a_later_hand_off_supersedes_an_earlier_one_whatever_the_web_hosts_clocks_say(crm, queue, redis,
+                                                                                       hubspot):  # fmt: skip
+    def hand_off(accepted_at: datetime):
+        event = LeadEvent(
+            crm="hubspot", account_id=PORTAL_ID, lead_id=VP, event_ids=(f"{accepted_at}",),
+            kinds=("property_change",), occurred_at=accepted_at, accepted_at=accepted_at,
+        )  # fmt: skip
+        with redis.pipeline(transaction=True) as pipe:
+            pending.record(pipe, [event])
+            pipe.execute()
+        job = pending.take_batch(queue, "hubspot", PORTAL_ID, 1)
+        return job, int(redis.hget(pending.handoff_key("hubspot", PORTAL_ID), VP))
+
+    now = datetime.now(UTC)
+    older, first_mark = hand_off(now + timedelta(seconds=3))  # web host A, its clock 3 s fast
+    newer, second_mark = hand_off(now + timedelta(seconds=1))  # web host B, right, and a real 2 s later
+    SimpleWorker([queue], connection=redis).work(burst=True)
+
+    assert first_mark < second_mark  # the mark rose, though the newer event's stamp is the older
+    assert [r["outcome"] for r in queue.fetch_job(older.id).return_value()] == ["superseded"]
+    assert [r["outcome"] for r in queue.fetch_job(newer.id).return_value()] == ["written"]
     assert len(hubspot.writes) == 1
 
 

@@ -251,11 +251,11 @@ def _superseded(ctx, crm: str, account: str, events: list[LeadEvent]) -> set[str
     """Leads of this batch that a newer event has since put in another batch: not ours to write."""
     if not events:
         return set()
-    latest = ctx.redis.hmget(pending.latest_key(crm, account), [e.lead_id for e in events])
+    newest = ctx.redis.hmget(pending.handoff_key(crm, account), [e.lead_id for e in events])
     return {
         e.lead_id
-        for e, stamp in zip(events, latest, strict=True)
-        if stamp is not None and e.accepted_at is not None and float(stamp) > e.accepted_at.timestamp() + 1e-3
+        for e, handoff in zip(events, newest, strict=True)
+        if handoff is not None and e.handoff is not None and int(handoff) > e.handoff
     }
 
 
