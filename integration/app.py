@@ -50,13 +50,17 @@ class Services:
 
 
 def queue_gauges(redis: Redis, queue_name: str) -> dict:
-    """Scrape-time gauges: what waits in RQ and in the pending store, and for how long."""
+    """Scrape-time gauges: what waits in RQ and in the pending store, and for how long; what failed."""
 
     def depth():
         return [
             ({"queue": queue_name}, float(Queue(queue_name, connection=redis).count)),
             ({"queue": "pending"}, float(pending.depth(redis))),
         ]
+
+    def failed():  # read as it is: a scrape leaves expiring the registry's entries to RQ
+        registry = Queue(queue_name, connection=redis).failed_job_registry
+        return [({"queue": queue_name}, float(registry.get_job_count(cleanup=False)))]
 
     def oldest_age():
         oldest: dict[str, float] = {}
@@ -66,7 +70,7 @@ def queue_gauges(redis: Redis, queue_name: str) -> dict:
         now = time.time()
         return [({"crm": crm}, now - since) for crm, since in oldest.items()]
 
-    return {"queue_depth": depth, "oldest_pending_age_seconds": oldest_age}
+    return {"queue_depth": depth, "failed_jobs": failed, "oldest_pending_age_seconds": oldest_age}
 
 
 def create_app(settings: Settings | None = None) -> Flask:

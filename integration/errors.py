@@ -37,6 +37,11 @@ class CRMError(Exception):
     """A CRM API call failed; subclasses say whether retrying can help."""
 
 
+class CRMUnavailable(CRMError):
+    """The CRM did not answer, or answered 5xx (an outage, maintenance): the same call can succeed
+    later, so a batch waits for it rather than spending its retries."""
+
+
 class LeadGone(CRMError):
     """The lead was deleted, merged away or archived before it could be scored."""
 

@@ -42,6 +42,9 @@ class LeadEvent(BaseModel):
         description="when leadscore took it in (the webhook builds it just before queueing it)",
     )
     rescores: int = Field(0, ge=0, description="times scored again because the LLM had failed on the lead")
+    handoff: int | None = Field(
+        None, description="the number of the hand-off that put it in a batch (pending.take_batch)"
+    )
 
     @property
     def lead_key(self) -> str:

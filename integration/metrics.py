@@ -64,6 +64,7 @@ HISTOGRAM_HELP: dict[str, str] = {
 }
 GAUGE_HELP: dict[str, str] = {
     "queue_depth": "Jobs waiting in an RQ queue {queue}",
+    "failed_jobs": "Jobs in an RQ queue's failed registry, which nothing retries until requeued {queue}",
     "oldest_pending_age_seconds": "Age of the oldest event not yet scored {crm}",
     "metrics_store_up": "1 if the shared metrics store (Redis) answered this scrape, else 0",
 }

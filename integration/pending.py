@@ -17,6 +17,8 @@ Keys, all under `leadscore:`:
   since:{crm}:{account}          zset    lead id → when its event was accepted (linger, age)
   accounts                       zset    "{crm}:{account}" → when its oldest waiting event came
   kick:{crm}:{account}           string  a collect job is queued or running for the account
+  handoffs                       string  the last hand-off's number: each batch takes the next
+  handoff:{crm}:{account}        hash    lead id → the number of its newest hand-off
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ ACCOUNTS = "leadscore:accounts"
 CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
 COLLECT_JOB = "workers.batch.collect"
 SCORE_BATCH_JOB = "workers.batch.score_batch"
-LATEST_TTL_S = 24 * 3600
+HANDOFFS = "leadscore:handoffs"
+HANDOFF_TTL_S = 24 * 3600
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
 BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 BATCH_TIMEOUT_S = 600
@@ -205,36 +208,40 @@ def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
                     pipe.unwatch()
                     return None
                 events = [raw.decode() for raw in pipe.hmget(pending, ids) if raw is not None]
+                handoff = pipe.incr(HANDOFFS)  # numbered after they were read: above any earlier hand-off
                 pipe.multi()
                 pipe.hdel(pending, *ids)
                 pipe.zrem(since, *ids)
                 refresh_oldest(pipe, crm, account)
-                job = enqueue_batch(queue, pipe, crm, account, events)
+                job = enqueue_batch(queue, pipe, crm, account, events, handoff)
                 pipe.execute()
                 return job
             except WatchError:
                 continue
 
 
-def latest_key(crm: str, account: str) -> str:
-    return f"leadscore:latest:{crm}:{account}"
+def handoff_key(crm: str, account: str) -> str:
+    return f"leadscore:handoff:{crm}:{account}"
 
 
-def enqueue_batch(queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[str]) -> Job:
-    """A score_batch job for these leads (LeadEvent JSON, passed on as is), queued inside the
+def enqueue_batch(
+    queue: Queue, pipe: Pipeline, crm: str, account: str, events: list[str], handoff: int
+) -> Job:
+    """A score_batch job for these leads (LeadEvent JSON), numbered `handoff`, queued inside the
     caller's transaction.
 
-    When each lead's newest event was accepted is kept per lead, so a slower batch holding an
-    older event can tell that a newer one has been handed out since.
+    Each lead keeps the number of its newest hand-off, so a slower batch holding an older event can
+    tell that a newer one has been handed out since. Redis hands the numbers out in order, so the mark
+    only ever rises; the web hosts' clocks, which may disagree, have no say in it.
     """
-    accepted = {e.lead_id: e.accepted_at.timestamp() for e in parse_events(events)}
-    pipe.hset(latest_key(crm, account), mapping=accepted)
-    pipe.expire(latest_key(crm, account), LATEST_TTL_S)
+    numbered = [event.model_copy(update={"handoff": handoff}) for event in parse_events(events)]
+    pipe.hset(handoff_key(crm, account), mapping={event.lead_id: handoff for event in numbered})
+    pipe.expire(handoff_key(crm, account), HANDOFF_TTL_S)
     [job] = queue.enqueue_many(
         [
             Queue.prepare_data(
                 SCORE_BATCH_JOB,
-                args=(crm, account, events),
+                args=(crm, account, dump_events(numbered)),
                 timeout=BATCH_TIMEOUT_S,
                 retry=BATCH_RETRY,
                 description=f"score {len(events)} leads of {crm}:{account}",

@@ -8,20 +8,24 @@ import signal
 import subprocess
 import time
 from contextlib import ExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from rq import SimpleWorker
+from pydantic import AnyHttpUrl
+from rq import Retry, SimpleWorker
 from rq.scheduler import RQScheduler
 
 from integration import metrics, pending
 from integration.app import create_app
 from integration.cli import main
-from integration.emulators import start_redis
+from integration.emulators import free_port, start_redis
+from integration.errors import CRMError, CRMUnavailable
 from integration.events import LeadEvent
+from integration.hubspot.api import HubSpotCRM
 from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers, load_delivery
+from integration.salesforce.api import SalesforceCRM
 from tests.conftest import (
     APP_SECRET,
     FIXTURES,
@@ -321,6 +325,98 @@ def test_a_worker_without_salesforce_credentials_says_what_to_set(env, monkeypat
     assert capsys.readouterr().err.startswith("leadscore: Salesforce credentials missing: set ")
 
 
+# ---- the CRM down
+
+
+def test_a_crm_that_is_down_or_unreachable_is_crm_unavailable(settings, crm, hubspot, sf_crm, salesforce):
+    nowhere = AnyHttpUrl(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    hubspot.unavailable_objects.add("contacts")  # 503
+    salesforce.unavailable = True  # 503
+
+    with pytest.raises(CRMUnavailable, match="HubSpot batch read failed: 503"):
+        crm.read_leads([VP])
+    with pytest.raises(CRMUnavailable, match="Connection refused"):
+        HubSpotCRM(settings.model_copy(update={"hubspot_api_base": nowhere})).read_leads([VP])
+    with pytest.raises(CRMUnavailable, match="SERVER_UNAVAILABLE"):
+        sf_crm.read_leads(["00Q5g00000Ls001EAB"])
+    with pytest.raises(CRMUnavailable, match="Connection refused|Max retries"):
+        SalesforceCRM(settings.model_copy(update={"salesforce_instance_url": nowhere})).read_leads(["x" * 15])
+    hubspot.token = "revoked"
+    with pytest.raises(CRMError) as refused:  # leadscore's to fix: RQ retries it, then it fails
+        crm.read_leads([VP])
+    assert not isinstance(refused.value, CRMUnavailable)
+
+
+def _crm_down(monkeypatch) -> None:
+    def unavailable(self, ids):
+        raise CRMUnavailable("HubSpot batch read failed: 503 SERVICE UNAVAILABLE")
+
+    monkeypatch.setattr(HubSpotCRM, "read_leads", unavailable)
+
+
+def _run_put_off_batches(queue) -> list[float]:
+    """Queue every put-off job now, as the scheduler does when its time comes; how long each was put off
+    (to the second below: RQ schedules in whole seconds)."""
+    registry, waits = queue.scheduled_job_registry, []
+    for job in [queue.fetch_job(i) for i in registry.get_job_ids()]:
+        waits.append((registry.get_scheduled_time(job) - job.created_at).total_seconds())
+        registry.remove(job)
+        queue.enqueue_job(job)
+    return waits
+
+
+def test_a_crm_outage_longer_than_the_retries_puts_the_batch_off_until_the_crm_answers(
+    post_delivery, crm, queue, run_worker, hubspot, monkeypatch, caplog
+):
+    monkeypatch.setattr(pending, "BATCH_RETRY", Retry(max=5, interval=0))  # spent at once, were they used
+    _crm_down(monkeypatch)
+    post_delivery(BURST)
+    outcomes, waits = [run_worker()], []
+    for _ in range(8):  # 9 attempts: more than the RQ retries allow
+        waits += _run_put_off_batches(queue)
+        outcomes.append(run_worker())
+    monkeypatch.undo()  # HubSpot answers again
+    waits += _run_put_off_batches(queue)
+    scored = run_worker()
+
+    assert waits == pytest.approx([30, 60, 120, 240, 480, 960, 1920, 3600, 3600], abs=1)  # capped at 1 h
+    assert all({r["outcome"] for r in run} == {"deferred"} and len(run) == 24 for run in outcomes)
+    assert len(scored) == 24 and {r["outcome"] for r in scored} == {"written"}
+    assert queue.failed_job_registry.count == 0 and queue.scheduled_job_registry.count == 0
+    put_offs = [r.getMessage() for r in caplog.records if "put off" in r.getMessage()]
+    assert put_offs[0].endswith(f"batch of 24 leads of hubspot:{PORTAL_ID} put off 30s (attempt 1, the CRM "
+                                "unavailable for 0s)")  # fmt: skip
+    assert "put off 3600s (attempt 9, " in put_offs[-1]
+
+
+def test_a_crm_down_past_the_bound_fails_the_batch_saying_how_to_requeue_it(
+    post_delivery, crm, queue, run_worker, hubspot, monkeypatch, caplog
+):
+    monkeypatch.setattr(batch, "OUTAGE_GIVE_UP_S", 0.5)
+    _crm_down(monkeypatch)
+    post_delivery("contact.creation__single")
+    run_worker()
+    time.sleep(0.6)
+    _run_put_off_batches(queue)
+    run_worker()
+
+    [dead] = queue.failed_job_registry.get_job_ids()  # straight there: no RQ retry, nothing put off
+    assert queue.scheduled_job_registry.count == 0
+    reason = queue.fetch_job(dead).latest_result().exc_string
+    assert "CRMUnavailable: HubSpot batch read failed: 503" in reason
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    [gave_up] = [r.getMessage() for r in errors if r.name == batch.log.name]
+    assert gave_up.startswith(f"hubspot:{PORTAL_ID}: the CRM has been unavailable for 0.0 h (")
+    assert gave_up.endswith(f"once the CRM answers, `leadscore requeue {dead}` (or `rq requeue --queue "
+                            f"{queue.name} {dead}`) scores it")  # fmt: skip
+
+    assert main(["requeue", dead]) == 0  # still down: the requeued batch waits afresh
+    assert [r["outcome"] for r in run_worker()] == ["deferred"] and queue.failed_job_registry.count == 0
+    monkeypatch.undo()
+    _run_put_off_batches(queue)
+    assert [r["outcome"] for r in run_worker()] == ["written"]
+
+
 # ---- the LLM
 
 
@@ -515,6 +611,20 @@ def test_metrics_count_the_pipeline(post_delivery, crm, run_worker, client):
     assert value("leadscore_queue_depth", queue="pending") == 0
 
 
+def test_metrics_show_the_jobs_in_the_failed_registry(post_delivery, crm, run_worker, hubspot, queue, client):
+    def failed_jobs() -> dict[str, float]:
+        text = client.get("/metrics").get_data(as_text=True)
+        [family] = [f for f in text_string_to_metric_families(text) if f.name == "leadscore_failed_jobs"]
+        return {sample.labels["queue"]: sample.value for sample in family.samples}
+
+    assert failed_jobs() == {queue.name: 0}
+    del hubspot.properties["leadscore_reason"]  # every write is refused for good: dead-lettered
+    post_delivery("contact.creation__single")
+    run_worker()
+
+    assert queue.failed_job_registry.count == 1 and failed_jobs() == {queue.name: 1}
+
+
 def test_logs_are_json_without_emails_or_phones(post_delivery, crm, run_worker, capfd):
     from integration import logs
 
@@ -546,6 +656,30 @@ def test_an_older_batch_never_overwrites_a_newer_events_score(settings, crm, que
 
     assert [r["outcome"] for r in older.return_value()] == ["superseded"]
     assert [r["outcome"] for r in newer.return_value()] == ["written"]
+    assert len(hubspot.writes) == 1
+
+
+def test_a_later_hand_off_supersedes_an_earlier_one_whatever_the_web_hosts_clocks_say(crm, queue, redis,
+                                                                                       hubspot):  # fmt: skip
+    def hand_off(accepted_at: datetime):
+        event = LeadEvent(
+            crm="hubspot", account_id=PORTAL_ID, lead_id=VP, event_ids=(f"{accepted_at}",),
+            kinds=("property_change",), occurred_at=accepted_at, accepted_at=accepted_at,
+        )  # fmt: skip
+        with redis.pipeline(transaction=True) as pipe:
+            pending.record(pipe, [event])
+            pipe.execute()
+        job = pending.take_batch(queue, "hubspot", PORTAL_ID, 1)
+        return job, int(redis.hget(pending.handoff_key("hubspot", PORTAL_ID), VP))
+
+    now = datetime.now(UTC)
+    older, first_mark = hand_off(now + timedelta(seconds=3))  # web host A, its clock 3 s fast
+    newer, second_mark = hand_off(now + timedelta(seconds=1))  # web host B, right, and a real 2 s later
+    SimpleWorker([queue], connection=redis).work(burst=True)
+
+    assert first_mark < second_mark  # the mark rose, though the newer event's stamp is the older
+    assert [r["outcome"] for r in queue.fetch_job(older.id).return_value()] == ["superseded"]
+    assert [r["outcome"] for r in queue.fetch_job(newer.id).return_value()] == ["written"]
     assert len(hubspot.writes) == 1
 
 

@@ -152,7 +152,7 @@ def test_metrics_documents_every_name():
                  "events_enqueued_total", "llm_calls_total", "llm_fallbacks_total", "llm_cache_hits_total",
                  "crm_calls_total", "crm_throttled_total", "writes_total", "leads_scored_total",
                  "leads_skipped_unchanged_total", "scoring_latency_seconds", "batch_duration_seconds",
-                 "queue_depth", "oldest_pending_age_seconds"):  # fmt: skip
+                 "queue_depth", "failed_jobs", "oldest_pending_age_seconds"):  # fmt: skip
         assert metrics.METRICS[name]
 
 

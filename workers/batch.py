@@ -17,6 +17,7 @@ from rq import Queue, get_current_job
 
 from integration import metrics, pending
 from integration.crm import WriteRejected
+from integration.errors import CRMUnavailable
 from integration.events import LeadEvent, deal_of, parse_events
 from integration.ratelimit import RateLimited
 from workers.jobs import context, outcome
@@ -28,6 +29,13 @@ SWEEP_AFTER_S = 30  # a pending lead older than this with no collector means a l
 LINGER_POLL_S = 0.05
 PASS_S = 1.0  # under a steady stream of events, a collector steps aside this often
 MAX_FALLBACK_RESCORES = 5  # at the default FALLBACK_RESCORE_S: after 5, 10, 20, 40 and 80 minutes
+# A batch the CRM cannot take (down, in maintenance) waits 30 s, then twice as long each time up to an
+# hour, for up to two days since it first failed: longer than any CRM's maintenance window, shorter than
+# pending.SEEN_WINDOW_S, within which the CRM's redeliveries of its events are dropped as seen.
+OUTAGE_FIRST_WAIT_S = 30
+OUTAGE_MAX_WAIT_S = 3600
+OUTAGE_GIVE_UP_S = 48 * 3600
+OUTAGE_META = "crm_unavailable"  # job meta: {"since": when the batch first failed, "waits": put-offs}
 
 
 def _queue() -> Queue:
@@ -82,16 +90,52 @@ def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
             return _score_batch(ctx, crm, account, events)
     except RateLimited as exc:  # not a failure: the CRM asked us to wait, so the batch waits
         log.warning("%s; batch of %d put off %.0fs", exc, len(events), exc.retry_after_s)
-        _queue().enqueue_in(
-            timedelta(seconds=max(1.0, exc.retry_after_s)),
-            pending.SCORE_BATCH_JOB,
-            crm,
-            account,
-            events,
-            job_timeout=pending.BATCH_TIMEOUT_S,
-            retry=pending.BATCH_RETRY,
-        )
-        return [{"lead": event.lead_key, "outcome": "deferred"} for event in parse_events(events)]
+        return _put_off(crm, account, events, exc.retry_after_s)
+    except CRMUnavailable as exc:  # not a failure either, until the CRM has been down too long
+        return _wait_for_crm(crm, account, events, exc)
+
+
+def _put_off(
+    crm: str, account: str, events: list[str], wait_s: float, meta: dict | None = None
+) -> list[dict]:
+    """Queue the batch again in `wait_s`, as a new job: waiting spends none of its RQ retries, which
+    are kept for failures that are leadscore's own."""
+    _queue().enqueue_in(
+        timedelta(seconds=max(1.0, wait_s)),
+        pending.SCORE_BATCH_JOB,
+        crm,
+        account,
+        events,
+        job_timeout=pending.BATCH_TIMEOUT_S,
+        retry=pending.BATCH_RETRY,
+        meta=meta,
+    )
+    return [{"lead": event.lead_key, "outcome": "deferred"} for event in parse_events(events)]
+
+
+def _wait_for_crm(crm: str, account: str, events: list[str], exc: CRMUnavailable) -> list[dict]:
+    """Put the batch off while the CRM is unavailable, waiting longer each time, since its events were
+    acknowledged and nothing else holds them. After OUTAGE_GIVE_UP_S it fails, with no RQ retry, into
+    the failed-job registry, where `leadscore requeue` finds it."""
+    job = get_current_job()
+    outage = job.meta.get(OUTAGE_META, {"since": time.time(), "waits": 0})
+    down_s = time.time() - outage["since"]
+    if down_s >= OUTAGE_GIVE_UP_S:
+        log.error(
+            "%s:%s: the CRM has been unavailable for %.1f h (%s); batch of %d leads failed into RQ's "
+            "failed-job registry: once the CRM answers, `leadscore requeue %s` (or `rq requeue --queue %s "
+            "%s`) scores it", crm, account, down_s / 3600, exc, len(events), job.id, job.origin, job.id,
+        )  # fmt: skip
+        job.retries_left = 0  # the outage has been waited out already
+        job.meta.pop(OUTAGE_META, None)
+        job.save_meta()  # a requeued batch waits afresh
+        raise exc
+    wait_s = min(OUTAGE_FIRST_WAIT_S * 2 ** outage["waits"], OUTAGE_MAX_WAIT_S)
+    log.warning(
+        "%s; batch of %d leads of %s:%s put off %.0fs (attempt %d, the CRM unavailable for %.0fs)",
+        exc, len(events), crm, account, wait_s, outage["waits"] + 1, down_s,
+    )  # fmt: skip
+    return _put_off(crm, account, events, wait_s, {OUTAGE_META: {**outage, "waits": outage["waits"] + 1}})
 
 
 def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
@@ -207,11 +251,11 @@ def _superseded(ctx, crm: str, account: str, events: list[LeadEvent]) -> set[str
     """Leads of this batch that a newer event has since put in another batch: not ours to write."""
     if not events:
         return set()
-    latest = ctx.redis.hmget(pending.latest_key(crm, account), [e.lead_id for e in events])
+    newest = ctx.redis.hmget(pending.handoff_key(crm, account), [e.lead_id for e in events])
     return {
         e.lead_id
-        for e, stamp in zip(events, latest, strict=True)
-        if stamp is not None and e.accepted_at is not None and float(stamp) > e.accepted_at.timestamp() + 1e-3
+        for e, handoff in zip(events, newest, strict=True)
+        if handoff is not None and e.handoff is not None and int(handoff) > e.handoff
     }
 
 

@@ -304,6 +304,7 @@ class SalesforceEmulator:
         self.calls: list[tuple[str, str, str | None]] = []
         self.reject: dict[str, tuple[str, str]] = {}
         self.unreadable: set[str] = set()  # objects the integration user has no Read on
+        self.unavailable = False  # every REST call answers 503, as in the org's maintenance window
         self.api_calls = 0
         self.api_limit = 15000
         self.echo_url: str | None = None
@@ -428,6 +429,8 @@ class SalesforceEmulator:
                 return None  # the token endpoint needs no bearer; SOAP carries its session in a header
             if request.headers.get("Authorization") != f"Bearer {self.token}":
                 return _errors(401, "INVALID_SESSION_ID", "Session expired or invalid")
+            if self.unavailable:
+                return _errors(503, "SERVER_UNAVAILABLE", "The server is down for maintenance.")
             with self._lock:
                 self.api_calls += 1
                 over = self.api_calls > self.api_limit

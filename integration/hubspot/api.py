@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
+import urllib3
 from hubspot import HubSpot
 from hubspot.crm.associations.v4 import ApiException as AssociationsApiException
 from hubspot.crm.associations.v4 import (
@@ -33,7 +34,7 @@ from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCre
 from urllib3.util.retry import Retry
 
 from integration.crm import WriteResult
-from integration.errors import CRMError, LeadGone
+from integration.errors import CRMError, CRMUnavailable, LeadGone
 from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES, OUTCOME_STAGES, OUTPUT_PROPERTIES
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of
 from integration.ratelimit import RateLimited, RateLimiter
@@ -233,7 +234,8 @@ class HubSpotCRM:
         )
 
     def _call(self, operation: str, fn, *args, **kwargs):
-        """One API call: within the shared rate limit, paused and retried on HubSpot's 429s."""
+        """One API call: within the shared rate limit, paused and retried on HubSpot's 429s; no answer
+        at all (refused, reset, timed out) is CRMUnavailable."""
         for _ in range(MAX_THROTTLED_TRIES):
             if self.limiter is not None:
                 self.limiter.acquire()
@@ -259,6 +261,8 @@ class HubSpotCRM:
                     self.limiter.pause(wait_s)
                 else:
                     time.sleep(wait_s)
+            except urllib3.exceptions.HTTPError as exc:  # no answer, after urllib3's own retries
+                raise CRMUnavailable(f"HubSpot did not answer ({operation}): {exc}") from exc
         raise RateLimited(
             f"HubSpot portal {self.portal_id}: still throttled after {MAX_THROTTLED_TRIES} tries"
         )
@@ -284,7 +288,7 @@ class HubSpotCRM:
             try:
                 page = self._call("search", self.client.crm.contacts.search_api.do_search, request)
             except ApiException as exc:
-                raise CRMError(f"HubSpot contact search failed: {exc.status} {exc.reason}") from exc
+                raise _failure(exc, f"HubSpot contact search failed: {exc.status} {exc.reason}") from exc
             found = {str(c.id): c.properties or {} for c in page.results}
             at_outcome = [i for i, props in found.items() if props.get("lifecyclestage") in OUTCOME_STAGES]
             won = self._with_won_deal(at_outcome)
@@ -310,7 +314,7 @@ class HubSpotCRM:
         except ApiException as exc:
             if exc.status == 404:
                 raise LeadGone(f"HubSpot contact {contact_id} no longer exists") from None
-            raise CRMError(f"reading HubSpot contact {contact_id}: {exc.status} {exc.reason}") from exc
+            raise _failure(exc, f"reading HubSpot contact {contact_id}: {exc.status} {exc.reason}") from exc
         linked = {
             kind: [a.id for a in collection.results]
             for kind, collection in (contact.associations or {}).items()
@@ -337,7 +341,7 @@ class HubSpotCRM:
                     archived=False,
                 )
             except ApiException as exc:
-                raise CRMError(f"HubSpot batch read failed: {exc.status} {exc.reason}") from exc
+                raise _failure(exc, f"HubSpot batch read failed: {exc.status} {exc.reason}") from exc
             found.update({str(c.id): c.properties or {} for c in batch.results})
         active = [i for i in found if any(found[i].get(p) for p in ACTIVITY_PROPERTIES)]
         texts = self._texts(self._associated(active)) if active else {}
@@ -408,7 +412,7 @@ class HubSpotCRM:
                 )
             except ObjectsApiException as exc:
                 if exc.status != 403:  # not a missing scope: fail, so it is retried
-                    raise CRMError(f"HubSpot deals read failed: {exc.status} {exc.reason}") from exc
+                    raise _failure(exc, f"HubSpot deals read failed: {exc.status} {exc.reason}") from exc
                 log.warning("outcomes without deals: reading deals answered %s", exc.status)
                 return {}
             for deal in batch.results:
@@ -466,7 +470,7 @@ class HubSpotCRM:
         except ApiException as exc:
             if exc.status == 404:
                 raise LeadGone(f"HubSpot contact {contact_id} was deleted before the write") from None
-            raise CRMError(f"writing HubSpot contact {contact_id}: {exc.status} {exc.body}") from exc
+            raise _failure(exc, f"writing HubSpot contact {contact_id}: {exc.status} {exc.body}") from exc
 
     def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
         """Score fields to many contacts, 100 a `batch/update`; a 207 names the ones that failed."""
@@ -486,8 +490,8 @@ class HubSpotCRM:
                     BatchInputSimplePublicObjectBatchInput(inputs=inputs),
                 )
             except ApiException as exc:
-                raise CRMError(
-                    f"HubSpot batch update failed: {exc.status} {exc.body}{_setup_fix(exc.body)}"
+                raise _failure(
+                    exc, f"HubSpot batch update failed: {exc.status} {exc.body}{_setup_fix(exc.body)}"
                 ) from exc
             for error in getattr(response, "errors", None) or []:
                 context = error.context or {}
@@ -568,6 +572,12 @@ def _token_refused(portal_id: str) -> str:
         f"HubSpot refused HUBSPOT_ACCESS_TOKEN{portal} (401: revoked, expired or mistyped): set the "
         "private app's current token"
     )
+
+
+def _failure(exc: ApiException | ObjectsApiException, message: str) -> CRMError:
+    """The error for HubSpot's refusal: CRMUnavailable for a 5xx (HubSpot is down or in maintenance,
+    and urllib3 has already retried), so the batch waits for HubSpot; CRMError for the rest."""
+    return (CRMUnavailable if (exc.status or 0) >= 500 else CRMError)(message)
 
 
 def _setup_fix(codes: object) -> str:

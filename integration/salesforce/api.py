@@ -22,7 +22,7 @@ from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
 from integration.crm import WriteRejected, WriteResult
-from integration.errors import CRMError, LeadGone
+from integration.errors import CRMError, CRMUnavailable, LeadGone
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts
 from integration.ratelimit import RateLimited
 from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, is_record_id
@@ -134,6 +134,19 @@ def _said(exc: SalesforceError) -> str:
     if "INVALID_FIELD" in _error_codes(exc):
         said += " (`leadscore setup salesforce` creates leadscore's fields)"
     return said or str(exc)
+
+
+def _failure(what: str, exc: SalesforceError | requests.RequestException) -> CRMError:
+    """The error for a failed call: CRMUnavailable when the org did not answer or answered 5xx (down
+    or in maintenance), so the batch waits for it; ObjectUnreadable for INVALID_TYPE; else CRMError."""
+    if isinstance(exc, requests.RequestException):
+        unanswered = isinstance(exc, (requests.ConnectionError, requests.Timeout))
+        return (CRMUnavailable if unanswered else CRMError)(f"{what}: {exc}")
+    if exc.status >= 500:
+        kind = CRMUnavailable
+    else:
+        kind = ObjectUnreadable if "INVALID_TYPE" in _error_codes(exc) else CRMError
+    return kind(f"{what}: {_said(exc)}")
 
 
 def _soql_ids(ids: list[str]) -> str:
@@ -274,8 +287,8 @@ class SalesforceCRM:
             described = self._renewing(
                 lambda: self.sf.restful("sobjects/Lead/describe", timeout=self.timeout)
             )
-        except SalesforceError as exc:
-            raise CRMError(f"describing Lead failed: {_said(exc)}") from exc
+        except (SalesforceError, requests.RequestException) as exc:
+            raise _failure("describing Lead failed", exc) from exc
         return {f["name"] for f in described["fields"]}
 
     def _renewing(self, call: Callable[[], T]) -> T:
@@ -311,11 +324,8 @@ class SalesforceCRM:
         self._within_budget("query")
         try:
             return self._renewing(lambda: self.sf.query_all(soql, timeout=self.timeout))["records"]
-        except SalesforceError as exc:
-            refused = ObjectUnreadable if "INVALID_TYPE" in _error_codes(exc) else CRMError
-            raise refused(f"Salesforce query failed: {_said(exc)}") from exc
-        except requests.RequestException as exc:
-            raise CRMError(f"Salesforce query failed: {exc}") from exc
+        except (SalesforceError, requests.RequestException) as exc:
+            raise _failure("Salesforce query failed", exc) from exc
 
     def read_leads(self, lead_ids: list[str]) -> dict[str, Lead]:
         """Leads by id; deleted ones are left out, converted ones come back `read_only`."""
@@ -417,8 +427,8 @@ class SalesforceCRM:
                         timeout=self.timeout,
                     )
                 )
-            except SalesforceError as exc:
-                raise CRMError(f"Salesforce collections write failed: {_said(exc)}") from exc
+            except (SalesforceError, requests.RequestException) as exc:
+                raise _failure("Salesforce collections write failed", exc) from exc
             for (lead_id, _), result in zip(chunk, saved, strict=True):
                 error = (result.get("errors") or [{}])[0]
                 code = error.get("statusCode", "")
