@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from integration.errors import CRMError, TableError
+from integration.errors import CRMError, CRMUnavailable, TableError
 from integration.settings import SettingsError, get_settings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -667,7 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (SettingsError, UsageError, CRMError) as exc:
-        print(f"leadscore: {exc}", file=sys.stderr)
+        cause = exc.__cause__
+        unanswered = isinstance(exc, CRMUnavailable) and isinstance(cause, unreachable())
+        print(f"leadscore: {_cannot_reach(cause) if unanswered else exc}", file=sys.stderr)
         return 2
     except unreachable() as exc:  # evaluated only when an error reaches it, so imported only then
         print(f"leadscore: {_cannot_reach(exc)}", file=sys.stderr)
