@@ -8,7 +8,11 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from integration.emulators import free_port
 from integration.errors import CRMError
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import load_settings
@@ -359,6 +363,14 @@ def test_a_session_one_work_horse_renewed_serves_the_next_without_a_login(
     assert [c for c in salesforce.calls if c[1] == "/services/oauth2/token"] == [
         ("POST", "/services/oauth2/token", "client=leadscore")
     ] * 2
+
+
+def test_without_redis_to_share_a_session_each_process_logs_in_itself(settings, salesforce, sf_crm):
+    unreachable = Redis(port=free_port(), retry=Retry(NoBackoff(), 0))  # a worker starting before Redis
+
+    crm = SalesforceCRM(_client_credentials(settings), org_id=SF_ORG_ID, redis=unreachable)
+
+    assert crm.read_lead(HOT).title == "VP of Sales"
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,14 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple, TypeVar
 
 import requests
 from redis import Redis
+from redis.exceptions import RedisError
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
@@ -551,7 +553,8 @@ def _new_session(settings: Settings, session: requests.Session) -> SessionToken:
 class SharedSession:
     """An org's current session, kept in Redis for every process of every worker that logs in with
     the same credentials. Kept a day at most: Salesforce ends sessions sooner, and an ended one is
-    replaced at the first call it fails."""
+    replaced at the first call it fails. Sharing only saves logins: with Redis unreachable (a
+    worker starting before it), each process logs in itself."""
 
     KEEP_S = 24 * 3600
 
@@ -563,11 +566,15 @@ class SharedSession:
         self.key = f"leadscore:salesforce:session:{org_id[:15]}:{digest}"
 
     def get(self) -> SessionToken | None:
-        kept = self.redis.get(self.key)
+        try:
+            kept = self.redis.get(self.key)
+        except RedisError:
+            return None
         return SessionToken(**json.loads(kept)) if kept else None
 
     def put(self, token: SessionToken) -> None:
-        self.redis.set(self.key, json.dumps(token._asdict()), ex=self.KEEP_S)
+        with suppress(RedisError):
+            self.redis.set(self.key, json.dumps(token._asdict()), ex=self.KEEP_S)
 
 
 def _client_credentials_token(settings: Settings, session: requests.Session) -> dict:
