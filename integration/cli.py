@@ -105,7 +105,7 @@ def _require_holdout_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
         try:
             if OUTPUT_PROPERTIES["holdout"] not in HubSpotCRM(settings).contact_property_names():
                 missing.append(f"HubSpot has no contact property {OUTPUT_PROPERTIES['holdout']}")
-        except (PropertiesApiException, HTTPError) as exc:
+        except (PropertiesApiException, HTTPError, CRMUnavailable) as exc:
             logging.getLogger("leadscore.worker").warning(
                 "could not check HubSpot for the %s property (%s)", OUTPUT_PROPERTIES["holdout"], exc
             )

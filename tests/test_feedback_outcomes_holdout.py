@@ -355,6 +355,15 @@ def test_a_worker_with_a_holdout_share_starts_once_both_crms_have_the_field(env,
     cli._require_holdout_fields(get_settings(), jobs, [SF_ORG_ID])  # raises SettingsError when one is missing
 
 
+def test_a_worker_with_a_holdout_share_starts_while_hubspot_cannot_be_asked(env, monkeypatch, sf_crm, caplog):
+    reconfigure(monkeypatch, HOLDOUT_SHARE="0.05", HUBSPOT_API_BASE=f"http://127.0.0.1:{free_port()}")
+
+    cli._require_holdout_fields(get_settings(), jobs, [])  # HubSpot down is no reason to stop scoring
+
+    [warned] = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker"]
+    assert warned.startswith("could not check HubSpot for the leadscore_holdout property (")
+
+
 @pytest.fixture(scope="module")
 def crm_model(tmp_path_factory):
     """A model trained on the lead slice; its custom features map to HubSpot properties."""
