@@ -341,6 +341,12 @@ def test_a_crm_that_is_down_or_unreachable_is_crm_unavailable(settings, crm, hub
         sf_crm.read_leads(["00Q5g00000Ls001EAB"])
     with pytest.raises(CRMUnavailable, match="Connection refused|Max retries"):
         SalesforceCRM(settings.model_copy(update={"salesforce_instance_url": nowhere})).read_leads(["x" * 15])
+    client_credentials = {"salesforce_consumer_key": "k", "salesforce_consumer_secret": "s"}
+    logging_in = settings.model_copy(update={"salesforce_access_token": "", **client_credentials})
+    with pytest.raises(CRMUnavailable, match="Salesforce login failed: 503 "):  # a new token, mid-maintenance
+        SalesforceCRM(logging_in)
+    with pytest.raises(CRMUnavailable, match="Salesforce login failed: .*Connection refused"):
+        SalesforceCRM(logging_in.model_copy(update={"salesforce_instance_url": nowhere}))
     hubspot.token = "revoked"
     with pytest.raises(CRMError) as refused:  # leadscore's to fix: RQ retries it, then it fails
         crm.read_leads([VP])

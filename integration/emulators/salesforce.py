@@ -423,14 +423,14 @@ class SalesforceEmulator:
             self.calls.append((request.method, request.path, request.headers.get("Sforce-Call-Options")))
             if self.latency_s:
                 time.sleep(self.latency_s)
+            if self.unavailable:  # its logins included
+                return _errors(503, "SERVER_UNAVAILABLE", "The server is down for maintenance.")
             if request.path.rstrip("/") == "/services/oauth2/token" or request.path.startswith(
                 "/services/Soap/"
             ):
                 return None  # the token endpoint needs no bearer; SOAP carries its session in a header
             if request.headers.get("Authorization") != f"Bearer {self.token}":
                 return _errors(401, "INVALID_SESSION_ID", "Session expired or invalid")
-            if self.unavailable:
-                return _errors(503, "SERVER_UNAVAILABLE", "The server is down for maintenance.")
             with self._lock:
                 self.api_calls += 1
                 over = self.api_calls > self.api_limit

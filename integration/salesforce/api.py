@@ -241,7 +241,10 @@ class SalesforceCRM:
 
     def _log_in(self) -> Salesforce:
         """A client on a new session, which the worker's other processes then use too."""
-        token = _new_session(self.settings, self.session)
+        try:
+            token = _new_session(self.settings, self.session)
+        except requests.RequestException as exc:
+            raise _failure("Salesforce login failed", exc) from exc
         if self.shared:
             self.shared.put(token)
         return self._client(token)
@@ -589,6 +592,8 @@ def _client_credentials_token(settings: Settings, session: requests.Session) -> 
         },
         timeout=settings.salesforce_timeout_s,
     )
+    if response.status_code >= 500:  # down or in maintenance: the login can succeed later
+        raise CRMUnavailable(f"Salesforce login failed: {response.status_code} {response.text[:200]}")
     if not response.ok:
         raise SettingsError(
             f"Salesforce refused the client-credentials login ({response.status_code} "
