@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from rq import Queue
 
 from integration import metrics, pending
@@ -40,10 +40,14 @@ def redis_from_url(url: str) -> Redis:
 
 def durability_risks(redis: Redis) -> list[str]:
     """Redis settings under which events leadscore acknowledged can be lost, each with its fix. Read
-    from INFO, which managed Redis services answer where they refuse CONFIG."""
-    info = redis.info("memory") | redis.info("persistence")
+    from INFO, which managed Redis services answer where they refuse CONFIG; where INFO is refused
+    too, that is said instead."""
+    try:
+        info = redis.info("memory") | redis.info("persistence")
+    except ResponseError as exc:
+        return [f"its persistence and eviction settings are unknown (INFO refused: {exc})"]
     risks = []
-    policy = info.get("maxmemory_policy", "noeviction")
+    policy = info.get("maxmemory_policy", "noeviction") if info.get("maxmemory") else "noeviction"  # no limit
     if policy.startswith("allkeys-"):
         risks.append(f"maxmemory-policy is {policy}: when memory runs short Redis evicts queued events; "
                      "set it to noeviction")  # fmt: skip

@@ -8,6 +8,7 @@ import time
 from contextlib import ExitStack
 
 import pytest
+from redis import Redis
 from rq import Queue
 
 from integration import metrics, pending
@@ -383,11 +384,15 @@ def test_healthz_and_the_worker_name_redis_settings_that_can_lose_acknowledged_e
     settings, monkeypatch, caplog
 ):
     with ExitStack() as stack:
-        url = start_redis(stack, "--maxmemory-policy", "allkeys-lru")  # and no append-only file
+        url = start_redis(stack, "--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru")  # and no AOF
         risky = create_app(settings.model_copy(update={"redis_url": url})).test_client().get("/healthz")
         monkeypatch.setenv("REDIS_URL", url)
         _clear_caches()
         assert main(["worker", "--burst"]) == 0
+        Redis.from_url(url).acl_setuser("web", enabled=True, passwords=["+pw"], keys=["*"],
+                                        commands=["+@all", "-info"])  # fmt: skip
+        limited = url.replace("redis://", "redis://web:pw@")
+        unknown = create_app(settings.model_copy(update={"redis_url": limited})).test_client().get("/healthz")
 
     risks = [
         "maxmemory-policy is allkeys-lru: when memory runs short Redis evicts queued events; set it to "
@@ -398,6 +403,10 @@ def test_healthz_and_the_worker_name_redis_settings_that_can_lose_acknowledged_e
     assert (risky.status_code, risky.get_json()["redis_risks"]) == (200, risks)
     worker_warned = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker"]
     assert worker_warned == [f"Redis: {risk}" for risk in risks]
+    assert (unknown.status_code, unknown.get_json()["redis_risks"]) == (200, [
+        "its persistence and eviction settings are unknown (INFO refused: this user has no permissions to "
+        "run the 'info' command)"
+    ])  # fmt: skip
 
 
 def test_missing_app_secret_answers_503_with_what_to_set(settings, queue):
