@@ -100,9 +100,10 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _log_level_known(cls, value: str) -> str:
-        if value.upper() not in LOG_LEVELS:
+        level = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(value.upper(), value.upper())  # Python's aliases
+        if level not in LOG_LEVELS:
             raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-        return value.upper()
+        return level
 
     @field_validator("redis_url")
     @classmethod

@@ -339,6 +339,8 @@ def test_log_level_is_one_of_pythons_in_any_case_and_an_unknown_one_is_named(env
 
     reconfigure(monkeypatch, LOG_LEVEL="warning")
     assert get_settings().log_level == "WARNING"
+    reconfigure(monkeypatch, LOG_LEVEL="warn")  # Python's own alias, which worked before it was checked
+    assert get_settings().log_level == "WARNING"
 
     reconfigure(monkeypatch, LOG_LEVEL="verbose")
     assert main(["worker", "--burst"]) == 2

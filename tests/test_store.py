@@ -198,12 +198,13 @@ def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_
 
     store.upgrade(store_url)
 
-    frame, labels, *_ = training_rows(kept.require_schema(), min_age_days=30)
+    rows = training_rows(kept.require_schema(), min_age_days=30)
     # The converted lead is learned from its score before it was a customer, not the one that saw it;
     # the won deal's contact and the converted Salesforce Lead, which no score saw, from their last.
-    assert sorted(zip(labels.tolist(), frame["stage"], strict=True)) == [
+    assert sorted(zip(rows.labels.tolist(), rows.frame["stage"], strict=True)) == [
         (0, "lead"), (1, "lead"), (1, "opportunity"), (1, "working")
     ]  # fmt: skip
+    assert sorted(rows.leads) == ["00Q4", "1", "2", "3"]  # as a CRM export names them: evaluate matches
 
 
 def test_each_lead_is_judged_by_its_score_at_conversion_or_at_the_end_of_its_window_and_young_ones_wait(

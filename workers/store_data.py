@@ -117,7 +117,7 @@ class TrainingRows(NamedTuple):
     kinds: dict[str, Kind]
     window: dict
     unread: list[str]  # inputs kept with earlier scores that no worker reads now: not learned from
-    leads: list[str]  # each row's lead, as crm:account:lead
+    leads: list[str]  # each row's lead id, as the CRM and its exports spell it
 
 
 def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | None = None) -> TrainingRows:
@@ -130,7 +130,7 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
         rows.append(row["features"])
         y.append(label)
         times.append(row["scored_at"])
-        leads.append(f"{row['crm']}:{row['account_id']}:{row['lead_id']}")
+        leads.append(row["lead_id"])
     if not rows:
         raise TableError(
             f"the store has no labelled leads yet: none converted and none scored over {min_age_days:g} days "
