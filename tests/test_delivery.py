@@ -23,7 +23,7 @@ from integration.emulators import free_port, start_redis
 from integration.errors import CRMError, CRMUnavailable
 from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM
-from integration.ratelimit import RateLimiter
+from integration.ratelimit import RateLimited, RateLimiter
 from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
 from tests.conftest import (
@@ -393,6 +393,25 @@ def test_a_crm_outage_longer_than_the_retries_puts_the_batch_off_until_the_crm_a
     assert put_offs[0].endswith(f"batch of 24 leads of hubspot:{PORTAL_ID} put off 30s (attempt 1, the CRM "
                                 "unavailable for 0s)")  # fmt: skip
     assert "put off 3600s (attempt 9, " in put_offs[-1]
+
+
+def test_a_rate_limit_in_the_middle_of_an_outage_keeps_the_outage_clock(
+    post_delivery, crm, queue, run_worker, monkeypatch
+):
+    def throttled(self, ids):
+        raise RateLimited("HubSpot portal 48213377: daily API limit reached", retry_after_s=5)
+
+    _crm_down(monkeypatch)
+    post_delivery("contact.creation__single")
+    run_worker()
+    [down] = [queue.fetch_job(i).meta for i in queue.scheduled_job_registry.get_job_ids()]
+    monkeypatch.setattr(HubSpotCRM, "read_leads", throttled)
+    _run_put_off_batches(queue)
+    run_worker()
+
+    [still] = [queue.fetch_job(i).meta for i in queue.scheduled_job_registry.get_job_ids()]
+    outage = {"since": pytest.approx(time.time(), abs=30), "waits": 1}
+    assert still[batch.OUTAGE_META] == down[batch.OUTAGE_META] == outage
 
 
 def test_a_crm_down_past_the_bound_fails_the_batch_saying_how_to_requeue_it(

@@ -90,7 +90,8 @@ def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
             return _score_batch(ctx, crm, account, events)
     except RateLimited as exc:  # not a failure: the CRM asked us to wait, so the batch waits
         log.warning("%s; batch of %d put off %.0fs", exc, len(events), exc.retry_after_s)
-        return _put_off(crm, account, events, exc.retry_after_s)
+        outage = get_current_job().meta.get(OUTAGE_META)  # kept: a 429 mid-outage must not restart its clock
+        return _put_off(crm, account, events, exc.retry_after_s, {OUTAGE_META: outage} if outage else None)
     except CRMUnavailable as exc:  # not a failure either, until the CRM has been down too long
         return _wait_for_crm(crm, account, events, exc)
 
