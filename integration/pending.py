@@ -66,7 +66,7 @@ CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
 COLLECT_JOB = "workers.batch.collect"
 SCORE_BATCH_JOB = "workers.batch.score_batch"
 HANDOFFS = "leadscore:handoffs"
-HANDOFF_TTL_S = 24 * 3600
+HANDOFF_TTL_S = 3 * 24 * 3600  # past the longest a batch is put off for a CRM outage (48 h)
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
 BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 BATCH_TIMEOUT_S = 600

@@ -718,3 +718,9 @@ def test_daily_limit_defers_the_batch_instead_of_failing_it(post_delivery, crm, 
     [deferred] = queue.scheduled_job_registry.get_job_ids()
     due = queue.scheduled_job_registry.get_scheduled_time(deferred).timestamp()
     assert 3000 < due - time.time() <= 3600
+
+
+def test_a_batch_put_off_for_an_outage_is_still_guarded_and_its_repeats_still_dropped():
+    """While a batch waits out a CRM outage, the marks that tell a newer hand-off of its leads, and
+    the CRM's redeliveries of its events, must outlive the wait."""
+    assert batch.OUTAGE_GIVE_UP_S < pending.HANDOFF_TTL_S and batch.OUTAGE_GIVE_UP_S < pending.SEEN_WINDOW_S

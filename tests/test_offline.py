@@ -996,8 +996,8 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
 def test_train_from_an_empty_store_says_what_is_missing(env, tmp_path, capsys):
     assert main(["train", "--from-store", "--out", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err == (
-        "leadscore train: the store has no labelled leads yet: none converted and none scored over "
-        "30 days ago (lower --min-age-days, or run `leadscore outcomes sync`)\n"
+        "leadscore train: the store has no labelled leads yet: a lead counts, converted or not, once it "
+        "was first scored over 30 days ago (lower --min-age-days, or run `leadscore outcomes sync`)\n"
     )
 
 
@@ -1224,8 +1224,8 @@ def test_evaluate_from_a_young_store_shows_holdout_and_feedback_before_any_ranki
     report = (out / "report.md").read_text()
     assert "### Holdout (no visible score)" in report and "| D | 0 | 0 | 1 |" in report
     assert "No difference yet: a group has no leads old enough (4 waiting)." in report
-    assert "- No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts as " \
-           "not converted only once it has gone 30 days without converting" in report  # fmt: skip
+    assert "- No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts, " \
+           "converted or not, once it was first scored over 30 days ago" in report  # fmt: skip
     assert "## Plots" not in report and not list(out.glob("*.png"))
 
 

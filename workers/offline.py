@@ -267,8 +267,8 @@ def evaluate(
         curves.update(_live_scorers(store, min_age_days, scorers, notes))
     if not curves:
         notes.append(
-            "No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts as "
-            f"not converted only once it has gone {min_age_days:g} days without converting (run "
+            "No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts, "
+            f"converted or not, once it was first scored over {min_age_days:g} days ago (run "
             "`leadscore outcomes sync`, or lower --min-age-days). The holdout and rep feedback are above."
         )
     for name, (y, p, tiers) in curves.items():

@@ -133,8 +133,8 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
         leads.append(row["lead_id"])
     if not rows:
         raise TableError(
-            f"the store has no labelled leads yet: none converted and none scored over {min_age_days:g} days "
-            "ago (lower --min-age-days, or run `leadscore outcomes sync`)"
+            "the store has no labelled leads yet: a lead counts, converted or not, once it was first scored "
+            f"over {min_age_days:g} days ago (lower --min-age-days, or run `leadscore outcomes sync`)"
         )
     labels = np.array(y)
     if labels.min() == labels.max():
