@@ -263,25 +263,21 @@ def reconfigure(monkeypatch, **values: str) -> None:
     jobs.context.cache_clear()
 
 
-def test_setup_hubspot_with_a_refused_token_names_the_setting(env, hubspot, capsys):
-    hubspot.token = "rotated-since"
+@pytest.mark.parametrize(
+    ("crm", "message"),
+    [
+        ("hubspot", "HubSpot refused HUBSPOT_ACCESS_TOKEN (401: revoked, expired or mistyped): set the "
+                    "private app's current token"),
+        ("salesforce", "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
+                       "revoked): set a new one, or unset it and let leadscore log in itself with "
+                       "SALESFORCE_CONSUMER_KEY and SALESFORCE_CONSUMER_SECRET, or a username and password"),
+    ],
+)  # fmt: skip
+def test_setup_with_a_token_the_crm_refuses_names_the_setting(env, request, capsys, crm, message):
+    request.getfixturevalue(crm).token = "rotated-since"
 
-    assert main(["setup", "hubspot"]) == 2
-    assert capsys.readouterr().err == (
-        "leadscore: HubSpot refused HUBSPOT_ACCESS_TOKEN (401: revoked, expired or mistyped): set the "
-        "private app's current token\n"
-    )
-
-
-def test_setup_salesforce_with_an_expired_token_says_what_to_set(env, salesforce, capsys):
-    salesforce.token = "a-newer-session"
-
-    assert main(["setup", "salesforce"]) == 2
-    assert capsys.readouterr().err == (
-        "leadscore: Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
-        "revoked): set a new one, or unset it and let leadscore log in itself with SALESFORCE_CONSUMER_KEY "
-        "and SALESFORCE_CONSUMER_SECRET, or a username and password\n"
-    )
+    assert main(["setup", crm]) == 2
+    assert capsys.readouterr().err == f"leadscore: {message}\n"
 
 
 @pytest.mark.parametrize(
