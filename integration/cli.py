@@ -58,8 +58,7 @@ def cmd_worker(args) -> int:
     if settings.salesforce_configured:
         settings.require_salesforce_api()  # missing credentials are a setting to fix, not an org's trouble
         ready_orgs = [org_id for org_id in settings.allowed_org_ids if _prepare_salesforce(jobs, org_id)]
-    if settings.holdout_share > 0:
-        _require_holdout_fields(settings, jobs, ready_orgs)
+    _check_output_fields(settings, jobs, ready_orgs)
     _prepare_store(ctx.store)
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
@@ -88,11 +87,12 @@ def cmd_worker(args) -> int:
             backoff = min(backoff * 2, 30.0)
 
 
-def _require_holdout_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
-    """With HOLDOUT_SHARE set, every write carries the holdout flag, and a CRM without its field
-    refuses them all: say so at start rather than dead-letter every lead. A CRM that cannot be
-    asked now (HubSpot down; a Salesforce org not in `salesforce_orgs`, the ones that answered at
-    start) is not a reason to stop scoring."""
+def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
+    """A HubSpot portal without leadscore's properties refuses every write: logged as an error at
+    start, naming the command that adds them, rather than found lead by lead in the failed jobs.
+    With HOLDOUT_SHARE set, every write carries the holdout flag too, so a CRM without its field
+    stops the worker. A CRM that cannot be asked now (HubSpot down; a Salesforce org not in
+    `salesforce_orgs`, the ones that answered at start) is not a reason to stop scoring."""
     from hubspot.crm.properties import ApiException as PropertiesApiException
     from urllib3.exceptions import HTTPError
 
@@ -100,16 +100,25 @@ def _require_holdout_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
     from integration.hubspot.api import HubSpotCRM
     from integration.salesforce import OUTPUT_FIELDS
 
+    log = logging.getLogger("leadscore.worker")
+    holdout = settings.holdout_share > 0
     missing = []
     if settings.hubspot_configured:
         try:
-            if OUTPUT_PROPERTIES["holdout"] not in HubSpotCRM(settings).contact_property_names():
-                missing.append(f"HubSpot has no contact property {OUTPUT_PROPERTIES['holdout']}")
+            present = HubSpotCRM(settings).contact_property_names()
         except (PropertiesApiException, HTTPError, CRMUnavailable) as exc:
-            logging.getLogger("leadscore.worker").warning(
-                "could not check HubSpot for the %s property (%s)", OUTPUT_PROPERTIES["holdout"], exc
-            )
-    for org_id in salesforce_orgs:
+            log.warning("could not check HubSpot for leadscore's properties (%s)", exc)
+        except CRMError as exc:  # a refused token: HubSpot's jobs fail saying so, Salesforce's go on
+            log.error("HubSpot: %s", exc)
+        else:
+            always = [name for key, name in OUTPUT_PROPERTIES.items() if key != "holdout"]
+            absent = [name for name in always if name not in present]
+            if absent:
+                log.error("HubSpot has no contact property %s, so every score written will be refused: run "
+                          "`leadscore setup hubspot`", ", ".join(absent))  # fmt: skip
+            if holdout and OUTPUT_PROPERTIES["holdout"] not in present:
+                missing.append(f"HubSpot has no contact property {OUTPUT_PROPERTIES['holdout']}")
+    for org_id in salesforce_orgs if holdout else []:
         if OUTPUT_FIELDS["holdout"] not in jobs.salesforce_for(org_id).read_fields:
             missing.append(f"Salesforce org {org_id} has no Lead field {OUTPUT_FIELDS['holdout']}")
     if missing:

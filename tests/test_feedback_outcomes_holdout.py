@@ -352,16 +352,27 @@ def test_a_worker_with_a_holdout_share_needs_the_holdout_field(
 
 def test_a_worker_with_a_holdout_share_starts_once_both_crms_have_the_field(env, monkeypatch, crm, sf_crm):
     reconfigure(monkeypatch, HOLDOUT_SHARE="0.05")
-    cli._require_holdout_fields(get_settings(), jobs, [SF_ORG_ID])  # raises SettingsError when one is missing
+    cli._check_output_fields(get_settings(), jobs, [SF_ORG_ID])  # raises SettingsError when one is missing
+
+
+def test_a_worker_says_at_start_that_hubspot_lacks_leadscores_properties_and_still_starts(env, caplog):
+    assert main(["worker", "--burst"]) == 0  # `leadscore setup hubspot` never ran: Salesforce scores on
+
+    said = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker" and r.levelname == "ERROR"]
+    assert said == [
+        "HubSpot has no contact property leadscore_score, leadscore_tier, leadscore_reason, "
+        "leadscore_scored_at, leadscore_details, so every score written will be refused: run "
+        "`leadscore setup hubspot`"
+    ]
 
 
 def test_a_worker_with_a_holdout_share_starts_while_hubspot_cannot_be_asked(env, monkeypatch, sf_crm, caplog):
     reconfigure(monkeypatch, HOLDOUT_SHARE="0.05", HUBSPOT_API_BASE=f"http://127.0.0.1:{free_port()}")
 
-    cli._require_holdout_fields(get_settings(), jobs, [])  # HubSpot down is no reason to stop scoring
+    cli._check_output_fields(get_settings(), jobs, [])  # HubSpot down is no reason to stop scoring
 
     [warned] = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker"]
-    assert warned.startswith("could not check HubSpot for the leadscore_holdout property (")
+    assert warned.startswith("could not check HubSpot for leadscore's properties (")
 
 
 @pytest.fixture(scope="module")

@@ -381,7 +381,7 @@ def test_healthz_reports_redis(client, app_without_redis):
 
 
 def test_healthz_and_the_worker_name_redis_settings_that_can_lose_acknowledged_events(
-    settings, monkeypatch, caplog
+    settings, crm, monkeypatch, caplog
 ):
     with ExitStack() as stack:
         url = start_redis(stack, "--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru")  # and no AOF
