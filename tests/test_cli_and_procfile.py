@@ -280,6 +280,16 @@ def test_setup_with_a_token_the_crm_refuses_names_the_setting(env, request, caps
     assert capsys.readouterr().err == f"leadscore: {message}\n"
 
 
+def test_setup_hubspot_without_the_schema_scope_names_the_scope(env, hubspot, capsys):
+    hubspot.schemas_read_only = True
+
+    assert main(["setup", "hubspot"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: HubSpot refused to create leadscore's properties (403 MISSING_SCOPES): give the private "
+        "app the crm.schemas.contacts.write scope, then run `leadscore setup hubspot` again\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("crm", "setting", "scheme"),
     [("hubspot", "HUBSPOT_API_BASE", "http"), ("salesforce", "SALESFORCE_INSTANCE_URL", "https")],

@@ -148,6 +148,7 @@ class HubSpotEmulator:
         self.echo_responses: list[dict] = []
         self.forbidden_objects: set[str] = set()  # object types the token lacks the scope for
         self.unavailable_objects: set[str] = set()  # batch reads of these answer 503
+        self.schemas_read_only = False  # the token lacks crm.schemas.contacts.write: creating answers 403
         self._lock = threading.Lock()
         self._event_id = 9_000_000_000
         self._authenticated: list[tuple[str, str]] = []
@@ -377,8 +378,14 @@ class HubSpotEmulator:
         def list_groups():
             return jsonify(results=list(self.groups.values()))
 
+        def missing_schema_scope():
+            return _error(403, "MISSING_SCOPES", "This app hasn't been granted all required scopes to make "
+                          "this call.")  # fmt: skip
+
         @app.post("/crm/v3/properties/contacts/groups")
         def create_group():
+            if self.schemas_read_only:
+                return missing_schema_scope()
             group = request.get_json(silent=True) or {}
             if group.get("name") in self.groups:
                 return _error(409, "CONFLICT", f"A property group named '{group['name']}' already exists.")
@@ -391,6 +398,8 @@ class HubSpotEmulator:
 
         @app.post("/crm/v3/properties/contacts")
         def create_property():
+            if self.schemas_read_only:
+                return missing_schema_scope()
             prop = request.get_json(silent=True) or {}
             if prop.get("name") in self.properties:
                 return _error(

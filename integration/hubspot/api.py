@@ -527,6 +527,11 @@ class HubSpotCRM:
         except PropertiesApiException as exc:
             if exc.status == 401:
                 raise CRMError(_token_refused(self.portal_id)) from exc
+            if exc.status == 403:
+                raise CRMError(
+                    "HubSpot refused to create leadscore's properties (403 MISSING_SCOPES): give the private "
+                    "app the crm.schemas.contacts.write scope, then run `leadscore setup hubspot` again"
+                ) from exc
             raise
 
     def _ensure_properties(self) -> SetupReport:
