@@ -43,7 +43,8 @@ FOLLOW_UPS = ("contact.propertyChange__demo_changes", "contact.propertyChange__d
 
 def _start_services(stack: ExitStack, env: dict, port: int, logs: Path, bind: str = "127.0.0.1") -> str:
     web = [sys.executable, "-m", "gunicorn", "--bind", f"{bind}:{port}", "--workers", "2",
-           "--access-logfile", "-", "integration.app:create_app()"]  # fmt: skip
+           "--access-logfile", "-", "--logger-class", "integration.access_log.RedactingAccessLog",
+           "integration.app:create_app()"]  # fmt: skip
     spawn_logged(stack, web, env, logs / "web.log")
     spawn_logged(stack, [sys.executable, "-m", "integration.cli", "worker"], env, logs / "worker.log")
     base = f"http://127.0.0.1:{port}"

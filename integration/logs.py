@@ -76,7 +76,9 @@ _KEY_VALUE = re.compile(
     """
 )
 _KNOWN_SECRETS = re.compile(r"\b(?:sk-[A-Za-z0-9_-]{16,}|pat-[a-z]{2}\d-[0-9a-f-]{20,})")
-_SF_WEBHOOK_TOKEN = re.compile(r"(/webhooks/salesforce/)(?!events\b)(?!\[redacted\])[^\s/?#\"']+")
+_SF_WEBHOOK_TOKEN = re.compile(  # any path segment but the change-events endpoint's own
+    r"(/webhooks/salesforce/)(?!events(?:[/?#\s\"']|$))(?!\[redacted\])[^\s/?#\"']+"
+)
 
 
 def redact(text: str) -> str:

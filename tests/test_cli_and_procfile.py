@@ -15,7 +15,7 @@ import requests
 from integration import pending
 from integration.cli import main
 from integration.emulators import free_port, serve_in_thread, wait_until
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, SF_WEBHOOK_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE = FIXTURES / "hubspot" / "contact.creation__single.json"
@@ -176,10 +176,11 @@ def procfile_processes(env, crm, tmp_path):
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert release.returncode == 0, release.stderr
     assert "is at head: {'scores': 0, 'outcomes': 0, 'feedback': 0}" in release.stdout
-    procs = [
-        subprocess.Popen(["bash", "-c", command], env=process_env, cwd=ROOT, start_new_session=True)
-        for command in commands.values()
-    ]
+    procs = [  # each one's output in tmp_path / "<name>.log"
+        subprocess.Popen(["bash", "-c", command], env=process_env, cwd=ROOT, start_new_session=True,
+                         stdout=(tmp_path / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
+        for name, command in commands.items()
+    ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -206,6 +207,17 @@ def test_procfile_web_and_worker_score_a_replayed_delivery(procfile_processes, h
     props = hubspot.contact_properties("74300000101")
     assert (props["leadscore_score"], props["leadscore_tier"]) == ("89", "A")
     assert props["leadscore_reason"] == "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS"
+
+
+def test_procfile_web_access_log_hides_the_salesforce_webhook_token(procfile_processes, tmp_path):
+    for url in (f"/webhooks/salesforce/{SF_WEBHOOK_TOKEN}", f"/webhooks/salesforce?token={SF_WEBHOOK_TOKEN}"):
+        requests.post(f"{procfile_processes}{url}", data=b"<not-soap/>", timeout=5)
+    time.sleep(0.5)
+
+    logged = (tmp_path / "web.log").read_text()
+    assert SF_WEBHOOK_TOKEN not in logged
+    assert '"POST /webhooks/salesforce/[redacted] HTTP/1.1" 400' in logged
+    assert '"POST /webhooks/salesforce?token=[redacted] HTTP/1.1" 400' in logged
 
 
 def test_setup_salesforce_is_idempotent_and_says_what_is_left(env, salesforce, capsys):
@@ -383,6 +395,8 @@ def test_procfile_web_binds_port_5000_when_port_is_not_set():
         "0.0.0.0:5000",
         "--access-logfile",
         "-",
+        "--logger-class",
+        "integration.access_log.RedactingAccessLog",
         "integration.app:create_app()",
     ]
 

@@ -263,6 +263,18 @@ def test_redaction_of_personal_data_and_secrets(log_stream):
     assert line["total_tokens"] == 512
 
 
+@pytest.mark.parametrize(
+    ("logged", "shown"),
+    [
+        ("POST /webhooks/salesforce/events-7f3a9c HTTP/1.1", "POST /webhooks/salesforce/[redacted] HTTP/1.1"),
+        ("POST /webhooks/salesforce/events HTTP/1.1", "POST /webhooks/salesforce/events HTTP/1.1"),
+        ("POST /webhooks/salesforce/events?x=1", "POST /webhooks/salesforce/events?x=1"),
+    ],
+)
+def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_events_endpoint(logged, shown):
+    assert logs.redact(logged) == shown
+
+
 def test_ids_scores_and_timestamps_are_not_redacted(log_stream):
     log = logging.getLogger("integration.test")
     text = (

@@ -12,6 +12,7 @@ import pytest
 from integration import metrics, pending, signing
 from integration.app import create_app
 from integration.emulators import free_port
+from integration.salesforce import is_record_id
 from tests.conftest import (
     FIXTURES,
     SF_EVENTS_SECRET,
@@ -125,6 +126,23 @@ def test_outbound_message_with_wrong_or_missing_token_is_refused(
     assert response.status_code == status
     assert fault(response) == ("soapenv:Client", message)
     assert pending.depth(queue.connection) == 0
+
+
+@pytest.mark.parametrize("org_id", ["00D5g000004XyZaEAKZZZ", "00D5g000004XyZa:x|" + "A" * 5000])
+def test_outbound_message_with_an_org_id_that_is_not_one_is_refused(post_outbound, queue, org_id):
+    body = (FIXTURES / "salesforce" / "outbound_message__single.xml").read_bytes()
+    response = post_outbound(body.replace(b"00D5g000004XyZaEAK", org_id.encode()))
+
+    assert response.status_code == 400
+    assert fault(response) == (
+        "soapenv:Client",
+        f"OrganizationId {org_id[:40]!r} is not a Salesforce org id (00D…, 15 or 18 characters)",
+    )
+    assert pending.depth(queue.connection) == 0
+
+
+def test_a_record_id_with_a_trailing_newline_is_not_one():
+    assert is_record_id("00Q5g00000Ls001EAB") and not is_record_id("00Q5g00000Ls001EAB\n")
 
 
 def test_outbound_message__unknown_org_is_forbidden(post_outbound, queue):

@@ -11,11 +11,16 @@ OUTPUT_FIELDS = {
     "holdout": "Leadscore_Holdout__c",  # written only while HOLDOUT_SHARE > 0
 }
 FEEDBACK_FIELD = "Leadscore_Feedback__c"  # set by reps: too_high, too_low, right
-_RECORD_ID = re.compile(r"^[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?$")
+_RECORD_ID = re.compile(r"[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?")
+_ORG_ID = re.compile(r"00D[a-zA-Z0-9]{12}(?:[a-zA-Z0-9]{3})?")
+
+
+def is_org_id(value: str) -> bool:
+    return bool(_ORG_ID.fullmatch(value))
 
 
 def is_record_id(value: str) -> bool:
-    return bool(_RECORD_ID.match(value))
+    return bool(_RECORD_ID.fullmatch(value))  # `$` alone would let a trailing newline through
 
 
 # Salesforce stamps these on every change, ours included; alone they are no reason to rescore.

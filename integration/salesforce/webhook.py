@@ -26,7 +26,7 @@ from integration import signing
 from integration.errors import PayloadError, SignatureError, WebhookError, first_problem
 from integration.events import IntakeRow, deal_key
 from integration.queue import Skipped
-from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_record_id
+from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_org_id, is_record_id
 from integration.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,10 @@ def check_token(given: str | None, expected: str) -> None:
 
 
 def check_org(org_id: str, allowed: frozenset[str]) -> None:
+    if not is_org_id(org_id):
+        raise PayloadError(
+            f"OrganizationId {org_id[:40]!r} is not a Salesforce org id (00D…, 15 or 18 characters)"
+        )
     if org_id[:15] not in allowed:
         raise ForbiddenOrg(f"OrganizationId {org_id!r} is not in SALESFORCE_ORG_IDS")
 
