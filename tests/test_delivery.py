@@ -494,6 +494,19 @@ def test_an_llm_that_keeps_failing_on_a_lead_rescores_it_five_times_waiting_twic
     assert outcomes == [[("written", True)]] + [[("unchanged", True)]] * 5
 
 
+def test_an_llm_that_refuses_the_request_itself_is_not_asked_again_by_a_rescore(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.force(status=400)  # e.g. the prompt is too long for the model: the same request fails again
+    post_delivery("contact.creation__single")
+
+    [first] = run_worker()
+
+    assert (first["outcome"], first["fallback"]) == ("written", True)
+    assert queue.scheduled_job_registry.count == 0
+
+
 def test_a_rescore_leaves_a_waiting_event_of_the_lead_as_it_is(post_delivery, redis):
     post_delivery("contact.propertyChange__lead_status")
     [waiting] = pending_events(redis, "hubspot", PORTAL_ID)

@@ -22,6 +22,7 @@ from workers.blend import (
     effective_propensity,
     explain,
     input_fingerprint,
+    join_reason,
     score_lead,
 )
 from workers.config import ConfigError, Tiers, load_config
@@ -698,6 +699,28 @@ def _record(messages: list[dict[str, str]]) -> dict:
     user = messages[1]["content"]
     assert user.startswith("<lead_data>\n") and user.endswith("\n</lead_data>")
     return json.loads(user[len("<lead_data>\n") : -len("\n</lead_data>")])
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "reason"),
+    [
+        ("=cmd|' /C calc'!A0 at 5-person x", "", "cmd|' /C calc'!A0 at 5-person x"),  # no formula for Excel
+        ("+1 411 555", "", "1 411 555"),
+        ("VP\r\nSales\u202e at Acme", "AI: buy\nnow\x07", "VP Sales at Acme; AI: buy now"),
+    ],
+)
+def test_a_reason_is_one_readable_line_that_no_spreadsheet_runs(first, second, reason):
+    assert join_reason(first, second) == reason
+
+
+def test_the_prompt_and_the_evidence_kept_do_not_grow_with_what_a_prospect_types(fixture_leads):
+    lead = next(iter(fixture_leads.values())).model_copy(update={"title": "CEO " * 20_000})
+    fenced = build_messages(lead)[1]["content"]
+    record = json.loads(fenced.removeprefix("<lead_data>").removesuffix("</lead_data>"))
+    answer = {"propensity": 0.9, "confidence": 0.5, "reason": "r", "evidence": ["x" * 5000]}
+    reply = parse_reply(json.dumps(answer))
+
+    assert len(record["title"]) == 300 and [len(item) for item in reply.evidence] == [200]
 
 
 def test_build_messages_fences_data_exactly_once():

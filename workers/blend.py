@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass
 
 from integration.lead import Lead
@@ -147,12 +148,22 @@ MIN_SECOND_DRIVER_CHARS = 20  # less room than this, and the second driver is le
 
 
 def join_reason(first: str, second: str = "") -> str:
-    """One or two drivers in at most 90 characters; the second only where it fits readably."""
-    first = clip_text(first, MAX_REASON_CHARS)
+    """One or two drivers in at most 90 characters; the second only where it fits readably. Both
+    may hold what a prospect typed (a title, a company, the LLM's reading of their notes), so each is
+    made `readable`, and the reason never starts as a spreadsheet formula would (=, +, -, @): reps
+    export list views to Excel."""
+    first = clip_text(readable(first).lstrip("=+-@ "), MAX_REASON_CHARS)
+    second = readable(second)
     room = MAX_REASON_CHARS - len(first) - 2
     if not second or room < MIN_SECOND_DRIVER_CHARS:
         return first
     return f"{first}; {clip_text(second, room)}"
+
+
+def readable(text: str) -> str:
+    """The text with control and format characters (line breaks, bidi overrides) made spaces and runs
+    of spaces made one: a reason is one line that reads left to right."""
+    return " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in text).split())
 
 
 def propensity_details(propensity: PropensityResult) -> dict:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import openai
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from redis.exceptions import RedisError
 
 from integration.errors import first_problem
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 PROMPT_VERSION = "propensity-v1"
 FALLBACK_SOURCE = "propensity_prior_fallback"
 NEUTRAL = 0.5
+MAX_FIELD_CHARS = 300  # of each lead field in the prompt
+MAX_EVIDENCE_CHARS = 200  # of each evidence item kept
 
 SYSTEM_PROMPT = """\
 You are a B2B sales analyst. Estimate the probability that the lead below becomes \
@@ -60,6 +62,12 @@ class ConversionPropensity(BaseModel):
     confidence: float = Field(ge=0.0, le=1.0)
     reason: str = Field(min_length=1, max_length=300)
     evidence: list[str] = Field(default_factory=list, max_length=8)
+
+    @field_validator("evidence")
+    @classmethod
+    def _evidence_bounded(cls, evidence: list[str]) -> list[str]:
+        """Each item clipped: it is kept in `leadscore_details`, and lead text could make it long."""
+        return [item[:MAX_EVIDENCE_CHARS] for item in evidence]
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,13 @@ def _fenced(value):
     return value
 
 
+def _clipped(value):
+    """A field's text cut to MAX_FIELD_CHARS: a title or company name can hold 64 KB in a CRM, and
+    the prompt (and its bill) must not grow with what a prospect types. Notes and emails, a list,
+    are bounded where they are read."""
+    return value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
+
+
 def build_messages(lead: Lead) -> list[dict[str, str]]:
     inputs = lead.scoring_inputs()
     record = {
@@ -121,7 +136,7 @@ def build_messages(lead: Lead) -> list[dict[str, str]]:
         "lifecycle_stage": inputs.pop("stage"),
         **{k: v for k, v in inputs.items() if k not in {"crm", "account_id", "lead_id"}},
     }
-    record = {k: _fenced(v) for k, v in record.items() if v not in (None, "", [], ())}
+    record = {k: _fenced(_clipped(v)) for k, v in record.items() if v not in (None, "", [], ())}
     user = f"<lead_data>\n{json.dumps(record, indent=1, ensure_ascii=False)}\n</lead_data>"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
@@ -199,8 +214,9 @@ class PropensityReasoner:
             reply = parse_reply(_reply_content(completion))
         except openai.APITimeoutError:
             return self._failed(lead, "LLM timed out")
-        except openai.APIStatusError as exc:
-            return self._failed(lead, f"LLM answered HTTP {exc.status_code}")
+        except openai.APIStatusError as exc:  # another 4xx: this request will not do, now or later
+            retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
+            return self._failed(lead, f"LLM answered HTTP {exc.status_code}", retryable)
         except openai.APIError as exc:
             return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
         except ValueError as exc:
@@ -250,6 +266,6 @@ class PropensityReasoner:
                     log.warning("LLM cache unavailable; answers not kept")
         return results
 
-    def _failed(self, lead: Lead, why: str) -> PropensityResult:
+    def _failed(self, lead: Lead, why: str, retryable: bool = True) -> PropensityResult:
         log.warning("propensity fallback for %s:%s: %s", lead.crm, lead.lead_id, why)
-        return fallback(why, retryable=True)
+        return fallback(why, retryable=retryable)
