@@ -11,7 +11,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, select, text
+from sqlalchemy import event, inspect, select, text
 
 from integration.cli import main
 from integration.settings import get_settings
@@ -128,6 +128,25 @@ def test_feedback_cleared_and_said_again_of_a_new_score_counts_again(store_url):
     assert store_summary(kept)["feedback"] == {
         "(not scored yet)": {"right": 1}, "A": {"too_high": 1}, "B": {"too_high": 1}
     }  # fmt: skip
+
+
+def test_a_batchs_feedback_lookup_is_an_index_search_not_a_table_scan(tmp_path):
+    """Every worker batch asks what reps said last about its leads: over a year's feedback, a scan
+    per batch would grow with the table."""
+    url = f"sqlite:///{tmp_path}/store.sqlite3"
+    store.upgrade(url)
+    kept = Store(url)
+    selects = []
+    event.listen(kept.engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, params, context, many: selects.append((sql, params))
+                 if sql.lstrip().upper().startswith("SELECT") else None)  # fmt: skip
+
+    kept.record_feedback([Feedback("hubspot", "48213377", lead, "right") for lead in ("7", "8")])
+
+    [(sql, params)] = selects
+    with kept.engine.connect() as connection:
+        plan = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params).all()
+    assert any("SEARCH feedback USING INDEX ix_feedback_lead" in row[-1] for row in plan), plan
 
 
 def test_the_holdout_comparison_leaves_out_leads_scored_before_the_holdout_began(store_url):

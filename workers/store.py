@@ -277,12 +277,23 @@ class Store:
         if not valid:
             return 0
         now = datetime.now(UTC)
+        accounts: dict[tuple[str, str], set[str]] = {}
+        for fact in valid:
+            accounts.setdefault((fact.crm, fact.account_id), set()).add(fact.lead_id)
         with self.engine.begin() as connection:
-            said = connection.execute(  # what was said last about each of these leads: one query a batch
-                select(feedback.c.crm, feedback.c.account_id, feedback.c.lead_id, feedback.c.value)
-                .where(feedback.c.lead_id.in_(sorted({f.lead_id for f in valid})))
-                .order_by(feedback.c.id)
-            ).all()
+            said = [  # what was said last about each of these leads: one indexed query an account
+                row
+                for (crm, account), leads in accounts.items()
+                for row in connection.execute(
+                    select(feedback.c.crm, feedback.c.account_id, feedback.c.lead_id, feedback.c.value)
+                    .where(
+                        feedback.c.crm == crm,
+                        feedback.c.account_id == account,
+                        feedback.c.lead_id.in_(sorted(leads)),
+                    )
+                    .order_by(feedback.c.id)
+                )  # fmt: skip
+            ]
             last = {tuple(row[:3]): row.value for row in said}
             new = []
             for fact in valid:
