@@ -977,7 +977,9 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     live = pd.DataFrame(
         [tabular.lead_features(lead, model.kinds) for lead in leads], columns=list(model.kinds)
     )
-    stored = training_rows(kept, 30).frame
+    rows = training_rows(kept, 30)
+    at = {lead_id: row for row, lead_id in enumerate(rows.leads)}  # the store streams leads in id order
+    stored = rows.frame.iloc[[at[lead.lead_id] for lead in leads]]
     assert np.array_equal(model.predict(live), model.predict(stored))
     assert model.matrix(live)["status"].isna().sum() == 0  # no category unseen for being cased differently
 

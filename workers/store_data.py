@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import groupby
 from typing import NamedTuple
 
 import numpy as np
@@ -41,29 +42,34 @@ class LeadHistory:
         return [row for row in self.scores if row["scored_at"] <= end][-1]
 
 
-def histories(store: Store) -> Iterator[LeadHistory]:
+STREAM_ROWS = 10_000  # scores fetched at a time: a year's store does not fit in memory at once
+
+
+def histories(store: Store, features: bool = True) -> Iterator[LeadHistory]:
+    """Each lead's history, one lead at a time, streamed in the order of the (crm, account, lead, id)
+    index, so memory holds one lead's scores, not the store's. Without `features` the inputs kept
+    with each score, most of a row's size, are not read."""
+    names = ["crm", "account_id", "lead_id", "score", "tier", "scorer", "model_version", "holdout",
+             "scored_at", *(["features"] if features else [])]  # fmt: skip
+    kept = [scores.c[name] for name in names]
     with store.engine.connect() as connection:
-        rows = connection.execute(
-            select(scores.c.crm, scores.c.account_id, scores.c.lead_id, scores.c.score, scores.c.tier,
-                   scores.c.scorer, scores.c.model_version, scores.c.features, scores.c.holdout,
-                   scores.c.scored_at).order_by(scores.c.id)
-        ).mappings().all()  # fmt: skip
         first_outcomes = connection.execute(
             select(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id, func.min(outcomes.c.reached_at))
             .where(outcomes.c.kind.in_(POSITIVE_OUTCOMES))
             .group_by(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id)
         ).all()
-    converted = {(crm, account, lead): as_utc(moment) for crm, account, lead, moment in first_outcomes}
-    by_lead: dict[LeadKey, list[dict]] = {}
-    for row in rows:
-        by_lead.setdefault((row["crm"], row["account_id"], row["lead_id"]), []).append(
-            {**row, "scored_at": as_utc(row["scored_at"])}
+        converted = {(crm, account, lead): as_utc(moment) for crm, account, lead, moment in first_outcomes}
+        rows = (
+            connection.execution_options(stream_results=True, yield_per=STREAM_ROWS)
+            .execute(select(*kept).order_by(scores.c.crm, scores.c.account_id, scores.c.lead_id, scores.c.id))
+            .mappings()
         )
-    for key, lead_scores in by_lead.items():
-        yield LeadHistory(lead_scores, converted.get(key))
+        for key, lead_rows in groupby(rows, key=lambda row: (row["crm"], row["account_id"], row["lead_id"])):
+            lead_scores = [{**row, "scored_at": as_utc(row["scored_at"])} for row in lead_rows]
+            yield LeadHistory(lead_scores, converted.get(key))
 
 
-def labelled_scores(store: Store, min_age_days: float) -> Iterator[tuple[dict, int]]:
+def labelled_scores(store: Store, min_age_days: float, features: bool = True) -> Iterator[tuple[dict, int]]:
     """One score a lead, with its outcome, by one rule for both outcomes. Only leads first scored at
     least `min_age_days` ago count: younger ones have not had the time to show either outcome, and
     keeping their conversions but not their non-conversions would inflate every rate. Each is
@@ -73,7 +79,7 @@ def labelled_scores(store: Store, min_age_days: float) -> Iterator[tuple[dict, i
     had converted before their first score teach nothing."""
     window = timedelta(days=min_age_days)
     cutoff = datetime.now(UTC) - window
-    for history in histories(store):
+    for history in histories(store, features):
         first_scored, converted = history.first["scored_at"], history.converted_at
         if first_scored > cutoff or (converted is not None and converted <= first_scored):
             continue
@@ -91,7 +97,7 @@ def live_scorers(
     tiers, scale of the score)."""
     grouped: dict[str, list[tuple[dict, int]]] = {}
     scales: dict[str, str] = {}
-    for row, label in labelled_scores(store, min_age_days):
+    for row, label in labelled_scores(store, min_age_days, features=False):
         version = row["model_version"]
         name = (
             f"live {version}"
@@ -175,10 +181,9 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
     }
     totals = {"scores": 0, "leads": 0, "converted": 0}
     mature = datetime.now(UTC) - timedelta(days=min_age_days)
-    every = list(histories(store))
-    ran = _holdout_runs(every)
+    ran = _holdout_runs(histories(store, features=False))  # a first pass: the runs bound the second
     held_out = set()
-    for history in every:
+    for history in histories(store, features=False):
         first_score = history.first
         converted = history.converted_at is not None and history.converted_at > first_score["scored_at"]
         totals["scores"] += len(history.scores)
@@ -211,7 +216,7 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
     }
 
 
-def _holdout_runs(every: list[LeadHistory]) -> dict[tuple[str, str], tuple[datetime, datetime]]:
+def _holdout_runs(every: Iterator[LeadHistory]) -> dict[tuple[str, str], tuple[datetime, datetime]]:
     """Per account (crm, account id), when its first and its last held-out lead were first scored."""
     runs: dict[tuple[str, str], tuple[datetime, datetime]] = {}
     for history in every:
