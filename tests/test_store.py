@@ -173,6 +173,21 @@ def test_the_holdout_comparison_leaves_out_leads_scored_before_the_holdout_began
     assert summary["holdout"]["holdout"]["rate"] == 0.5 and summary["shown_minus_holdout"]["points"] == 0.0
 
 
+def test_a_large_sync_keeps_outcomes_a_thousand_rows_a_statement_and_counts_only_the_new(store_url):
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    facts = [LeadFact("hubspot", "48213377", str(n), "customer") for n in range(2500)]
+    assert kept.record_outcomes(facts[:500], "webhook") == 500
+    inserts = []
+    event.listen(kept.engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, params, context, many: inserts.append(sql)
+                 if sql.lstrip().upper().startswith("INSERT") else None)  # fmt: skip
+
+    assert kept.record_outcomes(facts, "sync") == 2000  # the 500 already kept are not new
+
+    assert len(inserts) == 3 and kept.counts()["outcomes"] == 2500
+
+
 def test_an_outcome_reported_again_with_an_earlier_date_moves_back_to_it(store_url):
     store.upgrade(store_url)
     kept = Store(store_url)

@@ -97,6 +97,7 @@ feedback = Table(
 )
 
 POSITIVE_OUTCOMES = ("opportunity", "customer", "converted", "won")
+INSERT_ROWS = 1000  # rows a multi-row INSERT carries: 7,000 parameters, within both databases' limits
 CLEARED = "cleared"  # kept when a rep empties the feedback property: saying the same again counts anew
 
 
@@ -252,8 +253,8 @@ class Store:
         )
         added = 0
         with self.engine.begin() as connection:
-            for row in rows:
-                result = connection.execute(insert, row)
+            for start in range(0, len(rows), INSERT_ROWS):  # one statement a chunk: a sync keeps 100,000s
+                result = connection.execute(insert.values(rows[start : start + INSERT_ROWS]))
                 added += len(result.all()) if dialect == "postgresql" else result.rowcount
             # A later report with an earlier date (the CRM's own, say) moves the outcome back to it.
             connection.execute(earlier, [{f"_{k}": row[k] for k in (*(c.name for c in key), "reached_at")}
