@@ -15,7 +15,7 @@ from sqlalchemy import event, inspect, select, text
 
 from integration.cli import main
 from integration.settings import get_settings
-from workers import store
+from workers import outcomes, store
 from workers.store import Feedback, LeadFact, ScoreRecord, Store, StoreNotReady
 from workers.store_data import labelled_scores, live_scorers, store_summary, training_rows
 
@@ -130,23 +130,44 @@ def test_feedback_cleared_and_said_again_of_a_new_score_counts_again(store_url):
     }  # fmt: skip
 
 
+def _plan_of_each_select(kept: Store, action) -> list[str]:
+    """The query plan SQLite chose for each SELECT `action` ran."""
+    selects = []
+    event.listen(kept.engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, params, context, many: selects.append((sql, params))
+                 if sql.lstrip().upper().startswith("SELECT") else None)  # fmt: skip
+    action()
+    with kept.engine.connect() as connection:
+        return [
+            " / ".join(row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+            for sql, params in selects
+        ]
+
+
 def test_a_batchs_feedback_lookup_is_an_index_search_not_a_table_scan(tmp_path):
     """Every worker batch asks what reps said last about its leads: over a year's feedback, a scan
     per batch would grow with the table."""
     url = f"sqlite:///{tmp_path}/store.sqlite3"
     store.upgrade(url)
     kept = Store(url)
-    selects = []
-    event.listen(kept.engine, "before_cursor_execute",
-                 lambda conn, cursor, sql, params, context, many: selects.append((sql, params))
-                 if sql.lstrip().upper().startswith("SELECT") else None)  # fmt: skip
+    feedback = [Feedback("hubspot", "48213377", lead, "right") for lead in ("7", "8")]
 
-    kept.record_feedback([Feedback("hubspot", "48213377", lead, "right") for lead in ("7", "8")])
+    [plan] = _plan_of_each_select(kept, lambda: kept.record_feedback(feedback))
 
-    [(sql, params)] = selects
-    with kept.engine.connect() as connection:
-        plan = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params).all()
-    assert any("SEARCH feedback USING INDEX ix_feedback_lead" in row[-1] for row in plan), plan
+    assert "SEARCH feedback USING INDEX ix_feedback_lead" in plan, plan
+
+
+def test_outcomes_sync_finds_an_accounts_first_score_by_index_not_by_reading_its_scores(tmp_path):
+    """`outcomes sync` reads the CRM from the day before an account's first score: over a year's
+    scores, reading them all for it took seconds an account."""
+    url = f"sqlite:///{tmp_path}/store.sqlite3"
+    store.upgrade(url)
+    kept = Store(url)
+    kept.record_scores([ScoreRecord("hubspot", "48213377", "7", 50, "C", "r", "rules", "f", {}, {})])
+
+    [plan] = _plan_of_each_select(kept, lambda: outcomes._changed_since(kept, "hubspot", "48213377"))
+
+    assert plan == "SEARCH scores USING COVERING INDEX ix_scores_account_time (crm=? AND account_id=?)"
 
 
 def test_the_holdout_comparison_leaves_out_leads_scored_before_the_holdout_began(store_url):
@@ -227,7 +248,7 @@ def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_
                      "VALUES (:crm, '48213377', :lead, :kind, 'webhook', :at)"),
                 {"crm": crm, "lead": lead, "kind": kind, "at": saw_it + timedelta(milliseconds=3)},
             )  # fmt: skip
-    with pytest.raises(StoreNotReady, match="is at schema revision 0001_store, this leadscore needs 0002"):
+    with pytest.raises(StoreNotReady, match="is at schema revision 0001_store, this leadscore needs 0003"):
         kept.require_schema()
 
     store.upgrade(store_url)

@@ -70,6 +70,7 @@ scores = Table(
     Column("details", JSON, nullable=False),
     Column("scored_at", DateTime(timezone=True), nullable=False),
     Index("ix_scores_lead", "crm", "account_id", "lead_id", "id"),
+    Index("ix_scores_account_time", "crm", "account_id", "scored_at"),  # an account's first score
     sqlite_autoincrement=True,
 )
 outcomes = Table(
