@@ -226,12 +226,28 @@ def test_score_file_with_a_model_names_each_leads_drivers(trained, tmp_path):
     assert converted_in_a >= 2 * truth.mean()
 
 
+def test_the_rules_score_a_file_a_chunk_of_leads_at_a_time_and_keep_only_what_they_write(monkeypatch):
+    """A million rows' leads and score details at once took 6 GB; a chunk's are all that is held."""
+    table = offline.load_table(DATA, MAPPING, None, need_label=False)
+    whole = [(r.score, r.tier, r.reason) for r in offline.rules_results(table, load_config())]
+    monkeypatch.setattr(offline, "CHUNK_ROWS", 64)
+    built = []
+    leads_from_frame = tabular.leads_from_frame
+    monkeypatch.setattr(tabular, "leads_from_frame", lambda frame, mapping: built.append(len(frame))
+                        or leads_from_frame(frame, mapping))  # fmt: skip
+
+    written = offline.Written.of(offline.rules_results(table, load_config()))
+
+    assert built == [64] * 7 + [52]  # 500 rows
+    assert list(zip(written.score, written.tier, written.reason, strict=True)) == whole
+
+
 def test_a_model_scores_a_file_in_chunks_exactly_as_in_one_pass(trained, monkeypatch):
     table = offline.load_table(DATA, MAPPING, None, need_label=False)
     model = TrainedModel.load(trained)
-    monkeypatch.setattr(offline, "MODEL_CHUNK_ROWS", 64)  # 500 rows: 8 chunks, the last one short
+    monkeypatch.setattr(offline, "CHUNK_ROWS", 64)  # 500 rows: 8 chunks, the last one short
 
-    assert offline.model_results(table, model, load_config()) == model_scoring.score_frame(
+    assert list(offline.model_results(table, model, load_config())) == model_scoring.score_frame(
         model, table.features, table.shown
     )  # the default config caps no status of this file
 

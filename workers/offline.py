@@ -11,7 +11,8 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -117,44 +118,60 @@ def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, s
     return trained
 
 
-def rules_results(table: LabelledTable, config: ScoringConfig) -> list[ScoreResult]:
+CHUNK_ROWS = 500  # rows scored at a time: the progress bar moves, and only a chunk's leads are held
+
+
+def _chunks(table: LabelledTable) -> Iterator[slice]:
+    return (
+        slice(start, start + CHUNK_ROWS)
+        for start in progress("scoring")(range(0, len(table.frame), CHUNK_ROWS))
+    )
+
+
+def rules_results(table: LabelledTable, config: ScoringConfig) -> Iterator[ScoreResult]:
     """Zero-label mode: the rules scorer alone, the AI propensity held at its neutral prior, so
     each score is the one production writes for the lead when no LLM answers."""
     neutral = fallback("zero-label mode: rules only")
-    leads = tabular.leads_from_frame(table.frame, table.mapping)
-    return [
-        blend_score(lead, evaluate_rules(lead, config), neutral, config)
-        for lead in progress("scoring")(leads)
-    ]
+    for rows in _chunks(table):
+        for lead in tabular.leads_from_frame(table.frame.iloc[rows], table.mapping):
+            yield blend_score(lead, evaluate_rules(lead, config), neutral, config)
 
 
-MODEL_CHUNK_ROWS = 500
-
-
-def model_results(table: LabelledTable, model: TrainedModel, config: ScoringConfig) -> list[ScoreResult]:
-    """The model's scores and reasons, as workers write them (statuses the config caps included), a
-    chunk of rows at a time so that the progress bar moves: the per-lead contributions are most of
-    `score-file`'s time."""
-    starts = range(0, len(table.features), MODEL_CHUNK_ROWS)
-    results = [
-        result
-        for start in progress("scoring")(starts)
-        for result in model_scoring.score_frame(
-            model,
-            table.features.iloc[start : start + MODEL_CHUNK_ROWS],
-            table.shown.iloc[start : start + MODEL_CHUNK_ROWS],
-            threads=0,  # every core: the contributions are most of the time
-        )
-    ]
+def model_results(table: LabelledTable, model: TrainedModel, config: ScoringConfig) -> Iterator[ScoreResult]:
+    """The model's scores and reasons, as workers write them (statuses the config caps included)."""
     shown = table.shown.get("status")  # spelled as a lead's status is: the config's caps match it
-    statuses = [None] * len(results) if shown is None else [s if isinstance(s, str) else None for s in shown]
-    return model_scoring.capped_by_status(model, results, statuses, config)
+    for rows in _chunks(table):
+        results = model_scoring.score_frame(
+            model,
+            table.features.iloc[rows],
+            table.shown.iloc[rows],
+            threads=0,  # every core: the per-lead contributions are most of the time
+        )
+        statuses = [None] * len(results) if shown is None else [
+            status if isinstance(status, str) else None for status in shown.iloc[rows]
+        ]  # fmt: skip
+        yield from model_scoring.capped_by_status(model, results, statuses, config)
 
 
-def score_table(table: LabelledTable, config: ScoringConfig, model: TrainedModel | None) -> list[ScoreResult]:
-    if model is None:
-        return rules_results(table, config)
-    return model_results(table, model, config)
+@dataclass
+class Written:
+    """What a file's scorer wrote, row by row, without the details: a million rows' would fill
+    gigabytes."""
+
+    score: list[int] = field(default_factory=list)
+    tier: list[str] = field(default_factory=list)
+    reason: list[str] = field(default_factory=list)
+    capped: int = 0  # rows whose score a status cap lowered
+
+    @classmethod
+    def of(cls, results: Iterable[ScoreResult]) -> Written:
+        written = cls()
+        for result in results:
+            written.score.append(result.score)
+            written.tier.append(result.tier)
+            written.reason.append(result.reason)
+            written.capped += "capped_from" in result.details
+        return written
 
 
 def require_model_kinds(model: TrainedModel, table: LabelledTable) -> None:
@@ -219,21 +236,21 @@ def score_file(
         require_model_kinds(model, table)
         _warn(unmapped_features(model, table))
         _warn(unseen_values(model, table))
-    results = score_table(table, config, model)
+    written = Written.of(model_results(table, model, config) if model else rules_results(table, config))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")  # a failed write leaves the last file whole
     try:
         pd.DataFrame({
             table.mapping.id: table.frame[table.mapping.id],
-            "score": [r.score for r in results],
-            "tier": [r.tier for r in results],
-            "reason": [r.reason for r in results],
+            "score": written.score,
+            "tier": written.tier,
+            "reason": written.reason,
         }).to_csv(partial, index=False)  # fmt: skip
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
-    landed = Counter(r.tier for r in results)
+    landed = Counter(written.tier)
     return {tier: landed[tier] for tier in TIER_NAMES}
 
 
@@ -288,13 +305,13 @@ def _file_scorers(
     table: LabelledTable, config: ScoringConfig, model_dirs: list[Path], scorers: dict, notes: list[str]
 ) -> Curves:
     """The rules and each model, scoring the same labelled file."""
-    results = {RULES: rules_results(table, config)}
+    written = {RULES: Written.of(rules_results(table, config))}
     scorers[RULES] = {"scale": POINTS}
     for directory in model_dirs:
         model = TrainedModel.load(directory)
         require_model_kinds(model, table)
         name = f"model {model.version}"
-        results[name] = model_results(table, model, config)
+        written[name] = Written.of(model_results(table, model, config))
         for warning in (unmapped_features(model, table), unseen_values(model, table)):
             if warning:
                 _warn(warning)
@@ -305,15 +322,14 @@ def _file_scorers(
             notes.append(f"`{name}` {in_sample}")
         scorers[name] = {
             "scale": PROBABILITY,
-            "capped": sum("capped_from" in result.details for result in results[name]),
+            "capped": written[name].capped,
             "cross_validation": model.meta.get("candidates"),
             "calibration": model.meta["calibration"],
             "kept_candidate": model.meta.get("model"),
             "calibrated_oof_ece": model.meta.get("expected", {}).get("ece"),
         }
     return {
-        name: (table.y, np.array([r.score for r in rows], dtype=float) / 100, [r.tier for r in rows])
-        for name, rows in results.items()
+        name: (table.y, np.array(rows.score, dtype=float) / 100, rows.tier) for name, rows in written.items()
     }
 
 
