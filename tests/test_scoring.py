@@ -6,6 +6,8 @@ No Redis, no HTTP: fixture contacts are mapped to `Lead` the way `HubSpotCRM.rea
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -141,6 +143,21 @@ def score(lead: Lead, propensity: PropensityResult, config) -> ScoreResult:
 
 
 # ---------------------------------------------------------------- 1. blend contract
+
+
+PURE_MODULES = ("rules", "blend", "writer", "propensity", "model_scoring", "holdout")
+
+
+def test_the_pure_scoring_modules_load_no_client_for_a_network_or_a_database():
+    """Rules, blend, tier, reason and the LLM's contract are pure: importing them pulls in no client,
+    so a change that adds I/O to them shows here."""
+    pure = ", ".join(f"workers.{module}" for module in PURE_MODULES)
+    clients = ["openai", "redis", "requests", "sqlalchemy", "hubspot", "simple_salesforce", "rq", "flask"]
+    probe = f"import sys, {pure}; print(sorted(set({clients!r}) & set(sys.modules)))"
+
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_fixture_mapping_sees_all_24_contacts(fixture_leads):

@@ -33,8 +33,9 @@ from workers.blend import ScoreResult, input_fingerprint
 from workers.blend import score_lead as blend_score
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
+from workers.llm import PropensityReasoner
 from workers.model import TrainedModel
-from workers.propensity import PropensityReasoner, PropensityResult
+from workers.propensity import PropensityResult
 from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
 from workers.writer import fields_to_write
