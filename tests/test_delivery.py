@@ -229,15 +229,21 @@ def test_429_storm_waits_and_finishes_with_nothing_dropped(post_delivery, crm, r
     assert all(scored(hubspot)[c] for c in hubspot.contacts if c.startswith("743000001"))
 
 
-def test_hubspot_207_writes_the_valid_and_reports_the_invalid(post_delivery, crm, run_worker, hubspot, queue):
+def test_contact_creation__demo_burst_with_one_contact_refused_writes_the_other_23(
+    post_delivery, crm, run_worker, hubspot, queue
+):
+    """HubSpot refuses a whole batch update for one contact's validation rule: the batch is halved
+    until that contact is found, so the other 23 get their scores."""
     hubspot.reject["74300000102"] = "Lead score cannot be set while the contact is in a sequence"
     post_delivery(BURST)
     results = run_worker()
+    batch_updates = hubspot.calls.count(("POST", "/crm/v3/objects/contacts/batch/update"))
 
     failed = [r for r in results if r["outcome"] == "failed"]
     assert [r["lead"] for r in failed] == [f"hubspot:{PORTAL_ID}:74300000102"]
     assert "Lead score cannot be set" in failed[0]["error"]
     assert sum(r["outcome"] == "written" for r in results) == 23
+    assert batch_updates == 12  # halves 24 -> 12 -> 6 -> 3 -> 2 -> 1: 11 to find it, 1 as it is tried alone
     [dead] = queue.failed_job_registry.get_job_ids()  # tried alone, refused again: dead-lettered
     assert "VALIDATION_ERROR" in queue.fetch_job(dead).latest_result().exc_string
 

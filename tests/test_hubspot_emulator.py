@@ -123,47 +123,72 @@ def test_batch_update_all_valid_answers_200_and_records_writes(client, emulator,
     assert emulator.contact_properties(MAYA)["leadscore_score"] == "81"
 
 
-def test_batch_update_mixed_writes_the_valid_and_reports_the_rest(client, emulator, leadscore_properties):
+def test_one_invalid_input_refuses_the_whole_batch_update_and_nothing_is_written(
+    client, emulator, leadscore_properties
+):
+    """As HubSpot's v3 batch update does: 400 `Property values were not valid`, for every input."""
+    with pytest.raises(ApiException) as caught:
+        update(
+            client, {MAYA: {"leadscore_tier": "E"}, EMAILED: {"leadscore_score": "40", "leadscore_tier": "C"}}
+        )
+
+    assert caught.value.status == 400
+    body = json.loads(caught.value.body)
+    assert (body["category"], body["errors"]) == (
+        "VALIDATION_ERROR",
+        [
+            {
+                "code": "INVALID_OPTION",
+                "in": "leadscore_tier",
+                "message": "E was not one of the allowed options",
+            }
+        ],
+    )
+    assert body["message"].startswith("Property values were not valid: [")
+    assert emulator.writes == []
+    assert "leadscore_score" not in emulator.contact_properties(EMAILED)
+
+
+def test_a_batch_update_naming_a_deleted_contact_writes_the_rest_and_names_it(
+    client, emulator, leadscore_properties
+):
     before = emulator.contact_properties(EMAILED)["lastmodifieddate"]
     reply = update(
-        client,
-        {
-            MAYA: {"leadscore_tier": "E"},
-            EMAILED: {"leadscore_score": "40", "leadscore_tier": "C"},
-            BARE: {"no_such_property": "x", "leadscore_score": "many"},
-            MISSING: {"leadscore_tier": "A"},
-        },
+        client, {EMAILED: {"leadscore_score": "40", "leadscore_tier": "C"}, MISSING: {"leadscore_tier": "A"}}
     )
+
     assert isinstance(reply, BatchResponseSimplePublicObjectWithErrors)
     assert [r.id for r in reply.results] == [EMAILED]
     assert emulator.writes == [(EMAILED, {"leadscore_score": "40", "leadscore_tier": "C"})]
     assert emulator.contact_properties(EMAILED)["lastmodifieddate"] != before
-    assert "leadscore_tier" not in emulator.contact_properties(MAYA)
-    assert reply.num_errors == 3
-    by_id = {e.context["ids"][0]: e for e in reply.errors}
-    assert by_id[MAYA].category == "VALIDATION_ERROR"
-    assert [(d.code, d._in) for d in by_id[MAYA].errors] == [("INVALID_OPTION", "leadscore_tier")]
-    assert [(d.code, d._in) for d in by_id[BARE].errors] == [
+    (error,) = reply.errors
+    assert (error.category, error.context) == ("OBJECT_NOT_FOUND", {"ids": [MISSING]})
+
+
+def test_invalid_values_are_named_one_by_one(client, emulator, leadscore_properties):
+    with pytest.raises(ApiException) as caught:
+        update(client, {BARE: {"no_such_property": "x", "leadscore_score": "many"}})
+
+    assert [(e["code"], e["in"]) for e in json.loads(caught.value.body)["errors"]] == [
         ("PROPERTY_DOESNT_EXIST", "no_such_property"),
         ("INVALID_DECIMAL", "leadscore_score"),
     ]
-    assert by_id[MISSING].category == "OBJECT_NOT_FOUND"
 
 
 def test_rejected_contacts_fail_like_a_validation_rule(client, emulator, leadscore_properties):
     emulator.reject[MAYA] = "Tier may not change while a deal is open."
-    reply = update(client, {MAYA: {"leadscore_tier": "A"}, EMAILED: {"leadscore_tier": "B"}})
-    assert [r.id for r in reply.results] == [EMAILED]
-    (error,) = reply.errors
-    assert (error.category, error.context, error.message) == (
+    with pytest.raises(ApiException) as caught:
+        update(client, {MAYA: {"leadscore_tier": "A"}, EMAILED: {"leadscore_tier": "B"}})
+    body = json.loads(caught.value.body)
+    assert (caught.value.status, body["category"], body["message"]) == (
+        400,
         "VALIDATION_ERROR",
-        {"ids": [MAYA]},
         "Tier may not change while a deal is open.",
     )
     with pytest.raises(ApiException) as caught:  # the single-object PATCH is refused too
         client.crm.contacts.basic_api.update(MAYA, SimplePublicObjectInput(properties=TIER_B))
     assert caught.value.status == 400
-    assert emulator.writes == [(EMAILED, TIER_B)]
+    assert emulator.writes == []
 
 
 def test_batch_update_over_100_inputs_is_refused(client, emulator, leadscore_properties):

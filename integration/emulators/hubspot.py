@@ -49,13 +49,15 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _error(status: int, category: str, message: str):
+def _error(status: int, category: str, message: str, errors: list[dict] | None = None):
     body = {
         "status": "error",
         "message": message,
         "correlationId": str(uuid.uuid4()),
         "category": category,
     }
+    if errors:
+        body["errors"] = errors
     return jsonify(body), status
 
 
@@ -86,6 +88,16 @@ def _batch_error(category: str, message: str, context: dict, details: list[dict]
         "errors": details or [],
         "links": {},
     }
+
+
+def _not_found(object_type: str, ids: list[str]) -> dict:
+    """A batch's error for the ids of records that were deleted or never existed."""
+    return _batch_error(
+        "OBJECT_NOT_FOUND",
+        f"Could not get some {_type_name(object_type)} objects, they may be deleted or not exist. "
+        "Check that ids are valid.",
+        {"ids": ids},
+    )
 
 
 def _number(value) -> float | None:
@@ -264,28 +276,22 @@ class HubSpotEmulator:
             ids = [str(i.get("id")) for i in inputs]
             if len(set(ids)) != len(ids):
                 return _error(400, "VALIDATION_ERROR", "Duplicate IDs found in batch input.")
-            started, results, errors = _now(), [], []
+            refusals = {
+                contact_id: self._refused(contact_id, item.get("properties") or {})
+                for contact_id, item in zip(ids, inputs, strict=True)
+                if contact_id in self.contacts and not self.contacts[contact_id].get("archived")
+            }
+            invalid = next((refused for refused in refusals.values() if refused), None)
+            if invalid:  # one invalid input refuses the whole request: nothing is written
+                return _error(400, invalid["category"], invalid["message"], invalid["errors"])
+            started, results = _now(), []
             for contact_id, item in zip(ids, inputs, strict=True):
-                values = item.get("properties") or {}
-                if contact_id not in self.contacts or self.contacts[contact_id].get("archived"):
-                    refused = {
-                        "category": "OBJECT_NOT_FOUND",
-                        "message": "Could not get some CONTACT objects, they may be deleted or not exist. "
-                        "Check that ids are valid.",
-                        "errors": [],
-                    }
-                else:
-                    refused = self._refused(contact_id, values)
-                if refused:
-                    errors.append(
-                        _batch_error(
-                            refused["category"], refused["message"], {"ids": [contact_id]}, refused["errors"]
-                        )
-                    )
-                    continue
-                self._write(contact_id, values)
-                results.append(self._view(self.contacts[contact_id], list(values), []))
-            return _batch(results, errors, started)
+                if contact_id in refusals:
+                    values = item.get("properties") or {}
+                    self._write(contact_id, values)
+                    results.append(self._view(self.contacts[contact_id], list(values), []))
+            missing = [contact_id for contact_id in ids if contact_id not in refusals]
+            return _batch(results, [_not_found("contacts", missing)] if missing else [], started)
 
         @app.post("/crm/v3/objects/contacts/search")
         def search_contacts():
@@ -334,15 +340,7 @@ class HubSpotEmulator:
             ids = list(dict.fromkeys(str(i.get("id")) for i in inputs))
             results = [self._view(store[i], wanted, []) for i in ids if i in store]
             missing = [i for i in ids if i not in store]
-            errors = [
-                _batch_error(
-                    "OBJECT_NOT_FOUND",
-                    f"Could not get some {_type_name(object_type)} objects, they may be deleted or not "
-                    "exist. Check that ids are valid.",
-                    {"ids": missing},
-                )
-            ]
-            return _batch(results, errors if missing else [], started)
+            return _batch(results, [_not_found(object_type, missing)] if missing else [], started)
 
         @app.post("/crm/v4/associations/<from_type>/<to_type>/batch/read")
         def association_batch_read(from_type, to_type):

@@ -476,44 +476,50 @@ class HubSpotCRM:
         """Score fields to many contacts, 100 a `batch/update`; a 207 names the ones that failed."""
         results: dict[str, WriteResult] = {}
         for start in range(0, len(writes), HUBSPOT_BATCH):
-            chunk = writes[start : start + HUBSPOT_BATCH]
-            inputs = [
-                SimplePublicObjectBatchInput(
-                    id=contact_id, properties={OUTPUT_PROPERTIES[k]: v for k, v in fields.items()}
-                )
-                for contact_id, fields in chunk
-            ]
-            try:
-                response = self._call(
-                    "batch_update",
-                    self.client.crm.contacts.batch_api.update,
-                    BatchInputSimplePublicObjectBatchInput(inputs=inputs),
-                )
-            except ApiException as exc:
-                raise _failure(
-                    exc, f"HubSpot batch update failed: {exc.status} {exc.body}{_setup_fix(exc.body)}"
-                ) from exc
-            for error in getattr(response, "errors", None) or []:
-                context = error.context or {}
-                detail = ", ".join(e.code for e in error.errors or [] if getattr(e, "code", None))
-                code = f"{error.category} ({detail})" if detail else error.category
-                for contact_id in context.get("ids") or context.get("id") or []:
-                    results[str(contact_id)] = WriteResult(
-                        str(contact_id),
-                        False,
-                        code,
-                        f"{error.message}{_setup_fix(detail)}",
-                        permanent=error.category == "VALIDATION_ERROR",
-                        gone=error.category == "OBJECT_NOT_FOUND",
-                    )
-            for contact in response.results or []:
-                results.setdefault(str(contact.id), WriteResult(str(contact.id), True))
+            self._write_batch(writes[start : start + HUBSPOT_BATCH], results)
         for failed in (r for r in results.values() if not r.ok):
             log.warning("HubSpot refused contact %s: %s %s", failed.lead_id, failed.code, failed.message)
         return [
             results.get(contact_id, WriteResult(contact_id, False, "NO_RESULT", "HubSpot did not report it"))
             for contact_id, _ in writes
         ]
+
+    def _write_batch(self, chunk: list[tuple[str, dict[str, str]]], results: dict[str, WriteResult]) -> None:
+        """One `batch/update`. HubSpot refuses the whole request (400) for one contact's invalid
+        value, a validation rule say: its halves are written apart until that contact is found, so
+        the others still get their scores. A property missing from the portal refuses every contact
+        alike: each is refused at once, saying to run setup."""
+        inputs = [
+            SimplePublicObjectBatchInput(
+                id=contact_id, properties={OUTPUT_PROPERTIES[k]: v for k, v in fields.items()}
+            )
+            for contact_id, fields in chunk
+        ]
+        try:
+            response = self._call(
+                "batch_update",
+                self.client.crm.contacts.batch_api.update,
+                BatchInputSimplePublicObjectBatchInput(inputs=inputs),
+            )
+        except ApiException as exc:
+            if exc.status != 400:
+                raise _failure(exc, f"HubSpot batch update failed: {exc.status} {exc.body}") from exc
+            category, message, codes = _refusal(exc.body)
+            if len(chunk) > 1 and not _setup_fix(codes):
+                middle = len(chunk) // 2
+                self._write_batch(chunk[:middle], results)
+                self._write_batch(chunk[middle:], results)
+                return
+            for contact_id, _ in chunk:
+                results[contact_id] = _refused(contact_id, category, message, codes)
+            return
+        for error in getattr(response, "errors", None) or []:
+            context = error.context or {}
+            codes = [e.code for e in error.errors or [] if getattr(e, "code", None)]
+            for contact_id in context.get("ids") or context.get("id") or []:
+                results[str(contact_id)] = _refused(str(contact_id), error.category, error.message, codes)
+        for contact in response.results or []:
+            results.setdefault(str(contact.id), WriteResult(str(contact.id), True))
 
     def contact_property_names(self) -> set[str]:
         """The portal's contact properties, in one call (`leadscore worker` asks at start)."""
@@ -583,6 +589,30 @@ def _failure(exc: ApiException | ObjectsApiException, message: str) -> CRMError:
     """The error for HubSpot's refusal: CRMUnavailable for a 5xx (HubSpot is down or in maintenance,
     and urllib3 has already retried), so the batch waits for HubSpot; CRMError for the rest."""
     return (CRMUnavailable if (exc.status or 0) >= 500 else CRMError)(message)
+
+
+def _refusal(body: str | None) -> tuple[str, str, list[str]]:
+    """A refused request's category, message and codes (its `errors`, or the invalid properties
+    its message lists), read from HubSpot's error body."""
+    try:
+        parsed = json.loads(body or "")
+    except ValueError:
+        return "", str(body), []
+    if not isinstance(parsed, dict):
+        return "", str(body), []
+    message = str(parsed.get("message", ""))
+    codes = [str(e["code"]) for e in parsed.get("errors") or [] if isinstance(e, dict) and e.get("code")]
+    return str(parsed.get("category", "")), message, codes or re.findall(r'"error":\s*"([A-Z_]+)"', message)
+
+
+def _refused(contact_id: str, category: str, message: str, codes: list[str]) -> WriteResult:
+    """One contact's refused write: a value HubSpot will not take stays refused (permanent); a
+    deleted contact is gone."""
+    code = f"{category} ({', '.join(codes)})" if codes else category
+    return WriteResult(
+        contact_id, False, code, f"{message}{_setup_fix(codes)}",
+        permanent=category == "VALIDATION_ERROR", gone=category == "OBJECT_NOT_FOUND",
+    )  # fmt: skip
 
 
 def _setup_fix(codes: object) -> str:
