@@ -4,6 +4,7 @@ webhooks and workers as every score (real Redis, RQ, SDK clients and emulators).
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,6 +182,24 @@ def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
     reached = {row["lead_id"]: row["reached_at"].replace(tzinfo=UTC) for row in table(env, store.outcomes)}
     assert reached["74300000120"] == datetime(2026, 10, 9, 15, 20, 44, 512000, UTC)  # its opportunity date
     assert reached["74300000121"] == datetime(2026, 11, 2, 13, 44, 9, 118000, UTC)
+
+
+def test_outcomes_sync_reads_every_page_of_a_search_in_id_order(env, crm, hubspot):
+    """The search pages by `hs_object_id` (HubSpot stops its `after` cursor at 10,000 results): each
+    page must be sorted by it, or the next page's `GT last id` skips contacts."""
+    kept_score(env, "hubspot", PORTAL_ID)
+    ids = [str(75000000000 + n) for n in random.Random(7).sample(range(450), 450)]  # kept out of id order
+    changed = "2026-11-20T09:00:00.000Z"
+    for contact_id in ids:
+        properties = {"hs_object_id": contact_id, "lastmodifieddate": changed, "lifecyclestage": "customer"}
+        hubspot.add_contact({"id": contact_id, "createdAt": changed, "updatedAt": changed, "archived": False,
+                             "properties": properties})  # fmt: skip
+
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+
+    assert hubspot.calls.count(("POST", "/crm/v3/objects/contacts/search")) == 3  # 452 leads, 200 a page
+    kept = {lead for _, _, lead, _, _ in stored_outcomes(env)}
+    assert kept == {*ids, "74300000120", "74300000121"}
 
 
 def test_outcomes_sync_reads_only_leads_changed_since_the_day_before_the_first_kept_score(

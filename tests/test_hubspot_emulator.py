@@ -20,6 +20,7 @@ from hubspot.crm.contacts import (
     BatchReadInputSimplePublicObjectId,
     BatchResponseSimplePublicObject,
     BatchResponseSimplePublicObjectWithErrors,
+    PublicObjectSearchRequest,
     SimplePublicObjectBatchInput,
     SimplePublicObjectId,
     SimplePublicObjectInput,
@@ -196,6 +197,21 @@ def test_batch_update_over_100_inputs_is_refused(client, emulator, leadscore_pro
         update(client, {str(74300000000 + n): {"leadscore_tier": "A"} for n in range(101)})
     assert caught.value.status == 400
     assert emulator.writes == []
+
+
+# ---- search
+
+
+def test_search_sorts_as_asked_and_stops_paging_at_10000_results(client):
+    newest_first = client.crm.contacts.search_api.do_search(PublicObjectSearchRequest(
+        sorts=[{"propertyName": "hs_object_id", "direction": "DESCENDING"}], properties=["email"], limit=3,
+    ))  # fmt: skip
+    assert [c.id for c in newest_first.results] == ["74300000124", "74300000123", "74300000122"]
+    assert newest_first.paging.next.after == "3"
+
+    with pytest.raises(ApiException) as caught:
+        client.crm.contacts.search_api.do_search(PublicObjectSearchRequest(limit=200, after="9900"))
+    assert (caught.value.status, json.loads(caught.value.body)["category"]) == (400, "VALIDATION_ERROR")
 
 
 # ---- v4 associations

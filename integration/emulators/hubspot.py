@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import deque
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -32,6 +33,7 @@ ALWAYS_RETURNED = (
     "hs_lastmodifieddate",
 )
 SEARCH_LIMIT = 200
+SEARCH_RESULTS_CAP = 10_000  # a search pages through at most this many results, `after` or not
 BATCH_LIMIT = 100  # inputs per CRM v3 batch call
 RATE_WINDOW_S = 10.0  # HubSpot's "ten secondly rolling" window
 DEFAULT_RATE_MAX = 100  # private-app burst limit reported when a storm hits without `rate_limit`
@@ -128,6 +130,15 @@ def _passes(contact: dict, condition: dict) -> bool:
         "EQ": left == right, "NEQ": left != right, "GT": left > right, "GTE": left >= right,
         "LT": left < right, "LTE": left <= right,
     }[operator]  # fmt: skip
+
+
+def _sort_key(contact: dict, name: str | None) -> tuple:
+    """A contact's place in a search sorted by one property: numbers as numbers, blanks last."""
+    stored = contact["id"] if name == "hs_object_id" else contact["properties"].get(name)
+    if stored in (None, ""):
+        return (2, 0, "")
+    number = _number(stored)
+    return (0, number, "") if number is not None else (1, 0, str(stored).casefold())
 
 
 def _too_many(count: int):
@@ -307,8 +318,14 @@ class HubSpotEmulator:
                 )
 
             found = [c for c in self.contacts.values() if not c.get("archived") and wanted(c)]
-            found.sort(key=lambda contact: int(contact["id"]))  # hs_object_id order, as sorted by id
+            for order in reversed(body.get("sorts") or []):  # HubSpot promises no order without one
+                name = order.get("propertyName")
+                found.sort(key=partial(_sort_key, name=name), reverse=order.get("direction") == "DESCENDING")
             start = int(body.get("after") or 0)
+            if start + limit > SEARCH_RESULTS_CAP:
+                return _error(
+                    400, "VALIDATION_ERROR", f"paging past {SEARCH_RESULTS_CAP:,} results is not allowed"
+                )
             page = found[start : start + limit]
             reply = {
                 "total": len(found),
