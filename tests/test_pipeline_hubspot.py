@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import openai
 import pytest
 from rq import Queue
 
-from tests.conftest import PORTAL_ID, fixture_json
+from tests.conftest import LLM_KEY, PORTAL_ID, fixture_json
 
 VP_DEMO = "74300000101"
 
@@ -98,6 +99,17 @@ def test_contact_creation__single_prompt_is_grounded_and_fenced(post_delivery, c
     assert record["lead_id"] == VP_DEMO  # field order and fencing: tests/test_scoring.py
     assert record["most_recent_conversion"] == "Demo request"
     assert record["texts"][0].startswith("Discovery call")
+
+
+def test_the_llm_stub_refuses_json_mode_without_the_word_json_as_openai_does(llm):
+    """So a prompt edit that drops the word fails the suite, not every lead in production."""
+    client = openai.OpenAI(api_key=LLM_KEY, base_url=f"{llm.url}/v1", max_retries=0)
+    asked = {"model": "gpt-4o-mini", "response_format": {"type": "json_object"}}
+
+    with pytest.raises(openai.BadRequestError, match="must contain the word 'json'"):
+        client.chat.completions.create(messages=[{"role": "user", "content": "Rate this lead."}], **asked)
+    reply = client.chat.completions.create(messages=[{"role": "user", "content": "Answer in JSON."}], **asked)
+    assert json.loads(reply.choices[0].message.content)["propensity"] == 0.5  # the neutral fixture
 
 
 def test_a_batch_reads_each_contacts_notes_and_emails(crm):

@@ -16,6 +16,32 @@ from pathlib import Path
 from flask import Flask, Response, jsonify, request
 
 _LEAD_ID = re.compile(r'"lead_id":\s*"([^"]+)"')
+JSON_MODE_UNASKED = {
+    "message": "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+    "'json_object'.",
+    "type": "invalid_request_error",
+    "param": "messages",
+    "code": None,
+}
+
+
+def _error_for(status: int) -> dict:
+    """OpenAI's error body for a status: a refused request, a rate limit, or the server's fault."""
+    if status == 429:
+        return {"message": "Rate limit reached for requests.", "type": "requests", "param": None,
+                "code": "rate_limit_exceeded"}  # fmt: skip
+    if status < 500:
+        return {"message": "Invalid request.", "type": "invalid_request_error", "param": None, "code": None}
+    return {"message": "The server had an error while processing your request.", "type": "server_error",
+            "param": None, "code": None}  # fmt: skip
+
+
+def _json_mode_unasked(body: dict) -> bool:
+    """JSON mode without the word "json" in any message: OpenAI refuses it, so a prompt edit that
+    drops the word fails here as it would in production."""
+    if (body.get("response_format") or {}).get("type") != "json_object":
+        return False
+    return not any("json" in str(m.get("content", "")).lower() for m in body.get("messages") or [])
 
 
 class LLMStub:
@@ -60,13 +86,9 @@ class LLMStub:
             if self.latency_s:
                 time.sleep(self.latency_s)
             if self.forced_status is not None:
-                error = {
-                    "message": "The server had an error while processing your request.",
-                    "type": "server_error",
-                    "param": None,
-                    "code": None,
-                }
-                return jsonify(error=error), self.forced_status
+                return jsonify(error=_error_for(self.forced_status)), self.forced_status
+            if _json_mode_unasked(body):
+                return jsonify(error=JSON_MODE_UNASKED), 400
             if self.forced_raw is not None:
                 content_type, raw = self.forced_raw
                 return Response(raw, status=200, content_type=content_type)
