@@ -151,6 +151,13 @@ def test_query_unknown_field_and_malformed(salesforce):
     assert malformed.value.content[0]["errorCode"] == "MALFORMED_QUERY"
 
 
+def test_query_selecting_a_field_twice_is_refused_whatever_its_case(salesforce):
+    with pytest.raises(SalesforceMalformedRequest) as duplicate:
+        client(salesforce).query(f"SELECT Id, LastName, lastname FROM Lead WHERE Id = '{LEAD_A}'")
+    [error] = duplicate.value.content
+    assert error == {"errorCode": "MALFORMED_QUERY", "message": "duplicate field selected: lastname"}
+
+
 def test_query_tasks(salesforce):
     salesforce.tasks["00T5g00000TaskAEAA"] = {"Id": "00T5g00000TaskAEAA", "WhoId": LEAD_A, "Subject": "Call"}
     sf = client(salesforce)

@@ -598,6 +598,8 @@ class SalesforceEmulator:
                     f"\n{soql}\n{' ' * start}^\nERROR at Row:1:Column:{start + 1}\n"
                     f"unexpected token: '{name}'",
                 )
+            if name.lower() in (chosen.lower() for chosen in selected):
+                raise SoqlError("MALFORMED_QUERY", f"duplicate field selected: {name}")
             selected.append(column(name, start))
         rows = list(
             {"Lead": self.leads, "Task": self.tasks, "Opportunity": self.opportunities}[entity].values()
