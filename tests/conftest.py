@@ -37,7 +37,7 @@ SF_ORG_ID = "00D5g000004XyZaEAK"
 SF_TOKEN = "sf-test-access-token"
 SF_WEBHOOK_TOKEN = "outbound-message-url-token"
 SF_EVENTS_SECRET = "sf-events-test-secret"
-SF_INTEGRATION_USER = "0055g00000LsIntEAA"
+SF_INTEGRATION_USER = "0055g00000LsIntAAF"
 SF_OUTPUT_FIELDS = (
     "Leadscore_Score__c", "Leadscore_Tier__c", "Leadscore_Reason__c", "Leadscore_Scored_At__c",
     "Leadscore_Details__c", "Leadscore_Holdout__c", "Leadscore_Feedback__c",

@@ -540,7 +540,7 @@ def test_a_models_custom_features_are_read_from_salesforce_fields(
         FIXTURES.joinpath("salesforce/outbound_message__single.xml")
         .read_bytes()
         .replace(b"10:02:11", b"10:09:11")
-        .replace(b"N001AA", b"N009AA")
+        .replace(b"Ls001AAB", b"Ls009AAB")
     )  # a later notification
     run_worker()
     after = json.loads(salesforce.lead(lead["Id"])["Leadscore_Details__c"])

@@ -126,7 +126,7 @@ def test_outbound_message__converted_lead(post_outbound, sf_crm, run_worker, que
                                           opportunity_won, kind):  # fmt: skip
     """A converted Lead takes no more writes; its conversion (and its opportunity's win) is the
     outcome the store keeps."""
-    salesforce.opportunities["0065g00000LsO011AA"]["IsWon"] = opportunity_won
+    salesforce.opportunities["0065g00000Ls011AAB"]["IsWon"] = opportunity_won
     post_outbound("outbound_message__converted_lead")
     [result] = run_worker()
 
@@ -137,7 +137,7 @@ def test_outbound_message__converted_lead(post_outbound, sf_crm, run_worker, que
     assert stored_outcomes(env) == [("salesforce", org, "00Q5g00000Ls011EAB", kind, "webhook")]
 
 
-CONVERTED, OPPORTUNITY = "00Q5g00000Ls011EAB", "0065g00000LsO011AA"
+CONVERTED, OPPORTUNITY = "00Q5g00000Ls011EAB", "0065g00000Ls011AAB"
 
 
 @pytest.mark.parametrize(("opportunity_won", "expected"), [(True, "deal_won"), (False, "no_won_deal")])

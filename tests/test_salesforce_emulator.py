@@ -17,7 +17,7 @@ from integration.emulators.tls import LocalTLS, serve_tls_in_thread, system_ca_b
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "salesforce"
 TOKEN = "sf-test-token"
-INTEGRATION_USER = "0055g00000LsIntEAA"
+INTEGRATION_USER = "0055g00000LsIntAAF"
 
 
 def lead_record(lead_id: str, last_name: str, **fields) -> dict:
@@ -34,12 +34,12 @@ def lead_record(lead_id: str, last_name: str, **fields) -> dict:
         "IsConverted": False,
         "CreatedDate": "2026-11-01T09:00:00.000+0000",
         "LastModifiedDate": "2026-11-01T09:00:00.000+0000",
-        "LastModifiedById": "0055g00000RepUsAAA",
+        "LastModifiedById": "0055g00000RepUsAAJ",
         **fields,
     }
 
 
-LEAD_A, LEAD_B, LEAD_C = "00Q5g00000AaaaaEAA", "00Q5g00000BbbbbEAA", "00Q5g00000CccccEAA"
+LEAD_A, LEAD_B, LEAD_C = "00Q5g00000AaaaaEAB", "00Q5g00000BbbbbEAB", "00Q5g00000CccccEAB"
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_get_lead_all_fields_and_selected_fields(salesforce):
 def test_unknown_or_deleted_lead_is_not_found(salesforce):
     sf = client(salesforce)
     with pytest.raises(SalesforceResourceNotFound) as missing:
-        sf.Lead.get("00Q5g00000ZzzzzEAA")
+        sf.Lead.get("00Q5g00000ZzzzzEAB")
     assert missing.value.content[0]["errorCode"] == "NOT_FOUND"
     salesforce.delete_lead(LEAD_B)
     with pytest.raises(SalesforceResourceNotFound):
@@ -159,7 +159,7 @@ def test_query_selecting_a_field_twice_is_refused_whatever_its_case(salesforce):
 
 
 def test_query_tasks(salesforce):
-    salesforce.tasks["00T5g00000TaskAEAA"] = {"Id": "00T5g00000TaskAEAA", "WhoId": LEAD_A, "Subject": "Call"}
+    salesforce.tasks["00T5g00000TaskAEAR"] = {"Id": "00T5g00000TaskAEAR", "WhoId": LEAD_A, "Subject": "Call"}
     sf = client(salesforce)
     result = sf.query(f"SELECT Id, Subject, ActivityDate FROM Task WHERE WhoId = '{LEAD_A}'")
     assert result["records"][0]["Subject"] == "Call" and result["records"][0]["ActivityDate"] is None
@@ -177,7 +177,7 @@ def test_composite_update_with_rejected_record(salesforce):
             {"id": LEAD_A, "Company": "Acme Rockets"},
             {"id": LEAD_B, "Company": "Nope"},
             {"id": LEAD_C, "Bogus__c": 1},
-            {"id": "00Q5g00000GoneeEAA", "Company": "x"},
+            {"id": "00Q5g00000GoneeEAB", "Company": "x"},
         ],
     )
     assert results[0] == {"id": LEAD_A, "success": True, "errors": []}
@@ -197,9 +197,9 @@ def test_composite_update_with_rejected_record(salesforce):
 
 
 def test_composite_all_or_none_rolls_back(salesforce):
-    salesforce.add_lead(lead_record("00Q5g00000ConvdEAA", "Converted", IsConverted=True))
+    salesforce.add_lead(lead_record("00Q5g00000ConvdEAB", "Converted", IsConverted=True))
     sf = client(salesforce)
-    records = [{"id": LEAD_A, "Company": "Changed"}, {"id": "00Q5g00000ConvdEAA", "Company": "x"}]
+    records = [{"id": LEAD_A, "Company": "Changed"}, {"id": "00Q5g00000ConvdEAB", "Company": "x"}]
     results = composite(sf, records, all_or_none=True)
     assert results[0]["errors"][0]["statusCode"] == "ALL_OR_NONE_OPERATION_ROLLED_BACK"
     assert results[1]["errors"][0]["statusCode"] == "CANNOT_UPDATE_CONVERTED_LEAD"
@@ -309,7 +309,7 @@ def test_echo_posts_outbound_message(salesforce):
     ns = {"o": "http://soap.sforce.com/2005/09/outbound", "sf": "urn:sobject.enterprise.soap.sforce.com"}
     root = SafeET.fromstring(received[0])
     assert root.findtext(".//o:OrganizationId", namespaces=ns) == salesforce.org_id
-    assert root.findtext(".//o:ActionId", namespaces=ns) == "04k5g000000LsOmAAC"
+    assert root.findtext(".//o:ActionId", namespaces=ns) == "04k5g000000LsOmAAK"
     notes = root.findall(".//o:Notification", namespaces=ns)
     assert [n.findtext("o:sObject/sf:Id", namespaces=ns) for n in notes] == [LEAD_A, LEAD_B]
     assert all(len(n.findtext("o:Id", namespaces=ns)) == 18 for n in notes)

@@ -55,7 +55,7 @@ def fault(response) -> tuple[str, str]:
         ("outbound_message__contact_object", []),
         ("outbound_message__deleted_lead", ["00Q5g00000Ls999EAB"]),
         ("outbound_message__converted_lead", ["00Q5g00000Ls011EAB"]),
-        ("outbound_message__opportunity_won", ["deal:0065g00000LsO011AA"]),  # is it won? the worker reads
+        ("outbound_message__opportunity_won", ["deal:0065g00000Ls011AAB"]),  # is it won? the worker reads
     ],
 )
 def test_outbound_message_fixture_is_acknowledged(post_outbound, queue, fixture, leads):
@@ -151,7 +151,7 @@ def test_outbound_message__unknown_org_is_forbidden(post_outbound, queue):
     assert response.status_code == 403
     assert fault(response) == (
         "soapenv:Client",
-        "OrganizationId '00D5g000009ZZZZEAA' is not in SALESFORCE_ORG_IDS",
+        "OrganizationId '00D5g000009ZZZZEA4' is not in SALESFORCE_ORG_IDS",
     )
     assert pending.depth(queue.connection) == 0
 
@@ -224,7 +224,7 @@ def test_outbound_messages_unconfigured_answer_a_server_fault(settings):
         ("lead_change_event__leadscore_client", (1, 0, 1, 0), []),
         ("lead_change_event__delete", (1, 0, 1, 0), []),
         ("lead_change_event__contact_entity", (1, 0, 1, 0), []),
-        ("opportunity_change_event__closed_won", (1, 1, 0, 0), ["deal:0065g00000LsO011AA"]),
+        ("opportunity_change_event__closed_won", (1, 1, 0, 0), ["deal:0065g00000Ls011AAB"]),
         ("opportunity_change_event__amount_update", (1, 0, 1, 0), []),  # its stage did not change
         (
             "lead_change_event__bulk_update",
@@ -310,7 +310,7 @@ def test_change_event_signature_accepts_a_rotated_secret_alongside(client, queue
 def test_change_event_from_unknown_org_is_forbidden(post_change_events, queue):
     value = {
         **fixture_json("salesforce/lead_change_event__create.json"),
-        "organizationId": "00D5g000009ZZZZEAA",
+        "organizationId": "00D5g000009ZZZZEA4",
     }
 
     response = post_change_events(value)

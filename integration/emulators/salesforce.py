@@ -40,7 +40,7 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 MD = "http://soap.sforce.com/2006/04/metadata"
 OUTBOUND = "http://soap.sforce.com/2005/09/outbound"
 ENTERPRISE = "urn:sobject.enterprise.soap.sforce.com"
-OUTBOUND_ACTION_ID = "04k5g000000LsOmAAC"
+OUTBOUND_ACTION_ID = "04k5g000000LsOmAAK"
 MAX_COLLECTION = 200
 ECHO_FIELDS = (
     "Company", "Email", "FirstName", "IsConverted", "LastModifiedById", "LastModifiedDate", "LastName",
@@ -97,7 +97,7 @@ def _now() -> str:
 
 def sf_id(prefix: str) -> str:
     """A fresh 18-character Salesforce id with the given 3- or 5-character key prefix."""
-    base = prefix.ljust(10, "0") + "".join(random.choices(_ID_CHARS, k=5))  # like 04l5g00000LsN01
+    base = prefix.ljust(10, "0") + "".join(random.choices(_ID_CHARS, k=5))  # like 04l5g00000Ls010
     suffix = ""
     for chunk in (base[0:5], base[5:10], base[10:15]):
         bits = sum(1 << i for i, ch in enumerate(chunk) if ch.isupper())
@@ -283,7 +283,7 @@ class SalesforceEmulator:
         token: str = "sf-emulator-token",
         api_version: str = "60.0",
         org_id: str = "00D5g000004XyZaEAK",
-        integration_user_id: str = "0055g00000LsIntEAA",
+        integration_user_id: str = "0055g00000LsIntAAF",
         client_id: str = "leadscore-client-id",
         client_secret: str = "leadscore-client-secret",
         latency_s: float = 0.0,
