@@ -101,6 +101,11 @@ def summary(response) -> dict:
             {"received": 7, "queued": 6, "ignored": 1, "unsupported": 0},
             ["74300000123", "74300000101", "74300000122", "74300000104", "74300000124"],
         ),
+        (
+            "contact.propertyChange__demo_rep_edits",  # two changes to one contact: one lead queued
+            {"received": 4, "queued": 4, "ignored": 0, "unsupported": 0},
+            ["74300000106", "74300000112", "74300000117"],
+        ),
     ],
 )
 def test_fixture_delivery(post_delivery, queue, fixture, expected, leads):
