@@ -8,6 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
 FEEDBACK_VALUES = ("too_high", "too_low", "right")  # what reps may say of a score, in both CRMs
+
+
+def option_label(value: str) -> str:
+    """What reps read for one of leadscore's picklist values: `too_high` is "Too high"."""
+    return value.replace("_", " ").capitalize()
+
+
 # Read with the lead but not scored: names, our own output, and what reps and outcomes say about it.
 NOT_SCORING_INPUTS = frozenset(
     {"current_output", "first_name", "last_name", "feedback", "outcome", "outcome_at", "read_only"}

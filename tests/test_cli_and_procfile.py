@@ -234,6 +234,10 @@ def test_setup_salesforce_is_idempotent_and_says_what_is_left(env, salesforce, c
     tier = salesforce.lead_fields["Leadscore_Tier__c"]
     assert (tier["type"], [v["value"] for v in tier["picklistValues"]]) == ("picklist", ["A", "B", "C", "D"])
     assert salesforce.lead_fields["Leadscore_Score__c"]["type"] == "double"
+    feedback = salesforce.lead_fields["Leadscore_Feedback__c"]["picklistValues"]
+    assert [(v["value"], v["label"]) for v in feedback] == [
+        ("too_high", "Too high"), ("too_low", "Too low"), ("right", "Right")
+    ]  # reps read the labels; leadscore reads and writes the values  # fmt: skip
 
 
 def test_replay_posts_salesforce_outbound_messages_and_signed_events(app, queue, capsys):

@@ -36,7 +36,7 @@ from urllib3.util.retry import Retry
 from integration.crm import WriteResult
 from integration.errors import CRMError, CRMUnavailable, LeadGone
 from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES, OUTCOME_STAGES, OUTPUT_PROPERTIES
-from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of
+from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
 from integration.ratelimit import RateLimited, RateLimiter
 from integration.settings import Settings
 
@@ -99,7 +99,7 @@ PROPERTY_DEFINITIONS = (
     PropertyCreate(
         name=FEEDBACK_PROPERTY, label="Lead score feedback", type="enumeration", field_type="select",
         group_name=GROUP.name, description="Reps: is this score too high, too low or right?",
-        options=[OptionInput(label=value.replace("_", " ").capitalize(), value=value, display_order=i,
+        options=[OptionInput(label=option_label(value), value=value, display_order=i,
                              hidden=False) for i, value in enumerate(FEEDBACK_VALUES)],
     ),
 )  # fmt: skip

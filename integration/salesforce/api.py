@@ -25,7 +25,7 @@ from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSessi
 
 from integration.crm import WriteRejected, WriteResult
 from integration.errors import CRMError, CRMUnavailable, LeadGone
-from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts
+from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, option_label
 from integration.ratelimit import RateLimited
 from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
@@ -102,7 +102,8 @@ ADMIN_STEPS = (
     "Put Lead Score Feedback on the reps' Lead page layout, so they can say a score is too high, too low "
     "or right (Setup > Object Manager > Lead > Page Layouts).",
     "Point an Outbound Message (a Flow on Lead create/edit, entry condition LastModifiedById is not the "
-    "integration user) at https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with field Id, "
+    "integration user, run every time a record is updated and meets the condition) at "
+    "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with field Id, "
     "or send signed change events to /webhooks/salesforce/events (see the README).",
     "Send Opportunity stage changes the same way (an Outbound Message with field Id from a Flow on "
     "Opportunity when its stage changes, or its change events), so an opportunity won after its Lead "
@@ -471,7 +472,10 @@ class SalesforceCRM:
             spec = dict(spec)
             field_type = mdapi.FieldType(spec.pop("type"))
             if "values" in spec:
-                values = [mdapi.CustomValue(fullName=v, label=v, default=False) for v in spec.pop("values")]
+                values = [
+                    mdapi.CustomValue(fullName=value, label=option_label(value), default=False)
+                    for value in spec.pop("values")
+                ]
                 definition = mdapi.ValueSetValuesDefinition(sorted=False, value=values)
                 spec["valueSet"] = mdapi.ValueSet(restricted=True, valueSetDefinition=definition)
             mdapi.CustomField.create([mdapi.CustomField(fullName=f"Lead.{name}", type=field_type, **spec)])
