@@ -240,6 +240,32 @@ def test_setup_salesforce_is_idempotent_and_says_what_is_left(env, salesforce, c
     ]  # reps read the labels; leadscore reads and writes the values  # fmt: skip
 
 
+def test_setup_salesforce_for_a_field_the_user_cannot_see_says_to_grant_field_level_security(
+    env, salesforce, capsys
+):
+    assert main(["setup", "salesforce"]) == 0
+    salesforce.hide_lead_field("Leadscore_Score__c")  # the admin has not granted field-level security yet
+    capsys.readouterr()
+
+    assert main(["setup", "salesforce"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: Lead.Leadscore_Score__c exists, but this Salesforce user cannot see it: give the "
+        "integration user field-level security on Lead Score (Setup > Object Manager > Lead > Fields & "
+        "Relationships > Lead Score > Set Field-Level Security), then run `leadscore setup salesforce` "
+        "again\n"
+    )
+
+
+def test_setup_salesforce_by_a_user_who_may_not_create_fields_names_the_permission(env, salesforce, capsys):
+    salesforce.metadata_forbidden = True
+
+    assert main(["setup", "salesforce"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: this Salesforce user may not create fields: give it the Customize Application and "
+        "Modify Metadata permissions (or have an admin run `leadscore setup salesforce`)\n"
+    )
+
+
 def test_replay_posts_salesforce_outbound_messages_and_signed_events(app, queue, capsys):
     from tests.conftest import SF_WEBHOOK_TOKEN
 

@@ -386,6 +386,21 @@ def test_a_worker_says_at_start_that_hubspot_lacks_leadscores_properties_and_sti
     ]
 
 
+def test_a_worker_says_at_start_that_salesforce_hides_leadscores_fields_and_still_starts(
+    env, crm, sf_crm, salesforce, caplog
+):
+    salesforce.hide_lead_field("Leadscore_Tier__c")  # no field-level security for the integration user
+
+    assert main(["worker", "--burst"]) == 0
+
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said == [
+        f"Salesforce org {SF_ORG_ID[:15]}: this user cannot see the Lead field Leadscore_Tier__c, so reading "
+        "and writing leads will be refused: run `leadscore setup salesforce`, and give the integration user "
+        "field-level security on leadscore's fields"
+    ]
+
+
 def test_a_worker_with_a_holdout_share_starts_while_hubspot_cannot_be_asked(env, monkeypatch, sf_crm, caplog):
     reconfigure(monkeypatch, HOLDOUT_SHARE="0.05", HUBSPOT_API_BASE=f"http://127.0.0.1:{free_port()}")
 

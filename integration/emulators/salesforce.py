@@ -300,6 +300,7 @@ class SalesforceEmulator:
         self.opportunities: dict[str, dict] = {}
         self.lead_fields: dict[str, dict] = {}
         self.custom_fields: dict[str, dict] = {}  # fullName -> metadata tree, as createMetadata received it
+        self.metadata_forbidden = False  # the API user lacks Modify Metadata / Customize Application
         self.writes: list[tuple[str, dict]] = []
         self.calls: list[tuple[str, str, str | None]] = []
         self.reject: dict[str, tuple[str, str]] = {}
@@ -355,6 +356,15 @@ class SalesforceEmulator:
         """
         self.echo_url = url
         self.echo_fields = tuple(fields)
+
+    def hide_lead_field(self, name: str) -> None:
+        """A Lead field that exists but the API user may not see (no field-level security on it):
+        describe and SOQL leave it out, and creating it again is a duplicate."""
+        with self._lock:
+            canonical = self._lead_field(name)
+            if canonical:
+                del self.lead_fields[canonical]
+            self.custom_fields.setdefault(f"Lead.{name}", {"type": "CustomField", "items": []})
 
     def remove_lead_field(self, name: str) -> None:
         """Forget a Lead field (e.g. a seeded Leadscore_*__c one), as in an org where it was never created."""
@@ -793,6 +803,12 @@ class SalesforceEmulator:
             )
         with self._lock:
             self.api_calls += 1
+        if self.metadata_forbidden:
+            return _soap_fault(
+                "sf:INSUFFICIENT_ACCESS",
+                "INSUFFICIENT_ACCESS: use of the Metadata API requires a user with the ModifyAllData or "
+                "ModifyMetadata permissions",
+            )
         body = root.find(f"{{{SOAPENV}}}Body")
         operation = body[0] if body is not None and len(body) else None
         name = _local(operation.tag) if operation is not None else ""

@@ -152,6 +152,23 @@ def _failure(what: str, exc: SalesforceError | requests.RequestException) -> CRM
     return kind(f"{what}: {_said(exc)}")
 
 
+def _setup_refused(name: str, label: str, exc: Exception) -> CRMError:
+    """What the admin must do when the Metadata API refuses one of leadscore's fields."""
+    said = " ".join(str(exc).split())
+    if "DUPLICATE_DEVELOPER_NAME" in said:
+        return CRMError(
+            f"Lead.{name} exists, but this Salesforce user cannot see it: give the integration user "
+            f"field-level security on {label} (Setup > Object Manager > Lead > Fields & Relationships > "
+            f"{label} > Set Field-Level Security), then run `leadscore setup salesforce` again"
+        )
+    if "INSUFFICIENT_ACCESS" in said:
+        return CRMError(
+            "this Salesforce user may not create fields: give it the Customize Application and Modify "
+            "Metadata permissions (or have an admin run `leadscore setup salesforce`)"
+        )
+    return CRMError(f"Salesforce refused creating Lead.{name}: {said}")
+
+
 def _soql_ids(ids: list[str]) -> str:
     for record_id in ids:
         if not is_record_id(record_id):
@@ -274,6 +291,13 @@ class SalesforceCRM:
                     "leadscore's own)", self.org_id, ", ".join(missing),
                 )  # fmt: skip
             required = [*LEAD_FIELDS, *(f for key, f in OUTPUT_FIELDS.items() if key != "holdout")]
+            unseen = [name for name in required if name.endswith("__c") and name not in present]
+            if unseen:
+                log.error(
+                    "Salesforce org %s: this user cannot see the Lead field %s, so reading and writing "
+                    "leads will be refused: run `leadscore setup salesforce`, and give the integration user "
+                    "field-level security on leadscore's fields", self.org_id, ", ".join(unseen),
+                )  # fmt: skip
             self._read_fields = list(dict.fromkeys([*required, *(f for f in optional if f in present)]))
         return self._read_fields
 
@@ -478,7 +502,11 @@ class SalesforceCRM:
                 ]
                 definition = mdapi.ValueSetValuesDefinition(sorted=False, value=values)
                 spec["valueSet"] = mdapi.ValueSet(restricted=True, valueSetDefinition=definition)
-            mdapi.CustomField.create([mdapi.CustomField(fullName=f"Lead.{name}", type=field_type, **spec)])
+            field = mdapi.CustomField(fullName=f"Lead.{name}", type=field_type, **spec)
+            try:
+                mdapi.CustomField.create([field])
+            except Exception as exc:  # simple-salesforce raises a bare Exception for a refused field
+                raise _setup_refused(name, FIELD_DEFINITIONS[name]["label"], exc) from None
             report.created.append(name)
         self._read_fields = None  # read the new fields from now on
         return report
