@@ -461,7 +461,7 @@ def test_a_value_the_model_never_saw_is_logged_once(
     assert redis.smembers(key) == {b"in_progress"} and 0 < redis.ttl(key) <= jobs.UNSEEN_MEMORY_S
     # HubSpot's status drives this score only as a value the model does not know, and the reason says so.
     assert written(hubspot, CONTACT)["leadscore_reason"] == (
-        "Status: IN_PROGRESS (new to model); Last activity & Rating: not set"
+        "In progress (new to model); Last activity & Rating: not set"
     )
 
 

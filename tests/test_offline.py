@@ -263,7 +263,8 @@ def test_a_status_the_config_caps_caps_the_models_score_as_it_caps_the_rules(tra
     # B 50, C 20) a lead stays at or below 19 and 49.
     ceiling_of = {25: 19, 39: 19, 54: 49}
     expected, bound = [], []
-    uncapped = offline.model_results(table, model, load_config())
+    # the model's own scores, its reasons in the team's labels ("Wants other courses"), as score-file writes
+    uncapped = model_scoring.score_frame(model, table.features, table.shown, config=load_config(TEAM_RULES))
     for result, tag in zip(uncapped, table.frame["Tags"], strict=True):
         rule = caps.status(tag)
         if rule is not None and rule.cap is not None and result.score > ceiling_of[rule.cap]:

@@ -28,7 +28,7 @@ from workers.blend import (
     score_lead,
 )
 from workers.config import ConfigError, Tiers, load_config
-from workers.model_scoring import model_reason
+from workers.model_scoring import model_reason, value_labels
 from workers.propensity import (
     FALLBACK_SOURCE,
     SYSTEM_PROMPT,
@@ -960,6 +960,44 @@ def test_model_reason_names_the_drivers_in_the_scores_direction(contributions, v
              "visits": "numeric"}  # fmt: skip
     unseen = frozenset({"status"} if values["status"] == "IN_PROGRESS" else ())
     assert model_reason(contributions, values, kinds, unseen=unseen) == reason
+
+
+@pytest.mark.parametrize(
+    ("contributions", "values", "reason"),
+    [
+        ({"status": 0.9, "stage": 0.5, "has_email": 0.1},
+         {"status": "IN_PROGRESS", "stage": "marketingqualifiedlead", "has_email": True},
+         "In progress; MQL"),  # HubSpot's internal values, as the rules' reasons name them
+        ({"status": -0.9, "has_email": -0.5, "llm_propensity": -0.6},
+         {"status": "ATTEMPTED_TO_CONTACT", "has_email": False, "llm_propensity": 0.1},
+         "Contact attempted; AI: unlikely"),
+        ({"llm_propensity": 0.9, "source": 0.4},
+         {"llm_propensity": 0.8, "source": "Partner Referral"},
+         "AI: likely; Partner referral"),
+        ({"llm_propensity": 0.9, "source": 0.4},
+         {"llm_propensity": 0.5, "source": "Podcast"},
+         "AI: unsure; Source: Podcast"),  # a value the config does not list: named as the CRM spells it
+        ({"llm_propensity": -0.9, "rating": -0.4},
+         {"llm_propensity": float("nan"), "rating": "Cold"},
+         "AI: no answer; Rated cold"),  # the rating reads as the rules read it, as the stage
+        ({"status": 0.9, "visits": 0.4},
+         {"status": "Will revert after reading the email", "visits": 12.0},
+         "Status: Will revert after reading the email; Visits: 12"),  # the file's own words
+    ],
+    ids=["hubspot_values", "ai_unlikely", "ai_likely", "not_labelled", "ai_no_answer", "file_values"],
+)  # fmt: skip
+def test_model_reason_names_values_as_the_scoring_config_labels_them(config, contributions, values, reason):
+    kinds = {"status": "categorical", "stage": "categorical", "source": "categorical",
+             "rating": "categorical", "has_email": "boolean", "visits": "numeric",
+             "llm_propensity": "numeric"}  # fmt: skip
+    assert model_reason(contributions, values, kinds, readable_values=value_labels(config)) == reason
+    assert len(reason) <= MAX_REASON_CHARS
+
+
+def test_model_reason_says_a_labelled_value_is_new_to_the_model(config):
+    reason = model_reason({"status": 0.9}, {"status": "IN_PROGRESS"}, {"status": "categorical"},
+                          unseen=frozenset({"status"}), readable_values=value_labels(config))  # fmt: skip
+    assert reason == "In progress (new to model)"
 
 
 def test_the_top_of_each_tier_is_one_below_the_next_tier_up():
