@@ -18,7 +18,7 @@ from integration.emulators import free_port
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
 from workers import jobs, store, store_data
-from workers.holdout import in_holdout
+from workers.holdout import HOLDOUT_REASON, in_holdout
 from workers.tabular import TableError
 
 CONTACT = "74300000103"
@@ -227,7 +227,7 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
         fields = written(hubspot, contact)
         assert fields["leadscore_holdout"] == "true"
         assert (fields.get("leadscore_score", ""), fields.get("leadscore_tier", ""),
-                fields.get("leadscore_reason", "")) == ("", "", "")  # fmt: skip
+                fields["leadscore_reason"]) == ("", "", HOLDOUT_REASON)  # fmt: skip  # blank, and says why
         assert json.loads(fields["leadscore_details"])["holdout"] is True
     for contact in scored - held:
         assert written(hubspot, contact)["leadscore_holdout"] == "false"
@@ -250,6 +250,7 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
     for contact in held & scored:
         fields = written(hubspot, contact)
         assert fields["leadscore_holdout"] == "false" and fields["leadscore_tier"] in "ABCD"
+        assert fields["leadscore_reason"] != HOLDOUT_REASON
 
 
 def test_lead_change_event__create__in_the_holdout(env, monkeypatch, post_change_events, sf_crm, run_worker,
@@ -264,7 +265,7 @@ def test_lead_change_event__create__in_the_holdout(env, monkeypatch, post_change
     lead = salesforce.leads[lead_id]
     assert result["outcome"] == "written" and lead["Leadscore_Holdout__c"] is True
     assert [lead.get(f) for f in ("Leadscore_Score__c", "Leadscore_Tier__c", "Leadscore_Reason__c")] == [
-        None, None, None
+        None, None, "Held out: no score on purpose; work it as you normally would"
     ]  # fmt: skip
     [kept] = table(env, store.scores)
     assert kept["holdout"] is True and (kept["score"], kept["tier"]) == (82, "A")  # the real score, kept
