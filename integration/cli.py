@@ -24,7 +24,8 @@ def cmd_setup(args) -> int:
 
         report = HubSpotCRM(get_settings()).ensure_properties()
         todo = [
-            "Add Lead score, Lead tier and Lead score reason as contact list-view columns.",
+            "Add Lead score, Lead tier and Lead score reason as contact list-view columns, and Lead score "
+            "holdout while HOLDOUT_SHARE is above 0: a held-out lead's score is blank on purpose.",
             "Show Lead score feedback on the contact record (Settings > Objects > Contacts > Record "
             "customization), so reps can say a score is too high, too low or right.",
         ]

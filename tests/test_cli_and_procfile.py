@@ -30,6 +30,7 @@ def test_setup_hubspot_is_idempotent(env, hubspot, capsys):
     assert "created  group leadscore" in first and "created  leadscore_details" in first
     assert "created" not in second and "exists   leadscore_score" in second
     assert "Show Lead score feedback on the contact record" in second  # reps must be able to set it
+    assert "and Lead score holdout while HOLDOUT_SHARE is above 0" in second  # a blank score on purpose
     tier = hubspot.properties["leadscore_tier"]
     assert (tier["type"], [o["value"] for o in tier["options"]]) == ("enumeration", ["A", "B", "C", "D"])
     assert hubspot.properties["leadscore_score"]["type"] == "number"
@@ -231,6 +232,7 @@ def test_setup_salesforce_is_idempotent_and_says_what_is_left(env, salesforce, c
     assert "field-level security on the 7 Leadscore fields" in second and "list view" in second.lower()
     assert "except Lead Score Feedback, which reps edit" in second  # they could not set it read-only
     assert "Put Lead Score Feedback on the reps' Lead page layout" in second
+    assert "and Lead Score Holdout while HOLDOUT_SHARE is above 0" in second  # a blank score on purpose
     tier = salesforce.lead_fields["Leadscore_Tier__c"]
     assert (tier["type"], [v["value"] for v in tier["picklistValues"]]) == ("picklist", ["A", "B", "C", "D"])
     assert salesforce.lead_fields["Leadscore_Score__c"]["type"] == "double"

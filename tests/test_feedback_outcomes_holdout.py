@@ -20,7 +20,7 @@ from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
 from workers import jobs, store, store_data
 from workers.config import TIER_NAMES
-from workers.holdout import in_holdout
+from workers.holdout import HOLDOUT_REASON, in_holdout
 from workers.tabular import TableError
 
 CONTACT = "74300000103"
@@ -247,7 +247,7 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
         fields = written(hubspot, contact)
         assert fields["leadscore_holdout"] == "true"
         assert (fields.get("leadscore_score", ""), fields.get("leadscore_tier", ""),
-                fields.get("leadscore_reason", "")) == ("", "", "")  # fmt: skip
+                fields["leadscore_reason"]) == ("", "", HOLDOUT_REASON)  # fmt: skip  # blank, and says why
         assert json.loads(fields["leadscore_details"])["holdout"] is True
     kept = {row["lead_id"]: row for row in table(env, store.scores)}
     assert {c for c, row in kept.items() if row["holdout"]} == held & scored
@@ -270,6 +270,7 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
     for contact in held & scored:
         fields = written(hubspot, contact)
         assert (fields["leadscore_holdout"], fields["leadscore_tier"]) == ("false", kept[contact]["tier"])
+        assert fields["leadscore_reason"] == kept[contact]["reason"] != HOLDOUT_REASON
 
 
 def test_lead_change_event__create__in_the_holdout(env, monkeypatch, post_change_events, sf_crm, run_worker,
@@ -284,7 +285,7 @@ def test_lead_change_event__create__in_the_holdout(env, monkeypatch, post_change
     lead = salesforce.leads[lead_id]
     assert result["outcome"] == "written" and lead["Leadscore_Holdout__c"] is True
     assert [lead.get(f) for f in ("Leadscore_Score__c", "Leadscore_Tier__c", "Leadscore_Reason__c")] == [
-        None, None, None
+        None, None, "Held out: no score on purpose; work it as you normally would"
     ]  # fmt: skip
     [kept] = table(env, store.scores)
     assert kept["holdout"] is True and (kept["score"], kept["tier"]) == (82, "A")  # the real score, kept
@@ -496,7 +497,7 @@ def test_a_value_the_model_never_saw_is_logged_once(
     assert redis.smembers(key) == {b"in_progress"} and 0 < redis.ttl(key) <= jobs.UNSEEN_MEMORY_S
     # HubSpot's status drives this score only as a value the model does not know, and the reason says so.
     assert written(hubspot, CONTACT)["leadscore_reason"] == (
-        "Status: IN_PROGRESS (new to model); Last activity & Rating: not set"
+        "In progress (new to model); Last activity & Rating: not set"
     )
 
 

@@ -79,7 +79,7 @@ def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
             ],
         },
         "model": "gpt-4o-mini-2024-07-18",
-        "prompt_version": "propensity-v1",
+        "prompt_version": "propensity-v2",
         "config_version": "b2b-saas-default-1",
         "fallback": False,
     }
@@ -159,11 +159,11 @@ EXPECTED_BURST = {
     "74300000107": (
         43,
         "C",
-        "Sales Development Representative at 100-500-person SaaS; AI: Individual-contributor SDR…",
+        "AI: Individual-contributor SDR with only a newsletter signup; Staff-level title",
     ),
-    "74300000108": (36, "D", "Marketing Coordinator at 25-50-person retailer; Social, Subscriber"),
+    "74300000108": (36, "D", "Staff-level title; Social, Subscriber"),
     "74300000109": (21, "D", "Student at school; Subscriber"),
-    "74300000110": (33, "D", "Marketing Intern at 25-50-person agency; Webinar attendee"),
+    "74300000110": (33, "D", "Student-level title; Email only, no phone"),
     "74300000111": (25, "D", "Marked unqualified; Independent Consultant at 1-5-person agency"),
     "74300000112": (
         54,
@@ -173,29 +173,29 @@ EXPECTED_BURST = {
     "74300000113": (
         47,
         "C",
-        "Director of Sales at 100-500-person Redkite Security; AI: Relevant sales leader but…",
+        "AI: Relevant sales leader but opted out of email and has no phone on record",
     ),
     "74300000114": (
         42,
         "C",
-        "Revenue Operations Analyst at 50-100-person SaaS; Paid social, Contact attempted",
+        "Staff-level title; Paid social, Contact attempted",
     ),
-    "74300000115": (41, "C", "Contact at Granite Peak Manufacturing; Offline source"),
-    "74300000116": (52, "C", "Pricing enquiry; Contact at 50-100-person SaaS"),
+    "74300000115": (41, "C", "No job title at Granite Peak Manufacturing; Offline source"),
+    "74300000116": (52, "C", "Pricing enquiry; Engaged and reachable"),
     "74300000117": (
         55,
         "B",
-        "Chief Financial Officer at 1000+-person manufacturer; Reachable, not engaged yet",
+        "Chief Financial Officer; Reachable, not engaged yet",
     ),
     "74300000118": (
         52,
         "C",
-        "Director of IT at 500-1000-person healthcare firm; AI: IT director at a healthcare…",
+        "AI: IT director at a healthcare provider, not a revenue-team buyer",
     ),
     "74300000119": (
         41,
         "C",
-        "Reachable, not engaged yet; AI: HR manager who arrived via an HR search term, poor role…",
+        "AI: HR manager who arrived via an HR search term, poor role fit; HR role",
     ),
     "74300000120": (70, "A", "Sales Operations Manager at 100-500-person SaaS; Engaged and reachable"),
     "74300000121": (

@@ -20,6 +20,7 @@ from workers.blend import (
     MAX_REASON_CHARS,
     PROPENSITY,
     ScoreResult,
+    _source_stage_phrase,
     blend_weights,
     effective_propensity,
     explain,
@@ -28,7 +29,7 @@ from workers.blend import (
     score_lead,
 )
 from workers.config import ConfigError, Tiers, load_config
-from workers.model_scoring import model_reason
+from workers.model_scoring import model_reason, value_labels
 from workers.propensity import (
     FALLBACK_SOURCE,
     SYSTEM_PROMPT,
@@ -370,17 +371,41 @@ PHRASES = {
 def test_explain_names_the_two_biggest_distinct_drivers():
     contributions = {"seniority": 0.06, "role_fit": 0.05, "reachability": 0.02, "source_stage": 0.09}
     assert explain(contributions, PHRASES) == "Inbound demo request; VP of Sales at SaaS"
-    contributions = {"seniority": 0.01, "role_fit": 0.01, "reachability": -0.08, "source_stage": 0.03}
+    contributions = {"seniority": -0.01, "role_fit": -0.01, "reachability": -0.08, "source_stage": -0.03}
     assert explain(contributions, PHRASES) == "Engaged and reachable; Inbound demo request"
+
+
+DOWN_PHRASES = {**PHRASES, "reachability": "Bounced email, no phone"}
+
+
+def test_explain_never_names_a_driver_that_pushed_the_other_way():
+    # below neutral: the strongest driver pushed it up, and is not what explains it
+    contributions = {"seniority": 0.01, "role_fit": 0.01, "reachability": -0.08, "source_stage": 0.03}
+    assert explain(contributions, DOWN_PHRASES) == "Bounced email, no phone"
+    # above neutral: the drivers that pushed it up, though the one that pulled it down was stronger
+    contributions = {"seniority": 0.02, "role_fit": 0.02, "reachability": -0.05, "source_stage": 0.04}
+    assert explain(contributions, DOWN_PHRASES) == "Inbound demo request; VP of Sales at SaaS"
+    # the AI's pull counts in the direction: the rules alone point up, the score went down
+    assert explain({**contributions, PROPENSITY: -0.04}, DOWN_PHRASES) == "Bounced email, no phone"
+    # exactly neutral: nothing pushed the way it went, so the strongest alone
+    contributions = {"seniority": 0.02, "role_fit": 0.0, "reachability": -0.05, "source_stage": 0.03}
+    assert explain(contributions, DOWN_PHRASES) == "Bounced email, no phone"
 
 
 def test_explain_uses_ai_reason_only_when_it_dominates_against_the_rules():
     rules_up = {"seniority": 0.06, "role_fit": 0.05, "reachability": 0.02, "source_stage": 0.09}
-    # AI moved most, against the (positive) rules direction -> AI reason takes second place
+    # AI moved most, against the (positive) rules direction -> the AI decided: its reason first, and
+    # no rules driver, since every one pushed the other way
+    assert explain({**rules_up, PROPENSITY: -0.12}, PHRASES, "Budget frozen") == "AI: Budget frozen"
+    # a rules driver that pushed the AI's way follows, in its short phrase
+    short = {**DOWN_PHRASES, "seniority": "VP-level title", "role_fit": "Sales role"}
+    mixed = {**rules_up, "reachability": -0.03, "seniority": -0.02}
     assert (
-        explain({**rules_up, PROPENSITY: -0.12}, PHRASES, "Budget frozen")
-        == "Inbound demo request; AI: Budget frozen"
+        explain({**mixed, PROPENSITY: -0.12}, DOWN_PHRASES, "Budget frozen", short=short)
+        == "AI: Budget frozen; Bounced email, no phone"
     )
+    mixed = {**mixed, "reachability": -0.01, PROPENSITY: -0.12}
+    assert explain(mixed, DOWN_PHRASES, "Budget frozen", short=short) == "AI: Budget frozen; VP-level title"
     # AI moved most but agrees with the rules -> rules drivers only
     assert (
         explain({**rules_up, PROPENSITY: 0.12}, PHRASES, "Budget frozen")
@@ -397,10 +422,13 @@ def test_explain_uses_ai_reason_only_when_it_dominates_against_the_rules():
     )
     # rules point down, AI up and dominant
     rules_down = {name: -value for name, value in rules_up.items()}
+    assert explain({**rules_down, PROPENSITY: 0.2}, PHRASES, "Asked for a quote") == "AI: Asked for a quote"
+    # a status with a cap still comes first, and the AI second
     assert (
-        explain({**rules_down, PROPENSITY: 0.2}, PHRASES, "Asked for a quote")
-        == "Inbound demo request; AI: Asked for a quote"
-    )
+        explain({**rules_up, PROPENSITY: -0.12}, {**PHRASES, "source_stage": "Bad timing"}, "Budget frozen",
+                capped=True)
+        == "Bad timing; AI: Budget frozen"
+    )  # fmt: skip
 
 
 def test_explain_capped_status_comes_first_and_long_parts_are_clipped():
@@ -410,12 +438,48 @@ def test_explain_capped_status_comes_first_and_long_parts_are_clipped():
     assert explain(contributions, phrases) == "VP of Sales at SaaS; Engaged and reachable"
 
     reason = explain({**contributions, PROPENSITY: -0.5}, PHRASES, "word " * 60)
-    assert reason.startswith("VP of Sales at SaaS; AI: word word")
+    assert reason.startswith("AI: word word")  # the AI decided, so its words come first
     assert reason.endswith("…") and len(reason) <= MAX_REASON_CHARS
 
     long_first = {**PHRASES, "seniority": "Z" * 120, "role_fit": "Z" * 120}
     reason = explain(contributions, long_first)
     assert reason == "Z" * 89 + "…"
+
+
+@pytest.mark.parametrize(
+    ("lead_id", "with_llm", "score_tier", "reason"),
+    [
+        # the AI decided the score against the rules: its words come first, whole
+        ("74300000118", True, (52, "C"),
+         "AI: IT director at a healthcare provider, not a revenue-team buyer"),
+        ("74300000118", False, (59, "B"),
+         "Director of IT at 500-1000-person healthcare firm; Reachable, not engaged yet"),
+        ("74300000113", True, (47, "C"),
+         "AI: Relevant sales leader but opted out of email and has no phone on record"),
+        # ... and a rules driver that pushed its way, short, in the room left
+        ("74300000107", True, (43, "C"),
+         "AI: Individual-contributor SDR with only a newsletter signup; Staff-level title"),
+        ("74300000119", True, (41, "C"),
+         "AI: HR manager who arrived via an HR search term, poor role fit; HR role"),
+        # below neutral, seniority pulled it down while role fit pushed it up: seniority alone is named
+        ("74300000114", True, (42, "C"), "Staff-level title; Paid social, Contact attempted"),
+        ("74300000110", True, (33, "D"), "Student-level title; Email only, no phone"),
+        # above neutral: what pushed it up, not "Opted out of email, no phone", which pulled it down
+        ("74300000113", False, (54, "C"), "Director of Sales at 100-500-person Redkite Security"),
+        ("74300000107", False, (52, "C"), "Sales role at 100-500-person SaaS"),
+        ("74300000117", False, (59, "B"), "Chief Financial Officer; Reachable, not engaged yet"),
+        # a missing title is what costs the lead, and says so
+        ("74300000115", True, (41, "C"), "No job title at Granite Peak Manufacturing; Offline source"),
+        ("74300000116", True, (52, "C"), "Pricing enquiry; Engaged and reachable"),
+        # a capping status first, then the AI's reason when it decided against the rules
+        ("74300000112", True, (54, "C"),
+         "Bad timing; AI: Good-fit VP who requested a demo, but budget frozen until Q2 2027"),
+    ],
+)  # fmt: skip
+def test_reasons_of_fixture_leads_name_what_decided_them(config, fixture_leads, lead_id, with_llm, score_tier,
+                                                         reason):  # fmt: skip
+    result = score(fixture_leads[lead_id], llm_propensity(lead_id) if with_llm else fallback("x"), config)
+    assert ((result.score, result.tier), result.reason) == (score_tier, reason)
 
 
 def test_reason_with_ai_quote_still_names_at_most_two_drivers(config, fixture_leads):
@@ -569,9 +633,14 @@ def test_source_stage_keeps_each_parts_score_known_or_not(config):
     ],
 )
 def test_reason_names_the_source_status_or_stage_that_moved_the_score_most(config, fields, phrase):
+    """The source/stage driver's phrase, whichever way it pushed (the reason names it only when that is
+    the way the score went); a capping status is the reason's first driver."""
     lead = make_lead(has_email=True, title="VP of Sales", **fields)
-    reason = score_lead(lead, evaluate_rules(lead, config), fallback("x"), config).reason
-    assert phrase in reason.split("; ")
+    result = score_lead(lead, evaluate_rules(lead, config), fallback("x"), config)
+    if result.details["cap"] is not None:
+        assert result.reason.split("; ")[0] == phrase
+    else:
+        assert _source_stage_phrase(lead, evaluate_rules(lead, config)) == phrase
 
 
 # ---------------------------------------------------------------- 8. config validation
@@ -960,6 +1029,44 @@ def test_model_reason_names_the_drivers_in_the_scores_direction(contributions, v
              "visits": "numeric"}  # fmt: skip
     unseen = frozenset({"status"} if values["status"] == "IN_PROGRESS" else ())
     assert model_reason(contributions, values, kinds, unseen=unseen) == reason
+
+
+@pytest.mark.parametrize(
+    ("contributions", "values", "reason"),
+    [
+        ({"status": 0.9, "stage": 0.5, "has_email": 0.1},
+         {"status": "IN_PROGRESS", "stage": "marketingqualifiedlead", "has_email": True},
+         "In progress; MQL"),  # HubSpot's internal values, as the rules' reasons name them
+        ({"status": -0.9, "has_email": -0.5, "llm_propensity": -0.6},
+         {"status": "ATTEMPTED_TO_CONTACT", "has_email": False, "llm_propensity": 0.1},
+         "Contact attempted; AI: unlikely"),
+        ({"llm_propensity": 0.9, "source": 0.4},
+         {"llm_propensity": 0.8, "source": "Partner Referral"},
+         "AI: likely; Partner referral"),
+        ({"llm_propensity": 0.9, "source": 0.4},
+         {"llm_propensity": 0.5, "source": "Podcast"},
+         "AI: unsure; Source: Podcast"),  # a value the config does not list: named as the CRM spells it
+        ({"llm_propensity": -0.9, "rating": -0.4},
+         {"llm_propensity": float("nan"), "rating": "Cold"},
+         "AI: no answer; Rated cold"),  # the rating reads as the rules read it, as the stage
+        ({"status": 0.9, "visits": 0.4},
+         {"status": "Will revert after reading the email", "visits": 12.0},
+         "Status: Will revert after reading the email; Visits: 12"),  # the file's own words
+    ],
+    ids=["hubspot_values", "ai_unlikely", "ai_likely", "not_labelled", "ai_no_answer", "file_values"],
+)  # fmt: skip
+def test_model_reason_names_values_as_the_scoring_config_labels_them(config, contributions, values, reason):
+    kinds = {"status": "categorical", "stage": "categorical", "source": "categorical",
+             "rating": "categorical", "has_email": "boolean", "visits": "numeric",
+             "llm_propensity": "numeric"}  # fmt: skip
+    assert model_reason(contributions, values, kinds, readable_values=value_labels(config)) == reason
+    assert len(reason) <= MAX_REASON_CHARS
+
+
+def test_model_reason_says_a_labelled_value_is_new_to_the_model(config):
+    reason = model_reason({"status": 0.9}, {"status": "IN_PROGRESS"}, {"status": "categorical"},
+                          unseen=frozenset({"status"}), readable_values=value_labels(config))  # fmt: skip
+    assert reason == "In progress (new to model)"
 
 
 def test_the_top_of_each_tier_is_one_below_the_next_tier_up():

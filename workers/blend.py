@@ -60,34 +60,87 @@ def clip_text(text: str, limit: int) -> str:
 
 
 MAX_TITLE_IN_REASON = 34
+NO_TITLE = "No job title"
+
+
+def _where(lead: Lead, rules: RulesResult) -> str:
+    """The company, as the rules see it: "100-500-person SaaS", or its name where no industry matched."""
+    labels = rules.role_fit.labels
+    size, industry = labels.get("size"), labels.get("industry")
+    if size and industry:
+        return f"{size}-person {industry}"
+    where = industry or (lead.company or "").strip()
+    if size:
+        where = f"{size}-person {where or 'company'}"
+    return where
+
+
+def _title(lead: Lead) -> str:
+    return " ".join((lead.title or "").split())
 
 
 def _who(lead: Lead, rules: RulesResult) -> str:
     """Who the lead is, e.g. 'VP of Sales at 100-500-person SaaS'; seniority when the title is long."""
     labels = {**rules.seniority.labels, **rules.role_fit.labels}
-    title = " ".join((lead.title or "").split())
-    who = title if 0 < len(title) <= MAX_TITLE_IN_REASON else labels.get("seniority") or "Contact"
+    title = _title(lead)
+    if not title:
+        who = NO_TITLE
+    else:
+        who = title if len(title) <= MAX_TITLE_IN_REASON else labels.get("seniority") or "Contact"
     if who == "Staff" and labels.get("function"):
         who = f"{labels['function'].capitalize()} staff"
-    size, industry = labels.get("size"), labels.get("industry")
-    if size and industry:
-        return f"{who} at {size}-person {industry}"
-    where = industry or (lead.company or "").strip()
-    if size:
-        where = f"{size}-person {where or 'company'}"
+    where = _where(lead, rules)
     return f"{who} at {where}" if where else who
 
 
-def _phrases(lead: Lead, rules: RulesResult, capped: bool) -> dict[str, str]:
-    """A short phrase for each rules driver that could explain this lead's score."""
-    who = _who(lead, rules)
+def _seniority(lead: Lead, rules: RulesResult, pushed_up: bool = False) -> str:
+    """Seniority on its own, where role fit pushed the other way: the level the rules gave the title
+    ("Staff-level title"; the title itself where it pushed the score up and fits), "No job title",
+    or a title the rules could not rank."""
+    title, level = _title(lead), rules.seniority.labels.get("seniority")
+    if not title:
+        return NO_TITLE
+    if level is None:
+        return "Seniority unknown"
+    if (pushed_up and len(title) <= MAX_TITLE_IN_REASON) or title.lower() == level.lower():
+        return title
+    return f"{level} title" if level.lower().endswith("level") else f"{level}-level title"
+
+
+def _role_fit(lead: Lead, rules: RulesResult, short: bool = False) -> str:
+    """Role fit on its own, where seniority pushed the other way: the function the title names and
+    the company, e.g. "Sales role at 50-100-person SaaS" ("HR role", short)."""
+    function, where = rules.role_fit.labels.get("function"), _where(lead, rules)
+    role = f"{function[0].upper()}{function[1:]} role" if function else ""
+    if short and role:
+        return role
+    if role and where:
+        return f"{role} at {where}"
+    return role or where or "Unknown role and company"
+
+
+def _phrases(
+    lead: Lead, rules: RulesResult, capped: bool, contributions: dict[str, float]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A phrase for each rules driver that could explain this lead's score, and a short one for
+    where the AI's reason comes first. Seniority and role fit share "who the lead is" unless they
+    pushed opposite ways; then each says only its own part."""
     source_stage = rules.source_stage.labels["status"] if capped else _source_stage_phrase(lead, rules)
-    return {
-        "source_stage": source_stage,
-        "seniority": who,
-        "role_fit": who,
-        "reachability": rules.reachability.labels["reach"],
+    reach = rules.reachability.labels["reach"]
+    if contributions["seniority"] * contributions["role_fit"] < 0:
+        seniority = _seniority(lead, rules, pushed_up=contributions["seniority"] > 0)
+        role_fit = _role_fit(lead, rules)
+    else:
+        seniority = role_fit = _who(lead, rules)
+    phrases = {
+        "source_stage": source_stage, "seniority": seniority, "role_fit": role_fit, "reachability": reach
+    }  # fmt: skip
+    short = {
+        **phrases,
+        "seniority": _seniority(lead, rules),
+        "role_fit": _role_fit(lead, rules, short=True),
     }
+    return phrases, short
 
 
 MIN_PULL_TO_NAME = 0.03  # a second part that moved the source/stage sub-score less is not named
@@ -119,29 +172,47 @@ def _status_cap(lead: Lead, config: ScoringConfig) -> int | None:
     return None if status is None else status.cap
 
 
+def _ranked(contributions: dict[str, float], names, direction: float) -> list[str]:
+    """The drivers that pushed the score the way `direction` goes, strongest first."""
+    pushed = [name for name in names if contributions[name] * direction > 0]
+    return sorted(pushed, key=lambda name: abs(contributions[name]), reverse=True)
+
+
 def explain(
     contributions: dict[str, float],
     phrases: dict[str, str],
     ai_reason: str = "",
     capped: bool = False,
+    short: dict[str, str] | None = None,
 ) -> str:
-    """Name the one or two drivers that moved the score most, in at most 90 characters.
+    """Name the one or two drivers that moved the score most in the way it went from neutral
+    (composite − 0.5), in at most 90 characters; never one that pushed the other way, unless none
+    pushed the way it went (then the strongest alone).
 
-    The drivers are the rules a rep can check; a status that caps the score comes
-    first. The AI's own reason takes the second place only when the AI moved the
-    score most, against what the rules say.
+    The drivers are the rules a rep can check; a status that caps the score comes first. When the
+    AI moved the score most, against what the rules say, the AI decided it: its own reason comes
+    first (second, after a capping status), and a rules driver that pushed the AI's way takes the
+    room left, in its `short` phrase.
     """
-    rules_ranked = sorted(phrases, key=lambda name: abs(contributions[name]), reverse=True)
-    if capped:
-        rules_ranked.remove("source_stage")
-        rules_ranked.insert(0, "source_stage")
-    first = phrases[rules_ranked[0]]
-    second = next((phrases[n] for n in rules_ranked[1:] if phrases[n] != first), "")
+    short = short or phrases
     ai = contributions.get(PROPENSITY, 0.0)
     rules_direction = sum(contributions[name] for name in phrases)
-    if ai_reason and abs(ai) > max(abs(contributions[n]) for n in phrases) and ai * rules_direction < 0:
-        second = "AI: " + ai_reason.replace(";", ",")  # one driver, not several
-    return join_reason(first, second)
+    ai_decided = bool(ai_reason) and (
+        abs(ai) > max(abs(contributions[name]) for name in phrases) and ai * rules_direction < 0
+    )
+    ai_phrase = "AI: " + ai_reason.replace(";", ",")  # one driver, not several
+    if ai_decided and not capped:
+        agreeing = _ranked(contributions, phrases, ai)
+        return join_reason(ai_phrase, short[agreeing[0]] if agreeing else "")
+    direction = sum(contributions.values())  # composite − 0.5
+    ranked = _ranked(contributions, phrases, direction)
+    if not ranked:
+        ranked = sorted(phrases, key=lambda name: abs(contributions[name]), reverse=True)[:1]
+    if capped:
+        ranked = ["source_stage", *(name for name in ranked if name != "source_stage")]
+    first = phrases[ranked[0]]
+    second = next((phrases[name] for name in ranked[1:] if phrases[name] != first), "")
+    return join_reason(first, ai_phrase if ai_decided else second)
 
 
 MIN_SECOND_DRIVER_CHARS = 20  # less room than this, and the second driver is left out
@@ -201,10 +272,10 @@ def score_lead(
         "fingerprint": input_fingerprint(lead, config),
         "fallback": propensity.fallback,
     }
-    phrases = _phrases(lead, rules, capped=cap is not None)
+    phrases, short = _phrases(lead, rules, cap is not None, contributions)
     return ScoreResult(
         score=score,
         tier=config.tiers.tier_for(score),
-        reason=explain(contributions, phrases, propensity.reason, capped=cap is not None),
+        reason=explain(contributions, phrases, propensity.reason, cap is not None, short),
         details=details,
     )

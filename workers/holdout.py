@@ -12,6 +12,9 @@ import json
 
 from workers.blend import ScoreResult
 
+# What a held-out lead shows instead of a score: a deliberate blank, not a lead that failed or is
+# not scored yet, and to be worked as if leadscore were not there (so the comparison holds).
+HOLDOUT_REASON = "Held out: no score on purpose; work it as you normally would"
 PROVENANCE_KEPT = ("fingerprint", "fallback", "scorer", "model", "config_version", "prompt_version")
 
 
@@ -23,14 +26,15 @@ def in_holdout(lead_key: str, share: float) -> bool:
 
 
 def shown_fields(result: ScoreResult, holdout: bool, write_flag: bool) -> dict[str, str]:
-    """What the CRM shows: the score, or for a holdout lead blank fields and why they are blank.
+    """What the CRM shows: the score, or for a holdout lead a blank score and tier, a reason saying the
+    blank is on purpose, and details saying why.
     `write_flag`: also set the holdout flag (while a holdout runs, or to clear it once it stops)."""
     if not holdout:
         fields = result.fields()
     else:
         details = {key: result.details[key] for key in PROVENANCE_KEPT if key in result.details}
         details["holdout"] = True
-        fields = {"score": "", "tier": "", "reason": "",
+        fields = {"score": "", "tier": "", "reason": HOLDOUT_REASON,
                   "details": json.dumps(details, sort_keys=True, separators=(",", ":"))}  # fmt: skip
     if write_flag:
         fields["holdout"] = "true" if holdout else "false"

@@ -191,7 +191,7 @@ class WorkerContext:
         frame = tabular.model_values(shown, self.model.kinds)
         unseen = self.model.unseen(frame)
         self._log_unseen(frame, shown, unseen)
-        results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen)
+        results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen, config=self.config)
         statuses = [lead.status for lead in leads]
         results = model_scoring.capped_by_status(self.model, results, statuses, self.config)
         return [

@@ -36,7 +36,7 @@ FEATURE_LABELS = {
     "conversions": "Form fills",
     "visits": "Visits",
     "page_views": "Page views",
-    "llm_propensity": "AI propensity",
+    "llm_propensity": "AI",
 }
 DEFAULT_MODEL_TIERS = Tiers(A=80, B=50, C=20)  # on a calibrated probability x 100
 
@@ -44,6 +44,31 @@ DEFAULT_MODEL_TIERS = Tiers(A=80, B=50, C=20)  # on a calibrated probability x 1
 def feature_label(name: str, labels: dict[str, str] | None = None) -> str:
     """How a reason names a feature: the mapping's label, leadscore's own, or the name spaced out."""
     return (labels or {}).get(name) or FEATURE_LABELS.get(name) or name.replace("_", " ").capitalize()
+
+
+def value_labels(config: ScoringConfig | None) -> dict[str, dict[str, str]]:
+    """The scoring config's readable labels for the values of the features the rules read, by
+    feature: what the rules' reasons already call them ("In progress", "MQL", "Paid social")."""
+    if config is None:
+        return {}
+    ss = config.source_stage
+
+    def labels(table: dict) -> dict[str, str]:
+        return {value: rule.label for value, rule in table.items()}
+
+    stages = labels(ss.stages)  # a lead with no stage is read by its rating
+    return {"source": labels(ss.sources), "status": labels(ss.statuses), "stage": stages, "rating": stages}
+
+
+AI_FEATURE = "llm_propensity"
+AI_LIKELY, AI_UNLIKELY = 0.6, 0.4
+
+
+def _ai_phrase(value: object) -> str:
+    """The LLM's propensity as a rep reads it: likely, unlikely or unsure to convert."""
+    if not isinstance(value, int | float) or math.isnan(value):
+        return "AI: no answer"
+    return "AI: likely" if value >= AI_LIKELY else "AI: unlikely" if value <= AI_UNLIKELY else "AI: unsure"
 
 
 def _shown(value: object, kind: str) -> str:
@@ -59,6 +84,7 @@ def _shown(value: object, kind: str) -> str:
 
 NO_DRIVER = "No field stands out"
 NEGLIGIBLE = 0.0005  # contributions to the log-odds that leadscore_details rounds to 0
+NEW_TO_MODEL = " (new to model)"
 
 
 def model_reason(
@@ -67,22 +93,34 @@ def model_reason(
     kinds: dict[str, str],
     labels: dict[str, str] | None = None,
     unseen: frozenset[str] = frozenset(),
+    readable_values: dict[str, dict[str, str]] | None = None,
 ) -> str:
     """The strongest one or two drivers in the direction the contributions took the score from the
     model's starting point, in at most 90 characters; never a driver that pushed the other way. A
-    value training never saw (`unseen` names its features) says so: the model scored it as unknown,
-    not for what it says."""
+    value the scoring config labels (`readable_values`, from `value_labels`) is named by its label
+    alone, as the rules' reasons name it ("In progress", "MQL"); others as "Feature: value". The
+    LLM's propensity reads "AI: likely", "AI: unlikely" or "AI: unsure". A value training never saw
+    (`unseen` names its features) says so: the model scored it as unknown, not for what it says."""
+    readable_values = readable_values or {}
     sign = 1.0 if sum(contributions.values()) >= 0 else -1.0
     ranked = sorted((n for n in contributions if sign * contributions[n] >= NEGLIGIBLE),
                     key=lambda n: sign * contributions[n], reverse=True)  # fmt: skip
-    named: dict[str, list[str]] = {}  # shown value -> the drivers showing it, strongest first
+    named: dict[str, list[str]] = {}  # phrase or shown value -> the drivers showing it, strongest first
+    alone: set[str] = set()  # phrases that need no feature name
     for n in ranked[:3]:
-        shown = _shown(values.get(n), kinds[n]) + (" (new to model)" if n in unseen else "")
+        value = values.get(n)
+        label = readable_values.get(n, {}).get(" ".join(value.split())) if isinstance(value, str) else None
+        shown = _ai_phrase(value) if n == AI_FEATURE else label or _shown(value, kinds[n])
+        shown += NEW_TO_MODEL if n in unseen else ""
         if shown not in named and len(named) == 2:
             break
         named.setdefault(shown, []).append(feature_label(n, labels))
+        if n == AI_FEATURE or label:
+            alone.add(shown)
     # Two drivers with one value (Last activity and Last notable activity, say) read as one phrase.
-    phrases = [f"{' & '.join(names[:2])}: {shown}" for shown, names in named.items()]
+    phrases = [
+        shown if shown in alone else f"{' & '.join(names[:2])}: {shown}" for shown, names in named.items()
+    ]
     if not phrases:
         return NO_DRIVER
     return join_reason(phrases[0], phrases[1] if len(phrases) > 1 else "")
@@ -98,11 +136,13 @@ def score_frame(
     shown: pd.DataFrame | None = None,
     threads: int = 1,
     unseen: dict[str, pd.Series] | None = None,
+    config: ScoringConfig | None = None,
 ) -> list[ScoreResult]:
     """Score every row of a feature frame (feature name → value) with the model; the reasons show
     `shown`'s values (the same features, categories spelled as the CRM or file spells them).
     `threads` for the per-lead contributions: one in a worker (workers scale by processes), every
-    core (0) for a file. `unseen`: `model.unseen(frame)`, when the caller has it already."""
+    core (0) for a file. `unseen`: `model.unseen(frame)`, when the caller has it already. `config`:
+    the scoring config, whose labels name the values of source, status, stage and rating."""
     probabilities, contributions = model.explain(frame, threads)
     tiers = tiers_of(model)
     names = list(model.kinds)
@@ -110,6 +150,7 @@ def score_frame(
     contribution_rows = contributions[names].to_numpy()
     unseen = model.unseen(frame) if unseen is None else unseen
     masks = {name: mask.to_numpy() for name, mask in unseen.items()}
+    readable_values = value_labels(config)
     results = []
     for i, (p, row, contribution) in enumerate(zip(probabilities, values, contribution_rows, strict=True)):
         row_contrib = dict(zip(names, contribution.tolist(), strict=True))
@@ -120,7 +161,9 @@ def score_frame(
             ScoreResult(
                 score=score,
                 tier=tiers.tier_for(score),
-                reason=model_reason(row_contrib, row, model.kinds, model.meta.get("labels"), new),
+                reason=model_reason(
+                    row_contrib, row, model.kinds, model.meta.get("labels"), new, readable_values
+                ),
                 details={
                     "scorer": "model",
                     "model": model.version,

@@ -146,6 +146,7 @@ def model_results(table: LabelledTable, model: TrainedModel, config: ScoringConf
             table.features.iloc[rows],
             table.shown.iloc[rows],
             threads=0,  # every core: the per-lead contributions are most of the time
+            config=config,
         )
         statuses = [None] * len(results) if shown is None else [
             status if isinstance(status, str) else None for status in shown.iloc[rows]

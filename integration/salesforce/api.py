@@ -97,7 +97,8 @@ ADMIN_STEPS = (
     "(Setup > Object Manager > Lead > Fields & Relationships > each field > Set Field-Level Security).",
     "Give that profile or permission set Read on Opportunity, so a Lead converted into an opportunity "
     "that is won counts as won, not only converted.",
-    "Add Lead Score, Lead Tier and Lead Score Reason as columns of the reps' Lead list views "
+    "Add Lead Score, Lead Tier and Lead Score Reason as columns of the reps' Lead list views, and Lead "
+    "Score Holdout while HOLDOUT_SHARE is above 0: a held-out lead's score is blank on purpose "
     "(list view > gear > Select Fields to Display).",
     "Put Lead Score Feedback on the reps' Lead page layout, so they can say a score is too high, too low "
     "or right (Setup > Object Manager > Lead > Page Layouts).",
