@@ -65,6 +65,7 @@ def cmd_worker(args) -> int:
         ready_orgs = [org_id for org_id in settings.allowed_org_ids if _prepare_salesforce(jobs, org_id)]
     _check_output_fields(settings, jobs, ready_orgs)
     _prepare_store(ctx.store)
+    _log_scoring(settings, ctx)
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -90,6 +91,18 @@ def cmd_worker(args) -> int:
             log.warning("Redis unreachable (%s); working again in %.0fs", exc, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+
+def _log_scoring(settings, ctx) -> None:
+    """Which rules are live, so an admin who edited them can tell whether this worker has them: the
+    config's own version, and the digest every score's fingerprint carries (the file, the LLM model
+    and the trained model together)."""
+    logging.getLogger("leadscore.worker").info(
+        "scoring config %s: version %s, digest %s (LLM %s, %s, HOLDOUT_SHARE %g)",
+        settings.scoring_config_path or "shipped default", ctx.config.version, ctx.config.digest,
+        settings.llm_model, f"model {ctx.model.version}" if ctx.model else "no trained model",
+        settings.holdout_share,
+    )  # fmt: skip
 
 
 def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:

@@ -183,3 +183,16 @@ def test_rescore_stopped_midway_says_how_many_leads_it_queued(env, monkeypatch, 
         "queued twice)\n"
     )
     assert len(pending_events(redis, "salesforce", SF_ORG_ID)) == 10
+
+
+def test_a_worker_says_at_start_which_scoring_config_is_live(env, caplog):
+    from workers import jobs
+
+    assert main(["worker", "--burst"]) == 0
+
+    config = jobs.context().config
+    said = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker" and r.levelname == "INFO"]
+    assert (
+        f"scoring config shipped default: version {config.version}, digest {config.digest} "
+        "(LLM gpt-4o-mini, no trained model, HOLDOUT_SHARE 0)"
+    ) in said
