@@ -1,5 +1,5 @@
-"""`leadscore` command line: CRM set-up, workers and their failed jobs, replaying fixtures, emulators,
-the demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, `evaluate`)."""
+"""`leadscore` command line: CRM set-up, rescore, workers, failed jobs, replaying fixtures, emulators, the
+demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, `evaluate`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from integration.settings import SettingsError, get_settings
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 # Commands reading files the user names: a file they cannot read is told in one line, not a traceback.
 FILE_COMMANDS = frozenset({"train", "score-file", "evaluate", "replay"})
+GO_LIVE_STEP = (
+    "Once the webhooks reach leadscore and a worker runs: `leadscore rescore --crm {crm}`, so the {leads} "
+    "that exist already get a score (new and changed ones are scored as they come)."
+)
 
 
 def cmd_setup(args) -> int:
@@ -34,6 +38,7 @@ def cmd_setup(args) -> int:
 
         report = SalesforceCRM(get_settings()).ensure_fields()
         todo = list(ADMIN_STEPS)
+    todo.append(GO_LIVE_STEP.format(crm=args.crm, leads="contacts" if args.crm == "hubspot" else "Leads"))
     for name in report.created:
         print(f"created  {name}")
     for name in report.existing:
@@ -61,6 +66,7 @@ def cmd_worker(args) -> int:
         ready_orgs = [org_id for org_id in settings.allowed_org_ids if _prepare_salesforce(jobs, org_id)]
     _check_output_fields(settings, jobs, ready_orgs)
     _prepare_store(ctx.store)
+    _log_scoring(settings, ctx)
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -86,6 +92,18 @@ def cmd_worker(args) -> int:
             log.warning("Redis unreachable (%s); working again in %.0fs", exc, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+
+def _log_scoring(settings, ctx) -> None:
+    """Which rules are live, so an admin who edited them can tell whether this worker has them: the
+    config's own version, and the digest every score's fingerprint carries (the file, the LLM model
+    and the trained model together)."""
+    logging.getLogger("leadscore.worker").info(
+        "scoring config %s: version %s, digest %s (LLM %s, %s, HOLDOUT_SHARE %g)",
+        settings.scoring_config_path or "shipped default", ctx.config.version, ctx.config.digest,
+        settings.llm_model, f"model {ctx.model.version}" if ctx.model else "no trained model",
+        settings.holdout_share,
+    )  # fmt: skip
 
 
 def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
@@ -166,7 +184,8 @@ def _prepare_store(kept) -> None:
         )  # fmt: skip
 
 
-def _failed_registry():
+def _queue():
+    """The workers' queue, on a Redis that answers; else one line saying what to fix."""
     from redis.exceptions import RedisError
     from rq import Queue
 
@@ -180,7 +199,11 @@ def _failed_registry():
         raise UsageError(
             f"cannot reach Redis ({exc}): start it, or point REDIS_URL at the workers' Redis"
         ) from None
-    return Queue(settings.queue_name, connection=connection).failed_job_registry
+    return Queue(settings.queue_name, connection=connection)
+
+
+def _failed_registry():
+    return _queue().failed_job_registry
 
 
 def _leads_of(job) -> str:
@@ -229,6 +252,31 @@ def cmd_requeue(args) -> int:
             continue
         print(f"requeued {job_id}")
     return 2 if refused else 0
+
+
+def cmd_rescore(args) -> int:
+    from redis.exceptions import RedisError
+
+    from integration.ratelimit import RateLimited
+    from workers import rescore
+
+    queue = _queue()  # before any CRM call: without Redis there is nowhere to queue them
+    try:
+        account, lead_ids = rescore.open_leads(get_settings(), queue.connection, args.crm, args.account)
+    except rescore.AccountError as exc:
+        raise UsageError(str(exc)) from None
+    fed = rescore.Fed(args.crm, account)
+    try:
+        rescore.feed(queue, fed, lead_ids)
+    except (CRMError, RateLimited, RedisError, *unreachable()) as exc:
+        why = f"Redis stopped answering ({exc})" if isinstance(exc, RedisError) else _said(exc)
+        raise UsageError(
+            f"rescore of {args.crm}:{account} stopped after queueing {fed.queued} leads: {why}; run it "
+            "again once that is fixed (leads still waiting are not queued twice)"
+        ) from None
+    print(f"{args.crm}:{account}: {fed.queued} leads queued, {fed.waiting} already waiting; the workers "
+          "score them, writing only the scores that change")  # fmt: skip
+    return 0
 
 
 def cmd_replay(args) -> int:
@@ -487,6 +535,12 @@ def unreachable() -> tuple[type[Exception], ...]:
     return (requests.RequestException, urllib3.exceptions.HTTPError)
 
 
+def _said(exc: Exception) -> str:
+    """An error in one line; a CRM that did not answer names its URL and the setting to check."""
+    cause = exc.__cause__ if isinstance(exc, CRMUnavailable) else exc
+    return _cannot_reach(cause) if isinstance(cause, unreachable()) else str(exc)
+
+
 def _cannot_reach(exc: Exception) -> str:
     """'cannot reach URL (why)', and the setting that names it when it is one of leadscore's."""
     from urllib3.exceptions import MaxRetryError
@@ -564,6 +618,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     requeue.add_argument("--all", action="store_true", help="every job in the failed registry")
     requeue.set_defaults(func=cmd_requeue)
+
+    rescore = sub.add_parser(
+        "rescore",
+        help="queue every lead of an account to be scored as it is now: at go-live, and after the rules, "
+        "the model or the holdout share change (workers write only the scores that change)",
+    )
+    rescore.add_argument("--crm", choices=["hubspot", "salesforce"], required=True, help="the CRM to read")
+    rescore.add_argument(
+        "--account",
+        help="the HubSpot portal id / Salesforce org id (default: the one the credentials reach; another "
+        "is refused)",
+    )
+    rescore.set_defaults(func=cmd_rescore)
 
     replay = sub.add_parser(
         "replay",
@@ -677,12 +744,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (SettingsError, UsageError, CRMError) as exc:
-        cause = exc.__cause__
-        unanswered = isinstance(exc, CRMUnavailable) and isinstance(cause, unreachable())
-        print(f"leadscore: {_cannot_reach(cause) if unanswered else exc}", file=sys.stderr)
+        print(f"leadscore: {_said(exc)}", file=sys.stderr)
         return 2
     except unreachable() as exc:  # evaluated only when an error reaches it, so imported only then
-        print(f"leadscore: {_cannot_reach(exc)}", file=sys.stderr)
+        print(f"leadscore: {_said(exc)}", file=sys.stderr)
         return 2
     except _store_unavailable() as exc:
         if exc.statement is not None:  # connected, and a statement failed: not the operator's to fix

@@ -14,6 +14,9 @@ CRM = Literal["hubspot", "salesforce"]
 # A deal (HubSpot) or opportunity (Salesforce) whose stage changed is queued under a key of its own,
 # since its id is no lead's: the worker reads whether it is won, an outcome for its leads.
 DEAL_KEY_PREFIX = "deal:"
+# The kind of a lead queued by `leadscore rescore` rather than by a CRM event: it has no webhook whose
+# latency its score could be measured from.
+RESCORE = "rescore"
 
 
 def deal_key(deal_id: str) -> str:

@@ -170,6 +170,17 @@ def record(pipe: Pipeline, events: list[LeadEvent], keep_waiting: bool = False) 
         pipe.zadd(ACCOUNTS, {f"{crm}:{account}": min(e.accepted_at.timestamp() for e in group)}, nx=True)
 
 
+def requeue(queue: Queue, crm: str, account: str, events: list[LeadEvent]) -> int:
+    """Make these leads of one account pending again, to be scored as they are now, in one
+    transaction, and kick the account's collector. A lead already waiting keeps its event (it is
+    scored anyway), so running this twice queues nothing twice. Returns how many were not waiting."""
+    with queue.connection.pipeline(transaction=True) as pipe:
+        record(pipe, events, keep_waiting=True)
+        added = pipe.execute()[: len(events)]  # `record` sends one HSETNX a lead first
+    kick(queue, crm, account)
+    return sum(added)
+
+
 def kick(queue: Queue, crm: str, account: str) -> Job | None:
     """Make sure one collect job is queued or running for the account."""
     token = uuid.uuid4().hex

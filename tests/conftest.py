@@ -88,7 +88,7 @@ def redis(redis_server):
 
 @pytest.fixture
 def hubspot():
-    emulator = HubSpotEmulator(token=HUBSPOT_TOKEN).load_fixtures(FIXTURES / "hubspot")
+    emulator = HubSpotEmulator(token=HUBSPOT_TOKEN, portal_id=PORTAL_ID).load_fixtures(FIXTURES / "hubspot")
     server = serve_in_thread(emulator.app())
     emulator.url = server.url
     yield emulator

@@ -31,6 +31,10 @@ def test_setup_hubspot_is_idempotent(env, hubspot, capsys):
     assert "created" not in second and "exists   leadscore_score" in second
     assert "Show Lead score feedback on the contact record" in second  # reps must be able to set it
     assert "and Lead score holdout while HOLDOUT_SHARE is above 0" in second  # a blank score on purpose
+    assert second.splitlines()[-1] == (
+        "  - Once the webhooks reach leadscore and a worker runs: `leadscore rescore --crm hubspot`, so the "
+        "contacts that exist already get a score (new and changed ones are scored as they come)."
+    )
     tier = hubspot.properties["leadscore_tier"]
     assert (tier["type"], [o["value"] for o in tier["options"]]) == ("enumeration", ["A", "B", "C", "D"])
     assert hubspot.properties["leadscore_score"]["type"] == "number"
@@ -233,6 +237,10 @@ def test_setup_salesforce_is_idempotent_and_says_what_is_left(env, salesforce, c
     assert "except Lead Score Feedback, which reps edit" in second  # they could not set it read-only
     assert "Put Lead Score Feedback on the reps' Lead page layout" in second
     assert "and Lead Score Holdout while HOLDOUT_SHARE is above 0" in second  # a blank score on purpose
+    assert second.splitlines()[-1] == (
+        "  - Once the webhooks reach leadscore and a worker runs: `leadscore rescore --crm salesforce`, so "
+        "the Leads that exist already get a score (new and changed ones are scored as they come)."
+    )
     tier = salesforce.lead_fields["Leadscore_Tier__c"]
     assert (tier["type"], [v["value"] for v in tier["picklistValues"]]) == ("picklist", ["A", "B", "C", "D"])
     assert salesforce.lead_fields["Leadscore_Score__c"]["type"] == "double"
@@ -307,16 +315,16 @@ def reconfigure(monkeypatch, **values: str) -> None:
     jobs.context.cache_clear()
 
 
-@pytest.mark.parametrize(
-    ("crm", "message"),
-    [
-        ("hubspot", "HubSpot refused HUBSPOT_ACCESS_TOKEN (401: revoked, expired or mistyped): set the "
-                    "private app's current token"),
-        ("salesforce", "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
-                       "revoked): set a new one, or unset it and let leadscore log in itself with "
-                       "SALESFORCE_CONSUMER_KEY and SALESFORCE_CONSUMER_SECRET, or a username and password"),
-    ],
-)  # fmt: skip
+REFUSED_TOKENS = [  # each CRM's one line for a token it no longer accepts
+    ("hubspot", "HubSpot refused HUBSPOT_ACCESS_TOKEN (401: revoked, expired or mistyped): set the "
+                "private app's current token"),
+    ("salesforce", "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
+                   "revoked): set a new one, or unset it and let leadscore log in itself with "
+                   "SALESFORCE_CONSUMER_KEY and SALESFORCE_CONSUMER_SECRET, or a username and password"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("crm", "message"), REFUSED_TOKENS)
 def test_setup_with_a_token_the_crm_refuses_names_the_setting(env, request, capsys, crm, message):
     request.getfixturevalue(crm).token = "rotated-since"
 
@@ -525,16 +533,18 @@ def test_demo_serves_the_portal_whose_token_is_in_dot_env(redis_server, hubspot,
 @pytest.mark.parametrize(
     ("command", "line"),
     [
-        ([], "`leadscore` command line: CRM set-up, workers and their failed jobs, replaying fixtures, "
+        ([], "`leadscore` command line: CRM set-up, rescore, workers, failed jobs, replaying fixtures, "
              "emulators, the demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, "
              "`evaluate`)."),
         (["setup"], "  {hubspot,salesforce}  the CRM to create the fields in"),
         (["requeue"], "  JOB_ID      a failed job's id, as `leadscore failed` lists it"),
+        (["rescore"], "  --account ACCOUNT     the HubSpot portal id / Salesforce org id (default: the one "
+                      "the credentials reach; another is refused)"),
         (["replay"], "  FILE             a delivery to post (see fixtures/)"),
         (["demo"], "  --timeout TIMEOUT  give up when scores take longer than this to arrive, in seconds "
                    "(default: 90.0)"),
     ],
-    ids=["leadscore", "setup", "requeue", "replay", "demo"],
+    ids=["leadscore", "setup", "requeue", "rescore", "replay", "demo"],
 )  # fmt: skip
 def test_help_describes_every_command_and_argument(monkeypatch, capsys, command, line):
     monkeypatch.setenv("COLUMNS", "200")  # one help line per argument

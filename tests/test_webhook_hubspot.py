@@ -406,7 +406,9 @@ def test_healthz_and_the_worker_name_redis_settings_that_can_lose_acknowledged_e
         "appendonly yes",
     ]
     assert (risky.status_code, risky.get_json()["redis_risks"]) == (200, risks)
-    worker_warned = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker"]
+    worker_warned = [
+        r.getMessage() for r in caplog.records if r.name == "leadscore.worker" and r.levelname == "WARNING"
+    ]
     assert worker_warned == [f"Redis: {risk}" for risk in risks]
     assert (unknown.status_code, unknown.get_json()["redis_risks"]) == (200, [
         "its persistence and eviction settings are unknown (INFO refused: this user has no permissions to "

@@ -18,7 +18,7 @@ from rq import Queue, get_current_job
 from integration import metrics, pending
 from integration.crm import WriteRejected
 from integration.errors import CRMUnavailable
-from integration.events import LeadEvent, deal_of, parse_events
+from integration.events import RESCORE, LeadEvent, deal_of, parse_events
 from integration.ratelimit import RateLimited
 from workers.jobs import context, outcome
 from workers.store import LeadFact
@@ -181,7 +181,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         result = written[s.lead.lead_id]
         if result.ok:
             ctx.telemetry("writes_total", crm=crm, outcome="written")
-            if event.accepted_at is not None:
+            if event.accepted_at is not None and RESCORE not in event.kinds:
                 latencies.append((now - event.accepted_at).total_seconds())
             results.append(outcome(key, "written", s))
             kept.append(s)
@@ -293,13 +293,9 @@ def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, eve
 
 def rescore(crm: str, account: str, events: list[str]) -> int:
     """Leads scored while the LLM was down go back to pending, so they get a real propensity."""
-    queue = _queue()
     now = datetime.now(UTC)
     lead_events = [event.model_copy(update={"accepted_at": now}) for event in parse_events(events)]
-    with queue.connection.pipeline(transaction=True) as pipe:
-        pending.record(pipe, lead_events, keep_waiting=True)
-        pipe.execute()
-    pending.kick(queue, crm, account)
+    pending.requeue(_queue(), crm, account, lead_events)
     return len(lead_events)
 
 

@@ -22,10 +22,9 @@ from redis.exceptions import RedisError
 from integration import metrics
 from integration.errors import LeadGone
 from integration.events import LeadEvent
-from integration.hubspot.api import HubSpotCRM
+from integration.hubspot.api import HubSpotCRM, shared_limiter
 from integration.lead import Lead
 from integration.queue import redis_from_url
-from integration.ratelimit import RateLimiter
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings, SettingsError, get_settings
 from workers import model_scoring, tabular
@@ -338,10 +337,9 @@ def _custom_fields(model: TrainedModel | None, crm: str) -> dict[str, str]:
 @lru_cache(maxsize=64)
 def _hubspot(portal_id: str) -> HubSpotCRM:
     ctx = context()
-    limiter = RateLimiter(ctx.redis, f"hubspot:{portal_id}", ctx.settings.hubspot_calls_per_10s)
     return HubSpotCRM(
-        ctx.settings, portal_id=portal_id, limiter=limiter, telemetry=ctx.telemetry,
-        custom_properties=_custom_fields(ctx.model, "hubspot"),
+        ctx.settings, portal_id=portal_id, limiter=shared_limiter(ctx.redis, ctx.settings, portal_id),
+        telemetry=ctx.telemetry, custom_properties=_custom_fields(ctx.model, "hubspot"),
     )  # fmt: skip
 
 

@@ -6,7 +6,8 @@ properties that do not exist or values outside an enumeration, and (optionally)
 the property-change webhooks HubSpot sends back after an integration's write.
 
 Also: batch read/update answering 207 with per-input errors, v4 association batch
-reads, and HubSpot's rate limiting (rolling ten-second limit, 429 storms, daily limit).
+reads, the account details naming the token's portal, and HubSpot's rate limiting
+(rolling ten-second limit, 429 storms, daily limit).
 """
 
 from __future__ import annotations
@@ -152,8 +153,15 @@ def _list_arg(name: str) -> list[str]:
 
 
 class HubSpotEmulator:
-    def __init__(self, token: str = "emulator-token", latency_s: float = 0.0, rate_limit: int | None = None):
+    def __init__(
+        self,
+        token: str = "emulator-token",
+        latency_s: float = 0.0,
+        rate_limit: int | None = None,
+        portal_id: str = "48213377",
+    ):
         self.token = token
+        self.portal_id = portal_id  # the portal the token belongs to (account details)
         self.latency_s = latency_s
         self.rate_limit = rate_limit  # authenticated calls per rolling 10 s; None = unlimited
         self.daily_limit_reached = False  # every authenticated call answers 429 DAILY
@@ -259,6 +267,14 @@ class HubSpotEmulator:
             if remaining is not None and response.status_code != 429:
                 response.headers.update(self._rate_headers(remaining))
             return response
+
+        @app.get("/account-info/v3/details")
+        def account_details():
+            return jsonify(
+                portalId=int(self.portal_id), accountType="STANDARD", timeZone="US/Eastern",
+                companyCurrency="USD", additionalCurrencies=[], utcOffset="-05:00",
+                utcOffsetMilliseconds=-18000000, uiDomain="app.hubspot.com", dataHostingLocation="na1",
+            )  # fmt: skip
 
         @app.get("/crm/v3/objects/contacts/<contact_id>")
         def get_contact(contact_id):

@@ -2,11 +2,12 @@
 
 Behaves like Salesforce where it matters to the integration: bearer auth and the
 client-credentials token endpoint, `Sforce-Limit-Info` on every REST response, sObject
-reads with `fields`, a small SOQL subset, sObject Collections updates with per-record
-SaveResults (validation rules, converted or deleted leads, unknown fields, restricted
-picklists, allOrNone rollback), `createMetadata`/`readMetadata` of CustomFields over SOAP
-as `simple_salesforce`'s `mdapi` (zeep) speaks it, and (optionally) the Outbound Message
-Salesforce sends back after the integration's own write.
+reads with `fields`, a small SOQL subset answered in pages (`nextRecordsUrl`), sObject
+Collections updates with per-record SaveResults (validation rules, converted or deleted
+leads, unknown fields, restricted picklists, allOrNone rollback),
+`createMetadata`/`readMetadata` of CustomFields over SOAP as `simple_salesforce`'s `mdapi`
+(zeep) speaks it, and (optionally) the Outbound Message Salesforce sends back after the
+integration's own write.
 
 Serve it over TLS (`integration.emulators.tls`): simple-salesforce only builds https:// URLs.
 """
@@ -24,6 +25,7 @@ import re
 import string
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from operator import ge, gt, le, lt
 from pathlib import Path
@@ -308,6 +310,8 @@ class SalesforceEmulator:
         self.unavailable = False  # every REST call answers 503, as in the org's maintenance window
         self.api_calls = 0
         self.api_limit = 15000
+        self.query_page = 2000  # records a query answers at once; the rest through `nextRecordsUrl`
+        self._cursors: dict[str, tuple[list[dict], int]] = {}  # locator -> records still to answer, total
         self.echo_url: str | None = None
         self.echo_fields: tuple[str, ...] = ECHO_FIELDS
         self.echo_statuses: list[int] = []
@@ -540,6 +544,13 @@ class SalesforceEmulator:
             except SoqlError as error:
                 return _errors(400, error.code, error.message)
 
+        @app.get(f"{data}/query/<locator>")
+        def query_more(version, locator):
+            with self._lock:
+                if locator not in self._cursors:
+                    return _errors(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
+                return jsonify(self._page(*self._cursors.pop(locator)))
+
         @app.patch(f"{data}/composite/sobjects")
         def update_collection(version):
             body = request.get_json(silent=True)
@@ -569,7 +580,8 @@ class SalesforceEmulator:
         if not match:
             raise SoqlError("MALFORMED_QUERY", f"\n{soql}\n^\nERROR at Row:1:Column:1\nunexpected token")
         entity = match["entity"]
-        readable = {"lead", "task", "opportunity"} - {name.lower() for name in self.unreadable}
+        entities = {name.lower(): name for name in ("Lead", "Task", "Opportunity", "Organization")}
+        readable = set(entities) - {name.lower() for name in self.unreadable}
         if entity.lower() not in readable:  # Salesforce says the same of an object the user cannot read
             raise SoqlError(
                 "INVALID_TYPE",
@@ -578,11 +590,12 @@ class SalesforceEmulator:
                 "be sure to append the '__c' after the entity name. Please reference your WSDL or the "
                 "describe call for the appropriate names.",
             )
-        entity = {"lead": "Lead", "task": "Task", "opportunity": "Opportunity"}[entity.lower()]
+        entity = entities[entity.lower()]
         resolve = {
             "Lead": self._lead_field,
             "Task": self._task_field,
             "Opportunity": self._opportunity_field,
+            "Organization": lambda name: "Id" if name.lower() == "id" else None,
         }[entity]
 
         def column(name: str, start: int) -> str:
@@ -612,7 +625,12 @@ class SalesforceEmulator:
                 raise SoqlError("MALFORMED_QUERY", f"duplicate field selected: {name}")
             selected.append(column(name, start))
         rows = list(
-            {"Lead": self.leads, "Task": self.tasks, "Opportunity": self.opportunities}[entity].values()
+            {
+                "Lead": self.leads,
+                "Task": self.tasks,
+                "Opportunity": self.opportunities,
+                "Organization": {self.org_id: {"Id": self.org_id}},
+            }[entity].values()
         )
         for field, operator, wanted in self._conditions(soql, match, column):
             rows = [r for r in rows if _compared(r.get(field), operator, wanted)]
@@ -622,8 +640,16 @@ class SalesforceEmulator:
             rows.sort(key=lambda r: _sort_key(r.get(order)), reverse=descending)
         if match["limit"] is not None:
             rows = rows[: int(match["limit"])]
-        records = [self._view(entity, r, selected) for r in rows]
-        return {"totalSize": len(records), "done": True, "records": records}
+        return self._page([self._view(entity, r, selected) for r in rows], len(rows))
+
+    def _page(self, records: list[dict], total: int) -> dict:
+        """The first `query_page` records; the rest are kept for the `nextRecordsUrl` it names."""
+        answer = {"totalSize": total, "done": len(records) <= self.query_page}
+        if not answer["done"]:
+            locator = f"01g{uuid.uuid4().hex[:15]}-{self.query_page}"
+            self._cursors[locator] = (records[self.query_page :], total)
+            answer["nextRecordsUrl"] = f"/services/data/v{self.api_version}/query/{locator}"
+        return {**answer, "records": records[: self.query_page]}
 
     @staticmethod
     def _conditions(soql: str, match: re.Match, column) -> list[tuple[str, str, object]]:

@@ -31,6 +31,7 @@ from hubspot.crm.objects import ApiException as ObjectsApiException
 from hubspot.crm.objects import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
 from hubspot.crm.properties import ApiException as PropertiesApiException
 from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCreate
+from redis import Redis
 from urllib3.util.retry import Retry
 
 from integration.crm import WriteResult
@@ -270,35 +271,64 @@ class HubSpotCRM:
     def contacts_at_outcome(self, changed_since: datetime) -> Iterator[tuple[str, str, datetime | None]]:
         """(contact id, outcome, when it converted) of every contact changed since `changed_since`
         whose lifecycle stage is an outcome, 200 a search; the outcome is "won" where the contact has
-        a closed-won deal the token may read.
-
-        Pages by `hs_object_id` rather than the `after` cursor, which HubSpot stops at 10,000."""
-        last_id = "0"
-        while True:
-            request = PublicObjectSearchRequest(
-                filter_groups=[FilterGroup(filters=[
-                    Filter(property_name="lifecyclestage", operator="IN", values=list(OUTCOME_STAGES)),
-                    Filter(property_name="lastmodifieddate", operator="GTE",
-                           value=str(int(changed_since.timestamp() * 1000))),
-                    Filter(property_name="hs_object_id", operator="GT", value=last_id),
-                ])],
-                sorts=[{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
-                properties=["lifecyclestage", *OUTCOME_DATE_PROPERTIES], limit=SEARCH_PAGE,
-            )  # fmt: skip
-            try:
-                page = self._call("search", self.client.crm.contacts.search_api.do_search, request)
-            except ApiException as exc:
-                raise _failure(exc, f"HubSpot contact search failed: {exc.status} {exc.reason}") from exc
-            found = {str(c.id): c.properties or {} for c in page.results}
+        a closed-won deal the token may read."""
+        filters = [
+            Filter(property_name="lifecyclestage", operator="IN", values=list(OUTCOME_STAGES)),
+            Filter(property_name="lastmodifieddate", operator="GTE",
+                   value=str(int(changed_since.timestamp() * 1000))),
+        ]  # fmt: skip
+        for page in self._search(filters, ["lifecyclestage", *OUTCOME_DATE_PROPERTIES]):
+            found = {str(c.id): c.properties or {} for c in page}
             at_outcome = [i for i, props in found.items() if props.get("lifecyclestage") in OUTCOME_STAGES]
             won = self._with_won_deal(at_outcome)
             for contact_id in at_outcome:
                 props = found[contact_id]
                 kind = "won" if contact_id in won else OUTCOME_STAGES[props["lifecyclestage"]]
                 yield contact_id, kind, converted_at(props)
+
+    def contact_ids(self) -> Iterator[str]:
+        """Every contact's id, 200 a search: what `leadscore rescore` queues."""
+        for page in self._search([], []):
+            yield from (str(c.id) for c in page)
+
+    def _search(self, filters: list[Filter], properties: list[str]) -> Iterator[list]:
+        """The contacts matching every filter, a page of 200 at a time. Pages by `hs_object_id`
+        rather than the `after` cursor, which HubSpot stops at 10,000."""
+        last_id = "0"
+        while True:
+            request = PublicObjectSearchRequest(
+                filter_groups=[FilterGroup(filters=[
+                    *filters, Filter(property_name="hs_object_id", operator="GT", value=last_id),
+                ])],
+                sorts=[{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
+                properties=properties, limit=SEARCH_PAGE,
+            )  # fmt: skip
+            try:
+                page = self._call("search", self.client.crm.contacts.search_api.do_search, request)
+            except ApiException as exc:
+                raise _failure(exc, f"HubSpot contact search failed: {exc.status} {exc.reason}") from exc
+            yield page.results
             if len(page.results) < SEARCH_PAGE:
                 return
             last_id = str(page.results[-1].id)
+
+    def token_portal(self) -> str:
+        """The portal the access token belongs to (HubSpot's account details), so that leads
+        queued by `leadscore rescore` are filed under the portal its webhooks name."""
+        try:
+            details = self._call(
+                "account_details",
+                self.client.crm.contacts.basic_api.api_client.call_api,
+                "/account-info/v3/details",
+                "GET",
+                header_params={"Accept": "application/json"},
+                response_types_map={200: "object"},
+                auth_settings=["oauth2"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            raise _failure(exc, f"HubSpot account details: {exc.status} {exc.reason}") from exc
+        return str(details["portalId"])
 
     def read_lead(self, contact_id: str) -> Lead:
         """One contact, one call (plus its texts): the unbatched path."""
@@ -575,6 +605,11 @@ class HubSpotCRM:
                 raise
             rows.append({"id": str(contact.id), **(contact.properties or {})})
         return rows
+
+
+def shared_limiter(redis: Redis, settings: Settings, portal_id: str) -> RateLimiter:
+    """The portal's rolling call budget, which every worker and `leadscore rescore` take from."""
+    return RateLimiter(redis, f"hubspot:{portal_id}", settings.hubspot_calls_per_10s)
 
 
 def _token_refused(portal_id: str) -> str:

@@ -1,0 +1,198 @@
+"""`leadscore rescore`: every lead that exists already, queued as its webhook events would be and
+scored by the real pipeline; a second run with nothing changed writes nothing and asks no LLM."""
+
+from __future__ import annotations
+
+import pytest
+
+from integration import metrics
+from integration.cli import main
+from integration.emulators import free_port
+from tests.conftest import PORTAL_ID, SF_ORG_ID, pending_events
+from tests.test_cli_and_procfile import REFUSED_TOKENS, reconfigure
+from tests.test_pipeline_hubspot import EXPECTED_BURST as HUBSPOT_SCORES
+from tests.test_pipeline_salesforce import EXPECTED_BURST as SALESFORCE_SCORES
+from workers import rescore
+
+CONVERTED = "00Q5g00000Ls011EAB"
+SF_OPEN = 11  # the fixtures' 12 Leads, less the converted one
+
+
+def hubspot_shown(hubspot) -> dict[str, tuple]:
+    return {
+        contact_id: (
+            int(props["leadscore_score"]) if props.get("leadscore_score") else None,
+            props.get("leadscore_tier"),
+            props.get("leadscore_reason"),
+        )
+        for contact_id, props in ((i, hubspot.contact_properties(i)) for i in hubspot.contacts)
+    }
+
+
+def salesforce_shown(salesforce) -> dict[str, tuple]:
+    return {
+        lead_id: tuple(lead.get(f"Leadscore_{name}__c") for name in ("Score", "Tier", "Reason"))
+        for lead_id, lead in salesforce.leads.items()
+    }
+
+
+def test_rescore_hubspot_scores_every_contact_and_a_second_run_writes_nothing(
+    crm, run_worker, redis, hubspot, llm, capsys
+):
+    assert {score for score, _, _ in hubspot_shown(hubspot).values()} == {None}  # go-live: nothing scored
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    assert capsys.readouterr().out == (
+        f"hubspot:{PORTAL_ID}: 24 leads queued, 0 already waiting; the workers score them, writing only "
+        "the scores that change\n"
+    )
+    results = run_worker()
+
+    assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
+    assert hubspot_shown(hubspot) == HUBSPOT_SCORES
+    shown = metrics.exposition(redis)[0].decode()  # no webhook was accepted, so no latency to measure
+    assert 'leadscore_batch_duration_seconds_count{crm="hubspot"}' in shown
+    assert "leadscore_scoring_latency_seconds_count" not in shown
+    writes, asked = len(hubspot.writes), len(llm.requests)
+    assert main(["rescore", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+    results = run_worker()
+    assert len(results) == 24 and {r["outcome"] for r in results} == {"unchanged"}
+    assert (len(hubspot.writes), len(llm.requests)) == (writes, asked)
+
+
+def test_rescore_salesforce_pages_the_open_leads_and_leaves_converted_ones_out(
+    sf_crm, run_worker, redis, salesforce, llm, capsys
+):
+    salesforce.query_page = 5  # three pages of Lead ids, as Salesforce pages 2,000 at a time
+    assert main(["rescore", "--crm", "salesforce", "--account", SF_ORG_ID[:15]]) == 0
+    assert capsys.readouterr().out.startswith(f"salesforce:{SF_ORG_ID}: {SF_OPEN} leads queued, 0 already")
+    queued = {event["lead_id"] for event in pending_events(redis, "salesforce", SF_ORG_ID)}
+    assert queued == set(salesforce.leads) - {CONVERTED}
+
+    results = run_worker()
+
+    assert len(results) == SF_OPEN and {r["outcome"] for r in results} == {"written"}
+    assert salesforce_shown(salesforce) == {**SALESFORCE_SCORES, CONVERTED: (None, None, None)}
+    writes, asked = len(salesforce.writes), len(llm.requests)
+    assert main(["rescore", "--crm", "salesforce"]) == 0
+    assert {r["outcome"] for r in run_worker()} == {"unchanged"}
+    assert (len(salesforce.writes), len(llm.requests)) == (writes, asked)
+
+
+def test_rescore_twice_queues_nothing_twice_and_a_webhook_event_still_wins(
+    crm, post_delivery, redis, hubspot, capsys
+):
+    assert post_delivery("contact.creation__single").get_json()["queued"] == 1  # in the intake, not drained
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith(f"hubspot:{PORTAL_ID}: 24 leads queued, 0 already waiting;")
+    assert second.startswith(f"hubspot:{PORTAL_ID}: 0 leads queued, 24 already waiting;")
+    waiting = pending_events(redis, "hubspot", PORTAL_ID)  # the collector drains the intake
+    assert len(waiting) == len(hubspot.contacts) == 24
+    assert sorted(event["kinds"][0] for event in waiting) == ["creation"] + ["rescore"] * 23
+
+
+def test_rescore_leaves_a_lead_waiting_with_its_webhook_event(crm, post_delivery, redis, capsys):
+    post_delivery("contact.creation__single")
+    [before] = pending_events(redis, "hubspot", PORTAL_ID)
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+
+    assert capsys.readouterr().out.startswith(f"hubspot:{PORTAL_ID}: 23 leads queued, 1 already waiting;")
+    waiting = {event["lead_id"]: event for event in pending_events(redis, "hubspot", PORTAL_ID)}
+    assert len(waiting) == 24 and waiting[before["lead_id"]] == before
+
+
+@pytest.mark.parametrize(
+    ("crm_name", "account", "message"),
+    [
+        ("hubspot", "99999", "--account 99999 is not the portal HUBSPOT_ACCESS_TOKEN belongs to "
+                             f"({PORTAL_ID})"),
+        ("salesforce", "00D5g000009ZzZzEAK", "--account 00D5g000009ZzZzEAK is not the org the Salesforce "
+                                             f"credentials reach ({SF_ORG_ID})"),
+    ],
+)  # fmt: skip
+def test_rescore_of_an_account_the_credentials_do_not_reach_queues_nothing(
+    env, redis, capsys, crm_name, account, message
+):
+    assert main(["rescore", "--crm", crm_name, "--account", account]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: {message}: leave --account out, or set the credentials of {account}\n"
+    )
+    assert redis.keys("leadscore:pending:*") == []
+
+
+def test_rescore_without_redis_says_so_before_reading_the_crm(env, monkeypatch, hubspot, capsys):
+    port = free_port()  # nothing listens there
+    reconfigure(monkeypatch, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+
+    assert main(["rescore", "--crm", "hubspot"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: cannot reach Redis (Error 111 connecting to 127.0.0.1:{port}. Connection refused.): "
+        "start it, or point REDIS_URL at the workers' Redis\n"
+    )
+    assert hubspot.api_calls() == 0
+
+
+@pytest.mark.parametrize(
+    ("crm_name", "setting", "scheme"),
+    [("hubspot", "HUBSPOT_API_BASE", "http"), ("salesforce", "SALESFORCE_INSTANCE_URL", "https")],
+)
+def test_rescore_of_a_crm_that_cannot_be_reached_names_its_url(
+    env, monkeypatch, redis, capsys, crm_name, setting, scheme
+):
+    url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
+    reconfigure(monkeypatch, **{setting: url})
+
+    assert main(["rescore", "--crm", crm_name]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: cannot reach {url} (Failed to establish a new connection: [Errno 111] Connection "
+        f"refused): check {setting} and that it is up\n"
+    )
+    assert redis.keys("leadscore:pending:*") == []
+
+
+@pytest.mark.parametrize(("crm_name", "message"), REFUSED_TOKENS)
+def test_rescore_with_a_token_the_crm_refuses_names_the_setting(env, request, capsys, crm_name, message):
+    request.getfixturevalue(crm_name).token = "rotated-since"
+
+    assert main(["rescore", "--crm", crm_name]) == 2
+    assert capsys.readouterr().err == f"leadscore: {message}\n"
+
+
+def test_rescore_of_a_crm_not_configured_says_what_to_set(env, monkeypatch, capsys):
+    reconfigure(monkeypatch, HUBSPOT_ACCESS_TOKEN="")
+
+    assert main(["rescore", "--crm", "hubspot"]) == 2
+    assert capsys.readouterr().err.startswith("leadscore: HUBSPOT_ACCESS_TOKEN is not set: ")
+
+
+def test_rescore_stopped_midway_says_how_many_leads_it_queued(env, monkeypatch, redis, salesforce, capsys):
+    monkeypatch.setattr(rescore, "CHUNK", 5)
+    salesforce.query_page = 5
+    salesforce.api_calls = 13497  # the org's answers cross SALESFORCE_API_STOP_FRACTION (90%) on page two
+
+    assert main(["rescore", "--crm", "salesforce"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: rescore of salesforce:{SF_ORG_ID} stopped after queueing 10 leads: Salesforce org "
+        f"{SF_ORG_ID} has used 13500 of 15000 daily API calls; leadscore stops at 90% "
+        "(SALESFORCE_API_STOP_FRACTION); run it again once that is fixed (leads still waiting are not "
+        "queued twice)\n"
+    )
+    assert len(pending_events(redis, "salesforce", SF_ORG_ID)) == 10
+
+
+def test_a_worker_says_at_start_which_scoring_config_is_live(env, caplog):
+    from workers import jobs
+
+    assert main(["worker", "--burst"]) == 0
+
+    config = jobs.context().config
+    said = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker" and r.levelname == "INFO"]
+    assert (
+        f"scoring config shipped default: version {config.version}, digest {config.digest} "
+        "(LLM gpt-4o-mini, no trained model, HOLDOUT_SHARE 0)"
+    ) in said

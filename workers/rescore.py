@@ -1,0 +1,91 @@
+"""`leadscore rescore`: queue every open lead of an account, as its webhook events would come.
+
+At go-live no lead has a score, and after the rules, the model or the holdout share change, only
+leads that change again are rescored: list views would mix two rule sets. This pages every lead id
+of the account from the CRM and makes the leads pending, a thousand a transaction, where the
+account's collector batches them as it batches webhook events. A lead already waiting keeps its
+event, so running it twice queues nothing twice; a lead whose inputs and rules have not changed
+costs its share of one batched read, and no LLM call and no write (the worker's fingerprint check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import islice
+
+from redis import Redis
+from rq import Queue
+
+from integration import pending
+from integration.events import RESCORE, LeadEvent
+from integration.hubspot.api import HubSpotCRM, shared_limiter
+from integration.salesforce.api import SalesforceCRM
+from integration.settings import Settings
+from workers.progress import progress
+
+CHUNK = 1000  # leads made pending a transaction
+
+
+class AccountError(ValueError):
+    """--account names a portal or org that the configured credentials do not reach."""
+
+
+@dataclass
+class Fed:
+    """What a rescore has handed to the pipeline so far, for the account it reached."""
+
+    crm: str
+    account: str
+    queued: int = 0  # leads made pending
+    waiting: int = 0  # leads already pending, left with the event they wait with
+
+
+def open_leads(settings: Settings, redis: Redis, crm: str, account: str | None) -> tuple[str, Iterator[str]]:
+    """The account the credentials reach, and the ids of its leads that can be scored (Salesforce's
+    converted Leads cannot be written). HubSpot's pages take slots of the portal's rate limit that
+    the workers share, so a rescore and the scoring it starts stay under HubSpot's limit together."""
+    if crm == "hubspot":
+        token_portal = HubSpotCRM(settings).token_portal()
+        portal = _reached(account, token_portal, "portal HUBSPOT_ACCESS_TOKEN belongs to")
+        adapter = HubSpotCRM(settings, portal_id=portal, limiter=shared_limiter(redis, settings, portal))
+        return portal, adapter.contact_ids()
+    org = _reached(account, SalesforceCRM(settings).reached_org(), "org the Salesforce credentials reach")
+    return org, SalesforceCRM(settings, org_id=org).open_lead_ids()
+
+
+def _reached(asked: str | None, reached: str, what: str) -> str:
+    """The account to queue leads under: the one the credentials reach, spelled as its webhooks
+    spell it. Leads queued under another would be filed, and held out, under the wrong account."""
+    if asked and asked[:15] != reached[:15]:  # a Salesforce org id's 15 characters name it
+        raise AccountError(
+            f"--account {asked} is not the {what} ({reached}): leave --account out, or set the "
+            f"credentials of {asked}"
+        )
+    return reached
+
+
+def feed(queue: Queue, fed: Fed, lead_ids: Iterable[str]) -> Fed:
+    """Make the leads pending, CHUNK a transaction, and kick the account's collector after each, so
+    the workers score while the CRM is still being paged. `fed` counts only what Redis took."""
+    now = datetime.now(UTC)
+    ids = iter(progress(f"queueing {fed.crm}:{fed.account} leads")(lead_ids))
+    while chunk := list(islice(ids, CHUNK)):
+        events = [_event(fed, lead_id, now) for lead_id in chunk]
+        added = pending.requeue(queue, fed.crm, fed.account, events)
+        fed.queued += added
+        fed.waiting += len(chunk) - added
+    return fed
+
+
+def _event(fed: Fed, lead_id: str, now: datetime) -> LeadEvent:
+    return LeadEvent(
+        crm=fed.crm,
+        account_id=fed.account,
+        lead_id=lead_id,
+        event_ids=(f"{RESCORE}:{now:%Y-%m-%dT%H:%M:%SZ}",),
+        kinds=(RESCORE,),
+        occurred_at=now,
+        accepted_at=now,
+    )
