@@ -52,15 +52,16 @@ class Services:
 def queue_gauges(redis: Redis, queue_name: str) -> dict:
     """Scrape-time gauges: what waits in RQ and in the pending store, and for how long; what failed."""
 
+    queues = pending.worker_queues(queue_name, redis)
+
     def depth():
-        return [
-            ({"queue": queue_name}, float(Queue(queue_name, connection=redis).count)),
-            ({"queue": "pending"}, float(pending.depth(redis))),
+        return [({"queue": q.name}, float(q.count)) for q in queues] + [
+            ({"queue": "pending"}, float(pending.depth(redis)))
         ]
 
     def failed():  # read as it is: a scrape leaves expiring the registry's entries to RQ
-        registry = Queue(queue_name, connection=redis).failed_job_registry
-        return [({"queue": queue_name}, float(registry.get_job_count(cleanup=False)))]
+        counts = {q.name: q.failed_job_registry.get_job_count(cleanup=False) for q in queues}
+        return [({"queue": name}, float(count)) for name, count in counts.items()]
 
     def oldest_age():
         oldest: dict[str, float] = {}

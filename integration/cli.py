@@ -50,9 +50,8 @@ def cmd_setup(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from rq import Queue
-
     from integration import logs
+    from integration.pending import worker_queues
     from integration.queue import durability_risks, redis_from_url
     from workers import jobs
     from workers.worker import build
@@ -81,9 +80,7 @@ def cmd_worker(args) -> int:
     while True:  # a Redis restart must not end the worker: wait for it, then work again
         try:
             redis = redis_from_url(settings.redis_url)
-            worker = build(
-                [Queue(settings.queue_name, connection=redis)], redis, settings.worker_maintenance_s
-            )
+            worker = build(worker_queues(settings.queue_name, redis), redis, settings.worker_maintenance_s)
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
             return 0
         except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -202,8 +199,12 @@ def _queue():
     return Queue(settings.queue_name, connection=connection)
 
 
-def _failed_registry():
-    return _queue().failed_job_registry
+def _failed_registries():
+    """The failed jobs of both queues the workers take from: theirs, and the backfill's."""
+    from integration.pending import worker_queues
+
+    queue = _queue()
+    return [q.failed_job_registry for q in worker_queues(queue.name, queue.connection)]
 
 
 def _leads_of(job) -> str:
@@ -218,38 +219,39 @@ def _leads_of(job) -> str:
 
 
 def cmd_failed(args) -> int:
-    registry = _failed_registry()
-    ids = registry.get_job_ids()
-    if not ids:
+    failed = 0
+    for registry in _failed_registries():
+        ids = registry.get_job_ids()
+        failed += len(ids)
+        for job in registry.job_class.fetch_many(ids, connection=registry.connection):
+            if job is None:
+                continue
+            result = job.latest_result()
+            said = result.exc_string if result else None
+            reason = said.strip().splitlines()[-1] if said else "?"
+            ended = job.ended_at.isoformat(timespec="seconds") if job.ended_at else "?"
+            print(f"{job.id}  {ended}  {_leads_of(job)}\n    {reason}")
+    if not failed:
         print("no failed jobs")
         return 0
-    for job in registry.job_class.fetch_many(ids, connection=registry.connection):
-        if job is None:
-            continue
-        result = job.latest_result()
-        reason = (result.exc_string or "").strip().splitlines()[-1] if result and result.exc_string else "?"
-        ended = job.ended_at.isoformat(timespec="seconds") if job.ended_at else "?"
-        print(f"{job.id}  {ended}  {_leads_of(job)}\n    {reason}")
-    print(f"{len(ids)} failed; `leadscore requeue JOB_ID...` or `leadscore requeue --all` runs them again")
+    print(f"{failed} failed; `leadscore requeue JOB_ID...` or `leadscore requeue --all` runs them again")
     return 0
 
 
 def cmd_requeue(args) -> int:
-    registry = _failed_registry()
-    ids = registry.get_job_ids() if args.all else args.job_ids
+    registries = _failed_registries()
+    ids = [i for registry in registries for i in registry.get_job_ids()] if args.all else args.job_ids
     if not ids:
         print("nothing to requeue: name job ids or pass --all", file=sys.stderr)
         return 2
-    from rq.exceptions import InvalidJobOperation, NoSuchJobError
-
     refused = 0
     for job_id in ids:
-        try:
-            registry.requeue(job_id)
-        except (NoSuchJobError, InvalidJobOperation):  # mistyped, or not in the failed registry
+        holding = next((registry for registry in registries if job_id in registry), None)
+        if holding is None:  # mistyped, or not in a failed registry
             print(f"not a failed job: {job_id}", file=sys.stderr)
             refused += 1
             continue
+        holding.requeue(job_id)
         print(f"requeued {job_id}")
     return 2 if refused else 0
 

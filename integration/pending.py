@@ -9,6 +9,10 @@ event is always in the intake, pending, or inside a durable RQ job — never in 
 collector killed mid-drain leaves its entries in the intake for the next one, and the
 seen marks make draining them twice harmless.
 
+Batches of leads that only `leadscore rescore` brought go to the backfill queue beside the
+workers' queue; workers take from their own queue first, so a lead a webhook just brought is
+scored within seconds while a backfill of every lead of an account runs behind it.
+
 Keys, all under `leadscore:`:
   intake:{crm}:{account}         stream  deliveries as the web queued them (`pack_intake`)
   intake-events:{crm}:{account}  string  how many events the intake holds
@@ -33,7 +37,7 @@ from rq import Queue, Retry
 from rq.job import Job
 
 from integration import metrics
-from integration.events import LeadEvent, coalesce, dump_events, parse_events, unpack_intake
+from integration.events import RESCORE, LeadEvent, coalesce, dump_events, parse_events, unpack_intake
 
 _DELETE_IF_OWN = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -72,6 +76,7 @@ BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 BATCH_TIMEOUT_S = 600
 SEEN_WINDOW_S = 4 * 24 * 3600  # HubSpot retries for up to three days
 DRAIN_ENTRIES = 20  # deliveries a collector takes from the intake at a time
+BACKFILL = "-backfill"  # suffix of the queue beside the workers' queue that rescores wait in
 
 
 def pending_key(crm: str, account: str) -> str:
@@ -181,8 +186,22 @@ def requeue(queue: Queue, crm: str, account: str, events: list[LeadEvent]) -> in
     return sum(added)
 
 
+def worker_queues(name: str, connection: Redis) -> list[Queue]:
+    """The queues a worker takes jobs from, in order: webhook work first, then the backfill."""
+    return [Queue(name, connection=connection), Queue(name + BACKFILL, connection=connection)]
+
+
+def live_queue(queue: Queue) -> Queue:
+    """The workers' own queue, from either of the two: collectors and live batches belong there."""
+    if not queue.name.endswith(BACKFILL):
+        return queue
+    return Queue(queue.name.removesuffix(BACKFILL), connection=queue.connection)
+
+
 def kick(queue: Queue, crm: str, account: str) -> Job | None:
-    """Make sure one collect job is queued or running for the account."""
+    """Make sure one collect job is queued or running for the account (on the live queue, even
+    when a backfill batch's fallback rescore asks)."""
+    queue = live_queue(queue)
     token = uuid.uuid4().hex
     if not queue.connection.set(kick_key(crm, account), token, nx=True, ex=KICK_TTL_S):
         return None
@@ -248,7 +267,10 @@ def enqueue_batch(
     numbered = [event.model_copy(update={"handoff": handoff}) for event in parse_events(events)]
     pipe.hset(handoff_key(crm, account), mapping={event.lead_id: handoff for event in numbered})
     pipe.expire(handoff_key(crm, account), HANDOFF_TTL_S)
-    [job] = queue.enqueue_many(
+    target = live_queue(queue)
+    if all(RESCORE in event.kinds for event in numbered):  # no webhook waits on it: behind live work
+        target = Queue(target.name + BACKFILL, connection=target.connection)
+    [job] = target.enqueue_many(
         [
             Queue.prepare_data(
                 SCORE_BATCH_JOB,

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from redis import Redis
 from rq import Queue, SimpleWorker
+from rq.job import Job
 from sqlalchemy import create_engine, select, text
 
-from integration import signing
+from integration import pending, signing
 from integration.app import create_app
 from integration.emulators import serve_in_thread, start_postgres, start_redis
 from integration.emulators.hubspot import HubSpotEmulator
@@ -201,16 +202,21 @@ def queue(redis, settings):
     return Queue(settings.queue_name, connection=redis)
 
 
+def finished_jobs(redis, queue) -> list[Job]:
+    """The jobs finished on the workers' queue and on the backfill, in the order they ended."""
+    ids = [i for q in pending.worker_queues(queue.name, redis) for i in q.finished_job_registry.get_job_ids()]
+    return sorted(Job.fetch_many(ids, connection=redis), key=lambda job: job.ended_at)
+
+
 @pytest.fixture
 def run_worker(queue, redis):
-    """Drain the queue with a real RQ worker running the real job functions."""
+    """Drain the queue (and the backfill behind it) with a real RQ worker running the real job functions."""
 
     def run() -> list[dict]:
         """Each scored lead's outcome, from the score_batch jobs that finished in this run."""
-        finished_before = set(queue.finished_job_registry.get_job_ids())
-        SimpleWorker([queue], connection=redis).work(burst=True)
-        ids = [i for i in queue.finished_job_registry.get_job_ids() if i not in finished_before]
-        jobs = sorted((queue.fetch_job(i) for i in ids), key=lambda job: job.ended_at)
+        finished_before = {job.id for job in finished_jobs(redis, queue)}
+        SimpleWorker(pending.worker_queues(queue.name, redis), connection=redis).work(burst=True)
+        jobs = [job for job in finished_jobs(redis, queue) if job.id not in finished_before]
         return [r for job in jobs if job.func_name.endswith("score_batch") for r in job.return_value()]
 
     return run

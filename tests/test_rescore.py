@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from integration import metrics
+from integration import metrics, pending
 from integration.cli import main
 from integration.emulators import free_port
-from tests.conftest import PORTAL_ID, SF_ORG_ID, pending_events
+from tests.conftest import PORTAL_ID, SF_ORG_ID, finished_jobs, pending_events
 from tests.test_cli_and_procfile import REFUSED_TOKENS, reconfigure
 from tests.test_pipeline_hubspot import EXPECTED_BURST as HUBSPOT_SCORES
 from tests.test_pipeline_salesforce import EXPECTED_BURST as SALESFORCE_SCORES
@@ -58,6 +58,43 @@ def test_rescore_hubspot_scores_every_contact_and_a_second_run_writes_nothing(
     results = run_worker()
     assert len(results) == 24 and {r["outcome"] for r in results} == {"unchanged"}
     assert (len(hubspot.writes), len(llm.requests)) == (writes, asked)
+
+
+def test_a_lead_a_webhook_brings_is_scored_before_a_rescore_backlog(
+    crm, run_worker, redis, hubspot, llm, monkeypatch, post_delivery, queue
+):
+    """The backfill's batches wait in their own queue, which workers take from only when theirs is
+    empty: at go-live, a rep's edit is not scored behind every lead of the portal."""
+    reconfigure(monkeypatch, BATCH_SIZE="5")
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    post_delivery("contact.propertyChange__lead_status")  # a rep's edit to 74300000103, already queued
+
+    results = run_worker()
+
+    batches = [job for job in finished_jobs(redis, queue) if job.func_name.endswith("score_batch")]
+    assert [job.origin for job in batches] == [queue.name] + [f"{queue.name}-backfill"] * 4
+    assert f"hubspot:{PORTAL_ID}:74300000103" in [r["lead"] for r in batches[0].return_value()]
+    assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
+
+
+def test_a_refused_backfill_batch_is_listed_and_requeued_like_any_other(
+    crm, run_worker, hubspot, queue, capsys
+):
+    hubspot.reject["74300000101"] = "Blocked by a validation rule"
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    run_worker()  # refused alone, from the backfill: dead-lettered there
+    backfill = pending.worker_queues(queue.name, queue.connection)[1]
+    [job_id] = backfill.failed_job_registry.get_job_ids()
+    capsys.readouterr()
+
+    assert main(["failed"]) == 0
+    assert f"{job_id}  " in capsys.readouterr().out
+    hubspot.reject.clear()
+    assert main(["requeue", "--all"]) == 0
+    [result] = run_worker()
+
+    assert result == {**result, "lead": f"hubspot:{PORTAL_ID}:74300000101", "outcome": "written"}
+    assert backfill.failed_job_registry.count == 0
 
 
 def test_rescore_salesforce_pages_the_open_leads_and_leaves_converted_ones_out(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rq import Worker
 
+from integration import pending
 from workers.batch import sweep
 
 JOB_MONITORING_S = 5  # heartbeat: a killed worker's job is retried about a minute later
@@ -15,7 +16,8 @@ class LeadscoreWorker(Worker):
     def clean_registries(self) -> None:
         super().clean_registries()
         for queue in self.queues:
-            sweep(queue)
+            if not queue.name.endswith(pending.BACKFILL):  # the backfill's accounts are the live queue's
+                sweep(queue)
 
 
 def build(queues, connection, maintenance_s: int) -> LeadscoreWorker:
