@@ -16,9 +16,10 @@ def option_label(value: str) -> str:
 
 
 # Read with the lead but not scored: names, our own output, and what reps and outcomes say about it.
-NOT_SCORING_INPUTS = frozenset(
-    {"current_output", "first_name", "last_name", "feedback", "outcome", "outcome_at", "read_only"}
-)
+NOT_SCORING_INPUTS = frozenset({
+    "current_output", "first_name", "last_name", "feedback", "outcome", "outcome_at", "read_only",
+    "engagement_known",  # the CRM's, not the lead's: the same for every lead of a CRM
+})  # fmt: skip
 ADDED_LATER = {"do_not_call": False, "rating": None, "custom": {}}  # field -> its empty value
 
 
@@ -61,6 +62,9 @@ class Lead(BaseModel):
     recent_conversion_at: str | None = None
     last_activity_at: str | None = None
     last_reply_at: str | None = None
+    engagement_known: bool = Field(
+        True, description="the CRM records visits, conversions and replies (a Salesforce Lead does not)"
+    )
 
     texts: tuple[str, ...] = Field((), description="latest notes and emails, newest first, bounded")
 

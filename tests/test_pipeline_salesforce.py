@@ -89,12 +89,12 @@ EXPECTED_BURST = {
     "00Q5g00000Ls009EAB": (
         63,
         "B",
-        "Chief Financial Officer; Reachable, not engaged yet",
+        "Chief Financial Officer; Email and phone on file",
     ),
     "00Q5g00000Ls010EAB": (
         54,
         "C",
-        "Director of IT at 3400-person healthcare firm; Reachable, not engaged yet",
+        "Director of IT at 3400-person healthcare firm; Email and phone on file",
     ),
     "00Q5g00000Ls012EAB": (75, "A", "Head of Sales at 60-person tech company; Employee referral"),
 }

@@ -570,6 +570,7 @@ def test_role_fit_combines_function_size_and_industry(config):
         (dict(has_email=True), "Email only, no phone", 0.45),
         (dict(has_email=True, email_opted_out=True, has_phone=True), "Phone only, no usable email", 0.3),
         (dict(has_email=True, has_phone=True, visits=2, conversions=1), "Reachable, not engaged yet", 0.75),
+        (dict(has_email=True, has_phone=True, engagement_known=False), "Email and phone on file", 0.75),
         (dict(has_email=True, email_opted_out=True, visits=10), "Opted out of email, no phone", 0.25),
     ],
 )

@@ -114,8 +114,10 @@ def reachability(lead: Lead, config: ScoringConfig) -> Component:
         phrase = "Email only, no phone"
     elif not email_ok:
         phrase = "Phone only, no usable email"
-    else:
+    elif lead.engagement_known:
         phrase = "Reachable, not engaged yet"
+    else:  # the CRM cannot tell: a rep may well have spoken to them
+        phrase = "Email and phone on file"
     return Component(min(score, 1.0), {"reach": phrase})
 
 

@@ -207,6 +207,7 @@ def lead_from_record(
         status=record.get("Status"),
         stage=record.get("Rating"),
         last_activity_at=record.get("LastActivityDate"),
+        engagement_known=False,  # no visits, form conversions or replies on a Lead: not "not engaged"
         texts=bounded_texts(texts),
         rating=record.get("Rating"),
         do_not_call=bool(record.get("DoNotCall")),
