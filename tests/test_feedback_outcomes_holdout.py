@@ -88,6 +88,56 @@ def test_contact_propertyChange__rep_feedback(env, post_delivery, crm, run_worke
     )  # fmt: skip
 
 
+def test_a_new_score_clears_the_feedback_on_the_old_one_and_saying_it_again_counts(
+    env, post_delivery, crm, run_worker, hubspot
+):
+    """Feedback is about the score the rep saw: beside a new score it would mislead, and a rep who
+    still thinks "too high" could not say so again without clearing it first."""
+    post_delivery("contact.propertyChange__lead_status")
+    [first] = run_worker()
+    properties = hubspot.contacts[CONTACT]["properties"]
+    properties["leadscore_feedback"] = "too_high"
+    post_delivery("contact.propertyChange__rep_feedback")
+    run_worker()
+    properties["hs_lead_status"] = "UNQUALIFIED"  # the rep disqualifies it: a new score and tier
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 8, "propertyValue": "UNQUALIFIED"}]).encode())  # fmt: skip
+    [second] = run_worker()
+
+    assert second["outcome"] == "written" and (second["score"], second["tier"]) != (
+        first["score"],
+        first["tier"],
+    )
+    assert hubspot.contact_properties(CONTACT)["leadscore_feedback"] == ""
+    properties["leadscore_feedback"] = "too_high"  # of the new score
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__rep_feedback.json")[0],
+                               "eventId": 9}]).encode())  # fmt: skip
+    run_worker()
+    said = [(row["value"], row["score"], row["tier"]) for row in table(env, store.feedback)]
+    assert said == [
+        ("too_high", first["score"], first["tier"]),
+        ("cleared", second["score"], second["tier"]),
+        ("too_high", second["score"], second["tier"]),
+    ]
+    by_tier = store_data.store_summary(store.Store(env["DATABASE_URL"]))["feedback"]
+    assert by_tier == {first["tier"]: {"too_high": 1}, second["tier"]: {"too_high": 1}}
+
+
+def test_a_new_salesforce_score_clears_the_feedback_field_too(env, post_change_events, sf_crm, run_worker,
+                                                              salesforce):  # fmt: skip
+    post_change_events("lead_change_event__create")
+    run_worker()
+    lead = salesforce.leads["00Q5g00000Ls001EAB"]
+    lead["Leadscore_Feedback__c"] = "too_low"
+    lead["Status"] = "Closed - Not Converted"  # and disqualifies it, in the same save: a new score
+    post_change_events("lead_change_event__rep_feedback")
+    [result] = run_worker()
+
+    assert result["outcome"] == "written"
+    assert salesforce.lead("00Q5g00000Ls001EAB").get("Leadscore_Feedback__c") is None
+    assert [row["value"] for row in table(env, store.feedback)] == ["too_low", "cleared"]
+
+
 @pytest.mark.parametrize("stage", ["customer", "opportunity"])
 def test_contact_propertyChange__lifecyclestage(env, post_delivery, crm, run_worker, hubspot, stage):
     hubspot.contacts[CONTACT]["properties"]["lifecyclestage"] = stage

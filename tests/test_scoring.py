@@ -910,6 +910,20 @@ def test_fields_to_write_when_anything_differs(change):
     }
 
 
+@pytest.mark.parametrize(
+    ("change", "clears"),
+    [({"score": "88"}, True), ({"tier": "B"}, True), ({"reason": "Something else"}, False)],
+)
+def test_a_reps_feedback_is_cleared_when_the_score_or_tier_it_was_about_changes(change, clears):
+    result = _result()
+    current = {**result.fields(), **change}
+
+    written = fields_to_write(result.fields(), current, feedback="too_high")
+
+    assert ("feedback" in written, written.get("feedback")) == ((True, "") if clears else (False, None))
+    assert "feedback" not in fields_to_write(result.fields(), current, feedback=None)
+
+
 def test_fields_to_write_for_an_unscored_lead_stamps_utc():
     result = _result()
     paris = datetime(2026, 11, 19, 16, 40, 27, 5000, tzinfo=timezone(timedelta(hours=1)))

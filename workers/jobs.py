@@ -52,6 +52,19 @@ class Scored:
     fields: dict[str, str] | None  # what to write; None when the CRM already shows it
     holdout: bool = False  # the CRM shows no score for this lead (the randomised holdout)
 
+    @property
+    def clears_feedback(self) -> bool:
+        return bool(self.fields) and "feedback" in self.fields
+
+    def cleared_feedback(self) -> Feedback:
+        """The rep's feedback, cleared by the write of a new score: kept against that score, so the
+        feedback on the one the rep saw stands, and saying it again of this one counts."""
+        score = self.fields.get("score")
+        return Feedback(
+            self.lead.crm, self.lead.account_id, self.lead.lead_id, None, score=int(score) if score else None,
+            tier=self.fields.get("tier") or None, fingerprint=self.result.details["fingerprint"],
+        )  # fmt: skip
+
     def record(self) -> ScoreRecord:
         """What the store keeps of a score that was written."""
         details = self.result.details
@@ -101,10 +114,11 @@ class WorkerContext:
             for lead in leads
             if lead.outcome
         ] + list(won)
+        cleared = [s.cleared_feedback() for s in scored if s.clears_feedback]  # after the rep's, as it came
         steps = {
             "scores": lambda: self.store.record_scores(s.record() for s in scored),
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
-            "feedback": lambda: self.store.record_feedback(_feedback(lead) for lead in leads),
+            "feedback": lambda: self.store.record_feedback([*map(_feedback, leads), *cleared]),
         }
         for what, step in steps.items():
             try:
@@ -164,7 +178,7 @@ class WorkerContext:
             holdout = held[i]
             flagged = (lead.current_output.get("holdout") or "").lower() == "true"
             shown = shown_fields(result, holdout, write_flag=share > 0 or flagged)
-            fields = fields_to_write(shown, lead.current_output)
+            fields = fields_to_write(shown, lead.current_output, feedback=lead.feedback)
             scored.append(Scored(lead, result, propensity, fields, holdout))
             self.telemetry("leads_scored_total", crm=lead.crm)
         return scored

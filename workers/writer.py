@@ -37,10 +37,17 @@ def _same(key: str, current: str | None, new: str) -> bool:
 
 
 def fields_to_write(
-    new: dict[str, str], current: dict[str, str], now: datetime | None = None
+    new: dict[str, str], current: dict[str, str], now: datetime | None = None, feedback: str | None = None
 ) -> dict[str, str] | None:
-    """The fields to write, or None when the CRM already shows exactly these."""
+    """The fields to write, or None when the CRM already shows exactly these.
+
+    A rep's `feedback` was about the score and tier they saw: when either changes, it is cleared in
+    the same write, so it never stands beside a score it was not about, and the rep can say it again
+    of the new one."""
     if all(_same(key, current.get(key), value) for key, value in new.items()):
         return None
     stamp = (now or datetime.now(UTC)).astimezone(UTC)
-    return {**new, "scored_at": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")}
+    fields = {**new, "scored_at": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")}
+    if feedback and not all(_same(key, current.get(key), new[key]) for key in ("score", "tier")):
+        fields["feedback"] = ""
+    return fields

@@ -9,6 +9,8 @@ OUTPUT_PROPERTIES = {
     "holdout": "leadscore_holdout",  # written only while HOLDOUT_SHARE > 0
 }
 FEEDBACK_PROPERTY = "leadscore_feedback"  # set by reps: too_high, too_low, right
+# What a write may carry: the feedback only to clear it, when the score it was about changes.
+WRITTEN_PROPERTIES = {**OUTPUT_PROPERTIES, "feedback": FEEDBACK_PROPERTY}
 # lifecyclestage values that count as an outcome, and which
 OUTCOME_STAGES = {"opportunity": "opportunity", "customer": "customer", "evangelist": "customer"}
 # HubSpot dates every lifecycle stage a contact enters: the earliest of these is when it converted.

@@ -36,7 +36,13 @@ from urllib3.util.retry import Retry
 
 from integration.crm import WriteResult
 from integration.errors import CRMError, CRMUnavailable, LeadGone
-from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES, OUTCOME_STAGES, OUTPUT_PROPERTIES
+from integration.hubspot import (
+    FEEDBACK_PROPERTY,
+    OUTCOME_DATE_PROPERTIES,
+    OUTCOME_STAGES,
+    OUTPUT_PROPERTIES,
+    WRITTEN_PROPERTIES,
+)
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
 from integration.ratelimit import RateLimited, RateLimiter
 from integration.settings import Settings
@@ -489,7 +495,7 @@ class HubSpotCRM:
 
     def write_scores(self, contact_id: str, fields: dict[str, str]) -> None:
         """One contact, one PATCH: the unbatched path."""
-        properties = {OUTPUT_PROPERTIES[key]: value for key, value in fields.items()}
+        properties = {WRITTEN_PROPERTIES[key]: value for key, value in fields.items()}
         try:
             self._call(
                 "write",
@@ -521,7 +527,7 @@ class HubSpotCRM:
         alike: each is refused at once, saying to run setup."""
         inputs = [
             SimplePublicObjectBatchInput(
-                id=contact_id, properties={OUTPUT_PROPERTIES[k]: v for k, v in fields.items()}
+                id=contact_id, properties={WRITTEN_PROPERTIES[k]: v for k, v in fields.items()}
             )
             for contact_id, fields in chunk
         ]

@@ -11,6 +11,8 @@ OUTPUT_FIELDS = {
     "holdout": "Leadscore_Holdout__c",  # written only while HOLDOUT_SHARE > 0
 }
 FEEDBACK_FIELD = "Leadscore_Feedback__c"  # set by reps: too_high, too_low, right
+# What a write may carry: the feedback only to clear it, when the score it was about changes.
+WRITTEN_FIELDS = {**OUTPUT_FIELDS, "feedback": FEEDBACK_FIELD}
 _RECORD_ID = re.compile(r"[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?")
 _ORG_ID = re.compile(r"00D[a-zA-Z0-9]{12}(?:[a-zA-Z0-9]{3})?")
 

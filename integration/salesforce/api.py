@@ -27,7 +27,7 @@ from integration.crm import WriteRejected, WriteResult
 from integration.errors import CRMError, CRMUnavailable, LeadGone
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, option_label
 from integration.ratelimit import RateLimited
-from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, is_record_id
+from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, WRITTEN_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -559,7 +559,7 @@ class SalesforceCRM:
 
 def _typed(fields: dict[str, str]) -> dict:
     """Our text values in the types the Lead fields hold."""
-    typed: dict = {OUTPUT_FIELDS[key]: value or None for key, value in fields.items()}  # "" clears a field
+    typed: dict = {WRITTEN_FIELDS[key]: value or None for key, value in fields.items()}  # "" clears a field
     if typed.get(OUTPUT_FIELDS["score"]) is not None:
         typed[OUTPUT_FIELDS["score"]] = int(typed[OUTPUT_FIELDS["score"]])
     if OUTPUT_FIELDS["holdout"] in typed:
