@@ -161,7 +161,7 @@ class Settings(BaseSettings):
         if not self.hubspot_access_token:
             raise SettingsError(
                 "HUBSPOT_ACCESS_TOKEN is not set: use a private app token with the "
-                "crm.objects.contacts.read/write and crm.schemas.contacts.write scopes"
+                "crm.objects.contacts.read/write and crm.schemas.contacts.read/write scopes"
             )
 
     def require_salesforce_outbound(self) -> None:

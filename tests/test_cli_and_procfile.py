@@ -338,7 +338,8 @@ def test_setup_hubspot_without_the_schema_scope_names_the_scope(env, hubspot, ca
     assert main(["setup", "hubspot"]) == 2
     assert capsys.readouterr().err == (
         "leadscore: HubSpot refused to create leadscore's properties (403 MISSING_SCOPES): give the private "
-        "app the crm.schemas.contacts.write scope, then run `leadscore setup hubspot` again\n"
+        "app the crm.schemas.contacts.read and crm.schemas.contacts.write scopes, then run `leadscore setup "
+        "hubspot` again\n"
     )
 
 

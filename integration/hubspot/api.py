@@ -572,7 +572,8 @@ class HubSpotCRM:
             if exc.status == 403:
                 raise CRMError(
                     "HubSpot refused to create leadscore's properties (403 MISSING_SCOPES): give the private "
-                    "app the crm.schemas.contacts.write scope, then run `leadscore setup hubspot` again"
+                    "app the crm.schemas.contacts.read and crm.schemas.contacts.write scopes, then run "
+                    "`leadscore setup hubspot` again"
                 ) from exc
             raise
 
