@@ -263,13 +263,22 @@ def enqueue_batch(
     Each lead keeps the number of its newest hand-off, so a slower batch holding an older event can
     tell that a newer one has been handed out since. Redis hands the numbers out in order, so the mark
     only ever rises; the web hosts' clocks, which may disagree, have no say in it.
+
+    A batch of rescores only (no webhook waits on it) goes to the backfill queue, behind live work,
+    and marks only leads that have no mark: a webhook's batch still waiting for its turn must not
+    be superseded by a rescore that reached its lead meanwhile, or the lead would wait behind the
+    whole backfill. Both read the CRM when they run, so both may write.
     """
     numbered = [event.model_copy(update={"handoff": handoff}) for event in parse_events(events)]
-    pipe.hset(handoff_key(crm, account), mapping={event.lead_id: handoff for event in numbered})
-    pipe.expire(handoff_key(crm, account), HANDOFF_TTL_S)
     target = live_queue(queue)
-    if all(RESCORE in event.kinds for event in numbered):  # no webhook waits on it: behind live work
+    marks = handoff_key(crm, account)
+    if all(RESCORE in event.kinds for event in numbered):
         target = Queue(target.name + BACKFILL, connection=target.connection)
+        for event in numbered:
+            pipe.hsetnx(marks, event.lead_id, handoff)
+    else:
+        pipe.hset(marks, mapping={event.lead_id: handoff for event in numbered})
+    pipe.expire(marks, HANDOFF_TTL_S)
     [job] = target.enqueue_many(
         [
             Queue.prepare_data(

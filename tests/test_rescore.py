@@ -4,6 +4,7 @@ scored by the real pipeline; a second run with nothing changed writes nothing an
 from __future__ import annotations
 
 import pytest
+from rq import SimpleWorker
 
 from integration import metrics, pending
 from integration.cli import main
@@ -75,6 +76,24 @@ def test_a_lead_a_webhook_brings_is_scored_before_a_rescore_backlog(
     assert [job.origin for job in batches] == [queue.name] + [f"{queue.name}-backfill"] * 4
     assert f"hubspot:{PORTAL_ID}:74300000103" in [r["lead"] for r in batches[0].return_value()]
     assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
+
+
+def test_a_webhooks_batch_still_waiting_is_not_superseded_by_a_rescore_that_reaches_its_lead(
+    crm, redis, hubspot, post_delivery, queue
+):
+    """A live batch put off (a 429, say) while a rescore hands the same lead to the backfill still
+    writes it: otherwise the rep's edit would wait behind the whole backfill."""
+    post_delivery("contact.propertyChange__lead_status")  # a rep's edit to 74300000103
+    pending.drain(redis, "hubspot", PORTAL_ID)
+    live_batch = pending.take_batch(queue, "hubspot", PORTAL_ID, 100)  # waiting its turn
+    assert main(["rescore", "--crm", "hubspot"]) == 0  # reaches the same contact
+
+    SimpleWorker([queue], connection=redis).work(burst=True)  # the live queue only
+
+    [done] = [job for job in finished_jobs(redis, queue) if job.id == live_batch.id]
+    assert [r["outcome"] for r in done.return_value()] == ["written"]
+    assert hubspot.contact_properties("74300000103")["leadscore_score"]
+    assert pending.worker_queues(queue.name, redis)[1].count == 1  # the backfill, still to come
 
 
 def test_a_refused_backfill_batch_is_listed_and_requeued_like_any_other(
