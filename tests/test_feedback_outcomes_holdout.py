@@ -123,6 +123,28 @@ def test_a_new_score_clears_the_feedback_on_the_old_one_and_saying_it_again_coun
     assert by_tier == {first["tier"]: {"too_high": 1}, second["tier"]: {"too_high": 1}}
 
 
+def test_feedback_cleared_when_its_lead_moves_into_the_holdout_still_counts_for_the_score_the_rep_saw(
+    env, monkeypatch, post_delivery, crm, run_worker, hubspot
+):
+    """The inputs are unchanged, so the blank score has the fingerprint of the one the rep judged: the
+    clear must not take back what they said of it."""
+    share = next(s for s in (0.5, 0.75, 0.9, 0.99) if in_holdout(f"hubspot:{PORTAL_ID}:{CONTACT}", s))
+    post_delivery("contact.propertyChange__lead_status")
+    [first] = run_worker()
+    hubspot.contacts[CONTACT]["properties"]["leadscore_feedback"] = "too_high"
+    post_delivery("contact.propertyChange__rep_feedback")
+    run_worker()
+    reconfigure(monkeypatch, HOLDOUT_SHARE=str(share))
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__rep_feedback.json")[0],
+                               "eventId": 9}]).encode())  # fmt: skip
+    run_worker()
+
+    said = [(row["value"], row["score"], row["tier"]) for row in table(env, store.feedback)]
+    assert said == [("too_high", first["score"], first["tier"]), ("cleared", None, None)]
+    by_tier = store_data.store_summary(store.Store(env["DATABASE_URL"]))["feedback"]
+    assert by_tier == {first["tier"]: {"too_high": 1}}
+
+
 def test_a_new_salesforce_score_clears_the_feedback_field_too(env, post_change_events, sf_crm, run_worker,
                                                               salesforce):  # fmt: skip
     post_change_events("lead_change_event__create")

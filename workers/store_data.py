@@ -234,9 +234,11 @@ def _feedback_by_tier(store: Store, held_out: set[LeadKey]) -> dict[str, dict[st
     with store.engine.connect() as connection:
         said = connection.execute(
             select(feedback.c.crm, feedback.c.account_id, feedback.c.lead_id, feedback.c.fingerprint,
-                   feedback.c.tier, feedback.c.value).order_by(feedback.c.id)
+                   feedback.c.score, feedback.c.tier, feedback.c.value).order_by(feedback.c.id)
         ).all()  # fmt: skip
-    latest = {tuple(row[:4]): (tuple(row[:3]), row.tier, row.value) for row in said}
+    # The latest on each score the rep saw: the same inputs can show another score (a fallback then
+    # the LLM's, a lead moved into the holdout), and clearing feedback there takes nothing back here.
+    latest = {tuple(row[:6]): (tuple(row[:3]), row.tier, row.value) for row in said}
     by_tier: dict[str, dict[str, int]] = {}
     for lead, tier, value in latest.values():
         if value == CLEARED:
