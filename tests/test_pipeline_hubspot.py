@@ -190,7 +190,7 @@ EXPECTED_BURST = {
     "74300000118": (
         52,
         "C",
-        "AI: IT director at a healthcare provider, not a revenue-team buyer",
+        "Director-level title; AI: IT director at a healthcare provider, not a revenue-team buyer",
     ),
     "74300000119": (
         41,

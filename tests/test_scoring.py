@@ -394,9 +394,14 @@ def test_explain_never_names_a_driver_that_pushed_the_other_way():
 
 def test_explain_uses_ai_reason_only_when_it_dominates_against_the_rules():
     rules_up = {"seniority": 0.06, "role_fit": 0.05, "reachability": 0.02, "source_stage": 0.09}
-    # AI moved most, against the (positive) rules direction -> the AI decided: its reason first, and
-    # no rules driver, since every one pushed the other way
-    assert explain({**rules_up, PROPENSITY: -0.12}, PHRASES, "Budget frozen") == "AI: Budget frozen"
+    # AI moved most, against the (positive) rules, which still won (composite 0.60): both sides, the
+    # rules' strongest first, so a lead above neutral never reads as the AI's doubt alone
+    assert explain({**rules_up, PROPENSITY: -0.12}, PHRASES, "Budget frozen") == (
+        "Inbound demo request; AI: Budget frozen"
+    )
+    # ... and when the AI's pull wins (composite 0.48), the AI decided it: its reason alone, since
+    # every rules driver pushed the other way
+    assert explain({**rules_up, PROPENSITY: -0.24}, PHRASES, "Budget frozen") == "AI: Budget frozen"
     # a rules driver that pushed the AI's way follows, in its short phrase
     short = {**DOWN_PHRASES, "seniority": "VP-level title", "role_fit": "Sales role"}
     mixed = {**rules_up, "reachability": -0.03, "seniority": -0.02}
@@ -420,9 +425,12 @@ def test_explain_uses_ai_reason_only_when_it_dominates_against_the_rules():
     assert (
         explain({**rules_up, PROPENSITY: -0.12}, PHRASES, "") == "Inbound demo request; VP of Sales at SaaS"
     )
-    # rules point down, AI up and dominant
+    # rules point down, AI up and dominant: both sides while the rules win, the AI alone once it does
     rules_down = {name: -value for name, value in rules_up.items()}
-    assert explain({**rules_down, PROPENSITY: 0.2}, PHRASES, "Asked for a quote") == "AI: Asked for a quote"
+    assert explain({**rules_down, PROPENSITY: 0.2}, PHRASES, "Asked for a quote") == (
+        "Inbound demo request; AI: Asked for a quote"
+    )
+    assert explain({**rules_down, PROPENSITY: 0.3}, PHRASES, "Asked for a quote") == "AI: Asked for a quote"
     # a status with a cap still comes first, and the AI second
     assert (
         explain({**rules_up, PROPENSITY: -0.12}, {**PHRASES, "source_stage": "Bad timing"}, "Budget frozen",
@@ -449,11 +457,13 @@ def test_explain_capped_status_comes_first_and_long_parts_are_clipped():
 @pytest.mark.parametrize(
     ("lead_id", "with_llm", "score_tier", "reason"),
     [
-        # the AI decided the score against the rules: its words come first, whole
+        # the AI pulled it from B to C against the rules, which still keep it above neutral: both
+        # sides, the rules' short, the AI's words whole
         ("74300000118", True, (52, "C"),
-         "AI: IT director at a healthcare provider, not a revenue-team buyer"),
+         "Director-level title; AI: IT director at a healthcare provider, not a revenue-team buyer"),
         ("74300000118", False, (59, "B"),
          "Director of IT at 500-1000-person healthcare firm; Reachable, not engaged yet"),
+        # the AI decided the score against the rules: its words come first, whole
         ("74300000113", True, (47, "C"),
          "AI: Relevant sales leader but opted out of email and has no phone on record"),
         # ... and a rules driver that pushed its way, short, in the room left

@@ -190,29 +190,33 @@ def explain(
     pushed the way it went (then the strongest alone).
 
     The drivers are the rules a rep can check; a status that caps the score comes first. When the
-    AI moved the score most, against what the rules say, the AI decided it: its own reason comes
-    first (second, after a capping status), and a rules driver that pushed the AI's way takes the
-    room left, in its `short` phrase.
+    AI moved the score most, against what the rules say, and the score went its way, the AI decided
+    it: its own reason comes first (second, after a capping status), and a rules driver that pushed
+    the AI's way takes the room left, in its `short` phrase. When the rules won against such an AI,
+    both sides are named: the rules' strongest driver, short, then the AI's doubt, so a tier A lead
+    never reads as the AI's "not a buyer" alone, nor one the AI pulled down as the rules' praise alone.
     """
     short = short or phrases
     ai = contributions.get(PROPENSITY, 0.0)
     rules_direction = sum(contributions[name] for name in phrases)
-    ai_decided = bool(ai_reason) and (
+    direction = sum(contributions.values())  # composite − 0.5
+    ai_against = bool(ai_reason) and (
         abs(ai) > max(abs(contributions[name]) for name in phrases) and ai * rules_direction < 0
     )
     ai_phrase = "AI: " + ai_reason.replace(";", ",")  # one driver, not several
-    if ai_decided and not capped:
+    if ai_against and ai * direction > 0 and not capped:
         agreeing = _ranked(contributions, phrases, ai)
         return join_reason(ai_phrase, short[agreeing[0]] if agreeing else "")
-    direction = sum(contributions.values())  # composite − 0.5
     ranked = _ranked(contributions, phrases, direction)
     if not ranked:
         ranked = sorted(phrases, key=lambda name: abs(contributions[name]), reverse=True)[:1]
     if capped:
         ranked = ["source_stage", *(name for name in ranked if name != "source_stage")]
+    if ai_against:
+        return join_reason(phrases[ranked[0]] if capped else short[ranked[0]], ai_phrase)
     first = phrases[ranked[0]]
     second = next((phrases[name] for name in ranked[1:] if phrases[name] != first), "")
-    return join_reason(first, ai_phrase if ai_decided else second)
+    return join_reason(first, second)
 
 
 MIN_SECOND_DRIVER_CHARS = 20  # less room than this, and the second driver is left out
