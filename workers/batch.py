@@ -103,7 +103,7 @@ def _put_off(
     are kept for failures that are leadscore's own."""
     _queue().enqueue_in(
         timedelta(seconds=max(1.0, wait_s)),
-        pending.SCORE_BATCH_JOB,
+        score_batch,
         crm,
         account,
         events,
@@ -286,9 +286,7 @@ def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, eve
         again = event.model_copy(update={"rescores": event.rescores + 1})
         by_round.setdefault(event.rescores, []).append(again.model_dump_json())
     for done, batch in by_round.items():
-        queue.enqueue_in(
-            timedelta(seconds=first_delay_s * 2**done), "workers.batch.rescore", crm, account, batch
-        )
+        queue.enqueue_in(timedelta(seconds=first_delay_s * 2**done), rescore, crm, account, batch)
 
 
 def rescore(crm: str, account: str, events: list[str]) -> int:
