@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from integration.errors import CRMError, CRMUnavailable, TableError
+from integration.errors import CRMError, CRMUnavailable, UserError
 from integration.settings import SettingsError, get_settings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -759,8 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leadscore: cannot open the score store at {url} ({why}): start it, or fix DATABASE_URL",
               file=sys.stderr)  # fmt: skip
         return 2
-    except (TableError, OSError, ValueError) as exc:
-        if not isinstance(exc, TableError) and args.command not in FILE_COMMANDS:
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError) and args.command not in FILE_COMMANDS:
             raise
         said = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else exc
         print(f"leadscore {args.command}: {said}", file=sys.stderr)

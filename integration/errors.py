@@ -46,7 +46,12 @@ class LeadGone(CRMError):
     """The lead was deleted, merged away or archived before it could be scored."""
 
 
-class TableError(ValueError):
+class UserError(Exception):
+    """Something the user gave (a file, a flag, a store, a model) cannot be used as given: the CLI
+    prints the message, which says what to fix, in one line. Anything else keeps its traceback."""
+
+
+class TableError(UserError):
     """A data file or mapping that cannot be used as given; the message says what to fix."""
 
 

@@ -108,6 +108,20 @@ def test_replay_of_a_missing_file_or_to_nothing_listening_says_so_in_one_line(tm
     assert err.startswith(f"leadscore replay: cannot post to {url}: ") and err.count("\n") == 1
 
 
+def test_replay_of_a_file_it_cannot_sign_or_read_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HUBSPOT_APP_SECRET", "")
+    url = "http://127.0.0.1:1/webhooks/hubspot"
+    assert main(["replay", str(SINGLE), "--url", url]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore replay: {SINGLE}: a HubSpot delivery needs HUBSPOT_APP_SECRET (or --secret) to sign it\n"
+    )
+    garbled = tmp_path / "garbled.json"
+    garbled.write_text("[{not json")
+    assert main(["replay", str(garbled), "--url", url, "--secret", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"leadscore replay: {garbled} is not a JSON delivery: ") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", [["failed"], ["requeue", "--all"]])
 def test_failed_and_requeue_without_redis_say_so_in_one_line(env, monkeypatch, capsys, command):
     from integration.settings import get_settings

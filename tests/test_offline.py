@@ -614,6 +614,18 @@ def test_score_file_that_fails_to_write_leaves_the_earlier_output_whole(tmp_path
     assert len(rows(out)) == 500
 
 
+def test_a_bug_in_a_file_command_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only what the user can fix is said in one line: a ValueError from a bug propagates."""
+
+    def broken(frame, path, **options):
+        raise ValueError("a bug deep in pandas")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
+    with pytest.raises(ValueError, match="a bug deep in pandas"):
+        main(["score-file", *FILE_ARGS, "--out", str(tmp_path / "scores.csv")])
+    assert capsys.readouterr().err == ""
+
+
 def test_a_damaged_model_is_named_as_such(trained, tmp_path, capsys):
     damaged = tmp_path / "damaged"
     damaged.mkdir()

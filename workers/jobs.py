@@ -33,7 +33,7 @@ from workers.blend import score_lead as blend_score
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
 from workers.llm import PropensityReasoner
-from workers.model import TrainedModel
+from workers.model import ModelArtifactError, TrainedModel
 from workers.propensity import PropensityResult
 from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
@@ -299,7 +299,7 @@ def load_model(settings: Settings) -> TrainedModel | None:
         return None
     try:
         model = TrainedModel.load(settings.scoring_model_path)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ModelArtifactError) as exc:
         raise SettingsError(f"SCORING_MODEL_PATH: {exc}") from None
     log.info("scoring with model %s (%s features)", model.version, len(model.kinds))
     for crm, holder in (("hubspot", "HubSpot property"), ("salesforce", "Salesforce Lead field")):
