@@ -249,7 +249,7 @@ def propensity_details(propensity: PropensityResult) -> dict:
     }
 
 
-def score_lead(
+def blend_score(
     lead: Lead, rules: RulesResult, propensity: PropensityResult, config: ScoringConfig
 ) -> ScoreResult:
     weights = blend_weights(config)

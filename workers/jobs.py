@@ -1,8 +1,9 @@
 """The worker's shared context and the scoring core both job paths use.
 
 `workers.batch` holds the jobs the pipeline runs (collect, score_batch);
-`score_lead` here scores one lead with one read and one write — the unbatched
-path, kept for single-lead reruns and as the benchmark's naive baseline.
+`score_lead` here scores one lead with one read and one write. It is only the
+benchmarks' naive baseline (bench/throughput.py): no command runs it, and it
+lacks what the pipeline does (deal keys, supersession, fallback rescores).
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from integration.queue import redis_from_url
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings, SettingsError, get_settings
 from workers import model_scoring, tabular
-from workers.blend import ScoreResult, input_fingerprint
-from workers.blend import score_lead as blend_score
+from workers.blend import ScoreResult, blend_score, input_fingerprint
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
 from workers.llm import PropensityReasoner

@@ -25,7 +25,6 @@ from hubspot.crm.contacts import (
     FilterGroup,
     PublicObjectSearchRequest,
     SimplePublicObjectBatchInput,
-    SimplePublicObjectInput,
 )
 from hubspot.crm.objects import ApiException as ObjectsApiException
 from hubspot.crm.objects import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
@@ -34,7 +33,7 @@ from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCre
 from redis import Redis
 from urllib3.util.retry import Retry
 
-from integration.crm import WriteResult
+from integration.crm import WriteRejected, WriteResult
 from integration.errors import CRMError, CRMUnavailable, LeadGone
 from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES, OUTCOME_STAGES, OUTPUT_PROPERTIES
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
@@ -331,29 +330,11 @@ class HubSpotCRM:
         return str(details["portalId"])
 
     def read_lead(self, contact_id: str) -> Lead:
-        """One contact, one call (plus its texts): the unbatched path."""
-        try:
-            contact = self._call(
-                "read",
-                self.client.crm.contacts.basic_api.get_by_id,
-                contact_id,
-                properties=self.read_properties,
-                associations=list(TEXT_OBJECTS),
-                archived=False,
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                raise LeadGone(f"HubSpot contact {contact_id} no longer exists") from None
-            raise _failure(exc, f"reading HubSpot contact {contact_id}: {exc.status} {exc.reason}") from exc
-        linked = {
-            kind: [a.id for a in collection.results]
-            for kind, collection in (contact.associations or {}).items()
-            if kind in TEXT_OBJECTS and collection
-        }
-        texts = self._texts({str(contact.id): linked}).get(str(contact.id), ())
-        return lead_from_properties(
-            str(contact.id), self.portal_id, contact.properties or {}, texts, self.custom_properties
-        )
+        """One contact, read the way a batch reads it, so both give the same scoring inputs."""
+        lead = self.read_leads([contact_id]).get(contact_id)
+        if lead is None:
+            raise LeadGone(f"HubSpot contact {contact_id} no longer exists")
+        return lead
 
     def read_leads(self, contact_ids: list[str]) -> dict[str, Lead]:
         """Contacts 100 a call with `batch/read`; deleted ones are simply absent (HubSpot's 207)."""
@@ -488,19 +469,12 @@ class HubSpotCRM:
         }
 
     def write_scores(self, contact_id: str, fields: dict[str, str]) -> None:
-        """One contact, one PATCH: the unbatched path."""
-        properties = {OUTPUT_PROPERTIES[key]: value for key, value in fields.items()}
-        try:
-            self._call(
-                "write",
-                self.client.crm.contacts.basic_api.update,
-                contact_id,
-                SimplePublicObjectInput(properties=properties),
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                raise LeadGone(f"HubSpot contact {contact_id} was deleted before the write") from None
-            raise _failure(exc, f"writing HubSpot contact {contact_id}: {exc.status} {exc.body}") from exc
+        [result] = self.write_many([(contact_id, fields)])
+        if result.ok:
+            return
+        if result.gone:
+            raise LeadGone(f"HubSpot contact {contact_id} was deleted before the write")
+        raise WriteRejected(self.crm, result)
 
     def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
         """Score fields to many contacts, 100 a `batch/update`; a 207 names the ones that failed."""
