@@ -29,7 +29,7 @@ from integration.queue import redis_from_url
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings, SettingsError, get_settings
 from workers import model_scoring, tabular
-from workers.blend import ScoreResult, blend_score, input_fingerprint
+from workers.blend import ScoreResult, blend_score, input_fingerprint, with_provenance
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
 from workers.llm import PropensityReasoner
@@ -172,8 +172,18 @@ class WorkerContext:
     def _results(
         self, leads: list[Lead], answers: list[PropensityResult | None], fingerprints: list[str]
     ) -> list[ScoreResult]:
+        """Each lead's score with its provenance, whichever scorer made it; the fingerprint stored is
+        the one the skip check compared, so the two cannot diverge."""
         if not leads:
             return []
+        results = self._scores(leads, answers)
+        return [
+            with_provenance(result, propensity, fingerprint, self.config)
+            for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
+        ]
+
+    def _scores(self, leads: list[Lead], answers: list[PropensityResult | None]) -> list[ScoreResult]:
+        """Score, tier and reason: of the rules+LLM blend, or of the trained model."""
         if self.model is None:
             return [
                 blend_score(lead, evaluate_rules(lead, self.config), propensity, self.config)
@@ -192,11 +202,7 @@ class WorkerContext:
         self._log_unseen(frame, shown, unseen)
         results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen, config=self.config)
         statuses = [lead.status for lead in leads]
-        results = model_scoring.capped_by_status(self.model, results, statuses, self.config)
-        return [
-            model_scoring.with_provenance(result, propensity, fingerprint, self.config)
-            for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
-        ]
+        return model_scoring.capped_by_status(self.model, results, statuses, self.config)
 
     def _log_unseen(self, frame: pd.DataFrame, shown: pd.DataFrame, unseen: dict[str, pd.Series]) -> None:
         """Say when live leads hold a value the model never saw (a status added after training): each
