@@ -184,14 +184,14 @@ def test_collector_steps_aside_when_other_work_is_queued(env, monkeypatch, post_
     get_settings.cache_clear()
     jobs.context.cache_clear()
     post_delivery("contact.creation__single")
-    queue.enqueue("workers.batch.sweep_all")  # some other work waiting
+    queue.enqueue("workers.batch.rescore", "hubspot", PORTAL_ID, [])  # some other work waiting
 
     started = time.monotonic()
     SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
 
     assert time.monotonic() - started < 3.0  # did not sit out the 5 s linger
     assert pending.depth(redis) == 1
-    assert [j.func_name for j in queue.get_jobs()] == ["workers.batch.sweep_all", "workers.batch.collect"]
+    assert [j.func_name for j in queue.get_jobs()] == ["workers.batch.rescore", "workers.batch.collect"]
 
 
 def test_a_full_batch_goes_to_the_workers_at_once(env, monkeypatch, crm, queue, redis):

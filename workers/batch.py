@@ -295,8 +295,3 @@ def rescore(crm: str, account: str, events: list[str]) -> int:
     lead_events = [event.model_copy(update={"accepted_at": now}) for event in parse_events(events)]
     pending.requeue(_queue(), crm, account, lead_events)
     return len(lead_events)
-
-
-def sweep_all() -> int:
-    """Maintenance as a job: kick every account whose pending leads have no collector."""
-    return sweep(_queue())

@@ -21,6 +21,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from integration import metrics
+from integration.crm import CRMAdapter
 from integration.errors import LeadGone
 from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM, shared_limiter
@@ -130,10 +131,10 @@ class WorkerContext:
             tally, self.tally = self.tally, None
             metrics.incr_many(self.redis, [(name, n, dict(labels)) for (name, labels), n in tally.items()])
 
-    def crm(self, crm: str, account: str) -> HubSpotCRM | SalesforceCRM:
+    def crm(self, crm: str, account: str) -> CRMAdapter:
         return _hubspot(account) if crm == "hubspot" else salesforce_for(account)
 
-    def crm_for(self, event: LeadEvent) -> HubSpotCRM | SalesforceCRM:
+    def crm_for(self, event: LeadEvent) -> HubSpotCRM | SalesforceCRM:  # with the single-lead calls
         return self.crm(event.crm, event.account_id)
 
     def score(self, leads: list[Lead]) -> list[Scored]:
