@@ -155,7 +155,7 @@ def _prepare_salesforce(jobs, org_id: str) -> bool:
     import requests
     from simple_salesforce.exceptions import SalesforceError
 
-    from integration.ratelimit import RateLimited
+    from integration.errors import RateLimited
 
     try:
         jobs.salesforce_for(org_id).prepare()
@@ -257,7 +257,7 @@ def cmd_requeue(args) -> int:
 def cmd_rescore(args) -> int:
     from redis.exceptions import RedisError
 
-    from integration.ratelimit import RateLimited
+    from integration.errors import RateLimited
     from workers import rescore
 
     queue = _queue()  # before any CRM call: without Redis there is nowhere to queue them
@@ -491,7 +491,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_outcomes(args) -> int:
-    from integration.ratelimit import RateLimited
+    from integration.errors import RateLimited
     from workers.outcomes import SyncError, sync
     from workers.store import StoreNotReady
 

@@ -1,4 +1,4 @@
-"""What every CRM adapter offers the scoring job, and the per-record write outcome they share."""
+"""What every CRM adapter offers the scoring job, and the write outcome and setup report they share."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from integration.errors import CRMError
 from integration.lead import Lead
 
 
@@ -22,16 +21,12 @@ class WriteResult:
     gone: bool = False  # the record was deleted or converted meanwhile
 
 
-class WriteRejected(CRMError):
-    """The CRM refused one record's write; `code` is its own error code."""
+@dataclass
+class SetupReport:
+    """What `leadscore setup` created in the CRM and what was there already."""
 
-    def __init__(self, crm: str, result: WriteResult):
-        super().__init__(f"{crm} refused the write of {result.lead_id}: {result.code}: {result.message}")
-        self.result = result
-
-    @property
-    def permanent(self) -> bool:
-        return self.result.permanent
+    created: list[str]
+    existing: list[str]
 
 
 class CRMAdapter(Protocol):

@@ -4,6 +4,13 @@ The web layer turns a `WebhookError` into its HTTP status and message; callers
 decide what to do by the error's class, never by parsing its text.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from integration.crm import WriteResult
+
 
 class WebhookError(Exception):
     """A delivery was refused; `status` is what the sender gets back."""
@@ -33,6 +40,15 @@ class QueueUnavailable(WebhookError):
     status = 503
 
 
+class RateLimited(Exception):
+    """No call may be made for a while (the shared rate limiter, or Salesforce's daily API budget);
+    the job is put off by `retry_after_s`, not failed."""
+
+    def __init__(self, message: str, retry_after_s: float = 60.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class CRMError(Exception):
     """A CRM API call failed; subclasses say whether retrying can help."""
 
@@ -44,6 +60,18 @@ class CRMUnavailable(CRMError):
 
 class LeadGone(CRMError):
     """The lead was deleted, merged away or archived before it could be scored."""
+
+
+class WriteRejected(CRMError):
+    """The CRM refused one record's write; `code` is its own error code."""
+
+    def __init__(self, crm: str, result: WriteResult):
+        super().__init__(f"{crm} refused the write of {result.lead_id}: {result.code}: {result.message}")
+        self.result = result
+
+    @property
+    def permanent(self) -> bool:
+        return self.result.permanent
 
 
 class UserError(Exception):

@@ -20,10 +20,10 @@ from integration import metrics, pending
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
-from integration.errors import CRMError, CRMUnavailable
+from integration.errors import CRMError, CRMUnavailable, RateLimited
 from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM
-from integration.ratelimit import RateLimited, RateLimiter
+from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
 from tests.conftest import (

@@ -16,10 +16,8 @@ from datetime import UTC, datetime, timedelta
 from rq import Queue, get_current_job
 
 from integration import metrics, pending
-from integration.crm import WriteRejected
-from integration.errors import CRMUnavailable
+from integration.errors import CRMUnavailable, RateLimited, WriteRejected
 from integration.events import RESCORE, LeadEvent, deal_of, parse_events
-from integration.ratelimit import RateLimited
 from workers.jobs import context, outcome
 from workers.store import LeadFact
 

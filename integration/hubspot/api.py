@@ -8,7 +8,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 
 import urllib3
@@ -33,11 +32,11 @@ from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCre
 from redis import Redis
 from urllib3.util.retry import Retry
 
-from integration.crm import WriteRejected, WriteResult
-from integration.errors import CRMError, CRMUnavailable, LeadGone
+from integration.crm import SetupReport, WriteResult
+from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited, WriteRejected
 from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES, OUTCOME_STAGES, OUTPUT_PROPERTIES
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
-from integration.ratelimit import RateLimited, RateLimiter
+from integration.ratelimit import RateLimiter
 from integration.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,12 +103,6 @@ PROPERTY_DEFINITIONS = (
     ),
 )  # fmt: skip
 _TAG = re.compile(r"<[^>]+>")
-
-
-@dataclass
-class SetupReport:
-    created: list[str]
-    existing: list[str]
 
 
 def html_to_text(value: str) -> str:
