@@ -13,7 +13,6 @@ from pathlib import Path
 from integration.errors import CRMError, CRMUnavailable, UserError
 from integration.settings import SettingsError, get_settings
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 # Commands reading files the user names: a file they cannot read is told in one line, not a traceback.
 FILE_COMMANDS = frozenset({"train", "score-file", "evaluate", "replay"})
 GO_LIVE_STEP = (
@@ -316,6 +315,7 @@ EMULATED = {
 
 
 def cmd_emulate(args) -> int:
+    from integration.emulators import FIXTURES
     from integration.emulators.hubspot import HubSpotEmulator
     from integration.emulators.llm import LLMStub
 

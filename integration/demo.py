@@ -24,11 +24,17 @@ from redis import Redis
 from rq import Queue
 
 from integration import metrics, pending
-from integration.emulators import free_port, redis_reachable, spawn_logged, start_redis, wait_until
+from integration.emulators import (
+    FIXTURES,
+    free_port,
+    redis_reachable,
+    spawn_logged,
+    start_redis,
+    wait_until,
+)
 from integration.replay import load_delivery, sign_and_post
 from integration.settings import get_settings
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DEMO_SECRET = "demo-client-secret"
 DEMO_TOKEN = "demo-private-app-token"
 DEMO_LLM_KEY = "demo-llm-key"

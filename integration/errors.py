@@ -34,6 +34,15 @@ class PayloadError(WebhookError):
     status = 400
 
 
+class BodyTooLarge(WebhookError):
+    """The body is over MAX_BODY_BYTES; refused before it is read."""
+
+    status = 413
+
+    def __init__(self, limit: int):
+        super().__init__(f"body exceeds the {limit}-byte limit (MAX_BODY_BYTES)")
+
+
 class QueueUnavailable(WebhookError):
     """Redis could not durably take the events; the sender must retry later."""
 

@@ -30,7 +30,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 from integration.errors import TableError, UserError
 from workers.config import Tiers
 from workers.metrics import classification_metrics, expected_calibration_error, tier_table
-from workers.tabular import DIRECTION_SIGNS, Direction, Kind
+from workers.tabular import DIRECTION_SIGNS, LLM_FEATURE, Direction, Kind
 
 ARTIFACT_FORMAT = 1
 MISSING = "(missing)"
@@ -275,8 +275,6 @@ class TrainedModel:
 
     @property
     def uses_llm(self) -> bool:
-        from workers.tabular import LLM_FEATURE
-
         return LLM_FEATURE in self.kinds
 
     def matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
