@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -284,18 +283,19 @@ def cmd_replay(args) -> int:
     from integration.replay import prepare
 
     settings = get_settings()
+    url = args.url or f"http://127.0.0.1:{settings.port}/webhooks/hubspot"
     failures = 0
     for path in args.files:
         body, headers = prepare(  # a file it cannot read or sign ends in one line (`main`)
             path,
-            args.url,
+            url,
             args.secret or settings.hubspot_app_secret,
             args.secret or settings.salesforce_events_secret,
         )
         try:
-            response = requests.post(args.url, data=body, headers=headers, timeout=30)
+            response = requests.post(url, data=body, headers=headers, timeout=30)
         except requests.RequestException as exc:
-            print(f"leadscore replay: cannot post to {args.url}: {exc}", file=sys.stderr)
+            print(f"leadscore replay: cannot post to {url}: {exc}", file=sys.stderr)
             return 2
         print(f"{path}: {response.status_code} {response.text.strip()[:200]}")
         failures += not response.ok
@@ -642,8 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument(
         "--url",
-        default=f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/webhooks/hubspot",
-        help="the webhook to post to (default: %(default)s, from $PORT)",
+        help="the webhook to post to (default: http://127.0.0.1:$PORT/webhooks/hubspot, PORT from the "
+        "environment or .env, else 5000)",
     )
     replay.add_argument(
         "--secret", help="signing secret (default: HUBSPOT_APP_SECRET or SALESFORCE_EVENTS_SECRET)"

@@ -86,7 +86,7 @@ def _print_list_view(title: str, rows: list[dict]) -> None:
 
 
 def _serve_real_portal(stack: ExitStack, env: dict) -> int:
-    port = int(os.environ.get("PORT", "5000"))
+    port = get_settings().port
     logs = Path(tempfile.mkdtemp(prefix="leadscore-demo-logs-"))
     base = _start_services(stack, env, port, logs, bind="0.0.0.0")
     print(f"Serving your HubSpot portal. Webhook target URL: {base}/webhooks/hubspot")
