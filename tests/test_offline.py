@@ -29,7 +29,7 @@ from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, report, tabular
 from workers.blend import blend_weights
 from workers.config import load_config
-from workers.metrics import calibration_bins, cumulative_gains, expected_calibration_error, rate_difference
+from workers.evaluation import calibration_bins, cumulative_gains, expected_calibration_error, rate_difference
 from workers.model import TrainedModel, monotone_constraints
 from workers.propensity import NEUTRAL
 from workers.rules import evaluate_rules

@@ -29,7 +29,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 from integration.errors import TableError, UserError
 from workers.config import Tiers
-from workers.metrics import classification_metrics, expected_calibration_error, tier_table
+from workers.evaluation import classification_metrics, expected_calibration_error, tier_table
 from workers.tabular import DIRECTION_SIGNS, LLM_FEATURE, Direction, Kind
 
 ARTIFACT_FORMAT = 1
