@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from integration.errors import LeadGone, WriteRejected
 from integration.lead import Lead
 
 
@@ -42,3 +43,13 @@ class CRMAdapter(Protocol):
     def won_deal_leads(self, deal_ids: list[str]) -> dict[str, tuple[datetime | None, list[str]]]:
         """Of these deals (opportunities), the won ones, by the ids asked for: when each was won, where
         the CRM says, and the leads it is an outcome for."""
+
+
+def write_one(adapter: CRMAdapter, record: str, lead_id: str, fields: dict[str, str]) -> None:
+    """One lead's write, through the batched write; `record` names it in the error ("HubSpot contact")."""
+    [result] = adapter.write_many([(lead_id, fields)])
+    if result.ok:
+        return
+    if result.gone:
+        raise LeadGone(f"{record} {lead_id} can no longer be written: {result.code}")
+    raise WriteRejected(adapter.crm, result)

@@ -134,7 +134,7 @@ def test_one_contact_is_read_and_written_as_a_batch_does(crm, hubspot):
         crm.read_lead("74300000999")
     crm.write_scores(quiet, {"score": "50", "tier": "C", "reason": "r", "details": "{}"})
     assert hubspot.contacts[quiet]["properties"]["leadscore_score"] == "50"
-    with pytest.raises(LeadGone, match="74300000999 was deleted before the write"):
+    with pytest.raises(LeadGone, match="74300000999 can no longer be written: OBJECT_NOT_FOUND"):
         crm.write_scores("74300000999", {"score": "50", "tier": "C", "reason": "r", "details": "{}"})
 
 

@@ -32,8 +32,8 @@ from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCre
 from redis import Redis
 from urllib3.util.retry import Retry
 
-from integration.crm import SetupReport, WriteResult
-from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited, WriteRejected
+from integration.crm import SetupReport, WriteResult, write_one
+from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES, OUTCOME_STAGES, OUTPUT_PROPERTIES
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
 from integration.ratelimit import RateLimiter
@@ -462,12 +462,7 @@ class HubSpotCRM:
         }
 
     def write_scores(self, contact_id: str, fields: dict[str, str]) -> None:
-        [result] = self.write_many([(contact_id, fields)])
-        if result.ok:
-            return
-        if result.gone:
-            raise LeadGone(f"HubSpot contact {contact_id} was deleted before the write")
-        raise WriteRejected(self.crm, result)
+        write_one(self, "HubSpot contact", contact_id, fields)
 
     def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
         """Score fields to many contacts, 100 a `batch/update`; a 207 names the ones that failed."""

@@ -22,8 +22,8 @@ from redis.exceptions import RedisError
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
-from integration.crm import SetupReport, WriteResult
-from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited, WriteRejected
+from integration.crm import SetupReport, WriteResult, write_one
+from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, option_label
 from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
@@ -494,12 +494,7 @@ class SalesforceCRM:
         return results
 
     def write_scores(self, lead_id: str, fields: dict[str, str]) -> None:
-        [result] = self.write_many([(lead_id, fields)])
-        if result.ok:
-            return
-        if result.gone:
-            raise LeadGone(f"Salesforce Lead {lead_id} can no longer be written: {result.code}")
-        raise WriteRejected(self.crm, result)
+        write_one(self, "Salesforce Lead", lead_id, fields)
 
     def ensure_fields(self) -> SetupReport:
         """Create leadscore's custom Lead fields through the Metadata API; existing ones stay."""
