@@ -17,7 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from integration import logs, metrics, pending
-from integration.errors import WebhookError
+from integration.errors import BodyTooLarge, WebhookError
 from integration.events import IntakeRow
 from integration.hubspot.webhook import bp as hubspot_bp
 from integration.queue import Skipped, durability_risks, hand_off, redis_from_url
@@ -127,7 +127,6 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_exc):
-        message = f"body exceeds the {settings.max_body_bytes}-byte limit (MAX_BODY_BYTES)"
-        return jsonify(error=message), 400
+        return refuse(BodyTooLarge(settings.max_body_bytes))
 
     return app

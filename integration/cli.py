@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from integration.errors import CRMError, CRMUnavailable, TableError
+from integration.errors import CRMError, CRMUnavailable, UserError
 from integration.settings import SettingsError, get_settings
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 # Commands reading files the user names: a file they cannot read is told in one line, not a traceback.
 FILE_COMMANDS = frozenset({"train", "score-file", "evaluate", "replay"})
 GO_LIVE_STEP = (
@@ -152,7 +150,7 @@ def _prepare_salesforce(jobs, org_id: str) -> bool:
     import requests
     from simple_salesforce.exceptions import SalesforceError
 
-    from integration.ratelimit import RateLimited
+    from integration.errors import RateLimited
 
     try:
         jobs.salesforce_for(org_id).prepare()
@@ -259,7 +257,7 @@ def cmd_requeue(args) -> int:
 def cmd_rescore(args) -> int:
     from redis.exceptions import RedisError
 
-    from integration.ratelimit import RateLimited
+    from integration.errors import RateLimited
     from workers import rescore
 
     queue = _queue()  # before any CRM call: without Redis there is nowhere to queue them
@@ -287,18 +285,19 @@ def cmd_replay(args) -> int:
     from integration.replay import prepare
 
     settings = get_settings()
+    url = args.url or f"http://127.0.0.1:{settings.port}/webhooks/hubspot"
     failures = 0
     for path in args.files:
         body, headers = prepare(  # a file it cannot read or sign ends in one line (`main`)
             path,
-            args.url,
+            url,
             args.secret or settings.hubspot_app_secret,
             args.secret or settings.salesforce_events_secret,
         )
         try:
-            response = requests.post(args.url, data=body, headers=headers, timeout=30)
+            response = requests.post(url, data=body, headers=headers, timeout=30)
         except requests.RequestException as exc:
-            print(f"leadscore replay: cannot post to {args.url}: {exc}", file=sys.stderr)
+            print(f"leadscore replay: cannot post to {url}: {exc}", file=sys.stderr)
             return 2
         print(f"{path}: {response.status_code} {response.text.strip()[:200]}")
         failures += not response.ok
@@ -318,6 +317,7 @@ EMULATED = {
 
 
 def cmd_emulate(args) -> int:
+    from integration.emulators import FIXTURES
     from integration.emulators.hubspot import HubSpotEmulator
     from integration.emulators.llm import LLMStub
 
@@ -493,7 +493,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_outcomes(args) -> int:
-    from integration.ratelimit import RateLimited
+    from integration.errors import RateLimited
     from workers.outcomes import SyncError, sync
     from workers.store import StoreNotReady
 
@@ -644,8 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument(
         "--url",
-        default=f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/webhooks/hubspot",
-        help="the webhook to post to (default: %(default)s, from $PORT)",
+        help="the webhook to post to (default: http://127.0.0.1:$PORT/webhooks/hubspot, PORT from the "
+        "environment or .env, else 5000)",
     )
     replay.add_argument(
         "--secret", help="signing secret (default: HUBSPOT_APP_SECRET or SALESFORCE_EVENTS_SECRET)"
@@ -761,8 +761,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leadscore: cannot open the score store at {url} ({why}): start it, or fix DATABASE_URL",
               file=sys.stderr)  # fmt: skip
         return 2
-    except (TableError, OSError, ValueError) as exc:
-        if not isinstance(exc, TableError) and args.command not in FILE_COMMANDS:
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError) and args.command not in FILE_COMMANDS:
             raise
         said = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else exc
         print(f"leadscore {args.command}: {said}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""What every CRM adapter offers the scoring job, and the per-record write outcome they share."""
+"""What every CRM adapter offers the scoring job, and the write outcome and setup report they share."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from integration.errors import CRMError
+from integration.errors import LeadGone, WriteRejected
 from integration.lead import Lead
 
 
@@ -22,16 +22,12 @@ class WriteResult:
     gone: bool = False  # the record was deleted or converted meanwhile
 
 
-class WriteRejected(CRMError):
-    """The CRM refused one record's write; `code` is its own error code."""
+@dataclass
+class SetupReport:
+    """What `leadscore setup` created in the CRM and what was there already."""
 
-    def __init__(self, crm: str, result: WriteResult):
-        super().__init__(f"{crm} refused the write of {result.lead_id}: {result.code}: {result.message}")
-        self.result = result
-
-    @property
-    def permanent(self) -> bool:
-        return self.result.permanent
+    created: list[str]
+    existing: list[str]
 
 
 class CRMAdapter(Protocol):
@@ -47,3 +43,13 @@ class CRMAdapter(Protocol):
     def won_deal_leads(self, deal_ids: list[str]) -> dict[str, tuple[datetime | None, list[str]]]:
         """Of these deals (opportunities), the won ones, by the ids asked for: when each was won, where
         the CRM says, and the leads it is an outcome for."""
+
+
+def write_one(adapter: CRMAdapter, record: str, lead_id: str, fields: dict[str, str]) -> None:
+    """One lead's write, through the batched write; `record` names it in the error ("HubSpot contact")."""
+    [result] = adapter.write_many([(lead_id, fields)])
+    if result.ok:
+        return
+    if result.gone:
+        raise LeadGone(f"{record} {lead_id} can no longer be written: {result.code}")
+    raise WriteRejected(adapter.crm, result)

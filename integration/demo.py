@@ -24,11 +24,17 @@ from redis import Redis
 from rq import Queue
 
 from integration import metrics, pending
-from integration.emulators import free_port, redis_reachable, spawn_logged, start_redis, wait_until
+from integration.emulators import (
+    FIXTURES,
+    free_port,
+    redis_reachable,
+    spawn_logged,
+    start_redis,
+    wait_until,
+)
 from integration.replay import load_delivery, sign_and_post
 from integration.settings import get_settings
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DEMO_SECRET = "demo-client-secret"
 DEMO_TOKEN = "demo-private-app-token"
 DEMO_LLM_KEY = "demo-llm-key"
@@ -80,7 +86,7 @@ def _print_list_view(title: str, rows: list[dict]) -> None:
 
 
 def _serve_real_portal(stack: ExitStack, env: dict) -> int:
-    port = int(os.environ.get("PORT", "5000"))
+    port = get_settings().port
     logs = Path(tempfile.mkdtemp(prefix="leadscore-demo-logs-"))
     base = _start_services(stack, env, port, logs, bind="0.0.0.0")
     print(f"Serving your HubSpot portal. Webhook target URL: {base}/webhooks/hubspot")

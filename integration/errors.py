@@ -4,6 +4,13 @@ The web layer turns a `WebhookError` into its HTTP status and message; callers
 decide what to do by the error's class, never by parsing its text.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from integration.crm import WriteResult
+
 
 class WebhookError(Exception):
     """A delivery was refused; `status` is what the sender gets back."""
@@ -27,10 +34,28 @@ class PayloadError(WebhookError):
     status = 400
 
 
+class BodyTooLarge(WebhookError):
+    """The body is over MAX_BODY_BYTES; refused before it is read."""
+
+    status = 413
+
+    def __init__(self, limit: int):
+        super().__init__(f"body exceeds the {limit}-byte limit (MAX_BODY_BYTES)")
+
+
 class QueueUnavailable(WebhookError):
     """Redis could not durably take the events; the sender must retry later."""
 
     status = 503
+
+
+class RateLimited(Exception):
+    """No call may be made for a while (the shared rate limiter, or Salesforce's daily API budget);
+    the job is put off by `retry_after_s`, not failed."""
+
+    def __init__(self, message: str, retry_after_s: float = 60.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class CRMError(Exception):
@@ -46,7 +71,24 @@ class LeadGone(CRMError):
     """The lead was deleted, merged away or archived before it could be scored."""
 
 
-class TableError(ValueError):
+class WriteRejected(CRMError):
+    """The CRM refused one record's write; `code` is its own error code."""
+
+    def __init__(self, crm: str, result: WriteResult):
+        super().__init__(f"{crm} refused the write of {result.lead_id}: {result.code}: {result.message}")
+        self.result = result
+
+    @property
+    def permanent(self) -> bool:
+        return self.result.permanent
+
+
+class UserError(Exception):
+    """Something the user gave (a file, a flag, a store, a model) cannot be used as given: the CLI
+    prints the message, which says what to fix, in one line. Anything else keeps its traceback."""
+
+
+class TableError(UserError):
     """A data file or mapping that cannot be used as given; the message says what to fix."""
 
 

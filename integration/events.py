@@ -17,6 +17,7 @@ DEAL_KEY_PREFIX = "deal:"
 # The kind of a lead queued by `leadscore rescore` rather than by a CRM event: it has no webhook whose
 # latency its score could be measured from.
 RESCORE = "rescore"
+MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31, the last instant a datetime holds: the bound on a CRM's time
 
 
 def deal_key(deal_id: str) -> str:
@@ -40,9 +41,10 @@ class LeadEvent(BaseModel):
     kinds: tuple[str, ...] = Field(description="normalised kinds, e.g. creation, property_change")
     changed_fields: tuple[str, ...] = ()
     occurred_at: datetime
-    accepted_at: datetime | None = Field(
+    accepted_at: datetime = Field(
         default_factory=lambda: datetime.now(UTC),
-        description="when leadscore took it in (the webhook builds it just before queueing it)",
+        description="when leadscore took the delivery in: the collector sets it from the intake "
+        "(unpack_intake); the default, now, only serves events built by hand (benchmarks, tests)",
     )
     rescores: int = Field(0, ge=0, description="times scored again because the LLM had failed on the lead")
     handoff: int | None = Field(

@@ -84,10 +84,6 @@ class Lead(BaseModel):
     def lead_key(self) -> str:
         return lead_key(self.crm, self.account_id, self.lead_id)
 
-    @property
-    def display_name(self) -> str:
-        return " ".join(p for p in (self.first_name, self.last_name) if p) or f"#{self.lead_id}"
-
     def scoring_inputs(self) -> dict:
         """Everything the score depends on — the input to the fingerprint and the LLM prompt.
 

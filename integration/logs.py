@@ -23,8 +23,6 @@ UTC), `level`, `logger`, `message`, any `extra=` fields (event_id, lead_id, job_
 - Any extra whose key contains "token", "secret", "password", "passwd", "api_key", "apikey" or
   "authorization" (any case) becomes `[redacted]` whatever its type; the one exception is a number
   under a key ending in "tokens" (LLM usage counts such as `total_tokens`).
-
-`bind(logger, **fields)` returns a LoggerAdapter adding `fields` to every record's extras.
 """
 
 from __future__ import annotations
@@ -204,19 +202,3 @@ def configure(level: str | int = "INFO", stream: TextIO | None = None) -> loggin
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     return handler
-
-
-class BoundLogger(logging.LoggerAdapter):
-    """A LoggerAdapter whose fields merge into each call's `extra=` (the call's values win)."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-
-def bind(logger: logging.Logger | logging.LoggerAdapter, **fields: Any) -> BoundLogger:
-    """`logger` with `fields` (event_id=..., lead_id=..., crm=...) added to every record."""
-    if isinstance(logger, logging.LoggerAdapter):
-        fields = {**(logger.extra or {}), **fields}
-        logger = logger.logger
-    return BoundLogger(logger, fields)

@@ -24,8 +24,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from urllib.parse import quote, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -121,16 +120,6 @@ def observe_many(redis: Redis, name: str, values: list[float], **labels: str) ->
         _failed(redis, exc)
     except Exception:
         log.exception("metrics: could not record histogram %s", name)
-
-
-@contextmanager
-def timer(redis: Redis, name: str, **labels: str) -> Iterator[None]:
-    """Observe the wall time of the `with` block into histogram `name`, even if the block raises."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        observe(redis, name, time.perf_counter() - started, **labels)
 
 
 def _known(name: str, kind: dict[str, str], what: str) -> str | None:

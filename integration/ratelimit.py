@@ -16,6 +16,8 @@ import uuid
 from redis import Redis
 from redis.exceptions import RedisError
 
+from integration.errors import RateLimited
+
 log = logging.getLogger(__name__)
 
 _TAKE = """
@@ -31,14 +33,6 @@ end
 local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
 return tostring(tonumber(oldest[2]) + window - now)
 """
-
-
-class RateLimited(Exception):
-    """No call may be made for a while; the job is put off by `retry_after_s`, not failed."""
-
-    def __init__(self, message: str, retry_after_s: float = 60.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class RateLimiter:

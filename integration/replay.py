@@ -15,6 +15,7 @@ import requests
 from hubspot.utils.signature import Signature
 
 from integration import signing
+from integration.errors import UserError
 from integration.hubspot.webhook import signed_uri
 
 
@@ -48,12 +49,15 @@ def prepare(path: Path, url: str, hubspot_secret: str, salesforce_secret: str) -
     path = Path(path)
     if path.suffix == ".xml":
         return path.read_bytes(), {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise UserError(f"{path} is not a JSON delivery: {exc}") from None
     body = json.dumps(data, separators=(",", ":")).encode()
     if isinstance(data, list):
         if not hubspot_secret:
-            raise ValueError(f"{path}: a HubSpot delivery needs HUBSPOT_APP_SECRET (or --secret) to sign it")
+            raise UserError(f"{path}: a HubSpot delivery needs HUBSPOT_APP_SECRET (or --secret) to sign it")
         return body, hubspot_headers(url, body, hubspot_secret)
     if not salesforce_secret:
-        raise ValueError(f"{path}: Salesforce change events need SALESFORCE_EVENTS_SECRET to sign them")
+        raise UserError(f"{path}: Salesforce change events need SALESFORCE_EVENTS_SECRET to sign them")
     return body, {"Content-Type": "application/json", **signing.sign_headers(salesforce_secret, body)}

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
         "signatures are computed over the public URL",
     )
     proxy_fix_hops: int = Field(0, ge=0, description="trusted X-Forwarded-* proxies in front")
+    port: int = Field(
+        5000,
+        ge=1,
+        le=65535,
+        description="the port `web` binds (the Procfile's gunicorn reads $PORT itself); "
+        "`leadscore demo` on a real portal binds it, `leadscore replay` posts to it",
+    )
 
     hubspot_access_token: str = ""
     hubspot_app_secret: str = ""

@@ -15,6 +15,7 @@ import requests
 from integration import pending
 from integration.cli import main
 from integration.emulators import free_port, serve_in_thread, wait_until
+from integration.settings import get_settings
 from tests.conftest import FIXTURES, SF_WEBHOOK_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,8 +82,10 @@ def test_replay_posts_to_port_by_default_and_its_help_says_so(app, queue, monkey
     out = capsys.readouterr().out
     assert out.startswith(f"{SINGLE}: 200 ")
     assert pending.depth(queue.connection) == 1
-    url = f"http://127.0.0.1:{port}/webhooks/hubspot"
-    assert f"  --url URL        the webhook to post to (default: {url}, from $PORT)" in out.splitlines()
+    assert (
+        "  --url URL        the webhook to post to (default: http://127.0.0.1:$PORT/webhooks/hubspot, PORT "
+        "from the environment or .env, else 5000)"
+    ) in out.splitlines()
 
 
 def test_replay_reports_refusals(app, queue, capsys):
@@ -106,6 +109,41 @@ def test_replay_of_a_missing_file_or_to_nothing_listening_says_so_in_one_line(tm
     assert main(["replay", str(SINGLE), "--url", url, "--secret", "s"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"leadscore replay: cannot post to {url}: ") and err.count("\n") == 1
+
+
+@pytest.fixture
+def fresh_settings():
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_replay_reads_port_from_dot_env_too(tmp_path, monkeypatch, capsys, fresh_settings):
+    port = free_port()  # nothing listens there: the refusal names the URL replay chose
+    (tmp_path / ".env").write_text(f"PORT={port}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PORT", raising=False)
+
+    assert main(["replay", str(SINGLE), "--secret", "s"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"leadscore replay: cannot post to http://127.0.0.1:{port}/webhooks/hubspot: "
+    )
+
+
+def test_replay_of_a_file_it_cannot_sign_or_read_says_so_in_one_line(
+    tmp_path, monkeypatch, capsys, fresh_settings
+):
+    monkeypatch.setenv("HUBSPOT_APP_SECRET", "")
+    url = "http://127.0.0.1:1/webhooks/hubspot"
+    assert main(["replay", str(SINGLE), "--url", url]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore replay: {SINGLE}: a HubSpot delivery needs HUBSPOT_APP_SECRET (or --secret) to sign it\n"
+    )
+    garbled = tmp_path / "garbled.json"
+    garbled.write_text("[{not json")
+    assert main(["replay", str(garbled), "--url", url, "--secret", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"leadscore replay: {garbled} is not a JSON delivery: ") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", [["failed"], ["requeue", "--all"]])

@@ -20,10 +20,10 @@ from integration import metrics, pending
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
-from integration.errors import CRMError, CRMUnavailable
+from integration.errors import CRMError, CRMUnavailable, RateLimited
 from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM
-from integration.ratelimit import RateLimited, RateLimiter
+from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
 from tests.conftest import (
@@ -184,14 +184,14 @@ def test_collector_steps_aside_when_other_work_is_queued(env, monkeypatch, post_
     get_settings.cache_clear()
     jobs.context.cache_clear()
     post_delivery("contact.creation__single")
-    queue.enqueue("workers.batch.sweep_all")  # some other work waiting
+    queue.enqueue("workers.batch.rescore", "hubspot", PORTAL_ID, [])  # some other work waiting
 
     started = time.monotonic()
     SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
 
     assert time.monotonic() - started < 3.0  # did not sit out the 5 s linger
     assert pending.depth(redis) == 1
-    assert [j.func_name for j in queue.get_jobs()] == ["workers.batch.sweep_all", "workers.batch.collect"]
+    assert [j.func_name for j in queue.get_jobs()] == ["workers.batch.rescore", "workers.batch.collect"]
 
 
 def test_a_full_batch_goes_to_the_workers_at_once(env, monkeypatch, crm, queue, redis):

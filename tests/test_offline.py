@@ -29,7 +29,7 @@ from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, report, tabular
 from workers.blend import blend_weights
 from workers.config import load_config
-from workers.metrics import calibration_bins, cumulative_gains, expected_calibration_error, rate_difference
+from workers.evaluation import calibration_bins, cumulative_gains, expected_calibration_error, rate_difference
 from workers.model import TrainedModel, monotone_constraints
 from workers.propensity import NEUTRAL
 from workers.rules import evaluate_rules
@@ -612,6 +612,18 @@ def test_score_file_that_fails_to_write_leaves_the_earlier_output_whole(tmp_path
     monkeypatch.undo()
     assert main(["score-file", *FILE_ARGS, "--out", str(out)]) == 0
     assert len(rows(out)) == 500
+
+
+def test_a_bug_in_a_file_command_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only what the user can fix is said in one line: a ValueError from a bug propagates."""
+
+    def broken(frame, path, **options):
+        raise ValueError("a bug deep in pandas")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
+    with pytest.raises(ValueError, match="a bug deep in pandas"):
+        main(["score-file", *FILE_ARGS, "--out", str(tmp_path / "scores.csv")])
+    assert capsys.readouterr().err == ""
 
 
 def test_a_damaged_model_is_named_as_such(trained, tmp_path, capsys):

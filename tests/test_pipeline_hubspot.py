@@ -9,6 +9,8 @@ import openai
 import pytest
 from rq import Queue
 
+from integration.errors import LeadGone
+from integration.hubspot.api import ACTIVITY_PROPERTIES
 from tests.conftest import LLM_KEY, PORTAL_ID, fixture_json
 
 VP_DEMO = "74300000101"
@@ -118,6 +120,22 @@ def test_a_batch_reads_each_contacts_notes_and_emails(crm):
 
     assert [len(leads[i].texts) for i in (emailed, noted)] == [1, 1]
     assert leads[noted].texts[0].startswith("Discovery call")
+
+
+def test_one_contact_is_read_and_written_as_a_batch_does(crm, hubspot):
+    """A single read cannot give other scoring inputs than a batch (once it read texts the batch
+    skips for a contact with no recent activity), so the fingerprint cannot depend on the path."""
+    quiet = "74300000112"
+    for name in ACTIVITY_PROPERTIES:
+        hubspot.contacts[quiet]["properties"].pop(name, None)
+
+    assert crm.read_lead(quiet) == crm.read_leads([quiet])[quiet]
+    with pytest.raises(LeadGone, match="74300000999 no longer exists"):
+        crm.read_lead("74300000999")
+    crm.write_scores(quiet, {"score": "50", "tier": "C", "reason": "r", "details": "{}"})
+    assert hubspot.contacts[quiet]["properties"]["leadscore_score"] == "50"
+    with pytest.raises(LeadGone, match="74300000999 can no longer be written: OBJECT_NOT_FOUND"):
+        crm.write_scores("74300000999", {"score": "50", "tier": "C", "reason": "r", "details": "{}"})
 
 
 def test_note_with_injection_stays_inside_the_fence(post_delivery, crm, run_worker, llm, hubspot):

@@ -21,12 +21,12 @@ from workers.blend import (
     PROPENSITY,
     ScoreResult,
     _source_stage_phrase,
+    blend_score,
     blend_weights,
     effective_propensity,
     explain,
     input_fingerprint,
     join_reason,
-    score_lead,
 )
 from workers.config import ConfigError, Tiers, load_config
 from workers.model_scoring import model_reason, value_labels
@@ -140,7 +140,7 @@ def rules_only(lead: Lead, config) -> float:
 
 
 def score(lead: Lead, propensity: PropensityResult, config) -> ScoreResult:
-    return score_lead(lead, evaluate_rules(lead, config), propensity, config)
+    return blend_score(lead, evaluate_rules(lead, config), propensity, config)
 
 
 # ---------------------------------------------------------------- 1. blend contract
@@ -647,7 +647,7 @@ def test_reason_names_the_source_status_or_stage_that_moved_the_score_most(confi
     """The source/stage driver's phrase, whichever way it pushed (the reason names it only when that is
     the way the score went); a capping status is the reason's first driver."""
     lead = make_lead(has_email=True, title="VP of Sales", **fields)
-    result = score_lead(lead, evaluate_rules(lead, config), fallback("x"), config)
+    result = blend_score(lead, evaluate_rules(lead, config), fallback("x"), config)
     if result.details["cap"] is not None:
         assert result.reason.split("; ")[0] == phrase
     else:
@@ -969,7 +969,7 @@ def test_input_fingerprint(config, tmp_path, fixture_leads):
     text = DEFAULT_CONFIG_PATH.read_text().replace("propensity_weight = 0.35", "propensity_weight = 0.3")
     other = load_config(_write(tmp_path, text))
     assert input_fingerprint(lead, other) != fp
-    assert score(lead, fallback("x"), config).details["fingerprint"] == fp
+    assert "fingerprint" not in score(lead, fallback("x"), config).details  # only with_provenance adds it
 
 
 # ---------------------------------------------------------------- 13. coalesce

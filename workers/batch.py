@@ -16,10 +16,8 @@ from datetime import UTC, datetime, timedelta
 from rq import Queue, get_current_job
 
 from integration import metrics, pending
-from integration.crm import WriteRejected
-from integration.errors import CRMUnavailable
+from integration.errors import CRMUnavailable, RateLimited, WriteRejected
 from integration.events import RESCORE, LeadEvent, deal_of, parse_events
-from integration.ratelimit import RateLimited
 from workers.jobs import context, outcome
 from workers.store import LeadFact
 
@@ -103,7 +101,7 @@ def _put_off(
     are kept for failures that are leadscore's own."""
     _queue().enqueue_in(
         timedelta(seconds=max(1.0, wait_s)),
-        pending.SCORE_BATCH_JOB,
+        score_batch,
         crm,
         account,
         events,
@@ -286,9 +284,7 @@ def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, eve
         again = event.model_copy(update={"rescores": event.rescores + 1})
         by_round.setdefault(event.rescores, []).append(again.model_dump_json())
     for done, batch in by_round.items():
-        queue.enqueue_in(
-            timedelta(seconds=first_delay_s * 2**done), "workers.batch.rescore", crm, account, batch
-        )
+        queue.enqueue_in(timedelta(seconds=first_delay_s * 2**done), rescore, crm, account, batch)
 
 
 def rescore(crm: str, account: str, events: list[str]) -> int:
@@ -297,8 +293,3 @@ def rescore(crm: str, account: str, events: list[str]) -> int:
     lead_events = [event.model_copy(update={"accepted_at": now}) for event in parse_events(events)]
     pending.requeue(_queue(), crm, account, lead_events)
     return len(lead_events)
-
-
-def sweep_all() -> int:
-    """Maintenance as a job: kick every account whose pending leads have no collector."""
-    return sweep(_queue())

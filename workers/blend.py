@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from integration.lead import Lead
 from workers.config import ScoringConfig
@@ -241,6 +241,24 @@ def readable(text: str) -> str:
     return " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in text).split())
 
 
+def with_provenance(
+    result: ScoreResult, propensity: PropensityResult | None, fingerprint: str, config: ScoringConfig
+) -> ScoreResult:
+    """A score, of the rules+LLM blend or of a model, with what every written score carries: the
+    fingerprint the skip check compares (`input_fingerprint`, computed once per lead by the caller),
+    the versions, and the LLM's part (none for a model that does not ask it)."""
+    details = {
+        **result.details,
+        "fingerprint": fingerprint,
+        "config_version": config.version,
+        "prompt_version": PROMPT_VERSION,
+        "fallback": bool(propensity is not None and propensity.fallback),
+    }
+    if propensity is not None:
+        details["propensity"] = propensity_details(propensity)
+    return replace(result, details=details)
+
+
 def propensity_details(propensity: PropensityResult) -> dict:
     """The LLM's part of a score's provenance, as `leadscore_details` and the store keep it."""
     return {
@@ -253,9 +271,11 @@ def propensity_details(propensity: PropensityResult) -> dict:
     }
 
 
-def score_lead(
+def blend_score(
     lead: Lead, rules: RulesResult, propensity: PropensityResult, config: ScoringConfig
 ) -> ScoreResult:
+    """The rules+LLM score, tier and reason; what every written score carries besides is added by
+    `with_provenance`, as for a model's."""
     weights = blend_weights(config)
     values = {**rules.scores(), PROPENSITY: effective_propensity(propensity)}
     composite = sum(weights[name] * values[name] for name in weights)
@@ -269,12 +289,7 @@ def score_lead(
         "cap": cap,
         "sub_scores": {name: round(values[name], 4) for name in (*COMPONENTS, PROPENSITY)},
         "weights": {name: round(w, 4) for name, w in weights.items()},
-        "propensity": propensity_details(propensity),
         "model": propensity.model or None,
-        "prompt_version": PROMPT_VERSION,
-        "config_version": config.version,
-        "fingerprint": input_fingerprint(lead, config),
-        "fallback": propensity.fallback,
     }
     phrases, short = _phrases(lead, rules, cap is not None, contributions)
     return ScoreResult(

@@ -160,7 +160,11 @@ class ScoringConfig(_Strict):
     role_fit: RoleFit
     reachability: Reachability
     source_stage: SourceStage
-    digest: str = Field("", description="hash of the file, part of every input fingerprint")
+    digest: str = Field(
+        "",
+        description="part of every input fingerprint: load_config sets a hash of the file; the config the "
+        "workers score with (jobs.scoring_config) a hash of that, the LLM model and the trained model",
+    )
 
 
 class ConfigError(ValueError):

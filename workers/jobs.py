@@ -1,8 +1,9 @@
 """The worker's shared context and the scoring core both job paths use.
 
 `workers.batch` holds the jobs the pipeline runs (collect, score_batch);
-`score_lead` here scores one lead with one read and one write — the unbatched
-path, kept for single-lead reruns and as the benchmark's naive baseline.
+`score_lead` here scores one lead with one read and one write. It is only the
+benchmarks' naive baseline (bench/throughput.py): no command runs it, and it
+lacks what the pipeline does (deal keys, supersession, fallback rescores).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from integration import metrics
+from integration.crm import CRMAdapter
 from integration.errors import LeadGone
 from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM, shared_limiter
@@ -28,12 +30,11 @@ from integration.queue import redis_from_url
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings, SettingsError, get_settings
 from workers import model_scoring, tabular
-from workers.blend import ScoreResult, input_fingerprint
-from workers.blend import score_lead as blend_score
+from workers.blend import ScoreResult, blend_score, input_fingerprint, with_provenance
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
 from workers.llm import PropensityReasoner
-from workers.model import TrainedModel
+from workers.model import ModelArtifactError, TrainedModel
 from workers.propensity import PropensityResult
 from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
@@ -144,10 +145,10 @@ class WorkerContext:
             tally, self.tally = self.tally, None
             metrics.incr_many(self.redis, [(name, n, dict(labels)) for (name, labels), n in tally.items()])
 
-    def crm(self, crm: str, account: str) -> HubSpotCRM | SalesforceCRM:
+    def crm(self, crm: str, account: str) -> CRMAdapter:
         return _hubspot(account) if crm == "hubspot" else salesforce_for(account)
 
-    def crm_for(self, event: LeadEvent) -> HubSpotCRM | SalesforceCRM:
+    def crm_for(self, event: LeadEvent) -> HubSpotCRM | SalesforceCRM:  # with the single-lead calls
         return self.crm(event.crm, event.account_id)
 
     def score(self, leads: list[Lead]) -> list[Scored]:
@@ -186,8 +187,18 @@ class WorkerContext:
     def _results(
         self, leads: list[Lead], answers: list[PropensityResult | None], fingerprints: list[str]
     ) -> list[ScoreResult]:
+        """Each lead's score with its provenance, whichever scorer made it; the fingerprint stored is
+        the one the skip check compared, so the two cannot diverge."""
         if not leads:
             return []
+        results = self._scores(leads, answers)
+        return [
+            with_provenance(result, propensity, fingerprint, self.config)
+            for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
+        ]
+
+    def _scores(self, leads: list[Lead], answers: list[PropensityResult | None]) -> list[ScoreResult]:
+        """Score, tier and reason: of the rules+LLM blend, or of the trained model."""
         if self.model is None:
             return [
                 blend_score(lead, evaluate_rules(lead, self.config), propensity, self.config)
@@ -206,11 +217,7 @@ class WorkerContext:
         self._log_unseen(frame, shown, unseen)
         results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen, config=self.config)
         statuses = [lead.status for lead in leads]
-        results = model_scoring.capped_by_status(self.model, results, statuses, self.config)
-        return [
-            model_scoring.with_provenance(result, propensity, fingerprint, self.config)
-            for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
-        ]
+        return model_scoring.capped_by_status(self.model, results, statuses, self.config)
 
     def _log_unseen(self, frame: pd.DataFrame, shown: pd.DataFrame, unseen: dict[str, pd.Series]) -> None:
         """Say when live leads hold a value the model never saw (a status added after training): each
@@ -313,7 +320,7 @@ def load_model(settings: Settings) -> TrainedModel | None:
         return None
     try:
         model = TrainedModel.load(settings.scoring_model_path)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ModelArtifactError) as exc:
         raise SettingsError(f"SCORING_MODEL_PATH: {exc}") from None
     log.info("scoring with model %s (%s features)", model.version, len(model.kinds))
     for crm, holder in (("hubspot", "HubSpot property"), ("salesforce", "Salesforce Lead field")):

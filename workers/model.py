@@ -27,10 +27,10 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-from integration.errors import TableError
+from integration.errors import TableError, UserError
 from workers.config import Tiers
-from workers.metrics import classification_metrics, expected_calibration_error, tier_table
-from workers.tabular import DIRECTION_SIGNS, Direction, Kind
+from workers.evaluation import classification_metrics, expected_calibration_error, tier_table
+from workers.tabular import DIRECTION_SIGNS, LLM_FEATURE, Direction, Kind
 
 ARTIFACT_FORMAT = 1
 MISSING = "(missing)"
@@ -256,6 +256,10 @@ def expected_performance(y: np.ndarray, probabilities: np.ndarray, tiers: Tiers)
     }
 
 
+class ModelArtifactError(UserError):
+    """A model directory `TrainedModel.load` refuses: not one, damaged, or of another format."""
+
+
 @dataclass
 class TrainedModel:
     estimator: object
@@ -271,8 +275,6 @@ class TrainedModel:
 
     @property
     def uses_llm(self) -> bool:
-        from workers.tabular import LLM_FEATURE
-
         return LLM_FEATURE in self.kinds
 
     def matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -339,7 +341,7 @@ class TrainedModel:
             meta = json.loads((directory / "model.json").read_text())
             parts = joblib.load(directory / "model.joblib")
         except NotADirectoryError:
-            raise ValueError(
+            raise ModelArtifactError(
                 f"{directory} is a file: point at the directory `leadscore train` wrote (model.json and "
                 "model.joblib)"
             ) from None
@@ -352,7 +354,7 @@ class TrainedModel:
             raise _damaged(directory, exc) from None
         if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
-            raise ValueError(f"{directory} holds model format {found}, expected {ARTIFACT_FORMAT}")
+            raise ModelArtifactError(f"{directory} holds model format {found}, expected {ARTIFACT_FORMAT}")
         try:
             kinds = {feature["name"]: feature["kind"] for feature in meta.pop("features")}
             categories = meta.pop("categories")
@@ -362,7 +364,7 @@ class TrainedModel:
         except (KeyError, TypeError, AttributeError) as exc:
             raise _damaged(directory, exc) from None
         if made_by != model.version:
-            raise ValueError(
+            raise ModelArtifactError(
                 f"{directory} mixes two models: model.json is {model.version}, model.joblib is {made_by}: "
                 "copy the artifact directory of one `leadscore train` over whole"
             )
@@ -376,8 +378,8 @@ def lead_digests(ids) -> np.ndarray:
     return np.sort(np.frombuffer(digests, dtype=np.uint64))
 
 
-def _damaged(directory: Path, exc: Exception) -> ValueError:
-    return ValueError(
+def _damaged(directory: Path, exc: Exception) -> ModelArtifactError:
+    return ModelArtifactError(
         f"{directory} holds a damaged model ({type(exc).__name__}: {exc}): train it again, or copy the "
         "artifact directory over whole"
     )

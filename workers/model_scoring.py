@@ -13,10 +13,9 @@ from dataclasses import replace
 
 import pandas as pd
 
-from workers.blend import ScoreResult, join_reason, propensity_details
+from workers.blend import ScoreResult, join_reason
 from workers.config import ScoringConfig, Tiers
 from workers.model import TrainedModel, score_of
-from workers.propensity import PROMPT_VERSION
 
 FEATURE_LABELS = {
     "source": "Source",
@@ -196,17 +195,3 @@ def capped_by_status(
                                  details=details)  # fmt: skip
         out.append(result)
     return out
-
-
-def with_provenance(result: ScoreResult, propensity, fingerprint: str, config: ScoringConfig) -> ScoreResult:
-    """A model's score with what every written score carries: fingerprint, versions, the LLM's part."""
-    details = {
-        **result.details,
-        "fingerprint": fingerprint,
-        "config_version": config.version,
-        "prompt_version": PROMPT_VERSION,
-        "fallback": bool(propensity is not None and propensity.fallback),
-    }
-    if propensity is not None:
-        details["propensity"] = propensity_details(propensity)
-    return replace(result, details=details)

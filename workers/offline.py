@@ -21,10 +21,9 @@ import pandas as pd
 
 from integration.errors import TableError
 from workers import model_scoring, tabular
-from workers.blend import ScoreResult
-from workers.blend import score_lead as blend_score
+from workers.blend import ScoreResult, blend_score
 from workers.config import TIER_NAMES, ScoringConfig, Tiers
-from workers.metrics import POINTS, PROBABILITY, classification_metrics, cumulative_gains, tier_table
+from workers.evaluation import POINTS, PROBABILITY, classification_metrics, cumulative_gains, tier_table
 from workers.model import TrainedModel, lead_digests, require_folds, train
 from workers.progress import progress
 from workers.propensity import fallback

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from workers.config import TIER_NAMES  # noqa: E402
-from workers.metrics import POINTS, calibration_bins, tier_table  # noqa: E402
+from workers.evaluation import POINTS, calibration_bins, tier_table  # noqa: E402
 
 MIN_EACH_OUTCOME_TO_RANK = 20  # converted leads, and unconverted, for a ranking read without a caveat
 MIN_TIER_LEADS = 30  # leads in a tier, for its conversion rate read without a caveat

@@ -36,6 +36,7 @@ from sqlalchemy import (
     update,
 )
 
+from integration.errors import UserError
 from integration.lead import FEEDBACK_VALUES
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite hands back naive UTC
 
 
-class StoreNotReady(ValueError):
+class StoreNotReady(UserError):
     """The store a command reads has no leadscore schema (wrong DATABASE_URL, or never migrated)."""
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import func, select
 
-from workers.metrics import POINTS, PROBABILITY, rate_difference
+from workers.evaluation import POINTS, PROBABILITY, rate_difference
 from workers.store import CLEARED, POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
 from workers.tabular import ALWAYS_READ, Kind, TableError, normalise
 

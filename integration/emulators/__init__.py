@@ -23,6 +23,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"  # the emulators' records, and deliveries
+
 
 class _QuietHandler(WSGIRequestHandler):
     def log_request(self, *args, **kwargs) -> None:

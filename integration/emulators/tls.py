@@ -57,11 +57,6 @@ class LocalTLS:
         self.server_cert.configure_cert(context)
         return context
 
-    def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        return context
-
     def ca_bundle(self) -> str:
         """Path of a PEM file: the system bundle (if any) followed by this CA; written once."""
         if self._bundle is None:

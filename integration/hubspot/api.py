@@ -8,7 +8,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 
 import urllib3
@@ -25,7 +24,6 @@ from hubspot.crm.contacts import (
     FilterGroup,
     PublicObjectSearchRequest,
     SimplePublicObjectBatchInput,
-    SimplePublicObjectInput,
 )
 from hubspot.crm.objects import ApiException as ObjectsApiException
 from hubspot.crm.objects import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
@@ -34,8 +32,8 @@ from hubspot.crm.properties import OptionInput, PropertyCreate, PropertyGroupCre
 from redis import Redis
 from urllib3.util.retry import Retry
 
-from integration.crm import WriteResult
-from integration.errors import CRMError, CRMUnavailable, LeadGone
+from integration.crm import SetupReport, WriteResult, write_one
+from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.hubspot import (
     FEEDBACK_PROPERTY,
     OUTCOME_DATE_PROPERTIES,
@@ -44,7 +42,7 @@ from integration.hubspot import (
     WRITTEN_PROPERTIES,
 )
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
-from integration.ratelimit import RateLimited, RateLimiter
+from integration.ratelimit import RateLimiter
 from integration.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,12 +109,6 @@ PROPERTY_DEFINITIONS = (
     ),
 )  # fmt: skip
 _TAG = re.compile(r"<[^>]+>")
-
-
-@dataclass
-class SetupReport:
-    created: list[str]
-    existing: list[str]
 
 
 def html_to_text(value: str) -> str:
@@ -337,29 +329,11 @@ class HubSpotCRM:
         return str(details["portalId"])
 
     def read_lead(self, contact_id: str) -> Lead:
-        """One contact, one call (plus its texts): the unbatched path."""
-        try:
-            contact = self._call(
-                "read",
-                self.client.crm.contacts.basic_api.get_by_id,
-                contact_id,
-                properties=self.read_properties,
-                associations=list(TEXT_OBJECTS),
-                archived=False,
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                raise LeadGone(f"HubSpot contact {contact_id} no longer exists") from None
-            raise _failure(exc, f"reading HubSpot contact {contact_id}: {exc.status} {exc.reason}") from exc
-        linked = {
-            kind: [a.id for a in collection.results]
-            for kind, collection in (contact.associations or {}).items()
-            if kind in TEXT_OBJECTS and collection
-        }
-        texts = self._texts({str(contact.id): linked}).get(str(contact.id), ())
-        return lead_from_properties(
-            str(contact.id), self.portal_id, contact.properties or {}, texts, self.custom_properties
-        )
+        """One contact, read the way a batch reads it, so both give the same scoring inputs."""
+        lead = self.read_leads([contact_id]).get(contact_id)
+        if lead is None:
+            raise LeadGone(f"HubSpot contact {contact_id} no longer exists")
+        return lead
 
     def read_leads(self, contact_ids: list[str]) -> dict[str, Lead]:
         """Contacts 100 a call with `batch/read`; deleted ones are simply absent (HubSpot's 207)."""
@@ -494,19 +468,7 @@ class HubSpotCRM:
         }
 
     def write_scores(self, contact_id: str, fields: dict[str, str]) -> None:
-        """One contact, one PATCH: the unbatched path."""
-        properties = {WRITTEN_PROPERTIES[key]: value for key, value in fields.items()}
-        try:
-            self._call(
-                "write",
-                self.client.crm.contacts.basic_api.update,
-                contact_id,
-                SimplePublicObjectInput(properties=properties),
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                raise LeadGone(f"HubSpot contact {contact_id} was deleted before the write") from None
-            raise _failure(exc, f"writing HubSpot contact {contact_id}: {exc.status} {exc.body}") from exc
+        write_one(self, "HubSpot contact", contact_id, fields)
 
     def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
         """Score fields to many contacts, 100 a `batch/update`; a 207 names the ones that failed."""

@@ -17,7 +17,7 @@ from hubspot.utils.signature import Signature
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from integration.errors import PayloadError, SignatureError, first_problem
-from integration.events import IntakeRow, deal_key
+from integration.events import MAX_EPOCH_MS, IntakeRow, deal_key
 from integration.hubspot import DEAL_OUTCOME_PROPERTIES, OUTPUT_PROPERTIES
 from integration.queue import Skipped
 
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 CONTACT_OBJECT_TYPE = "0-1"
 DEAL_OBJECT_TYPE = "0-3"
 MAX_EVENTS = 100
-MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31, the last instant a datetime holds
 TIMESTAMP_TOLERANCE_MS = 300_000  # HubSpot's documented 5 minutes
 
 HANDLED_EVENTS = {

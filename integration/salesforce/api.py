@@ -13,7 +13,6 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple, TypeVar
 
@@ -23,10 +22,9 @@ from redis.exceptions import RedisError
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
-from integration.crm import WriteRejected, WriteResult
-from integration.errors import CRMError, CRMUnavailable, LeadGone
+from integration.crm import SetupReport, WriteResult, write_one
+from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, option_label
-from integration.ratelimit import RateLimited
 from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, WRITTEN_FIELDS, is_record_id
 from integration.settings import Settings, SettingsError
 
@@ -51,12 +49,6 @@ PERMANENT_CODES = frozenset(
     }
 )  # fmt: skip
 GONE_CODES = frozenset({"ENTITY_IS_DELETED", "CANNOT_UPDATE_CONVERTED_LEAD", "INVALID_CROSS_REFERENCE_KEY"})
-
-
-@dataclass
-class SetupReport:
-    created: list[str]
-    existing: list[str]
 
 
 FIELD_DEFINITIONS: dict[str, dict] = {
@@ -503,12 +495,7 @@ class SalesforceCRM:
         return results
 
     def write_scores(self, lead_id: str, fields: dict[str, str]) -> None:
-        [result] = self.write_many([(lead_id, fields)])
-        if result.ok:
-            return
-        if result.gone:
-            raise LeadGone(f"Salesforce Lead {lead_id} can no longer be written: {result.code}")
-        raise WriteRejected(self.crm, result)
+        write_one(self, "Salesforce Lead", lead_id, fields)
 
     def ensure_fields(self) -> SetupReport:
         """Create leadscore's custom Lead fields through the Metadata API; existing ones stay."""

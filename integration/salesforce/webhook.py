@@ -13,8 +13,10 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Literal
 from xml.etree.ElementTree import Element, ParseError
+from xml.sax.saxutils import escape
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
@@ -23,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from integration import signing
-from integration.errors import PayloadError, SignatureError, WebhookError, first_problem
-from integration.events import IntakeRow, deal_key
+from integration.errors import BodyTooLarge, PayloadError, SignatureError, WebhookError, first_problem
+from integration.events import MAX_EPOCH_MS, IntakeRow, deal_key
 from integration.queue import Skipped
 from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_org_id, is_record_id
 from integration.settings import SettingsError
@@ -46,6 +48,9 @@ HANDLED_CHANGES |= {f"GAP_{kind}": HANDLED_CHANGES[kind] for kind in ("CREATE", 
 # record no longer changes. Queued under its own key; the worker reads whether it is won.
 OPPORTUNITY_OUTCOME_FIELDS = frozenset({"StageName", "IsWon", "IsClosed"})
 OPPORTUNITY_CHANGES = frozenset({"UPDATE", "GAP_UPDATE"})  # a GAP_ event no longer says which fields
+# The sObjects leadscore takes events of, and the key a record is queued under: a Lead's own id, an
+# Opportunity's deal key. Any other is logged as unsupported (a Flow or CDC channel set up on it).
+SCORED_OBJECTS: dict[str, Callable[[str], str]] = {"Lead": str, "Opportunity": deal_key}
 
 ACK = (
     '<?xml version="1.0" encoding="UTF-8"?>'
@@ -136,21 +141,18 @@ def triage_notification(notification: Element, org_id: str) -> IntakeRow | Skipp
     object_type = (sobject.get(XSI_TYPE) or "").rsplit(":", 1)[-1]
     record_id = _text(sobject, "Id")
     ref = f"{notification_id} ({object_type} {record_id})"
-    if object_type not in ("Lead", "Opportunity"):
-        return Skipped("ignore", ref, f"{object_type or 'untyped'} records are not scored")
+    if object_type not in SCORED_OBJECTS:
+        return Skipped("unsupported", ref, f"{object_type or 'untyped'} records are not scored")
     if not record_id:
         raise PayloadError(f"notification {notification_id} has a {object_type} without an <Id>")
     if not is_record_id(record_id):
         return Skipped("unsupported", ref, f"{record_id!r} is not a Salesforce record id")
-    if object_type == "Opportunity":  # which fields changed is not said: the worker reads if it is won
-        key, kind = deal_key(record_id), "deal_change"
-    else:
-        key, kind = record_id, "outbound_message"
     return IntakeRow(
         account_id=org_id,
-        lead_id=key,
+        lead_id=SCORED_OBJECTS[object_type](record_id),
         event_id=notification_id,
-        kind=kind,
+        # which fields changed is not said; for an Opportunity, the worker reads whether it is won
+        kind="deal_change" if object_type == "Opportunity" else "outbound_message",
         changed_fields=(),
         occurred_at_ms=int(time.time() * 1000),  # an Outbound Message carries no time of change
     )
@@ -167,7 +169,7 @@ class ChangeEventHeader(BaseModel):
     changed_fields: list[str] = Field(default_factory=list, alias="changedFields")
     change_origin: str = Field("", alias="changeOrigin")
     commit_user: str = Field("", alias="commitUser")
-    commit_timestamp: int = Field(alias="commitTimestamp", ge=0, le=253_402_300_799_999)
+    commit_timestamp: int = Field(alias="commitTimestamp", ge=0, le=MAX_EPOCH_MS)
     transaction_key: str = Field(alias="transactionKey", min_length=1)
     sequence_number: int = Field(alias="sequenceNumber")
 
@@ -201,15 +203,15 @@ def triage_change(
 ) -> list[IntakeRow | Skipped]:
     header = event.ChangeEventHeader
     ref = f"{header.transaction_key}/{header.sequence_number}"
+    key = SCORED_OBJECTS.get(header.entity_name)
     if header.entity_name == "Lead":
-        kind, key = HANDLED_CHANGES.get(header.change_type), str
+        kind = HANDLED_CHANGES.get(header.change_type)
         verdict = _lead_verdict(header, integration_user, client_name)
     elif header.entity_name == "Opportunity":
-        kind, key = "deal_change", deal_key
+        kind = "deal_change"
         verdict = _opportunity_verdict(header)
     else:
-        kind, key = None, str
-        verdict = ("ignore", f"{header.entity_name} changes are not scored")
+        kind, verdict = None, ("unsupported", f"{header.entity_name} changes are not scored")
     if verdict is not None:
         return [Skipped(verdict[0], f"{ref} {rid}", verdict[1]) for rid in header.record_ids]
     invalid = [rid for rid in header.record_ids if not is_record_id(rid)]
@@ -256,7 +258,7 @@ def _opportunity_verdict(header: ChangeEventHeader) -> Verdict:
 
 def soap_fault(message: str, status: int) -> Response:
     code = "soapenv:Client" if status < 500 else "soapenv:Server"
-    escaped = message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    escaped = escape(message)
     xml = (
         f'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="{SOAP_NS}"><soapenv:Body>'
         f"<soapenv:Fault><faultcode>{code}</faultcode><faultstring>{escaped}</faultstring></soapenv:Fault>"
@@ -273,13 +275,12 @@ bp = Blueprint("salesforce", __name__)
 def _refuse(exc: Exception):
     """Every refusal of an Outbound Message is a SOAP fault (Salesforce resends until acknowledged);
     change events are refused with JSON."""
+    if isinstance(exc, RequestEntityTooLarge):
+        exc = BodyTooLarge(current_app.extensions["leadscore"].settings.max_body_bytes)
     if isinstance(exc, WebhookError):
         message, status = exc.message, exc.status
     elif isinstance(exc, SettingsError):
         message, status = str(exc), 503
-    elif isinstance(exc, RequestEntityTooLarge):
-        limit = current_app.extensions["leadscore"].settings.max_body_bytes
-        message, status = f"body exceeds the {limit}-byte limit (MAX_BODY_BYTES)", 413
     elif isinstance(exc, HTTPException):
         message, status = exc.description or exc.name, exc.code or 500
     else:
