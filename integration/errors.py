@@ -56,10 +56,15 @@ class RateLimited(Exception):
     def __init__(self, message: str, retry_after_s: float = 60.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.written: list[str] = []  # lead ids a write of several calls had written before it stopped
 
 
 class CRMError(Exception):
     """A CRM API call failed; subclasses say whether retrying can help."""
+
+    def __init__(self, *args: object):
+        super().__init__(*args)
+        self.written: list[str] = []  # lead ids a write of several calls had written before it failed
 
 
 class CRMUnavailable(CRMError):

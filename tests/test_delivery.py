@@ -36,7 +36,8 @@ from tests.conftest import (
     fixture_json,
     pending_events,
 )
-from workers import batch
+from tests.test_feedback_outcomes_holdout import table
+from workers import batch, store
 
 BURST = "contact.creation__demo_burst"
 VP = "74300000101"
@@ -246,6 +247,31 @@ def test_contact_creation__demo_burst_with_one_contact_refused_writes_the_other_
     assert batch_updates == 12  # halves 24 -> 12 -> 6 -> 3 -> 2 -> 1: 11 to find it, 1 as it is tried alone
     [dead] = queue.failed_job_registry.get_job_ids()  # tried alone, refused again: dead-lettered
     assert "VALIDATION_ERROR" in queue.fetch_job(dead).latest_result().exc_string
+
+
+def test_a_daily_limit_reached_while_halving_a_batch_keeps_the_scores_already_written(
+    env, post_delivery, crm, queue, redis, run_worker, hubspot
+):
+    """Halving a refused batch takes several calls: when HubSpot stops answering part way, the halves
+    already written are kept in the store now, since they read as unchanged when the batch runs again."""
+    hubspot.reject["74300000101"] = "Blocked by a validation rule"
+    write = hubspot._write
+
+    def write_then_daily_limit(*args):
+        write(*args)
+        hubspot.daily_limit_reached = True  # the portal's daily limit runs out part way
+
+    hubspot._write = write_then_daily_limit
+    post_delivery(BURST)
+    run_worker()
+    hubspot._write, hubspot.daily_limit_reached = write, False  # a new day
+    redis.delete(f"leadscore:rate-pause:hubspot:{PORTAL_ID}")
+    _run_put_off_batches(queue)
+    run_worker()
+
+    shown = {c for c in hubspot.contacts if hubspot.contact_properties(c).get("leadscore_score")}
+    kept = {row["lead_id"] for row in table(env, store.scores)}
+    assert len(shown) == 23 and kept == shown  # all but the refused contact, each kept once written
 
 
 def test_a_deleted_leadscore_property_dead_letters_saying_to_run_setup(post_delivery, crm, run_worker,

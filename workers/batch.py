@@ -154,7 +154,12 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     to_write = [
         (s.lead.lead_id, s.fields) for i, s in scored.items() if s.fields is not None and i not in superseded
     ]
-    written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
+    try:
+        written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
+    except (RateLimited, CRMUnavailable) as exc:  # put off: the scores already written are kept now,
+        done = set(exc.written)  # since they will read as unchanged when the batch runs again
+        ctx.keep([s for i, s in scored.items() if i in done], [leads[i] for i in done])
+        raise
 
     results, failed, fallbacks, latencies, kept = [], [], [], [], []
     now = datetime.now(UTC)

@@ -473,8 +473,12 @@ class HubSpotCRM:
     def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
         """Score fields to many contacts, 100 a `batch/update`; a 207 names the ones that failed."""
         results: dict[str, WriteResult] = {}
-        for start in range(0, len(writes), HUBSPOT_BATCH):
-            self._write_batch(writes[start : start + HUBSPOT_BATCH], results)
+        try:
+            for start in range(0, len(writes), HUBSPOT_BATCH):
+                self._write_batch(writes[start : start + HUBSPOT_BATCH], results)
+        except (RateLimited, CRMUnavailable) as exc:  # a later call of a halved batch: keep what was written
+            exc.written = [r.lead_id for r in results.values() if r.ok]
+            raise
         for failed in (r for r in results.values() if not r.ok):
             log.warning("HubSpot refused contact %s: %s %s", failed.lead_id, failed.code, failed.message)
         return [
