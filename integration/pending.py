@@ -250,6 +250,23 @@ def take_batch(queue: Queue, crm: str, account: str, size: int) -> Job | None:
                 continue
 
 
+def backfill_key(crm: str, account: str) -> str:
+    return f"leadscore:backfill:{crm}:{account}"
+
+
+def backfilling(redis: Redis, crm: str, account: str, lead_ids: list[str]) -> list[bool]:
+    """Whether each lead waits in a backfill batch not yet scored: a second rescore leaves it there."""
+    if not lead_ids:
+        return []
+    return [bool(found) for found in redis.smismember(backfill_key(crm, account), lead_ids)]
+
+
+def backfilled(redis: Redis, crm: str, account: str, lead_ids: list[str]) -> None:
+    """These leads' backfill batch has scored them (a refused one waits to be requeued, not here)."""
+    if lead_ids:
+        redis.srem(backfill_key(crm, account), *lead_ids)
+
+
 def handoff_key(crm: str, account: str) -> str:
     return f"leadscore:handoff:{crm}:{account}"
 
@@ -276,6 +293,8 @@ def enqueue_batch(
         target = Queue(target.name + BACKFILL, connection=target.connection)
         for event in numbered:
             pipe.hsetnx(marks, event.lead_id, handoff)
+        pipe.sadd(backfill_key(crm, account), *(event.lead_id for event in numbered))
+        pipe.expire(backfill_key(crm, account), HANDOFF_TTL_S)
     else:
         pipe.hset(marks, mapping={event.lead_id: handoff for event in numbered})
     pipe.expire(marks, HANDOFF_TTL_S)

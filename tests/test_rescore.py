@@ -96,6 +96,23 @@ def test_a_webhooks_batch_still_waiting_is_not_superseded_by_a_rescore_that_reac
     assert pending.worker_queues(queue.name, redis)[1].count == 1  # the backfill, still to come
 
 
+def test_a_rescore_run_again_while_the_first_ones_batches_wait_queues_none_of_their_leads(
+    crm, redis, queue, capsys, run_worker, hubspot
+):
+    backfill = pending.worker_queues(queue.name, redis)[1]
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    SimpleWorker([queue], connection=redis).work(burst=True)  # collected: the backfill batch waits
+    capsys.readouterr()
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0  # say, after a stop part way
+    assert capsys.readouterr().out.startswith(f"hubspot:{PORTAL_ID}: 0 leads queued, 24 already waiting")
+    SimpleWorker([queue], connection=redis).work(burst=True)
+    assert backfill.count == 1
+    assert len(run_worker()) == 24
+    assert main(["rescore", "--crm", "hubspot"]) == 0  # scored: a rescore queues them again
+    assert capsys.readouterr().out.startswith(f"hubspot:{PORTAL_ID}: 24 leads queued, 0 already waiting")
+
+
 def test_a_refused_backfill_batch_is_listed_and_requeued_like_any_other(
     crm, run_worker, hubspot, queue, capsys
 ):

@@ -196,6 +196,10 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             results.append({**outcome(key, "failed", s), "error": f"{result.code}: {result.message}"})
 
     results += deal_results
+    if lead_events and all(RESCORE in event.kinds for event in lead_events):  # a backfill batch, done
+        refused = {event.lead_id for event, _ in failed}
+        scored_now = [event.lead_id for event in lead_events if event.lead_id not in refused]
+        pending.backfilled(ctx.redis, crm, account, scored_now)
     ctx.keep(kept, list(leads.values()), won)
     queue = _queue()
     if failed and len(lead_events) == 1 and not deal_events:

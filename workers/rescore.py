@@ -72,8 +72,9 @@ def feed(queue: Queue, fed: Fed, lead_ids: Iterable[str]) -> Fed:
     now = datetime.now(UTC)
     ids = iter(progress(f"queueing {fed.crm}:{fed.account} leads")(lead_ids))
     while chunk := list(islice(ids, CHUNK)):
-        events = [_event(fed, lead_id, now) for lead_id in chunk]
-        added = pending.requeue(queue, fed.crm, fed.account, events)
+        batched = pending.backfilling(queue.connection, fed.crm, fed.account, chunk)
+        events = [_event(fed, lead_id, now) for lead_id, done in zip(chunk, batched, strict=True) if not done]
+        added = pending.requeue(queue, fed.crm, fed.account, events) if events else 0
         fed.queued += added
         fed.waiting += len(chunk) - added
     return fed
