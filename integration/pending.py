@@ -23,6 +23,7 @@ Keys, all under `leadscore:`:
   kick:{crm}:{account}           string  a collect job is queued or running for the account
   handoffs                       string  the last hand-off's number: each batch takes the next
   handoff:{crm}:{account}        hash    lead id → the number of its newest hand-off
+  backfill:{crm}:{account}       set     leads in backfill batches not yet scored (`leadscore rescore`)
 """
 
 from __future__ import annotations
