@@ -23,7 +23,7 @@ Keys, all under `leadscore:`:
   kick:{crm}:{account}           string  a collect job is queued or running for the account
   handoffs                       string  the last hand-off's number: each batch takes the next
   handoff:{crm}:{account}        hash    lead id → the number of its newest hand-off
-  backfill:{crm}:{account}       set     leads in backfill batches not yet scored (`leadscore rescore`)
+  backfill:{crm}:{account}       zset    lead id → when a backfill batch took it, until a batch scores it
 """
 
 from __future__ import annotations
@@ -256,16 +256,20 @@ def backfill_key(crm: str, account: str) -> str:
 
 
 def backfilling(redis: Redis, crm: str, account: str, lead_ids: list[str]) -> list[bool]:
-    """Whether each lead waits in a backfill batch not yet scored: a second rescore leaves it there."""
+    """Whether each lead waits in a backfill batch not yet scored: a second rescore leaves it there.
+    A lead whose batch failed for good counts as waiting for HANDOFF_TTL_S at most (to be requeued
+    from `leadscore failed`), then a rescore queues it again."""
     if not lead_ids:
         return []
-    return [bool(found) for found in redis.smismember(backfill_key(crm, account), lead_ids)]
+    since = time.time() - HANDOFF_TTL_S
+    taken = redis.zmscore(backfill_key(crm, account), lead_ids)
+    return [at is not None and at > since for at in taken]
 
 
 def backfilled(redis: Redis, crm: str, account: str, lead_ids: list[str]) -> None:
-    """These leads' backfill batch has scored them (a refused one waits to be requeued, not here)."""
+    """A batch, backfill or live, has scored these leads: no backfill batch need wait for them."""
     if lead_ids:
-        redis.srem(backfill_key(crm, account), *lead_ids)
+        redis.zrem(backfill_key(crm, account), *lead_ids)
 
 
 def handoff_key(crm: str, account: str) -> str:
@@ -294,7 +298,9 @@ def enqueue_batch(
         target = Queue(target.name + BACKFILL, connection=target.connection)
         for event in numbered:
             pipe.hsetnx(marks, event.lead_id, handoff)
-        pipe.sadd(backfill_key(crm, account), *(event.lead_id for event in numbered))
+        now = time.time()
+        pipe.zadd(backfill_key(crm, account), {event.lead_id: now for event in numbered})
+        pipe.zremrangebyscore(backfill_key(crm, account), 0, now - HANDOFF_TTL_S)
         pipe.expire(backfill_key(crm, account), HANDOFF_TTL_S)
     else:
         pipe.hset(marks, mapping={event.lead_id: handoff for event in numbered})

@@ -29,6 +29,7 @@ from integration.salesforce.api import SalesforceCRM
 from tests.conftest import (
     APP_SECRET,
     FIXTURES,
+    HUBSPOT_TOKEN,
     PORTAL_ID,
     SF_ORG_ID,
     WEBHOOK_URL,
@@ -272,6 +273,30 @@ def test_a_daily_limit_reached_while_halving_a_batch_keeps_the_scores_already_wr
     shown = {c for c in hubspot.contacts if hubspot.contact_properties(c).get("leadscore_score")}
     kept = {row["lead_id"] for row in table(env, store.scores)}
     assert len(shown) == 23 and kept == shown  # all but the refused contact, each kept once written
+
+
+def test_a_token_refused_while_halving_a_batch_keeps_the_scores_already_written(
+    env, post_delivery, crm, queue, redis, run_worker, hubspot
+):
+    hubspot.reject["74300000101"] = "Blocked by a validation rule"
+    write = hubspot._write
+
+    def write_then_token_rotated(*args):
+        write(*args)
+        hubspot.token = "rotated"  # the private app's token is rotated part way
+
+    hubspot._write = write_then_token_rotated
+    post_delivery(BURST)
+    run_worker()  # the batch fails (401); RQ retries it later
+    hubspot._write, hubspot.token = write, HUBSPOT_TOKEN  # the operator sets the new token
+    for job_id in queue.scheduled_job_registry.get_job_ids():  # the retry comes due
+        queue.scheduled_job_registry.remove(job_id)
+        queue.enqueue_job(queue.fetch_job(job_id))
+    run_worker()
+
+    shown = {c for c in hubspot.contacts if hubspot.contact_properties(c).get("leadscore_score")}
+    kept = {row["lead_id"] for row in table(env, store.scores)}
+    assert len(shown) == 23 and kept == shown
 
 
 def test_a_deleted_leadscore_property_dead_letters_saying_to_run_setup(post_delivery, crm, run_worker,

@@ -3,6 +3,8 @@ scored by the real pipeline; a second run with nothing changed writes nothing an
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from rq import SimpleWorker
 
@@ -110,6 +112,39 @@ def test_a_rescore_run_again_while_the_first_ones_batches_wait_queues_none_of_th
     assert backfill.count == 1
     assert len(run_worker()) == 24
     assert main(["rescore", "--crm", "hubspot"]) == 0  # scored: a rescore queues them again
+    assert capsys.readouterr().out.startswith(f"hubspot:{PORTAL_ID}: 24 leads queued, 0 already waiting")
+
+
+def test_a_lead_its_backfill_batch_failed_on_is_queued_by_the_next_rescore_once_a_webhook_scores_it(
+    crm, run_worker, hubspot, queue, redis, capsys, post_delivery
+):
+    hubspot.reject["74300000101"] = "Blocked by a validation rule"
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    run_worker()  # refused alone, from the backfill: dead-lettered
+    hubspot.reject.clear()  # the admin fixes the rule, and the contact's next webhook scores it
+    post_delivery("contact.creation__demo_burst")
+    run_worker()
+    capsys.readouterr()
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0  # rules changed: every lead again
+
+    assert capsys.readouterr().out.startswith(f"hubspot:{PORTAL_ID}: 24 leads queued, 0 already waiting")
+
+
+def test_a_lead_whose_backfill_batch_failed_for_good_waits_for_requeue_three_days_at_most(
+    crm, run_worker, hubspot, redis, capsys
+):
+    hubspot.reject["74300000101"] = "Blocked by a validation rule"
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    run_worker()
+    capsys.readouterr()
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    assert capsys.readouterr().out.startswith(f"hubspot:{PORTAL_ID}: 23 leads queued, 1 already waiting")
+    run_worker()  # the refused one is in `leadscore failed`, to be requeued: not queued again
+    key = pending.backfill_key("hubspot", PORTAL_ID)
+    redis.zadd(key, {"74300000101": time.time() - pending.HANDOFF_TTL_S - 1})  # three days on
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0
     assert capsys.readouterr().out.startswith(f"hubspot:{PORTAL_ID}: 24 leads queued, 0 already waiting")
 
 

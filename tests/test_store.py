@@ -144,6 +144,22 @@ def _plan_of_each_select(kept: Store, action) -> list[str]:
         ]
 
 
+def test_the_report_counts_feedback_by_the_score_the_rep_saw_whatever_its_inputs(tmp_path):
+    """A rep who takes back "too high" on the same 80 A after its inputs changed takes it back; a
+    clear where the same inputs show another score (here a held-out blank) takes nothing back."""
+    url = f"sqlite:///{tmp_path}/store.sqlite3"
+    store.upgrade(url)
+    kept = Store(url)
+    said = [Feedback("hubspot", "1", "7", "too_high", score=80, tier="A", fingerprint="F1"),
+            Feedback("hubspot", "1", "7", None, score=80, tier="A", fingerprint="F2"),  # same score seen
+            Feedback("hubspot", "1", "8", "too_low", score=30, tier="D", fingerprint="F3"),
+            Feedback("hubspot", "1", "8", None, score=None, tier=None, fingerprint="F3")]  # fmt: skip
+    for fact in said:
+        kept.record_feedback([fact])
+
+    assert store_summary(kept)["feedback"] == {"D": {"too_low": 1}}
+
+
 def test_a_batchs_feedback_lookup_is_an_index_search_not_a_table_scan(tmp_path):
     """Every worker batch asks what reps said last about its leads: over a year's feedback, a scan
     per batch would grow with the table."""

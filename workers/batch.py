@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from rq import Queue, get_current_job
 
 from integration import metrics, pending
-from integration.errors import CRMUnavailable, RateLimited, WriteRejected
+from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected
 from integration.events import RESCORE, LeadEvent, deal_of, parse_events
 from workers.jobs import context, outcome
 from workers.store import LeadFact
@@ -156,9 +156,11 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     ]
     try:
         written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
-    except (RateLimited, CRMUnavailable) as exc:  # put off: the scores already written are kept now,
-        done = set(exc.written)  # since they will read as unchanged when the batch runs again
-        ctx.keep([s for i, s in scored.items() if i in done], [leads[i] for i in done])
+    except (RateLimited, CRMError) as exc:  # put off or retried: the scores already written are kept
+        done = set(exc.written)  # now, since they will read as unchanged when the batch runs again
+        ctx.keep(
+            [s for i, s in scored.items() if i in done], [lead for i, lead in leads.items() if i in done]
+        )
         raise
 
     results, failed, fallbacks, latencies, kept = [], [], [], [], []
@@ -196,10 +198,8 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             results.append({**outcome(key, "failed", s), "error": f"{result.code}: {result.message}"})
 
     results += deal_results
-    if lead_events and all(RESCORE in event.kinds for event in lead_events):  # a backfill batch, done
-        refused = {event.lead_id for event, _ in failed}
-        scored_now = [event.lead_id for event in lead_events if event.lead_id not in refused]
-        pending.backfilled(ctx.redis, crm, account, scored_now)
+    refused = {event.lead_id for event, _ in failed}  # the rest are settled, whoever queued them
+    pending.backfilled(ctx.redis, crm, account, [e.lead_id for e in lead_events if e.lead_id not in refused])
     ctx.keep(kept, list(leads.values()), won)
     queue = _queue()
     if failed and len(lead_events) == 1 and not deal_events:

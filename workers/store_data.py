@@ -236,9 +236,9 @@ def _feedback_by_tier(store: Store, held_out: set[LeadKey]) -> dict[str, dict[st
             select(feedback.c.crm, feedback.c.account_id, feedback.c.lead_id, feedback.c.fingerprint,
                    feedback.c.score, feedback.c.tier, feedback.c.value).order_by(feedback.c.id)
         ).all()  # fmt: skip
-    # The latest on each score the rep saw: the same inputs can show another score (a fallback then
-    # the LLM's, a lead moved into the holdout), and clearing feedback there takes nothing back here.
-    latest = {tuple(row[:6]): (tuple(row[:3]), row.tier, row.value) for row in said}
+    # The latest on each score the rep saw, as they saw it: the same inputs can show another score (a
+    # fallback then the LLM's, a lead moved into the holdout), and a clear there takes nothing back here.
+    latest = {(*row[:3], row.score, row.tier): (tuple(row[:3]), row.tier, row.value) for row in said}
     by_tier: dict[str, dict[str, int]] = {}
     for lead, tier, value in latest.values():
         if value == CLEARED:

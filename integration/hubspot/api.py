@@ -476,7 +476,7 @@ class HubSpotCRM:
         try:
             for start in range(0, len(writes), HUBSPOT_BATCH):
                 self._write_batch(writes[start : start + HUBSPOT_BATCH], results)
-        except (RateLimited, CRMUnavailable) as exc:  # a later call of a halved batch: keep what was written
+        except (RateLimited, CRMError) as exc:  # a later call of a halved batch: keep what was written
             exc.written = [r.lead_id for r in results.values() if r.ok]
             raise
         for failed in (r for r in results.values() if not r.ok):
