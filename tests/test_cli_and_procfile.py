@@ -44,6 +44,25 @@ def test_setup_hubspot_is_idempotent(env, hubspot, capsys):
     }
 
 
+def test_setup_hubspot_refused_a_property_says_which_and_what_hubspot_said(env, hubspot, capsys):
+    hubspot.refused_properties["leadscore_score"] = (400, "VALIDATION_ERROR", "label Lead score is taken")
+
+    assert main(["setup", "hubspot"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: HubSpot refused to create the contact property leadscore_score (label 'Lead score'): "
+        "label Lead score is taken; fix what it names (another property with that label, say), then run "
+        "`leadscore setup hubspot` again\n"
+    )
+
+
+def test_setup_hubspot_counts_a_property_another_setup_just_created_as_existing(env, hubspot, capsys):
+    message = "Object already exists. Property leadscore_tier already exists"
+    hubspot.refused_properties["leadscore_tier"] = (409, "OBJECT_ALREADY_EXISTS", message)
+
+    assert main(["setup", "hubspot"]) == 0
+    assert "exists   leadscore_tier" in capsys.readouterr().out
+
+
 def test_setup_without_token_says_what_to_set(env, monkeypatch, capsys):
     from integration.settings import get_settings
 

@@ -180,6 +180,7 @@ class HubSpotEmulator:
         self.forbidden_objects: set[str] = set()  # object types the token lacks the scope for
         self.unavailable_objects: set[str] = set()  # batch reads of these answer 503
         self.schemas_read_only = False  # the token lacks crm.schemas.contacts.write: creating answers 403
+        self.refused_properties: dict[str, tuple[int, str, str]] = {}  # name -> status, category, message
         self._lock = threading.Lock()
         self._event_id = 9_000_000_000
         self._authenticated: list[tuple[str, str]] = []
@@ -432,6 +433,8 @@ class HubSpotEmulator:
             if self.schemas_read_only:
                 return missing_schema_scope()
             prop = request.get_json(silent=True) or {}
+            if prop.get("name") in self.refused_properties:
+                return _error(*self.refused_properties[prop["name"]])
             if prop.get("name") in self.properties:
                 return _error(
                     409,

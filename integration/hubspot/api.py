@@ -541,6 +541,9 @@ class HubSpotCRM:
                     "app the crm.schemas.contacts.read and crm.schemas.contacts.write scopes, then run "
                     "`leadscore setup hubspot` again"
                 ) from exc
+            if (exc.status or 0) >= 500:
+                said = f"HubSpot could not create leadscore's properties: {exc.status} {exc.reason}"
+                raise _failure(exc, said) from exc
             raise
 
     def _ensure_properties(self) -> SetupReport:
@@ -556,9 +559,22 @@ class HubSpotCRM:
         for definition in PROPERTY_DEFINITIONS:
             if definition.name in existing:
                 report.existing.append(definition.name)
-            else:
+                continue
+            try:
                 api.core_api.create("contacts", definition)
-                report.created.append(definition.name)
+            except PropertiesApiException as exc:
+                if exc.status == 409:  # another setup created it since the list was read
+                    report.existing.append(definition.name)
+                    continue
+                if exc.status in (400, 422):
+                    _, message, _ = _refusal(exc.body)
+                    raise CRMError(
+                        f"HubSpot refused to create the contact property {definition.name} (label "
+                        f"{definition.label!r}): {message or exc.reason}; fix what it names (another "
+                        "property with that label, say), then run `leadscore setup hubspot` again"
+                    ) from exc
+                raise
+            report.created.append(definition.name)
         return report
 
     def list_scored(self, contact_ids: list[str]) -> list[dict[str, str]]:
