@@ -97,6 +97,23 @@ def test_redelivered_unchanged_lead_costs_no_llm_call_and_no_write(
     assert (len(llm.requests) - llm_before, len(hubspot.writes) - writes_before) == (0, 0)
 
 
+def test_reasons_reworded_since_a_lead_was_scored_are_written_at_its_next_event_from_the_llms_cache(
+    post_delivery, crm, run_worker, hubspot, llm
+):
+    post_delivery("contact.creation__single")
+    run_worker()
+    properties = hubspot.contacts[VP]["properties"]
+    details = json.loads(properties["leadscore_details"])
+    properties["leadscore_details"] = json.dumps({**details, "reason_version": "reasons-1"})  # written before
+    asked = len(llm.requests)
+
+    post_delivery(json.dumps([change(int(VP), 6001)]).encode())  # nothing about the lead changed
+    [result] = run_worker()
+
+    assert result["outcome"] == "written" and len(llm.requests) == asked  # the LLM's answer, from its cache
+    assert json.loads(properties["leadscore_details"])["reason_version"] == "reasons-2"
+
+
 def test_llm_answers_are_cached_by_input_fingerprint(post_delivery, crm, run_worker, hubspot, llm):
     post_delivery("contact.creation__single")
     run_worker()

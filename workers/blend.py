@@ -241,6 +241,12 @@ def readable(text: str) -> str:
     return " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in text).split())
 
 
+# The wording of reasons. A lead whose shown score carries another version is written again at its
+# next event or rescore (the LLM answering from its cache, by fingerprint), so reworded reasons reach
+# every lead, not only those whose inputs change. Bump it with any change to what reasons say.
+REASON_VERSION = "reasons-2"
+
+
 def with_provenance(
     result: ScoreResult, propensity: PropensityResult | None, fingerprint: str, config: ScoringConfig
 ) -> ScoreResult:
@@ -252,6 +258,7 @@ def with_provenance(
         "fingerprint": fingerprint,
         "config_version": config.version,
         "prompt_version": PROMPT_VERSION,
+        "reason_version": REASON_VERSION,
         "fallback": bool(propensity is not None and propensity.fallback),
     }
     if propensity is not None:

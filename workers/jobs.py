@@ -30,7 +30,7 @@ from integration.queue import redis_from_url
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings, SettingsError, get_settings
 from workers import model_scoring, tabular
-from workers.blend import ScoreResult, blend_score, input_fingerprint, with_provenance
+from workers.blend import REASON_VERSION, ScoreResult, blend_score, input_fingerprint, with_provenance
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
 from workers.llm import PropensityReasoner
@@ -287,7 +287,12 @@ def _already_scored(lead: Lead, fingerprint: str, in_holdout_now: bool) -> bool:
     if held != in_holdout_now:
         return False  # HOLDOUT_SHARE changed: show or hide the score now
     shown = held or all(lead.current_output.get(key) for key in ("score", "tier", "reason"))
-    return shown and details.get("fingerprint") == fingerprint and details.get("fallback") is False
+    return (
+        shown
+        and details.get("fingerprint") == fingerprint
+        and details.get("fallback") is False
+        and details.get("reason_version") == REASON_VERSION  # reasons reworded since: write them again
+    )
 
 
 def _feedback(lead: Lead) -> Feedback:
