@@ -13,6 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from integration.emulators import free_port
+from integration.emulators.salesforce import sf_id
 from integration.errors import CRMError
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import load_settings
@@ -424,3 +425,21 @@ def test_fifteen_character_lead_id_is_scored(post_outbound, sf_crm, run_worker, 
 
     assert result["outcome"] == "written"
     assert written(salesforce, HOT)["Leadscore_Tier__c"] == "A"
+
+
+def test_a_batch_reads_each_leads_own_latest_tasks_however_busy_another_lead_is(sf_crm, salesforce):
+    """One Lead with a dozen newer Tasks must not crowd the Task a CRO's score rests on out of the batch."""
+    cro_call = fixture_json("salesforce/task__cro_referral_intro_call.json")
+    for day in range(12):
+        task_id = sf_id("00T5g")
+        salesforce.tasks[task_id] = {
+            "Id": task_id,
+            "WhoId": HOT,
+            "Subject": f"Email {day}",
+            "CreatedDate": f"2026-11-{day + 19:02d}T09:00:00.000+0000",
+        }
+
+    leads = sf_crm.read_leads([HOT, CRO])
+
+    assert leads[CRO].texts[1] == f"{cro_call['Subject']} — {cro_call['Description']}"
+    assert leads[HOT].texts[1:] == tuple(f"Email {day}" for day in (11, 10, 9, 8, 7))

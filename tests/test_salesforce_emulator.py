@@ -167,6 +167,25 @@ def test_query_tasks(salesforce):
         sf.query("SELECT Nope FROM Task WHERE WhoId = 'x'")
 
 
+def test_a_lead_query_answers_each_leads_tasks_by_relationship_subquery(salesforce):
+    """As Salesforce does: a `Tasks` object per Lead, or null for a Lead with none."""
+    salesforce.tasks["00T5g00000TaskAEAR"] = {"Id": "00T5g00000TaskAEAR", "WhoId": LEAD_A, "Subject": "Call"}
+    sf = client(salesforce)
+    leads = f"FROM Lead WHERE Id IN ('{LEAD_A}', '{LEAD_B}') ORDER BY LastName DESC"
+
+    records = sf.query(f"SELECT Id, (SELECT Subject FROM Tasks ORDER BY CreatedDate DESC LIMIT 5) {leads}")
+
+    [with_task, without] = records["records"]
+    assert with_task["Tasks"]["totalSize"] == 1 and with_task["Tasks"]["done"]
+    assert [task["Subject"] for task in with_task["Tasks"]["records"]] == ["Call"]
+    assert (without["Id"], without["Tasks"]) == (LEAD_B, None)
+    with pytest.raises(SalesforceMalformedRequest, match="Didn't understand relationship 'Calls'"):
+        sf.query(f"SELECT Id, (SELECT Subject FROM Calls) {leads}")
+    salesforce.revoke_read("Task")
+    with pytest.raises(SalesforceMalformedRequest, match="Didn't understand relationship 'Tasks'"):
+        sf.query(f"SELECT Id, (SELECT Subject FROM Tasks) {leads}")
+
+
 def test_composite_update_with_rejected_record(salesforce):
     rule = ("FIELD_CUSTOM_VALIDATION_EXCEPTION", "Score cannot be written while Status is Closed")
     salesforce.reject[LEAD_B] = rule

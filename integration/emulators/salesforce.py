@@ -165,6 +165,11 @@ _CONDITION = re.compile(
     re.IGNORECASE,
 )
 _AND = re.compile(r"AND\s+", re.IGNORECASE)
+_SUBQUERY = re.compile(r"\(\s*(SELECT\b[^()]*)\)", re.IGNORECASE)
+_SET_ASIDE = re.compile(r"__subquery(\d+)")
+# (parent object, relationship name lowercased) -> the name as Salesforce spells it, the child object
+# and its lookup field to the parent
+CHILD_RELATIONSHIPS = {("Lead", "tasks"): ("Tasks", "Task", "WhoId")}
 _LITERAL = re.compile(r"\s*('(?:[^'\\]|\\.)*'|[\w.+-]+)\s*(,|$)")
 _DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})")
 
@@ -576,13 +581,40 @@ class SalesforceEmulator:
     # ---- SOQL
 
     def _query(self, soql: str) -> dict:
-        match = _SOQL.match(soql)
+        records = self._select(soql)
+        return self._page(records, len(records))
+
+    def _relationship(self, parent: str, name: str, soql: str) -> tuple[str, str, str]:
+        """A parent-to-child relationship of `parent` (as `Tasks` of Lead) the user may read."""
+        found = CHILD_RELATIONSHIPS.get((parent, name.lower()))
+        if found is None or found[1] in self.unreadable:
+            raise SoqlError(
+                "INVALID_TYPE",
+                f"\n{soql}\n^\nERROR at Row:1:Column:1\nDidn't understand relationship '{name}' in FROM "
+                "part of query call. If you are attempting to use a custom relationship, be sure to append "
+                "the '__r' after the custom relationship name. Please reference your WSDL or the describe "
+                "call for the appropriate names.",
+            )
+        return found
+
+    def _select(self, soql: str, parent: tuple[str, dict] | None = None) -> list[dict]:
+        """The records a SELECT answers, each with its subqueries' children; `parent` (object, record)
+        when `soql` is itself a relationship subquery."""
+        subqueries: list[str] = []
+
+        def set_aside(found: re.Match) -> str:
+            subqueries.append(found[1])
+            return f"__subquery{len(subqueries) - 1}"
+
+        match = _SOQL.match(soql if parent else _SUBQUERY.sub(set_aside, soql))
         if not match:
             raise SoqlError("MALFORMED_QUERY", f"\n{soql}\n^\nERROR at Row:1:Column:1\nunexpected token")
         entity = match["entity"]
         entities = {name.lower(): name for name in ("Lead", "Task", "Opportunity", "Organization")}
         readable = set(entities) - {name.lower() for name in self.unreadable}
-        if entity.lower() not in readable:  # Salesforce says the same of an object the user cannot read
+        if parent:
+            _, entity, lookup = self._relationship(parent[0], entity, soql)
+        elif entity.lower() not in readable:  # Salesforce says the same of an object the user cannot read
             raise SoqlError(
                 "INVALID_TYPE",
                 f"\n{soql}\n^\nERROR at Row:1:Column:{match.start('entity') + 1}\n"
@@ -590,7 +622,8 @@ class SalesforceEmulator:
                 "be sure to append the '__c' after the entity name. Please reference your WSDL or the "
                 "describe call for the appropriate names.",
             )
-        entity = entities[entity.lower()]
+        else:
+            entity = entities[entity.lower()]
         resolve = {
             "Lead": self._lead_field,
             "Task": self._task_field,
@@ -610,11 +643,16 @@ class SalesforceEmulator:
                 )
             return canonical
 
-        selected, offset = [], match.start("fields")
+        selected, children, offset = [], {}, match.start("fields")
         for raw in match["fields"].split(","):
             name = raw.strip()
             start = offset + len(raw) - len(raw.lstrip())
             offset += len(raw) + 1
+            if set_aside_at := _SET_ASIDE.fullmatch(name):
+                child = subqueries[int(set_aside_at[1])]
+                relationship = self._relationship(entity, _SOQL.match(child)["entity"], soql)[0]
+                children[relationship] = child
+                continue
             if not re.fullmatch(r"[\w.]+", name):
                 raise SoqlError(
                     "MALFORMED_QUERY",
@@ -632,6 +670,8 @@ class SalesforceEmulator:
                 "Organization": {self.org_id: {"Id": self.org_id}},
             }[entity].values()
         )
+        if parent:
+            rows = [r for r in rows if (r.get(lookup) or "")[:15] == parent[1]["Id"][:15]]
         for field, operator, wanted in self._conditions(soql, match, column):
             rows = [r for r in rows if _compared(r.get(field), operator, wanted)]
         if match["order_field"]:
@@ -640,7 +680,13 @@ class SalesforceEmulator:
             rows.sort(key=lambda r: _sort_key(r.get(order)), reverse=descending)
         if match["limit"] is not None:
             rows = rows[: int(match["limit"])]
-        return self._page([self._view(entity, r, selected) for r in rows], len(rows))
+        views = [self._view(entity, r, selected) for r in rows]
+        for view, row in zip(views, rows, strict=True):
+            for relationship, child in children.items():  # Salesforce answers null for no children
+                records = self._select(child, (entity, row))
+                answer = {"totalSize": len(records), "done": True, "records": records}
+                view[relationship] = answer if records else None
+        return views
 
     def _page(self, records: list[dict], total: int) -> dict:
         """The first `query_page` records; the rest are kept for the `nextRecordsUrl` it names."""

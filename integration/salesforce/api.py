@@ -38,6 +38,8 @@ LEAD_FIELDS = (
 )  # fmt: skip
 TASK_FIELDS = ("Subject", "Description", "ActivityDate", "CreatedDate")
 MAX_TASKS = 5
+# Each Lead's own latest Tasks, by the relationship subquery: one query, however busy another Lead is.
+LATEST_TASKS = f"(SELECT {', '.join(TASK_FIELDS)} FROM Tasks ORDER BY CreatedDate DESC LIMIT {MAX_TASKS})"
 MAX_COLLECTION = 200
 # Salesforce's per-record status codes that retrying the same write cannot fix.
 PERMANENT_CODES = frozenset(
@@ -381,15 +383,7 @@ class SalesforceCRM:
             return {}
         ids = _soql_ids(lead_ids)
         fields = ", ".join(self.read_fields)
-        records = self._query(f"SELECT {fields} FROM Lead WHERE Id IN ({ids})")
-        task_fields = ", ".join(TASK_FIELDS)
-        tasks = self._query(
-            f"SELECT WhoId, {task_fields} FROM Task WHERE WhoId IN ({ids}) "
-            f"ORDER BY CreatedDate DESC LIMIT {MAX_TASKS * len(lead_ids)}"
-        )
-        by_lead: dict[str, list[dict]] = {}
-        for task in tasks:
-            by_lead.setdefault(task["WhoId"][:15], []).append(task)
+        records = self._query(f"SELECT {fields}, {LATEST_TASKS} FROM Lead WHERE Id IN ({ids})")
         found = {r["Id"][:15]: r for r in records}
         won = self._won_opportunities(
             [r.get("ConvertedOpportunityId") for r in records if r.get("IsConverted")]
@@ -398,7 +392,7 @@ class SalesforceCRM:
             lead_id: lead_from_record(
                 found[key],
                 self.org_id,
-                by_lead.get(key, [])[:MAX_TASKS],
+                (found[key].get("Tasks") or {}).get("records", []),
                 self.custom_fields,
                 won=(found[key].get("ConvertedOpportunityId") or "")[:15] in won,
             )
