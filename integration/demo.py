@@ -148,14 +148,24 @@ def _run_on_emulators(stack: ExitStack, env: dict, timeout_s: float) -> int:
         LLM_API_KEY=DEMO_LLM_KEY,
         LOG_LEVEL="WARNING",
     )
-    env.setdefault(
-        "DATABASE_URL", f"sqlite:///{stack.enter_context(tempfile.TemporaryDirectory())}/demo.sqlite3"
-    )
+    # Always its own store: the demo's scores must never land in a team's store, whatever DATABASE_URL says.
+    env["DATABASE_URL"] = f"sqlite:///{stack.enter_context(tempfile.TemporaryDirectory())}/demo.sqlite3"
     os.environ.update(env)
     get_settings.cache_clear()
     settings = get_settings()
     print(f"leadscore demo: HubSpot emulator {hubspot_server.url}, Salesforce emulator "
           f"{salesforce_server.url}, LLM stub {llm_server.url}, Redis {env['REDIS_URL']}")  # fmt: skip
+    yours = [
+        f"{name}={value}"
+        for name, value in (
+            ("SCORING_CONFIG_PATH", settings.scoring_config_path),
+            ("SCORING_MODEL_PATH", settings.scoring_model_path),
+            ("HOLDOUT_SHARE", settings.holdout_share),
+        )
+        if value
+    ]
+    if yours:  # from the environment or `.env`, as the web and worker processes read them
+        print(f"Scoring with your {', '.join(yours)}, not the defaults README shows")
     hubspot_crm = HubSpotCRM(settings, portal_id=DEMO_PORTAL)
     print(f"setup hubspot: created {', '.join(hubspot_crm.ensure_properties().created)}")
     salesforce_crm = SalesforceCRM(settings, org_id=salesforce.org_id)

@@ -588,6 +588,31 @@ def test_demo_serves_the_portal_whose_token_is_in_dot_env(redis_server, hubspot,
     )
 
 
+def test_demo_prints_the_readmes_list_views_and_keeps_its_scores_out_of_an_exported_store(tmp_path):
+    """`make demo` end to end on its emulators, with a team's DATABASE_URL and rules in the environment."""
+    team_store = tmp_path / "team.sqlite3"
+    rules = ROOT / "workers" / "scoring_config.toml"
+    process_env = {
+        **{
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("HUBSPOT_", "SALESFORCE_", "SCORING_", "HOLDOUT_", "REDIS_"))
+        },
+        "DATABASE_URL": f"sqlite:///{team_store}",
+        "SCORING_CONFIG_PATH": str(rules),
+    }
+    demo = subprocess.run([sys.executable, "-m", "integration.cli", "demo"], cwd=tmp_path, env=process_env,
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    printed = demo.stdout.splitlines()
+    assert f"Scoring with your SCORING_CONFIG_PATH={rules}, not the defaults README shows" in printed
+    readme = (ROOT / "README.md").read_text().splitlines()
+    quoted = [line for line in readme if line.startswith(("Maya Okafor ", "Dana Whitfield "))]
+    assert len(quoted) == 2 and set(quoted) <= set(printed)
+    assert not team_store.exists()
+
+
 @pytest.mark.parametrize(
     ("command", "line"),
     [

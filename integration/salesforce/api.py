@@ -100,9 +100,10 @@ ADMIN_STEPS = (
     "integration user, run every time a record is updated and meets the condition) at "
     "https://<your host>/webhooks/salesforce/<SALESFORCE_WEBHOOK_TOKEN> with field Id, "
     "or send signed change events to /webhooks/salesforce/events (see the README).",
-    "Send Opportunity stage changes the same way (an Outbound Message with field Id from a Flow on "
-    "Opportunity when its stage changes, or its change events), so an opportunity won after its Lead "
-    "converted counts as that Lead's win.",
+    "Send won opportunities the same way (an Outbound Message with field Id from a Flow on Opportunity "
+    "updated, entry condition StageName changed to a won stage, run only when a record is updated to meet "
+    "the condition; or its change events), so an opportunity won after its Lead converted counts as that "
+    "Lead's win.",
 )
 
 
