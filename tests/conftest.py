@@ -3,6 +3,7 @@ the Flask app, and RQ workers that run the real job functions."""
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from contextlib import ExitStack
@@ -236,6 +237,17 @@ def post_delivery(client):
         return client.post(url, data=body, headers={**signed, **(headers or {})})
 
     return post
+
+
+def framed(body: bytes, framing: str) -> dict:
+    """Test-client arguments that send `body` with a Content-Length, or chunked as gunicorn hands such a
+    body on: no length, and the stream marked as ended by the server."""
+    if framing == "content-length":
+        return {"data": body}
+    return {
+        "input_stream": io.BytesIO(body),
+        "environ_overrides": {"wsgi.input_terminated": True, "HTTP_TRANSFER_ENCODING": "chunked"},
+    }
 
 
 def fixture_json(name: str):

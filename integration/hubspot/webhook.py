@@ -206,7 +206,7 @@ def receive():
     services = current_app.extensions["leadscore"]
     settings = services.settings
     settings.require_hubspot_webhook()
-    body = request.get_data(cache=False)
+    body = services.body(request)
     verify_signature(
         secret=settings.hubspot_app_secret,
         method=request.method,

@@ -299,7 +299,7 @@ def receive_outbound_message(token: str | None = None):
     settings = services.settings
     settings.require_salesforce_outbound()
     check_token(token or request.args.get("token"), settings.salesforce_webhook_token)
-    notifications = parse_notifications(request.get_data(cache=False))
+    notifications = parse_notifications(services.body(request))
     org_id = _text(notifications, "OrganizationId")
     check_org(org_id, settings.allowed_org_ids)
     items = [n for n in notifications if _local(n.tag) == "Notification"]
@@ -318,7 +318,7 @@ def receive_change_events():
     services = current_app.extensions["leadscore"]
     settings = services.settings
     settings.require_salesforce_events()
-    body = request.get_data(cache=False)
+    body = services.body(request)
     signing.verify(
         settings.salesforce_events_secret,
         body,
