@@ -97,8 +97,9 @@ class TableError(UserError):
     """A data file or mapping that cannot be used as given; the message says what to fix."""
 
 
-def first_problem(exc) -> str:
-    """'at <where>: <what>' for the first error of a pydantic ValidationError."""
+def first_problem(exc, within: int | str | None = None) -> str:
+    """'at <where>: <what>' for the first error of a pydantic ValidationError; `within` is where the
+    validated value sits in the body (an array index), when it was validated on its own."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
+    where = ".".join(str(part) for part in (() if within is None else (within,)) + first["loc"]) or "body"
     return f"at {where}: {first['msg']}"

@@ -294,6 +294,11 @@ def test_signature_uses_hubspots_decoded_uri(client, queue):
             "portalId, objectId, …); at 0.subscriptionId: Field required",
         ),
         (
+            b'[{"eventId": 1, "objectId": 743}]',
+            "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
+            "portalId, objectId, …); at 0.subscriptionType: Field required",
+        ),
+        (
             b'["contact.creation"]',
             "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
             "portalId, objectId, …); at 0: Input should be an object",
@@ -305,6 +310,37 @@ def test_body_that_is_not_an_event_array_is_refused(post_delivery, queue, body, 
 
     assert response.status_code == 400
     assert response.get_json() == {"error": message}
+    assert pending.depth(queue.connection) == 0
+
+
+def test_an_unknown_event_of_another_shape_is_acknowledged_beside_a_handled_one(post_delivery, queue):
+    """Whatever a future event type carries, it is logged and acknowledged; the delivery's other
+    events are queued, not refused with it."""
+    created, unknown = json.loads(load_delivery(FIXTURES / "hubspot" / "mixed__creation_and_unknown.json"))
+    del unknown["subscriptionId"]
+    unknown.update(objectId="a string", propertyValue=5, attemptNumber=None)
+
+    response = post_delivery(json.dumps([created, unknown]).encode())
+
+    assert summary(response) == {"received": 2, "queued": 1, "ignored": 0, "unsupported": 1}
+    assert [e["lead_id"] for e in queued_events(queue)] == [str(created["objectId"])]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("objectId", True), ("objectId", "74300000110"), ("objectId", 74300000110.0), ("objectId", 0),
+     ("objectId", -5), ("portalId", True), ("eventId", "1547125269"), ("occurredAt", 1795251704110.5)],
+)  # fmt: skip
+def test_an_id_that_is_not_a_whole_number_above_zero_as_sent_is_refused(post_delivery, queue, field, value):
+    [created, _] = json.loads(load_delivery(FIXTURES / "hubspot" / "mixed__creation_and_unknown.json"))
+
+    response = post_delivery(json.dumps([created, {**created, field: value}]).encode())
+
+    assert response.status_code == 400
+    assert response.get_json()["error"].startswith(
+        "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
+        f"portalId, objectId, …); at 1.{field}: Input should be "
+    )
     assert pending.depth(queue.connection) == 0
 
 
@@ -334,7 +370,7 @@ def test_same_event_id_at_another_time_is_a_new_event(post_delivery, queue):
 
 def test_more_than_100_events_is_refused(post_delivery, queue):
     [event] = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json"))
-    body = json.dumps([{**event, "eventId": i} for i in range(101)]).encode()
+    body = json.dumps([{**event, "eventId": i} for i in range(1, 102)]).encode()
 
     response = post_delivery(body)
 

@@ -73,18 +73,21 @@ _ENCODED = re.compile("|".join(_DECODED_IN_SIGNATURE), re.IGNORECASE)
 
 
 class HubSpotEvent(BaseModel):
-    """One element of HubSpot's webhook array, as its docs describe it."""
+    """One element of HubSpot's webhook array, as its docs describe it. Ids are whole numbers above
+    zero as sent: `true`, `"743"` or `743.0` is not taken for a contact."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    event_id: int = Field(alias="eventId")
-    subscription_id: int = Field(alias="subscriptionId")
-    portal_id: int = Field(alias="portalId")
-    app_id: int = Field(alias="appId")
-    occurred_at: int = Field(alias="occurredAt", ge=0, le=MAX_EPOCH_MS, description="epoch milliseconds")
+    event_id: int = Field(alias="eventId", strict=True, gt=0)
+    subscription_id: int = Field(alias="subscriptionId", strict=True, gt=0)
+    portal_id: int = Field(alias="portalId", strict=True, gt=0)
+    app_id: int = Field(alias="appId", strict=True, gt=0)
+    occurred_at: int = Field(
+        alias="occurredAt", strict=True, ge=0, le=MAX_EPOCH_MS, description="epoch milliseconds"
+    )
     subscription_type: str = Field(alias="subscriptionType")
-    attempt_number: int = Field(0, alias="attemptNumber")
-    object_id: int | None = Field(None, alias="objectId")
+    attempt_number: int = Field(0, alias="attemptNumber", strict=True, ge=0)
+    object_id: int | None = Field(None, alias="objectId", strict=True, gt=0)
     object_type_id: str | None = Field(None, alias="objectTypeId")
     change_source: str | None = Field(None, alias="changeSource")
     source_id: str | None = Field(None, alias="sourceId")
@@ -92,7 +95,20 @@ class HubSpotEvent(BaseModel):
     property_value: str | None = Field(None, alias="propertyValue")
 
 
+class _Typed(BaseModel):
+    """What every element must be, whatever its type: an object naming its subscription type."""
+
+    model_config = ConfigDict(extra="allow")
+
+    subscriptionType: str  # noqa: N815 (HubSpot's own name)
+
+
 _DELIVERY = TypeAdapter(list[HubSpotEvent])
+_ELEMENTS = TypeAdapter(list[_Typed])
+_EXPECTED = (
+    "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
+    "portalId, objectId, …)"
+)
 
 
 def signed_uri(url: str) -> str:
@@ -142,14 +158,14 @@ def verify_signature(
         )
 
 
-def parse_delivery(body: bytes) -> list[HubSpotEvent]:
+def parse_delivery(body: bytes) -> list[HubSpotEvent | Skipped]:
+    """The delivery's events. An event that does not fit `HubSpotEvent` is refused only when its type
+    is one leadscore scores: one of any other type is not scored whatever its shape, and an unknown
+    type is logged and acknowledged, not a reason to refuse the events beside it."""
     try:
-        events = _DELIVERY.validate_json(body)
-    except ValidationError as exc:
-        raise PayloadError(
-            "expected a JSON array of HubSpot webhook events (objects with eventId, "
-            f"subscriptionType, portalId, objectId, …); {first_problem(exc)}"
-        ) from None
+        events: list[HubSpotEvent | Skipped] = _DELIVERY.validate_json(body)
+    except ValidationError:
+        events = _parse_each(body)
     if not events:
         raise PayloadError("expected a JSON array of 1 to 100 HubSpot webhook events, got []")
     if len(events) > MAX_EVENTS:
@@ -157,13 +173,40 @@ def parse_delivery(body: bytes) -> list[HubSpotEvent]:
     return events
 
 
+def _parse_each(body: bytes) -> list[HubSpotEvent | Skipped]:
+    """Element by element, for a delivery that did not fit as a whole (the rare, slower path)."""
+    try:
+        elements = _ELEMENTS.validate_json(body)
+    except ValidationError as exc:
+        raise PayloadError(f"{_EXPECTED}; {first_problem(exc)}") from None
+    events: list[HubSpotEvent | Skipped] = []
+    for index, element in enumerate(elements):
+        fields = element.model_dump()
+        ref = f"{fields.get('eventId')} ({element.subscriptionType}, object {fields.get('objectId')})"
+        if unscored := _unscored(element.subscriptionType, ref):
+            events.append(unscored)
+            continue
+        try:
+            events.append(HubSpotEvent.model_validate(fields))
+        except ValidationError as exc:
+            raise PayloadError(f"{_EXPECTED}; {first_problem(exc, within=index)}") from None
+    return events
+
+
+def _unscored(subscription_type: str, ref: str) -> Skipped | None:
+    """Why events of this type are not scored; None for a type leadscore scores."""
+    if subscription_type in HANDLED_EVENTS:
+        return None
+    if subscription_type in IGNORED_EVENTS:
+        return Skipped("ignore", ref, f"{subscription_type} is not scored")
+    return Skipped("unsupported", ref, f"unsupported subscription type {subscription_type!r}")
+
+
 def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
     """Score the contact this event is about, or say why not. Runs for every event, so it is lean."""
     kind = HANDLED_EVENTS.get(event.subscription_type)
     if kind is None:
-        if event.subscription_type in IGNORED_EVENTS:
-            return _skipped(event, "ignore", f"{event.subscription_type} is not scored")
-        return _skipped(event, "unsupported", f"unsupported subscription type {event.subscription_type!r}")
+        return _unscored(event.subscription_type, _ref(event))
     if event.subscription_type.startswith("object."):
         if kind == "property_change" and event.object_type_id == DEAL_OBJECT_TYPE:
             kind = "deal_change"
@@ -194,8 +237,12 @@ def _row(event: HubSpotEvent, key: str, kind: str) -> IntakeRow:
     )
 
 
+def _ref(event: HubSpotEvent) -> str:
+    return f"{event.event_id} ({event.subscription_type}, object {event.object_id})"
+
+
 def _skipped(event: HubSpotEvent, verdict: str, detail: str) -> Skipped:
-    return Skipped(verdict, f"{event.event_id} ({event.subscription_type}, object {event.object_id})", detail)
+    return Skipped(verdict, _ref(event), detail)
 
 
 bp = Blueprint("hubspot", __name__)
@@ -218,5 +265,6 @@ def receive():
     events = parse_delivery(body)
 
     own_app_id = settings.hubspot_app_id
-    summary = services.hand_off("hubspot", [triage(e, own_app_id or str(e.app_id)) for e in events])
+    triaged = [e if isinstance(e, Skipped) else triage(e, own_app_id or str(e.app_id)) for e in events]
+    summary = services.hand_off("hubspot", triaged)
     return jsonify(summary)
