@@ -129,7 +129,9 @@ def test_outbound_message_with_wrong_or_missing_token_is_refused(
     assert pending.depth(queue.connection) == 0
 
 
-@pytest.mark.parametrize("org_id", ["00D5g000004XyZaEAKZZZ", "00D5g000004XyZa:x|" + "A" * 5000])
+@pytest.mark.parametrize(
+    "org_id", ["00D5g000004XyZaEAKZZZ", "00D5g000004XyZaZZZ", "00D5g000004XyZa:x|" + "A" * 5000]
+)
 def test_outbound_message_with_an_org_id_that_is_not_one_is_refused(post_outbound, queue, org_id):
     body = (FIXTURES / "salesforce" / "outbound_message__single.xml").read_bytes()
     response = post_outbound(body.replace(b"00D5g000004XyZaEAK", org_id.encode()))
@@ -137,13 +139,34 @@ def test_outbound_message_with_an_org_id_that_is_not_one_is_refused(post_outboun
     assert response.status_code == 400
     assert fault(response) == (
         "soapenv:Client",
-        f"OrganizationId {org_id[:40]!r} is not a Salesforce org id (00D…, 15 or 18 characters)",
+        f"OrganizationId {org_id[:40]!r} is not a Salesforce org id (00D…, 15 characters, or 18 ending "
+        "in the 15's case checksum)",
     )
     assert pending.depth(queue.connection) == 0
 
 
-def test_a_record_id_with_a_trailing_newline_is_not_one():
-    assert is_record_id("00Q5g00000Ls001EAB") and not is_record_id("00Q5g00000Ls001EAB\n")
+def test_a_record_id_with_a_trailing_newline_or_another_ids_checksum_is_not_one():
+    assert is_record_id("00Q5g00000Ls001EAB") and is_record_id("00Q5g00000Ls001")
+    assert not is_record_id("00Q5g00000Ls001EAB\n") and not is_record_id("00Q5g00000Ls001ZZZ")
+
+
+def test_an_orgs_and_a_leads_15_character_ids_are_keyed_as_their_18_character_forms(
+    post_outbound, post_change_events, queue
+):
+    """An Outbound Message gives 18-character ids and a relay may give 15: one lead of one account
+    either way, so it is deduplicated, batched and scored once."""
+    post_outbound("outbound_message__single")
+    change = fixture_json("salesforce/lead_change_event__create.json")
+    change["organizationId"] = SF_ORG_ID[:15]
+    header = change["events"][0]["ChangeEventHeader"]
+    header["recordIds"] = [record_id[:15] for record_id in header["recordIds"]]
+
+    assert post_change_events(change).status_code == 200
+
+    accounts = [member.decode() for member in queue.connection.zrange(pending.ACCOUNTS, 0, -1)]
+    assert accounts == [f"salesforce:{SF_ORG_ID}"]
+    [lead] = pending_events(queue.connection, "salesforce", SF_ORG_ID)
+    assert (lead["lead_id"], len(lead["event_ids"])) == ("00Q5g00000Ls001EAB", 2)
 
 
 def test_outbound_message__unknown_org_is_forbidden(post_outbound, queue):

@@ -35,7 +35,7 @@ import requests
 from defusedxml import ElementTree as SafeET
 from flask import Flask, Response, jsonify, request
 
-from integration.salesforce import is_record_id
+from integration.salesforce import full_id, is_record_id
 
 SOAPENV = "http://schemas.xmlsoap.org/soap/envelope/"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
@@ -88,7 +88,6 @@ DESCRIBE_TO_METADATA = {
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
 _ID_CHARS = string.ascii_letters + string.digits
-_CHECKSUM = string.ascii_uppercase + "012345"
 
 
 def _now() -> str:
@@ -99,12 +98,7 @@ def _now() -> str:
 
 def sf_id(prefix: str) -> str:
     """A fresh 18-character Salesforce id with the given 3- or 5-character key prefix."""
-    base = prefix.ljust(10, "0") + "".join(random.choices(_ID_CHARS, k=5))  # like 04l5g00000Ls010
-    suffix = ""
-    for chunk in (base[0:5], base[5:10], base[10:15]):
-        bits = sum(1 << i for i, ch in enumerate(chunk) if ch.isupper())
-        suffix += _CHECKSUM[bits]
-    return base + suffix
+    return full_id(prefix.ljust(10, "0") + "".join(random.choices(_ID_CHARS, k=5)))  # like 04l5g00000Ls010
 
 
 def _xml_value(value) -> str:

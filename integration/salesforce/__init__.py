@@ -13,16 +13,36 @@ OUTPUT_FIELDS = {
 FEEDBACK_FIELD = "Leadscore_Feedback__c"  # set by reps: too_high, too_low, right
 # What a write may carry: the feedback only to clear it, when the score it was about changes.
 WRITTEN_FIELDS = {**OUTPUT_FIELDS, "feedback": FEEDBACK_FIELD}
-_RECORD_ID = re.compile(r"[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?")
-_ORG_ID = re.compile(r"00D[a-zA-Z0-9]{12}(?:[a-zA-Z0-9]{3})?")
+_RECORD_ID = re.compile(r"[a-zA-Z0-9]{15}(?:[A-Z0-5]{3})?")
+_ORG_ID = re.compile(r"00D[a-zA-Z0-9]{12}(?:[A-Z0-5]{3})?")
+_SUFFIX_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
+
+
+def id_suffix(base: str) -> str:
+    """The three characters Salesforce appends to a 15-character id, which say which of its
+    characters are upper case (so the 18-character form survives case-insensitive systems)."""
+    return "".join(
+        _SUFFIX_CHARS[sum(1 << i for i, ch in enumerate(base[start : start + 5]) if ch.isupper())]
+        for start in (0, 5, 10)
+    )
+
+
+def _checks_out(value: str) -> bool:
+    return len(value) == 15 or value[15:] == id_suffix(value[:15])
 
 
 def is_org_id(value: str) -> bool:
-    return bool(_ORG_ID.fullmatch(value))
+    return bool(_ORG_ID.fullmatch(value)) and _checks_out(value)
 
 
 def is_record_id(value: str) -> bool:
-    return bool(_RECORD_ID.fullmatch(value))  # `$` alone would let a trailing newline through
+    return bool(_RECORD_ID.fullmatch(value)) and _checks_out(value)  # `$` alone lets a newline through
+
+
+def full_id(value: str) -> str:
+    """A checked id in its 18-character form, so a record or org is keyed one way whichever form
+    an event gave."""
+    return value[:15] + id_suffix(value[:15])
 
 
 # Salesforce stamps these on every change, ours included; alone they are no reason to rescore.

@@ -28,7 +28,7 @@ from integration import signing
 from integration.errors import BodyTooLarge, PayloadError, SignatureError, WebhookError, first_problem
 from integration.events import MAX_EPOCH_MS, IntakeRow, deal_key
 from integration.queue import Skipped
-from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, is_org_id, is_record_id
+from integration.salesforce import OUTPUT_FIELDS, SYSTEM_FIELDS, full_id, is_org_id, is_record_id
 from integration.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,17 @@ def check_token(given: str | None, expected: str) -> None:
         )
 
 
-def check_org(org_id: str, allowed: frozenset[str]) -> None:
+def checked_org(org_id: str, allowed: frozenset[str]) -> str:
+    """The org id in its 18-character form, so an org's events share one account whichever form
+    each carried; refused unless it is one of SALESFORCE_ORG_IDS."""
     if not is_org_id(org_id):
         raise PayloadError(
-            f"OrganizationId {org_id[:40]!r} is not a Salesforce org id (00D…, 15 or 18 characters)"
+            f"OrganizationId {org_id[:40]!r} is not a Salesforce org id (00D…, 15 characters, or 18 "
+            "ending in the 15's case checksum)"
         )
     if org_id[:15] not in allowed:
         raise ForbiddenOrg(f"OrganizationId {org_id!r} is not in SALESFORCE_ORG_IDS")
+    return full_id(org_id)
 
 
 def parse_notifications(body: bytes) -> Element:
@@ -149,7 +153,7 @@ def triage_notification(notification: Element, org_id: str) -> IntakeRow | Skipp
         return Skipped("unsupported", ref, f"{record_id!r} is not a Salesforce record id")
     return IntakeRow(
         account_id=org_id,
-        lead_id=SCORED_OBJECTS[object_type](record_id),
+        lead_id=SCORED_OBJECTS[object_type](full_id(record_id)),
         event_id=notification_id,
         # which fields changed is not said; for an Opportunity, the worker reads whether it is won
         kind="deal_change" if object_type == "Opportunity" else "outbound_message",
@@ -221,7 +225,7 @@ def triage_change(
     return [
         IntakeRow(
             account_id=org_id,
-            lead_id=key(record_id),
+            lead_id=key(full_id(record_id)),
             event_id=f"{ref}/{record_id}",
             kind=kind,
             changed_fields=changed,
@@ -300,8 +304,7 @@ def receive_outbound_message(token: str | None = None):
     settings.require_salesforce_outbound()
     check_token(token or request.args.get("token"), settings.salesforce_webhook_token)
     notifications = parse_notifications(services.body(request))
-    org_id = _text(notifications, "OrganizationId")
-    check_org(org_id, settings.allowed_org_ids)
+    org_id = checked_org(_text(notifications, "OrganizationId"), settings.allowed_org_ids)
     items = [n for n in notifications if _local(n.tag) == "Notification"]
     if not items:
         raise PayloadError("the Outbound Message holds no <Notification> elements")
@@ -326,13 +329,13 @@ def receive_change_events():
         request.headers.get(signing.SIGNATURE_HEADER),
     )
     delivery = parse_change_events(body)
-    check_org(delivery.organization_id, settings.allowed_org_ids)
+    org_id = checked_org(delivery.organization_id, settings.allowed_org_ids)
     triaged = [
         item
         for event in delivery.events
         for item in triage_change(
             event,
-            delivery.organization_id,
+            org_id,
             settings.salesforce_integration_user_id,
             settings.salesforce_client_name,
         )
