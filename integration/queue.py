@@ -16,6 +16,7 @@ from typing import Literal
 
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
 from integration import metrics, pending
@@ -96,6 +97,12 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
                 pipe.exists(pending.kick_key(crm, account))
             metrics.add_counters(pipe, counters)
             answers = pipe.execute()
+    except RedisTimeoutError as exc:  # sent, unanswered: a Redis that stalled may still apply it
+        log.error("redis did not answer for the delivery: %s", exc)
+        raise QueueUnavailable(
+            "the queue (Redis) did not answer in time, so the delivery may or may not have been taken; "
+            "retry it: a repeated event is recognised and dropped"
+        ) from exc
     except RedisError as exc:
         log.error("redis refused the delivery: %s", exc)
         raise QueueUnavailable("the queue (Redis) is unavailable, nothing was accepted; retry later") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from contextlib import ExitStack
 
@@ -412,6 +413,23 @@ def test_redis_unreachable_answers_503_never_2xx(app_without_redis):
     assert response.status_code == 503
     assert response.get_json() == {
         "error": "the queue (Redis) is unavailable, nothing was accepted; retry later"
+    }
+
+
+def test_redis_that_takes_the_delivery_but_never_answers_gets_503_saying_it_may_have_been_taken(settings):
+    """As a stalled Redis does (paused, swapping): it may apply the transaction once it wakes, so the
+    answer must not say nothing was accepted; HubSpot's retry is recognised as a repeat."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        host, port = silent.getsockname()
+        app = create_app(settings.model_copy(update={"redis_url": f"redis://{host}:{port}/0"}))
+        body, headers = signed_single()
+
+        response = app.test_client().post(WEBHOOK_URL, data=body, headers=headers)
+
+    assert response.status_code == 503
+    assert response.get_json() == {
+        "error": "the queue (Redis) did not answer in time, so the delivery may or may not have been "
+        "taken; retry it: a repeated event is recognised and dropped"
     }
 
 
