@@ -74,6 +74,9 @@ HANDOFFS = "leadscore:handoffs"
 HANDOFF_TTL_S = 3 * 24 * 3600  # past the longest a batch is put off for a CRM outage (48 h)
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
 BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
+# A failed job stays a month for `leadscore failed` and `requeue`, not RQ's default year: its error may
+# quote what the CRM said of a lead.
+FAILED_KEPT_S = 30 * 24 * 3600
 BATCH_TIMEOUT_S = 600
 SEEN_WINDOW_S = 4 * 24 * 3600  # HubSpot retries for up to three days
 DRAIN_ENTRIES = 20  # deliveries a collector takes from the intake at a time
@@ -214,6 +217,7 @@ def kick(queue: Queue, crm: str, account: str) -> Job | None:
         job_timeout=BATCH_TIMEOUT_S,
         retry=Retry(max=3, interval=[1, 5, 30]),
         result_ttl=300,
+        failure_ttl=FAILED_KEPT_S,
         description=f"collect {crm}:{account}",
     )
 
@@ -312,6 +316,7 @@ def enqueue_batch(
                 args=(crm, account, dump_events(numbered)),
                 timeout=BATCH_TIMEOUT_S,
                 retry=BATCH_RETRY,
+                failure_ttl=FAILED_KEPT_S,
                 description=f"score {len(events)} leads of {crm}:{account}",
             )
         ],

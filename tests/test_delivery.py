@@ -265,6 +265,8 @@ def test_contact_creation__demo_burst_with_one_contact_refused_writes_the_other_
     assert batch_updates == 12  # halves 24 -> 12 -> 6 -> 3 -> 2 -> 1: 11 to find it, 1 as it is tried alone
     [dead] = queue.failed_job_registry.get_job_ids()  # tried alone, refused again: dead-lettered
     assert "VALIDATION_ERROR" in queue.fetch_job(dead).latest_result().exc_string
+    kept_until = queue.connection.zscore(queue.failed_job_registry.key, dead)
+    assert kept_until == pytest.approx(time.time() + pending.FAILED_KEPT_S, abs=60)  # a month, not a year
 
 
 def test_a_daily_limit_reached_while_halving_a_batch_keeps_the_scores_already_written(
@@ -501,6 +503,8 @@ def test_a_crm_down_past_the_bound_fails_the_batch_saying_how_to_requeue_it(
 
     [dead] = queue.failed_job_registry.get_job_ids()  # straight there: no RQ retry, nothing put off
     assert queue.scheduled_job_registry.count == 0
+    kept_until = queue.connection.zscore(queue.failed_job_registry.key, dead)
+    assert kept_until == pytest.approx(time.time() + pending.FAILED_KEPT_S, abs=60)
     reason = queue.fetch_job(dead).latest_result().exc_string
     assert "CRMUnavailable: HubSpot batch read failed: 503" in reason
     errors = [r for r in caplog.records if r.levelname == "ERROR"]

@@ -107,6 +107,7 @@ def _put_off(
         events,
         job_timeout=pending.BATCH_TIMEOUT_S,
         retry=pending.BATCH_RETRY,
+        failure_ttl=pending.FAILED_KEPT_S,
         meta=meta,
     )
     return [{"lead": event.lead_key, "outcome": "deferred"} for event in parse_events(events)]
@@ -219,6 +220,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
                     args=(crm, account, [event.model_dump_json()]),
                     timeout=pending.BATCH_TIMEOUT_S,
                     retry=pending.BATCH_RETRY,
+                    failure_ttl=pending.FAILED_KEPT_S,
                     description=f"score {event.lead_key} alone after {result.code}",
                 )
             ]
@@ -293,7 +295,14 @@ def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, eve
         again = event.model_copy(update={"rescores": event.rescores + 1})
         by_round.setdefault(event.rescores, []).append(again.model_dump_json())
     for done, batch in by_round.items():
-        queue.enqueue_in(timedelta(seconds=first_delay_s * 2**done), rescore, crm, account, batch)
+        queue.enqueue_in(
+            timedelta(seconds=first_delay_s * 2**done),
+            rescore,
+            crm,
+            account,
+            batch,
+            failure_ttl=pending.FAILED_KEPT_S,
+        )
 
 
 def rescore(crm: str, account: str, events: list[str]) -> int:
