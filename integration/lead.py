@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from integration.logs import redact
+
 MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
 FEEDBACK_VALUES = ("too_high", "too_low", "right")  # what reps may say of a score, in both CRMs
 
@@ -110,11 +112,12 @@ def moment_of(value: object) -> datetime | None:
 
 
 def bounded_texts(texts: list[str], limit: int = MAX_TEXT_CHARS) -> tuple[str, ...]:
-    """Keep texts in order until `limit` characters, cutting the last one to fit."""
+    """Keep texts in order until `limit` characters, cutting the last one to fit. Email addresses and
+    phone numbers are masked first: scoring needs none, and the texts go to the LLM provider."""
     kept: list[str] = []
     room = limit
     for text in texts:
-        text = " ".join(text.split())
+        text = redact(" ".join(text.split()))
         if not text or room <= 0:
             continue
         kept.append(text[:room])

@@ -1,4 +1,7 @@
-"""Structured JSON logs, one object a line, without secrets or personal data.
+"""Structured JSON logs, one object a line, without secrets, email addresses or phone numbers.
+
+Names, job titles and companies are not masked: a log line about a lead may carry them (an LLM
+reply it could not use, a value a model never saw, what a CRM said when it refused a write).
 
 `configure()` gives the root logger one StreamHandler whose JSON lines carry `timestamp` (ISO 8601,
 UTC), `level`, `logger`, `message`, any `extra=` fields (event_id, lead_id, job_id, crm, account_id,

@@ -789,7 +789,29 @@ def test_parse_reply_rejects_a_json_list():
         parse_reply('[{"propensity": 0.5}]')
 
 
+def test_a_reply_quoting_an_email_or_phone_keeps_neither_in_its_reason_or_evidence():
+    """The evidence is kept in `leadscore_details` and the store; a contact detail has no place there."""
+    reply = parse_reply(json.dumps({
+        "propensity": 0.2, "confidence": 0.6, "reason": "Student; wrote from ethan.walsh.2027@gmail.com",
+        "evidence": ["email: ethan.walsh.2027@gmail.com", "note: call +1 415 555 0143 after 5"],
+    }))  # fmt: skip
+
+    assert reply.reason == "Student; wrote from [email]"
+    assert reply.evidence == ["email: [email]", "note: call [phone] after 5"]
+
+
 # ---------------------------------------------------------------- 10. build_messages
+
+
+def test_the_llm_is_sent_no_email_address_or_phone_number_from_a_leads_notes():
+    lead = Lead(
+        crm="hubspot", account_id="48213377", lead_id="74300000101",
+        texts=newest_texts([("2026-11-20", "Call Maya at +1 415 555 0143 or maya@okafor.io re: pricing")]),
+    )  # fmt: skip
+
+    [text] = _record(build_messages(lead))["texts"]
+
+    assert text == "Call Maya at [phone] or [email] re: pricing"
 
 
 def _record(messages: list[dict[str, str]]) -> dict:

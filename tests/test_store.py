@@ -316,3 +316,16 @@ def test_workers_of_the_previous_release_still_keep_outcomes_after_the_upgrade(s
         )  # fmt: skip
         [reached] = connection.execute(select(store.outcomes.c.reached_at)).scalars()
     assert reached is not None
+
+
+def test_a_store_error_names_the_statement_but_not_the_leads_values(tmp_path):
+    """Store errors are logged; the parameters SQLAlchemy would print hold reasons and evidence."""
+    engine = store.engine_for(f"sqlite:///{tmp_path}/errors.sqlite3")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (reason TEXT NOT NULL UNIQUE)"))
+        connection.execute(text("INSERT INTO t VALUES (:reason)"), {"reason": "Maya Okafor, VP of Sales"})
+
+    with pytest.raises(Exception, match="UNIQUE constraint failed") as refused, engine.begin() as connection:
+        connection.execute(text("INSERT INTO t VALUES (:reason)"), {"reason": "Maya Okafor, VP of Sales"})
+
+    assert "INSERT INTO t" in str(refused.value) and "Maya Okafor" not in str(refused.value)

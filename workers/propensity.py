@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from integration.errors import first_problem
 from integration.lead import Lead
+from integration.logs import redact
 
 PROMPT_VERSION = "propensity-v2"
 FALLBACK_SOURCE = "propensity_prior_fallback"
@@ -60,8 +61,14 @@ class ConversionPropensity(BaseModel):
     @field_validator("evidence")
     @classmethod
     def _evidence_bounded(cls, evidence: list[str]) -> list[str]:
-        """Each item clipped: it is kept in `leadscore_details`, and lead text could make it long."""
-        return [item[:MAX_EVIDENCE_CHARS] for item in evidence]
+        """Each item clipped, and any email or phone masked: it is kept in `leadscore_details` and the
+        store, and lead text could make it long."""
+        return [redact(item)[:MAX_EVIDENCE_CHARS] for item in evidence]
+
+    @field_validator("reason")
+    @classmethod
+    def _reason_masked(cls, reason: str) -> str:
+        return redact(reason)
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ class Feedback:
 
 
 def engine_for(url: str) -> Engine:
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)  # no lead data in error logs
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
