@@ -1,5 +1,5 @@
 """`leadscore` command line: CRM set-up, rescore, workers, failed jobs, replaying fixtures, emulators, the
-demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, `evaluate`)."""
+demo, the store (`db`, `outcomes`, `forget`), and models (`train`, `score-file`, `evaluate`)."""
 
 from __future__ import annotations
 
@@ -276,6 +276,26 @@ def cmd_rescore(args) -> int:
         ) from None
     print(f"{args.crm}:{account}: {fed.queued} leads queued, {fed.waiting} already waiting; the workers "
           "score them, writing only the scores that change")  # fmt: skip
+    return 0
+
+
+def cmd_forget(args) -> int:
+    """Erase leads on request (GDPR, CCPA): HubSpot's privacy deletions are erased as they come."""
+    from workers.jobs import erase
+    from workers.store import Store
+
+    settings = get_settings()
+    deleted = erase(
+        Store(settings.database_url).require_schema(),
+        _queue().connection,
+        args.crm,
+        args.account,
+        args.lead_ids,
+    )
+    print(f"{args.crm}:{args.account}: erased {deleted['scores']} scores, {deleted['outcomes']} outcomes, "
+          f"{deleted['feedback']} feedback and {deleted['llm_answers']} cached LLM answers of "
+          f"{len(args.lead_ids)} leads; delete them in the CRM too, or their next change scores them "
+          "again")  # fmt: skip
     return 0
 
 
@@ -633,6 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
         "is refused)",
     )
     rescore.set_defaults(func=cmd_rescore)
+
+    forget = sub.add_parser(
+        "forget", help="erase what leadscore keeps of leads (scores, outcomes, feedback, LLM answers)"
+    )
+    forget.add_argument("--crm", choices=["hubspot", "salesforce"], required=True, help="the leads' CRM")
+    forget.add_argument("--account", required=True, help="the HubSpot portal id / Salesforce org id")
+    forget.add_argument("lead_ids", nargs="+", metavar="LEAD_ID", help="a contact / Lead id")
+    forget.set_defaults(func=cmd_forget)
 
     replay = sub.add_parser(
         "replay",

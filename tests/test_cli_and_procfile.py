@@ -617,8 +617,8 @@ def test_demo_prints_the_readmes_list_views_and_keeps_its_scores_out_of_an_expor
     ("command", "line"),
     [
         ([], "`leadscore` command line: CRM set-up, rescore, workers, failed jobs, replaying fixtures, "
-             "emulators, the demo, the score store (`db`, `outcomes`), and models (`train`, `score-file`, "
-             "`evaluate`)."),
+             "emulators, the demo, the store (`db`, `outcomes`, `forget`), and models (`train`, "
+             "`score-file`, `evaluate`)."),
         (["setup"], "  {hubspot,salesforce}  the CRM to create the fields in"),
         (["requeue"], "  JOB_ID      a failed job's id, as `leadscore failed` lists it"),
         (["rescore"], "  --account ACCOUNT     the HubSpot portal id / Salesforce org id (default: the one "

@@ -66,6 +66,49 @@ def test_every_written_score_is_kept_with_the_inputs_it_was_made_from(env, post_
 
 
 @EACH_STORE
+def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_contact(
+    env, post_delivery, crm, run_worker, hubspot, redis
+):
+    """HubSpot's GDPR delete: the contact's scores, outcomes, feedback and cached LLM answer go; other
+    contacts' stay."""
+    erased = "74300000101"
+    post_delivery("contact.creation__single")
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()
+    kept = store.Store(env["DATABASE_URL"])
+    kept.record_outcomes([store.LeadFact("hubspot", PORTAL_ID, erased, "opportunity", None)], source="sync")
+    kept.record_feedback([store.Feedback("hubspot", PORTAL_ID, erased, "too_high", 80, "A", "f")])
+    cached = {row["lead_id"]: f"leadscore:llm:{row['fingerprint']}" for row in table(env, store.scores)}
+    assert redis.exists(*cached.values()) == 2
+    del hubspot.contacts[erased]
+
+    assert post_delivery("contact.privacyDeletion__single").get_json()["queued"] == 1
+    [result] = run_worker()
+
+    assert result == {"lead": f"hubspot:{PORTAL_ID}:{erased}", "outcome": "erased"}
+    assert [row["lead_id"] for row in table(env, store.scores)] == [CONTACT]
+    assert table(env, store.outcomes) == table(env, store.feedback) == []
+    assert (redis.exists(cached[erased]), redis.exists(cached[CONTACT])) == (0, 1)
+
+
+def test_forget_erases_a_salesforce_lead_named_by_either_id_form(
+    env, post_outbound, sf_crm, run_worker, capsys
+):
+    lead = "00Q5g00000Ls001EAB"
+    post_outbound("outbound_message__single")
+    run_worker()
+    assert [row["lead_id"] for row in table(env, store.scores)] == [lead]
+
+    assert main(["forget", "--crm", "salesforce", "--account", SF_ORG_ID, lead[:15]]) == 0
+
+    assert table(env, store.scores) == []
+    assert capsys.readouterr().out == (
+        f"salesforce:{SF_ORG_ID}: erased 1 scores, 0 outcomes, 0 feedback and 1 cached LLM answers of 1 "
+        "leads; delete them in the CRM too, or their next change scores them again\n"
+    )
+
+
+@EACH_STORE
 def test_contact_propertyChange__rep_feedback(env, post_delivery, crm, run_worker, hubspot, llm):
     post_delivery("contact.propertyChange__lead_status")
     [scored] = run_worker()

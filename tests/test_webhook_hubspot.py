@@ -93,6 +93,11 @@ def summary(response) -> dict:
             [],
         ),
         (
+            "contact.privacyDeletion__single",  # erased by the worker, not scored
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
+            ["74300000101"],
+        ),
+        (
             "mixed__creation_and_unknown",
             {"received": 2, "queued": 1, "ignored": 0, "unsupported": 1},
             ["74300000110"],

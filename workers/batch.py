@@ -17,7 +17,7 @@ from rq import Queue, get_current_job
 
 from integration import metrics, pending
 from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected
-from integration.events import RESCORE, LeadEvent, deal_of, parse_events
+from integration.events import ERASE, RESCORE, LeadEvent, deal_of, parse_events
 from workers.jobs import context, outcome
 from workers.store import LeadFact
 
@@ -142,6 +142,10 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     started = time.monotonic()
     adapter = ctx.crm(crm, account)
     lead_events = parse_events(events)
+    erased = [event for event in lead_events if ERASE in event.kinds]  # whatever else came with it
+    if erased:
+        ctx.erase(crm, account, [event.lead_id for event in erased])
+        lead_events = [event for event in lead_events if ERASE not in event.kinds]
     deal_events = [event for event in lead_events if deal_of(event.lead_id)]
     if deal_events:
         lead_events = [event for event in lead_events if not deal_of(event.lead_id)]
@@ -198,9 +202,10 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             failed.append((event, result))
             results.append({**outcome(key, "failed", s), "error": f"{result.code}: {result.message}"})
 
-    results += deal_results
+    results += deal_results + [outcome(event.lead_key, "erased") for event in erased]
     refused = {event.lead_id for event, _ in failed}  # the rest are settled, whoever queued them
-    pending.backfilled(ctx.redis, crm, account, [e.lead_id for e in lead_events if e.lead_id not in refused])
+    settled = [e.lead_id for e in lead_events + erased if e.lead_id not in refused]
+    pending.backfilled(ctx.redis, crm, account, settled)
     ctx.keep(kept, list(leads.values()), won)
     queue = _queue()
     if failed and len(lead_events) == 1 and not deal_events:

@@ -33,7 +33,7 @@ from workers import model_scoring, tabular
 from workers.blend import REASON_VERSION, ScoreResult, blend_score, input_fingerprint, with_provenance
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
-from workers.llm import PropensityReasoner
+from workers.llm import PropensityReasoner, cache_key
 from workers.model import ModelArtifactError, TrainedModel
 from workers.propensity import PropensityResult
 from workers.rules import evaluate_rules
@@ -127,6 +127,11 @@ class WorkerContext:
             except Exception as exc:
                 log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
                 self.telemetry("store_errors_total")
+
+    def erase(self, crm: str, account: str, lead_ids: list[str]) -> dict[str, int]:
+        """Erase what leadscore keeps of these leads: their rows in the store and their cached LLM
+        answers. Unlike `keep`, a failure fails the batch, so RQ retries it: an erasure is owed."""
+        return erase(self.store, self.redis, crm, account, lead_ids)
 
     def telemetry(self, name: str, amount: float = 1, **labels: str) -> None:
         if self.tally is None:
@@ -384,6 +389,15 @@ def _salesforce(org_id: str) -> SalesforceCRM:
     return SalesforceCRM(
         ctx.settings, org_id=org_id, telemetry=ctx.telemetry, custom_fields=custom_fields, redis=ctx.redis
     )
+
+
+def erase(store: Store, redis: Redis, crm: str, account: str, lead_ids: list[str]) -> dict[str, int]:
+    """A privacy deletion's or `leadscore forget`'s work: the rows deleted per table, and the cached
+    LLM answers (`llm_answers`)."""
+    deleted, fingerprints = store.erase(crm, account, lead_ids)
+    deleted["llm_answers"] = redis.delete(*map(cache_key, fingerprints)) if fingerprints else 0
+    log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)
+    return deleted
 
 
 def outcome(lead_key: str, name: str, scored: Scored | None = None) -> dict:

@@ -24,6 +24,11 @@ def _reply_content(completion) -> str | None:
     return choices[0].message.content
 
 
+def cache_key(fingerprint: str) -> str:
+    """Where an LLM answer is cached: by the lead's input fingerprint, which the store keeps too."""
+    return f"leadscore:llm:{fingerprint}"
+
+
 def to_cache(result: PropensityResult) -> str:
     return json.dumps(
         {
@@ -115,7 +120,7 @@ class PropensityReasoner:
         cached: list[bytes | None] = [None] * len(leads)
         if redis is not None and self.cache_ttl_s and leads:
             try:
-                cached = redis.mget([f"leadscore:llm:{fp}" for fp in fingerprints])
+                cached = redis.mget([cache_key(fp) for fp in fingerprints])
             except RedisError:
                 log.warning("LLM cache unavailable; asking the LLM")
         results: list[PropensityResult | None] = [_cached(c) for c in cached]
@@ -127,9 +132,7 @@ class PropensityReasoner:
                 ):
                     results[i] = result
             fresh = {
-                f"leadscore:llm:{fingerprints[i]}": to_cache(results[i])
-                for i in missing
-                if not results[i].fallback
+                cache_key(fingerprints[i]): to_cache(results[i]) for i in missing if not results[i].fallback
             }
             if redis is not None and self.cache_ttl_s and fresh:
                 try:

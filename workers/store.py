@@ -29,6 +29,7 @@ from sqlalchemy import (
     UniqueConstraint,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
     make_url,
@@ -38,6 +39,7 @@ from sqlalchemy import (
 
 from integration.errors import UserError
 from integration.lead import FEEDBACK_VALUES
+from integration.salesforce import full_id, is_record_id
 
 log = logging.getLogger(__name__)
 
@@ -308,12 +310,42 @@ class Store:
                 connection.execute(feedback.insert(), new)
         return len(new)
 
+    def erase(self, crm: str, account_id: str, lead_ids: list[str]) -> tuple[dict[str, int], set[str]]:
+        """Delete every row kept of these leads; the rows deleted per table, and the fingerprints their
+        scores had (the keys of their cached LLM answers). A Salesforce id matches in either form."""
+        accounts, leads = _id_forms(crm, [account_id]), _id_forms(crm, lead_ids)
+        with self.engine.begin() as connection:
+            fingerprints = set(
+                connection.execute(
+                    select(scores.c.fingerprint).where(
+                        scores.c.crm == crm, scores.c.account_id.in_(accounts), scores.c.lead_id.in_(leads)
+                    )
+                ).scalars()
+            )
+            deleted = {
+                table.name: connection.execute(
+                    delete(table).where(
+                        table.c.crm == crm, table.c.account_id.in_(accounts), table.c.lead_id.in_(leads)
+                    )
+                ).rowcount
+                for table in (scores, outcomes, feedback)
+            }
+        return deleted, fingerprints
+
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as connection:
             return {
                 table.name: connection.execute(select(func.count()).select_from(table)).scalar_one()
                 for table in (scores, outcomes, feedback)
             }
+
+
+def _id_forms(crm: str, ids: list[str]) -> list[str]:
+    """The ids as the store may hold them: a Salesforce org is kept by its 15-character id, a lead by
+    its 18-character one."""
+    if crm != "salesforce":
+        return sorted(set(ids))
+    return sorted({form for i in ids if is_record_id(i) for form in (i[:15], full_id(i))})
 
 
 def _keys(fact: LeadFact) -> dict[str, str]:

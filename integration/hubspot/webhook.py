@@ -17,7 +17,7 @@ from hubspot.utils.signature import Signature
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from integration.errors import PayloadError, SignatureError, first_problem
-from integration.events import MAX_EPOCH_MS, IntakeRow, deal_key
+from integration.events import ERASE, MAX_EPOCH_MS, IntakeRow, deal_key
 from integration.hubspot import DEAL_OUTCOME_PROPERTIES, OUTPUT_PROPERTIES
 from integration.queue import Skipped
 
@@ -34,12 +34,12 @@ HANDLED_EVENTS = {
     "object.creation": "creation",
     "object.propertyChange": "property_change",
     "deal.propertyChange": "deal_change",  # a stage change: closed won is an outcome for its contacts
+    "contact.privacyDeletion": ERASE,  # a GDPR delete: leadscore's copies of the contact go too
 }
 IGNORED_EVENTS = frozenset(
     {
         # Nothing left to score, or the change arrives again as property changes.
-        "contact.deletion",
-        "contact.privacyDeletion",
+        "contact.deletion",  # restorable for 90 days; a GDPR delete comes as contact.privacyDeletion too
         "contact.merge",
         "contact.restore",
         "contact.associationChange",
@@ -214,6 +214,8 @@ def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
             return _skipped(event, "ignore", f"object type {event.object_type_id} is not a contact")
     if event.object_id is None:
         return _skipped(event, "ignore", "event names no objectId")
+    if kind == ERASE:
+        return _row(event, str(event.object_id), kind)
     if kind == "deal_change":
         if event.property_name not in DEAL_OUTCOME_PROPERTIES:
             return _skipped(event, "ignore", f"deal property {event.property_name} does not make an outcome")
