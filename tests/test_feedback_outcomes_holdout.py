@@ -458,6 +458,22 @@ def test_a_worker_with_an_inconsistent_model_says_so_in_one_line(
     assert err.count("\n") == 1
 
 
+def test_a_worker_with_a_model_whose_feature_list_does_not_fit_its_estimator_says_so_at_start(
+    env, monkeypatch, tmp_path, capsys, crm_model
+):
+    """Not at the first batch, where every batch would fail and nothing be scored."""
+    features = json.loads((crm_model / "model.json").read_text())["features"]
+    broken = _copy_of(crm_model, tmp_path / "broken", features=features[:-1])
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(broken))
+
+    assert main(["worker", "--burst"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"leadscore: SCORING_MODEL_PATH: {broken} cannot score a lead (LightGBMError: ")
+    assert f"the {len(features) - 1} features its model.json lists are not those its model.joblib was " \
+        "fitted on, or this release's libraries cannot run it (trained with lightgbm " in err  # fmt: skip
+    assert err.count("\n") == 1
+
+
 NO_HUBSPOT_FLAG = "HubSpot has no contact property leadscore_holdout"
 NO_SALESFORCE_FLAG = f"Salesforce org {SF_ORG_ID[:15]} has no Lead field Leadscore_Holdout__c"
 

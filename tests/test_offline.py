@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import lightgbm
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn
 from sqlalchemy import make_url
 
 from integration.cli import main
@@ -30,7 +33,7 @@ from workers import model_scoring, offline, report, tabular
 from workers.blend import blend_weights
 from workers.config import load_config
 from workers.evaluation import calibration_bins, cumulative_gains, expected_calibration_error, rate_difference
-from workers.model import TrainedModel, monotone_constraints
+from workers.model import TrainedModel, library_versions, monotone_constraints
 from workers.propensity import NEUTRAL
 from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
@@ -139,6 +142,25 @@ def test_a_saved_model_predicts_exactly_as_the_one_trained(tmp_path):
 
     assert list(loaded.kinds) == list(fresh.kinds)  # the estimator reads features by position
     assert np.array_equal(loaded.predict(table.features), fresh.predict(table.features))
+
+
+def test_a_model_loaded_by_other_library_versions_than_trained_it_says_so(trained, tmp_path, caplog):
+    meta = json.loads((trained / "model.json").read_text())
+    assert meta["libraries"] == library_versions()
+    older = tmp_path / "older"
+    shutil.copytree(trained, older)
+    (older / "model.json").write_text(
+        json.dumps({**meta, "libraries": {"lightgbm": "4.0.0", "scikit-learn": "1.3.0"}})
+    )
+
+    TrainedModel.load(older)
+
+    [said] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == (
+        f"{older} was trained with lightgbm 4.0.0, scikit-learn 1.3.0, and runs with "
+        f"lightgbm {lightgbm.__version__}, scikit-learn {sklearn.__version__}: train it again if its "
+        "scores look wrong"
+    )
 
 
 def test_score_file_without_a_model_uses_the_rules_alone(tmp_path, capsys):

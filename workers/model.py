@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from integration.errors import TableError, UserError
 from workers.config import Tiers
 from workers.evaluation import classification_metrics, expected_calibration_error, tier_table
 from workers.tabular import DIRECTION_SIGNS, LLM_FEATURE, Direction, Kind
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = 1
 MISSING = "(missing)"
@@ -368,7 +371,36 @@ class TrainedModel:
                 f"{directory} mixes two models: model.json is {model.version}, model.joblib is {made_by}: "
                 "copy the artifact directory of one `leadscore train` over whole"
             )
+        try:  # one lead with nothing known: at start, not at the first batch, if it cannot score at all
+            model.explain(pd.DataFrame([dict.fromkeys(kinds)]))
+        except Exception as exc:
+            said = str(exc).splitlines()[0] if str(exc) else ""
+            raise ModelArtifactError(
+                f"{directory} cannot score a lead ({type(exc).__name__}: {said}): the {len(kinds)} "
+                "features its model.json lists are not those its model.joblib was fitted on, or this "
+                "release's libraries cannot run it (trained with "
+                f"{_libraries_said(meta.get('libraries'))}): train it again"
+            ) from None
+        if meta.get("libraries") not in (None, library_versions()):
+            log.warning(
+                "%s was trained with %s, and runs with %s: train it again if its scores look wrong",
+                directory, _libraries_said(meta["libraries"]), _libraries_said(library_versions()),
+            )  # fmt: skip
         return model
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a model's estimator and calibrator were pickled by, kept in model.json."""
+    import lightgbm
+    import sklearn
+
+    return {"lightgbm": lightgbm.__version__, "scikit-learn": sklearn.__version__}
+
+
+def _libraries_said(libraries: dict[str, str] | None) -> str:
+    if not libraries:
+        return "unrecorded library versions"
+    return ", ".join(f"{name} {version}" for name, version in sorted(libraries.items()))
 
 
 def lead_digests(ids) -> np.ndarray:
@@ -415,6 +447,7 @@ def train(
     meta = {
         "format": ARTIFACT_FORMAT,
         "version": f"{created:%Y%m%dT%H%M%SZ}-{best.name}-{digest}",
+        "libraries": library_versions(),
         "created_at": created.isoformat(timespec="seconds"),
         "model": best.name,
         "calibration": method,
