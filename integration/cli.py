@@ -132,6 +132,10 @@ def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
                           "`leadscore setup hubspot`", ", ".join(absent))  # fmt: skip
             if holdout and OUTPUT_PROPERTIES["holdout"] not in present:
                 missing.append(f"HubSpot has no contact property {OUTPUT_PROPERTIES['holdout']}")
+            model = jobs.context().model  # HubSpot reads a property it lacks as blank, without a word
+            if unread := sorted(set(jobs.model_properties(model, "hubspot").values()) - present):
+                log.warning("HubSpot has no contact property %s that model %s reads: every lead scores as "
+                            "if it were missing", ", ".join(unread), model.version)  # fmt: skip
     for org_id in salesforce_orgs if holdout else []:
         if OUTPUT_FIELDS["holdout"] not in jobs.salesforce_for(org_id).read_fields:
             missing.append(f"Salesforce org {org_id} has no Lead field {OUTPUT_FIELDS['holdout']}")

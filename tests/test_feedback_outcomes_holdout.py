@@ -650,6 +650,23 @@ def test_a_free_text_field_new_to_the_model_logs_a_few_values_not_every_lead(
 ENGAGED = {"time_on_site_s": "1500", "last_activity": "SMS Sent", "city": "Mumbai"}  # kept as the CRM said
 
 
+def test_a_worker_says_at_start_that_hubspot_lacks_properties_its_model_reads(
+    env, monkeypatch, crm_model, crm, hubspot, caplog
+):
+    """HubSpot reads a property it does not have as blank, so without this the model would score every
+    lead as if the feature were missing, and nobody would be told."""
+    reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
+    version = json.loads((crm_model / "model.json").read_text())["version"]
+
+    cli._check_output_fields(get_settings(), jobs, [])
+
+    said = [r.getMessage() for r in caplog.records if r.name == "leadscore.worker"]
+    assert said == [
+        "HubSpot has no contact property leadscore_last_activity, leadscore_time_on_site that model "
+        f"{version} reads: every lead scores as if it were missing"
+    ]
+
+
 def test_a_models_custom_features_are_read_from_hubspot_properties(
     env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm
 ):

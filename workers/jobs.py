@@ -334,7 +334,7 @@ def load_model(settings: Settings) -> TrainedModel | None:
         raise SettingsError(f"SCORING_MODEL_PATH: {exc}") from None
     log.info("scoring with model %s (%s features)", model.version, len(model.kinds))
     for crm, holder in (("hubspot", "HubSpot property"), ("salesforce", "Salesforce Lead field")):
-        read = {*tabular.ALWAYS_READ, *_custom_fields(model, crm)}
+        read = {*tabular.ALWAYS_READ, *model_properties(model, crm)}
         if getattr(settings, f"{crm}_configured") and (unread := [n for n in model.kinds if n not in read]):
             log.warning(
                 "model %s: no %s is named for %s in the mapping's [custom], so live leads always lack "
@@ -357,7 +357,7 @@ def scoring_config(settings: Settings, model: TrainedModel | None = None) -> Sco
     return config.model_copy(update={"digest": digest})
 
 
-def _custom_fields(model: TrainedModel | None, crm: str) -> dict[str, str]:
+def model_properties(model: TrainedModel | None, crm: str) -> dict[str, str]:
     """The CRM properties a trained model reads beyond the standard ones, by feature name."""
     if model is None:
         return {}
@@ -370,7 +370,7 @@ def _hubspot(portal_id: str) -> HubSpotCRM:
     ctx = context()
     return HubSpotCRM(
         ctx.settings, portal_id=portal_id, limiter=shared_limiter(ctx.redis, ctx.settings, portal_id),
-        telemetry=ctx.telemetry, custom_properties=_custom_fields(ctx.model, "hubspot"),
+        telemetry=ctx.telemetry, custom_properties=model_properties(ctx.model, "hubspot"),
     )  # fmt: skip
 
 
@@ -385,7 +385,7 @@ def salesforce_for(org_id: str) -> SalesforceCRM:
 @lru_cache(maxsize=64)
 def _salesforce(org_id: str) -> SalesforceCRM:
     ctx = context()
-    custom_fields = _custom_fields(ctx.model, "salesforce")
+    custom_fields = model_properties(ctx.model, "salesforce")
     return SalesforceCRM(
         ctx.settings, org_id=org_id, telemetry=ctx.telemetry, custom_fields=custom_fields, redis=ctx.redis
     )

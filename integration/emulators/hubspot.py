@@ -33,6 +33,8 @@ ALWAYS_RETURNED = (
     "lastmodifieddate",
     "hs_lastmodifieddate",
 )
+# Default contact properties every portal has, beyond those the fixture contacts carry values for.
+DEFAULT_PROPERTIES = ("city", "country", "state", "hs_analytics_average_page_views")
 SEARCH_LIMIT = 200
 SEARCH_RESULTS_CAP = 10_000  # a search pages through at most this many results, `after` or not
 BATCH_LIMIT = 100  # inputs per CRM v3 batch call
@@ -172,7 +174,7 @@ class HubSpotEmulator:
         self.groups: dict[str, dict] = {
             "contactinformation": {"name": "contactinformation", "label": "Contact information"}
         }
-        self.properties: dict[str, dict] = {}
+        self.properties: dict[str, dict] = {n: self._standard_property(n) for n in DEFAULT_PROPERTIES}
         self.writes: list[tuple[str, dict]] = []
         self.calls: list[tuple[str, str]] = []
         self.echo: dict | None = None
