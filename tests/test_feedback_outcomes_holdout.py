@@ -711,6 +711,7 @@ def test_a_models_custom_features_are_read_from_salesforce_fields(
 
     first, second = table(env, store.scores)
     assert first["features"]["city"] == "Mumbai" and "time_on_site_s" not in first["features"]
+    assert [first["features"][n] for n in ("visits", "page_views", "conversions")] == [None] * 3  # unknown
     assert {name: second["features"][name] for name in ENGAGED} == ENGAGED
     assert after["probability"] > before["probability"]
     assert after["contributions"]["time_on_site_s"] > before["contributions"]["time_on_site_s"]

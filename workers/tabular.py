@@ -408,9 +408,17 @@ def feature_frame(frame: pd.DataFrame, mapping: Mapping) -> tuple[pd.DataFrame, 
     return features, warnings
 
 
+# Counters a CRM that records no web engagement (Salesforce's Lead) leaves at 0: unknown, not none.
+ENGAGEMENT_COUNTERS = ("conversions", "visits", "page_views")
+
+
 def snapshot(lead: Lead, propensity=None) -> dict[str, object]:
-    """Everything a model could learn from this lead, raw, as the store keeps it."""
+    """Everything a model could learn from this lead, raw, as the store keeps it. Engagement a CRM
+    does not record is missing, so a model learning from both CRMs does not take a Salesforce Lead
+    for one that never visited."""
     values = {name: getattr(lead, name) for name in LEAD_FIELD_KINDS}
+    if not lead.engagement_known:
+        values.update(dict.fromkeys(ENGAGEMENT_COUNTERS))
     values.update(lead.custom)
     if propensity is not None and not propensity.fallback:
         values[LLM_FEATURE] = propensity.propensity
