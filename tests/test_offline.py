@@ -1042,7 +1042,11 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     constraints = model.estimator.get_params()["monotone_constraints"]
     assert [name for name, sign in zip(model.kinds, constraints, strict=True) if sign] == ["time_on_site_s"]
     assert constraints[list(model.kinds).index("time_on_site_s")] == 1
-    assert set(model.kinds) == {*tabular.LEAD_FIELD_KINDS, *table.mapping.custom}
+    assert set(model.kinds) == {*tabular.LEAD_FIELD_KINDS, "time_on_site_s"}  # the only [custom] kept
+    empty = [name for name in table.mapping.custom if name != "time_on_site_s"]
+    assert f"warning: not learned from: {', '.join(empty)}, which no kept score has a value for" in (
+        capsys.readouterr().err
+    )  # so not taken for features every lead lacks
     assert "not learned from" not in capsys.readouterr().err
 
 

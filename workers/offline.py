@@ -94,6 +94,10 @@ def train_from_store(
         _warn(f"not learned from: {', '.join(rows.unread)}, kept with earlier scores but not named under "
               "[custom] in a --mapping, so no worker would read it for a live lead; to learn from one, name "
               "it there with the CRM property that holds it")  # fmt: skip
+    if rows.empty:
+        _warn(f"not learned from: {', '.join(rows.empty)}, which no kept score has a value for: workers "
+              "read a [custom] property only while a model that names it is live, so none was kept "
+              "yet")  # fmt: skip
     source = {"store": redacted(store.url), **rows.window}
     trained = train(rows.frame, rows.labels, rows.kinds, source=source,
                     tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS, progress=progress("cross-validating"),

@@ -124,6 +124,7 @@ class TrainingRows(NamedTuple):
     window: dict
     unread: list[str]  # inputs kept with earlier scores that no worker reads now: not learned from
     leads: list[str]  # each row's lead id, as the CRM and its exports spell it
+    empty: list[str] = []  # the mapping's [custom] features no kept score has a value for: left out
 
 
 def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | None = None) -> TrainingRows:
@@ -146,7 +147,11 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
     if labels.min() == labels.max():
         raise TableError(f"every labelled lead in the store has outcome {labels[0]}: a model needs both")
     raw = pd.DataFrame(rows)
-    kinds = {**{name: kind for name, kind in ALWAYS_READ.items() if name in raw}, **(custom or {})}
+    empty = [name for name in custom or {} if name not in raw or raw[name].isna().all()]
+    kinds = {
+        **{name: kind for name, kind in ALWAYS_READ.items() if name in raw},
+        **{name: kind for name, kind in (custom or {}).items() if name not in empty},
+    }
     frame = pd.DataFrame(
         {
             name: [normalise(v, kind) for v in raw[name]] if name in raw else np.nan
@@ -158,7 +163,8 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
         "to": max(times).isoformat(timespec="seconds"),
         "min_age_days": min_age_days,
     }
-    return TrainingRows(frame, labels, kinds, window, sorted(set(raw.columns) - set(kinds)), leads)
+    unread = sorted(set(raw.columns) - set(kinds) - set(empty))
+    return TrainingRows(frame, labels, kinds, window, unread, leads, empty)
 
 
 def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
