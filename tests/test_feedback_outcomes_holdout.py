@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -569,8 +570,9 @@ def test_a_worker_names_the_model_features_no_crm_property_holds(env, monkeypatc
 CAPS = {"UNQUALIFIED": 19, "BAD_TIMING": 49}  # the default config's 25 and 54: its tiers D and C, the model's
 
 
-def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypatch, crm_model, post_delivery,
-                                                                  crm, run_worker, hubspot, llm):  # fmt: skip
+def test_a_trained_model_scores_live_leads_and_names_their_drivers(
+    env, monkeypatch, crm_model, post_delivery, crm, run_worker, hubspot, llm, redis
+):
     reconfigure(monkeypatch, SCORING_MODEL_PATH=str(crm_model))
     post_delivery("contact.creation__demo_burst")
     results = run_worker()
@@ -593,6 +595,17 @@ def test_a_trained_model_scores_live_leads_and_names_their_drivers(env, monkeypa
         assert details.get("cap") == CAPS.get(status)  # the config's caps bind the model as the rules
         assert int(fields["leadscore_score"]) <= CAPS.get(status, 100)
     assert set(CAPS) <= statuses  # both capped statuses are among the demo contacts
+    tiers = Counter(r["tier"] for r in results)  # a dashboard sees the tier share, and what scored them
+    assert {t: metrics.counter_value(redis, "leads_scored_total", crm="hubspot", tier=t, scorer="model")
+            for t in tiers} == tiers  # fmt: skip
+    # X Education's statuses are not HubSpot's, and nothing on a contact gives the lead's profile: a
+    # dashboard can see this model scoring leads it cannot tell apart.
+    status = [
+        metrics.counter_value(redis, f"model_values_{n}_total", feature="status")
+        for n in ("unseen", "missing")
+    ]
+    assert status[0] > 0 and sum(status) == 24  # a status the model knows: none
+    assert metrics.counter_value(redis, "model_values_missing_total", feature="lead_profile") == 24
     kept = table(env, store.scores)
     assert {row["scorer"] for row in kept} == {"model"} and {row["model_version"] for row in kept} == {
         version

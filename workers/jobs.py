@@ -41,6 +41,7 @@ from workers.store import Feedback, LeadFact, ScoreRecord, Store
 from workers.writer import fields_to_write
 
 log = logging.getLogger(__name__)
+RULES_SCORER = "rules+llm"  # what the store and metrics call a score without a trained model
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Scored:
         return ScoreRecord(
             crm=self.lead.crm, account_id=self.lead.account_id, lead_id=self.lead.lead_id,
             score=self.result.score, tier=self.result.tier, reason=self.result.reason,
-            scorer=details.get("scorer", "rules+llm"), model_version=details.get("model"),
+            scorer=details.get("scorer", RULES_SCORER), model_version=details.get("model"),
             fingerprint=details["fingerprint"], fallback=bool(details.get("fallback")), holdout=self.holdout,
             features=tabular.snapshot(self.lead, self.propensity), details=details,
         )  # fmt: skip
@@ -186,7 +187,12 @@ class WorkerContext:
             shown = shown_fields(result, holdout, write_flag=share > 0 or flagged)
             fields = fields_to_write(shown, lead.current_output, feedback=lead.feedback)
             scored.append(Scored(lead, result, propensity, fields, holdout))
-            self.telemetry("leads_scored_total", crm=lead.crm)
+            self.telemetry(
+                "leads_scored_total",
+                crm=lead.crm,
+                tier=result.tier,
+                scorer=result.details.get("scorer", RULES_SCORER),
+            )
         return scored
 
     def _results(
@@ -220,6 +226,12 @@ class WorkerContext:
         frame = tabular.model_values(shown, self.model.kinds)
         unseen = self.model.unseen(frame)
         self._log_unseen(frame, shown, unseen)
+        # A model live on a CRM whose leads lack its features, or spell them otherwise, ranks them flat.
+        for name, blank in frame.isna().sum().items():
+            if blank:
+                self.telemetry("model_values_missing_total", int(blank), feature=name)
+        for name, rows in unseen.items():
+            self.telemetry("model_values_unseen_total", int(rows.sum()), feature=name)
         results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen, config=self.config)
         statuses = [lead.status for lead in leads]
         return model_scoring.capped_by_status(self.model, results, statuses, self.config)
