@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from integration.errors import CRMError, CRMUnavailable, UserError
@@ -376,6 +377,14 @@ def cmd_db(args) -> int:
     from workers import store
 
     settings = get_settings()
+    if args.action == "prune":
+        if args.older_than is None:
+            raise UsageError("db prune needs --older-than DAYS: what your retention policy keeps")
+        before = datetime.now(UTC) - timedelta(days=args.older_than)
+        deleted = store.Store(settings.database_url).require_schema().prune(before)
+        print(f"{store.redacted(settings.database_url)}: deleted what was kept before "
+              f"{before:%Y-%m-%d %H:%M} UTC: {deleted}")  # fmt: skip
+        return 0
     store.upgrade(settings.database_url)
     counts = store.Store(settings.database_url).counts()
     print(f"schema of {store.redacted(settings.database_url)} is at head: {counts}")
@@ -711,8 +720,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
-    db = sub.add_parser("db", help="the score store's schema (Alembic)")
-    db.add_argument("action", choices=["upgrade"], help="apply the schema's migrations up to the latest")
+    db = sub.add_parser("db", help="the score store: its schema (Alembic), and what it keeps")
+    db.add_argument(
+        "action",
+        choices=["upgrade", "prune"],
+        help="upgrade: apply the schema's migrations up to the latest; prune: delete what is older than "
+        "--older-than",
+    )
+    db.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="prune: scores and feedback kept this many days ago"
+    )
     db.set_defaults(func=cmd_db)
 
     train = sub.add_parser("train", help="compare models by cross-validation, calibrate the best, save it")

@@ -329,3 +329,32 @@ def test_a_store_error_names_the_statement_but_not_the_leads_values(tmp_path):
         connection.execute(text("INSERT INTO t VALUES (:reason)"), {"reason": "Maya Okafor, VP of Sales"})
 
     assert "INSERT INTO t" in str(refused.value) and "Maya Okafor" not in str(refused.value)
+
+
+def test_db_prune_deletes_what_was_kept_before_the_retention_period(store_url, monkeypatch, capsys):
+    """Scores and feedback older than the period go, and outcomes of leads left with no score; a lead
+    scored since keeps its outcome."""
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(days=400), now - timedelta(days=10)
+    kept.record_scores([_score("1", old, "lead"), _score("2", old, "lead"), _score("2", recent, "customer")])
+    kept.record_outcomes([LeadFact("hubspot", "48213377", lead, "customer") for lead in ("1", "2")], "sync")
+    kept.record_feedback([Feedback("hubspot", "48213377", "2", "too_low", 50, "B")])
+    with kept.engine.begin() as connection:  # said a year ago
+        connection.execute(store.feedback.update().values(recorded_at=old))
+    monkeypatch.setenv("DATABASE_URL", store_url)
+    get_settings.cache_clear()
+    try:
+        assert main(["db", "prune", "--older-than", "365"]) == 0
+    finally:
+        get_settings.cache_clear()
+
+    assert "{'scores': 2, 'feedback': 1, 'outcomes': 1}" in capsys.readouterr().out
+    with kept.engine.connect() as connection:
+        remaining = connection.execute(select(store.scores.c.lead_id, store.scores.c.features)).all()
+        outcome_leads = connection.execute(select(store.outcomes.c.lead_id)).scalars().all()
+    assert [(lead, features["stage"]) for lead, features in remaining] == [("2", "customer")]
+    assert outcome_leads == ["2"]
+    assert main(["db", "prune"]) == 2  # a period is not guessed
+    assert "db prune needs --older-than DAYS" in capsys.readouterr().err

@@ -332,6 +332,24 @@ class Store:
             }
         return deleted, fingerprints
 
+    def prune(self, before: datetime) -> dict[str, int]:
+        """Delete scores and feedback kept before `before`, and the outcomes of leads left with no
+        score (nothing learns from an outcome without one): a retention period's work."""
+        with self.engine.begin() as connection:
+            deleted = {
+                "scores": connection.execute(delete(scores).where(scores.c.scored_at < before)).rowcount,
+                "feedback": connection.execute(
+                    delete(feedback).where(feedback.c.recorded_at < before)
+                ).rowcount,
+            }
+            scored = select(scores.c.id).where(
+                scores.c.crm == outcomes.c.crm,
+                scores.c.account_id == outcomes.c.account_id,
+                scores.c.lead_id == outcomes.c.lead_id,
+            )
+            deleted["outcomes"] = connection.execute(delete(outcomes).where(~scored.exists())).rowcount
+        return deleted
+
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as connection:
             return {
