@@ -286,9 +286,20 @@ def cmd_rescore(args) -> int:
 
 def cmd_forget(args) -> int:
     """Erase leads on request (GDPR, CCPA): HubSpot's privacy deletions are erased as they come."""
+    from integration.salesforce import is_org_id, is_record_id
     from workers.jobs import erase
     from workers.store import Store
 
+    account_ok, lead_ok = (
+        (is_org_id, is_record_id) if args.crm == "salesforce" else (str.isdigit, str.isdigit)
+    )
+    refused = [i for i in args.lead_ids if not lead_ok(i)] + (
+        [] if account_ok(args.account) else [args.account]
+    )
+    if refused:  # erasing nothing under a mistyped id would read as "never scored"
+        raise UsageError(
+            f"not a {args.crm} id: {', '.join(refused)} (check its case and length); nothing erased"
+        )
     settings = get_settings()
     deleted = erase(
         Store(settings.database_url).require_schema(),

@@ -54,8 +54,8 @@ COUNTER_HELP: dict[str, str] = {
     "crm_throttled_total": "CRM calls answered 429 or stopped by the shared rate limit {crm}",
     "writes_total": "Score write-backs to the CRM {crm,outcome=written|unchanged|failed}",
     "leads_scored_total": "Leads scored, by the tier they got and what scored them {crm,tier,scorer}",
-    "model_values_missing_total": "Live leads a trained model scored without a value for a feature {feature}",
-    "model_values_unseen_total": "Live leads whose value of a feature the trained model never saw {feature}",
+    "model_values_missing_total": "Live leads a trained model scored lacking a feature {crm,feature}",
+    "model_values_unseen_total": "Live leads with a feature's value the model never saw {crm,feature}",
     "leads_skipped_unchanged_total": "Leads not rescored because their inputs did not change {crm}",
     "store_errors_total": "Batches whose scores, outcomes or feedback the score store could not keep",
 }

@@ -38,7 +38,7 @@ from rq import Queue, Retry
 from rq.job import Job
 
 from integration import metrics
-from integration.events import RESCORE, LeadEvent, coalesce, dump_events, parse_events, unpack_intake
+from integration.events import ERASE, RESCORE, LeadEvent, coalesce, dump_events, parse_events, unpack_intake
 
 _DELETE_IF_OWN = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -73,6 +73,7 @@ SCORE_BATCH_JOB = "workers.batch.score_batch"
 HANDOFFS = "leadscore:handoffs"
 HANDOFF_TTL_S = 3 * 24 * 3600  # past the longest a batch is put off for a CRM outage (48 h)
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
+ERASE_MARK = f'"{ERASE}"'.encode()  # in a waiting event's JSON: an erasure, without parsing every one
 BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 # A failed job stays a month for `leadscore failed` and `requeue`, not RQ's default year: its error may
 # quote what the CRM said of a lead.
@@ -140,9 +141,10 @@ def move_to_pending(redis: Redis, crm: str, account: str, taken: list[tuple[byte
     for event, now, before in zip(events, seen_now, seen_before, strict=True):
         if not (now or before):
             fresh.setdefault(event.event_ids[0], event)
+    leads = _keeping_erasures(redis, crm, account, coalesce(list(fresh.values()))) if fresh else []
     with redis.pipeline(transaction=True) as pipe:
         if fresh:
-            record(pipe, coalesce(list(fresh.values())))
+            record(pipe, leads)
             pipe.sadd(current, *fresh)
             pipe.expire(current, 2 * SEEN_WINDOW_S)
         sizes = [arg for entry_id, entry_events in unpacked for arg in (entry_id, len(entry_events))]
@@ -150,6 +152,17 @@ def move_to_pending(redis: Redis, crm: str, account: str, taken: list[tuple[byte
         refresh_oldest(pipe, crm, account)
         metrics.add_counters(pipe, [("events_deduplicated_total", len(events) - len(fresh), {"crm": crm})])
         pipe.execute()
+
+
+def _keeping_erasures(redis: Redis, crm: str, account: str, events: list[LeadEvent]) -> list[LeadEvent]:
+    """The newest event replaces a lead's waiting one, except an erasure, which nothing may drop: an
+    event that comes after it (a late retry of an older change) is merged into it. Only this account's
+    collector drains it, so nothing changes a waiting event between this read and its replacement."""
+    waiting = redis.hmget(pending_key(crm, account), [event.lead_id for event in events])
+    return [
+        LeadEvent.model_validate_json(raw).merged_with(event) if raw and ERASE_MARK in raw else event
+        for event, raw in zip(events, waiting, strict=True)
+    ]
 
 
 def refresh_oldest(pipe: Pipeline, crm: str, account: str) -> None:

@@ -92,6 +92,47 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     assert (redis.exists(cached[erased]), redis.exists(cached[CONTACT])) == (0, 1)
 
 
+def test_a_privacy_deletion_batched_with_other_leads_is_erased_on_its_own_and_holds_none_back(
+    env, post_delivery, crm, run_worker, hubspot, queue, monkeypatch
+):
+    """A store that is down fails the erasure, which is owed and retried alone; the other leads' scores
+    still reach the CRM."""
+    erased = "74300000101"
+    del hubspot.contacts[erased]
+    deletion = fixture_json("hubspot/contact.privacyDeletion__single.json")
+    change = fixture_json("hubspot/contact.propertyChange__lead_status.json")
+    real_erase, tries = store.Store.erase, []
+
+    def erase_finding_the_store_down_once(self, *args):
+        tries.append(args)
+        if len(tries) == 1:
+            raise ConnectionError("store down")
+        return real_erase(self, *args)
+
+    monkeypatch.setattr(store.Store, "erase", erase_finding_the_store_down_once)
+    post_delivery(json.dumps(deletion + change).encode())
+
+    results = run_worker()
+    [retry] = queue.scheduled_job_registry.get_job_ids()  # RQ's retry of the erasure alone
+    job = queue.fetch_job(retry)
+    queue.scheduled_job_registry.remove(job)
+    queue.enqueue_job(job)  # as the scheduler does when its time comes
+    [again] = run_worker()
+
+    by_lead = {r["lead"].rsplit(":", 1)[1]: r["outcome"] for r in results}
+    assert by_lead == {CONTACT: "written", erased: "erase_queued"}
+    assert again == {"lead": f"hubspot:{PORTAL_ID}:{erased}", "outcome": "erased"}
+    assert len(tries) == 2 and all(args[2] == [erased] for args in tries)
+
+
+def test_forget_refuses_an_id_that_is_not_one_rather_than_erase_nothing(env, capsys):
+    assert main(["forget", "--crm", "salesforce", "--account", SF_ORG_ID, "00q5g00000ls001eab"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: not a salesforce id: 00q5g00000ls001eab (check its case and length); nothing erased\n"
+    )
+    assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, "74300000101 "]) == 2
+
+
 def test_forget_erases_a_salesforce_lead_named_by_either_id_form(
     env, post_outbound, sf_crm, run_worker, capsys
 ):
@@ -601,11 +642,14 @@ def test_a_trained_model_scores_live_leads_and_names_their_drivers(
     # X Education's statuses are not HubSpot's, and nothing on a contact gives the lead's profile: a
     # dashboard can see this model scoring leads it cannot tell apart.
     status = [
-        metrics.counter_value(redis, f"model_values_{n}_total", feature="status")
+        metrics.counter_value(redis, f"model_values_{n}_total", crm="hubspot", feature="status")
         for n in ("unseen", "missing")
     ]
     assert status[0] > 0 and sum(status) == 24  # a status the model knows: none
-    assert metrics.counter_value(redis, "model_values_missing_total", feature="lead_profile") == 24
+    assert (
+        metrics.counter_value(redis, "model_values_missing_total", crm="hubspot", feature="lead_profile")
+        == 24
+    )
     kept = table(env, store.scores)
     assert {row["scorer"] for row in kept} == {"model"} and {row["model_version"] for row in kept} == {
         version

@@ -144,6 +144,22 @@ def test_contact_creation__single_duplicate_delivery_enqueues_nothing_new(post_d
     assert metrics.counter_value(queue.connection, "events_deduplicated_total", crm="hubspot") == 1
 
 
+def test_a_privacy_deletion_waiting_to_be_erased_is_kept_when_a_late_change_of_the_contact_follows(
+    post_delivery, queue
+):
+    """HubSpot does not promise order: a retried older change must not replace the erasure."""
+    post_delivery("contact.privacyDeletion__single")
+    pending.drain(queue.connection, "hubspot", PORTAL_ID)
+    [change] = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json"))
+
+    post_delivery(
+        json.dumps([{**change, "eventId": 77, "occurredAt": change["occurredAt"] - 60_000}]).encode()
+    )
+
+    [lead] = queued_events(queue)
+    assert (lead["lead_id"], lead["kinds"]) == ("74300000101", ["erase", "creation"])
+
+
 def test_mixed__creation_and_unknown_logs_the_unknown_event(post_delivery, caplog):
     with caplog.at_level(logging.WARNING, logger="integration.hubspot.webhook"):
         post_delivery("mixed__creation_and_unknown")

@@ -17,7 +17,7 @@ from rq import Queue, get_current_job
 
 from integration import metrics, pending
 from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected
-from integration.events import ERASE, RESCORE, LeadEvent, deal_of, parse_events
+from integration.events import ERASE, RESCORE, LeadEvent, deal_of, dump_events, parse_events
 from workers.jobs import context, outcome
 from workers.store import LeadFact
 
@@ -70,6 +70,22 @@ def collect(crm: str, account: str, token: str | None = None) -> dict:
         pending.release(queue, crm, account, token)
     sweep(queue)
     return {"account": f"{crm}:{account}", "batches": batches}
+
+
+def _batch_of(queue: Queue, crm: str, account: str, events: list[LeadEvent], description: str) -> None:
+    """A batch job of these events alone, retried and dead-lettered as every batch is."""
+    queue.enqueue_many(
+        [
+            Queue.prepare_data(
+                pending.SCORE_BATCH_JOB,
+                args=(crm, account, dump_events(events)),
+                timeout=pending.BATCH_TIMEOUT_S,
+                retry=pending.BATCH_RETRY,
+                failure_ttl=pending.FAILED_KEPT_S,
+                description=description,
+            )
+        ]
+    )
 
 
 def sweep(queue: Queue) -> int:
@@ -142,10 +158,15 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     started = time.monotonic()
     adapter = ctx.crm(crm, account)
     lead_events = parse_events(events)
-    erased = [event for event in lead_events if ERASE in event.kinds]  # whatever else came with it
-    if erased:
-        ctx.erase(crm, account, [event.lead_id for event in erased])
-        lead_events = [event for event in lead_events if ERASE not in event.kinds]
+    erasures = [event for event in lead_events if ERASE in event.kinds]  # whatever else came with it
+    erased, split_off = [], []
+    if erasures and len(erasures) < len(lead_events):  # on their own: a store that is down holds back
+        _batch_of(_queue(), crm, account, erasures, f"erase {len(erasures)} leads of {crm}:{account}")
+        split_off = erasures  # no score, and a failed erasure is retried alone
+    elif erasures:
+        ctx.erase(crm, account, [event.lead_id for event in erasures])  # a failure fails the job: owed
+        erased = erasures
+    lead_events = [event for event in lead_events if ERASE not in event.kinds]
     deal_events = [event for event in lead_events if deal_of(event.lead_id)]
     if deal_events:
         lead_events = [event for event in lead_events if not deal_of(event.lead_id)]
@@ -202,7 +223,8 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             failed.append((event, result))
             results.append({**outcome(key, "failed", s), "error": f"{result.code}: {result.message}"})
 
-    results += deal_results + [outcome(event.lead_key, "erased") for event in erased]
+    results += deal_results + [outcome(e.lead_key, "erased") for e in erased]
+    results += [outcome(e.lead_key, "erase_queued") for e in split_off]
     refused = {event.lead_id for event, _ in failed}  # the rest are settled, whoever queued them
     settled = [e.lead_id for e in lead_events + erased if e.lead_id not in refused]
     pending.backfilled(ctx.redis, crm, account, settled)
@@ -218,18 +240,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             "isolating %s after %s: %s", event.lead_key, result.code, result.message,
             extra={"lead_id": event.lead_id, "event_id": ",".join(event.event_ids), "crm": crm},
         )  # fmt: skip
-        queue.enqueue_many(
-            [
-                Queue.prepare_data(
-                    pending.SCORE_BATCH_JOB,
-                    args=(crm, account, [event.model_dump_json()]),
-                    timeout=pending.BATCH_TIMEOUT_S,
-                    retry=pending.BATCH_RETRY,
-                    failure_ttl=pending.FAILED_KEPT_S,
-                    description=f"score {event.lead_key} alone after {result.code}",
-                )
-            ]
-        )
+        _batch_of(queue, crm, account, [event], f"score {event.lead_key} alone after {result.code}")
     _rescore_later(queue, ctx.settings.fallback_rescore_s, crm, account, fallbacks)
     metrics.observe_many(ctx.redis, "scoring_latency_seconds", latencies, crm=crm)
     elapsed = time.monotonic() - started

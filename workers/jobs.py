@@ -227,11 +227,12 @@ class WorkerContext:
         unseen = self.model.unseen(frame)
         self._log_unseen(frame, shown, unseen)
         # A model live on a CRM whose leads lack its features, or spell them otherwise, ranks them flat.
+        crm = leads[0].crm  # a batch is one account's
         for name, blank in frame.isna().sum().items():
             if blank:
-                self.telemetry("model_values_missing_total", int(blank), feature=name)
+                self.telemetry("model_values_missing_total", int(blank), crm=crm, feature=name)
         for name, rows in unseen.items():
-            self.telemetry("model_values_unseen_total", int(rows.sum()), feature=name)
+            self.telemetry("model_values_unseen_total", int(rows.sum()), crm=crm, feature=name)
         results = model_scoring.score_frame(self.model, frame, shown, unseen=unseen, config=self.config)
         statuses = [lead.status for lead in leads]
         return model_scoring.capped_by_status(self.model, results, statuses, self.config)
@@ -406,8 +407,9 @@ def _salesforce(org_id: str) -> SalesforceCRM:
 def erase(store: Store, redis: Redis, crm: str, account: str, lead_ids: list[str]) -> dict[str, int]:
     """A privacy deletion's or `leadscore forget`'s work: the rows deleted per table, and the cached
     LLM answers (`llm_answers`)."""
-    deleted, fingerprints = store.erase(crm, account, lead_ids)
-    deleted["llm_answers"] = redis.delete(*map(cache_key, fingerprints)) if fingerprints else 0
+    fingerprints = store.fingerprints_of(crm, account, lead_ids)  # before the rows that name them go
+    answers = redis.delete(*map(cache_key, fingerprints)) if fingerprints else 0
+    deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
     log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)
     return deleted
 

@@ -310,27 +310,25 @@ class Store:
                 connection.execute(feedback.insert(), new)
         return len(new)
 
-    def erase(self, crm: str, account_id: str, lead_ids: list[str]) -> tuple[dict[str, int], set[str]]:
-        """Delete every row kept of these leads; the rows deleted per table, and the fingerprints their
-        scores had (the keys of their cached LLM answers). A Salesforce id matches in either form."""
-        accounts, leads = _id_forms(crm, [account_id]), _id_forms(crm, lead_ids)
-        with self.engine.begin() as connection:
-            fingerprints = set(
+    def fingerprints_of(self, crm: str, account_id: str, lead_ids: list[str]) -> set[str]:
+        """The fingerprints these leads' scores had: the keys of their cached LLM answers."""
+        with self.engine.connect() as connection:
+            return set(
                 connection.execute(
-                    select(scores.c.fingerprint).where(
-                        scores.c.crm == crm, scores.c.account_id.in_(accounts), scores.c.lead_id.in_(leads)
-                    )
+                    select(scores.c.fingerprint).where(*_leads(scores, crm, account_id, lead_ids))
                 ).scalars()
             )
-            deleted = {
+
+    def erase(self, crm: str, account_id: str, lead_ids: list[str]) -> dict[str, int]:
+        """Delete every row kept of these leads; the rows deleted per table. A Salesforce id matches
+        in either form."""
+        with self.engine.begin() as connection:
+            return {
                 table.name: connection.execute(
-                    delete(table).where(
-                        table.c.crm == crm, table.c.account_id.in_(accounts), table.c.lead_id.in_(leads)
-                    )
+                    delete(table).where(*_leads(table, crm, account_id, lead_ids))
                 ).rowcount
                 for table in (scores, outcomes, feedback)
             }
-        return deleted, fingerprints
 
     def prune(self, before: datetime) -> dict[str, int]:
         """Delete scores and feedback kept before `before`, and the outcomes of leads left with no
@@ -356,6 +354,12 @@ class Store:
                 table.name: connection.execute(select(func.count()).select_from(table)).scalar_one()
                 for table in (scores, outcomes, feedback)
             }
+
+
+def _leads(table: Table, crm: str, account_id: str, lead_ids: list[str]) -> tuple:
+    """The WHERE clauses picking these leads' rows of `table`."""
+    accounts, leads = _id_forms(crm, [account_id]), _id_forms(crm, lead_ids)
+    return table.c.crm == crm, table.c.account_id.in_(accounts), table.c.lead_id.in_(leads)
 
 
 def _id_forms(crm: str, ids: list[str]) -> list[str]:
