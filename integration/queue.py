@@ -44,7 +44,7 @@ def durability_risks(redis: Redis) -> list[str]:
     from INFO, which managed Redis services answer where they refuse CONFIG; where INFO is refused
     too, that is said instead."""
     try:
-        info = redis.info("memory") | redis.info("persistence")
+        info = redis.info("memory") | redis.info("persistence") | redis.info("server")
     except ResponseError as exc:
         return [f"its persistence and eviction settings are unknown (INFO refused: {exc})"]
     risks = []
@@ -58,7 +58,21 @@ def durability_risks(redis: Redis) -> list[str]:
     if not info.get("aof_enabled"):
         risks.append("appendonly is off: a Redis restart loses the events acknowledged since its last "
                      "snapshot; set appendonly yes")  # fmt: skip
+    if too_old := version_risk(str(info.get("redis_version", ""))):
+        risks.append(too_old)
     return risks
+
+
+def version_risk(version: str) -> str | None:
+    """A Redis without LMOVE (before 6.2), where a worker parks no job it takes (`workers.worker`)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None  # not said, or not a number: nothing to tell
+    if (major, minor) >= (6, 2):
+        return None
+    return (f"version {version} is older than 6.2: a worker killed just after taking a job off its queue "
+            "loses the job; upgrade Redis")  # fmt: skip
 
 
 def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict:

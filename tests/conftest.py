@@ -27,6 +27,7 @@ from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import get_settings, load_settings
 from workers import jobs, store
+from workers.worker import LeadscoreQueue, LeadscoreWorker
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 APP_SECRET = "test-client-secret"
@@ -209,6 +210,11 @@ def finished_jobs(redis, queue) -> list[Job]:
     return sorted(Job.fetch_many(ids, connection=redis), key=lambda job: job.ended_at)
 
 
+class InProcessWorker(SimpleWorker, LeadscoreWorker):
+    """`leadscore worker` (its queues, how it takes and files jobs, its maintenance), running each job
+    in this process, where the tests' emulators and settings are."""
+
+
 @pytest.fixture
 def run_worker(queue, redis):
     """Drain the queue (and the backfill behind it) with a real RQ worker running the real job functions."""
@@ -216,7 +222,8 @@ def run_worker(queue, redis):
     def run() -> list[dict]:
         """Each scored lead's outcome, from the score_batch jobs that finished in this run."""
         finished_before = {job.id for job in finished_jobs(redis, queue)}
-        SimpleWorker(pending.worker_queues(queue.name, redis), connection=redis).work(burst=True)
+        queues = [LeadscoreQueue(q.name, connection=redis) for q in pending.worker_queues(queue.name, redis)]
+        InProcessWorker(queues, connection=redis).work(burst=True)
         jobs = [job for job in finished_jobs(redis, queue) if job.id not in finished_before]
         return [r for job in jobs if job.func_name.endswith("score_batch") for r in job.return_value()]
 

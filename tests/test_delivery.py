@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -14,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AnyHttpUrl
 from rq import Retry, SimpleWorker
+from rq.exceptions import DequeueTimeout
 from rq.scheduler import RQScheduler
 
 from integration import metrics, pending
@@ -39,6 +42,7 @@ from tests.conftest import (
 )
 from tests.test_feedback_outcomes_holdout import table
 from workers import batch, store
+from workers.worker import LeadscoreQueue
 
 BURST = "contact.creation__demo_burst"
 VP = "74300000101"
@@ -607,6 +611,90 @@ def test_an_llm_left_unconfigured_is_not_a_reason_to_rescore(
     assert (scored["outcome"], scored["fallback"], scored["score"]) == ("written", True, 79)
     assert queue.scheduled_job_registry.count == 0
     assert llm.requests == []
+
+
+# ---- a worker SIGKILLed
+
+
+# A `leadscore worker` (workers.worker.build, as `cmd_worker` builds it) that SIGKILLs itself at one
+# instant of taking a job: `{instant}` is the worker method it dies in instead of running.
+_DYING_WORKER = """
+import os, signal, sys
+from redis import Redis
+from integration import pending
+from workers.worker import build
+redis = Redis.from_url(sys.argv[1])
+worker = build(pending.worker_queues(sys.argv[2], redis), redis, 15)
+setattr(worker, "{instant}", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+worker.work(burst=True)
+"""
+
+
+def _a_batch_taken_by_a_worker_that_dies(settings, queue, redis, instant: str):
+    with redis.pipeline(transaction=True) as pipe:
+        now = datetime.now(UTC)
+        pending.record(pipe, [LeadEvent(
+            crm="hubspot", account_id=PORTAL_ID, lead_id=VP, event_ids=("kill",), kinds=("property_change",),
+            occurred_at=now, accepted_at=now,
+        )])  # fmt: skip
+        pipe.execute()
+    job = pending.take_batch(queue, "hubspot", PORTAL_ID, 1)
+    script = _DYING_WORKER.format(instant=instant)
+    worker = subprocess.run(
+        [sys.executable, "-c", script, settings.redis_url, settings.queue_name],
+        capture_output=True, text=True, timeout=60, cwd=FIXTURES.parent,
+    )  # fmt: skip
+    assert worker.returncode == -signal.SIGKILL, worker.stderr
+    assert queue.count == 0  # the worker took it
+    return job
+
+
+def _retried_and_scored(job, queue, redis, run_worker, hubspot) -> None:
+    job.refresh()
+    assert (job.get_status(), job.retries_left) == ("scheduled", pending.BATCH_RETRY.max - 1)
+    queue.scheduled_job_registry.requeue(job)  # its retry's wait (5 s) is over
+    [result] = run_worker()
+    assert result["outcome"] == "written"
+    assert [(contact, bool(values["leadscore_score"])) for contact, values in hubspot.writes] == [(VP, True)]
+
+
+def test_a_batch_whose_worker_is_killed_before_its_work_horse_starts_is_retried(
+    settings, crm, queue, redis, run_worker, hubspot
+):
+    job = _a_batch_taken_by_a_worker_that_dies(settings, queue, redis, "fork_work_horse")
+    assert job.id in queue.started_job_registry.get_job_ids(cleanup=False)  # filed as running
+
+    queue.started_job_registry.cleanup(timestamp=time.time() + 120)  # a maintenance past its heartbeat
+
+    _retried_and_scored(job, queue, redis, run_worker, hubspot)
+
+
+def test_a_batch_whose_worker_is_killed_after_taking_it_before_filing_it_as_running_is_retried(
+    settings, crm, queue, redis, run_worker, hubspot
+):
+    job = _a_batch_taken_by_a_worker_that_dies(settings, queue, redis, "prepare_execution")
+    live = queue.intermediate_queue
+    assert live.get_job_ids() == [job.id]  # parked where maintenance looks
+
+    live.cleanup(SimpleWorker([queue], connection=redis), queue)  # a maintenance sees it first…
+    redis.set(live.get_first_seen_key(job.id), time.time() - 120)  # …and again two minutes later
+    live.cleanup(SimpleWorker([queue], connection=redis), queue)
+
+    assert live.get_job_ids() == []
+    _retried_and_scored(job, queue, redis, run_worker, hubspot)
+
+
+def test_a_waiting_worker_takes_a_job_queued_on_either_queue_and_parks_it_until_it_runs(queue, redis):
+    names = [q.name for q in pending.worker_queues(queue.name, redis)]
+    live, backfill = [LeadscoreQueue(name, connection=redis) for name in names]
+    for target in (live, backfill):
+        threading.Timer(0.2, target.enqueue, args=("builtins.len", "x")).start()  # while it waits
+
+        job, taken_from = LeadscoreQueue.dequeue_any([live, backfill], 10, connection=redis)
+
+        assert (taken_from.name, target.intermediate_queue.get_job_ids()) == (target.name, [job.id])
+    with pytest.raises(DequeueTimeout):
+        LeadscoreQueue.dequeue_any([live, backfill], 1, connection=redis)
 
 
 # ---- Redis down at the webhook

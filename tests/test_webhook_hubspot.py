@@ -16,6 +16,7 @@ from integration import metrics, pending
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
+from integration.queue import version_risk
 from integration.replay import hubspot_headers, load_delivery
 from integration.settings import load_settings
 from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, _clear_caches, framed, pending_events
@@ -495,6 +496,19 @@ def test_healthz_and_the_worker_name_redis_settings_that_can_lose_acknowledged_e
         "its persistence and eviction settings are unknown (INFO refused: this user has no permissions to "
         "run the 'info' command)"
     ])  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["6.0.16", "5.0.7"])
+def test_a_redis_older_than_6_2_is_named_a_risk_to_jobs_a_killed_worker_took(version):
+    assert version_risk(version) == (
+        f"version {version} is older than 6.2: a worker killed just after taking a job off its queue loses "
+        "the job; upgrade Redis"
+    )
+
+
+@pytest.mark.parametrize("version", ["6.2.0", "7.0.15", "", "unknown"])
+def test_a_redis_of_6_2_or_later_or_of_no_version_said_is_no_such_risk(version):
+    assert version_risk(version) is None
 
 
 def test_missing_app_secret_answers_503_with_what_to_set(settings, queue):
