@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from integration import cli, metrics
+from integration import cli, metrics, pending
 from integration.cli import main
 from integration.emulators import free_port
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
-from workers import jobs, store, store_data
+from workers import batch, jobs, store, store_data
 from workers.config import TIER_NAMES
 from workers.holdout import HOLDOUT_REASON, in_holdout
 from workers.tabular import TableError
@@ -125,6 +125,43 @@ def test_a_privacy_deletion_batched_with_other_leads_is_erased_on_its_own_and_ho
     assert len(tries) == 2 and all(args[2] == [erased] for args in tries)
 
 
+def _run_when_due(queue, job_id: str) -> None:
+    """Queue a scheduled job now, as the scheduler does when its time comes."""
+    job = queue.fetch_job(job_id)
+    queue.scheduled_job_registry.remove(job)
+    queue.enqueue_job(job)
+
+
+@pytest.mark.parametrize("erasure", ["privacy_deletion", "forget"])
+def test_a_batch_that_read_a_contact_just_before_its_erasure_keeps_nothing_of_it_after_the_second_pass(
+    erasure, env, post_delivery, crm, run_worker, hubspot, queue, redis
+):
+    """A batch in flight at the erasure (it read the contact just before) keeps rows of the contact
+    after the erasure: here, its outcome. The erasure runs again once every such batch has ended."""
+    erased = "74300000101"
+    hubspot.contacts[erased]["properties"]["lifecyclestage"] = "opportunity"
+    post_delivery("contact.creation__single")
+    pending.drain(redis, "hubspot", PORTAL_ID)
+    in_flight = pending.take_batch(queue, "hubspot", PORTAL_ID, 100)
+    queue.remove(in_flight)  # slow: it ends after the erasure
+    if erasure == "forget":
+        assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, erased]) == 0
+    else:
+        post_delivery("contact.privacyDeletion__single")
+        assert run_worker() == [{"lead": f"hubspot:{PORTAL_ID}:{erased}", "outcome": "erased"}]
+    [again] = queue.scheduled_job_registry.get_job_ids()
+    due = queue.scheduled_job_registry.get_scheduled_time(again).timestamp() - datetime.now(UTC).timestamp()
+    queue.enqueue_job(in_flight)
+    run_worker()
+    assert erased in [row["lead_id"] for row in table(env, store.outcomes)]  # kept after the erasure
+
+    _run_when_due(queue, again)
+    run_worker()
+
+    assert table(env, store.scores) == table(env, store.outcomes) == table(env, store.feedback) == []
+    assert pending.BATCH_TIMEOUT_S < batch.ERASE_AGAIN_S - 5 < due <= batch.ERASE_AGAIN_S
+
+
 def test_forget_refuses_an_id_that_is_not_one_rather_than_erase_nothing(env, capsys):
     assert main(["forget", "--crm", "salesforce", "--account", SF_ORG_ID, "00q5g00000ls001eab"]) == 2
     assert capsys.readouterr().err == (
@@ -134,7 +171,7 @@ def test_forget_refuses_an_id_that_is_not_one_rather_than_erase_nothing(env, cap
 
 
 def test_forget_erases_a_salesforce_lead_named_by_either_id_form(
-    env, post_outbound, sf_crm, run_worker, capsys
+    env, post_outbound, sf_crm, run_worker, capsys, queue
 ):
     lead = "00Q5g00000Ls001EAB"
     post_outbound("outbound_message__single")
@@ -146,8 +183,11 @@ def test_forget_erases_a_salesforce_lead_named_by_either_id_form(
     assert table(env, store.scores) == []
     assert capsys.readouterr().out == (
         f"salesforce:{SF_ORG_ID}: erased 1 scores, 0 outcomes, 0 feedback and 1 cached LLM answers of 1 "
-        "leads; delete them in the CRM too, or their next change scores them again\n"
+        "leads, and a worker erases them again in 11 minutes, after any batch already reading them; "
+        "delete them in the CRM too, or their next change scores them again\n"
     )
+    [again] = queue.scheduled_job_registry.get_job_ids()
+    assert queue.fetch_job(again).args == ("salesforce", SF_ORG_ID, [lead[:15]])
 
 
 @EACH_STORE

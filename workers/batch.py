@@ -33,6 +33,7 @@ MAX_FALLBACK_RESCORES = 5  # at the default FALLBACK_RESCORE_S: after 5, 10, 20,
 OUTAGE_FIRST_WAIT_S = 30
 OUTAGE_MAX_WAIT_S = 3600
 OUTAGE_GIVE_UP_S = 48 * 3600
+ERASE_AGAIN_S = pending.BATCH_TIMEOUT_S + 60
 OUTAGE_META = "crm_unavailable"  # job meta: {"since": when the batch first failed, "waits": put-offs}
 
 
@@ -86,6 +87,26 @@ def _batch_of(queue: Queue, crm: str, account: str, events: list[LeadEvent], des
             )
         ]
     )
+
+
+def erase_again_later(queue: Queue, crm: str, account: str, lead_ids: list[str]) -> None:
+    """Erase these leads once more when every batch in flight at the erasure has ended (its job has
+    timed out at the latest): one that read a lead just before it was erased keeps rows of it after."""
+    pending.live_queue(queue).enqueue_in(
+        timedelta(seconds=ERASE_AGAIN_S),
+        erase_again,
+        crm,
+        account,
+        lead_ids,
+        job_timeout=pending.BATCH_TIMEOUT_S,
+        retry=pending.BATCH_RETRY,
+        failure_ttl=pending.FAILED_KEPT_S,
+        description=f"erase again {len(lead_ids)} leads of {crm}:{account}",
+    )
+
+
+def erase_again(crm: str, account: str, lead_ids: list[str]) -> dict[str, int]:
+    return context().erase(crm, account, lead_ids)
 
 
 def sweep(queue: Queue) -> int:
@@ -164,7 +185,9 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         _batch_of(_queue(), crm, account, erasures, f"erase {len(erasures)} leads of {crm}:{account}")
         split_off = erasures  # no score, and a failed erasure is retried alone
     elif erasures:
-        ctx.erase(crm, account, [event.lead_id for event in erasures])  # a failure fails the job: owed
+        erased_ids = [event.lead_id for event in erasures]
+        ctx.erase(crm, account, erased_ids)  # a failure fails the job: owed
+        erase_again_later(_queue(), crm, account, erased_ids)
         erased = erasures
     lead_events = [event for event in lead_events if ERASE not in event.kinds]
     deal_events = [event for event in lead_events if deal_of(event.lead_id)]
