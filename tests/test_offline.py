@@ -135,6 +135,35 @@ def test_monotone_is_reported_as_not_enforced_when_the_logistic_regression_wins(
     )
 
 
+def test_a_categorical_column_like_an_email_is_left_out_of_the_model_and_named(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    won = (rng.random(300) < 1 / (1 + np.exp(-2 * x))).astype(int)
+    frame = pd.DataFrame({"id": range(300), "x": x.round(3), "won": won,
+                          "email": [f"lead{i}@example.com" for i in range(300)],
+                          "plan": rng.choice(["free", "team", "enterprise"], size=300)})  # fmt: skip
+    data = _write(tmp_path, frame)
+    mapping = tmp_path / "emails.toml"
+    mapping.write_text('id = "id"\nlabel = "won"\n[custom]\nx = { column = "x", kind = "numeric" }\n'
+                       'email = { column = "email" }\nplan = { column = "plan" }\n')  # fmt: skip
+
+    assert _train(tmp_path, data, mapping) == 0
+
+    saved = (tmp_path / "m" / "model.json").read_text()
+    assert [f["name"] for f in json.loads(saved)["features"]] == ["x", "plan"] and "@example.com" not in saved
+    assert capsys.readouterr().err.startswith(
+        "warning: not learned from: email (300 values in 300 leads), nearly one value a lead, like an id, an "
+        "email or a name: a model learns nothing from it that carries to a new lead, and model.json would "
+        "keep every value\n"
+    )
+    only_emails = tmp_path / "only.toml"
+    only_emails.write_text('id = "id"\nlabel = "won"\n[custom]\nemail = { column = "email" }\n')
+    assert _train(tmp_path / "again", data, only_emails) == 2
+    assert capsys.readouterr().err.endswith(
+        "every feature is like an id, an email or a name: map columns that many leads share values of\n"
+    )
+
+
 def test_a_saved_model_predicts_exactly_as_the_one_trained(tmp_path):
     table = offline.load_table(DATA, MAPPING, None, need_label=True)
     fresh = offline.train_from_file(DATA, MAPPING, None, tmp_path / "m")

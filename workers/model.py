@@ -107,6 +107,25 @@ def _signed_log1p(x):
 CANDIDATES = {"logistic_regression": _logistic_regression, "lightgbm": _lightgbm}
 
 
+# A categorical feature with nearly a value of its own a lead (an id, an email, a name) teaches a model
+# nothing that carries to a new lead, and model.json would keep every one of its values.
+IDENTIFIER_SHARE = 0.9
+IDENTIFIER_MIN_VALUES = 50
+
+
+def identifier_like(frame: pd.DataFrame, kinds: dict[str, Kind]) -> dict[str, tuple[int, int]]:
+    """Categorical features most leads have a value of their own for: (distinct values, leads with one)."""
+    found = {}
+    for name, kind in kinds.items():
+        if kind != "categorical" or name not in frame.columns:
+            continue
+        values = frame[name].dropna().astype(str)
+        distinct = values.nunique()
+        if distinct >= IDENTIFIER_MIN_VALUES and distinct > IDENTIFIER_SHARE * len(values):
+            found[name] = (distinct, len(values))
+    return found
+
+
 def categories_of(frame: pd.DataFrame, kinds: dict[str, Kind]) -> dict[str, list[str]]:
     return {
         name: sorted(frame[name].dropna().astype(str).unique().tolist())

@@ -24,7 +24,7 @@ from workers import model_scoring, tabular
 from workers.blend import ScoreResult, blend_score
 from workers.config import TIER_NAMES, ScoringConfig, Tiers
 from workers.evaluation import POINTS, PROBABILITY, classification_metrics, cumulative_gains, tier_table
-from workers.model import TrainedModel, lead_digests, require_folds, train
+from workers.model import TrainedModel, identifier_like, lead_digests, require_folds, train
 from workers.progress import progress
 from workers.propensity import fallback
 from workers.rules import evaluate_rules
@@ -66,9 +66,9 @@ def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path
     started = time.perf_counter()
     table = load_table(data, mapping_path, label, need_label=True)
     require_folds(table.y, f"(label {table.mapping.label!r})", "; add labelled rows")
-    kinds = table.mapping.feature_kinds()
+    features, kinds = _without_identifiers(table.features, table.mapping.feature_kinds())
     trained = train(
-        table.features, table.y, kinds, source=table.source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
+        features, table.y, kinds, source=table.source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
         progress=progress("cross-validating"), monotone=table.mapping.monotone_for(kinds),
     )  # fmt: skip
     trained.trained_on = lead_digests(table.frame[table.mapping.id])
@@ -99,11 +99,27 @@ def train_from_store(
               "read a [custom] property only while a model that names it is live, so none was kept "
               "yet")  # fmt: skip
     source = {"store": redacted(store.url), **rows.window}
-    trained = train(rows.frame, rows.labels, rows.kinds, source=source,
+    features, kinds = _without_identifiers(rows.frame, rows.kinds)
+    trained = train(features, rows.labels, kinds, source=source,
                     tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS, progress=progress("cross-validating"),
-                    monotone=mapping.monotone_for(rows.kinds) if mapping else None)  # fmt: skip
+                    monotone=mapping.monotone_for(kinds) if mapping else None)  # fmt: skip
     trained.trained_on = lead_digests(rows.leads)
     return _finish(trained, mapping, out, started)
+
+
+def _without_identifiers(features: pd.DataFrame, kinds: dict) -> tuple[pd.DataFrame, dict]:
+    """The features without those like an id, an email or a name (`model.identifier_like`), named."""
+    like_ids = identifier_like(features, kinds)
+    if like_ids:
+        named = ", ".join(f"{name} ({n:,} values in {rows:,} leads)" for name, (n, rows) in like_ids.items())
+        _warn(f"not learned from: {named}, nearly one value a lead, like an id, an email or a name: a model "
+              "learns nothing from it that carries to a new lead, and model.json would keep every "
+              "value")  # fmt: skip
+    kept = {name: kind for name, kind in kinds.items() if name not in like_ids}
+    if not kept:
+        raise TableError("every feature is like an id, an email or a name: map columns that many leads share "
+                         "values of")  # fmt: skip
+    return features.drop(columns=list(like_ids)), kept
 
 
 def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, started: float):
