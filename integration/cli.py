@@ -287,7 +287,6 @@ def cmd_rescore(args) -> int:
 def cmd_forget(args) -> int:
     """Erase leads on request (GDPR, CCPA): HubSpot's privacy deletions are erased as they come."""
     from integration.salesforce import is_org_id, is_record_id
-    from workers.batch import ERASE_AGAIN_S, erase_again_later
     from workers.jobs import erase
     from workers.store import Store
 
@@ -302,16 +301,17 @@ def cmd_forget(args) -> int:
             f"not a {args.crm} id: {', '.join(refused)} (check its case and length); nothing erased"
         )
     settings = get_settings()
-    queue = _queue()
     deleted = erase(
-        Store(settings.database_url).require_schema(), queue.connection, args.crm, args.account, args.lead_ids
+        Store(settings.database_url).require_schema(),
+        _queue().connection,
+        args.crm,
+        args.account,
+        args.lead_ids,
     )
-    erase_again_later(queue, args.crm, args.account, args.lead_ids)
     print(f"{args.crm}:{args.account}: erased {deleted['scores']} scores, {deleted['outcomes']} outcomes, "
           f"{deleted['feedback']} feedback and {deleted['llm_answers']} cached LLM answers of "
-          f"{len(args.lead_ids)} leads, and a worker erases them again in {ERASE_AGAIN_S // 60} minutes, "
-          "after any batch already reading them; delete them in the CRM too, or their next change scores "
-          "them again")  # fmt: skip
+          f"{len(args.lead_ids)} leads; delete them in the CRM too, or their next change scores them "
+          "again")  # fmt: skip
     return 0
 
 

@@ -630,7 +630,7 @@ worker.work(burst=True)
 """
 
 
-def _a_batch_taken_by_a_worker_that_dies(settings, queue, redis, instant: str):
+def _a_batch_taken_by_a_worker_that_dies(settings, queue, redis, instant: str, seen_parked_at=None):
     with redis.pipeline(transaction=True) as pipe:
         now = datetime.now(UTC)
         pending.record(pipe, [LeadEvent(
@@ -639,6 +639,8 @@ def _a_batch_taken_by_a_worker_that_dies(settings, queue, redis, instant: str):
         )])  # fmt: skip
         pipe.execute()
     job = pending.take_batch(queue, "hubspot", PORTAL_ID, 1)
+    if seen_parked_at:  # RQ's maintenance once saw this job id parked (a retried job keeps its id)
+        redis.set(queue.intermediate_queue.get_first_seen_key(job.id), seen_parked_at)
     script = _DYING_WORKER.format(instant=instant)
     worker = subprocess.run(
         [sys.executable, "-c", script, settings.redis_url, settings.queue_name],
@@ -661,8 +663,12 @@ def _retried_and_scored(job, queue, redis, run_worker, hubspot) -> None:
 def test_a_batch_whose_worker_is_killed_before_its_work_horse_starts_is_retried(
     settings, crm, queue, redis, run_worker, hubspot
 ):
-    job = _a_batch_taken_by_a_worker_that_dies(settings, queue, redis, "fork_work_horse")
-    assert job.id in queue.started_job_registry.get_job_ids(cleanup=False)  # filed as running
+    job = _a_batch_taken_by_a_worker_that_dies(
+        settings, queue, redis, "fork_work_horse", seen_parked_at=time.time() - 3600
+    )
+    assert job.id in queue.started_job_registry.get_job_ids(cleanup=False)  # filed as running…
+    assert queue.intermediate_queue.get_job_ids() == []  # …and so no longer parked…
+    assert not redis.exists(queue.intermediate_queue.get_first_seen_key(job.id))  # …nor seen parked
 
     queue.started_job_registry.cleanup(timestamp=time.time() + 120)  # a maintenance past its heartbeat
 

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from integration import cli, metrics, pending
+from integration import cli, metrics
 from integration.cli import main
 from integration.emulators import free_port
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
-from workers import batch, jobs, store, store_data
+from workers import jobs, store, store_data
 from workers.config import TIER_NAMES
 from workers.holdout import HOLDOUT_REASON, in_holdout
 from workers.tabular import TableError
@@ -125,41 +125,48 @@ def test_a_privacy_deletion_batched_with_other_leads_is_erased_on_its_own_and_ho
     assert len(tries) == 2 and all(args[2] == [erased] for args in tries)
 
 
-def _run_when_due(queue, job_id: str) -> None:
-    """Queue a scheduled job now, as the scheduler does when its time comes."""
-    job = queue.fetch_job(job_id)
-    queue.scheduled_job_registry.remove(job)
-    queue.enqueue_job(job)
-
-
-@pytest.mark.parametrize("erasure", ["privacy_deletion", "forget"])
-def test_a_batch_that_read_a_contact_just_before_its_erasure_keeps_nothing_of_it_after_the_second_pass(
-    erasure, env, post_delivery, crm, run_worker, hubspot, queue, redis
+@pytest.mark.parametrize("moment", ["score", "keep"])
+def test_a_lead_erased_while_a_batch_holds_it_leaves_no_row_and_no_cached_llm_answer(
+    moment, env, post_delivery, crm, run_worker, hubspot, redis, monkeypatch
 ):
-    """A batch in flight at the erasure (it read the contact just before) keeps rows of the contact
-    after the erasure: here, its outcome. The erasure runs again once every such batch has ended."""
+    """An erasure (here `leadscore forget`; a privacy deletion's job erases alike) lands after a batch
+    read the lead: while the batch scores it (asking the LLM), or while it keeps its rows."""
     erased = "74300000101"
-    hubspot.contacts[erased]["properties"]["lifecyclestage"] = "opportunity"
-    post_delivery("contact.creation__single")
-    pending.drain(redis, "hubspot", PORTAL_ID)
-    in_flight = pending.take_batch(queue, "hubspot", PORTAL_ID, 100)
-    queue.remove(in_flight)  # slow: it ends after the erasure
-    if erasure == "forget":
+    hubspot.contacts[erased]["properties"]["leadscore_feedback"] = "too_high"
+    real = getattr(jobs.WorkerContext, moment)
+
+    def erased_meanwhile(self, *args):
         assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, erased]) == 0
-    else:
-        post_delivery("contact.privacyDeletion__single")
-        assert run_worker() == [{"lead": f"hubspot:{PORTAL_ID}:{erased}", "outcome": "erased"}]
-    [again] = queue.scheduled_job_registry.get_job_ids()
-    due = queue.scheduled_job_registry.get_scheduled_time(again).timestamp() - datetime.now(UTC).timestamp()
-    queue.enqueue_job(in_flight)
-    run_worker()
-    assert erased in [row["lead_id"] for row in table(env, store.outcomes)]  # kept after the erasure
+        return real(self, *args)
 
-    _run_when_due(queue, again)
-    run_worker()
+    monkeypatch.setattr(jobs.WorkerContext, moment, erased_meanwhile)
+    post_delivery("contact.creation__single")
 
-    assert table(env, store.scores) == table(env, store.outcomes) == table(env, store.feedback) == []
-    assert pending.BATCH_TIMEOUT_S < batch.ERASE_AGAIN_S - 5 < due <= batch.ERASE_AGAIN_S
+    [result] = run_worker()
+
+    assert result["outcome"] == {"score": "erased", "keep": "written"}[moment]  # "keep": the CRM has it
+    assert table(env, store.scores) == table(env, store.feedback) == []
+    assert redis.keys("leadscore:llm:*") == []
+
+
+def test_a_lead_forgotten_before_a_batch_reads_it_is_scored_and_kept_again(
+    env, post_delivery, crm, run_worker, hubspot, capsys
+):
+    """`forget` erases what is kept now; the lead, still in the CRM, is scored again at its next change."""
+    lead = "74300000101"
+    post_delivery("contact.creation__single")
+    run_worker()
+    assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, lead]) == 0
+    assert table(env, store.scores) == []
+    later = [{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0], "objectId": int(lead),
+              "eventId": 9_100_001, "propertyValue": "OPEN"}]  # fmt: skip
+    hubspot.apply_changes(later)
+    post_delivery(json.dumps(later).encode())
+
+    [result] = run_worker()
+
+    assert result["outcome"] == "written"
+    assert [row["lead_id"] for row in table(env, store.scores)] == [lead]
 
 
 def test_forget_refuses_an_id_that_is_not_one_rather_than_erase_nothing(env, capsys):
@@ -171,7 +178,7 @@ def test_forget_refuses_an_id_that_is_not_one_rather_than_erase_nothing(env, cap
 
 
 def test_forget_erases_a_salesforce_lead_named_by_either_id_form(
-    env, post_outbound, sf_crm, run_worker, capsys, queue
+    env, post_outbound, sf_crm, run_worker, capsys
 ):
     lead = "00Q5g00000Ls001EAB"
     post_outbound("outbound_message__single")
@@ -183,11 +190,8 @@ def test_forget_erases_a_salesforce_lead_named_by_either_id_form(
     assert table(env, store.scores) == []
     assert capsys.readouterr().out == (
         f"salesforce:{SF_ORG_ID}: erased 1 scores, 0 outcomes, 0 feedback and 1 cached LLM answers of 1 "
-        "leads, and a worker erases them again in 11 minutes, after any batch already reading them; "
-        "delete them in the CRM too, or their next change scores them again\n"
+        "leads; delete them in the CRM too, or their next change scores them again\n"
     )
-    [again] = queue.scheduled_job_registry.get_job_ids()
-    assert queue.fetch_job(again).args == ("salesforce", SF_ORG_ID, [lead[:15]])
 
 
 @EACH_STORE

@@ -18,7 +18,7 @@ from rq import Queue, get_current_job
 from integration import metrics, pending
 from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected
 from integration.events import ERASE, RESCORE, LeadEvent, deal_of, dump_events, parse_events
-from workers.jobs import context, outcome
+from workers.jobs import context, erased_since, outcome, redis_now
 from workers.store import LeadFact
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ MAX_FALLBACK_RESCORES = 5  # at the default FALLBACK_RESCORE_S: after 5, 10, 20,
 OUTAGE_FIRST_WAIT_S = 30
 OUTAGE_MAX_WAIT_S = 3600
 OUTAGE_GIVE_UP_S = 48 * 3600
-ERASE_AGAIN_S = pending.BATCH_TIMEOUT_S + 60
 OUTAGE_META = "crm_unavailable"  # job meta: {"since": when the batch first failed, "waits": put-offs}
 
 
@@ -87,26 +86,6 @@ def _batch_of(queue: Queue, crm: str, account: str, events: list[LeadEvent], des
             )
         ]
     )
-
-
-def erase_again_later(queue: Queue, crm: str, account: str, lead_ids: list[str]) -> None:
-    """Erase these leads once more when every batch in flight at the erasure has ended (its job has
-    timed out at the latest): one that read a lead just before it was erased keeps rows of it after."""
-    pending.live_queue(queue).enqueue_in(
-        timedelta(seconds=ERASE_AGAIN_S),
-        erase_again,
-        crm,
-        account,
-        lead_ids,
-        job_timeout=pending.BATCH_TIMEOUT_S,
-        retry=pending.BATCH_RETRY,
-        failure_ttl=pending.FAILED_KEPT_S,
-        description=f"erase again {len(lead_ids)} leads of {crm}:{account}",
-    )
-
-
-def erase_again(crm: str, account: str, lead_ids: list[str]) -> dict[str, int]:
-    return context().erase(crm, account, lead_ids)
 
 
 def sweep(queue: Queue) -> int:
@@ -185,31 +164,33 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         _batch_of(_queue(), crm, account, erasures, f"erase {len(erasures)} leads of {crm}:{account}")
         split_off = erasures  # no score, and a failed erasure is retried alone
     elif erasures:
-        erased_ids = [event.lead_id for event in erasures]
-        ctx.erase(crm, account, erased_ids)  # a failure fails the job: owed
-        erase_again_later(_queue(), crm, account, erased_ids)
+        ctx.erase(crm, account, [event.lead_id for event in erasures])  # a failure fails the job: owed
         erased = erasures
     lead_events = [event for event in lead_events if ERASE not in event.kinds]
     deal_events = [event for event in lead_events if deal_of(event.lead_id)]
     if deal_events:
         lead_events = [event for event in lead_events if not deal_of(event.lead_id)]
+    read_at = redis_now(ctx.redis)  # a lead erased after this, the batch keeps nothing of
     won, deal_results = _won_deals(adapter, crm, deal_events)
     by_id = {event.lead_id: event for event in lead_events}
     leads = adapter.read_leads(list(by_id))  # keyed by the ids asked for
     closed = {i: lead for i, lead in leads.items() if lead.read_only}  # converted: an outcome, no score
     open_leads = {i: lead for i, lead in leads.items() if i not in closed}
     scored = dict(zip(open_leads, ctx.score(list(open_leads.values())), strict=True))
+    gone = erased_since(ctx.redis, crm, account, [*leads, *(fact.lead_id for fact in won)], read_at)
+    won = [fact for fact in won if fact.lead_id not in gone]
     superseded = _superseded(ctx, crm, account, [by_id[i] for i, s in scored.items() if s.fields is not None])
     to_write = [
-        (s.lead.lead_id, s.fields) for i, s in scored.items() if s.fields is not None and i not in superseded
+        (s.lead.lead_id, s.fields)
+        for i, s in scored.items()
+        if s.fields is not None and i not in superseded and i not in gone
     ]
     try:
         written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
     except (RateLimited, CRMError) as exc:  # put off or retried: the scores already written are kept
         done = set(exc.written)  # now, since they will read as unchanged when the batch runs again
-        ctx.keep(
-            [s for i, s in scored.items() if i in done], [lead for i, lead in leads.items() if i in done]
-        )
+        _keep(ctx, crm, account, read_at, scored, [s for i, s in scored.items() if i in done],
+              [lead for i, lead in leads.items() if i in done])  # fmt: skip
         raise
 
     results, failed, fallbacks, latencies, kept = [], [], [], [], []
@@ -222,6 +203,9 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             continue
         if s is None:
             results.append(outcome(key, "lead_gone"))
+            continue
+        if lead_id in gone:
+            results.append(outcome(key, "erased"))  # since it was read
             continue
         if lead_id in superseded:
             results.append(outcome(key, "superseded", s))  # a newer event's batch writes this lead
@@ -251,7 +235,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     refused = {event.lead_id for event, _ in failed}  # the rest are settled, whoever queued them
     settled = [e.lead_id for e in lead_events + erased if e.lead_id not in refused]
     pending.backfilled(ctx.redis, crm, account, settled)
-    ctx.keep(kept, list(leads.values()), won)
+    _keep(ctx, crm, account, read_at, scored, kept, [lead for i, lead in leads.items() if i not in gone], won)
     queue = _queue()
     if failed and len(lead_events) == 1 and not deal_events:
         _fail_alone(failed[0][1], crm)
@@ -294,6 +278,17 @@ def _won_deals(adapter, crm: str, deal_events: list[LeadEvent]) -> tuple[list[Le
         facts += [LeadFact(crm, adapter.account_id, lead, "won", closed_at) for lead in leads]
         results.append({**outcome(event.lead_key, "deal_won"), "leads": leads})
     return facts, results
+
+
+def _keep(ctx, crm: str, account: str, read_at: float, scored: dict, kept: list, leads: list, won=()) -> None:
+    """Keep what the batch wrote and read, then look again: of a lead erased since the batch read it,
+    before or while this kept, the rows and the LLM answer cached for its score are erased again."""
+    ctx.keep(kept, leads, won)
+    read = {*scored, *(lead.lead_id for lead in leads), *(fact.lead_id for fact in won)}
+    traces = erased_since(ctx.redis, crm, account, sorted(read), read_at)
+    if traces:
+        answered = [scored[i].result for i in traces if i in scored and scored[i].result]
+        ctx.erase(crm, account, sorted(traces), [result.details["fingerprint"] for result in answered])
 
 
 def _superseded(ctx, crm: str, account: str, events: list[LeadEvent]) -> set[str]:
@@ -340,6 +335,7 @@ def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, eve
             crm,
             account,
             batch,
+            retry=pending.BATCH_RETRY,
             failure_ttl=pending.FAILED_KEPT_S,
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -129,10 +130,12 @@ class WorkerContext:
                 log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
                 self.telemetry("store_errors_total")
 
-    def erase(self, crm: str, account: str, lead_ids: list[str]) -> dict[str, int]:
+    def erase(
+        self, crm: str, account: str, lead_ids: list[str], fingerprints: Iterable[str] = ()
+    ) -> dict[str, int]:
         """Erase what leadscore keeps of these leads: their rows in the store and their cached LLM
         answers. Unlike `keep`, a failure fails the batch, so RQ retries it: an erasure is owed."""
-        return erase(self.store, self.redis, crm, account, lead_ids)
+        return erase(self.store, self.redis, crm, account, lead_ids, fingerprints)
 
     def telemetry(self, name: str, amount: float = 1, **labels: str) -> None:
         if self.tally is None:
@@ -404,10 +407,41 @@ def _salesforce(org_id: str) -> SalesforceCRM:
     )
 
 
-def erase(store: Store, redis: Redis, crm: str, account: str, lead_ids: list[str]) -> dict[str, int]:
+def erased_key(crm: str, account: str) -> str:
+    """lead id → when it was last erased: a batch that read the lead before then keeps nothing of it."""
+    return f"leadscore:erased:{crm}:{account}"
+
+
+ERASED_MARK_S = 24 * 3600  # far past any batch's run (pending.BATCH_TIMEOUT_S), which reads as it starts
+
+
+def redis_now(redis: Redis) -> float:
+    """Redis's clock, which every host shares, where the hosts' own clocks may disagree."""
+    seconds, microseconds = redis.time()
+    return seconds + microseconds / 1e6
+
+
+def erased_since(redis: Redis, crm: str, account: str, lead_ids: list[str], since: float) -> set[str]:
+    """Those of these leads erased at or after `since` (`redis_now`)."""
+    if not lead_ids:
+        return set()
+    at = redis.zmscore(erased_key(crm, account), lead_ids)
+    return {lead_id for lead_id, when in zip(lead_ids, at, strict=True) if when is not None and when >= since}
+
+
+def erase(
+    store: Store, redis: Redis, crm: str, account: str, lead_ids: list[str], fingerprints: Iterable[str] = ()
+) -> dict[str, int]:
     """A privacy deletion's or `leadscore forget`'s work: the rows deleted per table, and the cached
-    LLM answers (`llm_answers`)."""
-    fingerprints = store.fingerprints_of(crm, account, lead_ids)  # before the rows that name them go
+    LLM answers (`llm_answers`), those of `fingerprints` too. Marked erased first, so a batch that
+    read a lead before sees the mark once it has kept its own rows, and erases them again."""
+    now = redis_now(redis)
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.zadd(erased_key(crm, account), dict.fromkeys(lead_ids, now))
+        pipe.zremrangebyscore(erased_key(crm, account), 0, now - ERASED_MARK_S)
+        pipe.expire(erased_key(crm, account), ERASED_MARK_S)
+        pipe.execute()
+    fingerprints = {*fingerprints, *store.fingerprints_of(crm, account, lead_ids)}  # before their rows go
     answers = redis.delete(*map(cache_key, fingerprints)) if fingerprints else 0
     deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
     log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)

@@ -68,20 +68,24 @@ def _take(queues: list[Queue], deadline: float | None, connection: Redis) -> tup
 
 
 class LeadscoreWorker(Worker):
-    """An RQ worker whose maintenance also finds pending leads whose collector was lost."""
+    """An RQ worker that loses no job it took to a SIGKILL (above), and whose maintenance also finds
+    pending leads whose collector was lost."""
 
     queue_class = LeadscoreQueue
 
     def prepare_execution(self, job: Job) -> Execution:
-        """File the job as running, mark it started and take it off the intermediate list in one
-        transaction, before the fork (RQ's `prepare_execution`, and the work horse's marking)."""
+        """File the job as running, mark it started and take it off the intermediate list (with the
+        time maintenance first saw it there) in one transaction, before the fork (RQ's
+        `prepare_execution`, and the work horse's marking)."""
         with self.connection.pipeline() as pipeline:
             ttl = self.get_heartbeat_ttl(job)
             execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
             self.executions[execution.id] = execution
             self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
             job.prepare_for_execution(self.name, pipeline=pipeline)
-            pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            parked = Queue(job.origin, connection=self.connection).intermediate_queue
+            pipeline.lrem(parked.key, 1, job.id)
+            pipeline.delete(parked.get_first_seen_key(job.id))  # else a retry could look stuck at once
             pipeline.execute()
         return execution
 
