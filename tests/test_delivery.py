@@ -703,6 +703,19 @@ def test_a_waiting_worker_takes_a_job_queued_on_either_queue_and_parks_it_until_
         LeadscoreQueue.dequeue_any([live, backfill], 1, connection=redis)
 
 
+def test_on_a_redis_without_lmove_a_worker_takes_jobs_as_rq_does_live_queue_first(queue, redis):
+    names = [q.name for q in pending.worker_queues(queue.name, redis)]
+    live, backfill = [LeadscoreQueue(name, connection=redis) for name in names]
+    setattr(redis, "__rq_redis_server_version", (6, 0, 16))  # where RQ keeps what INFO said
+    backfill.enqueue("builtins.len", "x")
+    first = live.enqueue("builtins.len", "x")
+
+    job, taken_from = LeadscoreQueue.dequeue_any([live, backfill], 10, connection=redis)
+
+    assert (job.id, taken_from.name) == (first.id, live.name)
+    assert live.intermediate_queue.get_job_ids() == []  # BLPOP parks nothing
+
+
 # ---- Redis down at the webhook
 
 
