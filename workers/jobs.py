@@ -407,12 +407,12 @@ def _salesforce(org_id: str) -> SalesforceCRM:
     )
 
 
+ERASED_MARK_S = 24 * 3600  # far past any batch's run (pending.BATCH_TIMEOUT_S), which reads as it starts
+
+
 def erased_key(crm: str, account: str) -> str:
     """lead id → when it was last erased: a batch that read the lead before then keeps nothing of it."""
     return f"leadscore:erased:{crm}:{account}"
-
-
-ERASED_MARK_S = 24 * 3600  # far past any batch's run (pending.BATCH_TIMEOUT_S), which reads as it starts
 
 
 def redis_now(redis: Redis) -> float:
