@@ -169,6 +169,15 @@ def test_a_lead_forgotten_before_a_batch_reads_it_is_scored_and_kept_again(
     assert [row["lead_id"] for row in table(env, store.scores)] == [lead]
 
 
+def test_a_salesforce_lead_forgotten_by_its_15_character_ids_is_marked_erased_as_batches_read_it(
+    env, redis, capsys
+):
+    lead = "00Q5g00000Ls001EAB"
+    assert main(["forget", "--crm", "salesforce", "--account", SF_ORG_ID[:15], lead[:15]]) == 0
+
+    assert jobs.erased_since(redis, "salesforce", SF_ORG_ID, [lead], 0) == {lead}
+
+
 def test_forget_refuses_an_id_that_is_not_one_rather_than_erase_nothing(env, capsys):
     assert main(["forget", "--crm", "salesforce", "--account", SF_ORG_ID, "00q5g00000ls001eab"]) == 2
     assert capsys.readouterr().err == (

@@ -28,6 +28,7 @@ from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM, shared_limiter
 from integration.lead import Lead
 from integration.queue import redis_from_url
+from integration.salesforce import full_id
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings, SettingsError, get_settings
 from workers import model_scoring, tabular
@@ -436,10 +437,12 @@ def erase(
     LLM answers (`llm_answers`), those of `fingerprints` too. Marked erased first, so a batch that
     read a lead before sees the mark once it has kept its own rows, and erases them again."""
     now = redis_now(redis)
+    marks = erased_key(crm, full_id(account) if crm == "salesforce" else account)  # keyed as batches read
+    marked = [full_id(i) for i in lead_ids] if crm == "salesforce" else lead_ids
     with redis.pipeline(transaction=True) as pipe:
-        pipe.zadd(erased_key(crm, account), dict.fromkeys(lead_ids, now))
-        pipe.zremrangebyscore(erased_key(crm, account), 0, now - ERASED_MARK_S)
-        pipe.expire(erased_key(crm, account), ERASED_MARK_S)
+        pipe.zadd(marks, dict.fromkeys(marked, now))
+        pipe.zremrangebyscore(marks, 0, now - ERASED_MARK_S)
+        pipe.expire(marks, ERASED_MARK_S)
         pipe.execute()
     fingerprints = {*fingerprints, *store.fingerprints_of(crm, account, lead_ids)}  # before their rows go
     answers = redis.delete(*map(cache_key, fingerprints)) if fingerprints else 0
