@@ -133,10 +133,12 @@ def test_a_lead_erased_while_a_batch_holds_it_leaves_no_row_and_no_cached_llm_an
     read the lead: while the batch scores it (asking the LLM), or while it keeps its rows."""
     erased = "74300000101"
     hubspot.contacts[erased]["properties"]["leadscore_feedback"] = "too_high"
-    real = getattr(jobs.WorkerContext, moment)
+    real, marked = getattr(jobs.WorkerContext, moment), []
 
     def erased_meanwhile(self, *args):
-        assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, erased]) == 0
+        if not marked:
+            assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, erased]) == 0
+            marked.append(redis.zscore(jobs.erased_key("hubspot", PORTAL_ID), erased))
         return real(self, *args)
 
     monkeypatch.setattr(jobs.WorkerContext, moment, erased_meanwhile)
@@ -146,7 +148,39 @@ def test_a_lead_erased_while_a_batch_holds_it_leaves_no_row_and_no_cached_llm_an
 
     assert result["outcome"] == {"score": "erased", "keep": "written"}[moment]  # "keep": the CRM has it
     assert table(env, store.scores) == table(env, store.feedback) == []
-    assert redis.keys("leadscore:llm:*") == []
+    assert redis.keys("leadscore:llm*") == []
+    # erased again, not marked again: a batch that read the lead after the erasure keeps it
+    assert redis.zscore(jobs.erased_key("hubspot", PORTAL_ID), erased) == marked[0]
+
+
+def test_an_llm_answer_cached_for_a_score_never_kept_is_erased_with_its_lead(
+    env, post_delivery, crm, run_worker, hubspot, redis, capsys
+):
+    erased = "74300000101"
+    hubspot.reject[erased] = "Blocked by a validation rule"
+    post_delivery("contact.creation__single")
+    run_worker()  # refused: no score kept, but the LLM's answer is cached
+    assert table(env, store.scores) == [] and redis.keys("leadscore:llm:*")
+
+    assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, erased]) == 0
+
+    assert redis.keys("leadscore:llm*") == []
+
+
+def test_outcomes_sync_keeps_no_outcome_of_a_lead_erased_while_it_read(env, crm, monkeypatch):
+    kept_score(env, "hubspot", PORTAL_ID)
+    erased = "74300000120"  # a customer
+    real = store.Store.record_outcomes
+
+    def erased_meanwhile(self, facts, source):
+        assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, erased]) == 0
+        return real(self, facts, source)
+
+    monkeypatch.setattr(store.Store, "record_outcomes", erased_meanwhile)
+
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+
+    assert [lead for _, _, lead, _, _ in stored_outcomes(env)] == ["74300000121"]
 
 
 def test_a_lead_forgotten_before_a_batch_reads_it_is_scored_and_kept_again(

@@ -235,7 +235,11 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     refused = {event.lead_id for event, _ in failed}  # the rest are settled, whoever queued them
     settled = [e.lead_id for e in lead_events + erased if e.lead_id not in refused]
     pending.backfilled(ctx.redis, crm, account, settled)
-    _keep(ctx, crm, account, read_at, scored, kept, [lead for i, lead in leads.items() if i not in gone], won)
+    erased_late = _keep(
+        ctx, crm, account, read_at, scored, kept, [lead for i, lead in leads.items() if i not in gone], won
+    )
+    failed = [(event, result) for event, result in failed if event.lead_id not in erased_late]
+    fallbacks = [event for event in fallbacks if event.lead_id not in erased_late]
     queue = _queue()
     if failed and len(lead_events) == 1 and not deal_events:
         _fail_alone(failed[0][1], crm)
@@ -280,15 +284,17 @@ def _won_deals(adapter, crm: str, deal_events: list[LeadEvent]) -> tuple[list[Le
     return facts, results
 
 
-def _keep(ctx, crm: str, account: str, read_at: float, scored: dict, kept: list, leads: list, won=()) -> None:
-    """Keep what the batch wrote and read, then look again: of a lead erased since the batch read it,
-    before or while this kept, the rows and the LLM answer cached for its score are erased again."""
+def _keep(
+    ctx, crm: str, account: str, read_at: float, scored: dict, kept: list, leads: list, won=()
+) -> set[str]:
+    """Keep what the batch wrote and read, then look again: a lead erased since the batch read it,
+    before or while this kept, has its rows and cached LLM answers erased again. Returns those leads."""
     ctx.keep(kept, leads, won)
     read = {*scored, *(lead.lead_id for lead in leads), *(fact.lead_id for fact in won)}
     traces = erased_since(ctx.redis, crm, account, sorted(read), read_at)
     if traces:
-        answered = [scored[i].result for i in traces if i in scored and scored[i].result]
-        ctx.erase(crm, account, sorted(traces), [result.details["fingerprint"] for result in answered])
+        ctx.erase(crm, account, sorted(traces), mark=False)
+    return traces
 
 
 def _superseded(ctx, crm: str, account: str, events: list[LeadEvent]) -> set[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +34,7 @@ from workers import model_scoring, tabular
 from workers.blend import REASON_VERSION, ScoreResult, blend_score, input_fingerprint, with_provenance
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
-from workers.llm import PropensityReasoner, cache_key
+from workers.llm import PropensityReasoner, answers_key, cache_key
 from workers.model import ModelArtifactError, TrainedModel
 from workers.propensity import PropensityResult
 from workers.rules import evaluate_rules
@@ -131,12 +130,10 @@ class WorkerContext:
                 log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
                 self.telemetry("store_errors_total")
 
-    def erase(
-        self, crm: str, account: str, lead_ids: list[str], fingerprints: Iterable[str] = ()
-    ) -> dict[str, int]:
+    def erase(self, crm: str, account: str, lead_ids: list[str], mark: bool = True) -> dict[str, int]:
         """Erase what leadscore keeps of these leads: their rows in the store and their cached LLM
         answers. Unlike `keep`, a failure fails the batch, so RQ retries it: an erasure is owed."""
-        return erase(self.store, self.redis, crm, account, lead_ids, fingerprints)
+        return erase(self.store, self.redis, crm, account, lead_ids, mark)
 
     def telemetry(self, name: str, amount: float = 1, **labels: str) -> None:
         if self.tally is None:
@@ -416,6 +413,13 @@ def erased_key(crm: str, account: str) -> str:
     return f"leadscore:erased:{crm}:{account}"
 
 
+def pipeline_ids(crm: str, account: str, lead_ids: list[str]) -> tuple[str, list[str]]:
+    """The account and leads as batches key them: Salesforce's by their 18-character ids."""
+    if crm != "salesforce":
+        return account, list(lead_ids)
+    return full_id(account), [full_id(i) for i in lead_ids]
+
+
 def redis_now(redis: Redis) -> float:
     """Redis's clock, which every host shares, where the hosts' own clocks may disagree."""
     seconds, microseconds = redis.time()
@@ -423,29 +427,37 @@ def redis_now(redis: Redis) -> float:
 
 
 def erased_since(redis: Redis, crm: str, account: str, lead_ids: list[str], since: float) -> set[str]:
-    """Those of these leads erased at or after `since` (`redis_now`)."""
+    """Those of these leads erased at or after `since` (`redis_now`), as named here."""
     if not lead_ids:
         return set()
-    at = redis.zmscore(erased_key(crm, account), lead_ids)
+    account_id, keyed = pipeline_ids(crm, account, lead_ids)
+    at = redis.zmscore(erased_key(crm, account_id), keyed)
     return {lead_id for lead_id, when in zip(lead_ids, at, strict=True) if when is not None and when >= since}
 
 
 def erase(
-    store: Store, redis: Redis, crm: str, account: str, lead_ids: list[str], fingerprints: Iterable[str] = ()
+    store: Store, redis: Redis, crm: str, account: str, lead_ids: list[str], mark: bool = True
 ) -> dict[str, int]:
     """A privacy deletion's or `leadscore forget`'s work: the rows deleted per table, and the cached
-    LLM answers (`llm_answers`), those of `fingerprints` too. Marked erased first, so a batch that
-    read a lead before sees the mark once it has kept its own rows, and erases them again."""
-    now = redis_now(redis)
-    marks = erased_key(crm, full_id(account) if crm == "salesforce" else account)  # keyed as batches read
-    marked = [full_id(i) for i in lead_ids] if crm == "salesforce" else lead_ids
-    with redis.pipeline(transaction=True) as pipe:
-        pipe.zadd(marks, dict.fromkeys(marked, now))
-        pipe.zremrangebyscore(marks, 0, now - ERASED_MARK_S)
-        pipe.expire(marks, ERASED_MARK_S)
-        pipe.execute()
-    fingerprints = {*fingerprints, *store.fingerprints_of(crm, account, lead_ids)}  # before their rows go
+    LLM answers (`llm_answers`). Marked erased first (`mark`), so a batch that read a lead before
+    sees the mark once it has kept its own rows, and erases those again, unmarked: a batch that read
+    the lead after the erasure must not read as before it."""
+    account_id, keyed = pipeline_ids(crm, account, lead_ids)
+    if mark:
+        now = redis_now(redis)
+        with redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(erased_key(crm, account_id), dict.fromkeys(keyed, now))
+            pipe.zremrangebyscore(erased_key(crm, account_id), 0, now - ERASED_MARK_S)
+            pipe.expire(erased_key(crm, account_id), ERASED_MARK_S)
+            pipe.execute()
+    answer_sets = [answers_key(crm, account_id, lead_id) for lead_id in keyed]
+    with redis.pipeline(transaction=False) as pipe:
+        for key in answer_sets:
+            pipe.smembers(key)
+        cached = {fp.decode() for members in pipe.execute() for fp in members}
+    fingerprints = cached | store.fingerprints_of(crm, account, lead_ids)  # before the rows that name them go
     answers = redis.delete(*map(cache_key, fingerprints)) if fingerprints else 0
+    redis.delete(*answer_sets)
     deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
     log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)
     return deleted

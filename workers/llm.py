@@ -29,6 +29,12 @@ def cache_key(fingerprint: str) -> str:
     return f"leadscore:llm:{fingerprint}"
 
 
+def answers_key(crm: str, account: str, lead_id: str) -> str:
+    """The fingerprints a lead's LLM answers are cached under, so an erasure finds every one of them,
+    whether or not a kept score names it."""
+    return f"leadscore:llm-of:{crm}:{account}:{lead_id}"
+
+
 def to_cache(result: PropensityResult) -> str:
     return json.dumps(
         {
@@ -131,14 +137,15 @@ class PropensityReasoner:
                     missing, pool.map(self.assess, [leads[i] for i in missing]), strict=True
                 ):
                     results[i] = result
-            fresh = {
-                cache_key(fingerprints[i]): to_cache(results[i]) for i in missing if not results[i].fallback
-            }
+            fresh = [i for i in missing if not results[i].fallback]
             if redis is not None and self.cache_ttl_s and fresh:
                 try:
                     with redis.pipeline(transaction=False) as pipe:
-                        for key, value in fresh.items():
-                            pipe.set(key, value, ex=self.cache_ttl_s)
+                        for i in fresh:
+                            lead = answers_key(leads[i].crm, leads[i].account_id, leads[i].lead_id)
+                            pipe.sadd(lead, fingerprints[i])
+                            pipe.expire(lead, self.cache_ttl_s)
+                            pipe.set(cache_key(fingerprints[i]), to_cache(results[i]), ex=self.cache_ttl_s)
                         pipe.execute()
                 except RedisError:
                     log.warning("LLM cache unavailable; answers not kept")

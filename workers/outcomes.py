@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from redis import Redis
 from sqlalchemy import func, select
 
 from integration.hubspot.api import HubSpotCRM
+from integration.queue import redis_from_url
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings
+from workers.jobs import erase, erased_since, redis_now
 from workers.progress import progress
 from workers.store import LeadFact, Store, as_utc, scores
 
@@ -50,6 +53,18 @@ def _the_account(crm: str, candidates: list[str]) -> list[str]:
     return candidates
 
 
+def _keep(store: Store, redis: Redis, facts: list[LeadFact], read_at: float) -> int:
+    """Keep the outcomes read, then erase again those of leads erased since the reading began
+    (`workers.jobs.erase`); how many outcomes were new."""
+    new = store.record_outcomes(facts, "sync")
+    if facts:
+        crm, account = facts[0].crm, facts[0].account_id
+        erased = erased_since(redis, crm, account, sorted({fact.lead_id for fact in facts}), read_at)
+        if erased:
+            erase(store, redis, crm, account, sorted(erased), mark=False)
+    return new
+
+
 class SyncError(ValueError):
     """`outcomes sync` cannot tell which account to file outcomes under."""
 
@@ -63,17 +78,19 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
             "--account needs --crm: a HubSpot portal id and a Salesforce org id are not interchangeable"
         )
     store = Store(settings.database_url).require_schema()
+    redis = redis_from_url(settings.redis_url)
     report: dict[str, dict] = {}
     if crm in (None, "hubspot") and settings.hubspot_configured:
         for portal in accounts or _the_account("hubspot", _accounts_in_store(store, "hubspot")):
             if (since := _changed_since(store, "hubspot", portal)) is None:
                 report[f"hubspot:{portal}"] = NOT_SCORED
                 continue
+            read_at = redis_now(redis)
             reading = progress(f"reading hubspot:{portal} contacts at an outcome")  # Salesforce: one query
             found = list(reading(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome(since)))
             facts = [LeadFact("hubspot", portal, contact, kind, at) for contact, kind, at in found]
             report[f"hubspot:{portal}"] = {
-                "since": since, "leads": len(found), "new_outcomes": store.record_outcomes(facts, "sync"),
+                "since": since, "leads": len(found), "new_outcomes": _keep(store, redis, facts, read_at),
             }  # fmt: skip
     if crm in (None, "salesforce") and settings.salesforce_configured:
         known = sorted(settings.allowed_org_ids) or _accounts_in_store(store, "salesforce")
@@ -82,9 +99,10 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
             if (since := _changed_since(store, "salesforce", org)) is None:
                 report[f"salesforce:{org}"] = NOT_SCORED
                 continue
+            read_at = redis_now(redis)
             converted = SalesforceCRM(settings, org_id=org).converted_leads(since)
             facts = [LeadFact("salesforce", org, lead_id, kind) for lead_id, kind in converted]
             report[f"salesforce:{org}"] = {
-                "since": since, "leads": len(converted), "new_outcomes": store.record_outcomes(facts, "sync"),
+                "since": since, "leads": len(converted), "new_outcomes": _keep(store, redis, facts, read_at),
             }  # fmt: skip
     return report
