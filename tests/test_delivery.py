@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AnyHttpUrl
-from rq import Retry, SimpleWorker
+from rq import Retry, SimpleWorker, Worker
 from rq.exceptions import DequeueTimeout
 from rq.scheduler import RQScheduler
 
@@ -701,6 +701,57 @@ def test_a_waiting_worker_takes_a_job_queued_on_either_queue_and_parks_it_until_
         assert (taken_from.name, target.intermediate_queue.get_job_ids()) == (target.name, [job.id])
     with pytest.raises(DequeueTimeout):
         LeadscoreQueue.dequeue_any([live, backfill], 1, connection=redis)
+
+
+# ---- a worker stopped (SIGTERM, a deploy)
+
+_STOPPED_WORKER = """
+import os, signal, sys
+from redis import Redis
+from integration import pending
+from workers.worker import build
+redis = Redis.from_url(sys.argv[1])
+worker = build(pending.worker_queues(sys.argv[2], redis), redis, 15)
+lmove = redis.lmove
+def lmove_then_stop(*args):
+    job_id = lmove(*args)
+    if job_id is not None:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return job_id
+redis.lmove = lmove_then_stop
+worker.work(burst=True)
+"""
+
+
+def test_a_worker_stopped_just_after_taking_a_job_runs_it_then_stops(settings, queue, redis):
+    first, second = queue.enqueue("builtins.len", "ab"), queue.enqueue("builtins.len", "abc")
+
+    worker = subprocess.run(
+        [sys.executable, "-c", _STOPPED_WORKER, settings.redis_url, settings.queue_name],
+        capture_output=True, text=True, timeout=60, cwd=FIXTURES.parent,
+    )  # fmt: skip
+
+    assert worker.returncode == 0, worker.stderr
+    assert (first.get_status(refresh=True), first.return_value()) == ("finished", 2)
+    assert queue.get_job_ids() == [second.id]  # it stopped after the job it had taken
+    assert queue.intermediate_queue.get_job_ids() == []
+
+
+def test_a_waiting_worker_stops_within_a_second_or_two_of_a_sigterm(settings, queue, redis):
+    script = _STOPPED_WORKER.replace("worker.work(burst=True)", "worker.work()")
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script, settings.redis_url, settings.queue_name],
+        stderr=subprocess.PIPE, text=True, cwd=FIXTURES.parent,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not Worker.all(connection=redis) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # waiting on the live queue
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=5) == 0, worker.stderr.read()
+    finally:
+        worker.kill()
 
 
 def test_on_a_redis_without_lmove_a_worker_takes_jobs_as_rq_does_live_queue_first(queue, redis):

@@ -8,11 +8,15 @@ closed here, so a job is always in a queue, in its queue's intermediate list, or
   and ours take from two (live, then backfill);
 - between filing it as running and its work horse marking it started: RQ's abandoned-job cleanup
   retries only jobs marked started (rq/rq#2466), and the work horse marks it after the fork.
+A warm stop (SIGTERM, a deploy) landing between taking a job and filing it waits until the job is
+filed, then lets it finish: RQ would stop at once and leave the job parked, found only by a
+maintenance a minute or two later, one of its retries spent.
 """
 
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 
 from redis import Redis
 from rq import Queue, Worker
@@ -27,6 +31,8 @@ from workers.batch import sweep
 
 JOB_MONITORING_S = 5  # heartbeat: a killed worker's job is retried about a minute later
 BACKFILL_POLL_S = 1.0  # an idle worker blocks on the live queue; it looks at the backfill this often
+
+_taker: ContextVar[LeadscoreWorker | None] = ContextVar("leadscore_taker", default=None)
 
 
 class LeadscoreQueue(Queue):
@@ -48,23 +54,46 @@ class LeadscoreQueue(Queue):
             found = cls._fetch_dequeued_job(connection, *taken, **fetch_options)
             if found is not None:  # else the job was deleted; maintenance clears its id from the list
                 return found
+            _release_warm_stop(_taker.get())
 
 
 def _take(queues: list[Queue], deadline: float | None, connection: Redis) -> tuple[str, str] | None:
     """(queue key, job id) of the first job of the first queue that has one, moved to that queue's
     intermediate list; waits until `deadline` (None: not at all), blocked on the first queue."""
+    worker = _taker.get()
     while True:
         for queue in queues:
-            job_id = connection.lmove(queue.key, queue.intermediate_queue_key)
+            job_id = _move(worker, connection.lmove, queue.key, queue.intermediate_queue_key)
             if job_id is not None:
                 return queue.key, as_text(job_id)
         left = None if deadline is None else deadline - time.monotonic()
         if left is None or left <= 0:
             return None
         first = queues[0]
-        job_id = connection.blmove(first.key, first.intermediate_queue_key, min(left, BACKFILL_POLL_S))
+        wait = min(left, BACKFILL_POLL_S)
+        job_id = _move(worker, connection.blmove, first.key, first.intermediate_queue_key, wait)
         if job_id is not None:
             return first.key, as_text(job_id)
+
+
+def _move(worker: LeadscoreWorker | None, move, *args) -> bytes | None:
+    """One (B)LMOVE, during which `worker`'s warm stop is held; still held after it took a job."""
+    if worker is None:
+        return move(*args)
+    worker.holding_warm_stop = True
+    try:
+        job_id = move(*args)
+    except BaseException:
+        _release_warm_stop(worker)
+        raise
+    if job_id is None:
+        _release_warm_stop(worker)
+    return job_id
+
+
+def _release_warm_stop(worker: LeadscoreWorker | None) -> None:
+    if worker is not None:
+        worker.release_warm_stop()
 
 
 class LeadscoreWorker(Worker):
@@ -72,21 +101,47 @@ class LeadscoreWorker(Worker):
     pending leads whose collector was lost."""
 
     queue_class = LeadscoreQueue
+    holding_warm_stop = False  # from taking a job off a queue until it is filed as running
+    _stop_held = False
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        token = _taker.set(self)  # the queue class's dequeue holds this worker's warm stop
+        try:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        finally:
+            _taker.reset(token)
+
+    def _shutdown(self) -> None:
+        """RQ's warm stop: after the running job, or at once (StopRequested) when idle."""
+        if self.holding_warm_stop:
+            self._stop_held = True
+        else:
+            super()._shutdown()
+
+    def release_warm_stop(self) -> None:
+        """A warm stop held meanwhile takes effect: after the job, if one was filed, else at once."""
+        self.holding_warm_stop = False
+        if self._stop_held:
+            self._stop_held = False
+            super()._shutdown()
 
     def prepare_execution(self, job: Job) -> Execution:
         """File the job as running, mark it started and take it off the intermediate list (with the
         time maintenance first saw it there) in one transaction, before the fork (RQ's
         `prepare_execution`, and the work horse's marking)."""
-        with self.connection.pipeline() as pipeline:
-            ttl = self.get_heartbeat_ttl(job)
-            execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
-            self.executions[execution.id] = execution
-            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
-            job.prepare_for_execution(self.name, pipeline=pipeline)
-            parked = Queue(job.origin, connection=self.connection).intermediate_queue
-            pipeline.lrem(parked.key, 1, job.id)
-            pipeline.delete(parked.get_first_seen_key(job.id))  # else a retry could look stuck at once
-            pipeline.execute()
+        try:
+            with self.connection.pipeline() as pipeline:
+                ttl = self.get_heartbeat_ttl(job)
+                execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
+                self.executions[execution.id] = execution
+                self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+                job.prepare_for_execution(self.name, pipeline=pipeline)
+                parked = Queue(job.origin, connection=self.connection).intermediate_queue
+                pipeline.lrem(parked.key, 1, job.id)
+                pipeline.delete(parked.get_first_seen_key(job.id))  # else a retry could look stuck at once
+                pipeline.execute()
+        finally:
+            self.release_warm_stop()
         return execution
 
     def clean_registries(self) -> None:
