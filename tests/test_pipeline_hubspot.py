@@ -82,8 +82,8 @@ def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
         },
         "model": "gpt-4o-mini-2024-07-18",
         "prompt_version": "propensity-v2",
-        "reason_version": "reasons-2",
-        "config_version": "b2b-saas-default-1",
+        "reason_version": "reasons-3",
+        "config_version": "b2b-saas-default-2",
         "fallback": False,
     }
 
@@ -180,9 +180,17 @@ EXPECTED_BURST = {
         "C",
         "AI: Individual-contributor SDR with only a newsletter signup; Staff-level title",
     ),
-    "74300000108": (36, "D", "Staff-level title; Social, Subscriber"),
+    "74300000108": (
+        36,
+        "D",
+        "Staff-level title; AI: Marketing coordinator at a small retailer, newsletter only, weak…",
+    ),
     "74300000109": (21, "D", "Student at school; Subscriber"),
-    "74300000110": (33, "D", "Student-level title; Email only, no phone"),
+    "74300000110": (
+        33,
+        "D",
+        "Student-level title; AI: Intern registered for a webinar, no purchasing authority",
+    ),
     "74300000111": (25, "D", "Marked unqualified; Independent Consultant at 1-5-person agency"),
     "74300000112": (
         54,

@@ -314,6 +314,21 @@ def test_unqualified_is_capped_even_with_certain_propensity(config, fixture_lead
         assert result.reason.startswith("Marked unqualified")
 
 
+@pytest.mark.parametrize("status", ["Unqualified", "unqualified", "closed - not converted"])
+def test_a_status_marked_unqualified_in_any_case_is_capped(config, status):
+    """Newer Salesforce orgs' Lead Status picklist says "Unqualified"; picklists differ by org."""
+    result = score(strong_lead(status=status, source="Web"), PropensityResult(1.0, 1.0, "r"), config)
+    assert (result.score, result.tier, result.details["cap"]) == (25, "D", 25)
+
+
+def test_the_newer_salesforce_lead_statuses_are_known(config):
+    labels = {
+        status: config.source_stage.status(status).label
+        for status in ("New", "Working", "Nurturing", "Qualified")
+    }
+    assert labels == {"New": "New", "Working": "Working", "Nurturing": "Nurturing", "Qualified": "Qualified"}
+
+
 def test_bad_timing_cap_keeps_a_strong_lead_out_of_tier_b(config):
     result = score(strong_lead(status="BAD_TIMING"), PropensityResult(1.0, 1.0, "r"), config)
     assert (result.score, result.tier) == (54, "C")
@@ -358,6 +373,33 @@ def test_reason_for_adversarial_leads(config):
         score(leads[0], fallback("x"), config).reason
         == "Inbound demo request, Connected; VP at 100-500-person SaaS"
     )
+
+
+@pytest.mark.parametrize(
+    ("title", "company", "reason"),
+    [
+        ("-", "Acme", "No job title at Acme; Unknown source"),
+        ("-", None, "No job title; Unknown source"),
+        (".", "Acme", "No job title at Acme; Unknown source"),
+        ("@", None, "No job title; Unknown source"),
+    ],
+)
+def test_a_placeholder_title_reads_as_no_job_title(config, title, company, reason):
+    """Imports put "-", "." or "@" where a title is unknown; a reason never starts with "; "."""
+    lead = make_lead(title=title, company=company, has_email=True)
+    assert score(lead, fallback("x"), config).reason == reason
+
+
+@pytest.mark.parametrize(
+    ("size", "where"), [("1000+", "1000+ person SaaS"), ("10,001+", "10,001+ person SaaS")]
+)
+def test_an_open_ended_company_size_reads_as_a_size(config, size, where):
+    lead = strong_lead(company_size=size, status=None, stage=None, source=None, visits=0, conversions=0)
+    assert score(lead, fallback("x"), config).reason.startswith(f"VP of Sales at {where}")
+
+
+def test_a_reason_whose_first_part_is_all_formula_characters_reads_from_its_second():
+    assert join_reason("-", "Unknown source") == "Unknown source"
 
 
 PHRASES = {
@@ -473,7 +515,9 @@ def test_explain_capped_status_comes_first_and_long_parts_are_clipped():
          "AI: HR manager who arrived via an HR search term, poor role fit; HR role"),
         # below neutral, seniority pulled it down while role fit pushed it up: seniority alone is named
         ("74300000114", True, (42, "C"), "Staff-level title; Paid social, Contact attempted"),
-        ("74300000110", True, (33, "D"), "Student-level title; Email only, no phone"),
+        # the AI agreed with the rules but moved the score most, and into another tier: named second
+        ("74300000110", True, (33, "D"),
+         "Student-level title; AI: Intern registered for a webinar, no purchasing authority"),
         # above neutral: what pushed it up, not "Opted out of email, no phone", which pulled it down
         ("74300000113", False, (54, "C"), "Director of Sales at 100-500-person Redkite Security"),
         ("74300000107", False, (52, "C"), "Sales role at 100-500-person SaaS"),
@@ -490,6 +534,26 @@ def test_reasons_of_fixture_leads_name_what_decided_them(config, fixture_leads, 
                                                          reason):  # fmt: skip
     result = score(fixture_leads[lead_id], llm_propensity(lead_id) if with_llm else fallback("x"), config)
     assert ((result.score, result.tier), result.reason) == (score_tier, reason)
+
+
+def test_an_ai_that_agreed_with_the_rules_and_moved_the_lead_up_a_tier_is_named(config):
+    """The rules alone put this lead in B; the AI's reading of an email moved it to A, so a rep who
+    sees A is told why, and the rules' strongest driver comes first, short where the AI needs room."""
+    lead = make_lead(title="Marketing Manager", company="Shopco", company_size="50-100", industry="Retail",
+                     source="ORGANIC_SEARCH", has_email=True, has_phone=True)  # fmt: skip
+    rules_only = score(lead, fallback("x"), config)
+    pricing = score(
+        lead, PropensityResult(0.95, 0.9, "Asked for pricing for 40 seats in latest email"), config
+    )
+    nudge = score(lead, PropensityResult(0.6, 0.5, "Some interest"), config)
+
+    assert (rules_only.score, rules_only.tier) == (57, "B")
+    assert (pricing.score, pricing.tier, pricing.reason) == (
+        71,
+        "A",
+        "Marketing role; AI: Asked for pricing for 40 seats in latest email",
+    )
+    assert (nudge.tier, nudge.reason) == ("B", rules_only.reason)  # same tier: the rules explain it
 
 
 def test_reason_with_ai_quote_still_names_at_most_two_drivers(config, fixture_leads):
@@ -527,6 +591,19 @@ def test_employee_count(size, count):
         ("Head of RevOps", "VP", 0.9),
         ("Director of IT", "Director", 0.75),
         ("CEO & Co-founder", "C-level", 1.0),
+        ("Product Owner", "Staff", 0.3),
+        ("Executive Assistant to the CEO", "Staff", 0.3),
+        ("Assistant to the President", "Staff", 0.3),
+        ("Chief of Staff", "Director", 0.75),
+        ("Student Success Manager", "Manager", 0.55),
+        ("Vice-President, Sales", "VP", 0.9),
+        ("Dir. of Sales", "Director", 0.75),
+        ("Sales Mgr", "Manager", 0.55),
+        ("Managing Director", "C-level", 1.0),
+        ("Directeur Commercial", "Director", 0.75),
+        ("Directora Comercial", "Director", 0.75),
+        ("Leiter Vertrieb", "Director", 0.75),
+        ("Geschäftsführer", "C-level", 1.0),
     ],
 )
 def test_seniority_levels(config, title, label, value):
@@ -540,6 +617,13 @@ def test_seniority_unknown_title_uses_config_unknown(config, title):
     component = seniority(make_lead(title=title), config)
     assert component.score == config.seniority.unknown == 0.3
     assert component.labels == {}
+
+
+@pytest.mark.parametrize(
+    "title", ["Directeur Commercial", "Directora Comercial", "Leiter Vertrieb", "Jefe de Ventas"]
+)
+def test_a_sales_title_in_french_spanish_or_german_is_a_sales_role(config, title):
+    assert role_fit(make_lead(title=title), config).labels == {"function": "sales"}
 
 
 def test_vice_president_is_vp_not_c_level(config):
@@ -727,6 +811,13 @@ def test_a_config_value_or_a_lead_value_with_a_doubled_space_still_matches(tmp_p
     assert spaced.status("Not qualified at all") is None
 
 
+def test_two_config_values_that_read_the_same_but_have_other_rules_are_refused(tmp_path):
+    other_new = 'new = { score = 0.9, label = "New" }'
+    text = DEFAULT_CONFIG_PATH.read_text().replace("\nNEW ", f"\n{other_new}\nNEW ", 1)
+    with pytest.raises(ConfigError, match=r"'NEW' reads the same as another value .* keep one of them"):
+        load_config(_write(tmp_path, text))
+
+
 def test_config_valid_copy_loads_and_digest_tracks_bytes(tmp_path, config):
     same = load_config(_write(tmp_path, DEFAULT_CONFIG_PATH.read_text(), "same.toml"))
     assert same.digest == config.digest
@@ -782,6 +873,13 @@ def test_parse_reply_rejects_missing_fields():
 def test_parse_reply_rejects_empty(content):
     with pytest.raises(ValueError, match="empty reply"):
         parse_reply(content)
+
+
+@pytest.mark.parametrize("reason", [" ", "\n\t"])
+def test_parse_reply_rejects_a_blank_reason(reason):
+    """Else a rep would read "AI:" and nothing; the lead falls back to the neutral prior instead."""
+    with pytest.raises(ValueError, match="reason is blank"):
+        parse_reply(json.dumps({"propensity": 0.02, "confidence": 0.9, "reason": reason}))
 
 
 def test_parse_reply_rejects_a_json_list():

@@ -67,16 +67,17 @@ def _where(lead: Lead, rules: RulesResult) -> str:
     """The company, as the rules see it: "100-500-person SaaS", or its name where no industry matched."""
     labels = rules.role_fit.labels
     size, industry = labels.get("size"), labels.get("industry")
-    if size and industry:
-        return f"{size}-person {industry}"
     where = industry or (lead.company or "").strip()
     if size:
-        where = f"{size}-person {where or 'company'}"
+        people = f"{size} person" if size.endswith("+") else f"{size}-person"  # HubSpot's "1000+"
+        where = f"{people} {where or 'company'}"
     return where
 
 
 def _title(lead: Lead) -> str:
-    return " ".join((lead.title or "").split())
+    """The title on one line; none where it has no letter or digit ("-", "." or "@" from an import)."""
+    title = " ".join((lead.title or "").split())
+    return title if any(char.isalnum() for char in title) else ""
 
 
 def _who(lead: Lead, rules: RulesResult) -> str:
@@ -184,6 +185,7 @@ def explain(
     ai_reason: str = "",
     capped: bool = False,
     short: dict[str, str] | None = None,
+    ai_moved_tier: bool = False,
 ) -> str:
     """Name the one or two drivers that moved the score most in the way it went from neutral
     (composite − 0.5), in at most 90 characters; never one that pushed the other way, unless none
@@ -195,14 +197,15 @@ def explain(
     the AI's way takes the room left, in its `short` phrase. When the rules won against such an AI,
     both sides are named: the rules' strongest driver, short, then the AI's doubt, so a tier A lead
     never reads as the AI's "not a buyer" alone, nor one the AI pulled down as the rules' praise alone.
+    When the AI agreed with the rules but moved the score most and into another tier
+    (`ai_moved_tier`), it comes second, after the rules' strongest driver: the tier is its doing.
     """
     short = short or phrases
     ai = contributions.get(PROPENSITY, 0.0)
     rules_direction = sum(contributions[name] for name in phrases)
     direction = sum(contributions.values())  # composite − 0.5
-    ai_against = bool(ai_reason) and (
-        abs(ai) > max(abs(contributions[name]) for name in phrases) and ai * rules_direction < 0
-    )
+    ai_most = bool(ai_reason) and abs(ai) > max(abs(contributions[name]) for name in phrases)
+    ai_against = ai_most and ai * rules_direction < 0
     ai_phrase = "AI: " + ai_reason.replace(";", ",")  # one driver, not several
     if ai_against and ai * direction > 0 and not capped:
         agreeing = _ranked(contributions, phrases, ai)
@@ -215,6 +218,9 @@ def explain(
     if ai_against:
         return join_reason(phrases[ranked[0]] if capped else short[ranked[0]], ai_phrase)
     first = phrases[ranked[0]]
+    if ai_most and ai_moved_tier and ai * direction > 0:
+        fits = len(first) + 2 + len(readable(ai_phrase)) <= MAX_REASON_CHARS  # else the short form
+        return join_reason(first if fits else short[ranked[0]], ai_phrase)
     second = next((phrases[name] for name in ranked[1:] if phrases[name] != first), "")
     return join_reason(first, second)
 
@@ -227,8 +233,10 @@ def join_reason(first: str, second: str = "") -> str:
     may hold what a prospect typed (a title, a company, the LLM's reading of their notes), so each is
     made `readable`, and the reason never starts as a spreadsheet formula would (=, +, -, @): reps
     export list views to Excel."""
-    first = clip_text(readable(first).lstrip("=+-@ "), MAX_REASON_CHARS)
-    second = readable(second)
+    first, second = readable(first).lstrip("=+-@ "), readable(second)
+    if not first:  # all formula characters
+        first, second = second.lstrip("=+-@ "), ""
+    first = clip_text(first, MAX_REASON_CHARS)
     room = MAX_REASON_CHARS - len(first) - 2
     if not second or room < MIN_SECOND_DRIVER_CHARS:
         return first
@@ -244,7 +252,7 @@ def readable(text: str) -> str:
 # The wording of reasons. A lead whose shown score carries another version is written again at its
 # next event or rescore (the LLM answering from its cache, by fingerprint), so reworded reasons reach
 # every lead, not only those whose inputs change. Bump it with any change to what reasons say.
-REASON_VERSION = "reasons-2"
+REASON_VERSION = "reasons-3"
 
 
 def with_provenance(
@@ -287,7 +295,8 @@ def blend_score(
     values = {**rules.scores(), PROPENSITY: effective_propensity(propensity)}
     composite = sum(weights[name] * values[name] for name in weights)
     cap = _status_cap(lead, config)
-    score = max(0, min(100 if cap is None else cap, round(composite * 100)))
+    ceiling = 100 if cap is None else cap
+    score = max(0, min(ceiling, round(composite * 100)))
     contributions = {name: weights[name] * (values[name] - NEUTRAL) for name in weights}
     if propensity.fallback:
         contributions.pop(PROPENSITY)
@@ -299,9 +308,8 @@ def blend_score(
         "model": propensity.model or None,
     }
     phrases, short = _phrases(lead, rules, cap is not None, contributions)
-    return ScoreResult(
-        score=score,
-        tier=config.tiers.tier_for(score),
-        reason=explain(contributions, phrases, propensity.reason, cap is not None, short),
-        details=details,
-    )
+    tier = config.tiers.tier_for(score)
+    without_ai = max(0, min(ceiling, round((composite - contributions.get(PROPENSITY, 0.0)) * 100)))
+    moved_tier = config.tiers.tier_for(without_ai) != tier
+    reason = explain(contributions, phrases, propensity.reason, cap is not None, short, moved_tier)
+    return ScoreResult(score=score, tier=tier, reason=reason, details=details)

@@ -132,23 +132,34 @@ class SourceStage(_Strict):
 
     @field_validator("sources", "statuses", "stages")
     @classmethod
-    def _spaced_once(cls, table: dict[str, Labelled]) -> dict[str, Labelled]:
-        """A value copied with a doubled space ("Interested  in full time MBA") still matches: CRM
-        values and data files are read with runs of spaces made one."""
-        return {_spaced(value): rule for value, rule in table.items()}
+    def _keyed_by_value_key(cls, table: dict[str, Labelled]) -> dict[str, Labelled]:
+        """Values listed as CRM picklists or data files spell them match whatever their case and runs
+        of spaces ("Unqualified" as "UNQUALIFIED", "Interested  in full time MBA" as one space): orgs
+        differ and exports drift. Two that read the same must have the same rule."""
+        keyed: dict[str, Labelled] = {}
+        for value, rule in table.items():
+            key = value_key(value)
+            if keyed.get(key, rule) != rule:
+                raise ValueError(
+                    f"{value!r} reads the same as another value (case and spacing are ignored) but has "
+                    "another rule: keep one of them"
+                )
+            keyed[key] = rule
+        return keyed
 
     def source(self, value: str | None) -> Labelled | None:
-        return self.sources.get(_spaced(value))
+        return self.sources.get(value_key(value))
 
     def status(self, value: str | None) -> Labelled | None:
-        return self.statuses.get(_spaced(value))
+        return self.statuses.get(value_key(value))
 
     def stage(self, value: str | None) -> Labelled | None:
-        return self.stages.get(_spaced(value))
+        return self.stages.get(value_key(value))
 
 
-def _spaced(value: str | None) -> str:
-    return " ".join((value or "").split())
+def value_key(value: str | None) -> str:
+    """How a source, status or stage is looked up in the scoring config."""
+    return " ".join((value or "").split()).casefold()
 
 
 class ScoringConfig(_Strict):

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pandas as pd
 
 from workers.blend import ScoreResult, join_reason
-from workers.config import ScoringConfig, Tiers
+from workers.config import ScoringConfig, Tiers, value_key
 from workers.model import TrainedModel, score_of
 
 FEATURE_LABELS = {
@@ -108,7 +108,7 @@ def model_reason(
     alone: set[str] = set()  # phrases that need no feature name
     for n in ranked[:3]:
         value = values.get(n)
-        label = readable_values.get(n, {}).get(" ".join(value.split())) if isinstance(value, str) else None
+        label = readable_values.get(n, {}).get(value_key(value)) if isinstance(value, str) else None
         shown = _ai_phrase(value) if n == AI_FEATURE else label or _shown(value, kinds[n])
         shown += NEW_TO_MODEL if n in unseen else ""
         if shown not in named and len(named) == 2:

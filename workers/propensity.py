@@ -68,7 +68,10 @@ class ConversionPropensity(BaseModel):
     @field_validator("reason")
     @classmethod
     def _reason_masked(cls, reason: str) -> str:
-        return redact(reason)
+        reason = redact(reason).strip()
+        if not reason:
+            raise ValueError("reason is blank")  # else a rep would read "AI:" and nothing
+        return reason
 
 
 @dataclass(frozen=True)
