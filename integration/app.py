@@ -5,6 +5,7 @@ The web side only verifies, normalises and enqueues; scoring happens in RQ worke
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -105,6 +106,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/metrics")
     def prometheus_metrics():
+        if not _bearer_matches(settings.metrics_token):
+            return Response("METRICS_TOKEN is set: scrape with `Authorization: Bearer <it>`\n", status=401,
+                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         body, content_type = metrics.exposition(redis, gauges=queue_gauges(redis, settings.queue_name))
         return Response(body, content_type=content_type)
 
@@ -121,7 +125,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         try:
             redis.ping()
         except RedisError as exc:
-            return jsonify(status="unavailable", redis=f"unreachable: {exc}"), 503
+            log.error("healthz: Redis unreachable: %s", exc)  # its address stays off the public port
+            return jsonify(status="unavailable", redis="unreachable (see the web log)"), 503
         return jsonify(status="ok", redis="ok", redis_risks=durability_risks(redis))
 
     @app.errorhandler(WebhookError)
@@ -139,3 +144,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         return refuse(BodyTooLarge(settings.max_body_bytes))
 
     return app
+
+
+def _bearer_matches(token: str) -> bool:
+    """True when no token is required, or the request carries it (compared in constant time)."""
+    if not token:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())

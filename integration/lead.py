@@ -117,8 +117,10 @@ def bounded_texts(texts: list[str], limit: int = MAX_TEXT_CHARS) -> tuple[str, .
     kept: list[str] = []
     room = limit
     for text in texts:
+        if room <= 0:
+            break
         text = redact(" ".join(text.split()))
-        if not text or room <= 0:
+        if not text:
             continue
         kept.append(text[:room])
         room -= len(kept[-1])

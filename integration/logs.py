@@ -11,14 +11,15 @@ UTC), `level`, `logger`, `message`, any `extra=` fields (event_id, lead_id, job_
   caller did not set one.
 - The final message (after %-formatting) and every string extra (also inside dicts/lists) are
   redacted (the formatter applies the same to exception and stack texts):
-  * email addresses -> `[email]`;
+  * email addresses, accented ones too -> `[email]`;
   * phone numbers -> `[phone]`: 9 to 15 digits that either start with `+` (`+1 415 555 0143`,
     `+44 20 7946 0958`, `+14155550143`) or are split into groups by phone-style separators
-    (space, `-`, `.`, a parenthesised first group): `(415) 555-0143`, `415-555-0143`,
-    `415.555.0143`, `020 7946 0958`. A bare run of digits is never a phone, so HubSpot ids
-    (`74300000101`), epoch timestamps (`1795251603`, `1795251603.123`), scores and Salesforce
-    ids (`00Q5g00000Ls001EAB`) stay. Dates (`2025-01-31 12:00:00`) and dotted IPv4 addresses are
-    not phones either. Runs glued to letters, `.` or other digits are left alone;
+    (space, `-`, `.`, a parenthesised first group, a `/` after the first group): `(415) 555-0143`,
+    `415-555-0143`, `415.555.0143`, `020 7946 0958`, `0151 23456789`, `030/12345678`. A bare run
+    of digits is never a phone, so HubSpot ids (`74300000101`), epoch timestamps (`1795251603`,
+    `1795251603.123`), scores and Salesforce ids (`00Q5g00000Ls001EAB`) stay; nor is a phone
+    number written as one (`4155550143`). Dates (`2025-01-31 12:00:00`, `11/22/2026`) and dotted
+    IPv4 addresses are not phones either. Runs glued to letters, `.` or other digits are left alone;
   * `Authorization: <scheme> <credentials>` / `authorization=...`, `Bearer <token>`, `key=value`
     or `"key": "value"` pairs whose key mentions token/secret/password/api_key, OpenAI-style
     `sk-...` keys, HubSpot `pat-...` tokens and the token segment of `/webhooks/salesforce/<token>`
@@ -47,16 +48,16 @@ _STANDARD_ATTRS = frozenset(RESERVED_ATTRS) | {"message", "asctime", "taskName"}
 _HANDLER_MARK = "_leadscore_json_handler"
 _MAX_DEPTH = 6
 
-_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}\b")  # \w: "jöhn@exämple.de"
 _PHONE = re.compile(
     r"""
     (?<![\w.+])
     (?:
         \+\d(?:[\ .\-()]{0,2}\d){8,16}               # +<country>...: any phone separators
       |
-        (?:\(\d{1,5}\)[\ .\-]?|\d{1,5}[\ .\-])      # first group: "(415) " or "415-"
+        (?:\(\d{1,5}\)[\ .\-]?|\d{1,5}[\ .\-/])     # first group: "(415) ", "415-" or "030/"
         (?:\d{1,5}[\ .\-]){0,4}                     # middle groups
-        \d{2,7}                                     # last group
+        \d{2,8}                                     # last group: "0151 23456789"
     )
     (?![\w:]|[.,]\d)
     """,
@@ -70,9 +71,9 @@ _AUTH = re.compile(
     """
 )
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9\-._~+/]+=*")
-_KEY_VALUE = re.compile(
+_KEY_VALUE = re.compile(  # a key is tried once, whole (possessive): else time grows as n² or worse
     r"""(?ix)
-    \b([\w-]*(?:token|secret|password|passwd|api[_-]?key|apikey)[\w-]*["']?\s*[:=]\s*["']?)
+    ((?<![\w-])(?=[\w-]*?(?:token|secret|password|passwd|api[_-]?key|apikey))[\w-]++["']?\s*+[:=]\s*+["']?)
     (?!\[redacted\])[^\s,;"'&}]+
     """
 )

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     salesforce_api_stop_fraction: float = Field(
         0.9, gt=0, le=1, description="stop calling when this share of the org's daily API budget is used"
     )
+    metrics_token: str = Field("", description="when set, GET /metrics needs `Authorization: Bearer` it")
     bench_bare_endpoint: bool = Field(False, description="serve POST /_bench/bare (benchmarks only)")
     worker_maintenance_s: int = Field(15, ge=1, description="how often a worker sweeps for lost work")
 

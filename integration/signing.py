@@ -38,7 +38,7 @@ def verify(secret: str, body: bytes, timestamp: str | None, signature: str | Non
     if not signature:
         raise SignatureError(f"missing {SIGNATURE_HEADER} header (v1=<hex HMAC-SHA256>)")
     if not _SECONDS.fullmatch(timestamp):
-        raise SignatureError(f"{TIMESTAMP_HEADER} {timestamp!r} is not Unix seconds")
+        raise SignatureError(f"{TIMESTAMP_HEADER} {timestamp[:32]!r} is not Unix seconds")
     if abs(time.time() - int(timestamp)) > TOLERANCE_S:
         raise SignatureError(
             f"{TIMESTAMP_HEADER} {timestamp} is not within 5 minutes of now: a replay or a wrong clock"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 import time
 
 import pytest
@@ -251,6 +253,38 @@ def test_redaction_of_personal_data_and_secrets(log_stream):
 )
 def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_events_endpoint(logged, shown):
     assert logs.redact(logged) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("ph. 0151 23456789", "ph. [phone]"),
+        ("Tel. 030/12345678", "Tel. [phone]"),
+        ("mail jöhn.müller@exämple.de now", "mail [email] now"),
+        ("dated 11/22/2026 and 2026/11/22", "dated 11/22/2026 and 2026/11/22"),
+        ("batch 12 of 74300000101", "batch 12 of 74300000101"),
+    ],
+)
+def test_european_phone_numbers_and_accented_emails_are_masked_but_dates_are_not(text, masked):
+    assert logs.redact(text) == masked
+
+
+REDOS = """
+import sys
+from integration.logs import redact
+from integration.hubspot.api import html_to_text
+for unit in ("token-", "a-", "1-", "sk-", "+1 ", "a@a.", "<"):
+    text = unit * (60_000 // len(unit))
+    assert redact(text) is not None and html_to_text(text) is not None
+print("done")
+"""
+
+
+def test_masking_a_prospects_60_000_characters_cannot_stall_a_worker_or_the_web():
+    """Lead texts (an email body, a Description) and unauthenticated request lines and headers are
+    masked before anything else; a regex that backtracks made 4,000 characters of "token-" take 17 s."""
+    done = subprocess.run([sys.executable, "-c", REDOS], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "done", done.stderr
 
 
 def test_ids_scores_and_timestamps_are_not_redacted(log_stream):

@@ -645,6 +645,20 @@ def test_score_file_does_not_write_over_its_own_input(tmp_path, capsys, option):
     assert target.read_bytes() == before
 
 
+def test_score_file_follows_no_link_planted_where_it_writes_first(tmp_path):
+    """In a shared folder another user could plant a link at the name of the file written before the
+    rename; the scores must never go through it."""
+    out, victim = tmp_path / "scores.csv", tmp_path / "victim.txt"
+    victim.write_text("someone else's file\n")
+    (tmp_path / ".scores.csv.partial").symlink_to(victim)  # the name it used to write
+
+    assert main(["score-file", *FILE_ARGS, "--out", str(out)]) == 0
+
+    assert victim.read_text() == "someone else's file\n"
+    assert out.read_text().startswith("Prospect ID,score,tier,reason\n")
+    assert out.stat().st_mode & 0o777 == 0o666 & ~offline._umask()
+
+
 def test_score_file_that_fails_to_write_leaves_the_earlier_output_whole(tmp_path, monkeypatch, capsys):
     out = tmp_path / "scores.csv"
     out.write_text("an earlier run's scores\n")

@@ -464,7 +464,20 @@ def test_healthz_reports_redis(client, app_without_redis):
         {"status": "ok", "redis": "ok", "redis_risks": []},
     )
     assert down.status_code == 503
-    assert down.get_json()["redis"].startswith("unreachable: ")
+    assert down.get_json()["redis"] == "unreachable (see the web log)"  # not Redis's host and port
+
+
+def test_metrics_need_the_bearer_token_when_metrics_token_is_set(settings, crm):
+    client = create_app(settings.model_copy(update={"metrics_token": "m-3tr1cs"})).test_client()
+
+    def status(**headers) -> int:
+        return client.get("/metrics", headers=headers).status_code
+
+    assert status() == 401
+    assert status(Authorization="Bearer wrong") == 401
+    assert status(Authorization="Basic m-3tr1cs") == 401
+    assert status(Authorization="Bearer m-3tr1cs") == 200
+    assert client.get("/healthz").status_code == 200  # a platform's health check has no token
 
 
 def test_healthz_and_the_worker_name_redis_settings_that_can_lose_acknowledged_events(

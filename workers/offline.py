@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -259,19 +261,32 @@ def score_file(
     written = Written.of(model_results(table, model, config) if model else rules_results(table, config))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")  # a failed write leaves the last file whole
+    # Written beside `out` then renamed, so a failed write leaves the last file whole; created anew
+    # (O_EXCL), so a link planted at a name it could have in a shared folder is never followed.
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
+        "w", dir=out.parent, prefix=f".{out.name}.", suffix=".partial", delete=False, newline=""
+    )
+    partial = Path(handle.name)
     try:
-        pd.DataFrame({
-            table.mapping.id: table.frame[table.mapping.id],
-            "score": written.score,
-            "tier": written.tier,
-            "reason": written.reason,
-        }).to_csv(partial, index=False)  # fmt: skip
+        with handle:
+            pd.DataFrame({
+                table.mapping.id: table.frame[table.mapping.id],
+                "score": written.score,
+                "tier": written.tier,
+                "reason": written.reason,
+            }).to_csv(handle, index=False)  # fmt: skip
+        partial.chmod(0o666 & ~_umask())  # as a file opened the usual way would be, not 0600
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
     landed = Counter(written.tier)
     return {tier: landed[tier] for tier in TIER_NAMES}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 Curves = dict[str, tuple[np.ndarray, np.ndarray, list[str]]]  # scorer -> (labels, score / 100, tiers)

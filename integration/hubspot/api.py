@@ -108,7 +108,7 @@ PROPERTY_DEFINITIONS = (
                              hidden=False) for i, value in enumerate(FEEDBACK_VALUES)],
     ),
 )  # fmt: skip
-_TAG = re.compile(r"<[^>]+>")
+_TAG = re.compile(r"<[^<>]+>")  # not <[^>]+>: n² on a run of "<"
 
 
 def html_to_text(value: str) -> str:

@@ -126,7 +126,7 @@ def verify_signature(
     if not timestamp:
         raise SignatureError("missing X-HubSpot-Request-Timestamp header (epoch milliseconds)")
     stale = SignatureError(
-        f"X-HubSpot-Request-Timestamp {timestamp!r} is not within 5 minutes of now: "
+        f"X-HubSpot-Request-Timestamp {timestamp[:32]!r} is not within 5 minutes of now: "
         "a replayed delivery or a wrong clock"
     )
     if (
