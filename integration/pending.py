@@ -128,36 +128,44 @@ def drain(redis: Redis, crm: str, account: str, entries: int = DRAIN_ENTRIES) ->
 def move_to_pending(redis: Redis, crm: str, account: str, taken: list[tuple[bytes, dict]]) -> None:
     """Events drained before (a CRM's retry, a redelivery, a racing collector) are dropped and
     counted; the rest are coalesced, one pending entry per lead, in the transaction that deletes
-    the entries."""
+    the entries. The account's waiting leads and drained ids are watched from before they are read:
+    a second collector (one kicked after this one's kick expired) that moves any of them first makes
+    this one read again, so neither replaces what the other wrote (an erasure above all)."""
     unpacked = [(entry_id, unpack_intake(crm, fields[b"d"])) for entry_id, fields in taken]
     events = [event for _, entry_events in unpacked for event in entry_events]
     current, previous = seen_keys(crm, account, time.time())
     ids = [event.event_ids[0] for event in events]
-    with redis.pipeline(transaction=False) as pipe:
-        pipe.smismember(current, ids)
-        pipe.smismember(previous, ids)
-        seen_now, seen_before = pipe.execute()
-    fresh: dict[str, LeadEvent] = {}
-    for event, now, before in zip(events, seen_now, seen_before, strict=True):
-        if not (now or before):
-            fresh.setdefault(event.event_ids[0], event)
-    leads = _keeping_erasures(redis, crm, account, coalesce(list(fresh.values()))) if fresh else []
+    sizes = [arg for entry_id, entry_events in unpacked for arg in (entry_id, len(entry_events))]
     with redis.pipeline(transaction=True) as pipe:
-        if fresh:
-            record(pipe, leads)
-            pipe.sadd(current, *fresh)
-            pipe.expire(current, 2 * SEEN_WINDOW_S)
-        sizes = [arg for entry_id, entry_events in unpacked for arg in (entry_id, len(entry_events))]
-        pipe.eval(_DELETE_DRAINED, 2, intake_key(crm, account), intake_events_key(crm, account), *sizes)
-        refresh_oldest(pipe, crm, account)
-        metrics.add_counters(pipe, [("events_deduplicated_total", len(events) - len(fresh), {"crm": crm})])
-        pipe.execute()
+        while True:
+            try:
+                pipe.watch(pending_key(crm, account), current)
+                seen_now, seen_before = pipe.smismember(current, ids), pipe.smismember(previous, ids)
+                fresh: dict[str, LeadEvent] = {}
+                for event, now, before in zip(events, seen_now, seen_before, strict=True):
+                    if not (now or before):
+                        fresh.setdefault(event.event_ids[0], event)
+                leads = _keeping_erasures(pipe, crm, account, coalesce(list(fresh.values()))) if fresh else []
+                pipe.multi()
+                if fresh:
+                    record(pipe, leads)
+                    pipe.sadd(current, *fresh)
+                    pipe.expire(current, 2 * SEEN_WINDOW_S)
+                intake = (intake_key(crm, account), intake_events_key(crm, account))
+                pipe.eval(_DELETE_DRAINED, len(intake), *intake, *sizes)
+                refresh_oldest(pipe, crm, account)
+                deduplicated = len(events) - len(fresh)
+                metrics.add_counters(pipe, [("events_deduplicated_total", deduplicated, {"crm": crm})])
+                pipe.execute()
+                return
+            except WatchError:
+                continue
 
 
 def _keeping_erasures(redis: Redis, crm: str, account: str, events: list[LeadEvent]) -> list[LeadEvent]:
     """The newest event replaces a lead's waiting one, except an erasure, which nothing may drop: an
-    event that comes after it (a late retry of an older change) is merged into it. Only this account's
-    collector drains it, so nothing changes a waiting event between this read and its replacement."""
+    event that comes after it (a late retry of an older change) is merged into it. The caller watches
+    the waiting events, so none changes between this read and its replacement."""
     waiting = redis.hmget(pending_key(crm, account), [event.lead_id for event in events])
     return [
         LeadEvent.model_validate_json(raw).merged_with(event) if raw and ERASE_MARK in raw else event

@@ -24,7 +24,7 @@ from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
 from integration.errors import CRMError, CRMUnavailable, RateLimited
-from integration.events import LeadEvent
+from integration.events import ERASE, IntakeRow, LeadEvent, pack_intake
 from integration.hubspot.api import HubSpotCRM
 from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers, load_delivery
@@ -41,7 +41,7 @@ from tests.conftest import (
     pending_events,
 )
 from tests.test_feedback_outcomes_holdout import table
-from workers import batch, store
+from workers import batch, jobs, store
 from workers.worker import LeadscoreQueue
 
 BURST = "contact.creation__demo_burst"
@@ -181,6 +181,42 @@ def test_an_entry_two_racing_collectors_both_read_is_queued_once(post_delivery, 
 
     assert [e["lead_id"] for e in pending_events(redis, "hubspot", PORTAL_ID)] == ["74300000101"]
     assert redis.xlen(intake) == 0 and pending.depth(redis) == 1
+    assert metrics.counter_value(redis, "events_deduplicated_total", crm="hubspot") == 1
+
+
+def test_an_erasure_a_second_collector_moved_first_is_not_replaced_by_the_first_ones_change(
+    redis, monkeypatch
+):
+    """A collect job can outlive its kick (120 s) behind a burst; the next delivery then kicks a
+    second. If the second moves a change and an erasure of one lead while the first, which read the
+    change alone, is between its reads and its commit, the first must read again, not write the
+    change over the erasure."""
+
+    def deliver(event_id: str, kind: str) -> None:
+        now = time.time()
+        row = IntakeRow(PORTAL_ID, "74300000101", event_id, kind, (), int(now * 1000))
+        with redis.pipeline(transaction=True) as pipe:
+            pending.add_intake(pipe, "hubspot", PORTAL_ID, pack_intake([row], now), 1, now)
+            pipe.execute()
+
+    deliver("change", "property_change")
+    first_read = redis.xrange(pending.intake_key("hubspot", PORTAL_ID))  # the first collector reads
+    deliver("erasure", ERASE)
+    read_waiting, second = pending._keeping_erasures, {}
+
+    def second_collector_moves_both(*args):
+        waiting = read_waiting(*args)
+        if not second:
+            second["ran"] = True
+            second["moved"] = pending.drain(redis, "hubspot", PORTAL_ID)
+        return waiting
+
+    monkeypatch.setattr(pending, "_keeping_erasures", second_collector_moves_both)
+    pending.move_to_pending(redis, "hubspot", PORTAL_ID, first_read)
+
+    [waiting] = pending_events(redis, "hubspot", PORTAL_ID)
+    assert second["moved"] == 2 and waiting["kinds"] == ["property_change", ERASE]
+    assert redis.xlen(pending.intake_key("hubspot", PORTAL_ID)) == 0
     assert metrics.counter_value(redis, "events_deduplicated_total", crm="hubspot") == 1
 
 
@@ -932,6 +968,39 @@ def test_an_older_batch_never_overwrites_a_newer_events_score(settings, crm, que
     assert [r["outcome"] for r in older.return_value()] == ["superseded"]
     assert [r["outcome"] for r in newer.return_value()] == ["written"]
     assert len(hubspot.writes) == 1
+
+
+def test_a_batch_whose_write_waited_while_a_newer_batch_wrote_has_its_lead_scored_once_more(
+    post_delivery, crm, queue, redis, run_worker, hubspot, monkeypatch
+):
+    """Batch A passes its superseded check, then its write waits (the rate limiter, a retry); batch
+    C, handed the lead's next change meanwhile, writes first. A's older score then lands last, so
+    the lead is scored once more after it, and the CRM ends on the newest state."""
+    post_delivery("contact.creation__single")
+    write, overtook = HubSpotCRM.write_many, []
+
+    def write_after_a_newer_batch(adapter, items):
+        if not overtook:
+            overtook.append("C")
+            hubspot.contacts[VP]["properties"]["hs_lead_status"] = "UNQUALIFIED"  # a rep's change...
+            event = LeadEvent(crm="hubspot", account_id=PORTAL_ID, lead_id=VP, event_ids=("newer",),
+                              kinds=("property_change",), occurred_at=datetime.now(UTC),
+                              accepted_at=datetime.now(UTC))  # fmt: skip
+            with redis.pipeline(transaction=True) as pipe:
+                pending.record(pipe, [event])
+                pipe.execute()
+            newer = pending.take_batch(queue, "hubspot", PORTAL_ID, 1)  # ...handed to batch C
+            queue.remove(newer)
+            overtook.append(batch._score_batch(jobs.context(), *newer.args))  # C writes while A's waits
+        return write(adapter, items)
+
+    monkeypatch.setattr(HubSpotCRM, "write_many", write_after_a_newer_batch)
+    run_worker()
+
+    [_, [newer_result]] = overtook
+    assert newer_result["outcome"] == "written"
+    assert hubspot.contact_properties(VP)["leadscore_tier"] == "D"  # the newest state: unqualified
+    assert [contact for contact, _ in hubspot.writes] == [VP, VP, VP]  # C, then A's older score, then again
 
 
 def test_a_later_hand_off_supersedes_an_earlier_one_whatever_the_web_hosts_clocks_say(crm, queue, redis,

@@ -905,6 +905,37 @@ def test_scores_reach_the_crm_when_the_store_is_unavailable(env, monkeypatch, tm
     assert metrics.counter_value(redis, "store_errors_total") == 2  # the score, and whether feedback changed
 
 
+@EACH_STORE
+def test_a_score_the_store_missed_is_kept_when_its_lead_comes_again_unchanged(
+    env, monkeypatch, tmp_path, post_delivery, crm, run_worker, hubspot, llm
+):
+    """The CRM shows a score the store lacks (it was down, or the worker died between the write and
+    the keep): the lead's next event keeps it, with no LLM call and no write, and only once."""
+    reconfigure(monkeypatch, DATABASE_URL=f"sqlite:///{tmp_path}/never-migrated.sqlite3")  # the store is down
+    post_delivery("contact.propertyChange__lead_status")
+    [first] = run_worker()
+    reconfigure(monkeypatch, DATABASE_URL=env["DATABASE_URL"])  # and up again
+    calls, writes = len(llm.requests), len(hubspot.writes)
+    change = fixture_json("hubspot/contact.propertyChange__lead_status.json")[0]
+
+    outcomes = []
+    for event_id in (9, 10):
+        post_delivery(json.dumps([{**change, "eventId": event_id}]).encode())
+        [again] = run_worker()
+        outcomes.append(again["outcome"])
+
+    assert first["outcome"] == "written" and outcomes == ["unchanged", "unchanged"]
+    assert (len(llm.requests), len(hubspot.writes)) == (calls, writes)  # the LLM's cache; nothing written
+    [kept] = table(env, store.scores)
+    shown = written(hubspot, CONTACT)
+    assert (str(kept["score"]), kept["tier"], kept["reason"]) == (
+        shown["leadscore_score"],
+        shown["leadscore_tier"],
+        shown["leadscore_reason"],
+    )
+    assert kept["fingerprint"] == json.loads(shown["leadscore_details"])["fingerprint"]
+
+
 def test_salesforce_org_without_the_newer_fields_still_scores(
     env, post_outbound, sf_crm, run_worker, salesforce
 ):

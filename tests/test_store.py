@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -223,6 +225,46 @@ def test_a_large_sync_keeps_outcomes_a_thousand_rows_a_statement_and_counts_only
     assert kept.record_outcomes(facts, "sync") == 2000  # the 500 already kept are not new
 
     assert len(inserts) == 3 and kept.counts()["outcomes"] == 2500
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_worker_keeping_outcomes_during_a_sync_of_the_same_leads_is_not_deadlocked(store_url):
+    """A nightly `outcomes sync` keeps 1,500 outcomes while a batch keeps two of the same leads. Each
+    once locked its rows in its own order; PostgreSQL aborted one of them as a deadlock."""
+    store.upgrade(store_url)
+    sync, worker = Store(store_url), Store(store_url)
+    synced = [LeadFact("hubspot", "48213377", f"L{n}", "customer") for n in range(1500)]
+    batch = [LeadFact("hubspot", "48213377", lead, "customer") for lead in ("L1200", "L5")]
+    worker_waits, results = threading.Event(), {}
+
+    def keep(name: str, kept: Store, facts: list[LeadFact]) -> None:
+        try:
+            results[name] = kept.record_outcomes(facts, name)
+        except Exception as exc:  # noqa: BLE001 (what the assertion shows)
+            results[name] = type(exc).__name__
+
+    def before_the_second_chunk(conn, cursor, sql, params, context, many):
+        if sql.startswith("INSERT INTO outcomes") and not worker_waits.is_set():
+            worker_waits.set()
+            return
+        if sql.startswith("INSERT INTO outcomes"):
+            time.sleep(0.5)  # the batch keeps its two leads meanwhile
+
+    def batch_after_the_first_chunk():
+        worker_waits.wait(10)
+        time.sleep(0.1)
+        keep("webhook", worker, batch)
+
+    event.listen(sync.engine, "before_cursor_execute", before_the_second_chunk)
+    threads = [threading.Thread(target=keep, args=("sync", sync, synced)),
+               threading.Thread(target=batch_after_the_first_chunk)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert all(isinstance(new, int) for new in results.values()) and len(results) == 2, results
+    assert sum(results.values()) == sync.counts()["outcomes"] == 1500  # each kept once, by one or the other
 
 
 def test_an_outcome_reported_again_with_an_earlier_date_moves_back_to_it(store_url):

@@ -192,6 +192,11 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         _keep(ctx, crm, account, read_at, scored, [s for i, s in scored.items() if i in done],
               [lead for i, lead in leads.items() if i in done])  # fmt: skip
         raise
+    # A newer hand-off's batch may have written while this write waited (the rate limiter, retries):
+    # those leads are scored once more, after this, so the newest state is what the CRM shows last.
+    overtaken = _superseded(ctx, crm, account, [by_id[i] for i, result in written.items() if result.ok])
+    if overtaken:
+        pending.requeue(_queue(), crm, account, [by_id[i] for i in sorted(overtaken)])
 
     results, failed, fallbacks, latencies, kept = [], [], [], [], []
     now = datetime.now(UTC)
@@ -215,6 +220,8 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         if s.fields is None:
             ctx.telemetry("writes_total", crm=crm, outcome="unchanged")
             results.append(outcome(key, "unchanged", s))
+            if s.never_kept and s.result is not None:
+                kept.append(s)
             continue
         result = written[s.lead.lead_id]
         if result.ok:

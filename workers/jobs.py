@@ -54,6 +54,7 @@ class Scored:
     propensity: PropensityResult | None  # None also when a trained model that ignores the LLM scored it
     fields: dict[str, str] | None  # what to write; None when the CRM already shows it
     holdout: bool = False  # the CRM shows no score for this lead (the randomised holdout)
+    never_kept: bool = False  # the CRM shows this score but the store lacks it: kept, not written
 
     @property
     def clears_feedback(self) -> bool:
@@ -164,7 +165,9 @@ class WorkerContext:
         fingerprints = [input_fingerprint(lead, self.config) for lead in leads]
         share = self.settings.holdout_share
         held = [in_holdout(lead.lead_key, share) for lead in leads]
-        fresh = [i for i, lead in enumerate(leads) if not _already_scored(lead, fingerprints[i], held[i])]
+        shown = [i for i, lead in enumerate(leads) if _already_scored(lead, fingerprints[i], held[i])]
+        never_kept = self._never_kept(leads, fingerprints, shown)
+        fresh = sorted({*range(len(leads))} - {*shown} | {*never_kept})
         if self.model is None or self.model.uses_llm:
             answers = self.reasoner.assess_many(
                 [leads[i] for i in fresh], [fingerprints[i] for i in fresh], self.redis
@@ -185,9 +188,9 @@ class WorkerContext:
                 self._count_llm(propensity)
             holdout = held[i]
             flagged = (lead.current_output.get("holdout") or "").lower() == "true"
-            shown = shown_fields(result, holdout, write_flag=share > 0 or flagged)
-            fields = fields_to_write(shown, lead.current_output, feedback=lead.feedback)
-            scored.append(Scored(lead, result, propensity, fields, holdout))
+            to_show = shown_fields(result, holdout, write_flag=share > 0 or flagged)
+            fields = fields_to_write(to_show, lead.current_output, feedback=lead.feedback)
+            scored.append(Scored(lead, result, propensity, fields, holdout, i in never_kept))
             self.telemetry(
                 "leads_scored_total",
                 crm=lead.crm,
@@ -195,6 +198,22 @@ class WorkerContext:
                 scorer=result.details.get("scorer", RULES_SCORER),
             )
         return scored
+
+    def _never_kept(self, leads: list[Lead], fingerprints: list[str], shown: list[int]) -> set[int]:
+        """Of the leads the CRM shows scored for their inputs, those whose score the store lacks: they
+        are scored again (the LLM answering from its cache) to be kept, not written."""
+        if not shown:
+            return set()
+        first = leads[shown[0]]  # a batch is one account's
+        try:
+            missing = self.store.never_kept(
+                first.crm, first.account_id, {leads[i].lead_id: fingerprints[i] for i in shown}
+            )
+        except Exception as exc:
+            log.error("score store: could not look for scores never kept: %s", exc)
+            self.telemetry("store_errors_total")
+            return set()
+        return {i for i in shown if leads[i].lead_id in missing}
 
     def _results(
         self, leads: list[Lead], answers: list[PropensityResult | None], fingerprints: list[str]

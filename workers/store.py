@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 
 from sqlalchemy import (
@@ -235,13 +236,18 @@ class Store:
 
     def record_outcomes(self, facts: Iterable[LeadFact], source: str) -> int:
         """Keep each lead's outcome kinds once (insert-or-ignore, so workers and `outcomes sync`
-        can race), and the earliest date anyone gave for it; returns how many were new."""
+        can race), and the earliest date anyone gave for it; returns how many were new. Rows go in
+        key order, a transaction a chunk: two writers that share leads then lock them in the same
+        order (on PostgreSQL, in any other order one of them was aborted as a deadlock) and briefly."""
         now = datetime.now(UTC)
-        rows = [
-            {**_keys(f), "kind": f.value, "source": source, "recorded_at": now,
-             "reached_at": min(f.reached_at, now) if f.reached_at else now}
-            for f in dict.fromkeys(facts)
-        ]  # fmt: skip
+        rows = sorted(
+            (
+                {**_keys(f), "kind": f.value, "source": source, "recorded_at": now,
+                 "reached_at": min(f.reached_at, now) if f.reached_at else now}
+                for f in dict.fromkeys(facts)
+            ),
+            key=itemgetter("crm", "account_id", "lead_id", "kind"),
+        )  # fmt: skip
         if not rows:
             return 0
         dialect = self.engine.dialect.name
@@ -256,13 +262,14 @@ class Store:
             .values(reached_at=bindparam("_reached_at"))
         )
         added = 0
-        with self.engine.begin() as connection:
-            for start in range(0, len(rows), INSERT_ROWS):  # one statement a chunk: a sync keeps 100,000s
-                result = connection.execute(insert.values(rows[start : start + INSERT_ROWS]))
+        for start in range(0, len(rows), INSERT_ROWS):  # one statement a chunk: a sync keeps 100,000s
+            chunk = rows[start : start + INSERT_ROWS]
+            with self.engine.begin() as connection:
+                result = connection.execute(insert.values(chunk))
                 added += len(result.all()) if dialect == "postgresql" else result.rowcount
-            # A later report with an earlier date (the CRM's own, say) moves the outcome back to it.
-            connection.execute(earlier, [{f"_{k}": row[k] for k in (*(c.name for c in key), "reached_at")}
-                                         for row in rows])  # fmt: skip
+                # A later report with an earlier date (the CRM's own, say) moves the outcome back to it.
+                connection.execute(earlier, [{f"_{k}": row[k] for k in (*(c.name for c in key), "reached_at")}
+                                             for row in chunk])  # fmt: skip
         return added
 
     def record_feedback(self, facts: Iterable[Feedback]) -> int:
@@ -318,6 +325,24 @@ class Store:
                     select(scores.c.fingerprint).where(*_leads(scores, crm, account_id, lead_ids))
                 ).scalars()
             )
+
+    def never_kept(self, crm: str, account_id: str, shown: dict[str, str]) -> set[str]:
+        """Of these leads (id: the fingerprint of the score the CRM shows), those whose score was never
+        kept: the store was down, or the worker died between writing it and keeping it."""
+        if not shown:
+            return set()
+        same = (lambda i: full_id(i) if is_record_id(i) else i) if crm == "salesforce" else (lambda i: i)
+        with self.engine.connect() as connection:
+            kept = {
+                (same(lead), fingerprint)
+                for lead, fingerprint in connection.execute(
+                    select(scores.c.lead_id, scores.c.fingerprint).where(
+                        *_leads(scores, crm, account_id, list(shown)),
+                        scores.c.fingerprint.in_(sorted(set(shown.values()))),
+                    )
+                )
+            }
+        return {lead for lead, fingerprint in shown.items() if (same(lead), fingerprint) not in kept}
 
     def erase(self, crm: str, account_id: str, lead_ids: list[str]) -> dict[str, int]:
         """Delete every row kept of these leads; the rows deleted per table. A Salesforce id matches
