@@ -391,6 +391,8 @@ def cmd_db(args) -> int:
     if args.action == "prune":
         if args.older_than is None:
             raise UsageError("db prune needs --older-than DAYS: what your retention policy keeps")
+        if args.older_than < 1:  # a batch keeps again a score of the last day it finds missing
+            raise UsageError(f"db prune --older-than {args.older_than:g}: keep at least 1 day")
         before = datetime.now(UTC) - timedelta(days=args.older_than)
         deleted = store.Store(settings.database_url).require_schema().prune(before)
         print(f"{store.redacted(settings.database_url)}: deleted what was kept before "

@@ -14,7 +14,8 @@ UTC), `level`, `logger`, `message`, any `extra=` fields (event_id, lead_id, job_
   * email addresses, accented ones too -> `[email]`;
   * phone numbers -> `[phone]`: 9 to 15 digits that either start with `+` (`+1 415 555 0143`,
     `+44 20 7946 0958`, `+14155550143`) or are split into groups by phone-style separators
-    (space, `-`, `.`, a parenthesised first group, a `/` after the first group): `(415) 555-0143`,
+    (space, `-`, `.`, a parenthesised first group; after a first group starting with the trunk 0, `/`
+    too, and a last group of up to 8 digits): `(415) 555-0143`,
     `415-555-0143`, `415.555.0143`, `020 7946 0958`, `0151 23456789`, `030/12345678`. A bare run
     of digits is never a phone, so HubSpot ids (`74300000101`), epoch timestamps (`1795251603`,
     `1795251603.123`), scores and Salesforce ids (`00Q5g00000Ls001EAB`) stay; nor is a phone
@@ -55,9 +56,11 @@ _PHONE = re.compile(
     (?:
         \+\d(?:[\ .\-()]{0,2}\d){8,16}               # +<country>...: any phone separators
       |
-        (?:\(\d{1,5}\)[\ .\-]?|\d{1,5}[\ .\-/])     # first group: "(415) ", "415-" or "030/"
+        (?:\(\d{1,5}\)[\ .\-]?|\d{1,5}[\ .\-])      # first group: "(415) " or "415-"
         (?:\d{1,5}[\ .\-]){0,4}                     # middle groups
-        \d{2,8}                                     # last group: "0151 23456789"
+        \d{2,7}                                     # last group
+      |
+        0\d{1,4}[\ .\-/](?:\d{1,5}[\ .\-]){0,4}\d{2,8}   # a trunk 0 first: "0151 23456789", "030/12345678"
     )
     (?![\w:]|[.,]\d)
     """,

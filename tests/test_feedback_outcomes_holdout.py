@@ -936,6 +936,46 @@ def test_a_score_the_store_missed_is_kept_when_its_lead_comes_again_unchanged(
     assert kept["fingerprint"] == json.loads(shown["leadscore_details"])["fingerprint"]
 
 
+def test_a_forgotten_leads_score_is_not_kept_again_when_it_comes_again_unchanged(
+    env, post_delivery, crm, run_worker, hubspot, llm, redis
+):
+    """`forget` deleted the rows on purpose: the lead's next unchanged event keeps nothing of it again,
+    asks no LLM and writes nothing, though the CRM still shows its score."""
+    change = fixture_json("hubspot/contact.propertyChange__lead_status.json")[0]
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()
+    assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, CONTACT]) == 0
+    calls, writes = len(llm.requests), len(hubspot.writes)
+
+    post_delivery(json.dumps([{**change, "eventId": 11}]).encode())
+    [again] = run_worker()
+
+    assert again["outcome"] == "unchanged" and table(env, store.scores) == []
+    assert (len(llm.requests), len(hubspot.writes)) == (calls, writes)
+
+
+def test_a_missed_score_that_no_longer_comes_out_the_same_is_neither_kept_nor_written(
+    env, monkeypatch, tmp_path, post_delivery, crm, run_worker, hubspot, llm, redis
+):
+    """The LLM's cached answer is gone (its TTL) and it answers otherwise: the missed score is not
+    the one the new answer gives, so nothing is kept, and nothing is written for an unchanged lead."""
+    reconfigure(monkeypatch, DATABASE_URL=f"sqlite:///{tmp_path}/never-migrated.sqlite3")
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()
+    reconfigure(monkeypatch, DATABASE_URL=env["DATABASE_URL"])
+    for key in redis.scan_iter("leadscore:llm:*"):
+        redis.delete(key)
+    llm.force("lead_74300000111")  # another answer: an unqualified consultant
+    writes = len(hubspot.writes)
+
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 12}]).encode())  # fmt: skip
+    [again] = run_worker()
+
+    assert again["outcome"] == "unchanged" and len(hubspot.writes) == writes
+    assert table(env, store.scores) == []
+
+
 def test_salesforce_org_without_the_newer_fields_still_scores(
     env, post_outbound, sf_crm, run_worker, salesforce
 ):

@@ -263,6 +263,8 @@ def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_even
         ("mail jöhn.müller@exämple.de now", "mail [email] now"),
         ("dated 11/22/2026 and 2026/11/22", "dated 11/22/2026 and 2026/11/22"),
         ("batch 12 of 74300000101", "batch 12 of 74300000101"),
+        ("12000/150000 leads", "12000/150000 leads"),
+        ("lead 5 12345678", "lead 5 12345678"),
     ],
 )
 def test_european_phone_numbers_and_accented_emails_are_masked_but_dates_are_not(text, masked):

@@ -659,6 +659,22 @@ def test_score_file_follows_no_link_planted_where_it_writes_first(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o666 & ~offline._umask()
 
 
+def test_score_file_writes_utf_8_whatever_the_locale(tmp_path):
+    frame = pd.read_csv(DATA, nrows=20)
+    frame.loc[0, "Lead Source"] = "Référence société"
+    data, out = tmp_path / "accented.csv", tmp_path / "scores.csv"
+    frame.to_csv(data, index=False)
+    run = "from integration.cli import main; raise SystemExit(main())"
+    done = subprocess.run(
+        [sys.executable, "-X", "utf8=0", "-c", run, "score-file", "--data", str(data), "--mapping",
+         str(MAPPING), "--out", str(out)],
+        env={**os.environ, "LC_ALL": "C", "LANG": "C"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_bytes().decode("utf-8").splitlines()) == 21
+
+
 def test_score_file_that_fails_to_write_leaves_the_earlier_output_whole(tmp_path, monkeypatch, capsys):
     out = tmp_path / "scores.csv"
     out.write_text("an earlier run's scores\n")

@@ -591,7 +591,9 @@ def test_employee_count(size, count):
         ("Head of RevOps", "VP", 0.9),
         ("Director of IT", "Director", 0.75),
         ("CEO & Co-founder", "C-level", 1.0),
-        ("Product Owner", "Staff", 0.3),
+        ("Product Owner", "Manager", 0.55),
+        ("Founder & Product Owner", "C-level", 1.0),
+        ("Business Owner", "C-level", 1.0),
         ("Executive Assistant to the CEO", "Staff", 0.3),
         ("Assistant to the President", "Staff", 0.3),
         ("Chief of Staff", "Director", 0.75),
@@ -626,6 +628,21 @@ def test_a_sales_title_in_french_spanish_or_german_is_a_sales_role(config, title
     assert role_fit(make_lead(title=title), config).labels == {"function": "sales"}
 
 
+@pytest.mark.parametrize(
+    ("title", "function"),
+    [
+        ("Executive Assistant to the CEO", "assistant"),
+        ("Assistant to the VP of Sales", "assistant"),
+        ("Product Owner", "product"),
+        ("Founder & Product Owner", "leadership"),
+        ("Commercial Real Estate Analyst", None),
+        ("Commercial Director", "sales"),
+    ],
+)
+def test_the_function_of_titles_that_name_someone_elses_role(config, title, function):
+    assert role_fit(make_lead(title=title), config).labels.get("function") == function
+
+
 def test_vice_president_is_vp_not_c_level(config):
     assert seniority(make_lead(title="Vice President of Sales"), config).labels == {"seniority": "VP"}
 
@@ -641,7 +658,7 @@ def test_keyword_matching_is_whole_word(config):
     # "cro" inside "micro", "founder" inside "co-founder" and "vp" inside "mvp" are not words
     assert seniority(make_lead(title="Microsoft admin"), config).labels == {}
     assert seniority(make_lead(title="MVP award winner"), config).labels == {}
-    [rule] = [level for level in config.seniority.levels if level.label == "C-level"]
+    rule = next(level for level in config.seniority.levels if level.label == "C-level")
     assert rule.matches("Co-Founder") and rule.matches("founder") and not rule.matches("cofounders")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import event, inspect, select, text
+from sqlalchemy.exc import OperationalError
 
 from integration.cli import main
 from integration.settings import get_settings
@@ -267,6 +269,27 @@ def test_a_worker_keeping_outcomes_during_a_sync_of_the_same_leads_is_not_deadlo
     assert sum(results.values()) == sync.counts()["outcomes"] == 1500  # each kept once, by one or the other
 
 
+def test_a_postgresql_store_that_never_answers_costs_a_batch_seconds_not_minutes():
+    """A host that takes the connection and says nothing (a hung server, a half-open proxy): the
+    store is the worker's side job, so its connection gives up after CONNECT_TIMEOUT_S."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the handshake completes in the backlog; nothing ever answers
+        url = f"postgresql+psycopg://leadscore@127.0.0.1:{silent.getsockname()[1]}/leadscore"
+        failed = []
+
+        def connect() -> None:
+            try:
+                store.engine_for(url).connect()
+            except OperationalError as exc:
+                failed.append(str(exc))
+
+        attempt = threading.Thread(target=connect, daemon=True)
+        attempt.start()
+        attempt.join(store.CONNECT_TIMEOUT_S + 10)  # without the timeout it waits as long as the socket
+    assert failed and "timeout" in failed[0]
+
+
 def test_an_outcome_reported_again_with_an_earlier_date_moves_back_to_it(store_url):
     store.upgrade(store_url)
     kept = Store(store_url)
@@ -400,3 +423,5 @@ def test_db_prune_deletes_what_was_kept_before_the_retention_period(store_url, m
     assert outcome_leads == ["2"]
     assert main(["db", "prune"]) == 2  # a period is not guessed
     assert "db prune needs --older-than DAYS" in capsys.readouterr().err
+    assert main(["db", "prune", "--older-than", "0.5"]) == 2
+    assert "db prune --older-than 0.5: keep at least 1 day" in capsys.readouterr().err

@@ -195,8 +195,6 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     # A newer hand-off's batch may have written while this write waited (the rate limiter, retries):
     # those leads are scored once more, after this, so the newest state is what the CRM shows last.
     overtaken = _superseded(ctx, crm, account, [by_id[i] for i, result in written.items() if result.ok])
-    if overtaken:
-        pending.requeue(_queue(), crm, account, [by_id[i] for i in sorted(overtaken)])
 
     results, failed, fallbacks, latencies, kept = [], [], [], [], []
     now = datetime.now(UTC)
@@ -246,8 +244,10 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         ctx, crm, account, read_at, scored, kept, [lead for i, lead in leads.items() if i not in gone], won
     )
     failed = [(event, result) for event, result in failed if event.lead_id not in erased_late]
-    fallbacks = [event for event in fallbacks if event.lead_id not in erased_late]
+    fallbacks = [event for event in fallbacks if event.lead_id not in erased_late | overtaken]
     queue = _queue()
+    if overtaken - erased_late:
+        pending.requeue(queue, crm, account, [by_id[i] for i in sorted(overtaken - erased_late)])
     if failed and len(lead_events) == 1 and not deal_events:
         _fail_alone(failed[0][1], crm)
     for (

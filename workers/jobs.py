@@ -25,7 +25,7 @@ from integration.crm import CRMAdapter
 from integration.errors import LeadGone
 from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM, shared_limiter
-from integration.lead import Lead
+from integration.lead import Lead, moment_of
 from integration.queue import redis_from_url
 from integration.salesforce import full_id
 from integration.salesforce.api import SalesforceCRM
@@ -166,7 +166,7 @@ class WorkerContext:
         share = self.settings.holdout_share
         held = [in_holdout(lead.lead_key, share) for lead in leads]
         shown = [i for i, lead in enumerate(leads) if _already_scored(lead, fingerprints[i], held[i])]
-        never_kept = self._never_kept(leads, fingerprints, shown)
+        never_kept = self._never_kept(leads, fingerprints, [i for i in shown if _lately_scored(leads[i])])
         fresh = sorted({*range(len(leads))} - {*shown} | {*never_kept})
         if self.model is None or self.model.uses_llm:
             answers = self.reasoner.assess_many(
@@ -190,6 +190,9 @@ class WorkerContext:
             flagged = (lead.current_output.get("holdout") or "").lower() == "true"
             to_show = shown_fields(result, holdout, write_flag=share > 0 or flagged)
             fields = fields_to_write(to_show, lead.current_output, feedback=lead.feedback)
+            if i in never_kept and fields is not None:  # not the score shown (the LLM answered anew)
+                scored.append(Scored(lead, None, None, None))
+                continue
             scored.append(Scored(lead, result, propensity, fields, holdout, i in never_kept))
             self.telemetry(
                 "leads_scored_total",
@@ -200,12 +203,16 @@ class WorkerContext:
         return scored
 
     def _never_kept(self, leads: list[Lead], fingerprints: list[str], shown: list[int]) -> set[int]:
-        """Of the leads the CRM shows scored for their inputs, those whose score the store lacks: they
-        are scored again (the LLM answering from its cache) to be kept, not written."""
+        """Of the leads the CRM shows scored lately for their inputs, those whose score the store lacks
+        and that no erasure (`forget`, a privacy deletion) deleted: they are scored again, the LLM
+        answering from its cache, to be kept, never written (unless the same score comes out, not even
+        kept)."""
         if not shown:
             return set()
         first = leads[shown[0]]  # a batch is one account's
+        ids = [leads[i].lead_id for i in shown]
         try:
+            erased = erased_since(self.redis, first.crm, first.account_id, ids, 0.0)
             missing = self.store.never_kept(
                 first.crm, first.account_id, {leads[i].lead_id: fingerprints[i] for i in shown}
             )
@@ -213,7 +220,7 @@ class WorkerContext:
             log.error("score store: could not look for scores never kept: %s", exc)
             self.telemetry("store_errors_total")
             return set()
-        return {i for i in shown if leads[i].lead_id in missing}
+        return {i for i in shown if leads[i].lead_id in missing - erased}
 
     def _results(
         self, leads: list[Lead], answers: list[PropensityResult | None], fingerprints: list[str]
@@ -315,6 +322,13 @@ def _shown_details(lead: Lead) -> dict:
     except json.JSONDecodeError:
         return {}
     return details if isinstance(details, dict) else {}
+
+
+def _lately_scored(lead: Lead) -> bool:
+    """The CRM shows a score written within the erasure marks' memory: one the store lacks was missed,
+    not erased (an erasure that old is no longer marked) nor pruned."""
+    at = moment_of(lead.current_output.get("scored_at"))
+    return at is not None and (datetime.now(UTC) - at).total_seconds() < ERASED_MARK_S
 
 
 def _already_scored(lead: Lead, fingerprint: str, in_holdout_now: bool) -> bool:

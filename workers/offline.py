@@ -264,7 +264,13 @@ def score_file(
     # Written beside `out` then renamed, so a failed write leaves the last file whole; created anew
     # (O_EXCL), so a link planted at a name it could have in a shared folder is never followed.
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
-        "w", dir=out.parent, prefix=f".{out.name}.", suffix=".partial", delete=False, newline=""
+        "w",
+        encoding="utf-8",
+        newline="",
+        dir=out.parent,
+        prefix=f".{out.name}.",
+        suffix=".partial",
+        delete=False,
     )
     partial = Path(handle.name)
     try:

@@ -149,8 +149,17 @@ class Feedback:
     fingerprint: str | None = None
 
 
+CONNECT_TIMEOUT_S = 5  # a store that does not answer costs a batch this long, not the OS's minutes
+
+
 def engine_for(url: str) -> Engine:
-    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)  # no lead data in error logs
+    postgres = make_url(url).get_backend_name() == "postgresql"
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        hide_parameters=True,  # no lead data in error logs
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S} if postgres else {},
+    )
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
