@@ -133,9 +133,9 @@ class SourceStage(_Strict):
     @field_validator("sources", "statuses", "stages")
     @classmethod
     def _keyed_by_value_key(cls, table: dict[str, Labelled]) -> dict[str, Labelled]:
-        """Values listed as CRM picklists or data files spell them match whatever their case and runs
-        of spaces ("Unqualified" as "UNQUALIFIED", "Interested  in full time MBA" as one space): orgs
-        differ and exports drift. Two that read the same must have the same rule."""
+        """A lead's value matches whatever its case and runs of spaces ("Unqualified" is "UNQUALIFIED",
+        "Interested  in full time MBA" the same with one space): picklists differ by org and exports
+        drift. Two values of a table that read the same must have the same rule."""
         keyed: dict[str, Labelled] = {}
         for value, rule in table.items():
             key = value_key(value)

@@ -204,9 +204,8 @@ class WorkerContext:
 
     def _never_kept(self, leads: list[Lead], fingerprints: list[str], shown: list[int]) -> set[int]:
         """Of the leads the CRM shows scored lately for their inputs, those whose score the store lacks
-        and that no erasure (`forget`, a privacy deletion) deleted: they are scored again, the LLM
-        answering from its cache, to be kept, never written (unless the same score comes out, not even
-        kept)."""
+        and that no erasure (`forget`, a privacy deletion) deleted. They are scored again, the LLM
+        answering from its cache, and kept if the score shown comes out again; never written."""
         if not shown:
             return set()
         first = leads[shown[0]]  # a batch is one account's
