@@ -43,6 +43,13 @@ from integration.events import ERASE, RESCORE, LeadEvent, coalesce, dump_events,
 _DELETE_IF_OWN = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
+# Renews a collector's kick while it is its own (or nobody's: it expired); 0 when another's.
+_HOLD_KICK = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
 # Deletes intake entries (ARGV: id, events, id, events, …) and takes the events of those it
 # deleted off the intake's count; an entry another collector already deleted counts nothing.
 _DELETE_DRAINED = """
@@ -344,6 +351,14 @@ def enqueue_batch(
         pipeline=pipe,
     )
     return job
+
+
+def hold_kick(redis: Redis, crm: str, account: str, token: str | None) -> bool:
+    """Keep this collector's kick alive while it runs; False when a later collector holds it (this
+    one waited in the queue past the kick's life), which then collects instead."""
+    if token is None:
+        return True
+    return bool(redis.eval(_HOLD_KICK, 1, kick_key(crm, account), token, KICK_TTL_S))
 
 
 def release(queue: Queue, crm: str, account: str, token: str | None) -> Job | None:

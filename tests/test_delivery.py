@@ -235,6 +235,22 @@ def test_an_account_whose_collector_was_lost_is_kicked_by_the_sweeper(
     assert pending.depth(redis) == 0 and len(hubspot.writes) == 1
 
 
+def test_a_collector_whose_kick_a_later_collector_holds_leaves_the_account_to_it(
+    env, post_delivery, crm, queue, redis
+):
+    """A collect job that waited in the queue past its kick's two minutes: the next delivery kicked
+    another, which holds the kick now. The first leaves the account to it instead of doing its work."""
+    post_delivery("contact.creation__single")
+    [first] = queue.get_jobs()
+    redis.set(pending.kick_key("hubspot", PORTAL_ID), "a-later-collector", ex=pending.KICK_TTL_S)
+
+    SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
+
+    assert first.get_status(refresh=True) == "finished" and first.return_value()["batches"] == 0
+    assert redis.xlen(pending.intake_key("hubspot", PORTAL_ID)) == 1  # left for the other collector
+    assert redis.get(pending.kick_key("hubspot", PORTAL_ID)) == b"a-later-collector"
+
+
 def test_collector_steps_aside_when_other_work_is_queued(env, monkeypatch, post_delivery, crm, queue, redis):
     monkeypatch.setenv("BATCH_LINGER_S", "5")
     from integration.settings import get_settings

@@ -53,6 +53,8 @@ def collect(crm: str, account: str, token: str | None = None) -> dict:
     step_aside_at = time.monotonic() + PASS_S
     try:
         while time.monotonic() < step_aside_at or not queue.count:
+            if not pending.hold_kick(queue.connection, crm, account, token):
+                break  # another collector of the account runs: two would do the same work twice
             drained = pending.drain(queue.connection, crm, account)
             count, since = pending.oldest(queue.connection, crm, account)
             if not count:
