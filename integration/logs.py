@@ -20,7 +20,8 @@ UTC), `level`, `logger`, `message`, any `extra=` fields (event_id, lead_id, job_
     of digits is never a phone, so HubSpot ids (`74300000101`), epoch timestamps (`1795251603`,
     `1795251603.123`), scores and Salesforce ids (`00Q5g00000Ls001EAB`) stay; nor is a phone
     number written as one (`4155550143`). Dates (`2025-01-31 12:00:00`, `11/22/2026`) and dotted
-    IPv4 addresses are not phones either. Runs glued to letters, `.` or other digits are left alone;
+    IPv4 addresses are not phones either. Runs glued to letters, `.` or other digits (or by a `-` to
+    a word, as in a UUID) are left alone;
   * `Authorization: <scheme> <credentials>` / `authorization=...`, `Bearer <token>`, `key=value`
     or `"key": "value"` pairs whose key mentions token/secret/password/api_key, OpenAI-style
     `sk-...` keys, HubSpot `pat-...` tokens and the token segment of `/webhooks/salesforce/<token>`
@@ -52,7 +53,7 @@ _MAX_DEPTH = 6
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}\b")  # \w: "jöhn@exämple.de"
 _PHONE = re.compile(
     r"""
-    (?<![\w.+])
+    (?<![\w.+])(?<!\w-)                             # not glued to a word: a UUID's digit groups
     (?:
         \+\d(?:[\ .\-()]{0,2}\d){8,16}               # +<country>...: any phone separators
       |
@@ -62,7 +63,7 @@ _PHONE = re.compile(
       |
         0\d{1,4}[\ .\-/](?:\d{1,5}[\ .\-]){0,4}\d{2,8}   # a trunk 0 first: "0151 23456789", "030/12345678"
     )
-    (?![\w:]|[.,]\d)
+    (?![\w:]|[.,]\d|-\w)
     """,
     re.VERBOSE,
 )

@@ -265,9 +265,11 @@ def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_even
         ("batch 12 of 74300000101", "batch 12 of 74300000101"),
         ("12000/150000 leads", "12000/150000 leads"),
         ("lead 5 12345678", "lead 5 12345678"),
+        ("job d72af4e9-9021-4594-8371-bd7b8e45dc5e", "job d72af4e9-9021-4594-8371-bd7b8e45dc5e"),
+        ("job 90214594-8371-4594-8371-bd7b8e45dc5e", "job 90214594-8371-4594-8371-bd7b8e45dc5e"),
     ],
 )
-def test_european_phone_numbers_and_accented_emails_are_masked_but_dates_are_not(text, masked):
+def test_european_phones_and_accented_emails_are_masked_but_dates_counts_and_uuids_are_not(text, masked):
     assert logs.redact(text) == masked
 
 
