@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from dataclasses import dataclass
 
 from flask import Flask, Request, Response, jsonify, request
@@ -18,6 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from integration import logs, metrics, pending
+from integration.clock import shared_now
 from integration.errors import BodyTooLarge, WebhookError
 from integration.events import IntakeRow
 from integration.hubspot.webhook import bp as hubspot_bp
@@ -78,7 +78,7 @@ def queue_gauges(redis: Redis, queue_name: str) -> dict:
         for member, since in redis.zrange(pending.ACCOUNTS, 0, -1, withscores=True):
             crm = member.decode().split(":", 1)[0]
             oldest[crm] = min(oldest.get(crm, since), since)
-        now = time.time()
+        now = shared_now(redis)
         return [({"crm": crm}, now - since) for crm, since in oldest.items()]
 
     return {"queue_depth": depth, "failed_jobs": failed, "oldest_pending_age_seconds": oldest_age}

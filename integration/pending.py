@@ -28,7 +28,6 @@ Keys, all under `leadscore:`:
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from redis import Redis
@@ -38,6 +37,7 @@ from rq import Queue, Retry
 from rq.job import Job
 
 from integration import metrics
+from integration.clock import shared_now
 from integration.events import ERASE, RESCORE, LeadEvent, coalesce, dump_events, parse_events, unpack_intake
 
 _DELETE_IF_OWN = (
@@ -140,7 +140,7 @@ def move_to_pending(redis: Redis, crm: str, account: str, taken: list[tuple[byte
     this one read again, so neither replaces what the other wrote (an erasure above all)."""
     unpacked = [(entry_id, unpack_intake(crm, fields[b"d"])) for entry_id, fields in taken]
     events = [event for _, entry_events in unpacked for event in entry_events]
-    current, previous = seen_keys(crm, account, time.time())
+    current, previous = seen_keys(crm, account, shared_now(redis))
     ids = [event.event_ids[0] for event in events]
     sizes = [arg for entry_id, entry_events in unpacked for arg in (entry_id, len(entry_events))]
     with redis.pipeline(transaction=True) as pipe:
@@ -293,7 +293,7 @@ def backfilling(redis: Redis, crm: str, account: str, lead_ids: list[str]) -> li
     from `leadscore failed`), then a rescore queues it again."""
     if not lead_ids:
         return []
-    since = time.time() - HANDOFF_TTL_S
+    since = shared_now(redis) - HANDOFF_TTL_S
     taken = redis.zmscore(backfill_key(crm, account), lead_ids)
     return [at is not None and at > since for at in taken]
 
@@ -330,7 +330,7 @@ def enqueue_batch(
         target = Queue(target.name + BACKFILL, connection=target.connection)
         for event in numbered:
             pipe.hsetnx(marks, event.lead_id, handoff)
-        now = time.time()
+        now = shared_now(queue.connection)
         pipe.zadd(backfill_key(crm, account), {event.lead_id: now for event in numbered})
         pipe.zremrangebyscore(backfill_key(crm, account), 0, now - HANDOFF_TTL_S)
         pipe.expire(backfill_key(crm, account), HANDOFF_TTL_S)
@@ -370,9 +370,9 @@ def release(queue: Queue, crm: str, account: str, token: str | None) -> Job | No
     return None
 
 
-def stale_accounts(redis: Redis, older_than_s: float, now: float | None = None) -> list[tuple[str, str]]:
+def stale_accounts(redis: Redis, older_than_s: float) -> list[tuple[str, str]]:
     """Accounts whose oldest pending lead waits longer than it should (a lost kick)."""
-    cutoff = (now or time.time()) - older_than_s
+    cutoff = shared_now(redis) - older_than_s
     return [tuple(member.decode().split(":", 1)) for member in redis.zrangebyscore(ACCOUNTS, 0, cutoff)]
 
 

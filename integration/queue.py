@@ -10,7 +10,6 @@ the web three times what accepting a delivery costs.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
 from integration import metrics, pending
+from integration.clock import shared_now
 from integration.errors import QueueUnavailable
 from integration.events import IntakeRow, pack_intake
 
@@ -101,7 +101,7 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
     if not by_account:  # nothing to queue, so nothing to refuse when Redis is down
         metrics.incr_many(queue.connection, counters)
         return summary
-    accepted_at = time.time()
+    accepted_at = shared_now(queue.connection)
     kicked_at: dict[str, int] = {}  # account → position of the answer telling whether it has a collector
     try:
         with queue.connection.pipeline(transaction=True) as pipe:

@@ -19,7 +19,7 @@ from rq import Retry, SimpleWorker, Worker
 from rq.exceptions import DequeueTimeout
 from rq.scheduler import RQScheduler
 
-from integration import metrics, pending
+from integration import clock, metrics, pending
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
@@ -149,6 +149,56 @@ def test_lone_lead_waits_only_the_linger(env, monkeypatch, post_delivery, crm, q
     assert pending.depth(redis) == 0 and [j.func_name for j in queue.get_jobs()] == [
         "workers.batch.score_batch"
     ]
+
+
+@pytest.mark.parametrize("wrong_host", ["web", "worker"])
+def test_a_host_clock_an_hour_off_does_not_hold_a_lone_lead(
+    wrong_host, env, monkeypatch, post_delivery, crm, queue, redis
+):
+    """The web host stamps when it accepted a delivery and a worker on another host lingers from that
+    stamp: both read Redis's clock, so a host an hour off (a resumed VM, NTP not synced) neither holds
+    a lone lead for an hour nor answers from a clock of its own."""
+    monkeypatch.setenv("BATCH_LINGER_S", "0.3")
+    from integration.settings import get_settings
+    from workers import jobs
+
+    get_settings.cache_clear()
+    jobs.context.cache_clear()
+    true_time = time.time
+    with monkeypatch.context() as skewed:
+        if wrong_host == "web":
+            skewed.setattr(time, "time", lambda: true_time() + 3600)
+        post_delivery("contact.creation__single")
+    accepted_at = redis.zscore(pending.ACCOUNTS, f"hubspot:{PORTAL_ID}")
+    assert accepted_at == pytest.approx(jobs.redis_now(redis), abs=5)
+
+    if wrong_host == "worker":
+        monkeypatch.setattr(time, "time", lambda: true_time() - 3600)
+    other_work = threading.Timer(10, queue.enqueue, args=("os.getpid",))  # a lingering collector steps aside
+    other_work.start()
+    started = time.monotonic()
+    SimpleWorker([queue], connection=redis).work(burst=True, max_jobs=1)
+    waited = time.monotonic() - started
+    other_work.cancel()
+
+    assert 0.25 <= waited < 3.0
+    assert [j.func_name for j in queue.get_jobs()] == ["workers.batch.score_batch"]
+
+
+def test_the_shared_clock_is_this_hosts_own_while_redis_cannot_be_asked(caplog):
+    """A web host whose Redis is down answers 503 from its own Redis call; reading the time must not
+    raise first, nor ask the dead Redis again on every request."""
+    from redis import Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    down = Redis(port=free_port(), retry=Retry(NoBackoff(), 0))
+    assert clock.shared_now(down) == pytest.approx(time.time(), abs=1)
+    assert clock.shared_now(down) == pytest.approx(time.time(), abs=1)
+    assert [r.message for r in caplog.records].count(
+        "could not read Redis's clock, using this host's for a minute: Error 111 connecting to "
+        f"localhost:{down.connection_pool.connection_kwargs['port']}. Connection refused."
+    ) == 1
 
 
 def test_a_collector_steps_aside_between_full_batches_after_its_pass(env, monkeypatch, crm, queue, redis):

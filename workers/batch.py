@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from rq import Queue, get_current_job
 
 from integration import metrics, pending
+from integration.clock import shared_now, shared_now_utc
 from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected
 from integration.events import ERASE, RESCORE, LeadEvent, deal_of, dump_events, parse_events
 from workers.jobs import context, erased_since, outcome, redis_now
@@ -61,7 +62,7 @@ def collect(crm: str, account: str, token: str | None = None) -> dict:
                 if drained:
                     continue
                 break
-            if count >= size or since + settings.batch_linger_s <= time.time():
+            if count >= size or since + settings.batch_linger_s <= shared_now(queue.connection):
                 batches += pending.take_batch(queue, crm, account, size) is not None
                 continue
             if queue.count:
@@ -136,8 +137,9 @@ def _wait_for_crm(crm: str, account: str, events: list[str], exc: CRMUnavailable
     acknowledged and nothing else holds them. After OUTAGE_GIVE_UP_S it fails, with no RQ retry, into
     the failed-job registry, where `leadscore requeue` finds it."""
     job = get_current_job()
-    outage = job.meta.get(OUTAGE_META, {"since": time.time(), "waits": 0})
-    down_s = time.time() - outage["since"]
+    now = shared_now(job.connection)  # a later wait may run on another host
+    outage = job.meta.get(OUTAGE_META, {"since": now, "waits": 0})
+    down_s = now - outage["since"]
     if down_s >= OUTAGE_GIVE_UP_S:
         log.error(
             "%s:%s: the CRM has been unavailable for %.1f h (%s); batch of %d leads failed into RQ's "
@@ -199,7 +201,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     overtaken = _superseded(ctx, crm, account, [by_id[i] for i, result in written.items() if result.ok])
 
     results, failed, fallbacks, latencies, kept = [], [], [], [], []
-    now = datetime.now(UTC)
+    now = shared_now_utc(ctx.redis)
     for event in lead_events:
         lead_id, key = event.lead_id, event.lead_key
         s = scored.get(lead_id)
@@ -357,7 +359,7 @@ def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, eve
 
 def rescore(crm: str, account: str, events: list[str]) -> int:
     """Leads scored while the LLM was down go back to pending, so they get a real propensity."""
-    now = datetime.now(UTC)
+    now = shared_now_utc(_queue().connection)
     lead_events = [event.model_copy(update={"accepted_at": now}) for event in parse_events(events)]
     pending.requeue(_queue(), crm, account, lead_events)
     return len(lead_events)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import islice
 
 from redis import Redis
 from rq import Queue
 
 from integration import pending
+from integration.clock import shared_now_utc
 from integration.events import RESCORE, LeadEvent
 from integration.hubspot.api import HubSpotCRM, shared_limiter
 from integration.salesforce.api import SalesforceCRM
@@ -69,7 +70,7 @@ def _reached(asked: str | None, reached: str, what: str) -> str:
 def feed(queue: Queue, fed: Fed, lead_ids: Iterable[str]) -> Fed:
     """Make the leads pending, CHUNK a transaction, and kick the account's collector after each, so
     the workers score while the CRM is still being paged. `fed` counts only what Redis took."""
-    now = datetime.now(UTC)
+    now = shared_now_utc(queue.connection)
     ids = iter(progress(f"queueing {fed.crm}:{fed.account} leads")(lead_ids))
     while chunk := list(islice(ids, CHUNK)):
         batched = pending.backfilling(queue.connection, fed.crm, fed.account, chunk)
