@@ -14,7 +14,7 @@ from integration.errors import CRMError, CRMUnavailable, UserError
 from integration.settings import SettingsError, get_settings
 
 # Commands reading files the user names: a file they cannot read is told in one line, not a traceback.
-FILE_COMMANDS = frozenset({"train", "score-file", "evaluate", "replay"})
+FILE_COMMANDS = frozenset({"train", "score-file", "evaluate", "replay", "hubspot-project"})
 GO_LIVE_STEP = (
     "Once the webhooks reach leadscore and a worker runs: `leadscore rescore --crm {crm}`, so the {leads} "
     "that exist already get a score (new and changed ones are scored as they come)."
@@ -45,6 +45,21 @@ def cmd_setup(args) -> int:
     print("Still to do by hand:")
     for step in todo:
         print(f"  - {step}")
+    return 0
+
+
+def cmd_hubspot_project(args) -> int:
+    from integration.hubspot.project import project_files, write_project
+
+    files = project_files(args.target_url, args.with_engagement, tuple(args.property))
+    for path in write_project(args.out, files):
+        print(f"wrote    {path}")
+    print(
+        f"Next: `cd {args.out} && hs project upload` (the HubSpot CLI; `hs account auth` first), install "
+        "the app in the portal from its Distribution tab, then set HUBSPOT_ACCESS_TOKEN to its access token, "
+        "HUBSPOT_APP_SECRET to the client secret on its Auth tab and HUBSPOT_APP_ID to its app id, and run "
+        "`leadscore setup hubspot`."
+    )
     return 0
 
 
@@ -652,6 +667,30 @@ def build_parser() -> argparse.ArgumentParser:
     setup = sub.add_parser("setup", help="create leadscore's CRM fields (idempotent)")
     setup.add_argument("crm", choices=["hubspot", "salesforce"], help="the CRM to create the fields in")
     setup.set_defaults(func=cmd_setup)
+
+    project = sub.add_parser(
+        "hubspot-project",
+        help="write the HubSpot project (app, scopes, webhook subscriptions) to upload with the HubSpot CLI",
+    )
+    project.add_argument(
+        "--target-url", required=True, help="leadscore's public webhook: https://<host>/webhooks/hubspot"
+    )
+    project.add_argument(
+        "--out", type=_not_under_a_file, required=True, help="a new directory for the project"
+    )
+    project.add_argument(
+        "--with-engagement",
+        action="store_true",
+        help="also subscribe to the visit and page-view counters (an event at nearly every visit)",
+    )
+    project.add_argument(
+        "--property",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also rescore on a change of this contact property, e.g. a [custom] one a trained model reads",
+    )
+    project.set_defaults(func=cmd_hubspot_project)
 
     worker = sub.add_parser("worker", help="run an RQ worker for the scoring queue")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")

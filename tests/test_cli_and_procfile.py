@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -71,6 +72,86 @@ def test_setup_without_token_says_what_to_set(env, monkeypatch, capsys):
 
     assert main(["setup", "hubspot"]) == 2
     assert "HUBSPOT_ACCESS_TOKEN is not set" in capsys.readouterr().err
+
+
+HUBSPOT_TARGET = "https://leadscore.example.com/webhooks/hubspot"
+
+
+def test_hubspot_project_is_a_static_private_app_with_the_scopes_leadscore_uses(tmp_path, capsys):
+    assert main(["hubspot-project", "--target-url", HUBSPOT_TARGET, "--out", str(tmp_path / "hs")]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [f"wrote    {tmp_path / 'hs' / name}" for name in (
+        "hsproject.json", "src/app/app-hsmeta.json", "src/app/webhooks/webhooks-hsmeta.json")]  # fmt: skip
+    assert out[3].startswith(f"Next: `cd {tmp_path / 'hs'} && hs project upload` (the HubSpot CLI; ")
+    project = json.loads((tmp_path / "hs" / "hsproject.json").read_text())
+    assert project == {"name": "leadscore", "srcDir": "src", "platformVersion": "2026.09"}
+    app = json.loads((tmp_path / "hs" / "src" / "app" / "app-hsmeta.json").read_text())
+    assert (app["uid"], app["type"], app["config"]["distribution"]) == ("leadscore", "app", "private")
+    assert app["config"]["auth"] == {
+        "type": "static",
+        "requiredScopes": [
+            "oauth", "crm.objects.contacts.read", "crm.objects.contacts.write", "crm.schemas.contacts.read",
+            "crm.schemas.contacts.write", "crm.objects.deals.read",
+        ],
+        "optionalScopes": ["sales-email-read"],
+        "conditionallyRequiredScopes": [],
+    }  # fmt: skip
+
+
+def _subscriptions(files: dict) -> tuple[str, set, set]:
+    """The target URL, the subscription types, and the properties whose change is subscribed."""
+    config = files["src/app/webhooks/webhooks-hsmeta.json"]["config"]
+    subscriptions = config["subscriptions"]
+    every = [*subscriptions["legacyCrmObjects"], *subscriptions["hubEvents"]]
+    assert all(s["active"] for s in every)
+    watched = {s["propertyName"] for s in every if s["subscriptionType"] == "contact.propertyChange"}
+    return config["settings"]["targetUrl"], {s["subscriptionType"] for s in every}, watched
+
+
+def test_hubspot_project_subscribes_to_every_event_leadscore_handles_and_what_the_score_reads():
+    from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES
+    from integration.hubspot.api import CONTACT_PROPERTIES
+    from integration.hubspot.project import ENGAGEMENT_PROPERTIES, project_files
+    from integration.hubspot.webhook import HANDLED_EVENTS
+
+    url, types, watched = _subscriptions(project_files(HUBSPOT_TARGET))
+
+    assert url == HUBSPOT_TARGET
+    assert types == {t for t in HANDLED_EVENTS if not t.startswith("object.")}  # the classic form of each
+    read = set(CONTACT_PROPERTIES) - {"firstname", "lastname", *OUTCOME_DATE_PROPERTIES}
+    assert watched == read - set(ENGAGEMENT_PROPERTIES) | {FEEDBACK_PROPERTY}
+    _, _, with_engagement = _subscriptions(project_files(HUBSPOT_TARGET, True, ("acme_fit_score",)))
+    assert with_engagement == read | {FEEDBACK_PROPERTY, "acme_fit_score"}
+
+
+@pytest.mark.parametrize(
+    ("target", "said"),
+    [
+        ("http://leadscore.example.com/webhooks/hubspot", "got 'http://leadscore.example.com/webhooks/hubspot'"),
+        ("https://leadscore.example.com/webhooks/salesforce/x", "/webhooks/hubspot, got 'https://"),
+        ("https:///webhooks/hubspot", "got 'https:///webhooks/hubspot'"),
+    ],
+)  # fmt: skip
+def test_hubspot_project_refuses_a_target_hubspot_cannot_post_to(tmp_path, capsys, target, said):
+    assert main(["hubspot-project", "--target-url", target, "--out", str(tmp_path / "hs")]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("leadscore hubspot-project: --target-url must be leadscore's public HTTPS webhook")
+    assert said in err
+    assert not (tmp_path / "hs").exists()
+
+
+def test_hubspot_project_leaves_a_project_already_there_alone(tmp_path, capsys):
+    args = ["hubspot-project", "--target-url", HUBSPOT_TARGET, "--out", str(tmp_path)]
+    (tmp_path / "hsproject.json").write_text("{}")
+
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore hubspot-project: {tmp_path} already holds a HubSpot project: give a new --out, or delete "
+        "it first\n"
+    )
+    assert (tmp_path / "hsproject.json").read_text() == "{}"
 
 
 def test_replay_signs_and_posts_fixtures_to_a_running_service(app, queue, capsys):
@@ -374,7 +455,7 @@ def reconfigure(monkeypatch, **values: str) -> None:
 
 REFUSED_TOKENS = [  # each CRM's one line for a token it no longer accepts
     ("hubspot", "HubSpot refused HUBSPOT_ACCESS_TOKEN (401: revoked, expired or mistyped): set the "
-                "private app's current token"),
+                "app's current access token"),
     ("salesforce", "Salesforce no longer accepts SALESFORCE_ACCESS_TOKEN (INVALID_SESSION_ID: expired or "
                    "revoked): set a new one, or unset it and let leadscore log in itself with "
                    "SALESFORCE_CONSUMER_KEY and SALESFORCE_CONSUMER_SECRET, or a username and password"),
@@ -394,9 +475,9 @@ def test_setup_hubspot_without_the_schema_scope_names_the_scope(env, hubspot, ca
 
     assert main(["setup", "hubspot"]) == 2
     assert capsys.readouterr().err == (
-        "leadscore: HubSpot refused to create leadscore's properties (403 MISSING_SCOPES): give the private "
-        "app the crm.schemas.contacts.read and crm.schemas.contacts.write scopes, then run `leadscore setup "
-        "hubspot` again\n"
+        "leadscore: HubSpot refused to create leadscore's properties (403 MISSING_SCOPES): give the app the "
+        "crm.schemas.contacts.read and crm.schemas.contacts.write scopes, then run `leadscore setup hubspot` "
+        "again\n"
     )
 
 

@@ -408,7 +408,7 @@ def test_a_token_refused_while_halving_a_batch_keeps_the_scores_already_written(
 
     def write_then_token_rotated(*args):
         write(*args)
-        hubspot.token = "rotated"  # the private app's token is rotated part way
+        hubspot.token = "rotated"  # the app's token is rotated part way
 
     hubspot._write = write_then_token_rotated
     post_delivery(BURST)
@@ -450,7 +450,7 @@ def test_a_revoked_hubspot_token_fails_the_batch_naming_the_setting(post_deliver
     [failure] = [r.getMessage() for r in caplog.records if r.name == "rq.worker" and r.levelname == "ERROR"]
     assert failure.rstrip().endswith(
         f"HubSpot refused HUBSPOT_ACCESS_TOKEN for portal {PORTAL_ID} (401: revoked, expired or mistyped): "
-        "set the private app's current token"
+        "set the app's current access token"
     )
 
 
@@ -505,6 +505,22 @@ def test_a_worker_without_salesforce_credentials_says_what_to_set(env, monkeypat
 
     assert main(["worker", "--burst"]) == 2
     assert capsys.readouterr().err.startswith("leadscore: Salesforce credentials missing: set ")
+
+
+def test_password_login_with_an_api_version_that_has_no_soap_login_says_what_to_set(env, monkeypatch, capsys):
+    monkeypatch.delenv("SALESFORCE_ACCESS_TOKEN")
+    monkeypatch.setenv("SALESFORCE_USERNAME", "leadscore@acme.example")
+    monkeypatch.setenv("SALESFORCE_PASSWORD", "password")
+    monkeypatch.setenv("SALESFORCE_API_VERSION", "66.0")
+    _clear_caches()
+
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: SALESFORCE_API_VERSION is 66.0, but username-password login uses Salesforce's SOAP "
+        "login(), which API 65.0 and later do not offer (it is retired in Summer '27): set "
+        "SALESFORCE_CONSUMER_KEY and SALESFORCE_CONSUMER_SECRET of an External Client App instead, or an "
+        "API version of 64.0 or lower\n"
+    )
 
 
 # ---- the CRM down

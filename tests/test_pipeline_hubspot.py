@@ -10,7 +10,7 @@ import pytest
 from rq import Queue
 
 from integration.errors import LeadGone
-from integration.hubspot.api import ACTIVITY_PROPERTIES
+from integration.hubspot import ACTIVITY_PROPERTIES
 from tests.conftest import LLM_KEY, PORTAL_ID, fixture_json
 
 VP_DEMO = "74300000101"
@@ -421,3 +421,23 @@ def test_worker_job_lands_in_failed_registry_when_hubspot_rejects_token(
     assert len(scheduled) == 1
     job = Queue.fetch_job(queue, scheduled[0])
     assert job.retries_left == 4
+
+
+def test_contact_merge__two_contacts_scores_the_contact_that_remains(post_delivery, crm, run_worker, hubspot):
+    """HubSpot gives the contact that remains a new id and no creation event: without the merge it would
+    show the primary's old score, or none, until its next change."""
+    hubspot.apply_changes(fixture_json("hubspot/contact.merge__two_contacts.json"))
+    post_delivery("contact.merge__two_contacts")
+
+    [result] = run_worker()
+
+    assert result == {
+        "lead": f"hubspot:{PORTAL_ID}:74300000131",
+        "outcome": "written",
+        "score": 68,
+        "tier": "B",
+        "reason": "CEO & Co-founder at 5-25-person SaaS; Asked for sales",
+        "fallback": False,
+    }
+    assert written(hubspot, "74300000131")["leadscore_score"] == "68"
+    assert "leadscore_score" not in hubspot.contact_properties("74300000105")  # archived by the merge

@@ -271,6 +271,16 @@ def test_rescore_with_a_token_the_crm_refuses_names_the_setting(env, request, ca
     assert capsys.readouterr().err == f"leadscore: {message}\n"
 
 
+def test_rescore_with_a_token_without_the_oauth_scope_names_the_scope(env, hubspot, capsys):
+    hubspot.forbidden_objects.add("account-info")
+
+    assert main(["rescore", "--crm", "hubspot"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: HubSpot refused its account details, which name the portal the token belongs to (403 "
+        "MISSING_SCOPES): give the app the oauth scope\n"
+    )
+
+
 def test_rescore_of_a_crm_not_configured_says_what_to_set(env, monkeypatch, capsys):
     reconfigure(monkeypatch, HUBSPOT_ACCESS_TOKEN="")
 

@@ -99,6 +99,11 @@ def summary(response) -> dict:
             ["74300000101"],
         ),
         (
+            "contact.merge__two_contacts",  # the contact that remains, under the new id HubSpot gave it
+            {"received": 1, "queued": 1, "ignored": 0, "unsupported": 0},
+            ["74300000131"],
+        ),
+        (
             "mixed__creation_and_unknown",
             {"received": 2, "queued": 1, "ignored": 0, "unsupported": 1},
             ["74300000110"],

@@ -214,10 +214,31 @@ class HubSpotEmulator:
         """Make the changes a delivery reports, as they happened in HubSpot before it was sent."""
         with self._lock:
             for event in events:
+                if event.get("subscriptionType") == "contact.merge":
+                    self._merge(event)
+                    continue
                 contact = self.contacts.get(str(event.get("objectId")))
                 if contact and event.get("propertyName") and event.get("changeSource") != "INTEGRATION":
                     contact["properties"][event["propertyName"]] = event.get("propertyValue") or ""
                     contact["properties"]["lastmodifieddate"] = contact["updatedAt"] = _now()
+
+    def _merge(self, event: dict) -> None:
+        """The contact that remains takes the primary's values, and the merged contacts' where the primary
+        has none, under the new id HubSpot gives it; the merged records are archived."""
+        primary = self.contacts[str(event["primaryObjectId"])]
+        merged = [self.contacts[str(i)] for i in event["mergedObjectIds"]]
+        survivor = str(event.get("newObjectId") or primary["id"])
+        properties: dict = {}
+        for record in (*merged, primary):
+            properties.update({name: value for name, value in record["properties"].items() if value})
+        for record in (*merged, primary):
+            record["archived"] = True
+        self.contacts[survivor] = {
+            **copy.deepcopy(primary),
+            "id": survivor,
+            "archived": False,
+            "properties": {**properties, "hs_object_id": survivor, "lastmodifieddate": _now()},
+        }
 
     def storm(self, n: int) -> None:
         """The next `n` authenticated calls answer 429 (ten-secondly limit), whatever the rate."""
@@ -273,6 +294,12 @@ class HubSpotEmulator:
 
         @app.get("/account-info/v3/details")
         def account_details():
+            if "account-info" in self.forbidden_objects:  # the token lacks the oauth scope
+                return _error(
+                    403,
+                    "MISSING_SCOPES",
+                    "This app hasn't been granted all required scopes to make this call.",
+                )
             return jsonify(
                 portalId=int(self.portal_id), accountType="STANDARD", timeZone="US/Eastern",
                 companyCurrency="USD", additionalCurrencies=[], utcOffset="-05:00",

@@ -8,6 +8,13 @@ OUTPUT_PROPERTIES = {
     "details": "leadscore_details",
     "holdout": "leadscore_holdout",  # written only while HOLDOUT_SHARE > 0
 }
+# A contact with any of these has had sales activity (a reply, a note, a call), so may have notes or
+# emails worth reading; a change of one rescores the contact with that text.
+ACTIVITY_PROPERTIES = (
+    "notes_last_updated",
+    "hs_last_sales_activity_timestamp",
+    "hs_sales_email_last_replied",
+)
 FEEDBACK_PROPERTY = "leadscore_feedback"  # set by reps: too_high, too_low, right
 # What a write may carry: the feedback only to clear it, when the score it was about changes.
 WRITTEN_PROPERTIES = {**OUTPUT_PROPERTIES, "feedback": FEEDBACK_PROPERTY}

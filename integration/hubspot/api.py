@@ -35,6 +35,7 @@ from urllib3.util.retry import Retry
 from integration.crm import SetupReport, WriteResult, write_one
 from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.hubspot import (
+    ACTIVITY_PROPERTIES,
     FEEDBACK_PROPERTY,
     OUTCOME_DATE_PROPERTIES,
     OUTCOME_STAGES,
@@ -62,12 +63,6 @@ HUBSPOT_BATCH = 100
 SEARCH_PAGE = 200  # the search API's largest page
 MAX_THROTTLED_TRIES = 8
 DAILY_PAUSE_S = 3600  # HubSpot resets daily limits at midnight in the portal's time zone
-# A contact with any of these has had sales activity, so may have notes or emails worth reading.
-ACTIVITY_PROPERTIES = (
-    "notes_last_updated",
-    "hs_last_sales_activity_timestamp",
-    "hs_sales_email_last_replied",
-)
 API_ERRORS = (ApiException, ObjectsApiException, AssociationsApiException)
 GROUP = PropertyGroupCreate(name="leadscore", label="leadscore", display_order=-1)
 PROPERTY_DEFINITIONS = (
@@ -325,6 +320,11 @@ class HubSpotCRM:
                 _return_http_data_only=True,
             )
         except ApiException as exc:
+            if exc.status == 403:
+                raise CRMError(
+                    "HubSpot refused its account details, which name the portal the token belongs to (403 "
+                    "MISSING_SCOPES): give the app the oauth scope"
+                ) from exc
             raise _failure(exc, f"HubSpot account details: {exc.status} {exc.reason}") from exc
         return str(details["portalId"])
 
@@ -537,8 +537,8 @@ class HubSpotCRM:
                 raise CRMError(_token_refused(self.portal_id)) from exc
             if exc.status == 403:
                 raise CRMError(
-                    "HubSpot refused to create leadscore's properties (403 MISSING_SCOPES): give the private "
-                    "app the crm.schemas.contacts.read and crm.schemas.contacts.write scopes, then run "
+                    "HubSpot refused to create leadscore's properties (403 MISSING_SCOPES): give the app "
+                    "the crm.schemas.contacts.read and crm.schemas.contacts.write scopes, then run "
                     "`leadscore setup hubspot` again"
                 ) from exc
             if (exc.status or 0) >= 500:
@@ -605,7 +605,7 @@ def _token_refused(portal_id: str) -> str:
     portal = f" for portal {portal_id}" if portal_id else ""
     return (
         f"HubSpot refused HUBSPOT_ACCESS_TOKEN{portal} (401: revoked, expired or mistyped): set the "
-        "private app's current token"
+        "app's current access token"
     )
 
 

@@ -24,6 +24,7 @@ from integration.queue import Skipped
 log = logging.getLogger(__name__)
 
 CONTACT_OBJECT_TYPE = "0-1"
+MERGE = "merge"
 DEAL_OBJECT_TYPE = "0-3"
 MAX_EVENTS = 100
 TIMESTAMP_TOLERANCE_MS = 300_000  # HubSpot's documented 5 minutes
@@ -35,16 +36,16 @@ HANDLED_EVENTS = {
     "object.propertyChange": "property_change",
     "deal.propertyChange": "deal_change",  # a stage change: closed won is an outcome for its contacts
     "contact.privacyDeletion": ERASE,  # a GDPR delete: leadscore's copies of the contact go too
+    "contact.merge": MERGE,  # the contact that remains holds both records' data: it is scored
+    "object.merge": MERGE,
 }
 IGNORED_EVENTS = frozenset(
     {
         # Nothing left to score, or the change arrives again as property changes.
         "contact.deletion",  # restorable for 90 days; a GDPR delete comes as contact.privacyDeletion too
-        "contact.merge",
         "contact.restore",
         "contact.associationChange",
         "object.deletion",
-        "object.merge",
         "object.restore",
         "object.associationChange",
         # Other objects: leadscore scores contacts only.
@@ -93,6 +94,8 @@ class HubSpotEvent(BaseModel):
     source_id: str | None = Field(None, alias="sourceId")
     property_name: str | None = Field(None, alias="propertyName")
     property_value: str | None = Field(None, alias="propertyValue")
+    primary_object_id: int | None = Field(None, alias="primaryObjectId", strict=True, gt=0)
+    new_object_id: int | None = Field(None, alias="newObjectId", strict=True, gt=0)
 
 
 class _Typed(BaseModel):
@@ -212,6 +215,11 @@ def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
             kind = "deal_change"
         elif event.object_type_id != CONTACT_OBJECT_TYPE:
             return _skipped(event, "ignore", f"object type {event.object_type_id} is not a contact")
+    if kind == MERGE:  # HubSpot may give the contact that remains a new id
+        survivor = event.new_object_id or event.primary_object_id or event.object_id
+        if survivor is None:
+            return _skipped(event, "ignore", "merge names no newObjectId, primaryObjectId or objectId")
+        return _row(event, str(survivor), kind)
     if event.object_id is None:
         return _skipped(event, "ignore", "event names no objectId")
     if kind == ERASE:
