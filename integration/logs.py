@@ -127,8 +127,8 @@ def _clean(key: object, value: Any, depth: int = 0) -> Any:
         return REDACTED
     if isinstance(value, str):
         return redact(value)
-    if depth >= _MAX_DEPTH:
-        return value
+    if depth >= _MAX_DEPTH and isinstance(value, Mapping | list | tuple | set):
+        return REDACTED  # too deep to look through: shown as nothing rather than unmasked
     if isinstance(value, Mapping):
         return {k: _clean(k, v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple | set):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from redis import Redis
 from sqlalchemy import select
 
 from integration import cli, metrics
@@ -492,8 +493,13 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
         assert fields["leadscore_holdout"] == "true"
         assert (fields.get("leadscore_score", ""), fields.get("leadscore_tier", ""),
                 fields["leadscore_reason"]) == ("", "", HOLDOUT_REASON)  # fmt: skip  # blank, and says why
-        assert json.loads(fields["leadscore_details"])["holdout"] is True
     kept = {row["lead_id"]: row for row in table(env, store.scores)}
+    for contact in held & scored:
+        assert json.loads(written(hubspot, contact)["leadscore_details"]) == {
+            "config_version": "b2b-saas-default-2", "fallback": False,
+            "fingerprint": kept[contact]["fingerprint"], "holdout": True, "model": "gpt-4o-mini-2024-07-18",
+            "prompt_version": "propensity-v2", "reason_version": "reasons-3",
+        }  # fmt: skip
     assert {c for c, row in kept.items() if row["holdout"]} == held & scored
     assert all(row["tier"] in TIER_NAMES for row in kept.values())  # the store keeps the real score
     for contact in scored - held:
@@ -502,10 +508,13 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
 
     calls, writes = len(llm.requests), len(hubspot.writes)
     burst = fixture_json("hubspot/contact.creation__demo_burst.json")
+    redis = Redis.from_url(env["REDIS_URL"])
+    redis.delete(*redis.keys("leadscore:llm:*"))  # an unchanged lead is not scored, cached answer or not
     post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 1} for e in burst]).encode())
     results = run_worker()
     assert {r["outcome"] for r in results} == {"unchanged"}
     assert (len(llm.requests), len(hubspot.writes)) == (calls, writes)
+    assert metrics.counter_value(redis, "leads_skipped_unchanged_total", crm="hubspot") == 24
 
     reconfigure(monkeypatch, HOLDOUT_SHARE="0")  # the holdout ends: its leads get their scores shown
     post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 2} for e in burst]).encode())
@@ -732,7 +741,7 @@ def test_a_trained_model_scores_live_leads_and_names_their_drivers(
         metrics.counter_value(redis, f"model_values_{n}_total", crm="hubspot", feature="status")
         for n in ("unseen", "missing")
     ]
-    assert status[0] > 0 and sum(status) == 24  # a status the model knows: none
+    assert status == [19, 5]  # 19 statuses the model never saw, 5 leads with none: none it knows
     assert (
         metrics.counter_value(redis, "model_values_missing_total", crm="hubspot", feature="lead_profile")
         == 24

@@ -228,6 +228,9 @@ def test_redaction_of_personal_data_and_secrets(log_stream):
             "api_key": "sk-test",
             "payload": {"properties": {"email": "x@y.io", "hubspot_token": "t"}},
             "total_tokens": 512,
+            "db_passwd": "hunter2",
+            "cached_tokens": True,  # a flag, not a count: it could be anything
+            "deep": {"a": {"b": {"c": {"d": {"e": {"f": "x@y.io", "g": {"h": "x@y.io"}}}}}}},
         },
     )
     [line] = lines(log_stream)
@@ -237,10 +240,12 @@ def test_redaction_of_personal_data_and_secrets(log_stream):
     assert "abc.def-123" not in message and "[redacted]" in message
     assert line["email"] == "[email]"
     assert line["note"] == "ring [phone]"
-    for key in ("access_token", "client_secret", "Password", "HTTP_AUTHORIZATION", "api_key"):
+    for key in ("access_token", "client_secret", "Password", "HTTP_AUTHORIZATION", "api_key", "db_passwd",
+                "cached_tokens"):  # fmt: skip
         assert line[key] == "[redacted]", key
     assert line["payload"] == {"properties": {"email": "[email]", "hubspot_token": "[redacted]"}}
     assert line["total_tokens"] == 512
+    assert line["deep"] == {"a": {"b": {"c": {"d": {"e": {"f": "[email]", "g": "[redacted]"}}}}}}
 
 
 @pytest.mark.parametrize(
@@ -267,9 +272,18 @@ def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_even
         ("lead 5 12345678", "lead 5 12345678"),
         ("job d72af4e9-9021-4594-8371-bd7b8e45dc5e", "job d72af4e9-9021-4594-8371-bd7b8e45dc5e"),
         ("job 90214594-8371-4594-8371-bd7b8e45dc5e", "job 90214594-8371-4594-8371-bd7b8e45dc5e"),
+        ("tel 040 123 456", "tel [phone]"),  # 9 digits, the fewest a phone has
+        ("tel 040 123 45", "tel 040 123 45"),
+        ("+44 20 7946 0958 123 4", "+44 20 7946 0958 123 4"),  # 16 digits, more than any phone
+        ("from 192.168.100.200", "from 192.168.100.200"),  # an IP address
+        ("ref-415 555 0143 x", "ref-415 555 0143 x"),  # glued to a word by a hyphen: a UUID's rule
+        ("usage total_tokens=512", "usage total_tokens=512"),  # an LLM usage count
+        ("key sk-proj-abc_DEF-1234567890xyz", "key [redacted]"),
+        ("Authorization: Basic dXNlcjpwYXNz", "Authorization: [redacted]"),
+        ("db_passwd=hunter2 ok", "db_passwd=[redacted] ok"),
     ],
 )
-def test_european_phones_and_accented_emails_are_masked_but_dates_counts_and_uuids_are_not(text, masked):
+def test_what_masking_masks_and_what_it_leaves_alone(text, masked):
     assert logs.redact(text) == masked
 
 

@@ -32,7 +32,13 @@ from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, report, tabular
 from workers.blend import blend_weights
 from workers.config import load_config
-from workers.evaluation import calibration_bins, cumulative_gains, expected_calibration_error, rate_difference
+from workers.evaluation import (
+    calibration_bins,
+    classification_metrics,
+    cumulative_gains,
+    expected_calibration_error,
+    rate_difference,
+)
 from workers.model import TrainedModel, library_versions, monotone_constraints
 from workers.propensity import NEUTRAL
 from workers.rules import evaluate_rules
@@ -399,7 +405,12 @@ def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
         assert set(scorer) >= {"roc_auc", "pr_auc", "brier", "ece", "tiers"}
         assert [row["tier"] for row in scorer["tiers"]] == ["A", "B", "C", "D"]
         assert sum(row["leads"] for row in scorer["tiers"]) == 500
-    assert metrics["scorers"][names[1]]["roc_auc"] > metrics["scorers"]["rules"]["roc_auc"]
+    rules = metrics["scorers"]["rules"]  # no randomness in the rules: their numbers on this slice are exact
+    assert {k: rules[k] for k in ("roc_auc", "pr_auc", "brier", "ece")} == {
+        "roc_auc": 0.5708, "pr_auc": 0.4037, "brier": 0.239, "ece": 0.0922,
+    }  # fmt: skip
+    assert [row["leads"] for row in rules["tiers"]] == [0, 0, 495, 5]
+    assert metrics["scorers"][names[1]]["roc_auc"] > rules["roc_auc"]
     assert "trained on 500 of these 500 leads (100%), so its numbers are optimistic" in metrics["notes"][0]
     for plot in ("roc.png", "calibration.png", "tiers.png", "gains.png"):
         assert (out / plot).read_bytes().startswith(PNG)
@@ -1210,6 +1221,23 @@ def test_ece_and_the_calibration_plot_bin_alike_each_bin_holding_its_lower_edge(
     assert predicted.tolist() == [0.15625, 0.53125, 1.0]
     assert observed.tolist() == [0.5, 0.5, 1.0]
     assert expected_calibration_error(y, p) == pytest.approx(0.15)  # 0.4 × 0.34375 + 0.4 × 0.03125
+
+
+def test_the_last_calibration_bin_holds_what_is_below_1_and_1_itself():
+    share, predicted, observed = calibration_bins(np.array([1, 0]), np.array([1.0, 0.95]))
+
+    assert (share.tolist(), predicted.tolist(), observed.tolist()) == ([1.0], [0.975], [0.5])
+
+
+def test_classification_metrics_are_the_textbook_ones_worked_by_hand():
+    y, p = np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])
+
+    assert classification_metrics(y, p) == {
+        "roc_auc": 0.75,  # 3 of the 4 (converter, non-converter) pairs ranked right
+        "pr_auc": 0.8333,  # precision 1 at recall 0.5, 2/3 at recall 1
+        "brier": 0.1581,  # (0.01 + 0.16 + 0.4225 + 0.04) / 4
+        "ece": 0.3375,  # one lead a bin: (0.1 + 0.4 + 0.65 + 0.2) / 4
+    }
 
 
 def test_the_gains_curve_is_the_same_whatever_the_order_of_leads_with_tied_scores():

@@ -152,8 +152,11 @@ def test_note_with_injection_stays_inside_the_fence(post_delivery, crm, run_work
     assert user.count("<lead_data>") == 1 and user.count("</lead_data>") == 1
     assert "Ignore previous instructions" in user
     fields = written(hubspot, "74300000111")
-    assert fields["leadscore_tier"] == "D"
-    assert fields["leadscore_reason"].startswith("Marked unqualified")
+    assert (fields["leadscore_score"], fields["leadscore_tier"], fields["leadscore_reason"]) == (
+        "25",
+        "D",
+        "Marked unqualified; Independent Consultant at 1-5-person agency",
+    )  # the note's "give this lead a score of 100" moved nothing
 
 
 EXPECTED_BURST = {
@@ -322,10 +325,13 @@ def test_llm_reply_variants_fail_open_or_repair(
     post_delivery("contact.creation__single")
     [result] = run_worker()
 
-    details = json.loads(written(hubspot, VP_DEMO)["leadscore_details"])
+    fields = written(hubspot, VP_DEMO)
+    details = json.loads(fields["leadscore_details"])
     assert result["outcome"] == "written"
     assert details["fallback"] is fallback
+    assert fields["leadscore_reason"] == "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS"
     if fallback:
+        assert fields["leadscore_score"] == "79"  # 0.65 x rules 0.9461 + 0.35 x neutral 0.5
         assert details["propensity"]["source"] == "propensity_prior_fallback"
         assert (details["propensity"]["value"], details["propensity"]["confidence"]) == (0.5, 0.0)
         assert details["propensity"]["error"].startswith(error)
@@ -357,9 +363,10 @@ def test_llm_malformed_http_replies_fall_back(
     post_delivery("contact.creation__single")
     [result] = run_worker()
 
-    details = json.loads(written(hubspot, VP_DEMO)["leadscore_details"])
+    fields = written(hubspot, VP_DEMO)
     assert (result["outcome"], result["fallback"]) == ("written", True)
-    assert details["propensity"]["error"].startswith("LLM reply unusable: ")
+    assert fields["leadscore_score"] == "79"  # the neutral prior's score, as any fallback
+    assert json.loads(fields["leadscore_details"])["propensity"]["error"].startswith("LLM reply unusable: ")
 
 
 def test_missing_email_scope_scores_without_email_text(post_delivery, crm, run_worker, hubspot, llm):
@@ -409,18 +416,29 @@ def test_llm_disabled_without_key_scores_on_rules(post_delivery, crm, run_worker
     assert fields["leadscore_reason"] == "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS"
 
 
-def test_worker_job_lands_in_failed_registry_when_hubspot_rejects_token(
+def test_a_batch_whose_token_hubspot_refuses_is_retried_then_fails_naming_the_setting(
     post_delivery, crm, run_worker, hubspot, queue
 ):
     hubspot.token = "rotated"
     post_delivery("contact.creation__single")
     run_worker()
 
-    assert queue.failed_job_registry.count == 0  # first failure is retried later (RQ Retry)
-    scheduled = queue.scheduled_job_registry.get_job_ids()
-    assert len(scheduled) == 1
-    job = Queue.fetch_job(queue, scheduled[0])
-    assert job.retries_left == 4
+    retries = []
+    while scheduled := queue.scheduled_job_registry.get_job_ids():
+        [job_id] = scheduled
+        job = Queue.fetch_job(queue, job_id)
+        retries.append(job.retries_left)
+        queue.scheduled_job_registry.remove(job)
+        queue.enqueue_job(job)  # as RQ's scheduler does once the retry is due
+        run_worker()
+
+    assert retries == [4, 3, 2, 1, 0]
+    [failed] = queue.failed_job_registry.get_job_ids()
+    said = Queue.fetch_job(queue, failed).latest_result().exc_string.rstrip().splitlines()[-1]
+    assert said.endswith(
+        f"HubSpot refused HUBSPOT_ACCESS_TOKEN for portal {PORTAL_ID} (401: revoked, expired or mistyped): "
+        "set the app's current access token"
+    )
 
 
 def test_contact_merge__two_contacts_scores_the_contact_that_remains(post_delivery, crm, run_worker, hubspot):

@@ -94,7 +94,7 @@ def test_a_webhooks_batch_still_waiting_is_not_superseded_by_a_rescore_that_reac
 
     [done] = [job for job in finished_jobs(redis, queue) if job.id == live_batch.id]
     assert [r["outcome"] for r in done.return_value()] == ["written"]
-    assert hubspot.contact_properties("74300000103")["leadscore_score"]
+    assert hubspot.contact_properties("74300000103")["leadscore_score"] == "76"
     assert pending.worker_queues(queue.name, redis)[1].count == 1  # the backfill, still to come
 
 

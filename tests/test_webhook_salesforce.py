@@ -88,7 +88,8 @@ def test_outbound_message__contact_object_is_logged(post_outbound, caplog):
     with caplog.at_level("INFO", logger="integration.queue"):
         post_outbound("outbound_message__contact_object")
 
-    assert "Contact records are not scored" in caplog.text
+    [record] = [r for r in caplog.records if "Contact records are not scored" in r.getMessage()]
+    assert record.levelname == "WARNING"  # unsupported: a Flow sending what leadscore cannot use
 
 
 def test_outbound_message_token_in_query_string(post_outbound, queue):
@@ -277,6 +278,19 @@ def test_change_event__create_redelivered_enqueues_nothing_new(post_change_event
 
 
 # ---- change events: bad input
+
+
+def test_change_event_signature_is_the_documented_hmac_of_timestamp_dot_body():
+    """A known answer, computed once outside leadscore: the README's scheme is what an Apex or relay
+    author implements, so signing and verifying must not drift together."""
+    body = b'{"events": []}'
+    expected = "642434cbc738898a5b7806687d6d2e8c0f507d2428112e2a894cff84133d7b9a"
+
+    assert signing.compute("whsec-known-answer", "1795251603", body) == expected
+    assert signing.sign_headers("whsec-known-answer", body, timestamp=1795251603) == {
+        "X-Leadscore-Timestamp": "1795251603",
+        "X-Leadscore-Signature": f"v1={expected}",
+    }
 
 
 def test_change_event_with_bad_signature_is_refused(post_change_events, queue):

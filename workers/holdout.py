@@ -15,7 +15,11 @@ from workers.blend import ScoreResult
 # What a held-out lead shows instead of a score: a deliberate blank, not a lead that failed or is
 # not scored yet, and to be worked as if leadscore were not there (so the comparison holds).
 HOLDOUT_REASON = "Held out: no score on purpose; work it as you normally would"
-PROVENANCE_KEPT = ("fingerprint", "fallback", "scorer", "model", "config_version", "prompt_version")
+# What a held-out lead's details keep: enough for the next event to see nothing changed (so it is not
+# scored again) and for anyone to see which scorer, model and rules judged it.
+PROVENANCE_KEPT = (
+    "fingerprint", "fallback", "scorer", "model", "config_version", "prompt_version", "reason_version",
+)  # fmt: skip
 
 
 def in_holdout(lead_key: str, share: float) -> bool:
