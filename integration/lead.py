@@ -20,7 +20,7 @@ def option_label(value: str) -> str:
 # Read with the lead but not scored: names, our own output, and what reps and outcomes say about it.
 NOT_SCORING_INPUTS = frozenset({
     "current_output", "first_name", "last_name", "feedback", "outcome", "outcome_at", "read_only",
-    "engagement_known",  # the CRM's, not the lead's: the same for every lead of a CRM
+    "merged_ids", "engagement_known",  # the CRM's, not the lead's: the same for every lead of a CRM
 })  # fmt: skip
 ADDED_LATER = {"do_not_call": False, "rating": None, "custom": {}}  # field -> its empty value
 
@@ -81,6 +81,9 @@ class Lead(BaseModel):
     outcome: str | None = Field(None, description="opportunity, customer, converted or won, if it got there")
     outcome_at: datetime | None = Field(None, description="when it got there, where the CRM keeps the date")
     read_only: bool = Field(False, description="the CRM takes no more writes (a converted Salesforce Lead)")
+    merged_ids: tuple[str, ...] = Field(
+        (), description="the records merged into this one (HubSpot's hs_merged_object_ids): the same person"
+    )
 
     @property
     def lead_key(self) -> str:

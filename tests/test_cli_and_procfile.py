@@ -119,7 +119,8 @@ def test_hubspot_project_subscribes_to_every_event_leadscore_handles_and_what_th
 
     assert url == HUBSPOT_TARGET
     assert types == {t for t in HANDLED_EVENTS if not t.startswith("object.")}  # the classic form of each
-    read = set(CONTACT_PROPERTIES) - {"firstname", "lastname", *OUTCOME_DATE_PROPERTIES}
+    merge = "hs_merged_object_ids"  # comes with a contact.merge
+    read = set(CONTACT_PROPERTIES) - {"firstname", "lastname", merge, *OUTCOME_DATE_PROPERTIES}
     assert watched == read - set(ENGAGEMENT_PROPERTIES) | {FEEDBACK_PROPERTY}
     _, _, with_engagement = _subscriptions(project_files(HUBSPOT_TARGET, True, ("acme_fit_score",)))
     assert with_engagement == read | {FEEDBACK_PROPERTY, "acme_fit_score"}

@@ -49,6 +49,32 @@ def reconfigure(monkeypatch, **values: str) -> None:
 
 
 @EACH_STORE
+def test_contact_merge__two_contacts_moves_what_was_kept_of_both_to_the_contact_that_remains(
+    env, post_delivery, crm, run_worker, hubspot
+):
+    """The same person under three ids: a duplicate that never converted must not teach `train` a
+    negative beside its converted twin, and `forget` of the contact that remains must find it all."""
+    hubspot.contacts["74300000113"]["properties"]["lifecyclestage"] = "opportunity"
+    creation = fixture_json("hubspot/contact.creation__single.json")[0]
+    post_delivery(json.dumps([{**creation, "objectId": 74300000105},
+                              {**creation, "eventId": 2, "objectId": 74300000113}]).encode())  # fmt: skip
+    run_worker()
+    before = {row["lead_id"]: row["reached_at"] for row in table(env, store.outcomes)}
+
+    hubspot.apply_changes(fixture_json("hubspot/contact.merge__two_contacts.json"))
+    post_delivery("contact.merge__two_contacts")
+    run_worker()
+
+    survivor = "74300000131"
+    assert sorted(row["lead_id"] for row in table(env, store.scores)) == [survivor] * 3
+    [outcome] = table(env, store.outcomes)
+    assert (outcome["lead_id"], outcome["kind"]) == (survivor, "opportunity")
+    assert outcome["reached_at"] == before["74300000113"]  # when the duplicate got there, not the merge
+    assert main(["forget", "--crm", "hubspot", "--account", PORTAL_ID, survivor]) == 0
+    assert table(env, store.scores) == table(env, store.outcomes) == []
+
+
+@EACH_STORE
 def test_every_written_score_is_kept_with_the_inputs_it_was_made_from(env, post_delivery, crm, run_worker):
     post_delivery("contact.propertyChange__lead_status")
     [result] = run_worker()

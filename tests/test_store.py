@@ -95,6 +95,31 @@ def test_an_outcome_is_dated_when_the_crm_says_the_lead_reached_it(store_url):
     assert clock_ahead == recorded  # a CRM date in the future is not believed: it is when we saw it
 
 
+def test_merging_leads_keeps_one_outcome_a_kind_at_its_earliest_date_and_moves_the_rest(store_url):
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    early, late = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 9, 1, tzinfo=UTC)
+    kept.record_outcomes([LeadFact("hubspot", "48213377", "9", "customer", late),
+                          LeadFact("hubspot", "48213377", "1", "customer", early),
+                          LeadFact("hubspot", "48213377", "2", "opportunity", late),
+                          LeadFact("hubspot", "48213377", "3", "won", early)], "webhook")  # fmt: skip
+
+    assert kept.merge_leads("hubspot", "48213377", {"9": ("1", "2", "9")}) == 2
+    assert kept.merge_leads("hubspot", "48213377", {"9": ("1", "2")}) == 0  # read again: nothing left
+
+    with kept.engine.connect() as connection:
+        rows = connection.execute(
+            select(store.outcomes.c.lead_id, store.outcomes.c.kind, store.outcomes.c.reached_at).order_by(
+                store.outcomes.c.lead_id, store.outcomes.c.kind
+            )
+        ).all()
+    assert [(lead, kind, _utc(at)) for lead, kind, at in rows] == [
+        ("3", "won", early),  # not merged: untouched
+        ("9", "customer", early),
+        ("9", "opportunity", late),
+    ]
+
+
 def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(store_url):
     url = store_url
     store.upgrade(url)

@@ -119,7 +119,12 @@ class WorkerContext:
             if lead.outcome
         ] + list(won)
         cleared = [s.cleared_feedback() for s in scored if s.clears_feedback]  # after the rep's, as it came
+        merged: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
+        for lead in leads:
+            if lead.merged_ids:
+                merged.setdefault((lead.crm, lead.account_id), {})[lead.lead_id] = lead.merged_ids
         steps = {
+            "merged records": lambda: [self.store.merge_leads(*account, m) for account, m in merged.items()],
             "scores": lambda: self.store.record_scores(s.record() for s in scored),
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
             "feedback": lambda: self.store.record_feedback([*map(_feedback, leads), *cleared]),

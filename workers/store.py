@@ -259,6 +259,15 @@ class Store:
         )  # fmt: skip
         if not rows:
             return 0
+        added = 0
+        for start in range(0, len(rows), INSERT_ROWS):  # one statement a chunk: a sync keeps 100,000s
+            with self.engine.begin() as connection:
+                added += self._keep_outcomes(connection, rows[start : start + INSERT_ROWS])
+        return added
+
+    def _keep_outcomes(self, connection, rows: list[dict]) -> int:
+        """Insert-or-ignore these outcome rows, moving a kept one back to an earlier date it is given
+        (the CRM's own, say); returns how many were new."""
         dialect = self.engine.dialect.name
         insert = _insert_ignoring_duplicates(dialect)
         if dialect == "postgresql":  # psycopg reports rowcount -1 for INSERT … ON CONFLICT DO NOTHING
@@ -270,16 +279,45 @@ class Store:
             .where(outcomes.c.reached_at > bindparam("_reached_at"))
             .values(reached_at=bindparam("_reached_at"))
         )
-        added = 0
-        for start in range(0, len(rows), INSERT_ROWS):  # one statement a chunk: a sync keeps 100,000s
-            chunk = rows[start : start + INSERT_ROWS]
-            with self.engine.begin() as connection:
-                result = connection.execute(insert.values(chunk))
-                added += len(result.all()) if dialect == "postgresql" else result.rowcount
-                # A later report with an earlier date (the CRM's own, say) moves the outcome back to it.
-                connection.execute(earlier, [{f"_{k}": row[k] for k in (*(c.name for c in key), "reached_at")}
-                                             for row in chunk])  # fmt: skip
+        result = connection.execute(insert.values(rows))
+        added = len(result.all()) if dialect == "postgresql" else result.rowcount
+        connection.execute(earlier, [{f"_{k}": row[k] for k in (*(c.name for c in key), "reached_at")}
+                                     for row in rows])  # fmt: skip
         return added
+
+    def merge_leads(self, crm: str, account_id: str, merges: dict[str, tuple[str, ...]]) -> int:
+        """Move what is kept of records the CRM merged into another (the same person) to the one that
+        remains, each merge in one transaction; returns how many rows moved. Its history then reads as one
+        lead's (a duplicate that never converted is no negative beside its converted twin), and erasing
+        the lead erases them too. Of an outcome both had, the earliest date is kept."""
+        moved = 0
+        for survivor, merged in sorted(merges.items()):
+            gone = sorted({*merged} - {survivor})
+            if not gone:
+                continue
+            with self.engine.begin() as connection:
+                for table in (scores, feedback):
+                    moved += connection.execute(
+                        update(table).where(*_leads(table, crm, account_id, gone)).values(lead_id=survivor)
+                    ).rowcount
+                taken = connection.execute(
+                    delete(outcomes)
+                    .where(*_leads(outcomes, crm, account_id, gone))
+                    .returning(
+                        outcomes.c.kind, outcomes.c.source, outcomes.c.recorded_at, outcomes.c.reached_at
+                    )
+                ).all()
+                if taken:
+                    rows = sorted(
+                        (
+                            {"crm": crm, "account_id": account_id, "lead_id": survivor, **row._mapping}
+                            for row in taken
+                        ),
+                        key=itemgetter("kind"),
+                    )
+                    self._keep_outcomes(connection, rows)
+                moved += len(taken)
+        return moved
 
     def record_feedback(self, facts: Iterable[Feedback]) -> int:
         """Keep a rep's feedback whenever it differs from what they said last about the lead. A fact

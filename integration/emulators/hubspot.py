@@ -229,15 +229,22 @@ class HubSpotEmulator:
         merged = [self.contacts[str(i)] for i in event["mergedObjectIds"]]
         survivor = str(event.get("newObjectId") or primary["id"])
         properties: dict = {}
+        gone = []
         for record in (*merged, primary):
             properties.update({name: value for name, value in record["properties"].items() if value})
-        for record in (*merged, primary):
+            earlier = record["properties"].get("hs_merged_object_ids") or ""
+            gone += [record["id"], *filter(None, earlier.split(";"))]
             record["archived"] = True
         self.contacts[survivor] = {
             **copy.deepcopy(primary),
             "id": survivor,
             "archived": False,
-            "properties": {**properties, "hs_object_id": survivor, "lastmodifieddate": _now()},
+            "properties": {
+                **properties,
+                "hs_object_id": survivor,
+                "hs_merged_object_ids": ";".join(i for i in gone if i != survivor),
+                "lastmodifieddate": _now(),
+            },
         }
 
     def storm(self, n: int) -> None:

@@ -55,7 +55,7 @@ CONTACT_PROPERTIES = (
     "hs_lead_status", "lifecyclestage", "num_conversion_events", "hs_analytics_num_visits",
     "hs_analytics_num_page_views", "recent_conversion_event_name", "recent_conversion_date",
     "notes_last_updated", "hs_last_sales_activity_timestamp", "hs_analytics_last_visit_timestamp",
-    "hs_sales_email_last_replied", *OUTCOME_DATE_PROPERTIES,
+    "hs_sales_email_last_replied", "hs_merged_object_ids", *OUTCOME_DATE_PROPERTIES,
 )  # fmt: skip
 TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_email_text")}
 MAX_TEXT_RECORDS = 5
@@ -169,6 +169,7 @@ def lead_from_properties(
         feedback=props.get(FEEDBACK_PROPERTY) or None,
         outcome=OUTCOME_STAGES.get(props.get("lifecyclestage") or ""),
         outcome_at=converted_at(props),
+        merged_ids=tuple(i for i in (props.get("hs_merged_object_ids") or "").split(";") if i.isdigit()),
     )
 
 

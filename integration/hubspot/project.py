@@ -17,8 +17,8 @@ from integration.hubspot import ACTIVITY_PROPERTIES, FEEDBACK_PROPERTY
 
 PLATFORM_VERSION = "2026.09"
 APP_UID = "leadscore"
-# Whose change can move the score. Left out: names (never scored) and the outcome dates (a stage
-# change comes with them as a lifecyclestage change).
+# Whose change can move the score. Left out: names (never scored), the outcome dates (a stage change
+# comes with them as a lifecyclestage change) and the merged ids (a merge comes as contact.merge).
 RESCORING_PROPERTIES = (
     "hs_lead_status", "lifecyclestage", "hs_analytics_source", "recent_conversion_event_name",
     "num_conversion_events", "jobtitle", "numemployees", "industry", "company", "email", "phone",
