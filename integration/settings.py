@@ -13,7 +13,6 @@ from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-FIRST_VERSION_WITHOUT_SOAP_LOGIN = 65.0  # Salesforce: "SOAP API login() not available in API 65.0 onwards"
 
 
 class SettingsError(RuntimeError):
@@ -189,14 +188,6 @@ class Settings(BaseSettings):
 
     def require_salesforce_api(self) -> None:
         if self.salesforce_username and self.salesforce_password:
-            if float(self.salesforce_api_version) >= FIRST_VERSION_WITHOUT_SOAP_LOGIN:
-                raise SettingsError(
-                    f"SALESFORCE_API_VERSION is {self.salesforce_api_version}, but username-password login "
-                    f"uses Salesforce's SOAP login(), which API {FIRST_VERSION_WITHOUT_SOAP_LOGIN:.1f} and "
-                    "later do not offer (it is retired in Summer '27): set SALESFORCE_CONSUMER_KEY and "
-                    "SALESFORCE_CONSUMER_SECRET of an External Client App instead, or an API version of "
-                    "64.0 or lower"
-                )
             return
         if self.salesforce_instance_url is None:
             raise SettingsError(

@@ -507,20 +507,47 @@ def test_a_worker_without_salesforce_credentials_says_what_to_set(env, monkeypat
     assert capsys.readouterr().err.startswith("leadscore: Salesforce credentials missing: set ")
 
 
-def test_password_login_with_an_api_version_that_has_no_soap_login_says_what_to_set(env, monkeypatch, capsys):
+SOAP_LOGIN_GONE = (
+    "SALESFORCE_API_VERSION is 66.0, but username-password login uses Salesforce's SOAP login(), which API "
+    "65.0 and later do not offer (it is retired in Summer '27): set SALESFORCE_CONSUMER_KEY and "
+    "SALESFORCE_CONSUMER_SECRET of an External Client App instead, or an API version of 64.0 or lower"
+)
+
+
+def test_password_login_with_an_api_version_without_soap_login_says_what_to_set(
+    env, monkeypatch, capsys, caplog, post_delivery, crm, hubspot
+):
+    """The org is refused as any org that cannot sign in: the worker starts, and HubSpot goes on."""
     monkeypatch.delenv("SALESFORCE_ACCESS_TOKEN")
     monkeypatch.setenv("SALESFORCE_USERNAME", "leadscore@acme.example")
     monkeypatch.setenv("SALESFORCE_PASSWORD", "password")
     monkeypatch.setenv("SALESFORCE_API_VERSION", "66.0")
     _clear_caches()
+    post_delivery("contact.creation__single")
 
-    assert main(["worker", "--burst"]) == 2
-    assert capsys.readouterr().err == (
-        "leadscore: SALESFORCE_API_VERSION is 66.0, but username-password login uses Salesforce's SOAP "
-        "login(), which API 65.0 and later do not offer (it is retired in Summer '27): set "
-        "SALESFORCE_CONSUMER_KEY and SALESFORCE_CONSUMER_SECRET of an External Client App instead, or an "
-        "API version of 64.0 or lower\n"
+    assert main(["setup", "salesforce"]) == 2
+    assert capsys.readouterr().err == f"leadscore: {SOAP_LOGIN_GONE}\n"
+    assert main(["worker", "--burst"]) == 0
+    assert "leadscore_details" in hubspot.contact_properties("74300000101")
+    [refused] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert refused == (
+        f"Salesforce org {SF_ORG_ID[:15]} is not ready at start ({SOAP_LOGIN_GONE}); the worker starts, and "
+        "its jobs try again"
     )
+
+
+def test_a_username_left_beside_client_credentials_is_not_taken_for_password_login(
+    env, monkeypatch, salesforce
+):
+    monkeypatch.delenv("SALESFORCE_ACCESS_TOKEN")
+    monkeypatch.setenv("SALESFORCE_USERNAME", "leadscore@acme.example")
+    monkeypatch.setenv("SALESFORCE_PASSWORD", "password")
+    monkeypatch.setenv("SALESFORCE_CONSUMER_KEY", salesforce.client_id)
+    monkeypatch.setenv("SALESFORCE_CONSUMER_SECRET", salesforce.client_secret)
+    monkeypatch.setenv("SALESFORCE_API_VERSION", "66.0")
+    _clear_caches()
+
+    assert main(["setup", "salesforce"]) == 0
 
 
 # ---- the CRM down

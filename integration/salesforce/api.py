@@ -557,6 +557,9 @@ def _shown(value) -> str | None:
     return None if value is None else str(value)
 
 
+FIRST_VERSION_WITHOUT_SOAP_LOGIN = 65.0  # Salesforce: "SOAP API login() not available in API 65.0 onwards"
+
+
 def _auth_mode(settings: Settings) -> str:
     """How leadscore signs in to Salesforce: the first of these the settings allow."""
     if settings.salesforce_access_token and settings.salesforce_instance_url:
@@ -582,6 +585,13 @@ def _new_session(settings: Settings, session: requests.Session) -> SessionToken:
     if mode == "client_credentials":
         token = _client_credentials_token(settings, session)
         return SessionToken(token["instance_url"], token["access_token"])
+    if float(settings.salesforce_api_version) >= FIRST_VERSION_WITHOUT_SOAP_LOGIN:
+        raise CRMError(
+            f"SALESFORCE_API_VERSION is {settings.salesforce_api_version}, but username-password login "
+            f"uses Salesforce's SOAP login(), which API {FIRST_VERSION_WITHOUT_SOAP_LOGIN:.1f} and later do "
+            "not offer (it is retired in Summer '27): set SALESFORCE_CONSUMER_KEY and "
+            "SALESFORCE_CONSUMER_SECRET of an External Client App instead, or an API version of 64.0 or lower"
+        )
     by_password = Salesforce(
         username=settings.salesforce_username,
         password=settings.salesforce_password,
