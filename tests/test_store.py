@@ -98,26 +98,53 @@ def test_an_outcome_is_dated_when_the_crm_says_the_lead_reached_it(store_url):
 def test_merging_leads_keeps_one_outcome_a_kind_at_its_earliest_date_and_moves_the_rest(store_url):
     store.upgrade(store_url)
     kept = Store(store_url)
-    early, late = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 9, 1, tzinfo=UTC)
+    early, middle, late = (datetime(2026, month, 1, tzinfo=UTC) for month in (3, 6, 9))
     kept.record_outcomes([LeadFact("hubspot", "48213377", "9", "customer", late),
-                          LeadFact("hubspot", "48213377", "1", "customer", early),
+                          LeadFact("hubspot", "48213377", "1", "customer", middle),
+                          LeadFact("hubspot", "48213377", "2", "customer", early),
                           LeadFact("hubspot", "48213377", "2", "opportunity", late),
-                          LeadFact("hubspot", "48213377", "3", "won", early)], "webhook")  # fmt: skip
+                          LeadFact("hubspot", "48213377", "3", "won", early),
+                          LeadFact("hubspot", "99999999", "1", "won", early)], "webhook")  # fmt: skip
+    kept.record_scores([_score("1", early, "lead"), _score("9", late, "customer")])
+    kept.record_feedback([Feedback("hubspot", "48213377", "2", "too_low", 40, "C")])
 
-    assert kept.merge_leads("hubspot", "48213377", {"9": ("1", "2", "9")}) == 2
+    assert kept.merge_leads("hubspot", "48213377", {"9": ("1", "2", "9")}) == 5
     assert kept.merge_leads("hubspot", "48213377", {"9": ("1", "2")}) == 0  # read again: nothing left
 
     with kept.engine.connect() as connection:
+        o = store.outcomes.c
         rows = connection.execute(
-            select(store.outcomes.c.lead_id, store.outcomes.c.kind, store.outcomes.c.reached_at).order_by(
-                store.outcomes.c.lead_id, store.outcomes.c.kind
-            )
+            select(o.account_id, o.lead_id, o.kind, o.reached_at).order_by(o.account_id, o.lead_id, o.kind)
         ).all()
-    assert [(lead, kind, _utc(at)) for lead, kind, at in rows] == [
-        ("3", "won", early),  # not merged: untouched
-        ("9", "customer", early),
-        ("9", "opportunity", late),
+        moved = [
+            connection.execute(select(t.c.lead_id)).scalars().all() for t in (store.scores, store.feedback)
+        ]
+    assert [(account, lead, kind, _utc(at)) for account, lead, kind, at in rows] == [
+        ("48213377", "3", "won", early),  # not merged: untouched
+        ("48213377", "9", "customer", early),  # the earliest of three
+        ("48213377", "9", "opportunity", late),
+        ("99999999", "1", "won", early),  # another portal's lead 1: untouched
     ]
+    assert moved == [["9", "9"], ["9"]]
+
+
+def test_merging_follows_a_chain_to_the_last_survivor_and_keys_salesforce_ids_as_the_store_does(store_url):
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    salesforce = replace(
+        _score("00Q5g00000Ls002EAB", at, "lead", crm="salesforce"), account_id="00D5g000004XyZa"
+    )
+    kept.record_scores([_score("A", at, "lead"), salesforce])
+
+    assert kept.merge_leads("hubspot", "48213377", {"C": ("A",), "B": ("C",)}) == 1
+    # ids as a CRM may spell them: the org by 18 characters, the survivor by 15, the merged lead by 18
+    merged = {"00Q5g00000Ls001": ("00Q5g00000Ls002EAB",)}
+    assert kept.merge_leads("salesforce", "00D5g000004XyZaEAK", merged) == 1
+
+    with kept.engine.connect() as connection:
+        leads = connection.execute(select(store.scores.c.crm, store.scores.c.lead_id)).all()
+    assert sorted(leads) == [("hubspot", "B"), ("salesforce", "00Q5g00000Ls001EAB")]
 
 
 def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(store_url):

@@ -16,10 +16,10 @@ from datetime import timedelta
 from rq import Queue, get_current_job
 
 from integration import metrics, pending
-from integration.clock import shared_now, shared_now_utc
+from integration.clock import redis_now, shared_now, shared_now_utc
 from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected
 from integration.events import ERASE, RESCORE, LeadEvent, deal_of, dump_events, parse_events
-from workers.jobs import context, erased_since, outcome, redis_now
+from workers.jobs import context, erased_since, outcome
 from workers.store import LeadFact
 
 log = logging.getLogger(__name__)

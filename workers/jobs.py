@@ -21,6 +21,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from integration import metrics
+from integration.clock import redis_now
 from integration.crm import CRMAdapter
 from integration.errors import LeadGone
 from integration.events import LeadEvent
@@ -124,7 +125,7 @@ class WorkerContext:
             if lead.merged_ids:
                 merged.setdefault((lead.crm, lead.account_id), {})[lead.lead_id] = lead.merged_ids
         steps = {
-            "merged records": lambda: [self.store.merge_leads(*account, m) for account, m in merged.items()],
+            "merged records": lambda: self._merge(merged),
             "scores": lambda: self.store.record_scores(s.record() for s in scored),
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
             "feedback": lambda: self.store.record_feedback([*map(_feedback, leads), *cleared]),
@@ -135,6 +136,12 @@ class WorkerContext:
             except Exception as exc:
                 log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
                 self.telemetry("store_errors_total")
+
+    def _merge(self, merged: dict[tuple[str, str], dict[str, tuple[str, ...]]]) -> None:
+        for (crm, account), merges in merged.items():
+            if moved := self.store.merge_leads(crm, account, merges):
+                log.info("score store: %d rows of merged leads of %s:%s moved to the lead that remains",
+                         moved, crm, account)  # fmt: skip
 
     def erase(self, crm: str, account: str, lead_ids: list[str], mark: bool = True) -> dict[str, int]:
         """Erase what leadscore keeps of these leads: their rows in the store and their cached LLM
@@ -455,12 +462,6 @@ def pipeline_ids(crm: str, account: str, lead_ids: list[str]) -> tuple[str, list
     if crm != "salesforce":
         return account, list(lead_ids)
     return full_id(account), [full_id(i) for i in lead_ids]
-
-
-def redis_now(redis: Redis) -> float:
-    """Redis's clock, which every host shares, where the hosts' own clocks may disagree."""
-    seconds, microseconds = redis.time()
-    return seconds + microseconds / 1e6
 
 
 def erased_since(redis: Redis, crm: str, account: str, lead_ids: list[str], since: float) -> set[str]:

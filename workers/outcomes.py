@@ -14,11 +14,12 @@ from datetime import datetime, timedelta
 from redis import Redis
 from sqlalchemy import func, select
 
+from integration.clock import redis_now
 from integration.hubspot.api import HubSpotCRM
 from integration.queue import redis_from_url
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings
-from workers.jobs import erase, erased_since, redis_now
+from workers.jobs import erase, erased_since
 from workers.progress import progress
 from workers.store import LeadFact, Store, as_utc, scores
 

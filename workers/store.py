@@ -287,14 +287,31 @@ class Store:
 
     def merge_leads(self, crm: str, account_id: str, merges: dict[str, tuple[str, ...]]) -> int:
         """Move what is kept of records the CRM merged into another (the same person) to the one that
-        remains, each merge in one transaction; returns how many rows moved. Its history then reads as one
-        lead's (a duplicate that never converted is no negative beside its converted twin), and erasing
-        the lead erases them too. Of an outcome both had, the earliest date is kept."""
+        remains; returns how many rows were moved (an outcome the survivor had already is folded into
+        its own, at the earlier date). Its history then reads as one lead's (a duplicate that never
+        converted is no negative beside its converted twin), and erasing the lead erases them too.
+
+        A lead keeps its merged ids for life, so this runs at each of its scorings: one query finds
+        the ids that still have rows, and only those are moved, a survivor a transaction. A chain (A
+        merged into C, C later into B) moves everything to the last survivor."""
+        final = _final_survivors(merges)
+        if not final:
+            return 0
+        keyed = {_stored_lead(crm, gone): _stored_lead(crm, survivor) for gone, survivor in final.items()}
+        with self.engine.connect() as connection:
+            found = {
+                lead_id
+                for table in (scores, feedback, outcomes)
+                for lead_id in connection.execute(
+                    select(table.c.lead_id).where(*_leads(table, crm, account_id, sorted(keyed))).distinct()
+                ).scalars()
+            }
+        account = account_id[:15] if crm == "salesforce" else account_id
         moved = 0
-        for survivor, merged in sorted(merges.items()):
-            gone = sorted({*merged} - {survivor})
-            if not gone:
-                continue
+        by_survivor: dict[str, list[str]] = {}
+        for lead_id in found:
+            by_survivor.setdefault(keyed[_stored_lead(crm, lead_id)], []).append(lead_id)
+        for survivor, gone in sorted(by_survivor.items()):
             with self.engine.begin() as connection:
                 for table in (scores, feedback):
                     moved += connection.execute(
@@ -308,14 +325,11 @@ class Store:
                     )
                 ).all()
                 if taken:
-                    rows = sorted(
-                        (
-                            {"crm": crm, "account_id": account_id, "lead_id": survivor, **row._mapping}
-                            for row in taken
-                        ),
-                        key=itemgetter("kind"),
-                    )
-                    self._keep_outcomes(connection, rows)
+                    rows = [
+                        {"crm": crm, "account_id": account, "lead_id": survivor, **row._mapping}
+                        for row in taken
+                    ]
+                    self._keep_outcomes(connection, sorted(rows, key=itemgetter("kind")))
                 moved += len(taken)
         return moved
 
@@ -378,10 +392,9 @@ class Store:
         kept: the store was down, or the worker died between writing it and keeping it."""
         if not shown:
             return set()
-        same = (lambda i: full_id(i) if is_record_id(i) else i) if crm == "salesforce" else (lambda i: i)
         with self.engine.connect() as connection:
             kept = {
-                (same(lead), fingerprint)
+                (_stored_lead(crm, lead), fingerprint)
                 for lead, fingerprint in connection.execute(
                     select(scores.c.lead_id, scores.c.fingerprint).where(
                         *_leads(scores, crm, account_id, list(shown)),
@@ -389,7 +402,9 @@ class Store:
                     )
                 )
             }
-        return {lead for lead, fingerprint in shown.items() if (same(lead), fingerprint) not in kept}
+        return {
+            lead for lead, fingerprint in shown.items() if (_stored_lead(crm, lead), fingerprint) not in kept
+        }
 
     def erase(self, crm: str, account_id: str, lead_ids: list[str]) -> dict[str, int]:
         """Delete every row kept of these leads; the rows deleted per table. A Salesforce id matches
@@ -432,6 +447,26 @@ def _leads(table: Table, crm: str, account_id: str, lead_ids: list[str]) -> tupl
     """The WHERE clauses picking these leads' rows of `table`."""
     accounts, leads = _id_forms(crm, [account_id]), _id_forms(crm, lead_ids)
     return table.c.crm == crm, table.c.account_id.in_(accounts), table.c.lead_id.in_(leads)
+
+
+def _final_survivors(merges: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Each merged id → the lead that finally holds it, following chains; a lead merged into itself
+    (or a cycle, which a CRM would not make) moves nowhere."""
+    parent = {gone: survivor for survivor, merged in merges.items() for gone in merged if gone != survivor}
+    final = {}
+    for gone in parent:
+        survivor, seen = parent[gone], {gone}
+        while survivor in parent and survivor not in seen:
+            seen.add(survivor)
+            survivor = parent[survivor]
+        if survivor not in seen:
+            final[gone] = survivor
+    return final
+
+
+def _stored_lead(crm: str, lead_id: str) -> str:
+    """A lead id as the store keeps it: a Salesforce record by its 18-character id."""
+    return full_id(lead_id) if crm == "salesforce" and is_record_id(lead_id) else lead_id
 
 
 def _id_forms(crm: str, ids: list[str]) -> list[str]:

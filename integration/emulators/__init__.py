@@ -96,12 +96,13 @@ def redis_reachable(url: str) -> bool:
         return False
 
 
-def start_redis(stack: ExitStack, *options: str) -> str:
-    """A private redis-server on a free loopback port, stopped and removed when `stack` closes."""
+def start_redis(stack: ExitStack, *options: str, port: int | None = None) -> str:
+    """A private redis-server on a free loopback port (or `port`), stopped and removed when `stack`
+    closes."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed: `make test` and `make demo` install it")
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="leadscore-redis-")
+    port, workdir = port or free_port(), tempfile.mkdtemp(prefix="leadscore-redis-")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, *options],
         stdout=subprocess.DEVNULL,

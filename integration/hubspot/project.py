@@ -1,9 +1,9 @@
 """The HubSpot developer-platform project that installs leadscore in one portal.
 
 HubSpot stopped letting anyone create a private app on October 26, 2026; an integration for one
-portal is now a project-based app with static auth, uploaded with the HubSpot CLI. Its webhook
-subscriptions are written from the tables the webhook handler and the reader use, so what HubSpot
-sends is what leadscore scores, and a new property the score reads cannot be forgotten here.
+portal is now a project-based app with static auth, uploaded with the HubSpot CLI. Its subscriptions
+are the handler's events and the properties the reader asks for, as listed below; a test holds them to
+`HANDLED_EVENTS` and `CONTACT_PROPERTIES`, so a property the score starts reading cannot be left out.
 """
 
 from __future__ import annotations
