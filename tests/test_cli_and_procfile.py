@@ -143,6 +143,17 @@ def test_hubspot_project_refuses_a_target_hubspot_cannot_post_to(tmp_path, capsy
     assert not (tmp_path / "hs").exists()
 
 
+def test_hubspot_project_refuses_a_property_label_for_its_internal_name(tmp_path, capsys):
+    args = ["hubspot-project", "--target-url", HUBSPOT_TARGET, "--out", str(tmp_path / "hs")]
+
+    assert main([*args, "--property", "Fit Score"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore hubspot-project: --property 'Fit Score' is not a HubSpot property's internal name "
+        "(lower-case letters, digits and underscores, as Settings > Properties shows it)\n"
+    )
+    assert not (tmp_path / "hs").exists()
+
+
 def test_hubspot_project_leaves_a_project_already_there_alone(tmp_path, capsys):
     args = ["hubspot-project", "--target-url", HUBSPOT_TARGET, "--out", str(tmp_path)]
     (tmp_path / "hsproject.json").write_text("{}")

@@ -9,6 +9,7 @@ are the handler's events and the properties the reader asks for, as listed below
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -39,6 +40,7 @@ REQUIRED_SCOPES = (
 )
 OPTIONAL_SCOPES = ("sales-email-read",)  # email bodies for the LLM; without it, scored without them
 DEAL_STAGE = "dealstage"  # a deal's move to closed won; the worker reads whether it is won
+_INTERNAL_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def project_files(
@@ -50,6 +52,11 @@ def project_files(
         raise UserError(
             f"--target-url must be leadscore's public HTTPS webhook, https://<host>/webhooks/hubspot, got "
             f"{target_url!r}: HubSpot posts only to HTTPS, and signs the exact URL"
+        )
+    if misnamed := [name for name in extra_properties if not _INTERNAL_NAME.fullmatch(name)]:
+        raise UserError(
+            f"--property {misnamed[0]!r} is not a HubSpot property's internal name (lower-case letters, "
+            "digits and underscores, as Settings > Properties shows it)"
         )
     watched = (
         *RESCORING_PROPERTIES,

@@ -24,8 +24,8 @@ from integration.queue import Skipped
 log = logging.getLogger(__name__)
 
 CONTACT_OBJECT_TYPE = "0-1"
-MERGE = "merge"
 DEAL_OBJECT_TYPE = "0-3"
+MERGE = "merge"
 MAX_EVENTS = 100
 TIMESTAMP_TOLERANCE_MS = 300_000  # HubSpot's documented 5 minutes
 
