@@ -236,15 +236,13 @@ def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
 
 
 def _row(event: HubSpotEvent, key: str, kind: str) -> IntakeRow:
+    changed = event.property_name
+    # Positional: the web builds one an event, and keywords cost a NamedTuple a third more.
+    # The event id: eventId alone is not guaranteed unique; a redelivery repeats both.
     return IntakeRow(
-        account_id=str(event.portal_id),
-        lead_id=key,
-        # eventId alone is not guaranteed unique; a redelivery repeats both.
-        event_id=f"{event.event_id}@{event.occurred_at}",
-        kind=kind,
-        changed_fields=(event.property_name,) if event.property_name else (),
-        occurred_at_ms=event.occurred_at,
-    )
+        str(event.portal_id), key, f"{event.event_id}@{event.occurred_at}", kind,
+        (changed,) if changed else (), event.occurred_at,
+    )  # fmt: skip
 
 
 def _ref(event: HubSpotEvent) -> str:
