@@ -31,10 +31,10 @@ def _elapsed() -> float:
 
 
 class _Reading:
-    __slots__ = ("redis_time", "read_at", "tried_at")
+    __slots__ = ("redis_time", "read_at", "tried_at", "warned")
 
     def __init__(self, redis_time: float | None, read_at: float):
-        self.redis_time, self.read_at, self.tried_at = redis_time, read_at, read_at
+        self.redis_time, self.read_at, self.tried_at, self.warned = redis_time, read_at, read_at, False
 
 
 # connection pool → the last reading of Redis's clock through it
@@ -49,14 +49,16 @@ def redis_now(redis: Redis) -> float:
 
 def shared_now(redis: Redis) -> float:
     """Seconds since the epoch on Redis's clock. Between readings it runs on from the last good one,
-    a failed refresh included; only a process that never reached Redis uses its own clock."""
+    a failed refresh included; only a process that never reached Redis uses its own clock. One caller
+    refreshes while the others run on, so a Redis that stalls costs one request its wait, not all."""
     pool = redis.connection_pool
-    reading = _readings.get(pool)
     now = _elapsed()
-    due = REFRESH_S if reading is not None and reading.redis_time is not None else RETRY_S
-    if reading is None or now - reading.tried_at >= due:
-        reading = _refresh(redis, reading, now)
-        _readings[pool] = reading
+    reading = _readings.get(pool)
+    if reading is None:
+        reading = _readings.setdefault(pool, _Reading(None, now - RETRY_S))
+    if now - reading.tried_at >= (RETRY_S if reading.redis_time is None else REFRESH_S):
+        reading.tried_at = now  # claimed before asking
+        reading = _refresh(redis, pool, reading)
     if reading.redis_time is None:
         return time.time()
     return reading.redis_time + (_elapsed() - reading.read_at)
@@ -66,14 +68,16 @@ def shared_now_utc(redis: Redis) -> datetime:
     return datetime.fromtimestamp(shared_now(redis), UTC)
 
 
-def _refresh(redis: Redis, last: _Reading | None, now: float) -> _Reading:
+def _refresh(redis: Redis, pool, last: _Reading) -> _Reading:
+    before = _elapsed()
     try:
         at = redis_now(redis)
     except RedisError as exc:  # the caller's own Redis call will say so
-        if last is None or last.redis_time is None:
-            if last is None:  # said once, not at every retry
-                log.warning("could not read Redis's clock, using this host's until it answers: %s", exc)
-            last = last or _Reading(None, now)
-        last.tried_at = now
+        if last.redis_time is None and not last.warned:
+            last.warned = True
+            log.warning("could not read Redis's clock, using this host's until it answers: %s", exc)
+        last.tried_at = _elapsed()  # a slow failure does not make the next caller due at once
         return last
-    return _Reading(at, (now + _elapsed()) / 2)
+    fresh = _Reading(at, (before + _elapsed()) / 2)
+    _readings[pool] = fresh
+    return fresh

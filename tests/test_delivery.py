@@ -207,6 +207,43 @@ def test_the_shared_clock_is_this_hosts_own_only_until_redis_first_answers(caplo
         assert clock.shared_now(client) == pytest.approx(true_time(), abs=1)
 
 
+def test_a_stalled_redis_is_asked_the_time_by_one_caller_at_a_time_and_not_at_every_request(
+    caplog, monkeypatch
+):
+    """A Redis that accepts and never answers: of ten web threads' first requests one waits on it, the
+    others go on with this host's clock; and a slow failure does not make the next request due."""
+    import socket
+
+    from redis import Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    monkeypatch.setattr(clock, "RETRY_S", 0.1)  # shorter than one attempt's 0.3 s wait
+    accepted = []
+    with socket.create_server(("127.0.0.1", 0)) as stalled:
+
+        def accept():
+            while True:
+                try:
+                    accepted.append(stalled.accept()[0])
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        client = Redis(port=stalled.getsockname()[1], socket_timeout=0.3, retry=Retry(NoBackoff(), 0))
+        callers = [threading.Thread(target=clock.shared_now, args=(client,)) for _ in range(10)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        clock.shared_now(client)
+        clock.shared_now(client)
+
+    assert len(accepted) == 1
+    said = [r.message for r in caplog.records if r.message.startswith("could not read Redis's clock")]
+    assert len(said) == 1
+
+
 def test_the_shared_clock_runs_on_from_its_last_reading_while_redis_is_away(monkeypatch):
     """A failover or a blip must not put a host whose clock is off back on it."""
     from redis import Redis

@@ -139,8 +139,9 @@ def test_merging_follows_a_chain_to_the_last_survivor_and_keys_salesforce_ids_as
 
     assert kept.merge_leads("hubspot", "48213377", {"C": ("A",), "B": ("C",)}) == 1
     # ids as a CRM may spell them: the org by 18 characters, the survivor by 15, the merged lead by 18
-    merged = {"00Q5g00000Ls001": ("00Q5g00000Ls002EAB",)}
+    merged = {"00Q5g00000Ls001": ("00Q5g00000Ls002EAB", "00Q5g00000Ls001EAB")}  # itself, as the CRM spells it
     assert kept.merge_leads("salesforce", "00D5g000004XyZaEAK", merged) == 1
+    assert kept.merge_leads("salesforce", "00D5g000004XyZaEAK", merged) == 0  # nothing moves onto itself
 
     with kept.engine.connect() as connection:
         leads = connection.execute(select(store.scores.c.crm, store.scores.c.lead_id)).all()

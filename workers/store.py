@@ -294,10 +294,13 @@ class Store:
         A lead keeps its merged ids for life, so this runs at each of its scorings: one query finds
         the ids that still have rows, and only those are moved, a survivor a transaction. A chain (A
         merged into C, C later into B) moves everything to the last survivor."""
-        final = _final_survivors(merges)
-        if not final:
+        stored = {
+            _stored_lead(crm, survivor): tuple(_stored_lead(crm, gone) for gone in merged)
+            for survivor, merged in merges.items()
+        }  # one spelling of each id before chains are followed: a 15- and an 18-character id are one lead
+        keyed = _final_survivors(stored)
+        if not keyed:
             return 0
-        keyed = {_stored_lead(crm, gone): _stored_lead(crm, survivor) for gone, survivor in final.items()}
         with self.engine.connect() as connection:
             found = {
                 lead_id
