@@ -556,13 +556,14 @@ def cmd_evaluate(args) -> int:
 def cmd_outcomes(args) -> int:
     from integration.errors import RateLimited
     from workers.outcomes import SyncError, sync
+    from workers.rescore import AccountError
     from workers.store import StoreNotReady
 
     try:
-        report = sync(get_settings(), crm=args.crm, accounts=args.account)
+        report = sync(get_settings(), crm=args.crm, account=args.account)
     except (CRMError, RateLimited, *unreachable()) as exc:
         raise UsageError(f"outcomes sync stopped: {exc}; run it again (it only adds what is new)") from None
-    except (SyncError, StoreNotReady) as exc:
+    except (SyncError, StoreNotReady, AccountError) as exc:
         raise UsageError(str(exc)) from None
     if not report:
         settings = get_settings()
@@ -835,8 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--crm", choices=["hubspot", "salesforce"], help="default: every configured CRM")
     outcomes.add_argument(
         "--account",
-        action="append",
-        help="with --crm: a HubSpot portal id / Salesforce org id, repeatable (default: those scored)",
+        help="with --crm: the HubSpot portal id / Salesforce org id the credentials reach (default: the one "
+        "scored; another is refused)",
     )
     outcomes.set_defaults(func=cmd_outcomes)
     return parser

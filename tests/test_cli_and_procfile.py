@@ -309,6 +309,25 @@ def test_outcomes_sync_before_any_portal_is_known_says_to_name_it(env, capsys):
     )
 
 
+@pytest.mark.parametrize("crm", ["hubspot", "salesforce"])
+def test_outcomes_sync_refuses_an_account_the_credentials_do_not_reach(env, request, crm, capsys):
+    """Outcomes read with one account's credentials must not be filed under another id."""
+    from workers import store
+
+    request.getfixturevalue(crm)  # its emulator
+    store.upgrade(env["DATABASE_URL"])
+    scored = store.ScoreRecord(crm, "99999", "1", 50, "C", "r", "rules", "f", {}, {})  # another account's
+    store.Store(env["DATABASE_URL"]).record_scores([scored])
+    what = {"hubspot": "portal HUBSPOT_ACCESS_TOKEN belongs to (48213377)",
+            "salesforce": "org the Salesforce credentials reach (00D5g000004XyZaEAK)"}[crm]  # fmt: skip
+
+    assert main(["outcomes", "sync", "--crm", crm, "--account", "99999"]) == 2
+    assert capsys.readouterr().err == (
+        f"leadscore: --account 99999 is not the {what}: leave --account out, or set the credentials of "
+        "99999\n"
+    )
+
+
 def procfile() -> dict[str, str]:
     lines = (ROOT / "Procfile").read_text().splitlines()
     return dict(line.split(": ", 1) for line in lines if line.strip())

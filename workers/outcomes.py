@@ -21,6 +21,7 @@ from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings
 from workers.jobs import erase, erased_since
 from workers.progress import progress
+from workers.rescore import reached_account
 from workers.store import LeadFact, Store, as_utc, scores
 
 CLOCK_MARGIN = timedelta(days=1)  # the CRM's clock against leadscore's; the day costs a few more reads
@@ -70,11 +71,12 @@ class SyncError(ValueError):
     """`outcomes sync` cannot tell which account to file outcomes under."""
 
 
-def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None = None) -> dict[str, dict]:
+def sync(settings: Settings, crm: str | None = None, account: str | None = None) -> dict[str, dict]:
     """Read each configured CRM's leads at an outcome, changed since the day before the account's
     first kept score, and keep the new outcomes, filed under the account the credentials reach
-    (`accounts`, given with `crm`, or the one known). An account with no score yet is not read."""
-    if accounts and crm is None:
+    (`account`, given with `crm` and checked against the credentials, or the one known). An account
+    with no score yet is not read."""
+    if account and crm is None:
         raise SyncError(
             "--account needs --crm: a HubSpot portal id and a Salesforce org id are not interchangeable"
         )
@@ -82,10 +84,14 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
     redis = redis_from_url(settings.redis_url)
     report: dict[str, dict] = {}
     if crm in (None, "hubspot") and settings.hubspot_configured:
-        for portal in accounts or _the_account("hubspot", _accounts_in_store(store, "hubspot")):
+        for portal in [account] if account else _the_account("hubspot", _accounts_in_store(store, "hubspot")):
             if (since := _changed_since(store, "hubspot", portal)) is None:
                 report[f"hubspot:{portal}"] = NOT_SCORED
                 continue
+            if account:  # before anything is read: it would be filed under this id
+                reached_account(
+                    account, HubSpotCRM(settings).token_portal(), "portal HUBSPOT_ACCESS_TOKEN belongs to"
+                )
             read_at = redis_now(redis)
             reading = progress(f"reading hubspot:{portal} contacts at an outcome")  # Salesforce: one query
             found = list(reading(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome(since)))
@@ -95,11 +101,15 @@ def sync(settings: Settings, crm: str | None = None, accounts: list[str] | None 
             }  # fmt: skip
     if crm in (None, "salesforce") and settings.salesforce_configured:
         known = sorted(settings.allowed_org_ids) or _accounts_in_store(store, "salesforce")
-        for org in accounts or _the_account("salesforce", known):
+        for org in [account] if account else _the_account("salesforce", known):
             org = org[:15]
             if (since := _changed_since(store, "salesforce", org)) is None:
                 report[f"salesforce:{org}"] = NOT_SCORED
                 continue
+            if account:
+                reached_account(
+                    account, SalesforceCRM(settings).reached_org(), "org the Salesforce credentials reach"
+                )
             read_at = redis_now(redis)
             converted = SalesforceCRM(settings, org_id=org).converted_leads(since)
             facts = [LeadFact("salesforce", org, lead_id, kind) for lead_id, kind in converted]

@@ -49,14 +49,16 @@ def open_leads(settings: Settings, redis: Redis, crm: str, account: str | None) 
     the workers share, so a rescore and the scoring it starts stay under HubSpot's limit together."""
     if crm == "hubspot":
         token_portal = HubSpotCRM(settings).token_portal()
-        portal = _reached(account, token_portal, "portal HUBSPOT_ACCESS_TOKEN belongs to")
+        portal = reached_account(account, token_portal, "portal HUBSPOT_ACCESS_TOKEN belongs to")
         adapter = HubSpotCRM(settings, portal_id=portal, limiter=shared_limiter(redis, settings, portal))
         return portal, adapter.contact_ids()
-    org = _reached(account, SalesforceCRM(settings).reached_org(), "org the Salesforce credentials reach")
+    org = reached_account(
+        account, SalesforceCRM(settings).reached_org(), "org the Salesforce credentials reach"
+    )
     return org, SalesforceCRM(settings, org_id=org).open_lead_ids()
 
 
-def _reached(asked: str | None, reached: str, what: str) -> str:
+def reached_account(asked: str | None, reached: str, what: str) -> str:
     """The account to queue leads under: the one the credentials reach, spelled as its webhooks
     spell it. Leads queued under another would be filed, and held out, under the wrong account."""
     if asked and asked[:15] != reached[:15]:  # a Salesforce org id's 15 characters name it
