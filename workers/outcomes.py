@@ -89,9 +89,7 @@ def sync(settings: Settings, crm: str | None = None, account: str | None = None)
                 report[f"hubspot:{portal}"] = NOT_SCORED
                 continue
             if account:  # before anything is read: it would be filed under this id
-                reached_account(
-                    account, HubSpotCRM(settings).token_portal(), "portal HUBSPOT_ACCESS_TOKEN belongs to"
-                )
+                reached_account(settings, "hubspot", account)
             read_at = redis_now(redis)
             reading = progress(f"reading hubspot:{portal} contacts at an outcome")  # Salesforce: one query
             found = list(reading(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome(since)))
@@ -107,9 +105,7 @@ def sync(settings: Settings, crm: str | None = None, account: str | None = None)
                 report[f"salesforce:{org}"] = NOT_SCORED
                 continue
             if account:
-                reached_account(
-                    account, SalesforceCRM(settings).reached_org(), "org the Salesforce credentials reach"
-                )
+                reached_account(settings, "salesforce", account)
             read_at = redis_now(redis)
             converted = SalesforceCRM(settings, org_id=org).converted_leads(since)
             facts = [LeadFact("salesforce", org, lead_id, kind) for lead_id, kind in converted]

@@ -48,19 +48,21 @@ def open_leads(settings: Settings, redis: Redis, crm: str, account: str | None) 
     converted Leads cannot be written). HubSpot's pages take slots of the portal's rate limit that
     the workers share, so a rescore and the scoring it starts stay under HubSpot's limit together."""
     if crm == "hubspot":
-        token_portal = HubSpotCRM(settings).token_portal()
-        portal = reached_account(account, token_portal, "portal HUBSPOT_ACCESS_TOKEN belongs to")
+        portal = reached_account(settings, crm, account)
         adapter = HubSpotCRM(settings, portal_id=portal, limiter=shared_limiter(redis, settings, portal))
         return portal, adapter.contact_ids()
-    org = reached_account(
-        account, SalesforceCRM(settings).reached_org(), "org the Salesforce credentials reach"
-    )
+    org = reached_account(settings, crm, account)
     return org, SalesforceCRM(settings, org_id=org).open_lead_ids()
 
 
-def reached_account(asked: str | None, reached: str, what: str) -> str:
-    """The account to queue leads under: the one the credentials reach, spelled as its webhooks
-    spell it. Leads queued under another would be filed, and held out, under the wrong account."""
+def reached_account(settings: Settings, crm: str, asked: str | None) -> str:
+    """The account to file leads or outcomes under: the one the credentials reach, spelled as its
+    webhooks spell it; `asked`, if given, must be it. Filed under another, they would be scored, held
+    out and learned from as the wrong account's."""
+    if crm == "hubspot":
+        reached, what = HubSpotCRM(settings).token_portal(), "portal HUBSPOT_ACCESS_TOKEN belongs to"
+    else:
+        reached, what = SalesforceCRM(settings).reached_org(), "org the Salesforce credentials reach"
     if asked and asked[:15] != reached[:15]:  # a Salesforce org id's 15 characters name it
         raise AccountError(
             f"--account {asked} is not the {what} ({reached}): leave --account out, or set the "
