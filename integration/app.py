@@ -21,7 +21,7 @@ from integration.clock import shared_now
 from integration.errors import BodyTooLarge, WebhookError
 from integration.events import IntakeRow
 from integration.hubspot.webhook import bp as hubspot_bp
-from integration.queue import Skipped, durability_risks, hand_off, redis_from_url
+from integration.queue import Skipped, durability_risks, hand_off, settings_redis
 from integration.salesforce.webhook import bp as salesforce_bp
 from integration.settings import Settings, SettingsError, get_settings
 
@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.hubspot_app_secret:
         log.warning("HUBSPOT_APP_SECRET is not set: /webhooks/hubspot will answer 503")
 
-    redis = redis_from_url(settings.redis_url)
+    redis = settings_redis(settings)
     app.extensions["leadscore"] = Services(
         settings=settings, redis=redis, queue=Queue(settings.queue_name, connection=redis)
     )

@@ -66,7 +66,7 @@ def cmd_hubspot_project(args) -> int:
 def cmd_worker(args) -> int:
     from integration import logs
     from integration.pending import worker_queues
-    from integration.queue import durability_risks, redis_from_url
+    from integration.queue import durability_risks, settings_redis
     from workers import jobs
     from workers.worker import build
 
@@ -86,23 +86,43 @@ def cmd_worker(args) -> int:
 
     log = logging.getLogger("leadscore.worker")
     try:
-        for risk in durability_risks(redis_from_url(settings.redis_url)):
+        for risk in durability_risks(settings_redis(settings)):
             log.warning("Redis: %s", risk)
     except RedisError:
         pass  # unreachable: the loop below waits for it
     backoff = 1.0
     while True:  # a Redis restart must not end the worker: wait for it, then work again
         try:
-            redis = redis_from_url(settings.redis_url)
+            redis = settings_redis(settings)
             worker = build(worker_queues(settings.queue_name, redis), redis, settings.worker_maintenance_s)
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
             return 0
         except (RedisConnectionError, RedisTimeoutError) as exc:
+            if refused := _redis_refused(exc):  # a setting to fix: waiting cannot mend it
+                raise SettingsError(f"REDIS_URL: {refused}") from exc
             if args.burst:
                 raise
             log.warning("Redis unreachable (%s); working again in %.0fs", exc, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+
+def _redis_refused(exc: Exception) -> str | None:
+    """What to fix when Redis answered but refused the worker (a password, an untrusted TLS
+    certificate), rather than could not be reached; None for the latter."""
+    import ssl
+
+    from redis.exceptions import AuthenticationError
+
+    if isinstance(exc, AuthenticationError):
+        return f"Redis refused the credentials ({exc}): set the password (and user) Redis expects"
+    if isinstance(exc.__context__ or exc.__cause__, ssl.SSLCertVerificationError):
+        return (
+            f"Redis's TLS certificate is not trusted ({exc}): add its CA to the system's, or, for a "
+            "provider whose certificate is self-signed (Heroku Redis), add ?ssl_cert_reqs=none to the URL, "
+            "or set REDIS_SSL_CERT_REQS=none"
+        )
+    return None
 
 
 def _log_scoring(settings, ctx) -> None:
@@ -204,10 +224,10 @@ def _queue():
     from redis.exceptions import RedisError
     from rq import Queue
 
-    from integration.queue import redis_from_url
+    from integration.queue import settings_redis
 
     settings = get_settings()
-    connection = redis_from_url(settings.redis_url)
+    connection = settings_redis(settings)
     try:
         connection.ping()
     except RedisError as exc:

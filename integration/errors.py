@@ -88,6 +88,21 @@ class WriteRejected(CRMError):
         return self.result.permanent
 
 
+class WritesRefusedAlike(CRMError):
+    """The CRM refused every write of a batch, and for the same reason: a setting of the CRM (a
+    property deleted or made read-only, a field's security), not any one lead. The batch fails as
+    one, retried as any batch is, rather than as one job a lead, each refused again."""
+
+    def __init__(self, crm: str, results: list[WriteResult]):
+        first = results[0]
+        super().__init__(
+            f"{crm} refused all {len(results)} writes of the batch alike, so the CRM's set-up is at fault, "
+            f"not a lead: {first.code}: {first.message} (once fixed, the batch's retry or `leadscore "
+            "requeue` scores them)"
+        )
+        self.results = results
+
+
 class UserError(Exception):
     """Something the user gave (a file, a flag, a store, a model) cannot be used as given: the CLI
     prints the message, which says what to fix, in one line. Anything else keeps its traceback."""

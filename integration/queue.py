@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -22,6 +22,9 @@ from integration import metrics, pending
 from integration.clock import shared_now
 from integration.errors import QueueUnavailable
 from integration.events import IntakeRow, pack_intake
+
+if TYPE_CHECKING:
+    from integration.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,12 @@ class Skipped:
     detail: str
 
 
-def redis_from_url(url: str) -> Redis:
-    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+def settings_redis(settings: Settings) -> Redis:
+    """A client of REDIS_URL's Redis; over TLS (rediss://) its certificate is verified unless
+    REDIS_SSL_CERT_REQS is none, and a ?ssl_cert_reqs= in the URL wins."""
+    url = settings.redis_url
+    tls = {"ssl_cert_reqs": settings.redis_ssl_cert_reqs} if url.startswith("rediss://") else {}
+    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, **tls)
 
 
 def durability_risks(redis: Redis) -> list[str]:

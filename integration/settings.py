@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
+from pydantic import AnyHttpUrl, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -23,6 +24,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the RQ queue")
+    redis_ssl_cert_reqs: Literal["required", "none"] = Field(
+        "required",
+        description="rediss:// only: none for a provider whose certificate is self-signed (Heroku)",
+    )
     queue_name: str = "leadscore"
     max_body_bytes: int = Field(1_000_000, gt=0, description="largest webhook body accepted")
     public_base_url: AnyHttpUrl | None = Field(
@@ -30,7 +35,8 @@ class Settings(BaseSettings):
         description="the scheme://host[:port] HubSpot posts to, when a proxy rewrites it; "
         "signatures are computed over the public URL",
     )
-    proxy_fix_hops: int = Field(0, ge=0, description="trusted X-Forwarded-* proxies in front")
+    proxy_fix_hops: int = Field(0, ge=0, description="trusted X-Forwarded-* proxies in front (Heroku: 1)")
+    dyno: str = Field("", description="the Heroku dyno this runs on: Heroku sets DYNO")
     port: int = Field(
         5000,
         ge=1,
@@ -73,6 +79,9 @@ class Settings(BaseSettings):
         100, ge=1, le=200, description="leads per batch (HubSpot takes 100, Salesforce 200)"
     )
     llm_concurrency: int = Field(16, ge=1, le=200, description="LLM calls in flight per batch")
+    llm_batch_deadline_s: float = Field(
+        60.0, gt=0, le=300, description="a batch's leads the LLM has not answered by then fall back"
+    )
     llm_cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="how long an LLM answer is reused")
     fallback_rescore_s: int = Field(300, ge=0, description="rescore fallback leads after this; 0 = never")
     hubspot_calls_per_10s: int = Field(100, ge=1, description="shared by all workers, per portal")
@@ -97,6 +106,24 @@ class Settings(BaseSettings):
         0.0, ge=0, lt=1, description="share of leads (stable hash of the id) that get no visible tier"
     )
     log_level: str = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _behind_herokus_router(cls, data):
+        """Heroku's router ends TLS and says so in X-Forwarded-Proto, and HubSpot signs the https://
+        URL: on a dyno, that one proxy is trusted unless PROXY_FIX_HOPS says otherwise."""
+        if isinstance(data, dict) and data.get("dyno") and data.get("proxy_fix_hops") in (None, ""):
+            return {**data, "proxy_fix_hops": 1}
+        return data
+
+    @model_validator(mode="after")
+    def _a_store_that_outlives_a_dyno(self) -> Settings:
+        if self.dyno and self.database_url.startswith("sqlite"):
+            raise ValueError(
+                "DATABASE_URL is unset or SQLite, but this runs on a Heroku dyno, whose files are lost at "
+                "each restart and seen by no other dyno: attach Heroku Postgres, which sets DATABASE_URL"
+            )
+        return self
 
     @field_validator("hubspot_app_id")
     @classmethod
@@ -225,8 +252,9 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        problems = "; ".join(  # a check of several variables has no one name: its message names them
+            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" if err["loc"] else err["msg"]
+            for err in exc.errors()
         )
         raise SettingsError(f"invalid leadscore settings: {problems}") from None
 

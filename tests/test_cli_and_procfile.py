@@ -8,14 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import requests
+from redis import Redis
 
 from integration import pending
+from integration.app import create_app
 from integration.cli import main
-from integration.emulators import free_port, serve_in_thread, wait_until
+from integration.emulators import free_port, serve_in_thread, start_redis, wait_until
 from integration.settings import get_settings
 from tests.conftest import FIXTURES, SF_WEBHOOK_TOKEN
 
@@ -559,6 +562,63 @@ def test_worker_with_a_scoring_config_it_cannot_use_names_the_setting(env, monke
     assert capsys.readouterr().err == (
         f"leadscore: SCORING_CONFIG_PATH: {unordered} is invalid: tiers: Value error, tiers must satisfy "
         "A > B > C, got A=50 B=60 C=40\n"
+    )
+
+
+def _tls_redis(stack: ExitStack, tls, directory: Path) -> str:
+    """A redis-server also serving TLS, with a certificate of a CA no system trusts (as Heroku's)."""
+    key, cert, ca = directory / "redis.key", directory / "redis.crt", directory / "ca.crt"
+    tls.server_cert.private_key_pem.write_to_path(str(key))
+    tls.server_cert.cert_chain_pems[0].write_to_path(str(cert))
+    tls.ca.cert_pem.write_to_path(str(ca))
+    port = free_port()
+    start_redis(stack, "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no")  # fmt: skip
+    return f"rediss://127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize("refusal", ["password", "certificate"])
+def test_a_worker_whose_redis_refuses_it_exits_naming_redis_url_rather_than_waiting(
+    env, monkeypatch, local_tls, tmp_path, capsys, refusal
+):
+    with ExitStack() as stack:
+        if refusal == "password":
+            url = start_redis(stack)
+            Redis.from_url(url).config_set("requirepass", "right")
+            url = url.replace("redis://", "redis://:wrong@")
+        else:
+            url = _tls_redis(stack, local_tls, tmp_path)
+        reconfigure(monkeypatch, REDIS_URL=url)
+
+        assert main(["worker"]) == 2  # not burst: it would wait for Redis forever
+    said = capsys.readouterr().err.splitlines()[-1]  # after the logs, the one line to act on
+    if refusal == "password":
+        assert said.startswith("leadscore: REDIS_URL: Redis refused the credentials (")
+        assert said.endswith("): set the password (and user) Redis expects")
+    else:
+        assert said.startswith("leadscore: REDIS_URL: Redis's TLS certificate is not trusted (")
+        assert said.endswith("add ?ssl_cert_reqs=none to the URL, or set REDIS_SSL_CERT_REQS=none")
+
+
+def test_a_redis_whose_certificate_is_self_signed_serves_with_redis_ssl_cert_reqs_none(
+    env, monkeypatch, local_tls, tmp_path, post_delivery
+):
+    with ExitStack() as stack:
+        reconfigure(monkeypatch, REDIS_URL=_tls_redis(stack, local_tls, tmp_path), REDIS_SSL_CERT_REQS="none")
+        client = create_app().test_client()
+        assert client.get("/healthz").status_code == 200
+        assert main(["worker", "--burst"]) == 0
+
+
+def test_on_a_heroku_dyno_a_store_that_would_be_lost_at_the_next_restart_is_refused(env, monkeypatch, capsys):
+    monkeypatch.delenv("DATABASE_URL")
+    reconfigure(monkeypatch, DYNO="worker.1")
+
+    assert main(["worker", "--burst"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "leadscore: invalid leadscore settings: Value error, DATABASE_URL is unset or SQLite, but this runs "
+        "on a Heroku dyno, whose files are lost at each restart and seen by no other dyno: attach Heroku "
+        "Postgres, which sets DATABASE_URL"
     )
 
 

@@ -17,15 +17,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AnyHttpUrl
 from rq import Retry, SimpleWorker, Worker
 from rq.exceptions import DequeueTimeout
+from rq.job import Job
 from rq.scheduler import RQScheduler
 
+from bench import harness
 from integration import clock, metrics, pending
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
 from integration.errors import CRMError, CRMUnavailable, RateLimited
 from integration.events import ERASE, IntakeRow, LeadEvent, pack_intake
-from integration.hubspot.api import HubSpotCRM
+from integration.hubspot.api import HubSpotCRM, halving_budget
 from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
@@ -434,6 +436,37 @@ def test_contact_creation__demo_burst_with_one_contact_refused_writes_the_other_
     assert kept_until == pytest.approx(time.time() + pending.FAILED_KEPT_S, abs=60)  # a month, not a year
 
 
+@pytest.mark.parametrize(
+    ("crm_at_fault", "said"),
+    [
+        ("a leadscore property deleted", 'VALIDATION_ERROR (PROPERTY_DOESNT_EXIST): Property values were '
+         'not valid: [{"isValid": false, "message": "Property \\"leadscore_reason\\" does not exist"'),
+        ("a portal rule refusing every write",
+         "VALIDATION_ERROR (VALIDATION_RULE): Scores are set by ops only"),
+    ],
+)  # fmt: skip
+def test_contact_creation__demo_burst_refused_alike_fails_once_as_a_batch_not_once_a_contact(
+    post_delivery, crm, run_worker, hubspot, queue, caplog, crm_at_fault, said
+):
+    if crm_at_fault == "a leadscore property deleted":
+        del hubspot.properties["leadscore_reason"]
+    else:
+        hubspot.reject.update(dict.fromkeys(hubspot.contacts, "Scores are set by ops only"))
+    post_delivery(BURST)
+    assert run_worker() == []  # the batch failed
+    batch_updates = hubspot.calls.count(("POST", "/crm/v3/objects/contacts/batch/update"))
+
+    # a missing property refuses every contact at once; a rule is halved for its 12 calls, then the
+    # three halves still open are tried once each (two calls a contact would be 47)
+    assert batch_updates == (1 if crm_at_fault == "a leadscore property deleted" else halving_budget(24) + 3)
+    assert queue.count == 0 and queue.failed_job_registry.count == 0
+    [retry] = queue.scheduled_job_registry.get_job_ids()  # the batch, retried by RQ as any batch
+    assert len(queue.fetch_job(retry).args[2]) == 24
+    [failure] = [r.getMessage() for r in caplog.records if r.name == "rq.worker" and r.levelname == "ERROR"]
+    alike = "hubspot refused all 24 writes of the batch alike, so the CRM's set-up is at fault, not a lead: "
+    assert alike + said in failure
+
+
 def test_a_daily_limit_reached_while_halving_a_batch_keeps_the_scores_already_written(
     env, post_delivery, crm, queue, redis, run_worker, hubspot
 ):
@@ -532,6 +565,23 @@ def test_salesforce_stops_before_the_daily_api_budget(post_outbound, sf_crm, run
 
     assert salesforce.writes == []
     assert queue.scheduled_job_registry.count == 1
+
+
+@pytest.mark.parametrize(("said", "put_off_s"), [("TotalRequests", 3600), ("ConcurrentPerOrgLongTxn", 60)])
+def test_an_org_whose_api_limit_is_spent_puts_the_batch_off_without_spending_its_retries(
+    post_outbound, sf_crm, run_worker, salesforce, queue, said, put_off_s
+):
+    salesforce.limit_exceeded = f"{said} Limit exceeded."  # spent by other apps: the first call is refused
+    post_outbound("outbound_message__single")
+    before = time.time()
+    run_worker()
+
+    assert salesforce.writes == []
+    assert queue.failed_job_registry.count == 0
+    [job_id] = queue.scheduled_job_registry.get_job_ids()
+    at = queue.scheduled_job_registry.get_scheduled_time(job_id).timestamp()
+    assert put_off_s - 5 < at - before < put_off_s + 30
+    assert Job.fetch(job_id, connection=queue.connection).retries_left == pending.BATCH_RETRY.max
 
 
 def test_a_worker_started_past_the_api_stop_scores_again_once_the_budget_resets(settings, salesforce, sf_crm):
@@ -635,6 +685,22 @@ def test_a_crm_that_is_down_or_unreachable_is_crm_unavailable(settings, crm, hub
     with pytest.raises(CRMError) as refused:  # leadscore's to fix: RQ retries it, then it fails
         crm.read_leads([VP])
     assert not isinstance(refused.value, CRMUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("failing", "said"),
+    [("notes", "notes read failed: 503"), ("associations", "associations read failed: 503")],
+)
+def test_a_lead_whose_notes_hubspot_fails_to_read_waits_rather_than_scores_without_them(
+    crm, hubspot, failing, said
+):
+    hubspot.unavailable_objects.add(failing)  # 503, after urllib3's retries
+    with pytest.raises(CRMUnavailable, match=f"HubSpot {said}"):
+        crm.read_leads([VP])
+    hubspot.forbidden_objects.add("notes")  # a missing scope is another matter: scored without them
+    hubspot.unavailable_objects.clear()
+
+    assert crm.read_leads([VP])[VP].title == "VP of Sales"
 
 
 def _crm_down(monkeypatch) -> None:
@@ -793,6 +859,75 @@ def test_an_llm_that_refuses_the_request_itself_is_not_asked_again_by_a_rescore(
     assert queue.scheduled_job_registry.count == 0
 
 
+def test_an_llm_that_asks_to_wait_is_not_asked_again_in_the_batch_and_its_leads_rescored_later(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.force(status=429)
+    llm.retry_after = "3"  # the client waited this out before each retry, for every lead
+    post_delivery(BURST)  # 24 leads, 16 asked at once
+    results = run_worker()
+
+    assert len(llm.requests) <= 16  # none asked again, none started after the first 429 came back
+    assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
+    assert queue.scheduled_job_registry.count == 1  # the fallback rescore of all 24
+
+
+def test_leads_the_llm_has_not_answered_by_the_batch_deadline_fall_back(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    monkeypatch.setenv("LLM_BATCH_DEADLINE_S", "1")
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.latency_s = 4  # within LLM_TIMEOUT_S, past the deadline
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    details = json.loads(hubspot.contact_properties("74300000101")["leadscore_details"])
+    assert (result["outcome"], result["fallback"]) == ("written", True)
+    assert details["propensity"]["error"] == "LLM gave no answer within the batch's 1s"
+    assert queue.scheduled_job_registry.count == 1
+
+
+@pytest.mark.parametrize("elsewhere", ["", "http://127.0.0.1:9/v1"])
+def test_an_openai_base_url_set_for_another_tool_does_not_redirect_the_llm(env, monkeypatch, elsewhere):
+    from integration.settings import get_settings
+    from workers.llm import PropensityReasoner
+
+    monkeypatch.delenv("LLM_BASE_URL")
+    monkeypatch.setenv("OPENAI_BASE_URL", elsewhere)  # the openai client reads it when given no base URL
+    get_settings.cache_clear()
+
+    assert str(PropensityReasoner(get_settings()).client.base_url) == "https://api.openai.com/v1/"
+
+
+@pytest.mark.parametrize(
+    ("choice", "error"),
+    [
+        ({"finish_reason": "length",
+          "message": {"role": "assistant", "content": '{"propensity": 0.7, "conf'}},
+         "LLM reply unusable: reply cut off (length)"),
+        ({"finish_reason": "stop",
+          "message": {"role": "assistant", "content": None, "refusal": "I can't help."}},
+         "LLM reply unusable: the LLM refused: \"I can't help.\""),
+    ],
+    ids=["cut_off_at_max_tokens", "refusal"],
+)  # fmt: skip
+def test_an_llm_reply_asking_again_would_repeat_falls_back_without_a_rescore(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm, choice, error
+):
+    _fallback_rescore_every(monkeypatch, 60)
+    reply = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "stub",
+             "choices": [{"index": 0, **choice}]}  # fmt: skip
+    llm.force(raw=("application/json", json.dumps(reply).encode()))
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    details = json.loads(hubspot.contact_properties("74300000101")["leadscore_details"])
+    assert (result["outcome"], result["fallback"]) == ("written", True)
+    assert details["propensity"]["error"] == error
+    assert queue.scheduled_job_registry.count == 0
+
+
 def test_a_rescore_leaves_a_waiting_event_of_the_lead_as_it_is(post_delivery, redis):
     post_delivery("contact.propertyChange__lead_status")
     [waiting] = pending_events(redis, "hubspot", PORTAL_ID)
@@ -939,6 +1074,32 @@ def test_a_worker_stopped_just_after_taking_a_job_runs_it_then_stops(settings, q
     assert (first.get_status(refresh=True), first.return_value()) == ("finished", 2)
     assert queue.get_job_ids() == [second.id]  # it stopped after the job it had taken
     assert queue.intermediate_queue.get_job_ids() == []
+
+
+def test_a_platform_stopping_every_process_of_a_busy_worker_lets_the_job_finish(settings, queue, redis):
+    """Heroku signals every process of a dyno, systemd every process of the unit, and may do so
+    twice: the work horse must not die mid-job, and the worker stops after it."""
+    running, waiting = queue.enqueue("time.sleep", 3, retry=Retry(max=2)), queue.enqueue("builtins.len", "ab")
+    script = _STOPPED_WORKER.split("lmove = redis.lmove")[0] + "worker.work(burst=True)\n"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script, settings.redis_url, settings.queue_name],
+        stderr=subprocess.PIPE, text=True, cwd=FIXTURES.parent, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while running.get_status(refresh=True) != "started" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert harness.descendants(worker.pid), "the job runs in a work horse"
+        harness.signal_tree(worker, signal.SIGTERM)
+        time.sleep(1.5)  # RQ takes a second SIGTERM after a second as a cold stop
+        harness.signal_tree(worker, signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0, worker.stderr.read()
+    finally:
+        worker.kill()
+
+    assert running.get_status(refresh=True) == "finished"
+    assert running.retries_left == 2
+    assert queue.get_job_ids() == [waiting.id]  # it stopped after the job in hand
 
 
 def test_a_waiting_worker_stops_within_a_second_or_two_of_a_sigterm(settings, queue, redis):

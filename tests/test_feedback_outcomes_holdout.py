@@ -455,6 +455,15 @@ def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
     assert reached["74300000121"] == datetime(2026, 11, 2, 13, 44, 9, 118000, UTC)
 
 
+def test_outcomes_sync_takes_its_hubspot_calls_from_the_budget_the_workers_share(env, crm, hubspot, redis):
+    kept_score(env, "hubspot", PORTAL_ID)
+    before = hubspot.api_calls()
+    assert main(["outcomes", "sync", "--crm", "hubspot", "--account", PORTAL_ID]) == 0
+
+    counted = redis.zcard(f"leadscore:rate:hubspot:{PORTAL_ID}")
+    assert counted == hubspot.api_calls() - before - 1 > 0  # all but the account check, made before
+
+
 def test_outcomes_sync_reads_every_page_of_a_search_in_id_order(env, crm, hubspot):
     """The search pages by `hs_object_id` (HubSpot stops its `after` cursor at 10,000 results): each
     page must be sorted by it, or the next page's `GT last id` skips contacts."""

@@ -118,6 +118,24 @@ def test_outbound_message__demo_burst(post_outbound, sf_crm, run_worker, salesfo
     assert written(salesforce, "00Q5g00000Ls011EAB")["Leadscore_Score__c"] is None
 
 
+def test_outbound_message__demo_burst_with_a_leadscore_field_read_only_fails_once_as_a_batch(
+    post_outbound, sf_crm, run_worker, salesforce, queue, caplog
+):
+    salesforce.lead_fields["Leadscore_Score__c"]["updateable"] = False  # its field-level security changed
+    post_outbound("outbound_message__demo_burst")
+
+    assert run_worker() == []  # the batch failed, and is retried as one: not eleven jobs of one lead
+    assert salesforce.writes == []
+    assert queue.count == 0 and queue.failed_job_registry.count == 0
+    [retry] = queue.scheduled_job_registry.get_job_ids()
+    assert len(queue.fetch_job(retry).args[2]) == 12
+    [failure] = [r.getMessage() for r in caplog.records if r.name == "rq.worker" and r.levelname == "ERROR"]
+    assert (
+        "salesforce refused all 11 writes of the batch alike, so the CRM's set-up is at fault, not a lead: "
+        "INVALID_FIELD_FOR_INSERT_UPDATE: Unable to create/update fields: Leadscore_Score__c." in failure
+    )
+
+
 def test_outbound_message__deleted_lead(post_outbound, sf_crm, run_worker, queue):
     post_outbound("outbound_message__deleted_lead")
     [result] = run_worker()

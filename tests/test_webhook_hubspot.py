@@ -182,6 +182,29 @@ def signed_single(url: str = WEBHOOK_URL, **overrides) -> tuple[bytes, dict]:
 
 
 @pytest.mark.parametrize(
+    ("dyno", "hops", "status"), [("web.1", None, 200), ("web.1", "0", 401), ("", None, 401)]
+)
+def test_on_a_heroku_dyno_the_https_url_hubspot_signed_is_read_through_herokus_router(
+    env, monkeypatch, queue, dyno, hops, status
+):
+    """Heroku's router ends TLS and forwards plain HTTP with X-Forwarded-Proto: https."""
+    monkeypatch.setenv("DYNO", dyno)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://leadscore@db.internal/leadscore")  # as Heroku sets it
+    if hops is not None:
+        monkeypatch.setenv("PROXY_FIX_HOPS", hops)
+    _clear_caches()
+    body, headers = signed_single("https://leadscore.example.com/webhooks/hubspot")
+
+    answer = create_app().test_client().post(
+        "/webhooks/hubspot", data=body, base_url="http://leadscore.example.com",
+        headers={**headers, "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"},
+    )  # fmt: skip
+
+    assert answer.status_code == status
+    assert len(pending_events(queue.connection, "hubspot", PORTAL_ID)) == (1 if status == 200 else 0)
+
+
+@pytest.mark.parametrize(
     ("headers", "message"),
     [
         (

@@ -17,7 +17,7 @@ from rq import Queue, get_current_job
 
 from integration import metrics, pending
 from integration.clock import redis_now, shared_now, shared_now_utc
-from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected
+from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected, WritesRefusedAlike
 from integration.events import ERASE, RESCORE, LeadEvent, deal_of, dump_events, parse_events
 from workers.jobs import context, erased_since, outcome
 from workers.store import LeadFact
@@ -254,6 +254,9 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         pending.requeue(queue, crm, account, [by_id[i] for i in sorted(overtaken - erased_late)])
     if failed and len(lead_events) == 1 and not deal_events:
         _fail_alone(failed[0][1], crm)
+    refusals = [result for _, result in failed]
+    if len(refusals) > 1 and not any(r.ok for r in written.values()) and len({r.code for r in refusals}) == 1:
+        raise WritesRefusedAlike(crm, refusals)
     for (
         event,
         result,

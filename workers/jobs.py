@@ -27,7 +27,7 @@ from integration.errors import LeadGone
 from integration.events import LeadEvent
 from integration.hubspot.api import HubSpotCRM, shared_limiter
 from integration.lead import Lead, moment_of
-from integration.queue import redis_from_url
+from integration.queue import settings_redis
 from integration.salesforce import full_id
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings, SettingsError, get_settings
@@ -93,7 +93,7 @@ class WorkerContext:
 
     @cached_property
     def redis(self) -> Redis:
-        return redis_from_url(self.settings.redis_url)
+        return settings_redis(self.settings)
 
     @cached_property
     def store(self) -> Store:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import openai
 from redis.exceptions import RedisError
@@ -15,13 +17,29 @@ from workers.propensity import PropensityResult, build_messages, fallback, parse
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BASE_URL = (
+    "https://api.openai.com/v1"  # given, so an OPENAI_BASE_URL set for another tool is not read
+)
+
+
+RETRY_PAUSE_S = 0.5  # before the one retry of a call the provider dropped or failed (5xx)
+
+
+class _Unusable(ValueError):
+    """A reply that asking again would repeat: cut off at the token limit, filtered, or refused."""
+
 
 def _reply_content(completion) -> str | None:
     """The first choice's text; a proxy's HTML page or an empty body is not a reply."""
     choices = getattr(completion, "choices", None)
     if not choices or getattr(choices[0], "message", None) is None:
         raise ValueError(f"no choices in the reply: {str(completion)[:80]!r}")
-    return choices[0].message.content
+    choice = choices[0]
+    if getattr(choice.message, "refusal", None):
+        raise _Unusable(f"the LLM refused: {str(choice.message.refusal)[:80]!r}")
+    if getattr(choice, "finish_reason", None) in ("length", "content_filter"):
+        raise _Unusable(f"reply cut off ({choice.finish_reason})")
+    return choice.message.content
 
 
 def cache_key(fingerprint: str) -> str:
@@ -76,39 +94,56 @@ class PropensityReasoner:
     def __init__(self, settings: Settings):
         self.model = settings.llm_model
         self.concurrency = settings.llm_concurrency
+        self.deadline_s = settings.llm_batch_deadline_s
         self.cache_ttl_s = settings.llm_cache_ttl_s
         self.client: openai.OpenAI | None = None
         if settings.llm_enabled:
             self.client = openai.OpenAI(
                 api_key=settings.llm_api_key,
-                base_url=str(settings.llm_base_url) if settings.llm_base_url else None,
+                base_url=str(settings.llm_base_url) if settings.llm_base_url else DEFAULT_BASE_URL,
                 timeout=settings.llm_timeout_s,
-                max_retries=1,
+                max_retries=0,  # the client would wait out a Retry-After of up to two minutes per call
             )
 
-    def assess(self, lead: Lead) -> PropensityResult:
+    def assess(self, lead: Lead, throttled: threading.Event | None = None) -> PropensityResult:
+        """The LLM's answer for one lead, or the fallback; a dropped call or a 5xx is tried once more.
+        A 429 sets `throttled`, so the batch starts no more calls: the provider asked to wait."""
         if self.client is None:
             return fallback("LLM disabled: LLM_API_KEY is not set")
-        try:
-            completion = self.client.chat.completions.create(
-                model=self.model,
-                messages=build_messages(lead),
-                temperature=0,
-                response_format={"type": "json_object"},
-                max_tokens=300,
-            )
-            reply = parse_reply(_reply_content(completion))
-        except openai.APITimeoutError:
-            return self._failed(lead, "LLM timed out")
-        except openai.APIStatusError as exc:  # another 4xx: this request will not do, now or later
-            retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
-            return self._failed(lead, f"LLM answered HTTP {exc.status_code}", retryable)
-        except openai.APIError as exc:
-            return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
-        except ValueError as exc:
-            return self._failed(lead, f"LLM reply unusable: {exc}")
-        except Exception as exc:  # fail open is the contract: no reply may stop scoring
-            return self._failed(lead, f"LLM reply unusable: {type(exc).__name__}")
+        for attempt in (1, 2):
+            try:
+                completion = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=build_messages(lead),
+                    temperature=0,
+                    response_format={"type": "json_object"},
+                    max_tokens=300,
+                )
+                reply = parse_reply(_reply_content(completion))
+                break
+            except openai.APITimeoutError:
+                return self._failed(lead, "LLM timed out")
+            except openai.APIStatusError as exc:  # another 4xx: this request will not do, now or later
+                if exc.status_code >= 500 and attempt == 1:
+                    time.sleep(RETRY_PAUSE_S)
+                    continue
+                if exc.status_code == 429 and throttled is not None:
+                    throttled.set()
+                retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
+                return self._failed(lead, f"LLM answered HTTP {exc.status_code}", retryable)
+            except openai.APIConnectionError as exc:
+                if attempt == 1:
+                    time.sleep(RETRY_PAUSE_S)
+                    continue
+                return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
+            except openai.APIError as exc:
+                return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
+            except _Unusable as exc:
+                return self._failed(lead, f"LLM reply unusable: {exc}", retryable=False)
+            except ValueError as exc:
+                return self._failed(lead, f"LLM reply unusable: {exc}")
+            except Exception as exc:  # fail open is the contract: no reply may stop scoring
+                return self._failed(lead, f"LLM reply unusable: {type(exc).__name__}")
         return PropensityResult(
             propensity=reply.propensity,
             confidence=reply.confidence,
@@ -132,11 +167,8 @@ class PropensityReasoner:
         results: list[PropensityResult | None] = [_cached(c) for c in cached]
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(missing))) as pool:
-                for i, result in zip(
-                    missing, pool.map(self.assess, [leads[i] for i in missing]), strict=True
-                ):
-                    results[i] = result
+            for i, result in zip(missing, self._ask_all([leads[i] for i in missing]), strict=True):
+                results[i] = result
             fresh = [i for i in missing if not results[i].fallback]
             if redis is not None and self.cache_ttl_s and fresh:
                 try:
@@ -150,6 +182,28 @@ class PropensityReasoner:
                 except RedisError:
                     log.warning("LLM cache unavailable; answers not kept")
         return results
+
+    def _ask_all(self, leads: list[Lead]) -> list[PropensityResult]:
+        """Ask for every lead, `concurrency` at a time, within the batch's deadline: a slow or
+        throttling provider costs a batch at most LLM_BATCH_DEADLINE_S (and the CRM writes wait for
+        it). Leads not answered by then, or not asked after a 429, fall back and are rescored later."""
+        throttled = threading.Event()
+
+        def ask(lead: Lead) -> PropensityResult:
+            if throttled.is_set():
+                return self._failed(lead, "LLM rate-limited (429): not asked in this batch")
+            return self.assess(lead, throttled)
+
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(leads)))
+        futures = [pool.submit(ask, lead) for lead in leads]
+        done, _ = wait(futures, timeout=self.deadline_s)
+        pool.shutdown(wait=False, cancel_futures=True)  # a call still in flight ends with its timeout
+        return [
+            future.result()
+            if future in done
+            else self._failed(lead, f"LLM gave no answer within the batch's {self.deadline_s:g}s")
+            for future, lead in zip(futures, leads, strict=True)
+        ]
 
     def _failed(self, lead: Lead, why: str, retryable: bool = True) -> PropensityResult:
         log.warning("propensity fallback for %s:%s: %s", lead.crm, lead.lead_id, why)

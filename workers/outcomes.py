@@ -15,8 +15,8 @@ from redis import Redis
 from sqlalchemy import func, select
 
 from integration.clock import redis_now
-from integration.hubspot.api import HubSpotCRM
-from integration.queue import redis_from_url
+from integration.hubspot.api import HubSpotCRM, shared_limiter
+from integration.queue import settings_redis
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings
 from workers.jobs import erase, erased_since
@@ -81,7 +81,7 @@ def sync(settings: Settings, crm: str | None = None, account: str | None = None)
             "--account needs --crm: a HubSpot portal id and a Salesforce org id are not interchangeable"
         )
     store = Store(settings.database_url).require_schema()
-    redis = redis_from_url(settings.redis_url)
+    redis = settings_redis(settings)
     report: dict[str, dict] = {}
     if crm in (None, "hubspot") and settings.hubspot_configured:
         for portal in [account] if account else _the_account("hubspot", _accounts_in_store(store, "hubspot")):
@@ -92,7 +92,8 @@ def sync(settings: Settings, crm: str | None = None, account: str | None = None)
                 reached_account(settings, "hubspot", account)
             read_at = redis_now(redis)
             reading = progress(f"reading hubspot:{portal} contacts at an outcome")  # Salesforce: one query
-            found = list(reading(HubSpotCRM(settings, portal_id=portal).contacts_at_outcome(since)))
+            adapter = HubSpotCRM(settings, portal_id=portal, limiter=shared_limiter(redis, settings, portal))
+            found = list(reading(adapter.contacts_at_outcome(since)))
             facts = [LeadFact("hubspot", portal, contact, kind, at) for contact, kind, at in found]
             report[f"hubspot:{portal}"] = {
                 "since": since, "leads": len(found), "new_outcomes": _keep(store, redis, facts, read_at),

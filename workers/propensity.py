@@ -113,20 +113,19 @@ def parse_reply(content: str | None) -> ConversionPropensity:
         raise ValueError(f"reply does not fit ConversionPropensity {first_problem(exc)}") from None
 
 
-def _fenced(value):
-    """Neutralise the fence markers inside free text so data cannot close the fence."""
+def _sent(value):
+    """What the LLM provider is sent of a field: text cut to MAX_FIELD_CHARS (a title or company name
+    can hold 64 KB in a CRM, and the prompt and its bill must not grow with what a prospect types),
+    email addresses and phone numbers masked (scoring needs none; a title or a form's URL can hold
+    them), and fence markers neutralised so data cannot close the fence; within lists and custom
+    fields too. Notes and emails are bounded, and masked, where they are read."""
     if isinstance(value, str):
-        return _FENCE_MARKER.sub(lambda m: f"({m.group(1)}lead_data)", value)
+        return _FENCE_MARKER.sub(lambda m: f"({m.group(1)}lead_data)", redact(value[:MAX_FIELD_CHARS]))
     if isinstance(value, list | tuple):
-        return [_fenced(v) for v in value]
+        return [_sent(v) for v in value]
+    if isinstance(value, dict):
+        return {_sent(k): _sent(v) for k, v in value.items()}
     return value
-
-
-def _clipped(value):
-    """A field's text cut to MAX_FIELD_CHARS: a title or company name can hold 64 KB in a CRM, and
-    the prompt (and its bill) must not grow with what a prospect types. Notes and emails, a list,
-    are bounded where they are read."""
-    return value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
 
 
 def build_messages(lead: Lead) -> list[dict[str, str]]:
@@ -140,6 +139,6 @@ def build_messages(lead: Lead) -> list[dict[str, str]]:
         "lifecycle_stage": inputs.pop("stage"),
         **{k: v for k, v in inputs.items() if k not in {"crm", "account_id", "lead_id"}},
     }
-    record = {k: _fenced(_clipped(v)) for k, v in record.items() if v not in (None, "", [], ())}
+    record = {k: _sent(v) for k, v in record.items() if v not in (None, "", [], ())}
     user = f"<lead_data>\n{json.dumps(record, indent=1, ensure_ascii=False)}\n</lead_data>"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]

@@ -15,6 +15,7 @@ maintenance a minute or two later, one of its retries spent.
 
 from __future__ import annotations
 
+import signal
 import time
 from contextvars import ContextVar
 
@@ -124,6 +125,22 @@ class LeadscoreWorker(Worker):
         if self._stop_held:
             self._stop_held = False
             super()._shutdown()
+
+    def setup_work_horse_signals(self) -> None:
+        """The work horse ignores SIGTERM as RQ has it ignore SIGINT. A platform stopping the worker
+        signals every process of it (Heroku's dyno; systemd's control group), and RQ's horse died
+        of it mid-job, a retry spent: the worker's warm stop waits for the job, and a cold stop
+        still takes the horse down (SIGKILL)."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def request_force_stop(self, signum, frame) -> None:
+        """A second Ctrl+C is a cold stop, as in RQ; a second SIGTERM is not: platforms send it
+        again (Heroku may), and they SIGKILL when their patience ends, which loses no job (above)."""
+        if signum == signal.SIGTERM:
+            self.log.info("Worker %s: SIGTERM again; still finishing the job in hand", self.name)
+            return
+        super().request_force_stop(signum, frame)
 
     def prepare_execution(self, job: Job) -> Execution:
         """File the job as running, mark it started and take it off the intermediate list (with the

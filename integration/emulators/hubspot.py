@@ -180,7 +180,7 @@ class HubSpotEmulator:
         self.echo: dict | None = None
         self.echo_responses: list[dict] = []
         self.forbidden_objects: set[str] = set()  # object types the token lacks the scope for
-        self.unavailable_objects: set[str] = set()  # batch reads of these answer 503
+        self.unavailable_objects: set[str] = set()  # batch reads of these ("associations": those) answer 503
         self.schemas_read_only = False  # the token lacks crm.schemas.contacts.write: creating answers 403
         self.refused_properties: dict[str, tuple[int, str, str]] = {}  # name -> status, category, message
         self._lock = threading.Lock()
@@ -414,6 +414,8 @@ class HubSpotEmulator:
 
         @app.post("/crm/v4/associations/<from_type>/<to_type>/batch/read")
         def association_batch_read(from_type, to_type):
+            if "associations" in self.unavailable_objects:
+                return _error(503, "SERVICE_UNAVAILABLE", "Service Unavailable")
             if {from_type, to_type} & self.forbidden_objects:
                 return _error(
                     403,

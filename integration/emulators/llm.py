@@ -55,6 +55,7 @@ class LLMStub:
         self.forced_variant: str | None = None
         self.forced_status: int | None = None
         self.forced_raw: tuple[str, bytes] | None = None
+        self.retry_after: str | None = None  # the Retry-After header a forced 429 carries
         self.requests: list[dict] = []
         self._lock = threading.Lock()
 
@@ -86,7 +87,12 @@ class LLMStub:
             if self.latency_s:
                 time.sleep(self.latency_s)
             if self.forced_status is not None:
-                return jsonify(error=_error_for(self.forced_status)), self.forced_status
+                headers = (
+                    {"Retry-After": self.retry_after}
+                    if self.retry_after and self.forced_status == 429
+                    else {}
+                )
+                return jsonify(error=_error_for(self.forced_status)), self.forced_status, headers
             if _json_mode_unasked(body):
                 return jsonify(error=JSON_MODE_UNASKED), 400
             if self.forced_raw is not None:

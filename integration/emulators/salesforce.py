@@ -309,6 +309,7 @@ class SalesforceEmulator:
         self.unavailable = False  # every REST call answers 503, as in the org's maintenance window
         self.api_calls = 0
         self.api_limit = 15000
+        self.limit_exceeded: str | None = None  # as "TotalRequests Limit exceeded.": every call refused
         self.query_page = 2000  # records a query answers at once; the rest through `nextRecordsUrl`
         self._cursors: dict[str, tuple[list[dict], int]] = {}  # locator -> records still to answer, total
         self.echo_url: str | None = None
@@ -447,8 +448,10 @@ class SalesforceEmulator:
             with self._lock:
                 self.api_calls += 1
                 over = self.api_calls > self.api_limit
-            if over:
-                return _errors(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
+            if over or self.limit_exceeded:
+                return _errors(
+                    403, "REQUEST_LIMIT_EXCEEDED", self.limit_exceeded or "TotalRequests Limit exceeded."
+                )
             return None
 
         @app.after_request

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -382,6 +383,8 @@ class HubSpotCRM:
                         ),
                     )
                 except AssociationsApiException as exc:
+                    if (exc.status or 0) >= 500:  # HubSpot is failing: wait for it, not score without
+                        raise _failure(exc, f"HubSpot associations read failed: {exc.status}") from exc
                     log.warning("scoring without %s: associations answered %s", kind, exc.status)
                     continue
                 for result in page.results or []:
@@ -456,6 +459,8 @@ class HubSpotCRM:
                         archived=False,
                     )
                 except ObjectsApiException as exc:  # e.g. 403 without the sales-email-read scope
+                    if (exc.status or 0) >= 500:  # HubSpot is failing: wait for it, not score without
+                        raise _failure(exc, f"HubSpot {kind} read failed: {exc.status} {exc.reason}") from exc
                     log.warning(
                         "scoring without %s: reading them answered %s %s", kind, exc.status, exc.reason
                     )
@@ -476,7 +481,8 @@ class HubSpotCRM:
         results: dict[str, WriteResult] = {}
         try:
             for start in range(0, len(writes), HUBSPOT_BATCH):
-                self._write_batch(writes[start : start + HUBSPOT_BATCH], results)
+                chunk = writes[start : start + HUBSPOT_BATCH]
+                self._write_batch(chunk, results, [halving_budget(len(chunk))])
         except (RateLimited, CRMError) as exc:  # a later call of a halved batch: keep what was written
             exc.written = [r.lead_id for r in results.values() if r.ok]
             raise
@@ -487,11 +493,17 @@ class HubSpotCRM:
             for contact_id, _ in writes
         ]
 
-    def _write_batch(self, chunk: list[tuple[str, dict[str, str]]], results: dict[str, WriteResult]) -> None:
+    def _write_batch(
+        self, chunk: list[tuple[str, dict[str, str]]], results: dict[str, WriteResult], budget: list[int]
+    ) -> None:
         """One `batch/update`. HubSpot refuses the whole request (400) for one contact's invalid
         value, a validation rule say: its halves are written apart until that contact is found, so
         the others still get their scores. A property missing from the portal refuses every contact
-        alike: each is refused at once, saying to run setup."""
+        alike: each is refused at once, saying to run setup. Halving stops once `budget` calls are
+        spent (enough to find one contact; a rule refusing every contact would otherwise cost two
+        calls a contact): the halves still open are written once each, and one refused is refused
+        whole, its contacts not tried alone (so not permanent)."""
+        budget[0] -= 1
         inputs = [
             SimplePublicObjectBatchInput(
                 id=contact_id, properties={WRITTEN_PROPERTIES[k]: v for k, v in fields.items()}
@@ -508,13 +520,14 @@ class HubSpotCRM:
             if exc.status != 400:
                 raise _failure(exc, f"HubSpot batch update failed: {exc.status} {exc.body}") from exc
             category, message, codes = _refusal(exc.body)
-            if len(chunk) > 1 and not _setup_fix(codes):
+            halve = len(chunk) > 1 and not _setup_fix(codes)
+            if halve and budget[0] > 0:
                 middle = len(chunk) // 2
-                self._write_batch(chunk[:middle], results)
-                self._write_batch(chunk[middle:], results)
+                self._write_batch(chunk[:middle], results, budget)
+                self._write_batch(chunk[middle:], results, budget)
                 return
             for contact_id, _ in chunk:
-                results[contact_id] = _refused(contact_id, category, message, codes)
+                results[contact_id] = _refused(contact_id, category, message, codes, alone=not halve)
             return
         for error in getattr(response, "errors", None) or []:
             context = error.context or {}
@@ -630,13 +643,20 @@ def _refusal(body: str | None) -> tuple[str, str, list[str]]:
     return str(parsed.get("category", "")), message, codes or re.findall(r'"error":\s*"([A-Z_]+)"', message)
 
 
-def _refused(contact_id: str, category: str, message: str, codes: list[str]) -> WriteResult:
-    """One contact's refused write: a value HubSpot will not take stays refused (permanent); a
-    deleted contact is gone."""
+def halving_budget(contacts: int) -> int:
+    """The `batch/update` calls that find one refused contact among these: two a halving, and one."""
+    return 2 * math.ceil(math.log2(max(contacts, 1))) + 2
+
+
+def _refused(
+    contact_id: str, category: str, message: str, codes: list[str], alone: bool = True
+) -> WriteResult:
+    """One contact's refused write: a value HubSpot will not take stays refused (permanent), once
+    it was refused for this contact `alone`; a deleted contact is gone."""
     code = f"{category} ({', '.join(codes)})" if codes else category
     return WriteResult(
         contact_id, False, code, f"{message}{_setup_fix(codes)}",
-        permanent=category == "VALIDATION_ERROR", gone=category == "OBJECT_NOT_FOUND",
+        permanent=alone and category == "VALIDATION_ERROR", gone=category == "OBJECT_NOT_FOUND",
     )  # fmt: skip
 
 

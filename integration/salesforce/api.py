@@ -135,12 +135,21 @@ def _said(exc: SalesforceError) -> str:
     return said or str(exc)
 
 
-def _failure(what: str, exc: SalesforceError | requests.RequestException) -> CRMError:
+def _failure(what: str, exc: SalesforceError | requests.RequestException) -> CRMError | RateLimited:
     """The error for a failed call: CRMUnavailable when the org did not answer or answered 5xx (down
-    or in maintenance), so the batch waits for it; ObjectUnreadable for INVALID_TYPE; else CRMError."""
+    or in maintenance), so the batch waits for it; RateLimited when the org's API limit is spent (the
+    day's calls: an hour; concurrent long requests: a minute), so the batch is put off without
+    spending its retries; ObjectUnreadable for INVALID_TYPE; else CRMError."""
     if isinstance(exc, requests.RequestException):
         unanswered = isinstance(exc, (requests.ConnectionError, requests.Timeout))
         return (CRMUnavailable if unanswered else CRMError)(f"{what}: {exc}")
+    if "REQUEST_LIMIT_EXCEEDED" in _error_codes(exc):
+        daily = "TotalRequests" in _said(exc)
+        return RateLimited(
+            f"{what}: {_said(exc)} (the org's API limit, which other apps share; Setup > System Overview "
+            "shows its use)",
+            retry_after_s=3600 if daily else 60,
+        )
     if exc.status >= 500:
         kind = CRMUnavailable
     else:
