@@ -44,6 +44,10 @@ class CRMAdapter(Protocol):
         """Of these deals (opportunities), the won ones, by the ids asked for: when each was won, where
         the CRM says, and the leads it is an outcome for."""
 
+    def merged_into(self, lead_ids: list[str]) -> dict[str, str]:
+        """Of these leads, read as gone, the ones merged into another: the lead that remains, by the
+        id asked for (a CRM that names the merged ids on the one that remains answers none)."""
+
 
 def write_one(adapter: CRMAdapter, record: str, lead_id: str, fields: dict[str, str]) -> None:
     """One lead's write, through the batched write; `record` names it in the error ("HubSpot contact")."""

@@ -75,6 +75,40 @@ def test_contact_merge__two_contacts_moves_what_was_kept_of_both_to_the_contact_
 
 
 @EACH_STORE
+def test_lead_change_event__merge_moves_what_was_kept_of_the_deleted_lead_to_the_one_that_remains(
+    env, post_change_events, sf_crm, run_worker, salesforce
+):
+    """Salesforce deletes the Leads merged away and names the winner only in each one's MasterRecordId,
+    in the recycle bin: the DELETE's batch asks for it, so the store keeps one lead, as for HubSpot."""
+    winner, loser = "00Q5g00000Ls001EAB", "00Q5g00000Ls009EAB"
+    creation = fixture_json("salesforce/lead_change_event__create.json")
+    creation["events"][0]["ChangeEventHeader"]["recordIds"] = [loser]
+    post_change_events(creation)
+    run_worker()
+
+    salesforce.merge_leads(winner, [loser])
+    post_change_events("lead_change_event__merge")
+    results = run_worker()
+
+    assert [(r["lead"], r["outcome"]) for r in results] == [
+        (f"salesforce:{SF_ORG_ID}:{winner}", "written"),
+        (f"salesforce:{SF_ORG_ID}:{loser}", "merged"),
+    ]
+    assert results[1]["into"] == winner
+    assert sorted(row["lead_id"] for row in table(env, store.scores)) == [winner] * 2
+    assert main(["forget", "--crm", "salesforce", "--account", SF_ORG_ID, winner]) == 0
+    assert table(env, store.scores) == []
+
+
+def test_lead_change_event__delete_of_a_lead_merged_into_none_is_gone(post_change_events, sf_crm, run_worker,
+                                                                      salesforce):  # fmt: skip
+    salesforce.delete_lead("00Q5g00000Ls008EAB")
+    post_change_events("lead_change_event__delete")
+
+    assert [r["outcome"] for r in run_worker()] == ["lead_gone"]
+
+
+@EACH_STORE
 def test_every_written_score_is_kept_with_the_inputs_it_was_made_from(env, post_delivery, crm, run_worker):
     post_delivery("contact.propertyChange__lead_status")
     [result] = run_worker()

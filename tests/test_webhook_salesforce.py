@@ -247,7 +247,8 @@ def test_outbound_messages_unconfigured_answer_a_server_fault(settings):
         ("lead_change_event__own_fields_only", (1, 0, 1, 0), []),
         ("lead_change_event__integration_user", (1, 0, 1, 0), []),
         ("lead_change_event__leadscore_client", (1, 0, 1, 0), []),
-        ("lead_change_event__delete", (1, 0, 1, 0), []),
+        ("lead_change_event__delete", (1, 1, 0, 0), ["00Q5g00000Ls008EAB"]),  # a merge's? the worker looks
+        ("lead_change_event__merge", (2, 2, 0, 0), ["00Q5g00000Ls001EAB", "00Q5g00000Ls009EAB"]),
         ("lead_change_event__contact_entity", (1, 0, 0, 1), []),  # an sObject leadscore does not score
         ("opportunity_change_event__closed_won", (1, 1, 0, 0), ["deal:0065g00000Ls011AAB"]),
         ("opportunity_change_event__amount_update", (1, 0, 1, 0), []),  # its stage did not change

@@ -178,10 +178,14 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     won, deal_results = _won_deals(adapter, crm, deal_events)
     by_id = {event.lead_id: event for event in lead_events}
     leads = adapter.read_leads(list(by_id))  # keyed by the ids asked for
+    unread = [i for i in by_id if i not in leads]
+    merged_into = adapter.merged_into(unread) if unread else {}  # Salesforce's merged-away Leads
     closed = {i: lead for i, lead in leads.items() if lead.read_only}  # converted: an outcome, no score
     open_leads = {i: lead for i, lead in leads.items() if i not in closed}
     scored = dict(zip(open_leads, ctx.score(list(open_leads.values())), strict=True))
-    gone = erased_since(ctx.redis, crm, account, [*leads, *(fact.lead_id for fact in won)], read_at)
+    survivors = sorted(set(merged_into.values()))
+    gone = erased_since(ctx.redis, crm, account, [*leads, *(f.lead_id for f in won), *survivors], read_at)
+    merges = _merges({loser: winner for loser, winner in merged_into.items() if winner not in gone})
     won = [fact for fact in won if fact.lead_id not in gone]
     superseded = _superseded(ctx, crm, account, [by_id[i] for i, s in scored.items() if s.fields is not None])
     to_write = [
@@ -207,6 +211,9 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         s = scored.get(lead_id)
         if lead_id in closed:
             results.append(outcome(key, closed[lead_id].outcome or "read_only"))
+            continue
+        if s is None and lead_id in merged_into:
+            results.append({**outcome(key, "merged"), "into": merged_into[lead_id]})
             continue
         if s is None:
             results.append(outcome(key, "lead_gone"))
@@ -245,8 +252,9 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     settled = [e.lead_id for e in lead_events + erased if e.lead_id not in refused]
     pending.backfilled(ctx.redis, crm, account, settled)
     erased_late = _keep(
-        ctx, crm, account, read_at, scored, kept, [lead for i, lead in leads.items() if i not in gone], won
-    )
+        ctx, crm, account, read_at, scored, kept, [lead for i, lead in leads.items() if i not in gone], won,
+        merges,
+    )  # fmt: skip
     failed = [(event, result) for event, result in failed if event.lead_id not in erased_late]
     fallbacks = [event for event in fallbacks if event.lead_id not in erased_late | overtaken]
     queue = _queue()
@@ -299,16 +307,25 @@ def _won_deals(adapter, crm: str, deal_events: list[LeadEvent]) -> tuple[list[Le
 
 
 def _keep(
-    ctx, crm: str, account: str, read_at: float, scored: dict, kept: list, leads: list, won=()
+    ctx, crm: str, account: str, read_at: float, scored: dict, kept: list, leads: list, won=(), merges=None
 ) -> set[str]:
     """Keep what the batch wrote and read, then look again: a lead erased since the batch read it,
     before or while this kept, has its rows and cached LLM answers erased again. Returns those leads."""
-    ctx.keep(kept, leads, won)
-    read = {*scored, *(lead.lead_id for lead in leads), *(fact.lead_id for fact in won)}
+    ctx.keep(kept, leads, won, {(crm, account): merges} if merges else None)
+    moved = {i for winner, losers in (merges or {}).items() for i in (winner, *losers)}
+    read = {*scored, *(lead.lead_id for lead in leads), *(fact.lead_id for fact in won), *moved}
     traces = erased_since(ctx.redis, crm, account, sorted(read), read_at)
     if traces:
         ctx.erase(crm, account, sorted(traces), mark=False)
     return traces
+
+
+def _merges(merged_into: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """Each lead that remains, with the ones merged into it."""
+    merges: dict[str, tuple[str, ...]] = {}
+    for loser, winner in sorted(merged_into.items()):
+        merges[winner] = (*merges.get(winner, ()), loser)
+    return merges
 
 
 def _superseded(ctx, crm: str, account: str, events: list[LeadEvent]) -> set[str]:

@@ -99,9 +99,14 @@ class WorkerContext:
     def store(self) -> Store:
         return Store(self.settings.database_url)
 
-    def keep(self, scored: list[Scored], leads: list[Lead], won: list[LeadFact] = ()) -> None:
+    def keep(
+        self, scored: list[Scored], leads: list[Lead], won: list[LeadFact] = (),
+        merges: dict[tuple[str, str], dict[str, tuple[str, ...]]] | None = None,
+    ) -> None:  # fmt: skip
         """Record written scores, outcomes (the leads' own, and `won`: those of closed-won deals)
-        and rep feedback in the store; never fails the batch.
+        and rep feedback in the store, and move what is kept of leads merged into another (a lead's
+        `merged_ids`, and `merges`: by account, the batch's own, by the lead that remains); never
+        fails the batch.
 
         The CRM write is the product: a store that is down costs the records of this batch (logged
         and counted); outcomes come back with `leadscore outcomes sync`, scores at the next rescoring."""
@@ -120,10 +125,11 @@ class WorkerContext:
             if lead.outcome
         ] + list(won)
         cleared = [s.cleared_feedback() for s in scored if s.clears_feedback]  # after the rep's, as it came
-        merged: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
+        merged = {account: dict(by_winner) for account, by_winner in (merges or {}).items()}
         for lead in leads:
             if lead.merged_ids:
-                merged.setdefault((lead.crm, lead.account_id), {})[lead.lead_id] = lead.merged_ids
+                into = merged.setdefault((lead.crm, lead.account_id), {})
+                into[lead.lead_id] = (*into.get(lead.lead_id, ()), *lead.merged_ids)
         steps = {
             "merged records": lambda: self._merge(merged),
             "scores": lambda: self.store.record_scores(s.record() for s in scored),

@@ -297,6 +297,7 @@ class SalesforceEmulator:
         self.client_secret = client_secret
         self.latency_s = latency_s
         self.leads: dict[str, dict] = {}
+        self.recycle_bin: dict[str, dict] = {}  # deleted Leads, which only `queryAll` reads
         self.tasks: dict[str, dict] = {}
         self.opportunities: dict[str, dict] = {}
         self.lead_fields: dict[str, dict] = {}
@@ -348,9 +349,20 @@ class SalesforceEmulator:
         with self._lock:
             return copy.deepcopy(self.leads[lead_id])
 
-    def delete_lead(self, lead_id: str) -> None:
+    def delete_lead(self, lead_id: str, master_id: str | None = None) -> None:
+        """Delete a Lead into the recycle bin; `master_id` names the Lead it was merged into."""
         with self._lock:
-            self.leads.pop(lead_id, None)
+            record = self.leads.pop(lead_id, None)
+            if record is not None:
+                self.recycle_bin[lead_id] = {**record, "IsDeleted": True, "MasterRecordId": master_id}
+
+    def merge_leads(self, master_id: str, merged_ids: list[str]) -> None:
+        """Salesforce's merge: the others are deleted, each naming the master in MasterRecordId, and
+        the master is updated."""
+        with self._lock:
+            for lead_id in merged_ids:
+                self.delete_lead(lead_id, master_id)
+            self.leads[master_id]["LastModifiedDate"] = _now()
 
     def echo_writes_to(self, url: str, fields: tuple[str, ...] = ECHO_FIELDS) -> None:
         """After each successful write, post the Outbound Message Salesforce would send for those leads.
@@ -538,11 +550,12 @@ class SalesforceEmulator:
                 return jsonify(self._view(entity, record, names))
 
         @app.get(f"{data}/query")
+        @app.get(f"{data}/queryAll")
         def query(version):
             soql = request.args.get("q", "")
             try:
                 with self._lock:
-                    return jsonify(self._query(soql))
+                    return jsonify(self._query(soql, deleted=request.path.rstrip("/").endswith("/queryAll")))
             except SoqlError as error:
                 return _errors(400, error.code, error.message)
 
@@ -577,8 +590,8 @@ class SalesforceEmulator:
 
     # ---- SOQL
 
-    def _query(self, soql: str) -> dict:
-        records = self._select(soql)
+    def _query(self, soql: str, deleted: bool = False) -> dict:
+        records = self._select(soql, deleted=deleted)
         return self._page(records, len(records))
 
     def _relationship(self, parent: str, name: str, soql: str) -> tuple[str, str, str]:
@@ -594,9 +607,10 @@ class SalesforceEmulator:
             )
         return found
 
-    def _select(self, soql: str, parent: tuple[str, dict] | None = None) -> list[dict]:
+    def _select(self, soql: str, parent: tuple[str, dict] | None = None, deleted: bool = False) -> list[dict]:
         """The records a SELECT answers, each with its subqueries' children; `parent` (object, record)
-        when `soql` is itself a relationship subquery."""
+        when `soql` is itself a relationship subquery; with the recycle bin's Leads when `deleted`
+        (`queryAll`)."""
         subqueries: list[str] = []
 
         def set_aside(found: re.Match) -> str:
@@ -661,7 +675,7 @@ class SalesforceEmulator:
             selected.append(column(name, start))
         rows = list(
             {
-                "Lead": self.leads,
+                "Lead": {**self.leads, **self.recycle_bin} if deleted else self.leads,
                 "Task": self.tasks,
                 "Opportunity": self.opportunities,
                 "Organization": {self.org_id: {"Id": self.org_id}},

@@ -473,6 +473,10 @@ class HubSpotCRM:
             for contact, kinds in linked.items()
         }
 
+    def merged_into(self, lead_ids: list[str]) -> dict[str, str]:
+        """None: HubSpot names the merged ids on the contact that remains (`hs_merged_object_ids`)."""
+        return {}
+
     def write_scores(self, contact_id: str, fields: dict[str, str]) -> None:
         write_one(self, "HubSpot contact", contact_id, fields)
 

@@ -40,10 +40,14 @@ XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
 OWN_FIELDS = frozenset(OUTPUT_FIELDS.values())
 _CLIENT = re.compile(r";client=([^;]*)")
 
-HANDLED_CHANGES = {"CREATE": "creation", "UPDATE": "property_change", "UNDELETE": "creation"}
-IGNORED_CHANGES = frozenset({"DELETE", "GAP_DELETE", "GAP_OVERFLOW"})  # nothing left to score, or no record
-# GAP_CREATE / GAP_UPDATE / GAP_UNDELETE: CDC lost the details, not the record; rescore to be safe.
-HANDLED_CHANGES |= {f"GAP_{kind}": HANDLED_CHANGES[kind] for kind in ("CREATE", "UPDATE", "UNDELETE")}
+# A DELETE may be a merge's: the worker asks the recycle bin which Lead remains, and moves what is kept
+# of the deleted one to it (nothing is scored: the one that remains has its own UPDATE).
+HANDLED_CHANGES = {
+    "CREATE": "creation", "UPDATE": "property_change", "UNDELETE": "creation", "DELETE": "deletion",
+}  # fmt: skip
+IGNORED_CHANGES = frozenset({"GAP_OVERFLOW"})  # too many changes at once: no record ids
+# GAP_*: CDC lost the details, not the record; rescore (or look for a merge) to be safe.
+HANDLED_CHANGES |= {f"GAP_{kind}": kind_of for kind, kind_of in list(HANDLED_CHANGES.items())}
 # An opportunity's stage change may make it won: an outcome for the Lead converted into it, whose
 # record no longer changes. Queued under its own key; the worker reads whether it is won.
 OPPORTUNITY_OUTCOME_FIELDS = frozenset({"StageName", "IsWon", "IsClosed"})
