@@ -80,6 +80,12 @@ def cmd_worker(args) -> int:
     _check_output_fields(settings, jobs, ready_orgs)
     _prepare_store(ctx.store)
     _log_scoring(settings, ctx)
+    if (ctx.model is None or ctx.model.uses_llm) and (refused := ctx.reasoner.check()):
+        logging.getLogger("leadscore.worker").error(
+            "the LLM (%s at %s) refuses leadscore's request: %s. Every lead is scored on the rules alone "
+            "until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed", settings.llm_model,
+            settings.llm_base_url or "OpenAI", refused,
+        )  # fmt: skip
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError

@@ -888,6 +888,22 @@ def test_leads_the_llm_has_not_answered_by_the_batch_deadline_fall_back(
     assert queue.scheduled_job_registry.count == 1
 
 
+@pytest.mark.parametrize(("status", "logged"), [(400, True), (401, True), (500, False), (None, False)])
+def test_a_worker_says_at_start_when_the_llm_refuses_its_request(
+    env, monkeypatch, llm, caplog, status, logged
+):
+    llm.force(status=status)  # 400: e.g. a model that takes no `max_tokens`; 500 may pass
+    assert main(["worker", "--burst"]) == 0
+
+    refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "LLM" in r.getMessage()]
+    assert len(llm.requests) == (2 if status == 500 else 1)  # one made-up lead; a 5xx is asked again
+    assert refusals == (
+        [f"the LLM (gpt-4o-mini at {llm.url}/v1) refuses leadscore's request: LLM answered HTTP {status}. "
+         "Every lead is scored on the rules alone until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed"]
+        if logged else []
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("elsewhere", ["", "http://127.0.0.1:9/v1"])
 def test_an_openai_base_url_set_for_another_tool_does_not_redirect_the_llm(env, monkeypatch, elsewhere):
     from integration.settings import get_settings

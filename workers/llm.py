@@ -23,6 +23,11 @@ DEFAULT_BASE_URL = (
 
 
 RETRY_PAUSE_S = 0.5  # before the one retry of a call the provider dropped or failed (5xx)
+# A made-up lead the worker asks about once at start, so a request the LLM refuses shows then.
+PROBE_LEAD = Lead(
+    crm="hubspot", account_id="0", lead_id="leadscore-start-check", title="VP of Sales", company="Example Co",
+    company_size="100-500", source="ORGANIC_SEARCH", status="NEW", has_email=True,
+)  # fmt: skip
 
 
 class _Unusable(ValueError):
@@ -182,6 +187,16 @@ class PropensityReasoner:
                 except RedisError:
                     log.warning("LLM cache unavailable; answers not kept")
         return results
+
+    def check(self) -> str | None:
+        """Why the LLM refuses leadscore's request, asked about a made-up lead; None when it answers,
+        or fails in a way that may pass (a 5xx, a 429, a timeout). A model that does not take a
+        parameter (`max_tokens`, `temperature` 0, JSON mode), a wrong model name or key would make every
+        lead fall back to the rules, a warning a lead: the worker says it once, at start."""
+        if self.client is None:
+            return None
+        result = self.assess(PROBE_LEAD)
+        return result.error if result.fallback and not result.retryable else None
 
     def _ask_all(self, leads: list[Lead]) -> list[PropensityResult]:
         """Ask for every lead, `concurrency` at a time, within the batch's deadline: a slow or
