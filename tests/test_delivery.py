@@ -1102,10 +1102,11 @@ def test_a_platform_stopping_every_process_of_a_busy_worker_lets_the_job_finish(
         stderr=subprocess.PIPE, text=True, cwd=FIXTURES.parent, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while running.get_status(refresh=True) != "started" and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30  # filed as started before the fork: wait for the work horse too
+        while not (running.get_status(refresh=True) == "started" and harness.descendants(worker.pid)):
+            assert time.monotonic() < deadline, "the job never ran in a work horse"
             time.sleep(0.05)
-        assert harness.descendants(worker.pid), "the job runs in a work horse"
+        time.sleep(0.3)  # the horse sets its signals first thing after the fork
         harness.signal_tree(worker, signal.SIGTERM)
         time.sleep(1.5)  # RQ takes a second SIGTERM after a second as a cold stop
         harness.signal_tree(worker, signal.SIGTERM)

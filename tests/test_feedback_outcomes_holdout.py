@@ -23,6 +23,7 @@ from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_j
 from workers import jobs, store, store_data
 from workers.config import TIER_NAMES
 from workers.holdout import HOLDOUT_REASON, in_holdout
+from workers.llm import answers_key
 from workers.tabular import TableError
 
 CONTACT = "74300000103"
@@ -140,8 +141,13 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     kept = store.Store(env["DATABASE_URL"])
     kept.record_outcomes([store.LeadFact("hubspot", PORTAL_ID, erased, "opportunity", None)], source="sync")
     kept.record_feedback([store.Feedback("hubspot", PORTAL_ID, erased, "too_high", 80, "A", "f")])
-    cached = {row["lead_id"]: f"leadscore:llm:{row['fingerprint']}" for row in table(env, store.scores)}
+    cached = {
+        lead: redis.srandmember(answers_key("hubspot", PORTAL_ID, lead)).decode()
+        for lead in (erased, CONTACT)
+    }
     assert redis.exists(*cached.values()) == 2
+    [fingerprint] = [row["fingerprint"] for row in table(env, store.scores) if row["lead_id"] == erased]
+    redis.set(f"leadscore:llm:{fingerprint}", "{}")  # where an older release cached the same answer
     del hubspot.contacts[erased]
 
     assert post_delivery("contact.privacyDeletion__single").get_json()["queued"] == 1
@@ -151,6 +157,7 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     assert [row["lead_id"] for row in table(env, store.scores)] == [CONTACT]
     assert table(env, store.outcomes) == table(env, store.feedback) == []
     assert (redis.exists(cached[erased]), redis.exists(cached[CONTACT])) == (0, 1)
+    assert not redis.exists(f"leadscore:llm:{fingerprint}")
 
 
 def test_a_privacy_deletion_batched_with_other_leads_is_erased_on_its_own_and_holds_none_back(

@@ -12,7 +12,7 @@ from integration import metrics, pending
 from integration.cli import main
 from integration.emulators import free_port
 from tests.conftest import PORTAL_ID, SF_ORG_ID, finished_jobs, pending_events
-from tests.test_cli_and_procfile import REFUSED_TOKENS, reconfigure
+from tests.test_cli_and_procfile import REFUSED_TOKENS, ROOT, reconfigure
 from tests.test_pipeline_hubspot import EXPECTED_BURST as HUBSPOT_SCORES
 from tests.test_pipeline_salesforce import EXPECTED_BURST as SALESFORCE_SCORES
 from workers import rescore
@@ -61,6 +61,26 @@ def test_rescore_hubspot_scores_every_contact_and_a_second_run_writes_nothing(
     results = run_worker()
     assert len(results) == 24 and {r["outcome"] for r in results} == {"unchanged"}
     assert (len(hubspot.writes), len(llm.requests)) == (writes, asked)
+
+
+def test_a_rescore_after_the_tiers_are_edited_writes_every_lead_again_and_asks_the_llm_nothing(
+    env, monkeypatch, tmp_path, crm, run_worker, hubspot, llm
+):
+    """The LLM never sees the rules or tiers: its cached answers are reused, so an edit to them costs
+    writes, not one LLM call a lead (100,000 for a portal of 100,000)."""
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    run_worker()
+    edited = tmp_path / "scoring.toml"
+    shipped = (ROOT / "workers" / "scoring_config.toml").read_text()
+    edited.write_text(shipped.replace("A = 70\nB = 55\nC = 40", "A = 72\nB = 55\nC = 40"))
+    reconfigure(monkeypatch, SCORING_CONFIG_PATH=str(edited))
+    asked = len(llm.requests)
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    results = run_worker()
+
+    assert {r["outcome"] for r in results} == {"written"}  # a new fingerprint: every lead written again
+    assert len(llm.requests) == asked
 
 
 def test_a_lead_a_webhook_brings_is_scored_before_a_rescore_backlog(

@@ -35,7 +35,7 @@ from workers import model_scoring, tabular
 from workers.blend import REASON_VERSION, ScoreResult, blend_score, input_fingerprint, with_provenance
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
-from workers.llm import PropensityReasoner, answers_key, cache_key
+from workers.llm import PropensityReasoner, answers_key, cached_answer_key
 from workers.model import ModelArtifactError, TrainedModel
 from workers.propensity import PropensityResult
 from workers.rules import evaluate_rules
@@ -187,9 +187,7 @@ class WorkerContext:
         never_kept = self._never_kept(leads, fingerprints, [i for i in shown if _lately_scored(leads[i])])
         fresh = sorted({*range(len(leads))} - {*shown} | {*never_kept})
         if self.model is None or self.model.uses_llm:
-            answers = self.reasoner.assess_many(
-                [leads[i] for i in fresh], [fingerprints[i] for i in fresh], self.redis
-            )
+            answers = self.reasoner.assess_many([leads[i] for i in fresh], self.redis)
         else:
             answers = [None] * len(fresh)
         by_index = dict(zip(fresh, answers, strict=True))
@@ -498,9 +496,11 @@ def erase(
     with redis.pipeline(transaction=False) as pipe:
         for key in answer_sets:
             pipe.smembers(key)
-        cached = {fp.decode() for members in pipe.execute() for fp in members}
-    fingerprints = cached | store.fingerprints_of(crm, account, lead_ids)  # before the rows that name them go
-    answers = redis.delete(*map(cache_key, fingerprints)) if fingerprints else 0
+        cached = {member.decode() for members in pipe.execute() for member in members}
+    # Answers cached by an older release are keyed by the input fingerprint, which the store keeps:
+    # read before the rows that name them go.
+    keys = {cached_answer_key(key) for key in cached | store.fingerprints_of(crm, account, lead_ids)}
+    answers = redis.delete(*keys) if keys else 0
     redis.delete(*answer_sets)
     deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
     log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)

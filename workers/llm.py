@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -12,6 +13,7 @@ import openai
 from redis.exceptions import RedisError
 
 from integration.lead import Lead
+from integration.salesforce import full_id
 from integration.settings import Settings
 from workers.propensity import PropensityResult, build_messages, fallback, parse_reply
 
@@ -47,14 +49,28 @@ def _reply_content(completion) -> str | None:
     return choice.message.content
 
 
-def cache_key(fingerprint: str) -> str:
-    """Where an LLM answer is cached: by the lead's input fingerprint, which the store keeps too."""
-    return f"leadscore:llm:{fingerprint}"
+CACHE_PREFIX = "leadscore:llm:"
+REQUEST = {"temperature": 0, "response_format": {"type": "json_object"}, "max_tokens": 300}
+
+
+def cache_key(model: str, messages: list[dict]) -> str:
+    """Where an LLM answer is cached: by what the LLM was asked (model, request and messages), so an
+    edit it never sees (rules, tiers, the reasons' wording, a trained model) reuses every answer."""
+    asked = json.dumps([model, REQUEST, messages], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return CACHE_PREFIX + hashlib.sha256(asked.encode()).hexdigest()[:32]
+
+
+def cached_answer_key(member: str) -> str:
+    """The cache key a lead's answers set names; older releases named the input fingerprint instead,
+    and cached the answer under it."""
+    return member if member.startswith(CACHE_PREFIX) else CACHE_PREFIX + member
 
 
 def answers_key(crm: str, account: str, lead_id: str) -> str:
-    """The fingerprints a lead's LLM answers are cached under, so an erasure finds every one of them,
-    whether or not a kept score names it."""
+    """The cache keys of a lead's LLM answers, so an erasure finds every one of them; a Salesforce
+    org and lead by their 18-character ids, whichever form the caller holds."""
+    if crm == "salesforce":
+        account, lead_id = full_id(account), full_id(lead_id)
     return f"leadscore:llm-of:{crm}:{account}:{lead_id}"
 
 
@@ -110,7 +126,9 @@ class PropensityReasoner:
                 max_retries=0,  # the client would wait out a Retry-After of up to two minutes per call
             )
 
-    def assess(self, lead: Lead, throttled: threading.Event | None = None) -> PropensityResult:
+    def assess(
+        self, lead: Lead, throttled: threading.Event | None = None, messages: list[dict] | None = None
+    ) -> PropensityResult:
         """The LLM's answer for one lead, or the fallback; a dropped call or a 5xx is tried once more.
         A 429 sets `throttled`, so the batch starts no more calls: the provider asked to wait."""
         if self.client is None:
@@ -118,11 +136,7 @@ class PropensityReasoner:
         for attempt in (1, 2):
             try:
                 completion = self.client.chat.completions.create(
-                    model=self.model,
-                    messages=build_messages(lead),
-                    temperature=0,
-                    response_format={"type": "json_object"},
-                    max_tokens=300,
+                    model=self.model, messages=messages or build_messages(lead), **REQUEST
                 )
                 reply = parse_reply(_reply_content(completion))
                 break
@@ -157,22 +171,25 @@ class PropensityReasoner:
             model=completion.model or self.model,
         )
 
-    def assess_many(self, leads: list[Lead], fingerprints: list[str], redis=None) -> list[PropensityResult]:
+    def assess_many(self, leads: list[Lead], redis=None) -> list[PropensityResult]:
         """Answers for many leads: cached ones from Redis, the rest concurrently from the LLM.
 
-        Only real LLM answers are cached (by input fingerprint, which covers the prompt
-        version), so a fallback is retried the next time the lead is scored.
+        Only real LLM answers are cached (by what was asked: `cache_key`), so a fallback is
+        retried the next time the lead is scored.
         """
+        messages = [build_messages(lead) for lead in leads]
+        keys = [cache_key(self.model, asked) for asked in messages]
         cached: list[bytes | None] = [None] * len(leads)
         if redis is not None and self.cache_ttl_s and leads:
             try:
-                cached = redis.mget([cache_key(fp) for fp in fingerprints])
+                cached = redis.mget(keys)
             except RedisError:
                 log.warning("LLM cache unavailable; asking the LLM")
         results: list[PropensityResult | None] = [_cached(c) for c in cached]
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
-            for i, result in zip(missing, self._ask_all([leads[i] for i in missing]), strict=True):
+            asked = self._ask_all([leads[i] for i in missing], [messages[i] for i in missing])
+            for i, result in zip(missing, asked, strict=True):
                 results[i] = result
             fresh = [i for i in missing if not results[i].fallback]
             if redis is not None and self.cache_ttl_s and fresh:
@@ -180,9 +197,9 @@ class PropensityReasoner:
                     with redis.pipeline(transaction=False) as pipe:
                         for i in fresh:
                             lead = answers_key(leads[i].crm, leads[i].account_id, leads[i].lead_id)
-                            pipe.sadd(lead, fingerprints[i])
+                            pipe.sadd(lead, keys[i])
                             pipe.expire(lead, self.cache_ttl_s)
-                            pipe.set(cache_key(fingerprints[i]), to_cache(results[i]), ex=self.cache_ttl_s)
+                            pipe.set(keys[i], to_cache(results[i]), ex=self.cache_ttl_s)
                         pipe.execute()
                 except RedisError:
                     log.warning("LLM cache unavailable; answers not kept")
@@ -198,19 +215,19 @@ class PropensityReasoner:
         result = self.assess(PROBE_LEAD)
         return result.error if result.fallback and not result.retryable else None
 
-    def _ask_all(self, leads: list[Lead]) -> list[PropensityResult]:
+    def _ask_all(self, leads: list[Lead], messages: list[list[dict]]) -> list[PropensityResult]:
         """Ask for every lead, `concurrency` at a time, within the batch's deadline: a slow or
         throttling provider costs a batch at most LLM_BATCH_DEADLINE_S (and the CRM writes wait for
         it). Leads not answered by then, or not asked after a 429, fall back and are rescored later."""
         throttled = threading.Event()
 
-        def ask(lead: Lead) -> PropensityResult:
+        def ask(lead: Lead, asked: list[dict]) -> PropensityResult:
             if throttled.is_set():
                 return self._failed(lead, "LLM rate-limited (429): not asked in this batch")
-            return self.assess(lead, throttled)
+            return self.assess(lead, throttled, asked)
 
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(leads)))
-        futures = [pool.submit(ask, lead) for lead in leads]
+        futures = [pool.submit(ask, lead, asked) for lead, asked in zip(leads, messages, strict=True)]
         done, _ = wait(futures, timeout=self.deadline_s)
         pool.shutdown(wait=False, cancel_futures=True)  # a call still in flight ends with its timeout
         return [
