@@ -3,8 +3,9 @@
 HubSpot counts calls per app and portal over a rolling 10 seconds; all of
 leadscore's workers, on however many machines, must stay under it together.
 Each call takes a slot in a Redis sorted set (one Lua script: drop expired slots,
-count, take one or say how long to wait). A 429 from the CRM pauses every worker
-for the time the CRM asked for.
+count, take one or say how long to wait), on Redis's clock, so hosts whose clocks
+disagree still share one window. A 429 from the CRM pauses every worker for the
+time the CRM asked for.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from integration.errors import RateLimited
 log = logging.getLogger(__name__)
 
 _TAKE = """
-local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.replicate_commands()
+local time = redis.call('TIME')
+local key, now = KEYS[1], tonumber(time[1]) + tonumber(time[2]) / 1000000
+local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local paused = redis.call('PTTL', KEYS[2])
 if paused > 0 then return tostring(paused / 1000) end
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
 if redis.call('ZCARD', key) < limit then
-  redis.call('ZADD', key, now, ARGV[4])
+  redis.call('ZADD', key, now, ARGV[3])
   redis.call('PEXPIRE', key, math.ceil(window * 1000))
   return '0'
 end
@@ -35,11 +39,19 @@ return tostring(tonumber(oldest[2]) + window - now)
 """
 
 
+_PAUSE = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+end
+"""
+
+
 class RateLimiter:
     def __init__(self, redis: Redis, name: str, limit: int, window_s: float = 10.0):
         self.redis, self.limit, self.window_s = redis, limit, window_s
         self.key, self.pause_key = f"leadscore:rate:{name}", f"leadscore:rate-pause:{name}"
         self._take = redis.register_script(_TAKE)
+        self._pause = redis.register_script(_PAUSE)
 
     def acquire(self, max_wait_s: float = 120.0) -> float:
         """Block until a call may be made; returns the seconds waited."""
@@ -49,7 +61,7 @@ class RateLimiter:
                 wait = float(
                     self._take(
                         keys=[self.key, self.pause_key],
-                        args=[time.time(), self.window_s, self.limit, uuid.uuid4().hex],
+                        args=[self.window_s, self.limit, uuid.uuid4().hex],
                     )
                 )
             except RedisError as exc:  # a limiter outage must not stop scoring; the CRM's 429s still bind
@@ -63,8 +75,9 @@ class RateLimiter:
             waited += min(wait, 1.0) + 0.01
 
     def pause(self, seconds: float) -> None:
-        """Every worker holds off for `seconds` (the CRM said so with a 429)."""
+        """Every worker holds off for `seconds` (the CRM said so with a 429), or longer where another
+        429 asked for longer: a secondly limit's 2 s must not cut short the daily limit's hour."""
         try:
-            self.redis.set(self.pause_key, 1, px=max(1, int(seconds * 1000)))
+            self._pause(keys=[self.pause_key], args=[max(1, int(seconds * 1000))])
         except RedisError:
             time.sleep(seconds)

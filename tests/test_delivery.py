@@ -558,6 +558,27 @@ def test_rate_limiter_is_shared_through_redis(redis):
     assert 0.3 < time.monotonic() - started < 2.0  # about the 0.5 s window
 
 
+def test_the_rate_limiter_keeps_one_window_for_hosts_whose_clocks_disagree(redis, monkeypatch):
+    ahead = RateLimiter(redis, "skew", limit=3, window_s=0.5)  # a host an hour ahead of the other
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    assert [ahead.acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+    monkeypatch.setattr(time, "time", real)
+    started = time.monotonic()
+
+    RateLimiter(redis, "skew", limit=3, window_s=0.5).acquire(max_wait_s=5)
+
+    assert 0.3 < time.monotonic() - started < 2.0  # the window the other host filled, not an hour
+
+
+def test_a_short_pause_does_not_cut_a_long_one_short(redis):
+    limiter = RateLimiter(redis, "paused", limit=3)
+    limiter.pause(3600)  # HubSpot's daily limit
+    limiter.pause(2)  # then a secondly 429 from a call already in flight
+
+    assert redis.pttl(limiter.pause_key) > 3_500_000
+
+
 def test_salesforce_stops_before_the_daily_api_budget(post_outbound, sf_crm, run_worker, salesforce, queue):
     salesforce.api_calls = int(salesforce.api_limit * 0.95)
     post_outbound("outbound_message__single")
