@@ -943,6 +943,24 @@ def test_a_reply_quoting_an_email_or_phone_keeps_neither_in_its_reason_or_eviden
     assert reply.evidence == ["email: [email]", "note: call [phone] after 5"]
 
 
+@pytest.mark.parametrize(
+    ("reason", "plain"),
+    [
+        ('=HYPERLINK("http://x") <b>Call now</b> [book](http://evil.example) **today**',
+         '=HYPERLINK(" Call now book today'),
+        ("See www.acme.example/pricing?seats=40 first", "See first"),
+        ("VP; 5 < 10 visits > 2", "VP; 5 < 10 visits > 2"),  # comparisons are not tags
+        ("Good fit " + "x" * 400, "Good fit " + "x" * 291),  # a long reason is clipped, the answer kept
+    ],
+)  # fmt: skip
+def test_an_ai_reason_reaches_reps_as_plain_words(reason, plain):
+    """A prospect's text can steer the LLM's reason, which reps read beside the score: no link, tag or
+    Markdown gets through."""
+    reply = parse_reply(json.dumps({"propensity": 0.7, "confidence": 0.6, "reason": reason}))
+
+    assert (reply.reason, reply.propensity) == (plain, 0.7)
+
+
 # ---------------------------------------------------------------- 10. build_messages
 
 

@@ -45,6 +45,12 @@ Reply with one JSON object only, no prose, with exactly these keys:
 "evidence": ["field: value", ...] (1-4 items quoting the record's own fields)}"""
 
 _FENCE_MARKER = re.compile(r"<\s*(/?)\s*lead_data\s*>", re.IGNORECASE)
+# What a prospect's text could make the LLM put in a reason reps read: links, tags, Markdown.
+_LINK = re.compile(r"\[([^\[\]]{0,200})\]\([^()\s]{0,500}\)")
+_URL = re.compile(r"(?:https?://|www\.)\S{0,500}", re.IGNORECASE)
+_TAG = re.compile(r"</?[A-Za-z][^<>]{0,200}>")
+_EMPHASIS = re.compile(r"[*`#]+")
+MAX_REASON_CHARS = 300
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL | re.IGNORECASE)
 
 
@@ -55,7 +61,7 @@ class ConversionPropensity(BaseModel):
 
     propensity: float = Field(ge=0.0, le=1.0)
     confidence: float = Field(ge=0.0, le=1.0)
-    reason: str = Field(min_length=1, max_length=300)
+    reason: str = Field(min_length=1)
     evidence: list[str] = Field(default_factory=list, max_length=8)
 
     @field_validator("evidence")
@@ -67,8 +73,12 @@ class ConversionPropensity(BaseModel):
 
     @field_validator("reason")
     @classmethod
-    def _reason_masked(cls, reason: str) -> str:
-        reason = redact(reason).strip()
+    def _reason_plain(cls, reason: str) -> str:
+        """Plain words for a rep: links, tags and Markdown out, emails and phones masked, clipped
+        (a long reason costs the reason, not the answer)."""
+        plain = _TAG.sub("", reason[: MAX_REASON_CHARS * 4])
+        plain = _EMPHASIS.sub("", _URL.sub("", _LINK.sub(r"\1", plain)))
+        reason = " ".join(redact(plain).split())[:MAX_REASON_CHARS].strip()
         if not reason:
             raise ValueError("reason is blank")  # else a rep would read "AI:" and nothing
         return reason
