@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from flask import Flask, Request, Response, jsonify, request
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from rq import Queue
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -26,6 +26,8 @@ from integration.salesforce.webhook import bp as salesforce_bp
 from integration.settings import Settings, SettingsError, get_settings
 
 log = logging.getLogger(__name__)
+
+HEALTH_KEY, HEALTH_KEY_MS = "leadscore:healthz", 60_000  # written by each health check
 
 
 @dataclass
@@ -122,8 +124,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/healthz")
     def healthz():
+        """Healthy when Redis takes a write, as each webhook needs: a Redis out of memory (with
+        noeviction) or a read-only replica after a failover answers PING but refuses every event."""
         try:
-            redis.ping()
+            redis.set(HEALTH_KEY, 1, px=HEALTH_KEY_MS)
+        except ResponseError as exc:
+            log.error("healthz: Redis refuses writes: %s", exc)
+            return jsonify(status="unavailable", redis="refusing writes (see the web log)"), 503
         except RedisError as exc:
             log.error("healthz: Redis unreachable: %s", exc)  # its address stays off the public port
             return jsonify(status="unavailable", redis="unreachable (see the web log)"), 503

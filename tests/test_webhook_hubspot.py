@@ -495,6 +495,23 @@ def test_healthz_reports_redis(client, app_without_redis):
     assert down.get_json()["redis"] == "unreachable (see the web log)"  # not Redis's host and port
 
 
+def test_healthz_is_unhealthy_when_redis_answers_but_refuses_the_writes_a_webhook_needs(settings, caplog):
+    with ExitStack() as stack:
+        url = start_redis(stack, "--maxmemory-policy", "noeviction")
+        Redis.from_url(url).config_set("maxmemory", "1")  # out of memory, as a full Redis is
+        client = create_app(settings.model_copy(update={"redis_url": url})).test_client()
+        health = client.get("/healthz")
+        body, headers = signed_single()
+        delivery = client.post("/webhooks/hubspot", data=body, headers=headers)
+
+    assert (health.status_code, health.get_json()) == (
+        503,
+        {"status": "unavailable", "redis": "refusing writes (see the web log)"},
+    )
+    assert delivery.status_code == 503  # what the health check foretold
+    assert "healthz: Redis refuses writes: command not allowed when used memory > 'maxmemory'" in caplog.text
+
+
 def test_metrics_need_the_bearer_token_when_metrics_token_is_set(settings, crm):
     client = create_app(settings.model_copy(update={"metrics_token": "m-3tr1cs"})).test_client()
 
