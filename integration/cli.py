@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from integration.errors import CRMError, CRMUnavailable, UserError
+from integration.errors import CRMError, CRMUnavailable, RateLimited, UserError
 from integration.settings import SettingsError, get_settings
 
 # Commands reading files the user names: a file they cannot read is told in one line, not a traceback.
@@ -125,8 +125,7 @@ def _redis_refused(exc: Exception) -> str | None:
     if isinstance(exc.__context__ or exc.__cause__, ssl.SSLCertVerificationError):
         return (
             f"Redis's TLS certificate is not trusted ({exc}): add its CA to the system's, or, for a "
-            "provider whose certificate is self-signed (Heroku Redis), add ?ssl_cert_reqs=none to the URL, "
-            "or set REDIS_SSL_CERT_REQS=none"
+            "provider whose certificate is self-signed (Heroku Redis), set REDIS_SSL_CERT_REQS=none"
         )
     return None
 
@@ -195,8 +194,6 @@ def _prepare_salesforce(jobs, org_id: str) -> bool:
     error until it answers."""
     import requests
     from simple_salesforce.exceptions import SalesforceError
-
-    from integration.errors import RateLimited
 
     try:
         jobs.salesforce_for(org_id).prepare()
@@ -873,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SettingsError, UsageError, CRMError) as exc:
+    except (SettingsError, UsageError, CRMError, RateLimited) as exc:  # RateLimited: an org's API limit
         print(f"leadscore: {_said(exc)}", file=sys.stderr)
         return 2
     except unreachable() as exc:  # evaluated only when an error reaches it, so imported only then

@@ -565,6 +565,17 @@ def test_worker_with_a_scoring_config_it_cannot_use_names_the_setting(env, monke
     )
 
 
+@pytest.mark.parametrize("command", [["setup", "salesforce"], ["rescore", "--crm", "salesforce"]])
+def test_a_command_reaching_an_org_whose_api_limit_is_spent_says_so_in_one_line(
+    env, salesforce, capsys, command
+):
+    salesforce.limit_exceeded = "TotalRequests Limit exceeded."  # spent by the org's other apps
+
+    assert main(command) == 2
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said.startswith("leadscore: ") and "REQUEST_LIMIT_EXCEEDED: TotalRequests Limit exceeded." in said
+
+
 def _tls_redis(stack: ExitStack, tls, directory: Path) -> str:
     """A redis-server also serving TLS, with a certificate of a CA no system trusts (as Heroku's)."""
     key, cert, ca = directory / "redis.key", directory / "redis.crt", directory / "ca.crt"
@@ -590,6 +601,14 @@ def test_a_worker_whose_redis_refuses_it_exits_naming_redis_url_rather_than_wait
             url = _tls_redis(stack, local_tls, tmp_path)
         reconfigure(monkeypatch, REDIS_URL=url)
 
+        pause = time.sleep
+
+        def waiting(seconds):
+            if seconds >= 1:  # the worker's wait for an unreachable Redis starts at a second
+                raise AssertionError(f"the worker waits {seconds}s for a Redis that answered")
+            pause(seconds)
+
+        monkeypatch.setattr(time, "sleep", waiting)
         assert main(["worker"]) == 2  # not burst: it would wait for Redis forever
     said = capsys.readouterr().err.splitlines()[-1]  # after the logs, the one line to act on
     if refusal == "password":
@@ -597,7 +616,7 @@ def test_a_worker_whose_redis_refuses_it_exits_naming_redis_url_rather_than_wait
         assert said.endswith("): set the password (and user) Redis expects")
     else:
         assert said.startswith("leadscore: REDIS_URL: Redis's TLS certificate is not trusted (")
-        assert said.endswith("add ?ssl_cert_reqs=none to the URL, or set REDIS_SSL_CERT_REQS=none")
+        assert said.endswith("whose certificate is self-signed (Heroku Redis), set REDIS_SSL_CERT_REQS=none")
 
 
 def test_a_redis_whose_certificate_is_self_signed_serves_with_redis_ssl_cert_reqs_none(

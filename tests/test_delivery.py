@@ -436,6 +436,21 @@ def test_contact_creation__demo_burst_with_one_contact_refused_writes_the_other_
     assert kept_until == pytest.approx(time.time() + pending.FAILED_KEPT_S, abs=60)  # a month, not a year
 
 
+def test_contact_creation__demo_burst_with_two_contacts_refused_writes_the_other_22_in_the_batch(
+    post_delivery, crm, run_worker, hubspot, queue
+):
+    """Halving stops at its budget only while no half has been written: refusals beside written
+    contacts are the contacts' own, and are searched out as before."""
+    hubspot.reject.update({"74300000102": "In a sequence", "74300000118": "In a sequence"})
+    post_delivery(BURST)
+    results = run_worker()
+
+    refused = sorted(r["lead"].rsplit(":", 1)[1] for r in results if r["outcome"] == "failed")
+    assert refused == ["74300000102", "74300000118"]
+    assert sum(r["outcome"] == "written" for r in results) == 22
+    assert queue.failed_job_registry.count == 2  # each tried alone, refused again, with its own reason
+
+
 @pytest.mark.parametrize(
     ("crm_at_fault", "said"),
     [
@@ -889,8 +904,14 @@ def test_an_llm_that_asks_to_wait_is_not_asked_again_in_the_batch_and_its_leads_
     post_delivery(BURST)  # 24 leads, 16 asked at once
     results = run_worker()
 
-    assert len(llm.requests) <= 16  # none asked again, none started after the first 429 came back
+    assert 1 <= len(llm.requests) <= 16  # none asked again, none started after the first 429 came back
     assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
+    errors = {
+        json.loads(props["leadscore_details"])["propensity"]["error"]
+        for props in map(hubspot.contact_properties, hubspot.contacts)
+        if "leadscore_details" in props
+    }
+    assert errors == {"LLM answered HTTP 429", "LLM rate-limited (429): not asked in this batch"}  # fmt: skip
     assert queue.scheduled_job_registry.count == 1  # the fallback rescore of all 24
 
 
@@ -946,8 +967,10 @@ def test_an_openai_base_url_set_for_another_tool_does_not_redirect_the_llm(env, 
         ({"finish_reason": "stop",
           "message": {"role": "assistant", "content": None, "refusal": "I can't help."}},
          "LLM reply unusable: the LLM refused: \"I can't help.\""),
+        ({"finish_reason": "content_filter", "message": {"role": "assistant", "content": ""}},
+         "LLM reply unusable: reply cut off (content_filter)"),
     ],
-    ids=["cut_off_at_max_tokens", "refusal"],
+    ids=["cut_off_at_max_tokens", "refusal", "filtered"],
 )  # fmt: skip
 def test_an_llm_reply_asking_again_would_repeat_falls_back_without_a_rescore(
     env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm, choice, error

@@ -136,6 +136,28 @@ def test_outbound_message__demo_burst_with_a_leadscore_field_read_only_fails_onc
     )
 
 
+def test_two_leads_refused_by_validation_rules_of_their_own_are_each_dead_lettered(
+    post_change_events, sf_crm, run_worker, salesforce, queue
+):
+    """One code for every validation rule: the rules' own words tell a lead's fault from a set-up's."""
+    salesforce.reject.update({
+        "00Q5g00000Ls001EAB": ("FIELD_CUSTOM_VALIDATION_EXCEPTION", "Country is required for US leads"),
+        "00Q5g00000Ls002EAB": ("FIELD_CUSTOM_VALIDATION_EXCEPTION", "Partner referrals need a partner"),
+    })  # fmt: skip
+    creation = fixture_json("salesforce/lead_change_event__create.json")
+    creation["events"][0]["ChangeEventHeader"]["recordIds"] = ["00Q5g00000Ls001EAB", "00Q5g00000Ls002EAB"]
+    post_change_events(creation)  # one batch of these two leads alone
+    results = run_worker()
+
+    assert [(r["lead"][-18:], r["outcome"]) for r in results] == [
+        ("00Q5g00000Ls001EAB", "failed"), ("00Q5g00000Ls002EAB", "failed"),
+    ]  # fmt: skip
+    dead = [queue.fetch_job(i).latest_result().exc_string for i in queue.failed_job_registry.get_job_ids()]
+    assert sorted(reason.strip().rsplit(": ", 1)[-1] for reason in dead) == [
+        "Country is required for US leads", "Partner referrals need a partner",
+    ]  # fmt: skip
+
+
 def test_outbound_message__deleted_lead(post_outbound, sf_crm, run_worker, queue):
     post_outbound("outbound_message__deleted_lead")
     [result] = run_worker()

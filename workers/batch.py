@@ -263,8 +263,9 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     if failed and len(lead_events) == 1 and not deal_events:
         _fail_alone(failed[0][1], crm)
     refusals = [result for _, result in failed]
-    if len(refusals) > 1 and not any(r.ok for r in written.values()) and len({r.code for r in refusals}) == 1:
-        raise WritesRefusedAlike(crm, refusals)
+    alike = len({(r.code, r.message) for r in refusals}) == 1
+    if alike and len(refusals) == len(to_write) > 1 and not (deal_events or split_off):
+        raise WritesRefusedAlike(crm, refusals)  # every write the batch tried, in the same words
     for (
         event,
         result,

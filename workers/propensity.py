@@ -130,7 +130,8 @@ def _sent(value):
     them), and fence markers neutralised so data cannot close the fence; within lists and custom
     fields too. Notes and emails are bounded, and masked, where they are read."""
     if isinstance(value, str):
-        return _FENCE_MARKER.sub(lambda m: f"({m.group(1)}lead_data)", redact(value[:MAX_FIELD_CHARS]))
+        masked = redact(value[: MAX_FIELD_CHARS + 50])[:MAX_FIELD_CHARS]  # masked whole, then cut
+        return _FENCE_MARKER.sub(lambda m: f"({m.group(1)}lead_data)", masked)
     if isinstance(value, list | tuple):
         return [_sent(v) for v in value]
     if isinstance(value, dict):

@@ -9,6 +9,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 
 import urllib3
@@ -486,7 +487,7 @@ class HubSpotCRM:
         try:
             for start in range(0, len(writes), HUBSPOT_BATCH):
                 chunk = writes[start : start + HUBSPOT_BATCH]
-                self._write_batch(chunk, results, [halving_budget(len(chunk))])
+                self._write_batch(chunk, results, _Halving(halving_budget(len(chunk))))
         except (RateLimited, CRMError) as exc:  # a later call of a halved batch: keep what was written
             exc.written = [r.lead_id for r in results.values() if r.ok]
             raise
@@ -498,16 +499,16 @@ class HubSpotCRM:
         ]
 
     def _write_batch(
-        self, chunk: list[tuple[str, dict[str, str]]], results: dict[str, WriteResult], budget: list[int]
+        self, chunk: list[tuple[str, dict[str, str]]], results: dict[str, WriteResult], halving: _Halving
     ) -> None:
         """One `batch/update`. HubSpot refuses the whole request (400) for one contact's invalid
         value, a validation rule say: its halves are written apart until that contact is found, so
         the others still get their scores. A property missing from the portal refuses every contact
-        alike: each is refused at once, saying to run setup. Halving stops once `budget` calls are
-        spent (enough to find one contact; a rule refusing every contact would otherwise cost two
-        calls a contact): the halves still open are written once each, and one refused is refused
-        whole, its contacts not tried alone (so not permanent)."""
-        budget[0] -= 1
+        alike: each is refused at once, saying to run setup. While no half has been written, halving
+        stops once its budget of calls is spent (enough to find one contact; a rule refusing every
+        contact would otherwise cost two calls a contact): the halves still open are written once
+        each, and one refused is refused whole, its contacts not tried alone (so not permanent)."""
+        halving.calls_left -= 1
         inputs = [
             SimplePublicObjectBatchInput(
                 id=contact_id, properties={WRITTEN_PROPERTIES[k]: v for k, v in fields.items()}
@@ -525,10 +526,10 @@ class HubSpotCRM:
                 raise _failure(exc, f"HubSpot batch update failed: {exc.status} {exc.body}") from exc
             category, message, codes = _refusal(exc.body)
             halve = len(chunk) > 1 and not _setup_fix(codes)
-            if halve and budget[0] > 0:
+            if halve and (halving.calls_left > 0 or halving.wrote):
                 middle = len(chunk) // 2
-                self._write_batch(chunk[:middle], results, budget)
-                self._write_batch(chunk[middle:], results, budget)
+                self._write_batch(chunk[:middle], results, halving)
+                self._write_batch(chunk[middle:], results, halving)
                 return
             for contact_id, _ in chunk:
                 results[contact_id] = _refused(contact_id, category, message, codes, alone=not halve)
@@ -540,6 +541,7 @@ class HubSpotCRM:
                 results[str(contact_id)] = _refused(str(contact_id), error.category, error.message, codes)
         for contact in response.results or []:
             results.setdefault(str(contact.id), WriteResult(str(contact.id), True))
+            halving.wrote = True
 
     def contact_property_names(self) -> set[str]:
         """The portal's contact properties, in one call (`leadscore worker` asks at start)."""
@@ -645,6 +647,15 @@ def _refusal(body: str | None) -> tuple[str, str, list[str]]:
     message = str(parsed.get("message", ""))
     codes = [str(e["code"]) for e in parsed.get("errors") or [] if isinstance(e, dict) and e.get("code")]
     return str(parsed.get("category", "")), message, codes or re.findall(r'"error":\s*"([A-Z_]+)"', message)
+
+
+@dataclass
+class _Halving:
+    """A refused `batch/update`'s search for the contacts HubSpot refuses: its calls left, and whether
+    any half was written (then the refusals are the contacts', not a rule refusing all)."""
+
+    calls_left: int
+    wrote: bool = False
 
 
 def halving_budget(contacts: int) -> int:
