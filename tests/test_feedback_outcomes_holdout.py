@@ -23,7 +23,7 @@ from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_j
 from workers import jobs, store, store_data
 from workers.config import TIER_NAMES
 from workers.holdout import HOLDOUT_REASON, in_holdout
-from workers.llm import answers_key
+from workers.llm import answers_keys, cached_answer_key
 from workers.tabular import TableError
 
 CONTACT = "74300000103"
@@ -101,6 +101,27 @@ def test_lead_change_event__merge_moves_what_was_kept_of_the_deleted_lead_to_the
     assert table(env, store.scores) == []
 
 
+def test_a_lead_merged_into_one_merged_away_since_moves_to_the_last(
+    env, post_change_events, sf_crm, run_worker, salesforce
+):
+    """A into B, then B into C, and B's DELETE handled first (A's batch was put off): A's rows go to C."""
+    a, b, c = "00Q5g00000Ls009EAB", "00Q5g00000Ls002EAB", "00Q5g00000Ls001EAB"
+    creation = fixture_json("salesforce/lead_change_event__create.json")
+    creation["events"][0]["ChangeEventHeader"]["recordIds"] = [a]
+    post_change_events(creation)
+    run_worker()
+    salesforce.merge_leads(b, [a])
+    salesforce.merge_leads(c, [b])
+    deletion = fixture_json("salesforce/lead_change_event__delete.json")
+    deletion["events"][0]["ChangeEventHeader"]["recordIds"] = [a]
+    post_change_events(deletion)
+
+    [result] = run_worker()
+
+    assert (result["outcome"], result["into"]) == ("merged", c)
+    assert [row["lead_id"] for row in table(env, store.scores)] == [c]
+
+
 def test_lead_change_event__delete_of_a_lead_merged_into_none_is_gone(post_change_events, sf_crm, run_worker,
                                                                       salesforce):  # fmt: skip
     salesforce.delete_lead("00Q5g00000Ls008EAB")
@@ -142,7 +163,7 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     kept.record_outcomes([store.LeadFact("hubspot", PORTAL_ID, erased, "opportunity", None)], source="sync")
     kept.record_feedback([store.Feedback("hubspot", PORTAL_ID, erased, "too_high", 80, "A", "f")])
     cached = {
-        lead: redis.srandmember(answers_key("hubspot", PORTAL_ID, lead)).decode()
+        lead: cached_answer_key(redis.srandmember(answers_keys("hubspot", PORTAL_ID, lead)[0]).decode())
         for lead in (erased, CONTACT)
     }
     assert redis.exists(*cached.values()) == 2
@@ -289,18 +310,22 @@ def test_forget_refuses_an_id_that_is_not_one_rather_than_erase_nothing(env, cap
 
 
 def test_forget_erases_a_salesforce_lead_named_by_either_id_form(
-    env, post_outbound, sf_crm, run_worker, capsys
+    env, post_outbound, sf_crm, run_worker, capsys, redis
 ):
     lead = "00Q5g00000Ls001EAB"
     post_outbound("outbound_message__single")
     run_worker()
     assert [row["lead_id"] for row in table(env, store.scores)] == [lead]
 
+    legacy = f"leadscore:llm-of:salesforce:{SF_ORG_ID[:15]}:{lead}"  # where an older release listed them
+    redis.sadd(legacy, "an-older-fingerprint")
+    redis.set("leadscore:llm:an-older-fingerprint", "{}")  # an answer whose score was never kept
     assert main(["forget", "--crm", "salesforce", "--account", SF_ORG_ID, lead[:15]]) == 0
+    assert not redis.exists(legacy, "leadscore:llm:an-older-fingerprint")
 
     assert table(env, store.scores) == []
     assert capsys.readouterr().out == (
-        f"salesforce:{SF_ORG_ID}: erased 1 scores, 0 outcomes, 0 feedback and 1 cached LLM answers of 1 "
+        f"salesforce:{SF_ORG_ID}: erased 1 scores, 0 outcomes, 0 feedback and 2 cached LLM answers of 1 "
         "leads; delete them in the CRM too, or their next change scores them again\n"
     )
 

@@ -947,9 +947,14 @@ def test_a_reply_quoting_an_email_or_phone_keeps_neither_in_its_reason_or_eviden
     ("reason", "plain"),
     [
         ('=HYPERLINK("http://x") <b>Call now</b> [book](http://evil.example) **today**',
-         '=HYPERLINK(" Call now book today'),
+         '=HYPERLINK("") Call now book today'),
         ("See www.acme.example/pricing?seats=40 first", "See first"),
         ("VP; 5 < 10 visits > 2", "VP; 5 < 10 visits > 2"),  # comparisons are not tags
+        ("C# developer, Q3 #1 priority, budget 3*4k", "C# developer, Q3 #1 priority, budget 3*4k"),
+        ("Title <VP> of sales", "Title <VP> of sales"),
+        ("Chef de projet (voir https://acme.fr/équipe), budget validé",
+         "Chef de projet (voir équipe), budget validé"),
+        ("访问了www.acme.com定价页面", "访问了定价页面"),
         ("Good fit " + "x" * 400, "Good fit " + "x" * 291),  # a long reason is clipped, the answer kept
     ],
 )  # fmt: skip

@@ -35,7 +35,7 @@ from workers import model_scoring, tabular
 from workers.blend import REASON_VERSION, ScoreResult, blend_score, input_fingerprint, with_provenance
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
-from workers.llm import PropensityReasoner, answers_key, cached_answer_key
+from workers.llm import PropensityReasoner, answers_keys, cached_answer_key
 from workers.model import ModelArtifactError, TrainedModel
 from workers.propensity import PropensityResult
 from workers.rules import evaluate_rules
@@ -492,14 +492,14 @@ def erase(
             pipe.zremrangebyscore(erased_key(crm, account_id), 0, now - ERASED_MARK_S)
             pipe.expire(erased_key(crm, account_id), ERASED_MARK_S)
             pipe.execute()
-    answer_sets = [answers_key(crm, account_id, lead_id) for lead_id in keyed]
+    answer_sets = [key for lead_id in keyed for key in answers_keys(crm, account_id, lead_id)]
     with redis.pipeline(transaction=False) as pipe:
         for key in answer_sets:
             pipe.smembers(key)
         cached = {member.decode() for members in pipe.execute() for member in members}
     # Answers cached by an older release are keyed by the input fingerprint, which the store keeps:
     # read before the rows that name them go.
-    keys = {cached_answer_key(key) for key in cached | store.fingerprints_of(crm, account, lead_ids)}
+    keys = {cached_answer_key(answer) for answer in cached | store.fingerprints_of(crm, account, lead_ids)}
     answers = redis.delete(*keys) if keys else 0
     redis.delete(*answer_sets)
     deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from integration.lead import Lead
 from integration.salesforce import full_id
 from integration.settings import Settings
-from workers.propensity import PropensityResult, build_messages, fallback, parse_reply
+from workers.propensity import ConversionPropensity, PropensityResult, build_messages, fallback, parse_reply
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +53,28 @@ CACHE_PREFIX = "leadscore:llm:"
 REQUEST = {"temperature": 0, "response_format": {"type": "json_object"}, "max_tokens": 300}
 
 
-def cache_key(model: str, messages: list[dict]) -> str:
-    """Where an LLM answer is cached: by what the LLM was asked (model, request and messages), so an
-    edit it never sees (rules, tiers, the reasons' wording, a trained model) reuses every answer."""
-    asked = json.dumps([model, REQUEST, messages], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return CACHE_PREFIX + hashlib.sha256(asked.encode()).hexdigest()[:32]
+def answer_id(base_url: str, model: str, messages: list[dict]) -> str:
+    """What an LLM answer is cached by: what was asked, and of whom (endpoint, model, request and
+    messages), so an edit the LLM never sees (rules, tiers, the reasons' wording, a trained model)
+    reuses every answer. A lead's answers set lists these ids, as older releases listed the input
+    fingerprint the answer was cached by then: `cached_answer_key` reads both alike."""
+    asked = [base_url, model, REQUEST, messages]
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
-def cached_answer_key(member: str) -> str:
-    """The cache key a lead's answers set names; older releases named the input fingerprint instead,
-    and cached the answer under it."""
-    return member if member.startswith(CACHE_PREFIX) else CACHE_PREFIX + member
+def cached_answer_key(answer: str) -> str:
+    return CACHE_PREFIX + answer
 
 
-def answers_key(crm: str, account: str, lead_id: str) -> str:
-    """The cache keys of a lead's LLM answers, so an erasure finds every one of them; a Salesforce
-    org and lead by their 18-character ids, whichever form the caller holds."""
-    if crm == "salesforce":
-        account, lead_id = full_id(account), full_id(lead_id)
-    return f"leadscore:llm-of:{crm}:{account}:{lead_id}"
+def answers_keys(crm: str, account: str, lead_id: str) -> list[str]:
+    """The sets listing a lead's cached answers, so an erasure finds every one of them: the first is
+    where answers are listed now (a Salesforce org and lead by their 18-character ids, whichever form
+    the caller holds); older releases listed a Salesforce lead's under the org id as the worker held
+    it, 15 characters."""
+    if crm != "salesforce":
+        return [f"leadscore:llm-of:{crm}:{account}:{lead_id}"]
+    account, lead_id = full_id(account), full_id(lead_id)
+    return [f"leadscore:llm-of:{crm}:{org}:{lead_id}" for org in (account, account[:15])]
 
 
 def to_cache(result: PropensityResult) -> str:
@@ -87,12 +90,14 @@ def to_cache(result: PropensityResult) -> str:
 
 
 def from_cache(raw: bytes | str) -> PropensityResult:
+    """A cached answer, checked again as a reply is (a reason cached before a check changed)."""
     data = json.loads(raw)
+    reply = ConversionPropensity.model_validate(data)
     return PropensityResult(
-        propensity=data["propensity"],
-        confidence=data["confidence"],
-        reason=data["reason"],
-        evidence=tuple(data["evidence"]),
+        propensity=reply.propensity,
+        confidence=reply.confidence,
+        reason=reply.reason,
+        evidence=tuple(reply.evidence),
         model=data["model"],
         extra={"cached": True},
     )
@@ -104,7 +109,7 @@ def _cached(raw: bytes | None) -> PropensityResult | None:
         return None
     try:
         return from_cache(raw)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # a ValidationError is a ValueError
         log.warning("ignoring an unreadable LLM cache entry")
         return None
 
@@ -114,28 +119,35 @@ class PropensityReasoner:
 
     def __init__(self, settings: Settings):
         self.model = settings.llm_model
+        self.base_url = str(settings.llm_base_url) if settings.llm_base_url else DEFAULT_BASE_URL
         self.concurrency = settings.llm_concurrency
         self.deadline_s = settings.llm_batch_deadline_s
         self.cache_ttl_s = settings.llm_cache_ttl_s
-        self.client: openai.OpenAI | None = None
-        if settings.llm_enabled:
-            self.client = openai.OpenAI(
-                api_key=settings.llm_api_key,
-                base_url=str(settings.llm_base_url) if settings.llm_base_url else DEFAULT_BASE_URL,
-                timeout=settings.llm_timeout_s,
-                max_retries=0,  # the client would wait out a Retry-After of up to two minutes per call
-            )
+        self._client_options = dict(
+            api_key=settings.llm_api_key,
+            base_url=self.base_url,
+            timeout=settings.llm_timeout_s,
+            max_retries=0,  # the client would wait out a Retry-After of up to two minutes per call
+        )
+        self.client: openai.OpenAI | None = (
+            openai.OpenAI(**self._client_options) if settings.llm_enabled else None
+        )
 
     def assess(
-        self, lead: Lead, throttled: threading.Event | None = None, messages: list[dict] | None = None
+        self,
+        lead: Lead,
+        throttled: threading.Event | None = None,
+        messages: list[dict] | None = None,
+        client: openai.OpenAI | None = None,
     ) -> PropensityResult:
         """The LLM's answer for one lead, or the fallback; a dropped call or a 5xx is tried once more.
         A 429 sets `throttled`, so the batch starts no more calls: the provider asked to wait."""
-        if self.client is None:
+        client = client or self.client
+        if client is None:
             return fallback("LLM disabled: LLM_API_KEY is not set")
         for attempt in (1, 2):
             try:
-                completion = self.client.chat.completions.create(
+                completion = client.chat.completions.create(
                     model=self.model, messages=messages or build_messages(lead), **REQUEST
                 )
                 reply = parse_reply(_reply_content(completion))
@@ -178,7 +190,8 @@ class PropensityReasoner:
         retried the next time the lead is scored.
         """
         messages = [build_messages(lead) for lead in leads]
-        keys = [cache_key(self.model, asked) for asked in messages]
+        answers = [answer_id(self.base_url, self.model, asked) for asked in messages]
+        keys = [cached_answer_key(answer) for answer in answers]
         cached: list[bytes | None] = [None] * len(leads)
         if redis is not None and self.cache_ttl_s and leads:
             try:
@@ -196,8 +209,8 @@ class PropensityReasoner:
                 try:
                     with redis.pipeline(transaction=False) as pipe:
                         for i in fresh:
-                            lead = answers_key(leads[i].crm, leads[i].account_id, leads[i].lead_id)
-                            pipe.sadd(lead, keys[i])
+                            lead = answers_keys(leads[i].crm, leads[i].account_id, leads[i].lead_id)[0]
+                            pipe.sadd(lead, answers[i])
                             pipe.expire(lead, self.cache_ttl_s)
                             pipe.set(keys[i], to_cache(results[i]), ex=self.cache_ttl_s)
                         pipe.execute()
@@ -212,7 +225,10 @@ class PropensityReasoner:
         lead fall back to the rules, a warning a lead: the worker says it once, at start."""
         if self.client is None:
             return None
-        result = self.assess(PROBE_LEAD)
+        with openai.OpenAI(
+            **self._client_options
+        ) as client:  # no connection left for a work horse to inherit
+            result = self.assess(PROBE_LEAD, client=client)
         return result.error if result.fallback and not result.retryable else None
 
     def _ask_all(self, leads: list[Lead], messages: list[list[dict]]) -> list[PropensityResult]:

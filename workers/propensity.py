@@ -45,11 +45,16 @@ Reply with one JSON object only, no prose, with exactly these keys:
 "evidence": ["field: value", ...] (1-4 items quoting the record's own fields)}"""
 
 _FENCE_MARKER = re.compile(r"<\s*(/?)\s*lead_data\s*>", re.IGNORECASE)
-# What a prospect's text could make the LLM put in a reason reps read: links, tags, Markdown.
+# What a prospect's text could make the LLM put in a reason reps read: links, HTML tags, Markdown.
+# Narrow on purpose: "C#", "#1", "3*4k", "<VP>", "5 < 10" and text after a link are a reason's words.
 _LINK = re.compile(r"\[([^\[\]]{0,200})\]\([^()\s]{0,500}\)")
-_URL = re.compile(r"(?:https?://|www\.)\S{0,500}", re.IGNORECASE)
-_TAG = re.compile(r"</?[A-Za-z][^<>]{0,200}>")
-_EMPHASIS = re.compile(r"[*`#]+")
+_URL = re.compile(r"(?:https?://|www\.)[A-Za-z0-9\-._~:/?#@!$&'*+=%]{0,500}", re.IGNORECASE)
+_TAG = re.compile(
+    r"</?(?:a|abbr|b|big|blink|br|code|del|div|em|font|h[1-6]|i|iframe|img|ins|li|mark|ol|p|pre|q|s|"
+    r"script|small|span|strike|strong|style|sub|sup|table|td|th|tr|u|ul)\b[^<>]{0,200}>",
+    re.IGNORECASE,
+)
+_EMPHASIS = re.compile(r"\*\*|__|`+|^#{1,6}\s+")
 MAX_REASON_CHARS = 300
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL | re.IGNORECASE)
 

@@ -41,6 +41,7 @@ MAX_TASKS = 5
 # Each Lead's own latest Tasks, by the relationship subquery: one query, however busy another Lead is.
 LATEST_TASKS = f"(SELECT {', '.join(TASK_FIELDS)} FROM Tasks ORDER BY CreatedDate DESC LIMIT {MAX_TASKS})"
 MAX_COLLECTION = 200
+MAX_MERGE_HOPS = 3  # a merged-away Lead's winner, merged away in turn, followed this far
 # Salesforce's per-record status codes that retrying the same write cannot fix.
 PERMANENT_CODES = frozenset(
     {
@@ -362,8 +363,20 @@ class SalesforceCRM:
     def merged_into(self, lead_ids: list[str]) -> dict[str, str]:
         """Of these Leads, read as gone, the ones merged into another, by the id asked for: the Lead
         that remains. A merge deletes the others and names the winner in each one's MasterRecordId,
-        which the recycle bin keeps (`queryAll`); the winner names none of them. One query a 200."""
-        merged: dict[str, str] = {}
+        which the recycle bin keeps (`queryAll`); the winner names none of them. A winner merged
+        away since (A into B, then B into C) is followed to the last, MAX_MERGE_HOPS at most. One
+        query a 200 Leads a hop."""
+        merged = self._masters(lead_ids)
+        for _ in range(MAX_MERGE_HOPS - 1):
+            further = self._masters(sorted(set(merged.values())))
+            if not further:
+                break
+            merged = {lead_id: further.get(master, master) for lead_id, master in merged.items()}
+        return merged
+
+    def _masters(self, lead_ids: list[str]) -> dict[str, str]:
+        """The MasterRecordId of each of these Leads a merge deleted, by the id asked for."""
+        found: dict[str, str] = {}
         for start in range(0, len(lead_ids), MAX_COLLECTION):
             chunk = lead_ids[start : start + MAX_COLLECTION]
             soql = (
@@ -373,9 +386,9 @@ class SalesforceCRM:
             answer = self._answer(
                 lambda: self.sf.query_all(soql, include_deleted=True, timeout=self.timeout)  # noqa: B023
             )
-            winner = {row["Id"][:15]: full_id(row["MasterRecordId"]) for row in answer["records"]}
-            merged |= {lead_id: winner[lead_id[:15]] for lead_id in chunk if lead_id[:15] in winner}
-        return merged
+            master = {row["Id"][:15]: full_id(row["MasterRecordId"]) for row in answer["records"]}
+            found |= {lead_id: master[lead_id[:15]] for lead_id in chunk if lead_id[:15] in master}
+        return found
 
     def _answer(self, query: Callable[[], dict]) -> dict:
         """One query call, within the API budget, on a renewed session where it expired."""
