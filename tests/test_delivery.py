@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -434,6 +435,24 @@ def test_contact_creation__demo_burst_with_one_contact_refused_writes_the_other_
     assert "VALIDATION_ERROR" in queue.fetch_job(dead).latest_result().exc_string
     kept_until = queue.connection.zscore(queue.failed_job_registry.key, dead)
     assert kept_until == pytest.approx(time.time() + pending.FAILED_KEPT_S, abs=60)  # a month, not a year
+
+
+def test_a_rule_refusing_all_contacts_but_one_costs_four_halving_budgets_not_two_calls_a_contact(
+    crm, hubspot
+):
+    template = hubspot.contacts["74300000101"]
+    contacts = [str(75100000000 + n) for n in range(60)]
+    for contact_id in contacts:
+        hubspot.add_contact({**copy.deepcopy(template), "id": contact_id})
+    hubspot.reject.update(dict.fromkeys(contacts[1:], "Scores are set by ops only"))
+
+    results = crm.write_many([(contact_id, {"score": "50"}) for contact_id in contacts])
+    batch_updates = hubspot.calls.count(("POST", "/crm/v3/objects/contacts/batch/update"))
+
+    assert [r.ok for r in results] == [True] + [False] * 59
+    assert (
+        batch_updates == 4 * halving_budget(60) + 3
+    )  # then the 3 halves still open, once each; 119 unbounded
 
 
 def test_contact_creation__demo_burst_with_two_contacts_refused_writes_the_other_22_in_the_batch(

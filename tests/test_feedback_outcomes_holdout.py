@@ -77,7 +77,7 @@ def test_contact_merge__two_contacts_moves_what_was_kept_of_both_to_the_contact_
 
 @EACH_STORE
 def test_lead_change_event__merge_moves_what_was_kept_of_the_deleted_lead_to_the_one_that_remains(
-    env, post_change_events, sf_crm, run_worker, salesforce
+    env, post_change_events, sf_crm, run_worker, salesforce, redis
 ):
     """Salesforce deletes the Leads merged away and names the winner only in each one's MasterRecordId,
     in the recycle bin: the DELETE's batch asks for it, so the store keeps one lead, as for HubSpot."""
@@ -86,6 +86,8 @@ def test_lead_change_event__merge_moves_what_was_kept_of_the_deleted_lead_to_the
     creation["events"][0]["ChangeEventHeader"]["recordIds"] = [loser]
     post_change_events(creation)
     run_worker()
+    [loser_answers] = answers_keys("salesforce", SF_ORG_ID, loser)[:1]
+    [answer] = [cached_answer_key(a.decode()) for a in redis.smembers(loser_answers)]
 
     salesforce.merge_leads(winner, [loser])
     post_change_events("lead_change_event__merge")
@@ -97,6 +99,7 @@ def test_lead_change_event__merge_moves_what_was_kept_of_the_deleted_lead_to_the
     ]
     assert results[1]["into"] == winner
     assert sorted(row["lead_id"] for row in table(env, store.scores)) == [winner] * 2
+    assert not redis.exists(loser_answers, answer)  # no row names it now: forget of the winner would miss it
     assert main(["forget", "--crm", "salesforce", "--account", SF_ORG_ID, winner]) == 0
     assert table(env, store.scores) == []
 

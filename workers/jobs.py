@@ -144,10 +144,15 @@ class WorkerContext:
                 self.telemetry("store_errors_total")
 
     def _merge(self, merged: dict[tuple[str, str], dict[str, tuple[str, ...]]]) -> None:
+        """Move the merged leads' rows to the lead that remains, and forget their cached LLM answers,
+        which no store row names now (an erasure of the lead that remains must find everything), and
+        which nothing asks again (each names its own lead)."""
         for (crm, account), merges in merged.items():
             if moved := self.store.merge_leads(crm, account, merges):
                 log.info("score store: %d rows of merged leads of %s:%s moved to the lead that remains",
                          moved, crm, account)  # fmt: skip
+            gone = sorted({lead for losers in merges.values() for lead in losers} - merges.keys())
+            forget_answers(self.redis, crm, *pipeline_ids(crm, account, gone))
 
     def erase(self, crm: str, account: str, lead_ids: list[str], mark: bool = True) -> dict[str, int]:
         """Erase what leadscore keeps of these leads: their rows in the store and their cached LLM
@@ -492,19 +497,28 @@ def erase(
             pipe.zremrangebyscore(erased_key(crm, account_id), 0, now - ERASED_MARK_S)
             pipe.expire(erased_key(crm, account_id), ERASED_MARK_S)
             pipe.execute()
-    answer_sets = [key for lead_id in keyed for key in answers_keys(crm, account_id, lead_id)]
+    # Answers cached by an older release are keyed by the input fingerprint, which the store keeps:
+    # read before the rows that name them go.
+    answers = forget_answers(redis, crm, account_id, keyed, store.fingerprints_of(crm, account, lead_ids))
+    deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
+    log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)
+    return deleted
+
+
+def forget_answers(
+    redis: Redis, crm: str, account_id: str, lead_ids: list[str], more: set[str] = frozenset()
+) -> int:
+    """Delete the LLM answers cached for these leads (as batches key them), and `more` answer ids;
+    how many were there."""
+    answer_sets = [key for lead_id in lead_ids for key in answers_keys(crm, account_id, lead_id)]
     with redis.pipeline(transaction=False) as pipe:
         for key in answer_sets:
             pipe.smembers(key)
         cached = {member.decode() for members in pipe.execute() for member in members}
-    # Answers cached by an older release are keyed by the input fingerprint, which the store keeps:
-    # read before the rows that name them go.
-    keys = {cached_answer_key(answer) for answer in cached | store.fingerprints_of(crm, account, lead_ids)}
+    keys = {cached_answer_key(answer) for answer in cached | set(more)}
     answers = redis.delete(*keys) if keys else 0
     redis.delete(*answer_sets)
-    deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
-    log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)
-    return deleted
+    return answers
 
 
 def outcome(lead_key: str, name: str, scored: Scored | None = None) -> dict:

@@ -63,7 +63,7 @@ def answer_id(base_url: str, model: str, messages: list[dict]) -> str:
 
 
 def cached_answer_key(answer: str) -> str:
-    return CACHE_PREFIX + answer
+    return CACHE_PREFIX + answer.removeprefix(CACHE_PREFIX)
 
 
 def answers_keys(crm: str, account: str, lead_id: str) -> list[str]:

@@ -54,7 +54,7 @@ _TAG = re.compile(
     r"script|small|span|strike|strong|style|sub|sup|table|td|th|tr|u|ul)\b[^<>]{0,200}>",
     re.IGNORECASE,
 )
-_EMPHASIS = re.compile(r"\*\*|__|`+|^#{1,6}\s+")
+_EMPHASIS = re.compile(r"\*\*|__|`+|^#{1,6}\s+", re.MULTILINE)
 MAX_REASON_CHARS = 300
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL | re.IGNORECASE)
 
@@ -81,8 +81,10 @@ class ConversionPropensity(BaseModel):
     def _reason_plain(cls, reason: str) -> str:
         """Plain words for a rep: links, tags and Markdown out, emails and phones masked, clipped
         (a long reason costs the reason, not the answer)."""
-        plain = _TAG.sub("", reason[: MAX_REASON_CHARS * 4])
-        plain = _EMPHASIS.sub("", _URL.sub("", _LINK.sub(r"\1", plain)))
+        plain, cleaner = None, reason[: MAX_REASON_CHARS * 4]
+        while cleaner != plain:  # one taken out can join another ("ht**tps://"); each pass shortens
+            plain = cleaner
+            cleaner = _URL.sub("", _EMPHASIS.sub("", _TAG.sub("", _LINK.sub(r"\1", plain))))
         reason = " ".join(redact(plain).split())[:MAX_REASON_CHARS].strip()
         if not reason:
             raise ValueError("reason is blank")  # else a rep would read "AI:" and nothing
@@ -135,7 +137,12 @@ def _sent(value):
     them), and fence markers neutralised so data cannot close the fence; within lists and custom
     fields too. Notes and emails are bounded, and masked, where they are read."""
     if isinstance(value, str):
-        masked = redact(value[: MAX_FIELD_CHARS + 50])[:MAX_FIELD_CHARS]  # masked whole, then cut
+        window = MAX_FIELD_CHARS + 50  # masked before it is cut, so no cut number escapes the mask
+        masked = redact(value[:window])
+        while len(masked) < window and window < len(value):  # masks shorten: read on
+            window *= 2
+            masked = redact(value[:window])
+        masked = masked[:MAX_FIELD_CHARS]
         return _FENCE_MARKER.sub(lambda m: f"({m.group(1)}lead_data)", masked)
     if isinstance(value, list | tuple):
         return [_sent(v) for v in value]

@@ -526,7 +526,7 @@ class HubSpotCRM:
                 raise _failure(exc, f"HubSpot batch update failed: {exc.status} {exc.body}") from exc
             category, message, codes = _refusal(exc.body)
             halve = len(chunk) > 1 and not _setup_fix(codes)
-            if halve and (halving.calls_left > 0 or halving.wrote):
+            if halve and halving.may_halve:
                 middle = len(chunk) // 2
                 self._write_batch(chunk[:middle], results, halving)
                 self._write_batch(chunk[middle:], results, halving)
@@ -656,6 +656,15 @@ class _Halving:
 
     calls_left: int
     wrote: bool = False
+
+    def __post_init__(self) -> None:
+        self.budget = self.calls_left
+
+    @property
+    def may_halve(self) -> bool:
+        """Within the budget; or, once a half was written (the refusals are the contacts' own), within
+        four budgets: past that a rule refusing all but a few would cost two calls a contact."""
+        return self.calls_left > 0 or (self.wrote and self.calls_left > -3 * self.budget)
 
 
 def halving_budget(contacts: int) -> int:
