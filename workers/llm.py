@@ -19,11 +19,8 @@ from workers.propensity import ConversionPropensity, PropensityResult, build_mes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = (
-    "https://api.openai.com/v1"  # given, so an OPENAI_BASE_URL set for another tool is not read
-)
-
-
+# Given to the client, so an OPENAI_BASE_URL set for another tool is not read.
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_PAUSE_S = 0.5  # before the one retry of a call the provider dropped or failed (5xx)
 # A made-up lead the worker asks about once at start, so a request the LLM refuses shows then.
 PROBE_LEAD = Lead(
@@ -154,7 +151,7 @@ class PropensityReasoner:
                 break
             except openai.APITimeoutError:
                 return self._failed(lead, "LLM timed out")
-            except openai.APIStatusError as exc:  # another 4xx: this request will not do, now or later
+            except openai.APIStatusError as exc:  # a 4xx but 408, 409 and 429: this request will not do
                 if exc.status_code >= 500 and attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
                     continue
@@ -186,7 +183,7 @@ class PropensityReasoner:
     def assess_many(self, leads: list[Lead], redis=None) -> list[PropensityResult]:
         """Answers for many leads: cached ones from Redis, the rest concurrently from the LLM.
 
-        Only real LLM answers are cached (by what was asked: `cache_key`), so a fallback is
+        Only real LLM answers are cached (by what was asked: `answer_id`), so a fallback is
         retried the next time the lead is scored.
         """
         messages = [build_messages(lead) for lead in leads]
