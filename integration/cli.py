@@ -80,6 +80,10 @@ def cmd_worker(args) -> int:
     _check_output_fields(settings, jobs, ready_orgs)
     _prepare_store(ctx.store)
     _log_scoring(settings, ctx)
+    if not settings.llm_enabled and (ctx.model is None or ctx.model.uses_llm):
+        logging.getLogger("leadscore.worker").warning(
+            "LLM_API_KEY is not set: every lead is scored on the rules alone, with the neutral prior"
+        )
     if (ctx.model is None or ctx.model.uses_llm) and (refused := ctx.reasoner.check()):
         logging.getLogger("leadscore.worker").error(
             "the LLM (%s at %s) refuses leadscore's request: %s. Every lead is scored on the rules alone "

@@ -125,6 +125,12 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("scoring_config_path", "scoring_model_path", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value):
+        """`SCORING_MODEL_PATH=` (an emptied line of a platform's config) means unset, not `.`."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("hubspot_app_id")
     @classmethod
     def _app_id_is_numeric(cls, value: str) -> str:

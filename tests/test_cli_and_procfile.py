@@ -641,6 +641,21 @@ def test_on_a_heroku_dyno_a_store_that_would_be_lost_at_the_next_restart_is_refu
     )
 
 
+def test_an_emptied_path_setting_means_unset_and_an_llm_without_a_key_is_said_at_start(
+    env, monkeypatch, caplog
+):
+    reconfigure(monkeypatch, SCORING_CONFIG_PATH="", SCORING_MODEL_PATH=" ", LLM_API_KEY="")
+
+    assert (get_settings().scoring_config_path, get_settings().scoring_model_path) == (None, None)
+    assert main(["worker", "--burst"]) == 0  # was: "cannot read scoring config .: Is a directory"
+    warned = [
+        r.getMessage() for r in caplog.records if r.name == "leadscore.worker" and r.levelname == "WARNING"
+    ]
+    assert warned == [
+        "LLM_API_KEY is not set: every lead is scored on the rules alone, with the neutral prior"
+    ]
+
+
 def test_log_level_is_one_of_pythons_in_any_case_and_an_unknown_one_is_named(env, monkeypatch, capsys):
     from integration.settings import get_settings
 
