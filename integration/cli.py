@@ -80,16 +80,7 @@ def cmd_worker(args) -> int:
     _check_output_fields(settings, jobs, ready_orgs)
     _prepare_store(ctx.store)
     _log_scoring(settings, ctx)
-    if not settings.llm_enabled and (ctx.model is None or ctx.model.uses_llm):
-        logging.getLogger("leadscore.worker").warning(
-            "LLM_API_KEY is not set: every lead is scored on the rules alone, with the neutral prior"
-        )
-    if (ctx.model is None or ctx.model.uses_llm) and (refused := ctx.reasoner.check()):
-        logging.getLogger("leadscore.worker").error(
-            "the LLM (%s at %s) refuses leadscore's request: %s. Every lead is scored on the rules alone "
-            "until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed", settings.llm_model,
-            settings.llm_base_url or "OpenAI", refused,
-        )  # fmt: skip
+    _check_llm(settings, ctx)
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -132,6 +123,21 @@ def _redis_refused(exc: Exception) -> str | None:
             "provider whose certificate is self-signed (Heroku Redis), set REDIS_SSL_CERT_REQS=none"
         )
     return None
+
+
+def _check_llm(settings, ctx) -> None:
+    """Say at start when the LLM will not help, rather than lead by lead: no key, or a request it refuses."""
+    log = logging.getLogger("leadscore.worker")
+    if ctx.model is not None and not ctx.model.uses_llm:
+        return  # a trained model without the LLM's feature: the LLM is not asked
+    if not settings.llm_enabled:
+        log.warning("LLM_API_KEY is not set: every lead is scored on the rules alone, with the neutral prior")
+    elif refused := ctx.reasoner.check():
+        log.error(
+            "the LLM (%s at %s) refuses leadscore's request: %s. Every lead is scored on the rules alone "
+            "until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed", settings.llm_model,
+            settings.llm_base_url or "OpenAI", refused,
+        )  # fmt: skip
 
 
 def _log_scoring(settings, ctx) -> None:

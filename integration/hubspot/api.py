@@ -487,7 +487,7 @@ class HubSpotCRM:
         try:
             for start in range(0, len(writes), HUBSPOT_BATCH):
                 chunk = writes[start : start + HUBSPOT_BATCH]
-                self._write_batch(chunk, results, _Halving(halving_budget(len(chunk))))
+                self._write_batch(chunk, results, _Halving(budget=halving_budget(len(chunk))))
         except (RateLimited, CRMError) as exc:  # a later call of a halved batch: keep what was written
             exc.written = [r.lead_id for r in results.values() if r.ok]
             raise
@@ -508,7 +508,7 @@ class HubSpotCRM:
         stops once its budget of calls is spent (enough to find one contact; a rule refusing every
         contact would otherwise cost two calls a contact): the halves still open are written once
         each, and one refused is refused whole, its contacts not tried alone (so not permanent)."""
-        halving.calls_left -= 1
+        halving.calls += 1
         inputs = [
             SimplePublicObjectBatchInput(
                 id=contact_id, properties={WRITTEN_PROPERTIES[k]: v for k, v in fields.items()}
@@ -651,20 +651,18 @@ def _refusal(body: str | None) -> tuple[str, str, list[str]]:
 
 @dataclass
 class _Halving:
-    """A refused `batch/update`'s search for the contacts HubSpot refuses: its calls left, and whether
+    """A refused `batch/update`'s search for the contacts HubSpot refuses: its calls, and whether
     any half was written (then the refusals are the contacts', not a rule refusing all)."""
 
-    calls_left: int
+    budget: int
+    calls: int = 0
     wrote: bool = False
-
-    def __post_init__(self) -> None:
-        self.budget = self.calls_left
 
     @property
     def may_halve(self) -> bool:
         """Within the budget; or, once a half was written (the refusals are the contacts' own), within
         four budgets: past that a rule refusing all but a few would cost two calls a contact."""
-        return self.calls_left > 0 or (self.wrote and self.calls_left > -3 * self.budget)
+        return self.calls < self.budget or (self.wrote and self.calls < 4 * self.budget)
 
 
 def halving_budget(contacts: int) -> int:
