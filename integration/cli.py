@@ -560,7 +560,7 @@ MIN_ROWS_TO_JUDGE_TIERS = 50
 
 
 def cmd_evaluate(args) -> int:
-    from workers import offline
+    from workers import offline, report
 
     store = None
     if args.with_store:
@@ -579,6 +579,8 @@ def cmd_evaluate(args) -> int:
     for name, s in summary["scorers"].items():
         print(f"  {name:40s} ROC AUC {s['roc_auc']:.4f}  ECE {s['ece']:.4f}  "
               f"{_tier_a(s['tiers'], s['base_rate'])}")  # fmt: skip
+        if said := report.llm_adds(s):
+            print(f"    {said}")
     if not summary["scorers"]:
         print("  no scorer can be ranked yet (no scored leads of both outcomes); the report shows the "
               "holdout and rep feedback")  # fmt: skip

@@ -27,20 +27,23 @@ import sklearn
 from sqlalchemy import make_url
 
 from integration.cli import main
+from integration.lead import Lead
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID
 from workers import model_scoring, offline, report, tabular
-from workers.blend import blend_weights
+from workers.blend import blend_score, blend_weights, with_provenance
 from workers.config import load_config
 from workers.evaluation import (
     calibration_bins,
     classification_metrics,
     cumulative_gains,
     expected_calibration_error,
+    paired_auc_difference,
     rate_difference,
+    tier_table,
 )
 from workers.model import TrainedModel, library_versions, monotone_constraints
-from workers.propensity import NEUTRAL
+from workers.propensity import NEUTRAL, PropensityResult, fallback
 from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
 from workers.store_data import training_rows
@@ -1306,6 +1309,68 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
         report
     )
     assert "| (held out) | 1 | 0 | 0 |" in report
+
+
+def test_the_paired_auc_difference_is_the_difference_with_an_interval_that_knows_its_sample():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 400)
+    informed, noise = y * 0.3 + rng.random(400), rng.random(400)
+    better = paired_auc_difference(y, informed, noise)
+    assert better["roc_auc"] == round(sklearn.metrics.roc_auc_score(y, informed)
+                                      - sklearn.metrics.roc_auc_score(y, noise), 4)  # fmt: skip
+    assert 0 < better["ci95"][0] < better["roc_auc"] < better["ci95"][1]
+    assert paired_auc_difference(y, informed, informed) == {"roc_auc": 0.0, "ci95": [0.0, 0.0]}
+    few = paired_auc_difference(y[:12], informed[:12], noise[:12])
+    assert few["ci95"][0] < 0 < few["ci95"][1]  # twelve leads cannot tell these apart
+
+
+TITLES = ("VP of Sales", "Marketing Manager", "Student", "Head of Revenue Operations", "Office Assistant")
+
+
+@EACH_STORE
+def test_evaluate_from_the_store_measures_what_the_llms_part_adds_to_the_rules(env, tmp_path, capsys):
+    """The rules alone, as the LLM down scores them, beside the rules+LLM scores on the same leads."""
+    config = load_config()
+    weeks_ago = datetime.now(UTC) - timedelta(days=45)
+    leads, labels, blended, alone = [], [], [], []
+    for i in range(60):
+        converted = int(i % 3 == 0)
+        lead = Lead(crm="hubspot", account_id=PORTAL_ID, lead_id=str(i), title=TITLES[i % 5], has_email=True,
+                    source="ORGANIC_SEARCH" if i % 2 else "OFFLINE", company_size="100-500")  # fmt: skip
+        rules = evaluate_rules(lead, config)
+        answer = PropensityResult(0.85 if converted else 0.2, 0.8, "r", model="gpt-4o-mini")
+        result = with_provenance(blend_score(lead, rules, answer, config), answer, str(i), config)
+        leads.append(ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=str(i), score=result.score,
+                                 tier=result.tier, reason=result.reason, scorer="rules+llm",
+                                 model_version="gpt-4o-mini", fingerprint=str(i), features={},
+                                 details=result.details, scored_at=weeks_ago))  # fmt: skip
+        labels.append(converted)
+        blended.append(result.score)
+        alone.append(blend_score(lead, rules, fallback("down"), config).score)
+    kept = Store(env["DATABASE_URL"])
+    kept.record_scores(leads)
+    kept.record_outcomes(
+        [LeadFact("hubspot", PORTAL_ID, str(i), "customer") for i, y in enumerate(labels) if y], "webhook"
+    )
+    out = tmp_path / "report"
+
+    assert main(["evaluate", "--with-store", "--out", str(out)]) == 0
+
+    scorers = json.loads((out / "metrics.json").read_text())["scorers"]
+    name = "live rules+llm gpt-4o-mini"
+    assert list(scorers) == [name, f"{name} without the LLM"]
+    as_stored = np.argsort([str(i) for i in range(60)])  # by lead id, as the store streams them
+    y, with_llm, without = (np.array(column)[as_stored] for column in (labels, blended, alone))
+    alone_scorer = scorers[f"{name} without the LLM"]
+    assert alone_scorer["roc_auc"] == round(sklearn.metrics.roc_auc_score(y, without), 4)
+    assert alone_scorer["tiers"] == tier_table(y, [config.tiers.tier_for(score) for score in without])
+    adds = scorers[name]["llm_adds"]
+    assert adds == paired_auc_difference(y, with_llm / 100, without / 100)
+    assert adds["roc_auc"] > 0.1 and adds["ci95"][0] > 0
+    said = f"the LLM's part adds {adds['roc_auc']:+.4f} to the ROC AUC of the rules alone"
+    assert said in capsys.readouterr().out
+    report_text = (out / "report.md").read_text()
+    assert f"- `{name}`: on the same 60 leads, {said}" in report_text and "it excludes 0" in report_text
 
 
 @EACH_STORE

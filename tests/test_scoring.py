@@ -27,6 +27,7 @@ from workers.blend import (
     explain,
     input_fingerprint,
     join_reason,
+    rules_alone,
 )
 from workers.config import ConfigError, Tiers, load_config
 from workers.model_scoring import model_reason, value_labels
@@ -287,6 +288,24 @@ def test_confident_propensity_moves_the_score_both_ways(config, fixture_leads):
     assert high.details["composite"] - base.details["composite"] == pytest.approx(share * 0.405, abs=1e-4)
     assert base.details["composite"] - low.details["composite"] == pytest.approx(share * 0.405, abs=1e-4)
     assert (base.score, high.score, low.score) == (72, 86, 58)
+
+
+def test_the_rules_alone_score_read_back_from_kept_details_is_the_score_the_llm_down_gives(
+    config, fixture_leads
+):
+    """`evaluate` measures the LLM's part from what the store kept: each score without it must be the
+    score the lead gets when the LLM is down, capped leads included."""
+    answers = [PropensityResult(0.95, 0.9, "hot"), PropensityResult(0.05, 0.9, "cold"),
+               PropensityResult(0.7, 0.35, "maybe"), fallback("x")]  # fmt: skip
+    compared = 0
+    for lead in fixture_leads.values():
+        rules_down = score(lead, fallback("x"), config).score
+        for answer in [*answers, llm_propensity(lead.lead_id)]:
+            kept = json.loads(json.dumps(score(lead, answer, config).details))
+            assert rules_alone(kept) == rules_down, (lead.lead_id, answer)
+            compared += 1
+    assert compared == 5 * 24
+    assert rules_alone({}) is None  # a model's score keeps no blend
 
 
 # ---------------------------------------------------------------- 4. tiers

@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from integration.cli import main
 from integration.settings import get_settings
 from workers import outcomes, store
+from workers.config import load_config
 from workers.store import Feedback, LeadFact, ScoreRecord, Store, StoreNotReady
 from workers.store_data import labelled_scores, live_scorers, store_summary, training_rows
 
@@ -420,7 +421,11 @@ def test_each_lead_is_judged_by_its_score_at_conversion_or_at_the_end_of_its_win
 
     judged = {row["lead_id"]: (row["scorer"], label) for row, label in labelled_scores(kept, 30)}
     assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "4": ("rules+llm", 1), "5": ("model", 1)}
-    assert list(live_scorers(kept, 30)) == ["live m2", "live rules+llm", "live rules+llm gpt-4o-mini"]
+    assert list(live_scorers(kept, 30, load_config().tiers)) == [
+        "live m2",
+        "live rules+llm",
+        "live rules+llm gpt-4o-mini",
+    ]
 
 
 def test_workers_of_the_previous_release_still_keep_outcomes_after_the_upgrade(store_url):

@@ -295,8 +295,7 @@ def blend_score(
     values = {**rules.scores(), PROPENSITY: effective_propensity(propensity)}
     composite = sum(weights[name] * values[name] for name in weights)
     cap = _status_cap(lead, config)
-    ceiling = 100 if cap is None else cap
-    score = max(0, min(ceiling, round(composite * 100)))
+    score = _points(composite, cap)
     contributions = {name: weights[name] * (values[name] - NEUTRAL) for name in weights}
     if propensity.fallback:
         contributions.pop(PROPENSITY)
@@ -309,7 +308,24 @@ def blend_score(
     }
     phrases, short = _phrases(lead, rules, cap is not None, contributions)
     tier = config.tiers.tier_for(score)
-    without_ai = max(0, min(ceiling, round((composite - contributions.get(PROPENSITY, 0.0)) * 100)))
+    without_ai = _points(composite - contributions.get(PROPENSITY, 0.0), cap)
     moved_tier = config.tiers.tier_for(without_ai) != tier
     reason = explain(contributions, phrases, propensity.reason, cap is not None, short, moved_tier)
     return ScoreResult(score=score, tier=tier, reason=reason, details=details)
+
+
+def _points(composite: float, cap: int | None) -> int:
+    """A composite in 0-1 as the 0-100 score, held under its status's cap."""
+    return max(0, min(100 if cap is None else cap, round(composite * 100)))
+
+
+def rules_alone(details: dict) -> int | None:
+    """The score a rules+LLM blend would have been without the LLM's part, as when the LLM is down,
+    from what its details keep; None where they keep no blend (a model's score). The kept figures
+    are rounded to four places, so a score whose composite sat within 0.0001 of a half point can
+    come out a point off."""
+    try:
+        weight, value = details["weights"][PROPENSITY], details["sub_scores"][PROPENSITY]
+        return _points(details["composite"] - weight * (value - NEUTRAL), details.get("cap"))
+    except (KeyError, TypeError):
+        return None

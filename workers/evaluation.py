@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, rankdata
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from workers.config import TIER_NAMES
@@ -100,3 +100,33 @@ def rate_difference(converted_a: int, leads_a: int, converted_b: int, leads_b: i
     low = difference - math.sqrt((p_a - low_a) ** 2 + (high_b - p_b) ** 2)
     high = difference + math.sqrt((high_a - p_a) ** 2 + (p_b - low_b) ** 2)
     return {"points": round(100 * difference, 1), "ci95": [round(100 * low, 1), round(100 * high, 1)]}
+
+
+BOOTSTRAP_RESAMPLES = 500
+
+
+def _ranking_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count a half, as in roc_auc_score), without
+    sklearn's checks: the bootstrap below computes it a thousand times."""
+    positives = y == 1
+    n_pos = int(positives.sum())
+    n_neg = len(y) - n_pos
+    return float((rankdata(p)[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def paired_auc_difference(
+    y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict:
+    """ROC AUC of scorer a minus scorer b on the same leads, with a 95% interval from a paired
+    bootstrap: resampling leads, each with both its scores, so what the two share (which leads are
+    easy) cancels and a small difference on many leads can be told from noise."""
+    y, p_a, p_b = np.asarray(y), np.asarray(p_a, dtype=float), np.asarray(p_b, dtype=float)
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, len(y), len(y))
+        if y[drawn].min() != y[drawn].max():
+            differences.append(_ranking_auc(y[drawn], p_a[drawn]) - _ranking_auc(y[drawn], p_b[drawn]))
+    low, high = np.percentile(differences, [2.5, 97.5])
+    difference = _ranking_auc(y, p_a) - _ranking_auc(y, p_b)
+    return {"roc_auc": round(difference, 4), "ci95": [round(float(low), 4), round(float(high), 4)]}

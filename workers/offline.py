@@ -25,7 +25,14 @@ from integration.errors import TableError
 from workers import model_scoring, tabular
 from workers.blend import ScoreResult, blend_score
 from workers.config import TIER_NAMES, ScoringConfig, Tiers
-from workers.evaluation import POINTS, PROBABILITY, classification_metrics, cumulative_gains, tier_table
+from workers.evaluation import (
+    POINTS,
+    PROBABILITY,
+    classification_metrics,
+    cumulative_gains,
+    paired_auc_difference,
+    tier_table,
+)
 from workers.model import TrainedModel, identifier_like, lead_digests, require_folds, train
 from workers.progress import progress
 from workers.propensity import fallback
@@ -322,7 +329,7 @@ def evaluate(
         from workers.store_data import store_summary
 
         summary["store"] = store_summary(store, min_age_days)
-        curves.update(_live_scorers(store, min_age_days, scorers, notes))
+        curves.update(_live_scorers(store, min_age_days, config, scorers, notes))
     if not curves:
         notes.append(
             "No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts, "
@@ -374,20 +381,27 @@ def _file_scorers(
     }
 
 
-def _live_scorers(store, min_age_days: float, scorers: dict, notes: list[str]) -> Curves:
-    """The scores the workers wrote, per scorer, against the outcomes the store captured."""
-    from workers.store_data import live_scorers
+def _live_scorers(
+    store, min_age_days: float, config: ScoringConfig, scorers: dict, notes: list[str]
+) -> Curves:
+    """The scores the workers wrote, per scorer, against the outcomes the store captured; for a
+    rules+LLM scorer, what the LLM's part adds to the rules on the same leads."""
+    from workers.store_data import WITHOUT_LLM, live_scorers
 
     curves: Curves = {}
-    for name, (y, p, tiers, scale) in live_scorers(store, min_age_days).items():
+    for name, (y, p, tiers, scale) in live_scorers(store, min_age_days, config.tiers).items():
         if y.min() == y.max():
-            notes.append(
-                f"`{name}`: all {len(y)} leads with an outcome so far "
-                f"{'converted' if y[0] else 'did not convert'}; there is no ranking to measure yet."
-            )
+            if not name.endswith(WITHOUT_LLM):  # its scorer's note says it
+                notes.append(
+                    f"`{name}`: all {len(y)} leads with an outcome so far "
+                    f"{'converted' if y[0] else 'did not convert'}; there is no ranking to measure yet."
+                )
             continue
         scorers[name] = {"min_age_days": min_age_days, "scale": scale}
         curves[name] = (y, p, tiers)
+        blended = name.removesuffix(f" {WITHOUT_LLM}")
+        if blended != name:
+            scorers[blended]["llm_adds"] = paired_auc_difference(y, curves[blended][1], p)
     return curves
 
 

@@ -147,6 +147,7 @@ def _scorer_tables(scorers: dict, config: str) -> list[str]:
         _points_scale(scorers),
         *(_too_few_outcomes(name, s) for name, s in scorers.items()),
         *(_capped(name, s, config) for name, s in scorers.items()),
+        *(_llm_adds(name, s) for name, s in scorers.items()),
     ])  # fmt: skip
     lines += [
         "",
@@ -194,6 +195,32 @@ def _capped(name: str, scorer: dict, config: str) -> str | None:
     return (
         f"`{name}`: {scorer['capped']} leads capped by their status, as scoring config `{config}` caps "
         "them in production; another config caps other leads."
+    )
+
+
+def llm_adds(scorer: dict) -> str | None:
+    """What the LLM's part of a rules+LLM score adds to the rules' ranking, and whether the leads
+    measured can tell it from nothing."""
+    adds = scorer.get("llm_adds")
+    if not adds:
+        return None
+    low, high = adds["ci95"]
+    verdict = (
+        "it includes 0, so these leads cannot tell it from none" if low <= 0 <= high else "it excludes 0"
+    )
+    return (
+        f"the LLM's part adds {adds['roc_auc']:+.4f} to the ROC AUC of the rules alone "
+        f"(95% interval {low:+.4f} to {high:+.4f}: {verdict})"
+    )
+
+
+def _llm_adds(name: str, scorer: dict) -> str | None:
+    said = llm_adds(scorer)
+    if said is None:
+        return None
+    return (
+        f"`{name}`: on the same {scorer['leads']} leads, {said}. `{name} without the LLM` is those leads' "
+        "scores with the LLM's part taken out, as when it is down, tiered by today's scoring config."
     )
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import func, select
 
+from workers.blend import rules_alone
+from workers.config import Tiers
 from workers.evaluation import POINTS, PROBABILITY, rate_difference
 from workers.store import CLEARED, POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
 from workers.tabular import ALWAYS_READ, Kind, TableError, normalise
@@ -45,12 +47,12 @@ class LeadHistory:
 STREAM_ROWS = 10_000  # scores fetched at a time: a year's store does not fit in memory at once
 
 
-def histories(store: Store, features: bool = True) -> Iterator[LeadHistory]:
+def histories(store: Store, features: bool = True, details: bool = False) -> Iterator[LeadHistory]:
     """Each lead's history, one lead at a time, streamed in the order of the (crm, account, lead, id)
     index, so memory holds one lead's scores, not the store's. Without `features` the inputs kept
-    with each score, most of a row's size, are not read."""
+    with each score, most of a row's size, are not read; nor, without `details`, its provenance."""
     names = ["crm", "account_id", "lead_id", "score", "tier", "scorer", "model_version", "holdout",
-             "scored_at", *(["features"] if features else [])]  # fmt: skip
+             "scored_at", *(["features"] if features else []), *(["details"] if details else [])]  # fmt: skip
     kept = [scores.c[name] for name in names]
     with store.engine.connect() as connection:
         first_outcomes = connection.execute(
@@ -69,7 +71,9 @@ def histories(store: Store, features: bool = True) -> Iterator[LeadHistory]:
             yield LeadHistory(lead_scores, converted.get(key))
 
 
-def labelled_scores(store: Store, min_age_days: float, features: bool = True) -> Iterator[tuple[dict, int]]:
+def labelled_scores(
+    store: Store, min_age_days: float, features: bool = True, details: bool = False
+) -> Iterator[tuple[dict, int]]:
     """One score a lead, with its outcome, by one rule for both outcomes. Only leads first scored at
     least `min_age_days` ago count: younger ones have not had the time to show either outcome, and
     keeping their conversions but not their non-conversions would inflate every rate. Each is
@@ -79,7 +83,7 @@ def labelled_scores(store: Store, min_age_days: float, features: bool = True) ->
     had converted before their first score teach nothing."""
     window = timedelta(days=min_age_days)
     cutoff = datetime.now(UTC) - window
-    for history in histories(store, features):
+    for history in histories(store, features, details):
         first_scored, converted = history.first["scored_at"], history.converted_at
         if first_scored > cutoff or (converted is not None and converted <= first_scored):
             continue
@@ -89,32 +93,44 @@ def labelled_scores(store: Store, min_age_days: float, features: bool = True) ->
             yield history.last_within(window), int(converted is not None)
 
 
-def live_scorers(
-    store: Store, min_age_days: float
-) -> dict[str, tuple[np.ndarray, np.ndarray, list[str], str]]:
+LiveScorer = tuple[np.ndarray, np.ndarray, list[str], str]  # labels, score / 100, tiers, scale
+WITHOUT_LLM = "without the LLM"
+
+
+class _Judged(NamedTuple):
+    label: int
+    score: int
+    tier: str
+    alone: int | None  # the score without the LLM's part (see `rules_alone`)
+    answered: bool  # the LLM's answer is in the score
+
+
+def live_scorers(store: Store, min_age_days: float, tiers: Tiers) -> dict[str, LiveScorer]:
     """The scores the workers wrote (holdout leads' included: kept, though not shown), against the
-    outcomes, per scorer and version (the trained model's, or the LLM's): (labels, score / 100,
-    tiers, scale of the score)."""
-    grouped: dict[str, list[tuple[dict, int]]] = {}
+    outcomes, per scorer and version (the trained model's, or the LLM's). Beside each rules+LLM
+    scorer whose LLM answered for some of its leads, the same leads' scores without the LLM's part
+    (tiered by `tiers`, today's): what the LLM adds to the rules, measured on one set of leads."""
+    grouped: dict[str, list[_Judged]] = {}
     scales: dict[str, str] = {}
-    for row, label in labelled_scores(store, min_age_days, features=False):
-        version = row["model_version"]
-        name = (
-            f"live {version}"
-            if row["scorer"] == "model"
-            else " ".join(filter(None, ("live", row["scorer"], version)))
+    for row, label in labelled_scores(store, min_age_days, features=False, details=True):
+        version, details = row["model_version"], row["details"] or {}
+        is_model = row["scorer"] == "model"
+        name = f"live {version}" if is_model else " ".join(filter(None, ("live", row["scorer"], version)))
+        judged = _Judged(
+            label, row["score"], row["tier"], rules_alone(details), details.get("fallback") is False
         )
-        grouped.setdefault(name, []).append((row, label))
-        scales[name] = PROBABILITY if row["scorer"] == "model" else POINTS
-    return {
-        name: (
-            np.array([label for _, label in rows]),
-            np.array([row["score"] for row, _ in rows], dtype=float) / 100,
-            [row["tier"] for row, _ in rows],
-            scales[name],
-        )
-        for name, rows in sorted(grouped.items())
-    }
+        grouped.setdefault(name, []).append(judged)
+        scales[name] = PROBABILITY if is_model else POINTS
+    scorers: dict[str, LiveScorer] = {}
+    for name, rows in sorted(grouped.items()):
+        labels = np.array([row.label for row in rows])
+        scores = np.array([row.score for row in rows], dtype=float) / 100
+        scorers[name] = (labels, scores, [row.tier for row in rows], scales[name])
+        alone = [row.alone for row in rows]
+        if scales[name] == POINTS and any(row.answered for row in rows) and None not in alone:
+            tiered = [tiers.tier_for(score) for score in alone]
+            scorers[f"{name} {WITHOUT_LLM}"] = (labels, np.array(alone, dtype=float) / 100, tiered, POINTS)
+    return scorers
 
 
 class TrainingRows(NamedTuple):
