@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from integration.logs import redact
+from integration.text import whole
 
 MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
 FEEDBACK_VALUES = ("too_high", "too_low", "right")  # what reps may say of a score, in both CRMs
@@ -84,6 +85,18 @@ class Lead(BaseModel):
     merged_ids: tuple[str, ...] = Field(
         (), description="the records merged into this one (HubSpot's hs_merged_object_ids): the same person"
     )
+
+    @field_validator("*")
+    @classmethod
+    def _whole_characters(cls, value):
+        """Every text `whole`: half an emoji read from the CRM fails no LLM request, store or log line."""
+        if isinstance(value, str):
+            return whole(value)
+        if isinstance(value, tuple):
+            return tuple(whole(item) if isinstance(item, str) else item for item in value)
+        if isinstance(value, dict):
+            return {whole(key): whole(item) if isinstance(item, str) else item for key, item in value.items()}
+        return value
 
     @property
     def lead_key(self) -> str:

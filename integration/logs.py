@@ -42,6 +42,8 @@ from typing import Any, TextIO
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
+from integration.text import WORD_CHAR, plain
+
 QUIET_LOGGERS = ("werkzeug", "urllib3", "httpx", "httpcore", "openai")
 SENSITIVE_KEYS = ("token", "secret", "password", "passwd", "api_key", "apikey", "authorization")
 REDACTED = "[redacted]"
@@ -52,19 +54,19 @@ _MAX_DEPTH = 6
 
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}\b")  # \w: "jöhn@exämple.de"
 _PHONE = re.compile(
+    rf"(?<![.+])(?<!{WORD_CHAR})(?<!{WORD_CHAR}-)"  # not glued to a word (no script without spaces glues)
     r"""
-    (?<![\w.+])(?<!\w-)                             # not glued to a word: a UUID's digit groups
-    (?:
-        \+\d(?:[\ .\-()]{0,2}\d){8,16}               # +<country>...: any phone separators
+    (?:                                             # separators: space . - and the figure and en dashes
+        \+\d(?:[\ .\-()‒–]{0,2}\d){8,16}               # +<country>...: any phone separators
       |
-        (?:\(\d{1,5}\)[\ .\-]?|\d{1,5}[\ .\-])      # first group: "(415) " or "415-"
-        (?:\d{1,5}[\ .\-]){0,4}                     # middle groups
+        (?:\(\d{1,5}\)[\ .\-‒–]?|\d{1,5}[\ .\-‒–])      # first group: "(415) " or "415-"
+        (?:\d{1,5}[\ .\-‒–]){0,4}                     # middle groups
         \d{2,7}                                     # last group
       |
-        0\d{1,4}[\ .\-/](?:\d{1,5}[\ .\-]){0,4}\d{2,8}   # a trunk 0 first: "0151 23456789", "030/12345678"
+        0\d{1,4}[\ .\-/‒–](?:\d{1,5}[\ .\-‒–]){0,4}\d{2,8}   # a trunk 0 first: "030/12345678"
     )
-    (?![\w:]|[.,]\d|-\w)
-    """,
+    """
+    rf"(?!{WORD_CHAR}|:|[.,]\d|-{WORD_CHAR})",
     re.VERBOSE,
 )
 _NOT_PHONE = re.compile(r"^\d{4}-\d{2}-\d{2}|^\d{1,3}(?:\.\d{1,3}){3}$")
@@ -88,9 +90,11 @@ _SF_WEBHOOK_TOKEN = re.compile(  # any path segment but the change-events endpoi
 
 
 def redact(text: str) -> str:
-    """The text with emails, phone numbers and credentials replaced (see the module docstring)."""
+    """The text with emails, phone numbers and credentials replaced (see the module docstring), made
+    `plain` first, so a full-width "０３－１２３４" or a no-break space is masked as "03-1234" is."""
     if not text:
         return text
+    text = plain(text)
     text = _AUTH.sub(lambda m: m.group(1) + REDACTED, text)
     text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
     text = _KEY_VALUE.sub(_key_value, text)

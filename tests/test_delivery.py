@@ -118,7 +118,7 @@ def test_reasons_reworded_since_a_lead_was_scored_are_written_at_its_next_event_
     [result] = run_worker()
 
     assert result["outcome"] == "written" and len(llm.requests) == asked  # the LLM's answer, from its cache
-    assert json.loads(properties["leadscore_details"])["reason_version"] == "reasons-3"
+    assert json.loads(properties["leadscore_details"])["reason_version"] == "reasons-4"
 
 
 def test_llm_answers_are_cached_by_input_fingerprint(post_delivery, crm, run_worker, hubspot, llm):

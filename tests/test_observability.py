@@ -281,6 +281,15 @@ def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_even
         ("key sk-proj-abc_DEF-1234567890xyz", "key [redacted]"),
         ("Authorization: Basic dXNlcjpwYXNz", "Authorization: [redacted]"),
         ("db_passwd=hunter2 ok", "db_passwd=[redacted] ok"),
+        # Scripts without spaces, no-break and narrow spaces, dashes and full-width forms:
+        ("携帯は090-1234-5678です", "携帯は[phone]です"),
+        ("电话138-1234-5678", "电话[phone]"),
+        ("call +1\u00a0415\u00a0555\u00a00143", "call [phone]"),
+        ("tél. 01\u202f23\u202f45\u202f67\u202f89", "tél. [phone]"),
+        ("電話：０３－１２３４－５６７８", "電話:[phone]"),
+        ("mobil 0151–234–5678", "mobil [phone]"),
+        ("メール taro＠example.co.jp まで", "メール [email] まで"),
+        ("注文74300000101番", "注文74300000101番"),  # 11 digits, no separator: an id, as in English
     ],
 )
 def test_what_masking_masks_and_what_it_leaves_alone(text, masked):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import unicodedata
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -27,9 +28,11 @@ from workers.blend import (
     explain,
     input_fingerprint,
     join_reason,
+    readable,
     rules_alone,
+    with_provenance,
 )
-from workers.config import ConfigError, Tiers, load_config
+from workers.config import ConfigError, KeywordRule, Tiers, load_config
 from workers.model_scoring import model_reason, value_labels
 from workers.propensity import (
     FALLBACK_SOURCE,
@@ -308,6 +311,14 @@ def test_the_rules_alone_score_read_back_from_kept_details_is_the_score_the_llm_
     assert rules_alone({}) is None  # a model's score keeps no blend
 
 
+def test_details_are_written_in_the_characters_read_and_an_escaped_copy_needs_no_write(config):
+    answer = PropensityResult(0.8, 0.9, "見積もりを依頼済み", ("note: 見積もり",))
+    fields = with_provenance(score(make_lead(title="営業部長"), answer, config), answer, "f", config).fields()
+    assert "見積もりを依頼済み" in fields["details"] and "\\u" not in fields["details"]
+    escaped = {**fields, "details": json.dumps(json.loads(fields["details"]), sort_keys=True)}
+    assert fields_to_write(fields, escaped) is None  # as an older release wrote them: the same details
+
+
 # ---------------------------------------------------------------- 4. tiers
 
 
@@ -448,6 +459,41 @@ def test_a_title_of_34_characters_is_shown_whole(config):
 )
 def test_a_reason_fills_its_90_characters_to_the_last(first, second, reason):
     assert join_reason(first, second) == reason
+
+
+@pytest.mark.parametrize(
+    ("text", "clipped"),
+    [
+        (
+            "AI: " + "見積もりを依頼" * 20,
+            "AI: " + ("見積もりを依頼" * 20)[:85] + "…",
+        ),  # no space to back up to
+        ("Sales lead at " + "株式会社" * 30, "Sales lead at " + ("株式会社" * 30)[:75] + "…"),
+        ("x" * 88 + "e\u0301 more", "x" * 88 + "…"),  # an accent typed after its letter stays with it
+        ("x" * 87 + "👩\u200d💻 rest", "x" * 87 + "…"),  # a joined emoji is one character
+        ("x" * 88 + "👍🏽 rest", "x" * 88 + "…"),  # so is one with its skin tone
+        ("ab " * 29 + "cd efgh", "ab " * 29 + "cd…"),  # a word ending at the cut is kept
+    ],
+)
+def test_a_clipped_reason_keeps_what_fits_in_any_script_and_never_halves_a_character(text, clipped):
+    assert join_reason(text) == clipped and len(clipped) <= MAX_REASON_CHARS
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("داده\u200cهای بزرگ", "داده\u200cهای بزرگ"),  # Persian spells words with the non-joiner
+        ("Dev 👩\u200d💻", "Dev 👩\u200d💻"),
+        (
+            "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f fan",
+            "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f fan",
+        ),
+        ("Mar\u00adket\u200bing", "Marketing"),  # a soft hyphen, a zero-width space: no gap
+        ("Acme\u202e moc.live\u202c", "Acme moc.live"),  # a bidi override: a space, never reordering
+    ],
+)
+def test_a_reason_keeps_the_characters_words_and_emoji_are_spelt_with(text, shown):
+    assert readable(text) == shown
 
 
 def test_a_reason_whose_first_part_is_all_formula_characters_reads_from_its_second():
@@ -619,6 +665,16 @@ def test_an_ai_that_agreed_with_the_rules_and_moved_the_lead_up_a_tier_is_named(
         ("100-500", 300),
         ("1000+", 1000),
         ("250.0", 250),
+        ("1.200", 1200),  # thousands grouped as Germany, France or Switzerland group them
+        ("10.000+", 10000),
+        ("1.000-5.000", 3000),
+        ("1 200", 1200),
+        ("1\u00a0200", 1200),
+        ("1\u202f200", 1200),
+        ("1'200", 1200),
+        ("10,001+", 10001),
+        ("100 - 500", 300),
+        ("2.5", 2),
         ("", None),
         (None, None),
         ("n/a", None),
@@ -658,6 +714,29 @@ def test_seniority_levels(config, title, label, value):
     component = seniority(make_lead(title=title), config)
     assert component.score == value
     assert component.labels == {"seniority": label}
+
+
+@pytest.mark.parametrize(
+    ("title", "label"),
+    [
+        ("\uff23\uff25\uff2f", "C-level"),  # full-width "ＣＥＯ", as a Japanese keyboard types it
+        (unicodedata.normalize("NFD", "Geschäftsführer"), "C-level"),  # "ä" as a Mac's form may send it
+        (unicodedata.normalize("NFD", "Directeur Général"), "C-level"),
+        ("Head\u00a0of Sales", "VP"),  # a no-break space from a web form
+        ("Vice\u2011President", "VP"),  # a no-break hyphen
+        ("营销VP", "VP"),  # no space parts Chinese letters from a Latin word
+        ("CEO兼創業者", "C-level"),
+        ("MVP賞受賞", None),  # still not "VP" inside "MVP"
+    ],
+)
+def test_titles_match_whatever_unicode_forms_and_scripts_they_were_typed_in(config, title, label):
+    assert seniority(make_lead(title=title), config).labels.get("seniority") == label
+
+
+def test_a_keyword_in_a_script_without_spaces_matches_inside_a_compound_title():
+    department_head = KeywordRule(label="Director", score=0.75, keywords=("部長",))
+    assert department_head.matches("営業部長") and department_head.matches("部長（営業）")
+    assert not department_head.matches("部") and not department_head.matches("Buchou")
 
 
 @pytest.mark.parametrize("title", ["Dog Walker", "", None])
@@ -972,7 +1051,8 @@ def test_a_reply_quoting_an_email_or_phone_keeps_neither_in_its_reason_or_eviden
         ("C# developer, Q3 #1 priority, budget 3*4k", "C# developer, Q3 #1 priority, budget 3*4k"),
         ("Title <VP> of sales", "Title <VP> of sales"),
         ("Chef de projet (voir https://acme.fr/équipe), budget validé",
-         "Chef de projet (voir équipe), budget validé"),
+         "Chef de projet (voir ), budget validé"),
+        ("Tarife auf www.bücher.de/preise gelesen", "Tarife auf gelesen"),
         ("访问了www.acme.com定价页面", "访问了定价页面"),
         ("Visit ht**tps://evil.example/pay now", "Visit now"),  # taking one out must not make another
         ("<<b>script>Good fit", "Good fit"),
@@ -1050,6 +1130,17 @@ def test_build_messages_fences_data_exactly_once():
         "(/lead_data)",
     ]
     assert "lead_data>" not in json.dumps(record).lower()
+
+
+def test_half_an_emoji_read_from_the_crm_is_sent_to_the_llm_as_a_replacement_character():
+    """A title cut inside an emoji by a JavaScript or Apex substring holds a lone surrogate, which no
+    UTF-8 encoder takes: the request would fail on every rescore, and the LLM never be asked."""
+    lead = make_lead(title="Founder \ud83d", custom={"note\udc00": "x\ud83d"}, texts=("hi \ude00",))
+    assert lead.title == "Founder \ufffd" and lead.texts == ("hi \ufffd",)
+    assert lead.custom == {"note\ufffd": "x\ufffd"}
+    for message in build_messages(lead):
+        message["content"].encode("utf-8")
+    assert make_lead(title="Founder 🚀").title == "Founder 🚀"  # a whole emoji is one character
 
 
 def test_build_messages_bounds_masks_and_fences_custom_fields_and_every_text_field():

@@ -29,7 +29,8 @@ class ScoreResult:
             "score": str(self.score),
             "tier": self.tier,
             "reason": self.reason,
-            "details": json.dumps(self.details, sort_keys=True, separators=(",", ":")),
+            # As written: an admin reads a Japanese AI reason as Japanese, not as \u escapes.
+            "details": json.dumps(self.details, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
         }
 
 
@@ -52,11 +53,35 @@ def input_fingerprint(lead: Lead, config: ScoringConfig) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
+# A cut backs up to a space at most this far. Further back, the text is Chinese, Japanese or Thai,
+# written without spaces, or one very long word: cutting there would throw most of the room away.
+MAX_WORD_CUT = 20
+_ZWJ = "\u200d"
+
+
+def _splits_a_character(text: str, at: int) -> bool:
+    """Whether cutting before text[at] parts what a reader sees as one character: an accent typed
+    after its letter, an emoji's skin tone or style, or the halves of a joined emoji (👩‍💻)."""
+    after = text[at]
+    return (
+        unicodedata.category(after).startswith("M")
+        or after == _ZWJ
+        or text[at - 1] == _ZWJ
+        or "\ufe00" <= after <= "\ufe0f"
+        or "\U0001f3fb" <= after <= "\U0001f3ff"
+    )
+
+
 def clip_text(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
-    cut = text[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:-")
-    return cut + "…"
+    end = limit - 1
+    space = text.rfind(" ", 0, end + 1)
+    if space > 0 and end - space <= MAX_WORD_CUT:
+        end = space
+    while end > 0 and _splits_a_character(text, end):
+        end -= 1
+    return text[:end].rstrip(" ,;:-") + "…"
 
 
 MAX_TITLE_IN_REASON = 34
@@ -243,16 +268,30 @@ def join_reason(first: str, second: str = "") -> str:
     return f"{first}; {clip_text(second, room)}"
 
 
+# Format characters a word needs: the zero-width non-joiner and joiner (Persian "داده‌ها", 👩‍💻).
+_JOINERS = frozenset("\u200c\u200d")
+_TAGS = range(0xE0020, 0xE0080)  # spell a flag's region: 🏴 with them is Scotland's
+# Invisible, and where they stood no space was: a soft hyphen, zero-width spaces, a byte-order mark.
+_UNSEEN = frozenset("\u00ad\u200b\u2060\ufeff")
+
+
+def _as_read(char: str) -> str:
+    if unicodedata.category(char)[0] != "C" or char in _JOINERS or ord(char) in _TAGS:
+        return char
+    return "" if char in _UNSEEN else " "
+
+
 def readable(text: str) -> str:
     """The text with control and format characters (line breaks, bidi overrides) made spaces and runs
-    of spaces made one: a reason is one line that reads left to right."""
-    return " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in text).split())
+    of spaces made one: a reason is one line that reads left to right. The joiners and tags a word or
+    an emoji is spelt with are kept; invisible breaks are dropped."""
+    return " ".join("".join(map(_as_read, text)).split())
 
 
 # The wording of reasons. A lead whose shown score carries another version is written again at its
 # next event or rescore (the LLM answering from its cache, by fingerprint), so reworded reasons reach
 # every lead, not only those whose inputs change. Bump it with any change to what reasons say.
-REASON_VERSION = "reasons-3"
+REASON_VERSION = "reasons-4"
 
 
 def with_provenance(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from integration.text import WORD_CHAR, folded
+
 Score = Field(ge=0.0, le=1.0)
 
 
@@ -27,11 +29,14 @@ class KeywordRule(_Strict):
 
     @cached_property
     def pattern(self) -> re.Pattern[str]:
-        words = "|".join(re.escape(k.lower()) for k in self.keywords)
-        return re.compile(rf"(?<![\w-])(?:{words})(?![\w-])")
+        """A keyword as a whole word of `folded` text: "ＣＥＯ", "Head of" with a no-break space and a
+        decomposed "Geschäftsführer" match; beside Chinese or Japanese letters, which no space parts,
+        "VP" in "营销VP" is a whole word, and "部長" in "営業部長"."""
+        words = "|".join(re.escape(folded(k)) for k in self.keywords)
+        return re.compile(rf"(?<!{WORD_CHAR})(?<!-)(?:{words})(?!{WORD_CHAR})(?!-)")
 
     def matches(self, text: str) -> bool:
-        return bool(self.pattern.search(text.lower()))
+        return bool(self.pattern.search(folded(text)))
 
 
 class Labelled(_Strict):
@@ -159,7 +164,7 @@ class SourceStage(_Strict):
 
 def value_key(value: str | None) -> str:
     """How a source, status or stage is looked up in the scoring config."""
-    return " ".join((value or "").split()).casefold()
+    return folded(value or "")
 
 
 class ScoringConfig(_Strict):

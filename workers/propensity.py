@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from integration.errors import first_problem
 from integration.lead import Lead
 from integration.logs import redact
+from integration.text import NO_SPACE_SCRIPTS
 
 PROMPT_VERSION = "propensity-v2"
 FALLBACK_SOURCE = "propensity_prior_fallback"
@@ -48,7 +49,9 @@ _FENCE_MARKER = re.compile(r"<\s*(/?)\s*lead_data\s*>", re.IGNORECASE)
 # What a prospect's text could make the LLM put in a reason reps read: links, HTML tags, Markdown.
 # Narrow on purpose: "C#", "#1", "3*4k", "<VP>", "5 < 10" and text after a link are a reason's words.
 _LINK = re.compile(r"\[([^\[\]]{0,200})\]\([^()\s]{0,500}\)")
-_URL = re.compile(r"(?:https?://|www\.)[A-Za-z0-9\-._~:/?#@!$&'*+=%]{0,500}", re.IGNORECASE)
+# A link's own characters, any letter of a script with spaces ("www.bücher.de/preise"); the Chinese or
+# Japanese that runs on after it with no space ("访问了www.acme.com定价页面") is the reason's.
+_URL = re.compile(rf"(?:https?://|www\.)[^\s<>\"()\[\]{{}}{NO_SPACE_SCRIPTS}]{{0,500}}", re.IGNORECASE)
 _TAG = re.compile(
     r"</?(?:a|abbr|b|big|blink|br|code|del|div|em|font|h[1-6]|i|iframe|img|ins|li|mark|ol|p|pre|q|s|"
     r"script|small|span|strike|strong|style|sub|sup|table|td|th|tr|u|ul)\b[^<>]{0,200}>",

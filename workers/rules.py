@@ -9,9 +9,12 @@ import re
 from dataclasses import dataclass, field
 
 from integration.lead import Lead
+from integration.text import folded, plain
 from workers.config import KeywordRule, ScoringConfig
 
-_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+# A head count, its thousands grouped as any locale writes them ("1,200", "1.200", "1 200", "1'200"),
+# or a plain number ("250.0").
+_NUMBER = re.compile(r"\d{1,3}(?:[,.' ]\d{3})+(?!\d)|\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,15 @@ COMPONENTS = ("seniority", "role_fit", "reachability", "source_stage")
 def _first_match(rules: tuple[KeywordRule, ...], text: str | None) -> KeywordRule | None:
     if not text:
         return None
-    return next((rule for rule in rules if rule.matches(text)), None)
+    compared = folded(text)
+    return next((rule for rule in rules if rule.pattern.search(compared)), None)
 
 
 def employee_count(size: str | None) -> int | None:
     """A representative head count from "400", "1,200", "100-500" or "1000+"."""
     if not size:
         return None
-    numbers = [int(float(n.replace(",", ""))) for n in _NUMBER.findall(size)]
+    numbers = [int(float(re.sub(r"[,.' ](?=\d{3}(?!\d))", "", n))) for n in _NUMBER.findall(plain(size))]
     if not numbers:
         return None
     return numbers[0] if len(numbers) == 1 else (numbers[0] + numbers[1]) // 2
