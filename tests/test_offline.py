@@ -514,8 +514,8 @@ def test_a_missing_column_is_named(tmp_path, capsys, command):
     [
         ({4: ""}, "label column 'Converted' is empty in 1 of 500 rows (first at line 6); "
                   "every row needs an outcome (1 = converted, 0 = not)"),
-        ({0: "2", 1: "maybe"}, "label column 'Converted' is not binary: found '2', 'maybe'; "
-                               "expected 1/0, true/false or yes/no"),
+        ({0: "2", 1: "Maybe"}, "label column 'Converted' is not binary: found '2', 'Maybe' (first at "
+                               "line 2); expected 1/0, true/false or yes/no"),
         ({row: "0" for row in range(500)},
          "label column 'Converted' holds only 0s: a model needs both outcomes"),
     ],
@@ -811,6 +811,20 @@ def test_scoring_with_a_mapping_that_lacks_model_features_warns_and_writes(train
     assert err.rstrip().endswith("they are scored as missing, which ranks less well")
 
 
+@pytest.mark.parametrize("command", ["score-file", "evaluate"])
+def test_a_mapping_that_maps_none_of_the_models_features_is_refused(trained, tmp_path, capsys, command):
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        'id = "Prospect ID"\nlabel = "Converted"\n[custom]\nlead_number = { column = "Lead Number" }\n'
+    )
+    out = tmp_path / ("scores.csv" if command == "score-file" else "report")
+
+    assert main([command, "--data", str(DATA), "--mapping", str(mapping), "--model", str(trained),
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "the mapping gives no column for any of model " in capsys.readouterr().err
+    assert not out.exists()  # not 500 rows of one score
+
+
 def test_values_a_model_never_saw_are_named_when_scoring_and_evaluating(trained, tmp_path, capsys):
     frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
     frame.loc[:20, "Tags"] = "Asked for a callback"
@@ -978,14 +992,72 @@ def test_lines_are_counted_as_in_the_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("quoting", [csv.QUOTE_MINIMAL, csv.QUOTE_ALL], ids=["bare", "quoted"])
-def test_a_file_separated_by_semicolons_is_named_as_such(tmp_path, capsys, quoting):
+@pytest.mark.parametrize(("separator", "named"), [(";", "semicolons"), ("\t", "tabs")])
+def test_a_file_separated_by_semicolons_or_tabs_is_named_as_such(tmp_path, capsys, quoting, separator, named):
     data = tmp_path / "leads.csv"
-    _slice().to_csv(data, sep=";", index=False, quoting=quoting)
+    _slice().to_csv(data, sep=separator, index=False, quoting=quoting)
 
     assert _train(tmp_path, data) == 2
     assert capsys.readouterr().err == (
-        f"leadscore train: data file {data} looks separated by semicolons; save it as CSV (comma delimited)\n"
+        f"leadscore train: data file {data} looks separated by {named}; save it as CSV (comma delimited)\n"
     )
+
+
+def test_a_column_named_with_a_space_or_case_the_mapping_lacks_is_pointed_out(tmp_path, capsys):
+    data = _write(tmp_path, pd.read_csv(DATA, dtype=str).rename(columns={"Tags": "Tags "}))
+
+    assert _run("score-file", tmp_path, data) == 2
+    assert capsys.readouterr().err.endswith("(it spells 'Tags ' for 'Tags': mind spaces and case)\n")
+
+
+def test_rows_shorter_than_the_header_are_scored_and_said(tmp_path, capsys):
+    """A Salesforce report's footer, or a row a bare line break split: read with blanks, and said."""
+    data = _write(tmp_path, _slice())
+    with data.open("a") as handle:
+        handle.write("Grand Totals (300 records)\n\nConfidential Information - Do Not Distribute\n")
+
+    assert _run("score-file", tmp_path, data) == 0
+    assert "warning: 2 row(s) have fewer cells than the header's 37 (first: line 502, 1 cells)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_score_file_says_which_ids_repeat_and_train_refuses_them_whatever_their_spaces(tmp_path, capsys):
+    frame = pd.read_csv(DATA, dtype=str, keep_default_na=False)
+    frame.loc[7, "Prospect ID"] = frame.loc[2, "Prospect ID"] + " "
+    data = _write(tmp_path, frame)
+
+    assert _run("score-file", tmp_path, data) == 0
+    repeated = frame.loc[7, "Prospect ID"]
+    said = f"warning: 1 row(s) repeat an earlier row's Prospect ID (first: {repeated!r} on line 9)"
+    assert said in capsys.readouterr().err
+    assert _run("train", tmp_path, data) == 2
+    assert "1 row(s) repeat an earlier row's Prospect ID" in capsys.readouterr().err
+
+
+def test_score_file_reads_no_created_column_which_only_training_needs(tmp_path, capsys):
+    mapping = tmp_path / "map.toml"
+    mapping.write_text(
+        MAPPING.read_text().replace('label = "Converted"\n', 'label = "Converted"\ncreated = "Created On"\n')
+    )
+    data = _write(tmp_path, _slice())  # no such column: the window is training's, not scoring's
+
+    assert main(["score-file", "--data", str(data), "--mapping", str(mapping),
+                 "--out", str(tmp_path / "scored.csv")]) == 0  # fmt: skip
+    assert _run("train", tmp_path, data, mapping) == 2
+    assert "has no column 'Created On'" in capsys.readouterr().err
+
+
+def test_score_file_writes_into_a_pipe_without_replacing_it(tmp_path):
+    pipe = tmp_path / "scores"
+    os.mkfifo(pipe)
+    read = subprocess.Popen(["cat", str(pipe)], stdout=subprocess.PIPE)
+
+    assert main(["score-file", "--data", str(_write(tmp_path, _slice())), "--mapping", str(MAPPING),
+                 "--out", str(pipe)]) == 0  # fmt: skip
+    rows = read.communicate(timeout=30)[0].decode().splitlines()
+    assert rows[0] == "Prospect ID,score,tier,reason" and len(rows) == 501
+    assert pipe.is_fifo()
 
 
 @pytest.mark.parametrize(

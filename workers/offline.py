@@ -59,13 +59,13 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
     mapping = tabular.load_mapping(mapping_path)
     if label:
         mapping = mapping.model_copy(update={"label": label})
-    frame = tabular.read_table(data, mapping, need_label=need_label)
+    frame, read_warnings = tabular.read_table(data, mapping, need_label=need_label)
     y = tabular.labels(frame, mapping.label) if need_label else None
     source = {"file": Path(data).name, "sha256": file_digest(data), "mapping": Path(mapping_path).name}
-    if mapping.created:
+    if mapping.created and need_label:  # the training window: scoring a file needs none
         source.update(tabular.created_window(frame, mapping.created))
     shown, warnings = tabular.feature_frame(frame, mapping)
-    for warning in warnings:
+    for warning in [*read_warnings, *warnings]:
         _warn(warning)
     features = tabular.model_values(shown, mapping.feature_kinds())
     return LabelledTable(frame, features, shown, mapping, y, source)
@@ -205,7 +205,13 @@ class Written:
 
 def require_model_kinds(model: TrainedModel, table: LabelledTable) -> None:
     """Refuses a mapping that reads one of the model's features as another kind: that is wrong data,
-    not a gap (a yes/no column read as categorical gives values the model never saw, on every row)."""
+    not a gap (a yes/no column read as categorical gives values the model never saw, on every row).
+    And one that maps none of them: every row would get the same score."""
+    if not set(model.kinds) & set(table.features.columns):
+        raise TableError(
+            f"the mapping gives no column for any of model {model.version}'s features "
+            f"({', '.join(model.kinds)}), so every row would score the same: map them as in its training"
+        )
     kinds = table.mapping.feature_kinds()
     differ = [name for name, kind in model.kinds.items() if kinds.get(name, kind) != kind]
     if differ:
@@ -267,6 +273,10 @@ def score_file(
         _warn(unseen_values(model, table))
     written = Written.of(model_results(table, model, config) if model else rules_results(table, config))
     out = Path(out)
+    if out.exists() and not out.is_file():  # a pipe or a device (/dev/stdout): written to, never replaced
+        with out.open("w", encoding="utf-8", newline="") as handle:
+            _write_scored(handle, table, written)
+        return _landed(written)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside `out` then renamed, so a failed write leaves the last file whole; created anew
     # (O_EXCL), so a link planted at a name it could have in a shared folder is never followed.
@@ -282,16 +292,24 @@ def score_file(
     partial = Path(handle.name)
     try:
         with handle:
-            pd.DataFrame({
-                table.mapping.id: table.frame[table.mapping.id],
-                "score": written.score,
-                "tier": written.tier,
-                "reason": written.reason,
-            }).to_csv(handle, index=False)  # fmt: skip
+            _write_scored(handle, table, written)
         partial.chmod(0o666 & ~_umask())  # as a file opened the usual way would be, not 0600
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
+    return _landed(written)
+
+
+def _write_scored(handle, table: LabelledTable, written: Written) -> None:
+    pd.DataFrame({
+        table.mapping.id: table.frame[table.mapping.id],
+        "score": written.score,
+        "tier": written.tier,
+        "reason": written.reason,
+    }).to_csv(handle, index=False)  # fmt: skip
+
+
+def _landed(written: Written) -> dict[str, int]:
     landed = Counter(written.tier)
     return {tier: landed[tier] for tier in TIER_NAMES}
 

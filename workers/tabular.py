@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from integration.errors import TableError
 from integration.lead import Lead
+from integration.text import folded
 
 Kind = Literal["categorical", "numeric", "boolean"]
 Direction = Literal["increasing", "decreasing"]
@@ -179,15 +180,18 @@ class CsvFile(NamedTuple):
     lines: list[int]  # the line each record starts on (a quoted cell may span lines)
     cells_of: dict[str, list[str]]  # by column; of columns that share a name, the first
     too_wide: tuple[int, int] | None  # the first record with filled cells past the header: line, cells
+    short: tuple[int, int, int] | None  # records with fewer cells than the header: count, first line, cells
 
 
 def _read_csv(path: Path) -> CsvFile:
     """The file as a stream of records. Records with every cell blank are skipped: blank lines, and
-    the `,,,` rows spreadsheets leave below. A short record is padded with blanks; blank cells past
-    the header's width (trailing commas) are dropped. An unclosed quote is refused, not read as one
-    cell holding the rest of the file."""
+    the `,,,` rows spreadsheets leave below. A short record is padded with blanks (a spreadsheet may
+    leave out a row's empty cells at its end) and counted; blank cells past the header's width
+    (trailing commas) are dropped. An unclosed quote is refused, not read as one cell holding the
+    rest of the file."""
     header: list[str] | None = None
     too_wide: tuple[int, int] | None = None
+    short: tuple[int, int, int] | None = None
     lines: list[int] = []
     cells_of: dict[str, list[str]] = {}
     positions: list[tuple[int, list[str]]] = []  # (position in a record, its column's cells)
@@ -206,6 +210,8 @@ def _read_csv(path: Path) -> CsvFile:
                     elif any(cell.strip() for cell in cells[len(header) :]):
                         too_wide = too_wide or (line, len(cells))
                     else:
+                        if len(cells) < len(header):
+                            short = (short[0] + 1, *short[1:]) if short else (1, line, len(cells))
                         lines.append(line)
                         for position, column in positions:
                             cell = cells[position] if position < len(cells) else ""
@@ -214,30 +220,40 @@ def _read_csv(path: Path) -> CsvFile:
     except UnicodeDecodeError:
         raise _not_utf8(path, "data file", 'save it as "CSV UTF-8"') from None
     except csv.Error as exc:
-        if header is None and _semicolon_header(path):
-            raise _semicolons(path) from None
+        separator = _other_separator(path) if header is None else None
+        if separator:
+            raise _separated_by(path, separator) from None
         problem = f"a quote opened on line {line} is never closed" if "end of data" in str(exc) else (
             f"{exc} in the record starting on line {line} (check its quotes)"
         )  # fmt: skip
         raise TableError(f"data file {path} is not a readable CSV: {problem}") from None
     if header is None:
         raise TableError(f"data file {path} is empty")
-    return CsvFile(header, lines, cells_of, too_wide)
+    return CsvFile(header, lines, cells_of, too_wide, short)
 
 
-def _semicolon_header(path: Path) -> bool:
-    """Whether the file's first record reads as cells between semicolons, as a spreadsheet in a
-    comma-decimal locale saves CSV (quoted, it is not even a readable comma-separated record)."""
+SEPARATORS = {";": "semicolons", "\t": "tabs"}
+
+
+def _other_separator(path: Path) -> str | None:
+    """The separator the file's first record reads as cells between, of a semicolon (as a spreadsheet
+    in a comma-decimal locale saves CSV) or a tab (a TSV export); quoted, such a record is not even a
+    readable comma-separated one."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         first = next((line for line in handle if line.strip()), "")
-    try:
-        return len(next(csv.reader([first], delimiter=";", strict=True), [])) > 1
-    except csv.Error:
-        return False
+    for separator in SEPARATORS:
+        try:
+            if len(next(csv.reader([first], delimiter=separator, strict=True), [])) > 1:
+                return separator
+        except csv.Error:
+            continue
+    return None
 
 
-def _semicolons(path: Path) -> TableError:
-    return TableError(f"data file {path} looks separated by semicolons; save it as CSV (comma delimited)")
+def _separated_by(path: Path, separator: str) -> TableError:
+    return TableError(
+        f"data file {path} looks separated by {SEPARATORS[separator]}; save it as CSV (comma delimited)"
+    )
 
 
 def line_of(frame: pd.DataFrame, rows) -> int:
@@ -246,15 +262,15 @@ def line_of(frame: pd.DataFrame, rows) -> int:
     return int(frame.index[np.asarray(rows, dtype=bool)][0])
 
 
-def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
+def read_table(path: Path, mapping: Mapping, need_label: bool) -> tuple[pd.DataFrame, list[str]]:
     """The file's rows, checked against the mapping; every cell read as text, each row indexed by its
-    line in the file (`line_of`)."""
+    line in the file (`line_of`); and warnings of what was read though it may not be meant."""
     try:
-        header, lines, cells_of, too_wide = _read_csv(path)
+        header, lines, cells_of, too_wide, short = _read_csv(path)
     except FileNotFoundError:
         raise TableError(f"data file {path} does not exist") from None
     features = mapping.columns()
-    wanted = [mapping.id, *features.values(), *([mapping.created] if mapping.created else [])]
+    wanted = [mapping.id, *features.values(), *([mapping.created] if mapping.created and need_label else [])]
     if need_label:
         if not mapping.label:
             raise TableError("no label column: pass --label COLUMN or set `label` in the mapping")
@@ -266,12 +282,15 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
             "learn the outcome from itself; map it only as the label"
         )
     missing = [c for c in dict.fromkeys(wanted) if c not in header]
-    if missing and set(missing) <= set(",".join(header).split(";")):
-        raise _semicolons(path)
+    for separator in SEPARATORS:
+        if missing and set(missing) <= set(",".join(header).split(separator)):
+            raise _separated_by(path, separator)
     if missing:
+        near = [f"{h!r} for {c!r}" for c in missing for h in header if h != c and folded(h) == folded(c)]
         raise TableError(
             f"{path} has no column {', '.join(repr(c) for c in missing)} that the mapping (or --label) "
             f"names; its columns are: {', '.join(header)}"
+            + (f" (it spells {', '.join(near)}: mind spaces and case)" if near else "")
         )
     twice = [c for c in dict.fromkeys(wanted) if header.count(c) > 1]
     if twice:
@@ -287,21 +306,33 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> pd.DataFrame:
     if not lines:
         raise TableError(f"{path} has a header but no rows")
     frame = pd.DataFrame(cells_of, index=pd.Index(lines, name="line"), dtype=str)
+    warnings = []
+    if short:
+        count, line, cells = short
+        warnings.append(
+            f"{count} row(s) have fewer cells than the header's {len(header)} (first: line {line}, {cells} "
+            "cells) and are read with blanks for the rest; if they are a report's totals or footer, or a "
+            "row split by a line break outside double quotes, fix the file"
+        )
     ids = frame[mapping.id].str.strip()
     if (ids == "").any():
         raise TableError(
             f"{path}: {int((ids == '').sum())} row(s) have no {mapping.id} (first on line "
             f"{line_of(frame, ids == '')}): give each its id, or delete the row"
         )
-    if need_label:
-        repeated = frame[mapping.id][frame[mapping.id].duplicated()]
-        if len(repeated):
-            raise TableError(
-                f"{path}: {len(repeated)} row(s) repeat an earlier row's {mapping.id} (first: "
-                f"{repeated.iloc[0]!r}): a lead on both sides of a cross-validation split, or counted "
-                "twice, makes the numbers optimistic; keep one row per lead"
-            )
-    return frame
+    repeated = frame[mapping.id][ids.duplicated()]
+    if len(repeated) and need_label:
+        raise TableError(
+            f"{path}: {len(repeated)} row(s) repeat an earlier row's {mapping.id} (first: "
+            f"{repeated.iloc[0]!r}): a lead on both sides of a cross-validation split, or counted "
+            "twice, makes the numbers optimistic; keep one row per lead"
+        )
+    if len(repeated):
+        warnings.append(
+            f"{len(repeated)} row(s) repeat an earlier row's {mapping.id} (first: {repeated.iloc[0]!r} on "
+            f"line {line_of(frame, ids.duplicated())}): each is scored, and a CRM import keeps the last"
+        )
+    return frame, warnings
 
 
 def created_window(frame: pd.DataFrame, column: str) -> dict[str, str]:
@@ -336,12 +367,13 @@ def labels(frame: pd.DataFrame, column: str) -> np.ndarray:
             f"{line_of(frame, raw == '')}); "
             "every row needs an outcome (1 = converted, 0 = not)"
         )
-    values = set(raw.unique())
-    if not values <= (_TRUE | _FALSE):
-        strange = sorted(values - (_TRUE | _FALSE))[:5]
+    strange = ~raw.isin(_TRUE | _FALSE)
+    if strange.any():
+        found = frame[column].str.strip()[strange].unique()  # as the file spells them
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
         raise TableError(
-            f"label column {column!r} is not binary: found {', '.join(repr(v) for v in strange)}; "
-            "expected 1/0, true/false or yes/no"
+            f"label column {column!r} is not binary: found {', '.join(repr(v) for v in found[:5])}{more} "
+            f"(first at line {line_of(frame, strange)}); expected 1/0, true/false or yes/no"
         )
     y = raw.isin(_TRUE).to_numpy().astype(int)
     if y.min() == y.max():
