@@ -14,7 +14,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import event, inspect, select, text
+from sqlalchemy import create_engine, event, inspect, select, text
 from sqlalchemy.exc import OperationalError
 
 from integration.cli import main
@@ -22,7 +22,7 @@ from integration.settings import get_settings
 from workers import outcomes, store
 from workers.config import load_config
 from workers.store import Feedback, LeadFact, ScoreRecord, Store, StoreNotReady
-from workers.store_data import labelled_scores, live_scorers, store_summary, training_rows
+from workers.store_data import histories, labelled_scores, live_scorers, store_summary, training_rows
 
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
@@ -364,6 +364,25 @@ def _score(lead: str, at: datetime, stage: str, scorer: str = "rules+llm", versi
     return ScoreRecord(crm=crm, account_id="48213377", lead_id=lead, score=50, tier="B", reason="r",
                        scorer=scorer, model_version=version, fingerprint=f"{lead}{at}",
                        features={"stage": stage}, details={}, scored_at=at)  # fmt: skip
+
+
+def test_moments_read_from_a_postgresql_in_another_time_zone_are_given_in_utc(store_url):
+    """initdb gives a self-hosted server the host's zone; `outcomes sync` prints "since … UTC" and a
+    model's training window is written from these."""
+    if store_url.startswith("postgresql"):
+        engine = create_engine(store_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            database = connection.execute(text("SELECT current_database()")).scalar()
+            connection.execute(text(f"ALTER DATABASE \"{database}\" SET timezone TO 'America/New_York'"))
+        engine.dispose()
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    noon = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+    kept.record_scores([_score("1", noon, "lead")])
+
+    [history] = histories(kept, features=False)
+    assert history.first["scored_at"] == noon and history.first["scored_at"].utcoffset() == timedelta(0)
+    assert history.first["scored_at"].isoformat() == "2026-11-20T12:00:00+00:00"
 
 
 def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_them(store_url):

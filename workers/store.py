@@ -205,7 +205,9 @@ def redacted(url: str) -> str:
 
 
 def as_utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+    """A stored moment in UTC: SQLite hands it back naive, PostgreSQL in its session's time zone (a
+    server's own, as `initdb` found it), which times printed or kept "in UTC" must not carry."""
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class StoreNotReady(UserError):
