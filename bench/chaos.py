@@ -38,6 +38,7 @@ import random
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -100,7 +101,7 @@ def fresh_state(pipe: Pipeline, ids: list[str], config) -> tuple[set[str], set[s
         except json.JSONDecodeError:
             details = {}
         if details.get("fingerprint") != input_fingerprint(
-            lead_from_properties(lead_id, PORTAL, props), config
+            lead_from_properties(lead_id, PORTAL, props), config, datetime.now(UTC)
         ):
             stale.add(lead_id)
     return unscored, stale
@@ -265,7 +266,7 @@ def main() -> int:
             if i in leads
             and i not in lost
             and json.loads(leads[i].current_output.get("details") or "{}").get("fingerprint")
-            != input_fingerprint(leads[i], config)
+            != input_fingerprint(leads[i], config, datetime.now(UTC))
         ]
         fallbacks = sum(
             1 for i in leads if json.loads(leads[i].current_output.get("details") or "{}").get("fallback")

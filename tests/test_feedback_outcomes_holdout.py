@@ -602,7 +602,7 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
         assert json.loads(written(hubspot, contact)["leadscore_details"]) == {
             "config_version": "b2b-saas-default-2", "fallback": False,
             "fingerprint": kept[contact]["fingerprint"], "holdout": True, "model": "gpt-4o-mini-2024-07-18",
-            "prompt_version": "propensity-v2", "reason_version": "reasons-4",
+            "prompt_version": "propensity-v3", "reason_version": "reasons-4",
         }  # fmt: skip
     assert {c for c, row in kept.items() if row["holdout"]} == held & scored
     assert all(row["tier"] in TIER_NAMES for row in kept.values())  # the store keeps the real score

@@ -81,7 +81,7 @@ def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
             ],
         },
         "model": "gpt-4o-mini-2024-07-18",
-        "prompt_version": "propensity-v2",
+        "prompt_version": "propensity-v3",
         "reason_version": "reasons-4",
         "config_version": "b2b-saas-default-2",
         "fallback": False,

@@ -6,10 +6,11 @@ import hashlib
 import json
 import unicodedata
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from integration.lead import Lead
 from workers.config import ScoringConfig
-from workers.propensity import NEUTRAL, PROMPT_VERSION, PropensityResult
+from workers.propensity import NEUTRAL, PROMPT_VERSION, PropensityResult, ages, timeless_inputs
 from workers.rules import COMPONENTS, RulesResult
 
 MAX_REASON_CHARS = 90
@@ -47,8 +48,10 @@ def effective_propensity(propensity: PropensityResult) -> float:
     return NEUTRAL + propensity.confidence * (propensity.propensity - NEUTRAL)
 
 
-def input_fingerprint(lead: Lead, config: ScoringConfig) -> str:
-    payload = {"lead": lead.scoring_inputs(), "config": config.digest, "prompt": PROMPT_VERSION}
+def input_fingerprint(lead: Lead, config: ScoringConfig, now: datetime) -> str:
+    """What the score depends on, as of `now`: a lead's dated moments count by how long ago they were."""
+    payload = {"lead": timeless_inputs(lead), "ages": ages(lead, now), "config": config.digest,
+               "prompt": PROMPT_VERSION}  # fmt: skip
     raw = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 

@@ -185,14 +185,15 @@ class WorkerContext:
     def score(self, leads: list[Lead]) -> list[Scored]:
         """Score many leads — rules + LLM blend, or the trained model with the LLM as a feature —
         skipping leads whose inputs have not changed since a score that was not a fallback."""
-        fingerprints = [input_fingerprint(lead, self.config) for lead in leads]
+        now = datetime.now(UTC)  # what "how long ago" is told from, for the fingerprint and the LLM alike
+        fingerprints = [input_fingerprint(lead, self.config, now) for lead in leads]
         share = self.settings.holdout_share
         held = [in_holdout(lead.lead_key, share) for lead in leads]
         shown = [i for i, lead in enumerate(leads) if _already_scored(lead, fingerprints[i], held[i])]
         never_kept = self._never_kept(leads, fingerprints, [i for i in shown if _lately_scored(leads[i])])
         fresh = sorted({*range(len(leads))} - {*shown} | {*never_kept})
         if self.model is None or self.model.uses_llm:
-            answers = self.reasoner.assess_many([leads[i] for i in fresh], self.redis)
+            answers = self.reasoner.assess_many([leads[i] for i in fresh], now, self.redis)
         else:
             answers = [None] * len(fresh)
         by_index = dict(zip(fresh, answers, strict=True))

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from datetime import UTC, datetime
 
 import openai
 from redis.exceptions import RedisError
@@ -133,8 +134,8 @@ class PropensityReasoner:
     def assess(
         self,
         lead: Lead,
+        messages: list[dict],
         throttled: threading.Event | None = None,
-        messages: list[dict] | None = None,
         client: openai.OpenAI | None = None,
     ) -> PropensityResult:
         """The LLM's answer for one lead, or the fallback; a dropped call or a 5xx is tried once more.
@@ -144,9 +145,7 @@ class PropensityReasoner:
             return fallback("LLM disabled: LLM_API_KEY is not set")
         for attempt in (1, 2):
             try:
-                completion = client.chat.completions.create(
-                    model=self.model, messages=messages or build_messages(lead), **REQUEST
-                )
+                completion = client.chat.completions.create(model=self.model, messages=messages, **REQUEST)
                 reply = parse_reply(_reply_content(completion))
                 break
             except openai.APITimeoutError:
@@ -180,13 +179,14 @@ class PropensityReasoner:
             model=completion.model or self.model,
         )
 
-    def assess_many(self, leads: list[Lead], redis=None) -> list[PropensityResult]:
-        """Answers for many leads: cached ones from Redis, the rest concurrently from the LLM.
+    def assess_many(self, leads: list[Lead], now: datetime, redis=None) -> list[PropensityResult]:
+        """Answers for many leads, asked as of `now`: cached ones from Redis, the rest concurrently
+        from the LLM.
 
         Only real LLM answers are cached (by what was asked: `answer_id`), so a fallback is
         retried the next time the lead is scored.
         """
-        messages = [build_messages(lead) for lead in leads]
+        messages = [build_messages(lead, now) for lead in leads]
         answers = [answer_id(self.base_url, self.model, asked) for asked in messages]
         keys = [cached_answer_key(answer) for answer in answers]
         cached: list[bytes | None] = [None] * len(leads)
@@ -225,7 +225,7 @@ class PropensityReasoner:
         with openai.OpenAI(
             **self._client_options
         ) as client:  # no connection left for a work horse to inherit
-            result = self.assess(PROBE_LEAD, client=client)
+            result = self.assess(PROBE_LEAD, build_messages(PROBE_LEAD, datetime.now(UTC)), client=client)
         return result.error if result.fallback and not result.retryable else None
 
     def _ask_all(self, leads: list[Lead], messages: list[list[dict]]) -> list[PropensityResult]:
@@ -237,7 +237,7 @@ class PropensityReasoner:
         def ask(lead: Lead, asked: list[dict]) -> PropensityResult:
             if throttled.is_set():
                 return self._failed(lead, "LLM rate-limited (429): not asked in this batch")
-            return self.assess(lead, throttled, asked)
+            return self.assess(lead, asked, throttled)
 
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(leads)))
         futures = [pool.submit(ask, lead, asked) for lead, asked in zip(leads, messages, strict=True)]

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from integration.errors import first_problem
-from integration.lead import Lead
+from integration.lead import Lead, moment_of
 from integration.logs import redact
 from integration.text import NO_SPACE_SCRIPTS
 
-PROMPT_VERSION = "propensity-v2"
+PROMPT_VERSION = "propensity-v3"
 FALLBACK_SOURCE = "propensity_prior_fallback"
 NEUTRAL = 0.5
 MAX_FIELD_CHARS = 300  # of each lead field in the prompt
@@ -154,8 +155,41 @@ def _sent(value):
     return value
 
 
-def build_messages(lead: Lead) -> list[dict[str, str]]:
+# The LLM knows no today, so it is told how long ago a lead's dated moments were, not their dates:
+# and a bucket, unlike a date, ages as the lead goes quiet (crossing one changes the fingerprint, so
+# the next event or rescore scores the lead again).
+AGE_BUCKETS = ((7, "within the last 7 days"), (30, "8 to 30 days ago"), (90, "31 to 90 days ago"),
+               (365, "91 to 365 days ago"))  # fmt: skip
+DATED = {"recent_conversion_at": "most_recent_conversion_when", "last_activity_at": "last_activity_when",
+         "last_reply_at": "last_reply_when"}  # fmt: skip
+
+
+def ages(lead: Lead, now: datetime) -> dict[str, str]:
+    """How long before `now` each of the lead's dated moments was, in AGE_BUCKETS' words."""
+    told = {}
+    for field_name, name in DATED.items():
+        value = getattr(lead, field_name)
+        if not value:
+            continue
+        moment = moment_of(value)
+        if moment is None:
+            told[name] = "on file, date unreadable"
+            continue
+        days = (now - moment).days
+        told[name] = next((words for limit, words in AGE_BUCKETS if days <= limit), "over a year ago")
+    return told
+
+
+def timeless_inputs(lead: Lead) -> dict:
+    """What the score depends on but the dated moments, which `ages` gives relative to a moment."""
     inputs = lead.scoring_inputs()
+    for field_name in DATED:
+        inputs.pop(field_name, None)
+    return inputs
+
+
+def build_messages(lead: Lead, now: datetime) -> list[dict[str, str]]:
+    inputs = timeless_inputs(lead)
     record = {
         "lead_id": lead.lead_id,
         "lead_source": inputs.pop("source"),
@@ -164,6 +198,7 @@ def build_messages(lead: Lead) -> list[dict[str, str]]:
         "lead_status": inputs.pop("status"),
         "lifecycle_stage": inputs.pop("stage"),
         **{k: v for k, v in inputs.items() if k not in {"crm", "account_id", "lead_id"}},
+        **ages(lead, now),
     }
     record = {k: _sent(v) for k, v in record.items() if v not in (None, "", [], ())}
     user = f"<lead_data>\n{json.dumps(record, indent=1, ensure_ascii=False)}\n</lead_data>"
