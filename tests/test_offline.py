@@ -23,6 +23,7 @@ import lightgbm
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import sklearn
 from sqlalchemy import make_url
 
@@ -1394,6 +1395,19 @@ def test_the_paired_auc_difference_is_the_difference_with_an_interval_that_knows
     assert paired_auc_difference(y, informed, informed) == {"roc_auc": 0.0, "ci95": [0.0, 0.0]}
     few = paired_auc_difference(y[:12], informed[:12], noise[:12])
     assert few["ci95"][0] < 0 < few["ci95"][1]  # twelve leads cannot tell these apart
+    shuffled = rng.permutation(400)
+    assert paired_auc_difference(y[shuffled], informed[shuffled], noise[shuffled]) == better
+
+    def auc(labels, scores):  # Mann-Whitney, as roc_auc_score but quicker
+        positives = labels == 1
+        n = positives.sum()
+        return (scipy.stats.rankdata(scores)[positives].sum() - n * (n + 1) / 2) / (n * (len(labels) - n))
+
+    naive = []  # leads drawn one by one, as the multinomial over kinds of lead draws them
+    for _ in range(2000):
+        drawn = rng.integers(0, 400, 400)
+        naive.append(auc(y[drawn], informed[drawn]) - auc(y[drawn], noise[drawn]))
+    assert np.percentile(naive, [2.5, 97.5]) == pytest.approx(better["ci95"], abs=0.01)
 
 
 TITLES = ("VP of Sales", "Marketing Manager", "Student", "Head of Revenue Operations", "Office Assistant")
@@ -1431,8 +1445,7 @@ def test_evaluate_from_the_store_measures_what_the_llms_part_adds_to_the_rules(e
     scorers = json.loads((out / "metrics.json").read_text())["scorers"]
     name = "live rules+llm gpt-4o-mini"
     assert list(scorers) == [name, f"{name} without the LLM"]
-    as_stored = np.argsort([str(i) for i in range(60)])  # by lead id, as the store streams them
-    y, with_llm, without = (np.array(column)[as_stored] for column in (labels, blended, alone))
+    y, with_llm, without = np.array(labels), np.array(blended), np.array(alone)
     alone_scorer = scorers[f"{name} without the LLM"]
     assert alone_scorer["roc_auc"] == round(sklearn.metrics.roc_auc_score(y, without), 4)
     assert alone_scorer["tiers"] == tier_table(y, [config.tiers.tier_for(score) for score in without])
