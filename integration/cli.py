@@ -74,6 +74,8 @@ def cmd_worker(args) -> int:
     logs.configure(settings.log_level)
     ctx = jobs.context()  # validate config and build clients once, before RQ forks work horses
     ready_orgs = []
+    if settings.hubspot_configured:
+        _learn_reached_portal(settings, ctx)
     if settings.salesforce_configured:
         settings.require_salesforce_api()  # missing credentials are a setting to fix, not an org's trouble
         ready_orgs = [org_id for org_id in settings.allowed_org_ids if _prepare_salesforce(jobs, org_id)]
@@ -197,20 +199,44 @@ def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
         )
 
 
+def _learn_reached_portal(settings, ctx) -> None:
+    """Which portal HUBSPOT_ACCESS_TOKEN reaches, so that batches of another portal's contacts (an app
+    installed in two) are not read and written with it. Unknown (HubSpot down, no `oauth` scope),
+    every portal's batches are read, as before."""
+    from integration.hubspot.api import HubSpotCRM
+
+    try:
+        ctx.reached["hubspot"] = HubSpotCRM(settings).token_portal()
+    except (CRMError, RateLimited) as exc:
+        logging.getLogger("leadscore.worker").warning(
+            "could not learn which HubSpot portal the token reaches (%s): events of any portal the app is "
+            "installed in are scored with it", exc,
+        )  # fmt: skip
+
+
 def _prepare_salesforce(jobs, org_id: str) -> bool:
-    """Log in and describe Lead once here, not in every work horse; whether the org answered. An org
-    that fails now (down, over its API budget, refusing a credential) must not stop the worker:
-    HubSpot scoring goes on, and each of the org's jobs tries again, failing with the org's own
-    error until it answers."""
+    """Log in and describe Lead once here, not in every work horse; whether the org answered and is
+    the one the credentials reach. An org that fails now (down, over its API budget, refusing a
+    credential) must not stop the worker: HubSpot scoring goes on, and each of the org's jobs tries
+    again, failing with the org's own error until it answers. One the credentials do not reach (a
+    second id in SALESFORCE_ORG_IDS) has its batches refused, as another account's."""
     import requests
     from simple_salesforce.exceptions import SalesforceError
 
+    log = logging.getLogger("leadscore.worker")
     try:
-        jobs.salesforce_for(org_id).prepare()
+        client = jobs.salesforce_for(org_id)
+        client.prepare()
+        reached = jobs.context().reached.setdefault("salesforce", client.reached_org()[:15])
     except (CRMError, RateLimited, SettingsError, SalesforceError, requests.RequestException) as exc:
-        logging.getLogger("leadscore.worker").error(
-            "Salesforce org %s is not ready at start (%s); the worker starts, and its jobs try again",
-            org_id, exc,
+        log.error("Salesforce org %s is not ready at start (%s); the worker starts, and its jobs try again",
+                  org_id, exc)  # fmt: skip
+        return False
+    if reached != org_id[:15]:
+        log.error(
+            "SALESFORCE_ORG_IDS names org %s, but the Salesforce credentials reach org %s: %s's events are "
+            "not scored (leadscore serves one org; run another deployment, with its credentials, for it)",
+            org_id, reached, org_id,
         )  # fmt: skip
         return False
     return True

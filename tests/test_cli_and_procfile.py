@@ -331,6 +331,24 @@ def test_outcomes_sync_refuses_an_account_the_credentials_do_not_reach(env, requ
     )
 
 
+def test_outcomes_sync_without_an_account_refuses_the_stores_when_the_credentials_reach_another(
+    env, hubspot, capsys
+):
+    """The store's scores name one portal; a token changed since reaches another: reading with it and
+    filing under the store's would give one portal's outcomes to the other's leads."""
+    from workers import store
+
+    store.upgrade(env["DATABASE_URL"])
+    scored = store.ScoreRecord("hubspot", "99999", "1", 50, "C", "r", "rules", "f", {}, {})
+    store.Store(env["DATABASE_URL"]).record_scores([scored])
+
+    assert main(["outcomes", "sync", "--crm", "hubspot"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: hubspot: the store's scores are of account 99999, but the credentials reach 48213377: "
+        "what they read would be filed under the wrong account; set the credentials of 99999\n"
+    )
+
+
 def procfile() -> dict[str, str]:
     lines = (ROOT / "Procfile").read_text().splitlines()
     return dict(line.split(": ", 1) for line in lines if line.strip())

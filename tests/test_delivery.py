@@ -22,7 +22,7 @@ from rq.job import Job
 from rq.scheduler import RQScheduler
 
 from bench import harness
-from integration import clock, metrics, pending
+from integration import clock, metrics, pending, signing
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
@@ -32,14 +32,17 @@ from integration.hubspot.api import HubSpotCRM, halving_budget
 from integration.ratelimit import RateLimiter
 from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
+from integration.settings import get_settings
 from tests.conftest import (
     APP_SECRET,
     FIXTURES,
     HUBSPOT_TOKEN,
     PORTAL_ID,
+    SF_EVENTS_SECRET,
     SF_ORG_ID,
     WEBHOOK_URL,
     _clear_caches,
+    finished_jobs,
     fixture_json,
     pending_events,
 )
@@ -661,6 +664,52 @@ def test_a_salesforce_org_failing_at_worker_start_does_not_stop_hubspot_scoring(
     [refused] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert refused.startswith(f"Salesforce org {SF_ORG_ID[:15]} is not ready at start (Salesforce no longer ")
     assert refused.endswith("password); the worker starts, and its jobs try again")
+
+
+def test_a_delivery_from_a_portal_the_token_does_not_reach_is_not_scored_with_it(
+    env, post_delivery, crm, hubspot, sf_crm, redis, queue, capfd
+):
+    """An app installed in two portals sends both portals' events; a contact id they share is two
+    people, and HUBSPOT_ACCESS_TOKEN reaches one."""
+    events = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json"))
+    post_delivery(json.dumps([{**event, "portalId": 7777777} for event in events]).encode())
+    _clear_caches()
+
+    assert main(["worker", "--burst"]) == 0
+    assert "leadscore_details" not in hubspot.contact_properties(VP)  # portal 48213377's contact untouched
+    [job] = [job for job in finished_jobs(redis, queue) if job.func_name.endswith("score_batch")]
+    assert job.return_value() == [{"lead": f"hubspot:7777777:{VP}", "outcome": "not_this_account"}]
+    assert (
+        f"1 events of hubspot account 7777777 reached this deployment, whose credentials reach {PORTAL_ID}: "
+        "not scored (leadscore serves one HubSpot portal and one Salesforce org"
+    ) in capfd.readouterr().err
+    post_delivery("contact.creation__single")  # the portal the token reaches: scored as ever
+    assert main(["worker", "--burst"]) == 0
+    assert "leadscore_details" in hubspot.contact_properties(VP)
+
+
+def test_an_org_the_salesforce_credentials_do_not_reach_is_refused_at_start_and_not_scored(
+    env, monkeypatch, crm, hubspot, salesforce, sf_crm, redis, queue, caplog
+):
+    other = "00D7x000001AbCdEAK"
+    monkeypatch.setenv("SALESFORCE_ORG_IDS", f"{SF_ORG_ID},{other}")
+    _clear_caches()
+    body = json.dumps({**fixture_json("salesforce/lead_change_event__create.json"), "organizationId": other})
+    signed = {"Content-Type": "application/json", **signing.sign_headers(SF_EVENTS_SECRET, body.encode())}
+    web = create_app(get_settings()).test_client()  # the web takes the org: SALESFORCE_ORG_IDS names it
+    assert web.post("/webhooks/salesforce/events", data=body, headers=signed).status_code == 200
+
+    assert main(["worker", "--burst"]) == 0
+    [job] = [job for job in finished_jobs(redis, queue) if job.func_name.endswith("score_batch")]
+    [lead] = job.return_value()
+    assert lead["outcome"] == "not_this_account" and lead["lead"].startswith(f"salesforce:{other}")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        f"SALESFORCE_ORG_IDS names org {other[:15]}, but the Salesforce credentials reach org "
+        f"{SF_ORG_ID[:15]}: {other[:15]}'s events are not scored (leadscore serves one org; run another "
+        "deployment, with its credentials, for it)"
+    ]
+    assert not any(lead.get("Leadscore_Score__c") for lead in salesforce.leads.values())
 
 
 def test_a_worker_without_salesforce_credentials_says_what_to_set(env, monkeypatch, capsys):

@@ -158,6 +158,27 @@ def _wait_for_crm(crm: str, account: str, events: list[str], exc: CRMUnavailable
     return _put_off(crm, account, events, wait_s, {OUTAGE_META: {**outage, "waits": outage["waits"] + 1}})
 
 
+def _erasure_results(erased: list[LeadEvent], split_off: list[LeadEvent]) -> list[dict]:
+    return [
+        *(outcome(e.lead_key, "erased") for e in erased),
+        *(outcome(e.lead_key, "erase_queued") for e in split_off),
+    ]
+
+
+def _not_this_account(ctx, crm: str, account: str, reached: str, events: list[LeadEvent]) -> list[dict]:
+    """Another account's leads, which the credentials do not reach: read and written with them,
+    a lead id the two accounts share would be another person. Not scored, and said, not retried:
+    only another deployment, with that account's credentials, can score them."""
+    if events:
+        log.error(
+            "%d events of %s account %s reached this deployment, whose credentials reach %s: not scored "
+            "(leadscore serves one HubSpot portal and one Salesforce org; run another deployment, with "
+            "its credentials, for %s)", len(events), crm, account, reached, account,
+        )  # fmt: skip
+        ctx.telemetry("events_ignored_total", len(events), crm=crm, reason="other_account")
+    return [outcome(event.lead_key, "not_this_account") for event in events]
+
+
 def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     started = time.monotonic()
     adapter = ctx.crm(crm, account)
@@ -171,6 +192,11 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         ctx.erase(crm, account, [event.lead_id for event in erasures])  # a failure fails the job: owed
         erased = erasures
     lead_events = [event for event in lead_events if ERASE not in event.kinds]
+    if (reached := ctx.reached.get(crm)) and reached[:15] != account[:15]:
+        return [
+            *_not_this_account(ctx, crm, account, reached, lead_events),
+            *_erasure_results(erased, split_off),
+        ]
     deal_events = [event for event in lead_events if deal_of(event.lead_id)]
     if deal_events:
         lead_events = [event for event in lead_events if not deal_of(event.lead_id)]
@@ -246,8 +272,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             failed.append((event, result))
             results.append({**outcome(key, "failed", s), "error": f"{result.code}: {result.message}"})
 
-    results += deal_results + [outcome(e.lead_key, "erased") for e in erased]
-    results += [outcome(e.lead_key, "erase_queued") for e in split_off]
+    results += deal_results + _erasure_results(erased, split_off)
     refused = {event.lead_id for event, _ in failed}  # the rest are settled, whoever queued them
     settled = [e.lead_id for e in lead_events + erased if e.lead_id not in refused]
     pending.backfilled(ctx.redis, crm, account, settled)

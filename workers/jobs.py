@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
 
@@ -88,6 +88,9 @@ class WorkerContext:
     config: ScoringConfig
     reasoner: PropensityReasoner
     model: TrainedModel | None = None  # SCORING_MODEL_PATH: a trained model scores, the LLM assists
+    # By CRM, the account its credentials reach, as the worker learned at start (`leadscore worker`):
+    # a batch of another account's leads would be read and written there, as the wrong people's.
+    reached: dict[str, str] = field(default_factory=dict)
 
     tally: dict | None = None  # while set, counters are summed here and written once
 

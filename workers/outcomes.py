@@ -55,6 +55,17 @@ def _the_account(crm: str, candidates: list[str]) -> list[str]:
     return candidates
 
 
+def _require_reached(settings: Settings, crm: str, candidate: str, asked: str | None) -> None:
+    """The account outcomes will be filed under must be the one the credentials reach: `--account`
+    as given, or the one the store's scores name, which credentials since changed may not reach."""
+    reached = reached_account(settings, crm, asked)
+    if reached[:15] != candidate[:15]:
+        raise SyncError(
+            f"{crm}: the store's scores are of account {candidate}, but the credentials reach {reached}: "
+            f"what they read would be filed under the wrong account; set the credentials of {candidate}"
+        )
+
+
 def _keep(store: Store, redis: Redis, facts: list[LeadFact], read_at: float) -> int:
     """Keep the outcomes read, then erase again those of leads erased since the reading began
     (`workers.jobs.erase`); how many outcomes were new."""
@@ -74,8 +85,8 @@ class SyncError(ValueError):
 def sync(settings: Settings, crm: str | None = None, account: str | None = None) -> dict[str, dict]:
     """Read each configured CRM's leads at an outcome, changed since the day before the account's
     first kept score, and keep the new outcomes, filed under the account the credentials reach
-    (`account`, given with `crm` and checked against the credentials, or the one known). An account
-    with no score yet is not read."""
+    (`account`, given with `crm`, or the one the store knows; checked against the credentials either
+    way). An account with no score yet is not read."""
     if account and crm is None:
         raise SyncError(
             "--account needs --crm: a HubSpot portal id and a Salesforce org id are not interchangeable"
@@ -88,8 +99,7 @@ def sync(settings: Settings, crm: str | None = None, account: str | None = None)
             if (since := _changed_since(store, "hubspot", portal)) is None:
                 report[f"hubspot:{portal}"] = NOT_SCORED
                 continue
-            if account:  # before anything is read: it would be filed under this id
-                reached_account(settings, "hubspot", account)
+            _require_reached(settings, "hubspot", portal, account)  # before anything is read and filed
             read_at = redis_now(redis)
             reading = progress(f"reading hubspot:{portal} contacts at an outcome")  # Salesforce: one query
             adapter = HubSpotCRM(settings, portal_id=portal, limiter=shared_limiter(redis, settings, portal))
@@ -105,8 +115,7 @@ def sync(settings: Settings, crm: str | None = None, account: str | None = None)
             if (since := _changed_since(store, "salesforce", org)) is None:
                 report[f"salesforce:{org}"] = NOT_SCORED
                 continue
-            if account:
-                reached_account(settings, "salesforce", account)
+            _require_reached(settings, "salesforce", org, account)
             read_at = redis_now(redis)
             converted = SalesforceCRM(settings, org_id=org).converted_leads(since)
             facts = [LeadFact("salesforce", org, lead_id, kind) for lead_id, kind in converted]
