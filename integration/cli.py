@@ -569,16 +569,17 @@ def cmd_score_file(args) -> int:
                 f"--out {args.out} is the {option} file: scores would replace it; give another file"
             )
     landed = offline.score_file(args.data, args.mapping, args.out, _scoring_config(), args.model)
+    said = sys.stderr if offline.streams_into(args.out) else sys.stdout  # not into the scores' stream
     rows = sum(landed.values())  # a file without rows is refused before scoring
     scorer = f"model {args.model}" if args.model else "the rules"
     shares = ", ".join(f"{tier} {count / rows:.0%}" for tier, count in landed.items())
-    print(f"scored {rows} rows with {scorer} -> {args.out} (tiers: {shares})")
+    print(f"scored {rows} rows with {scorer} -> {args.out} (tiers: {shares})", file=said)
     crowded, count = max(landed.items(), key=lambda item: item[1])
     # A model's crowded tier is train's to warn about: there it can say which --tiers would fit.
     if not args.model and rows >= MIN_ROWS_TO_JUDGE_TIERS and count / rows > MOST_IN_ONE_TIER:
         print(f"  warning: {count / rows:.0%} of rows land in tier {crowded}, so the rules barely separate "
               "these leads: tune the rules in SCORING_CONFIG_PATH (weights, statuses) to them, or train "
-              "a model")  # fmt: skip
+              "a model", file=said)  # fmt: skip
     return 0
 
 

@@ -42,7 +42,7 @@ from typing import Any, TextIO
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
-from integration.text import WORD_CHAR, plain
+from integration.text import WORD_CHAR, narrow
 
 QUIET_LOGGERS = ("werkzeug", "urllib3", "httpx", "httpcore", "openai")
 SENSITIVE_KEYS = ("token", "secret", "password", "passwd", "api_key", "apikey", "authorization")
@@ -94,7 +94,7 @@ def redact(text: str) -> str:
     `plain` first, so a full-width "０３－１２３４" or a no-break space is masked as "03-1234" is."""
     if not text:
         return text
-    text = plain(text)
+    text = narrow(text)
     text = _AUTH.sub(lambda m: m.group(1) + REDACTED, text)
     text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
     text = _KEY_VALUE.sub(_key_value, text)

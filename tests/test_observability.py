@@ -290,6 +290,7 @@ def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_even
         ("mobil 0151–234–5678", "mobil [phone]"),
         ("メール taro＠example.co.jp まで", "メール [email] まで"),
         ("注文74300000101番", "注文74300000101番"),  # 11 digits, no separator: an id, as in English
+        ("Budget 10⁶ €, ½ signed, step ①", "Budget 10⁶ €, ½ signed, step ①"),  # widths only are made plain
     ],
 )
 def test_what_masking_masks_and_what_it_leaves_alone(text, masked):

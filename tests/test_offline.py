@@ -541,8 +541,8 @@ def test_a_lead_on_two_rows_is_refused(tmp_path, capsys, command):
     assert _run(command, tmp_path, data) == 2
     assert capsys.readouterr().err == (
         f"leadscore {command}: {data}: 1 row(s) repeat an earlier row's Prospect ID (first: "
-        f"{frame.loc[2, 'Prospect ID']!r}): a lead on both sides of a cross-validation split, or counted "
-        "twice, makes the numbers optimistic; keep one row per lead\n"
+        f"{frame.loc[2, 'Prospect ID']!r} on line 9): a lead on both sides of a cross-validation split, or "
+        "counted twice, makes the numbers optimistic; keep one row per lead\n"
     )
 
 
@@ -1049,6 +1049,22 @@ def test_score_file_reads_no_created_column_which_only_training_needs(tmp_path, 
     assert "has no column 'Created On'" in capsys.readouterr().err
 
 
+def test_score_file_to_stdout_redirected_to_a_file_streams_the_scores_alone_into_it(tmp_path):
+    """`--out /dev/stdout > scores.csv`: the stream written into (never a file put in its place, which
+    as root would replace /dev/stdout itself), and what the command says kept out of the scores.
+    /proc/self/fd/1 is the same stream, and one no process can replace, whatever the code does."""
+    scores = tmp_path / "scores.csv"
+    with scores.open("w") as stdout:
+        done = subprocess.run(
+            [sys.executable, "-m", "integration.cli", "score-file", *FILE_ARGS, "--out", "/proc/self/fd/1"],
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, cwd=FIXTURES.parent, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = scores.read_text().splitlines()
+    assert rows[0] == "Prospect ID,score,tier,reason" and len(rows) == 501
+    assert b"scored 500 rows with the rules -> /proc/self/fd/1" in done.stderr
+
+
 def test_score_file_writes_into_a_pipe_without_replacing_it(tmp_path):
     pipe = tmp_path / "scores"
     os.mkfifo(pipe)
@@ -1394,7 +1410,7 @@ def test_the_paired_auc_difference_is_the_difference_with_an_interval_that_knows
     assert 0 < better["ci95"][0] < better["roc_auc"] < better["ci95"][1]
     assert paired_auc_difference(y, informed, informed) == {"roc_auc": 0.0, "ci95": [0.0, 0.0]}
     few = paired_auc_difference(y[:12], informed[:12], noise[:12])
-    assert few["ci95"][0] < 0 < few["ci95"][1]  # twelve leads cannot tell these apart
+    assert few["ci95"][0] <= 0 <= few["ci95"][1]  # twelve leads cannot tell these apart
     shuffled = rng.permutation(400)
     assert paired_auc_difference(y[shuffled], informed[shuffled], noise[shuffled]) == better
 
@@ -1403,11 +1419,46 @@ def test_the_paired_auc_difference_is_the_difference_with_an_interval_that_knows
         n = positives.sum()
         return (scipy.stats.rankdata(scores)[positives].sum() - n * (n + 1) / 2) / (n * (len(labels) - n))
 
-    naive = []  # leads drawn one by one, as the multinomial over kinds of lead draws them
+    converted, unconverted = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    naive = []  # leads drawn one by one, converted and not apart, as the multinomial over kinds draws them
     for _ in range(2000):
-        drawn = rng.integers(0, 400, 400)
+        drawn = np.r_[rng.choice(converted, len(converted)), rng.choice(unconverted, len(unconverted))]
         naive.append(auc(y[drawn], informed[drawn]) - auc(y[drawn], noise[drawn]))
     assert np.percentile(naive, [2.5, 97.5]) == pytest.approx(better["ci95"], abs=0.01)
+
+
+def test_what_the_llm_adds_on_too_few_outcomes_is_said_to_be_too_few_to_tell():
+    scorer = {"leads": 200, "llm_adds": {"roc_auc": 0.5075, "ci95": [0.4353, 0.5712]},
+              "tiers": [{"converted": 1}, {"converted": 0}]}  # fmt: skip
+    assert report.llm_adds(scorer) == (
+        "what the LLM's part adds to the ROC AUC of the rules alone (+0.5075) rests on 1 converted and 199 "
+        "unconverted leads: too few to tell"
+    )
+
+
+@EACH_STORE
+def test_a_scorer_whose_kept_scores_lack_the_blend_is_said_not_compared_with_the_rules_alone(env, tmp_path):
+    config = load_config()
+    lead = Lead(crm="hubspot", account_id=PORTAL_ID, lead_id="1", title="VP of Sales")
+    answer = PropensityResult(0.85, 0.8, "r", model="gpt-4o-mini")
+    result = with_provenance(
+        blend_score(lead, evaluate_rules(lead, config), answer, config), answer, "1", config
+    )
+    weeks_ago = datetime.now(UTC) - timedelta(days=45)
+    Store(env["DATABASE_URL"]).record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead_id, score=result.score,
+                    tier=result.tier, reason="r", scorer="rules+llm", model_version="gpt-4o-mini",
+                    fingerprint=lead_id, features={}, details=details, scored_at=weeks_ago)
+        for lead_id, details in (("1", result.details), ("2", {}))  # an older row, without its blend
+    )  # fmt: skip
+    out = tmp_path / "report"
+
+    assert main(["evaluate", "--with-store", "--out", str(out)]) == 0
+    notes = json.loads((out / "metrics.json").read_text())["notes"]
+    assert (
+        "`live rules+llm gpt-4o-mini` is not compared with the rules alone: 1 of its leads' scores keep no "
+        "blend to take the LLM's part from" in notes
+    )
 
 
 TITLES = ("VP of Sales", "Marketing Manager", "Student", "Head of Revenue Operations", "Office Assistant")

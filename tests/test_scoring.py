@@ -473,6 +473,9 @@ def test_a_reason_fills_its_90_characters_to_the_last(first, second, reason):
         ("x" * 88 + "e\u0301 more", "x" * 88 + "…"),  # an accent typed after its letter stays with it
         ("x" * 87 + "👩\u200d💻 rest", "x" * 87 + "…"),  # a joined emoji is one character
         ("x" * 88 + "👍🏽 rest", "x" * 88 + "…"),  # so is one with its skin tone
+        ("x" * 88 + "🇯🇵 rest", "x" * 88 + "…"),  # and a flag's two letters
+        ("x" * 87 + "🇯🇵🇫🇷 rest", "x" * 87 + "🇯🇵…"),  # two flags: cut between them
+        ("x" * 86 + "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", "x" * 86 + "…"),
         ("ab " * 29 + "cd efgh", "ab " * 29 + "cd…"),  # a word ending at the cut is kept
     ],
 )
@@ -490,6 +493,7 @@ def test_a_clipped_reason_keeps_what_fits_in_any_script_and_never_halves_a_chara
             "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f fan",
         ),
         ("Mar\u00adket\u200bing", "Marketing"),  # a soft hyphen, a zero-width space: no gap
+        ("Good fit\U000e0069\U000e0067\U000e006e\U000e006f\U000e0072\U000e0065", "Good fit"),  # hidden text
         ("Acme\u202e moc.live\u202c", "Acme moc.live"),  # a bidi override: a space, never reordering
     ],
 )
@@ -676,6 +680,11 @@ def test_an_ai_that_agreed_with_the_rules_and_moved_the_lead_up_a_tier_is_named(
         ("10,001+", 10001),
         ("100 - 500", 300),
         ("2.5", 2),
+        ("1,20,000", 120000),  # India's lakh grouping
+        ("12,00,000", 1200000),
+        ("1,200.50", 1200),
+        ("1’200", 1200),  # Switzerland's apostrophe, as locale data spell it
+        ("1.200.000", 1200000),
         ("", None),
         (None, None),
         ("n/a", None),
@@ -1056,6 +1065,8 @@ def test_a_reply_quoting_an_email_or_phone_keeps_neither_in_its_reason_or_eviden
         ("Tarife auf www.bücher.de/preise gelesen", "Tarife auf gelesen"),
         ("访问了www.acme.com定价页面", "访问了定价页面"),
         ("Visit ht**tps://evil.example/pay now", "Visit now"),  # taking one out must not make another
+        ("Visit ｈｔｔｐｓ：／／ｅｖｉｌ．ｅｘａｍｐｌｅ／ｐａｙ now", "Visit now"),  # nor a full-width one
+        ("＜ｓｃｒｉｐｔ＞Good fit", "Good fit"),
         ("<<b>script>Good fit", "Good fit"),
         ("Good fit " + "x" * 400, "Good fit " + "x" * 291),  # a long reason is clipped, the answer kept
     ],
@@ -1298,7 +1309,8 @@ def test_input_fingerprint(config, tmp_path, fixture_leads):
     ("moment", "told"),
     [
         ("2026-11-23T08:00:00Z", "within the last 7 days"),
-        ("2026-11-30T08:00:00Z", "within the last 7 days"),  # a clock ahead of ours
+        ("2026-11-23T20:00:00Z", "within the last 7 days"),  # a clock ahead of ours
+        ("2026-11-30T08:00:00Z", "dated in the future"),  # a typo, not a recent moment
         ("2026-11-16T09:00:00.000+0000", "within the last 7 days"),  # Salesforce's offset, 7 days
         ("2026-11-15", "8 to 30 days ago"),  # a date alone: Salesforce's LastActivityDate
         ("1789430400000", "31 to 90 days ago"),  # 2026-09-15 in epoch milliseconds, as HubSpot may send them

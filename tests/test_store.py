@@ -440,7 +440,7 @@ def test_each_lead_is_judged_by_its_score_at_conversion_or_at_the_end_of_its_win
 
     judged = {row["lead_id"]: (row["scorer"], label) for row, label in labelled_scores(kept, 30)}
     assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "4": ("rules+llm", 1), "5": ("model", 1)}
-    assert list(live_scorers(kept, 30, load_config().tiers)) == [
+    assert list(live_scorers(kept, 30, load_config().tiers)[0]) == [
         "live m2",
         "live rules+llm",
         "live rules+llm gpt-4o-mini",

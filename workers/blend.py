@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -62,16 +63,27 @@ MAX_WORD_CUT = 20
 _ZWJ = "\u200d"
 
 
+def _regional_indicator(char: str) -> bool:
+    return "\U0001f1e6" <= char <= "\U0001f1ff"
+
+
 def _splits_a_character(text: str, at: int) -> bool:
     """Whether cutting before text[at] parts what a reader sees as one character: an accent typed
-    after its letter, an emoji's skin tone or style, or the halves of a joined emoji (👩‍💻)."""
+    after its letter, an emoji's skin tone or style, the halves of a joined emoji (👩‍💻), a flag's
+    two letters (🇯🇵) or a region's tags (🏴 of Scotland)."""
     after = text[at]
+    if _regional_indicator(after):  # flags pair them from the left: an odd one before is a half
+        first = at
+        while first > 0 and _regional_indicator(text[first - 1]):
+            first -= 1
+        return (at - first) % 2 == 1
     return (
         unicodedata.category(after).startswith("M")
         or after == _ZWJ
         or text[at - 1] == _ZWJ
         or "\ufe00" <= after <= "\ufe0f"
         or "\U0001f3fb" <= after <= "\U0001f3ff"
+        or ord(after) in _TAGS
     )
 
 
@@ -273,22 +285,29 @@ def join_reason(first: str, second: str = "") -> str:
 
 # Format characters a word needs: the zero-width non-joiner and joiner (Persian "داده‌ها", 👩‍💻).
 _JOINERS = frozenset("\u200c\u200d")
-_TAGS = range(0xE0020, 0xE0080)  # spell a flag's region: 🏴 with them is Scotland's
-# Invisible, and where they stood no space was: a soft hyphen, zero-width spaces, a byte-order mark.
+# Invisible, and where they stood no space was: a soft hyphen, zero-width spaces, a byte-order mark,
+# and tags, which spell a region after 🏴 (Scotland's flag) and, anywhere else, hidden text.
 _UNSEEN = frozenset("\u00ad\u200b\u2060\ufeff")
+_TAGS = range(0xE0020, 0xE0080)
+_REGION_FLAG = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")
 
 
 def _as_read(char: str) -> str:
-    if unicodedata.category(char)[0] != "C" or char in _JOINERS or ord(char) in _TAGS:
+    if unicodedata.category(char)[0] != "C" or char in _JOINERS:
         return char
-    return "" if char in _UNSEEN else " "
+    return "" if char in _UNSEEN or ord(char) in _TAGS else " "
 
 
 def readable(text: str) -> str:
     """The text with control and format characters (line breaks, bidi overrides) made spaces and runs
-    of spaces made one: a reason is one line that reads left to right. The joiners and tags a word or
-    an emoji is spelt with are kept; invisible breaks are dropped."""
-    return " ".join("".join(map(_as_read, text)).split())
+    of spaces made one: a reason is one line that reads left to right. The joiners a word or an
+    emoji is spelt with, and a region's flag, are kept; invisible breaks and tags are dropped."""
+    parts, start = [], 0
+    for flag in _REGION_FLAG.finditer(text):
+        parts += ["".join(map(_as_read, text[start : flag.start()])), flag.group()]
+        start = flag.end()
+    parts.append("".join(map(_as_read, text[start:])))
+    return " ".join("".join(parts).split())
 
 
 # The wording of reasons. A lead whose shown score carries another version is written again at its

@@ -120,10 +120,11 @@ def paired_auc_difference(
 ) -> dict:
     """ROC AUC of scorer a minus scorer b on the same leads, with a 95% interval from a paired
     bootstrap: resampling leads, each with both its scores, so what the two share (which leads are
-    easy) cancels and a small difference on many leads can be told from noise. Leads alike in outcome
-    and both scores are one kind, and a resample draws how many of each kind (a multinomial), which
-    is resampling the leads: the cost grows with the kinds (at most 2 x 101 x 101 for two 0-100
-    scores), not with the leads. Resamples that drew one outcome only have no AUC and are left out."""
+    easy) cancels and a small difference on many leads can be told from noise. Stratified: each
+    resample draws as many converted and unconverted leads as there are, so none lacks an outcome.
+    Leads alike in outcome and both scores are one kind, and a resample draws how many of each kind
+    (a multinomial), which is resampling the leads: the cost grows with the kinds (at most 2 x 101 x
+    101 for two 0-100 scores), not with the leads."""
     y = np.asarray(y).astype(int)
     _, code_a = np.unique(np.asarray(p_a, dtype=float), return_inverse=True)
     _, code_b = np.unique(np.asarray(p_b, dtype=float), return_inverse=True)
@@ -135,16 +136,19 @@ def paired_auc_difference(
 
     def differences(counts: np.ndarray) -> np.ndarray:
         """AUC of a minus b for each row of counts of each kind."""
-        counts = counts.astype(float)
         pos, neg = counts * converted, counts * ~converted
         return _auc_of_counts(pos @ holds_a, neg @ holds_a) - _auc_of_counts(pos @ holds_b, neg @ holds_b)
 
     rng = np.random.default_rng(seed)
     chunk = max(1, _DRAWN_CELLS // len(kinds))
-    drawn = np.concatenate([
-        differences(rng.multinomial(len(y), leads / len(y), size=min(chunk, resamples - done)))
-        for done in range(0, resamples, chunk)
-    ])  # fmt: skip
-    low, high = np.percentile(drawn[np.isfinite(drawn)], [2.5, 97.5])
-    [difference] = differences(leads[None, :])
+    drawn = []
+    for done in range(0, resamples, chunk):
+        size = min(chunk, resamples - done)
+        counts = np.zeros((size, len(kinds)))
+        for outcome in (converted, ~converted):
+            of_outcome = leads[outcome]
+            counts[:, outcome] = rng.multinomial(of_outcome.sum(), of_outcome / of_outcome.sum(), size=size)
+        drawn.append(differences(counts))
+    low, high = np.percentile(np.concatenate(drawn), [2.5, 97.5])
+    [difference] = differences(leads[None, :].astype(float))
     return {"roc_auc": round(float(difference), 4), "ci95": [round(float(low), 4), round(float(high), 4)]}

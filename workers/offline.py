@@ -273,7 +273,7 @@ def score_file(
         _warn(unseen_values(model, table))
     written = Written.of(model_results(table, model, config) if model else rules_results(table, config))
     out = Path(out)
-    if out.exists() and not out.is_file():  # a pipe or a device (/dev/stdout): written to, never replaced
+    if streams_into(out):
         with out.open("w", encoding="utf-8", newline="") as handle:
             _write_scored(handle, table, written)
         return _landed(written)
@@ -298,6 +298,12 @@ def score_file(
     finally:
         partial.unlink(missing_ok=True)
     return _landed(written)
+
+
+def streams_into(out: Path) -> bool:
+    """Whether `--out` names a stream to write into, never a file to replace: a device or the shell's
+    stdout (/dev/stdout, /proc/self/fd/1, which a redirection may point at a regular file), a pipe."""
+    return str(Path(out).absolute()).startswith(("/dev/", "/proc/")) or (out.exists() and not out.is_file())
 
 
 def _write_scored(handle, table: LabelledTable, written: Written) -> None:
@@ -407,7 +413,13 @@ def _live_scorers(
     from workers.store_data import WITHOUT_LLM, live_scorers
 
     curves: Curves = {}
-    for name, (y, p, tiers, scale) in live_scorers(store, min_age_days, config.tiers).items():
+    live, unpaired = live_scorers(store, min_age_days, config.tiers)
+    notes += [
+        f"`{name}` is not compared with the rules alone: {count} of its leads' scores keep no blend to take "
+        "the LLM's part from"
+        for name, count in unpaired.items()
+    ]
+    for name, (y, p, tiers, scale) in live.items():
         if y.min() == y.max():
             if not name.endswith(WITHOUT_LLM):  # its scorer's note says it
                 notes.append(

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from integration.errors import first_problem
 from integration.lead import Lead, moment_of
 from integration.logs import redact
-from integration.text import NO_SPACE_SCRIPTS
+from integration.text import NO_SPACE_SCRIPTS, narrow
 
 PROMPT_VERSION = "propensity-v3"
 FALLBACK_SOURCE = "propensity_prior_fallback"
@@ -85,7 +85,7 @@ class ConversionPropensity(BaseModel):
     def _reason_plain(cls, reason: str) -> str:
         """Plain words for a rep: links, tags and Markdown out, emails and phones masked, clipped
         (a long reason costs the reason, not the answer)."""
-        plain, cleaner = None, reason[: MAX_REASON_CHARS * 4]
+        plain, cleaner = None, narrow(reason[: MAX_REASON_CHARS * 4])  # "ｈｔｔｐｓ：／／" is a link too
         while cleaner != plain:  # one taken out can join another ("ht**tps://"); each pass shortens
             plain = cleaner
             cleaner = _URL.sub("", _EMPHASIS.sub("", _TAG.sub("", _LINK.sub(r"\1", plain))))
@@ -176,6 +176,9 @@ def ages(lead: Lead, now: datetime) -> dict[str, str]:
             told[name] = "on file, date unreadable"
             continue
         days = (now - moment).days
+        if days < -1:  # beyond any clock's skew: a typo ("2099"), not a moment to weigh as recent
+            told[name] = "dated in the future"
+            continue
         told[name] = next((words for limit, words in AGE_BUCKETS if days <= limit), "over a year ago")
     return told
 

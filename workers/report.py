@@ -204,6 +204,12 @@ def llm_adds(scorer: dict) -> str | None:
     adds = scorer.get("llm_adds")
     if not adds:
         return None
+    converted = sum(row["converted"] for row in scorer["tiers"])
+    if min(converted, scorer["leads"] - converted) < MIN_EACH_OUTCOME_TO_RANK:
+        return (
+            f"what the LLM's part adds to the ROC AUC of the rules alone ({adds['roc_auc']:+.4f}) rests on "
+            f"{converted} converted and {scorer['leads'] - converted} unconverted leads: too few to tell"
+        )
     low, high = adds["ci95"]
     verdict = (
         "it includes 0, so these leads cannot tell it from none" if low <= 0 <= high else "it excludes 0"

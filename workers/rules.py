@@ -9,12 +9,14 @@ import re
 from dataclasses import dataclass, field
 
 from integration.lead import Lead
-from integration.text import folded, plain
+from integration.text import folded, narrow
 from workers.config import KeywordRule, ScoringConfig
 
-# A head count, its thousands grouped as any locale writes them ("1,200", "1.200", "1 200", "1'200"),
-# or a plain number ("250.0").
-_NUMBER = re.compile(r"\d{1,3}(?:[,.' ]\d{3})+(?!\d)|\d+(?:\.\d+)?")
+# A head count, grouped as any locale groups it: by commas anywhere ("1,200", India's "1,20,000"), or
+# by a dot, a space or an apostrophe before each three digits ("1.200", "1 200", "1'200", "1’200");
+# a decimal part ("250.0", "1,200.50") is read and dropped.
+_NUMBER = re.compile(r"\d[\d,]*(?:[.' ’]\d{3}(?!\d))*(?:\.\d+)?")
+_GROUPING = re.compile(r",|[.' ’](?=\d{3}(?!\d))")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def employee_count(size: str | None) -> int | None:
     """A representative head count from "400", "1,200", "100-500" or "1000+"."""
     if not size:
         return None
-    numbers = [int(float(re.sub(r"[,.' ](?=\d{3}(?!\d))", "", n))) for n in _NUMBER.findall(plain(size))]
+    numbers = [int(float(_GROUPING.sub("", n))) for n in _NUMBER.findall(narrow(size))]
     if not numbers:
         return None
     return numbers[0] if len(numbers) == 1 else (numbers[0] + numbers[1]) // 2

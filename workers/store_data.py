@@ -105,11 +105,14 @@ class _Judged(NamedTuple):
     answered: bool  # the LLM's answer is in the score
 
 
-def live_scorers(store: Store, min_age_days: float, tiers: Tiers) -> dict[str, LiveScorer]:
+def live_scorers(
+    store: Store, min_age_days: float, tiers: Tiers
+) -> tuple[dict[str, LiveScorer], dict[str, int]]:
     """The scores the workers wrote (holdout leads' included: kept, though not shown), against the
     outcomes, per scorer and version (the trained model's, or the LLM's). Beside each rules+LLM
     scorer whose LLM answered for some of its leads, the same leads' scores without the LLM's part
-    (tiered by `tiers`, today's): what the LLM adds to the rules, measured on one set of leads."""
+    (tiered by `tiers`, today's): what the LLM adds to the rules, measured on one set of leads; and,
+    by scorer, how many of its leads' scores keep no blend to take it from, which leaves it out."""
     grouped: dict[str, list[_Judged]] = {}
     scales: dict[str, str] = {}
     for row, label in labelled_scores(store, min_age_days, features=False, details=True):
@@ -122,15 +125,20 @@ def live_scorers(store: Store, min_age_days: float, tiers: Tiers) -> dict[str, L
         grouped.setdefault(name, []).append(judged)
         scales[name] = PROBABILITY if is_model else POINTS
     scorers: dict[str, LiveScorer] = {}
+    unpaired: dict[str, int] = {}
     for name, rows in sorted(grouped.items()):
         labels = np.array([row.label for row in rows])
         scores = np.array([row.score for row in rows], dtype=float) / 100
         scorers[name] = (labels, scores, [row.tier for row in rows], scales[name])
         alone = [row.alone for row in rows]
-        if scales[name] == POINTS and any(row.answered for row in rows) and None not in alone:
-            tiered = [tiers.tier_for(score) for score in alone]
-            scorers[f"{name} {WITHOUT_LLM}"] = (labels, np.array(alone, dtype=float) / 100, tiered, POINTS)
-    return scorers
+        if scales[name] != POINTS or not any(row.answered for row in rows):
+            continue
+        if None in alone:
+            unpaired[name] = alone.count(None)
+            continue
+        tiered = [tiers.tier_for(score) for score in alone]
+        scorers[f"{name} {WITHOUT_LLM}"] = (labels, np.array(alone, dtype=float) / 100, tiered, POINTS)
+    return scorers, unpaired
 
 
 class TrainingRows(NamedTuple):

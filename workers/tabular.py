@@ -320,18 +320,18 @@ def read_table(path: Path, mapping: Mapping, need_label: bool) -> tuple[pd.DataF
             f"{path}: {int((ids == '').sum())} row(s) have no {mapping.id} (first on line "
             f"{line_of(frame, ids == '')}): give each its id, or delete the row"
         )
-    repeated = frame[mapping.id][ids.duplicated()]
-    if len(repeated) and need_label:
-        raise TableError(
-            f"{path}: {len(repeated)} row(s) repeat an earlier row's {mapping.id} (first: "
-            f"{repeated.iloc[0]!r}): a lead on both sides of a cross-validation split, or counted "
-            "twice, makes the numbers optimistic; keep one row per lead"
+    repeated = ids.duplicated()
+    if repeated.any():
+        said = (
+            f"{int(repeated.sum())} row(s) repeat an earlier row's {mapping.id} (first: "
+            f"{frame[mapping.id][repeated].iloc[0]!r} on line {line_of(frame, repeated)})"
         )
-    if len(repeated):
-        warnings.append(
-            f"{len(repeated)} row(s) repeat an earlier row's {mapping.id} (first: {repeated.iloc[0]!r} on "
-            f"line {line_of(frame, ids.duplicated())}): each is scored, and a CRM import keeps the last"
-        )
+        if need_label:
+            raise TableError(
+                f"{path}: {said}: a lead on both sides of a cross-validation split, or counted twice, makes "
+                "the numbers optimistic; keep one row per lead"
+            )
+        warnings.append(f"{said}: each is scored, and a CRM import keeps the last")
     return frame, warnings
 
 
