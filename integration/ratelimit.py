@@ -47,15 +47,19 @@ end
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis, name: str, limit: int, window_s: float = 10.0):
-        self.redis, self.limit, self.window_s = redis, limit, window_s
+    def __init__(
+        self, redis: Redis, name: str, limit: int, window_s: float = 10.0, max_wait_s: float = 120.0
+    ):
+        """`max_wait_s`: how long `acquire` waits before it raises RateLimited; a worker's is short, so
+        a pause the CRM asked for puts its batch off rather than holding the worker from other work."""
+        self.redis, self.limit, self.window_s, self.max_wait_s = redis, limit, window_s, max_wait_s
         self.key, self.pause_key = f"leadscore:rate:{name}", f"leadscore:rate-pause:{name}"
         self._take = redis.register_script(_TAKE)
         self._pause = redis.register_script(_PAUSE)
 
-    def acquire(self, max_wait_s: float = 120.0) -> float:
-        """Block until a call may be made; returns the seconds waited."""
-        waited = 0.0
+    def acquire(self) -> float:
+        """Block until a call may be made, `max_wait_s` at most; returns the seconds waited."""
+        max_wait_s, waited = self.max_wait_s, 0.0
         while True:
             try:
                 wait = float(

@@ -419,6 +419,26 @@ def test_429_storm_waits_and_finishes_with_nothing_dropped(post_delivery, crm, r
     assert all(scored(hubspot)[c] for c in hubspot.contacts if c.startswith("743000001"))
 
 
+def test_a_long_hubspot_pause_puts_its_batch_off_and_leaves_the_worker_to_the_salesforce_org(
+    post_delivery, post_change_events, crm, sf_crm, run_worker, hubspot, salesforce, redis
+):
+    """Waiting out a pause HubSpot asked for inside the job would hold the worker, and the org's batches
+    queued behind, as long (with N workers, N HubSpot batches hold them all)."""
+    RateLimiter(redis, f"hubspot:{PORTAL_ID}", 100).pause(60)
+    post_delivery("contact.creation__single")
+    post_change_events("lead_change_event__create")
+    started = time.monotonic()
+
+    results = run_worker()
+
+    assert time.monotonic() - started < 10
+    assert {r["lead"].split(":")[0]: r["outcome"] for r in results} == {
+        "hubspot": "deferred",
+        "salesforce": "written",
+    }
+    assert "leadscore_details" not in hubspot.contact_properties(VP)
+
+
 def test_contact_creation__demo_burst_with_one_contact_refused_writes_the_other_23(
     post_delivery, crm, run_worker, hubspot, queue
 ):
@@ -603,7 +623,7 @@ def test_the_rate_limiter_keeps_one_window_for_hosts_whose_clocks_disagree(redis
     monkeypatch.setattr(time, "time", real)
     started = time.monotonic()
 
-    RateLimiter(redis, "skew", limit=3, window_s=0.5).acquire(max_wait_s=5)
+    RateLimiter(redis, "skew", limit=3, window_s=0.5, max_wait_s=5).acquire()
 
     assert 0.3 < time.monotonic() - started < 2.0  # the window the other host filled, not an hour
 

@@ -25,7 +25,7 @@ from integration.clock import redis_now
 from integration.crm import CRMAdapter
 from integration.errors import LeadGone
 from integration.events import LeadEvent
-from integration.hubspot.api import HubSpotCRM, shared_limiter
+from integration.hubspot.api import WORKER_MAX_WAIT_S, HubSpotCRM, shared_limiter
 from integration.lead import Lead, moment_of
 from integration.queue import settings_redis
 from integration.salesforce import full_id
@@ -440,7 +440,8 @@ def model_properties(model: TrainedModel | None, crm: str) -> dict[str, str]:
 def _hubspot(portal_id: str) -> HubSpotCRM:
     ctx = context()
     return HubSpotCRM(
-        ctx.settings, portal_id=portal_id, limiter=shared_limiter(ctx.redis, ctx.settings, portal_id),
+        ctx.settings, portal_id=portal_id,
+        limiter=shared_limiter(ctx.redis, ctx.settings, portal_id, max_wait_s=WORKER_MAX_WAIT_S),
         telemetry=ctx.telemetry, custom_properties=model_properties(ctx.model, "hubspot"),
     )  # fmt: skip
 

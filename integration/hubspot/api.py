@@ -616,9 +616,17 @@ class HubSpotCRM:
         return rows
 
 
-def shared_limiter(redis: Redis, settings: Settings, portal_id: str) -> RateLimiter:
+# How long a worker waits in a batch for a HubSpot call slot: longer than the rolling window's 10 s (so a
+# full window, or a secondly 429's pause, is waited out), shorter than a pause HubSpot asked for after
+# a burst, which puts the batch off and frees the worker for the Salesforce org's batches meanwhile.
+WORKER_MAX_WAIT_S = 15.0
+
+
+def shared_limiter(
+    redis: Redis, settings: Settings, portal_id: str, max_wait_s: float = 120.0
+) -> RateLimiter:
     """The portal's rolling call budget, which every worker and `leadscore rescore` take from."""
-    return RateLimiter(redis, f"hubspot:{portal_id}", settings.hubspot_calls_per_10s)
+    return RateLimiter(redis, f"hubspot:{portal_id}", settings.hubspot_calls_per_10s, max_wait_s=max_wait_s)
 
 
 def _token_refused(portal_id: str) -> str:
