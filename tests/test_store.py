@@ -15,11 +15,12 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, event, inspect, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from integration.cli import main
 from integration.settings import get_settings
-from workers import outcomes, store
+from tests.conftest import _empty_database
+from workers import jobs, outcomes, store
 from workers.config import load_config
 from workers.store import Feedback, LeadFact, ScoreRecord, Store, StoreNotReady
 from workers.store_data import histories, labelled_scores, live_scorers, store_summary, training_rows
@@ -458,6 +459,52 @@ def test_workers_of_the_previous_release_still_keep_outcomes_after_the_upgrade(s
         )  # fmt: skip
         [reached] = connection.execute(select(store.outcomes.c.reached_at)).scalars()
     assert reached is not None
+
+
+@pytest.fixture
+def postgres_url(request, tmp_path):
+    return _empty_database("postgresql", request, tmp_path)
+
+
+def test_a_workers_postgresql_statements_and_lock_waits_are_bounded_and_named(postgres_url):
+    """A stopped backend or a lock held by a migration would hold a batch its 10 minutes."""
+    for worker, timeouts, name in (
+        (True, ("30s", "10s"), "leadscore-worker"),
+        (False, ("0", "0"), "leadscore"),
+    ):
+        with Store(postgres_url, worker=worker).engine.connect() as connection:
+            shown = [connection.execute(text(f"SHOW {setting}")).scalar()
+                     for setting in ("statement_timeout", "lock_timeout", "application_name")]  # fmt: skip
+        assert shown == [*timeouts, name]
+
+
+def test_a_store_step_whose_connection_is_lost_midway_is_kept_once_on_a_new_one(postgres_url, monkeypatch):
+    """A failover or a reset mid-transaction rolls the step back whole; it is tried again, not lost."""
+    monkeypatch.setattr(jobs, "STORE_RETRY_PAUSES_S", (0.1, 0.1))
+    store.upgrade(postgres_url)
+    kept = Store(postgres_url, worker=True)
+    resets = []
+
+    @event.listens_for(kept.engine, "before_cursor_execute")
+    def _reset_the_first_insert(connection, cursor, statement, *_):
+        if statement.startswith("INSERT INTO scores") and not resets:
+            resets.append(cursor.connection.info.backend_pid)
+            with create_engine(postgres_url).connect() as other:  # as a failover ends the session
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": resets[0]})
+
+    jobs._again_on_a_lost_connection(
+        "scores", lambda: kept.record_scores([_score("1", datetime.now(UTC), "lead")])
+    )
+
+    assert len(resets) == 1 and kept.counts()["scores"] == 1
+    with pytest.raises(IntegrityError):  # a refusal is not a lost connection: not tried again
+        jobs._again_on_a_lost_connection("feedback", lambda: _insert_twice(kept))
+
+
+def _insert_twice(kept: Store) -> None:
+    with kept.engine.begin() as connection:
+        connection.execute(text("CREATE TABLE IF NOT EXISTS once (n int PRIMARY KEY)"))
+        connection.execute(text("INSERT INTO once VALUES (1), (1)"))
 
 
 def test_a_store_error_names_the_statement_but_not_the_leads_values(tmp_path):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +21,7 @@ from functools import cached_property, lru_cache
 import pandas as pd
 from redis import Redis
 from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError
 
 from integration import metrics
 from integration.clock import redis_now
@@ -100,7 +103,7 @@ class WorkerContext:
 
     @cached_property
     def store(self) -> Store:
-        return Store(self.settings.database_url)
+        return Store(self.settings.database_url, worker=True)
 
     def keep(
         self, scored: list[Scored], leads: list[Lead], won: list[LeadFact] = (),
@@ -133,15 +136,16 @@ class WorkerContext:
             if lead.merged_ids:
                 into = merged.setdefault((lead.crm, lead.account_id), {})
                 into[lead.lead_id] = (*into.get(lead.lead_id, ()), *lead.merged_ids)
+        records = [s.record() for s in scored]
         steps = {
             "merged records": lambda: self._merge(merged),
-            "scores": lambda: self.store.record_scores(s.record() for s in scored),
+            "scores": lambda: self.store.record_scores(records),
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
             "feedback": lambda: self.store.record_feedback([*map(_feedback, leads), *cleared]),
         }
         for what, step in steps.items():
             try:
-                step()
+                _again_on_a_lost_connection(what, step)
             except Exception as exc:
                 log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
                 self.telemetry("store_errors_total")
@@ -461,6 +465,25 @@ def _salesforce(org_id: str) -> SalesforceCRM:
     return SalesforceCRM(
         ctx.settings, org_id=org_id, telemetry=ctx.telemetry, custom_fields=custom_fields, redis=ctx.redis
     )
+
+
+STORE_RETRY_PAUSES_S = (1.0, 4.0)
+
+
+def _again_on_a_lost_connection(what: str, step: Callable[[], object]) -> None:
+    """Run a store step, again after a pause if its connection was lost (a reset, a failover): the
+    step is one transaction, rolled back whole, so nothing is kept twice."""
+    for pause_s in (*STORE_RETRY_PAUSES_S, None):
+        try:
+            step()
+            return
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or pause_s is None:
+                raise
+            log.warning(
+                "score store: connection lost (%s); keeping %s again in %.0fs", exc.orig, what, pause_s
+            )
+            time.sleep(pause_s)
 
 
 ERASED_MARK_S = 24 * 3600  # far past any batch's run (pending.BATCH_TIMEOUT_S), which reads as it starts

@@ -150,15 +150,28 @@ class Feedback:
 
 
 CONNECT_TIMEOUT_S = 5  # a store that does not answer costs a batch this long, not the OS's minutes
+# A worker's statements: each of a batch's writes takes milliseconds, so a PostgreSQL that hangs (a
+# stopped backend, a lock a migration or a long read holds) costs a batch this long, not its 10 minutes.
+WORKER_STATEMENT_TIMEOUT_S = 30
+WORKER_LOCK_TIMEOUT_S = 10
 
 
-def engine_for(url: str) -> Engine:
+def engine_for(url: str, worker: bool = False) -> Engine:
+    """`worker`: bound each statement and lock wait (commands that read a year of scores are not)."""
     postgres = make_url(url).get_backend_name() == "postgresql"
+    options = f"-c statement_timeout={WORKER_STATEMENT_TIMEOUT_S}s -c lock_timeout={WORKER_LOCK_TIMEOUT_S}s"
+    connect_args = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "application_name": "leadscore-worker" if worker else "leadscore",
+        # A connection a failover or a dead network dropped is found in seconds, not the OS's hours.
+        "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+        **({"options": options} if worker else {}),
+    }  # fmt: skip
     engine = create_engine(
         url,
         pool_pre_ping=True,
         hide_parameters=True,  # no lead data in error logs
-        connect_args={"connect_timeout": CONNECT_TIMEOUT_S} if postgres else {},
+        connect_args=connect_args if postgres else {},
     )
     if engine.dialect.name == "sqlite":
 
@@ -215,9 +228,9 @@ class StoreNotReady(UserError):
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, worker: bool = False):
         self.url = url
-        self.engine = engine_for(url)
+        self.engine = engine_for(url, worker)
 
     def require_schema(self) -> Store:
         """For commands that read the store: fail in one line, and never leave an empty SQLite file
