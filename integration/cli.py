@@ -223,6 +223,8 @@ def _prepare_salesforce(jobs, org_id: str) -> bool:
     import requests
     from simple_salesforce.exceptions import SalesforceError
 
+    from integration.crm import same_account
+
     log = logging.getLogger("leadscore.worker")
     try:
         client = jobs.salesforce_for(org_id)
@@ -232,7 +234,7 @@ def _prepare_salesforce(jobs, org_id: str) -> bool:
         log.error("Salesforce org %s is not ready at start (%s); the worker starts, and its jobs try again",
                   org_id, exc)  # fmt: skip
         return False
-    if reached != org_id[:15]:
+    if not same_account(reached, org_id):
         log.error(
             "SALESFORCE_ORG_IDS names org %s, but the Salesforce credentials reach org %s: %s's events are "
             "not scored (leadscore serves one org; run another deployment, with its credentials, for it)",

@@ -10,6 +10,12 @@ from integration.errors import LeadGone, WriteRejected
 from integration.lead import Lead
 
 
+def same_account(one: str, other: str) -> bool:
+    """Whether two account ids name one account: a Salesforce org id's 15 characters name it, in its
+    15- or 18-character form; a HubSpot portal id is shorter, so whole."""
+    return one[:15] == other[:15]
+
+
 @dataclass(frozen=True)
 class WriteResult:
     """One record's outcome in a batched write, in the CRM's own words."""

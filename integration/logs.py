@@ -91,7 +91,7 @@ _SF_WEBHOOK_TOKEN = re.compile(  # any path segment but the change-events endpoi
 
 def redact(text: str) -> str:
     """The text with emails, phone numbers and credentials replaced (see the module docstring), made
-    `plain` first, so a full-width "０３－１２３４" or a no-break space is masked as "03-1234" is."""
+    `narrow` first, so a full-width "０３－１２３４" or a no-break space is masked as "03-1234" is."""
     if not text:
         return text
     text = narrow(text)

@@ -74,7 +74,10 @@ class RateLimiter:
             if wait <= 0:
                 return waited
             if waited + wait > max_wait_s:
-                raise RateLimited(f"{self.key}: no call slot within {max_wait_s:.0f}s", retry_after_s=wait)
+                raise RateLimited(
+                    f"{self.key}: no call slot for {wait:.0f}s more, past the {max_wait_s:.0f}s it waits",
+                    retry_after_s=wait,
+                )
             time.sleep(min(wait, 1.0) + 0.01)
             waited += min(wait, 1.0) + 0.01
 

@@ -17,6 +17,8 @@ WORD_CHAR = rf"[^\W{NO_SPACE_SCRIPTS}]"
 _HYPHENS = {0x2010: "-", 0x2011: "-", 0xFE63: "-"}
 _NARROW = str.maketrans({
     **{code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)},  # full-width ASCII: "０３－１２" is "03-12"
+    **{code: unicodedata.normalize("NFKC", chr(code)) for code in range(0xFE50, 0xFE6C)  # small: "﹫"
+       if unicodedata.normalize("NFKC", chr(code)).isascii()},
     **dict.fromkeys([0x00A0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000], " "),  # spaces of any width
     **_HYPHENS,
 })  # fmt: skip

@@ -1074,6 +1074,11 @@ def test_an_llm_reply_asking_again_would_repeat_falls_back_without_a_rescore(
     assert (result["outcome"], result["fallback"]) == ("written", True)
     assert details["propensity"]["error"] == error
     assert queue.scheduled_job_registry.count == 0
+    events = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json"))
+    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 1} for e in events]).encode())  # a rescore
+    [again] = run_worker()
+    assert len(llm.requests) == 1  # the same request would get the same reply: kept, not asked again
+    assert (again["outcome"], again["fallback"]) == ("unchanged", True)
 
 
 def test_a_rescore_leaves_a_waiting_event_of_the_lead_as_it_is(post_delivery, redis):

@@ -524,6 +524,18 @@ def test_outcomes_sync_backfills_from_both_crms_once(env, crm, sf_crm, capsys):
     assert reached["74300000121"] == datetime(2026, 11, 2, 13, 44, 9, 118000, UTC)
 
 
+def test_outcomes_sync_without_the_oauth_scope_files_under_the_stores_portal_and_says_so(
+    env, crm, hubspot, caplog
+):
+    """Only `rescore` and `--account` need the scope; a token without it syncs as it always did."""
+    kept_score(env, "hubspot", PORTAL_ID)
+    hubspot.forbidden_objects.add("account-info")
+
+    assert main(["outcomes", "sync", "--crm", "hubspot"]) == 0
+    assert {row[2] for row in stored_outcomes(env)} == {"74300000120", "74300000121"}
+    assert "hubspot: could not check which account the credentials reach" in caplog.text
+
+
 def test_outcomes_sync_takes_its_hubspot_calls_from_the_budget_the_workers_share(env, crm, hubspot, redis):
     kept_score(env, "hubspot", PORTAL_ID)
     before = hubspot.api_calls()

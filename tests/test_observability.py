@@ -291,6 +291,7 @@ def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_even
         ("メール taro＠example.co.jp まで", "メール [email] まで"),
         ("注文74300000101番", "注文74300000101番"),  # 11 digits, no separator: an id, as in English
         ("Budget 10⁶ €, ½ signed, step ①", "Budget 10⁶ €, ½ signed, step ①"),  # widths only are made plain
+        ("mail taro﹫example.com", "mail [email]"),  # a small form of "@"
     ],
 )
 def test_what_masking_masks_and_what_it_leaves_alone(text, masked):

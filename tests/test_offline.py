@@ -1065,6 +1065,15 @@ def test_score_file_to_stdout_redirected_to_a_file_streams_the_scores_alone_into
     assert b"scored 500 rows with the rules -> /proc/self/fd/1" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("out", "stream"),
+    [("/dev/stdout", True), ("//dev/stdout", True), ("/tmp/../dev/stdout", True), ("/dev/fd/1", True),
+     ("/proc/self/fd/1", True), ("/proc/self/cwd/scores.csv", False), ("/dev/shm/scores.csv", False)],
+)  # fmt: skip
+def test_the_shells_stdout_however_spelt_is_a_stream_and_a_regular_file_under_dev_or_proc_is_not(out, stream):
+    assert offline.streams_into(Path(out)) is stream
+
+
 def test_score_file_writes_into_a_pipe_without_replacing_it(tmp_path):
     pipe = tmp_path / "scores"
     os.mkfifo(pipe)

@@ -685,6 +685,7 @@ def test_an_ai_that_agreed_with_the_rules_and_moved_the_lead_up_a_tier_is_named(
         ("1,200.50", 1200),
         ("1’200", 1200),  # Switzerland's apostrophe, as locale data spell it
         ("1.200.000", 1200000),
+        ("50, 200", 125),  # two numbers, a comma and a space apart: a band, not 50,200
         ("", None),
         (None, None),
         ("n/a", None),
@@ -1199,7 +1200,28 @@ def test_build_messages_drops_unset_fields():
     record = _record(build_messages(make_lead("7", source="OFFLINE", status="NEW"), NOW))
     assert list(record)[:3] == ["lead_id", "lead_source", "lead_status"]
     assert "lifecycle_stage" not in record and "texts" not in record and "title" not in record
-    assert record["visits"] == 0 and record["has_email"] is False
+    assert record["visits"] == "none" and record["has_email"] is False
+
+
+@pytest.mark.parametrize(
+    ("count", "told"), [(0, "none"), (2, "1-2"), (3, "3-5"), (10, "6-10"), (26, "over 25")]
+)
+def test_the_llm_is_told_engagement_counts_in_brackets(count, told):
+    record = _record(build_messages(make_lead(visits=count, page_views=count, conversions=count), NOW))
+    assert (record["visits"], record["page_views"], record["conversions"]) == (told, told, told)
+
+
+def test_a_visit_that_leaves_its_bracket_as_it_was_asks_the_llm_nothing_new():
+    """The answer is cached by what was asked: the same messages cost no call."""
+    asked = [build_messages(make_lead(visits=visits), NOW) for visits in (3, 5, 6)]
+    assert asked[0] == asked[1] != asked[2]
+
+
+def test_a_salesforce_lead_is_told_to_the_llm_without_counters_it_does_not_keep_and_its_rating_once():
+    lead = make_lead(engagement_known=False, stage="Hot", rating="Hot", visits=0)
+    record = _record(build_messages(lead, NOW))
+    assert "visits" not in record and "conversions" not in record and "page_views" not in record
+    assert record["lifecycle_stage"] == "Hot" and "rating" not in record
 
 
 # ---------------------------------------------------------------- 11. writer
@@ -1310,7 +1332,8 @@ def test_input_fingerprint(config, tmp_path, fixture_leads):
     [
         ("2026-11-23T08:00:00Z", "within the last 7 days"),
         ("2026-11-23T20:00:00Z", "within the last 7 days"),  # a clock ahead of ours
-        ("2026-11-30T08:00:00Z", "dated in the future"),  # a typo, not a recent moment
+        ("2026-11-30T08:00:00Z", "in the next 30 days"),  # a meeting booked: Salesforce's LastActivityDate
+        ("2099-11-30T08:00:00Z", "dated over 30 days ahead"),  # a typo, not a recent moment
         ("2026-11-16T09:00:00.000+0000", "within the last 7 days"),  # Salesforce's offset, 7 days
         ("2026-11-15", "8 to 30 days ago"),  # a date alone: Salesforce's LastActivityDate
         ("1789430400000", "31 to 90 days ago"),  # 2026-09-15 in epoch milliseconds, as HubSpot may send them

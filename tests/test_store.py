@@ -501,6 +501,29 @@ def test_a_store_step_whose_connection_is_lost_midway_is_kept_once_on_a_new_one(
         jobs._again_on_a_lost_connection("feedback", lambda: _insert_twice(kept))
 
 
+def test_a_store_step_whose_connection_is_lost_at_its_commit_is_not_run_again(postgres_url, monkeypatch):
+    """The commit may have reached the server before the connection went: run again, its scores could
+    be kept twice."""
+    monkeypatch.setattr(jobs, "STORE_RETRY_PAUSES_S", (0.1, 0.1))
+    store.upgrade(postgres_url)
+    kept = Store(postgres_url, worker=True)
+    runs = []
+
+    @event.listens_for(kept.engine, "commit")
+    def _lost_at_commit(connection):
+        pid = connection.connection.dbapi_connection.info.backend_pid
+        with create_engine(postgres_url).connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    def step():
+        runs.append(1)
+        kept.record_scores([_score("1", datetime.now(UTC), "lead")])
+
+    with pytest.raises(OperationalError):
+        jobs._again_on_a_lost_connection("scores", step)
+    assert len(runs) == 1
+
+
 def _insert_twice(kept: Store) -> None:
     with kept.engine.begin() as connection:
         connection.execute(text("CREATE TABLE IF NOT EXISTS once (n int PRIMARY KEY)"))

@@ -17,6 +17,7 @@ from rq import Queue, get_current_job
 
 from integration import metrics, pending
 from integration.clock import redis_now, shared_now, shared_now_utc
+from integration.crm import same_account
 from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected, WritesRefusedAlike
 from integration.events import ERASE, RESCORE, LeadEvent, deal_of, dump_events, parse_events
 from workers.jobs import context, erased_since, outcome
@@ -192,7 +193,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         ctx.erase(crm, account, [event.lead_id for event in erasures])  # a failure fails the job: owed
         erased = erasures
     lead_events = [event for event in lead_events if ERASE not in event.kinds]
-    if (reached := ctx.reached.get(crm)) and reached[:15] != account[:15]:
+    if (reached := ctx.reached.get(crm)) and not same_account(reached, account):
         return [
             *_not_this_account(ctx, crm, account, reached, lead_events),
             *_erasure_results(erased, split_off),

@@ -136,10 +136,9 @@ class WorkerContext:
             if lead.merged_ids:
                 into = merged.setdefault((lead.crm, lead.account_id), {})
                 into[lead.lead_id] = (*into.get(lead.lead_id, ()), *lead.merged_ids)
-        records = [s.record() for s in scored]
         steps = {
             "merged records": lambda: self._merge(merged),
-            "scores": lambda: self.store.record_scores(records),
+            "scores": lambda: self.store.record_scores([s.record() for s in scored]),
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
             "feedback": lambda: self.store.record_feedback([*map(_feedback, leads), *cleared]),
         }
@@ -471,14 +470,15 @@ STORE_RETRY_PAUSES_S = (1.0, 4.0)
 
 
 def _again_on_a_lost_connection(what: str, step: Callable[[], object]) -> None:
-    """Run a store step, again after a pause if its connection was lost (a reset, a failover): the
-    step is one transaction, rolled back whole, so nothing is kept twice."""
+    """Run a store step, again after a pause if its connection was lost (a reset, a failover) before
+    it committed: the step is one transaction, rolled back whole. Lost at the commit itself (no
+    statement named), it may have been kept: not run again, so nothing is kept twice."""
     for pause_s in (*STORE_RETRY_PAUSES_S, None):
         try:
             step()
             return
         except DBAPIError as exc:
-            if not exc.connection_invalidated or pause_s is None:
+            if not exc.connection_invalidated or exc.statement is None or pause_s is None:
                 raise
             log.warning(
                 "score store: connection lost (%s); keeping %s again in %.0fs", exc.orig, what, pause_s

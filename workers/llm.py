@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import openai
@@ -75,7 +76,14 @@ def answers_keys(crm: str, account: str, lead_id: str) -> list[str]:
     return [f"leadscore:llm-of:{crm}:{org}:{lead_id}" for org in (account, account[:15])]
 
 
+# A fallback the LLM's own reply made (a refusal, a reply cut off): asked again, it would be the same,
+# so it is cached like an answer.
+ANSWERED = {"answered": True}
+
+
 def to_cache(result: PropensityResult) -> str:
+    if result.fallback:
+        return json.dumps({"unusable": result.error})
     return json.dumps(
         {
             "propensity": result.propensity,
@@ -90,6 +98,8 @@ def to_cache(result: PropensityResult) -> str:
 def from_cache(raw: bytes | str) -> PropensityResult:
     """A cached answer, checked again as a reply is (a reason cached before a check changed)."""
     data = json.loads(raw)
+    if "unusable" in data:
+        return replace(fallback(str(data["unusable"])), extra={**ANSWERED, "cached": True})
     reply = ConversionPropensity.model_validate(data)
     return PropensityResult(
         propensity=reply.propensity,
@@ -165,8 +175,10 @@ class PropensityReasoner:
                 return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
             except openai.APIError as exc:
                 return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
-            except _Unusable as exc:
-                return self._failed(lead, f"LLM reply unusable: {exc}", retryable=False)
+            except _Unusable as exc:  # an answer of its own: kept as one, so it is not asked again
+                return replace(
+                    self._failed(lead, f"LLM reply unusable: {exc}", retryable=False), extra=ANSWERED
+                )
             except ValueError as exc:
                 return self._failed(lead, f"LLM reply unusable: {exc}")
             except Exception as exc:  # fail open is the contract: no reply may stop scoring
@@ -183,8 +195,9 @@ class PropensityReasoner:
         """Answers for many leads, asked as of `now`: cached ones from Redis, the rest concurrently
         from the LLM.
 
-        Only real LLM answers are cached (by what was asked: `answer_id`), so a fallback is
-        retried the next time the lead is scored.
+        Only the LLM's answers are cached (by what was asked: `answer_id`), its refusals and replies
+        cut off among them; any other fallback (a timeout, a 5xx, a 429) is asked again the next time
+        the lead is scored.
         """
         messages = [build_messages(lead, now) for lead in leads]
         answers = [answer_id(self.base_url, self.model, asked) for asked in messages]
@@ -201,7 +214,7 @@ class PropensityReasoner:
             asked = self._ask_all([leads[i] for i in missing], [messages[i] for i in missing])
             for i, result in zip(missing, asked, strict=True):
                 results[i] = result
-            fresh = [i for i in missing if not results[i].fallback]
+            fresh = [i for i in missing if not results[i].fallback or results[i].extra.get("answered")]
             if redis is not None and self.cache_ttl_s and fresh:
                 try:
                     with redis.pipeline(transaction=False) as pipe:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -300,10 +301,16 @@ def score_file(
     return _landed(written)
 
 
+# The shell's own streams, which a redirection may point at a regular file: written into, never
+# replaced (as root, a rename would replace /dev/stdout itself).
+_STANDARD_STREAM = re.compile(r"/dev/(?:stdout|stderr|fd/\d+)|/proc/(?:self|thread-self|\d+)/fd/\d+")
+
+
 def streams_into(out: Path) -> bool:
-    """Whether `--out` names a stream to write into, never a file to replace: a device or the shell's
-    stdout (/dev/stdout, /proc/self/fd/1, which a redirection may point at a regular file), a pipe."""
-    return str(Path(out).absolute()).startswith(("/dev/", "/proc/")) or (out.exists() and not out.is_file())
+    """Whether `--out` names a stream to write into, never a file to replace: the shell's stdout
+    however spelt (/dev/stdout, ../dev/stdout, /proc/self/fd/1), or a pipe or device."""
+    path = "/" + os.path.normpath(Path(out).absolute()).lstrip("/")
+    return bool(_STANDARD_STREAM.fullmatch(path)) or (out.exists() and not out.is_file())
 
 
 def _write_scored(handle, table: LabelledTable, written: Written) -> None:

@@ -9,12 +9,15 @@ run. Outcomes are kept once per lead and kind, so running it again only adds wha
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from redis import Redis
 from sqlalchemy import func, select
 
 from integration.clock import redis_now
+from integration.crm import same_account
+from integration.errors import CRMError, CRMUnavailable
 from integration.hubspot.api import HubSpotCRM, shared_limiter
 from integration.queue import settings_redis
 from integration.salesforce.api import SalesforceCRM
@@ -23,6 +26,8 @@ from workers.jobs import erase, erased_since
 from workers.progress import progress
 from workers.rescore import reached_account
 from workers.store import LeadFact, Store, as_utc, scores
+
+log = logging.getLogger(__name__)
 
 CLOCK_MARGIN = timedelta(days=1)  # the CRM's clock against leadscore's; the day costs a few more reads
 NOT_SCORED = {"since": None, "leads": 0, "new_outcomes": 0}  # an account with no kept score: not read
@@ -57,9 +62,20 @@ def _the_account(crm: str, candidates: list[str]) -> list[str]:
 
 def _require_reached(settings: Settings, crm: str, candidate: str, asked: str | None) -> None:
     """The account outcomes will be filed under must be the one the credentials reach: `--account`
-    as given, or the one the store's scores name, which credentials since changed may not reach."""
-    reached = reached_account(settings, crm, asked)
-    if reached[:15] != candidate[:15]:
+    as given, or the one the store's scores name, which credentials since changed may not reach.
+    A token that may not say which (no `oauth` scope) is taken at the store's word, as before."""
+    if asked:
+        reached_account(settings, crm, asked)  # refuses another, naming --account
+        return
+    try:
+        reached = reached_account(settings, crm, None)
+    except CRMError as exc:
+        if isinstance(exc, CRMUnavailable):
+            raise
+        log.warning("%s: could not check which account the credentials reach (%s); filing under %s, the "
+                    "account the store's scores name", crm, exc, candidate)  # fmt: skip
+        return
+    if not same_account(reached, candidate):
         raise SyncError(
             f"{crm}: the store's scores are of account {candidate}, but the credentials reach {reached}: "
             f"what they read would be filed under the wrong account; set the credentials of {candidate}"

@@ -20,6 +20,7 @@ from rq import Queue
 
 from integration import pending
 from integration.clock import shared_now_utc
+from integration.crm import same_account
 from integration.events import RESCORE, LeadEvent
 from integration.hubspot.api import HubSpotCRM, shared_limiter
 from integration.salesforce.api import SalesforceCRM
@@ -63,7 +64,7 @@ def reached_account(settings: Settings, crm: str, asked: str | None) -> str:
         reached, what = HubSpotCRM(settings).token_portal(), "portal HUBSPOT_ACCESS_TOKEN belongs to"
     else:
         reached, what = SalesforceCRM(settings).reached_org(), "org the Salesforce credentials reach"
-    if asked and asked[:15] != reached[:15]:  # a Salesforce org id's 15 characters name it
+    if asked and not same_account(asked, reached):
         raise AccountError(
             f"--account {asked} is not the {what} ({reached}): leave --account out, or set the "
             f"credentials of {asked}"

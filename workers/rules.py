@@ -15,7 +15,7 @@ from workers.config import KeywordRule, ScoringConfig
 # A head count, grouped as any locale groups it: by commas anywhere ("1,200", India's "1,20,000"), or
 # by a dot, a space or an apostrophe before each three digits ("1.200", "1 200", "1'200", "1’200");
 # a decimal part ("250.0", "1,200.50") is read and dropped.
-_NUMBER = re.compile(r"\d[\d,]*(?:[.' ’]\d{3}(?!\d))*(?:\.\d+)?")
+_NUMBER = re.compile(r"\d(?:\d|,(?=\d))*(?:[.' ’]\d{3}(?!\d))*(?:\.\d+)?")  # a comma between digits
 _GROUPING = re.compile(r",|[.' ’](?=\d{3}(?!\d))")
 
 

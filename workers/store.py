@@ -159,13 +159,11 @@ WORKER_LOCK_TIMEOUT_S = 10
 def engine_for(url: str, worker: bool = False) -> Engine:
     """`worker`: bound each statement and lock wait (commands that read a year of scores are not)."""
     postgres = make_url(url).get_backend_name() == "postgresql"
-    options = f"-c statement_timeout={WORKER_STATEMENT_TIMEOUT_S}s -c lock_timeout={WORKER_LOCK_TIMEOUT_S}s"
     connect_args = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "application_name": "leadscore-worker" if worker else "leadscore",
-        # A connection a failover or a dead network dropped is found in seconds, not the OS's hours.
+        # A connection a failover or a dead network dropped is found in a minute, not the OS's hours.
         "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
-        **({"options": options} if worker else {}),
     }  # fmt: skip
     engine = create_engine(
         url,
@@ -173,6 +171,15 @@ def engine_for(url: str, worker: bool = False) -> Engine:
         hide_parameters=True,  # no lead data in error logs
         connect_args=connect_args if postgres else {},
     )
+    if postgres and worker:
+
+        @event.listens_for(engine, "begin")
+        def _bounded(connection):  # per transaction, as PgBouncer's transaction mode keeps settings
+            connection.exec_driver_sql(
+                f"SET LOCAL statement_timeout = '{WORKER_STATEMENT_TIMEOUT_S}s'; "
+                f"SET LOCAL lock_timeout = '{WORKER_LOCK_TIMEOUT_S}s'"
+            )
+
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
