@@ -4,12 +4,12 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format redis-server postgres clean
+.PHONY: demo test lint format redis-server postgres pgbouncer clean
 
 demo: $(STAMP) redis-server
 	$(BIN)/leadscore demo
 
-test: $(STAMP) redis-server postgres
+test: $(STAMP) redis-server postgres pgbouncer
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -31,6 +31,9 @@ redis-server:
 
 postgres:
 	@scripts/ensure-apt postgresql sh -c 'ls /usr/lib/postgresql/*/bin/initdb'
+
+pgbouncer:
+	@scripts/ensure-apt pgbouncer sh -c 'command -v pgbouncer || test -x /usr/sbin/pgbouncer'
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

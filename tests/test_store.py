@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -18,6 +19,7 @@ from sqlalchemy import create_engine, event, inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from integration.cli import main
+from integration.emulators import start_pgbouncer
 from integration.settings import get_settings
 from tests.conftest import _empty_database
 from workers import jobs, outcomes, store
@@ -476,6 +478,26 @@ def test_a_workers_postgresql_statements_and_lock_waits_are_bounded_and_named(po
             shown = [connection.execute(text(f"SHOW {setting}")).scalar()
                      for setting in ("statement_timeout", "lock_timeout", "application_name")]  # fmt: skip
         assert shown == [*timeouts, name]
+
+
+def test_a_worker_keeps_its_scores_through_pgbouncer_in_transaction_mode_with_its_bounds(postgres_url):
+    """The README suggests PgBouncer in front of a managed PostgreSQL: it refuses startup options and
+    hands each transaction any server connection, so the bounds are set per transaction."""
+    store.upgrade(postgres_url)
+    with ExitStack() as stack:
+        through = start_pgbouncer(stack, postgres_url)
+        workers = [Store(through, worker=True) for _ in range(3)]  # sharing PgBouncer's server connections
+        for batch in range(8):  # past psycopg's prepare threshold (5), were statements prepared
+            for n, kept in enumerate(workers):
+                kept.record_scores([_score(f"{n}-{batch}-{i}", datetime.now(UTC), "lead") for i in range(10)])
+        with workers[0].engine.begin() as connection:
+            bounds = [
+                connection.execute(text(f"SHOW {name}")).scalar()
+                for name in ("statement_timeout", "lock_timeout")
+            ]
+        assert workers[0].counts()["scores"] == 240 and bounds == ["30s", "10s"]
+        for kept in workers:
+            kept.engine.dispose()
 
 
 def test_a_store_step_whose_connection_is_lost_midway_is_kept_once_on_a_new_one(postgres_url, monkeypatch):

@@ -164,6 +164,9 @@ def engine_for(url: str, worker: bool = False) -> Engine:
         "application_name": "leadscore-worker" if worker else "leadscore",
         # A connection a failover or a dead network dropped is found in a minute, not the OS's hours.
         "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+        # No statement prepared on the server: PgBouncer's transaction mode hands the next transaction
+        # another server connection, where it is missing, or another client's is ("already exists").
+        "prepare_threshold": None,
     }  # fmt: skip
     engine = create_engine(
         url,

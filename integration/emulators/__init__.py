@@ -137,3 +137,38 @@ def start_postgres(stack: ExitStack) -> str:
     stack.callback(subprocess.run, [*as_user, bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+
+
+def start_pgbouncer(stack: ExitStack, postgres_url: str) -> str:
+    """PgBouncer in transaction mode in front of a `start_postgres` server, on a free loopback port,
+    stopped when `stack` closes; returns the URL of the same database through it. It refuses to run as
+    root, so as root it runs as the `postgres` user."""
+    from sqlalchemy import make_url
+
+    server = make_url(postgres_url)
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    workdir = Path(tempfile.mkdtemp(prefix="leadscore-pgbouncer-"))
+    stack.callback(shutil.rmtree, workdir, True)
+    port = free_port()
+    (workdir / "users.txt").write_text('"postgres" ""\n')
+    (workdir / "pgbouncer.ini").write_text(
+        f"[databases]\n* = host={server.host} port={server.port}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n"
+        f"listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {workdir}/users.txt\n"
+        f"pool_mode = transaction\nlogfile = {workdir}/pgbouncer.log\n"
+    )
+    if as_user:
+        for path in (workdir, *workdir.iterdir()):
+            shutil.chown(path, "postgres")
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(binary).exists():
+        raise RuntimeError("pgbouncer is not installed: `make test` installs it")
+    process = subprocess.Popen([*as_user, binary, str(workdir / "pgbouncer.ini")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    stack.callback(stop_process, process)
+    wait_until(lambda: _listening(port), 10, "pgbouncer")
+    return server.set(port=port).render_as_string(hide_password=False)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
