@@ -1079,6 +1079,10 @@ def test_an_llm_reply_asking_again_would_repeat_falls_back_without_a_rescore(
     [again] = run_worker()
     assert len(llm.requests) == 1  # the same request would get the same reply: kept, not asked again
     assert (again["outcome"], again["fallback"]) == ("unchanged", True)
+    counted = {name: metrics.counter_value(queue.connection, name, **labels) for name, labels in (
+        ("llm_calls_total", {"outcome": "fallback"}), ("llm_cache_hits_total", {}),
+        ("llm_fallbacks_total", {"reason": "LLM reply unusable"}))}  # fmt: skip
+    assert counted == {"llm_calls_total": 1, "llm_cache_hits_total": 1, "llm_fallbacks_total": 2}
 
 
 def test_a_rescore_leaves_a_waiting_event_of_the_lead_as_it_is(post_delivery, redis):

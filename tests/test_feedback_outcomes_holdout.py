@@ -1030,6 +1030,25 @@ def test_scores_reach_the_crm_when_the_store_is_unavailable(env, monkeypatch, tm
     assert metrics.counter_value(redis, "store_errors_total") == 2  # the score, and whether feedback changed
 
 
+def test_a_store_down_costs_a_batch_its_pauses_once_and_its_later_steps_one_try_each(
+    env, monkeypatch, post_delivery, crm, run_worker, hubspot, redis, caplog
+):
+    """The CRM write is the product: a PostgreSQL that does not answer must not hold every batch a
+    retry budget per step."""
+    reconfigure(monkeypatch, DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone")
+    monkeypatch.setattr(jobs, "STORE_RETRY_PAUSES_S", (0.1, 0.2))
+    post_delivery("contact.propertyChange__lead_status")
+    [result] = run_worker()
+
+    assert result["outcome"] == "written" and written(hubspot, CONTACT)["leadscore_tier"] == "A"
+    not_kept = [r.getMessage() for r in caplog.records if "not kept" in r.getMessage()]
+    kept_what = [message.split(":")[1].strip() for message in not_kept]
+    assert kept_what == ["scores of 1 leads not kept", "feedback of 1 leads not kept"]
+    assert all("did not answer through the batch's pauses" in message for message in not_kept)
+    assert sum("keeping scores again" in r.getMessage() for r in caplog.records) == 2  # the two pauses, once
+    assert metrics.counter_value(redis, "store_errors_total") == 2
+
+
 @EACH_STORE
 def test_a_score_the_store_missed_is_kept_when_its_lead_comes_again_unchanged(
     env, monkeypatch, tmp_path, post_delivery, crm, run_worker, hubspot, llm

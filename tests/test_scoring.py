@@ -1333,6 +1333,7 @@ def test_input_fingerprint(config, tmp_path, fixture_leads):
         ("2026-11-23T08:00:00Z", "within the last 7 days"),
         ("2026-11-23T20:00:00Z", "within the last 7 days"),  # a clock ahead of ours
         ("2026-11-30T08:00:00Z", "in the next 30 days"),  # a meeting booked: Salesforce's LastActivityDate
+        ("2026-11-24", "in the next 30 days"),  # tomorrow's meeting, a day without a time
         ("2099-11-30T08:00:00Z", "dated over 30 days ahead"),  # a typo, not a recent moment
         ("2026-11-16T09:00:00.000+0000", "within the last 7 days"),  # Salesforce's offset, 7 days
         ("2026-11-15", "8 to 30 days ago"),  # a date alone: Salesforce's LastActivityDate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -10,16 +11,17 @@ import time
 from contextlib import ExitStack
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, event, inspect, select, text
+from sqlalchemy import create_engine, event, inspect, make_url, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from integration.cli import main
-from integration.emulators import start_pgbouncer
+from integration.emulators import start_pgbouncer, start_postgres
 from integration.settings import get_settings
 from tests.conftest import _empty_database
 from workers import jobs, outcomes, store
@@ -500,9 +502,8 @@ def test_a_worker_keeps_its_scores_through_pgbouncer_in_transaction_mode_with_it
             kept.engine.dispose()
 
 
-def test_a_store_step_whose_connection_is_lost_midway_is_kept_once_on_a_new_one(postgres_url, monkeypatch):
-    """A failover or a reset mid-transaction rolls the step back whole; it is tried again, not lost."""
-    monkeypatch.setattr(jobs, "STORE_RETRY_PAUSES_S", (0.1, 0.1))
+def test_a_store_step_whose_connection_is_lost_midway_is_kept_once_on_a_new_one(postgres_url):
+    """A reset mid-transaction rolls the step back whole; it is tried again, not lost."""
     store.upgrade(postgres_url)
     kept = Store(postgres_url, worker=True)
     resets = []
@@ -515,18 +516,54 @@ def test_a_store_step_whose_connection_is_lost_midway_is_kept_once_on_a_new_one(
                 other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": resets[0]})
 
     jobs._again_on_a_lost_connection(
-        "scores", lambda: kept.record_scores([_score("1", datetime.now(UTC), "lead")])
+        "scores", lambda: kept.record_scores([_score("1", datetime.now(UTC), "lead")]), iter([0.1])
     )
 
     assert len(resets) == 1 and kept.counts()["scores"] == 1
     with pytest.raises(IntegrityError):  # a refusal is not a lost connection: not tried again
-        jobs._again_on_a_lost_connection("feedback", lambda: _insert_twice(kept))
+        jobs._again_on_a_lost_connection("feedback", lambda: _insert_twice(kept), iter([0.1]))
 
 
-def test_a_store_step_whose_connection_is_lost_at_its_commit_is_not_run_again(postgres_url, monkeypatch):
+def test_a_store_step_is_kept_once_the_server_is_back_from_a_failover_and_a_store_down_costs_20_s(
+    tmp_path, caplog
+):
+    """The server goes away mid-transaction and comes back 2.5 s later, as a managed PostgreSQL's
+    failover does: the connection can be made again within the batch's pauses. One that stays down
+    gives up after them, and the batch's later steps are not tried."""
+    with ExitStack() as stack:
+        url = start_postgres(stack)
+        store.upgrade(url)
+        kept = Store(url, worker=True)
+        with kept.engine.connect() as connection:
+            data = connection.execute(text("SHOW data_directory")).scalar()
+        pg_ctl = [*(["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []),
+                  str(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1]), "-D", data]  # fmt: skip
+        options = f"-p {make_url(url).port} -c listen_addresses=127.0.0.1 -k {Path(data).parent} -F"
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        failovers = []
+
+        @event.listens_for(kept.engine, "before_cursor_execute")
+        def _failover(connection, cursor, statement, *_):
+            if statement.startswith("INSERT INTO scores") and not failovers:
+                failovers.append(1)
+                subprocess.run([*pg_ctl, "-m", "immediate", "stop"], **quiet, check=True)
+                threading.Timer(2.5, subprocess.run, [[*pg_ctl, "-w", "start", "-o", options]], quiet).start()
+
+        jobs._again_on_a_lost_connection(
+            "scores", lambda: kept.record_scores([_score("1", datetime.now(UTC), "lead")]), iter([1.0, 4.0])
+        )
+        assert failovers and kept.counts()["scores"] == 1
+
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], **quiet, check=True)
+        started = time.monotonic()
+        with pytest.raises(jobs.StoreDown):
+            jobs._again_on_a_lost_connection("scores", lambda: kept.counts(), iter([0.2, 0.2]))
+        assert time.monotonic() - started < 5
+
+
+def test_a_store_step_whose_connection_is_lost_at_its_commit_is_not_run_again(postgres_url):
     """The commit may have reached the server before the connection went: run again, its scores could
     be kept twice."""
-    monkeypatch.setattr(jobs, "STORE_RETRY_PAUSES_S", (0.1, 0.1))
     store.upgrade(postgres_url)
     kept = Store(postgres_url, worker=True)
     runs = []
@@ -542,7 +579,7 @@ def test_a_store_step_whose_connection_is_lost_at_its_commit_is_not_run_again(po
         kept.record_scores([_score("1", datetime.now(UTC), "lead")])
 
     with pytest.raises(OperationalError):
-        jobs._again_on_a_lost_connection("scores", step)
+        jobs._again_on_a_lost_connection("scores", step, iter([0.1]))
     assert len(runs) == 1
 
 

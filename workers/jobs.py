@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +21,7 @@ from functools import cached_property, lru_cache
 import pandas as pd
 from redis import Redis
 from redis.exceptions import RedisError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from integration import metrics
 from integration.clock import redis_now
@@ -142,9 +142,10 @@ class WorkerContext:
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
             "feedback": lambda: self.store.record_feedback([*map(_feedback, leads), *cleared]),
         }
+        pauses = iter(STORE_RETRY_PAUSES_S)  # the batch's, shared by its steps
         for what, step in steps.items():
             try:
-                _again_on_a_lost_connection(what, step)
+                _again_on_a_lost_connection(what, step, pauses)
             except Exception as exc:
                 log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
                 self.telemetry("store_errors_total")
@@ -325,14 +326,15 @@ class WorkerContext:
             log.debug("unseen values not checked: %s", exc)
 
     def _count_llm(self, propensity: PropensityResult) -> None:
-        if propensity.extra.get("cached"):
+        """A call (ok or failed) or a cache hit; and every score the fallback made, a cached refusal's too."""
+        cached = propensity.extra.get("cached")
+        if cached:
             self.telemetry("llm_cache_hits_total")
-        elif propensity.fallback:
-            self.telemetry("llm_calls_total", outcome="fallback")
+        else:
+            self.telemetry("llm_calls_total", outcome="fallback" if propensity.fallback else "ok")
+        if propensity.fallback:
             reason = (propensity.error or "unknown").split(":")[0]
             self.telemetry("llm_fallbacks_total", reason=reason)
-        else:
-            self.telemetry("llm_calls_total", outcome="ok")
 
 
 MAX_UNSEEN_LOGGED = 3  # values a day per model and feature; a free-text field would log every lead
@@ -466,20 +468,33 @@ def _salesforce(org_id: str) -> SalesforceCRM:
     )
 
 
-STORE_RETRY_PAUSES_S = (1.0, 4.0)
+STORE_RETRY_PAUSES_S = (1.0, 4.0, 15.0)  # 20 s in all, for a batch: a reset, a managed PostgreSQL's failover
 
 
-def _again_on_a_lost_connection(what: str, step: Callable[[], object]) -> None:
-    """Run a store step, again after a pause if its connection was lost (a reset, a failover) before
-    it committed: the step is one transaction, rolled back whole. Lost at the commit itself (no
-    statement named), it may have been kept: not run again, so nothing is kept twice."""
-    for pause_s in (*STORE_RETRY_PAUSES_S, None):
+class StoreDown(Exception):
+    """The store stayed unreachable through a batch's pauses; its later steps are tried once each."""
+
+
+def _again_on_a_lost_connection(what: str, step: Callable[[], object], pauses: Iterator[float]) -> None:
+    """Run a store step, again after the next of the batch's `pauses` if its connection was lost (a
+    reset, a failover) before it committed, or could not be made (the server still coming back): the
+    step is one transaction, rolled back whole. Lost at the commit itself, it may have been kept: not
+    run again, so nothing is kept twice. The pauses are the batch's, not each step's, so a store that
+    is down costs a batch 20 s at most, and the CRM writes of the batches after it are not held up."""
+    while True:
         try:
             step()
             return
         except DBAPIError as exc:
-            if not exc.connection_invalidated or exc.statement is None or pause_s is None:
+            lost_midway = exc.connection_invalidated and exc.statement is not None
+            not_made = (
+                isinstance(exc, OperationalError) and not exc.connection_invalidated and exc.statement is None
+            )
+            if not (lost_midway or not_made):
                 raise
+            pause_s = next(pauses, None)
+            if pause_s is None:
+                raise StoreDown(f"the store did not answer through the batch's pauses: {exc.orig}") from exc
             log.warning(
                 "score store: connection lost (%s); keeping %s again in %.0fs", exc.orig, what, pause_s
             )

@@ -164,6 +164,9 @@ DATED = {"recent_conversion_at": "most_recent_conversion_when", "last_activity_a
          "last_reply_at": "last_reply_when"}  # fmt: skip
 
 
+_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
 def ages(lead: Lead, now: datetime) -> dict[str, str]:
     """How long before `now` each of the lead's dated moments was, in AGE_BUCKETS' words."""
     told = {}
@@ -175,8 +178,13 @@ def ages(lead: Lead, now: datetime) -> dict[str, str]:
         if moment is None:
             told[name] = "on file, date unreadable"
             continue
-        days = (now - moment).days
-        if days < -1:  # beyond any clock's skew: a meeting booked (Salesforce's LastActivityDate), or a typo
+        if _DATE_ONLY.fullmatch(str(value).strip()):  # a day (Salesforce's LastActivityDate): by calendar
+            days = (now.date() - moment.date()).days
+            ahead = days < 0
+        else:
+            days = (now - moment).days
+            ahead = days < -1  # beyond any clock's skew
+        if ahead:  # a meeting booked (LastActivityDate is the latest Event's day), or a typo
             told[name] = "in the next 30 days" if days >= -30 else "dated over 30 days ahead"
             continue
         told[name] = next((words for limit, words in AGE_BUCKETS if days <= limit), "over a year ago")

@@ -158,16 +158,18 @@ WORKER_LOCK_TIMEOUT_S = 10
 
 def engine_for(url: str, worker: bool = False) -> Engine:
     """`worker`: bound each statement and lock wait (commands that read a year of scores are not)."""
-    postgres = make_url(url).get_backend_name() == "postgresql"
+    parsed = make_url(url)
+    postgres = parsed.get_backend_name() == "postgresql"
     connect_args = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "application_name": "leadscore-worker" if worker else "leadscore",
         # A connection a failover or a dead network dropped is found in a minute, not the OS's hours.
         "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+    }  # fmt: skip
+    if parsed.get_driver_name() == "psycopg":
         # No statement prepared on the server: PgBouncer's transaction mode hands the next transaction
         # another server connection, where it is missing, or another client's is ("already exists").
-        "prepare_threshold": None,
-    }  # fmt: skip
+        connect_args["prepare_threshold"] = None
     engine = create_engine(
         url,
         pool_pre_ping=True,
