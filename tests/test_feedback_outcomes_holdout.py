@@ -1030,7 +1030,7 @@ def test_scores_reach_the_crm_when_the_store_is_unavailable(env, monkeypatch, tm
     assert metrics.counter_value(redis, "store_errors_total") == 2  # the score, and whether feedback changed
 
 
-def test_a_store_down_costs_a_batch_its_pauses_once_and_its_later_steps_one_try_each(
+def test_a_store_found_down_costs_one_batch_its_pauses_and_the_batches_after_it_none(
     env, monkeypatch, post_delivery, crm, run_worker, hubspot, redis, caplog
 ):
     """The CRM write is the product: a PostgreSQL that does not answer must not hold every batch a
@@ -1047,6 +1047,13 @@ def test_a_store_down_costs_a_batch_its_pauses_once_and_its_later_steps_one_try_
     assert all("did not answer through the batch's pauses" in message for message in not_kept)
     assert sum("keeping scores again" in r.getMessage() for r in caplog.records) == 2  # the two pauses, once
     assert metrics.counter_value(redis, "store_errors_total") == 2
+    caplog.clear()
+    hubspot.contacts[CONTACT]["properties"]["hs_lead_status"] = "CONNECTED"
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 9, "propertyValue": "CONNECTED"}]).encode())  # fmt: skip
+    [later] = run_worker()
+    assert later["outcome"] == "written"
+    assert not any("keeping" in r.getMessage() for r in caplog.records)  # the store was found down: no pause
 
 
 @EACH_STORE

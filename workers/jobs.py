@@ -142,13 +142,25 @@ class WorkerContext:
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
             "feedback": lambda: self.store.record_feedback([*map(_feedback, leads), *cleared]),
         }
-        pauses = iter(STORE_RETRY_PAUSES_S)  # the batch's, shared by its steps
+        pauses = iter(() if self._store_found_down() else STORE_RETRY_PAUSES_S)  # the batch's, for its steps
         for what, step in steps.items():
             try:
                 _again_on_a_lost_connection(what, step, pauses)
             except Exception as exc:
                 log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
                 self.telemetry("store_errors_total")
+                if isinstance(exc, StoreDown):
+                    self._store_found_down(mark=True)
+
+    def _store_found_down(self, mark: bool = False) -> bool:
+        """Whether a batch found the store down lately (after `mark`, for STORE_DOWN_S): the batches
+        after it do not wait for it, so a long outage slows no scoring, only a failover's first batch."""
+        try:
+            if mark:
+                self.redis.set(STORE_DOWN_KEY, 1, ex=STORE_DOWN_S)
+            return bool(self.redis.exists(STORE_DOWN_KEY))
+        except RedisError:
+            return False
 
     def _merge(self, merged: dict[tuple[str, str], dict[str, tuple[str, ...]]]) -> None:
         """Move the merged leads' rows to the lead that remains, and forget their cached LLM answers,
@@ -469,6 +481,9 @@ def _salesforce(org_id: str) -> SalesforceCRM:
 
 
 STORE_RETRY_PAUSES_S = (1.0, 4.0, 15.0)  # 20 s in all, for a batch: a reset, a managed PostgreSQL's failover
+
+
+STORE_DOWN_KEY, STORE_DOWN_S = "leadscore:store-down", 300
 
 
 class StoreDown(Exception):
