@@ -481,9 +481,7 @@ def _salesforce(org_id: str) -> SalesforceCRM:
 
 
 STORE_RETRY_PAUSES_S = (1.0, 4.0, 15.0)  # 20 s in all, for a batch: a reset, a managed PostgreSQL's failover
-
-
-STORE_DOWN_KEY, STORE_DOWN_S = "leadscore:store-down", 300
+STORE_DOWN_KEY, STORE_DOWN_S = "leadscore:store-down", 300  # a store found down: not waited for meanwhile
 
 
 class StoreDown(Exception):
@@ -495,7 +493,7 @@ def _again_on_a_lost_connection(what: str, step: Callable[[], object], pauses: I
     reset, a failover) before it committed, or could not be made (the server still coming back): the
     step is one transaction, rolled back whole. Lost at the commit itself, it may have been kept: not
     run again, so nothing is kept twice. The pauses are the batch's, not each step's, so a store that
-    is down costs a batch 20 s at most, and the CRM writes of the batches after it are not held up."""
+    is down costs a batch 20 s at most (and `keep` marks it down, so the batches after do not wait)."""
     while True:
         try:
             step()

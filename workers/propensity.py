@@ -162,9 +162,7 @@ AGE_BUCKETS = ((7, "within the last 7 days"), (30, "8 to 30 days ago"), (90, "31
                (365, "91 to 365 days ago"))  # fmt: skip
 DATED = {"recent_conversion_at": "most_recent_conversion_when", "last_activity_at": "last_activity_when",
          "last_reply_at": "last_reply_when"}  # fmt: skip
-
-
-_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")  # a day, as Salesforce's LastActivityDate: no time of day
 
 
 def ages(lead: Lead, now: datetime) -> dict[str, str]:
