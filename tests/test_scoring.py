@@ -38,6 +38,7 @@ from workers.propensity import (
     FALLBACK_SOURCE,
     SYSTEM_PROMPT,
     PropensityResult,
+    ages,
     build_messages,
     fallback,
     parse_reply,
@@ -1333,7 +1334,10 @@ def test_input_fingerprint(config, tmp_path, fixture_leads):
         ("2026-11-23T08:00:00Z", "within the last 7 days"),
         ("2026-11-23T20:00:00Z", "within the last 7 days"),  # a clock ahead of ours
         ("2026-11-30T08:00:00Z", "in the next 30 days"),  # a meeting booked: Salesforce's LastActivityDate
-        ("2026-11-24", "in the next 30 days"),  # tomorrow's meeting, a day without a time
+        (
+            "2026-11-24",
+            "in the next 30 days",
+        ),  # tomorrow's meeting, a day without a time: tomorrow everywhere
         ("2099-11-30T08:00:00Z", "dated over 30 days ahead"),  # a typo, not a recent moment
         ("2026-11-16T09:00:00.000+0000", "within the last 7 days"),  # Salesforce's offset, 7 days
         ("2026-11-15", "8 to 30 days ago"),  # a date alone: Salesforce's LastActivityDate
@@ -1348,6 +1352,17 @@ def test_the_llm_is_told_how_long_ago_a_moment_was_not_its_date(moment, told):
     record = _record(build_messages(make_lead(last_activity_at=moment), NOW))
     assert record["last_activity_when"] == told and "last_activity_at" not in record
     assert moment not in json.dumps(record)
+
+
+def test_a_day_that_is_today_somewhere_east_of_utc_is_not_told_as_ahead():
+    """22:00 UTC is 09:00 the next day in Sydney, where a Lead's LastActivityDate of that day is today."""
+    evening = datetime(2026, 11, 23, 22, 0, tzinfo=UTC)
+    assert ages(make_lead(last_activity_at="2026-11-24"), evening) == {
+        "last_activity_when": "within the last 7 days"
+    }
+    assert ages(make_lead(last_activity_at="2026-11-25"), evening) == {
+        "last_activity_when": "in the next 30 days"
+    }
 
 
 def test_a_lead_gone_quiet_gets_a_new_fingerprint_when_its_activity_ages_into_another_bucket(config):

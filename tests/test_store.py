@@ -516,12 +516,12 @@ def test_a_store_step_whose_connection_is_lost_midway_is_kept_once_on_a_new_one(
                 other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": resets[0]})
 
     jobs._again_on_a_lost_connection(
-        "scores", lambda: kept.record_scores([_score("1", datetime.now(UTC), "lead")]), iter([0.1])
+        "scores", lambda: kept.record_scores([_score("1", datetime.now(UTC), "lead")]), iter([0.1]), FAR
     )
 
     assert len(resets) == 1 and kept.counts()["scores"] == 1
     with pytest.raises(IntegrityError):  # a refusal is not a lost connection: not tried again
-        jobs._again_on_a_lost_connection("feedback", lambda: _insert_twice(kept), iter([0.1]))
+        jobs._again_on_a_lost_connection("feedback", lambda: _insert_twice(kept), iter([0.1]), FAR)
 
 
 def test_a_store_step_is_kept_once_the_server_is_back_from_a_failover_and_a_store_down_costs_20_s(
@@ -550,15 +550,32 @@ def test_a_store_step_is_kept_once_the_server_is_back_from_a_failover_and_a_stor
                 threading.Timer(2.5, subprocess.run, [[*pg_ctl, "-w", "start", "-o", options]], quiet).start()
 
         jobs._again_on_a_lost_connection(
-            "scores", lambda: kept.record_scores([_score("1", datetime.now(UTC), "lead")]), iter([1.0, 4.0])
+            "scores",
+            lambda: kept.record_scores([_score("1", datetime.now(UTC), "lead")]),
+            iter([1.0, 4.0]),
+            FAR,
         )
         assert failovers and kept.counts()["scores"] == 1
 
         subprocess.run([*pg_ctl, "-m", "immediate", "stop"], **quiet, check=True)
         started = time.monotonic()
         with pytest.raises(jobs.StoreDown):
-            jobs._again_on_a_lost_connection("scores", lambda: kept.counts(), iter([0.2, 0.2]))
+            jobs._again_on_a_lost_connection("scores", lambda: kept.counts(), iter([0.2, 0.2]), FAR)
         assert time.monotonic() - started < 5
+
+
+def test_a_store_that_hangs_is_given_up_on_at_the_batchs_deadline_connect_timeouts_counted(monkeypatch):
+    """A host that accepts and never answers (a failover's old primary, black-holed) costs each try its
+    connect timeout: the deadline, not the count of pauses, bounds the batch's wait."""
+    monkeypatch.setattr(store, "CONNECT_TIMEOUT_S", 2)  # libpq's least
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        kept = Store(f"postgresql+psycopg://postgres@127.0.0.1:{hung.getsockname()[1]}/x", worker=True)
+        started = time.monotonic()
+        with pytest.raises(jobs.StoreDown):
+            jobs._again_on_a_lost_connection("scores", kept.counts, iter([0.5] * 10), started + 5)
+        assert 4 <= time.monotonic() - started < 6  # two tries of 2 s and a pause, not ten
 
 
 def test_a_store_step_whose_connection_is_lost_at_its_commit_is_not_run_again(postgres_url):
@@ -579,8 +596,11 @@ def test_a_store_step_whose_connection_is_lost_at_its_commit_is_not_run_again(po
         kept.record_scores([_score("1", datetime.now(UTC), "lead")])
 
     with pytest.raises(OperationalError):
-        jobs._again_on_a_lost_connection("scores", step, iter([0.1]))
+        jobs._again_on_a_lost_connection("scores", step, iter([0.1]), FAR)
     assert len(runs) == 1
+
+
+FAR = float("inf")  # a deadline that never comes
 
 
 def _insert_twice(kept: Store) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
@@ -142,25 +142,38 @@ class WorkerContext:
             "outcomes": lambda: self.store.record_outcomes(reached, source="webhook"),
             "feedback": lambda: self.store.record_feedback([*map(_feedback, leads), *cleared]),
         }
-        pauses = iter(() if self._store_found_down() else STORE_RETRY_PAUSES_S)  # the batch's, for its steps
+        if self._store_marked_down():
+            log.error("score store: marked down by a batch that could not reach it; what %d leads' batch "
+                      "would keep is not kept", len(leads))  # fmt: skip
+            self.telemetry("store_errors_total")
+            return
+        pauses, deadline = iter(STORE_RETRY_PAUSES_S), time.monotonic() + STORE_RETRY_S  # the batch's
         for what, step in steps.items():
             try:
-                _again_on_a_lost_connection(what, step, pauses)
+                _again_on_a_lost_connection(what, step, pauses, deadline)
+            except StoreDown as exc:
+                log.error(
+                    "score store: %s and the rest of %d leads' batch not kept: %s", what, len(leads), exc
+                )
+                self.telemetry("store_errors_total")
+                self._mark_store_down()
+                return
             except Exception as exc:
                 log.error("score store: %s of %d leads not kept: %s", what, len(leads), exc)
                 self.telemetry("store_errors_total")
-                if isinstance(exc, StoreDown):
-                    self._store_found_down(mark=True)
 
-    def _store_found_down(self, mark: bool = False) -> bool:
-        """Whether a batch found the store down lately (after `mark`, for STORE_DOWN_S): the batches
-        after it do not wait for it, so a long outage slows no scoring, only a failover's first batch."""
+    def _store_marked_down(self) -> bool:
+        """Whether a batch lately could not reach the store at all: the batches after it do not try,
+        so an outage, a store that hangs included, slows no scoring (a few batches each STORE_DOWN_S
+        wait their STORE_RETRY_S)."""
         try:
-            if mark:
-                self.redis.set(STORE_DOWN_KEY, 1, ex=STORE_DOWN_S)
             return bool(self.redis.exists(STORE_DOWN_KEY))
         except RedisError:
             return False
+
+    def _mark_store_down(self) -> None:
+        with suppress(RedisError):
+            self.redis.set(STORE_DOWN_KEY, 1, ex=STORE_DOWN_S)
 
     def _merge(self, merged: dict[tuple[str, str], dict[str, tuple[str, ...]]]) -> None:
         """Move the merged leads' rows to the lead that remains, and forget their cached LLM answers,
@@ -247,7 +260,7 @@ class WorkerContext:
         """Of the leads the CRM shows scored lately for their inputs, those whose score the store lacks
         and that no erasure (`forget`, a privacy deletion) deleted. They are scored again, the LLM
         answering from its cache, and kept if the score shown comes out again; never written."""
-        if not shown:
+        if not shown or self._store_marked_down():
             return set()
         first = leads[shown[0]]  # a batch is one account's
         ids = [leads[i].lead_id for i in shown]
@@ -480,20 +493,28 @@ def _salesforce(org_id: str) -> SalesforceCRM:
     )
 
 
-STORE_RETRY_PAUSES_S = (1.0, 4.0, 15.0)  # 20 s in all, for a batch: a reset, a managed PostgreSQL's failover
-STORE_DOWN_KEY, STORE_DOWN_S = "leadscore:store-down", 300  # a store found down: not waited for meanwhile
+STORE_RETRY_S = (
+    20.0  # a batch waits this long at most for its store: a reset, a managed PostgreSQL's failover
+)
+STORE_RETRY_PAUSES_S = (1.0, 4.0, 15.0)
+STORE_DOWN_KEY, STORE_DOWN_S = (
+    "leadscore:store-down",
+    300,
+)  # a store a batch could not reach: not tried meanwhile
 
 
 class StoreDown(Exception):
-    """The store stayed unreachable through a batch's pauses; its later steps are tried once each."""
+    """No connection to the store could be made within the batch's STORE_RETRY_S."""
 
 
-def _again_on_a_lost_connection(what: str, step: Callable[[], object], pauses: Iterator[float]) -> None:
-    """Run a store step, again after the next of the batch's `pauses` if its connection was lost (a
-    reset, a failover) before it committed, or could not be made (the server still coming back): the
-    step is one transaction, rolled back whole. Lost at the commit itself, it may have been kept: not
-    run again, so nothing is kept twice. The pauses are the batch's, not each step's, so a store that
-    is down costs a batch 20 s at most (and `keep` marks it down, so the batches after do not wait)."""
+def _again_on_a_lost_connection(
+    what: str, step: Callable[[], object], pauses: Iterator[float], deadline: float
+) -> None:
+    """Run a store step, again after the next of the batch's `pauses`, before its `deadline`, if its
+    connection was lost (a reset, a failover) before it committed, or could not be made (the server
+    still coming back): the step is one transaction, rolled back whole. Lost at the commit itself, it
+    may have been kept: not run again, so nothing is kept twice. Still not made at the deadline,
+    connect timeouts counted, the store is down: StoreDown."""
     while True:
         try:
             step()
@@ -506,8 +527,12 @@ def _again_on_a_lost_connection(what: str, step: Callable[[], object], pauses: I
             if not (lost_midway or not_made):
                 raise
             pause_s = next(pauses, None)
-            if pause_s is None:
-                raise StoreDown(f"the store did not answer through the batch's pauses: {exc.orig}") from exc
+            if pause_s is None or time.monotonic() + pause_s > deadline:
+                if not_made:
+                    raise StoreDown(
+                        f"no connection to the store within {STORE_RETRY_S:.0f}s: {exc.orig}"
+                    ) from exc
+                raise
             log.warning(
                 "score store: connection lost (%s); keeping %s again in %.0fs", exc.orig, what, pause_s
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -163,6 +163,7 @@ AGE_BUCKETS = ((7, "within the last 7 days"), (30, "8 to 30 days ago"), (90, "31
 DATED = {"recent_conversion_at": "most_recent_conversion_when", "last_activity_at": "last_activity_when",
          "last_reply_at": "last_reply_when"}  # fmt: skip
 _DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")  # a day, as Salesforce's LastActivityDate: no time of day
+LATEST_ZONE = timedelta(hours=14)  # the furthest ahead of UTC an org's calendar runs (Kiribati)
 
 
 def ages(lead: Lead, now: datetime) -> dict[str, str]:
@@ -176,9 +177,11 @@ def ages(lead: Lead, now: datetime) -> dict[str, str]:
         if moment is None:
             told[name] = "on file, date unreadable"
             continue
-        if _DATE_ONLY.fullmatch(str(value).strip()):  # a day (Salesforce's LastActivityDate): by calendar
+        if _DATE_ONLY.fullmatch(
+            str(value).strip()
+        ):  # a day (Salesforce's LastActivityDate), in the org's zone
             days = (now.date() - moment.date()).days
-            ahead = days < 0
+            ahead = moment.date() > (now + LATEST_ZONE).date()  # tomorrow wherever the org is: UTC+14 too
         else:
             days = (now - moment).days
             ahead = days < -1  # beyond any clock's skew
