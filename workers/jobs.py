@@ -493,14 +493,12 @@ def _salesforce(org_id: str) -> SalesforceCRM:
     )
 
 
-STORE_RETRY_S = (
-    20.0  # a batch waits this long at most for its store: a reset, a managed PostgreSQL's failover
-)
+# A batch waits this long at most for its store (a reset, a managed PostgreSQL's failover), trying
+# again after each pause; a store it could not reach is marked down, and not tried meanwhile.
+STORE_RETRY_S = 20.0
 STORE_RETRY_PAUSES_S = (1.0, 4.0, 15.0)
-STORE_DOWN_KEY, STORE_DOWN_S = (
-    "leadscore:store-down",
-    300,
-)  # a store a batch could not reach: not tried meanwhile
+STORE_DOWN_KEY = "leadscore:store-down"
+STORE_DOWN_S = 300
 
 
 class StoreDown(Exception):
