@@ -229,7 +229,10 @@ def _prepare_salesforce(jobs, org_id: str) -> bool:
     try:
         client = jobs.salesforce_for(org_id)
         client.prepare()
-        reached = jobs.context().reached.setdefault("salesforce", client.reached_org()[:15])
+        known = jobs.context().reached
+        if "salesforce" not in known:  # one org the credentials reach, whichever ids are listed
+            known["salesforce"] = client.reached_org()[:15]
+        reached = known["salesforce"]
     except (CRMError, RateLimited, SettingsError, SalesforceError, requests.RequestException) as exc:
         log.error("Salesforce org %s is not ready at start (%s); the worker starts, and its jobs try again",
                   org_id, exc)  # fmt: skip

@@ -46,9 +46,17 @@ end
 """
 
 
+DEFAULT_MAX_WAIT_S = 120.0  # a command's (`rescore`, `outcomes sync`): it has no other work to do
+
+
 class RateLimiter:
     def __init__(
-        self, redis: Redis, name: str, limit: int, window_s: float = 10.0, max_wait_s: float = 120.0
+        self,
+        redis: Redis,
+        name: str,
+        limit: int,
+        window_s: float = 10.0,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
     ):
         """`max_wait_s`: how long `acquire` waits before it raises RateLimited; a worker's is short, so
         a pause the CRM asked for puts its batch off rather than holding the worker from other work."""

@@ -100,14 +100,17 @@ def from_cache(raw: bytes | str) -> PropensityResult:
     data = json.loads(raw)
     if "unusable" in data:
         return replace(fallback(str(data["unusable"])), extra={**ANSWERED, "cached": True})
-    reply = ConversionPropensity.model_validate(data)
+    return _result(ConversionPropensity.model_validate(data), data["model"], extra={"cached": True})
+
+
+def _result(reply: ConversionPropensity, model: str, extra: dict | None = None) -> PropensityResult:
     return PropensityResult(
         propensity=reply.propensity,
         confidence=reply.confidence,
         reason=reply.reason,
         evidence=tuple(reply.evidence),
-        model=data["model"],
-        extra={"cached": True},
+        model=model,
+        extra=extra or {},
     )
 
 
@@ -183,13 +186,7 @@ class PropensityReasoner:
                 return self._failed(lead, f"LLM reply unusable: {exc}")
             except Exception as exc:  # fail open is the contract: no reply may stop scoring
                 return self._failed(lead, f"LLM reply unusable: {type(exc).__name__}")
-        return PropensityResult(
-            propensity=reply.propensity,
-            confidence=reply.confidence,
-            reason=reply.reason,
-            evidence=tuple(reply.evidence),
-            model=completion.model or self.model,
-        )
+        return _result(reply, completion.model or self.model)
 
     def assess_many(self, leads: list[Lead], now: datetime, redis=None) -> list[PropensityResult]:
         """Answers for many leads, asked as of `now`: cached ones from Redis, the rest concurrently

@@ -69,9 +69,9 @@ def _require_reached(settings: Settings, crm: str, candidate: str, asked: str | 
         return
     try:
         reached = reached_account(settings, crm, None)
+    except CRMUnavailable:
+        raise
     except CRMError as exc:
-        if isinstance(exc, CRMUnavailable):
-            raise
         log.warning("%s: could not check which account the credentials reach (%s); filing under %s, the "
                     "account the store's scores name", crm, exc, candidate)  # fmt: skip
         return

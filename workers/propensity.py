@@ -177,9 +177,7 @@ def ages(lead: Lead, now: datetime) -> dict[str, str]:
         if moment is None:
             told[name] = "on file, date unreadable"
             continue
-        if _DATE_ONLY.fullmatch(
-            str(value).strip()
-        ):  # a day (Salesforce's LastActivityDate), in the org's zone
+        if _DATE_ONLY.fullmatch(str(value).strip()):  # a day, Salesforce's LastActivityDate: the org's zone
             days = (now.date() - moment.date()).days
             ahead = moment.date() > (now + LATEST_ZONE).date()  # tomorrow wherever the org is: UTC+14 too
         else:

@@ -204,11 +204,11 @@ def llm_adds(scorer: dict) -> str | None:
     adds = scorer.get("llm_adds")
     if not adds:
         return None
-    converted = sum(row["converted"] for row in scorer["tiers"])
-    if min(converted, scorer["leads"] - converted) < MIN_EACH_OUTCOME_TO_RANK:
+    converted, unconverted = _outcome_counts(scorer)
+    if min(converted, unconverted) < MIN_EACH_OUTCOME_TO_RANK:
         return (
             f"what the LLM's part adds to the ROC AUC of the rules alone ({adds['roc_auc']:+.4f}) rests on "
-            f"{converted} converted and {scorer['leads'] - converted} unconverted leads: too few to tell"
+            f"{converted} converted and {unconverted} unconverted leads: too few to tell"
         )
     low, high = adds["ci95"]
     verdict = (
@@ -230,6 +230,12 @@ def _llm_adds(name: str, scorer: dict) -> str | None:
     )
 
 
+def _outcome_counts(scorer: dict) -> tuple[int, int]:
+    """(converted, unconverted) leads the scorer was measured on."""
+    converted = sum(row["converted"] for row in scorer["tiers"])
+    return converted, scorer["leads"] - converted
+
+
 def _points_scale(scorers: dict) -> str | None:
     """Brier and ECE treat a score / 100 as a probability, which the rules' points never claimed to be."""
     names = [f"`{name}`" for name, s in scorers.items() if s["scale"] == POINTS]
@@ -244,8 +250,7 @@ def _points_scale(scorers: dict) -> str | None:
 def _too_few_outcomes(name: str, scorer: dict) -> str | None:
     """A ranking measured on a handful of conversions (or of leads that did not convert) can swing
     widely from one sample to the next."""
-    converted = sum(row["converted"] for row in scorer["tiers"])
-    unconverted = scorer["leads"] - converted
+    converted, unconverted = _outcome_counts(scorer)
     if min(converted, unconverted) >= MIN_EACH_OUTCOME_TO_RANK:
         return None
     return (

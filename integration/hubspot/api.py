@@ -45,7 +45,7 @@ from integration.hubspot import (
     WRITTEN_PROPERTIES,
 )
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
-from integration.ratelimit import RateLimiter
+from integration.ratelimit import DEFAULT_MAX_WAIT_S, RateLimiter
 from integration.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -623,7 +623,7 @@ WORKER_MAX_WAIT_S = 15.0
 
 
 def shared_limiter(
-    redis: Redis, settings: Settings, portal_id: str, max_wait_s: float = 120.0
+    redis: Redis, settings: Settings, portal_id: str, max_wait_s: float = DEFAULT_MAX_WAIT_S
 ) -> RateLimiter:
     """The portal's rolling call budget, which every worker and `leadscore rescore` take from."""
     return RateLimiter(redis, f"hubspot:{portal_id}", settings.hubspot_calls_per_10s, max_wait_s=max_wait_s)

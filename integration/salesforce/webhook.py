@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from integration import signing
+from integration.crm import same_account
 from integration.errors import BodyTooLarge, PayloadError, SignatureError, WebhookError, first_problem
 from integration.events import MAX_EPOCH_MS, IntakeRow, deal_key
 from integration.queue import Skipped
@@ -85,7 +86,7 @@ def _text(element: Element, name: str) -> str:
 
 def same_record(first: str, second: str) -> bool:
     """Salesforce ids compare on their case-sensitive 15-character form (18 adds a checksum)."""
-    return bool(first and second) and first[:15] == second[:15]
+    return bool(first and second) and same_account(first, second)
 
 
 def api_client(change_origin: str) -> str:
