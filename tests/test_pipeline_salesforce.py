@@ -66,6 +66,21 @@ def test_outbound_message__single(post_outbound, sf_crm, run_worker, salesforce)
     assert writes == [("PATCH", "/services/data/v60.0/composite/sobjects", "client=leadscore")]
 
 
+def test_outbound_message__single_in_an_org_with_assignment_and_alerting_duplicate_rules(
+    post_outbound, sf_crm, run_worker, salesforce
+):
+    """A score write leaves the Lead with its rep, though the org has an active assignment rule (REST
+    runs it unless told not to), and saves through a duplicate rule that only alerts on edit."""
+    salesforce.assignment_owner = "00G5g000001LeadQAAA"
+    salesforce.duplicate_alerts.add(HOT)
+    post_outbound("outbound_message__single")
+    [result] = run_worker()
+
+    assert (result["outcome"], result["score"]) == ("written", 82)
+    assert salesforce.lead(HOT)["OwnerId"] == "0055g00000Rep01AAB"
+    assert written(salesforce, HOT)["Leadscore_Score__c"] == 82
+
+
 EXPECTED_BURST = {
     "00Q5g00000Ls001EAB": (82, "A", "VP of Sales at 250-person tech company; Working, Rated hot"),
     "00Q5g00000Ls002EAB": (

@@ -306,6 +306,12 @@ class SalesforceEmulator:
         self.writes: list[tuple[str, dict]] = []
         self.calls: list[tuple[str, str, str | None]] = []
         self.reject: dict[str, tuple[str, str]] = {}
+        # An active Lead assignment rule's owner: every Lead an update saves without
+        # `Sforce-Auto-Assign: FALSE` goes to it, as REST runs the org's active rule by default.
+        self.assignment_owner: str | None = None
+        # Leads an "Allow, with alert" duplicate rule matches on edit: saved only with the
+        # `Sforce-Duplicate-Rule-Header: allowSave=true` an API user acknowledges the alert by.
+        self.duplicate_alerts: set[str] = set()
         self.unreadable: set[str] = set()  # objects the integration user has no Read on
         self.unavailable = False  # every REST call answers 503, as in the org's maintenance window
         self.api_calls = 0
@@ -580,7 +586,7 @@ class SalesforceEmulator:
                     "EXCEEDED_ID_LIMIT",
                     f"record limit reached. cannot submit more than {MAX_COLLECTION} records into this call",
                 )
-            return jsonify(self._update(records, bool(body.get("allOrNone"))))
+            return jsonify(self._update(records, bool(body.get("allOrNone")), request.headers))
 
         @app.post("/services/Soap/m/<version>")
         def metadata(version):
@@ -735,7 +741,7 @@ class SalesforceEmulator:
 
     # ---- sObject Collections update
 
-    def _record_errors(self, item: dict) -> list[dict]:
+    def _record_errors(self, item: dict, headers=None) -> list[dict]:
         record_id = item.get("id") or item.get("Id")
         kind = (item.get("attributes") or {}).get("type")
         if kind not in (None, "Lead"):
@@ -757,6 +763,9 @@ class SalesforceEmulator:
         if record_id in self.reject:
             code, message = self.reject[record_id]
             return [_save_error(code, message)]
+        acknowledged = (headers or {}).get("Sforce-Duplicate-Rule-Header", "").replace(" ", "").lower()
+        if record_id in self.duplicate_alerts and "allowsave=true" not in acknowledged.split(";"):
+            return [_save_error("DUPLICATES_DETECTED", "Use one of these records?")]
         return []
 
     def _field_error(self, name: str, value) -> dict | None:
@@ -794,12 +803,14 @@ class SalesforceEmulator:
             )
         return None
 
-    def _update(self, records: list, all_or_none: bool) -> list[dict]:
+    def _update(self, records: list, all_or_none: bool, headers=None) -> list[dict]:
+        headers = headers or {}
+        assign = headers.get("Sforce-Auto-Assign", "TRUE").upper() != "FALSE"
         with self._lock:
             checked = []
             for item in records:
                 item = item if isinstance(item, dict) else {}
-                checked.append((item, item.get("id") or item.get("Id"), self._record_errors(item)))
+                checked.append((item, item.get("id") or item.get("Id"), self._record_errors(item, headers)))
             failed = any(errors for _, _, errors in checked)
             results, written = [], []
             for item, record_id, errors in checked:
@@ -814,6 +825,8 @@ class SalesforceEmulator:
                     }
                     lead = self.leads[record_id]
                     lead.update(copy.deepcopy(values))
+                    if assign and self.assignment_owner:
+                        lead["OwnerId"] = self.assignment_owner
                     now = _now()
                     lead.update(
                         LastModifiedById=self.integration_user_id, LastModifiedDate=now, SystemModstamp=now

@@ -250,7 +250,14 @@ class SalesforceCRM:
         self.telemetry = telemetry
         self.settings = settings
         self.session = requests.Session()
-        self.session.headers["Sforce-Call-Options"] = f"client={settings.salesforce_client_name}"
+        self.session.headers.update({
+            "Sforce-Call-Options": f"client={settings.salesforce_client_name}",
+            # REST runs the org's active Lead assignment rules on every update unless told not to, so a
+            # score write would hand a rep's Lead to a queue; and a duplicate rule that alerts on edit
+            # refuses an API save that does not acknowledge the alert.
+            "Sforce-Auto-Assign": "FALSE",
+            "Sforce-Duplicate-Rule-Header": "allowSave=true",
+        })  # fmt: skip
         renewable = redis is not None and _auth_mode(settings) != "token"
         self.shared = SharedSession(redis, settings, org_id) if renewable else None
         shared = self.shared.get() if self.shared else None
