@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class Skipped:
     """A CRM event that is not scored, and why."""
 
-    verdict: Literal["ignore", "unsupported"]
+    verdict: Literal["ignore", "unsupported", "malformed"]
     ref: str  # the CRM's own id for the event, for logs
     detail: str
 
@@ -84,7 +84,7 @@ def version_risk(version: str) -> str | None:
 
 def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict:
     """Log what is not scored, queue the rest; the summary every webhook answers with."""
-    ignored = {"ignore": 0, "unsupported": 0}
+    ignored = {"ignore": 0, "unsupported": 0, "malformed": 0}
     by_account: dict[str, list[IntakeRow]] = {}
     for item in triaged:
         if isinstance(item, IntakeRow):
@@ -93,7 +93,7 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
         level = logging.INFO if item.verdict == "ignore" else logging.WARNING
         log.log(level, "%s event %s not scored: %s", crm, item.ref, item.detail, extra={"event_id": item.ref})
         ignored[item.verdict] += 1
-    queued = len(triaged) - ignored["ignore"] - ignored["unsupported"]
+    queued = len(triaged) - sum(ignored.values())
     counters = [
         ("events_received_total", len(triaged), {"crm": crm}),
         *(("events_ignored_total", n, {"crm": crm, "reason": reason}) for reason, n in ignored.items() if n),

@@ -383,16 +383,36 @@ def test_an_unknown_event_of_another_shape_is_acknowledged_beside_a_handled_one(
      ("objectId", -5), ("portalId", True), ("eventId", "1547125269"), ("occurredAt", 1795251704110.5)],
 )  # fmt: skip
 def test_an_id_that_is_not_a_whole_number_above_zero_as_sent_is_refused(post_delivery, queue, field, value):
+    """Refused alone: HubSpot sends no 4xx'd delivery again, so the events beside it are queued first."""
     [created, _] = json.loads(load_delivery(FIXTURES / "hubspot" / "mixed__creation_and_unknown.json"))
 
-    response = post_delivery(json.dumps([created, {**created, field: value}]).encode())
+    response = post_delivery(json.dumps([{**created, field: value}, created]).encode())
 
     assert response.status_code == 400
-    assert response.get_json()["error"].startswith(
+    error = response.get_json()["error"]
+    assert error.startswith(
         "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
-        f"portalId, objectId, …); at 1.{field}: Input should be "
+        f"portalId, objectId, …); at 0.{field}: Input should be "
     )
-    assert pending.depth(queue.connection) == 0
+    assert error.endswith("; the delivery's 1 other event was queued")
+    assert [e["lead_id"] for e in queued_events(queue)] == [str(created["objectId"])]
+    labels = {"crm": "hubspot", "reason": "malformed"}
+    assert metrics.counter_value(queue.connection, "events_ignored_total", **labels) == 1
+
+
+def test_mixed__creation_and_unknown_with_two_malformed_creations_queues_the_rest(post_delivery, queue):
+    created, unknown = json.loads(load_delivery(FIXTURES / "hubspot" / "mixed__creation_and_unknown.json"))
+    second = {**created, "eventId": created["eventId"] + 1, "objectId": created["objectId"] + 1}
+    malformed = [{**created, "sourceId": 7}, {**created, "occurredAt": "yesterday"}]
+
+    response = post_delivery(json.dumps([created, *malformed, unknown, second]).encode())
+
+    assert (response.status_code, response.get_json()) == (400, {"error": (
+        "expected a JSON array of HubSpot webhook events (objects with eventId, subscriptionType, "
+        "portalId, objectId, …); at 1.sourceId: Input should be a valid string (and 1 more such events); "
+        "the delivery's 2 other events were queued"
+    )})  # fmt: skip
+    assert [e["lead_id"] for e in queued_events(queue)] == [str(created["objectId"]), str(second["objectId"])]
 
 
 @pytest.mark.parametrize("occurred_at", [10**17, -1])

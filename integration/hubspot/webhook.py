@@ -191,8 +191,8 @@ def _parse_each(body: bytes) -> list[HubSpotEvent | Skipped]:
             continue
         try:
             events.append(HubSpotEvent.model_validate(fields))
-        except ValidationError as exc:
-            raise PayloadError(f"{_EXPECTED}; {first_problem(exc, within=index)}") from None
+        except ValidationError as exc:  # refused alone: HubSpot never sends again what gets a 4xx
+            events.append(Skipped("malformed", ref, f"{_EXPECTED}; {first_problem(exc, within=index)}"))
     return events
 
 
@@ -275,4 +275,16 @@ def receive():
     own_app_id = settings.hubspot_app_id
     triaged = [e if isinstance(e, Skipped) else triage(e, own_app_id or str(e.app_id)) for e in events]
     summary = services.hand_off("hubspot", triaged)
+    if malformed := [e.detail for e in events if isinstance(e, Skipped) and e.verdict == "malformed"]:
+        raise PayloadError(_refusal(malformed, summary["queued"]))
     return jsonify(summary)
+
+
+def _refusal(problems: list[str], queued: int) -> str:
+    """A 400 for the events not the shape HubSpot sends, once the others are queued: HubSpot retries
+    no 4xx, so refusing the whole delivery would lose the events beside them."""
+    more = f" (and {len(problems) - 1} more such events)" if len(problems) > 1 else ""
+    if not queued:
+        return problems[0] + more
+    others = "1 other event was" if queued == 1 else f"{queued} other events were"
+    return f"{problems[0]}{more}; the delivery's {others} queued"
