@@ -12,7 +12,7 @@ import pytest
 from integration import metrics, pending, signing
 from integration.app import create_app
 from integration.emulators import free_port
-from integration.salesforce import is_record_id
+from integration.salesforce import full_id, is_record_id
 from tests.conftest import (
     FIXTURES,
     SF_EVENTS_SECRET,
@@ -375,6 +375,29 @@ def test_change_event_body_of_the_wrong_shape_is_refused(post_change_events, que
     assert response.status_code == 400
     assert response.get_json()["error"].endswith(where)
     assert pending.depth(queue.connection) == 0
+
+
+def test_lead_change_event__status_update_in_a_trigger_batch_of_2000_is_queued_and_2001_refused(
+    post_change_events, queue
+):
+    """A change-event trigger is handed up to 2,000 events, and a refusal fails its whole callout."""
+    value = fixture_json("salesforce/lead_change_event__status_update.json")
+    [event] = value["events"]
+    ids = [full_id(f"00Q5g00000{n:05d}") for n in range(2001)]
+    header = event["ChangeEventHeader"]
+    value["events"] = [
+        {"ChangeEventHeader": {**header, "recordIds": [lead_id], "sequenceNumber": n}}
+        for n, lead_id in enumerate(ids)
+    ]
+    too_many = post_change_events(value)
+    value["events"].pop()
+    body = post_change_events(value).get_json()
+
+    assert too_many.status_code == 400
+    assert too_many.get_json()["error"].endswith("at events: List should have at most 2000 items after "
+                                                 "validation, not 2001")  # fmt: skip
+    assert (body["received"], body["queued"]) == (2000, 2000)
+    assert queued(queue) == sorted(ids[:2000])
 
 
 # ---- review findings, each pinned

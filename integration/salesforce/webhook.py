@@ -35,6 +35,8 @@ from integration.settings import SettingsError
 log = logging.getLogger(__name__)
 
 MAX_NOTIFICATIONS = 100
+# A change-event trigger is handed up to 2,000 events at once, and its callout can only fail them all.
+MAX_CHANGE_EVENTS = 2000
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 OUTBOUND_NS = "http://soap.sforce.com/2005/09/outbound"
 XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
@@ -191,7 +193,7 @@ class ChangeEvent(BaseModel):
 
 class ChangeEventDelivery(BaseModel):
     organization_id: str = Field(alias="organizationId", min_length=15, max_length=18)
-    events: list[ChangeEvent] = Field(min_length=1, max_length=MAX_NOTIFICATIONS)
+    events: list[ChangeEvent] = Field(min_length=1, max_length=MAX_CHANGE_EVENTS)
 
 
 _EVENTS = TypeAdapter(ChangeEventDelivery)
