@@ -1526,6 +1526,36 @@ def test_daily_limit_defers_the_batch_instead_of_failing_it(post_delivery, crm, 
     assert 3000 < due - time.time() <= 3600
 
 
+def test_a_portal_moving_between_data_centres_puts_the_batch_off_as_long_as_hubspot_says(
+    post_delivery, crm, run_worker, hubspot, queue, redis
+):
+    """477 "Migration in Progress" comes with a Retry-After of up to a day: no retry is spent on it,
+    and no worker spends a call to learn it again."""
+    hubspot.migrating_retry_after_s = 7200
+    post_delivery("contact.creation__single")
+    before = len(hubspot._authenticated)
+    [result] = run_worker()
+
+    assert result["outcome"] == "deferred"
+    assert queue.failed_job_registry.count == 0
+    [deferred] = queue.scheduled_job_registry.get_job_ids()
+    due = queue.scheduled_job_registry.get_scheduled_time(deferred).timestamp()
+    assert 7100 < due - time.time() <= 7200
+    assert 7100_000 < redis.pttl(RateLimiter(redis, f"hubspot:{PORTAL_ID}", 100).pause_key) <= 7200_000
+    assert hubspot._authenticated[before:] == [("POST", "/crm/v3/objects/contacts/batch/read")]
+
+
+def test_a_call_hubspot_answers_locked_is_made_again_after_the_lock_s_2_seconds(
+    post_delivery, crm, run_worker, hubspot, queue
+):
+    hubspot.locked_calls = 1
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    assert result["outcome"] == "written"
+    assert hubspot.locked_calls == 0 and queue.failed_job_registry.count == 0
+
+
 def test_a_batch_put_off_for_an_outage_is_still_guarded_and_its_repeats_still_dropped():
     """While a batch waits out a CRM outage, the marks that tell a newer hand-off of its leads, and
     the CRM's redeliveries of its events, must outlive the wait."""

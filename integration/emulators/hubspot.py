@@ -167,6 +167,10 @@ class HubSpotEmulator:
         self.latency_s = latency_s
         self.rate_limit = rate_limit  # authenticated calls per rolling 10 s; None = unlimited
         self.daily_limit_reached = False  # every authenticated call answers 429 DAILY
+        # While set, every authenticated call answers 477 with this Retry-After: the portal is being
+        # moved between data hosting locations.
+        self.migrating_retry_after_s: int | None = None
+        self.locked_calls = 0  # the next calls answer 423, as while a high-volume sync holds the lock
         self.throttled = 0  # 429s answered
         self.reject: dict[str, str] = {}  # contact id -> message: writes fail like a validation rule
         self.contacts: dict[str, dict] = {}
@@ -501,6 +505,12 @@ class HubSpotEmulator:
         """Count an authenticated call; answer 429 when a limit is hit, else None to serve it."""
         with self._lock:
             self._authenticated.append((request.method, request.path))
+            if self.locked_calls > 0:
+                self.locked_calls -= 1
+                return _error(423, "LOCKED", "Too many requests to sync this object; try again in 2 seconds")
+            if self.migrating_retry_after_s is not None:
+                body, status = _error(477, "MIGRATION_IN_PROGRESS", "Migration in progress")
+                return body, status, {"Retry-After": str(self.migrating_retry_after_s)}
             if self.daily_limit_reached:
                 policy = "DAILY"
             elif self._storm > 0:

@@ -65,6 +65,10 @@ HUBSPOT_BATCH = 100
 SEARCH_PAGE = 200  # the search API's largest page
 MAX_THROTTLED_TRIES = 8
 DAILY_PAUSE_S = 3600  # HubSpot resets daily limits at midnight in the portal's time zone
+# 477: the portal is being moved between data hosting locations, "typically up to 24 hours".
+MIGRATING, MAX_MIGRATION_WAIT_S = 477, 86_400
+# 423: a high-volume sync locked the objects; "locks will last for 2 seconds".
+LOCKED, LOCKED_PAUSE_S = 423, 2.0
 API_ERRORS = (ApiException, ObjectsApiException, AssociationsApiException)
 GROUP = PropertyGroupCreate(name="leadscore", label="leadscore", display_order=-1)
 PROPERTY_DEFINITIONS = (
@@ -187,10 +191,13 @@ def _throttle(exc) -> tuple[str, float]:
         policy = json.loads(exc.body or "{}").get("policyName", "")
     except (ValueError, AttributeError):
         policy = ""
+    return policy, _retry_after_s(exc) or (1.0 if policy == "SECONDLY" else 2.0)
+
+
+def _retry_after_s(exc) -> float | None:
+    """The seconds HubSpot's Retry-After asks for, if it says."""
     headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
-    if headers.get("retry-after", "").isdigit():
-        return policy, float(headers["retry-after"])
-    return policy, 1.0 if policy == "SECONDLY" else 2.0
+    return float(headers["retry-after"]) if headers.get("retry-after", "").isdigit() else None
 
 
 class HubSpotCRM:
@@ -242,6 +249,11 @@ class HubSpotCRM:
             except API_ERRORS as exc:
                 if exc.status == 401:
                     raise CRMError(_token_refused(self.portal_id)) from exc
+                if exc.status == MIGRATING:
+                    raise self._migrating(exc) from None
+                if exc.status == LOCKED:
+                    time.sleep(LOCKED_PAUSE_S)
+                    continue
                 if exc.status != 429:
                     raise
                 self.telemetry("crm_throttled_total", crm="hubspot")
@@ -262,6 +274,18 @@ class HubSpotCRM:
                 raise CRMUnavailable(f"HubSpot did not answer ({operation}): {exc}") from exc
         raise RateLimited(
             f"HubSpot portal {self.portal_id}: still throttled after {MAX_THROTTLED_TRIES} tries"
+        )
+
+    def _migrating(self, exc) -> RateLimited:
+        """The portal is moving to another data centre: no call will do until it has moved, so every
+        worker holds off as long as HubSpot's Retry-After says (an hour if it does not say)."""
+        wait_s = min(_retry_after_s(exc) or DAILY_PAUSE_S, MAX_MIGRATION_WAIT_S)
+        if self.limiter is not None:
+            self.limiter.pause(wait_s)
+        return RateLimited(
+            f"HubSpot portal {self.portal_id} is moving between data centres (477); trying again in "
+            f"{wait_s:.0f}s",
+            retry_after_s=wait_s,
         )
 
     def contacts_at_outcome(self, changed_since: datetime) -> Iterator[tuple[str, str, datetime | None]]:
