@@ -6,6 +6,7 @@ environment variables runs the same lines under honcho, Heroku or systemd.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -136,6 +137,18 @@ class Settings(BaseSettings):
     def _app_id_is_numeric(cls, value: str) -> str:
         if value and not value.isdigit():
             raise ValueError(f"HUBSPOT_APP_ID must be the numeric app id, got {value!r}")
+        return value
+
+    @field_validator("salesforce_domain")
+    @classmethod
+    def _domain_before_salesforce_com(cls, value: str) -> str:
+        """simple-salesforce logs in at https://<domain>.salesforce.com: a URL given whole would be
+        looked up as a host that does not exist, which reads as the org being down."""
+        if not re.fullmatch(r"[A-Za-z0-9-]+(\.sandbox)?(\.my)?", value):
+            raise ValueError(
+                "SALESFORCE_DOMAIN is what comes before .salesforce.com: login, test, or a My Domain such "
+                f"as acme.my or acme--uat.sandbox.my, got {value!r}"
+            )
         return value
 
     @field_validator("log_level")

@@ -612,6 +612,13 @@ def test_missing_app_secret_answers_503_with_what_to_set(settings, queue):
         ("LLM_TIMEOUT_S", "-1", "LLM_TIMEOUT_S: Input should be greater than 0"),
         ("HUBSPOT_API_BASE", "not a url", "HUBSPOT_API_BASE: Input should be a valid URL"),
         ("DATABASE_URL", "store.db", "DATABASE_URL: Value error, DATABASE_URL must be an SQLAlchemy URL"),
+        (
+            "SALESFORCE_DOMAIN",
+            "https://acme.my.salesforce.com",
+            "SALESFORCE_DOMAIN: Value error, SALESFORCE_DOMAIN is what comes before .salesforce.com: login, "
+            "test, or a My Domain such as acme.my or acme--uat.sandbox.my, got 'https://acme.my.salesforce.com'",
+        ),
+        ("SALESFORCE_DOMAIN", "acme.my.salesforce.com", "SALESFORCE_DOMAIN is what comes before .salesforce"),
     ],
 )
 def test_invalid_settings_say_which_variable_to_fix(monkeypatch, variable, value, message):
