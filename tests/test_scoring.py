@@ -353,6 +353,29 @@ def test_a_status_marked_unqualified_in_any_case_is_capped(config, status):
     assert (result.score, result.tier, result.details["cap"]) == (25, "D", 25)
 
 
+@pytest.mark.parametrize(
+    ("table", "spelled", "label"),
+    [
+        ("source", "Direct Traffic", "Direct visit"),  # a HubSpot export's label of DIRECT_TRAFFIC
+        ("status", "In Progress", "In progress"),
+        ("status", "closed-not converted", "Closed, not converted"),
+        ("stage", "Marketing Qualified Lead", "MQL"),  # of marketingqualifiedlead
+        ("stage", "Sales_Qualified_Lead", "SQL"),
+    ],
+)
+def test_a_value_matches_whatever_its_spaces_hyphens_and_underscores(config, table, spelled, label):
+    """A CRM stores internal values and shows labels: an export, a report or an org's own picklist
+    gives the label, which must read as the value the config names."""
+    assert getattr(config.source_stage, table)(spelled).label == label
+
+
+def test_an_industry_stored_as_an_enumeration_value_matches_its_words(config):
+    """HubSpot's company industry values join words with underscores ("COMPUTER_SOFTWARE")."""
+    spelled = {v: role_fit(make_lead(industry=v), config).labels.get("industry")
+               for v in ("COMPUTER_SOFTWARE", "Computer Software")}  # fmt: skip
+    assert spelled["COMPUTER_SOFTWARE"] == spelled["Computer Software"] is not None
+
+
 def test_the_newer_salesforce_lead_statuses_are_known(config):
     labels = {
         status: config.source_stage.status(status).label

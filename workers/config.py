@@ -36,7 +36,13 @@ class KeywordRule(_Strict):
         return re.compile(rf"(?<!{WORD_CHAR})(?<!-)(?:{words})(?!{WORD_CHAR})(?!-)")
 
     def matches(self, text: str) -> bool:
-        return bool(self.pattern.search(folded(text)))
+        return bool(self.pattern.search(keyword_text(text)))
+
+
+def keyword_text(text: str) -> str:
+    """Text as keywords are looked for in it: `folded`, and underscores part words, as in the
+    enumeration values a CRM stores ("COMPUTER_SOFTWARE")."""
+    return folded(text).replace("_", " ")
 
 
 class Labelled(_Strict):
@@ -138,15 +144,16 @@ class SourceStage(_Strict):
     @field_validator("sources", "statuses", "stages")
     @classmethod
     def _keyed_by_value_key(cls, table: dict[str, Labelled]) -> dict[str, Labelled]:
-        """A lead's value matches whatever its case and runs of spaces ("Unqualified" is "UNQUALIFIED",
-        "Interested  in full time MBA" the same with one space): picklists differ by org and exports
-        drift. Two values of a table that read the same must have the same rule."""
+        """A lead's value matches whatever its case, spaces, hyphens and underscores ("Unqualified" is
+        "UNQUALIFIED", "In Progress" is "IN_PROGRESS"): picklists differ by org and exports give labels
+        where the API gives values. Two values of a table that read the same must have the same rule."""
         keyed: dict[str, Labelled] = {}
         for value, rule in table.items():
             key = value_key(value)
             if keyed.get(key, rule) != rule:
                 raise ValueError(
-                    f"{value!r} reads the same as another value (case and spacing are ignored) but has "
+                    f"{value!r} reads the same as another value (case, spaces, hyphens and underscores are "
+                    "ignored) but has "
                     "another rule: keep one of them"
                 )
             keyed[key] = rule
@@ -163,8 +170,14 @@ class SourceStage(_Strict):
 
 
 def value_key(value: str | None) -> str:
-    """How a source, status or stage is looked up in the scoring config."""
-    return folded(value or "")
+    """How a source, status or stage is looked up in the scoring config: without case, spaces,
+    hyphens or underscores, so a CRM's internal value (`DIRECT_TRAFFIC`, `marketingqualifiedlead`)
+    and its label in an export or a newer picklist ("Direct Traffic", "Marketing Qualified Lead")
+    are one value."""
+    return _JOINERS.sub("", folded(value or ""))
+
+
+_JOINERS = re.compile(r"[\s_-]+")
 
 
 class ScoringConfig(_Strict):

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass, field
 
 from integration.lead import Lead
-from integration.text import folded, narrow
-from workers.config import KeywordRule, ScoringConfig
+from integration.text import narrow
+from workers.config import KeywordRule, ScoringConfig, keyword_text
 
 # A head count, grouped as any locale groups it: by commas anywhere ("1,200", India's "1,20,000"), or
 # by a dot, a space or an apostrophe before each three digits ("1.200", "1 200", "1'200", "1’200");
@@ -48,7 +48,7 @@ COMPONENTS = ("seniority", "role_fit", "reachability", "source_stage")
 def _first_match(rules: tuple[KeywordRule, ...], text: str | None) -> KeywordRule | None:
     if not text:
         return None
-    compared = folded(text)
+    compared = keyword_text(text)
     return next((rule for rule in rules if rule.pattern.search(compared)), None)
 
 
