@@ -163,7 +163,7 @@ def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
     from hubspot.crm.properties import ApiException as PropertiesApiException
     from urllib3.exceptions import HTTPError
 
-    from integration.hubspot import OUTPUT_PROPERTIES
+    from integration.hubspot import OUTPUT_PROPERTIES, SCORED_OPTIONS
     from integration.hubspot.api import HubSpotCRM
     from integration.salesforce import OUTPUT_FIELDS
 
@@ -172,12 +172,14 @@ def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
     missing = []
     if settings.hubspot_configured:
         try:
-            present = HubSpotCRM(settings).contact_property_names()
+            properties = HubSpotCRM(settings).contact_properties()
         except (PropertiesApiException, HTTPError, CRMUnavailable) as exc:
             log.warning("could not check HubSpot for leadscore's properties (%s)", exc)
         except CRMError as exc:  # a refused token: HubSpot's jobs fail saying so, Salesforce's go on
             log.error("HubSpot: %s", exc)
         else:
+            present = set(properties)
+            warn_unscored_options("HubSpot", properties, SCORED_OPTIONS, jobs.context().config)
             always = [name for key, name in OUTPUT_PROPERTIES.items() if key != "holdout"]
             absent = [name for name in always if name not in present]
             if absent:
@@ -197,6 +199,29 @@ def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
             f"HOLDOUT_SHARE is {settings.holdout_share:g}, but {'; '.join(missing)}: run `leadscore setup "
             "hubspot` / `leadscore setup salesforce` to add it, or set HOLDOUT_SHARE=0"
         )
+
+
+def warn_unscored_options(where: str, options: dict[str, list[str]], tables: dict[str, str], config) -> None:
+    """Say at start which of the CRM's picklist options (`options`, by field) no rule of the scoring
+    config names (`tables`: the config table each field is looked up in): a lead with one scores as
+    unknown, and a closed or junk status goes uncapped, which the scores alone would never show."""
+    from workers.config import unmatched_options
+
+    fields = {table: field for field, table in tables.items() if field in options}
+    unmatched = unmatched_options(config, {table: options[field] for table, field in fields.items()})
+    for table, values in unmatched.items():
+        shown = ", ".join(values[:UNSCORED_SHOWN]) + (f" and {len(values) - UNSCORED_SHOWN} more"
+                                                      if len(values) > UNSCORED_SHOWN else "")  # fmt: skip
+        logging.getLogger("leadscore.worker").warning(
+            "%s %s has options no rule of scoring config %s names: %s. A lead with one scores as an unknown "
+            "%s%s; add them under [source_stage.%s] (SCORING_CONFIG_PATH)",
+            where, fields[table], config.version, shown, table,
+            ", never capped" if table == "status" else "", TABLE_NAMES[table],
+        )  # fmt: skip
+
+
+UNSCORED_SHOWN = 20
+TABLE_NAMES = {"source": "sources", "status": "statuses", "stage": "stages"}
 
 
 def _learn_reached_portal(settings, ctx) -> None:
@@ -224,6 +249,7 @@ def _prepare_salesforce(jobs, org_id: str) -> bool:
     from simple_salesforce.exceptions import SalesforceError
 
     from integration.crm import same_account
+    from integration.salesforce import SCORED_PICKLISTS
 
     log = logging.getLogger("leadscore.worker")
     try:
@@ -237,6 +263,8 @@ def _prepare_salesforce(jobs, org_id: str) -> bool:
         log.error("Salesforce org %s is not ready at start (%s); the worker starts, and its jobs try again",
                   org_id, exc)  # fmt: skip
         return False
+    warn_unscored_options(f"Salesforce org {org_id}: Lead", client.picklists, SCORED_PICKLISTS,
+                          jobs.context().config)  # fmt: skip
     if not same_account(reached, org_id):
         log.error(
             "SALESFORCE_ORG_IDS names org %s, but the Salesforce credentials reach org %s: %s's events are "

@@ -787,6 +787,34 @@ def test_a_worker_says_at_start_that_salesforce_hides_leadscores_fields_and_stil
     ]
 
 
+def test_a_worker_names_at_start_the_crms_options_no_rule_scores(
+    env, crm, sf_crm, hubspot, salesforce, caplog
+):
+    """A portal's or org's own statuses and sources score as unknown, a closed one uncapped: said at start
+    (the CRMs' default options all have rules), not found in the scores. Hidden or inactive ones are not."""
+    hubspot.add_option("hs_lead_status", "Disqualified")
+    hubspot.add_option("hs_lead_status", "Old status", hidden=True)
+    salesforce.add_picklist_value("Status", "Closed - Junk")
+    salesforce.add_picklist_value("LeadSource", "LinkedIn")
+    salesforce.add_picklist_value("LeadSource", "Fax", active=False)
+
+    assert main(["worker", "--burst"]) == 0
+
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and " options " in r.message]
+    version = jobs.context().config.version
+    unknown = "A lead with one scores as an unknown"
+    # Salesforce's at its describe, HubSpot's with the check of leadscore's properties
+    assert said == [
+        f"Salesforce org {SF_ORG_ID[:15]}: Lead LeadSource has options no rule of scoring config {version} "
+        f"names: LinkedIn. {unknown} source; add them under [source_stage.sources] (SCORING_CONFIG_PATH)",
+        f"Salesforce org {SF_ORG_ID[:15]}: Lead Status has options no rule of scoring config {version} "
+        f"names: Closed - Junk. {unknown} status, never capped; add them under [source_stage.statuses] "
+        "(SCORING_CONFIG_PATH)",
+        f"HubSpot hs_lead_status has options no rule of scoring config {version} names: Disqualified. "
+        f"{unknown} status, never capped; add them under [source_stage.statuses] (SCORING_CONFIG_PATH)",
+    ]
+
+
 def test_a_worker_with_a_holdout_share_starts_while_hubspot_cannot_be_asked(env, monkeypatch, sf_crm, caplog):
     reconfigure(monkeypatch, HOLDOUT_SHARE="0.05", HUBSPOT_API_BASE=f"http://127.0.0.1:{free_port()}")
 

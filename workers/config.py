@@ -180,6 +180,15 @@ def value_key(value: str | None) -> str:
 _JOINERS = re.compile(r"[\s_-]+")
 
 
+def unmatched_options(config: ScoringConfig, options: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The CRM's picklist options, by table ("source", "status" or "stage"), that no rule of the
+    config names: a lead with one scores as unknown, and a closed or junk status is not capped."""
+    tables = {"source": config.source_stage.source, "status": config.source_stage.status,
+              "stage": config.source_stage.stage}  # fmt: skip
+    unmatched = {table: [v for v in values if tables[table](v) is None] for table, values in options.items()}
+    return {table: values for table, values in unmatched.items() if values}
+
+
 class ScoringConfig(_Strict):
     version: str
     weights: Weights

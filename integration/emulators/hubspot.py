@@ -35,6 +35,15 @@ ALWAYS_RETURNED = (
 )
 # Default contact properties every portal has, beyond those the fixture contacts carry values for.
 DEFAULT_PROPERTIES = ("city", "country", "state", "hs_analytics_average_page_views")
+# A portal's default options of the enumeration properties leadscore's rules read (internal values).
+DEFAULT_OPTIONS = {
+    "hs_lead_status": ("NEW", "OPEN", "IN_PROGRESS", "OPEN_DEAL", "UNQUALIFIED", "ATTEMPTED_TO_CONTACT",
+                       "CONNECTED", "BAD_TIMING"),
+    "lifecyclestage": ("subscriber", "lead", "marketingqualifiedlead", "salesqualifiedlead", "opportunity",
+                       "customer", "evangelist", "other"),
+    "hs_analytics_source": ("ORGANIC_SEARCH", "PAID_SEARCH", "EMAIL_MARKETING", "SOCIAL_MEDIA", "REFERRALS",
+                            "OTHER_CAMPAIGNS", "DIRECT_TRAFFIC", "OFFLINE", "PAID_SOCIAL", "AI_REFERRALS"),
+}  # fmt: skip
 SEARCH_LIMIT = 200
 SEARCH_RESULTS_CAP = 10_000  # a search pages through at most this many results, `after` or not
 BATCH_LIMIT = 100  # inputs per CRM v3 batch call
@@ -267,14 +276,25 @@ class HubSpotEmulator:
 
     @staticmethod
     def _standard_property(name: str) -> dict:
+        options = [
+            {"label": value.replace("_", " ").title(), "value": value, "displayOrder": order, "hidden": False}
+            for order, value in enumerate(DEFAULT_OPTIONS.get(name, ()))
+        ]
         return {
             "name": name,
             "label": name,
-            "type": "string",
-            "fieldType": "text",
+            "type": "enumeration" if options else "string",
+            "fieldType": "select" if options else "text",
             "groupName": "contactinformation",
-            "options": [],
+            "options": options,
         }
+
+    def add_option(self, name: str, value: str, label: str | None = None, hidden: bool = False) -> None:
+        """An option a portal's admin added to an enumeration property (its value, as the UI makes it,
+        is the label itself)."""
+        prop = self.properties.setdefault(name, self._standard_property(name))
+        prop["options"].append({"label": label or value, "value": value,
+                                "displayOrder": len(prop["options"]), "hidden": hidden})  # fmt: skip
 
     # ---- HTTP
 

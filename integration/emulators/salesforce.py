@@ -118,6 +118,18 @@ def _errors(status: int, code: str, message: str):
     return jsonify([{"message": message, "errorCode": code}]), status
 
 
+# A new org's standard Lead picklists that leadscore's rules read.
+DEFAULT_PICKLISTS = {
+    "LeadSource": ("Web", "Phone Inquiry", "Partner Referral", "Purchased List", "Other"),
+    "Status": ("Open - Not Contacted", "Working - Contacted", "Closed - Converted", "Closed - Not Converted"),
+    "Rating": ("Hot", "Warm", "Cold"),
+}
+
+
+def _picklist_value(value: str) -> dict:
+    return {"active": True, "defaultValue": False, "label": value, "validFor": None, "value": value}
+
+
 def _field_type(name: str, value) -> str:
     if name == "Id":
         return "id"
@@ -403,8 +415,8 @@ class SalesforceEmulator:
 
     @staticmethod
     def _standard_field(name: str, value) -> dict:
-        kind = _field_type(name, value)
-        return {
+        kind = "picklist" if name in DEFAULT_PICKLISTS else _field_type(name, value)
+        described = {
             "name": name,
             "label": _label(name),
             "type": kind,
@@ -412,8 +424,16 @@ class SalesforceEmulator:
             "updateable": name not in READ_ONLY_FIELDS,
             "nillable": name
             not in ("Id", "IsConverted", "CreatedDate", "LastModifiedDate", "SystemModstamp"),
-            "length": {"string": 255, "id": 18}.get(kind, 0),
+            "length": {"string": 255, "id": 18, "picklist": 255}.get(kind, 0),
         }
+        if kind == "picklist":
+            described["picklistValues"] = [_picklist_value(v) for v in DEFAULT_PICKLISTS[name]]
+        return described
+
+    def add_picklist_value(self, name: str, value: str, active: bool = True) -> None:
+        """A value an org's admin added to a standard Lead picklist."""
+        field = self.lead_fields.setdefault(name, self._standard_field(name, None))
+        field["picklistValues"].append({**_picklist_value(value), "active": active})
 
     def _lead_field(self, name: str) -> str | None:
         """The canonical name of a Lead field (field names are case-insensitive), or None."""

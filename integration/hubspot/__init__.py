@@ -25,3 +25,5 @@ OUTCOME_DATE_PROPERTIES = tuple(f"hs_lifecyclestage_{stage}_date" for stage in O
 # A deal reaching closed won is an outcome for its contacts. Its stage ids differ per pipeline, so
 # every stage change is queued (under `events.deal_key`), and the worker reads whether the deal is won.
 DEAL_OUTCOME_PROPERTIES = frozenset({"dealstage", "hs_is_closed_won"})
+# The enumeration properties the scoring config's tables look values up from.
+SCORED_OPTIONS = {"hs_analytics_source": "source", "hs_lead_status": "status", "lifecyclestage": "stage"}

@@ -567,10 +567,11 @@ class HubSpotCRM:
             results.setdefault(str(contact.id), WriteResult(str(contact.id), True))
             halving.wrote = True
 
-    def contact_property_names(self) -> set[str]:
-        """The portal's contact properties, in one call (`leadscore worker` asks at start)."""
+    def contact_properties(self) -> dict[str, list[str]]:
+        """The portal's contact properties and the values of their visible options, in one call
+        (`leadscore worker` asks at start)."""
         found = self._call("properties", self.client.crm.properties.core_api.get_all, "contacts")
-        return {p.name for p in found.results}
+        return {p.name: [o.value for o in p.options or () if not o.hidden] for p in found.results}
 
     def ensure_properties(self) -> SetupReport:
         """Create the leadscore property group and properties; existing ones are left alone."""

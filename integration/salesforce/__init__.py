@@ -47,3 +47,5 @@ def full_id(value: str) -> str:
 
 # Salesforce stamps these on every change, ours included; alone they are no reason to rescore.
 SYSTEM_FIELDS = frozenset({"LastModifiedDate", "LastModifiedById", "SystemModstamp", "LastReferencedDate"})
+# The Lead picklists the scoring config's tables look values up from (a Lead's Rating is its stage).
+SCORED_PICKLISTS = {"LeadSource": "source", "Status": "status", "Rating": "stage"}

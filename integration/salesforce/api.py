@@ -25,7 +25,14 @@ from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSessi
 from integration.crm import SetupReport, WriteResult, write_one
 from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, option_label
-from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS, WRITTEN_FIELDS, full_id, is_record_id
+from integration.salesforce import (
+    FEEDBACK_FIELD,
+    OUTPUT_FIELDS,
+    SCORED_PICKLISTS,
+    WRITTEN_FIELDS,
+    full_id,
+    is_record_id,
+)
 from integration.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -245,6 +252,7 @@ class SalesforceCRM:
         self.org_id = self.account_id = org_id
         self.custom_fields = dict(custom_fields or {})
         self._read_fields: list[str] | None = None
+        self.picklists: dict[str, list[str]] = {}  # active values of SCORED_PICKLISTS, from `read_fields`
         self.timeout = settings.salesforce_timeout_s
         self.stop_fraction = settings.salesforce_api_stop_fraction
         self.telemetry = telemetry
@@ -297,7 +305,11 @@ class SalesforceCRM:
         describe call per process (`leadscore worker` makes it before forking)."""
         if self._read_fields is None:
             optional = [FEEDBACK_FIELD, OUTPUT_FIELDS["holdout"], *self.custom_fields.values()]
-            present = self._lead_field_names()
+            present = self._lead_fields()
+            self.picklists = {
+                name: [v["value"] for v in present[name].get("picklistValues") or () if v.get("active")]
+                for name in SCORED_PICKLISTS if name in present
+            }  # fmt: skip
             missing = [name for name in optional if name not in present]
             if missing:
                 log.warning(
@@ -325,7 +337,8 @@ class SalesforceCRM:
         finally:
             self.sf.api_usage.clear()
 
-    def _lead_field_names(self) -> set[str]:
+    def _lead_fields(self) -> dict[str, dict]:
+        """The Lead fields this user can see, by name, as the describe gives them."""
         self._within_budget("describe")
         try:
             described = self._renewing(
@@ -333,7 +346,7 @@ class SalesforceCRM:
             )
         except (SalesforceError, requests.RequestException) as exc:
             raise _failure("describing Lead failed", exc) from exc
-        return {f["name"] for f in described["fields"]}
+        return {f["name"]: f for f in described["fields"]}
 
     def _renewing(self, call: Callable[[], T]) -> T:
         """`call`, and once more on a new session when the org says this one expired and leadscore
@@ -541,7 +554,7 @@ class SalesforceCRM:
 
     def ensure_fields(self) -> SetupReport:
         """Create leadscore's custom Lead fields through the Metadata API; existing ones stay."""
-        existing = self._lead_field_names()
+        existing = set(self._lead_fields())
         report = SetupReport(created=[], existing=[])
         mdapi = self.sf.mdapi
         for name, spec in FIELD_DEFINITIONS.items():
