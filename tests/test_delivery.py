@@ -999,7 +999,8 @@ def test_an_llm_that_asks_to_wait_is_not_asked_again_in_the_batch_and_its_leads_
         for props in map(hubspot.contact_properties, hubspot.contacts)
         if "leadscore_details" in props
     }
-    assert errors == {"LLM answered HTTP 429", "LLM rate-limited (429): not asked in this batch"}  # fmt: skip
+    assert errors == {"LLM answered HTTP 429: Rate limit reached for requests. (code rate_limit_exceeded)",
+                      "LLM rate-limited (429): not asked in this batch"}  # fmt: skip
     assert queue.scheduled_job_registry.count == 1  # the fallback rescore of all 24
 
 
@@ -1018,20 +1019,87 @@ def test_leads_the_llm_has_not_answered_by_the_batch_deadline_fall_back(
     assert queue.scheduled_job_registry.count == 1
 
 
-@pytest.mark.parametrize(("status", "logged"), [(400, True), (401, True), (500, False), (None, False)])
-def test_a_worker_says_at_start_when_the_llm_refuses_its_request(
-    env, monkeypatch, llm, caplog, status, logged
+REFUSED_MAX_TOKENS = (
+    "LLM answered HTTP 400: Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+    "'max_completion_tokens' instead. (code unsupported_parameter, param max_tokens)"
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "reasoning_model", "refusal"),
+    [
+        (400, False, "LLM answered HTTP 400: Invalid request."),
+        (401, False, "LLM answered HTTP 401: Invalid request."),
+        (None, True, REFUSED_MAX_TOKENS),
+        (500, False, None),
+        (None, False, None),
+    ],
+    ids=["400", "401", "reasoning_model", "500", "answered"],
+)
+def test_a_worker_says_at_start_when_the_llm_refuses_its_request_in_the_providers_words(
+    env, monkeypatch, llm, caplog, status, reasoning_model, refusal
 ):
-    llm.force(status=status)  # 400: e.g. a model that takes no `max_tokens`; 500 may pass
+    llm.force(status=status)  # a 500 may pass
+    llm.reasoning_model = reasoning_model  # it takes no `max_tokens`
     assert main(["worker", "--burst"]) == 0
 
     refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "LLM" in r.getMessage()]
     assert len(llm.requests) == (2 if status == 500 else 1)  # one made-up lead; a 5xx is asked again
     assert refusals == (
-        [f"the LLM (gpt-4o-mini at {llm.url}/v1) refuses leadscore's request: LLM answered HTTP {status}. "
-         "Every lead is scored on the rules alone until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed"]
-        if logged else []
+        [f"the LLM (gpt-4o-mini at {llm.url}/v1) refuses leadscore's request: {refusal}. Every lead is "
+         "scored on the rules alone until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed"]
+        if refusal else []
     )  # fmt: skip
+
+
+def test_a_lead_the_llm_refuses_keeps_the_providers_words_and_is_counted_under_the_status_alone(
+    env, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    llm.reasoning_model = True
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    details = json.loads(hubspot.contact_properties("74300000101")["leadscore_details"])
+    assert (result["outcome"], result["fallback"]) == ("written", True)
+    assert details["propensity"]["error"] == REFUSED_MAX_TOKENS
+    counted = metrics.counter_value(queue.connection, "llm_fallbacks_total", reason="LLM answered HTTP 400")
+    assert counted == 1
+
+
+SECRET_AND_EMAIL = "Incorrect API key provided: sk-proj-abcdefghijklmnopqrstuvwxyz. Ask ops@example.com. "
+MASKED = "Incorrect API key provided: [redacted]. Ask [email]. "
+VLLM_NOT_FOUND = {"object": "error", "message": "The model `gpt-4o-mini` does not exist.",
+                  "type": "NotFoundError", "param": None, "code": 404}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "error"),
+    [
+        (404, "application/json", b'{"error": "model \\"llama3.1\\" not found, try pulling it first"}',
+         'LLM answered HTTP 404: model "llama3.1" not found, try pulling it first'),
+        (404, "application/json", json.dumps(VLLM_NOT_FOUND).encode(),
+         "LLM answered HTTP 404: The model `gpt-4o-mini` does not exist. (code 404)"),
+        (404, "application/json", b'{"detail": "Not Found"}',
+         'LLM answered HTTP 404: {"detail": "Not Found"}'),
+        (403, "text/plain", b"Forbidden:\n  no route\n", "LLM answered HTTP 403: Forbidden: no route"),
+        (401, "application/json",
+         json.dumps({"error": {"message": SECRET_AND_EMAIL + "x" * 300, "code": "invalid_api_key"}}).encode(),
+         "LLM answered HTTP 401: " + (MASKED + "x" * 300)[:200]),
+        (400, "application/json", b"", "LLM answered HTTP 400"),
+    ],
+    ids=["ollama", "vllm", "no_message", "plain_text", "secret_and_long", "empty"],
+)  # fmt: skip
+def test_what_a_provider_said_refusing_a_call_is_kept_masked_and_clipped(
+    env, llm, status, content_type, body, error
+):
+    from workers.llm import PROBE_LEAD, PropensityReasoner
+    from workers.propensity import build_messages
+
+    llm.force(status=status, raw=(content_type, body))
+    asked = build_messages(PROBE_LEAD, datetime.now(UTC))
+    result = PropensityReasoner(get_settings()).assess(PROBE_LEAD, asked)
+
+    assert (result.fallback, result.error) == (True, error)
 
 
 @pytest.mark.parametrize("elsewhere", ["", "http://127.0.0.1:9/v1"])

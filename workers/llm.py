@@ -15,6 +15,7 @@ import openai
 from redis.exceptions import RedisError
 
 from integration.lead import Lead
+from integration.logs import redact
 from integration.salesforce import full_id
 from integration.settings import Settings
 from workers.propensity import ConversionPropensity, PropensityResult, build_messages, fallback, parse_reply
@@ -29,6 +30,33 @@ PROBE_LEAD = Lead(
     crm="hubspot", account_id="0", lead_id="leadscore-start-check", title="VP of Sales", company="Example Co",
     company_size="100-500", source="ORGANIC_SEARCH", status="NEW", has_email=True,
 )  # fmt: skip
+
+
+MAX_PROVIDER_WORDS = 200  # characters kept of what a provider said when it refused a call
+NOTHING = (None, "")
+
+
+def provider_said(exc: openai.APIStatusError) -> str:
+    """What the provider said when it refused a call (its message, code and param), masked and clipped:
+    it names what to fix (a parameter the model does not take, a deployment not found), and it is
+    logged and kept in `leadscore_details`."""
+    body = exc.body
+    if isinstance(body, dict):  # OpenAI's `error` object, as Azure, vLLM and gateways answer too
+        named = ", ".join(f"{key} {body[key]}" for key in ("code", "param") if body.get(key) not in NOTHING)
+        message = body.get("message")
+        if not isinstance(message, str):  # not OpenAI's shape (`{"detail": ...}`): the body as it is
+            message = json.dumps(body, ensure_ascii=False)
+        said = f"{message} ({named})" if named else message
+    else:
+        said = str(body or "")  # a plain-text or HTML body, or Ollama's `{"error": "..."}` string
+    return redact(" ".join(said[: MAX_PROVIDER_WORDS * 4].split()))[:MAX_PROVIDER_WORDS]
+
+
+def http_error(exc: openai.APIStatusError) -> str:
+    """The error a refused call keeps; the part before the first ":" is the fallback metric's label, so
+    it stays one of a few."""
+    said = provider_said(exc)
+    return f"LLM answered HTTP {exc.status_code}: {said}" if said else f"LLM answered HTTP {exc.status_code}"
 
 
 class _Unusable(ValueError):
@@ -170,7 +198,7 @@ class PropensityReasoner:
                 if exc.status_code == 429 and throttled is not None:
                     throttled.set()
                 retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
-                return self._failed(lead, f"LLM answered HTTP {exc.status_code}", retryable)
+                return self._failed(lead, http_error(exc), retryable)
             except openai.APIConnectionError as exc:
                 if attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
