@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -1047,7 +1048,7 @@ def test_a_worker_says_at_start_when_the_llm_refuses_its_request_in_the_provider
     assert len(llm.requests) == (2 if status == 500 else 1)  # one made-up lead; a 5xx is asked again
     assert refusals == (
         [f"the LLM (gpt-4o-mini at {llm.url}/v1) refuses leadscore's request: {refusal}. Every lead is "
-         "scored on the rules alone until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed"]
+         "scored on the rules alone until LLM_MODEL, LLM_BASE_URL, LLM_API_KEY or LLM_EXTRA_PARAMS is fixed"]
         if refusal else []
     )  # fmt: skip
 
@@ -1100,6 +1101,55 @@ def test_what_a_provider_said_refusing_a_call_is_kept_masked_and_clipped(
     result = PropensityReasoner(get_settings()).assess(PROBE_LEAD, asked)
 
     assert (result.fallback, result.error) == (True, error)
+
+
+def test_a_reasoning_model_is_asked_with_llm_extra_params_through_a_gateway_given_llm_extra_headers(
+    env, monkeypatch, post_delivery, crm, run_worker, llm, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    llm.reasoning_model = True  # it refuses `max_tokens` and `temperature` 0
+    params = {
+        "max_tokens": None,
+        "max_completion_tokens": 2000,
+        "temperature": None,
+        "reasoning_effort": "low",
+    }
+    monkeypatch.setenv("LLM_EXTRA_PARAMS", json.dumps(params))
+    monkeypatch.setenv(
+        "LLM_EXTRA_HEADERS", json.dumps({"cf-aig-authorization": "Bearer gw-s3cret", "X-Title": "ls"})
+    )
+    _clear_caches()
+    assert jobs.context().reasoner.check() is None  # the worker's start check: answered
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    assert (result["outcome"], result["fallback"]) == ("written", False)
+    sent = {
+        "response_format": {"type": "json_object"},
+        "max_completion_tokens": 2000,
+        "reasoning_effort": "low",
+    }
+    asked = [{k: v for k, v in r.items() if k not in ("model", "messages")} for r in llm.requests]
+    assert asked == [sent, sent]  # the start check's, the lead's
+    headers = [(h["cf-aig-authorization"], h["x-title"], h["authorization"]) for h in llm.headers]
+    assert headers == [("Bearer gw-s3cret", "ls", f"Bearer {env['LLM_API_KEY']}")] * 2
+    assert [r.getMessage() for r in caplog.records if "s3cret" in r.getMessage()] == []
+
+
+def test_an_llm_answer_is_cached_by_the_request_llm_extra_params_make(
+    env, monkeypatch, post_delivery, crm, run_worker, hubspot, llm
+):
+    asked_with = []
+    for n, params in enumerate(["", '{"max_tokens": 600}', '{"max_tokens": 600}']):
+        monkeypatch.setenv("LLM_EXTRA_PARAMS", params)
+        _clear_caches()
+        hubspot.contacts[VP]["properties"]["leadscore_details"] = ""  # so the lead is scored again
+        post_delivery(json.dumps([change(int(VP), 900 + n)]).encode())
+        [result] = run_worker()
+        asked_with.append((result["outcome"], result["fallback"], len(llm.requests)))
+
+    assert [r["max_tokens"] for r in llm.requests] == [300, 600]  # the third, asked as the second: cached
+    assert asked_with == [("written", False, 1), ("written", False, 2), ("written", False, 2)]
 
 
 @pytest.mark.parametrize("elsewhere", ["", "http://127.0.0.1:9/v1"])

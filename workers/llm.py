@@ -80,12 +80,18 @@ CACHE_PREFIX = "leadscore:llm:"
 REQUEST = {"temperature": 0, "response_format": {"type": "json_object"}, "max_tokens": 300}
 
 
-def answer_id(base_url: str, model: str, messages: list[dict]) -> str:
+def effective_request(extra_params: dict) -> dict:
+    """REQUEST with LLM_EXTRA_PARAMS merged in, a null taking its key out: a reasoning model takes no
+    `max_tokens` nor `temperature` 0, LM Studio no JSON mode."""
+    return {key: value for key, value in {**REQUEST, **extra_params}.items() if value is not None}
+
+
+def answer_id(base_url: str, model: str, request: dict, messages: list[dict]) -> str:
     """What an LLM answer is cached by: what was asked, and of whom (endpoint, model, request and
     messages), so an edit the LLM never sees (rules, tiers, the reasons' wording, a trained model)
     reuses every answer. A lead's answers set lists these ids, as older releases listed the input
     fingerprint the answer was cached by then: `cached_answer_key` reads both alike."""
-    asked = [base_url, model, REQUEST, messages]
+    asked = [base_url, model, request, messages]
     return hashlib.sha256(json.dumps(asked, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
@@ -162,9 +168,11 @@ class PropensityReasoner:
         self.concurrency = settings.llm_concurrency
         self.deadline_s = settings.llm_batch_deadline_s
         self.cache_ttl_s = settings.llm_cache_ttl_s
+        self.request = effective_request(settings.llm_extra_params)
         self._client_options = dict(
             api_key=settings.llm_api_key,
             base_url=self.base_url,
+            default_headers=settings.llm_extra_headers,
             timeout=settings.llm_timeout_s,
             max_retries=0,  # the client would wait out a Retry-After of up to two minutes per call
         )
@@ -186,7 +194,10 @@ class PropensityReasoner:
             return fallback("LLM disabled: LLM_API_KEY is not set")
         for attempt in (1, 2):
             try:
-                completion = client.chat.completions.create(model=self.model, messages=messages, **REQUEST)
+                # The request as JSON, so a provider's own parameters (vLLM's `top_k`) pass as OpenAI's do.
+                completion = client.chat.completions.create(
+                    model=self.model, messages=messages, extra_body=self.request
+                )
                 reply = parse_reply(_reply_content(completion))
                 break
             except openai.APITimeoutError:
@@ -225,7 +236,7 @@ class PropensityReasoner:
         the lead is scored.
         """
         messages = [build_messages(lead, now) for lead in leads]
-        answers = [answer_id(self.base_url, self.model, asked) for asked in messages]
+        answers = [answer_id(self.base_url, self.model, self.request, asked) for asked in messages]
         keys = [cached_answer_key(answer) for answer in answers]
         cached: list[bytes | None] = [None] * len(leads)
         if redis is not None and self.cache_ttl_s and leads:

@@ -86,6 +86,7 @@ class LLMStub:
         self.retry_after: str | None = None  # the Retry-After header a forced 429 carries
         self.reasoning_model = False  # refuse `max_tokens` and a temperature but 1, as o-series models do
         self.requests: list[dict] = []
+        self.headers: list[dict[str, str]] = []  # each request's, lower-cased names
         self._lock = threading.Lock()
 
     def force(
@@ -114,6 +115,7 @@ class LLMStub:
             body = request.get_json(force=True)
             with self._lock:
                 self.requests.append(body)
+                self.headers.append({name.lower(): value for name, value in request.headers.items()})
             if self.latency_s:
                 time.sleep(self.latency_s)
             if self.forced_status is not None and self.forced_raw is not None:
