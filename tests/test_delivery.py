@@ -1203,6 +1203,45 @@ def test_an_llm_reply_asking_again_would_repeat_falls_back_without_a_rescore(
     assert counted == {"llm_calls_total": 1, "llm_cache_hits_total": 1, "llm_fallbacks_total": 2}
 
 
+@pytest.mark.parametrize("content", [None, "", "<think>A pricing form is strong intent, but"],
+                         ids=["null", "empty", "thinking_only"])  # fmt: skip
+def test_a_reply_cut_off_before_a_word_of_the_answer_is_not_kept_and_is_said_once_a_batch(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm, caplog, content
+):
+    from workers.llm import TOKEN_LIMIT_SPENT
+
+    _fallback_rescore_every(monkeypatch, 60)
+    reply = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "o4-mini",
+             "choices": [{"index": 0, "finish_reason": "length",
+                          "message": {"role": "assistant", "content": content}}],
+             "usage": {"completion_tokens": 300,
+                       "completion_tokens_details": {"reasoning_tokens": 300}}}  # fmt: skip
+    llm.force(raw=("application/json", json.dumps(reply).encode()))
+    assert jobs.context().reasoner.check() == TOKEN_LIMIT_SPENT  # the worker says so at start too
+    post_delivery(BURST)  # 24 leads
+    results = run_worker()
+
+    assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
+    errors = {
+        json.loads(props["leadscore_details"])["propensity"]["error"]
+        for props in map(hubspot.contact_properties, hubspot.contacts)
+        if "leadscore_details" in props
+    }
+    assert errors == {TOKEN_LIMIT_SPENT}
+    said = [r.getMessage() for r in caplog.records if r.name == "workers.llm" and r.levelname != "INFO"]
+    assert said == [
+        "the LLM spent its whole token limit before answering 24 of 24 leads (a reasoning model thinks at "
+        "length): they are scored on the rules alone until max_completion_tokens (or max_tokens) is raised "
+        "in LLM_EXTRA_PARAMS"
+    ]
+    assert queue.scheduled_job_registry.count == 0  # asked again, it would be cut off again
+    asked = len(llm.requests)
+    llm.force()  # the limit raised
+    post_delivery(json.dumps([change(int(VP), 7001)]).encode())
+    [again] = run_worker()
+    assert (again["outcome"], again["fallback"], len(llm.requests)) == ("written", False, asked + 1)
+
+
 def test_a_rescore_leaves_a_waiting_event_of_the_lead_as_it_is(post_delivery, redis):
     post_delivery("contact.propertyChange__lead_status")
     [waiting] = pending_events(redis, "hubspot", PORTAL_ID)

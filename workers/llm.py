@@ -18,7 +18,14 @@ from integration.lead import Lead
 from integration.logs import redact
 from integration.salesforce import full_id
 from integration.settings import Settings
-from workers.propensity import ConversionPropensity, PropensityResult, build_messages, fallback, parse_reply
+from workers.propensity import (
+    ConversionPropensity,
+    PropensityResult,
+    build_messages,
+    fallback,
+    parse_reply,
+    without_thinking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,17 @@ class _Unusable(ValueError):
     """A reply that asking again would repeat: cut off at the token limit, filtered, or refused."""
 
 
+# Not the LLM's answer but leadscore's setting, so it is not cached: once the limit is raised, the
+# lead's next event or a rescore gets an answer.
+TOKEN_LIMIT_SPENT = (
+    "LLM token limit spent before the answer: raise max_completion_tokens (or max_tokens) in LLM_EXTRA_PARAMS"
+)
+
+
+class _TokenLimitSpent(Exception):
+    """Cut off at the token limit before a word of the answer: a reasoning model spent it thinking."""
+
+
 def _reply_content(completion) -> str | None:
     """The first choice's text; a proxy's HTML page or an empty body is not a reply."""
     choices = getattr(completion, "choices", None)
@@ -71,8 +89,11 @@ def _reply_content(completion) -> str | None:
     choice = choices[0]
     if getattr(choice.message, "refusal", None):
         raise _Unusable(f"the LLM refused: {str(choice.message.refusal)[:80]!r}")
-    if getattr(choice, "finish_reason", None) in ("length", "content_filter"):
-        raise _Unusable(f"reply cut off ({choice.finish_reason})")
+    finish_reason = getattr(choice, "finish_reason", None)
+    if finish_reason == "length" and not without_thinking(choice.message.content or ""):
+        raise _TokenLimitSpent
+    if finish_reason in ("length", "content_filter"):
+        raise _Unusable(f"reply cut off ({finish_reason})")
     return choice.message.content
 
 
@@ -217,6 +238,8 @@ class PropensityReasoner:
                 return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
             except openai.APIError as exc:
                 return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
+            except _TokenLimitSpent:  # said once a batch, by `assess_many`, and at start
+                return fallback(TOKEN_LIMIT_SPENT, retryable=False)
             except _Unusable as exc:  # an answer of its own: kept as one, so it is not asked again
                 return replace(
                     self._failed(lead, f"LLM reply unusable: {exc}", retryable=False), extra=ANSWERED
@@ -232,7 +255,8 @@ class PropensityReasoner:
         from the LLM.
 
         Only the LLM's answers are cached (by what was asked: `answer_id`), its refusals and replies
-        cut off among them; any other fallback (a timeout, a 5xx, a 429) is asked again the next time
+        cut off among them, but not one cut off before a word of the answer (the token limit is
+        leadscore's setting); any other fallback (a timeout, a 5xx, a 429) is asked again the next time
         the lead is scored.
         """
         messages = [build_messages(lead, now) for lead in leads]
@@ -248,6 +272,12 @@ class PropensityReasoner:
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             asked = self._ask_all([leads[i] for i in missing], [messages[i] for i in missing])
+            if spent := sum(result.error == TOKEN_LIMIT_SPENT for result in asked):
+                log.error(
+                    "the LLM spent its whole token limit before answering %d of %d leads (a reasoning model "
+                    "thinks at length): they are scored on the rules alone until max_completion_tokens (or "
+                    "max_tokens) is raised in LLM_EXTRA_PARAMS", spent, len(asked),
+                )  # fmt: skip
             for i, result in zip(missing, asked, strict=True):
                 results[i] = result
             fresh = [i for i in missing if not results[i].fallback or results[i].extra.get("answered")]

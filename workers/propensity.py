@@ -138,6 +138,11 @@ def parse_reply(content: str | None) -> ConversionPropensity:
         raise ValueError(f"reply does not fit ConversionPropensity {first_problem(exc)}") from None
 
 
+def without_thinking(content: str) -> str:
+    """The reply but a leading think block: nothing when it is all thinking."""
+    return _THINKING.sub("", content, count=1).strip()
+
+
 def _json_of(content: str):
     """The reply's JSON: all of it, or a Markdown fence's; else the first whole JSON object after a
     leading think block, in prose such as "Here is the JSON: {…}"; None when there is none."""
@@ -146,7 +151,7 @@ def _json_of(content: str):
         return json.loads(fenced.group(1) if fenced else content.strip())
     except (json.JSONDecodeError, RecursionError):
         pass
-    text = _THINKING.sub("", content, count=1)
+    text = without_thinking(content)
     decoder = json.JSONDecoder()
     for start in islice((m.start() for m in re.finditer("{", text)), MAX_OBJECT_STARTS):
         try:
