@@ -147,6 +147,20 @@ class Settings(BaseSettings):
         """`SCORING_MODEL_PATH=` (an emptied line of a platform's config) means unset, not `.`."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("llm_base_url")
+    @classmethod
+    def _llm_base_url_without_a_query(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        """The client puts the request's path after the whole URL, query too: classic Azure OpenAI's
+        `…?api-version=…` would be asked at `…?api-version=…chat/completions`."""
+        if url is not None and url.query:
+            raise ValueError(
+                "LLM_BASE_URL must have no query string (such as classic Azure OpenAI's ?api-version=…), "
+                "which the client cannot keep: for Azure OpenAI use its v1 endpoint, "
+                "https://RESOURCE.openai.azure.com/openai/v1/, with the deployment name as LLM_MODEL; got "
+                f"{masked(str(url).split('?')[0])}?…"
+            )
+        return url
+
     @field_validator("llm_extra_params", mode="before")
     @classmethod
     def _extra_params_an_object(cls, value):

@@ -690,6 +690,23 @@ def test_log_level_is_one_of_pythons_in_any_case_and_an_unknown_one_is_named(env
     )
 
 
+def test_an_llm_base_url_with_a_query_string_is_refused_pointing_to_azures_v1_endpoint(
+    env, monkeypatch, capsys
+):
+    classic_azure = "https://acme.openai.azure.com/openai/deployments/gpt-4o-mini?api-version=2024-10-21"
+    reconfigure(monkeypatch, LLM_BASE_URL=classic_azure)
+
+    assert main(["db", "upgrade"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: invalid leadscore settings: LLM_BASE_URL: Value error, LLM_BASE_URL must have no query "
+        "string (such as classic Azure OpenAI's ?api-version=…), which the client cannot keep: for Azure "
+        "OpenAI use its v1 endpoint, https://RESOURCE.openai.azure.com/openai/v1/, with the deployment name "
+        "as LLM_MODEL; got https://acme.openai.azure.com/openai/deployments/gpt-4o-mini?…\n"
+    )
+    reconfigure(monkeypatch, LLM_BASE_URL="https://acme.openai.azure.com/openai/v1/")
+    assert str(get_settings().llm_base_url) == "https://acme.openai.azure.com/openai/v1/"
+
+
 EXAMPLE_PARAMS = '{"max_tokens": null, "max_completion_tokens": 2000}'
 EXAMPLE_HEADERS = '{"x-portkey-provider": "openai"}'
 
