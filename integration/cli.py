@@ -137,7 +137,7 @@ def _check_llm(settings, ctx) -> None:
     elif refused := ctx.reasoner.check():
         log.error(
             "the LLM (%s at %s) refuses leadscore's request: %s. Every lead is scored on the rules alone "
-            "until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed", settings.llm_model,
+            "until LLM_MODEL, LLM_BASE_URL, LLM_API_KEY or LLM_EXTRA_PARAMS is fixed", settings.llm_model,
             settings.llm_base_url or "OpenAI", refused,
         )  # fmt: skip
 

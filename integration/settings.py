@@ -6,15 +6,21 @@ environment variables runs the same lines under honcho, Heroku or systemd.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What leadscore sends itself, or what would make the reply no reply (a stream).
+PARAMS_LEADSCORE_SETS = ("model", "messages", "stream")
+EXAMPLE_PARAMS = '{"max_tokens": null, "max_completion_tokens": 2000}'
+EXAMPLE_HEADERS = '{"x-portkey-provider": "openai"}'
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
 
 
 class SettingsError(RuntimeError):
@@ -74,6 +80,15 @@ class Settings(BaseSettings):
     llm_api_key: str = ""
     llm_model: str = "gpt-4o-mini"
     llm_timeout_s: float = Field(8.0, gt=0)
+    llm_extra_params: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description="a JSON object merged into every Chat Completions request; a null removes that key",
+    )
+    llm_extra_headers: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        repr=False,  # a gateway's key may be one of them
+        description="a JSON object of headers sent with every LLM call (a gateway's key, a provider's tag)",
+    )
 
     batch_linger_s: float = Field(0.5, ge=0, le=30, description="how long a lone lead waits for company")
     batch_size: int = Field(
@@ -131,6 +146,43 @@ class Settings(BaseSettings):
     def _unset_when_empty(cls, value):
         """`SCORING_MODEL_PATH=` (an emptied line of a platform's config) means unset, not `.`."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _llm_base_url_without_a_query(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        """The client puts the request's path after the whole URL, query too: classic Azure OpenAI's
+        `…?api-version=…` would be asked at `…?api-version=…chat/completions`."""
+        if url is not None and url.query:
+            raise ValueError(
+                "LLM_BASE_URL must have no query string (such as classic Azure OpenAI's ?api-version=…), "
+                "which the client cannot keep: for Azure OpenAI use its v1 endpoint, "
+                "https://RESOURCE.openai.azure.com/openai/v1/, with the deployment name as LLM_MODEL; got "
+                f"{masked(str(url).split('?')[0])}?…"
+            )
+        return url
+
+    @field_validator("llm_extra_params", mode="before")
+    @classmethod
+    def _extra_params_an_object(cls, value):
+        params = _json_object("LLM_EXTRA_PARAMS", value, EXAMPLE_PARAMS)
+        if taken := [name for name in PARAMS_LEADSCORE_SETS if name in params]:
+            raise ValueError(
+                f"LLM_EXTRA_PARAMS may not set {', '.join(taken)}: leadscore sends the model (LLM_MODEL) and "
+                "the messages, and reads one whole reply, not a stream"
+            )
+        return params
+
+    @field_validator("llm_extra_headers", mode="before")
+    @classmethod
+    def _extra_headers_an_object_of_strings(cls, value):
+        """Names and values are checked, never echoed: a header may carry a gateway's key."""
+        headers = _json_object("LLM_EXTRA_HEADERS", value, EXAMPLE_HEADERS, echo=False)
+        for name, header in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"LLM_EXTRA_HEADERS: {name!r} is not a header name (letters, digits and -)")
+            if not isinstance(header, str) or "\r" in header or "\n" in header:
+                raise ValueError(f"LLM_EXTRA_HEADERS: the value of {name} must be a string on one line")
+        return headers
 
     @field_validator("hubspot_app_id")
     @classmethod
@@ -255,6 +307,23 @@ class Settings(BaseSettings):
                 "no CRM configured: set HUBSPOT_ACCESS_TOKEN, or SALESFORCE_INSTANCE_URL with Salesforce "
                 "credentials"
             )
+
+
+def _json_object(setting: str, value, example: str, echo: bool = True) -> dict:
+    """A setting that holds a JSON object, from the environment's text or as given."""
+    if isinstance(value, str):
+        if not value.strip():
+            return {}  # an emptied line of a platform's config: unset
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"{setting} must be a JSON object such as {example}, but it is not JSON ({exc})"
+                + (f": {value[:80]!r}" if echo else "")
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{setting} must be a JSON object such as {example}, got a {type(value).__name__}")
+    return value
 
 
 def masked(url: str) -> str:

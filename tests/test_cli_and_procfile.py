@@ -690,6 +690,62 @@ def test_log_level_is_one_of_pythons_in_any_case_and_an_unknown_one_is_named(env
     )
 
 
+def test_an_llm_base_url_with_a_query_string_is_refused_pointing_to_azures_v1_endpoint(
+    env, monkeypatch, capsys
+):
+    classic_azure = "https://acme.openai.azure.com/openai/deployments/gpt-4o-mini?api-version=2024-10-21"
+    reconfigure(monkeypatch, LLM_BASE_URL=classic_azure)
+
+    assert main(["db", "upgrade"]) == 2
+    assert capsys.readouterr().err == (
+        "leadscore: invalid leadscore settings: LLM_BASE_URL: Value error, LLM_BASE_URL must have no query "
+        "string (such as classic Azure OpenAI's ?api-version=…), which the client cannot keep: for Azure "
+        "OpenAI use its v1 endpoint, https://RESOURCE.openai.azure.com/openai/v1/, with the deployment name "
+        "as LLM_MODEL; got https://acme.openai.azure.com/openai/deployments/gpt-4o-mini?…\n"
+    )
+    reconfigure(monkeypatch, LLM_BASE_URL="https://acme.openai.azure.com/openai/v1/")
+    assert str(get_settings().llm_base_url) == "https://acme.openai.azure.com/openai/v1/"
+
+
+EXAMPLE_PARAMS = '{"max_tokens": null, "max_completion_tokens": 2000}'
+EXAMPLE_HEADERS = '{"x-portkey-provider": "openai"}'
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("LLM_EXTRA_PARAMS", "max_tokens=null",
+         f"LLM_EXTRA_PARAMS must be a JSON object such as {EXAMPLE_PARAMS}, but it is not JSON (Expecting "
+         "value: line 1 column 1 (char 0)): 'max_tokens=null'"),
+        ("LLM_EXTRA_PARAMS", '["max_tokens"]',
+         f"LLM_EXTRA_PARAMS must be a JSON object such as {EXAMPLE_PARAMS}, got a list"),
+        ("LLM_EXTRA_PARAMS", '{"model": "o3", "stream": true}',
+         "LLM_EXTRA_PARAMS may not set model, stream: leadscore sends the model (LLM_MODEL) and the "
+         "messages, and reads one whole reply, not a stream"),
+        ("LLM_EXTRA_HEADERS", '{"x-gateway-key": s3cret}',
+         f"LLM_EXTRA_HEADERS must be a JSON object such as {EXAMPLE_HEADERS}, but it is not JSON (Expecting "
+         "value: line 1 column 19 (char 18))"),
+        ("LLM_EXTRA_HEADERS", '{"x-gateway-key": 1234}',
+         "LLM_EXTRA_HEADERS: the value of x-gateway-key must be a string on one line"),
+        ("LLM_EXTRA_HEADERS", '{"x-gateway-key": "s3cret\\r\\nX-Admin: 1"}',
+         "LLM_EXTRA_HEADERS: the value of x-gateway-key must be a string on one line"),
+        ("LLM_EXTRA_HEADERS", '{"x gateway key": "s3cret"}',
+         "LLM_EXTRA_HEADERS: 'x gateway key' is not a header name (letters, digits and -)"),
+    ],
+    ids=["params_not_json", "params_a_list", "params_leadscore_sets", "headers_not_json",
+         "header_a_number", "header_two_lines", "header_name_with_spaces"],
+)  # fmt: skip
+def test_llm_extra_params_and_headers_must_be_json_objects_and_no_header_value_is_echoed(
+    env, monkeypatch, capsys, setting, value, problem
+):
+    reconfigure(monkeypatch, **{setting: value})
+
+    assert main(["db", "upgrade"]) == 2
+    said = capsys.readouterr().err
+    assert said == f"leadscore: invalid leadscore settings: {setting}: Value error, {problem}\n"
+    assert "s3cret" not in said
+
+
 def test_invalid_redis_and_database_urls_are_echoed_without_their_password(env, monkeypatch, capsys):
     reconfigure(
         monkeypatch,

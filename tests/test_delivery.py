@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -999,7 +1000,8 @@ def test_an_llm_that_asks_to_wait_is_not_asked_again_in_the_batch_and_its_leads_
         for props in map(hubspot.contact_properties, hubspot.contacts)
         if "leadscore_details" in props
     }
-    assert errors == {"LLM answered HTTP 429", "LLM rate-limited (429): not asked in this batch"}  # fmt: skip
+    assert errors == {"LLM answered HTTP 429: Rate limit reached for requests. (code rate_limit_exceeded)",
+                      "LLM rate-limited (429): not asked in this batch"}  # fmt: skip
     assert queue.scheduled_job_registry.count == 1  # the fallback rescore of all 24
 
 
@@ -1018,20 +1020,136 @@ def test_leads_the_llm_has_not_answered_by_the_batch_deadline_fall_back(
     assert queue.scheduled_job_registry.count == 1
 
 
-@pytest.mark.parametrize(("status", "logged"), [(400, True), (401, True), (500, False), (None, False)])
-def test_a_worker_says_at_start_when_the_llm_refuses_its_request(
-    env, monkeypatch, llm, caplog, status, logged
+REFUSED_MAX_TOKENS = (
+    "LLM answered HTTP 400: Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+    "'max_completion_tokens' instead. (code unsupported_parameter, param max_tokens)"
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "reasoning_model", "refusal"),
+    [
+        (400, False, "LLM answered HTTP 400: Invalid request."),
+        (401, False, "LLM answered HTTP 401: Invalid request."),
+        (None, True, REFUSED_MAX_TOKENS),
+        (500, False, None),
+        (None, False, None),
+    ],
+    ids=["400", "401", "reasoning_model", "500", "answered"],
+)
+def test_a_worker_says_at_start_when_the_llm_refuses_its_request_in_the_providers_words(
+    env, monkeypatch, llm, caplog, status, reasoning_model, refusal
 ):
-    llm.force(status=status)  # 400: e.g. a model that takes no `max_tokens`; 500 may pass
+    llm.force(status=status)  # a 500 may pass
+    llm.reasoning_model = reasoning_model  # it takes no `max_tokens`
     assert main(["worker", "--burst"]) == 0
 
     refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "LLM" in r.getMessage()]
     assert len(llm.requests) == (2 if status == 500 else 1)  # one made-up lead; a 5xx is asked again
     assert refusals == (
-        [f"the LLM (gpt-4o-mini at {llm.url}/v1) refuses leadscore's request: LLM answered HTTP {status}. "
-         "Every lead is scored on the rules alone until LLM_MODEL, LLM_BASE_URL or LLM_API_KEY is fixed"]
-        if logged else []
+        [f"the LLM (gpt-4o-mini at {llm.url}/v1) refuses leadscore's request: {refusal}. Every lead is "
+         "scored on the rules alone until LLM_MODEL, LLM_BASE_URL, LLM_API_KEY or LLM_EXTRA_PARAMS is fixed"]
+        if refusal else []
     )  # fmt: skip
+
+
+def test_a_lead_the_llm_refuses_keeps_the_providers_words_and_is_counted_under_the_status_alone(
+    env, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    llm.reasoning_model = True
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    details = json.loads(hubspot.contact_properties("74300000101")["leadscore_details"])
+    assert (result["outcome"], result["fallback"]) == ("written", True)
+    assert details["propensity"]["error"] == REFUSED_MAX_TOKENS
+    counted = metrics.counter_value(queue.connection, "llm_fallbacks_total", reason="LLM answered HTTP 400")
+    assert counted == 1
+
+
+SECRET_AND_EMAIL = "Incorrect API key provided: sk-proj-abcdefghijklmnopqrstuvwxyz. Ask ops@example.com. "
+MASKED = "Incorrect API key provided: [redacted]. Ask [email]. "
+VLLM_NOT_FOUND = {"object": "error", "message": "The model `gpt-4o-mini` does not exist.",
+                  "type": "NotFoundError", "param": None, "code": 404}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "error"),
+    [
+        (404, "application/json", b'{"error": "model \\"llama3.1\\" not found, try pulling it first"}',
+         'LLM answered HTTP 404: model "llama3.1" not found, try pulling it first'),
+        (404, "application/json", json.dumps(VLLM_NOT_FOUND).encode(),
+         "LLM answered HTTP 404: The model `gpt-4o-mini` does not exist. (code 404)"),
+        (404, "application/json", b'{"detail": "Not Found"}',
+         'LLM answered HTTP 404: {"detail": "Not Found"}'),
+        (403, "text/plain", b"Forbidden:\n  no route\n", "LLM answered HTTP 403: Forbidden: no route"),
+        (401, "application/json",
+         json.dumps({"error": {"message": SECRET_AND_EMAIL + "x" * 300, "code": "invalid_api_key"}}).encode(),
+         "LLM answered HTTP 401: " + (MASKED + "x" * 300)[:200]),
+        (400, "application/json", b"", "LLM answered HTTP 400"),
+    ],
+    ids=["ollama", "vllm", "no_message", "plain_text", "secret_and_long", "empty"],
+)  # fmt: skip
+def test_what_a_provider_said_refusing_a_call_is_kept_masked_and_clipped(
+    env, llm, status, content_type, body, error
+):
+    from workers.llm import PROBE_LEAD, PropensityReasoner
+    from workers.propensity import build_messages
+
+    llm.force(status=status, raw=(content_type, body))
+    asked = build_messages(PROBE_LEAD, datetime.now(UTC))
+    result = PropensityReasoner(get_settings()).assess(PROBE_LEAD, asked)
+
+    assert (result.fallback, result.error) == (True, error)
+
+
+def test_a_reasoning_model_is_asked_with_llm_extra_params_through_a_gateway_given_llm_extra_headers(
+    env, monkeypatch, post_delivery, crm, run_worker, llm, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    llm.reasoning_model = True  # it refuses `max_tokens` and `temperature` 0
+    params = {
+        "max_tokens": None,
+        "max_completion_tokens": 2000,
+        "temperature": None,
+        "reasoning_effort": "low",
+    }
+    monkeypatch.setenv("LLM_EXTRA_PARAMS", json.dumps(params))
+    monkeypatch.setenv(
+        "LLM_EXTRA_HEADERS", json.dumps({"cf-aig-authorization": "Bearer gw-s3cret", "X-Title": "ls"})
+    )
+    _clear_caches()
+    assert jobs.context().reasoner.check() is None  # the worker's start check: answered
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    assert (result["outcome"], result["fallback"]) == ("written", False)
+    sent = {
+        "response_format": {"type": "json_object"},
+        "max_completion_tokens": 2000,
+        "reasoning_effort": "low",
+    }
+    asked = [{k: v for k, v in r.items() if k not in ("model", "messages")} for r in llm.requests]
+    assert asked == [sent, sent]  # the start check's, the lead's
+    headers = [(h["cf-aig-authorization"], h["x-title"], h["authorization"]) for h in llm.headers]
+    assert headers == [("Bearer gw-s3cret", "ls", f"Bearer {env['LLM_API_KEY']}")] * 2
+    assert [r.getMessage() for r in caplog.records if "s3cret" in r.getMessage()] == []
+
+
+def test_an_llm_answer_is_cached_by_the_request_llm_extra_params_make(
+    env, monkeypatch, post_delivery, crm, run_worker, hubspot, llm
+):
+    asked_with = []
+    for n, params in enumerate(["", '{"max_tokens": 600}', '{"max_tokens": 600}']):
+        monkeypatch.setenv("LLM_EXTRA_PARAMS", params)
+        _clear_caches()
+        hubspot.contacts[VP]["properties"]["leadscore_details"] = ""  # so the lead is scored again
+        post_delivery(json.dumps([change(int(VP), 900 + n)]).encode())
+        [result] = run_worker()
+        asked_with.append((result["outcome"], result["fallback"], len(llm.requests)))
+
+    assert [r["max_tokens"] for r in llm.requests] == [300, 600]  # the third, asked as the second: cached
+    assert asked_with == [("written", False, 1), ("written", False, 2), ("written", False, 2)]
 
 
 @pytest.mark.parametrize("elsewhere", ["", "http://127.0.0.1:9/v1"])
@@ -1083,6 +1201,45 @@ def test_an_llm_reply_asking_again_would_repeat_falls_back_without_a_rescore(
         ("llm_calls_total", {"outcome": "fallback"}), ("llm_cache_hits_total", {}),
         ("llm_fallbacks_total", {"reason": "LLM reply unusable"}))}  # fmt: skip
     assert counted == {"llm_calls_total": 1, "llm_cache_hits_total": 1, "llm_fallbacks_total": 2}
+
+
+@pytest.mark.parametrize("content", [None, "", "<think>A pricing form is strong intent, but"],
+                         ids=["null", "empty", "thinking_only"])  # fmt: skip
+def test_a_reply_cut_off_before_a_word_of_the_answer_is_not_kept_and_is_said_once_a_batch(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm, caplog, content
+):
+    from workers.llm import TOKEN_LIMIT_SPENT
+
+    _fallback_rescore_every(monkeypatch, 60)
+    reply = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "o4-mini",
+             "choices": [{"index": 0, "finish_reason": "length",
+                          "message": {"role": "assistant", "content": content}}],
+             "usage": {"completion_tokens": 300,
+                       "completion_tokens_details": {"reasoning_tokens": 300}}}  # fmt: skip
+    llm.force(raw=("application/json", json.dumps(reply).encode()))
+    assert jobs.context().reasoner.check() == TOKEN_LIMIT_SPENT  # the worker says so at start too
+    post_delivery(BURST)  # 24 leads
+    results = run_worker()
+
+    assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
+    errors = {
+        json.loads(props["leadscore_details"])["propensity"]["error"]
+        for props in map(hubspot.contact_properties, hubspot.contacts)
+        if "leadscore_details" in props
+    }
+    assert errors == {TOKEN_LIMIT_SPENT}
+    said = [r.getMessage() for r in caplog.records if r.name == "workers.llm" and r.levelname != "INFO"]
+    assert said == [
+        "the LLM spent its whole token limit before answering 24 of 24 leads (a reasoning model thinks at "
+        "length): they are scored on the rules alone until max_completion_tokens (or max_tokens) is raised "
+        "in LLM_EXTRA_PARAMS"
+    ]
+    assert queue.scheduled_job_registry.count == 0  # asked again, it would be cut off again
+    asked = len(llm.requests)
+    llm.force()  # the limit raised
+    post_delivery(json.dumps([change(int(VP), 7001)]).encode())
+    [again] = run_worker()
+    assert (again["outcome"], again["fallback"], len(llm.requests)) == ("written", False, asked + 1)
 
 
 def test_a_rescore_leaves_a_waiting_event_of_the_lead_as_it_is(post_delivery, redis):

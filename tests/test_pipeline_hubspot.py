@@ -314,6 +314,8 @@ def test_contact_creation__deleted_contact(post_delivery, crm, run_worker, queue
             "LLM reply unusable: reply does not fit ConversionPropensity at propensity",
         ),
         ("fenced_json", None, False, None),
+        ("think_then_json", None, False, None),
+        ("prose_then_json", None, False, None),
         (None, 500, True, "LLM answered HTTP 500"),
         (None, 429, True, "LLM answered HTTP 429"),
     ],

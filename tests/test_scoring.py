@@ -1030,6 +1030,56 @@ def test_parse_reply_repairs_markdown_fence():
     ]
 
 
+PRICING_FORM_ANSWER = json.dumps({
+    "propensity": 0.72, "confidence": 0.6,
+    "reason": "Director-level buyer submitted the pricing form at a 100-500 SaaS company",
+})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        llm_content("think_then_json"),
+        llm_content("prose_then_json"),
+        f'Strong intent, so {{"propensity": 0.9}} at first; lower.</think>\n{PRICING_FORM_ANSWER}',
+        f"<THINK>{{}}</THINK>Sure! Here it is:\n```json\n{PRICING_FORM_ANSWER}\n```\nAnything else?",
+        f'Scores run {{0 to 1}}. {{"propensity": }} no: {PRICING_FORM_ANSWER} {{"propensity": 0.1}}',
+    ],
+    ids=[
+        "think_block",
+        "prose_around",
+        "think_opened_by_the_template",
+        "prose_around_a_fence",
+        "first_whole",
+    ],
+)
+def test_parse_reply_takes_the_first_json_object_after_a_think_block_or_in_prose(content):
+    reply = parse_reply(content)
+    assert (reply.propensity, reply.confidence) == (0.72, 0.6)
+    assert reply.reason == "Director-level buyer submitted the pricing form at a 100-500 SaaS company"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '<think>The form is strong intent: {"propensity": 0.9, "confidence": 0.9, "reason": "Pricing form"}',
+        "<think>A pricing form.</think>I cannot tell from this record.",
+        "Scores run {0 to 1}; I cannot tell for this lead.",
+    ],
+    ids=["think_block_cut_off", "prose_after_think", "braces_in_prose"],
+)
+def test_parse_reply_takes_no_draft_from_thinking_cut_off_and_no_object_from_prose_without_one(content):
+    with pytest.raises(ValueError, match=r"^reply is not JSON: "):
+        parse_reply(content)
+
+
+def test_parse_reply_still_validates_an_object_found_in_prose():
+    with pytest.raises(ValueError, match=r"^reply does not fit ConversionPropensity at propensity"):
+        parse_reply(
+            '<think>Strong.</think>Here is the JSON: {"propensity": 1.4, "confidence": 0.9, "reason": "x"}'
+        )
+
+
 def test_parse_reply_rejects_prose():
     with pytest.raises(ValueError, match="not JSON"):
         parse_reply(llm_content("prose"))

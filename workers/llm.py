@@ -15,9 +15,17 @@ import openai
 from redis.exceptions import RedisError
 
 from integration.lead import Lead
+from integration.logs import redact
 from integration.salesforce import full_id
 from integration.settings import Settings
-from workers.propensity import ConversionPropensity, PropensityResult, build_messages, fallback, parse_reply
+from workers.propensity import (
+    ConversionPropensity,
+    PropensityResult,
+    build_messages,
+    fallback,
+    parse_reply,
+    without_thinking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +39,46 @@ PROBE_LEAD = Lead(
 )  # fmt: skip
 
 
+MAX_PROVIDER_WORDS = 200  # characters kept of what a provider said when it refused a call
+NOTHING = (None, "")
+
+
+def provider_said(exc: openai.APIStatusError) -> str:
+    """What the provider said when it refused a call (its message, code and param), masked and clipped:
+    it names what to fix (a parameter the model does not take, a deployment not found), and it is
+    logged and kept in `leadscore_details`."""
+    body = exc.body
+    if isinstance(body, dict):  # OpenAI's `error` object, as Azure, vLLM and gateways answer too
+        named = ", ".join(f"{key} {body[key]}" for key in ("code", "param") if body.get(key) not in NOTHING)
+        message = body.get("message")
+        if not isinstance(message, str):  # not OpenAI's shape (`{"detail": ...}`): the body as it is
+            message = json.dumps(body, ensure_ascii=False)
+        said = f"{message} ({named})" if named else message
+    else:
+        said = str(body or "")  # a plain-text or HTML body, or Ollama's `{"error": "..."}` string
+    return redact(" ".join(said[: MAX_PROVIDER_WORDS * 4].split()))[:MAX_PROVIDER_WORDS]
+
+
+def http_error(exc: openai.APIStatusError) -> str:
+    """The error a refused call keeps; the part before the first ":" is the fallback metric's label, so
+    it stays one of a few."""
+    said = provider_said(exc)
+    return f"LLM answered HTTP {exc.status_code}: {said}" if said else f"LLM answered HTTP {exc.status_code}"
+
+
 class _Unusable(ValueError):
     """A reply that asking again would repeat: cut off at the token limit, filtered, or refused."""
+
+
+# Not the LLM's answer but leadscore's setting, so it is not cached: once the limit is raised, the
+# lead's next event or a rescore gets an answer.
+TOKEN_LIMIT_SPENT = (
+    "LLM token limit spent before the answer: raise max_completion_tokens (or max_tokens) in LLM_EXTRA_PARAMS"
+)
+
+
+class _TokenLimitSpent(Exception):
+    """Cut off at the token limit before a word of the answer: a reasoning model spent it thinking."""
 
 
 def _reply_content(completion) -> str | None:
@@ -43,8 +89,11 @@ def _reply_content(completion) -> str | None:
     choice = choices[0]
     if getattr(choice.message, "refusal", None):
         raise _Unusable(f"the LLM refused: {str(choice.message.refusal)[:80]!r}")
-    if getattr(choice, "finish_reason", None) in ("length", "content_filter"):
-        raise _Unusable(f"reply cut off ({choice.finish_reason})")
+    finish_reason = getattr(choice, "finish_reason", None)
+    if finish_reason == "length" and not without_thinking(choice.message.content or ""):
+        raise _TokenLimitSpent
+    if finish_reason in ("length", "content_filter"):
+        raise _Unusable(f"reply cut off ({finish_reason})")
     return choice.message.content
 
 
@@ -52,12 +101,18 @@ CACHE_PREFIX = "leadscore:llm:"
 REQUEST = {"temperature": 0, "response_format": {"type": "json_object"}, "max_tokens": 300}
 
 
-def answer_id(base_url: str, model: str, messages: list[dict]) -> str:
+def effective_request(extra_params: dict) -> dict:
+    """REQUEST with LLM_EXTRA_PARAMS merged in, a null taking its key out: a reasoning model takes no
+    `max_tokens` nor `temperature` 0, LM Studio no JSON mode."""
+    return {key: value for key, value in {**REQUEST, **extra_params}.items() if value is not None}
+
+
+def answer_id(base_url: str, model: str, request: dict, messages: list[dict]) -> str:
     """What an LLM answer is cached by: what was asked, and of whom (endpoint, model, request and
     messages), so an edit the LLM never sees (rules, tiers, the reasons' wording, a trained model)
     reuses every answer. A lead's answers set lists these ids, as older releases listed the input
     fingerprint the answer was cached by then: `cached_answer_key` reads both alike."""
-    asked = [base_url, model, REQUEST, messages]
+    asked = [base_url, model, request, messages]
     return hashlib.sha256(json.dumps(asked, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
@@ -134,9 +189,11 @@ class PropensityReasoner:
         self.concurrency = settings.llm_concurrency
         self.deadline_s = settings.llm_batch_deadline_s
         self.cache_ttl_s = settings.llm_cache_ttl_s
+        self.request = effective_request(settings.llm_extra_params)
         self._client_options = dict(
             api_key=settings.llm_api_key,
             base_url=self.base_url,
+            default_headers=settings.llm_extra_headers,
             timeout=settings.llm_timeout_s,
             max_retries=0,  # the client would wait out a Retry-After of up to two minutes per call
         )
@@ -158,7 +215,10 @@ class PropensityReasoner:
             return fallback("LLM disabled: LLM_API_KEY is not set")
         for attempt in (1, 2):
             try:
-                completion = client.chat.completions.create(model=self.model, messages=messages, **REQUEST)
+                # The request as JSON, so a provider's own parameters (vLLM's `top_k`) pass as OpenAI's do.
+                completion = client.chat.completions.create(
+                    model=self.model, messages=messages, extra_body=self.request
+                )
                 reply = parse_reply(_reply_content(completion))
                 break
             except openai.APITimeoutError:
@@ -170,7 +230,7 @@ class PropensityReasoner:
                 if exc.status_code == 429 and throttled is not None:
                     throttled.set()
                 retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
-                return self._failed(lead, f"LLM answered HTTP {exc.status_code}", retryable)
+                return self._failed(lead, http_error(exc), retryable)
             except openai.APIConnectionError as exc:
                 if attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
@@ -178,6 +238,8 @@ class PropensityReasoner:
                 return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
             except openai.APIError as exc:
                 return self._failed(lead, f"LLM call failed: {type(exc).__name__}")
+            except _TokenLimitSpent:  # said once a batch, by `assess_many`, and at start
+                return fallback(TOKEN_LIMIT_SPENT, retryable=False)
             except _Unusable as exc:  # an answer of its own: kept as one, so it is not asked again
                 return replace(
                     self._failed(lead, f"LLM reply unusable: {exc}", retryable=False), extra=ANSWERED
@@ -193,11 +255,12 @@ class PropensityReasoner:
         from the LLM.
 
         Only the LLM's answers are cached (by what was asked: `answer_id`), its refusals and replies
-        cut off among them; any other fallback (a timeout, a 5xx, a 429) is asked again the next time
+        cut off among them, but not one cut off before a word of the answer (the token limit is
+        leadscore's setting); any other fallback (a timeout, a 5xx, a 429) is asked again the next time
         the lead is scored.
         """
         messages = [build_messages(lead, now) for lead in leads]
-        answers = [answer_id(self.base_url, self.model, asked) for asked in messages]
+        answers = [answer_id(self.base_url, self.model, self.request, asked) for asked in messages]
         keys = [cached_answer_key(answer) for answer in answers]
         cached: list[bytes | None] = [None] * len(leads)
         if redis is not None and self.cache_ttl_s and leads:
@@ -209,6 +272,12 @@ class PropensityReasoner:
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             asked = self._ask_all([leads[i] for i in missing], [messages[i] for i in missing])
+            if spent := sum(result.error == TOKEN_LIMIT_SPENT for result in asked):
+                log.error(
+                    "the LLM spent its whole token limit before answering %d of %d leads (a reasoning model "
+                    "thinks at length): they are scored on the rules alone until max_completion_tokens (or "
+                    "max_tokens) is raised in LLM_EXTRA_PARAMS", spent, len(asked),
+                )  # fmt: skip
             for i, result in zip(missing, asked, strict=True):
                 results[i] = result
             fresh = [i for i in missing if not results[i].fallback or results[i].extra.get("answered")]

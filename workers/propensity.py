@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import islice
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -61,6 +62,11 @@ _TAG = re.compile(
 _EMPHASIS = re.compile(r"\*\*|__|`+|^#{1,6}\s+", re.MULTILINE)
 MAX_REASON_CHARS = 300
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL | re.IGNORECASE)
+# A reasoning model served without a reasoning parser (vLLM, Ollama, LM Studio) writes its thinking in
+# the reply first: all of it is thinking when the block never ends (cut off), and a chat template that
+# opens the block itself leaves only its end.
+_THINKING = re.compile(r"^\s*<think>.*?(?:</think>|\Z)|^.*?</think>", re.DOTALL | re.IGNORECASE)
+MAX_OBJECT_STARTS = 20  # "{" tried as an object's start in a reply of prose: reasoning may hold many
 
 
 class ConversionPropensity(BaseModel):
@@ -119,19 +125,42 @@ def fallback(why: str, retryable: bool = False) -> PropensityResult:
 
 
 def parse_reply(content: str | None) -> ConversionPropensity:
-    """Validate a reply, repairing a Markdown code fence; raise ValueError otherwise."""
+    """Validate a reply, repairing a Markdown code fence, a leading think block or prose around the
+    JSON object; raise ValueError otherwise."""
     if not content:
         raise ValueError("empty reply")
-    fenced = _FENCE.match(content)
-    text = fenced.group(1) if fenced else content.strip()
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        raise ValueError(f"reply is not JSON: {content[:80]!r}") from None
+    data = _json_of(content)
+    if data is None:
+        raise ValueError(f"reply is not JSON: {content[:80]!r}")
     try:
         return ConversionPropensity.model_validate(data)
     except ValidationError as exc:
         raise ValueError(f"reply does not fit ConversionPropensity {first_problem(exc)}") from None
+
+
+def without_thinking(content: str) -> str:
+    """The reply but a leading think block: nothing when it is all thinking."""
+    return _THINKING.sub("", content, count=1).strip()
+
+
+def _json_of(content: str):
+    """The reply's JSON: all of it, or a Markdown fence's; else the first whole JSON object after a
+    leading think block, in prose such as "Here is the JSON: {…}"; None when there is none."""
+    fenced = _FENCE.match(content)
+    try:
+        return json.loads(fenced.group(1) if fenced else content.strip())
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    text = without_thinking(content)
+    decoder = json.JSONDecoder()
+    for start in islice((m.start() for m in re.finditer("{", text)), MAX_OBJECT_STARTS):
+        try:
+            data, _ = decoder.raw_decode(text, start)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
 
 
 def _sent(value):

@@ -2,7 +2,8 @@
 
 Each reply is a recorded `chat.completion` body, `fixtures/llm/chat_completion__<variant>.json`.
 The stub answers a lead with `lead_<id>` when that fixture exists, else `neutral`;
-tests can force a variant, an HTTP error or a delay.
+tests can force a variant, an HTTP error or a delay, or have it refuse parameters as a reasoning
+model does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,25 @@ JSON_MODE_UNASKED = {
 }
 
 
+# What OpenAI answers a reasoning model (o-series, gpt-5) asked with parameters it does not take.
+REASONING_MODEL_REFUSES = {
+    "max_tokens": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+        "'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    },
+    "temperature": {
+        "message": "Unsupported value: 'temperature' does not support 0 with this model. Only the default "
+        "(1) value is supported.",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "unsupported_value",
+    },
+}
+
+
 def _error_for(status: int) -> dict:
     """OpenAI's error body for a status: a refused request, a rate limit, or the server's fault."""
     if status == 429:
@@ -44,6 +64,14 @@ def _json_mode_unasked(body: dict) -> bool:
     return not any("json" in str(m.get("content", "")).lower() for m in body.get("messages") or [])
 
 
+def _refused_by_a_reasoning_model(body: dict) -> dict | None:
+    if "max_tokens" in body:
+        return REASONING_MODEL_REFUSES["max_tokens"]
+    if body.get("temperature", 1) != 1:
+        return REASONING_MODEL_REFUSES["temperature"]
+    return None
+
+
 class LLMStub:
     def __init__(self, fixtures: Path, api_key: str = "stub-key", latency_s: float = 0.0):
         self.api_key = api_key
@@ -56,13 +84,16 @@ class LLMStub:
         self.forced_status: int | None = None
         self.forced_raw: tuple[str, bytes] | None = None
         self.retry_after: str | None = None  # the Retry-After header a forced 429 carries
+        self.reasoning_model = False  # refuse `max_tokens` and a temperature but 1, as o-series models do
         self.requests: list[dict] = []
+        self.headers: list[dict[str, str]] = []  # each request's, lower-cased names
         self._lock = threading.Lock()
 
     def force(
         self, variant: str | None = None, status: int | None = None, raw: tuple[str, bytes] | None = None
     ) -> None:
-        """Answer every request with a fixture variant, an HTTP error, or a raw 200 (content type, body)."""
+        """Answer every request with a fixture variant, an HTTP error, or a raw body (content type, body):
+        a 200, or the error's when both are given."""
         if variant is not None and variant not in self.replies:
             raise KeyError(f"no fixture chat_completion__{variant}.json")
         self.forced_variant, self.forced_status, self.forced_raw = variant, status, raw
@@ -84,8 +115,12 @@ class LLMStub:
             body = request.get_json(force=True)
             with self._lock:
                 self.requests.append(body)
+                self.headers.append({name.lower(): value for name, value in request.headers.items()})
             if self.latency_s:
                 time.sleep(self.latency_s)
+            if self.forced_status is not None and self.forced_raw is not None:
+                content_type, raw = self.forced_raw
+                return Response(raw, status=self.forced_status, content_type=content_type)
             if self.forced_status is not None:
                 headers = (
                     {"Retry-After": self.retry_after}
@@ -95,6 +130,8 @@ class LLMStub:
                 return jsonify(error=_error_for(self.forced_status)), self.forced_status, headers
             if _json_mode_unasked(body):
                 return jsonify(error=JSON_MODE_UNASKED), 400
+            if self.reasoning_model and (refused := _refused_by_a_reasoning_model(body)):
+                return jsonify(error=refused), 400
             if self.forced_raw is not None:
                 content_type, raw = self.forced_raw
                 return Response(raw, status=200, content_type=content_type)
