@@ -501,7 +501,9 @@ def cmd_train(args) -> int:
         from workers.store import Store
 
         store = Store(get_settings().database_url).require_schema()
-        trained = offline.train_from_store(store, args.out, args.min_age_days, args.mapping, args.tiers)
+        trained = offline.train_from_store(
+            store, args.out, args.min_age_days, args.mapping, args.tiers, args.snapshot
+        )
     else:
         if not (args.data and args.mapping):
             raise UsageError("train needs --data FILE and --mapping MAP, or --from-store")
@@ -604,8 +606,9 @@ def cmd_evaluate(args) -> int:
     if args.model and not args.data:
         raise UsageError("--model scores a file: give --data FILE and --mapping MAP as well")
     summary = offline.evaluate(
-        args.data, args.mapping, args.label, args.out, _scoring_config(), args.model, store, args.min_age_days
-    )
+        args.data, args.mapping, args.label, args.out, _scoring_config(), args.model, store,
+        args.min_age_days, args.snapshot,
+    )  # fmt: skip
     if "file" in summary["data"]:
         print(f"{summary['rows']} leads, overall conversion {summary['base_rate']:.1%}")
     for name, s in summary["scorers"].items():
@@ -866,6 +869,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="--from-store: a lead with no outcome counts as not converted once scored this long ago",
     )  # fmt: skip
     train.add_argument(
+        "--snapshot", choices=("first", "last"), default="first",
+        help="--from-store: learn from each lead's first score (default: as reps saw it when choosing whom "
+        "to call), or its last before it converted or its window ended (leaks reps' disposition of it)",
+    )  # fmt: skip
+    train.add_argument(
         "--tiers", type=tiers_argument, metavar="A,B,C",
         help="tier cut-offs, calibrated probability x 100 (default 80,50,20; lower for a low base rate)",
     )  # fmt: skip
@@ -894,6 +902,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--min-age-days", type=float, default=30.0,
         help="--with-store: a lead with no outcome counts as not converted once scored this long ago",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--snapshot", choices=("first", "last"), default="first",
+        help="--with-store: grade each lead's first score (default), or its last before it converted or "
+        "its window ended (flatters every scorer: it shows reps' disposition of the lead)",
     )  # fmt: skip
     evaluate.add_argument("--out", type=a_directory, required=True, help="directory: report.md, plots, JSON")
     evaluate.set_defaults(func=cmd_evaluate)

@@ -1185,7 +1185,7 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["training"]["rows"] == 500 and meta["training"]["positive_rate"] == 0.37
     assert meta["training"]["store"] == make_url(env["DATABASE_URL"]).render_as_string(hide_password=True)
-    assert meta["training"]["min_age_days"] == 30
+    assert meta["training"]["min_age_days"] == 30 and meta["training"]["snapshot"] == "first"
     assert meta["training"]["to"] == long_ago.isoformat(timespec="seconds")
     kinds = {f["name"]: f["kind"] for f in meta["features"]}
     assert kinds == tabular.LEAD_FIELD_KINDS  # what a worker reads for every lead
@@ -1206,9 +1206,10 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     assert model.matrix(live)["status"].isna().sum() == 0  # no category unseen for being cased differently
 
     with_mapping = ["--mapping", str(MAPPING), "--out", str(tmp_path / "m2")]  # [monotone] binds here too
-    assert main(["train", "--from-store", "--min-age-days", "30", *with_mapping]) == 0
+    assert main(["train", "--from-store", "--min-age-days", "30", "--snapshot", "last", *with_mapping]) == 0
     meta = json.loads((tmp_path / "m2" / "model.json").read_text())
     assert meta["model"] == "lightgbm" and meta["monotone"] == {"time_on_site_s": "increasing"}
+    assert meta["training"]["snapshot"] == "last"
     model = TrainedModel.load(tmp_path / "m2")
     constraints = model.estimator.get_params()["monotone_constraints"]
     assert [name for name, sign in zip(model.kinds, constraints, strict=True) if sign] == ["time_on_site_s"]
@@ -1551,6 +1552,37 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
     assert "| live v7 | 2 | 50.0% | 1.0000 |" in report
     assert [scorer["scale"] for scorer in scorers.values()] == ["points", "probability"]
     assert "- `live rules+llm`: the rules' 0–100 is a points scale, not a probability" in report
+
+
+@EACH_STORE
+def test_evaluate_from_the_store_grades_each_leads_first_score_unless_told_the_last(env, tmp_path):
+    """Reps lower the score of a lead they close out and raise that of one they move on to a deal:
+    graded on those later scores, any scorer looks as good as the reps' own hindsight."""
+    kept = Store(env["DATABASE_URL"])
+    now = datetime.now(UTC)
+    rows = [("1", 70, 60), ("1", 10, 50), ("2", 40, 60), ("2", 90, 45)]  # lead, score, days ago
+    kept.record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead, score=score, tier="B", reason="r",
+                    scorer="rules+llm", fingerprint=f"{lead}-{days}", features={}, details={},
+                    scored_at=now - timedelta(days=days))
+        for lead, score, days in rows
+    )  # fmt: skip
+    kept.record_outcomes([LeadFact("hubspot", PORTAL_ID, "2", "customer", now - timedelta(days=40))], "sync")
+
+    graded = {}
+    for snapshot in ("first", "last"):
+        out = tmp_path / snapshot
+        assert main(["evaluate", "--with-store", "--snapshot", snapshot, "--out", str(out)]) == 0
+        summary = json.loads((out / "metrics.json").read_text())
+        assert summary["live"] == {"snapshot": snapshot, "min_age_days": 30.0}
+        graded[snapshot] = summary["scorers"]["live rules+llm"]["roc_auc"]
+
+    assert graded == {"first": 0.0, "last": 1.0}
+    assert "from the score store: each lead's first score (`--snapshot first`), as reps saw the lead when " \
+           "they chose whom to call." in (tmp_path / "first" / "report.md").read_text()  # fmt: skip
+    assert "from the score store: each lead's last score before it converted, or its last in its first 30 " \
+           "days (`--snapshot last`); later scores show what reps made of the lead, so these rows flatter " \
+           "every scorer." in (tmp_path / "last" / "report.md").read_text()  # fmt: skip
 
 
 @EACH_STORE

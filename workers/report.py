@@ -109,11 +109,24 @@ def _source(summary: dict) -> str:
         )
     if any(name.startswith("live ") for name in summary["scorers"]):
         parts.append(
-            "`live …` rows are the scores the workers wrote, from the score store: each lead's last score "
-            "before it converted, or its last score once it has gone unconverted long enough."
+            f"`live …` rows are the scores the workers wrote, from the score store: {_live_snapshot(summary)}"
         )
     return " ".join(
         [*parts, f"Scoring config: `{summary['scoring_config']}`.", f"Evaluated {summary['evaluated_at']}."]
+    )
+
+
+def _live_snapshot(summary: dict) -> str:
+    """Which of each lead's scores the live rows grade: the last ones flatter, and the report says so."""
+    live = summary["live"]
+    if live["snapshot"] == "first":
+        return (
+            "each lead's first score (`--snapshot first`), as reps saw the lead when they chose whom to call."
+        )
+    return (
+        "each lead's last score before it converted, or its last in its first "
+        f"{live['min_age_days']:g} days (`--snapshot last`); later scores show what reps made of the lead, "
+        "so these rows flatter every scorer."
     )
 
 

@@ -71,26 +71,35 @@ def histories(store: Store, features: bool = True, details: bool = False) -> Ite
             yield LeadHistory(lead_scores, converted.get(key))
 
 
+FIRST, LAST = "first", "last"  # which of a lead's scores stands for it in training and live evaluation
+
+
 def labelled_scores(
-    store: Store, min_age_days: float, features: bool = True, details: bool = False
+    store: Store, min_age_days: float, snapshot: str = FIRST, features: bool = True, details: bool = False
 ) -> Iterator[tuple[dict, int]]:
     """One score a lead, with its outcome, by one rule for both outcomes. Only leads first scored at
     least `min_age_days` ago count: younger ones have not had the time to show either outcome, and
-    keeping their conversions but not their non-conversions would inflate every rate. Each is
-    represented by its last score before it converted or before its first `min_age_days` ended,
-    whichever came first: later scores already show the outcome (e.g. its lifecycle stage), and one
-    moment for all keeps a rescore late in a lead's life from telling the outcomes apart. Leads that
-    had converted before their first score teach nothing."""
+    keeping their conversions but not their non-conversions would inflate every rate. Leads that had
+    converted before their first score teach nothing.
+
+    With `FIRST`, each is represented by its first score: what it looked like when reps chose whom to
+    call. Later scores show what reps made of it (a lost lead closed out as unqualified, a converting
+    one moved on to a deal), which a model would learn in place of the lead. With `LAST`, the former
+    rule, by its last score before it converted or before its first `min_age_days` ended, whichever
+    came first."""
     window = timedelta(days=min_age_days)
     cutoff = datetime.now(UTC) - window
     for history in histories(store, features, details):
         first_scored, converted = history.first["scored_at"], history.converted_at
         if first_scored > cutoff or (converted is not None and converted <= first_scored):
             continue
-        if converted is not None and converted <= first_scored + window:
-            yield history.last_before(converted), 1
+        label = int(converted is not None)
+        if snapshot == FIRST:
+            yield history.first, label
+        elif converted is not None and converted <= first_scored + window:
+            yield history.last_before(converted), label
         else:
-            yield history.last_within(window), int(converted is not None)
+            yield history.last_within(window), label
 
 
 LiveScorer = tuple[np.ndarray, np.ndarray, list[str], str]  # labels, score / 100, tiers, scale
@@ -106,7 +115,7 @@ class _Judged(NamedTuple):
 
 
 def live_scorers(
-    store: Store, min_age_days: float, tiers: Tiers
+    store: Store, min_age_days: float, tiers: Tiers, snapshot: str = FIRST
 ) -> tuple[dict[str, LiveScorer], dict[str, int]]:
     """The scores the workers wrote (holdout leads' included: kept, though not shown), against the
     outcomes, per scorer and version (the trained model's, or the LLM's). Beside each rules+LLM
@@ -115,7 +124,7 @@ def live_scorers(
     by scorer, how many of its leads' scores keep no blend to take it from, which leaves it out."""
     grouped: dict[str, list[_Judged]] = {}
     scales: dict[str, str] = {}
-    for row, label in labelled_scores(store, min_age_days, features=False, details=True):
+    for row, label in labelled_scores(store, min_age_days, snapshot, features=False, details=True):
         version, details = row["model_version"], row["details"] or {}
         is_model = row["scorer"] == "model"
         name = f"live {version}" if is_model else " ".join(filter(None, ("live", row["scorer"], version)))
@@ -151,13 +160,15 @@ class TrainingRows(NamedTuple):
     empty: list[str] = []  # the mapping's [custom] features no kept score has a value for: left out
 
 
-def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | None = None) -> TrainingRows:
+def training_rows(
+    store: Store, min_age_days: float, custom: dict[str, Kind] | None = None, snapshot: str = FIRST
+) -> TrainingRows:
     """One row a lead (see `labelled_scores`), normalised as live leads are. The features are what a
     worker reads for every lead (the lead fields, the LLM's propensity) and `custom`, the mapping's
     [custom] kinds, whose CRM properties the model records. Other inputs a score kept (a former
     mapping's custom fields) are left out: live leads would always lack them."""
     rows, y, times, leads = [], [], [], []
-    for row, label in labelled_scores(store, min_age_days):
+    for row, label in labelled_scores(store, min_age_days, snapshot):
         rows.append(row["features"])
         y.append(label)
         times.append(row["scored_at"])
@@ -186,6 +197,7 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
         "from": min(times).isoformat(timespec="seconds"),
         "to": max(times).isoformat(timespec="seconds"),
         "min_age_days": min_age_days,
+        "snapshot": snapshot,
     }
     unread = sorted(set(raw.columns) - set(kinds) - set(empty))
     return TrainingRows(frame, labels, kinds, window, unread, leads, empty)
