@@ -35,6 +35,7 @@ from workers.store_data import (
     store_summary,
     training_rows,
 )
+from workers.tabular import TableError
 
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
@@ -441,7 +442,7 @@ def test_with_the_last_snapshot_each_lead_is_judged_by_its_score_at_conversion_o
         _score("2", now - timedelta(days=50), "lead", version="gpt-4o-mini"),
         _score("3", now, "lead"),  # converts at once, but its non-converting peers are not judged yet
         _score("4", now - timedelta(days=40), "lead"),
-        _score("4", now - timedelta(days=5), "opportunity", "model", "m2"),  # converts after its window
+        _score("4", now - timedelta(days=5), "opportunity", "model", "m2"),  # converts after its 30 days
         _score("5", now - timedelta(days=40), "lead"),
         _score("5", now - timedelta(days=37), "opportunity", "model", "m2"),  # converts within it
     ])  # fmt: skip
@@ -451,8 +452,8 @@ def test_with_the_last_snapshot_each_lead_is_judged_by_its_score_at_conversion_o
          LeadFact("hubspot", "48213377", "5", "customer", now - timedelta(days=36))], "sync",
     )  # fmt: skip
 
-    judged = {row["lead_id"]: (row["scorer"], label) for row, label in labelled_scores(kept, 30, LAST)}
-    assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "4": ("rules+llm", 1), "5": ("model", 1)}
+    judged = {row["lead_id"]: (row["scorer"], label) for row, label, _ in labelled_scores(kept, 30, LAST)}
+    assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "4": ("rules+llm", 0), "5": ("model", 1)}
     assert list(live_scorers(kept, 30, load_config().tiers, LAST)[0]) == [
         "live m2",
         "live rules+llm",
@@ -504,6 +505,43 @@ def test_the_last_snapshot_keeps_the_former_rows_that_show_what_reps_made_of_eac
     assert rows.window["snapshot"] == "last"
     [(labels, scores, tiers, scale)] = live_scorers(kept, 30, load_config().tiers, LAST)[0].values()
     assert (labels.tolist(), scores.tolist()) == ([0, 1], [0.1, 0.9])  # a perfect ranking, in hindsight
+
+
+def test_a_lead_is_converted_only_if_it_converted_within_min_age_days_of_its_first_score(store_url):
+    """One horizon for every lead: a lead scored a year ago has had no longer to convert than one
+    scored last month."""
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    now = datetime.now(UTC)
+    first_scored_and_converted = {"1": (60, 50), "2": (60, 20), "3": (45, 15), "4": (40, None), "5": (10, 5)}
+    kept.record_scores(_score(lead, now - timedelta(days=first), "lead")
+                       for lead, (first, _) in first_scored_and_converted.items())  # fmt: skip
+    kept.record_outcomes(
+        [LeadFact("hubspot", "48213377", lead, "customer", now - timedelta(days=converted))
+         for lead, (_, converted) in first_scored_and_converted.items() if converted is not None], "sync",
+    )  # fmt: skip
+
+    rows = training_rows(kept, min_age_days=30)
+    # 10 days after its first score, 40 (too late), 30 (just in time), none; lead 5 is too young
+    assert (rows.leads, rows.labels.tolist()) == (["1", "2", "3", "4"], [1, 0, 1, 0])
+    timing = {"conversions": 3, "after_horizon": 1, "median_days": 30.0, "p80_days": 36.0}
+    assert rows.window["time_to_convert"] == timing
+    assert live_scorers(kept, 30, load_config().tiers)[2] == timing
+    assert training_rows(kept, 30, snapshot=LAST).labels.tolist() == [1, 0, 1, 0]
+
+    no_horizon = training_rows(kept, min_age_days=0)  # every lead, and any conversion so far
+    assert (no_horizon.leads, no_horizon.labels.tolist()) == (["1", "2", "3", "4", "5"], [1, 1, 1, 0, 1])
+    assert no_horizon.window["time_to_convert"] == {
+        "conversions": 4, "after_horizon": 0, "median_days": 20.0, "p80_days": 34.0
+    }  # fmt: skip
+
+    with pytest.raises(TableError) as refused:
+        training_rows(kept, min_age_days=4)
+    assert str(refused.value) == (
+        "every labelled lead in the store has outcome 0 (4 conversions, 4 of them over 4 days after their "
+        "first score, counted as not converted; first score to conversion: median 20 days, 80th percentile "
+        "34 days): a model needs both"
+    )
 
 
 def test_workers_of_the_previous_release_still_keep_outcomes_after_the_upgrade(store_url):

@@ -361,8 +361,9 @@ def evaluate(
         from workers.store_data import store_summary
 
         summary["store"] = store_summary(store, min_age_days)
-        summary["live"] = {"snapshot": snapshot, "min_age_days": min_age_days}
-        curves.update(_live_scorers(store, min_age_days, snapshot, config, scorers, notes))
+        live, timing = _live_scorers(store, min_age_days, snapshot, config, scorers, notes)
+        summary["live"] = {"snapshot": snapshot, "min_age_days": min_age_days, "time_to_convert": timing}
+        curves.update(live)
     if not curves:
         notes.append(
             "No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts, "
@@ -416,13 +417,14 @@ def _file_scorers(
 
 def _live_scorers(
     store, min_age_days: float, snapshot: str, config: ScoringConfig, scorers: dict, notes: list[str]
-) -> Curves:
+) -> tuple[Curves, dict]:
     """The scores the workers wrote, per scorer, against the outcomes the store captured; for a
-    rules+LLM scorer, what the LLM's part adds to the rules on the same leads."""
+    rules+LLM scorer, what the LLM's part adds to the rules on the same leads; and how long the
+    leads took to convert (`store_data.time_to_convert`)."""
     from workers.store_data import WITHOUT_LLM, live_scorers
 
     curves: Curves = {}
-    live, unpaired = live_scorers(store, min_age_days, config.tiers, snapshot)
+    live, unpaired, timing = live_scorers(store, min_age_days, config.tiers, snapshot)
     notes += [
         f"`{name}` is not compared with the rules alone: {count} of its leads' scores keep no blend to take "
         "the LLM's part from"
@@ -441,7 +443,7 @@ def _live_scorers(
         blended = name.removesuffix(f" {WITHOUT_LLM}")
         if blended != name:
             scorers[blended]["llm_adds"] = paired_auc_difference(y, curves[blended][1], p)
-    return curves
+    return curves, timing
 
 
 def _in_sample(model: TrainedModel, table: LabelledTable) -> str | None:
