@@ -529,13 +529,21 @@ def cmd_train(args) -> int:
         from workers.store import Store
 
         store = Store(get_settings().database_url).require_schema()
-        trained = offline.train_from_store(store, args.out, args.min_age_days, args.mapping, args.tiers)
+        trained = offline.train_from_store(
+            store, args.out, args.min_age_days, args.mapping, args.tiers, args.snapshot
+        )
     else:
         if not (args.data and args.mapping):
             raise UsageError("train needs --data FILE and --mapping MAP, or --from-store")
         trained = offline.train_from_file(args.data, args.mapping, args.label, args.out, args.tiers)
     meta = trained.meta
     print(f"model {meta['version']} saved to {args.out} ({meta['training']['seconds']} s)")
+    if args.from_store:
+        from workers.store_data import said_of_time_to_convert
+
+        training = meta["training"]
+        timing = said_of_time_to_convert(training["time_to_convert"], training["min_age_days"])
+        print(f"  learnt from each lead's {training['snapshot']} score; {timing}")
     for name, m in meta["candidates"].items():
         kept = "  <- kept" if name == meta["model"] else ""
         print(f"  {name:20s} CV ROC AUC {m['cv_auc_mean']:.4f} ± {m['cv_auc_sd']:.4f}{kept}")
@@ -632,10 +640,17 @@ def cmd_evaluate(args) -> int:
     if args.model and not args.data:
         raise UsageError("--model scores a file: give --data FILE and --mapping MAP as well")
     summary = offline.evaluate(
-        args.data, args.mapping, args.label, args.out, _scoring_config(), args.model, store, args.min_age_days
-    )
+        args.data, args.mapping, args.label, args.out, _scoring_config(), args.model, store,
+        args.min_age_days, args.snapshot,
+    )  # fmt: skip
     if "file" in summary["data"]:
         print(f"{summary['rows']} leads, overall conversion {summary['base_rate']:.1%}")
+    if "live" in summary:
+        from workers.store_data import said_of_time_to_convert
+
+        live = summary["live"]
+        timing = said_of_time_to_convert(live["time_to_convert"], live["min_age_days"])
+        print(f"store: each lead's {live['snapshot']} score graded; {timing}")
     for name, s in summary["scorers"].items():
         print(f"  {name:40s} ROC AUC {s['roc_auc']:.4f}  ECE {s['ece']:.4f}  "
               f"{_tier_a(s['tiers'], s['base_rate'])}")  # fmt: skip
@@ -891,7 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--from-store", action="store_true", help="train on the score store instead")
     train.add_argument(
         "--min-age-days", type=float, default=30.0,
-        help="--from-store: a lead with no outcome counts as not converted once scored this long ago",
+        help="--from-store: a lead counts once first scored this many days ago, as converted if it converted "
+        "within them of its first score (0: at any time so far)",
+    )  # fmt: skip
+    train.add_argument(
+        "--snapshot", choices=("first", "last"), default="first",
+        help="--from-store: learn from each lead's first score (default: as reps saw it when choosing whom "
+        "to call), or its last before it converted or its window ended (leaks reps' disposition of it)",
     )  # fmt: skip
     train.add_argument(
         "--tiers", type=tiers_argument, metavar="A,B,C",
@@ -921,7 +942,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--min-age-days", type=float, default=30.0,
-        help="--with-store: a lead with no outcome counts as not converted once scored this long ago",
+        help="--with-store: a lead counts once first scored this many days ago, as converted if it converted "
+        "within them of its first score (0: at any time so far)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--snapshot", choices=("first", "last"), default="first",
+        help="--with-store: grade each lead's first score (default), or its last before it converted or "
+        "its window ended (flatters every scorer: it shows reps' disposition of the lead)",
     )  # fmt: skip
     evaluate.add_argument("--out", type=a_directory, required=True, help="directory: report.md, plots, JSON")
     evaluate.set_defaults(func=cmd_evaluate)

@@ -1160,8 +1160,8 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     )
     kept.record_outcomes(
         [
-            LeadFact("hubspot", PORTAL_ID, lead.lead_id, "customer")
-            for lead, y in zip(leads, table.y, strict=True)
+            LeadFact("hubspot", PORTAL_ID, lead.lead_id, "customer", long_ago + timedelta(days=10))
+            for lead, y in zip(leads, table.y, strict=True)  # within the 30 days that count
             if y
         ],
         "sync",
@@ -1185,7 +1185,10 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["training"]["rows"] == 500 and meta["training"]["positive_rate"] == 0.37
     assert meta["training"]["store"] == make_url(env["DATABASE_URL"]).render_as_string(hide_password=True)
-    assert meta["training"]["min_age_days"] == 30
+    assert meta["training"]["min_age_days"] == 30 and meta["training"]["snapshot"] == "first"
+    assert meta["training"]["time_to_convert"] == {
+        "conversions": 185, "after_horizon": 0, "median_days": 10.0, "p80_days": 10.0
+    }  # fmt: skip
     assert meta["training"]["to"] == long_ago.isoformat(timespec="seconds")
     kinds = {f["name"]: f["kind"] for f in meta["features"]}
     assert kinds == tabular.LEAD_FIELD_KINDS  # what a worker reads for every lead
@@ -1195,6 +1198,9 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
         captured.err
     )  # without a mapping, no worker would read it for live leads
     assert "expected on unseen leads (out-of-fold): ROC AUC" in captured.out
+    assert "  learnt from each lead's first score; 185 conversions, 0 of them over 30 days after their " \
+           "first score, counted as not converted; first score to conversion: median 10 days, 80th " \
+           "percentile 10 days\n" in captured.out  # fmt: skip
     model = TrainedModel.load(tmp_path / "m")  # live leads are normalised as the stored rows were
     live = pd.DataFrame(
         [tabular.lead_features(lead, model.kinds) for lead in leads], columns=list(model.kinds)
@@ -1206,9 +1212,10 @@ def test_train_from_store_learns_from_kept_scores_and_outcomes(env, tmp_path, ca
     assert model.matrix(live)["status"].isna().sum() == 0  # no category unseen for being cased differently
 
     with_mapping = ["--mapping", str(MAPPING), "--out", str(tmp_path / "m2")]  # [monotone] binds here too
-    assert main(["train", "--from-store", "--min-age-days", "30", *with_mapping]) == 0
+    assert main(["train", "--from-store", "--min-age-days", "30", "--snapshot", "last", *with_mapping]) == 0
     meta = json.loads((tmp_path / "m2" / "model.json").read_text())
     assert meta["model"] == "lightgbm" and meta["monotone"] == {"time_on_site_s": "increasing"}
+    assert meta["training"]["snapshot"] == "last"
     model = TrainedModel.load(tmp_path / "m2")
     constraints = model.estimator.get_params()["monotone_constraints"]
     assert [name for name, sign in zip(model.kinds, constraints, strict=True) if sign] == ["time_on_site_s"]
@@ -1241,7 +1248,11 @@ def test_train_from_a_store_with_too_few_conversions_is_refused(env, tmp_path, c
         for lead in leads
     )  # fmt: skip
     kept.record_outcomes(
-        [LeadFact("hubspot", PORTAL_ID, lead.lead_id, "customer") for lead in leads[:3]], "sync"
+        [
+            LeadFact("hubspot", PORTAL_ID, lead.lead_id, "customer", long_ago + timedelta(days=10))
+            for lead in leads[:3]
+        ],
+        "sync",
     )
 
     assert main(["train", "--from-store", "--out", str(tmp_path / "m")]) == 2
@@ -1496,7 +1507,12 @@ def test_evaluate_from_the_store_measures_what_the_llms_part_adds_to_the_rules(e
     kept = Store(env["DATABASE_URL"])
     kept.record_scores(leads)
     kept.record_outcomes(
-        [LeadFact("hubspot", PORTAL_ID, str(i), "customer") for i, y in enumerate(labels) if y], "webhook"
+        [
+            LeadFact("hubspot", PORTAL_ID, str(i), "customer", weeks_ago + timedelta(days=10))
+            for i, y in enumerate(labels)
+            if y
+        ],
+        "webhook",
     )
     out = tmp_path / "report"
 
@@ -1532,7 +1548,11 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
         for lead, score, tier, scorer, version in rows
     )  # fmt: skip
     kept.record_outcomes(
-        [LeadFact("hubspot", PORTAL_ID, lead, "customer") for lead in ("1", "3", "5")], "webhook"
+        [
+            LeadFact("hubspot", PORTAL_ID, lead, "customer", weeks_ago + timedelta(days=10))
+            for lead in ("1", "3", "5")
+        ],
+        "webhook",
     )
     out = tmp_path / "report"
 
@@ -1551,6 +1571,59 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
     assert "| live v7 | 2 | 50.0% | 1.0000 |" in report
     assert [scorer["scale"] for scorer in scorers.values()] == ["points", "probability"]
     assert "- `live rules+llm`: the rules' 0–100 is a points scale, not a probability" in report
+
+
+@EACH_STORE
+def test_evaluate_from_the_store_grades_each_leads_first_score_unless_told_the_last(env, tmp_path, capsys):
+    """Reps lower the score of a lead they close out and raise that of one they move on to a deal:
+    graded on those later scores, any scorer looks as good as the reps' own hindsight. A lead that
+    converts after its first 30 days counts as not converted, and is counted."""
+    kept = Store(env["DATABASE_URL"])
+    now = datetime.now(UTC)
+    rows = [
+        ("1", 70, 60),
+        ("1", 10, 50),
+        ("2", 40, 60),
+        ("2", 90, 45),
+        ("3", 50, 60),
+    ]  # lead, score, days ago
+    kept.record_scores(
+        ScoreRecord(crm="hubspot", account_id=PORTAL_ID, lead_id=lead, score=score, tier="B", reason="r",
+                    scorer="rules+llm", fingerprint=f"{lead}-{days}", features={}, details={},
+                    scored_at=now - timedelta(days=days))
+        for lead, score, days in rows
+    )  # fmt: skip
+    kept.record_outcomes(
+        [LeadFact("hubspot", PORTAL_ID, "2", "customer", now - timedelta(days=40)),  # 20 days after its first
+         LeadFact("hubspot", PORTAL_ID, "3", "customer", now - timedelta(days=5))], "sync",  # 55 days after
+    )  # fmt: skip
+    timing = {"conversions": 2, "after_horizon": 1, "median_days": 37.5, "p80_days": 48.0}
+
+    graded = {}
+    for snapshot in ("first", "last"):
+        out = tmp_path / snapshot
+        assert main(["evaluate", "--with-store", "--snapshot", snapshot, "--out", str(out)]) == 0
+        summary = json.loads((out / "metrics.json").read_text())
+        assert summary["live"] == {"snapshot": snapshot, "min_age_days": 30.0, "time_to_convert": timing}
+        live = summary["scorers"]["live rules+llm"]
+        graded[snapshot] = (live["leads"], live["base_rate"], live["roc_auc"])
+
+    assert graded == {"first": (3, 0.3333, 0.0), "last": (3, 0.3333, 1.0)}
+    timing_said = (
+        "2 conversions, 1 of them over 30 days after their first score, counted as not converted; first "
+        "score to conversion: median 37.5 days, 80th percentile 48 days"
+    )
+    assert f"store: each lead's first score graded; {timing_said}\n" in capsys.readouterr().out
+    first, last = ((tmp_path / snapshot / "report.md").read_text() for snapshot in ("first", "last"))
+    assert "from the score store: each lead's first score (`--snapshot first`), as reps saw the lead when " \
+           "they chose whom to call. A lead counts as converted if it converted within 30 days of its " \
+           "first score." in first  # fmt: skip
+    assert "from the score store: each lead's last score before it converted, or its last in its first 30 " \
+           "days (`--snapshot last`); later scores show what reps made of the lead, so these rows flatter " \
+           "every scorer. A lead counts as converted if it converted within 30 days of its first score." in (
+        last
+    )  # fmt: skip
+    assert f"Of leads first scored over 30 days ago: {timing_said}." in first
 
 
 @EACH_STORE

@@ -27,7 +27,15 @@ from tests.conftest import _empty_database
 from workers import jobs, outcomes, store
 from workers.config import load_config
 from workers.store import Feedback, LeadFact, ScoreRecord, Store, StoreNotReady
-from workers.store_data import histories, labelled_scores, live_scorers, store_summary, training_rows
+from workers.store_data import (
+    LAST,
+    histories,
+    labelled_scores,
+    live_scorers,
+    store_summary,
+    training_rows,
+)
+from workers.tabular import TableError
 
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
@@ -365,10 +373,11 @@ def test_an_outcome_reported_again_with_an_earlier_date_moves_back_to_it(store_u
 
 
 def _score(lead: str, at: datetime, stage: str, scorer: str = "rules+llm", version: str | None = None,
-           crm: str = "hubspot"):  # fmt: skip
-    return ScoreRecord(crm=crm, account_id="48213377", lead_id=lead, score=50, tier="B", reason="r",
+           crm: str = "hubspot", status: str | None = None, score: int = 50):  # fmt: skip
+    features = {"stage": stage, **({"status": status} if status else {})}
+    return ScoreRecord(crm=crm, account_id="48213377", lead_id=lead, score=score, tier="B", reason="r",
                        scorer=scorer, model_version=version, fingerprint=f"{lead}{at}",
-                       features={"stage": stage}, details={}, scored_at=at)  # fmt: skip
+                       features=features, details={}, scored_at=at)  # fmt: skip
 
 
 def test_moments_read_from_a_postgresql_in_another_time_zone_are_given_in_utc(store_url):
@@ -412,7 +421,7 @@ def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_
 
     store.upgrade(store_url)
 
-    rows = training_rows(kept.require_schema(), min_age_days=30)
+    rows = training_rows(kept.require_schema(), min_age_days=30, snapshot=LAST)
     # The converted lead is learned from its score before it was a customer, not the one that saw it;
     # the won deal's contact and the converted Salesforce Lead, which no score saw, from their last.
     assert sorted(zip(rows.labels.tolist(), rows.frame["stage"], strict=True)) == [
@@ -421,7 +430,7 @@ def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_
     assert sorted(rows.leads) == ["00Q4", "1", "2", "3"]  # as a CRM export names them: evaluate matches
 
 
-def test_each_lead_is_judged_by_its_score_at_conversion_or_at_the_end_of_its_window_and_young_ones_wait(
+def test_with_the_last_snapshot_each_lead_is_judged_by_its_score_at_conversion_or_at_its_windows_end(
     store_url,
 ):
     store.upgrade(store_url)
@@ -433,7 +442,7 @@ def test_each_lead_is_judged_by_its_score_at_conversion_or_at_the_end_of_its_win
         _score("2", now - timedelta(days=50), "lead", version="gpt-4o-mini"),
         _score("3", now, "lead"),  # converts at once, but its non-converting peers are not judged yet
         _score("4", now - timedelta(days=40), "lead"),
-        _score("4", now - timedelta(days=5), "opportunity", "model", "m2"),  # converts after its window
+        _score("4", now - timedelta(days=5), "opportunity", "model", "m2"),  # converts after its 30 days
         _score("5", now - timedelta(days=40), "lead"),
         _score("5", now - timedelta(days=37), "opportunity", "model", "m2"),  # converts within it
     ])  # fmt: skip
@@ -443,13 +452,96 @@ def test_each_lead_is_judged_by_its_score_at_conversion_or_at_the_end_of_its_win
          LeadFact("hubspot", "48213377", "5", "customer", now - timedelta(days=36))], "sync",
     )  # fmt: skip
 
-    judged = {row["lead_id"]: (row["scorer"], label) for row, label in labelled_scores(kept, 30)}
-    assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "4": ("rules+llm", 1), "5": ("model", 1)}
-    assert list(live_scorers(kept, 30, load_config().tiers)[0]) == [
+    judged = {row["lead_id"]: (row["scorer"], label) for row, label, _ in labelled_scores(kept, 30, LAST)}
+    assert judged == {"1": ("rules+llm", 0), "2": ("rules+llm", 0), "4": ("rules+llm", 0), "5": ("model", 1)}
+    assert list(live_scorers(kept, 30, load_config().tiers, LAST)[0]) == [
         "live m2",
         "live rules+llm",
         "live rules+llm gpt-4o-mini",
     ]
+
+
+def _first_scored_new_then_worked_by_reps(kept: Store) -> None:
+    """Two leads first scored as NEW: one that reps later closed out as UNQUALIFIED, one that they
+    moved on to a deal and that converted; a lead too young to judge; a customer before its score."""
+    now = datetime.now(UTC)
+    kept.record_scores([
+        _score("1", now - timedelta(days=60), "lead", status="NEW", score=70),
+        _score("1", now - timedelta(days=50), "lead", status="UNQUALIFIED", score=10),
+        _score("2", now - timedelta(days=60), "lead", status="NEW", score=40),
+        _score("2", now - timedelta(days=45), "salesqualifiedlead", status="OPEN_DEAL", score=90),
+        _score("3", now - timedelta(days=10), "lead", status="NEW"),
+        _score("4", now - timedelta(days=60), "customer", status="NEW"),
+    ])  # fmt: skip
+    kept.record_outcomes(
+        [LeadFact("hubspot", "48213377", "2", "customer", now - timedelta(days=40)),
+         LeadFact("hubspot", "48213377", "4", "customer", now - timedelta(days=61))], "sync",
+    )  # fmt: skip
+
+
+def test_a_lead_is_learned_from_and_graded_on_its_first_score_not_on_what_reps_made_of_it(store_url):
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    _first_scored_new_then_worked_by_reps(kept)
+
+    rows = training_rows(kept, min_age_days=30)
+    assert (rows.leads, rows.labels.tolist()) == (["1", "2"], [0, 1])
+    assert rows.frame[["status", "stage"]].values.tolist() == [["new", "lead"], ["new", "lead"]]
+    assert rows.window["snapshot"] == "first"
+    [(labels, scores, tiers, scale)] = live_scorers(kept, 30, load_config().tiers)[0].values()
+    assert (labels.tolist(), scores.tolist()) == ([0, 1], [0.7, 0.4])  # the rules ranked them wrong
+
+
+def test_the_last_snapshot_keeps_the_former_rows_that_show_what_reps_made_of_each_lead(store_url):
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    _first_scored_new_then_worked_by_reps(kept)
+
+    rows = training_rows(kept, min_age_days=30, snapshot=LAST)
+    assert (rows.leads, rows.labels.tolist()) == (["1", "2"], [0, 1])
+    assert rows.frame[["status", "stage"]].values.tolist() == [
+        ["unqualified", "lead"], ["open_deal", "salesqualifiedlead"]
+    ]  # fmt: skip
+    assert rows.window["snapshot"] == "last"
+    [(labels, scores, tiers, scale)] = live_scorers(kept, 30, load_config().tiers, LAST)[0].values()
+    assert (labels.tolist(), scores.tolist()) == ([0, 1], [0.1, 0.9])  # a perfect ranking, in hindsight
+
+
+def test_a_lead_is_converted_only_if_it_converted_within_min_age_days_of_its_first_score(store_url):
+    """One horizon for every lead: a lead scored a year ago has had no longer to convert than one
+    scored last month."""
+    store.upgrade(store_url)
+    kept = Store(store_url)
+    now = datetime.now(UTC)
+    first_scored_and_converted = {"1": (60, 50), "2": (60, 20), "3": (45, 15), "4": (40, None), "5": (10, 5)}
+    kept.record_scores(_score(lead, now - timedelta(days=first), "lead")
+                       for lead, (first, _) in first_scored_and_converted.items())  # fmt: skip
+    kept.record_outcomes(
+        [LeadFact("hubspot", "48213377", lead, "customer", now - timedelta(days=converted))
+         for lead, (_, converted) in first_scored_and_converted.items() if converted is not None], "sync",
+    )  # fmt: skip
+
+    rows = training_rows(kept, min_age_days=30)
+    # 10 days after its first score, 40 (too late), 30 (just in time), none; lead 5 is too young
+    assert (rows.leads, rows.labels.tolist()) == (["1", "2", "3", "4"], [1, 0, 1, 0])
+    timing = {"conversions": 3, "after_horizon": 1, "median_days": 30.0, "p80_days": 36.0}
+    assert rows.window["time_to_convert"] == timing
+    assert live_scorers(kept, 30, load_config().tiers)[2] == timing
+    assert training_rows(kept, 30, snapshot=LAST).labels.tolist() == [1, 0, 1, 0]
+
+    no_horizon = training_rows(kept, min_age_days=0)  # every lead, and any conversion so far
+    assert (no_horizon.leads, no_horizon.labels.tolist()) == (["1", "2", "3", "4", "5"], [1, 1, 1, 0, 1])
+    assert no_horizon.window["time_to_convert"] == {
+        "conversions": 4, "after_horizon": 0, "median_days": 20.0, "p80_days": 34.0
+    }  # fmt: skip
+
+    with pytest.raises(TableError) as refused:
+        training_rows(kept, min_age_days=4)
+    assert str(refused.value) == (
+        "every labelled lead in the store has outcome 0 (4 conversions, 4 of them over 4 days after their "
+        "first score, counted as not converted; first score to conversion: median 20 days, 80th percentile "
+        "34 days): a model needs both"
+    )
 
 
 def test_workers_of_the_previous_release_still_keep_outcomes_after_the_upgrade(store_url):

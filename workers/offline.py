@@ -86,18 +86,19 @@ def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path
 
 
 def train_from_store(
-    store, out: Path, min_age_days: float, mapping_path: Path | None = None, tiers: Tiers | None = None
-):
-    """Learn from the inputs kept with each score, labelled by the outcomes. A mapping is optional:
-    its [custom] entries give those features' kinds, labels and CRM properties, its [monotone] the
-    features kept in order."""
+    store, out: Path, min_age_days: float, mapping_path: Path | None = None, tiers: Tiers | None = None,
+    snapshot: str = "first",
+):  # fmt: skip
+    """Learn from the inputs kept with each lead's `snapshot` score (see `store_data.labelled_scores`),
+    labelled by the outcomes. A mapping is optional: its [custom] entries give those features' kinds,
+    labels and CRM properties, its [monotone] the features kept in order."""
     from workers.store import redacted
     from workers.store_data import training_rows
 
     started = time.perf_counter()
     mapping = tabular.load_mapping(mapping_path) if mapping_path else None
     custom = {name: spec.kind for name, spec in mapping.custom.items()} if mapping else None
-    rows = training_rows(store, min_age_days, custom)
+    rows = training_rows(store, min_age_days, custom, snapshot)
     later = "; run `leadscore outcomes sync`, or train once more leads have an outcome"
     require_folds(rows.labels, "in the store", later)
     if rows.unread:
@@ -338,7 +339,7 @@ Curves = dict[str, tuple[np.ndarray, np.ndarray, list[str]]]  # scorer -> (label
 
 def evaluate(
     data: Path | None, mapping_path: Path | None, label: str | None, out: Path, config: ScoringConfig,
-    model_dirs: list[Path], store=None, min_age_days: float = 30.0,
+    model_dirs: list[Path], store=None, min_age_days: float = 30.0, snapshot: str = "first",
 ) -> dict:  # fmt: skip
     """Every scorer side by side: on a labelled file, the rules and each model; with the store, the
     scores the workers wrote, against the outcomes it captured. Metrics JSON, Markdown, plots."""
@@ -360,7 +361,9 @@ def evaluate(
         from workers.store_data import store_summary
 
         summary["store"] = store_summary(store, min_age_days)
-        curves.update(_live_scorers(store, min_age_days, config, scorers, notes))
+        live, timing = _live_scorers(store, min_age_days, snapshot, config, scorers, notes)
+        summary["live"] = {"snapshot": snapshot, "min_age_days": min_age_days, "time_to_convert": timing}
+        curves.update(live)
     if not curves:
         notes.append(
             "No scorer can be ranked yet: that takes scored leads of both outcomes, and a lead counts, "
@@ -413,14 +416,15 @@ def _file_scorers(
 
 
 def _live_scorers(
-    store, min_age_days: float, config: ScoringConfig, scorers: dict, notes: list[str]
-) -> Curves:
+    store, min_age_days: float, snapshot: str, config: ScoringConfig, scorers: dict, notes: list[str]
+) -> tuple[Curves, dict]:
     """The scores the workers wrote, per scorer, against the outcomes the store captured; for a
-    rules+LLM scorer, what the LLM's part adds to the rules on the same leads."""
+    rules+LLM scorer, what the LLM's part adds to the rules on the same leads; and how long the
+    leads took to convert (`store_data.time_to_convert`)."""
     from workers.store_data import WITHOUT_LLM, live_scorers
 
     curves: Curves = {}
-    live, unpaired = live_scorers(store, min_age_days, config.tiers)
+    live, unpaired, timing = live_scorers(store, min_age_days, config.tiers, snapshot)
     notes += [
         f"`{name}` is not compared with the rules alone: {count} of its leads' scores keep no blend to take "
         "the LLM's part from"
@@ -439,7 +443,7 @@ def _live_scorers(
         blended = name.removesuffix(f" {WITHOUT_LLM}")
         if blended != name:
             scorers[blended]["llm_adds"] = paired_auc_difference(y, curves[blended][1], p)
-    return curves
+    return curves, timing
 
 
 def _in_sample(model: TrainedModel, table: LabelledTable) -> str | None:

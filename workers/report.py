@@ -15,6 +15,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from workers.config import TIER_NAMES  # noqa: E402
 from workers.evaluation import POINTS, calibration_bins, tier_table  # noqa: E402
+from workers.store_data import said_of_time_to_convert  # noqa: E402
 
 MIN_EACH_OUTCOME_TO_RANK = 20  # converted leads, and unconverted, for a ranking read without a caveat
 MIN_TIER_LEADS = 30  # leads in a tier, for its conversion rate read without a caveat
@@ -109,12 +110,30 @@ def _source(summary: dict) -> str:
         )
     if any(name.startswith("live ") for name in summary["scorers"]):
         parts.append(
-            "`live …` rows are the scores the workers wrote, from the score store: each lead's last score "
-            "before it converted, or its last score once it has gone unconverted long enough."
+            f"`live …` rows are the scores the workers wrote, from the score store: {_live_snapshot(summary)}"
         )
     return " ".join(
         [*parts, f"Scoring config: `{summary['scoring_config']}`.", f"Evaluated {summary['evaluated_at']}."]
     )
+
+
+def _live_snapshot(summary: dict) -> str:
+    """Which of each lead's scores the live rows grade (the last ones flatter, and the report says so),
+    and what counts as converted."""
+    live = summary["live"]
+    days = live["min_age_days"]
+    if live["snapshot"] == "first":
+        graded = (
+            "each lead's first score (`--snapshot first`), as reps saw the lead when they chose whom to call"
+        )
+    else:
+        graded = (
+            f"each lead's last score before it converted, or its last in its first {days:g} days "
+            "(`--snapshot last`); later scores show what reps made of the lead, so these rows flatter every "
+            "scorer"
+        )
+    horizon = f"within {days:g} days of its first score" if days > 0 else "at any time so far"
+    return f"{graded}. A lead counts as converted if it converted {horizon}."
 
 
 def markdown(summary: dict) -> str:
@@ -123,7 +142,7 @@ def markdown(summary: dict) -> str:
         lines += _scorer_tables(summary["scorers"], summary["scoring_config"])
     store = summary.get("store")
     if store:
-        lines += _store_tables(store)
+        lines += _store_tables(store, summary["live"])
     if summary["notes"]:
         lines += ["", "## Notes", "", *(f"- {note}" for note in summary["notes"])]
     if summary["scorers"]:
@@ -280,11 +299,12 @@ def _bullets(notes) -> list[str]:
     return ["", *kept] if kept else []
 
 
-def _store_tables(store: dict) -> list[str]:
+def _store_tables(store: dict, live: dict) -> list[str]:
     lines = [
         "", "## From the score store", "",
         f"Scores kept: {store['scores']}, leads: {store['leads']}, converted since first scored: "
-        f"{store['converted']}.",
+        f"{store['converted']}. Of leads first scored over {live['min_age_days']:g} days ago: "
+        f"{said_of_time_to_convert(live['time_to_convert'], live['min_age_days'])}.",
         "", "### Holdout (no visible score)", "",
         "Leads first scored while the holdout ran in their account (from its first held-out lead to its "
         f"last) and at least {store['min_age_days']:g} days ago, converted since. Left out: newer leads, "

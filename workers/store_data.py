@@ -71,26 +71,76 @@ def histories(store: Store, features: bool = True, details: bool = False) -> Ite
             yield LeadHistory(lead_scores, converted.get(key))
 
 
+FIRST, LAST = "first", "last"  # which of a lead's scores stands for it in training and live evaluation
+
+
+class Labelled(NamedTuple):
+    row: dict  # the score that stands for the lead
+    label: int
+    days_to_convert: float | None  # from its first score, however late; None if it has not converted
+
+
 def labelled_scores(
-    store: Store, min_age_days: float, features: bool = True, details: bool = False
-) -> Iterator[tuple[dict, int]]:
+    store: Store, min_age_days: float, snapshot: str = FIRST, features: bool = True, details: bool = False
+) -> Iterator[Labelled]:
     """One score a lead, with its outcome, by one rule for both outcomes. Only leads first scored at
     least `min_age_days` ago count: younger ones have not had the time to show either outcome, and
-    keeping their conversions but not their non-conversions would inflate every rate. Each is
-    represented by its last score before it converted or before its first `min_age_days` ended,
-    whichever came first: later scores already show the outcome (e.g. its lifecycle stage), and one
-    moment for all keeps a rescore late in a lead's life from telling the outcomes apart. Leads that
-    had converted before their first score teach nothing."""
+    keeping their conversions but not their non-conversions would inflate every rate. Leads that had
+    converted before their first score teach nothing. A lead is converted if it converted within
+    `min_age_days` of its first score, the horizon every counted lead has been watched for: counting
+    later conversions would give a lead scored a year ago a year to convert and one scored last month
+    a month, so newer channels would look worse. At 0 there is no horizon: any conversion so far.
+
+    With `FIRST`, each is represented by its first score: what it looked like when reps chose whom to
+    call. Later scores show what reps made of it (a lost lead closed out as unqualified, a converting
+    one moved on to a deal), which a model would learn in place of the lead. With `LAST`, the former
+    rule, by its last score before it converted or before its first `min_age_days` ended, whichever
+    came first."""
     window = timedelta(days=min_age_days)
     cutoff = datetime.now(UTC) - window
     for history in histories(store, features, details):
         first_scored, converted = history.first["scored_at"], history.converted_at
         if first_scored > cutoff or (converted is not None and converted <= first_scored):
             continue
-        if converted is not None and converted <= first_scored + window:
-            yield history.last_before(converted), 1
+        if converted is None:
+            days, label = None, 0
         else:
-            yield history.last_within(window), int(converted is not None)
+            days = (converted - first_scored) / timedelta(days=1)
+            label = int(min_age_days <= 0 or converted <= first_scored + window)
+        if snapshot == FIRST:
+            row = history.first
+        elif converted is not None and converted <= first_scored + window:
+            row = history.last_before(converted)
+        else:
+            row = history.last_within(window)
+        yield Labelled(row, label, days)
+
+
+def time_to_convert(days: list[float], positives: int) -> dict:
+    """Of the counted leads that converted, however late: how many did so after the horizon (so count
+    as not converted), and the median and 80th percentile of the days from first score to
+    conversion, for a team choosing --min-age-days. Only leads first scored that long ago count, so
+    conversions slower than the youngest of them are not seen yet."""
+    median, p80 = np.percentile(days, [50, 80]).round(1).tolist() if days else (None, None)
+    return {"conversions": len(days), "after_horizon": len(days) - positives, "median_days": median,
+            "p80_days": p80}  # fmt: skip
+
+
+def said_of_time_to_convert(timing: dict, min_age_days: float) -> str:
+    """`time_to_convert` in words, as `train` prints it and the evaluation report gives it."""
+    if not timing["conversions"]:
+        return "no conversions yet"
+    if min_age_days > 0:
+        counted = (
+            f"{timing['after_horizon']} of them over {min_age_days:g} days after their first score, "
+            "counted as not converted"
+        )
+    else:
+        counted = "every one counted, however late (--min-age-days 0: no fixed horizon)"
+    return (
+        f"{timing['conversions']} conversions, {counted}; first score to conversion: median "
+        f"{timing['median_days']:g} days, 80th percentile {timing['p80_days']:g} days"
+    )
 
 
 LiveScorer = tuple[np.ndarray, np.ndarray, list[str], str]  # labels, score / 100, tiers, scale
@@ -106,16 +156,23 @@ class _Judged(NamedTuple):
 
 
 def live_scorers(
-    store: Store, min_age_days: float, tiers: Tiers
-) -> tuple[dict[str, LiveScorer], dict[str, int]]:
+    store: Store, min_age_days: float, tiers: Tiers, snapshot: str = FIRST
+) -> tuple[dict[str, LiveScorer], dict[str, int], dict]:
     """The scores the workers wrote (holdout leads' included: kept, though not shown), against the
     outcomes, per scorer and version (the trained model's, or the LLM's). Beside each rules+LLM
     scorer whose LLM answered for some of its leads, the same leads' scores without the LLM's part
     (tiered by `tiers`, today's): what the LLM adds to the rules, measured on one set of leads; and,
-    by scorer, how many of its leads' scores keep no blend to take it from, which leaves it out."""
+    by scorer, how many of its leads' scores keep no blend to take it from, which leaves it out; and
+    the leads' `time_to_convert`."""
     grouped: dict[str, list[_Judged]] = {}
     scales: dict[str, str] = {}
-    for row, label in labelled_scores(store, min_age_days, features=False, details=True):
+    days, positives = [], 0
+    for row, label, days_to_convert in labelled_scores(
+        store, min_age_days, snapshot, features=False, details=True
+    ):
+        if days_to_convert is not None:
+            days.append(days_to_convert)
+        positives += label
         version, details = row["model_version"], row["details"] or {}
         is_model = row["scorer"] == "model"
         name = f"live {version}" if is_model else " ".join(filter(None, ("live", row["scorer"], version)))
@@ -138,7 +195,7 @@ def live_scorers(
             continue
         tiered = [tiers.tier_for(score) for score in alone]
         scorers[f"{name} {WITHOUT_LLM}"] = (labels, np.array(alone, dtype=float) / 100, tiered, POINTS)
-    return scorers, unpaired
+    return scorers, unpaired, time_to_convert(days, positives)
 
 
 class TrainingRows(NamedTuple):
@@ -151,25 +208,33 @@ class TrainingRows(NamedTuple):
     empty: list[str] = []  # the mapping's [custom] features no kept score has a value for: left out
 
 
-def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | None = None) -> TrainingRows:
+def training_rows(
+    store: Store, min_age_days: float, custom: dict[str, Kind] | None = None, snapshot: str = FIRST
+) -> TrainingRows:
     """One row a lead (see `labelled_scores`), normalised as live leads are. The features are what a
     worker reads for every lead (the lead fields, the LLM's propensity) and `custom`, the mapping's
     [custom] kinds, whose CRM properties the model records. Other inputs a score kept (a former
     mapping's custom fields) are left out: live leads would always lack them."""
-    rows, y, times, leads = [], [], [], []
-    for row, label in labelled_scores(store, min_age_days):
+    rows, y, times, leads, days = [], [], [], [], []
+    for row, label, days_to_convert in labelled_scores(store, min_age_days, snapshot):
         rows.append(row["features"])
         y.append(label)
         times.append(row["scored_at"])
         leads.append(row["lead_id"])
+        if days_to_convert is not None:
+            days.append(days_to_convert)
     if not rows:
         raise TableError(
             "the store has no labelled leads yet: a lead counts, converted or not, once it was first scored "
             f"over {min_age_days:g} days ago (lower --min-age-days, or run `leadscore outcomes sync`)"
         )
     labels = np.array(y)
+    timing = time_to_convert(days, int(labels.sum()))
     if labels.min() == labels.max():
-        raise TableError(f"every labelled lead in the store has outcome {labels[0]}: a model needs both")
+        later = f" ({said_of_time_to_convert(timing, min_age_days)})" if timing["after_horizon"] else ""
+        raise TableError(
+            f"every labelled lead in the store has outcome {labels[0]}{later}: a model needs both"
+        )
     raw = pd.DataFrame(rows)
     empty = [name for name in custom or {} if name not in raw or raw[name].isna().all()]
     kinds = {
@@ -186,6 +251,8 @@ def training_rows(store: Store, min_age_days: float, custom: dict[str, Kind] | N
         "from": min(times).isoformat(timespec="seconds"),
         "to": max(times).isoformat(timespec="seconds"),
         "min_age_days": min_age_days,
+        "snapshot": snapshot,
+        "time_to_convert": timing,
     }
     unread = sorted(set(raw.columns) - set(kinds) - set(empty))
     return TrainingRows(frame, labels, kinds, window, unread, leads, empty)
