@@ -163,7 +163,7 @@ def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
     from hubspot.crm.properties import ApiException as PropertiesApiException
     from urllib3.exceptions import HTTPError
 
-    from integration.hubspot import OUTPUT_PROPERTIES, SCORED_OPTIONS
+    from integration.hubspot import OUTPUT_PROPERTIES, SCORED_OPTIONS, outcome_stages
     from integration.hubspot.api import HubSpotCRM
     from integration.salesforce import OUTPUT_FIELDS
 
@@ -180,6 +180,12 @@ def _check_output_fields(settings, jobs, salesforce_orgs: list[str]) -> None:
         else:
             present = set(properties)
             warn_unscored_options("HubSpot", properties, SCORED_OPTIONS, jobs.context().config)
+            stages = outcome_stages(settings.hubspot_outcome_stages)
+            offered = properties.get("lifecyclestage", stages)
+            if unknown := [stage for stage in stages if stage not in offered]:
+                log.warning("HubSpot has no lifecycle stage %s, which HUBSPOT_OUTCOME_STAGES or the defaults "
+                            "count as an outcome: give its internal value (a number for a custom stage)",
+                            ", ".join(unknown))  # fmt: skip
             always = [name for key, name in OUTPUT_PROPERTIES.items() if key != "holdout"]
             absent = [name for name in always if name not in present]
             if absent:

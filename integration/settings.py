@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     hubspot_app_id: str = ""
     hubspot_api_base: AnyHttpUrl = AnyHttpUrl("https://api.hubapi.com")
     hubspot_timeout_s: float = Field(10.0, gt=0)
+    hubspot_outcome_stages: Annotated[dict[str, str | None], NoDecode] = Field(
+        default_factory=dict,
+        description="lifecycle stages (internal values) that are outcomes, beside or instead of the defaults",
+    )
 
     salesforce_org_ids: str = Field("", description="comma-separated organization ids allowed to post")
     salesforce_webhook_token: str = Field("", description="secret in the Outbound Message URL")
@@ -171,6 +175,19 @@ class Settings(BaseSettings):
                 "the messages, and reads one whole reply, not a stream"
             )
         return params
+
+    @field_validator("hubspot_outcome_stages", mode="before")
+    @classmethod
+    def _outcome_stages_by_kind(cls, value):
+        """A portal's own lifecycle stages (a custom one's internal value is a number) and its renamed
+        ones ("evangelist" made "Churned": `null` takes it out) decide which contacts converted."""
+        stages = _json_object("HUBSPOT_OUTCOME_STAGES", value, EXAMPLE_STAGES)
+        if wrong := [stage for stage, kind in stages.items() if kind not in (*OUTCOME_KINDS, None)]:
+            raise ValueError(
+                f"HUBSPOT_OUTCOME_STAGES gives {', '.join(map(repr, wrong))} a kind other than "
+                f"{' or '.join(map(repr, OUTCOME_KINDS))} (or null, to count it no more)"
+            )
+        return stages
 
     @field_validator("llm_extra_headers", mode="before")
     @classmethod
@@ -307,6 +324,10 @@ class Settings(BaseSettings):
                 "no CRM configured: set HUBSPOT_ACCESS_TOKEN, or SALESFORCE_INSTANCE_URL with Salesforce "
                 "credentials"
             )
+
+
+OUTCOME_KINDS = ("opportunity", "customer")
+EXAMPLE_STAGES = '{"1234567": "customer", "evangelist": null}'
 
 
 def _json_object(setting: str, value, example: str, echo: bool = True) -> dict:

@@ -438,6 +438,29 @@ def test_contact_propertyChange__lifecyclestage(env, post_delivery, crm, run_wor
     assert stored_outcomes(env) == [("hubspot", PORTAL_ID, CONTACT, stage, "webhook")]
 
 
+@pytest.mark.parametrize(
+    ("stage", "kept"),
+    [("1034564913", [("hubspot", PORTAL_ID, CONTACT, "customer", "webhook")]), ("evangelist", [])],
+)
+def test_contact_propertyChange__lifecyclestage_custom(
+    env, monkeypatch, post_delivery, crm, run_worker, hubspot, stage, kept
+):
+    """A portal's own lifecycle stages count as HUBSPOT_OUTCOME_STAGES says: a custom one (its internal
+    value a number), dated by its "Date entered" property; a default one renamed ("evangelist" made
+    "Churned") taken out."""
+    reconfigure(monkeypatch, HUBSPOT_OUTCOME_STAGES='{"1034564913": "customer", "evangelist": null}')
+    properties = hubspot.contacts[CONTACT]["properties"]
+    properties.update(lifecyclestage=stage, hs_v2_date_entered_1034564913="2026-11-20T09:15:00.000Z",
+                      hs_lifecyclestage_evangelist_date="2026-11-20T09:15:00.000Z")  # fmt: skip
+    post_delivery("contact.propertyChange__lifecyclestage_custom")
+    [result] = run_worker()
+
+    assert result["outcome"] == "written"
+    assert stored_outcomes(env) == kept
+    reached = [row["reached_at"].replace(tzinfo=UTC) for row in table(env, store.outcomes)]
+    assert reached == [datetime(2026, 11, 20, 9, 15, tzinfo=UTC)] * len(kept)
+
+
 @EACH_STORE
 @pytest.mark.parametrize("dated_by_hubspot", [True, False])
 def test_a_lead_that_converts_is_learned_from_its_score_before_it_converted(
@@ -788,10 +811,11 @@ def test_a_worker_says_at_start_that_salesforce_hides_leadscores_fields_and_stil
 
 
 def test_a_worker_names_at_start_the_crms_options_no_rule_scores(
-    env, crm, sf_crm, hubspot, salesforce, caplog
+    env, monkeypatch, crm, sf_crm, hubspot, salesforce, caplog
 ):
     """A portal's or org's own statuses and sources score as unknown, a closed one uncapped: said at start
     (the CRMs' default options all have rules), not found in the scores. Hidden or inactive ones are not."""
+    reconfigure(monkeypatch, HUBSPOT_OUTCOME_STAGES='{"1034564913": "customer"}')  # a stage deleted since
     hubspot.add_option("hs_lead_status", "Disqualified")
     hubspot.add_option("hs_lead_status", "Old status", hidden=True)
     salesforce.add_picklist_value("Status", "Closed - Junk")
@@ -800,7 +824,7 @@ def test_a_worker_names_at_start_the_crms_options_no_rule_scores(
 
     assert main(["worker", "--burst"]) == 0
 
-    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and " options " in r.message]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and " has " in r.message]
     version = jobs.context().config.version
     unknown = "A lead with one scores as an unknown"
     # Salesforce's at its describe, HubSpot's with the check of leadscore's properties
@@ -812,6 +836,8 @@ def test_a_worker_names_at_start_the_crms_options_no_rule_scores(
         "(SCORING_CONFIG_PATH)",
         f"HubSpot hs_lead_status has options no rule of scoring config {version} names: Disqualified. "
         f"{unknown} status, never capped; add them under [source_stage.statuses] (SCORING_CONFIG_PATH)",
+        "HubSpot has no lifecycle stage 1034564913, which HUBSPOT_OUTCOME_STAGES or the defaults count as an "
+        "outcome: give its internal value (a number for a custom stage)",
     ]
 
 

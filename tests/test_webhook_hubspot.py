@@ -619,6 +619,13 @@ def test_missing_app_secret_answers_503_with_what_to_set(settings, queue):
             "test, or a My Domain such as acme.my or acme--uat.sandbox.my, got 'https://acme.my.salesforce.com'",
         ),
         ("SALESFORCE_DOMAIN", "acme.my.salesforce.com", "SALESFORCE_DOMAIN is what comes before .salesforce"),
+        (
+            "HUBSPOT_OUTCOME_STAGES",
+            '{"1034564913": "won"}',
+            "HUBSPOT_OUTCOME_STAGES gives '1034564913' a kind other than 'opportunity' or 'customer' (or "
+            "null, to count it no more)",
+        ),
+        ("HUBSPOT_OUTCOME_STAGES", "1034564913", "HUBSPOT_OUTCOME_STAGES must be a JSON object such as"),
     ],
 )
 def test_invalid_settings_say_which_variable_to_fix(monkeypatch, variable, value, message):

@@ -18,10 +18,23 @@ ACTIVITY_PROPERTIES = (
 FEEDBACK_PROPERTY = "leadscore_feedback"  # set by reps: too_high, too_low, right
 # What a write may carry: the feedback only to clear it, when the score it was about changes.
 WRITTEN_PROPERTIES = {**OUTPUT_PROPERTIES, "feedback": FEEDBACK_PROPERTY}
-# lifecyclestage values that count as an outcome, and which
+# lifecyclestage values that count as an outcome, and which (HUBSPOT_OUTCOME_STAGES adds a portal's own)
 OUTCOME_STAGES = {"opportunity": "opportunity", "customer": "customer", "evangelist": "customer"}
 # HubSpot dates every lifecycle stage a contact enters: the earliest of these is when it converted.
 OUTCOME_DATE_PROPERTIES = tuple(f"hs_lifecyclestage_{stage}_date" for stage in OUTCOME_STAGES)
+
+
+def outcome_stages(configured: dict[str, str | None]) -> dict[str, str]:
+    """The default outcome stages with a portal's own (HUBSPOT_OUTCOME_STAGES): a `None` takes one out."""
+    return {stage: kind for stage, kind in {**OUTCOME_STAGES, **configured}.items() if kind is not None}
+
+
+def stage_date_property(stage: str) -> str:
+    """The property HubSpot dates a contact's entering `stage` in: the default stages' own, and for a
+    portal's custom stage (whose internal value is a number) its "Date entered" property."""
+    return f"hs_lifecyclestage_{stage}_date" if stage in OUTCOME_STAGES else f"hs_v2_date_entered_{stage}"
+
+
 # A deal reaching closed won is an outcome for its contacts. Its stage ids differ per pipeline, so
 # every stage change is queued (under `events.deal_key`), and the worker reads whether the deal is won.
 DEAL_OUTCOME_PROPERTIES = frozenset({"dealstage", "hs_is_closed_won"})

@@ -43,6 +43,8 @@ from integration.hubspot import (
     OUTCOME_STAGES,
     OUTPUT_PROPERTIES,
     WRITTEN_PROPERTIES,
+    outcome_stages,
+    stage_date_property,
 )
 from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
 from integration.ratelimit import DEFAULT_MAX_WAIT_S, RateLimiter
@@ -139,8 +141,10 @@ def lead_from_properties(
     props: dict[str, str],
     texts: tuple[str, ...] = (),
     custom_properties: dict[str, str] | None = None,
+    stages: dict[str, str] = OUTCOME_STAGES,
 ) -> Lead:
-    """Map HubSpot contact properties onto the CRM-neutral `Lead`."""
+    """Map HubSpot contact properties onto the CRM-neutral `Lead`; `stages`: the lifecycle stages that
+    are outcomes, and which."""
     return Lead(
         crm="hubspot",
         account_id=portal_id,
@@ -173,15 +177,16 @@ def lead_from_properties(
         custom={n: props[p] for n, p in (custom_properties or {}).items() if props.get(p)},
         current_output={key: props[name] for key, name in OUTPUT_PROPERTIES.items() if props.get(name)},
         feedback=props.get(FEEDBACK_PROPERTY) or None,
-        outcome=OUTCOME_STAGES.get(props.get("lifecyclestage") or ""),
-        outcome_at=converted_at(props),
+        outcome=stages.get(props.get("lifecyclestage") or ""),
+        outcome_at=converted_at(props, stages),
         merged_ids=tuple(i for i in (props.get("hs_merged_object_ids") or "").split(";") if i.isdigit()),
     )
 
 
-def converted_at(props: dict[str, str]) -> datetime | None:
+def converted_at(props: dict[str, str], stages: dict[str, str] = OUTCOME_STAGES) -> datetime | None:
     """The earliest moment the contact entered an outcome stage, as HubSpot dates it."""
-    moments = [moment_of(props[p]) for p in OUTCOME_DATE_PROPERTIES if props.get(p)]
+    dated = [stage_date_property(stage) for stage in stages]
+    moments = [moment_of(props[p]) for p in dated if props.get(p)]
     return min((m for m in moments if m), default=None)
 
 
@@ -217,9 +222,11 @@ class HubSpotCRM:
         settings.require_hubspot_api()
         self.portal_id = self.account_id = portal_id
         self.custom_properties = dict(custom_properties or {})
+        self.outcome_stages = outcome_stages(settings.hubspot_outcome_stages)
+        self.stage_dates = [stage_date_property(stage) for stage in self.outcome_stages]
         self.read_properties = list(dict.fromkeys([
             *CONTACT_PROPERTIES, *OUTPUT_PROPERTIES.values(), FEEDBACK_PROPERTY,
-            *self.custom_properties.values(),
+            *self.custom_properties.values(), *self.stage_dates,
         ]))  # fmt: skip
         self.limiter, self.telemetry = limiter, telemetry
         self.timeout = settings.hubspot_timeout_s
@@ -293,18 +300,19 @@ class HubSpotCRM:
         whose lifecycle stage is an outcome, 200 a search; the outcome is "won" where the contact has
         a closed-won deal the token may read."""
         filters = [
-            Filter(property_name="lifecyclestage", operator="IN", values=list(OUTCOME_STAGES)),
+            Filter(property_name="lifecyclestage", operator="IN", values=list(self.outcome_stages)),
             Filter(property_name="lastmodifieddate", operator="GTE",
                    value=str(int(changed_since.timestamp() * 1000))),
         ]  # fmt: skip
-        for page in self._search(filters, ["lifecyclestage", *OUTCOME_DATE_PROPERTIES]):
+        for page in self._search(filters, ["lifecyclestage", *self.stage_dates]):
             found = {str(c.id): c.properties or {} for c in page}
-            at_outcome = [i for i, props in found.items() if props.get("lifecyclestage") in OUTCOME_STAGES]
+            stages = self.outcome_stages
+            at_outcome = [i for i, props in found.items() if props.get("lifecyclestage") in stages]
             won = self._with_won_deal(at_outcome)
             for contact_id in at_outcome:
                 props = found[contact_id]
-                kind = "won" if contact_id in won else OUTCOME_STAGES[props["lifecyclestage"]]
-                yield contact_id, kind, converted_at(props)
+                kind = "won" if contact_id in won else stages[props["lifecyclestage"]]
+                yield contact_id, kind, converted_at(props, stages)
 
     def contact_ids(self) -> Iterator[str]:
         """Every contact's id, 200 a search: what `leadscore rescore` queues."""
@@ -383,7 +391,9 @@ class HubSpotCRM:
         active = [i for i in found if any(found[i].get(p) for p in ACTIVITY_PROPERTIES)]
         texts = self._texts(self._associated(active)) if active else {}
         return {
-            i: lead_from_properties(i, self.portal_id, found[i], texts.get(i, ()), self.custom_properties)
+            i: lead_from_properties(
+                i, self.portal_id, found[i], texts.get(i, ()), self.custom_properties, self.outcome_stages
+            )
             for i in contact_ids
             if i in found
         }
