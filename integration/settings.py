@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     hubspot_app_id: str = ""
     hubspot_api_base: AnyHttpUrl = AnyHttpUrl("https://api.hubapi.com")
     hubspot_timeout_s: float = Field(10.0, gt=0)
+    hubspot_won_pipelines: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated deal pipeline ids whose closed-won deals are outcomes; unset: all",
+    )
     hubspot_outcome_stages: Annotated[dict[str, str | None], NoDecode] = Field(
         default_factory=dict,
         description="lifecycle stages (internal values) that are outcomes, beside or instead of the defaults",
@@ -175,6 +179,11 @@ class Settings(BaseSettings):
                 "the messages, and reads one whole reply, not a stream"
             )
         return params
+
+    @field_validator("hubspot_won_pipelines", mode="before")
+    @classmethod
+    def _pipelines_comma_separated(cls, value):
+        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
 
     @field_validator("hubspot_outcome_stages", mode="before")
     @classmethod

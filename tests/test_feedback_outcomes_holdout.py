@@ -1205,6 +1205,23 @@ def test_deal_propertyChange__closed_won(env, post_delivery, crm, run_worker, hu
     assert hubspot.writes == []  # a deal's outcome is kept, not written
 
 
+@pytest.mark.parametrize(
+    ("pipelines", "outcome", "kept"),
+    [("default", "deal_won", ["won"]), ("sales, 1467823", "no_won_deal", [])],
+)
+def test_deal_propertyChange__closed_won_in_a_pipeline_of_sales_or_not(
+    env, monkeypatch, post_delivery, crm, run_worker, hubspot, pipelines, outcome, kept
+):
+    """With HUBSPOT_WON_PIPELINES set, a deal won in another pipeline (a renewal, an upsell to an existing
+    customer) is no lead converting."""
+    reconfigure(monkeypatch, HUBSPOT_WON_PIPELINES=pipelines)
+    post_delivery("deal.propertyChange__closed_won")  # a deal of the "default" pipeline
+    [result] = run_worker()
+
+    assert result["outcome"] == outcome
+    assert [row[3] for row in stored_outcomes(env)] == kept
+
+
 def test_deal_propertyChange__open_stage(env, post_delivery, crm, run_worker, hubspot):
     post_delivery("deal.propertyChange__open_stage")
     [result] = run_worker()

@@ -223,6 +223,7 @@ class HubSpotCRM:
         self.portal_id = self.account_id = portal_id
         self.custom_properties = dict(custom_properties or {})
         self.outcome_stages = outcome_stages(settings.hubspot_outcome_stages)
+        self.won_pipelines = frozenset(settings.hubspot_won_pipelines)  # empty: every pipeline
         self.stage_dates = [stage_date_property(stage) for stage in self.outcome_stages]
         self.read_properties = list(dict.fromkeys([
             *CONTACT_PROPERTIES, *OUTPUT_PROPERTIES.values(), FEEDBACK_PROPERTY,
@@ -445,8 +446,9 @@ class HubSpotCRM:
         return {deal: (closed, linked.get(deal, {}).get("contacts", [])) for deal, closed in won.items()}
 
     def _won_deals(self, deal_ids: list[str]) -> dict[str, datetime | None]:
-        """The closed-won ones among these deals, with their close dates; none where the token may
-        not read deals."""
+        """The closed-won ones among these deals, in HUBSPOT_WON_PIPELINES where it is set (a renewal
+        won from an existing customer is no lead converting), with their close dates; none where the
+        token may not read deals."""
         won: dict[str, datetime | None] = {}
         for start in range(0, len(deal_ids), HUBSPOT_BATCH):
             try:
@@ -455,7 +457,7 @@ class HubSpotCRM:
                     self.client.crm.objects.batch_api.read,
                     "deals",
                     BatchReadInputSimplePublicObjectId(
-                        properties=["hs_is_closed_won", "dealstage", "closedate"],
+                        properties=["hs_is_closed_won", "dealstage", "closedate", "pipeline"],
                         inputs=[SimplePublicObjectId(id=i) for i in deal_ids[start : start + HUBSPOT_BATCH]],
                     ),
                 )
@@ -466,7 +468,8 @@ class HubSpotCRM:
                 return {}
             for deal in batch.results:
                 props = deal.properties or {}
-                if props.get("hs_is_closed_won") == "true":
+                counted = not self.won_pipelines or props.get("pipeline") in self.won_pipelines
+                if props.get("hs_is_closed_won") == "true" and counted:
                     won[str(deal.id)] = moment_of(props.get("closedate"))
         return won
 
