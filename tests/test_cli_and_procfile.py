@@ -95,7 +95,7 @@ def test_hubspot_project_is_a_static_private_app_with_the_scopes_leadscore_uses(
         "type": "static",
         "requiredScopes": [
             "oauth", "crm.objects.contacts.read", "crm.objects.contacts.write", "crm.schemas.contacts.read",
-            "crm.schemas.contacts.write", "crm.objects.deals.read",
+            "crm.schemas.contacts.write", "crm.objects.deals.read", "crm.objects.companies.read",
         ],
         "optionalScopes": ["sales-email-read"],
         "conditionallyRequiredScopes": [],

@@ -26,6 +26,28 @@ def assert_recent(stamp: str) -> None:
     assert stamp.endswith("Z") and abs(datetime.now(UTC) - when) < timedelta(minutes=1)
 
 
+@pytest.mark.parametrize("companies_readable", [True, False])
+def test_contact_creation__single_whose_size_and_industry_only_its_company_has(
+    post_delivery, crm, run_worker, hubspot, companies_readable
+):
+    """Most portals keep size and industry on the company record (enrichment fills it; forms seldom
+    ask the contact); without the companies scope the contact scores on what it has itself."""
+    properties = hubspot.contacts[VP_DEMO]["properties"]
+    for name in ("company", "numemployees", "industry"):
+        del properties[name]
+    properties["associatedcompanyid"] = "95000000001"  # company__brightloop.json
+    if not companies_readable:
+        hubspot.forbidden_objects.add("companies")
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    assert (result["outcome"], result["score"], result["tier"], result["reason"]) == (
+        ("written", 89, "A", "Inbound demo request, Connected; VP of Sales at 240-person SaaS")
+        if companies_readable
+        else ("written", 84, "A", "Inbound demo request, Connected; VP of Sales")
+    )
+
+
 def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
     response = post_delivery("contact.creation__single")
     assert response.status_code == 200

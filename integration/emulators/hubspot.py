@@ -35,6 +35,7 @@ ALWAYS_RETURNED = (
 )
 # Default contact properties every portal has, beyond those the fixture contacts carry values for.
 DEFAULT_PROPERTIES = ("city", "country", "state", "hs_analytics_average_page_views")
+FIXTURE_PREFIXES = {"notes": "note", "emails": "email", "deals": "deal", "companies": "company"}
 # A portal's default options of the enumeration properties leadscore's rules read (internal values).
 DEFAULT_OPTIONS = {
     "hs_lead_status": ("NEW", "OPEN", "IN_PROGRESS", "OPEN_DEAL", "UNQUALIFIED", "ATTEMPTED_TO_CONTACT",
@@ -183,7 +184,7 @@ class HubSpotEmulator:
         self.throttled = 0  # 429s answered
         self.reject: dict[str, str] = {}  # contact id -> message: writes fail like a validation rule
         self.contacts: dict[str, dict] = {}
-        self.objects: dict[str, dict[str, dict]] = {"notes": {}, "emails": {}, "deals": {}}
+        self.objects: dict[str, dict[str, dict]] = {"notes": {}, "emails": {}, "deals": {}, "companies": {}}
         self.groups: dict[str, dict] = {
             "contactinformation": {"name": "contactinformation", "label": "Contact information"}
         }
@@ -209,7 +210,7 @@ class HubSpotEmulator:
         for path in sorted(directory.glob("contact__*.json")):
             self.add_contact(json.loads(path.read_text()))
         for kind in self.objects:
-            for path in sorted(directory.glob(f"{kind[:-1]}__*.json")):
+            for path in sorted(directory.glob(f"{FIXTURE_PREFIXES[kind]}__*.json")):
                 record = json.loads(path.read_text())
                 self.objects[kind][record["id"]] = record
         return self

@@ -52,6 +52,8 @@ from integration.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A contact's company facts, and the properties of its company record that hold them.
+COMPANY_FACTS = {"company": "name", "numemployees": "numberofemployees", "industry": "industry"}
 CONTACT_PROPERTIES = (
     "firstname", "lastname", "email", "phone", "mobilephone", "hs_email_optout",
     "hs_email_bad_address", "jobtitle", "company", "numemployees", "industry",
@@ -59,7 +61,7 @@ CONTACT_PROPERTIES = (
     "hs_lead_status", "lifecyclestage", "num_conversion_events", "hs_analytics_num_visits",
     "hs_analytics_num_page_views", "recent_conversion_event_name", "recent_conversion_date",
     "notes_last_updated", "hs_last_sales_activity_timestamp", "hs_analytics_last_visit_timestamp",
-    "hs_sales_email_last_replied", "hs_merged_object_ids", *OUTCOME_DATE_PROPERTIES,
+    "hs_sales_email_last_replied", "hs_merged_object_ids", "associatedcompanyid", *OUTCOME_DATE_PROPERTIES,
 )  # fmt: skip
 TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_email_text")}
 MAX_TEXT_RECORDS = 5
@@ -389,6 +391,7 @@ class HubSpotCRM:
             except ApiException as exc:
                 raise _failure(exc, f"HubSpot batch read failed: {exc.status} {exc.reason}") from exc
             found.update({str(c.id): c.properties or {} for c in batch.results})
+        self._with_company_facts(found)
         active = [i for i in found if any(found[i].get(p) for p in ACTIVITY_PROPERTIES)]
         texts = self._texts(self._associated(active)) if active else {}
         return {
@@ -398,6 +401,23 @@ class HubSpotCRM:
             for i in contact_ids
             if i in found
         }
+
+    def _with_company_facts(self, found: dict[str, dict[str, str]]) -> None:
+        """Fill a contact's empty company name, size and industry from its primary company's record,
+        where most portals keep them (enrichment fills the company, forms seldom ask the contact): one
+        call a 100 contacts that lack one, none where the token may not read companies."""
+        lacking = {
+            i: props["associatedcompanyid"] for i, props in found.items()
+            if props.get("associatedcompanyid") and not all(props.get(p) for p in COMPANY_FACTS)
+        }  # fmt: skip
+        companies = self._read_objects(
+            "companies", sorted(set(lacking.values())), list(COMPANY_FACTS.values())
+        )
+        for contact_id, company_id in lacking.items():
+            company = (companies or {}).get(company_id, {})
+            props = found[contact_id]
+            for contact_property, company_property in COMPANY_FACTS.items():
+                props[contact_property] = props.get(contact_property) or company.get(company_property)
 
     def _associated(
         self, ids: list[str], kinds: tuple[str, ...] = tuple(TEXT_OBJECTS), of: str = "contacts"
@@ -449,29 +469,38 @@ class HubSpotCRM:
         """The closed-won ones among these deals, in HUBSPOT_WON_PIPELINES where it is set (a renewal
         won from an existing customer is no lead converting), with their close dates; none where the
         token may not read deals."""
-        won: dict[str, datetime | None] = {}
-        for start in range(0, len(deal_ids), HUBSPOT_BATCH):
+        deals = self._read_objects("deals", deal_ids, ["hs_is_closed_won", "closedate", "pipeline"]) or {}
+        return {
+            deal: moment_of(props.get("closedate"))
+            for deal, props in deals.items()
+            if props.get("hs_is_closed_won") == "true"
+            and (not self.won_pipelines or props.get("pipeline") in self.won_pipelines)
+        }
+
+    def _read_objects(self, kind: str, ids: list[str], properties: list[str]) -> dict[str, dict] | None:
+        """The properties of these `kind` records by id, 100 a call; None where HubSpot refuses them (a
+        scope the token lacks), logged, so the caller goes on without. HubSpot failing (5xx) fails the
+        batch instead: it waits for HubSpot rather than scoring without."""
+        read: dict[str, dict] = {}
+        for start in range(0, len(ids), HUBSPOT_BATCH):
             try:
                 batch = self._call(
-                    "deals_read",
+                    f"{kind}_read",
                     self.client.crm.objects.batch_api.read,
-                    "deals",
+                    kind,
                     BatchReadInputSimplePublicObjectId(
-                        properties=["hs_is_closed_won", "dealstage", "closedate", "pipeline"],
-                        inputs=[SimplePublicObjectId(id=i) for i in deal_ids[start : start + HUBSPOT_BATCH]],
+                        properties=properties,
+                        inputs=[SimplePublicObjectId(id=i) for i in ids[start : start + HUBSPOT_BATCH]],
                     ),
+                    archived=False,
                 )
             except ObjectsApiException as exc:
-                if exc.status != 403:  # not a missing scope: fail, so it is retried
-                    raise _failure(exc, f"HubSpot deals read failed: {exc.status} {exc.reason}") from exc
-                log.warning("outcomes without deals: reading deals answered %s", exc.status)
-                return {}
-            for deal in batch.results:
-                props = deal.properties or {}
-                counted = not self.won_pipelines or props.get("pipeline") in self.won_pipelines
-                if props.get("hs_is_closed_won") == "true" and counted:
-                    won[str(deal.id)] = moment_of(props.get("closedate"))
-        return won
+                if (exc.status or 0) >= 500:
+                    raise _failure(exc, f"HubSpot {kind} read failed: {exc.status} {exc.reason}") from exc
+                log.warning("going on without %s: reading them answered %s %s", kind, exc.status, exc.reason)
+                return None
+            read.update({str(record.id): record.properties or {} for record in batch.results})
+        return read
 
     def _texts(self, linked: dict[str, dict[str, list[str]]]) -> dict[str, tuple[str, ...]]:
         """Latest notes and emails per contact, newest first, bounded in count and size."""
@@ -481,31 +510,11 @@ class HubSpotCRM:
         }
         text_of: dict[str, tuple[str, str]] = {}
         for kind, fields in TEXT_OBJECTS.items():
-            for start in range(0, len(wanted[kind]), HUBSPOT_BATCH):
-                try:
-                    batch = self._call(
-                        "texts_read",
-                        self.client.crm.objects.batch_api.read,
-                        kind,
-                        BatchReadInputSimplePublicObjectId(
-                            properties=[*fields, "hs_timestamp"],
-                            inputs=[
-                                SimplePublicObjectId(id=i)
-                                for i in wanted[kind][start : start + HUBSPOT_BATCH]
-                            ],
-                        ),
-                        archived=False,
-                    )
-                except ObjectsApiException as exc:  # e.g. 403 without the sales-email-read scope
-                    if (exc.status or 0) >= 500:  # HubSpot is failing: wait for it, not score without
-                        raise _failure(exc, f"HubSpot {kind} read failed: {exc.status} {exc.reason}") from exc
-                    log.warning(
-                        "scoring without %s: reading them answered %s %s", kind, exc.status, exc.reason
-                    )
-                    break
-                for record in batch.results:
-                    props = record.properties or {}
-                    text_of[str(record.id)] = (props.get("hs_timestamp") or "", record_text(props, fields))
+            records = (
+                self._read_objects(kind, wanted[kind], [*fields, "hs_timestamp"]) if wanted[kind] else {}
+            )
+            for record_id, props in (records or {}).items():  # None without sales-email-read, say
+                text_of[record_id] = (props.get("hs_timestamp") or "", record_text(props, fields))
         return {
             contact: newest_texts([text_of[i] for ids in kinds.values() for i in ids if i in text_of])
             for contact, kinds in linked.items()

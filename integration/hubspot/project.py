@@ -23,7 +23,7 @@ APP_UID = "leadscore"
 RESCORING_PROPERTIES = (
     "hs_lead_status", "lifecyclestage", "hs_analytics_source", "recent_conversion_event_name",
     "num_conversion_events", "jobtitle", "numemployees", "industry", "company", "email", "phone",
-    "mobilephone", "hs_email_optout", "hs_email_bad_address",
+    "mobilephone", "hs_email_optout", "hs_email_bad_address", "associatedcompanyid",
 )  # fmt: skip
 # Change with every visit: subscribed only when asked (--with-engagement); read afresh at the next event.
 ENGAGEMENT_PROPERTIES = (
@@ -37,6 +37,7 @@ REQUIRED_SCOPES = (
     "crm.schemas.contacts.read",  # the properties are listed at setup and at every worker start
     "crm.schemas.contacts.write",  # `leadscore setup hubspot` creates them
     "crm.objects.deals.read",  # a closed-won deal is an outcome of its contacts
+    "crm.objects.companies.read",  # a contact's company size and industry, where only its company has them
 )
 OPTIONAL_SCOPES = ("sales-email-read",)  # email bodies for the LLM; without it, scored without them
 DEAL_STAGE = "dealstage"  # a deal's move to closed won; the worker reads whether it is won
