@@ -193,6 +193,21 @@ def test_train_warns_of_tags_as_recorded_near_the_outcome_and_model_json_keeps_i
     }]  # fmt: skip
 
 
+def test_the_first_touch_mapping_leaves_out_what_the_team_records_after_contact_and_warns_of_nothing(
+    tmp_path, capsys
+):
+    first_touch = FIXTURES / "data" / "x_education_first_touch_mapping.toml"
+    shipped = tabular.load_mapping(MAPPING)
+    assert tabular.load_mapping(first_touch) == shipped.model_copy(
+        update={"fields": {k: v for k, v in shipped.fields.items() if v not in ("Tags", "Lead Quality")}}
+    )  # identical but for them
+
+    assert _train(tmp_path, DATA, first_touch) == 0
+
+    assert capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["training"]["suspected_leaks"] == []
+
+
 def _one_value_among_others(leads: int, converted: int, value: object = "closed") -> pd.DataFrame:
     """`leads` leads of `value`, `converted` of them converted, among 600 others of two values converting
     at 40% (nothing near-certain, and far from ranking leads by themselves)."""
