@@ -126,6 +126,74 @@ def identifier_like(frame: pd.DataFrame, kinds: dict[str, Kind]) -> dict[str, tu
     return found
 
 
+# A categorical feature recorded after or near the outcome (a status the sales team sets as it works a
+# lead, a reason it was closed) ranks leads nearly by itself, or has a common value nearly every lead of
+# which converts, or nearly none does: cross-validation then reads the team's disposition, and a fresh
+# lead, which has none yet, scores far worse than it says. Warned about, not refused: a team that
+# scores leads it has already worked may mean it.
+LEAK_ROC_AUC = 0.9  # the feature alone, each lead scored by its value's conversion rate
+LEAK_POOLED = 10  # values of fewer leads are ranked as one: their own rates would rank leads by chance
+LEAK_MIN_LEADS = 50  # a value this common...
+LEAK_HIGH, LEAK_LOW = 0.97, 0.01  # ...converting at least / at most this often
+
+
+@dataclass
+class SuspectedLeak:
+    feature: str
+    roc_auc: float  # of the feature alone
+    # (value, leads, conversion rate): the common values converting near-always or near-never, most
+    # leads first; of a feature that ranks by itself without one, its highest- and lowest-converting
+    levels: list[tuple[str, int, float]]
+
+
+def suspected_leaks(
+    frame: pd.DataFrame, y: np.ndarray, kinds: dict[str, Kind], spelled: pd.DataFrame | None = None
+) -> list[SuspectedLeak]:
+    """Categorical features that look recorded after or near the outcome (`LEAK_*`), missing counted as
+    a value of its own, as the model counts it. Each ranks leads by its values' conversion rates, rare
+    values pooled, so a feature of many values a few leads each does not rank by fitting them. A few
+    array passes a feature: cheap on hundreds of thousands of rows. Values are named as `spelled`
+    gives them (default: as in `frame`)."""
+    y = np.asarray(y, dtype=float)
+    found = []
+    for name, kind in kinds.items():
+        if kind != "categorical" or name not in frame.columns:
+            continue
+        codes, values = pd.factorize(frame[name], use_na_sentinel=True)
+        codes = np.where(codes < 0, len(values), codes)  # missing: a value of its own
+        leads = np.bincount(codes, minlength=len(values) + 1)
+        converted = np.bincount(codes, weights=y, minlength=len(values) + 1)
+        rate = converted / np.maximum(leads, 1)
+        rare = leads < LEAK_POOLED
+        ranked = np.where(rare, converted[rare].sum() / max(leads[rare].sum(), 1), rate)
+        auc = _roc_auc_of_values(ranked, converted, leads - converted)
+        near_certain = (leads >= LEAK_MIN_LEADS) & ((rate >= LEAK_HIGH - 1e-12) | (rate <= LEAK_LOW + 1e-12))
+        if near_certain.any():
+            shown = sorted(np.flatnonzero(near_certain), key=lambda code: -leads[code])
+        elif auc >= LEAK_ROC_AUC:  # ranks by itself without a near-certain value: its highest and lowest
+            common = np.flatnonzero(leads >= min(LEAK_MIN_LEADS, leads.max()))
+            shown = [common[np.argmax(rate[common])], common[np.argmin(rate[common])]]
+        else:
+            continue
+        source = (spelled if spelled is not None else frame)[name].to_numpy()
+        levels = [
+            (MISSING if code == len(values) else str(source[np.argmax(codes == code)]),  # its first row's
+             int(leads[code]), float(rate[code]))
+            for code in shown
+        ]  # fmt: skip
+        found.append(SuspectedLeak(name, auc, levels))
+    return found
+
+
+def _roc_auc_of_values(score: np.ndarray, converted: np.ndarray, other: np.ndarray) -> float:
+    """ROC AUC of leads scored by their value's `score`, from each value's counts of converted and other
+    leads: what `roc_auc_score` gives for every lead, without sorting them."""
+    _, tied = np.unique(score, return_inverse=True)  # ascending, equal scores as one
+    converted, other = np.bincount(tied, weights=converted), np.bincount(tied, weights=other)
+    below = np.cumsum(other) - other
+    return float((converted * (below + other / 2)).sum() / (converted.sum() * other.sum()))
+
+
 def categories_of(frame: pd.DataFrame, kinds: dict[str, Kind]) -> dict[str, list[str]]:
     return {
         name: sorted(frame[name].dropna().astype(str).unique().tolist())

@@ -34,7 +34,7 @@ from workers.evaluation import (
     paired_auc_difference,
     tier_table,
 )
-from workers.model import TrainedModel, identifier_like, lead_digests, require_folds, train
+from workers.model import TrainedModel, identifier_like, lead_digests, require_folds, suspected_leaks, train
 from workers.progress import progress
 from workers.propensity import fallback
 from workers.rules import evaluate_rules
@@ -77,12 +77,13 @@ def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path
     table = load_table(data, mapping_path, label, need_label=True)
     require_folds(table.y, f"(label {table.mapping.label!r})", "; add labelled rows")
     features, kinds = _without_identifiers(table.features, table.mapping.feature_kinds())
+    leaks = _suspected_leaks(features, table.y, kinds, table.mapping.columns(), spelled=table.shown)
     trained = train(
         features, table.y, kinds, source=table.source, tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS,
         progress=progress("cross-validating"), monotone=table.mapping.monotone_for(kinds),
     )  # fmt: skip
     trained.trained_on = lead_digests(table.frame[table.mapping.id])
-    return _finish(trained, table.mapping, out, started)
+    return _finish(trained, table.mapping, out, started, leaks)
 
 
 def train_from_store(
@@ -111,11 +112,12 @@ def train_from_store(
               "yet")  # fmt: skip
     source = {"store": redacted(store.url), **rows.window}
     features, kinds = _without_identifiers(rows.frame, rows.kinds)
+    leaks = _suspected_leaks(features, rows.labels, kinds, {name: name for name in kinds}, kept=snapshot)
     trained = train(features, rows.labels, kinds, source=source,
                     tiers=tiers or model_scoring.DEFAULT_MODEL_TIERS, progress=progress("cross-validating"),
                     monotone=mapping.monotone_for(kinds) if mapping else None)  # fmt: skip
     trained.trained_on = lead_digests(rows.leads)
-    return _finish(trained, mapping, out, started)
+    return _finish(trained, mapping, out, started, leaks)
 
 
 def _without_identifiers(features: pd.DataFrame, kinds: dict) -> tuple[pd.DataFrame, dict]:
@@ -133,7 +135,42 @@ def _without_identifiers(features: pd.DataFrame, kinds: dict) -> tuple[pd.DataFr
     return features.drop(columns=list(like_ids)), kept
 
 
-def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, started: float):
+MAX_LEAK_VALUES_NAMED = 5
+
+
+def _suspected_leaks(
+    features: pd.DataFrame, y: np.ndarray, kinds: dict, columns: dict[str, str],
+    spelled: pd.DataFrame | None = None, kept: str | None = None,
+) -> list[dict]:  # fmt: skip
+    """Warns of each feature that looks recorded after or near the outcome (`model.suspected_leaks`),
+    naming where it comes from (`columns`: a file's column, or with `kept`, the input the store keeps
+    with each lead's `kept` score); returns them as model.json keeps them."""
+    found = []
+    for leak in suspected_leaks(features, y, kinds, spelled):
+        column = columns[leak.feature]
+        origin = f"kept with each lead's {kept} score" if kept else f"column {column!r}"
+        values = "; ".join(
+            f"{value!r}: {leads:,} leads, {rate:.1%} converted"
+            for value, leads, rate in leak.levels[:MAX_LEAK_VALUES_NAMED]
+        )
+        more = len(leak.levels) - MAX_LEAK_VALUES_NAMED
+        _warn(f"feature {leak.feature} ({origin}) looks recorded after or near the outcome: alone it ranks "
+              f"leads at ROC AUC {leak.roc_auc:.3f}; {values}{f'; and {more} more' if more > 0 else ''}. "
+              "Is it known when a lead is scored? If the team fills it in as it works a lead, the model "
+              "learns that disposition, not the lead, and ranks fresh leads, which have none yet, worse "
+              "than its cross-validation says: for a model of fresh leads, leave it out of the "
+              "mapping")  # fmt: skip
+        found.append({
+            "feature": leak.feature, "column": column, "roc_auc": round(leak.roc_auc, 4),
+            "values": [{"value": value, "leads": leads, "conversion_rate": round(rate, 4)}
+                       for value, leads, rate in leak.levels],
+        })  # fmt: skip
+    return found
+
+
+def _finish(
+    trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, started: float, leaks: list[dict]
+):
     if mapping is not None:
         if mapping.monotone and not trained.meta["monotone"]:
             _warn(f"[monotone] is not enforced: {trained.meta['model']} ranked best, and only lightgbm "
@@ -143,6 +180,7 @@ def _finish(trained: TrainedModel, mapping: tabular.Mapping | None, out: Path, s
             name: {crm: prop for crm in ("hubspot", "salesforce") if (prop := getattr(spec, crm))}
             for name, spec in mapping.custom.items()
         }
+    trained.meta["training"]["suspected_leaks"] = leaks
     trained.meta["training"]["seconds"] = round(time.perf_counter() - started, 1)
     trained.save(out)
     return trained
