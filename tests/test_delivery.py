@@ -972,11 +972,12 @@ def test_an_llm_that_keeps_failing_on_a_lead_rescores_it_five_times_waiting_twic
     assert outcomes == [[("written", True)]] + [[("unchanged", True)]] * 5
 
 
+@pytest.mark.parametrize("status", [400, 422])
 def test_an_llm_that_refuses_the_request_itself_is_not_asked_again_by_a_rescore(
-    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm, status
 ):
     _fallback_rescore_every(monkeypatch, 60)
-    llm.force(status=400)  # e.g. the prompt is too long for the model: the same request fails again
+    llm.force(status=status)  # e.g. the prompt is too long for the model: the same request fails again
     post_delivery("contact.creation__single")
 
     [first] = run_worker()
@@ -1079,6 +1080,26 @@ def test_an_llm_429_pauses_the_llm_as_long_as_it_asks_within_bounds(
     assert seconds * 1000 - 500 < redis.pttl(SharedPause(redis, LLM_PAUSE).key) <= seconds * 1000
 
 
+@pytest.mark.parametrize(
+    "status", [401, 402, 403, 404]
+)  # a key rotated, credits spent, access blocked, retired
+def test_an_llm_refusing_a_setting_mid_run_has_its_leads_rescored_and_they_recover_once_it_is_fixed(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm, status
+):
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.force(status=status)
+    post_delivery("contact.creation__single")
+    [refused] = run_worker()
+    llm.force()  # fixed
+    [job] = [queue.fetch_job(i) for i in queue.scheduled_job_registry.get_job_ids()]
+    queue.scheduled_job_registry.remove(job)
+    queue.enqueue_job(job)  # its time has come
+    [recovered] = run_worker()
+
+    assert (refused["outcome"], refused["fallback"], refused["score"]) == ("written", True, 79)
+    assert (recovered["outcome"], recovered["fallback"], recovered["score"]) == ("written", False, 89)
+
+
 def test_leads_the_llm_has_not_answered_by_the_batch_deadline_fall_back(
     env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
 ):
@@ -1105,11 +1126,13 @@ REFUSED_MAX_TOKENS = (
     [
         (400, False, "LLM answered HTTP 400: Invalid request."),
         (401, False, "LLM answered HTTP 401: Invalid request."),
+        (404, False, "LLM answered HTTP 404: Invalid request."),
         (None, True, REFUSED_MAX_TOKENS),
         (500, False, None),
+        (429, False, None),
         (None, False, None),
     ],
-    ids=["400", "401", "reasoning_model", "500", "answered"],
+    ids=["400", "401", "404", "reasoning_model", "500", "429", "answered"],
 )
 def test_a_worker_says_at_start_when_the_llm_refuses_its_request_in_the_providers_words(
     env, monkeypatch, llm, caplog, status, reasoning_model, refusal

@@ -39,6 +39,11 @@ DEFAULT_LLM_PAUSE_S = 10.0  # a 429 that does not say
 MIN_LLM_PAUSE_S = 1.0  # so a provider's "0" does not bring back every waiting call at once
 MAX_LLM_PAUSE_S = 120.0
 LLM_PAUSE = "llm"  # the SharedPause every worker's LLM calls wait for
+# A refusal of a setting that can change while workers run: a key rotated (401), a gateway's credits
+# spent (402), access blocked (403), a deployment or model retired (404). Its leads are rescored, so
+# they recover once it is fixed; a refusal of the request itself (400, 422) would only repeat.
+REFUSED_UNTIL_FIXED = frozenset({401, 402, 403, 404})
+MAY_PASS = frozenset({408, 409})  # a timeout, a conflict; a 429 asks to wait (`asked_to_wait_s`)
 # A made-up lead the worker asks about once at start, so a request the LLM refuses shows then.
 PROBE_LEAD = Lead(
     crm="hubspot", account_id="0", lead_id="leadscore-start-check", title="VP of Sales", company="Example Co",
@@ -283,7 +288,7 @@ class PropensityReasoner:
                 break
             except openai.APITimeoutError:
                 return self._failed(lead, "LLM timed out")
-            except openai.APIStatusError as exc:  # a 4xx but 408, 409 and 429: this request will not do
+            except openai.APIStatusError as exc:
                 if exc.status_code >= 500 and attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
                     continue
@@ -291,8 +296,10 @@ class PropensityReasoner:
                     if throttle is not None:
                         throttle.pause(asked_to_wait_s(exc))
                     return self._failed(lead, http_error(exc), throttled=True)
-                retryable = exc.status_code >= 500 or exc.status_code in (408, 409)
-                return self._failed(lead, http_error(exc), retryable)
+                status = exc.status_code
+                retryable = status >= 500 or status in MAY_PASS | REFUSED_UNTIL_FIXED
+                refused = status < 500 and status not in MAY_PASS
+                return replace(self._failed(lead, http_error(exc), retryable), refused=refused)
             except openai.APIConnectionError as exc:
                 if attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
@@ -361,14 +368,15 @@ class PropensityReasoner:
         """Why the LLM refuses leadscore's request, asked about a made-up lead; None when it answers,
         or fails in a way that may pass (a 5xx, a 429, a timeout). A model that does not take a
         parameter (`max_tokens`, `temperature` 0, JSON mode), a wrong model name or key would make every
-        lead fall back to the rules, a warning a lead: the worker says it once, at start."""
+        lead fall back to the rules, a warning a lead: the worker says it once, at start. A refusal
+        that starts later (a key rotated) shows in the fallback metrics, and its leads are rescored."""
         if self.client is None:
             return None
         with openai.OpenAI(
             **self._client_options
         ) as client:  # no connection left for a work horse to inherit
             result = self.assess(PROBE_LEAD, build_messages(PROBE_LEAD, datetime.now(UTC)), client=client)
-        return result.error if result.fallback and not result.retryable else None
+        return result.error if result.fallback and (result.refused or not result.retryable) else None
 
     def _ask_all(
         self, leads: list[Lead], messages: list[list[dict]], paused: SharedPause | None

@@ -113,6 +113,7 @@ class PropensityResult:
     extra: dict = field(default_factory=dict)
     retryable: bool = False  # the LLM failed on this lead; asking again later may get an answer
     throttled: bool = False  # the LLM asked to wait (429) or was not asked for it: no fault of the lead
+    refused: bool = False  # the LLM refused the request or a setting (a 4xx): said at start
 
     @property
     def fallback(self) -> bool:
