@@ -49,6 +49,7 @@ class LeadEvent(BaseModel):
         "(unpack_intake); the default, now, only serves events built by hand (benchmarks, tests)",
     )
     rescores: int = Field(0, ge=0, description="times scored again because the LLM had failed on the lead")
+    throttled_rescores: int = Field(0, ge=0, description="times scored again because the LLM asked to wait")
     handoff: int | None = Field(
         None, description="the number of the hand-off that put it in a batch (pending.take_batch)"
     )

@@ -5,7 +5,7 @@ leadscore's workers, on however many machines, must stay under it together.
 Each call takes a slot in a Redis sorted set (one Lua script: drop expired slots,
 count, take one or say how long to wait), on Redis's clock, so hosts whose clocks
 disagree still share one window. A 429 from the CRM pauses every worker for the
-time the CRM asked for.
+time the CRM asked for; an LLM's 429 pauses its calls alike (`SharedPause`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,22 @@ end
 """
 
 
+class SharedPause:
+    """A hold-off every worker sees, kept in Redis on Redis's clock: set for as long as a 429 asked,
+    and never cut short by a shorter one. Its calls raise RedisError: each caller knows how to hold
+    off without Redis."""
+
+    def __init__(self, redis: Redis, name: str):
+        self.redis, self.key = redis, f"leadscore:rate-pause:{name}"
+        self._pause = redis.register_script(_PAUSE)
+
+    def pause(self, seconds: float) -> None:
+        self._pause(keys=[self.key], args=[max(1, int(seconds * 1000))])
+
+    def left_s(self) -> float:
+        return max(self.redis.pttl(self.key), 0) / 1000
+
+
 DEFAULT_MAX_WAIT_S = 120.0  # a command's (`rescore`, `outcomes sync`): it has no other work to do
 
 
@@ -61,9 +77,9 @@ class RateLimiter:
         """`max_wait_s`: how long `acquire` waits before it raises RateLimited; a worker's is short, so
         a pause the CRM asked for puts its batch off rather than holding the worker from other work."""
         self.redis, self.limit, self.window_s, self.max_wait_s = redis, limit, window_s, max_wait_s
-        self.key, self.pause_key = f"leadscore:rate:{name}", f"leadscore:rate-pause:{name}"
+        self.paused = SharedPause(redis, name)
+        self.key, self.pause_key = f"leadscore:rate:{name}", self.paused.key
         self._take = redis.register_script(_TAKE)
-        self._pause = redis.register_script(_PAUSE)
 
     def acquire(self) -> float:
         """Block until a call may be made, `max_wait_s` at most; returns the seconds waited."""
@@ -93,6 +109,6 @@ class RateLimiter:
         """Every worker holds off for `seconds` (the CRM said so with a 429), or longer where another
         429 asked for longer: a secondly limit's 2 s must not cut short the daily limit's hour."""
         try:
-            self._pause(keys=[self.pause_key], args=[max(1, int(seconds * 1000))])
+            self.paused.pause(seconds)
         except RedisError:
             time.sleep(seconds)

@@ -30,7 +30,7 @@ from integration.emulators import free_port, start_redis
 from integration.errors import CRMError, CRMUnavailable, RateLimited
 from integration.events import ERASE, IntakeRow, LeadEvent, pack_intake
 from integration.hubspot.api import HubSpotCRM, halving_budget
-from integration.ratelimit import RateLimiter
+from integration.ratelimit import RateLimiter, SharedPause
 from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import get_settings
@@ -49,6 +49,7 @@ from tests.conftest import (
 )
 from tests.test_feedback_outcomes_holdout import table
 from workers import batch, jobs, store
+from workers.llm import LLM_PAUSE
 from workers.worker import LeadscoreQueue
 
 BURST = "contact.creation__demo_burst"
@@ -971,11 +972,12 @@ def test_an_llm_that_keeps_failing_on_a_lead_rescores_it_five_times_waiting_twic
     assert outcomes == [[("written", True)]] + [[("unchanged", True)]] * 5
 
 
+@pytest.mark.parametrize("status", [400, 422])
 def test_an_llm_that_refuses_the_request_itself_is_not_asked_again_by_a_rescore(
-    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm, status
 ):
     _fallback_rescore_every(monkeypatch, 60)
-    llm.force(status=400)  # e.g. the prompt is too long for the model: the same request fails again
+    llm.force(status=status)  # e.g. the prompt is too long for the model: the same request fails again
     post_delivery("contact.creation__single")
 
     [first] = run_worker()
@@ -984,16 +986,18 @@ def test_an_llm_that_refuses_the_request_itself_is_not_asked_again_by_a_rescore(
     assert queue.scheduled_job_registry.count == 0
 
 
-def test_an_llm_that_asks_to_wait_is_not_asked_again_in_the_batch_and_its_leads_rescored_later(
-    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+def test_an_llm_429_pauses_every_worker_as_long_as_it_asks_and_its_leads_spend_no_rescore_round(
+    env, monkeypatch, post_delivery, crm, queue, redis, run_worker, hubspot, llm
 ):
+    monkeypatch.setenv("LLM_BATCH_DEADLINE_S", "2")  # shorter than the pause: not waited out
     _fallback_rescore_every(monkeypatch, 60)
     llm.force(status=429)
-    llm.retry_after = "3"  # the client waited this out before each retry, for every lead
+    llm.retry_after_ms, llm.retry_after = "6000", "6"  # Azure OpenAI's 429
     post_delivery(BURST)  # 24 leads, 16 asked at once
     results = run_worker()
 
     assert 1 <= len(llm.requests) <= 16  # none asked again, none started after the first 429 came back
+    assert 3_000 < redis.pttl(SharedPause(redis, LLM_PAUSE).key) <= 6_000  # less what the worker took since
     assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
     errors = {
         json.loads(props["leadscore_details"])["propensity"]["error"]
@@ -1002,7 +1006,98 @@ def test_an_llm_that_asks_to_wait_is_not_asked_again_in_the_batch_and_its_leads_
     }
     assert errors == {"LLM answered HTTP 429: Rate limit reached for requests. (code rate_limit_exceeded)",
                       "LLM rate-limited (429): not asked in this batch"}  # fmt: skip
-    assert queue.scheduled_job_registry.count == 1  # the fallback rescore of all 24
+    [job] = [queue.fetch_job(i) for i in queue.scheduled_job_registry.get_job_ids()]  # the rescore of all 24
+    rounds = {(e.rescores, e.throttled_rescores) for e in map(LeadEvent.model_validate_json, job.args[2])}
+    assert (len(job.args[2]), rounds) == (24, {(0, 1)})
+
+    asked = len(llm.requests)
+    post_delivery(json.dumps([change(int(VP), 7001)]).encode())  # the next batch, within the pause
+    [paused] = run_worker()
+    assert (len(llm.requests), paused["fallback"]) == (asked, True)
+
+
+def test_a_batch_waits_out_an_llm_pause_that_ends_before_its_deadline_then_asks(
+    env, post_delivery, crm, queue, redis, run_worker, hubspot, llm
+):
+    SharedPause(redis, LLM_PAUSE).pause(2)  # another worker's 429
+    asked_in_the_pause = []
+    threading.Timer(1.5, lambda: asked_in_the_pause.append(len(llm.requests))).start()
+    post_delivery(BURST)
+    started = time.monotonic()
+    results = run_worker()
+
+    assert asked_in_the_pause == [0]
+    assert time.monotonic() - started >= 1.9
+    assert [(r["outcome"], r["fallback"]) for r in results] == [("written", False)] * 24
+    assert len(llm.requests) == 24
+
+
+def test_an_llm_that_keeps_asking_to_wait_rescores_a_lead_twelve_times_before_spending_its_rounds(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.force(status=429)
+    llm.retry_after = "120"  # every rescore below finds the LLM paused
+    post_delivery("contact.creation__single")
+    runs, waits = [run_worker()], []
+    registry = queue.scheduled_job_registry
+    while registry.count and len(runs) < 30:
+        [job] = [queue.fetch_job(i) for i in registry.get_job_ids()]
+        waits.append(round((registry.get_scheduled_time(job) - datetime.now(UTC)).total_seconds() / 60))
+        registry.remove(job)
+        queue.enqueue_job(job)  # its time has come
+        runs.append(run_worker())
+
+    assert len(llm.requests) == 1
+    assert waits == [1] * batch.MAX_THROTTLED_RESCORES + [1, 2, 4, 8, 16]  # minutes
+    outcomes = [[(r["outcome"], r["fallback"]) for r in run] for run in runs]
+    written, unchanged = [("written", True)], [("unchanged", True)]  # the 2nd's error: "not asked"
+    assert outcomes == [written] * 2 + [unchanged] * (batch.MAX_THROTTLED_RESCORES + 4)
+
+
+@pytest.mark.parametrize(
+    ("retry_after_ms", "retry_after", "seconds"),
+    [
+        ("6000", "7", 6),
+        (None, "7", 7),
+        ("250", None, 1),
+        (None, "86400", 120),
+        (None, "Wed, 21 Oct 2026 07:28:00 GMT", 10),
+        (None, None, 10),
+    ],
+    ids=["azure", "seconds", "at_least_a_second", "at_most_two_minutes", "a_date", "unsaid"],
+)
+def test_an_llm_429_pauses_the_llm_as_long_as_it_asks_within_bounds(
+    env, redis, llm, retry_after_ms, retry_after, seconds
+):
+    from workers.llm import PROBE_LEAD, PropensityReasoner
+
+    llm.force(status=429)
+    llm.retry_after_ms, llm.retry_after = retry_after_ms, retry_after
+    [result] = PropensityReasoner(get_settings()).assess_many([PROBE_LEAD], datetime.now(UTC), redis)
+
+    assert (result.fallback, result.throttled) == (True, True)
+    assert seconds * 1000 - 500 < redis.pttl(SharedPause(redis, LLM_PAUSE).key) <= seconds * 1000
+
+
+@pytest.mark.parametrize(
+    "status", [401, 402, 403, 404]
+)  # a key rotated, credits spent, access blocked, retired
+def test_an_llm_refusing_a_setting_mid_run_has_its_leads_rescored_and_they_recover_once_it_is_fixed(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm, status
+):
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.force(status=status)
+    post_delivery("contact.creation__single")
+    [refused] = run_worker()
+    llm.force()  # fixed
+    [job] = [queue.fetch_job(i) for i in queue.scheduled_job_registry.get_job_ids()]
+    queue.scheduled_job_registry.remove(job)
+    queue.enqueue_job(job)  # its time has come
+    [recovered] = run_worker()
+
+    assert (refused["outcome"], refused["fallback"], refused["score"]) == ("written", True, 79)
+    assert (recovered["outcome"], recovered["fallback"], recovered["score"]) == ("written", False, 89)
 
 
 def test_leads_the_llm_has_not_answered_by_the_batch_deadline_fall_back(
@@ -1031,11 +1126,13 @@ REFUSED_MAX_TOKENS = (
     [
         (400, False, "LLM answered HTTP 400: Invalid request."),
         (401, False, "LLM answered HTTP 401: Invalid request."),
+        (404, False, "LLM answered HTTP 404: Invalid request."),
         (None, True, REFUSED_MAX_TOKENS),
         (500, False, None),
+        (429, False, None),
         (None, False, None),
     ],
-    ids=["400", "401", "reasoning_model", "500", "answered"],
+    ids=["400", "401", "404", "reasoning_model", "500", "429", "answered"],
 )
 def test_a_worker_says_at_start_when_the_llm_refuses_its_request_in_the_providers_words(
     env, monkeypatch, llm, caplog, status, reasoning_model, refusal

@@ -11,7 +11,7 @@ from rq import SimpleWorker
 from integration import metrics, pending
 from integration.cli import main
 from integration.emulators import free_port
-from tests.conftest import PORTAL_ID, SF_ORG_ID, finished_jobs, pending_events
+from tests.conftest import LLM_KEY, PORTAL_ID, SF_ORG_ID, finished_jobs, pending_events
 from tests.test_cli_and_procfile import REFUSED_TOKENS, ROOT, reconfigure
 from tests.test_pipeline_hubspot import EXPECTED_BURST as HUBSPOT_SCORES
 from tests.test_pipeline_salesforce import EXPECTED_BURST as SALESFORCE_SCORES
@@ -81,6 +81,24 @@ def test_a_rescore_after_the_tiers_are_edited_writes_every_lead_again_and_asks_t
 
     assert {r["outcome"] for r in results} == {"written"}  # a new fingerprint: every lead written again
     assert len(llm.requests) == asked
+
+
+def test_a_rescore_after_an_llm_setting_is_fixed_asks_the_llm_again_for_every_lead_scored_on_the_prior(
+    crm, run_worker, hubspot, llm
+):
+    llm.api_key = "rotated"  # the key leadscore holds is refused: 401
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    on_the_prior = run_worker()
+    llm.api_key = LLM_KEY  # fixed
+    asked = len(llm.requests)
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    results = run_worker()
+
+    assert {(r["outcome"], r["fallback"]) for r in on_the_prior} == {("written", True)}
+    assert len(results) == 24 and {(r["outcome"], r["fallback"]) for r in results} == {("written", False)}
+    assert hubspot_shown(hubspot) == HUBSPOT_SCORES
+    assert len(llm.requests) == asked + 24
 
 
 def test_a_lead_a_webhook_brings_is_scored_before_a_rescore_backlog(

@@ -29,6 +29,9 @@ SWEEP_AFTER_S = 30  # a pending lead older than this with no collector means a l
 LINGER_POLL_S = 0.05
 PASS_S = 1.0  # under a steady stream of events, a collector steps aside this often
 MAX_FALLBACK_RESCORES = 5  # at the default FALLBACK_RESCORE_S: after 5, 10, 20, 40 and 80 minutes
+# Fallbacks because the LLM asked to wait (429) spend none of those rounds, up to this many (an hour at
+# the default FALLBACK_RESCORE_S, in the first round): an LLM whose quota is spent for good still ends.
+MAX_THROTTLED_RESCORES = 12
 # A batch the CRM cannot take (down, in maintenance) waits 30 s, then twice as long each time up to an
 # hour, for up to two days since it first failed: longer than any CRM's maintenance window, shorter than
 # pending.SEEN_WINDOW_S, within which the CRM's redeliveries of its events are dropped as seen.
@@ -231,7 +234,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     # those leads are scored once more, after this, so the newest state is what the CRM shows last.
     overtaken = _superseded(ctx, crm, account, [by_id[i] for i, result in written.items() if result.ok])
 
-    results, failed, fallbacks, latencies, kept = [], [], [], [], []
+    results, failed, fallbacks, latencies, kept, throttled = [], [], [], [], [], set()
     now = shared_now_utc(ctx.redis)
     for event in lead_events:
         lead_id, key = event.lead_id, event.lead_key
@@ -253,6 +256,8 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             continue
         if s.propensity is not None and s.propensity.retryable:
             fallbacks.append(event)
+            if s.propensity.throttled:
+                throttled.add(lead_id)
         if s.fields is None:
             ctx.telemetry("writes_total", crm=crm, outcome="unchanged")
             results.append(outcome(key, "unchanged", s))
@@ -301,7 +306,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
             extra={"lead_id": event.lead_id, "event_id": ",".join(event.event_ids), "crm": crm},
         )  # fmt: skip
         _batch_of(queue, crm, account, [event], f"score {event.lead_key} alone after {result.code}")
-    _rescore_later(queue, ctx.settings.fallback_rescore_s, crm, account, fallbacks)
+    _rescore_later(queue, ctx.settings.fallback_rescore_s, crm, account, fallbacks, throttled)
     metrics.observe_many(ctx.redis, "scoring_latency_seconds", latencies, crm=crm)
     elapsed = time.monotonic() - started
     metrics.observe(ctx.redis, "batch_duration_seconds", elapsed, crm=crm)
@@ -376,14 +381,22 @@ def _fail_alone(result, crm: str) -> None:
     raise WriteRejected(crm, result)
 
 
-def _rescore_later(queue: Queue, first_delay_s: int, crm: str, account: str, events: list[LeadEvent]) -> None:
+def _rescore_later(
+    queue: Queue, first_delay_s: int, crm: str, account: str, events: list[LeadEvent], throttled: set[str]
+) -> None:
     """Leads scored with the fallback because the LLM failed are scored again, waiting twice as
     long each time and at most MAX_FALLBACK_RESCORES times, so an LLM that keeps failing on a lead
-    costs a bounded number of CRM reads. The lead's next real event starts the count again."""
+    costs a bounded number of CRM reads. A lead in `throttled` (the LLM asked to wait) waits its round's
+    time again without spending the round, MAX_THROTTLED_RESCORES times at most. The lead's next real
+    event starts the counts again."""
     if not first_delay_s:
         return
     by_round: dict[int, list[str]] = {}
     for event in events:
+        if event.lead_id in throttled and event.throttled_rescores < MAX_THROTTLED_RESCORES:
+            again = event.model_copy(update={"throttled_rescores": event.throttled_rescores + 1})
+            by_round.setdefault(event.rescores, []).append(again.model_dump_json())
+            continue
         if event.rescores >= MAX_FALLBACK_RESCORES:
             log.warning(
                 "%s still scored with the fallback after %d rescores; it waits for its next event",

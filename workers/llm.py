@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -16,6 +17,7 @@ from redis.exceptions import RedisError
 
 from integration.lead import Lead
 from integration.logs import redact
+from integration.ratelimit import SharedPause
 from integration.salesforce import full_id
 from integration.settings import Settings
 from workers.propensity import (
@@ -32,6 +34,16 @@ log = logging.getLogger(__name__)
 # Given to the client, so an OPENAI_BASE_URL set for another tool is not read.
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_PAUSE_S = 0.5  # before the one retry of a call the provider dropped or failed (5xx)
+# How long every worker holds its LLM calls after a 429: as long as the provider asks, within bounds.
+DEFAULT_LLM_PAUSE_S = 10.0  # a 429 that does not say
+MIN_LLM_PAUSE_S = 1.0  # so a provider's "0" does not bring back every waiting call at once
+MAX_LLM_PAUSE_S = 120.0
+LLM_PAUSE = "llm"  # the SharedPause every worker's LLM calls wait for
+# A refusal of a setting that can change while workers run: a key rotated (401), a gateway's credits
+# spent (402), access blocked (403), a deployment or model retired (404). Its leads are rescored, so
+# they recover once it is fixed; a refusal of the request itself (400, 422) would only repeat.
+REFUSED_UNTIL_FIXED = frozenset({401, 402, 403, 404})
+MAY_PASS = frozenset({408, 409})  # a timeout, a conflict; a 429 asks to wait (`asked_to_wait_s`)
 # A made-up lead the worker asks about once at start, so a request the LLM refuses shows then.
 PROBE_LEAD = Lead(
     crm="hubspot", account_id="0", lead_id="leadscore-start-check", title="VP of Sales", company="Example Co",
@@ -64,6 +76,59 @@ def http_error(exc: openai.APIStatusError) -> str:
     it stays one of a few."""
     said = provider_said(exc)
     return f"LLM answered HTTP {exc.status_code}: {said}" if said else f"LLM answered HTTP {exc.status_code}"
+
+
+def asked_to_wait_s(exc: openai.APIStatusError) -> float:
+    """How long a 429 asks to wait: Azure's `retry-after-ms`, else `retry-after` in seconds (an HTTP
+    date is not read), else DEFAULT_LLM_PAUSE_S; within MIN_LLM_PAUSE_S and MAX_LLM_PAUSE_S."""
+    headers = exc.response.headers
+    for name, per_second in (("retry-after-ms", 1000), ("retry-after", 1)):
+        try:
+            seconds = float(headers.get(name, "")) / per_second
+        except ValueError:
+            continue
+        if math.isfinite(seconds):
+            return min(max(seconds, MIN_LLM_PAUSE_S), MAX_LLM_PAUSE_S)
+    return DEFAULT_LLM_PAUSE_S
+
+
+class _Throttle:
+    """A batch's hold on its LLM calls while the LLM is paused: by this batch's 429s, and by any
+    worker's through Redis (without Redis, by this batch's alone)."""
+
+    def __init__(self, shared: SharedPause | None, deadline: float):
+        self.shared, self.deadline = shared, deadline  # the deadline on time.monotonic()
+        self.met = False  # the batch met a pause, which took time its unanswered leads could have had
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self.met = True
+            self._until = max(self._until, time.monotonic() + seconds)
+        if self.shared is not None:
+            try:
+                self.shared.pause(seconds)
+            except RedisError:
+                log.warning("LLM pause not shared (Redis unavailable): other workers may call it meanwhile")
+
+    def left_s(self) -> float:
+        left = self._until - time.monotonic()
+        if self.shared is not None:
+            try:
+                left = max(left, self.shared.left_s())
+            except RedisError:
+                self.shared = None  # not asked again for each lead of the batch
+        return max(left, 0.0)
+
+    def wait_out(self) -> bool:
+        """Whether a call may be made now, having waited out a pause that ends before the deadline."""
+        while (left := self.left_s()) > 0:
+            self.met = True
+            if time.monotonic() + left >= self.deadline:
+                return False
+            time.sleep(left)
+        return True
 
 
 class _Unusable(ValueError):
@@ -205,11 +270,11 @@ class PropensityReasoner:
         self,
         lead: Lead,
         messages: list[dict],
-        throttled: threading.Event | None = None,
+        throttle: _Throttle | None = None,
         client: openai.OpenAI | None = None,
     ) -> PropensityResult:
         """The LLM's answer for one lead, or the fallback; a dropped call or a 5xx is tried once more.
-        A 429 sets `throttled`, so the batch starts no more calls: the provider asked to wait."""
+        A 429 pauses `throttle` for as long as the provider asks: no call starts until it ends."""
         client = client or self.client
         if client is None:
             return fallback("LLM disabled: LLM_API_KEY is not set")
@@ -223,14 +288,18 @@ class PropensityReasoner:
                 break
             except openai.APITimeoutError:
                 return self._failed(lead, "LLM timed out")
-            except openai.APIStatusError as exc:  # a 4xx but 408, 409 and 429: this request will not do
+            except openai.APIStatusError as exc:
                 if exc.status_code >= 500 and attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
                     continue
-                if exc.status_code == 429 and throttled is not None:
-                    throttled.set()
-                retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
-                return self._failed(lead, http_error(exc), retryable)
+                if exc.status_code == 429:
+                    if throttle is not None:
+                        throttle.pause(asked_to_wait_s(exc))
+                    return self._failed(lead, http_error(exc), throttled=True)
+                status = exc.status_code
+                retryable = status >= 500 or status in MAY_PASS | REFUSED_UNTIL_FIXED
+                refused = status < 500 and status not in MAY_PASS
+                return replace(self._failed(lead, http_error(exc), retryable), refused=refused)
             except openai.APIConnectionError as exc:
                 if attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
@@ -257,7 +326,7 @@ class PropensityReasoner:
         Only the LLM's answers are cached (by what was asked: `answer_id`), its refusals and replies
         cut off among them, but not one cut off before a word of the answer (the token limit is
         leadscore's setting); any other fallback (a timeout, a 5xx, a 429) is asked again the next time
-        the lead is scored.
+        the lead is scored. No call is made while the LLM is paused after a 429 (`_ask_all`).
         """
         messages = [build_messages(lead, now) for lead in leads]
         answers = [answer_id(self.base_url, self.model, self.request, asked) for asked in messages]
@@ -271,7 +340,8 @@ class PropensityReasoner:
         results: list[PropensityResult | None] = [_cached(c) for c in cached]
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
-            asked = self._ask_all([leads[i] for i in missing], [messages[i] for i in missing])
+            paused = SharedPause(redis, LLM_PAUSE) if redis is not None else None
+            asked = self._ask_all([leads[i] for i in missing], [messages[i] for i in missing], paused)
             if spent := sum(result.error == TOKEN_LIMIT_SPENT for result in asked):
                 log.error(
                     "the LLM spent its whole token limit before answering %d of %d leads (a reasoning model "
@@ -298,37 +368,43 @@ class PropensityReasoner:
         """Why the LLM refuses leadscore's request, asked about a made-up lead; None when it answers,
         or fails in a way that may pass (a 5xx, a 429, a timeout). A model that does not take a
         parameter (`max_tokens`, `temperature` 0, JSON mode), a wrong model name or key would make every
-        lead fall back to the rules, a warning a lead: the worker says it once, at start."""
+        lead fall back to the rules, a warning a lead: the worker says it once, at start. A refusal
+        that starts later (a key rotated) shows in the fallback metrics, and its leads are rescored."""
         if self.client is None:
             return None
         with openai.OpenAI(
             **self._client_options
         ) as client:  # no connection left for a work horse to inherit
             result = self.assess(PROBE_LEAD, build_messages(PROBE_LEAD, datetime.now(UTC)), client=client)
-        return result.error if result.fallback and not result.retryable else None
+        return result.error if result.fallback and (result.refused or not result.retryable) else None
 
-    def _ask_all(self, leads: list[Lead], messages: list[list[dict]]) -> list[PropensityResult]:
+    def _ask_all(
+        self, leads: list[Lead], messages: list[list[dict]], paused: SharedPause | None
+    ) -> list[PropensityResult]:
         """Ask for every lead, `concurrency` at a time, within the batch's deadline: a slow or
         throttling provider costs a batch at most LLM_BATCH_DEADLINE_S (and the CRM writes wait for
-        it). Leads not answered by then, or not asked after a 429, fall back and are rescored later."""
-        throttled = threading.Event()
+        it). While the LLM is paused after a 429 (`paused`, every worker's), no call starts: a pause
+        that ends before the deadline is waited out, else the leads not yet asked fall back. Leads not
+        answered fall back and are rescored later, those of a pause without spending a rescore round."""
+        throttle = _Throttle(paused, time.monotonic() + self.deadline_s)
 
         def ask(lead: Lead, asked: list[dict]) -> PropensityResult:
-            if throttled.is_set():
-                return self._failed(lead, "LLM rate-limited (429): not asked in this batch")
-            return self.assess(lead, asked, throttled)
+            if not throttle.wait_out():
+                return self._failed(lead, "LLM rate-limited (429): not asked in this batch", throttled=True)
+            return self.assess(lead, asked, throttle)
 
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(leads)))
         futures = [pool.submit(ask, lead, asked) for lead, asked in zip(leads, messages, strict=True)]
-        done, _ = wait(futures, timeout=self.deadline_s)
+        done, _ = wait(futures, timeout=max(throttle.deadline - time.monotonic(), 0))
         pool.shutdown(wait=False, cancel_futures=True)  # a call still in flight ends with its timeout
+        late = f"LLM gave no answer within the batch's {self.deadline_s:g}s"
         return [
-            future.result()
-            if future in done
-            else self._failed(lead, f"LLM gave no answer within the batch's {self.deadline_s:g}s")
+            future.result() if future in done else self._failed(lead, late, throttled=throttle.met)
             for future, lead in zip(futures, leads, strict=True)
         ]
 
-    def _failed(self, lead: Lead, why: str, retryable: bool = True) -> PropensityResult:
+    def _failed(
+        self, lead: Lead, why: str, retryable: bool = True, throttled: bool = False
+    ) -> PropensityResult:
         log.warning("propensity fallback for %s:%s: %s", lead.crm, lead.lead_id, why)
-        return fallback(why, retryable=retryable)
+        return fallback(why, retryable=retryable, throttled=throttled)

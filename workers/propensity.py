@@ -112,16 +112,19 @@ class PropensityResult:
     error: str | None = None
     extra: dict = field(default_factory=dict)
     retryable: bool = False  # the LLM failed on this lead; asking again later may get an answer
+    throttled: bool = False  # the LLM asked to wait (429) or was not asked for it: no fault of the lead
+    refused: bool = False  # the LLM refused the request or a setting (a 4xx): said at start
 
     @property
     def fallback(self) -> bool:
         return self.source == FALLBACK_SOURCE
 
 
-def fallback(why: str, retryable: bool = False) -> PropensityResult:
+def fallback(why: str, retryable: bool = False, throttled: bool = False) -> PropensityResult:
     return PropensityResult(
-        propensity=NEUTRAL, confidence=0.0, reason="", source=FALLBACK_SOURCE, error=why, retryable=retryable
-    )
+        propensity=NEUTRAL, confidence=0.0, reason="", source=FALLBACK_SOURCE, error=why,
+        retryable=retryable or throttled, throttled=throttled,
+    )  # fmt: skip
 
 
 def parse_reply(content: str | None) -> ConversionPropensity:

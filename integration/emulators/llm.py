@@ -84,6 +84,7 @@ class LLMStub:
         self.forced_status: int | None = None
         self.forced_raw: tuple[str, bytes] | None = None
         self.retry_after: str | None = None  # the Retry-After header a forced 429 carries
+        self.retry_after_ms: str | None = None  # and Azure OpenAI's retry-after-ms
         self.reasoning_model = False  # refuse `max_tokens` and a temperature but 1, as o-series models do
         self.requests: list[dict] = []
         self.headers: list[dict[str, str]] = []  # each request's, lower-cased names
@@ -122,11 +123,8 @@ class LLMStub:
                 content_type, raw = self.forced_raw
                 return Response(raw, status=self.forced_status, content_type=content_type)
             if self.forced_status is not None:
-                headers = (
-                    {"Retry-After": self.retry_after}
-                    if self.retry_after and self.forced_status == 429
-                    else {}
-                )
+                said = {"Retry-After": self.retry_after, "retry-after-ms": self.retry_after_ms}
+                headers = {name: value for name, value in said.items() if value and self.forced_status == 429}
                 return jsonify(error=_error_for(self.forced_status)), self.forced_status, headers
             if _json_mode_unasked(body):
                 return jsonify(error=JSON_MODE_UNASKED), 400
