@@ -62,6 +62,7 @@ class SharedPause:
         return max(self.redis.pttl(self.key), 0) / 1000
 
 
+MAX_UNSHARED_PAUSE_S = 2.0  # the most a caller sleeps for a pause it cannot share (Redis unreachable)
 DEFAULT_MAX_WAIT_S = 120.0  # a command's (`rescore`, `outcomes sync`): it has no other work to do
 
 
@@ -107,8 +108,11 @@ class RateLimiter:
 
     def pause(self, seconds: float) -> None:
         """Every worker holds off for `seconds` (the CRM said so with a 429), or longer where another
-        429 asked for longer: a secondly limit's 2 s must not cut short the daily limit's hour."""
+        429 asked for longer: a secondly limit's 2 s must not cut short the daily limit's hour. Without
+        Redis only this caller holds off, and a few seconds at most: a longer pause (a daily limit, a
+        portal moving) is its caller's to wait out by putting its batch off, not a work horse asleep
+        past its job's timeout."""
         try:
             self.paused.pause(seconds)
         except RedisError:
-            time.sleep(seconds)
+            time.sleep(min(seconds, MAX_UNSHARED_PAUSE_S))

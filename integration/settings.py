@@ -206,8 +206,10 @@ class Settings(BaseSettings):
         for name, header in headers.items():
             if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"LLM_EXTRA_HEADERS: {name!r} is not a header name (letters, digits and -)")
-            if not isinstance(header, str) or "\r" in header or "\n" in header:
-                raise ValueError(f"LLM_EXTRA_HEADERS: the value of {name} must be a string on one line")
+            if not isinstance(header, str) or "\r" in header or "\n" in header or not header.isascii():
+                raise ValueError(
+                    f"LLM_EXTRA_HEADERS: the value of {name} must be a string on one line, in ASCII"
+                )
         return headers
 
     @field_validator("hubspot_app_id")
@@ -220,9 +222,11 @@ class Settings(BaseSettings):
     @field_validator("salesforce_domain")
     @classmethod
     def _domain_before_salesforce_com(cls, value: str) -> str:
-        """simple-salesforce logs in at https://<domain>.salesforce.com: a URL given whole would be
-        looked up as a host that does not exist, which reads as the org being down."""
-        if not re.fullmatch(r"[A-Za-z0-9-]+(\.sandbox)?(\.my)?", value):
+        """simple-salesforce logs in at https://<domain>.salesforce.com: a URL or host given whole would
+        be looked up as a host that does not exist, which reads as the org being down. Emptied: unset."""
+        if not value.strip():
+            return "login"
+        if not re.fullmatch(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*", value) or value.lower().endswith(".com"):
             raise ValueError(
                 "SALESFORCE_DOMAIN is what comes before .salesforce.com: login, test, or a My Domain such "
                 f"as acme.my or acme--uat.sandbox.my, got {value!r}"

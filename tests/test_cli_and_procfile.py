@@ -95,9 +95,9 @@ def test_hubspot_project_is_a_static_private_app_with_the_scopes_leadscore_uses(
         "type": "static",
         "requiredScopes": [
             "oauth", "crm.objects.contacts.read", "crm.objects.contacts.write", "crm.schemas.contacts.read",
-            "crm.schemas.contacts.write", "crm.objects.deals.read", "crm.objects.companies.read",
+            "crm.schemas.contacts.write", "crm.objects.deals.read",
         ],
-        "optionalScopes": ["sales-email-read"],
+        "optionalScopes": ["sales-email-read", "crm.objects.companies.read"],
         "conditionallyRequiredScopes": [],
     }  # fmt: skip
 
@@ -113,7 +113,7 @@ def _subscriptions(files: dict) -> tuple[str, set, set]:
 
 
 def test_hubspot_project_subscribes_to_every_event_leadscore_handles_and_what_the_score_reads():
-    from integration.hubspot import FEEDBACK_PROPERTY, OUTCOME_DATE_PROPERTIES
+    from integration.hubspot import FEEDBACK_PROPERTY
     from integration.hubspot.api import CONTACT_PROPERTIES
     from integration.hubspot.project import ENGAGEMENT_PROPERTIES, project_files
     from integration.hubspot.webhook import HANDLED_EVENTS
@@ -123,7 +123,7 @@ def test_hubspot_project_subscribes_to_every_event_leadscore_handles_and_what_th
     assert url == HUBSPOT_TARGET
     assert types == {t for t in HANDLED_EVENTS if not t.startswith("object.")}  # the classic form of each
     merge = "hs_merged_object_ids"  # comes with a contact.merge
-    read = set(CONTACT_PROPERTIES) - {"firstname", "lastname", merge, *OUTCOME_DATE_PROPERTIES}
+    read = set(CONTACT_PROPERTIES) - {"firstname", "lastname", merge}
     assert watched == read - set(ENGAGEMENT_PROPERTIES) | {FEEDBACK_PROPERTY}
     _, _, with_engagement = _subscriptions(project_files(HUBSPOT_TARGET, True, ("acme_fit_score",)))
     assert with_engagement == read | {FEEDBACK_PROPERTY, "acme_fit_score"}
@@ -726,14 +726,16 @@ EXAMPLE_HEADERS = '{"x-portkey-provider": "openai"}'
          f"LLM_EXTRA_HEADERS must be a JSON object such as {EXAMPLE_HEADERS}, but it is not JSON (Expecting "
          "value: line 1 column 19 (char 18))"),
         ("LLM_EXTRA_HEADERS", '{"x-gateway-key": 1234}',
-         "LLM_EXTRA_HEADERS: the value of x-gateway-key must be a string on one line"),
+         "LLM_EXTRA_HEADERS: the value of x-gateway-key must be a string on one line, in ASCII"),
         ("LLM_EXTRA_HEADERS", '{"x-gateway-key": "s3cret\\r\\nX-Admin: 1"}',
-         "LLM_EXTRA_HEADERS: the value of x-gateway-key must be a string on one line"),
+         "LLM_EXTRA_HEADERS: the value of x-gateway-key must be a string on one line, in ASCII"),
+        ("LLM_EXTRA_HEADERS", '{"x-gateway-key": "s3cret-clé"}',  # every call would fail to encode it
+         "LLM_EXTRA_HEADERS: the value of x-gateway-key must be a string on one line, in ASCII"),
         ("LLM_EXTRA_HEADERS", '{"x gateway key": "s3cret"}',
          "LLM_EXTRA_HEADERS: 'x gateway key' is not a header name (letters, digits and -)"),
     ],
     ids=["params_not_json", "params_a_list", "params_leadscore_sets", "headers_not_json",
-         "header_a_number", "header_two_lines", "header_name_with_spaces"],
+         "header_a_number", "header_two_lines", "header_not_ascii", "header_name_with_spaces"],
 )  # fmt: skip
 def test_llm_extra_params_and_headers_must_be_json_objects_and_no_header_value_is_echoed(
     env, monkeypatch, capsys, setting, value, problem

@@ -17,13 +17,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AnyHttpUrl
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
 from rq import Retry, SimpleWorker, Worker
 from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.scheduler import RQScheduler
 
 from bench import harness
-from integration import clock, metrics, pending, signing
+from integration import clock, metrics, pending, ratelimit, signing
 from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
@@ -1808,6 +1811,18 @@ def test_a_call_hubspot_answers_locked_is_made_again_after_the_lock_s_2_seconds(
 
     assert result["outcome"] == "written"
     assert hubspot.locked_calls == 0 and queue.failed_job_registry.count == 0
+
+
+def test_a_pause_that_cannot_be_shared_holds_its_caller_seconds_not_the_hour_asked(monkeypatch):
+    """Redis unreachable: a daily limit's hour, or a portal move's day, asleep in a work horse would
+    outlast its job's timeout; the batch is put off for that instead."""
+    slept = []
+    monkeypatch.setattr(ratelimit.time, "sleep", slept.append)
+    unreachable = Redis(port=free_port(), socket_connect_timeout=0.2, retry=RedisRetry(NoBackoff(), 0))
+
+    RateLimiter(unreachable, f"hubspot:{PORTAL_ID}", 100).pause(3600)
+
+    assert slept == [ratelimit.MAX_UNSHARED_PAUSE_S] == [2.0]
 
 
 def test_a_batch_put_off_for_an_outage_is_still_guarded_and_its_repeats_still_dropped():

@@ -1236,11 +1236,13 @@ def test_deal_propertyChange__open_stage(env, post_delivery, crm, run_worker, hu
     assert result["outcome"] == "deal_won" and result["leads"] == ["74300000121"]
 
 
-@pytest.mark.parametrize("failure", ["deals_unavailable", "token_revoked"])
+@pytest.mark.parametrize("failure", ["deals_unavailable", "token_revoked", "deals_read_refused"])
 def test_a_failing_deals_read_is_retried_not_taken_as_no_outcome(env, post_delivery, crm, run_worker, hubspot,
                                                                   queue, failure):  # fmt: skip
     if failure == "token_revoked":
         hubspot.token = "revoked"  # 401: not the 403 of a token without the deals scope
+    elif failure == "deals_read_refused":
+        hubspot.invalid_objects.add("deals")  # 400: nor that 403
     else:
         hubspot.unavailable_objects.add("deals")
     post_delivery("deal.propertyChange__closed_won")

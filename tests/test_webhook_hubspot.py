@@ -635,3 +635,15 @@ def test_invalid_settings_say_which_variable_to_fix(monkeypatch, variable, value
     with pytest.raises(SettingsError) as caught:
         load_settings()
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [("", "login"), ("test", "test"), ("acme--uat.sandbox.my", "acme--uat.sandbox.my"),
+     ("acme-dev-ed.develop.my", "acme-dev-ed.develop.my"), ("acme.scratch.my", "acme.scratch.my")],
+)  # fmt: skip
+def test_a_salesforce_domain_of_any_my_domain_form_is_taken_and_an_emptied_one_is_login(
+    monkeypatch, value, read
+):
+    monkeypatch.setenv("SALESFORCE_DOMAIN", value)
+    assert load_settings().salesforce_domain == read

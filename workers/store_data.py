@@ -93,9 +93,9 @@ def labelled_scores(
 
     With `FIRST`, each is represented by its first score: what it looked like when reps chose whom to
     call. Later scores show what reps made of it (a lost lead closed out as unqualified, a converting
-    one moved on to a deal), which a model would learn in place of the lead. With `LAST`, the former
-    rule, by its last score before it converted or before its first `min_age_days` ended, whichever
-    came first."""
+    one moved on to a deal), which a model would learn in place of the lead. With `LAST`, the snapshot
+    the former release took: its last score before it converted or before its first `min_age_days`
+    ended, whichever came first (labelled by the horizon all the same)."""
     window = timedelta(days=min_age_days)
     cutoff = datetime.now(UTC) - window
     for history in histories(store, features, details):

@@ -195,6 +195,7 @@ class HubSpotEmulator:
         self.echo_responses: list[dict] = []
         self.forbidden_objects: set[str] = set()  # object types the token lacks the scope for
         self.unavailable_objects: set[str] = set()  # batch reads of these ("associations": those) answer 503
+        self.invalid_objects: set[str] = set()  # batch reads of these answer 400, as to a malformed request
         self.schemas_read_only = False  # the token lacks crm.schemas.contacts.write: creating answers 403
         self.refused_properties: dict[str, tuple[int, str, str]] = {}  # name -> status, category, message
         self._lock = threading.Lock()
@@ -423,6 +424,8 @@ class HubSpotEmulator:
                 )
             if object_type in self.unavailable_objects:
                 return _error(503, "SERVICE_UNAVAILABLE", "The service is temporarily unavailable.")
+            if object_type in self.invalid_objects:
+                return _error(400, "VALIDATION_ERROR", "Property values were not valid")
             store = self.contacts if object_type == "contacts" else self.objects.get(object_type)
             if store is None:
                 return _error(400, "VALIDATION_ERROR", f"Unable to infer object type from: {object_type}")

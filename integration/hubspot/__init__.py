@@ -20,8 +20,6 @@ FEEDBACK_PROPERTY = "leadscore_feedback"  # set by reps: too_high, too_low, righ
 WRITTEN_PROPERTIES = {**OUTPUT_PROPERTIES, "feedback": FEEDBACK_PROPERTY}
 # lifecyclestage values that count as an outcome, and which (HUBSPOT_OUTCOME_STAGES adds a portal's own)
 OUTCOME_STAGES = {"opportunity": "opportunity", "customer": "customer", "evangelist": "customer"}
-# HubSpot dates every lifecycle stage a contact enters: the earliest of these is when it converted.
-OUTCOME_DATE_PROPERTIES = tuple(f"hs_lifecyclestage_{stage}_date" for stage in OUTCOME_STAGES)
 
 
 def outcome_stages(configured: dict[str, str | None]) -> dict[str, str]:
@@ -30,8 +28,9 @@ def outcome_stages(configured: dict[str, str | None]) -> dict[str, str]:
 
 
 def stage_date_property(stage: str) -> str:
-    """The property HubSpot dates a contact's entering `stage` in: the default stages' own, and for a
-    portal's custom stage (whose internal value is a number) its "Date entered" property."""
+    """The property HubSpot dates a contact's entering `stage` in (the earliest of an outcome's is when
+    it converted): the default stages' own, and for a portal's custom stage (whose internal value is a
+    number) its "Date entered" property."""
     return f"hs_lifecyclestage_{stage}_date" if stage in OUTCOME_STAGES else f"hs_v2_date_entered_{stage}"
 
 

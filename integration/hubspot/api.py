@@ -39,7 +39,6 @@ from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.hubspot import (
     ACTIVITY_PROPERTIES,
     FEEDBACK_PROPERTY,
-    OUTCOME_DATE_PROPERTIES,
     OUTCOME_STAGES,
     OUTPUT_PROPERTIES,
     WRITTEN_PROPERTIES,
@@ -61,7 +60,7 @@ CONTACT_PROPERTIES = (
     "hs_lead_status", "lifecyclestage", "num_conversion_events", "hs_analytics_num_visits",
     "hs_analytics_num_page_views", "recent_conversion_event_name", "recent_conversion_date",
     "notes_last_updated", "hs_last_sales_activity_timestamp", "hs_analytics_last_visit_timestamp",
-    "hs_sales_email_last_replied", "hs_merged_object_ids", "associatedcompanyid", *OUTCOME_DATE_PROPERTIES,
+    "hs_sales_email_last_replied", "hs_merged_object_ids", "associatedcompanyid",
 )  # fmt: skip
 TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_email_text")}
 MAX_TEXT_RECORDS = 5
@@ -198,13 +197,13 @@ def _throttle(exc) -> tuple[str, float]:
         policy = json.loads(exc.body or "{}").get("policyName", "")
     except (ValueError, AttributeError):
         policy = ""
-    return policy, _retry_after_s(exc) or (1.0 if policy == "SECONDLY" else 2.0)
+    return policy, _retry_after_s(exc, 1.0 if policy == "SECONDLY" else 2.0)
 
 
-def _retry_after_s(exc) -> float | None:
-    """The seconds HubSpot's Retry-After asks for, if it says."""
+def _retry_after_s(exc, otherwise: float) -> float:
+    """The seconds HubSpot's Retry-After asks for (0 included), or `otherwise` where it does not say."""
     headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
-    return float(headers["retry-after"]) if headers.get("retry-after", "").isdigit() else None
+    return float(headers["retry-after"]) if headers.get("retry-after", "").isdigit() else otherwise
 
 
 class HubSpotCRM:
@@ -289,12 +288,12 @@ class HubSpotCRM:
     def _migrating(self, exc) -> RateLimited:
         """The portal is moving to another data centre: no call will do until it has moved, so every
         worker holds off as long as HubSpot's Retry-After says (an hour if it does not say)."""
-        wait_s = min(_retry_after_s(exc) or DAILY_PAUSE_S, MAX_MIGRATION_WAIT_S)
+        wait_s = min(_retry_after_s(exc, DAILY_PAUSE_S), MAX_MIGRATION_WAIT_S)
         if self.limiter is not None:
             self.limiter.pause(wait_s)
         return RateLimited(
-            f"HubSpot portal {self.portal_id} is moving between data centres (477); trying again in "
-            f"{wait_s:.0f}s",
+            f"HubSpot portal {self.portal_id or '(the token’s)'} is moving between data centres (477); "
+            f"trying again in {wait_s:.0f}s",
             retry_after_s=wait_s,
         )
 
@@ -302,6 +301,8 @@ class HubSpotCRM:
         """(contact id, outcome, when it converted) of every contact changed since `changed_since`
         whose lifecycle stage is an outcome, 200 a search; the outcome is "won" where the contact has
         a closed-won deal the token may read."""
+        if not self.outcome_stages:  # HUBSPOT_OUTCOME_STAGES took out every one: none to look for
+            return
         filters = [
             Filter(property_name="lifecyclestage", operator="IN", values=list(self.outcome_stages)),
             Filter(property_name="lastmodifieddate", operator="GTE",
@@ -469,7 +470,9 @@ class HubSpotCRM:
         """The closed-won ones among these deals, in HUBSPOT_WON_PIPELINES where it is set (a renewal
         won from an existing customer is no lead converting), with their close dates; none where the
         token may not read deals."""
-        deals = self._read_objects("deals", deal_ids, ["hs_is_closed_won", "closedate", "pipeline"]) or {}
+        deals = self._read_objects(
+            "deals", deal_ids, ["hs_is_closed_won", "closedate", "pipeline"], tolerated=(403,)
+        ) or {}  # fmt: skip
         return {
             deal: moment_of(props.get("closedate"))
             for deal, props in deals.items()
@@ -477,10 +480,13 @@ class HubSpotCRM:
             and (not self.won_pipelines or props.get("pipeline") in self.won_pipelines)
         }
 
-    def _read_objects(self, kind: str, ids: list[str], properties: list[str]) -> dict[str, dict] | None:
-        """The properties of these `kind` records by id, 100 a call; None where HubSpot refuses them (a
-        scope the token lacks), logged, so the caller goes on without. HubSpot failing (5xx) fails the
-        batch instead: it waits for HubSpot rather than scoring without."""
+    def _read_objects(
+        self, kind: str, ids: list[str], properties: list[str], tolerated: tuple[int, ...] | None = None
+    ) -> dict[str, dict] | None:
+        """The properties of these `kind` records by id, 100 a call; None where HubSpot refuses them with
+        a status in `tolerated` (any 4xx when None: a scope the token lacks), logged, so the caller goes
+        on without. Another refusal, or HubSpot failing (5xx), fails the batch instead: it is retried, or
+        waits for HubSpot, rather than going on without."""
         read: dict[str, dict] = {}
         for start in range(0, len(ids), HUBSPOT_BATCH):
             try:
@@ -495,7 +501,8 @@ class HubSpotCRM:
                     archived=False,
                 )
             except ObjectsApiException as exc:
-                if (exc.status or 0) >= 500:
+                status = exc.status or 0
+                if status >= 500 or (tolerated is not None and status not in tolerated):
                     raise _failure(exc, f"HubSpot {kind} read failed: {exc.status} {exc.reason}") from exc
                 log.warning("going on without %s: reading them answered %s %s", kind, exc.status, exc.reason)
                 return None

@@ -37,9 +37,11 @@ REQUIRED_SCOPES = (
     "crm.schemas.contacts.read",  # the properties are listed at setup and at every worker start
     "crm.schemas.contacts.write",  # `leadscore setup hubspot` creates them
     "crm.objects.deals.read",  # a closed-won deal is an outcome of its contacts
+)
+OPTIONAL_SCOPES = (
+    "sales-email-read",  # email bodies for the LLM; without it, scored without them
     "crm.objects.companies.read",  # a contact's company size and industry, where only its company has them
 )
-OPTIONAL_SCOPES = ("sales-email-read",)  # email bodies for the LLM; without it, scored without them
 DEAL_STAGE = "dealstage"  # a deal's move to closed won; the worker reads whether it is won
 _INTERNAL_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
