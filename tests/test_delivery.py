@@ -1802,6 +1802,19 @@ def test_a_portal_moving_between_data_centres_puts_the_batch_off_as_long_as_hubs
     assert hubspot._authenticated[before:] == [("POST", "/crm/v3/objects/contacts/batch/read")]
 
 
+def test_a_portal_move_said_to_end_at_once_still_puts_the_batch_off_a_minute(
+    post_delivery, crm, run_worker, hubspot, queue
+):
+    """Retry-After: 0 on a 477 would requeue the batch at once, again and again, while the move lasts."""
+    hubspot.migrating_retry_after_s = 0
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    [deferred] = queue.scheduled_job_registry.get_job_ids()
+    due = queue.scheduled_job_registry.get_scheduled_time(deferred).timestamp()
+    assert result["outcome"] == "deferred" and 50 < due - time.time() <= 60
+
+
 def test_a_call_hubspot_answers_locked_is_made_again_after_the_lock_s_2_seconds(
     post_delivery, crm, run_worker, hubspot, queue
 ):

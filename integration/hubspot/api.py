@@ -69,7 +69,7 @@ SEARCH_PAGE = 200  # the search API's largest page
 MAX_THROTTLED_TRIES = 8
 DAILY_PAUSE_S = 3600  # HubSpot resets daily limits at midnight in the portal's time zone
 # 477: the portal is being moved between data hosting locations, "typically up to 24 hours".
-MIGRATING, MAX_MIGRATION_WAIT_S = 477, 86_400
+MIGRATING, MIN_MIGRATION_WAIT_S, MAX_MIGRATION_WAIT_S = 477, 60, 86_400
 # 423: a high-volume sync locked the objects; "locks will last for 2 seconds".
 LOCKED, LOCKED_PAUSE_S = 423, 2.0
 API_ERRORS = (ApiException, ObjectsApiException, AssociationsApiException)
@@ -288,7 +288,7 @@ class HubSpotCRM:
     def _migrating(self, exc) -> RateLimited:
         """The portal is moving to another data centre: no call will do until it has moved, so every
         worker holds off as long as HubSpot's Retry-After says (an hour if it does not say)."""
-        wait_s = min(_retry_after_s(exc, DAILY_PAUSE_S), MAX_MIGRATION_WAIT_S)
+        wait_s = min(max(_retry_after_s(exc, DAILY_PAUSE_S), MIN_MIGRATION_WAIT_S), MAX_MIGRATION_WAIT_S)
         if self.limiter is not None:
             self.limiter.pause(wait_s)
         return RateLimited(
