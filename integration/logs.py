@@ -44,7 +44,8 @@ from pythonjsonlogger.json import JsonFormatter
 
 from integration.text import WORD_CHAR, narrow
 
-QUIET_LOGGERS = ("werkzeug", "urllib3", "httpx", "httpcore", "openai")
+# openai 3 sends through httpx2, which logs each request at INFO, as httpx did: a line a lead.
+QUIET_LOGGERS = ("werkzeug", "urllib3", "httpx", "httpcore", "httpx2", "httpcore2", "openai")
 SENSITIVE_KEYS = ("token", "secret", "password", "passwd", "api_key", "apikey", "authorization")
 REDACTED = "[redacted]"
 

@@ -184,6 +184,17 @@ def lines(stream: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
 
 
+def test_an_llm_call_logs_no_line_of_its_http_client(env, log_stream):
+    """openai 3 sends through httpx2, which logs every request at INFO: a line a lead, each naming the
+    LLM endpoint."""
+    from integration.settings import get_settings
+    from workers.llm import PropensityReasoner
+
+    assert PropensityReasoner(get_settings()).check() is None  # one real call, answered
+
+    assert [line["logger"] for line in lines(log_stream) if line["logger"].startswith("http")] == []
+
+
 def test_json_lines_with_extras_and_idempotent_configure(log_stream):
     logs.configure("INFO", stream=log_stream)  # a second call must not duplicate output
     ours = [h for h in logging.getLogger().handlers if getattr(h, "_leadscore_json_handler", False)]

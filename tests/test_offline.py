@@ -283,9 +283,24 @@ def test_a_model_loaded_by_other_library_versions_than_trained_it_says_so(traine
     [said] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert said == (
         f"{older} was trained with lightgbm 4.0.0, scikit-learn 1.3.0, and runs with "
-        f"lightgbm {lightgbm.__version__}, scikit-learn {sklearn.__version__}: train it again if its "
-        "scores look wrong"
+        f"lightgbm {lightgbm.__version__}, numpy {np.__version__}, pandas {pd.__version__}, scikit-learn "
+        f"{sklearn.__version__}: train it again if its scores look wrong"
     )
+
+
+def test_a_model_of_an_older_release_recording_fewer_libraries_loads_without_a_word(
+    trained, tmp_path, caplog
+):
+    """Only the libraries a model records are compared: numpy and pandas were not recorded before."""
+    meta = json.loads((trained / "model.json").read_text())
+    older = tmp_path / "older"
+    shutil.copytree(trained, older)
+    recorded = {name: meta["libraries"][name] for name in ("lightgbm", "scikit-learn")}
+    (older / "model.json").write_text(json.dumps({**meta, "libraries": recorded}))
+
+    TrainedModel.load(older)
+
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
 
 
 def test_score_file_without_a_model_uses_the_rules_alone(tmp_path, capsys):

@@ -468,7 +468,7 @@ class TrainedModel:
                 "release's libraries cannot run it (trained with "
                 f"{_libraries_said(meta.get('libraries'))}): train it again"
             ) from None
-        if meta.get("libraries") not in (None, library_versions()):
+        if _other_libraries(meta.get("libraries")):
             log.warning(
                 "%s was trained with %s, and runs with %s: train it again if its scores look wrong",
                 directory, _libraries_said(meta["libraries"]), _libraries_said(library_versions()),
@@ -477,11 +477,20 @@ class TrainedModel:
 
 
 def library_versions() -> dict[str, str]:
-    """The versions a model's estimator and calibrator were pickled by, kept in model.json."""
+    """The versions a model's estimator and calibrator were pickled by, kept in model.json: a pickle
+    holds numpy's and pandas' objects too (one made under numpy 2 does not load under numpy 1)."""
     import lightgbm
     import sklearn
 
-    return {"lightgbm": lightgbm.__version__, "scikit-learn": sklearn.__version__}
+    return {"lightgbm": lightgbm.__version__, "numpy": np.__version__, "pandas": pd.__version__,
+            "scikit-learn": sklearn.__version__}  # fmt: skip
+
+
+def _other_libraries(recorded: dict[str, str] | None) -> bool:
+    """Whether a library a model records ran another version than now (an artifact of an older
+    release records fewer: those it does not record are not compared)."""
+    running = library_versions()
+    return bool(recorded) and any(running.get(name) != version for name, version in recorded.items())
 
 
 def _libraries_said(libraries: dict[str, str] | None) -> str:
