@@ -383,7 +383,7 @@ def cmd_rescore(args) -> int:
         account, lead_ids = rescore.open_leads(get_settings(), queue.connection, args.crm, args.account)
     except rescore.AccountError as exc:
         raise UsageError(str(exc)) from None
-    fed = rescore.Fed(args.crm, account)
+    fed = rescore.Fed(args.crm, account, force=args.force)
     try:
         rescore.feed(queue, fed, lead_ids)
     except (CRMError, RateLimited, RedisError, *unreachable()) as exc:
@@ -834,6 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the HubSpot portal id / Salesforce org id (default: the one the credentials reach; another "
         "is refused)",
     )
+    rescore.add_argument(
+        "--force", action="store_true",
+        help="score each lead even where the CRM shows a score for its inputs, writing those whose score, "
+        "tier or reason differ: after a deploy that wrote wrong ones (LLM answers come from the cache)",
+    )  # fmt: skip
     rescore.set_defaults(func=cmd_rescore)
 
     forget = sub.add_parser(

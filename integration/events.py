@@ -17,6 +17,9 @@ DEAL_KEY_PREFIX = "deal:"
 # The kind of a lead queued by `leadscore rescore` rather than by a CRM event: it has no webhook whose
 # latency its score could be measured from.
 RESCORE = "rescore"
+# With RESCORE, from `leadscore rescore --force`: the lead is scored whatever the CRM shows for its
+# inputs, and written where the score, tier or reason shown differ (a bad deploy wrote wrong ones).
+FORCED = "forced"
 # The kind of a lead the CRM deleted for privacy (HubSpot's GDPR delete): its data is erased, not scored.
 ERASE = "erase"
 MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31, the last instant a datetime holds: the bound on a CRM's time

@@ -21,7 +21,7 @@ from rq import Queue
 from integration import metrics, pending
 from integration.clock import shared_now
 from integration.errors import QueueUnavailable
-from integration.events import IntakeRow, pack_intake
+from integration.events import ERASE, IntakeRow, pack_intake
 
 if TYPE_CHECKING:
     from integration.settings import Settings
@@ -127,6 +127,11 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
     except RedisError as exc:
         log.error("redis refused the delivery: %s", exc)
         raise QueueUnavailable("the queue (Redis) is unavailable, nothing was accepted; retry later") from exc
+    for rows in by_account.values():  # a record outside Redis, should Redis be lost before the erasure
+        for row in rows:
+            if row.kind == ERASE:
+                log.info("%s privacy deletion of %s:%s queued (event %s)", crm, row.account_id, row.lead_id,
+                         row.event_id, extra={"event_id": row.event_id})  # fmt: skip
     for account, position in kicked_at.items():
         if not answers[position]:
             try:

@@ -63,6 +63,28 @@ def test_rescore_hubspot_scores_every_contact_and_a_second_run_writes_nothing(
     assert (len(hubspot.writes), len(llm.requests)) == (writes, asked)
 
 
+def test_a_forced_rescore_rewrites_only_the_leads_whose_shown_score_a_bad_deploy_changed(
+    crm, run_worker, hubspot, llm
+):
+    """A deploy that wrote wrong scores but kept each lead's details (its fingerprint) is undone by
+    `rescore --force`: a plain rescore finds every lead's inputs scored and writes nothing."""
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    run_worker()
+    wronged = sorted(hubspot.contacts)[:3]
+    for contact_id in wronged:
+        hubspot.contacts[contact_id]["properties"].update(leadscore_score="3", leadscore_tier="D")
+    asked = len(llm.requests)
+
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    assert {r["outcome"] for r in run_worker()} == {"unchanged"}
+    assert main(["rescore", "--crm", "hubspot", "--force"]) == 0
+    results = run_worker()
+
+    assert sorted(r["lead"].rsplit(":", 1)[1] for r in results if r["outcome"] == "written") == wronged
+    assert hubspot_shown(hubspot) == HUBSPOT_SCORES
+    assert len(llm.requests) == asked  # the LLM's answers come from its cache
+
+
 def test_a_rescore_after_the_tiers_are_edited_writes_every_lead_again_and_asks_the_llm_nothing(
     env, monkeypatch, tmp_path, crm, run_worker, hubspot, llm
 ):

@@ -166,6 +166,21 @@ def test_a_privacy_deletion_waiting_to_be_erased_is_kept_when_a_late_change_of_t
     assert (lead["lead_id"], lead["kinds"]) == ("74300000101", ["erase", "creation"])
 
 
+def test_contact_privacyDeletion__single_is_logged_once_queued(post_delivery, caplog):
+    """Until a worker erases the contact, the deletion is only in Redis: the log is its record outside
+    it, should Redis be lost meanwhile (README, Disaster recovery)."""
+    with caplog.at_level(logging.INFO, logger="integration.queue"):
+        post_delivery("contact.privacyDeletion__single")
+        post_delivery("contact.creation__single")  # a change: not logged
+
+    [event] = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.privacyDeletion__single.json"))
+    said = [r.getMessage() for r in caplog.records if r.name == "integration.queue"]
+    assert said == [
+        f"hubspot privacy deletion of {PORTAL_ID}:{event['objectId']} queued (event "
+        f"{event['eventId']}@{event['occurredAt']})"
+    ]
+
+
 def test_mixed__creation_and_unknown_logs_the_unknown_event(post_delivery, caplog):
     with caplog.at_level(logging.WARNING, logger="integration.hubspot.webhook"):
         post_delivery("mixed__creation_and_unknown")

@@ -19,7 +19,7 @@ from integration import metrics, pending
 from integration.clock import redis_now, shared_now, shared_now_utc
 from integration.crm import same_account
 from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected, WritesRefusedAlike
-from integration.events import ERASE, RESCORE, LeadEvent, deal_of, dump_events, parse_events
+from integration.events import ERASE, FORCED, RESCORE, LeadEvent, deal_of, dump_events, parse_events
 from workers.jobs import context, erased_since, outcome
 from workers.store import LeadFact
 
@@ -212,7 +212,8 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     merged_into = adapter.merged_into(unread) if unread else {}  # Salesforce's merged-away Leads
     closed = {i: lead for i, lead in leads.items() if lead.read_only}  # converted: an outcome, no score
     open_leads = {i: lead for i, lead in leads.items() if i not in closed}
-    scored = dict(zip(open_leads, ctx.score(list(open_leads.values())), strict=True))
+    forced = {event.lead_id for event in lead_events if FORCED in event.kinds}
+    scored = dict(zip(open_leads, ctx.score(list(open_leads.values()), forced), strict=True))
     survivors = sorted(set(merged_into.values()))
     gone = erased_since(ctx.redis, crm, account, [*leads, *(f.lead_id for f in won), *survivors], read_at)
     merges = _merges({loser: winner for loser, winner in merged_into.items() if winner not in gone})

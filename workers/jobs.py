@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -214,14 +214,18 @@ class WorkerContext:
     def crm_for(self, event: LeadEvent) -> HubSpotCRM | SalesforceCRM:  # with the single-lead calls
         return self.crm(event.crm, event.account_id)
 
-    def score(self, leads: list[Lead]) -> list[Scored]:
+    def score(self, leads: list[Lead], forced: Collection[str] = ()) -> list[Scored]:
         """Score many leads — rules + LLM blend, or the trained model with the LLM as a feature —
-        skipping leads whose inputs have not changed since a score that was not a fallback."""
+        skipping leads whose inputs have not changed since a score that was not a fallback, unless
+        their ids are `forced` (`rescore --force`)."""
         now = datetime.now(UTC)  # what "how long ago" is told from, for the fingerprint and the LLM alike
         fingerprints = [input_fingerprint(lead, self.config, now) for lead in leads]
         share = self.settings.holdout_share
         held = [in_holdout(lead.lead_key, share) for lead in leads]
-        shown = [i for i, lead in enumerate(leads) if _already_scored(lead, fingerprints[i], held[i])]
+        shown = [
+            i for i, lead in enumerate(leads)
+            if lead.lead_id not in forced and _already_scored(lead, fingerprints[i], held[i])
+        ]  # fmt: skip
         never_kept = self._never_kept(leads, fingerprints, [i for i in shown if _lately_scored(leads[i])])
         fresh = sorted({*range(len(leads))} - {*shown} | {*never_kept})
         if self.model is None or self.model.uses_llm:

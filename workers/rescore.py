@@ -21,7 +21,7 @@ from rq import Queue
 from integration import pending
 from integration.clock import shared_now_utc
 from integration.crm import same_account
-from integration.events import RESCORE, LeadEvent
+from integration.events import FORCED, RESCORE, LeadEvent
 from integration.hubspot.api import HubSpotCRM, shared_limiter
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import Settings
@@ -42,6 +42,7 @@ class Fed:
     account: str
     queued: int = 0  # leads made pending
     waiting: int = 0  # leads already pending, left with the event they wait with
+    force: bool = False  # score each lead whatever the CRM shows for its inputs (`--force`)
 
 
 def open_leads(settings: Settings, redis: Redis, crm: str, account: str | None) -> tuple[str, Iterator[str]]:
@@ -92,7 +93,7 @@ def _event(fed: Fed, lead_id: str, now: datetime) -> LeadEvent:
         account_id=fed.account,
         lead_id=lead_id,
         event_ids=(f"{RESCORE}:{now:%Y-%m-%dT%H:%M:%SZ}",),
-        kinds=(RESCORE,),
+        kinds=(RESCORE, FORCED) if fed.force else (RESCORE,),
         occurred_at=now,
         accepted_at=now,
     )
