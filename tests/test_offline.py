@@ -269,6 +269,21 @@ def test_a_saved_model_predicts_exactly_as_the_one_trained(tmp_path):
     assert np.array_equal(loaded.predict(table.features), fresh.predict(table.features))
 
 
+def test_a_model_trained_on_labels_reads_the_crms_values_as_the_categories_they_spell(trained):
+    """A HubSpot export gives "Direct Traffic" where the API gives DIRECT_TRAFFIC (lower-cased as
+    features are): one category, not one the model never saw."""
+    table = offline.load_table(DATA, MAPPING, None, need_label=False)
+    model = TrainedModel.load(trained)
+    spelled = table.features[table.features["source"] == "direct traffic"].head(5)
+    assert len(spelled) == 5
+    as_the_api_gives = spelled.assign(source="direct_traffic")
+
+    assert model.unseen(as_the_api_gives) == {}
+    assert np.array_equal(model.predict(as_the_api_gives), model.predict(spelled))
+    unknown = model.unseen(spelled.assign(source="direct mail"))  # a value training never saw stays so
+    assert list(unknown) == ["source"] and unknown["source"].all()
+
+
 def test_a_model_loaded_by_other_library_versions_than_trained_it_says_so(trained, tmp_path, caplog):
     meta = json.loads((trained / "model.json").read_text())
     assert meta["libraries"] == library_versions()

@@ -29,7 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from integration.errors import TableError, UserError
-from workers.config import Tiers
+from workers.config import Tiers, value_key
 from workers.evaluation import classification_metrics, expected_calibration_error, tier_table
 from workers.tabular import DIRECTION_SIGNS, LLM_FEATURE, Direction, Kind
 
@@ -212,11 +212,25 @@ def design_matrix(
         values = frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
         if kind == "categorical":
             known = [MISSING, *categories[name]]
-            text = values.astype("object").where(values.notna(), MISSING).astype(str)
+            text = as_trained(values.astype("object").where(values.notna(), MISSING).astype(str), known)
             columns[name] = pd.Categorical(text.where(text.isin(known)), categories=known)  # unseen: NaN
         else:
             columns[name] = pd.to_numeric(values, errors="coerce").astype(float)
     return pd.DataFrame(columns, index=frame.index)
+
+
+def as_trained(values: pd.Series, known: list[str]) -> pd.Series:
+    """Categorical values as training spelled them, where they differ only by spaces, hyphens and
+    underscores: a model trained on an export ("direct traffic", HubSpot's label) reads the API's
+    value ("direct_traffic") as that category, not as one it never saw."""
+    other = ~values.isin(known)
+    if not other.any():
+        return values
+    by_key: dict[str, str] = {}
+    for category in known:
+        by_key.setdefault(value_key(category), category)
+    respelled = values[other].map(lambda value: by_key.get(value_key(value), value), na_action="ignore")
+    return values.where(~other, respelled)
 
 
 def require_folds(y: np.ndarray, where: str, fix: str = "", folds: int = FOLDS) -> None:
@@ -378,8 +392,8 @@ class TrainedModel:
         for name, kind in self.kinds.items():
             if kind != "categorical" or name not in frame.columns:
                 continue
-            values = frame[name]
-            mask = values.notna() & ~values.astype(str).isin({MISSING, *self.categories[name]})
+            values, known = frame[name], [MISSING, *self.categories[name]]
+            mask = values.notna() & ~as_trained(values.astype(str), known).isin(known)
             if mask.any():
                 masks[name] = mask
         return masks
