@@ -1118,6 +1118,29 @@ def test_leads_the_llm_has_not_answered_by_the_batch_deadline_fall_back(
     assert queue.scheduled_job_registry.count == 1
 
 
+def test_an_llm_that_keeps_timing_out_is_asked_no_more_in_that_batch(
+    env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
+):
+    """A local server with one slot works on through each abandoned call: asking the batch's other
+    leads would only queue them behind, and the next batch's too."""
+    monkeypatch.setenv("LLM_TIMEOUT_S", "0.3")
+    monkeypatch.setenv("LLM_CONCURRENCY", "1")
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.latency_s = 1
+    post_delivery(BURST)  # 24 leads
+    results = run_worker()
+
+    assert len(llm.requests) == 3
+    assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
+    errors = {
+        json.loads(props["leadscore_details"])["propensity"]["error"]
+        for props in map(hubspot.contact_properties, hubspot.contacts)
+        if "leadscore_details" in props
+    }
+    assert errors == {"LLM timed out", "LLM timed out 3 times: not asked in this batch"}
+    assert queue.scheduled_job_registry.count == 1  # all 24 rescored later, as any timed-out lead
+
+
 REFUSED_MAX_TOKENS = (
     "LLM answered HTTP 400: Unsupported parameter: 'max_tokens' is not supported with this model. Use "
     "'max_completion_tokens' instead. (code unsupported_parameter, param max_tokens)"

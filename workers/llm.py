@@ -92,6 +92,9 @@ def asked_to_wait_s(exc: openai.APIStatusError) -> float:
     return DEFAULT_LLM_PAUSE_S
 
 
+MAX_BATCH_TIMEOUTS = 3  # LLM calls of a batch that may time out before it starts no more
+
+
 class _Throttle:
     """A batch's hold on its LLM calls while the LLM is paused: by this batch's 429s, and by any
     worker's through Redis (without Redis, by this batch's alone)."""
@@ -99,8 +102,19 @@ class _Throttle:
     def __init__(self, shared: SharedPause | None, deadline: float):
         self.shared, self.deadline = shared, deadline  # the deadline on time.monotonic()
         self.met = False  # the batch met a pause, which took time its unanswered leads could have had
+        self.timeouts = 0  # calls that timed out: past MAX_BATCH_TIMEOUTS, no more start in this batch
         self._until = 0.0
         self._lock = threading.Lock()
+
+    def timed_out(self) -> None:
+        with self._lock:
+            self.timeouts += 1
+
+    @property
+    def overloaded(self) -> bool:
+        """The LLM timed out often enough in this batch that more calls would only queue behind the
+        abandoned ones (a local server with a slot or two works on through each of them)."""
+        return self.timeouts >= MAX_BATCH_TIMEOUTS
 
     def pause(self, seconds: float) -> None:
         with self._lock:
@@ -287,6 +301,8 @@ class PropensityReasoner:
                 reply = parse_reply(_reply_content(completion))
                 break
             except openai.APITimeoutError:
+                if throttle is not None:
+                    throttle.timed_out()
                 return self._failed(lead, "LLM timed out")
             except openai.APIStatusError as exc:
                 if exc.status_code >= 500 and attempt == 1:
@@ -391,6 +407,8 @@ class PropensityReasoner:
         def ask(lead: Lead, asked: list[dict]) -> PropensityResult:
             if not throttle.wait_out():
                 return self._failed(lead, "LLM rate-limited (429): not asked in this batch", throttled=True)
+            if throttle.overloaded:
+                return self._failed(lead, f"LLM timed out {throttle.timeouts} times: not asked in this batch")
             return self.assess(lead, asked, throttle)
 
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(leads)))
