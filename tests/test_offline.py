@@ -532,6 +532,11 @@ def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
     assert [row["leads"] for row in rules["tiers"]] == [0, 0, 496, 4]
     assert metrics["scorers"][names[1]]["roc_auc"] > rules["roc_auc"]
     assert "trained on 500 of these 500 leads (100%), so its numbers are optimistic" in metrics["notes"][0]
+    assert metrics["notes"][1] == (
+        f"`{names[1]}` learned from status (alone ROC AUC 0.908), which `train` found looks recorded "
+        "after or near the outcome: its numbers read the team's disposition of a lead as much as the lead, "
+        "and fresh leads, which have none yet, rank worse."
+    )
     for plot in ("roc.png", "calibration.png", "tiers.png", "gains.png"):
         assert (out / plot).read_bytes().startswith(PNG)
     report = (out / "report.md").read_text()

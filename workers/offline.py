@@ -440,6 +440,12 @@ def _file_scorers(
         if in_sample:
             _warn(f"{name}: {in_sample}")
             notes.append(f"`{name}` {in_sample}")
+        if leaks := model.meta.get("training", {}).get("suspected_leaks"):
+            notes.append(
+                f"`{name}` learned from {_leaks_said(leaks)}, which `train` found looks recorded after or "
+                "near the outcome: its numbers read the team's disposition of a lead as much as the lead, "
+                "and fresh leads, which have none yet, rank worse."
+            )
         scorers[name] = {
             "scale": PROBABILITY,
             "capped": written[name].capped,
@@ -498,6 +504,10 @@ def _in_sample(model: TrainedModel, table: LabelledTable) -> str | None:
         return None
     leads = len(table.frame)
     return f"was trained on {seen} of these {leads} leads ({seen / leads:.0%}), so its numbers are {honest}"
+
+
+def _leaks_said(leaks: list[dict]) -> str:
+    return ", ".join(f"{leak['feature']} (alone ROC AUC {leak['roc_auc']:.3f})" for leak in leaks)
 
 
 def _cv_auc(model: TrainedModel) -> str:
