@@ -38,7 +38,16 @@ from rq.job import Job
 
 from integration import metrics
 from integration.clock import shared_now
-from integration.events import ERASE, RESCORE, LeadEvent, coalesce, dump_events, parse_events, unpack_intake
+from integration.events import (
+    ERASE,
+    FORCED,
+    RESCORE,
+    LeadEvent,
+    coalesce,
+    dump_events,
+    parse_events,
+    unpack_intake,
+)
 
 _DELETE_IF_OWN = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -81,6 +90,7 @@ HANDOFFS = "leadscore:handoffs"
 HANDOFF_TTL_S = 3 * 24 * 3600  # past the longest a batch is put off for a CRM outage (48 h)
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
 ERASE_MARK = f'"{ERASE}"'.encode()  # in a waiting event's JSON: an erasure, without parsing every one
+FORCED_MARK = f'"{FORCED}"'.encode()  # and a forced rescore
 BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 # A failed job stays a month for `leadscore failed` and `requeue`, not RQ's default year: its error may
 # quote what the CRM said of a lead.
@@ -170,14 +180,18 @@ def move_to_pending(redis: Redis, crm: str, account: str, taken: list[tuple[byte
 
 
 def _keeping_erasures(redis: Redis, crm: str, account: str, events: list[LeadEvent]) -> list[LeadEvent]:
-    """The newest event replaces a lead's waiting one, except an erasure, which nothing may drop: an
-    event that comes after it (a late retry of an older change) is merged into it. The caller watches
-    the waiting events, so none changes between this read and its replacement."""
+    """The newest event replaces a lead's waiting one, except an erasure, which nothing may drop, and
+    a forced rescore: an event that comes after one (a late retry of an older change) is merged into
+    it. The caller watches the waiting events, so none changes between this read and its replacement."""
     waiting = redis.hmget(pending_key(crm, account), [event.lead_id for event in events])
     return [
-        LeadEvent.model_validate_json(raw).merged_with(event) if raw and ERASE_MARK in raw else event
+        LeadEvent.model_validate_json(raw).merged_with(event) if raw and _kept(raw) else event
         for event, raw in zip(events, waiting, strict=True)
     ]
+
+
+def _kept(raw: bytes) -> bool:
+    return ERASE_MARK in raw or FORCED_MARK in raw
 
 
 def refresh_oldest(pipe: Pipeline, crm: str, account: str) -> None:
@@ -207,15 +221,37 @@ def record(pipe: Pipeline, events: list[LeadEvent], keep_waiting: bool = False) 
         pipe.zadd(ACCOUNTS, {f"{crm}:{account}": min(e.accepted_at.timestamp() for e in group)}, nx=True)
 
 
-def requeue(queue: Queue, crm: str, account: str, events: list[LeadEvent]) -> int:
+def requeue(queue: Queue, crm: str, account: str, events: list[LeadEvent], merge: bool = False) -> int:
     """Make these leads of one account pending again, to be scored as they are now, in one
     transaction, and kick the account's collector. A lead already waiting keeps its event (it is
-    scored anyway), so running this twice queues nothing twice. Returns how many were not waiting."""
-    with queue.connection.pipeline(transaction=True) as pipe:
-        record(pipe, events, keep_waiting=True)
-        added = pipe.execute()[: len(events)]  # `record` sends one HSETNX a lead first
+    scored anyway), so running this twice queues nothing twice; with `merge` (a forced rescore), these
+    events are merged into it, so what they ask is not lost. Returns how many were not waiting."""
+    if merge:
+        added = _merged_into_waiting(queue.connection, crm, account, events)
+    else:
+        with queue.connection.pipeline(transaction=True) as pipe:
+            record(pipe, events, keep_waiting=True)
+            added = sum(pipe.execute()[: len(events)])  # `record` sends one HSETNX a lead first
     kick(queue, crm, account)
-    return sum(added)
+    return added
+
+
+def _merged_into_waiting(redis: Redis, crm: str, account: str, events: list[LeadEvent]) -> int:
+    """Each event merged into the lead's waiting one, if any, in one transaction watched from the read."""
+    with redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(pending_key(crm, account))
+                waiting = pipe.hmget(pending_key(crm, account), [event.lead_id for event in events])
+                pipe.multi()
+                record(pipe, [
+                    LeadEvent.model_validate_json(raw).merged_with(event) if raw else event
+                    for event, raw in zip(events, waiting, strict=True)
+                ])  # fmt: skip
+                pipe.execute()
+                return sum(raw is None for raw in waiting)
+            except WatchError:
+                continue
 
 
 def worker_queues(name: str, connection: Redis) -> list[Queue]:

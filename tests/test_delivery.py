@@ -1118,6 +1118,18 @@ def test_leads_the_llm_has_not_answered_by_the_batch_deadline_fall_back(
     assert queue.scheduled_job_registry.count == 1
 
 
+def test_a_lead_throttled_in_its_fifth_rescore_waits_that_rounds_time_not_twice_it(queue):
+    """FALLBACK_RESCORE_S's rounds end at 16 times it (80 minutes at the default)."""
+    event = LeadEvent(crm="hubspot", account_id=PORTAL_ID, lead_id="74300000101", event_ids=("e",),
+                      kinds=("creation",), occurred_at=datetime.now(UTC), rescores=5)  # fmt: skip
+
+    batch._rescore_later(queue, 60, "hubspot", PORTAL_ID, [event], throttled={"74300000101"})
+
+    [job_id] = queue.scheduled_job_registry.get_job_ids()
+    due = queue.scheduled_job_registry.get_scheduled_time(job_id).timestamp()
+    assert 60 * 16 - 10 < due - time.time() <= 60 * 16
+
+
 def test_an_llm_that_keeps_timing_out_is_asked_no_more_in_that_batch(
     env, monkeypatch, post_delivery, crm, queue, run_worker, hubspot, llm
 ):

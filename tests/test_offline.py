@@ -234,6 +234,16 @@ def test_a_value_is_suspect_from_50_leads_converting_at_97_percent_or_more_or_1_
     assert leak.levels == [("closed", leads, converted / leads)] and leak.roc_auc < 0.9
 
 
+@pytest.mark.parametrize("base_rate", [0.005, 0.01, 0.99])
+def test_a_value_as_rare_or_common_a_converter_as_every_lead_is_no_suspect(base_rate):
+    """At a 1% base rate (B2B lead-to-won), a value converting at 1% or less is what chance gives."""
+    rng = np.random.default_rng(7)
+    won = (rng.random(20_000) < base_rate).astype(int)
+    frame = pd.DataFrame({"status": rng.choice(["a", "b", "c", "d", "e"], size=20_000), "won": won})
+
+    assert suspected_leaks(frame, won, {"status": "categorical"}) == []
+
+
 def test_a_missing_value_is_a_value_of_its_own_and_named_as_one():
     frame = _one_value_among_others(60, 0, value=np.nan)
     [leak] = suspected_leaks(frame, frame["won"].to_numpy(), {"status": "categorical", "won": "numeric"})

@@ -77,12 +77,27 @@ def test_a_forced_rescore_rewrites_only_the_leads_whose_shown_score_a_bad_deploy
 
     assert main(["rescore", "--crm", "hubspot"]) == 0
     assert {r["outcome"] for r in run_worker()} == {"unchanged"}
+    assert main(["rescore", "--crm", "hubspot"]) == 0  # left waiting: the forced rescore joins it
     assert main(["rescore", "--crm", "hubspot", "--force"]) == 0
     results = run_worker()
 
     assert sorted(r["lead"].rsplit(":", 1)[1] for r in results if r["outcome"] == "written") == wronged
     assert hubspot_shown(hubspot) == HUBSPOT_SCORES
     assert len(llm.requests) == asked  # the LLM's answers come from its cache
+
+
+def test_a_forced_rescore_waiting_is_kept_when_a_webhook_event_of_its_lead_comes(
+    crm, post_delivery, run_worker, hubspot
+):
+    assert main(["rescore", "--crm", "hubspot"]) == 0
+    run_worker()
+    hubspot.contacts["74300000101"]["properties"].update(leadscore_score="3", leadscore_tier="D")
+    assert main(["rescore", "--crm", "hubspot", "--force"]) == 0
+    post_delivery("contact.creation__single")  # of 74300000101, while its forced rescore waits
+    results = run_worker()
+
+    assert [r["outcome"] for r in results if r["lead"].endswith(":74300000101")] == ["written"]
+    assert hubspot_shown(hubspot) == HUBSPOT_SCORES
 
 
 def test_a_rescore_after_the_tiers_are_edited_writes_every_lead_again_and_asks_the_llm_nothing(
@@ -108,6 +123,8 @@ def test_a_rescore_after_the_tiers_are_edited_writes_every_lead_again_and_asks_t
 def test_a_rescore_after_an_llm_setting_is_fixed_asks_the_llm_again_for_every_lead_scored_on_the_prior(
     crm, run_worker, hubspot, llm
 ):
+    """A guard of the README's "After fixing the LLM": a score on the prior is never taken as
+    unchanged. (That the scheduled rescores recover refused leads, too, is test_delivery's.)"""
     llm.api_key = "rotated"  # the key leadscore holds is refused: 401
     assert main(["rescore", "--crm", "hubspot"]) == 0
     on_the_prior = run_worker()

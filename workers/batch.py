@@ -396,7 +396,10 @@ def _rescore_later(
     for event in events:
         if event.lead_id in throttled and event.throttled_rescores < MAX_THROTTLED_RESCORES:
             again = event.model_copy(update={"throttled_rescores": event.throttled_rescores + 1})
-            by_round.setdefault(event.rescores, []).append(again.model_dump_json())
+            # its last round's wait at most: a lead throttled in its fifth round waits 80 minutes, not 160
+            by_round.setdefault(min(event.rescores, MAX_FALLBACK_RESCORES - 1), []).append(
+                again.model_dump_json()
+            )
             continue
         if event.rescores >= MAX_FALLBACK_RESCORES:
             log.warning(

@@ -135,6 +135,9 @@ LEAK_ROC_AUC = 0.9  # the feature alone, each lead scored by its value's convers
 LEAK_POOLED = 10  # values of fewer leads are ranked as one: their own rates would rank leads by chance
 LEAK_MIN_LEADS = 50  # a value this common...
 LEAK_HIGH, LEAK_LOW = 0.97, 0.01  # ...converting at least / at most this often
+# ...where the base rate is this many times further from it: at a 1% base rate, a value converting at
+# 1% is what chance gives (B2B lead-to-won rates are often that low), not a telling one.
+LEAK_BASE_FACTOR = 10
 
 
 @dataclass
@@ -155,6 +158,9 @@ def suspected_leaks(
     array passes a feature: cheap on hundreds of thousands of rows. Values are named as `spelled`
     gives them (default: as in `frame`)."""
     y = np.asarray(y, dtype=float)
+    base = float(y.mean()) if len(y) else 0.0
+    telling_low = base >= LEAK_LOW * LEAK_BASE_FACTOR
+    telling_high = 1 - base >= (1 - LEAK_HIGH) * LEAK_BASE_FACTOR
     found = []
     for name, kind in kinds.items():
         if kind != "categorical" or name not in frame.columns:
@@ -167,7 +173,9 @@ def suspected_leaks(
         rare = leads < LEAK_POOLED
         ranked = np.where(rare, converted[rare].sum() / max(leads[rare].sum(), 1), rate)
         auc = _roc_auc_of_values(ranked, converted, leads - converted)
-        near_certain = (leads >= LEAK_MIN_LEADS) & ((rate >= LEAK_HIGH - 1e-12) | (rate <= LEAK_LOW + 1e-12))
+        near_certain = (leads >= LEAK_MIN_LEADS) & (
+            (telling_high & (rate >= LEAK_HIGH - 1e-12)) | (telling_low & (rate <= LEAK_LOW + 1e-12))
+        )
         if near_certain.any():
             shown = sorted(np.flatnonzero(near_certain), key=lambda code: -leads[code])
         elif auc >= LEAK_ROC_AUC:  # ranks by itself without a near-certain value: its highest and lowest

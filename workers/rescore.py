@@ -79,9 +79,14 @@ def feed(queue: Queue, fed: Fed, lead_ids: Iterable[str]) -> Fed:
     now = shared_now_utc(queue.connection)
     ids = iter(progress(f"queueing {fed.crm}:{fed.account} leads")(lead_ids))
     while chunk := list(islice(ids, CHUNK)):
-        batched = pending.backfilling(queue.connection, fed.crm, fed.account, chunk)
+        # A lead waiting in a backfill batch is scored by it; forced, it is queued again all the same.
+        batched = (
+            [False] * len(chunk)
+            if fed.force
+            else pending.backfilling(queue.connection, fed.crm, fed.account, chunk)
+        )
         events = [_event(fed, lead_id, now) for lead_id, done in zip(chunk, batched, strict=True) if not done]
-        added = pending.requeue(queue, fed.crm, fed.account, events) if events else 0
+        added = pending.requeue(queue, fed.crm, fed.account, events, merge=fed.force) if events else 0
         fed.queued += added
         fed.waiting += len(chunk) - added
     return fed
