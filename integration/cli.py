@@ -777,6 +777,20 @@ def _not_under_a_file(text: str) -> Path:
     return path
 
 
+def _store_rows_arguments(command, flag: str, verb: str) -> None:
+    """Which leads of the store count, and which of each lead's scores stands for it (`store_data`)."""
+    command.add_argument(
+        "--min-age-days", type=float, default=30.0,
+        help=f"{flag}: a lead counts once first scored this many days ago, as converted if it converted "
+        "within them of its first score (0: at any time so far)",
+    )  # fmt: skip
+    command.add_argument(
+        "--snapshot", choices=("first", "last"), default="first",
+        help=f"{flag}: {verb} each lead's first score (default: as reps saw it when choosing whom to call), "
+        "or its last before it converted or its window ended (it shows reps' disposition of the lead)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leadscore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -915,16 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML mapping columns to lead fields (with --from-store: its [custom] part)",
     )
     train.add_argument("--from-store", action="store_true", help="train on the score store instead")
-    train.add_argument(
-        "--min-age-days", type=float, default=30.0,
-        help="--from-store: a lead counts once first scored this many days ago, as converted if it converted "
-        "within them of its first score (0: at any time so far)",
-    )  # fmt: skip
-    train.add_argument(
-        "--snapshot", choices=("first", "last"), default="first",
-        help="--from-store: learn from each lead's first score (default: as reps saw it when choosing whom "
-        "to call), or its last before it converted or its window ended (leaks reps' disposition of it)",
-    )  # fmt: skip
+    _store_rows_arguments(train, "--from-store", "learn from")
     train.add_argument(
         "--tiers", type=tiers_argument, metavar="A,B,C",
         help="tier cut-offs, calibrated probability x 100 (default 80,50,20; lower for a low base rate)",
@@ -951,16 +956,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the live scores against captured outcomes, the holdout and rep feedback",
     )
-    evaluate.add_argument(
-        "--min-age-days", type=float, default=30.0,
-        help="--with-store: a lead counts once first scored this many days ago, as converted if it converted "
-        "within them of its first score (0: at any time so far)",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--snapshot", choices=("first", "last"), default="first",
-        help="--with-store: grade each lead's first score (default), or its last before it converted or "
-        "its window ended (flatters every scorer: it shows reps' disposition of the lead)",
-    )  # fmt: skip
+    _store_rows_arguments(evaluate, "--with-store", "grade")
     evaluate.add_argument("--out", type=a_directory, required=True, help="directory: report.md, plots, JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 
