@@ -946,6 +946,29 @@ def test_llm_down_scores_with_fallback_then_rescores_when_back(
     assert (second["outcome"], second["fallback"], second["score"]) == ("written", False, 89)
 
 
+def _each_rescore_run_at_once(queue, run_worker, most: int) -> tuple[list[list[dict]], list[int]]:
+    """Run the worker, then each rescore it schedules as soon as it is scheduled, `most` runs at most:
+    each run's results, and the minutes each rescore was put off by."""
+    runs, waits = [run_worker()], []
+    registry = queue.scheduled_job_registry
+    while registry.count and len(runs) < most:
+        [job] = [queue.fetch_job(i) for i in registry.get_job_ids()]
+        waits.append(round((registry.get_scheduled_time(job) - datetime.now(UTC)).total_seconds() / 60))
+        registry.remove(job)
+        queue.enqueue_job(job)  # its time has come
+        runs.append(run_worker())
+    return runs, waits
+
+
+def _fallback_errors(hubspot) -> set[str]:
+    """The LLM errors the contacts' written details keep."""
+    return {
+        json.loads(props["leadscore_details"])["propensity"]["error"]
+        for props in map(hubspot.contact_properties, hubspot.contacts)
+        if "leadscore_details" in props
+    }
+
+
 def _fallback_rescore_every(monkeypatch, seconds: int) -> None:
     from integration.settings import get_settings
     from workers import jobs
@@ -961,14 +984,7 @@ def test_an_llm_that_keeps_failing_on_a_lead_rescores_it_five_times_waiting_twic
     _fallback_rescore_every(monkeypatch, 60)
     llm.force(status=500)
     post_delivery("contact.creation__single")
-    runs, waits = [run_worker()], []
-    registry = queue.scheduled_job_registry
-    while registry.count and len(runs) < 10:
-        [job] = [queue.fetch_job(i) for i in registry.get_job_ids()]
-        waits.append(round((registry.get_scheduled_time(job) - datetime.now(UTC)).total_seconds() / 60))
-        registry.remove(job)
-        queue.enqueue_job(job)  # its time has come
-        runs.append(run_worker())
+    runs, waits = _each_rescore_run_at_once(queue, run_worker, most=10)
 
     assert waits == [1, 2, 4, 8, 16]  # minutes
     outcomes = [[(r["outcome"], r["fallback"]) for r in run] for run in runs]
@@ -1002,11 +1018,7 @@ def test_an_llm_429_pauses_every_worker_as_long_as_it_asks_and_its_leads_spend_n
     assert 1 <= len(llm.requests) <= 16  # none asked again, none started after the first 429 came back
     assert 3_000 < redis.pttl(SharedPause(redis, LLM_PAUSE).key) <= 6_000  # less what the worker took since
     assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
-    errors = {
-        json.loads(props["leadscore_details"])["propensity"]["error"]
-        for props in map(hubspot.contact_properties, hubspot.contacts)
-        if "leadscore_details" in props
-    }
+    errors = _fallback_errors(hubspot)
     assert errors == {"LLM answered HTTP 429: Rate limit reached for requests. (code rate_limit_exceeded)",
                       "LLM rate-limited (429): not asked in this batch"}  # fmt: skip
     [job] = [queue.fetch_job(i) for i in queue.scheduled_job_registry.get_job_ids()]  # the rescore of all 24
@@ -1042,14 +1054,7 @@ def test_an_llm_that_keeps_asking_to_wait_rescores_a_lead_twelve_times_before_sp
     llm.force(status=429)
     llm.retry_after = "120"  # every rescore below finds the LLM paused
     post_delivery("contact.creation__single")
-    runs, waits = [run_worker()], []
-    registry = queue.scheduled_job_registry
-    while registry.count and len(runs) < 30:
-        [job] = [queue.fetch_job(i) for i in registry.get_job_ids()]
-        waits.append(round((registry.get_scheduled_time(job) - datetime.now(UTC)).total_seconds() / 60))
-        registry.remove(job)
-        queue.enqueue_job(job)  # its time has come
-        runs.append(run_worker())
+    runs, waits = _each_rescore_run_at_once(queue, run_worker, most=30)
 
     assert len(llm.requests) == 1
     assert waits == [1] * batch.MAX_THROTTLED_RESCORES + [1, 2, 4, 8, 16]  # minutes
@@ -1144,11 +1149,7 @@ def test_an_llm_that_keeps_timing_out_is_asked_no_more_in_that_batch(
 
     assert len(llm.requests) == 3
     assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
-    errors = {
-        json.loads(props["leadscore_details"])["propensity"]["error"]
-        for props in map(hubspot.contact_properties, hubspot.contacts)
-        if "leadscore_details" in props
-    }
+    errors = _fallback_errors(hubspot)
     assert errors == {"LLM timed out", "LLM timed out 3 times: not asked in this batch"}
     assert queue.scheduled_job_registry.count == 1  # all 24 rescored later, as any timed-out lead
 
@@ -1357,11 +1358,7 @@ def test_a_reply_cut_off_before_a_word_of_the_answer_is_not_kept_and_is_said_onc
     results = run_worker()
 
     assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
-    errors = {
-        json.loads(props["leadscore_details"])["propensity"]["error"]
-        for props in map(hubspot.contact_properties, hubspot.contacts)
-        if "leadscore_details" in props
-    }
+    errors = _fallback_errors(hubspot)
     assert errors == {TOKEN_LIMIT_SPENT}
     said = [r.getMessage() for r in caplog.records if r.name == "workers.llm" and r.levelname != "INFO"]
     assert said == [
@@ -1806,15 +1803,20 @@ def test_a_later_hand_off_supersedes_an_earlier_one_whatever_the_web_hosts_clock
     assert len(hubspot.writes) == 1
 
 
+def _put_off_until(queue) -> float:
+    """When the one batch put off (not failed) is due, in epoch seconds."""
+    assert queue.failed_job_registry.count == 0
+    [deferred] = queue.scheduled_job_registry.get_job_ids()
+    return queue.scheduled_job_registry.get_scheduled_time(deferred).timestamp()
+
+
 def test_daily_limit_defers_the_batch_instead_of_failing_it(post_delivery, crm, run_worker, hubspot, queue):
     hubspot.daily_limit_reached = True
     post_delivery("contact.creation__single")
     [result] = run_worker()
 
     assert result["outcome"] == "deferred"
-    assert queue.failed_job_registry.count == 0
-    [deferred] = queue.scheduled_job_registry.get_job_ids()
-    due = queue.scheduled_job_registry.get_scheduled_time(deferred).timestamp()
+    due = _put_off_until(queue)
     assert 3000 < due - time.time() <= 3600
 
 
@@ -1829,9 +1831,7 @@ def test_a_portal_moving_between_data_centres_puts_the_batch_off_as_long_as_hubs
     [result] = run_worker()
 
     assert result["outcome"] == "deferred"
-    assert queue.failed_job_registry.count == 0
-    [deferred] = queue.scheduled_job_registry.get_job_ids()
-    due = queue.scheduled_job_registry.get_scheduled_time(deferred).timestamp()
+    due = _put_off_until(queue)
     assert 7100 < due - time.time() <= 7200
     assert 7100_000 < redis.pttl(RateLimiter(redis, f"hubspot:{PORTAL_ID}", 100).pause_key) <= 7200_000
     assert hubspot._authenticated[before:] == [("POST", "/crm/v3/objects/contacts/batch/read")]
@@ -1845,8 +1845,7 @@ def test_a_portal_move_said_to_end_at_once_still_puts_the_batch_off_a_minute(
     post_delivery("contact.creation__single")
     [result] = run_worker()
 
-    [deferred] = queue.scheduled_job_registry.get_job_ids()
-    due = queue.scheduled_job_registry.get_scheduled_time(deferred).timestamp()
+    due = _put_off_until(queue)
     assert result["outcome"] == "deferred" and 50 < due - time.time() <= 60
 
 
