@@ -185,12 +185,12 @@ def _keeping_erasures(redis: Redis, crm: str, account: str, events: list[LeadEve
     it. The caller watches the waiting events, so none changes between this read and its replacement."""
     waiting = redis.hmget(pending_key(crm, account), [event.lead_id for event in events])
     return [
-        LeadEvent.model_validate_json(raw).merged_with(event) if raw and _kept(raw) else event
+        LeadEvent.model_validate_json(raw).merged_with(event) if raw and _not_to_replace(raw) else event
         for event, raw in zip(events, waiting, strict=True)
     ]
 
 
-def _kept(raw: bytes) -> bool:
+def _not_to_replace(raw: bytes) -> bool:
     return ERASE_MARK in raw or FORCED_MARK in raw
 
 

@@ -153,8 +153,7 @@ class SourceStage(_Strict):
             if keyed.get(key, rule) != rule:
                 raise ValueError(
                     f"{value!r} reads the same as another value (case, spaces, hyphens and underscores are "
-                    "ignored) but has "
-                    "another rule: keep one of them"
+                    "ignored) but has another rule: keep one of them"
                 )
             keyed[key] = rule
         return keyed

@@ -517,9 +517,7 @@ class HubSpotCRM:
         }
         text_of: dict[str, tuple[str, str]] = {}
         for kind, fields in TEXT_OBJECTS.items():
-            records = (
-                self._read_objects(kind, wanted[kind], [*fields, "hs_timestamp"]) if wanted[kind] else {}
-            )
+            records = self._read_objects(kind, wanted[kind], [*fields, "hs_timestamp"])
             for record_id, props in (records or {}).items():  # None without sales-email-read, say
                 text_of[record_id] = (props.get("hs_timestamp") or "", record_text(props, fields))
         return {
