@@ -507,7 +507,8 @@ def test_evaluate_says_how_many_leads_a_model_learned_from_in_a_reshuffled_copy(
     assert main(["evaluate", "--data", str(data), "--mapping", str(MAPPING), "--model", str(trained),
                  "--out", str(tmp_path / "report")]) == 0  # fmt: skip
 
-    [note] = json.loads((tmp_path / "report" / "metrics.json").read_text())["notes"]
+    note, leaks = json.loads((tmp_path / "report" / "metrics.json").read_text())["notes"]
+    assert "which `train` found looks recorded after or near the outcome" in leaks
     said = "was trained on 200 of these 250 leads (80%), so its numbers are optimistic; its cross-validated"
     assert said in note and said in capsys.readouterr().err
 
@@ -519,7 +520,7 @@ def test_evaluate_tells_a_model_saved_without_its_leads_by_the_very_file(trained
 
     assert main(["evaluate", *FILE_ARGS, "--model", str(tmp_path / "older"), "--out", str(tmp_path)]) == 0
 
-    [note] = json.loads((tmp_path / "metrics.json").read_text())["notes"]
+    note, _leaks = json.loads((tmp_path / "metrics.json").read_text())["notes"]
     assert "was trained on this very file, so its numbers here are in-sample and optimistic" in note
 
 
