@@ -84,7 +84,8 @@ _KEY_VALUE = re.compile(  # a key is tried once, whole (possessive): else time g
     (?!\[redacted\])[^\s,;"'&}]+
     """
 )
-_KNOWN_SECRETS = re.compile(r"\b(?:sk-[A-Za-z0-9_-]{16,}|pat-[a-z]{2}\d-[0-9a-f-]{20,})")
+# An OpenAI key, whole or as its 401 quotes it (stars between its ends), and a HubSpot token.
+_KNOWN_SECRETS = re.compile(r"\b(?:sk-[A-Za-z0-9_*-]{16,}|pat-[a-z]{2}\d-[0-9a-f-]{20,})")
 _SF_WEBHOOK_TOKEN = re.compile(  # any path segment but the change-events endpoint's own
     r"(/webhooks/salesforce/)(?!events(?:[/?#\s\"']|$))(?!\[redacted\])[^\s/?#\"']+"
 )

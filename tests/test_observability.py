@@ -290,6 +290,10 @@ def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_even
         ("ref-415 555 0143 x", "ref-415 555 0143 x"),  # glued to a word by a hyphen: a UUID's rule
         ("usage total_tokens=512", "usage total_tokens=512"),  # an LLM usage count
         ("key sk-proj-abc_DEF-1234567890xyz", "key [redacted]"),
+        (
+            "Incorrect API key provided: sk-proj-abcd********************wxyz. You can find",  # OpenAI's 401
+            "Incorrect API key provided: [redacted]. You can find",
+        ),
         ("Authorization: Basic dXNlcjpwYXNz", "Authorization: [redacted]"),
         ("db_passwd=hunter2 ok", "db_passwd=[redacted] ok"),
         # Scripts without spaces, no-break and narrow spaces, dashes and full-width forms:
