@@ -850,8 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rescore.add_argument(
         "--force", action="store_true",
-        help="score each lead even where the CRM shows a score for its inputs, writing those whose score, "
-        "tier or reason differ: after a deploy that wrote wrong ones (LLM answers come from the cache)",
+        help="score each lead even where the CRM shows a score for its inputs, writing those whose fields "
+        "differ: after a deploy that wrote wrong ones (LLM answers come from the cache)",
     )  # fmt: skip
     rescore.set_defaults(func=cmd_rescore)
 
