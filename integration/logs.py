@@ -84,8 +84,11 @@ _KEY_VALUE = re.compile(  # a key is tried once, whole (possessive): else time g
     (?!\[redacted\])[^\s,;"'&}]+
     """
 )
-# An OpenAI key, whole or as its 401 quotes it (stars between its ends), and a HubSpot token.
-_KNOWN_SECRETS = re.compile(r"\b(?:sk-[A-Za-z0-9_*-]{16,}|pat-[a-z]{2}\d-[0-9a-f-]{20,})")
+# An OpenAI key, whole or as its 401 quotes it (stars between its ends), a HubSpot token, and any key
+# quoted back with its middle starred (Groq's `gsk_AbCd****WxYz`).
+_KNOWN_SECRETS = re.compile(
+    r"\b(?:sk-[A-Za-z0-9_*-]{16,}|pat-[a-z]{2}\d-[0-9a-f-]{20,}|[A-Za-z0-9_-]{2,16}\*{6,}[A-Za-z0-9_-]{0,8})"
+)  # the last: any key as providers quote it back, its middle starred
 _SF_WEBHOOK_TOKEN = re.compile(  # any path segment but the change-events endpoint's own
     r"(/webhooks/salesforce/)(?!events(?:[/?#\s\"']|$))(?!\[redacted\])[^\s/?#\"']+"
 )

@@ -28,6 +28,7 @@ Keys, all under `leadscore:`:
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from redis import Redis
@@ -89,8 +90,9 @@ SCORE_BATCH_JOB = "workers.batch.score_batch"
 HANDOFFS = "leadscore:handoffs"
 HANDOFF_TTL_S = 3 * 24 * 3600  # past the longest a batch is put off for a CRM outage (48 h)
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
-ERASE_MARK = f'"{ERASE}"'.encode()  # in a waiting event's JSON: an erasure, without parsing every one
-FORCED_MARK = f'"{FORCED}"'.encode()  # and a forced rescore
+# In a waiting event's JSON, without parsing every one: an erasure or a forced rescore among its kinds
+# (not a changed property that happens to be named so).
+_NOT_TO_REPLACE = re.compile(rf'"kinds":\[[^\]]*"(?:{ERASE}|{FORCED})"'.encode())
 BATCH_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 # A failed job stays a month for `leadscore failed` and `requeue`, not RQ's default year: its error may
 # quote what the CRM said of a lead.
@@ -191,7 +193,7 @@ def _keeping_erasures(redis: Redis, crm: str, account: str, events: list[LeadEve
 
 
 def _not_to_replace(raw: bytes) -> bool:
-    return ERASE_MARK in raw or FORCED_MARK in raw
+    return _NOT_TO_REPLACE.search(raw) is not None
 
 
 def refresh_oldest(pipe: Pipeline, crm: str, account: str) -> None:

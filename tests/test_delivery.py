@@ -1019,7 +1019,7 @@ def test_an_llm_429_pauses_every_worker_as_long_as_it_asks_and_its_leads_spend_n
     assert 3_000 < redis.pttl(SharedPause(redis, LLM_PAUSE).key) <= 6_000  # less what the worker took since
     assert [(r["outcome"], r["fallback"]) for r in results] == [("written", True)] * 24
     errors = _fallback_errors(hubspot)
-    assert errors == {"LLM answered HTTP 429: Rate limit reached for requests. (code rate_limit_exceeded)",
+    assert errors == {"LLM answered HTTP 429: code rate_limit_exceeded",
                       "LLM rate-limited (429): not asked in this batch"}  # fmt: skip
     [job] = [queue.fetch_job(i) for i in queue.scheduled_job_registry.get_job_ids()]  # the rescore of all 24
     rounds = {(e.rescores, e.throttled_rescores) for e in map(LeadEvent.model_validate_json, job.args[2])}
@@ -1154,19 +1154,20 @@ def test_an_llm_that_keeps_timing_out_is_asked_no_more_in_that_batch(
     assert queue.scheduled_job_registry.count == 1  # all 24 rescored later, as any timed-out lead
 
 
-REFUSED_MAX_TOKENS = (
-    "LLM answered HTTP 400: Unsupported parameter: 'max_tokens' is not supported with this model. Use "
-    "'max_completion_tokens' instead. (code unsupported_parameter, param max_tokens)"
+REFUSED_MAX_TOKENS = "LLM answered HTTP 400: code unsupported_parameter, param max_tokens"
+MAX_TOKENS_SAID = (
+    "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' "
+    "instead."
 )
 
 
 @pytest.mark.parametrize(
     ("status", "reasoning_model", "refusal"),
     [
-        (400, False, "LLM answered HTTP 400: Invalid request."),
-        (401, False, "LLM answered HTTP 401: Invalid request."),
-        (404, False, "LLM answered HTTP 404: Invalid request."),
-        (None, True, REFUSED_MAX_TOKENS),
+        (400, False, "LLM answered HTTP 400 (Invalid request.)"),
+        (401, False, "LLM answered HTTP 401 (Invalid request.)"),
+        (404, False, "LLM answered HTTP 404 (Invalid request.)"),
+        (None, True, f"{REFUSED_MAX_TOKENS} ({MAX_TOKENS_SAID})"),
         (500, False, None),
         (429, False, None),
         (None, False, None),
@@ -1189,7 +1190,7 @@ def test_a_worker_says_at_start_when_the_llm_refuses_its_request_in_the_provider
     )  # fmt: skip
 
 
-def test_a_lead_the_llm_refuses_keeps_the_providers_words_and_is_counted_under_the_status_alone(
+def test_a_lead_the_llm_refuses_keeps_the_providers_error_code_and_is_counted_under_the_status_alone(
     env, post_delivery, crm, queue, run_worker, hubspot, llm
 ):
     llm.reasoning_model = True
@@ -1209,26 +1210,76 @@ VLLM_NOT_FOUND = {"object": "error", "message": "The model `gpt-4o-mini` does no
                   "type": "NotFoundError", "param": None, "code": 404}  # fmt: skip
 
 
+def test_a_gateway_quoting_back_a_header_it_was_sent_has_it_masked(env, monkeypatch, llm):
+    """Masking by shape misses a key of no known shape (an Azure or gateway key: 32 hex characters)."""
+    from workers.llm import PROBE_LEAD, PropensityReasoner
+    from workers.propensity import build_messages
+
+    key = "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("LLM_EXTRA_HEADERS", json.dumps({"x-gateway-key": key}))
+    get_settings.cache_clear()
+    body = {"error": {"message": f"Invalid subscription key; header x-gateway-key: {key} refused"}}
+    llm.force(status=401, raw=("application/json", json.dumps(body).encode()))
+    asked = build_messages(PROBE_LEAD, datetime.now(UTC))
+    result = PropensityReasoner(get_settings()).assess(PROBE_LEAD, asked)
+
+    assert result.said == "Invalid subscription key; header x-gateway-key: [redacted] refused"
+
+
+def test_a_429_for_a_quota_used_up_is_a_refusal_until_fixed_not_a_wait(
+    env, monkeypatch, post_delivery, crm, queue, redis, run_worker, hubspot, llm
+):
+    """OpenAI answers a plan or credit used up with a 429 no wait ends: pausing every worker and
+    rescoring past the rounds would only ask again and again. It is rescored as a rotated key is."""
+    body = {
+        "error": {
+            "message": "You exceeded your current quota, please check your plan and billing details.",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        }
+    }
+    _fallback_rescore_every(monkeypatch, 60)
+    llm.force(status=429, raw=("application/json", json.dumps(body).encode()))
+    post_delivery("contact.creation__single")
+    [result] = run_worker()
+
+    assert (result["outcome"], result["fallback"]) == ("written", True)
+    assert _fallback_errors(hubspot) == {"LLM answered HTTP 429: code insufficient_quota"}
+    assert redis.pttl(SharedPause(redis, LLM_PAUSE).key) == -2  # no pause: nothing to wait for
+    [job] = [queue.fetch_job(i) for i in queue.scheduled_job_registry.get_job_ids()]
+    assert [json.loads(e)["rescores"] for e in job.args[2]] == [1]  # a round spent, as for a refusal
+
+
 @pytest.mark.parametrize(
-    ("status", "content_type", "body", "error"),
+    ("status", "content_type", "body", "error", "said"),
     [
         (404, "application/json", b'{"error": "model \\"llama3.1\\" not found, try pulling it first"}',
-         'LLM answered HTTP 404: model "llama3.1" not found, try pulling it first'),
+         "LLM answered HTTP 404", 'model "llama3.1" not found, try pulling it first'),
         (404, "application/json", json.dumps(VLLM_NOT_FOUND).encode(),
-         "LLM answered HTTP 404: The model `gpt-4o-mini` does not exist. (code 404)"),
+         "LLM answered HTTP 404: code 404", "The model `gpt-4o-mini` does not exist."),
         (404, "application/json", b'{"detail": "Not Found"}',
-         'LLM answered HTTP 404: {"detail": "Not Found"}'),
-        (403, "text/plain", b"Forbidden:\n  no route\n", "LLM answered HTTP 403: Forbidden: no route"),
+         "LLM answered HTTP 404", '{"detail": "Not Found"}'),
+        (403, "text/plain", b"Forbidden:\n  no route\n", "LLM answered HTTP 403", "Forbidden: no route"),
         (401, "application/json",
          json.dumps({"error": {"message": SECRET_AND_EMAIL + "x" * 300, "code": "invalid_api_key"}}).encode(),
-         "LLM answered HTTP 401: " + (MASKED + "x" * 300)[:200]),
-        (400, "application/json", b"", "LLM answered HTTP 400"),
+         "LLM answered HTTP 401: code invalid_api_key", (MASKED + "x" * 300)[:200]),
+        (400, "application/json", b"", "LLM answered HTTP 400", ""),
+        (429, "application/json",  # OpenAI's: a count and a request id, different at each call
+         json.dumps({"error": {"message": "Rate limit reached for gpt-4o-mini in organization org-Ab12 on "
+                               "tokens per min (TPM): Limit 200000, Used 199871. <a href='x'>see</a>",
+                               "code": "rate_limit_exceeded", "param": "<b>x</b>"}}).encode(),
+         "LLM answered HTTP 429: code rate_limit_exceeded",
+         "Rate limit reached for gpt-4o-mini in organization org-Ab12 on tokens per min (TPM): Limit 200000, "
+         "Used 199871. <a href='x'>see</a>"),
     ],
-    ids=["ollama", "vllm", "no_message", "plain_text", "secret_and_long", "empty"],
+    ids=["ollama", "vllm", "no_message", "plain_text", "secret_and_long", "empty", "openai_429"],
 )  # fmt: skip
-def test_what_a_provider_said_refusing_a_call_is_kept_masked_and_clipped(
-    env, llm, status, content_type, body, error
+def test_what_a_provider_said_refusing_a_call_is_logged_masked_and_clipped_but_never_kept_with_the_lead(
+    env, llm, status, content_type, body, error, said
 ):
+    """The lead keeps a stable error, which reps may read: the provider's words (a request id, a count,
+    an org id, its markup) would reach them, and rewrite the lead at every rescore."""
     from workers.llm import PROBE_LEAD, PropensityReasoner
     from workers.propensity import build_messages
 
@@ -1236,7 +1287,7 @@ def test_what_a_provider_said_refusing_a_call_is_kept_masked_and_clipped(
     asked = build_messages(PROBE_LEAD, datetime.now(UTC))
     result = PropensityReasoner(get_settings()).assess(PROBE_LEAD, asked)
 
-    assert (result.fallback, result.error) == (True, error)
+    assert (result.fallback, result.error, result.said) == (True, error, said)
 
 
 def test_a_reasoning_model_is_asked_with_llm_extra_params_through_a_gateway_given_llm_extra_headers(

@@ -294,6 +294,8 @@ def test_an_outbound_message_token_is_redacted_even_when_it_starts_like_the_even
             "Incorrect API key provided: sk-proj-abcd********************wxyz. You can find",  # OpenAI's 401
             "Incorrect API key provided: [redacted]. You can find",
         ),
+        ("Invalid API Key: gsk_AbCd********WxYz.", "Invalid API Key: [redacted]."),  # Groq's, quoted back
+        ("rated ****** by reps", "rated ****** by reps"),  # stars alone are no key
         ("Authorization: Basic dXNlcjpwYXNz", "Authorization: [redacted]"),
         ("db_passwd=hunter2 ok", "db_passwd=[redacted] ok"),
         # Scripts without spaces, no-break and narrow spaces, dashes and full-width forms:

@@ -166,6 +166,19 @@ def test_a_privacy_deletion_waiting_to_be_erased_is_kept_when_a_late_change_of_t
     assert (lead["lead_id"], lead["kinds"]) == ("74300000101", ["erase", "creation"])
 
 
+def test_a_change_of_a_property_named_forced_waiting_is_replaced_as_any_change_is(post_delivery, queue):
+    """Only an erasure or a forced rescore among a waiting event's kinds keeps it: not a custom property
+    that happens to be named so, whose events would pile up in it."""
+    [change] = json.loads(load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json"))
+    post_delivery(json.dumps([{**change, "eventId": 71, "subscriptionType": "contact.propertyChange",
+                               "propertyName": "forced", "propertyValue": "yes"}]).encode())  # fmt: skip
+    pending.drain(queue.connection, "hubspot", PORTAL_ID)
+    post_delivery(json.dumps([{**change, "eventId": 72}]).encode())
+
+    [lead] = queued_events(queue)
+    assert (lead["kinds"], lead["changed_fields"]) == (["creation"], [])
+
+
 def test_contact_privacyDeletion__single_is_logged_once_queued(post_delivery, caplog):
     """Until a worker erases the contact, the deletion is only in Redis: the log is its record outside
     it, should Redis be lost meanwhile (README, Disaster recovery)."""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -16,7 +17,7 @@ import openai
 from redis.exceptions import RedisError
 
 from integration.lead import Lead
-from integration.logs import redact
+from integration.logs import REDACTED, redact
 from integration.ratelimit import SharedPause
 from integration.salesforce import full_id
 from integration.settings import Settings
@@ -43,6 +44,7 @@ LLM_PAUSE = "llm"  # the SharedPause every worker's LLM calls wait for
 # spent (402), access blocked (403), a deployment or model retired (404). Its leads are rescored, so
 # they recover once it is fixed; a refusal of the request itself (400, 422) would only repeat.
 REFUSED_UNTIL_FIXED = frozenset({401, 402, 403, 404})
+QUOTA_SPENT = "insufficient_quota"  # OpenAI's 429 for a plan or credit used up: refused until fixed
 MAY_PASS = frozenset({408, 409})  # a timeout, a conflict; a 429 asks to wait (`asked_to_wait_s`)
 # A made-up lead the worker asks about once at start, so a request the LLM refuses shows then.
 PROBE_LEAD = Lead(
@@ -52,30 +54,40 @@ PROBE_LEAD = Lead(
 
 
 MAX_PROVIDER_WORDS = 200  # characters kept of what a provider said when it refused a call
-NOTHING = (None, "")
+MIN_SECRET_CHARS = 8  # a shorter "key" (a local server's placeholder) is no secret, and may be a word
 
 
-def provider_said(exc: openai.APIStatusError) -> str:
-    """What the provider said when it refused a call (its message, code and param), masked and clipped:
-    it names what to fix (a parameter the model does not take, a deployment not found), and it is
-    logged and kept in `leadscore_details`."""
+def provider_said(exc: openai.APIStatusError, secrets: tuple[str, ...] = ()) -> str:
+    """What the provider said when it refused a call, masked and clipped: it names what to fix (a
+    parameter the model does not take, a deployment not found). Logged, and said at start; never
+    written to a lead, where reps would read it and its request ids would rewrite the lead each time."""
     body = exc.body
     if isinstance(body, dict):  # OpenAI's `error` object, as Azure, vLLM and gateways answer too
-        named = ", ".join(f"{key} {body[key]}" for key in ("code", "param") if body.get(key) not in NOTHING)
         message = body.get("message")
-        if not isinstance(message, str):  # not OpenAI's shape (`{"detail": ...}`): the body as it is
-            message = json.dumps(body, ensure_ascii=False)
-        said = f"{message} ({named})" if named else message
+        said = message if isinstance(message, str) else json.dumps(body, ensure_ascii=False)  # `{"detail":…}`
     else:
         said = str(body or "")  # a plain-text or HTML body, or Ollama's `{"error": "..."}` string
+    for secret in secrets:  # the key and headers it was sent, should a gateway quote them back
+        said = said.replace(secret, REDACTED)
     return redact(" ".join(said[: MAX_PROVIDER_WORDS * 4].split()))[:MAX_PROVIDER_WORDS]
 
 
+def _error_code(exc: openai.APIStatusError) -> str:
+    return str(exc.body.get("code") or "") if isinstance(exc.body, dict) else ""
+
+
 def http_error(exc: openai.APIStatusError) -> str:
-    """The error a refused call keeps; the part before the first ":" is the fallback metric's label, so
-    it stays one of a few."""
-    said = provider_said(exc)
-    return f"LLM answered HTTP {exc.status_code}: {said}" if said else f"LLM answered HTTP {exc.status_code}"
+    """The error a refused call keeps in the lead's details: its status, and the provider's error code
+    and parameter where they are plain names (`unsupported_parameter`, `max_tokens`), so it is the same
+    each time; the part before the first ":" is the fallback metric's label, one of a few."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    named = [
+        f"{key} {body[key]}" for key in ("code", "param") if _PLAIN_NAME.fullmatch(str(body.get(key) or ""))
+    ]
+    return f"LLM answered HTTP {exc.status_code}" + (f": {', '.join(named)}" if named else "")
+
+
+_PLAIN_NAME = re.compile(r"[\w.-]{1,64}")
 
 
 def asked_to_wait_s(exc: openai.APIStatusError) -> float:
@@ -269,6 +281,11 @@ class PropensityReasoner:
         self.deadline_s = settings.llm_batch_deadline_s
         self.cache_ttl_s = settings.llm_cache_ttl_s
         self.request = effective_request(settings.llm_extra_params)
+        self.secrets = tuple(
+            s
+            for s in (settings.llm_api_key, *settings.llm_extra_headers.values())
+            if len(s) >= MIN_SECRET_CHARS
+        )
         self._client_options = dict(
             api_key=settings.llm_api_key,
             base_url=self.base_url,
@@ -308,14 +325,18 @@ class PropensityReasoner:
                 if exc.status_code >= 500 and attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
                     continue
-                if exc.status_code == 429:
+                quota_spent = _error_code(exc) == QUOTA_SPENT  # a 429 that no wait ends: billing
+                if exc.status_code == 429 and not quota_spent:
                     if throttle is not None:
                         throttle.pause(asked_to_wait_s(exc))
-                    return self._failed(lead, http_error(exc), throttled=True)
+                    return self._failed(
+                        lead, http_error(exc), throttled=True, said=provider_said(exc, self.secrets)
+                    )
                 status = exc.status_code
-                retryable = status >= 500 or status in MAY_PASS | REFUSED_UNTIL_FIXED
+                retryable = status >= 500 or status in MAY_PASS | REFUSED_UNTIL_FIXED or quota_spent
                 refused = status < 500 and status not in MAY_PASS
-                return replace(self._failed(lead, http_error(exc), retryable), refused=refused)
+                failed = self._failed(lead, http_error(exc), retryable, said=provider_said(exc, self.secrets))
+                return replace(failed, refused=refused)
             except openai.APIConnectionError as exc:
                 if attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
@@ -392,7 +413,9 @@ class PropensityReasoner:
             **self._client_options
         ) as client:  # no connection left for a work horse to inherit
             result = self.assess(PROBE_LEAD, build_messages(PROBE_LEAD, datetime.now(UTC)), client=client)
-        return result.error if result.fallback and (result.refused or not result.retryable) else None
+        if not (result.fallback and (result.refused or not result.retryable)):
+            return None
+        return f"{result.error} ({result.said})" if result.said else result.error
 
     def _ask_all(
         self, leads: list[Lead], messages: list[list[dict]], paused: SharedPause | None
@@ -422,7 +445,10 @@ class PropensityReasoner:
         ]
 
     def _failed(
-        self, lead: Lead, why: str, retryable: bool = True, throttled: bool = False
+        self, lead: Lead, why: str, retryable: bool = True, throttled: bool = False, said: str = ""
     ) -> PropensityResult:
-        log.warning("propensity fallback for %s:%s: %s", lead.crm, lead.lead_id, why)
-        return fallback(why, retryable=retryable, throttled=throttled)
+        """`said`: the provider's own words, logged beside `why`, which the lead keeps."""
+        log.warning(
+            "propensity fallback for %s:%s: %s%s", lead.crm, lead.lead_id, why, f" ({said})" if said else ""
+        )
+        return replace(fallback(why, retryable=retryable, throttled=throttled), said=said)

@@ -61,7 +61,9 @@ _TAG = re.compile(
 )
 _EMPHASIS = re.compile(r"\*\*|__|`+|^#{1,6}\s+", re.MULTILINE)
 MAX_REASON_CHARS = 300
-_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL | re.IGNORECASE)
+MAX_REPLY_CHARS = (
+    100_000  # far past any answer, a reasoning model's thinking included: a reply longer is none
+)
 # A reasoning model served without a reasoning parser (vLLM, Ollama, LM Studio) writes its thinking in
 # the reply first: all of it is thinking when the block never ends (cut off), and a chat template that
 # opens the block itself leaves only its end.
@@ -114,6 +116,7 @@ class PropensityResult:
     retryable: bool = False  # the LLM failed on this lead; asking again later may get an answer
     throttled: bool = False  # the LLM asked to wait (429) or was not asked for it: no fault of the lead
     refused: bool = False  # the LLM refused the request or a setting (a 4xx): said at start
+    said: str = ""  # what the provider said refusing it: logged and said at start, never kept with a lead
 
     @property
     def fallback(self) -> bool:
@@ -129,16 +132,30 @@ def fallback(why: str, retryable: bool = False, throttled: bool = False) -> Prop
 
 def parse_reply(content: str | None) -> ConversionPropensity:
     """Validate a reply, repairing a Markdown code fence, a leading think block or prose around the
-    JSON object; raise ValueError otherwise."""
+    JSON object; raise ValueError otherwise, and for a reply of prose holding two different answers:
+    one may be an object a prospect wrote into a note, which the model quoted."""
     if not content:
         raise ValueError("empty reply")
-    data = _json_of(content)
-    if data is None:
+    if len(content) > MAX_REPLY_CHARS:
+        raise ValueError(
+            f"reply of {len(content):,} characters, past the {MAX_REPLY_CHARS:,} an answer takes"
+        )
+    found = _json_of(content)
+    if not found:
         raise ValueError(f"reply is not JSON: {content[:80]!r}")
-    try:
-        return ConversionPropensity.model_validate(data)
-    except ValidationError as exc:
-        raise ValueError(f"reply does not fit ConversionPropensity {first_problem(exc)}") from None
+    answers, problem = [], None
+    for data in found:
+        try:
+            answers.append(ConversionPropensity.model_validate(data))
+        except ValidationError as exc:
+            problem = problem or exc
+    if not answers:
+        raise ValueError(f"reply does not fit ConversionPropensity {first_problem(problem)}")
+    if any(answer != answers[0] for answer in answers[1:]):
+        raise ValueError(
+            f"reply holds {len(answers)} different answers, one of them perhaps quoted from the lead"
+        )
+    return answers[0]
 
 
 def without_thinking(content: str) -> str:
@@ -146,24 +163,34 @@ def without_thinking(content: str) -> str:
     return _THINKING.sub("", content, count=1).strip()
 
 
-def _json_of(content: str):
-    """The reply's JSON: all of it, or a Markdown fence's; else the first whole JSON object after a
-    leading think block, in prose such as "Here is the JSON: {…}"; None when there is none."""
-    fenced = _FENCE.match(content)
+def _json_of(content: str) -> list:
+    """The reply's JSON: all of it, or a Markdown fence's; else each whole JSON object after a leading
+    think block, in prose such as "Here is the JSON: {…}" (not those nested in one); none found, []."""
     try:
-        return json.loads(fenced.group(1) if fenced else content.strip())
+        return [json.loads(_unfenced(content))]
     except (json.JSONDecodeError, RecursionError):
         pass
     text = without_thinking(content)
-    decoder = json.JSONDecoder()
+    decoder, found, after = json.JSONDecoder(), [], 0
     for start in islice((m.start() for m in re.finditer("{", text)), MAX_OBJECT_STARTS):
+        if start < after:
+            continue  # inside an object already taken
         try:
-            data, _ = decoder.raw_decode(text, start)
+            data, after = decoder.raw_decode(text, start)
         except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(data, dict):
-            return data
-    return None
+            found.append(data)
+    return found
+
+
+def _unfenced(content: str) -> str:
+    """The reply without a Markdown code fence around it (```json … ```), if it has one."""
+    text = content.strip()
+    if len(text) < 6 or not (text.startswith("```") and text.endswith("```")):
+        return text
+    inner = text[3:-3]
+    return (inner[4:] if inner[:4].lower() == "json" else inner).strip()
 
 
 def _sent(value):
