@@ -185,11 +185,22 @@ def _keeping_erasures(redis: Redis, crm: str, account: str, events: list[LeadEve
     """The newest event replaces a lead's waiting one, except an erasure, which nothing may drop, and
     a forced rescore: an event that comes after one (a late retry of an older change) is merged into
     it. The caller watches the waiting events, so none changes between this read and its replacement."""
+    return _over_waiting(redis, crm, account, events, always=False)[0]
+
+
+def _over_waiting(
+    redis: Redis, crm: str, account: str, events: list[LeadEvent], always: bool
+) -> tuple[list[LeadEvent], int]:
+    """Each event merged into its lead's waiting one where `always`, or where that one is an erasure
+    or a forced rescore; else the event alone. And how many of the leads had none waiting."""
     waiting = redis.hmget(pending_key(crm, account), [event.lead_id for event in events])
-    return [
-        LeadEvent.model_validate_json(raw).merged_with(event) if raw and _not_to_replace(raw) else event
+    merged = [
+        LeadEvent.model_validate_json(raw).merged_with(event)
+        if raw and (always or _not_to_replace(raw))
+        else event
         for event, raw in zip(events, waiting, strict=True)
     ]
+    return merged, sum(raw is None for raw in waiting)
 
 
 def _not_to_replace(raw: bytes) -> bool:
@@ -244,14 +255,11 @@ def _merged_into_waiting(redis: Redis, crm: str, account: str, events: list[Lead
         while True:
             try:
                 pipe.watch(pending_key(crm, account))
-                waiting = pipe.hmget(pending_key(crm, account), [event.lead_id for event in events])
+                merged, added = _over_waiting(pipe, crm, account, events, always=True)
                 pipe.multi()
-                record(pipe, [
-                    LeadEvent.model_validate_json(raw).merged_with(event) if raw else event
-                    for event, raw in zip(events, waiting, strict=True)
-                ])  # fmt: skip
+                record(pipe, merged)
                 pipe.execute()
-                return sum(raw is None for raw in waiting)
+                return added
             except WatchError:
                 continue
 

@@ -86,9 +86,12 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
     """Log what is not scored, queue the rest; the summary every webhook answers with."""
     ignored = {"ignore": 0, "unsupported": 0, "malformed": 0}
     by_account: dict[str, list[IntakeRow]] = {}
+    erasures: list[IntakeRow] = []
     for item in triaged:
         if isinstance(item, IntakeRow):
             by_account.setdefault(item.account_id, []).append(item)
+            if item.kind == ERASE:
+                erasures.append(item)
             continue
         level = logging.INFO if item.verdict == "ignore" else logging.WARNING
         log.log(level, "%s event %s not scored: %s", crm, item.ref, item.detail, extra={"event_id": item.ref})
@@ -127,11 +130,9 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
     except RedisError as exc:
         log.error("redis refused the delivery: %s", exc)
         raise QueueUnavailable("the queue (Redis) is unavailable, nothing was accepted; retry later") from exc
-    for rows in by_account.values():  # a record outside Redis, should Redis be lost before the erasure
-        for row in rows:
-            if row.kind == ERASE:
-                log.info("%s privacy deletion of %s:%s queued (event %s)", crm, row.account_id, row.lead_id,
-                         row.event_id, extra={"event_id": row.event_id})  # fmt: skip
+    for row in erasures:  # a record outside Redis, should Redis be lost before the erasure
+        log.info("%s privacy deletion of %s:%s queued (event %s)", crm, row.account_id, row.lead_id,
+                 row.event_id, extra={"event_id": row.event_id})  # fmt: skip
     for account, position in kicked_at.items():
         if not answers[position]:
             try:

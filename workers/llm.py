@@ -72,18 +72,17 @@ def provider_said(exc: openai.APIStatusError, secrets: tuple[str, ...] = ()) -> 
     return redact(" ".join(said[: MAX_PROVIDER_WORDS * 4].split()))[:MAX_PROVIDER_WORDS]
 
 
-def _error_code(exc: openai.APIStatusError) -> str:
-    return str(exc.body.get("code") or "") if isinstance(exc.body, dict) else ""
+def _error_field(exc: openai.APIStatusError, key: str) -> str:
+    """A field of the provider's error object (`code`, `param`), "" where it has none."""
+    return str(exc.body.get(key) or "") if isinstance(exc.body, dict) else ""
 
 
 def http_error(exc: openai.APIStatusError) -> str:
     """The error a refused call keeps in the lead's details: its status, and the provider's error code
     and parameter where they are plain names (`unsupported_parameter`, `max_tokens`), so it is the same
     each time; the part before the first ":" is the fallback metric's label, one of a few."""
-    body = exc.body if isinstance(exc.body, dict) else {}
-    named = [
-        f"{key} {body[key]}" for key in ("code", "param") if _PLAIN_NAME.fullmatch(str(body.get(key) or ""))
-    ]
+    fields = {key: _error_field(exc, key) for key in ("code", "param")}
+    named = [f"{key} {value}" for key, value in fields.items() if _PLAIN_NAME.fullmatch(value)]
     return f"LLM answered HTTP {exc.status_code}" + (f": {', '.join(named)}" if named else "")
 
 
@@ -325,7 +324,7 @@ class PropensityReasoner:
                 if exc.status_code >= 500 and attempt == 1:
                     time.sleep(RETRY_PAUSE_S)
                     continue
-                quota_spent = _error_code(exc) == QUOTA_SPENT  # a 429 that no wait ends: billing
+                quota_spent = _error_field(exc, "code") == QUOTA_SPENT  # a 429 that no wait ends: billing
                 if exc.status_code == 429 and not quota_spent:
                     if throttle is not None:
                         throttle.pause(asked_to_wait_s(exc))
