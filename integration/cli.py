@@ -428,6 +428,25 @@ def cmd_forget(args) -> int:
     return 0
 
 
+def cmd_history(args) -> int:
+    """Every score leadscore kept of one lead, with what made it and what changed between them."""
+    from workers.history import history_lines
+    from workers.store import Store
+
+    kept = (
+        Store(get_settings().database_url).require_schema().lead_history(args.crm, args.account, args.lead_id)
+    )
+    lead = f"{args.crm}:{args.account} lead {args.lead_id}"
+    if not any(kept.values()):
+        print(f"{lead}: nothing kept (never scored, erased with `forget`, pruned with `db prune`, or merged "
+              "into another lead, whose history holds its scores)")  # fmt: skip
+        return 1
+    print(f"{lead}: {len(kept['scores'])} scores, {len(kept['outcomes'])} outcomes, "
+          f"{len(kept['feedback'])} feedback, oldest first")  # fmt: skip
+    print("\n".join(history_lines(kept)))
+    return 0
+
+
 def cmd_replay(args) -> int:
     import requests
 
@@ -863,6 +882,13 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("lead_ids", nargs="+", metavar="LEAD_ID", help="a contact / Lead id")
     forget.set_defaults(func=cmd_forget)
 
+    history = sub.add_parser(
+        "history", help="every score kept of one lead: what made each, and what changed between them"
+    )
+    history.add_argument("--crm", choices=["hubspot", "salesforce"], required=True, help="the lead's CRM")
+    history.add_argument("--account", required=True, help="the HubSpot portal id / Salesforce org id")
+    history.add_argument("lead_id", metavar="LEAD_ID", help="a contact / Lead id")
+    history.set_defaults(func=cmd_history)
     replay = sub.add_parser(
         "replay",
         help="post fixture deliveries to a running service, signed as the CRM would "

@@ -57,6 +57,7 @@ COUNTER_HELP: dict[str, str] = {
     "model_values_missing_total": "Live leads a trained model scored lacking a feature {crm,feature}",
     "model_values_unseen_total": "Live leads with a feature's value the model never saw {crm,feature}",
     "leads_skipped_unchanged_total": "Leads not rescored because their inputs did not change {crm}",
+    "scores_edited_in_crm_total": "Leads whose shown score or tier someone else changed: written again {crm}",
     "store_errors_total": "Batches whose scores, outcomes or feedback the score store could not keep",
 }
 HISTOGRAM_HELP: dict[str, str] = {

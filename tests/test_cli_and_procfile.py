@@ -113,7 +113,7 @@ def _subscriptions(files: dict) -> tuple[str, set, set]:
 
 
 def test_hubspot_project_subscribes_to_every_event_leadscore_handles_and_what_the_score_reads():
-    from integration.hubspot import FEEDBACK_PROPERTY
+    from integration.hubspot import FEEDBACK_PROPERTY, SHOWN_PROPERTIES
     from integration.hubspot.api import CONTACT_PROPERTIES
     from integration.hubspot.project import ENGAGEMENT_PROPERTIES, project_files
     from integration.hubspot.webhook import HANDLED_EVENTS
@@ -124,9 +124,9 @@ def test_hubspot_project_subscribes_to_every_event_leadscore_handles_and_what_th
     assert types == {t for t in HANDLED_EVENTS if not t.startswith("object.")}  # the classic form of each
     merge = "hs_merged_object_ids"  # comes with a contact.merge
     read = set(CONTACT_PROPERTIES) - {"firstname", "lastname", merge}
-    assert watched == read - set(ENGAGEMENT_PROPERTIES) | {FEEDBACK_PROPERTY}
+    assert watched == read - set(ENGAGEMENT_PROPERTIES) | {FEEDBACK_PROPERTY, *SHOWN_PROPERTIES}
     _, _, with_engagement = _subscriptions(project_files(HUBSPOT_TARGET, True, ("acme_fit_score",)))
-    assert with_engagement == read | {FEEDBACK_PROPERTY, "acme_fit_score"}
+    assert with_engagement == read | {FEEDBACK_PROPERTY, *SHOWN_PROPERTIES, "acme_fit_score"}
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from integration.emulators import free_port
 from integration.settings import get_settings
 from tests.conftest import EACH_STORE, FIXTURES, PORTAL_ID, SF_ORG_ID, fixture_json, stored_outcomes
 from workers import jobs, store, store_data
-from workers.config import TIER_NAMES
+from workers.config import TIER_NAMES, load_config
 from workers.holdout import HOLDOUT_REASON, in_holdout
 from workers.llm import answers_keys, cached_answer_key
 from workers.tabular import TableError
@@ -356,6 +356,48 @@ def test_contact_propertyChange__rep_feedback(env, post_delivery, crm, run_worke
     )  # fmt: skip
 
 
+def test_contact_propertyChange__rep_edited_score(env, post_delivery, crm, run_worker, hubspot, llm):
+    """The score is leadscore's (a rep who disagrees sets the feedback): typed over, it is put back at
+    once, the LLM answering from its cache, and the edit is counted."""
+    edited = "74300000101"
+    post_delivery("contact.creation__single")
+    [scored] = run_worker()
+    calls = len(llm.requests)
+    hubspot.contacts[edited]["properties"].update(leadscore_score="95", leadscore_tier="A")  # the fixture's
+    assert scored["score"] != 95
+
+    assert post_delivery("contact.propertyChange__rep_edited_score").get_json()["queued"] == 2
+    [result] = run_worker()
+
+    assert result["outcome"] == "written" and len(llm.requests) == calls
+    shown = written(hubspot, edited)
+    assert (shown["leadscore_score"], shown["leadscore_tier"]) == (str(scored["score"]), scored["tier"])
+    redis = Redis.from_url(env["REDIS_URL"])
+    assert metrics.counter_value(redis, "scores_edited_in_crm_total", crm="hubspot") == 1
+    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 1} for e in
+                              fixture_json("hubspot/contact.creation__single.json")]).encode())  # fmt: skip
+    assert [r["outcome"] for r in run_worker()] == ["unchanged"]  # put back: nothing more to write
+
+
+def test_a_score_typed_into_a_held_out_lead_is_blanked_again(env, monkeypatch, post_delivery, crm, run_worker,
+                                                             hubspot):  # fmt: skip
+    reconfigure(monkeypatch, HOLDOUT_SHARE="0.25")
+    post_delivery("contact.creation__demo_burst")
+    run_worker()
+    held = sorted(c for c in hubspot.contacts if in_holdout(f"hubspot:{PORTAL_ID}:{c}", 0.25))[0]
+    hubspot.contacts[held]["properties"].update(leadscore_score="80", leadscore_tier="A")
+
+    burst = fixture_json("hubspot/contact.creation__demo_burst.json")
+    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 1} for e in burst]).encode())
+    outcomes = {r["lead"].rsplit(":", 1)[1]: r["outcome"] for r in run_worker()}
+
+    assert {c for c, outcome in outcomes.items() if outcome != "unchanged"} == {held}
+    fields = written(hubspot, held)
+    assert (fields["leadscore_score"], fields["leadscore_tier"], fields["leadscore_reason"]) == (
+        "", "", HOLDOUT_REASON
+    )  # fmt: skip
+
+
 def test_a_new_score_clears_the_feedback_on_the_old_one_and_saying_it_again_counts(
     env, post_delivery, crm, run_worker, hubspot
 ):
@@ -389,6 +431,40 @@ def test_a_new_score_clears_the_feedback_on_the_old_one_and_saying_it_again_coun
     ]
     by_tier = store_data.store_summary(store.Store(env["DATABASE_URL"]))["feedback"]
     assert by_tier == {first["tier"]: {"too_high": 1}, second["tier"]: {"too_high": 1}}
+
+
+def test_history_shows_each_score_what_made_it_and_what_changed(
+    env, post_delivery, crm, run_worker, hubspot, capsys
+):
+    post_delivery("contact.propertyChange__lead_status")
+    [first] = run_worker()
+    properties = hubspot.contacts[CONTACT]["properties"]
+    properties["leadscore_feedback"] = "too_high"
+    post_delivery("contact.propertyChange__rep_feedback")
+    run_worker()
+    properties["hs_lead_status"] = "UNQUALIFIED"
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 8, "propertyValue": "UNQUALIFIED"}]).encode())  # fmt: skip
+    [second] = run_worker()
+    capsys.readouterr()
+
+    assert main(["history", "--crm", "hubspot", "--account", PORTAL_ID, CONTACT]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    digest = load_config().file_digest
+    made = f"rules+llm gpt-4o-mini-2024-07-18, rules b2b-saas-default-2 ({digest})"
+    scores = [line for line in lines if " score " in line]
+    assert lines[0] == f"hubspot:{PORTAL_ID} lead {CONTACT}: 2 scores, 0 outcomes, 2 feedback, oldest first"
+    assert [line.split("UTC  ", 1)[1] for line in scores] == [
+        f"score {first['score']} {first['tier']}  {made}",
+        f"score {second['score']} {second['tier']}  {made}",
+    ]
+    assert [line for line in lines if "feedback" in line and "UTC" in line][0].endswith(
+        f"feedback too_high on {first['score']} {first['tier']}"
+    )
+    [changed] = [line for line in lines if "changed:" in line]
+    assert changed == "    changed: status 'IN_PROGRESS' → 'UNQUALIFIED'"  # the LLM answered the same
+    assert main(["history", "--crm", "hubspot", "--account", PORTAL_ID, "1"]) == 1
+    assert "1: nothing kept (never scored" in capsys.readouterr().out
 
 
 def test_feedback_cleared_when_its_lead_moves_into_the_holdout_still_counts_for_the_score_the_rep_saw(
@@ -634,10 +710,13 @@ def test_holdout_leads_show_no_score_and_are_not_rescored(env, monkeypatch, post
                 fields["leadscore_reason"]) == ("", "", HOLDOUT_REASON)  # fmt: skip  # blank, and says why
     kept = {row["lead_id"]: row for row in table(env, store.scores)}
     for contact in held & scored:
-        assert json.loads(written(hubspot, contact)["leadscore_details"]) == {
-            "config_version": "b2b-saas-default-2", "fallback": False,
-            "fingerprint": kept[contact]["fingerprint"], "holdout": True, "model": "gpt-4o-mini-2024-07-18",
-            "prompt_version": "propensity-v3", "reason_version": "reasons-4",
+        details = json.loads(written(hubspot, contact)["leadscore_details"])
+        assert details.pop("ages") == kept[contact]["details"]["ages"]  # as the store keeps them
+        assert details == {
+            "config_version": "b2b-saas-default-2", "config_digest": load_config().file_digest,
+            "fallback": False, "fingerprint": kept[contact]["fingerprint"], "holdout": True,
+            "model": "gpt-4o-mini-2024-07-18", "prompt_version": "propensity-v3",
+            "reason_version": "reasons-4",
         }  # fmt: skip
     assert {c for c, row in kept.items() if row["holdout"]} == held & scored
     assert all(row["tier"] in TIER_NAMES for row in kept.values())  # the store keeps the real score
@@ -1138,6 +1217,41 @@ def test_a_score_the_store_missed_is_kept_when_its_lead_comes_again_unchanged(
         shown["leadscore_reason"],
     )
     assert kept["fingerprint"] == json.loads(shown["leadscore_details"])["fingerprint"]
+    assert kept["details"]["kept_late"] is True  # dated as the CRM dates it, not when it was kept
+    assert store.as_utc(kept["scored_at"]) == datetime.fromisoformat(shown["leadscore_scored_at"])
+
+
+def test_a_written_score_is_kept_dated_as_the_crm_dates_it(env, post_delivery, crm, run_worker, hubspot):
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()
+
+    [kept] = table(env, store.scores)
+    assert store.as_utc(kept["scored_at"]) == datetime.fromisoformat(
+        written(hubspot, CONTACT)["leadscore_scored_at"]
+    )
+    assert "kept_late" not in kept["details"]
+
+
+def test_a_score_the_store_missed_after_a_fallback_for_the_same_inputs_is_kept(
+    env, monkeypatch, tmp_path, post_delivery, crm, run_worker, hubspot, llm
+):
+    """A fallback kept for a lead's inputs is not the LLM's score written later for the same inputs:
+    that one, missed by a store that was down, is kept at the lead's next event."""
+    change = fixture_json("hubspot/contact.propertyChange__lead_status.json")[0]
+    llm.force(status=500)
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()  # the neutral prior: written and kept
+    llm.force()
+    reconfigure(monkeypatch, DATABASE_URL=f"sqlite:///{tmp_path}/never-migrated.sqlite3")
+    post_delivery(json.dumps([{**change, "eventId": 13}]).encode())
+    [answered] = run_worker()  # the LLM's: written, not kept
+    reconfigure(monkeypatch, DATABASE_URL=env["DATABASE_URL"])
+    post_delivery(json.dumps([{**change, "eventId": 14}]).encode())
+    [again] = run_worker()
+
+    fallback, kept = table(env, store.scores)
+    assert (fallback["fallback"], kept["fallback"], again["outcome"]) == (True, False, "unchanged")
+    assert (kept["score"], kept["fingerprint"]) == (answered["score"], fallback["fingerprint"])
 
 
 def test_a_forgotten_leads_score_is_not_kept_again_when_it_comes_again_unchanged(

@@ -743,3 +743,39 @@ def test_db_prune_deletes_what_was_kept_before_the_retention_period(store_url, m
     assert "db prune needs --older-than DAYS" in capsys.readouterr().err
     assert main(["db", "prune", "--older-than", "0.5"]) == 2
     assert "db prune --older-than 0.5: keep at least 1 day" in capsys.readouterr().err
+
+
+def _kept(features: dict, fingerprint: str = "f1", fallback: bool = False, **details) -> dict:
+    from datetime import UTC, datetime
+
+    return {
+        "score": 50, "tier": "C", "reason": "r", "scorer": "rules+llm", "model_version": "gpt-4o-mini",
+        "fingerprint": fingerprint, "fallback": fallback, "holdout": False, "features": features,
+        "details": {"config_version": "v1", "config_digest": "aaaa", "prompt_version": "p",
+                    "reason_version": "reasons-4", **details},
+        "scored_at": datetime(2026, 11, 20, 9, tzinfo=UTC),
+    }  # fmt: skip
+
+
+def test_history_says_what_changed_between_two_scores_among_what_was_kept():
+    from workers.history import changes, history_lines
+
+    answered = {"value": 0.7, "confidence": 0.8}
+    unanswered = {"value": 0.5, "confidence": 0.0, "error": "LLM answered HTTP 503"}
+    before = _kept({"title": "VP", "status": "NEW"}, fallback=True, propensity=unanswered)
+    after = _kept({"title": "VP", "status": "WORKING"}, config_digest="bbbb", propensity=answered,
+                  ages={"last_reply_when": "within the last 7 days"})  # fmt: skip
+    newer = {**after, "fingerprint": "f2", "details": {**after["details"], "ages": {}}}
+
+    assert changes(before, after) == [
+        "status 'NEW' → 'WORKING'",  # the ages are compared only where both scores kept them
+        "rules file aaaa → bbbb",
+        "LLM unanswered (LLM answered HTTP 503): neutral prior → LLM 0.70 at confidence 0.80",
+    ]
+    assert changes(after, newer) == ["last_reply_when 'within the last 7 days' → None"]
+    same = history_lines({"scores": [after, {**after, "fingerprint": "f3"}, {**after, "fingerprint": "f3"}],
+                          "outcomes": [], "feedback": []})  # fmt: skip
+    assert [line for line in same if "changed:" in line] == [
+        "    changed: notes or emails the LLM read (not kept)",
+        "    changed: nothing: scored again for the same inputs (a forced rescore, or reasons reworded)",
+    ]

@@ -53,9 +53,14 @@ def summary(response) -> dict:
             {"received": 2, "queued": 0, "ignored": 2, "unsupported": 0},
             [],
         ),
+        (  # a rep typed over the score and tier: read, and leadscore's put back
+            "contact.propertyChange__rep_edited_score",
+            {"received": 2, "queued": 2, "ignored": 0, "unsupported": 0},
+            ["74300000101"],
+        ),
         (
             "contact.propertyChange__integration_echo",
-            {"received": 2, "queued": 0, "ignored": 2, "unsupported": 0},
+            {"received": 3, "queued": 0, "ignored": 3, "unsupported": 0},
             [],
         ),
         (

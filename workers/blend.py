@@ -317,15 +317,25 @@ REASON_VERSION = "reasons-4"
 
 
 def with_provenance(
-    result: ScoreResult, propensity: PropensityResult | None, fingerprint: str, config: ScoringConfig
+    result: ScoreResult,
+    propensity: PropensityResult | None,
+    fingerprint: str,
+    config: ScoringConfig,
+    told_ages: dict[str, str] | None = None,
 ) -> ScoreResult:
-    """A score, of the rules+LLM blend or of a model, with what every written score carries: the
-    fingerprint the skip check compares (`input_fingerprint`, computed once per lead by the caller),
-    the versions, and the LLM's part (none for a model that does not ask it)."""
+    """A score, of the rules+LLM blend or of a model, with what every written score carries: the score
+    and tier shown (so an edit of them in the CRM is seen), the fingerprint the skip check compares
+    (`input_fingerprint`, computed once per lead by the caller), how long ago the lead's dated moments
+    were as it counted them (`ages`, which the store's inputs lack), the versions and the rules file's
+    own hash, and the LLM's part (none for a model that does not ask it)."""
     details = {
         **result.details,
+        "score": result.score,
+        "tier": result.tier,
         "fingerprint": fingerprint,
+        "ages": told_ages or {},
         "config_version": config.version,
+        "config_digest": config.file_digest,
         "prompt_version": PROMPT_VERSION,
         "reason_version": REASON_VERSION,
         "fallback": bool(propensity is not None and propensity.fallback),
@@ -341,6 +351,7 @@ def propensity_details(propensity: PropensityResult) -> dict:
         "value": propensity.propensity,
         "confidence": propensity.confidence,
         "source": propensity.source,
+        "model": propensity.model or None,
         "reason": propensity.reason,
         "evidence": list(propensity.evidence),
         **({"error": propensity.error} if propensity.error else {}),

@@ -202,6 +202,11 @@ class ScoringConfig(_Strict):
         description="part of every input fingerprint: load_config sets a hash of the file; the config the "
         "workers score with (jobs.scoring_config) a hash of that, the LLM model and the trained model",
     )
+    file_digest: str = Field(
+        "",
+        description="a hash of the file alone, kept with every score: which rules made it, whatever its "
+        "version says",
+    )
 
 
 class ConfigError(ValueError):
@@ -221,7 +226,8 @@ def load_config(path: Path | None = None) -> ScoringConfig:
         where = str(path)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-        return ScoringConfig(**data, digest=hashlib.sha256(raw).hexdigest()[:16])
+        file_digest = hashlib.sha256(raw).hexdigest()[:16]
+        return ScoringConfig(**data, digest=file_digest, file_digest=file_digest)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where} is not valid TOML: {exc}") from None
     except ValidationError as exc:

@@ -18,7 +18,8 @@ HOLDOUT_REASON = "Held out: no score on purpose; work it as you normally would"
 # What a held-out lead's details keep: enough for the next event to see nothing changed (so it is not
 # scored again) and for anyone to see which scorer, model and rules judged it.
 PROVENANCE_KEPT = (
-    "fingerprint", "fallback", "scorer", "model", "config_version", "prompt_version", "reason_version",
+    "fingerprint", "fallback", "scorer", "model", "config_version", "config_digest", "prompt_version",
+    "reason_version", "ages",
 )  # fmt: skip
 
 

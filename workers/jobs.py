@@ -40,10 +40,10 @@ from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
 from workers.llm import PropensityReasoner, answers_keys, cached_answer_key
 from workers.model import ModelArtifactError, TrainedModel
-from workers.propensity import PropensityResult
+from workers.propensity import PropensityResult, ages
 from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
-from workers.writer import fields_to_write
+from workers.writer import fields_to_write, shows
 
 log = logging.getLogger(__name__)
 RULES_SCORER = "rules+llm"  # what the store and metrics call a score without a trained model
@@ -73,15 +73,26 @@ class Scored:
             tier=self.fields.get("tier") or None, fingerprint=self.result.details["fingerprint"],
         )  # fmt: skip
 
+    @property
+    def shown_at(self) -> datetime:
+        """When the CRM dates this score (its `scored_at`): the store dates it the same, so the two name
+        the same score."""
+        shown = self.lead.current_output if self.never_kept else self.fields or {}
+        return moment_of(shown.get("scored_at")) or datetime.now(UTC)
+
     def record(self) -> ScoreRecord:
-        """What the store keeps of a score that was written."""
+        """What the store keeps of a score that was written; one kept after its write (`never_kept`)
+        says so."""
         details = self.result.details
+        if self.never_kept:
+            details = {**details, "kept_late": True}
         return ScoreRecord(
             crm=self.lead.crm, account_id=self.lead.account_id, lead_id=self.lead.lead_id,
             score=self.result.score, tier=self.result.tier, reason=self.result.reason,
             scorer=details.get("scorer", RULES_SCORER), model_version=details.get("model"),
             fingerprint=details["fingerprint"], fallback=bool(details.get("fallback")), holdout=self.holdout,
             features=tabular.snapshot(self.lead, self.propensity), details=details,
+            scored_at=self.shown_at,
         )  # fmt: skip
 
 
@@ -118,7 +129,8 @@ class WorkerContext:
         and counted); outcomes come back with `leadscore outcomes sync`, scores at the next rescoring."""
         # An outcome seen now was reached before this batch's scores: those already show it (a
         # lifecycle stage of customer, say), and `train --from-store` must learn from an earlier one.
-        read_by = datetime.now(UTC)
+        # The scores are dated when they were written, after the leads were read.
+        read_by = min([datetime.now(UTC), *(s.shown_at for s in scored if s.fields and not s.never_kept)])
         reached = [
             LeadFact(
                 lead.crm,
@@ -220,11 +232,14 @@ class WorkerContext:
         their ids are `forced` (`rescore --force`)."""
         now = datetime.now(UTC)  # what "how long ago" is told from, for the fingerprint and the LLM alike
         fingerprints = [input_fingerprint(lead, self.config, now) for lead in leads]
+        told_ages = [ages(lead, now) for lead in leads]
         share = self.settings.holdout_share
         held = [in_holdout(lead.lead_key, share) for lead in leads]
+        edited = {lead.lead_id for lead in leads if self._edited_in_crm(lead)}
         shown = [
             i for i, lead in enumerate(leads)
-            if lead.lead_id not in forced and _already_scored(lead, fingerprints[i], held[i])
+            if lead.lead_id not in edited and lead.lead_id not in forced
+            and _already_scored(lead, fingerprints[i], held[i])
         ]  # fmt: skip
         never_kept = self._never_kept(leads, fingerprints, [i for i in shown if _lately_scored(leads[i])])
         fresh = sorted({*range(len(leads))} - {*shown} | {*never_kept})
@@ -233,7 +248,12 @@ class WorkerContext:
         else:
             answers = [None] * len(fresh)
         by_index = dict(zip(fresh, answers, strict=True))
-        results = self._results([leads[i] for i in fresh], answers, [fingerprints[i] for i in fresh])
+        results = self._results(
+            [leads[i] for i in fresh],
+            answers,
+            [fingerprints[i] for i in fresh],
+            [told_ages[i] for i in fresh],
+        )
         result_of = dict(zip(fresh, results, strict=True))
         scored = []
         for i, lead in enumerate(leads):
@@ -260,6 +280,28 @@ class WorkerContext:
             )
         return scored
 
+    def _edited_in_crm(self, lead: Lead) -> bool:
+        """The CRM shows another score or tier than leadscore wrote: a rep, a workflow or an import
+        edited them. The score is leadscore's (a rep disagreeing sets the feedback field), so it is
+        written again; logged and counted, since a team whose reps edit scores wants to know."""
+        details = _shown_details(lead)
+        if details.get("holdout"):
+            wrote = {"score": "", "tier": ""}
+        elif "score" in details:  # scores written before they kept what they showed are taken as shown
+            wrote = {"score": str(details["score"]), "tier": str(details.get("tier") or "")}
+        else:
+            return False
+        if shows(lead.current_output, wrote):
+            return False
+        shown = lead.current_output
+        log.warning(
+            "%s lead %s shows score %r tier %r, not the %r %r leadscore wrote: edited in the CRM, written "
+            "again", lead.crm, lead.lead_id, shown.get("score") or "", shown.get("tier") or "",
+            wrote["score"], wrote["tier"],
+        )  # fmt: skip
+        self.telemetry("scores_edited_in_crm_total", crm=lead.crm)
+        return True
+
     def _never_kept(self, leads: list[Lead], fingerprints: list[str], shown: list[int]) -> set[int]:
         """Of the leads the CRM shows scored lately for their inputs, those whose score the store lacks
         and that no erasure (`forget`, a privacy deletion) deleted. They are scored again, the LLM
@@ -280,7 +322,11 @@ class WorkerContext:
         return {i for i in shown if leads[i].lead_id in missing - erased}
 
     def _results(
-        self, leads: list[Lead], answers: list[PropensityResult | None], fingerprints: list[str]
+        self,
+        leads: list[Lead],
+        answers: list[PropensityResult | None],
+        fingerprints: list[str],
+        told_ages: list[dict[str, str]],
     ) -> list[ScoreResult]:
         """Each lead's score with its provenance, whichever scorer made it; the fingerprint stored is
         the one the skip check compared, so the two cannot diverge."""
@@ -288,8 +334,10 @@ class WorkerContext:
             return []
         results = self._scores(leads, answers)
         return [
-            with_provenance(result, propensity, fingerprint, self.config)
-            for result, propensity, fingerprint in zip(results, answers, fingerprints, strict=True)
+            with_provenance(result, propensity, fingerprint, self.config, told)
+            for result, propensity, fingerprint, told in zip(
+                results, answers, fingerprints, told_ages, strict=True
+            )
         ]
 
     def _scores(self, leads: list[Lead], answers: list[PropensityResult | None]) -> list[ScoreResult]:

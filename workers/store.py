@@ -418,8 +418,9 @@ class Store:
             )
 
     def never_kept(self, crm: str, account_id: str, shown: dict[str, str]) -> set[str]:
-        """Of these leads (id: the fingerprint of the score the CRM shows), those whose score was never
-        kept: the store was down, or the worker died between writing it and keeping it."""
+        """Of these leads (id: the fingerprint of the score the CRM shows, never a fallback's), those
+        whose score was never kept: the store was down, or the worker died between writing it and
+        keeping it. A fallback kept for the same inputs is not the score shown."""
         if not shown:
             return set()
         with self.engine.connect() as connection:
@@ -429,12 +430,26 @@ class Store:
                     select(scores.c.lead_id, scores.c.fingerprint).where(
                         *_leads(scores, crm, account_id, list(shown)),
                         scores.c.fingerprint.in_(sorted(set(shown.values()))),
+                        scores.c.fallback.is_(False),
                     )
                 )
             }
         return {
             lead for lead, fingerprint in shown.items() if (_stored_lead(crm, lead), fingerprint) not in kept
         }
+
+    def lead_history(self, crm: str, account_id: str, lead_id: str) -> dict[str, list[dict]]:
+        """Every row kept of one lead, oldest first, by table; a Salesforce id matches in either form."""
+        with self.engine.connect() as connection:
+            return {
+                table.name: [
+                    dict(row._mapping)
+                    for row in connection.execute(
+                        select(table).where(*_leads(table, crm, account_id, [lead_id])).order_by(table.c.id)
+                    )
+                ]
+                for table in (scores, outcomes, feedback)
+            }
 
     def erase(self, crm: str, account_id: str, lead_ids: list[str]) -> dict[str, int]:
         """Delete every row kept of these leads; the rows deleted per table. A Salesforce id matches

@@ -36,6 +36,11 @@ def _same(key: str, current: str | None, new: str) -> bool:
     return (current or "").lower() == new.lower() if key == "holdout" else (current or "") == new
 
 
+def shows(current: dict[str, str], fields: dict[str, str]) -> bool:
+    """The CRM already shows these fields' values."""
+    return all(_same(key, current.get(key), value) for key, value in fields.items())
+
+
 def fields_to_write(
     new: dict[str, str], current: dict[str, str], now: datetime | None = None, feedback: str | None = None
 ) -> dict[str, str] | None:
@@ -44,10 +49,10 @@ def fields_to_write(
     A rep's `feedback` was about the score and tier they saw: when either changes, it is cleared in
     the same write, so it never stands beside a score it was not about, and the rep can say it again
     of the new one."""
-    if all(_same(key, current.get(key), value) for key, value in new.items()):
+    if shows(current, new):
         return None
     stamp = (now or datetime.now(UTC)).astimezone(UTC)
     fields = {**new, "scored_at": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")}
-    if feedback and not all(_same(key, current.get(key), new[key]) for key in ("score", "tier")):
+    if feedback and not shows(current, {key: new[key] for key in ("score", "tier")}):
         fields["feedback"] = ""
     return fields

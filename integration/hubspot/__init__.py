@@ -8,6 +8,9 @@ OUTPUT_PROPERTIES = {
     "details": "leadscore_details",
     "holdout": "leadscore_holdout",  # written only while HOLDOUT_SHARE > 0
 }
+# What reps see of a score: someone else's change of one (a rep typing over it, a workflow, an import)
+# is read, so the worker puts leadscore's back. A rep who disagrees sets the feedback property instead.
+SHOWN_PROPERTIES = (OUTPUT_PROPERTIES["score"], OUTPUT_PROPERTIES["tier"])
 # A contact with any of these has had sales activity (a reply, a note, a call), so may have notes or
 # emails worth reading; a change of one rescores the contact with that text.
 ACTIVITY_PROPERTIES = (

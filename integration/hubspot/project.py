@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from integration.errors import UserError
-from integration.hubspot import ACTIVITY_PROPERTIES, FEEDBACK_PROPERTY
+from integration.hubspot import ACTIVITY_PROPERTIES, FEEDBACK_PROPERTY, SHOWN_PROPERTIES
 
 PLATFORM_VERSION = "2026.09"
 APP_UID = "leadscore"
@@ -65,6 +65,7 @@ def project_files(
         *RESCORING_PROPERTIES,
         *ACTIVITY_PROPERTIES,
         FEEDBACK_PROPERTY,
+        *SHOWN_PROPERTIES,
         *(ENGAGEMENT_PROPERTIES if with_engagement else ()),
         *extra_properties,
     )

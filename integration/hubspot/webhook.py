@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from integration.errors import PayloadError, SignatureError, first_problem
 from integration.events import ERASE, MAX_EPOCH_MS, IntakeRow, deal_key
-from integration.hubspot import DEAL_OUTCOME_PROPERTIES, OUTPUT_PROPERTIES
+from integration.hubspot import DEAL_OUTCOME_PROPERTIES, OUTPUT_PROPERTIES, SHOWN_PROPERTIES
 from integration.queue import Skipped
 
 log = logging.getLogger(__name__)
@@ -228,9 +228,11 @@ def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
         if event.property_name not in DEAL_OUTCOME_PROPERTIES:
             return _skipped(event, "ignore", f"deal property {event.property_name} does not make an outcome")
         return _row(event, deal_key(str(event.object_id)), kind)
+    ours = event.change_source == "INTEGRATION" and event.source_id == own_app_id
     if kind == "property_change" and event.property_name in OWN_PROPERTIES:
-        return _skipped(event, "ignore", f"{event.property_name} is leadscore's own output")
-    if event.change_source == "INTEGRATION" and event.source_id == own_app_id:
+        if ours or event.property_name not in SHOWN_PROPERTIES:
+            return _skipped(event, "ignore", f"{event.property_name} is leadscore's own output")
+    elif ours:
         return _skipped(event, "ignore", "change made by leadscore itself")
     return _row(event, str(event.object_id), kind)
 
