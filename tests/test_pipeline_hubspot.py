@@ -12,6 +12,7 @@ from rq import Queue
 from integration.errors import LeadGone
 from integration.hubspot import ACTIVITY_PROPERTIES
 from tests.conftest import LLM_KEY, PORTAL_ID, fixture_json
+from workers.config import load_config
 
 VP_DEMO = "74300000101"
 
@@ -74,6 +75,12 @@ def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
     fingerprint = details.pop("fingerprint")
     assert len(fingerprint) == 24 and int(fingerprint, 16) >= 0
     assert details == {
+        "score": 89,
+        "tier": "A",
+        "ages": {
+            "last_activity_when": "within the last 7 days",
+            "most_recent_conversion_when": "within the last 7 days",
+        },
         "composite": 0.8908,
         "cap": None,
         "sub_scores": {
@@ -94,6 +101,7 @@ def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
             "value": 0.86,
             "confidence": 0.8,
             "source": "llm",
+            "model": "gpt-4o-mini-2024-07-18",
             "reason": "Demo request from a VP of Sales at a mid-size software company",
             "evidence": [
                 "recent_conversion_event_name: Demo request",
@@ -106,6 +114,7 @@ def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
         "prompt_version": "propensity-v3",
         "reason_version": "reasons-4",
         "config_version": "b2b-saas-default-2",
+        "config_digest": load_config().file_digest,
         "fallback": False,
     }
 

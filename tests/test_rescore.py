@@ -3,6 +3,7 @@ scored by the real pipeline; a second run with nothing changed writes nothing an
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -71,8 +72,10 @@ def test_a_forced_rescore_rewrites_only_the_leads_whose_shown_score_a_bad_deploy
     assert main(["rescore", "--crm", "hubspot"]) == 0
     run_worker()
     wronged = sorted(hubspot.contacts)[:3]
-    for contact_id in wronged:
-        hubspot.contacts[contact_id]["properties"].update(leadscore_score="3", leadscore_tier="D")
+    for contact_id in wronged:  # the bad deploy's details say so too: not a rep's edit
+        shown = hubspot.contacts[contact_id]["properties"]
+        details = {**json.loads(shown["leadscore_details"]), "score": 3, "tier": "D"}
+        shown.update(leadscore_score="3", leadscore_tier="D", leadscore_details=json.dumps(details))
     asked = len(llm.requests)
 
     assert main(["rescore", "--crm", "hubspot"]) == 0
