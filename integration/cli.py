@@ -42,6 +42,8 @@ def cmd_setup(args) -> int:
         print(f"created  {name}")
     for name in report.existing:
         print(f"exists   {name}")
+    for name in report.updated:
+        print(f"updated  {name} (help text for reps added)")
     print("Still to do by hand:")
     for step in todo:
         print(f"  - {step}")
@@ -544,6 +546,7 @@ def _scoring_config():
 
 def cmd_train(args) -> int:
     from workers import offline
+    from workers.evaluation import said_of_tier_a
 
     if (args.out / "model.json").exists():
         raise UsageError(
@@ -577,7 +580,7 @@ def cmd_train(args) -> int:
     print(f"  calibration: {method} (cross-validated log loss {cv['log_loss']}, ECE {cv['ece']})")
     expected = meta["expected"]
     print(f"  expected on unseen leads (out-of-fold): ROC AUC {expected['roc_auc']:.4f}, "
-          f"ECE {expected['ece']:.4f}, {_tier_a(expected['tiers'], meta['base_rate'])}")  # fmt: skip
+          f"ECE {expected['ece']:.4f}, {said_of_tier_a(expected['tiers'], meta['base_rate'])}")  # fmt: skip
     in_d, cuts = expected["tiers"][-1]["share"], meta["tiers"]
     suggested = _suggested_tiers(meta["base_rate"])
     if in_d > MOST_IN_ONE_TIER and suggested is not None and cuts["A"] > suggested.A:
@@ -589,14 +592,6 @@ def cmd_train(args) -> int:
 
 
 MOST_IN_ONE_TIER = 0.8  # beyond this share in one tier, say the tiers barely separate leads
-
-
-def _tier_a(tiers: list[dict], base_rate: float) -> str:
-    a = tiers[0]
-    if not a["leads"]:
-        return "tier A empty (no lead reaches its cut-off)"
-    return (f"tier A {a['share']:.0%} of leads converting at {a['conversion_rate']:.0%} "
-            f"({a['lift']:.2f}x the {base_rate:.0%} base rate)")  # fmt: skip
 
 
 def _suggested_tiers(base_rate: float):
@@ -654,6 +649,7 @@ MIN_ROWS_TO_JUDGE_TIERS = 50
 
 def cmd_evaluate(args) -> int:
     from workers import offline, report
+    from workers.evaluation import said_of_tier_a
 
     store = None
     if args.with_store:
@@ -678,7 +674,7 @@ def cmd_evaluate(args) -> int:
         print(f"store: each lead's {live['snapshot']} score graded; {timing}")
     for name, s in summary["scorers"].items():
         print(f"  {name:40s} ROC AUC {s['roc_auc']:.4f}  ECE {s['ece']:.4f}  "
-              f"{_tier_a(s['tiers'], s['base_rate'])}")  # fmt: skip
+              f"{said_of_tier_a(s['tiers'], s['base_rate'])}")  # fmt: skip
         if said := report.llm_adds(s):
             print(f"    {said}")
     if not summary["scorers"]:
@@ -810,17 +806,30 @@ def _store_rows_arguments(command, flag: str, verb: str) -> None:
     )  # fmt: skip
 
 
+# What the offline commands read of the settings (`leadscore train --help` and the others end with it).
+CONFIG_SETTING = (
+    "SCORING_CONFIG_PATH (the rules, and the status caps that bind a model too; unset: the defaults)"
+)
+STORE_SETTING = "DATABASE_URL (the score store)"
+
+
+def _command(sub, name: str, summary: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` says what it does too, not only `leadscore --help`'s list."""
+    return sub.add_parser(name, help=summary, description=summary, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leadscore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    setup = sub.add_parser("setup", help="create leadscore's CRM fields (idempotent)")
+    setup = _command(sub, "setup", "create leadscore's CRM fields (idempotent)")
     setup.add_argument("crm", choices=["hubspot", "salesforce"], help="the CRM to create the fields in")
     setup.set_defaults(func=cmd_setup)
 
-    project = sub.add_parser(
+    project = _command(
+        sub,
         "hubspot-project",
-        help="write the HubSpot project (app, scopes, webhook subscriptions) to upload with the HubSpot CLI",
+        "write the HubSpot project (app, scopes, webhook subscriptions) to upload with the HubSpot CLI",
     )
     project.add_argument(
         "--target-url", required=True, help="leadscore's public webhook: https://<host>/webhooks/hubspot"
@@ -842,23 +851,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     project.set_defaults(func=cmd_hubspot_project)
 
-    worker = sub.add_parser("worker", help="run an RQ worker for the scoring queue")
+    worker = _command(sub, "worker", "run an RQ worker for the scoring queue")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     worker.set_defaults(func=cmd_worker)
 
-    failed = sub.add_parser("failed", help="list jobs that failed for good, with the reason")
+    failed = _command(sub, "failed", "list jobs that failed for good, with the reason")
     failed.set_defaults(func=cmd_failed)
 
-    requeue = sub.add_parser("requeue", help="run failed jobs again")
+    requeue = _command(sub, "requeue", "run failed jobs again")
     requeue.add_argument(
         "job_ids", nargs="*", metavar="JOB_ID", help="a failed job's id, as `leadscore failed` lists it"
     )
     requeue.add_argument("--all", action="store_true", help="every job in the failed registry")
     requeue.set_defaults(func=cmd_requeue)
 
-    rescore = sub.add_parser(
+    rescore = _command(
+        sub,
         "rescore",
-        help="queue every lead of an account to be scored as it is now: at go-live, and after the rules, "
+        "queue every lead of an account to be scored as it is now: at go-live, and after the rules, "
         "the model or the holdout share change (workers write only the scores that change)",
     )
     rescore.add_argument("--crm", choices=["hubspot", "salesforce"], required=True, help="the CRM to read")
@@ -874,24 +884,25 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     rescore.set_defaults(func=cmd_rescore)
 
-    forget = sub.add_parser(
-        "forget", help="erase what leadscore keeps of leads (scores, outcomes, feedback, LLM answers)"
+    forget = _command(
+        sub, "forget", "erase what leadscore keeps of leads (scores, outcomes, feedback, LLM answers)"
     )
     forget.add_argument("--crm", choices=["hubspot", "salesforce"], required=True, help="the leads' CRM")
     forget.add_argument("--account", required=True, help="the HubSpot portal id / Salesforce org id")
     forget.add_argument("lead_ids", nargs="+", metavar="LEAD_ID", help="a contact / Lead id")
     forget.set_defaults(func=cmd_forget)
 
-    history = sub.add_parser(
-        "history", help="every score kept of one lead: what made each, and what changed between them"
+    history = _command(
+        sub, "history", "every score kept of one lead: what made each, and what changed between them"
     )
     history.add_argument("--crm", choices=["hubspot", "salesforce"], required=True, help="the lead's CRM")
     history.add_argument("--account", required=True, help="the HubSpot portal id / Salesforce org id")
     history.add_argument("lead_id", metavar="LEAD_ID", help="a contact / Lead id")
     history.set_defaults(func=cmd_history)
-    replay = sub.add_parser(
+    replay = _command(
+        sub,
         "replay",
-        help="post fixture deliveries to a running service, signed as the CRM would "
+        "post fixture deliveries to a running service, signed as the CRM would "
         "(HubSpot .json arrays, Salesforce .xml Outbound Messages and .json change events)",
     )
     replay.add_argument(
@@ -907,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.set_defaults(func=cmd_replay)
 
-    emulate = sub.add_parser("emulate", help="run the local HubSpot emulator or LLM stub")
+    emulate = _command(sub, "emulate", "run the local HubSpot emulator or LLM stub")
     emulate.add_argument(
         "service",
         choices=list(EMULATED),
@@ -925,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulate.set_defaults(func=cmd_emulate)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on local emulators, or a real portal")
+    demo = _command(sub, "demo", "the whole pipeline on local emulators, or a real portal")
     demo.add_argument(
         "--timeout",
         type=float,
@@ -934,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
-    db = sub.add_parser("db", help="the score store: its schema (Alembic), and what it keeps")
+    db = _command(sub, "db", "the score store: its schema (Alembic), and what it keeps")
     db.add_argument(
         "action",
         choices=["upgrade", "prune"],
@@ -942,11 +953,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than",
     )
     db.add_argument(
-        "--older-than", type=float, metavar="DAYS", help="prune: scores and feedback kept this many days ago"
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="prune: delete the scores and feedback kept more than this many days ago (1 or more)",
     )
     db.set_defaults(func=cmd_db)
 
-    train = sub.add_parser("train", help="compare models by cross-validation, calibrate the best, save it")
+    train = _command(
+        sub, "train", "compare models by cross-validation, calibrate the best, save it",
+        epilog=f"Reads from the environment or .env: {STORE_SETTING}, with --from-store.",
+    )  # fmt: skip
     train.add_argument("--data", type=a_file, help="CSV of leads with an outcome column")
     train.add_argument("--label", help="the outcome column (default: the mapping's `label`)")
     train.add_argument(
@@ -963,20 +980,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=a_directory, required=True, help="directory for the model artifact")
     train.set_defaults(func=cmd_train)
 
-    score_file = sub.add_parser("score-file", help="score every row of a CSV: id, score, tier, reason")
-    score_file.add_argument("--data", type=a_file, required=True)
-    score_file.add_argument("--mapping", type=a_file, required=True)
+    score_file = _command(
+        sub, "score-file", "score every row of a CSV: id, score, tier, reason",
+        epilog=f"Reads from the environment or .env: {CONFIG_SETTING}.",
+    )  # fmt: skip
+    score_file.add_argument("--data", type=a_file, required=True, help="CSV of leads to score")
+    score_file.add_argument(
+        "--mapping", type=a_file, required=True, help="TOML mapping the file's columns to lead fields"
+    )
     score_file.add_argument(
         "--model", type=a_directory, help="a `train` artifact; without it, the rules alone"
     )
     score_file.add_argument("--out", type=a_file, required=True, help="the CSV to write")
     score_file.set_defaults(func=cmd_score_file)
 
-    evaluate = sub.add_parser("evaluate", help="report how well each scorer ranks and calibrates")
+    evaluate = _command(
+        sub, "evaluate", "report how well each scorer ranks and calibrates",
+        epilog=f"Reads from the environment or .env: {CONFIG_SETTING}; {STORE_SETTING}, with --with-store.",
+    )  # fmt: skip
     evaluate.add_argument("--data", type=a_file, help="CSV of leads with an outcome column")
     evaluate.add_argument("--mapping", type=a_file, help="TOML mapping the file's columns to lead fields")
-    evaluate.add_argument("--label")
-    evaluate.add_argument("--model", type=a_directory, action="append", default=[], help="repeatable")
+    evaluate.add_argument("--label", help="the outcome column (default: the mapping's `label`)")
+    evaluate.add_argument(
+        "--model", type=a_directory, action="append", default=[],
+        help="a trained model directory; repeat to compare several (the report names each by its directory)",
+    )  # fmt: skip
     evaluate.add_argument(
         "--with-store",
         action="store_true",
@@ -986,7 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=a_directory, required=True, help="directory: report.md, plots, JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    outcomes = sub.add_parser("outcomes", help="outcomes kept in the score store")
+    outcomes = _command(sub, "outcomes", "outcomes kept in the score store")
     outcomes.add_argument("action", choices=["sync"], help="read outcomes from the CRM into the store")
     outcomes.add_argument("--crm", choices=["hubspot", "salesforce"], help="default: every configured CRM")
     outcomes.add_argument(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -30,10 +30,12 @@ class WriteResult:
 
 @dataclass
 class SetupReport:
-    """What `leadscore setup` created in the CRM and what was there already."""
+    """What `leadscore setup` created in the CRM, what was there already, and what it brought up to
+    date (Salesforce fields given the help text reps see)."""
 
     created: list[str]
     existing: list[str]
+    updated: list[str] = field(default_factory=list)
 
 
 class CRMAdapter(Protocol):

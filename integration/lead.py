@@ -11,6 +11,8 @@ from integration.text import whole
 
 MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
 FEEDBACK_VALUES = ("too_high", "too_low", "right")  # what reps may say of a score, in both CRMs
+# What each tier asks of a rep, in the tier field's help in both CRMs.
+TIER_MEANINGS = "A = call first, B = call this week, C = follow up, D = nurture"
 
 
 def option_label(value: str) -> str:

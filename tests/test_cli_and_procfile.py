@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -17,13 +18,16 @@ from redis import Redis
 
 from integration import pending
 from integration.app import create_app
-from integration.cli import main
+from integration.cli import build_parser, main
 from integration.emulators import free_port, serve_in_thread, start_redis, wait_until
+from integration.salesforce import api as salesforce_api
+from integration.salesforce.api import FIELD_DEFINITIONS
 from integration.settings import get_settings
 from tests.conftest import FIXTURES, SF_WEBHOOK_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE = FIXTURES / "hubspot" / "contact.creation__single.json"
+TIER_HELP = "A = call first, B = call this week, C = follow up, D = nurture (leadscore)"
 
 
 def test_setup_hubspot_is_idempotent(env, hubspot, capsys):
@@ -42,6 +46,7 @@ def test_setup_hubspot_is_idempotent(env, hubspot, capsys):
     )
     tier = hubspot.properties["leadscore_tier"]
     assert (tier["type"], [o["value"] for o in tier["options"]]) == ("enumeration", ["A", "B", "C", "D"])
+    assert tier["description"] == TIER_HELP  # every tier said, not only A and D
     assert hubspot.properties["leadscore_score"]["type"] == "number"
     assert {p["groupName"] for n, p in hubspot.properties.items() if n.startswith("leadscore_")} == {
         "leadscore"
@@ -433,11 +438,39 @@ def test_setup_salesforce_is_idempotent_and_says_what_is_left(env, salesforce, c
     )
     tier = salesforce.lead_fields["Leadscore_Tier__c"]
     assert (tier["type"], [v["value"] for v in tier["picklistValues"]]) == ("picklist", ["A", "B", "C", "D"])
+    assert tier["inlineHelpText"] == TIER_HELP  # what reps see; the description is for admins
+    assert all(salesforce.lead_fields[name]["inlineHelpText"] for name in FIELD_DEFINITIONS)
     assert salesforce.lead_fields["Leadscore_Score__c"]["type"] == "double"
     feedback = salesforce.lead_fields["Leadscore_Feedback__c"]["picklistValues"]
     assert [(v["value"], v["label"]) for v in feedback] == [
         ("too_high", "Too high"), ("too_low", "Too low"), ("right", "Right")
     ]  # reps read the labels; leadscore reads and writes the values  # fmt: skip
+
+
+def test_setup_salesforce_adds_help_text_to_fields_made_without_it_and_keeps_an_admins(
+    env, salesforce, capsys, monkeypatch
+):
+    without_help = {
+        name: {key: value for key, value in spec.items() if key != "inlineHelpText"}
+        for name, spec in FIELD_DEFINITIONS.items()
+    }
+    monkeypatch.setattr(salesforce_api, "FIELD_DEFINITIONS", without_help)  # as setup made them before
+    assert main(["setup", "salesforce"]) == 0
+    assert salesforce.lead_fields["Leadscore_Tier__c"]["inlineHelpText"] is None
+    salesforce.lead_fields["Leadscore_Reason__c"]["inlineHelpText"] = "Our own words"  # an admin's
+    monkeypatch.setattr(salesforce_api, "FIELD_DEFINITIONS", FIELD_DEFINITIONS)
+    capsys.readouterr()
+
+    assert main(["setup", "salesforce"]) == 0
+    said = capsys.readouterr().out
+    assert "updated  Leadscore_Tier__c (help text for reps added)" in said and "created" not in said
+    assert "exists   Leadscore_Reason__c" in said
+    tier = salesforce.lead_fields["Leadscore_Tier__c"]
+    assert tier["inlineHelpText"] == TIER_HELP
+    assert [v["value"] for v in tier["picklistValues"]] == ["A", "B", "C", "D"]  # the rest of it as it was
+    assert salesforce.lead_fields["Leadscore_Reason__c"]["inlineHelpText"] == "Our own words"
+    assert main(["setup", "salesforce"]) == 0
+    assert "updated  " not in capsys.readouterr().out  # up to date now
 
 
 def test_setup_salesforce_for_a_field_the_user_cannot_see_says_to_grant_field_level_security(
@@ -908,8 +941,24 @@ def test_demo_prints_the_readmes_list_views_and_keeps_its_scores_out_of_an_expor
         (["replay"], "  FILE             a delivery to post (see fixtures/)"),
         (["demo"], "  --timeout TIMEOUT  give up when scores take longer than this to arrive, in seconds "
                    "(default: 90.0)"),
+        (["rescore"], "queue every lead of an account to be scored as it is now: at go-live, and after the "
+                      "rules, the model or the holdout share change (workers write only the scores that "
+                      "change)"),
+        (["score-file"], "  --data DATA        CSV of leads to score"),
+        (["score-file"], "  --mapping MAPPING  TOML mapping the file's columns to lead fields"),
+        (["evaluate"], "  --label LABEL         the outcome column (default: the mapping's `label`)"),
+        (["evaluate"], "  --model MODEL         a trained model directory; repeat to compare several (the "
+                       "report names each by its directory)"),
+        (["evaluate"], "Reads from the environment or .env: SCORING_CONFIG_PATH (the rules, and the status "
+                       "caps that bind a model too; unset: the defaults); DATABASE_URL (the score store), "
+                       "with --with-store."),
+        (["train"], "Reads from the environment or .env: DATABASE_URL (the score store), with --from-store."),
+        (["db"], "  --older-than DAYS  prune: delete the scores and feedback kept more than this many days "
+                 "ago (1 or more)"),
     ],
-    ids=["leadscore", "setup", "requeue", "rescore", "replay", "demo"],
+    ids=["leadscore", "setup", "requeue", "rescore", "replay", "demo", "rescore-description",
+         "score-file-data", "score-file-mapping", "evaluate-label", "evaluate-model", "evaluate-epilog",
+         "train-epilog", "db-older-than"],
 )  # fmt: skip
 def test_help_describes_every_command_and_argument(monkeypatch, capsys, command, line):
     monkeypatch.setenv("COLUMNS", "200")  # one help line per argument
@@ -917,3 +966,15 @@ def test_help_describes_every_command_and_argument(monkeypatch, capsys, command,
         main([*command, "--help"])
 
     assert line in capsys.readouterr().out.splitlines()
+
+
+def test_every_commands_help_opens_with_what_it_does(capsys):
+    """`leadscore X --help` says what X does, as `leadscore --help` lists it, not only its usage."""
+    [commands] = [
+        action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+    ]
+    listed = {action.dest: action.help for action in commands._choices_actions}
+
+    assert len(listed) == len(commands.choices) == 15
+    for name, summary in listed.items():
+        assert commands.choices[name].description == summary, name

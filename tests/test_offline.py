@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import csv
 import fcntl
+import itertools
 import json
 import os
 import pty
@@ -20,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import lightgbm
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
@@ -37,6 +39,7 @@ from workers.config import load_config
 from workers.evaluation import (
     calibration_bins,
     classification_metrics,
+    conversions_reached,
     cumulative_gains,
     expected_calibration_error,
     paired_auc_difference,
@@ -467,9 +470,11 @@ def test_a_status_the_config_caps_caps_the_models_score_as_it_caps_the_rules(tra
 
     assert main(["evaluate", *FILE_ARGS, "--model", str(trained), "--out", str(tmp_path / "report")]) == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    [model_name] = [name for name in metrics["scorers"] if name.startswith("model ")]
-    assert (metrics["scoring_config"], metrics["scorers"][model_name]["capped"]) == ("x-education-team-1", 15)
-    assert f"- `{model_name}`: 15 leads capped by their status, as scoring config `x-education-team-1` " in (
+    assert (metrics["scoring_config"], metrics["scorers"]["x-education"]["capped"]) == (
+        "x-education-team-1",
+        15,
+    )
+    assert "- `x-education`: 15 leads capped by their status, as scoring config `x-education-team-1` " in (
         (tmp_path / "report" / "report.md").read_text()
     )
 
@@ -486,7 +491,7 @@ def test_score_file_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path, c
     while chunk := _read_or_nothing(terminal):
         shown += chunk
     os.close(terminal)
-    assert re.search(rb"\rscoring: +\d+%\|.*\| \d+/1 ", shown)  # 500 rows: one chunk
+    assert re.search(rb"\rscoring x-education: +\d+%\|.*\| \d+/1 ", shown)  # 500 rows: one chunk
 
     assert main(["score-file", *FILE_ARGS, "--model", str(trained), "--out", str(tmp_path / "b.csv")]) == 0
     assert "scoring" not in capsys.readouterr().err  # no bar in CI logs
@@ -507,7 +512,7 @@ def test_evaluate_says_how_many_leads_a_model_learned_from_in_a_reshuffled_copy(
     assert main(["evaluate", "--data", str(data), "--mapping", str(MAPPING), "--model", str(trained),
                  "--out", str(tmp_path / "report")]) == 0  # fmt: skip
 
-    note, leaks = json.loads((tmp_path / "report" / "metrics.json").read_text())["notes"]
+    _version, note, leaks, *_ = json.loads((tmp_path / "report" / "metrics.json").read_text())["notes"]
     assert "which `train` found looks recorded after or near the outcome" in leaks
     said = "was trained on 200 of these 250 leads (80%), so its numbers are optimistic; its cross-validated"
     assert said in note and said in capsys.readouterr().err
@@ -520,7 +525,7 @@ def test_evaluate_tells_a_model_saved_without_its_leads_by_the_very_file(trained
 
     assert main(["evaluate", *FILE_ARGS, "--model", str(tmp_path / "older"), "--out", str(tmp_path)]) == 0
 
-    note, _leaks = json.loads((tmp_path / "metrics.json").read_text())["notes"]
+    _version, note, *_ = json.loads((tmp_path / "metrics.json").read_text())["notes"]
     assert "was trained on this very file, so its numbers here are in-sample and optimistic" in note
 
 
@@ -531,7 +536,7 @@ def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rows"] == 500 and metrics["base_rate"] == 0.37
     names = list(metrics["scorers"])
-    assert names[0] == "rules" and names[1].startswith("model ")
+    assert names == ["rules", "x-education"]  # a model by its directory's name
     for scorer in metrics["scorers"].values():
         assert set(scorer) >= {"roc_auc", "pr_auc", "brier", "ece", "tiers"}
         assert [row["tier"] for row in scorer["tiers"]] == ["A", "B", "C", "D"]
@@ -542,17 +547,74 @@ def test_evaluate_reports_every_scorer_side_by_side(trained, tmp_path, capsys):
     }  # fmt: skip
     assert [row["leads"] for row in rules["tiers"]] == [0, 0, 496, 4]
     assert metrics["scorers"][names[1]]["roc_auc"] > rules["roc_auc"]
-    assert "trained on 500 of these 500 leads (100%), so its numbers are optimistic" in metrics["notes"][0]
-    assert metrics["notes"][1] == (
-        f"`{names[1]}` learned from status (alone ROC AUC 0.908), which `train` found looks recorded "
+    version, in_sample, leaks, tier_a = metrics["notes"]
+    assert version == f"`x-education` is model {TrainedModel.load(trained).version}, from `{trained}`."
+    assert "trained on 500 of these 500 leads (100%), so its numbers are optimistic" in in_sample
+    assert leaks == (
+        "`x-education` learned from status (alone ROC AUC 0.908), which `train` found looks recorded "
         "after or near the outcome: its numbers read the team's disposition of a lead as much as the lead, "
         "and fresh leads, which have none yet, rank worse."
     )
+    assert tier_a == "`rules`: tier A empty (no lead reaches its cut-off)."  # as the terminal says it
     for plot in ("roc.png", "calibration.png", "tiers.png", "gains.png"):
         assert (out / plot).read_bytes().startswith(PNG)
     report = (out / "report.md").read_text()
-    assert "| rules |" in report and "![ROC](roc.png)" in report
+    assert "| rules |" in report and "](roc.png)" in report
+    model = metrics["scorers"]["x-education"]
+    assert f"\nBest at ranking leads: `x-education` (ROC AUC {model['roc_auc']:.4f}); tier A " in report
+    assert "× the 37% base rate). It learned from some of these leads, so its numbers are optimistic (see " \
+           "the notes).\n" in report  # fmt: skip
     assert "report:" in capsys.readouterr().out
+
+
+def test_the_report_says_which_way_is_better_which_scorer_ranks_best_and_what_each_plot_shows(tmp_path):
+    out = tmp_path / "report"
+    assert main(["evaluate", *FILE_ARGS, "--out", str(out)]) == 0
+
+    said = (out / "report.md").read_text()
+    assert (
+        "| scorer | leads | conversion rate | ROC AUC | PR AUC | Brier | ECE |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| rules | 500 | 37.0% | 0.5366 | 0.3816 | 0.2419 | 0.0993 |\n\n"
+        "ROC AUC and PR AUC: higher is better (0.5 is chance for ROC AUC, the conversion rate for PR AUC); "
+        "Brier and ECE: lower is better.\n\n"
+        "Best at ranking leads: `rules` (ROC AUC 0.5366); tier A empty (no lead reaches its cut-off).\n"
+    ) in said  # "conversion rate", not "converted", which the tier table counts
+    reached = json.loads((out / "metrics.json").read_text())["scorers"]["rules"]["conversions_reached"]
+    table = offline.load_table(DATA, MAPPING, None, need_label=True)
+    scores = np.array(offline.Written.of(offline.rules_results(table, load_config())).score) / 100
+    assert list(reached.values()) == conversions_reached(table.y, scores)  # the gains plot's own curve
+    assert "| scorer | top 10% | top 20% | top 30% |\n|---|---|---|---|\n| rules | 8.8% | 19.4% | 31.0% |\n" \
+           in said  # fmt: skip
+    assert "![ROC curves of rules (ROC AUC rules 0.5366): true positive rate against false positive rate, " \
+           "the diagonal being chance](roc.png)" in said  # fmt: skip
+    alt = {png: text for text, png in re.findall(r"!\[([^]]*)\]\((\w+\.png)\)", said)}
+    assert set(alt) == {"roc.png", "calibration.png", "tiers.png", "gains.png"}
+    assert all("rules" in text and "diagonal" in text for png, text in alt.items() if png != "tiers.png")
+    assert "overall conversion rate" in alt["tiers.png"]
+
+
+def test_models_are_named_by_their_directories_and_each_progress_bar_by_its_scorer(
+    trained, tmp_path, monkeypatch
+):
+    other = TrainedModel.load(trained)
+    other.meta["version"] = "20260101T000000Z-lightgbm-other"
+    other.save(tmp_path / "b" / "x-education")
+    shutil.copytree(trained, tmp_path / "a" / "x-education")  # two directories of one name
+    shutil.copytree(trained, tmp_path / "first-touch")
+    bars = []
+    monkeypatch.setattr(offline, "progress", lambda desc: bars.append(desc) or (lambda items: items))
+
+    assert main(["evaluate", *FILE_ARGS, "--model", str(tmp_path / "a" / "x-education"), "--model",
+                 str(tmp_path / "b" / "x-education"), "--model", str(tmp_path / "first-touch"), "--out",
+                 str(tmp_path / "report")]) == 0  # fmt: skip
+
+    version = TrainedModel.load(trained).version
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    names = ["rules", f"model {version}", "model 20260101T000000Z-lightgbm-other", "first-touch"]
+    assert list(metrics["scorers"]) == names
+    assert f"`first-touch` is model {version}, from `{tmp_path / 'first-touch'}`." in metrics["notes"]
+    assert bars == [f"scoring {name}" for name in names]
 
 
 def test_each_tier_gives_its_conversions_with_wilsons_interval_and_a_small_tier_is_flagged(tmp_path):
@@ -565,8 +627,9 @@ def test_each_tier_gives_its_conversions_with_wilsons_interval_and_a_small_tier_
     assert tiers[3] == {"tier": "D", "leads": 4, "share": 0.008, "conversion_rate": 0.25, "lift": 0.68,
                         "converted": 1, "ci95": [0.0456, 0.6994]}  # fmt: skip
     report = (out / "report.md").read_text()
-    assert "| rules | C | 496 | 99.2% | 184 | 37.1% | 33.0% – 41.4% | 1.00× |" in report
-    assert "| rules | D | 4 | 0.8% | 1 | 25.0% | 4.6% – 69.9% | 0.68× |" in report
+    assert "| rules | A | 0 | 0.0% | 0 | n/a | n/a | n/a |" in report  # missing, said in words
+    assert "| rules | C | 496 | 99.2% | 184 | 37.1% | 33.0% to 41.4% | 1.00× |" in report
+    assert "| rules | D | 4 | 0.8% | 1 | 25.0% | 4.6% to 69.9% | 0.68× |" in report
     assert "- `rules`: tier D (4 leads): fewer than 30 leads, so conversion and lift are rough; the 95% " \
            "interval says how rough." in report  # fmt: skip
     assert "too few outcomes" not in report  # 185 converted, 315 not
@@ -590,10 +653,11 @@ def test_brier_and_ece_of_the_rules_are_said_to_measure_a_points_scale(trained, 
     scorers = json.loads((out / "metrics.json").read_text())["scorers"]
     assert [scorer["scale"] for scorer in scorers.values()] == ["points", "probability"]
     report = (out / "report.md").read_text()
-    assert "\n- `rules`: the rules' 0–100 is a points scale, not a probability, so Brier and ECE measure " \
-           "it against a scale it was not built for; compare the rules by ROC AUC, PR AUC and tier lift.\n" \
-           in report  # fmt: skip
-    assert "`model " not in report.split("## Tiers")[0]  # the model's Brier and ECE stand as they are
+    said = [line for line in report.split("## Tiers")[0].splitlines() if line.startswith("- ")]
+    assert said == [  # the model's Brier and ECE stand as they are
+        "- `rules`: the rules' 0 to 100 is a points scale, not a probability, so Brier and ECE measure it "
+        "against a scale it was not built for; compare the rules by ROC AUC, PR AUC and tier lift."
+    ]
 
 
 def test_the_cross_validation_table_tells_uncalibrated_from_calibrated_ece(trained, tmp_path):
@@ -602,7 +666,7 @@ def test_the_cross_validation_table_tells_uncalibrated_from_calibrated_ece(train
 
     meta = json.loads((trained / "model.json").read_text())
     kept, other = meta["model"], ({"lightgbm", "logistic_regression"} - {meta["model"]}).pop()
-    scorer = json.loads((out / "metrics.json").read_text())["scorers"][f"model {meta['version']}"]
+    scorer = json.loads((out / "metrics.json").read_text())["scorers"]["x-education"]
     assert (scorer["kept_candidate"], scorer["calibrated_oof_ece"]) == (kept, meta["expected"]["ece"])
     report = (out / "report.md").read_text()
     assert "| candidate | CV ROC AUC | sd across folds | out-of-fold ECE, uncalibrated | out-of-fold ECE, " \
@@ -610,7 +674,7 @@ def test_the_cross_validation_table_tells_uncalibrated_from_calibrated_ece(train
     k, o = meta["candidates"][kept], meta["candidates"][other]
     assert f"| {kept} (kept) | {k['cv_auc_mean']:.4f} | {k['cv_auc_sd']:.4f} | {k['oof_ece']:.4f} | " \
            f"{meta['expected']['ece']:.4f} |" in report  # fmt: skip
-    assert f"| {other} | {o['cv_auc_mean']:.4f} | {o['cv_auc_sd']:.4f} | {o['oof_ece']:.4f} | – |" in report
+    assert f"| {other} | {o['cv_auc_mean']:.4f} | {o['cv_auc_sd']:.4f} | {o['oof_ece']:.4f} | n/a |" in report
     assert "(calibration: " not in report
 
 
@@ -963,14 +1027,15 @@ def test_values_a_model_never_saw_are_named_when_scoring_and_evaluating(trained,
     frame.loc[:20, "Tags"] = "Asked for a callback"
     frame.loc[:10, "Lead Source"] = "TikTok"
     frame.loc[11:12, "Lead Source"] = "Podcast"
+    frame.loc[13, "What is your current occupation"] = "Astronaut"
     data = _write(tmp_path, frame)
 
     assert main(["score-file", "--data", str(data), "--mapping", str(MAPPING), "--model", str(trained),
                  "--out", str(tmp_path / "scores.csv")]) == 0  # fmt: skip
     warning = (
         f"values model {TrainedModel.load(trained).version} never saw in training: Lead Source in 13 rows "
-        "('TikTok', 'Podcast'); Tags in 21 rows ('Asked for a callback'). They score as unknown to it; "
-        "retrain once they are common"
+        "('TikTok', 'Podcast'); Tags in 21 rows ('Asked for a callback'); What is your current occupation in "
+        "1 row ('Astronaut'). They score as unknown to it; retrain once they are common"
     )
     assert capsys.readouterr().err == f"warning: {warning}\n"
     assert main(["evaluate", "--data", str(data), "--mapping", str(MAPPING), "--model", str(trained),
@@ -1088,6 +1153,9 @@ def test_numbers_that_cannot_be_read_are_counted_once_per_column(tmp_path, capsy
         "warning: Page Views Per Visit: 3 value(s) are not numbers and count as missing (first: '2,5' on "
         "line 5)\n"
     )
+    assert _run("evaluate", tmp_path, data) == 0  # the report says what the terminal did
+    assert "\n- `leads.csv`: Page Views Per Visit: 3 value(s) are not numbers and count as missing (first: " \
+           "'2,5' on line 5).\n" in (tmp_path / "evaluate" / "report.md").read_text()  # fmt: skip
 
 
 def test_rows_with_every_cell_blank_are_skipped(tmp_path, capsys):
@@ -1508,6 +1576,99 @@ def test_a_tier_without_leads_has_no_bar_and_each_bar_is_labelled_with_its_leads
     assert labels == ["n=2", "n=0", "n=2", "n=4"]
 
 
+def test_conversions_reached_are_read_off_the_gains_curve_straight_across_tied_leads():
+    y, scores = np.array([1, 1, 1, 0, 0, 1, 0, 0]), np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1])
+
+    # the curve: 1 lead called reaches 1 of 4 conversions, 5 leads reach 3 (as above)
+    assert conversions_reached(y, scores) == [0.2, 0.325, 0.425]
+
+
+def _curves(scorers: int) -> dict:
+    """`scorers` scorers of the same 1,000 leads, each ranking them a little better than the last."""
+    rng = np.random.default_rng(7)
+    y = (rng.random(1000) < 0.3).astype(int)
+    curves = {}
+    for i in range(scorers):
+        p = np.clip(0.3 + 0.1 * (i + 1) * (y - 0.3) + rng.normal(0, 0.2, len(y)), 0, 1).round(2)
+        curves[f"scorer {i}"] = (
+            y,
+            p,
+            np.select([p >= 0.6, p >= 0.4, p >= 0.2], ["A", "B", "C"], "D").tolist(),
+        )
+    return curves
+
+
+@pytest.fixture
+def saved(monkeypatch) -> dict:
+    """Each figure the report saves, by file name, with what it was saved with and a renderer to
+    measure it by (closed, a figure keeps no canvas that can draw)."""
+    figures = {}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def keeping(figure, path, **options):
+        savefig(figure, path, **options)
+        figures[Path(path).name] = (figure, options, figure.canvas.get_renderer())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keeping)
+    return figures
+
+
+def _contrast_with_white(colour: str) -> float:
+    """WCAG's contrast ratio of a colour against white."""
+    linear = [
+        c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in matplotlib.colors.to_rgb(colour)
+    ]
+    return 1.05 / (0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2] + 0.05)
+
+
+def _legend_of(figure):
+    [axes] = figure.axes
+    return figure.legends[0] if figure.legends else axes.get_legend()
+
+
+def test_scorers_differ_in_line_style_and_marker_not_colour_alone_and_the_diagonals_are_named(
+    tmp_path, saved
+):
+    style = dict(matplotlib.rcParams)
+    report.plots(tmp_path, _curves(5), cumulative_gains)
+
+    assert dict(matplotlib.rcParams) == style  # no global style left behind for other code
+    for png, diagonal in (("roc.png", "chance"), ("calibration.png", "perfectly calibrated"),
+                          ("gains.png", "random order")):  # fmt: skip
+        figure, options, _ = saved[png]
+        assert options["dpi"] == 150
+        lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+        scorers = [lines[f"scorer {i}"] for i in range(5)]
+        assert len({line.get_linestyle() for line in scorers[:4]}) == 4
+        assert len({line.get_marker() for line in scorers}) == 5
+        colours = [line.get_color() for line in scorers]
+        assert len(set(colours)) == 5 and min(map(_contrast_with_white, colours)) >= 3, png
+        if png != "calibration.png":  # a point per lead score: markers spaced out, not one per point
+            assert all(line.get_markevery() is not None for line in scorers)
+        assert lines[diagonal].get_color() == "grey"
+        assert diagonal in [text.get_text() for text in _legend_of(figure).get_texts()]
+
+
+def test_the_tier_plot_keeps_its_legend_off_the_bars_one_overall_rate_and_its_counts_apart(tmp_path, saved):
+    report.plots(tmp_path, _curves(5), cumulative_gains)
+
+    figure, options, renderer = saved["tiers.png"]
+    [axes] = figure.axes
+    legend = _legend_of(figure)
+    assert not legend.get_window_extent(renderer).overlaps(axes.get_window_extent(renderer))
+    [overall] = axes.get_lines()  # once, not once per scorer: they share the leads
+    assert (overall.get_label(), overall.get_color()) == ("overall conversion rate", "grey")
+    assert "overall conversion rate" in [text.get_text() for text in legend.get_texts()]
+    assert len({bars.patches[0].get_hatch() for bars in axes.containers}) == 5
+    counts = [text for text in axes.texts if text.get_text().startswith("n=")]
+    assert len(counts) == 5 * 4 and min(text.get_fontsize() for text in counts) >= 8
+    boxes = [text.get_window_extent(renderer) for text in counts]
+    assert not [pair for pair in itertools.combinations(boxes, 2) if pair[0].overlaps(pair[1])]
+    inside = axes.get_window_extent(renderer)
+    assert all(inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1) for box in boxes)
+    assert options["dpi"] == 150
+
+
 @EACH_STORE
 def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tmp_path):
     kept = Store(env["DATABASE_URL"])
@@ -1707,7 +1868,7 @@ def test_evaluate_from_the_store_alone_measures_the_scores_the_workers_wrote(env
     report = (out / "report.md").read_text()
     assert "| live v7 | 2 | 50.0% | 1.0000 |" in report
     assert [scorer["scale"] for scorer in scorers.values()] == ["points", "probability"]
-    assert "- `live rules+llm`: the rules' 0–100 is a points scale, not a probability" in report
+    assert "- `live rules+llm`: the rules' 0 to 100 is a points scale, not a probability" in report
 
 
 @EACH_STORE
@@ -1806,7 +1967,9 @@ def test_evaluate_without_a_holdout_says_no_lead_was_held_out(env, tmp_path):
     assert main(["evaluate", "--with-store", "--out", str(out)]) == 0
 
     report = (out / "report.md").read_text()
-    assert "| holdout | 0 | 0 | – | 0 | 0 | 0 |" in report and "| scored | 0 | 0 | – | 0 | 0 | 2 |" in report
+    assert (
+        "| holdout | 0 | 0 | n/a | 0 | 0 | 0 |" in report and "| scored | 0 | 0 | n/a | 0 | 0 | 2 |" in report
+    )
     assert "No difference: no lead was held out (set `HOLDOUT_SHARE` above 0 to measure the difference)." in (
         report
     )

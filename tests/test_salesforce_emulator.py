@@ -279,6 +279,30 @@ def test_mdapi_create_read_duplicate_and_describe(salesforce):
     assert sf.Lead.get(LEAD_A)["Leadscore_Tier__c"] == "A"
 
 
+def test_mdapi_update_replaces_a_field_and_the_describe_gives_its_help_text(salesforce):
+    sf = client(salesforce)
+    sf.mdapi.CustomField.create([
+        sf.mdapi.CustomField(fullName="Lead.Leadscore_Reason__c", label="Lead Score Reason", type="Text",
+                             length=255, description="Why, in one line")
+    ])  # fmt: skip
+
+    def described() -> dict:
+        return {f["name"]: f for f in sf.Lead.describe()["fields"]}["Leadscore_Reason__c"]
+
+    assert described()["inlineHelpText"] is None
+
+    field = sf.mdapi.CustomField.read(["Lead.Leadscore_Reason__c"])
+    field.inlineHelpText = "Why the lead has this score"
+    sf.mdapi.CustomField.update([field])
+
+    assert (described()["inlineHelpText"], described()["length"]) == ("Why the lead has this score", 255)
+    read = sf.mdapi.CustomField.read(["Lead.Leadscore_Reason__c"])
+    assert (read.description, read.inlineHelpText) == ("Why, in one line", "Why the lead has this score")
+    absent = sf.mdapi.CustomField(fullName="Lead.Nothing_Here__c", label="Nothing", type="Text", length=10)
+    with pytest.raises(Exception, match="INVALID_CROSS_REFERENCE_KEY"):
+        sf.mdapi.CustomField.update([absent])
+
+
 def test_mdapi_bad_session_is_a_soap_fault(salesforce):
     sf = client(salesforce, token="wrong")
     with pytest.raises(Exception, match="INVALID_SESSION_ID"):

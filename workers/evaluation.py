@@ -82,6 +82,29 @@ def cumulative_gains(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.r_[0.0, called[last_of_each_score]], np.r_[0.0, captured[last_of_each_score]]
 
 
+GAINS_SHARES = (0.1, 0.2, 0.3)  # shares of leads called, best scores first, that the report tabulates
+
+
+def conversions_reached(
+    y: np.ndarray, p: np.ndarray, shares: tuple[float, ...] = GAINS_SHARES
+) -> list[float]:
+    """Share of all conversions reached by calling each share of leads, best scores first: read off
+    the gains curve as plotted, so a share that falls among leads tied on a score gets the straight
+    line's value across them (what calling them in any order gives on average)."""
+    called, captured = cumulative_gains(y, p)
+    return [round(float(np.interp(share, called, captured)), 4) for share in shares]
+
+
+def said_of_tier_a(tiers: list[dict], base_rate: float) -> str:
+    """Tier A's share, conversion and lift (of `tier_table`'s rows) in words, as the terminal and the
+    report both say it."""
+    a = tiers[0]
+    if not a["leads"]:
+        return "tier A empty (no lead reaches its cut-off)"
+    return (f"tier A {a['share']:.0%} of leads converting at {a['conversion_rate']:.0%} "
+            f"({a['lift']:.2f}× the {base_rate:.0%} base rate)")  # fmt: skip
+
+
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     """Wilson's 95% score interval for a proportion: sound for small n and for rates of 0 or 1."""
     interval = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")

@@ -27,11 +27,14 @@ from workers import model_scoring, tabular
 from workers.blend import ScoreResult, blend_score
 from workers.config import TIER_NAMES, ScoringConfig, Tiers
 from workers.evaluation import (
+    GAINS_SHARES,
     POINTS,
     PROBABILITY,
     classification_metrics,
+    conversions_reached,
     cumulative_gains,
     paired_auc_difference,
+    said_of_tier_a,
     tier_table,
 )
 from workers.model import TrainedModel, identifier_like, lead_digests, require_folds, suspected_leaks, train
@@ -54,6 +57,7 @@ class LabelledTable:
     mapping: tabular.Mapping
     y: np.ndarray | None
     source: dict
+    warnings: list[str]  # what reading it warned of: `evaluate` puts them in the report too
 
 
 def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bool) -> LabelledTable:
@@ -65,11 +69,12 @@ def load_table(data: Path, mapping_path: Path, label: str | None, need_label: bo
     source = {"file": Path(data).name, "sha256": file_digest(data), "mapping": Path(mapping_path).name}
     if mapping.created and need_label:  # the training window: scoring a file needs none
         source.update(tabular.created_window(frame, mapping.created))
-    shown, warnings = tabular.feature_frame(frame, mapping)
-    for warning in [*read_warnings, *warnings]:
+    shown, feature_warnings = tabular.feature_frame(frame, mapping)
+    warnings = [*read_warnings, *feature_warnings]
+    for warning in warnings:
         _warn(warning)
     features = tabular.model_values(shown, mapping.feature_kinds())
-    return LabelledTable(frame, features, shown, mapping, y, source)
+    return LabelledTable(frame, features, shown, mapping, y, source, warnings)
 
 
 def train_from_file(data: Path, mapping_path: Path, label: str | None, out: Path, tiers: Tiers | None = None):
@@ -189,10 +194,11 @@ def _finish(
 CHUNK_ROWS = 500  # rows scored at a time: the progress bar moves, and only a chunk's leads are held
 
 
-def _chunks(table: LabelledTable) -> Iterator[slice]:
+def _chunks(table: LabelledTable, scorer: str) -> Iterator[slice]:
+    """The table's chunks, behind a progress bar naming the scorer (`evaluate` runs several)."""
     return (
         slice(start, start + CHUNK_ROWS)
-        for start in progress("scoring")(range(0, len(table.frame), CHUNK_ROWS))
+        for start in progress(f"scoring {scorer}")(range(0, len(table.frame), CHUNK_ROWS))
     )
 
 
@@ -200,15 +206,17 @@ def rules_results(table: LabelledTable, config: ScoringConfig) -> Iterator[Score
     """Zero-label mode: the rules scorer alone, the AI propensity held at its neutral prior, so
     each score is the one production writes for the lead when no LLM answers."""
     neutral = fallback("zero-label mode: rules only")
-    for rows in _chunks(table):
+    for rows in _chunks(table, RULES):
         for lead in tabular.leads_from_frame(table.frame.iloc[rows], table.mapping):
             yield blend_score(lead, evaluate_rules(lead, config), neutral, config)
 
 
-def model_results(table: LabelledTable, model: TrainedModel, config: ScoringConfig) -> Iterator[ScoreResult]:
+def model_results(
+    table: LabelledTable, model: TrainedModel, config: ScoringConfig, name: str = "model"
+) -> Iterator[ScoreResult]:
     """The model's scores and reasons, as workers write them (statuses the config caps included)."""
     shown = table.shown.get("status")  # spelled as a lead's status is: the config's caps match it
-    for rows in _chunks(table):
+    for rows in _chunks(table, name):
         results = model_scoring.score_frame(
             model,
             table.features.iloc[rows],
@@ -287,7 +295,8 @@ def unseen_values(model: TrainedModel, table: LabelledTable) -> str | None:
         counts = table.frame[columns[name]][rows].value_counts()  # as the file spells them
         named = ", ".join(repr(value) for value in counts.index[:MAX_UNSEEN_NAMED])
         more = f" and {len(counts) - MAX_UNSEEN_NAMED} more" if len(counts) > MAX_UNSEEN_NAMED else ""
-        found.append(f"{columns[name]} in {counts.sum()} rows ({named}{more})")
+        held = int(counts.sum())
+        found.append(f"{columns[name]} in {held} row{'s' if held > 1 else ''} ({named}{more})")
     if not found:
         return None
     return (
@@ -311,7 +320,9 @@ def score_file(
         require_model_kinds(model, table)
         _warn(unmapped_features(model, table))
         _warn(unseen_values(model, table))
-    written = Written.of(model_results(table, model, config) if model else rules_results(table, config))
+    written = Written.of(
+        model_results(table, model, config, model_name(model_dir)) if model else rules_results(table, config)
+    )
     out = Path(out)
     if streams_into(out):
         with out.open("w", encoding="utf-8", newline="") as handle:
@@ -393,6 +404,7 @@ def evaluate(
     }
     if data is not None:
         table = load_table(data, mapping_path, label, need_label=True)
+        notes += [f"`{table.source['file']}`: {warning}." for warning in table.warnings]
         curves.update(_file_scorers(table, config, model_dirs, scorers, notes))
         summary["data"] = table.source
     if store is not None:
@@ -412,7 +424,11 @@ def evaluate(
         scorers[name].update({
             "leads": int(len(y)), "base_rate": round(float(y.mean()), 4),
             **classification_metrics(y, p), "tiers": tier_table(y, tiers),
+            "conversions_reached": dict(zip([f"{share:.0%}" for share in GAINS_SHARES],
+                                            conversions_reached(y, p), strict=True)),
         })  # fmt: skip
+        if not scorers[name]["tiers"][0]["leads"]:  # as the terminal says it too
+            notes.append(f"`{name}`: {said_of_tier_a(scorers[name]['tiers'], scorers[name]['base_rate'])}.")
     first = next(iter(scorers.values()), {})  # the file's rules, or else the first live scorer
     summary.update(rows=first.get("leads"), base_rate=first.get("base_rate"), scorers=scorers, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
@@ -427,11 +443,14 @@ def _file_scorers(
     """The rules and each model, scoring the same labelled file."""
     written = {RULES: Written.of(rules_results(table, config))}
     scorers[RULES] = {"scale": POINTS}
-    for directory in model_dirs:
+    names = [model_name(directory) for directory in model_dirs]
+    for directory, name in zip(model_dirs, names, strict=True):
         model = TrainedModel.load(directory)
         require_model_kinds(model, table)
-        name = f"model {model.version}"
-        written[name] = Written.of(model_results(table, model, config))
+        if names.count(name) > 1 or name == RULES:
+            name = f"model {model.version}"
+        notes.append(f"`{name}` is model {model.version}, from `{directory}`.")
+        written[name] = Written.of(model_results(table, model, config, name))
         for warning in (unmapped_features(model, table), unseen_values(model, table)):
             if warning:
                 _warn(warning)
@@ -448,6 +467,7 @@ def _file_scorers(
             )
         scorers[name] = {
             "scale": PROBABILITY,
+            "in_sample": in_sample is not None,  # its numbers here are optimistic
             "capped": written[name].capped,
             "cross_validation": model.meta.get("candidates"),
             "calibration": model.meta["calibration"],
@@ -457,6 +477,12 @@ def _file_scorers(
     return {
         name: (table.y, np.array(rows.score, dtype=float) / 100, rows.tier) for name, rows in written.items()
     }
+
+
+def model_name(directory: Path) -> str:
+    """A model's name as a scorer: its directory's, which the team chose; versions of models trained
+    on one file differ only in the time they were trained."""
+    return Path(os.path.abspath(directory)).name
 
 
 def _live_scorers(

@@ -5,8 +5,9 @@ client-credentials token endpoint, `Sforce-Limit-Info` on every REST response, s
 reads with `fields`, a small SOQL subset answered in pages (`nextRecordsUrl`), sObject
 Collections updates with per-record SaveResults (validation rules, converted or deleted
 leads, unknown fields, restricted picklists, allOrNone rollback),
-`createMetadata`/`readMetadata` of CustomFields over SOAP as `simple_salesforce`'s `mdapi`
-(zeep) speaks it, and (optionally) the Outbound Message Salesforce sends back after the
+`createMetadata`/`readMetadata`/`updateMetadata` of CustomFields over SOAP as
+`simple_salesforce`'s `mdapi` (zeep) speaks it (the describe gives each field's
+`inlineHelpText`), and (optionally) the Outbound Message Salesforce sends back after the
 integration's own write.
 
 Serve it over TLS (`integration.emulators.tls`): simple-salesforce only builds https:// URLs.
@@ -425,6 +426,7 @@ class SalesforceEmulator:
             "nillable": name
             not in ("Id", "IsConverted", "CreatedDate", "LastModifiedDate", "SystemModstamp"),
             "length": {"string": 255, "id": 18, "picklist": 255}.get(kind, 0),
+            "inlineHelpText": None,
         }
         if kind == "picklist":
             described["picklistValues"] = [_picklist_value(v) for v in DEFAULT_PICKLISTS[name]]
@@ -928,9 +930,10 @@ class SalesforceEmulator:
         body = root.find(f"{{{SOAPENV}}}Body")
         operation = body[0] if body is not None and len(body) else None
         name = _local(operation.tag) if operation is not None else ""
-        if name == "createMetadata":
-            results = [self._create_metadata(_tree(m)) for m in operation.findall(f"{{{MD}}}metadata")]
-            return _soap(f"<createMetadataResponse>{''.join(results)}</createMetadataResponse>")
+        if name in ("createMetadata", "updateMetadata"):
+            create = name == "createMetadata"
+            results = [self._save_field(_tree(m), create) for m in operation.findall(f"{{{MD}}}metadata")]
+            return _soap(f"<{name}Response>{''.join(results)}</{name}Response>")
         if name == "readMetadata":
             kind = (operation.findtext(f"{{{MD}}}type") or "").strip()
             names = [(e.text or "").strip() for e in operation.findall(f"{{{MD}}}fullNames")]
@@ -948,7 +951,42 @@ class SalesforceEmulator:
             f"</errors><fullName>{escape(full_name)}</fullName><success>false</success></result>"
         )
 
-    def _create_metadata(self, tree: dict) -> str:
+    def _save_field(self, tree: dict, create: bool) -> str:
+        """createMetadata, refused for a field that exists, or updateMetadata, refused for one that
+        does not and replacing it whole by the one sent, as Salesforce does."""
+        refused = self._field_refused(tree)
+        if refused:
+            return refused
+        items = tree["items"]
+        full_name = str(_first(items, "fullName"))
+        entity, _, field_name = full_name.partition(".")
+        kind, label = _first(items, "type"), _first(items, "label")
+        with self._lock:
+            kept = next((n for n in self.custom_fields if n.lower() == full_name.lower()), None)
+            described = self._lead_field(field_name) if entity == "Lead" else None
+            if create and (kept or described):
+                return self._save_result(
+                    full_name,
+                    "DUPLICATE_DEVELOPER_NAME",
+                    f"There is already a field named {field_name[:-3]} on {entity}.",
+                    ["fullName"],
+                )
+            if not create and not (kept or described):
+                return self._save_result(
+                    full_name,
+                    "INVALID_CROSS_REFERENCE_KEY",
+                    f"In field: fullName - no CustomField named {full_name} found",
+                    ["fullName"],
+                )
+            self.custom_fields[kept or full_name] = tree
+            if entity == "Lead" and (create or described):  # a hidden field stays hidden
+                name = described or field_name
+                values = self._picklist_values(items) if kind == "Picklist" else []
+                self.lead_fields[name] = self._describe_custom(name, kind, str(label), items, values)
+        return self._save_result(full_name)
+
+    def _field_refused(self, tree: dict) -> str | None:
+        """The failed SaveResult for a CustomField definition Salesforce would refuse, else None."""
         items = tree["items"]
         full_name = str(_first(items, "fullName") or "")
         if tree["type"] != "CustomField":
@@ -980,29 +1018,14 @@ class SalesforceEmulator:
             return self._save_result(
                 full_name, "FIELD_INTEGRITY_EXCEPTION", "Precision: You must enter a value", ["precision"]
             )
-        values = self._picklist_values(items) if kind == "Picklist" else []
-        if kind == "Picklist" and not values:
+        if kind == "Picklist" and not self._picklist_values(items):
             return self._save_result(
                 full_name,
                 "FIELD_INTEGRITY_EXCEPTION",
                 "Picklist Values: You must enter at least one value",
                 ["valueSet"],
             )
-        with self._lock:
-            exists = full_name.lower() in (n.lower() for n in self.custom_fields)
-            if exists or (entity == "Lead" and self._lead_field(field_name)):
-                return self._save_result(
-                    full_name,
-                    "DUPLICATE_DEVELOPER_NAME",
-                    f"There is already a field named {field_name[:-3]} on {entity}.",
-                    ["fullName"],
-                )
-            self.custom_fields[full_name] = tree
-            if entity == "Lead":
-                self.lead_fields[field_name] = self._describe_custom(
-                    field_name, kind, str(label), items, values
-                )
-        return self._save_result(full_name)
+        return None
 
     @staticmethod
     def _picklist_values(items: list) -> list[dict]:
@@ -1040,6 +1063,7 @@ class SalesforceEmulator:
             "length": number("length", 255 if kind in ("TextArea", "Picklist", "Email", "Url") else 0),
             "precision": number("precision"),
             "scale": number("scale"),
+            "inlineHelpText": _first(items, "inlineHelpText") or None,  # what reps see at the field
         }
         if kind in ("TextArea", "LongTextArea"):
             entry["extraTypeInfo"] = "plaintextarea"

@@ -45,7 +45,7 @@ from integration.hubspot import (
     outcome_stages,
     stage_date_property,
 )
-from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, moment_of, option_label
+from integration.lead import FEEDBACK_VALUES, TIER_MEANINGS, Lead, bounded_texts, moment_of, option_label
 from integration.ratelimit import DEFAULT_MAX_WAIT_S, RateLimiter
 from integration.settings import Settings
 
@@ -81,7 +81,7 @@ PROPERTY_DEFINITIONS = (
     ),
     PropertyCreate(
         name=OUTPUT_PROPERTIES["tier"], label="Lead tier", type="enumeration", field_type="select",
-        group_name=GROUP.name, description="A = call first … D = nurture (leadscore)",
+        group_name=GROUP.name, description=f"{TIER_MEANINGS} (leadscore)",
         options=[OptionInput(label=t, value=t, display_order=i, hidden=False)
                  for i, t in enumerate("ABCD")],
     ),

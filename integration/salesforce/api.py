@@ -24,7 +24,7 @@ from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSessi
 
 from integration.crm import SetupReport, WriteResult, write_one
 from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
-from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, option_label
+from integration.lead import FEEDBACK_VALUES, TIER_MEANINGS, Lead, bounded_texts, option_label
 from integration.salesforce import (
     FEEDBACK_FIELD,
     OUTPUT_FIELDS,
@@ -61,34 +61,43 @@ PERMANENT_CODES = frozenset(
 GONE_CODES = frozenset({"ENTITY_IS_DELETED", "CANNOT_UPDATE_CONVERTED_LEAD", "INVALID_CROSS_REFERENCE_KEY"})
 
 
+# `description` is for admins (Setup shows it); `inlineHelpText` is what reps see, at the field's "i".
 FIELD_DEFINITIONS: dict[str, dict] = {
     OUTPUT_FIELDS["score"]: {
         "label": "Lead Score", "type": "Number", "precision": 3, "scale": 0,
         "description": "Conversion propensity, 0-100 (leadscore)",
+        "inlineHelpText": "How likely this lead is to convert, from 0 to 100 (leadscore)",
     },
     OUTPUT_FIELDS["tier"]: {
         "label": "Lead Tier", "type": "Picklist", "values": ["A", "B", "C", "D"],
-        "description": "A = call first ... D = nurture (leadscore)",
+        "description": f"{TIER_MEANINGS} (leadscore)",
+        "inlineHelpText": f"{TIER_MEANINGS} (leadscore)",
     },
     OUTPUT_FIELDS["reason"]: {
         "label": "Lead Score Reason", "type": "Text", "length": 255,
         "description": "Why, in one line (leadscore)",
+        "inlineHelpText": "Why the lead has this score, in one line (leadscore)",
     },
     OUTPUT_FIELDS["scored_at"]: {
         "label": "Lead Scored At", "type": "DateTime",
         "description": "When the score was written (leadscore)",
+        "inlineHelpText": "When leadscore last wrote this lead's score",
     },
     OUTPUT_FIELDS["details"]: {
         "label": "Lead Score Details", "type": "LongTextArea", "length": 32768, "visibleLines": 5,
         "description": "JSON provenance: sub-scores, weights, model, evidence, fingerprint (leadscore)",
+        "inlineHelpText": "How the score was made, as JSON, for whoever looks after leadscore (leadscore)",
     },
     OUTPUT_FIELDS["holdout"]: {
         "label": "Lead Score Holdout", "type": "Checkbox", "defaultValue": "false",
         "description": "In the randomised holdout: no score shown, so lift can be measured (leadscore)",
+        "inlineHelpText": "Checked: the score is left blank on purpose, to measure what scores change; work "
+        "the lead as you would without one (leadscore)",
     },
     FEEDBACK_FIELD: {
         "label": "Lead Score Feedback", "type": "Picklist", "values": list(FEEDBACK_VALUES),
         "description": "Reps: is this score too high, too low or right? (leadscore)",
+        "inlineHelpText": "Is this lead's score too high, too low or right? Say so here (leadscore)",
     },
 }  # fmt: skip
 
@@ -165,8 +174,8 @@ def _failure(what: str, exc: SalesforceError | requests.RequestException) -> CRM
     return kind(f"{what}: {_said(exc)}")
 
 
-def _setup_refused(name: str, label: str, exc: Exception) -> CRMError:
-    """What the admin must do when the Metadata API refuses one of leadscore's fields."""
+def _setup_refused(name: str, label: str, exc: Exception, verb: str = "create") -> CRMError:
+    """What the admin must do when the Metadata API refuses to `verb` one of leadscore's fields."""
     said = " ".join(str(exc).split())
     if "DUPLICATE_DEVELOPER_NAME" in said:
         return CRMError(
@@ -176,10 +185,10 @@ def _setup_refused(name: str, label: str, exc: Exception) -> CRMError:
         )
     if "INSUFFICIENT_ACCESS" in said:
         return CRMError(
-            "this Salesforce user may not create fields: give it the Customize Application and Modify "
+            f"this Salesforce user may not {verb} fields: give it the Customize Application and Modify "
             "Metadata permissions (or have an admin run `leadscore setup salesforce`)"
         )
-    return CRMError(f"Salesforce refused creating Lead.{name}: {said}")
+    return CRMError(f"Salesforce refused to {verb} Lead.{name}: {said}")
 
 
 def _soql_ids(ids: list[str]) -> str:
@@ -553,13 +562,19 @@ class SalesforceCRM:
         write_one(self, "Salesforce Lead", lead_id, fields)
 
     def ensure_fields(self) -> SetupReport:
-        """Create leadscore's custom Lead fields through the Metadata API; existing ones stay."""
-        existing = set(self._lead_fields())
+        """Create leadscore's custom Lead fields through the Metadata API. Existing ones stay, but one
+        without help text for reps (created before leadscore set it) gets leadscore's; an admin's own
+        help text is kept."""
+        existing = self._lead_fields()
         report = SetupReport(created=[], existing=[])
         mdapi = self.sf.mdapi
         for name, spec in FIELD_DEFINITIONS.items():
-            if name in existing:
+            if name in existing and existing[name].get("inlineHelpText"):
                 report.existing.append(name)
+                continue
+            if name in existing:
+                self._add_help(name)
+                report.updated.append(name)
                 continue
             spec = dict(spec)
             field_type = mdapi.FieldType(spec.pop("type"))
@@ -578,6 +593,17 @@ class SalesforceCRM:
             report.created.append(name)
         self._read_fields = None  # read the new fields from now on
         return report
+
+    def _add_help(self, name: str) -> None:
+        """Leadscore's help text for reps on an existing field, the rest of it as it is: the Metadata
+        API updates a field whole, so it is read first."""
+        mdapi = self.sf.mdapi
+        try:
+            field = mdapi.CustomField.read([f"Lead.{name}"])
+            field.inlineHelpText = FIELD_DEFINITIONS[name]["inlineHelpText"]
+            mdapi.CustomField.update([field])
+        except Exception as exc:  # simple-salesforce raises a bare Exception for a refused field
+            raise _setup_refused(name, FIELD_DEFINITIONS[name]["label"], exc, "change") from None
 
     def list_scored(self, lead_ids: list[str]) -> list[dict[str, str]]:
         """The rep's Lead list view columns for these leads, in the given order."""
