@@ -975,6 +975,6 @@ def test_every_commands_help_opens_with_what_it_does(capsys):
     ]
     listed = {action.dest: action.help for action in commands._choices_actions}
 
-    assert len(listed) == len(commands.choices) == 15
+    assert len(listed) == len(commands.choices) == 16
     for name, summary in listed.items():
         assert commands.choices[name].description == summary, name
