@@ -398,21 +398,28 @@ def test_a_score_typed_into_a_held_out_lead_is_blanked_again(env, monkeypatch, p
     )  # fmt: skip
 
 
-def test_a_new_score_clears_the_feedback_on_the_old_one_and_saying_it_again_counts(
-    env, post_delivery, crm, run_worker, hubspot
-):
-    """Feedback is about the score the rep saw: beside a new score it would mislead, and a rep who
-    still thinks "too high" could not say so again without clearing it first."""
+def _scored_said_too_high_then_disqualified(post_delivery, run_worker, hubspot) -> tuple[dict, dict]:
+    """A lead scored, a rep's "too high", then the rep disqualifying it: the two scores' results."""
     post_delivery("contact.propertyChange__lead_status")
     [first] = run_worker()
     properties = hubspot.contacts[CONTACT]["properties"]
     properties["leadscore_feedback"] = "too_high"
     post_delivery("contact.propertyChange__rep_feedback")
     run_worker()
-    properties["hs_lead_status"] = "UNQUALIFIED"  # the rep disqualifies it: a new score and tier
+    properties["hs_lead_status"] = "UNQUALIFIED"  # a new score and tier
     post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
                                "eventId": 8, "propertyValue": "UNQUALIFIED"}]).encode())  # fmt: skip
     [second] = run_worker()
+    return first, second
+
+
+def test_a_new_score_clears_the_feedback_on_the_old_one_and_saying_it_again_counts(
+    env, post_delivery, crm, run_worker, hubspot
+):
+    """Feedback is about the score the rep saw: beside a new score it would mislead, and a rep who
+    still thinks "too high" could not say so again without clearing it first."""
+    first, second = _scored_said_too_high_then_disqualified(post_delivery, run_worker, hubspot)
+    properties = hubspot.contacts[CONTACT]["properties"]
 
     assert second["outcome"] == "written" and (second["score"], second["tier"]) != (
         first["score"],
@@ -436,16 +443,7 @@ def test_a_new_score_clears_the_feedback_on_the_old_one_and_saying_it_again_coun
 def test_history_shows_each_score_what_made_it_and_what_changed(
     env, post_delivery, crm, run_worker, hubspot, capsys
 ):
-    post_delivery("contact.propertyChange__lead_status")
-    [first] = run_worker()
-    properties = hubspot.contacts[CONTACT]["properties"]
-    properties["leadscore_feedback"] = "too_high"
-    post_delivery("contact.propertyChange__rep_feedback")
-    run_worker()
-    properties["hs_lead_status"] = "UNQUALIFIED"
-    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
-                               "eventId": 8, "propertyValue": "UNQUALIFIED"}]).encode())  # fmt: skip
-    [second] = run_worker()
+    first, second = _scored_said_too_high_then_disqualified(post_delivery, run_worker, hubspot)
     capsys.readouterr()
 
     assert main(["history", "--crm", "hubspot", "--account", PORTAL_ID, CONTACT]) == 0
