@@ -57,7 +57,8 @@ COUNTER_HELP: dict[str, str] = {
     "model_values_missing_total": "Live leads a trained model scored lacking a feature {crm,feature}",
     "model_values_unseen_total": "Live leads with a feature's value the model never saw {crm,feature}",
     "leads_skipped_unchanged_total": "Leads not rescored because their inputs did not change {crm}",
-    "scores_edited_in_crm_total": "Leads whose shown score or tier someone else changed: written again {crm}",
+    "scores_edited_in_crm_total": "Leads whose score or tier someone else changed in the CRM: put back, or "
+    "left when changed again within a day of being put back {crm,action=put_back|left}",
     "store_errors_total": "Batches whose scores, outcomes or feedback the score store could not keep",
 }
 HISTOGRAM_HELP: dict[str, str] = {

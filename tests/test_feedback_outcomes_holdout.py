@@ -358,12 +358,15 @@ def test_contact_propertyChange__rep_feedback(env, post_delivery, crm, run_worke
 
 def test_contact_propertyChange__rep_edited_score(env, post_delivery, crm, run_worker, hubspot, llm):
     """The score is leadscore's (a rep who disagrees sets the feedback): typed over, it is put back at
-    once, the LLM answering from its cache, and the edit is counted."""
+    once, the LLM answering from its cache, and the edit is counted. The rep's feedback, about the
+    score leadscore wrote, stays. Changed again within the day, it is left as it is: a workflow or a
+    sync that keeps setting it is not fought at each event."""
     edited = "74300000101"
     post_delivery("contact.creation__single")
     [scored] = run_worker()
     calls = len(llm.requests)
-    hubspot.contacts[edited]["properties"].update(leadscore_score="95", leadscore_tier="A")  # the fixture's
+    properties = hubspot.contacts[edited]["properties"]
+    properties.update(leadscore_score="95", leadscore_tier="A", leadscore_feedback="too_low")  # the fixture's
     assert scored["score"] != 95
 
     assert post_delivery("contact.propertyChange__rep_edited_score").get_json()["queued"] == 2
@@ -371,12 +374,41 @@ def test_contact_propertyChange__rep_edited_score(env, post_delivery, crm, run_w
 
     assert result["outcome"] == "written" and len(llm.requests) == calls
     shown = written(hubspot, edited)
-    assert (shown["leadscore_score"], shown["leadscore_tier"]) == (str(scored["score"]), scored["tier"])
+    assert (shown["leadscore_score"], shown["leadscore_tier"], shown["leadscore_feedback"]) == (
+        str(scored["score"]), scored["tier"], "too_low"
+    )  # fmt: skip
+    said = [(row["value"], row["score"], row["tier"]) for row in table(env, store.feedback)]
+    assert said == [("too_low", scored["score"], scored["tier"])]
+    assert [row["details"].get("put_back") for row in table(env, store.scores)] == [None, True]
     redis = Redis.from_url(env["REDIS_URL"])
-    assert metrics.counter_value(redis, "scores_edited_in_crm_total", crm="hubspot") == 1
-    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 1} for e in
-                              fixture_json("hubspot/contact.creation__single.json")]).encode())  # fmt: skip
+    assert metrics.counter_value(redis, "scores_edited_in_crm_total", crm="hubspot", action="put_back") == 1
+    creation = fixture_json("hubspot/contact.creation__single.json")
+    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 1} for e in creation]).encode())
     assert [r["outcome"] for r in run_worker()] == ["unchanged"]  # put back: nothing more to write
+
+    properties.update(leadscore_score="95", leadscore_tier="A")  # and again, the same day
+    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 2} for e in creation]).encode())
+    assert [r["outcome"] for r in run_worker()] == ["unchanged"]
+    assert written(hubspot, edited)["leadscore_score"] == "95"
+    assert metrics.counter_value(redis, "scores_edited_in_crm_total", crm="hubspot", action="left") == 1
+
+
+def test_a_score_written_before_details_kept_it_is_taken_as_shown(
+    env, post_delivery, crm, run_worker, hubspot
+):
+    edited = "74300000101"
+    post_delivery("contact.creation__single")
+    run_worker()
+    properties = hubspot.contacts[edited]["properties"]
+    details = json.loads(properties["leadscore_details"])
+    del details["score"], details["tier"]  # as the release before wrote them
+    properties.update(leadscore_details=json.dumps(details), leadscore_score="95")
+
+    creation = fixture_json("hubspot/contact.creation__single.json")
+    post_delivery(json.dumps([{**e, "eventId": e["eventId"] + 1} for e in creation]).encode())
+
+    assert [r["outcome"] for r in run_worker()] == ["unchanged"]
+    assert written(hubspot, edited)["leadscore_score"] == "95"
 
 
 def test_a_score_typed_into_a_held_out_lead_is_blanked_again(env, monkeypatch, post_delivery, crm, run_worker,
@@ -1250,6 +1282,31 @@ def test_a_score_the_store_missed_after_a_fallback_for_the_same_inputs_is_kept(
     fallback, kept = table(env, store.scores)
     assert (fallback["fallback"], kept["fallback"], again["outcome"]) == (True, False, "unchanged")
     assert (kept["score"], kept["fingerprint"]) == (answered["score"], fallback["fingerprint"])
+
+
+def test_a_score_the_store_missed_is_kept_though_an_older_release_wrote_its_details(
+    env, monkeypatch, tmp_path, post_delivery, crm, run_worker, hubspot
+):
+    """Details written by the release before keep less than this one's: the score shown still comes out
+    again, so it is kept (and not written)."""
+    reconfigure(monkeypatch, DATABASE_URL=f"sqlite:///{tmp_path}/never-migrated.sqlite3")
+    post_delivery("contact.propertyChange__lead_status")
+    run_worker()
+    reconfigure(monkeypatch, DATABASE_URL=env["DATABASE_URL"])
+    properties = hubspot.contacts[CONTACT]["properties"]
+    details = json.loads(properties["leadscore_details"])
+    for key in ("score", "tier", "ages", "config_digest"):
+        del details[key]
+    properties["leadscore_details"] = json.dumps(details)
+    writes = len(hubspot.writes)
+
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 15}]).encode())  # fmt: skip
+    [again] = run_worker()
+
+    assert again["outcome"] == "unchanged" and len(hubspot.writes) == writes
+    [kept] = table(env, store.scores)
+    assert str(kept["score"]) == properties["leadscore_score"] and kept["details"]["kept_late"] is True
 
 
 def test_a_forgotten_leads_score_is_not_kept_again_when_it_comes_again_unchanged(

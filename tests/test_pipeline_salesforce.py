@@ -317,6 +317,23 @@ def test_a_rep_edit_sent_after_leadscore_wrote_the_lead_is_scored(
     assert (first["score"], second["outcome"], second["score"], second["tier"]) == (82, "written", 25, "D")
 
 
+def test_a_score_an_admin_changed_is_put_back_at_the_leads_next_message(
+    post_outbound, sf_crm, run_worker, salesforce
+):
+    """Reps only read leadscore's fields, and a change of them alone sends no message: an admin's (or a
+    Flow's) is put back when the Lead next changes."""
+    post_outbound("outbound_message__single")
+    [first] = run_worker()
+    salesforce.leads[HOT].update(Leadscore_Score__c=99, Leadscore_Tier__c="A")
+
+    post_outbound(salesforce.outbound_message([(HOT, {})]))
+    [second] = run_worker()
+
+    assert (first["outcome"], second["outcome"]) == ("written", "written")
+    shown = written(salesforce, HOT)
+    assert (shown["Leadscore_Score__c"], shown["Leadscore_Tier__c"]) == (82, "A")
+
+
 def test_lead_change_event__status_update_rescores(post_change_events, sf_crm, run_worker, salesforce):
     post_change_events("lead_change_event__status_update")
     [first] = run_worker()

@@ -1378,7 +1378,7 @@ def test_fields_to_write_when_anything_differs(change):
     result = _result()
     current = {**result.fields(), **change}
     now = datetime(2026, 11, 19, 15, 40, 27, 616123, tzinfo=UTC)
-    assert fields_to_write(result.fields(), current, now) == {
+    assert fields_to_write(result.fields(), current, now=now) == {
         **result.fields(),
         "scored_at": "2026-11-19T15:40:27.616Z",
     }
@@ -1398,10 +1398,22 @@ def test_a_reps_feedback_is_cleared_when_the_score_or_tier_it_was_about_changes(
     assert "feedback" not in fields_to_write(result.fields(), current, feedback=None)
 
 
+def test_a_score_put_back_over_one_typed_in_keeps_the_reps_feedback():
+    """The feedback was about the score leadscore wrote, which comes back unchanged: it stays."""
+    result = _result()
+    typed_over = {**result.fields(), "score": "95"}
+    wrote = {"score": str(result.score), "tier": result.tier}
+
+    written = fields_to_write(result.fields(), typed_over, feedback="too_low", about=wrote)
+
+    assert written["score"] == str(result.score) and "feedback" not in written
+    assert written.keys() == {"score", "tier", "reason", "details", "scored_at"}
+
+
 def test_fields_to_write_for_an_unscored_lead_stamps_utc():
     result = _result()
     paris = datetime(2026, 11, 19, 16, 40, 27, 5000, tzinfo=timezone(timedelta(hours=1)))
-    written = fields_to_write(result.fields(), {}, paris)
+    written = fields_to_write(result.fields(), {}, now=paris)
     assert written["scored_at"] == "2026-11-19T15:40:27.005Z"
     assert written["score"] == "89"
     assert json.loads(written["details"]) == result.details

@@ -763,7 +763,8 @@ def test_history_says_what_changed_between_two_scores_among_what_was_kept():
     answered = {"value": 0.7, "confidence": 0.8}
     unanswered = {"value": 0.5, "confidence": 0.0, "error": "LLM answered HTTP 503"}
     before = _kept({"title": "VP", "status": "NEW"}, fallback=True, propensity=unanswered)
-    after = _kept({"title": "VP", "status": "WORKING"}, config_digest="bbbb", propensity=answered,
+    inputs = {"title": "VP", "status": "WORKING", "llm_propensity": 0.7}  # the LLM's: said once, below
+    after = _kept(inputs, config_digest="bbbb", propensity=answered,
                   ages={"last_reply_when": "within the last 7 days"})  # fmt: skip
     newer = {**after, "fingerprint": "f2", "details": {**after["details"], "ages": {}}}
 
@@ -777,5 +778,5 @@ def test_history_says_what_changed_between_two_scores_among_what_was_kept():
                           "outcomes": [], "feedback": []})  # fmt: skip
     assert [line for line in same if "changed:" in line] == [
         "    changed: notes or emails the LLM read (not kept)",
-        "    changed: nothing: scored again for the same inputs (a forced rescore, or reasons reworded)",
+        "    changed: nothing: scored again for the same inputs (put back, forced, or reasons reworded)",
     ]

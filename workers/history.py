@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from workers.store import as_utc
+from workers.tabular import LLM_FEATURE
 
 # What a score was made with, besides the lead's inputs: a change of one moves scores of every lead.
 MADE_WITH = (
@@ -38,7 +39,8 @@ def _inputs(row: dict, with_ages: bool) -> dict[str, object]:
     """The lead's inputs as the score saw them: the fields read, and how long ago its dated moments
     were (`with_ages`: scores kept before their details held these have none to compare)."""
     ages = (row["details"] or {}).get("ages") or {} if with_ages else {}
-    return {**(row["features"] or {}), **ages}
+    features = {name: value for name, value in (row["features"] or {}).items() if name != LLM_FEATURE}
+    return {**features, **ages}  # the LLM's answer is said apart, with its confidence
 
 
 def _llm(row: dict) -> str:
@@ -78,6 +80,7 @@ def history_lines(kept: dict[str, list[dict]]) -> list[str]:
             for flag, on in (
                 ("held out: not shown", row["holdout"]),
                 ("kept after its write", (row["details"] or {}).get("kept_late")),
+                ("put back over an edit in the CRM", (row["details"] or {}).get("put_back")),
             )
             if on
         ]
@@ -94,7 +97,7 @@ def history_lines(kept: dict[str, list[dict]]) -> list[str]:
             said = changes(previous, row) or [
                 "notes or emails the LLM read (not kept)"
                 if row["fingerprint"] != previous["fingerprint"]
-                else "nothing: scored again for the same inputs (a forced rescore, or reasons reworded)"
+                else "nothing: scored again for the same inputs (put back, forced, or reasons reworded)"
             ]
             lines.append("    changed: " + "; ".join(said))
         events.append((as_utc(row["scored_at"]), 0, lines))

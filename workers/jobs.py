@@ -47,6 +47,8 @@ from workers.writer import fields_to_write, shows
 
 log = logging.getLogger(__name__)
 RULES_SCORER = "rules+llm"  # what the store and metrics call a score without a trained model
+SHOWN_FIELDS = ("score", "tier", "reason")  # what reps see of a score
+PUT_BACK_EVERY_S = 86_400  # a score someone else keeps changing is put back once a day at most
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Scored:
     fields: dict[str, str] | None  # what to write; None when the CRM already shows it
     holdout: bool = False  # the CRM shows no score for this lead (the randomised holdout)
     never_kept: bool = False  # the CRM shows this score but the store lacks it: kept, not written
+    put_back: bool = False  # written over a score or tier someone else changed in the CRM
 
     @property
     def clears_feedback(self) -> bool:
@@ -76,7 +79,7 @@ class Scored:
     @property
     def shown_at(self) -> datetime:
         """When the CRM dates this score (its `scored_at`): the store dates it the same, so the two name
-        the same score."""
+        the same score (to the second on Salesforce, whose DateTime drops the milliseconds)."""
         shown = self.lead.current_output if self.never_kept else self.fields or {}
         return moment_of(shown.get("scored_at")) or datetime.now(UTC)
 
@@ -84,8 +87,8 @@ class Scored:
         """What the store keeps of a score that was written; one kept after its write (`never_kept`)
         says so."""
         details = self.result.details
-        if self.never_kept:
-            details = {**details, "kept_late": True}
+        if self.never_kept or self.put_back:
+            details = {**details, **({"kept_late": True} if self.never_kept else {"put_back": True})}
         return ScoreRecord(
             crm=self.lead.crm, account_id=self.lead.account_id, lead_id=self.lead.lead_id,
             score=self.result.score, tier=self.result.tier, reason=self.result.reason,
@@ -267,11 +270,16 @@ class WorkerContext:
             holdout = held[i]
             flagged = (lead.current_output.get("holdout") or "").lower() == "true"
             to_show = shown_fields(result, holdout, write_flag=share > 0 or flagged)
-            fields = fields_to_write(to_show, lead.current_output, feedback=lead.feedback)
-            if i in never_kept and fields is not None:  # not the score shown (the LLM answered anew)
-                scored.append(Scored(lead, None, None, None))
-                continue
-            scored.append(Scored(lead, result, propensity, fields, holdout, i in never_kept))
+            fields = fields_to_write(to_show, lead.current_output, lead.feedback, _wrote(lead))
+            if i in never_kept:
+                # Kept if the score shown comes out again (the LLM answered from its cache); its details
+                # may differ, written by a release that kept less in them. Never written.
+                fields = None
+                if not shows(lead.current_output, {key: to_show[key] for key in SHOWN_FIELDS}):
+                    scored.append(Scored(lead, None, None, None))
+                    continue
+            put_back = lead.lead_id in edited
+            scored.append(Scored(lead, result, propensity, fields, holdout, i in never_kept, put_back))
             self.telemetry(
                 "leads_scored_total",
                 crm=lead.crm,
@@ -283,23 +291,23 @@ class WorkerContext:
     def _edited_in_crm(self, lead: Lead) -> bool:
         """The CRM shows another score or tier than leadscore wrote: a rep, a workflow or an import
         edited them. The score is leadscore's (a rep disagreeing sets the feedback field), so it is
-        written again; logged and counted, since a team whose reps edit scores wants to know."""
-        details = _shown_details(lead)
-        if details.get("holdout"):
-            wrote = {"score": "", "tier": ""}
-        elif "score" in details:  # scores written before they kept what they showed are taken as shown
-            wrote = {"score": str(details["score"]), "tier": str(details.get("tier") or "")}
-        else:
-            return False
-        if shows(lead.current_output, wrote):
+        written again, once a day at most: a workflow or a sync that sets it again is left to it
+        rather than fought at each event. Logged and counted, since a team whose reps edit scores
+        wants to know."""
+        wrote = _wrote(lead)
+        if wrote is None or shows(lead.current_output, wrote):
             return False
         shown = lead.current_output
-        log.warning(
-            "%s lead %s shows score %r tier %r, not the %r %r leadscore wrote: edited in the CRM, written "
-            "again", lead.crm, lead.lead_id, shown.get("score") or "", shown.get("tier") or "",
-            wrote["score"], wrote["tier"],
-        )  # fmt: skip
-        self.telemetry("scores_edited_in_crm_total", crm=lead.crm)
+        said = (lead.crm, lead.lead_id, shown.get("score") or "", shown.get("tier") or "", wrote["score"],
+                wrote["tier"])  # fmt: skip
+        if not self.redis.set(f"leadscore:put-back:{lead.lead_key}", 1, nx=True, ex=PUT_BACK_EVERY_S):
+            log.warning("%s lead %s shows score %r tier %r, not the %r %r leadscore wrote, edited again "
+                        "within a day of being put back: left as it is", *said)  # fmt: skip
+            self.telemetry("scores_edited_in_crm_total", crm=lead.crm, action="left")
+            return False
+        log.warning("%s lead %s shows score %r tier %r, not the %r %r leadscore wrote: edited in the CRM, "
+                    "written again", *said)  # fmt: skip
+        self.telemetry("scores_edited_in_crm_total", crm=lead.crm, action="put_back")
         return True
 
     def _never_kept(self, leads: list[Lead], fingerprints: list[str], shown: list[int]) -> set[int]:
@@ -453,9 +461,21 @@ def _already_scored(lead: Lead, fingerprint: str, in_holdout_now: bool) -> bool:
     )
 
 
+def _wrote(lead: Lead) -> dict[str, str] | None:
+    """The score and tier leadscore last wrote to this lead, as its details say (blank for a holdout
+    lead); None where details written before they kept them say nothing."""
+    details = _shown_details(lead)
+    if details.get("holdout"):
+        return {"score": "", "tier": ""}
+    if "score" not in details:
+        return None
+    return {"score": str(details["score"]), "tier": str(details.get("tier") or "")}
+
+
 def _feedback(lead: Lead) -> Feedback:
-    """The rep's feedback with what the CRM showed them: blank for a holdout lead."""
-    shown = lead.current_output
+    """The rep's feedback with the score it is about: the one leadscore wrote (a value someone typed
+    over it is put back), else what the CRM shows; blank for a holdout lead."""
+    shown = _wrote(lead) or lead.current_output
     score = shown.get("score")
     return Feedback(
         lead.crm, lead.account_id, lead.lead_id, lead.feedback,

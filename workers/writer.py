@@ -42,17 +42,22 @@ def shows(current: dict[str, str], fields: dict[str, str]) -> bool:
 
 
 def fields_to_write(
-    new: dict[str, str], current: dict[str, str], now: datetime | None = None, feedback: str | None = None
+    new: dict[str, str],
+    current: dict[str, str],
+    feedback: str | None = None,
+    about: dict[str, str] | None = None,
+    now: datetime | None = None,
 ) -> dict[str, str] | None:
     """The fields to write, or None when the CRM already shows exactly these.
 
-    A rep's `feedback` was about the score and tier they saw: when either changes, it is cleared in
-    the same write, so it never stands beside a score it was not about, and the rep can say it again
-    of the new one."""
+    A rep's `feedback` was about the score and tier leadscore wrote (`about`; what the CRM shows when
+    not given): when either changes, it is cleared in the same write, so it never stands beside a score
+    it was not about, and the rep can say it again of the new one. A value someone typed over the score
+    and leadscore puts back is no change of it."""
     if shows(current, new):
         return None
     stamp = (now or datetime.now(UTC)).astimezone(UTC)
     fields = {**new, "scored_at": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")}
-    if feedback and not shows(current, {key: new[key] for key in ("score", "tier")}):
+    if feedback and not shows(about or current, {key: new[key] for key in ("score", "tier")}):
         fields["feedback"] = ""
     return fields
