@@ -129,6 +129,11 @@ def seen_keys(crm: str, account: str, now: float) -> tuple[str, str]:
     return tuple(f"leadscore:seen:{crm}:{account}:{w}" for w in (window, window - 1))
 
 
+def seen_until(now: float) -> int:
+    """When this window's set is last checked: the end of the next window, which checks it as the last."""
+    return (int(now // SEEN_WINDOW_S) + 2) * SEEN_WINDOW_S
+
+
 def add_intake(pipe: Pipeline, crm: str, account: str, packed: str, events: int, accepted_at: float) -> None:
     """The web's half of accepting a delivery; runs inside its transaction."""
     pipe.xadd(intake_key(crm, account), {"d": packed})
@@ -152,7 +157,8 @@ def move_to_pending(redis: Redis, crm: str, account: str, taken: list[tuple[byte
     this one read again, so neither replaces what the other wrote (an erasure above all)."""
     unpacked = [(entry_id, unpack_intake(crm, fields[b"d"])) for entry_id, fields in taken]
     events = [event for _, entry_events in unpacked for event in entry_events]
-    current, previous = seen_keys(crm, account, shared_now(redis))
+    drained_at = shared_now(redis)
+    current, previous = seen_keys(crm, account, drained_at)
     ids = [event.event_ids[0] for event in events]
     sizes = [arg for entry_id, entry_events in unpacked for arg in (entry_id, len(entry_events))]
     with redis.pipeline(transaction=True) as pipe:
@@ -169,7 +175,7 @@ def move_to_pending(redis: Redis, crm: str, account: str, taken: list[tuple[byte
                 if fresh:
                     record(pipe, leads)
                     pipe.sadd(current, *fresh)
-                    pipe.expire(current, 2 * SEEN_WINDOW_S)
+                    pipe.expireat(current, seen_until(drained_at))  # marks live 4 to 8 days
                 intake = (intake_key(crm, account), intake_events_key(crm, account))
                 pipe.eval(_DELETE_DRAINED, len(intake), *intake, *sizes)
                 refresh_oldest(pipe, crm, account)

@@ -93,7 +93,9 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
             if item.kind == ERASE:
                 erasures.append(item)
             continue
-        level = logging.INFO if item.verdict == "ignore" else logging.WARNING
+        # Ignored events (echoes of leadscore's writes above all) are counted; a line each at INFO was
+        # most of the web's log. One HubSpot does not send as documented is worth a warning.
+        level = logging.DEBUG if item.verdict == "ignore" else logging.WARNING
         log.log(level, "%s event %s not scored: %s", crm, item.ref, item.detail, extra={"event_id": item.ref})
         ignored[item.verdict] += 1
     queued = len(triaged) - sum(ignored.values())

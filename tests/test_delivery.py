@@ -97,6 +97,20 @@ def test_many_events_for_one_lead_across_deliveries_score_it_once(
     assert len(llm.requests) == 1
 
 
+def test_a_drained_events_mark_lives_until_the_next_window_stops_checking_it(
+    post_delivery, crm, run_worker, redis
+):
+    """Marks are checked in their own window and the next: kept 4 to 8 days, as HubSpot retries for 3."""
+    post_delivery("contact.creation__single")
+    run_worker()
+    now = clock.shared_now(redis)
+
+    [key] = [k.decode() for k in redis.scan_iter("leadscore:seen:*")]
+    assert key.endswith(f":{int(now // pending.SEEN_WINDOW_S)}")
+    assert redis.expiretime(key) == (int(now // pending.SEEN_WINDOW_S) + 2) * pending.SEEN_WINDOW_S
+    assert 4 * 86_400 <= redis.expiretime(key) - now <= 8 * 86_400
+
+
 def test_redelivered_unchanged_lead_costs_no_llm_call_and_no_write(
     post_delivery, crm, run_worker, hubspot, llm
 ):

@@ -22,6 +22,10 @@ from integration.emulators import free_port
 JOB_LOGGER = "tests.observability.job"
 
 
+def fail_inside_job(lead_ids: list[str]) -> None:
+    raise RuntimeError(f"refused {len(lead_ids)} leads")
+
+
 def log_inside_job(lead_id: str) -> str:
     """Enqueued into a real RQ queue; logs without passing job_id."""
     log = logging.getLogger(JOB_LOGGER)
@@ -211,6 +215,19 @@ def test_json_lines_with_extras_and_idempotent_configure(log_stream):
     assert line["event_id"] == "e-1" and line["crm"] == "hubspot" and line["account_id"] == "48213377"
     assert line["timestamp"].endswith("+00:00")
     assert "job_id" not in line
+
+
+def test_a_failed_jobs_arguments_are_not_logged(redis, log_stream):
+    """RQ logs a failed job with its arguments: a batch's every lead and event, at each retry."""
+    queue = Queue("observability-test", connection=redis)
+    job = queue.enqueue(fail_inside_job, [f"7430000{n:04}" for n in range(100)])
+    SimpleWorker([queue], connection=redis).work(burst=True)
+
+    [line] = [
+        line for line in lines(log_stream) if line["logger"] == "rq.worker" and line["level"] == "ERROR"
+    ]
+    assert line["arguments"] == "not logged: 1 item(s); see the job" and line["job_id"] == job.id
+    assert "74300000099" not in json.dumps(line)
 
 
 def test_job_id_from_a_real_rq_job(redis, log_stream):

@@ -716,7 +716,8 @@ def test_a_store_error_names_the_statement_but_not_the_leads_values(tmp_path):
 
 def test_db_prune_deletes_what_was_kept_before_the_retention_period(store_url, monkeypatch, capsys):
     """Scores and feedback older than the period go, and outcomes of leads left with no score; a lead
-    scored since keeps its outcome."""
+    scored since keeps its outcome, and is marked as having lost its first score: training and
+    evaluation from the store leave it out, since its first kept score shows what reps made of it."""
     store.upgrade(store_url)
     kept = Store(store_url)
     now = datetime.now(UTC)
@@ -733,12 +734,13 @@ def test_db_prune_deletes_what_was_kept_before_the_retention_period(store_url, m
     finally:
         get_settings.cache_clear()
 
-    assert "{'scores': 2, 'feedback': 1, 'outcomes': 1}" in capsys.readouterr().out
+    assert "{'scores': 2, 'feedback': 1, 'outcomes': 1, 'cut': 1}" in capsys.readouterr().out
     with kept.engine.connect() as connection:
         remaining = connection.execute(select(store.scores.c.lead_id, store.scores.c.features)).all()
-        outcome_leads = connection.execute(select(store.outcomes.c.lead_id)).scalars().all()
+        outcome_leads = connection.execute(select(store.outcomes.c.lead_id, store.outcomes.c.kind)).all()
     assert [(lead, features["stage"]) for lead, features in remaining] == [("2", "customer")]
-    assert outcome_leads == ["2"]
+    assert sorted(outcome_leads) == [("2", "customer"), ("2", store.HISTORY_CUT)]
+    assert list(histories(kept)) == []  # its first kept score was a customer's
     assert main(["db", "prune"]) == 2  # a period is not guessed
     assert "db prune needs --older-than DAYS" in capsys.readouterr().err
     assert main(["db", "prune", "--older-than", "0.5"]) == 2

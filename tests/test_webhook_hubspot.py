@@ -206,6 +206,15 @@ def test_mixed__creation_and_unknown_logs_the_unknown_event(post_delivery, caplo
     assert "unsupported subscription type 'contact.sentimentChange'" in caplog.text
 
 
+def test_contact_propertyChange__integration_echo_is_counted_not_logged_at_info(post_delivery, caplog):
+    """An echo comes of every write: a line each at INFO was most of the web's log."""
+    with caplog.at_level(logging.DEBUG, logger="integration.queue"):
+        post_delivery("contact.propertyChange__integration_echo")
+
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "not scored" in r.getMessage()]
+    assert len(said) == 3 and {level for level, _ in said} == {logging.DEBUG}
+
+
 # ---- bad input: signatures (401, nothing enqueued)
 
 

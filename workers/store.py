@@ -102,6 +102,9 @@ feedback = Table(
 )
 
 POSITIVE_OUTCOMES = ("opportunity", "customer", "converted", "won")
+# Kept, as an outcome, of a lead whose earlier scores a retention prune deleted while later ones
+# remain: its first kept score is not its first, so what learns from first scores leaves it out.
+HISTORY_CUT = "history_cut"
 INSERT_ROWS = 1000  # rows a multi-row INSERT carries: 7,000 parameters, within both databases' limits
 CLEARED = "cleared"  # kept when a rep empties the feedback property: saying the same again counts anew
 
@@ -464,8 +467,23 @@ class Store:
 
     def prune(self, before: datetime) -> dict[str, int]:
         """Delete scores and feedback kept before `before`, and the outcomes of leads left with no
-        score (nothing learns from an outcome without one): a retention period's work."""
+        score (nothing learns from an outcome without one): a retention period's work. A lead that
+        keeps later scores is marked `HISTORY_CUT` (counted as `cut`)."""
+        lead = (scores.c.crm, scores.c.account_id, scores.c.lead_id)
         with self.engine.begin() as connection:
+            cut = connection.execute(
+                select(*lead)
+                .where(scores.c.scored_at < before)
+                .intersect(select(*lead).where(scores.c.scored_at >= before))
+            ).all()
+            now = datetime.now(UTC)
+            marks = [
+                {"crm": crm, "account_id": account, "lead_id": lead_id, "kind": HISTORY_CUT,
+                 "source": "prune", "recorded_at": now, "reached_at": before}
+                for crm, account, lead_id in cut
+            ]  # fmt: skip
+            for start in range(0, len(marks), INSERT_ROWS):
+                self._keep_outcomes(connection, marks[start : start + INSERT_ROWS])
             deleted = {
                 "scores": connection.execute(delete(scores).where(scores.c.scored_at < before)).rowcount,
                 "feedback": connection.execute(
@@ -478,7 +496,7 @@ class Store:
                 scores.c.lead_id == outcomes.c.lead_id,
             )
             deleted["outcomes"] = connection.execute(delete(outcomes).where(~scored.exists())).rowcount
-        return deleted
+        return {**deleted, "cut": len(cut)}
 
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as connection:

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from workers.blend import rules_alone
 from workers.config import Tiers
 from workers.evaluation import POINTS, PROBABILITY, rate_difference
-from workers.store import CLEARED, POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
+from workers.store import CLEARED, HISTORY_CUT, POSITIVE_OUTCOMES, Store, as_utc, feedback, outcomes, scores
 from workers.tabular import ALWAYS_READ, Kind, TableError, normalise
 
 LeadKey = tuple[str, str, str]
@@ -50,7 +50,9 @@ STREAM_ROWS = 10_000  # scores fetched at a time: a year's store does not fit in
 def histories(store: Store, features: bool = True, details: bool = False) -> Iterator[LeadHistory]:
     """Each lead's history, one lead at a time, streamed in the order of the (crm, account, lead, id)
     index, so memory holds one lead's scores, not the store's. Without `features` the inputs kept
-    with each score, most of a row's size, are not read; nor, without `details`, its provenance."""
+    with each score, most of a row's size, are not read; nor, without `details`, its provenance.
+    Leads whose earlier scores `db prune` deleted are left out: their first kept score is a later one,
+    showing what reps made of the lead, which would be learned in its place."""
     names = ["crm", "account_id", "lead_id", "score", "tier", "scorer", "model_version", "holdout",
              "scored_at", *(["features"] if features else []), *(["details"] if details else [])]  # fmt: skip
     kept = [scores.c[name] for name in names]
@@ -61,12 +63,22 @@ def histories(store: Store, features: bool = True, details: bool = False) -> Ite
             .group_by(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id)
         ).all()
         converted = {(crm, account, lead): as_utc(moment) for crm, account, lead, moment in first_outcomes}
+        cut = {
+            tuple(row)
+            for row in connection.execute(
+                select(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id).where(
+                    outcomes.c.kind == HISTORY_CUT
+                )
+            )
+        }
         rows = (
             connection.execution_options(stream_results=True, yield_per=STREAM_ROWS)
             .execute(select(*kept).order_by(scores.c.crm, scores.c.account_id, scores.c.lead_id, scores.c.id))
             .mappings()
         )
         for key, lead_rows in groupby(rows, key=lambda row: (row["crm"], row["account_id"], row["lead_id"])):
+            if key in cut:
+                continue
             lead_scores = [{**row, "scored_at": as_utc(row["scored_at"])} for row in lead_rows]
             yield LeadHistory(lead_scores, converted.get(key))
 
