@@ -156,12 +156,25 @@ def _current_job_id() -> str | None:
 
 
 # What RQ logs with a failed job: its arguments, a batch's every lead and event (36 KB a 100-lead batch,
-# at ERROR, at each retry). The job id names the job; `leadscore failed` shows its leads.
+# at ERROR, at each retry). Short texts (the CRM, the account) are kept; collections are counted. The
+# job id names the job; `leadscore failed` shows its leads.
 JOB_ARGUMENT_EXTRAS = ("arguments", "kwargs")
 
 
 def _summary(value: Any) -> str:
-    return f"not logged: {len(value) if isinstance(value, Sized) else 1} item(s); see the job"
+    items = (
+        value.values()
+        if isinstance(value, Mapping)
+        else value
+        if isinstance(value, list | tuple)
+        else [value]
+    )
+    said = [
+        redact(item) if isinstance(item, str) and len(item) <= 64
+        else f"{len(item)} items" if isinstance(item, Sized) else type(item).__name__
+        for item in items
+    ]  # fmt: skip
+    return ", ".join(said) + " (the rest: see the job)"
 
 
 class RedactingFilter(logging.Filter):

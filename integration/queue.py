@@ -36,6 +36,7 @@ class Skipped:
     verdict: Literal["ignore", "unsupported", "malformed"]
     ref: str  # the CRM's own id for the event, for logs
     detail: str
+    echo: bool = False  # leadscore's own write come back: one a write, counted and logged only at DEBUG
 
 
 def settings_redis(settings: Settings) -> Redis:
@@ -93,9 +94,8 @@ def hand_off(queue: Queue, crm: str, triaged: list[IntakeRow | Skipped]) -> dict
             if item.kind == ERASE:
                 erasures.append(item)
             continue
-        # Ignored events (echoes of leadscore's writes above all) are counted; a line each at INFO was
-        # most of the web's log. One HubSpot does not send as documented is worth a warning.
-        level = logging.DEBUG if item.verdict == "ignore" else logging.WARNING
+        # Echoes come of every write: a line each at INFO was most of the web's log.
+        level = logging.DEBUG if item.echo else logging.INFO if item.verdict == "ignore" else logging.WARNING
         log.log(level, "%s event %s not scored: %s", crm, item.ref, item.detail, extra={"event_id": item.ref})
         ignored[item.verdict] += 1
     queued = len(triaged) - sum(ignored.values())

@@ -393,6 +393,26 @@ def test_contact_propertyChange__rep_edited_score(env, post_delivery, crm, run_w
     assert metrics.counter_value(redis, "scores_edited_in_crm_total", crm="hubspot", action="left") == 1
 
 
+def test_a_put_back_the_crm_refused_is_put_back_when_its_job_is_requeued(
+    env, post_delivery, crm, run_worker, hubspot, queue
+):
+    edited = "74300000101"
+    post_delivery("contact.creation__single")
+    [scored] = run_worker()
+    hubspot.contacts[edited]["properties"].update(leadscore_score="95", leadscore_tier="A")
+    hubspot.reject[edited] = "Blocked by a validation rule"
+    post_delivery("contact.propertyChange__rep_edited_score")
+    run_worker()  # refused alone: dead-lettered
+    hubspot.reject.clear()
+
+    [job_id] = queue.failed_job_registry.get_job_ids()
+    assert main(["requeue", job_id]) == 0
+    [result] = run_worker()
+
+    assert result["outcome"] == "written"
+    assert written(hubspot, edited)["leadscore_score"] == str(scored["score"])
+
+
 def test_a_score_written_before_details_kept_it_is_taken_as_shown(
     env, post_delivery, crm, run_worker, hubspot
 ):

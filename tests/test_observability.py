@@ -22,8 +22,8 @@ from integration.emulators import free_port
 JOB_LOGGER = "tests.observability.job"
 
 
-def fail_inside_job(lead_ids: list[str]) -> None:
-    raise RuntimeError(f"refused {len(lead_ids)} leads")
+def fail_inside_job(crm: str, account: str, lead_ids: list[str]) -> None:
+    raise RuntimeError(f"{crm}:{account} refused {len(lead_ids)} leads")
 
 
 def log_inside_job(lead_id: str) -> str:
@@ -220,13 +220,16 @@ def test_json_lines_with_extras_and_idempotent_configure(log_stream):
 def test_a_failed_jobs_arguments_are_not_logged(redis, log_stream):
     """RQ logs a failed job with its arguments: a batch's every lead and event, at each retry."""
     queue = Queue("observability-test", connection=redis)
-    job = queue.enqueue(fail_inside_job, [f"7430000{n:04}" for n in range(100)])
+    job = queue.enqueue(fail_inside_job, "hubspot", "48213377", [f"7430000{n:04}" for n in range(100)])
     SimpleWorker([queue], connection=redis).work(burst=True)
 
     [line] = [
         line for line in lines(log_stream) if line["logger"] == "rq.worker" and line["level"] == "ERROR"
     ]
-    assert line["arguments"] == "not logged: 1 item(s); see the job" and line["job_id"] == job.id
+    assert (
+        line["arguments"] == "hubspot, 48213377, 100 items (the rest: see the job)"
+        and line["job_id"] == job.id
+    )
     assert "74300000099" not in json.dumps(line)
 
 

@@ -1701,7 +1701,7 @@ def test_evaluate_with_the_store_shows_holdout_and_rep_feedback(env, trained, tm
 
     summary = json.loads((out / "metrics.json").read_text())["store"]
     assert summary == {
-        "scores": 7, "leads": 7, "converted": 1, "min_age_days": 30.0,
+        "scores": 7, "leads": 7, "converted": 1, "history_cut": 0, "min_age_days": 30.0,
         "holdout": {"scored": {"leads": 2, "converted": 1, "waiting": 1, "converted_before": 1,  # 5 is new
                                "outside_holdout": 0, "rate": 0.5},
                     "holdout": {"leads": 2, "converted": 0, "waiting": 1, "converted_before": 0,

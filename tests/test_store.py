@@ -734,13 +734,18 @@ def test_db_prune_deletes_what_was_kept_before_the_retention_period(store_url, m
     finally:
         get_settings.cache_clear()
 
-    assert "{'scores': 2, 'feedback': 1, 'outcomes': 1, 'cut': 1}" in capsys.readouterr().out
+    assert "{'scores': 2, 'feedback': 1, 'outcomes': 1, 'cut': 2}" in capsys.readouterr().out
     with kept.engine.connect() as connection:
         remaining = connection.execute(select(store.scores.c.lead_id, store.scores.c.features)).all()
         outcome_leads = connection.execute(select(store.outcomes.c.lead_id, store.outcomes.c.kind)).all()
     assert [(lead, features["stage"]) for lead, features in remaining] == [("2", "customer")]
-    assert sorted(outcome_leads) == [("2", "customer"), ("2", store.HISTORY_CUT)]
+    assert sorted(outcome_leads) == [("1", store.HISTORY_CUT), ("2", "customer"), ("2", store.HISTORY_CUT)]
     assert list(histories(kept)) == []  # its first kept score was a customer's
+    kept.record_scores([_score("1", now, "customer")])  # lead 1 comes back
+    assert list(histories(kept)) == []  # and its first score now is not its first
+    summary = store_summary(kept)
+    assert (summary["leads"], summary["history_cut"], summary["holdout"]["scored"]["leads"]) == (2, 2, 0)
+    assert kept.prune(now - timedelta(days=365))["cut"] == 0  # marked once
     assert main(["db", "prune"]) == 2  # a period is not guessed
     assert "db prune needs --older-than DAYS" in capsys.readouterr().err
     assert main(["db", "prune", "--older-than", "0.5"]) == 2

@@ -19,7 +19,16 @@ from integration.emulators import free_port, start_redis
 from integration.queue import version_risk
 from integration.replay import hubspot_headers, load_delivery
 from integration.settings import load_settings
-from tests.conftest import APP_SECRET, FIXTURES, PORTAL_ID, WEBHOOK_URL, _clear_caches, framed, pending_events
+from tests.conftest import (
+    APP_SECRET,
+    FIXTURES,
+    PORTAL_ID,
+    WEBHOOK_URL,
+    _clear_caches,
+    fixture_json,
+    framed,
+    pending_events,
+)
 
 
 def queued_events(queue: Queue) -> list[dict]:
@@ -213,6 +222,14 @@ def test_contact_propertyChange__integration_echo_is_counted_not_logged_at_info(
 
     said = [(r.levelno, r.getMessage()) for r in caplog.records if "not scored" in r.getMessage()]
     assert len(said) == 3 and {level for level, _ in said} == {logging.DEBUG}
+    caplog.clear()
+    company = [{**fixture_json("hubspot/object.creation__contact.json")[0], "objectTypeId": "0-2"}]
+    with caplog.at_level(logging.DEBUG, logger="integration.queue"):  # a subscription set up wrong, say
+        post_delivery(json.dumps(company).encode())
+    [(level, message)] = [
+        (r.levelno, r.getMessage()) for r in caplog.records if "not scored" in r.getMessage()
+    ]
+    assert level == logging.INFO and "object type 0-2 is not a contact" in message
 
 
 # ---- bad input: signatures (401, nothing enqueued)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from workers.store import as_utc
+from workers.store import HISTORY_CUT, as_utc
 from workers.tabular import LLM_FEATURE
 
 # What a score was made with, besides the lead's inputs: a change of one moves scores of every lead.
@@ -103,7 +103,11 @@ def history_lines(kept: dict[str, list[dict]]) -> list[str]:
         events.append((as_utc(row["scored_at"]), 0, lines))
         previous = row
     for row in kept["outcomes"]:
-        said = f"outcome {row['kind']} ({row['source']}), reached {_when(row['reached_at'])}"
+        said = (
+            f"scores kept before {_when(row['reached_at'])} deleted by `db prune`"
+            if row["kind"] == HISTORY_CUT
+            else f"outcome {row['kind']} ({row['source']}), reached {_when(row['reached_at'])}"
+        )
         events.append((as_utc(row["recorded_at"]), 1, [f"{_when(row['recorded_at'])}  {said}"]))
     for row in kept["feedback"]:
         about = f" on {row['score']} {row['tier']}" if row["score"] is not None else ""

@@ -21,6 +21,7 @@ from functools import cached_property, lru_cache
 import pandas as pd
 from redis import Redis
 from redis.exceptions import RedisError
+from rq import get_current_job
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from integration import metrics
@@ -300,7 +301,7 @@ class WorkerContext:
         shown = lead.current_output
         said = (lead.crm, lead.lead_id, shown.get("score") or "", shown.get("tier") or "", wrote["score"],
                 wrote["tier"])  # fmt: skip
-        if not self.redis.set(f"leadscore:put-back:{lead.lead_key}", 1, nx=True, ex=PUT_BACK_EVERY_S):
+        if not self._may_put_back(lead):
             log.warning("%s lead %s shows score %r tier %r, not the %r %r leadscore wrote, edited again "
                         "within a day of being put back: left as it is", *said)  # fmt: skip
             self.telemetry("scores_edited_in_crm_total", crm=lead.crm, action="left")
@@ -309,6 +310,16 @@ class WorkerContext:
                     "written again", *said)  # fmt: skip
         self.telemetry("scores_edited_in_crm_total", crm=lead.crm, action="put_back")
         return True
+
+    def _may_put_back(self, lead: Lead) -> bool:
+        """Whether this lead's edited score may be put back now: not put back in the last day, or by
+        this very job (a retry, or a `requeue`, of one whose write failed)."""
+        job = get_current_job()
+        this_job = job.id if job is not None else ""
+        key = f"leadscore:put-back:{lead.lead_key}"
+        return bool(self.redis.set(key, this_job, nx=True, ex=PUT_BACK_EVERY_S)) or (
+            bool(this_job) and self.redis.get(key) == this_job.encode()
+        )
 
     def _never_kept(self, leads: list[Lead], fingerprints: list[str], shown: list[int]) -> set[int]:
         """Of the leads the CRM shows scored lately for their inputs, those whose score the store lacks

@@ -395,12 +395,21 @@ def _bullets(notes) -> list[str]:
     return ["", *kept] if kept else []
 
 
+def _cut(store: dict) -> str:
+    if not store["history_cut"]:
+        return ""
+    return (
+        f" Left out of learning and of the holdout's comparison: {store['history_cut']} leads some of whose "
+        "scores `db prune` deleted (their first kept score is not their first)."
+    )
+
+
 def _store_tables(store: dict, live: dict) -> list[str]:
     lines = [
         "", "## From the score store", "",
         f"Scores kept: {store['scores']}, leads: {store['leads']}, converted since first scored: "
         f"{store['converted']}. Of leads first scored over {live['min_age_days']:g} days ago: "
-        f"{said_of_time_to_convert(live['time_to_convert'], live['min_age_days'])}.",
+        f"{said_of_time_to_convert(live['time_to_convert'], live['min_age_days'])}.{_cut(store)}",
         "", "### Holdout (no visible score)", "",
         "Leads first scored while the holdout ran in their account (from its first held-out lead to its "
         f"last) and at least {store['min_age_days']:g} days ago, converted since. Left out: newer leads, "

@@ -33,6 +33,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    literal,
     make_url,
     select,
     update,
@@ -102,8 +103,8 @@ feedback = Table(
 )
 
 POSITIVE_OUTCOMES = ("opportunity", "customer", "converted", "won")
-# Kept, as an outcome, of a lead whose earlier scores a retention prune deleted while later ones
-# remain: its first kept score is not its first, so what learns from first scores leaves it out.
+# Kept, as an outcome, of a lead some of whose scores a retention prune deleted: a score of it kept
+# later is not its first, so what learns from first scores leaves it out.
 HISTORY_CUT = "history_cut"
 INSERT_ROWS = 1000  # rows a multi-row INSERT carries: 7,000 parameters, within both databases' limits
 CLEARED = "cleared"  # kept when a rep empties the feedback property: saying the same again counts anew
@@ -467,23 +468,24 @@ class Store:
 
     def prune(self, before: datetime) -> dict[str, int]:
         """Delete scores and feedback kept before `before`, and the outcomes of leads left with no
-        score (nothing learns from an outcome without one): a retention period's work. A lead that
-        keeps later scores is marked `HISTORY_CUT` (counted as `cut`)."""
+        score (nothing learns from an outcome without one): a retention period's work. Every lead that
+        loses a score is marked `HISTORY_CUT` (the new marks counted as `cut`), kept until the lead is
+        erased: a later score of it, now or when it comes back, is not its first."""
         lead = (scores.c.crm, scores.c.account_id, scores.c.lead_id)
+        dialect = self.engine.dialect.name
+        stamp = DateTime(timezone=True)
+        marking = _insert_ignoring_duplicates(dialect).from_select(
+            ["crm", "account_id", "lead_id", "kind", "source", "recorded_at", "reached_at"],
+            select(
+                *lead, literal(HISTORY_CUT), literal("prune"), literal(datetime.now(UTC), stamp),
+                literal(before, stamp),
+            ).where(scores.c.scored_at < before).group_by(*lead),
+        )  # fmt: skip
+        if dialect == "postgresql":  # psycopg reports rowcount -1 for INSERT … ON CONFLICT DO NOTHING
+            marking = marking.returning(outcomes.c.id)
         with self.engine.begin() as connection:
-            cut = connection.execute(
-                select(*lead)
-                .where(scores.c.scored_at < before)
-                .intersect(select(*lead).where(scores.c.scored_at >= before))
-            ).all()
-            now = datetime.now(UTC)
-            marks = [
-                {"crm": crm, "account_id": account, "lead_id": lead_id, "kind": HISTORY_CUT,
-                 "source": "prune", "recorded_at": now, "reached_at": before}
-                for crm, account, lead_id in cut
-            ]  # fmt: skip
-            for start in range(0, len(marks), INSERT_ROWS):
-                self._keep_outcomes(connection, marks[start : start + INSERT_ROWS])
+            marked = connection.execute(marking)
+            cut = len(marked.all()) if dialect == "postgresql" else marked.rowcount
             deleted = {
                 "scores": connection.execute(delete(scores).where(scores.c.scored_at < before)).rowcount,
                 "feedback": connection.execute(
@@ -495,8 +497,10 @@ class Store:
                 scores.c.account_id == outcomes.c.account_id,
                 scores.c.lead_id == outcomes.c.lead_id,
             )
-            deleted["outcomes"] = connection.execute(delete(outcomes).where(~scored.exists())).rowcount
-        return {**deleted, "cut": len(cut)}
+            deleted["outcomes"] = connection.execute(
+                delete(outcomes).where(~scored.exists(), outcomes.c.kind != HISTORY_CUT)
+            ).rowcount
+        return {**deleted, "cut": cut}
 
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as connection:

@@ -28,6 +28,7 @@ class LeadHistory:
 
     scores: list[dict]
     converted_at: datetime | None
+    cut: bool = False  # `db prune` deleted some of its scores: its first kept score is not its first
 
     @property
     def first(self) -> dict:
@@ -47,12 +48,15 @@ class LeadHistory:
 STREAM_ROWS = 10_000  # scores fetched at a time: a year's store does not fit in memory at once
 
 
-def histories(store: Store, features: bool = True, details: bool = False) -> Iterator[LeadHistory]:
+def histories(
+    store: Store, features: bool = True, details: bool = False, with_cut: bool = False
+) -> Iterator[LeadHistory]:
     """Each lead's history, one lead at a time, streamed in the order of the (crm, account, lead, id)
     index, so memory holds one lead's scores, not the store's. Without `features` the inputs kept
     with each score, most of a row's size, are not read; nor, without `details`, its provenance.
-    Leads whose earlier scores `db prune` deleted are left out: their first kept score is a later one,
-    showing what reps made of the lead, which would be learned in its place."""
+    Leads some of whose scores `db prune` deleted are left out (`with_cut`: marked `cut` instead): their
+    first kept score is a later one, showing what reps made of the lead, which would be learned in its
+    place."""
     names = ["crm", "account_id", "lead_id", "score", "tier", "scorer", "model_version", "holdout",
              "scored_at", *(["features"] if features else []), *(["details"] if details else [])]  # fmt: skip
     kept = [scores.c[name] for name in names]
@@ -77,10 +81,10 @@ def histories(store: Store, features: bool = True, details: bool = False) -> Ite
             .mappings()
         )
         for key, lead_rows in groupby(rows, key=lambda row: (row["crm"], row["account_id"], row["lead_id"])):
-            if key in cut:
+            if key in cut and not with_cut:
                 continue
             lead_scores = [{**row, "scored_at": as_utc(row["scored_at"])} for row in lead_rows]
-            yield LeadHistory(lead_scores, converted.get(key))
+            yield LeadHistory(lead_scores, converted.get(key), key in cut)
 
 
 FIRST, LAST = "first", "last"  # which of a lead's scores stands for it in training and live evaluation
@@ -288,18 +292,21 @@ def store_summary(store: Store, min_age_days: float = 0.0) -> dict:
         name: {"leads": 0, "converted": 0, "waiting": 0, "converted_before": 0, "outside_holdout": 0}
         for name in ("scored", "holdout")
     }
-    totals = {"scores": 0, "leads": 0, "converted": 0}
+    totals = {"scores": 0, "leads": 0, "converted": 0, "history_cut": 0}
     mature = datetime.now(UTC) - timedelta(days=min_age_days)
     ran = _holdout_runs(histories(store, features=False))  # a first pass: the runs bound the second
     held_out = set()
-    for history in histories(store, features=False):
+    for history in histories(store, features=False, with_cut=True):
         first_score = history.first
         converted = history.converted_at is not None and history.converted_at > first_score["scored_at"]
         totals["scores"] += len(history.scores)
         totals["leads"] += 1
-        totals["converted"] += converted
+        totals["converted"] += converted and not history.cut
         if history.scores[-1]["holdout"]:
             held_out.add((first_score["crm"], first_score["account_id"], first_score["lead_id"]))
+        if history.cut:  # counted, but compared from a first score it no longer has: not compared
+            totals["history_cut"] += 1
+            continue
         group = groups["holdout" if first_score["holdout"] else "scored"]
         start, end = ran.get((first_score["crm"], first_score["account_id"]), (None, None))
         if start is None or not start <= first_score["scored_at"] <= end:

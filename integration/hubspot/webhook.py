@@ -231,9 +231,11 @@ def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
     ours = event.change_source == "INTEGRATION" and event.source_id == own_app_id
     if kind == "property_change" and event.property_name in OWN_PROPERTIES:
         if ours or event.property_name not in SHOWN_PROPERTIES:
-            return _skipped(event, "ignore", f"{event.property_name} is leadscore's own output")
+            return Skipped(
+                "ignore", _ref(event), f"{event.property_name} is leadscore's own output", echo=True
+            )
     elif ours:
-        return _skipped(event, "ignore", "change made by leadscore itself")
+        return Skipped("ignore", _ref(event), "change made by leadscore itself", echo=True)
     return _row(event, str(event.object_id), kind)
 
 

@@ -224,7 +224,7 @@ def triage_change(
     else:
         kind, verdict = None, ("unsupported", f"{header.entity_name} changes are not scored")
     if verdict is not None:
-        return [Skipped(verdict[0], f"{ref} {rid}", verdict[1]) for rid in header.record_ids]
+        return [Skipped(verdict[0], f"{ref} {rid}", *verdict[1:]) for rid in header.record_ids]
     invalid = [rid for rid in header.record_ids if not is_record_id(rid)]
     if invalid:  # CDC sends wildcards like "00Q*" when a field's type changes for every record
         return [Skipped("unsupported", f"{ref} {rid}", "not a single record id") for rid in header.record_ids]
@@ -242,7 +242,8 @@ def triage_change(
     ]
 
 
-Verdict = tuple[Literal["ignore", "unsupported"], str] | None  # None: queue it
+# None: queue it; a third item True: leadscore's own write come back (Skipped.echo)
+Verdict = tuple[Literal["ignore", "unsupported"], str] | tuple[Literal["ignore"], str, bool] | None
 
 
 def _lead_verdict(header: ChangeEventHeader, integration_user: str, client_name: str) -> Verdict:
@@ -250,11 +251,11 @@ def _lead_verdict(header: ChangeEventHeader, integration_user: str, client_name:
         known = header.change_type in IGNORED_CHANGES
         return ("ignore" if known else "unsupported", f"change type {header.change_type} is not scored")
     if same_record(header.commit_user, integration_user):
-        return ("ignore", "change made by leadscore's integration user")
+        return ("ignore", "change made by leadscore's integration user", True)
     if api_client(header.change_origin) == client_name:
-        return ("ignore", "change made through leadscore's API client")
+        return ("ignore", "change made through leadscore's API client", True)
     if header.change_type == "UPDATE" and set(header.changed_fields) <= OWN_FIELDS | SYSTEM_FIELDS:
-        return ("ignore", "only leadscore's own fields changed")
+        return ("ignore", "only leadscore's own fields changed", True)
     return None
 
 
