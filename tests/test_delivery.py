@@ -111,6 +111,39 @@ def test_a_drained_events_mark_lives_until_the_next_window_stops_checking_it(
     assert 4 * 86_400 <= redis.expiretime(key) - now <= 8 * 86_400
 
 
+def test_while_the_llm_fails_a_scored_leads_last_answer_stands_in_for_the_prior(
+    post_delivery, crm, run_worker, hubspot, llm
+):
+    """The neutral prior would move a VP's demo request from 89 to 79 and back once the LLM answers (a
+    tier change each way, for other leads, for every workflow built on the tier). Its last answer
+    stands in instead, so the score moves only as the rules do; the lead is still a fallback, asked
+    again."""
+    post_delivery("contact.creation__single")
+    [first] = run_worker()
+    llm.force(status=500)
+    hubspot.contacts[VP]["properties"]["jobtitle"] = "VP, Sales"  # scored as before by the rules
+    post_delivery(json.dumps([change(int(VP), 7001, "jobtitle", "VP, Sales")]).encode())
+    [during] = run_worker()
+    details = json.loads(hubspot.contacts[VP]["properties"]["leadscore_details"])
+    llm.force()
+    post_delivery(json.dumps([change(int(VP), 7002, "jobtitle", "VP, Sales")]).encode())
+    [after] = run_worker()
+
+    assert (first["score"], first["tier"]) == (89, "A")
+    assert (during["score"], during["tier"], during["fallback"]) == (89, "A", True)
+    assert details["fallback"] is True and details["propensity"]["previous"] is True
+    assert (details["propensity"]["value"], details["propensity"]["confidence"]) == (0.86, 0.8)
+    assert (after["score"], after["fallback"]) == (89, False)  # asked again at the next event
+
+
+def test_a_new_lead_scored_while_the_llm_fails_gets_the_neutral_prior(post_delivery, crm, run_worker, llm):
+    llm.force(status=500)
+    post_delivery("contact.creation__single")
+    [scored] = run_worker()
+
+    assert scored["fallback"] is True and scored["score"] < 89
+
+
 def test_redelivered_unchanged_lead_costs_no_llm_call_and_no_write(
     post_delivery, crm, run_worker, hubspot, llm
 ):

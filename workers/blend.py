@@ -355,6 +355,7 @@ def propensity_details(propensity: PropensityResult) -> dict:
         "reason": propensity.reason,
         "evidence": list(propensity.evidence),
         **({"error": propensity.error} if propensity.error else {}),
+        **({"previous": True} if propensity.previous else {}),  # the last answer, standing in
     }
 
 

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
 
@@ -41,7 +41,7 @@ from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
 from workers.llm import PropensityReasoner, answers_keys, cached_answer_key
 from workers.model import ModelArtifactError, TrainedModel
-from workers.propensity import PropensityResult, ages
+from workers.propensity import FALLBACK_SOURCE, PropensityResult, ages
 from workers.rules import evaluate_rules
 from workers.store import Feedback, LeadFact, ScoreRecord, Store
 from workers.writer import fields_to_write, shows
@@ -249,6 +249,9 @@ class WorkerContext:
         fresh = sorted({*range(len(leads))} - {*shown} | {*never_kept})
         if self.model is None or self.model.uses_llm:
             answers = self.reasoner.assess_many([leads[i] for i in fresh], now, self.redis)
+            answers = [
+                _previous_stands_in(leads[i], answer) for i, answer in zip(fresh, answers, strict=True)
+            ]
         else:
             answers = [None] * len(fresh)
         by_index = dict(zip(fresh, answers, strict=True))
@@ -470,6 +473,22 @@ def _already_scored(lead: Lead, fingerprint: str, in_holdout_now: bool) -> bool:
         and details.get("fallback") is False
         and details.get("reason_version") == REASON_VERSION  # reasons reworded since: write them again
     )
+
+
+def _previous_stands_in(lead: Lead, answer: PropensityResult | None) -> PropensityResult | None:
+    """A fallback, or one carrying the LLM's answer behind the score the lead shows (value and
+    confidence, as its details keep them), while the LLM fails: the lead's score then moves only as
+    its rules do, not to the neutral prior and back. Still a fallback: asked again, and so shown."""
+    if answer is None or not answer.fallback:
+        return answer
+    told = _shown_details(lead).get("propensity")
+    if not isinstance(told, dict) or (told.get("source") == FALLBACK_SOURCE and not told.get("previous")):
+        return answer
+    try:
+        value, confidence = float(told["value"]), float(told["confidence"])
+    except (KeyError, TypeError, ValueError):
+        return answer
+    return replace(answer, propensity=value, confidence=confidence, previous=True)
 
 
 def _wrote(lead: Lead) -> dict[str, str] | None:

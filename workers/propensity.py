@@ -117,6 +117,9 @@ class PropensityResult:
     throttled: bool = False  # the LLM asked to wait (429) or was not asked for it: no fault of the lead
     refused: bool = False  # the LLM refused the request or a setting (a 4xx): said at start
     said: str = ""  # what the provider said refusing it: logged and said at start, never kept with a lead
+    # A fallback carrying the answer behind the lead's shown score: it stands in while the LLM fails,
+    # so an outage does not move the lead's score, and its tier, twice (to the prior and back).
+    previous: bool = False
 
     @property
     def fallback(self) -> bool:
