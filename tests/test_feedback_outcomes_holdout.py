@@ -399,10 +399,15 @@ def test_a_put_back_the_crm_refused_is_put_back_when_its_job_is_requeued(
     edited = "74300000101"
     post_delivery("contact.creation__single")
     [scored] = run_worker()
+    post_delivery("contact.propertyChange__lead_status")  # another lead, scored too
+    run_worker()
     hubspot.contacts[edited]["properties"].update(leadscore_score="95", leadscore_tier="A")
     hubspot.reject[edited] = "Blocked by a validation rule"
-    post_delivery("contact.propertyChange__rep_edited_score")
-    run_worker()  # refused alone: dead-lettered
+    edits = fixture_json("hubspot/contact.propertyChange__rep_edited_score.json")
+    status = {**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0], "eventId": 16}
+    hubspot.contacts[CONTACT]["properties"]["hs_lead_status"] = "CONNECTED"
+    post_delivery(json.dumps([*edits, status]).encode())  # one batch: the refused lead goes on alone
+    run_worker()  # and is refused again: dead-lettered
     hubspot.reject.clear()
 
     [job_id] = queue.failed_job_registry.get_job_ids()

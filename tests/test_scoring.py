@@ -1623,3 +1623,33 @@ def test_the_top_of_each_tier_is_one_below_the_next_tier_up():
 
     assert [tiers.top_of(tier) for tier in "ABCD"] == [100, 79, 49, 19]
     assert [tiers.tier_for(tiers.top_of(tier)) for tier in "ABCD"] == list("ABCD")
+
+
+@pytest.mark.parametrize(
+    ("told", "why"),
+    [
+        ({"value": 0.86, "confidence": 0.8, "source": "llm"}, None),  # stands in
+        ({"value": 5.0, "confidence": 0.8, "source": "llm"}, "a value someone edited"),
+        ({"value": float("nan"), "confidence": 0.8, "source": "llm"}, "NaN"),
+        ({"value": 0.9, "confidence": -1, "source": "llm"}, "a confidence below 0"),
+        ({"value": 0.5, "confidence": 0.0, "source": "propensity_prior_fallback"}, "the prior itself"),
+    ],
+)
+def test_only_an_llm_answer_within_0_and_1_stands_in_for_the_prior(told, why):
+    from workers.jobs import _previous_stands_in
+    from workers.propensity import fallback
+
+    lead = make_lead(current_output={"details": json.dumps({"propensity": {**told, "model": "m"}})})
+    outage = fallback("LLM answered HTTP 503", retryable=True)
+
+    stood = _previous_stands_in(lead, outage)
+
+    if why is None:
+        assert (stood.propensity, stood.confidence, stood.model, stood.previous, stood.fallback) == (
+            0.86, 0.8, "m", True, True
+        )  # fmt: skip
+        assert (
+            _previous_stands_in(lead, fallback("LLM disabled")).previous is False
+        )  # switched off: the prior
+    else:
+        assert stood is outage, why

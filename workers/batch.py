@@ -20,7 +20,7 @@ from integration.clock import redis_now, shared_now, shared_now_utc
 from integration.crm import same_account
 from integration.errors import CRMError, CRMUnavailable, RateLimited, WriteRejected, WritesRefusedAlike
 from integration.events import ERASE, FORCED, RESCORE, LeadEvent, deal_of, dump_events, parse_events
-from workers.jobs import context, erased_since, outcome
+from workers.jobs import context, erased_since, outcome, put_back_key
 from workers.store import LeadFact
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,8 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     alike = len({(r.code, r.message) for r in refusals}) == 1
     if alike and len(refusals) == len(to_write) > 1 and not (deal_events or split_off):
         raise WritesRefusedAlike(crm, refusals)  # every write the batch tried, in the same words
+    if failed:  # a put-back the CRM refused is made by the job the lead goes on alone in
+        ctx.redis.delete(*(put_back_key(event.lead_key) for event, _ in failed))
     for (
         event,
         result,

@@ -249,8 +249,9 @@ class WorkerContext:
         fresh = sorted({*range(len(leads))} - {*shown} | {*never_kept})
         if self.model is None or self.model.uses_llm:
             answers = self.reasoner.assess_many([leads[i] for i in fresh], now, self.redis)
-            answers = [
-                _previous_stands_in(leads[i], answer) for i, answer in zip(fresh, answers, strict=True)
+            answers = [  # a score the store missed is kept only as it came out, never with a stand-in
+                answer if i in never_kept else _previous_stands_in(leads[i], answer)
+                for i, answer in zip(fresh, answers, strict=True)
             ]
         else:
             answers = [None] * len(fresh)
@@ -319,7 +320,7 @@ class WorkerContext:
         this very job (a retry, or a `requeue`, of one whose write failed)."""
         job = get_current_job()
         this_job = job.id if job is not None else ""
-        key = f"leadscore:put-back:{lead.lead_key}"
+        key = put_back_key(lead.lead_key)
         return bool(self.redis.set(key, this_job, nx=True, ex=PUT_BACK_EVERY_S)) or (
             bool(this_job) and self.redis.get(key) == this_job.encode()
         )
@@ -475,11 +476,18 @@ def _already_scored(lead: Lead, fingerprint: str, in_holdout_now: bool) -> bool:
     )
 
 
+def put_back_key(lead_key: str) -> str:
+    """When the lead's edited score was last put back, and by which job."""
+    return f"leadscore:put-back:{lead_key}"
+
+
 def _previous_stands_in(lead: Lead, answer: PropensityResult | None) -> PropensityResult | None:
-    """A fallback, or one carrying the LLM's answer behind the score the lead shows (value and
-    confidence, as its details keep them), while the LLM fails: the lead's score then moves only as
-    its rules do, not to the neutral prior and back. Still a fallback: asked again, and so shown."""
-    if answer is None or not answer.fallback:
+    """A fallback, or, while the LLM fails for a while (a timeout, a 5xx, a 429: a failure asked again
+    later), one carrying the LLM's answer behind the score the lead shows (value, confidence and model,
+    as its details keep them): the lead's score then moves only as its rules do, not to the neutral
+    prior and back. Still a fallback, asked again. An LLM switched off or refusing the lead gives the
+    prior, as before."""
+    if answer is None or not answer.fallback or not answer.retryable:
         return answer
     told = _shown_details(lead).get("propensity")
     if not isinstance(told, dict) or (told.get("source") == FALLBACK_SOURCE and not told.get("previous")):
@@ -488,7 +496,10 @@ def _previous_stands_in(lead: Lead, answer: PropensityResult | None) -> Propensi
         value, confidence = float(told["value"]), float(told["confidence"])
     except (KeyError, TypeError, ValueError):
         return answer
-    return replace(answer, propensity=value, confidence=confidence, previous=True)
+    if not (0.0 <= value <= 1.0 and 0.0 <= confidence <= 1.0):  # details someone edited; NaN fails too
+        return answer
+    return replace(answer, propensity=value, confidence=confidence, model=str(told.get("model") or ""),
+                   previous=True)  # fmt: skip
 
 
 def _wrote(lead: Lead) -> dict[str, str] | None:

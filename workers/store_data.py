@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
 from workers.blend import rules_alone
 from workers.config import Tiers
@@ -67,24 +67,27 @@ def histories(
             .group_by(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id)
         ).all()
         converted = {(crm, account, lead): as_utc(moment) for crm, account, lead, moment in first_outcomes}
-        cut = {
-            tuple(row)
-            for row in connection.execute(
-                select(outcomes.c.crm, outcomes.c.account_id, outcomes.c.lead_id).where(
-                    outcomes.c.kind == HISTORY_CUT
-                )
-            )
-        }
+        marks = outcomes.alias("marks")  # a prune's HISTORY_CUT, joined on its unique key: no set in memory
+        marked = and_(
+            marks.c.crm == scores.c.crm, marks.c.account_id == scores.c.account_id,
+            marks.c.lead_id == scores.c.lead_id, marks.c.kind == HISTORY_CUT,
+        )  # fmt: skip
+        query = select(*kept, marks.c.id.is_not(None).label("cut")).select_from(
+            scores.outerjoin(marks, marked)
+        )
+        if not with_cut:
+            query = query.where(marks.c.id.is_(None))
         rows = (
             connection.execution_options(stream_results=True, yield_per=STREAM_ROWS)
-            .execute(select(*kept).order_by(scores.c.crm, scores.c.account_id, scores.c.lead_id, scores.c.id))
+            .execute(query.order_by(scores.c.crm, scores.c.account_id, scores.c.lead_id, scores.c.id))
             .mappings()
         )
         for key, lead_rows in groupby(rows, key=lambda row: (row["crm"], row["account_id"], row["lead_id"])):
-            if key in cut and not with_cut:
-                continue
             lead_scores = [{**row, "scored_at": as_utc(row["scored_at"])} for row in lead_rows]
-            yield LeadHistory(lead_scores, converted.get(key), key in cut)
+            cut = bool(lead_scores[0].pop("cut"))
+            for row in lead_scores[1:]:
+                del row["cut"]
+            yield LeadHistory(lead_scores, converted.get(key), cut)
 
 
 FIRST, LAST = "first", "last"  # which of a lead's scores stands for it in training and live evaluation

@@ -232,7 +232,7 @@ def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
     if kind == "property_change" and event.property_name in OWN_PROPERTIES:
         if ours or event.property_name not in SHOWN_PROPERTIES:
             return Skipped(
-                "ignore", _ref(event), f"{event.property_name} is leadscore's own output", echo=True
+                "ignore", _ref(event), f"{event.property_name} is leadscore's own output", echo=ours
             )
     elif ours:
         return Skipped("ignore", _ref(event), "change made by leadscore itself", echo=True)

@@ -255,7 +255,7 @@ def _lead_verdict(header: ChangeEventHeader, integration_user: str, client_name:
     if api_client(header.change_origin) == client_name:
         return ("ignore", "change made through leadscore's API client", True)
     if header.change_type == "UPDATE" and set(header.changed_fields) <= OWN_FIELDS | SYSTEM_FIELDS:
-        return ("ignore", "only leadscore's own fields changed", True)
+        return ("ignore", "only leadscore's own fields changed")  # by an admin, say: not an echo
     return None
 
 
