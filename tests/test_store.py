@@ -781,6 +781,12 @@ def test_history_says_what_changed_between_two_scores_among_what_was_kept():
         "LLM unanswered (LLM answered HTTP 503): neutral prior → LLM 0.70 at confidence 0.80",
     ]
     assert changes(after, newer) == ["last_reply_when 'within the last 7 days' → None"]
+    stood_in = _kept(inputs, fallback=True, propensity={**unanswered, "value": 0.7, "confidence": 0.8,
+                                                        "previous": True})  # fmt: skip
+    assert changes(after, stood_in)[-1] == (
+        "LLM 0.70 at confidence 0.80 → LLM unanswered (LLM answered HTTP 503): its last answer stood in, "
+        "0.70 at confidence 0.80"
+    )
     same = history_lines({"scores": [after, {**after, "fingerprint": "f3"}, {**after, "fingerprint": "f3"}],
                           "outcomes": [], "feedback": []})  # fmt: skip
     assert [line for line in same if "changed:" in line] == [

@@ -48,7 +48,12 @@ def _llm(row: dict) -> str:
     if not told:
         return ""
     if row["fallback"]:
-        return f"LLM unanswered ({told.get('error') or 'no reason kept'}): neutral prior"
+        stood = (
+            f"its last answer stood in, {told.get('value'):.2f} at confidence {told.get('confidence'):.2f}"
+            if told.get("previous")
+            else "neutral prior"
+        )
+        return f"LLM unanswered ({told.get('error') or 'no reason kept'}): {stood}"
     return f"LLM {told.get('value'):.2f} at confidence {told.get('confidence'):.2f}"
 
 
