@@ -172,6 +172,7 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     assert redis.exists(*cached.values()) == 2
     [fingerprint] = [row["fingerprint"] for row in table(env, store.scores) if row["lead_id"] == erased]
     redis.set(f"leadscore:llm:{fingerprint}", "{}")  # where an older release cached the same answer
+    redis.set(jobs.put_back_key(f"hubspot:{PORTAL_ID}:{erased}"), "job")  # its edited score put back today
     del hubspot.contacts[erased]
 
     assert post_delivery("contact.privacyDeletion__single").get_json()["queued"] == 1
@@ -182,6 +183,7 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     assert table(env, store.outcomes) == table(env, store.feedback) == []
     assert (redis.exists(cached[erased]), redis.exists(cached[CONTACT])) == (0, 1)
     assert not redis.exists(f"leadscore:llm:{fingerprint}")
+    assert not redis.exists(jobs.put_back_key(f"hubspot:{PORTAL_ID}:{erased}"))
 
 
 def test_a_privacy_deletion_batched_with_other_leads_is_erased_on_its_own_and_holds_none_back(

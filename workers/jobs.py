@@ -30,7 +30,7 @@ from integration.crm import CRMAdapter
 from integration.errors import LeadGone
 from integration.events import LeadEvent
 from integration.hubspot.api import WORKER_MAX_WAIT_S, HubSpotCRM, shared_limiter
-from integration.lead import Lead, moment_of
+from integration.lead import Lead, lead_key, moment_of
 from integration.queue import settings_redis
 from integration.salesforce import full_id
 from integration.salesforce.api import SalesforceCRM
@@ -476,9 +476,9 @@ def _already_scored(lead: Lead, fingerprint: str, in_holdout_now: bool) -> bool:
     )
 
 
-def put_back_key(lead_key: str) -> str:
+def put_back_key(lead: str) -> str:
     """When the lead's edited score was last put back, and by which job."""
-    return f"leadscore:put-back:{lead_key}"
+    return f"leadscore:put-back:{lead}"
 
 
 def _previous_stands_in(lead: Lead, answer: PropensityResult | None) -> PropensityResult | None:
@@ -692,6 +692,7 @@ def erase(
     # Answers cached by an older release are keyed by the input fingerprint, which the store keeps:
     # read before the rows that name them go.
     answers = forget_answers(redis, crm, account_id, keyed, store.fingerprints_of(crm, account, lead_ids))
+    redis.delete(*(put_back_key(lead_key(crm, account_id, lead_id)) for lead_id in keyed))
     deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
     log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)
     return deleted
