@@ -88,8 +88,10 @@ class Scored:
         """What the store keeps of a score that was written; one kept after its write (`never_kept`)
         says so."""
         details = self.result.details
-        if self.never_kept or self.put_back:
-            details = {**details, **({"kept_late": True} if self.never_kept else {"put_back": True})}
+        if self.never_kept:
+            details = {**details, "kept_late": True}
+        elif self.put_back:
+            details = {**details, "put_back": True}
         return ScoreRecord(
             crm=self.lead.crm, account_id=self.lead.account_id, lead_id=self.lead.lead_id,
             score=self.result.score, tier=self.result.tier, reason=self.result.reason,

@@ -231,11 +231,9 @@ def triage(event: HubSpotEvent, own_app_id: str) -> IntakeRow | Skipped:
     ours = event.change_source == "INTEGRATION" and event.source_id == own_app_id
     if kind == "property_change" and event.property_name in OWN_PROPERTIES:
         if ours or event.property_name not in SHOWN_PROPERTIES:
-            return Skipped(
-                "ignore", _ref(event), f"{event.property_name} is leadscore's own output", echo=ours
-            )
+            return _skipped(event, "ignore", f"{event.property_name} is leadscore's own output", echo=ours)
     elif ours:
-        return Skipped("ignore", _ref(event), "change made by leadscore itself", echo=True)
+        return _skipped(event, "ignore", "change made by leadscore itself", echo=True)
     return _row(event, str(event.object_id), kind)
 
 
@@ -253,8 +251,8 @@ def _ref(event: HubSpotEvent) -> str:
     return f"{event.event_id} ({event.subscription_type}, object {event.object_id})"
 
 
-def _skipped(event: HubSpotEvent, verdict: str, detail: str) -> Skipped:
-    return Skipped(verdict, _ref(event), detail)
+def _skipped(event: HubSpotEvent, verdict: str, detail: str, echo: bool = False) -> Skipped:
+    return Skipped(verdict, _ref(event), detail, echo)
 
 
 bp = Blueprint("hubspot", __name__)
