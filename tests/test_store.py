@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -76,6 +77,31 @@ def test_workers_starting_together_on_an_empty_store_all_find_it_migrated(store_
 
     assert [worker.returncode for worker in workers] == [0] * 6, "\n".join(errors)
     assert Store(store_url).require_schema() is not None
+
+
+def _open_together(url: str, barrier, modes) -> None:
+    barrier.wait()
+    try:
+        with store.engine_for(url).connect() as connection:
+            modes.put(connection.exec_driver_sql("PRAGMA journal_mode").scalar())
+    except OperationalError as error:
+        modes.put(str(error.orig))
+
+
+def test_connections_opening_a_new_sqlite_file_together_all_switch_it_to_wal(tmp_path):
+    """Six connections switching a new file to WAL at once: SQLite refuses some as locked without
+    waiting its busy timeout (about one round in six here; a CI run failed on it), so each tries again."""
+    fork = multiprocessing.get_context("fork")
+    for attempt in range(40):
+        url = f"sqlite:///{tmp_path / f'store{attempt}.sqlite3'}"
+        barrier, modes = fork.Barrier(6), fork.Queue()
+        opening = [fork.Process(target=_open_together, args=(url, barrier, modes)) for _ in range(6)]
+        for process in opening:
+            process.start()
+        for process in opening:
+            process.join(timeout=60)
+
+        assert [modes.get(timeout=5) for _ in opening] == ["wal"] * 6, f"attempt {attempt}"
 
 
 def test_outcomes_are_kept_once_per_lead_and_kind(store_url):

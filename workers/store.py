@@ -9,6 +9,7 @@ a logged error, never a score.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -158,6 +159,7 @@ CONNECT_TIMEOUT_S = 5  # a store that does not answer costs a batch this long, n
 # stopped backend, a lock a migration or a long read holds) costs a batch this long, not its 10 minutes.
 WORKER_STATEMENT_TIMEOUT_S = 30
 WORKER_LOCK_TIMEOUT_S = 10
+SQLITE_BUSY_TIMEOUT_S = 10  # how long a SQLite connection waits for another's write
 
 
 def engine_for(url: str, worker: bool = False) -> Engine:
@@ -194,11 +196,29 @@ def engine_for(url: str, worker: bool = False) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # several workers share one file
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+            switch_to_wal(cursor)
             cursor.close()
 
     return engine
+
+
+def switch_to_wal(cursor, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+    """Put a SQLite file in WAL mode, which lets workers read while one writes. Connections opening
+    a new file together all try to switch it, and SQLite refuses some at once as locked, never
+    waiting its busy timeout (six opening together, one was refused in about one round in six):
+    they try again until the file is switched."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")  # a file already in WAL, or in memory, is left as is
+            return
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def alembic_config(url: str):
