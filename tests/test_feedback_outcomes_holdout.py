@@ -1176,9 +1176,11 @@ def test_a_models_custom_features_are_read_from_salesforce_fields(
     assert after["contributions"]["time_on_site_s"] > before["contributions"]["time_on_site_s"]
 
 
-def test_a_model_with_the_llm_as_a_feature_calls_it_and_falls_back_without_it(
+def test_a_model_with_the_llm_as_a_feature_calls_it_and_reads_its_last_answer_while_it_fails(
     env, monkeypatch, tmp_path, post_delivery, crm, run_worker, hubspot, llm
 ):
+    """Scored without the LLM's answer during an outage, the lead's tier could move and move back once
+    the LLM answers again (every workflow on the tier firing twice); its last answer stands in."""
     frame = pd.read_csv(SLICE, dtype=str, keep_default_na=False)
     frame["AI propensity"] = [
         f"{0.2 + 0.6 * int(c) + (i % 7) / 70:.3f}" for i, c in enumerate(frame["Converted"])
@@ -1207,7 +1209,14 @@ def test_a_model_with_the_llm_as_a_feature_calls_it_and_falls_back_without_it(
     [second] = run_worker()
     details = json.loads(written(hubspot, CONTACT)["leadscore_details"])
     assert second["outcome"] == "written" and second["fallback"] is True
-    assert details["fallback"] is True and "llm_propensity" not in details["contributions"]
+    assert details["fallback"] is True and details["propensity"]["previous"] is True
+    assert "llm_propensity" in details["contributions"]
+
+    llm.force()
+    post_delivery(json.dumps([{**fixture_json("hubspot/contact.propertyChange__lead_status.json")[0],
+                               "eventId": 10, "propertyValue": "CONNECTED"}]).encode())  # fmt: skip
+    [third] = run_worker()
+    assert third["fallback"] is False and (third["score"], third["tier"]) == (second["score"], second["tier"])
 
 
 def test_scores_reach_the_crm_when_the_store_is_unavailable(env, monkeypatch, tmp_path, post_delivery, crm,

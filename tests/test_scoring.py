@@ -1653,3 +1653,17 @@ def test_only_an_llm_answer_within_0_and_1_stands_in_for_the_prior(told, why):
         )  # switched off: the prior
     else:
         assert stood is outage, why
+
+
+def test_a_trained_model_reads_the_llms_last_answer_where_it_stands_in_and_a_plain_fallback_as_missing():
+    from workers.jobs import _previous_stands_in
+    from workers.propensity import fallback
+    from workers.tabular import LLM_FEATURE, snapshot
+
+    told = {"value": 0.86, "confidence": 0.8, "source": "llm", "model": "m"}
+    lead = make_lead(current_output={"details": json.dumps({"propensity": told})})
+    outage = fallback("LLM answered HTTP 503", retryable=True)
+
+    assert snapshot(lead, _previous_stands_in(lead, outage))[LLM_FEATURE] == 0.86
+    assert LLM_FEATURE not in snapshot(lead, outage)
+    assert LLM_FEATURE not in snapshot(lead, fallback("LLM disabled"))

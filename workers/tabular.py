@@ -452,7 +452,7 @@ def snapshot(lead: Lead, propensity=None) -> dict[str, object]:
     if not lead.engagement_known:
         values.update(dict.fromkeys(ENGAGEMENT_COUNTERS))
     values.update(lead.custom)
-    if propensity is not None and not propensity.fallback:
+    if propensity is not None and (not propensity.fallback or propensity.previous):
         values[LLM_FEATURE] = propensity.propensity
     return values
 
@@ -461,7 +461,8 @@ def lead_features(
     lead: Lead, kinds: dict[str, Kind], propensity=None, keep_case: bool = False
 ) -> dict[str, object]:
     """A live lead's features under the names a model was trained with (`propensity`: the LLM's
-    answer, a feature when the model has one; a fallback counts as missing)."""
+    answer, a feature when the model has one; a fallback counts as missing, unless the LLM's last
+    answer stands in for it while the LLM fails, so the lead's tier does not move and move back)."""
     raw = snapshot(lead, propensity)
     return {name: normalise(raw.get(name), kind, keep_case=keep_case) for name, kind in kinds.items()}
 
