@@ -27,6 +27,7 @@ from integration.settings import get_settings
 from tests.conftest import _empty_database
 from workers import jobs, outcomes, store
 from workers.config import load_config
+from workers.history import history_lines
 from workers.store import Feedback, LeadFact, ScoreRecord, Store, StoreNotReady
 from workers.store_data import (
     LAST,
@@ -157,7 +158,8 @@ def test_merging_leads_keeps_one_outcome_a_kind_at_its_earliest_date_and_moves_t
             select(o.account_id, o.lead_id, o.kind, o.reached_at).order_by(o.account_id, o.lead_id, o.kind)
         ).all()
         moved = [
-            connection.execute(select(t.c.lead_id)).scalars().all() for t in (store.scores, store.feedback)
+            connection.execute(select(t.c.lead_id, t.c.merged_from).order_by(t.c.id)).all()
+            for t in (store.scores, store.feedback)
         ]
     assert [(account, lead, kind, _utc(at)) for account, lead, kind, at in rows] == [
         ("48213377", "3", "won", early),  # not merged: untouched
@@ -165,7 +167,13 @@ def test_merging_leads_keeps_one_outcome_a_kind_at_its_earliest_date_and_moves_t
         ("48213377", "9", "opportunity", late),
         ("99999999", "1", "won", early),  # another portal's lead 1: untouched
     ]
-    assert moved == [["9", "9"], ["9"]]
+    assert moved == [[("9", "1"), ("9", None)], [("9", "2")]]  # each says the lead it was kept of
+    history = history_lines(kept.lead_history("hubspot", "48213377", "9"))
+    assert [line for line in history if "merged" in line] == [
+        "2026-03-01 00:00:00 UTC  score 50 B  rules+llm , rules None (file not kept); "
+        "kept of lead 1, merged into this one",
+        f"{history[-1][:23]}  feedback too_low on 40 C; on lead 2, merged into this one",
+    ]
 
 
 def test_merging_follows_a_chain_to_the_last_survivor_and_keys_salesforce_ids_as_the_store_does(store_url):
@@ -184,8 +192,13 @@ def test_merging_follows_a_chain_to_the_last_survivor_and_keys_salesforce_ids_as
     assert kept.merge_leads("salesforce", "00D5g000004XyZaEAK", merged) == 0  # nothing moves onto itself
 
     with kept.engine.connect() as connection:
-        leads = connection.execute(select(store.scores.c.crm, store.scores.c.lead_id)).all()
-    assert sorted(leads) == [("hubspot", "B"), ("salesforce", "00Q5g00000Ls001EAB")]
+        leads = connection.execute(
+            select(store.scores.c.crm, store.scores.c.lead_id, store.scores.c.merged_from)
+        ).all()
+    assert sorted(leads) == [
+        ("hubspot", "B", "A"),
+        ("salesforce", "00Q5g00000Ls001EAB", "00Q5g00000Ls002EAB"),
+    ]
 
 
 def test_feedback_is_kept_when_it_changes_with_the_score_the_rep_saw(store_url):
@@ -442,7 +455,7 @@ def test_upgrading_a_store_dates_its_webhook_outcomes_before_the_score_that_saw_
                      "VALUES (:crm, '48213377', :lead, :kind, 'webhook', :at)"),
                 {"crm": crm, "lead": lead, "kind": kind, "at": saw_it + timedelta(milliseconds=3)},
             )  # fmt: skip
-    with pytest.raises(StoreNotReady, match="is at schema revision 0001_store, this leadscore needs 0003"):
+    with pytest.raises(StoreNotReady, match="is at schema revision 0001_store, this leadscore needs 0004"):
         kept.require_schema()
 
     store.upgrade(store_url)

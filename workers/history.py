@@ -86,6 +86,7 @@ def history_lines(kept: dict[str, list[dict]]) -> list[str]:
                 ("held out: not shown", row["holdout"]),
                 ("kept after its write", (row["details"] or {}).get("kept_late")),
                 ("put back over an edit in the CRM", (row["details"] or {}).get("put_back")),
+                (f"kept of lead {row.get('merged_from')}, merged into this one", row.get("merged_from")),
             )
             if on
         ]
@@ -116,7 +117,12 @@ def history_lines(kept: dict[str, list[dict]]) -> list[str]:
         events.append((as_utc(row["recorded_at"]), 1, [f"{_when(row['recorded_at'])}  {said}"]))
     for row in kept["feedback"]:
         about = f" on {row['score']} {row['tier']}" if row["score"] is not None else ""
+        origin = f"; on lead {row['merged_from']}, merged into this one" if row.get("merged_from") else ""
         events.append(
-            (as_utc(row["recorded_at"]), 2, [f"{_when(row['recorded_at'])}  feedback {row['value']}{about}"])
+            (
+                as_utc(row["recorded_at"]),
+                2,
+                [f"{_when(row['recorded_at'])}  feedback {row['value']}{about}{origin}"],
+            )
         )
     return [line for _, _, lines in sorted(events, key=lambda e: (e[0], e[1])) for line in lines]

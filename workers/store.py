@@ -75,6 +75,7 @@ scores = Table(
     Column("features", JSON, nullable=False),  # the inputs as read: what `train --from-store` learns
     Column("details", JSON, nullable=False),
     Column("scored_at", DateTime(timezone=True), nullable=False),
+    Column("merged_from", String(64)),  # the lead it was kept of, before the CRM merged that into this one
     Index("ix_scores_lead", "crm", "account_id", "lead_id", "id"),
     Index("ix_scores_account_time", "crm", "account_id", "scored_at"),  # an account's first score
     sqlite_autoincrement=True,
@@ -100,6 +101,7 @@ feedback = Table(
     Column("tier", String(8)),
     Column("fingerprint", String(64)),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("merged_from", String(64)),
     Index("ix_feedback_lead", "crm", "account_id", "lead_id", "id"),
 )
 
@@ -340,7 +342,8 @@ class Store:
         """Move what is kept of records the CRM merged into another (the same person) to the one that
         remains; returns how many rows were moved (an outcome the survivor had already is folded into
         its own, at the earlier date). Its history then reads as one lead's (a duplicate that never
-        converted is no negative beside its converted twin), and erasing the lead erases them too.
+        converted is no negative beside its converted twin), and erasing the lead erases them too. A
+        moved score or feedback keeps the id it was kept of (`merged_from`), for `leadscore history`.
 
         A lead keeps its merged ids for life, so this runs at each of its scorings: one query finds
         the ids that still have rows, and only those are moved, a survivor a transaction. A chain (A
@@ -369,7 +372,11 @@ class Store:
             with self.engine.begin() as connection:
                 for table in (scores, feedback):
                     moved += connection.execute(
-                        update(table).where(*_leads(table, crm, account_id, gone)).values(lead_id=survivor)
+                        update(table)
+                        .where(*_leads(table, crm, account_id, gone))
+                        .values(
+                            lead_id=survivor, merged_from=func.coalesce(table.c.merged_from, table.c.lead_id)
+                        )
                     ).rowcount
                 taken = connection.execute(
                     delete(outcomes)
