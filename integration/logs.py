@@ -202,6 +202,18 @@ class RedactingFilter(logging.Filter):
             record._leadscore_redacted = True
 
 
+class RepeatedJobSuccess(logging.Filter):
+    """RQ says each job succeeded twice at INFO, "Job OK" and then "Successfully completed … in 0.3s";
+    the first is dropped unless logging is at DEBUG (a collect job, every other job, says nothing else)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (
+            record.levelno != logging.INFO
+            or "Job OK" not in record.getMessage()
+            or logging.getLogger().isEnabledFor(logging.DEBUG)
+        )
+
+
 class RedactingJsonFormatter(JsonFormatter):
     """JsonFormatter whose exception and stack texts are redacted too (the filter leaves exc_info
     untouched so other handlers still get the live exception)."""
@@ -242,4 +254,7 @@ def configure(level: str | int = "INFO", stream: TextIO | None = None) -> loggin
     root.setLevel(level.upper() if isinstance(level, str) else level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    rq_worker = logging.getLogger("rq.worker")
+    if not any(isinstance(f, RepeatedJobSuccess) for f in rq_worker.filters):
+        rq_worker.addFilter(RepeatedJobSuccess())
     return handler

@@ -52,7 +52,7 @@ from tests.conftest import (
 )
 from tests.test_feedback_outcomes_holdout import table
 from workers import batch, jobs, store
-from workers.llm import LLM_PAUSE
+from workers.llm import LLM_PAUSE, answers_keys, cached_answer_key
 from workers.worker import LeadscoreQueue
 
 BURST = "contact.creation__demo_burst"
@@ -186,6 +186,22 @@ def test_llm_answers_are_cached_by_input_fingerprint(post_delivery, crm, run_wor
 
     assert result["outcome"] == "written"
     assert len(llm.requests) == 1  # the second score reused the first answer
+
+
+def test_a_leads_list_of_cached_llm_answers_drops_the_ids_of_answers_expired(
+    post_delivery, crm, run_worker, redis
+):
+    """Listed for an erasure to find, a lead's answers were never taken off the list: a lead changing
+    weekly kept one id a change for good, after its answers had expired."""
+    listed = answers_keys("hubspot", PORTAL_ID, VP)[0]
+    redis.zadd(listed, {"expired": time.time() - 7 * 86_400 - 1, "still-cached": time.time() - 86_400})
+
+    post_delivery("contact.creation__single")
+    run_worker()
+
+    [new] = [a for a in redis.zrange(listed, 0, -1) if a != b"still-cached"]
+    assert redis.zrange(listed, 0, -1) == [b"still-cached", new]
+    assert redis.exists(cached_answer_key(new.decode())) and 6 * 86_400 < redis.ttl(listed) <= 7 * 86_400
 
 
 def test_lone_lead_waits_only_the_linger(env, monkeypatch, post_delivery, crm, queue, redis):

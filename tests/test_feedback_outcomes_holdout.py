@@ -87,7 +87,7 @@ def test_lead_change_event__merge_moves_what_was_kept_of_the_deleted_lead_to_the
     post_change_events(creation)
     run_worker()
     [loser_answers] = answers_keys("salesforce", SF_ORG_ID, loser)[:1]
-    [answer] = [cached_answer_key(a.decode()) for a in redis.smembers(loser_answers)]
+    [answer] = [cached_answer_key(a.decode()) for a in redis.zrange(loser_answers, 0, -1)]
 
     salesforce.merge_leads(winner, [loser])
     post_change_events("lead_change_event__merge")
@@ -166,13 +166,16 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     kept.record_outcomes([store.LeadFact("hubspot", PORTAL_ID, erased, "opportunity", None)], source="sync")
     kept.record_feedback([store.Feedback("hubspot", PORTAL_ID, erased, "too_high", 80, "A", "f")])
     cached = {
-        lead: cached_answer_key(redis.srandmember(answers_keys("hubspot", PORTAL_ID, lead)[0]).decode())
+        lead: cached_answer_key(redis.zrange(answers_keys("hubspot", PORTAL_ID, lead)[0], 0, 0)[0].decode())
         for lead in (erased, CONTACT)
     }
     assert redis.exists(*cached.values()) == 2
     [fingerprint] = [row["fingerprint"] for row in table(env, store.scores) if row["lead_id"] == erased]
     redis.set(f"leadscore:llm:{fingerprint}", "{}")  # where an older release cached the same answer
     redis.set(jobs.put_back_key(f"hubspot:{PORTAL_ID}:{erased}"), "job")  # its edited score put back today
+    listed_before = answers_keys("hubspot", PORTAL_ID, erased)[1]  # a set of the release before
+    redis.sadd(listed_before, "listed-before")
+    redis.set(cached_answer_key("listed-before"), "{}")
     del hubspot.contacts[erased]
 
     assert post_delivery("contact.privacyDeletion__single").get_json()["queued"] == 1
@@ -184,6 +187,7 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     assert (redis.exists(cached[erased]), redis.exists(cached[CONTACT])) == (0, 1)
     assert not redis.exists(f"leadscore:llm:{fingerprint}")
     assert not redis.exists(jobs.put_back_key(f"hubspot:{PORTAL_ID}:{erased}"))
+    assert not redis.exists(listed_before, cached_answer_key("listed-before"))
 
 
 def test_a_privacy_deletion_batched_with_other_leads_is_erased_on_its_own_and_holds_none_back(

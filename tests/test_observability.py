@@ -18,6 +18,7 @@ from rq import Queue, SimpleWorker
 
 from integration import logs, metrics
 from integration.emulators import free_port
+from tests.conftest import FIXTURES
 
 JOB_LOGGER = "tests.observability.job"
 
@@ -231,6 +232,39 @@ def test_a_failed_jobs_arguments_are_not_logged(redis, log_stream):
         and line["job_id"] == job.id
     )
     assert "74300000099" not in json.dumps(line)
+
+
+_ONE_JOB_WORKER = """
+import sys
+from redis import Redis
+from rq import Queue
+from integration import logs
+from workers import worker
+logs.configure("INFO")
+redis = Redis.from_url(sys.argv[1])
+queue = Queue("observability-test", connection=redis)
+print(queue.enqueue("tests.test_observability.log_inside_job", "74300000101").id)
+worker.build([queue], redis, 60).work(burst=True)
+"""
+
+
+def test_a_finished_job_logs_its_start_and_completion_once_each(redis):
+    """RQ logs four lines for every job, two of them saying it succeeded and one its result's TTL: half
+    of all jobs are collectors, which log nothing else. As `leadscore worker` runs it, in a work horse."""
+    at = redis.connection_pool.connection_kwargs
+    url = f"redis://{at['host']}:{at['port']}/{at['db']}"
+    ran = subprocess.run([sys.executable, "-c", _ONE_JOB_WORKER, url], capture_output=True, text=True,
+                         timeout=60, cwd=FIXTURES.parent)  # fmt: skip
+    job_id = ran.stdout.strip()
+
+    said = [
+        json.loads(line) for line in ran.stderr.splitlines() if job_id in line or "log_inside_job" in line
+    ]
+    assert [(line["logger"], line["message"].split(" ")[0]) for line in said] == [
+        ("rq.worker", "Worker"),  # … observability-test: tests.test_observability.log_inside_job(…) (id)
+        (JOB_LOGGER, "scored"),
+        ("rq.worker", "Successfully"),
+    ], ran.stderr
 
 
 def test_job_id_from_a_real_rq_job(redis, log_stream):

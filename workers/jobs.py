@@ -39,7 +39,7 @@ from workers import model_scoring, tabular
 from workers.blend import REASON_VERSION, ScoreResult, blend_score, input_fingerprint, with_provenance
 from workers.config import ConfigError, ScoringConfig, load_config
 from workers.holdout import in_holdout, shown_fields
-from workers.llm import PropensityReasoner, answers_keys, cached_answer_key
+from workers.llm import PropensityReasoner, answers_keys, cached_answer_key, listed_answers
 from workers.model import ModelArtifactError, TrainedModel
 from workers.propensity import FALLBACK_SOURCE, PropensityResult, ages
 from workers.rules import evaluate_rules
@@ -708,7 +708,7 @@ def forget_answers(
     answer_sets = [key for lead_id in lead_ids for key in answers_keys(crm, account_id, lead_id)]
     with redis.pipeline(transaction=False) as pipe:
         for key in answer_sets:
-            pipe.smembers(key)
+            listed_answers(pipe, key)
         cached = {member.decode() for members in pipe.execute() for member in members}
     keys = {cached_answer_key(answer) for answer in cached | set(more)}
     answers = redis.delete(*keys) if keys else 0

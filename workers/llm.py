@@ -210,15 +210,30 @@ def cached_answer_key(answer: str) -> str:
     return CACHE_PREFIX + answer.removeprefix(CACHE_PREFIX)
 
 
+ANSWERS_LISTED = "leadscore:llm-answers:"  # sorted sets: answer id → when it was cached
+ANSWERS_LISTED_BEFORE = "leadscore:llm-of:"  # plain sets, never trimmed, of older releases
+
+
 def answers_keys(crm: str, account: str, lead_id: str) -> list[str]:
-    """The sets listing a lead's cached answers, so an erasure finds every one of them: the first is
+    """The keys listing a lead's cached answers, so an erasure finds every one of them: the first is
     where answers are listed now (a Salesforce org and lead by their 18-character ids, whichever form
-    the caller holds); older releases listed a Salesforce lead's under the org id as the worker held
-    it, 15 characters."""
+    the caller holds); then where older releases listed them, in sets that kept the id of every answer
+    a lead ever had, and a Salesforce lead's under the org id as the worker held it, 15 characters."""
     if crm != "salesforce":
-        return [f"leadscore:llm-of:{crm}:{account}:{lead_id}"]
+        lead = f"{crm}:{account}:{lead_id}"
+        return [ANSWERS_LISTED + lead, ANSWERS_LISTED_BEFORE + lead]
     account, lead_id = full_id(account), full_id(lead_id)
-    return [f"leadscore:llm-of:{crm}:{org}:{lead_id}" for org in (account, account[:15])]
+    return [ANSWERS_LISTED + f"{crm}:{account}:{lead_id}"] + [
+        f"{ANSWERS_LISTED_BEFORE}{crm}:{org}:{lead_id}" for org in (account, account[:15])
+    ]
+
+
+def listed_answers(pipe, key: str) -> None:
+    """Queue the read of one listing key's answer ids, of either kind."""
+    if key.startswith(ANSWERS_LISTED):
+        pipe.zrange(key, 0, -1)
+    else:
+        pipe.smembers(key)
 
 
 # A fallback the LLM's own reply made (a refusal, a reply cut off): asked again, it would be the same,
@@ -389,10 +404,12 @@ class PropensityReasoner:
             fresh = [i for i in missing if not results[i].fallback or results[i].extra.get("answered")]
             if redis is not None and self.cache_ttl_s and fresh:
                 try:
+                    now = time.time()
                     with redis.pipeline(transaction=False) as pipe:
                         for i in fresh:
                             lead = answers_keys(leads[i].crm, leads[i].account_id, leads[i].lead_id)[0]
-                            pipe.sadd(lead, answers[i])
+                            pipe.zadd(lead, {answers[i]: now})
+                            pipe.zremrangebyscore(lead, 0, now - self.cache_ttl_s)  # ids of expired answers
                             pipe.expire(lead, self.cache_ttl_s)
                             pipe.set(keys[i], to_cache(results[i]), ex=self.cache_ttl_s)
                         pipe.execute()

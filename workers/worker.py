@@ -102,6 +102,7 @@ class LeadscoreWorker(Worker):
     pending leads whose collector was lost."""
 
     queue_class = LeadscoreQueue
+    log_result_lifespan = False  # "result is kept for 500 seconds", a line every job
     holding_warm_stop = False  # from taking a job off a queue until it is filed as running
     _stop_held = False
 
