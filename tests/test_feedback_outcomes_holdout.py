@@ -15,7 +15,7 @@ import pytest
 from redis import Redis
 from sqlalchemy import select
 
-from integration import cli, metrics
+from integration import cli, metrics, pending
 from integration.cli import main
 from integration.emulators import free_port
 from integration.settings import get_settings
@@ -173,6 +173,7 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     [fingerprint] = [row["fingerprint"] for row in table(env, store.scores) if row["lead_id"] == erased]
     redis.set(f"leadscore:llm:{fingerprint}", "{}")  # where an older release cached the same answer
     redis.set(jobs.put_back_key(f"hubspot:{PORTAL_ID}:{erased}"), "job")  # its edited score put back today
+    redis.zadd(pending.backfill_key("hubspot", PORTAL_ID), {erased: 1.0, CONTACT: 1.0})  # a rescore's
     listed_before = answers_keys("hubspot", PORTAL_ID, erased)[1]  # a set of the release before
     redis.sadd(listed_before, "listed-before")
     redis.set(cached_answer_key("listed-before"), "{}")
@@ -188,6 +189,9 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     assert not redis.exists(f"leadscore:llm:{fingerprint}")
     assert not redis.exists(jobs.put_back_key(f"hubspot:{PORTAL_ID}:{erased}"))
     assert not redis.exists(listed_before, cached_answer_key("listed-before"))
+    handed_off = redis.hkeys(pending.handoff_key("hubspot", PORTAL_ID))
+    backfilling = redis.zrange(pending.backfill_key("hubspot", PORTAL_ID), 0, -1)
+    assert (handed_off, backfilling) == ([CONTACT.encode()], [CONTACT.encode()])  # its id kept nowhere
 
 
 def test_a_privacy_deletion_batched_with_other_leads_is_erased_on_its_own_and_holds_none_back(

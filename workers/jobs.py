@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from integration import metrics
+from integration import metrics, pending
 from integration.clock import redis_now
 from integration.crm import CRMAdapter
 from integration.errors import LeadGone
@@ -694,7 +694,11 @@ def erase(
     # Answers cached by an older release are keyed by the input fingerprint, which the store keeps:
     # read before the rows that name them go.
     answers = forget_answers(redis, crm, account_id, keyed, store.fingerprints_of(crm, account, lead_ids))
-    redis.delete(*(put_back_key(lead_key(crm, account_id, lead_id)) for lead_id in keyed))
+    with redis.pipeline(transaction=False) as pipe:  # what else Redis keeps under the lead's id
+        pipe.delete(*(put_back_key(lead_key(crm, account_id, lead_id)) for lead_id in keyed))
+        pipe.hdel(pending.handoff_key(crm, account_id), *keyed)
+        pipe.zrem(pending.backfill_key(crm, account_id), *keyed)
+        pipe.execute()
     deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
     log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)
     return deleted
