@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import uuid
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from sqlalchemy import create_engine, select, text
 
-from integration import pending, signing
+from integration import logs, pending, signing
 from integration.app import create_app
 from integration.emulators import serve_in_thread, start_postgres, start_redis
 from integration.emulators.hubspot import HubSpotEmulator
@@ -213,6 +215,28 @@ def finished_jobs(redis, queue) -> list[Job]:
 class InProcessWorker(SimpleWorker, LeadscoreWorker):
     """`leadscore worker` (its queues, how it takes and files jobs, its maintenance), running each job
     in this process, where the tests' emulators and settings are."""
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handler_outlives_its_test():
+    """A command run under `capsys` (`main([...])`) points leadscore's log handler at the test's
+    captured stderr, which pytest closes: the next test to log would get a "Logging error" in its own."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, logs._HANDLER_MARK, False):
+            root.removeHandler(handler)
+
+
+FIXTURE_DAY = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)  # when the fixtures' dates were recent
+
+
+@pytest.fixture
+def fixture_day(monkeypatch):
+    """Ages told from FIXTURE_DAY, not today: a fixture's conversion "within the last 7 days" stays so
+    however long after it the suite runs."""
+    monkeypatch.setattr(jobs, "ages_told_from", lambda: FIXTURE_DAY)
+    return FIXTURE_DAY
 
 
 @pytest.fixture

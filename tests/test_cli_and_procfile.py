@@ -382,13 +382,16 @@ def procfile_processes(env, crm, tmp_path):
         for name, command in commands.items()
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if requests.get(f"{url}/healthz", timeout=1).ok:
                 break
         except requests.RequestException:
             time.sleep(0.2)
+    worker_log = tmp_path / "worker.log"
+    while time.monotonic() < deadline and "Listening on" not in worker_log.read_text():
+        time.sleep(0.2)  # its imports and start checks take seconds more than the web's on a busy machine
     yield url
     for proc in procs:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -396,7 +399,7 @@ def procfile_processes(env, crm, tmp_path):
         proc.wait(timeout=15)
 
 
-def test_procfile_web_and_worker_score_a_replayed_delivery(procfile_processes, hubspot, capsys):
+def test_procfile_web_and_worker_score_a_replayed_delivery(procfile_processes, hubspot, capsys, tmp_path):
     assert set(procfile()) == {"release", "web", "worker"}
     assert main(["replay", str(SINGLE), "--url", f"{procfile_processes}/webhooks/hubspot"]) == 0
 
@@ -404,6 +407,9 @@ def test_procfile_web_and_worker_score_a_replayed_delivery(procfile_processes, h
     while time.monotonic() < deadline and not hubspot.writes:
         time.sleep(0.1)
 
+    assert hubspot.writes, "\n".join(
+        f"{log}:\n{(tmp_path / log).read_text()[-4000:]}" for log in ("web.log", "worker.log")
+    )
     props = hubspot.contact_properties("74300000101")
     assert (props["leadscore_score"], props["leadscore_tier"]) == ("89", "A")
     assert props["leadscore_reason"] == "Inbound demo request, Connected; VP of Sales at 100-500-person SaaS"

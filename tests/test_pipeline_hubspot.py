@@ -49,7 +49,7 @@ def test_contact_creation__single_whose_size_and_industry_only_its_company_has(
     )
 
 
-def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm):
+def test_contact_creation__single(post_delivery, crm, run_worker, hubspot, llm, fixture_day):
     response = post_delivery("contact.creation__single")
     assert response.status_code == 200
     assert response.get_json()["queued"] == 1

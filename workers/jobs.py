@@ -236,7 +236,7 @@ class WorkerContext:
         """Score many leads — rules + LLM blend, or the trained model with the LLM as a feature —
         skipping leads whose inputs have not changed since a score that was not a fallback, unless
         their ids are `forced` (`rescore --force`)."""
-        now = datetime.now(UTC)  # what "how long ago" is told from, for the fingerprint and the LLM alike
+        now = ages_told_from()
         fingerprints = [input_fingerprint(lead, self.config, now) for lead in leads]
         told_ages = [ages(lead, now) for lead in leads]
         share = self.settings.holdout_share
@@ -481,6 +481,12 @@ def _already_scored(lead: Lead, fingerprint: str, in_holdout_now: bool) -> bool:
 def put_back_key(lead: str) -> str:
     """When the lead's edited score was last put back, and by which job."""
     return f"leadscore:put-back:{lead}"
+
+
+def ages_told_from() -> datetime:
+    """What "how long ago" each dated moment of a lead is told from, for the fingerprint and the LLM
+    alike: now (tests fix it, since their fixtures' dates do not move)."""
+    return datetime.now(UTC)
 
 
 def _previous_stands_in(lead: Lead, answer: PropensityResult | None) -> PropensityResult | None:
