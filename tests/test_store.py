@@ -69,6 +69,18 @@ def test_migrations_build_exactly_the_tables_the_code_uses(store_url):
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
 
 
+def test_taking_a_sqlite_store_back_a_revision_keeps_its_scores_ids_increasing(tmp_path):
+    """SQLite rebuilds a table to drop a column; rebuilt from reflection, `scores` lost AUTOINCREMENT,
+    so a deleted newest row's id could come back, and first and last scores are read by id."""
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    store.upgrade(url)
+    command.downgrade(store.alembic_config(url), "0003_scores_account_time")
+
+    with Store(url).engine.connect() as connection:
+        created = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'scores'").scalar()
+    assert "AUTOINCREMENT" in created and "merged_from" not in created
+
+
 def test_workers_starting_together_on_an_empty_store_all_find_it_migrated(store_url):
     """Each `leadscore worker` upgrades the store at start; started together (honcho, systemd, two
     dynos) the first migrates and the others wait for it, instead of failing on its tables."""

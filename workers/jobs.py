@@ -702,8 +702,9 @@ def erase(
     answers = forget_answers(redis, crm, account_id, keyed, store.fingerprints_of(crm, account, lead_ids))
     with redis.pipeline(transaction=False) as pipe:  # what else Redis keeps under the lead's id
         pipe.delete(*(put_back_key(lead_key(crm, account_id, lead_id)) for lead_id in keyed))
-        pipe.hdel(pending.handoff_key(crm, account_id), *keyed)
-        pipe.zrem(pending.backfill_key(crm, account_id), *keyed)
+        if mark:  # a batch's second pass: a newer batch may hold the lead's marks by now
+            pipe.hdel(pending.handoff_key(crm, account_id), *keyed)
+            pipe.zrem(pending.backfill_key(crm, account_id), *keyed)
         pipe.execute()
     deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
     log.info("erased %s:%s leads %s: %s", crm, account, ", ".join(lead_ids), deleted)

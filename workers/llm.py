@@ -210,7 +210,7 @@ def cached_answer_key(answer: str) -> str:
     return CACHE_PREFIX + answer.removeprefix(CACHE_PREFIX)
 
 
-ANSWERS_LISTED = "leadscore:llm-answers:"  # sorted sets: answer id → when it was cached
+ANSWERS_LISTED = "leadscore:llm-answers:"  # sorted sets: answer id → when it expires
 ANSWERS_LISTED_BEFORE = "leadscore:llm-of:"  # plain sets, never trimmed, of older releases
 
 
@@ -406,11 +406,12 @@ class PropensityReasoner:
                 try:
                     now = time.time()
                     with redis.pipeline(transaction=False) as pipe:
-                        for i in fresh:
+                        for i in fresh:  # each id scored by when its answer expires, whatever TTL cached it
                             lead = answers_keys(leads[i].crm, leads[i].account_id, leads[i].lead_id)[0]
-                            pipe.zadd(lead, {answers[i]: now})
-                            pipe.zremrangebyscore(lead, 0, now - self.cache_ttl_s)  # ids of expired answers
-                            pipe.expire(lead, self.cache_ttl_s)
+                            pipe.zadd(lead, {answers[i]: now + self.cache_ttl_s})
+                            pipe.zremrangebyscore(lead, "-inf", now)  # ids of expired answers
+                            pipe.expire(lead, self.cache_ttl_s, gt=True)
+                            pipe.expire(lead, self.cache_ttl_s, nx=True)
                             pipe.set(keys[i], to_cache(results[i]), ex=self.cache_ttl_s)
                         pipe.execute()
                 except RedisError:

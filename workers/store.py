@@ -218,7 +218,7 @@ def switch_to_wal(cursor, timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
             cursor.execute("PRAGMA journal_mode=WAL")  # a file already in WAL, or in memory, is left as is
             return
         except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
 

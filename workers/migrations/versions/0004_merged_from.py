@@ -23,5 +23,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for table in TABLES:
-        with op.batch_alter_table(table) as batch:
+        # Rebuilt from reflection, a SQLite table would lose AUTOINCREMENT, which first-score reads rely on.
+        with op.batch_alter_table(table, table_kwargs={"sqlite_autoincrement": table == "scores"}) as batch:
             batch.drop_column("merged_from")
