@@ -22,7 +22,10 @@ Keys, all under `leadscore:`:
   accounts                       zset    "{crm}:{account}" → when its oldest waiting event came
   kick:{crm}:{account}           string  a collect job is queued or running for the account
   handoffs                       string  the last hand-off's number: each batch takes the next
-  handoff:{crm}:{account}        hash    lead id → the number of its newest hand-off
+  handed:{crm}:{account}         hash    lead id → the number of its newest hand-off
+  handed-at:{crm}:{account}      zset    lead id → when it was handed off, so old marks are trimmed
+  handoff:{crm}:{account}        hash    the marks as older releases kept them, never trimmed: read
+                                         until it expires, HANDOFF_TTL_S after their last hand-off
   backfill:{crm}:{account}       zset    lead id → when a backfill batch took it, until a batch scores it
 """
 
@@ -83,12 +86,23 @@ end
 if oldest then return redis.call('ZADD', KEYS[3], oldest, ARGV[1]) end
 return redis.call('ZREM', KEYS[3], ARGV[1])
 """
+# Forgets the hand-off marks (KEYS[1]) of leads last handed to a batch before ARGV[1], by when each
+# was handed (KEYS[2]); at most ARGV[2] a call, so no call blocks Redis for long.
+_TRIM_HANDOFFS = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #old > 0 then
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('ZREM', KEYS[2], unpack(old))
+end
+return #old
+"""
 ACCOUNTS = "leadscore:accounts"
 CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
 COLLECT_JOB = "workers.batch.collect"
 SCORE_BATCH_JOB = "workers.batch.score_batch"
 HANDOFFS = "leadscore:handoffs"
 HANDOFF_TTL_S = 3 * 24 * 3600  # past the longest a batch is put off for a CRM outage (48 h)
+HANDOFFS_TRIMMED = 1000  # old marks a hand-off trims at most: five times the largest batch
 KICK_TTL_S = 120  # a collect job that died is replaced after this long
 # In a waiting event's JSON, without parsing every one: an erasure or a forced rescore among its kinds
 # (not a changed property that happens to be named so).
@@ -356,8 +370,26 @@ def backfilled(redis: Redis, crm: str, account: str, lead_ids: list[str]) -> Non
         redis.zrem(backfill_key(crm, account), *lead_ids)
 
 
-def handoff_key(crm: str, account: str) -> str:
-    return f"leadscore:handoff:{crm}:{account}"
+def handoff_keys(crm: str, account: str) -> tuple[str, str, str]:
+    """The account's hand-off marks, when each was made, and the marks older releases kept."""
+    return (
+        f"leadscore:handed:{crm}:{account}",
+        f"leadscore:handed-at:{crm}:{account}",
+        f"leadscore:handoff:{crm}:{account}",
+    )
+
+
+def newest_handoffs(redis: Redis, crm: str, account: str, lead_ids: list[str]) -> list[int | None]:
+    """The number of each lead's newest hand-off, or None for a lead not handed off in HANDOFF_TTL_S."""
+    marks, _, marks_before = handoff_keys(crm, account)
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(marks, lead_ids)
+        pipe.hmget(marks_before, lead_ids)
+        now, before = pipe.execute()
+    return [
+        max((int(mark) for mark in pair if mark is not None), default=None)
+        for pair in zip(now, before, strict=True)
+    ]
 
 
 def enqueue_batch(
@@ -368,7 +400,8 @@ def enqueue_batch(
 
     Each lead keeps the number of its newest hand-off, so a slower batch holding an older event can
     tell that a newer one has been handed out since. Redis hands the numbers out in order, so the mark
-    only ever rises; the web hosts' clocks, which may disagree, have no say in it.
+    only ever rises; the web hosts' clocks, which may disagree, have no say in it. A mark older than
+    HANDOFF_TTL_S, past any batch still waiting, is trimmed by a later hand-off of the account.
 
     A batch of rescores only (no webhook waits on it) goes to the backfill queue, behind live work,
     and marks only leads that have no mark: a webhook's batch still waiting for its turn must not
@@ -377,18 +410,22 @@ def enqueue_batch(
     """
     numbered = [event.model_copy(update={"handoff": handoff}) for event in parse_events(events)]
     target = live_queue(queue)
-    marks = handoff_key(crm, account)
+    marks, marked_at, _ = handoff_keys(crm, account)
+    now = shared_now(queue.connection)
     if all(RESCORE in event.kinds for event in numbered):
         target = Queue(target.name + BACKFILL, connection=target.connection)
         for event in numbered:
             pipe.hsetnx(marks, event.lead_id, handoff)
-        now = shared_now(queue.connection)
+        pipe.zadd(marked_at, {event.lead_id: now for event in numbered}, nx=True)
         pipe.zadd(backfill_key(crm, account), {event.lead_id: now for event in numbered})
         pipe.zremrangebyscore(backfill_key(crm, account), 0, now - HANDOFF_TTL_S)
         pipe.expire(backfill_key(crm, account), HANDOFF_TTL_S)
     else:
         pipe.hset(marks, mapping={event.lead_id: handoff for event in numbered})
+        pipe.zadd(marked_at, {event.lead_id: now for event in numbered})
+    pipe.eval(_TRIM_HANDOFFS, 2, marks, marked_at, now - HANDOFF_TTL_S, HANDOFFS_TRIMMED)
     pipe.expire(marks, HANDOFF_TTL_S)
+    pipe.expire(marked_at, HANDOFF_TTL_S)
     [job] = target.enqueue_many(
         [
             Queue.prepare_data(

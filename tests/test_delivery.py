@@ -1893,18 +1893,24 @@ def test_a_batch_whose_write_waited_while_a_newer_batch_wrote_has_its_lead_score
     assert [contact for contact, _ in hubspot.writes] == [VP, VP, VP]  # C, then A's older score, then again
 
 
+def _hand_off(queue, redis, accepted_at: datetime, lead_id: str = VP) -> tuple[Job, int]:
+    """One event of the lead, handed to a batch of its own: the job and the lead's hand-off mark."""
+    event = LeadEvent(
+        crm="hubspot", account_id=PORTAL_ID, lead_id=lead_id, event_ids=(f"{accepted_at}",),
+        kinds=("property_change",), occurred_at=accepted_at, accepted_at=accepted_at,
+    )  # fmt: skip
+    with redis.pipeline(transaction=True) as pipe:
+        pending.record(pipe, [event])
+        pipe.execute()
+    job = pending.take_batch(queue, "hubspot", PORTAL_ID, 1)
+    marks, _, _ = pending.handoff_keys("hubspot", PORTAL_ID)
+    return job, int(redis.hget(marks, lead_id))
+
+
 def test_a_later_hand_off_supersedes_an_earlier_one_whatever_the_web_hosts_clocks_say(crm, queue, redis,
                                                                                        hubspot):  # fmt: skip
     def hand_off(accepted_at: datetime):
-        event = LeadEvent(
-            crm="hubspot", account_id=PORTAL_ID, lead_id=VP, event_ids=(f"{accepted_at}",),
-            kinds=("property_change",), occurred_at=accepted_at, accepted_at=accepted_at,
-        )  # fmt: skip
-        with redis.pipeline(transaction=True) as pipe:
-            pending.record(pipe, [event])
-            pipe.execute()
-        job = pending.take_batch(queue, "hubspot", PORTAL_ID, 1)
-        return job, int(redis.hget(pending.handoff_key("hubspot", PORTAL_ID), VP))
+        return _hand_off(queue, redis, accepted_at)
 
     now = datetime.now(UTC)
     older, first_mark = hand_off(now + timedelta(seconds=3))  # web host A, its clock 3 s fast
@@ -1915,6 +1921,39 @@ def test_a_later_hand_off_supersedes_an_earlier_one_whatever_the_web_hosts_clock
     assert [r["outcome"] for r in queue.fetch_job(older.id).return_value()] == ["superseded"]
     assert [r["outcome"] for r in queue.fetch_job(newer.id).return_value()] == ["written"]
     assert len(hubspot.writes) == 1
+
+
+def test_a_batch_handed_off_by_an_older_release_is_still_superseded(crm, queue, redis, hubspot):
+    """Older releases kept the marks in another hash: batches they queued are told apart after an upgrade."""
+    now = datetime.now(UTC)
+    older, _ = _hand_off(queue, redis, now)
+    newer, _ = _hand_off(queue, redis, now + timedelta(seconds=1))
+    marks, marked_at, marks_before = pending.handoff_keys("hubspot", PORTAL_ID)
+    redis.rename(marks, marks_before)  # as the release before kept them
+    redis.delete(marked_at)
+    SimpleWorker([queue], connection=redis).work(burst=True)
+
+    assert [r["outcome"] for r in queue.fetch_job(older.id).return_value()] == ["superseded"]
+    assert [r["outcome"] for r in queue.fetch_job(newer.id).return_value()] == ["written"]
+    assert len(hubspot.writes) == 1
+
+
+def test_a_hand_off_forgets_marks_older_than_any_batch_still_waiting(crm, queue, redis):
+    """A lead handed off once keeps no mark for good: the account's next hand-off trims it."""
+    marks, marked_at, _ = pending.handoff_keys("hubspot", PORTAL_ID)
+    lapsed, waiting = "74300000201", "74300000202"
+    redis.hset(marks, mapping={lapsed: 1, waiting: 2})
+    handed_at = time.time() - pending.HANDOFF_TTL_S
+    redis.zadd(marked_at, {lapsed: handed_at - 60, waiting: handed_at + 60})
+
+    _hand_off(queue, redis, datetime.now(UTC))
+
+    assert (
+        sorted(redis.hkeys(marks))
+        == sorted(redis.zrange(marked_at, 0, -1))
+        == [w.encode() for w in (VP, waiting)]
+    )
+    assert 0 < redis.ttl(marked_at) <= pending.HANDOFF_TTL_S
 
 
 def _put_off_until(queue) -> float:

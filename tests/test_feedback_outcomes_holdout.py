@@ -176,6 +176,8 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     redis.zadd(pending.backfill_key("hubspot", PORTAL_ID), {erased: 1.0, CONTACT: 1.0})  # a rescore's
     listed_before = answers_keys("hubspot", PORTAL_ID, erased)[1]  # a set of the release before
     redis.sadd(listed_before, "listed-before")
+    marks, marked_at, marks_before = pending.handoff_keys("hubspot", PORTAL_ID)
+    redis.hset(marks_before, mapping={erased: 1, CONTACT: 1})  # its hand-off as an older release marked it
     redis.set(cached_answer_key("listed-before"), "{}")
     del hubspot.contacts[erased]
 
@@ -189,9 +191,9 @@ def test_contact_privacyDeletion__single_erases_what_leadscore_kept_of_the_conta
     assert not redis.exists(f"leadscore:llm:{fingerprint}")
     assert not redis.exists(jobs.put_back_key(f"hubspot:{PORTAL_ID}:{erased}"))
     assert not redis.exists(listed_before, cached_answer_key("listed-before"))
-    handed_off = redis.hkeys(pending.handoff_key("hubspot", PORTAL_ID))
+    handed_off = (redis.hkeys(marks), redis.zrange(marked_at, 0, -1), redis.hkeys(marks_before))
     backfilling = redis.zrange(pending.backfill_key("hubspot", PORTAL_ID), 0, -1)
-    assert (handed_off, backfilling) == ([CONTACT.encode()], [CONTACT.encode()])  # its id kept nowhere
+    assert (handed_off, backfilling) == (([CONTACT.encode()],) * 3, [CONTACT.encode()])  # its id kept nowhere
 
 
 def test_a_privacy_deletion_batched_with_other_leads_is_erased_on_its_own_and_holds_none_back(

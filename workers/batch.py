@@ -367,11 +367,11 @@ def _superseded(ctx, crm: str, account: str, events: list[LeadEvent]) -> set[str
     """Leads of this batch that a newer event has since put in another batch: not ours to write."""
     if not events:
         return set()
-    newest = ctx.redis.hmget(pending.handoff_key(crm, account), [e.lead_id for e in events])
+    newest = pending.newest_handoffs(ctx.redis, crm, account, [e.lead_id for e in events])
     return {
         e.lead_id
         for e, handoff in zip(events, newest, strict=True)
-        if handoff is not None and e.handoff is not None and int(handoff) > e.handoff
+        if handoff is not None and e.handoff is not None and handoff > e.handoff
     }
 
 

@@ -703,7 +703,10 @@ def erase(
     with redis.pipeline(transaction=False) as pipe:  # what else Redis keeps under the lead's id
         pipe.delete(*(put_back_key(lead_key(crm, account_id, lead_id)) for lead_id in keyed))
         if mark:  # a batch's second pass: a newer batch may hold the lead's marks by now
-            pipe.hdel(pending.handoff_key(crm, account_id), *keyed)
+            marks, marked_at, marks_before = pending.handoff_keys(crm, account_id)
+            pipe.hdel(marks, *keyed)
+            pipe.zrem(marked_at, *keyed)
+            pipe.hdel(marks_before, *keyed)
             pipe.zrem(pending.backfill_key(crm, account_id), *keyed)
         pipe.execute()
     deleted = {**store.erase(crm, account, lead_ids), "llm_answers": answers}
