@@ -136,15 +136,21 @@ def create_app(settings: Settings | None = None) -> Flask:
             return jsonify(status="unavailable", redis="unreachable (see the web log)"), 503
         return jsonify(status="ok", redis="ok", redis_risks=durability_risks(redis))
 
+    def refused(message: str, status: int):
+        """Counted, so a wrong secret or URL after a deploy shows on a dashboard: HubSpot does not send
+        again a delivery answered 400, 401, 403, 404 or 405."""
+        metrics.incr(redis, "deliveries_refused_total", crm=request.blueprint or "", status=str(status))
+        return jsonify(error=message), status
+
     @app.errorhandler(WebhookError)
     def refuse(exc: WebhookError):
         log.warning("refused delivery: %s", exc.message)
-        return jsonify(error=exc.message), exc.status
+        return refused(exc.message, exc.status)
 
     @app.errorhandler(SettingsError)
     def not_configured(exc: SettingsError):
         log.error("%s", exc)
-        return jsonify(error=str(exc)), 503
+        return refused(str(exc), 503)
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_exc):

@@ -50,8 +50,10 @@ class QueueUnavailable(WebhookError):
 
 
 class RateLimited(Exception):
-    """No call may be made for a while (the shared rate limiter, or Salesforce's daily API budget);
-    the job is put off by `retry_after_s`, not failed."""
+    """No call may be made for a while: no slot in the shared rate limiter soon enough, HubSpot's daily
+    limit, its 429s or locks past every try, a portal moving between data centres, or a Salesforce
+    org's API limit (its REQUEST_LIMIT_EXCEEDED, or leadscore's own stop short of the daily budget).
+    The job is put off by `retry_after_s`, not failed."""
 
     def __init__(self, message: str, retry_after_s: float = 60.0):
         super().__init__(message)

@@ -44,6 +44,8 @@ BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, math.in
 
 COUNTER_HELP: dict[str, str] = {
     "events_received_total": "CRM events received by webhooks {crm}",
+    "deliveries_refused_total": "Webhook deliveries refused, nothing queued; HubSpot does not send again "
+    "one answered 400, 401, 403, 404 or 405 {crm,status}",
     "events_ignored_total": "CRM events received but not scored {crm,reason}",
     "events_deduplicated_total": "CRM events the collector dropped as repeats of one queued before {crm}",
     "events_enqueued_total": "CRM events the web queued for scoring, repeats included {crm}",

@@ -326,6 +326,8 @@ def test_stale_or_future_signature_is_refused_even_when_correctly_signed(client,
         "a replayed delivery or a wrong clock"
     }
     assert pending.depth(queue.connection) == 0
+    refused = metrics.counter_value(queue.connection, "deliveries_refused_total", crm="hubspot", status="401")
+    assert refused == 1  # HubSpot sends no 4xx delivery again: a dashboard shows what was lost
 
 
 def test_body_changed_after_signing_is_refused(client, queue):

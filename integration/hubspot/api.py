@@ -67,6 +67,7 @@ MAX_TEXT_RECORDS = 5
 HUBSPOT_BATCH = 100
 SEARCH_PAGE = 200  # the search API's largest page
 MAX_THROTTLED_TRIES = 8
+THROTTLED_PUT_OFF_S = 60  # a batch still throttled after MAX_THROTTLED_TRIES waits this long
 DAILY_PAUSE_S = 3600  # HubSpot resets daily limits at midnight in the portal's time zone
 # 477: the portal is being moved between data hosting locations, "typically up to 24 hours".
 MIGRATING, MIN_MIGRATION_WAIT_S, MAX_MIGRATION_WAIT_S = 477, 60, 86_400
@@ -247,8 +248,14 @@ class HubSpotCRM:
         )
 
     def _call(self, operation: str, fn, *args, **kwargs):
-        """One API call: within the shared rate limit, paused and retried on HubSpot's 429s; no answer
-        at all (refused, reset, timed out) is CRMUnavailable."""
+        """One API call, within the shared rate limit. What a refusal does, layer by layer:
+        - a 5xx or no answer is retried by urllib3 (`Retry` above); still none is CRMUnavailable, and
+          the batch waits for HubSpot (workers/batch.py);
+        - a 429 pauses every worker as long as HubSpot asks and the call is tried again, as is a 423
+          (a sync locked the record), MAX_THROTTLED_TRIES times in all; then RateLimited puts the batch
+          off THROTTLED_PUT_OFF_S, as a DAILY 429 (an hour) and a 477 (the portal moving) do at once;
+        - waiting for a call slot longer than the limiter's max_wait_s is RateLimited too (ratelimit.py);
+        - a 401 is CRMError: the token is wrong, and no retry helps."""
         for _ in range(MAX_THROTTLED_TRIES):
             if self.limiter is not None:
                 self.limiter.acquire()
@@ -282,7 +289,8 @@ class HubSpotCRM:
             except urllib3.exceptions.HTTPError as exc:  # no answer, after urllib3's own retries
                 raise CRMUnavailable(f"HubSpot did not answer ({operation}): {exc}") from exc
         raise RateLimited(
-            f"HubSpot portal {self.portal_id}: still throttled after {MAX_THROTTLED_TRIES} tries"
+            f"HubSpot portal {self.portal_id}: still throttled or locked after {MAX_THROTTLED_TRIES} tries",
+            retry_after_s=THROTTLED_PUT_OFF_S,
         )
 
     def _migrating(self, exc) -> RateLimited:
@@ -338,7 +346,7 @@ class HubSpotCRM:
             try:
                 page = self._call("search", self.client.crm.contacts.search_api.do_search, request)
             except ApiException as exc:
-                raise _failure(exc, f"HubSpot contact search failed: {exc.status} {exc.reason}") from exc
+                raise _failure(f"HubSpot contact search failed: {exc.status} {exc.reason}", exc) from exc
             yield page.results
             if len(page.results) < SEARCH_PAGE:
                 return
@@ -364,7 +372,7 @@ class HubSpotCRM:
                     "HubSpot refused its account details, which name the portal the token belongs to (403 "
                     "MISSING_SCOPES): give the app the oauth scope"
                 ) from exc
-            raise _failure(exc, f"HubSpot account details: {exc.status} {exc.reason}") from exc
+            raise _failure(f"HubSpot account details: {exc.status} {exc.reason}", exc) from exc
         return str(details["portalId"])
 
     def read_lead(self, contact_id: str) -> Lead:
@@ -390,7 +398,7 @@ class HubSpotCRM:
                     archived=False,
                 )
             except ApiException as exc:
-                raise _failure(exc, f"HubSpot batch read failed: {exc.status} {exc.reason}") from exc
+                raise _failure(f"HubSpot batch read failed: {exc.status} {exc.reason}", exc) from exc
             found.update({str(c.id): c.properties or {} for c in batch.results})
         self._with_company_facts(found)
         active = [i for i in found if any(found[i].get(p) for p in ACTIVITY_PROPERTIES)]
@@ -441,7 +449,7 @@ class HubSpotCRM:
                     )
                 except AssociationsApiException as exc:
                     if (exc.status or 0) >= 500:  # HubSpot is failing: wait for it, not score without
-                        raise _failure(exc, f"HubSpot associations read failed: {exc.status}") from exc
+                        raise _failure(f"HubSpot associations read failed: {exc.status}", exc) from exc
                     log.warning("scoring without %s: associations answered %s", kind, exc.status)
                     continue
                 for result in page.results or []:
@@ -503,7 +511,7 @@ class HubSpotCRM:
             except ObjectsApiException as exc:
                 status = exc.status or 0
                 if status >= 500 or (tolerated is not None and status not in tolerated):
-                    raise _failure(exc, f"HubSpot {kind} read failed: {exc.status} {exc.reason}") from exc
+                    raise _failure(f"HubSpot {kind} read failed: {exc.status} {exc.reason}", exc) from exc
                 log.warning("going on without %s: reading them answered %s %s", kind, exc.status, exc.reason)
                 return None
             read.update({str(record.id): record.properties or {} for record in batch.results})
@@ -574,7 +582,7 @@ class HubSpotCRM:
             )
         except ApiException as exc:
             if exc.status != 400:
-                raise _failure(exc, f"HubSpot batch update failed: {exc.status} {exc.body}") from exc
+                raise _failure(f"HubSpot batch update failed: {exc.status} {exc.body}", exc) from exc
             category, message, codes = _refusal(exc.body)
             halve = len(chunk) > 1 and not _setup_fix(codes)
             if halve and halving.may_halve:
@@ -615,7 +623,7 @@ class HubSpotCRM:
                 ) from exc
             if (exc.status or 0) >= 500:
                 said = f"HubSpot could not create leadscore's properties: {exc.status} {exc.reason}"
-                raise _failure(exc, said) from exc
+                raise _failure(said, exc) from exc
             raise
 
     def _ensure_properties(self) -> SetupReport:
@@ -689,7 +697,7 @@ def _token_refused(portal_id: str) -> str:
     )
 
 
-def _failure(exc: ApiException | ObjectsApiException, message: str) -> CRMError:
+def _failure(message: str, exc: ApiException | ObjectsApiException) -> CRMError:
     """The error for HubSpot's refusal: CRMUnavailable for a 5xx (HubSpot is down or in maintenance,
     and urllib3 has already retried), so the batch waits for HubSpot; CRMError for the rest."""
     return (CRMUnavailable if (exc.status or 0) >= 500 else CRMError)(message)
