@@ -474,6 +474,24 @@ def test_a_batch_whose_token_hubspot_refuses_is_retried_then_fails_naming_the_se
     )
 
 
+def test_contact_merge__two_contacts_then_a_change_to_a_merged_id_reads_it_as_merged(
+    post_delivery, crm, run_worker, hubspot, llm, caplog
+):
+    """HubSpot answers a read of a merged-away id with the contact that remains, under its own id: an
+    event of the old id that comes after the merge is neither scored as that contact nor taken as gone."""
+    hubspot.apply_changes(fixture_json("hubspot/contact.merge__two_contacts.json"))
+    change = fixture_json("hubspot/contact.propertyChange__lead_status.json")[0]
+    post_delivery(json.dumps([{**change, "objectId": 74300000113}]).encode())
+
+    with caplog.at_level("INFO", logger="workers.batch"):
+        [result] = run_worker()
+
+    assert result == {"lead": f"hubspot:{PORTAL_ID}:74300000113", "outcome": "merged", "into": "74300000131"}
+    assert (llm.requests, hubspot.writes) == ([], [])
+    [logged] = [r for r in caplog.records if r.getMessage().startswith("scored 1 leads")]
+    assert logged.getMessage().endswith("{'written': 0, 'unchanged': 0, 'failed': 0, 'merged': 1}")
+
+
 def test_contact_merge__two_contacts_scores_the_contact_that_remains(post_delivery, crm, run_worker, hubspot):
     """HubSpot gives the contact that remains a new id and no creation event: without the merge it would
     show the primary's old score, or none, until its next change."""

@@ -313,7 +313,9 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     metrics.observe_many(ctx.redis, "scoring_latency_seconds", latencies, crm=crm)
     elapsed = time.monotonic() - started
     metrics.observe(ctx.redis, "batch_duration_seconds", elapsed, crm=crm)
-    counts = {name: sum(r["outcome"] == name for r in results) for name in ("written", "unchanged", "failed")}
+    counts = dict.fromkeys(("written", "unchanged", "failed"), 0)  # and whichever other outcomes there were
+    for result in results:
+        counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
     log.info(
         "scored %d leads of %s:%s in %.2fs: %s",
         len(results), crm, account, elapsed, counts,

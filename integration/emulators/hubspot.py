@@ -436,8 +436,10 @@ class HubSpotEmulator:
             wanted = body.get("properties") or []
             started = _now()
             ids = list(dict.fromkeys(str(i.get("id")) for i in inputs))
-            results = [self._view(store[i], wanted, []) for i in ids if i in store]
-            missing = [i for i in ids if i not in store]
+            records = {i: self._live(store, i) for i in ids}
+            answered = {record["id"]: record for record in records.values() if record is not None}
+            results = [self._view(record, wanted, []) for record in answered.values()]
+            missing = [i for i, record in records.items() if record is None]
             return _batch(results, [_not_found(object_type, missing)] if missing else [], started)
 
         @app.post("/crm/v4/associations/<from_type>/<to_type>/batch/read")
@@ -625,6 +627,22 @@ class HubSpotEmulator:
             if not contact.get("archived")
             and any(str(a["id"]) == from_id for a in _associations(contact, from_type))
         ]
+
+    @staticmethod
+    def _live(store: dict, record_id: str) -> dict | None:
+        """The record a read of this id answers with: itself, or, merged away, the record it was merged
+        into (which HubSpot returns under its own id); None for one deleted or never made."""
+        record = store.get(record_id)
+        if record is not None and not record.get("archived"):
+            return record
+        return next(
+            (
+                other for other in store.values()
+                if not other.get("archived")
+                and record_id in (other["properties"].get("hs_merged_object_ids") or "").split(";")
+            ),
+            None,
+        )  # fmt: skip
 
     def _view(self, record: dict, properties: list[str], associations: list[str]) -> dict:
         props = record["properties"]

@@ -181,8 +181,13 @@ def lead_from_properties(
         feedback=props.get(FEEDBACK_PROPERTY) or None,
         outcome=stages.get(props.get("lifecyclestage") or ""),
         outcome_at=converted_at(props, stages),
-        merged_ids=tuple(i for i in (props.get("hs_merged_object_ids") or "").split(";") if i.isdigit()),
+        merged_ids=merged_ids(props),
     )
+
+
+def merged_ids(props: dict[str, str]) -> tuple[str, ...]:
+    """The ids of the contacts merged into this one (`hs_merged_object_ids`, ";"-separated)."""
+    return tuple(i for i in (props.get("hs_merged_object_ids") or "").split(";") if i.isdigit())
 
 
 def converted_at(props: dict[str, str], stages: dict[str, str] = OUTCOME_STAGES) -> datetime | None:
@@ -232,6 +237,7 @@ class HubSpotCRM:
             *self.custom_properties.values(), *self.stage_dates,
         ]))  # fmt: skip
         self.limiter, self.telemetry = limiter, telemetry
+        self._merged_away: dict[str, str] = {}  # by the last read_leads: id asked for → contact that remains
         self.timeout = settings.hubspot_timeout_s
         retry = Retry(
             total=3,
@@ -383,8 +389,11 @@ class HubSpotCRM:
         return lead
 
     def read_leads(self, contact_ids: list[str]) -> dict[str, Lead]:
-        """Contacts 100 a call with `batch/read`; deleted ones are simply absent (HubSpot's 207)."""
+        """Contacts 100 a call with `batch/read`; deleted ones are simply absent (HubSpot's 207). HubSpot
+        answers an id merged away with the contact that remains, under that one's id: it is noted for
+        `merged_into`, not read as the contact asked for."""
         found: dict[str, dict[str, str]] = {}
+        asked, self._merged_away = set(contact_ids), {}
         for start in range(0, len(contact_ids), HUBSPOT_BATCH):
             chunk = contact_ids[start : start + HUBSPOT_BATCH]
             try:
@@ -399,7 +408,11 @@ class HubSpotCRM:
                 )
             except ApiException as exc:
                 raise _failure(f"HubSpot batch read failed: {exc.status} {exc.reason}", exc) from exc
-            found.update({str(c.id): c.properties or {} for c in batch.results})
+            for contact in batch.results:
+                contact_id, properties = str(contact.id), contact.properties or {}
+                if contact_id in asked:
+                    found[contact_id] = properties
+                self._merged_away.update({i: contact_id for i in merged_ids(properties) if i in asked})
         self._with_company_facts(found)
         active = [i for i in found if any(found[i].get(p) for p in ACTIVITY_PROPERTIES)]
         texts = self._texts(self._associated(active)) if active else {}
@@ -534,8 +547,9 @@ class HubSpotCRM:
         }
 
     def merged_into(self, lead_ids: list[str]) -> dict[str, str]:
-        """None: HubSpot names the merged ids on the contact that remains (`hs_merged_object_ids`)."""
-        return {}
+        """Of these contacts, read as gone by the last `read_leads`, the ones merged into another, by the
+        id asked for: the contact that remains, which HubSpot answered with instead."""
+        return {i: self._merged_away[i] for i in lead_ids if i in self._merged_away}
 
     def write_scores(self, contact_id: str, fields: dict[str, str]) -> None:
         write_one(self, "HubSpot contact", contact_id, fields)
