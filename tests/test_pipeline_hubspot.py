@@ -154,6 +154,16 @@ def test_a_batch_reads_each_contacts_notes_and_emails(crm):
     assert leads[noted].texts[0].startswith("Discovery call")
 
 
+def test_a_contacts_notes_are_read_past_the_first_page_of_its_associations(crm, hubspot):
+    """HubSpot pages each contact's associations on its own, the newest last."""
+    two_notes = "74300000121"
+    whole = crm.read_leads([two_notes])[two_notes].texts
+    hubspot.association_page_size = 1
+
+    assert len(whole) == 2
+    assert crm.read_leads([two_notes])[two_notes].texts == whole
+
+
 def test_one_contact_is_read_and_written_as_a_batch_does(crm, hubspot):
     """A single read cannot give other scoring inputs than a batch (once it read texts the batch
     skips for a contact with no recent activity), so the fingerprint cannot depend on the path."""

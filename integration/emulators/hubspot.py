@@ -182,6 +182,7 @@ class HubSpotEmulator:
         self.migrating_retry_after_s: int | None = None
         self.locked_calls = 0  # the next calls answer 423, as while a high-volume sync holds the lock
         self.throttled = 0  # 429s answered
+        self.association_page_size: int | None = None  # a record's associations a page; None: all in one
         self.reject: dict[str, str] = {}  # contact id -> message: writes fail like a validation rule
         self.contacts: dict[str, dict] = {}
         self.objects: dict[str, dict[str, dict]] = {"notes": {}, "emails": {}, "deals": {}, "companies": {}}
@@ -460,11 +461,15 @@ class HubSpotEmulator:
             started, results, errors = _now(), [], []
             type_id = ASSOCIATION_TYPE_IDS[(from_type, to_type)]
             spec = {"category": "HUBSPOT_DEFINED", "typeId": type_id, "label": None}
-            for from_id in dict.fromkeys(str(i.get("id")) for i in inputs):
+            for asked in {str(i.get("id")): i for i in inputs}.values():
+                from_id, start = str(asked.get("id")), int(asked.get("after") or 0)
                 to_ids = self._linked(from_type, from_id, to_type)
                 if to_ids:
-                    to = [{"toObjectId": int(i), "associationTypes": [dict(spec)]} for i in to_ids]
+                    end = start + (self.association_page_size or len(to_ids))
+                    to = [{"toObjectId": int(i), "associationTypes": [dict(spec)]} for i in to_ids[start:end]]
                     results.append({"from": {"id": from_id}, "to": to})
+                    if end < len(to_ids):
+                        results[-1]["paging"] = {"next": {"after": str(end), "link": None}}
                     continue
                 error = _batch_error(
                     "OBJECT_NOT_FOUND",

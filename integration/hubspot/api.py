@@ -64,6 +64,7 @@ CONTACT_PROPERTIES = (
 )  # fmt: skip
 TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_email_text")}
 MAX_TEXT_RECORDS = 5
+MAX_ASSOCIATION_PAGES = 10  # of a 100 contacts' notes, emails or deals: more is a record's history, not news
 HUBSPOT_BATCH = 100
 SEARCH_PAGE = 200  # the search API's largest page
 MAX_THROTTLED_TRIES = 8
@@ -449,26 +450,36 @@ class HubSpotCRM:
         linked: dict[str, dict[str, list[str]]] = {}
         for kind in kinds:
             for start in range(0, len(ids), HUBSPOT_BATCH):
-                chunk = ids[start : start + HUBSPOT_BATCH]
                 try:
-                    page = self._call(
-                        "associations_read",
-                        self.client.crm.associations.v4.batch_api.get_page,
-                        of,
-                        kind,
-                        BatchInputPublicFetchAssociationsBatchRequest(
-                            inputs=[PublicFetchAssociationsBatchRequest(id=i) for i in chunk]
-                        ),
-                    )
+                    for result in self._association_pages(of, kind, ids[start : start + HUBSPOT_BATCH]):
+                        to_ids = linked.setdefault(str(result._from.id), {}).setdefault(kind, [])
+                        to_ids += [str(t.to_object_id) for t in result.to or []]
                 except AssociationsApiException as exc:
                     if (exc.status or 0) >= 500:  # HubSpot is failing: wait for it, not score without
                         raise _failure(f"HubSpot associations read failed: {exc.status}", exc) from exc
                     log.warning("scoring without %s: associations answered %s", kind, exc.status)
-                    continue
-                for result in page.results or []:
-                    to_ids = [str(t.to_object_id) for t in result.to or []]
-                    linked.setdefault(str(result._from.id), {})[kind] = to_ids
         return linked
+
+    def _association_pages(self, of: str, kind: str, ids: list[str]) -> Iterator:
+        """Each record's associations of one kind, every page of them: HubSpot pages each record's
+        list on its own (`paging.next.after`), the newest last. MAX_ASSOCIATION_PAGES calls at most."""
+        inputs = [PublicFetchAssociationsBatchRequest(id=i) for i in ids]
+        for _ in range(MAX_ASSOCIATION_PAGES):
+            page = self._call(
+                "associations_read",
+                self.client.crm.associations.v4.batch_api.get_page,
+                of,
+                kind,
+                BatchInputPublicFetchAssociationsBatchRequest(inputs=inputs),
+            )
+            inputs = []
+            for result in page.results or []:
+                yield result
+                if result.paging is not None and result.paging.next is not None:
+                    after = result.paging.next.after
+                    inputs.append(PublicFetchAssociationsBatchRequest(id=str(result._from.id), after=after))
+            if not inputs:
+                return
 
     def _with_won_deal(self, contact_ids: list[str]) -> set[str]:
         """Which of these contacts have a closed-won deal, where the token may read deals: two calls
