@@ -66,6 +66,19 @@ def test_outbound_message__single(post_outbound, sf_crm, run_worker, salesforce)
     assert writes == [("PATCH", "/services/data/v60.0/composite/sobjects", "client=leadscore")]
 
 
+def test_outbound_message__id_only(post_outbound, sf_crm, run_worker, salesforce):
+    """The message the setup asks admins for, carrying the Lead's Id alone: the rest is read from the org."""
+    post_outbound("outbound_message__id_only")
+    [result] = run_worker()
+
+    assert (result["lead"], result["outcome"], result["score"], result["tier"]) == (
+        f"salesforce:{SF_ORG_ID}:{HOT}", "written", 82, "A",
+    )  # fmt: skip
+    assert written(salesforce, HOT)["Leadscore_Reason__c"] == (
+        "VP of Sales at 250-person tech company; Working, Rated hot"
+    )
+
+
 def test_outbound_message__single_in_an_org_with_assignment_and_alerting_duplicate_rules(
     post_outbound, sf_crm, run_worker, salesforce
 ):
