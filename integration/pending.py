@@ -40,7 +40,7 @@ from redis.exceptions import WatchError
 from rq import Queue, Retry
 from rq.job import Job
 
-from integration import metrics
+from integration import hubspot, metrics, salesforce
 from integration.clock import shared_now
 from integration.events import (
     ERASE,
@@ -97,7 +97,7 @@ end
 return #old
 """
 ACCOUNTS = "leadscore:accounts"
-CRM_BATCH_LIMIT = {"hubspot": 100, "salesforce": 200}
+CRM_BATCH_LIMIT = {"hubspot": hubspot.BATCH_LIMIT, "salesforce": salesforce.BATCH_LIMIT}
 COLLECT_JOB = "workers.batch.collect"
 SCORE_BATCH_JOB = "workers.batch.score_batch"
 HANDOFFS = "leadscore:handoffs"

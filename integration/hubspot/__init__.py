@@ -1,5 +1,6 @@
 """HubSpot adapter: webhook verification and normalisation, and the CRM v3 API client."""
 
+BATCH_LIMIT = 100  # records a CRM v3 batch read or update takes
 OUTPUT_PROPERTIES = {
     "score": "leadscore_score",
     "tier": "leadscore_tier",

@@ -38,6 +38,7 @@ from integration.crm import SetupReport, WriteResult, write_one
 from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.hubspot import (
     ACTIVITY_PROPERTIES,
+    BATCH_LIMIT,
     FEEDBACK_PROPERTY,
     OUTCOME_STAGES,
     OUTPUT_PROPERTIES,
@@ -65,7 +66,6 @@ CONTACT_PROPERTIES = (
 TEXT_OBJECTS = {"notes": ("hs_note_body",), "emails": ("hs_email_subject", "hs_email_text")}
 MAX_TEXT_RECORDS = 5
 MAX_ASSOCIATION_PAGES = 10  # of a 100 contacts' notes, emails or deals: more is a record's history, not news
-HUBSPOT_BATCH = 100
 SEARCH_PAGE = 200  # the search API's largest page
 MAX_THROTTLED_TRIES = 8
 THROTTLED_PUT_OFF_S = 60  # a batch still throttled after MAX_THROTTLED_TRIES waits this long
@@ -395,8 +395,8 @@ class HubSpotCRM:
         `merged_into`, not read as the contact asked for."""
         found: dict[str, dict[str, str]] = {}
         asked, self._merged_away = set(contact_ids), {}
-        for start in range(0, len(contact_ids), HUBSPOT_BATCH):
-            chunk = contact_ids[start : start + HUBSPOT_BATCH]
+        for start in range(0, len(contact_ids), BATCH_LIMIT):
+            chunk = contact_ids[start : start + BATCH_LIMIT]
             try:
                 batch = self._call(
                     "batch_read",
@@ -449,9 +449,9 @@ class HubSpotCRM:
         the v4 associations batch read; a kind the token may not read is left out."""
         linked: dict[str, dict[str, list[str]]] = {}
         for kind in kinds:
-            for start in range(0, len(ids), HUBSPOT_BATCH):
+            for start in range(0, len(ids), BATCH_LIMIT):
                 try:
-                    for result in self._association_pages(of, kind, ids[start : start + HUBSPOT_BATCH]):
+                    for result in self._association_pages(of, kind, ids[start : start + BATCH_LIMIT]):
                         to_ids = linked.setdefault(str(result._from.id), {}).setdefault(kind, [])
                         to_ids += [str(t.to_object_id) for t in result.to or []]
                 except AssociationsApiException as exc:
@@ -520,7 +520,7 @@ class HubSpotCRM:
         on without. Another refusal, or HubSpot failing (5xx), fails the batch instead: it is retried, or
         waits for HubSpot, rather than going on without."""
         read: dict[str, dict] = {}
-        for start in range(0, len(ids), HUBSPOT_BATCH):
+        for start in range(0, len(ids), BATCH_LIMIT):
             try:
                 batch = self._call(
                     f"{kind}_read",
@@ -528,7 +528,7 @@ class HubSpotCRM:
                     kind,
                     BatchReadInputSimplePublicObjectId(
                         properties=properties,
-                        inputs=[SimplePublicObjectId(id=i) for i in ids[start : start + HUBSPOT_BATCH]],
+                        inputs=[SimplePublicObjectId(id=i) for i in ids[start : start + BATCH_LIMIT]],
                     ),
                     archived=False,
                 )
@@ -569,8 +569,8 @@ class HubSpotCRM:
         """Score fields to many contacts, 100 a `batch/update`; a 207 names the ones that failed."""
         results: dict[str, WriteResult] = {}
         try:
-            for start in range(0, len(writes), HUBSPOT_BATCH):
-                chunk = writes[start : start + HUBSPOT_BATCH]
+            for start in range(0, len(writes), BATCH_LIMIT):
+                chunk = writes[start : start + BATCH_LIMIT]
                 self._write_batch(chunk, results, _Halving(budget=halving_budget(len(chunk))))
         except (RateLimited, CRMError) as exc:  # a later call of a halved batch: keep what was written
             exc.written = [r.lead_id for r in results.values() if r.ok]

@@ -2,6 +2,7 @@
 
 import re
 
+BATCH_LIMIT = 200  # records an sObject Collections call takes, and ids a SOQL `IN` is given
 OUTPUT_FIELDS = {
     "score": "Leadscore_Score__c",
     "tier": "Leadscore_Tier__c",

@@ -26,6 +26,7 @@ from integration.crm import SetupReport, WriteResult, write_one
 from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.lead import FEEDBACK_VALUES, TIER_MEANINGS, Lead, bounded_texts, option_label
 from integration.salesforce import (
+    BATCH_LIMIT,
     FEEDBACK_FIELD,
     OUTPUT_FIELDS,
     SCORED_PICKLISTS,
@@ -47,7 +48,6 @@ TASK_FIELDS = ("Subject", "Description", "ActivityDate", "CreatedDate")
 MAX_TASKS = 5
 # Each Lead's own latest Tasks, by the relationship subquery: one query, however busy another Lead is.
 LATEST_TASKS = f"(SELECT {', '.join(TASK_FIELDS)} FROM Tasks ORDER BY CreatedDate DESC LIMIT {MAX_TASKS})"
-MAX_COLLECTION = 200
 MAX_MERGE_HOPS = 3  # a merged-away Lead's winner, merged away in turn, followed this far
 # Salesforce's per-record status codes that retrying the same write cannot fix.
 PERMANENT_CODES = frozenset(
@@ -406,8 +406,8 @@ class SalesforceCRM:
     def _masters(self, lead_ids: list[str]) -> dict[str, str]:
         """The MasterRecordId of each of these Leads a merge deleted, by the id asked for."""
         found: dict[str, str] = {}
-        for start in range(0, len(lead_ids), MAX_COLLECTION):
-            chunk = lead_ids[start : start + MAX_COLLECTION]
+        for start in range(0, len(lead_ids), BATCH_LIMIT):
+            chunk = lead_ids[start : start + BATCH_LIMIT]
             soql = (
                 f"SELECT Id, MasterRecordId FROM Lead WHERE Id IN ({_soql_ids(chunk)}) "
                 "AND IsDeleted = true AND MasterRecordId != null"
@@ -489,8 +489,8 @@ class SalesforceCRM:
         date alone, and the Leads are no longer scored, so when it was seen serves."""
         won = self._won_opportunities(opportunity_ids)
         leads: dict[str, list[str]] = {}
-        for start in range(0, len(won), MAX_COLLECTION):
-            chunk = _soql_ids(sorted(won)[start : start + MAX_COLLECTION])
+        for start in range(0, len(won), BATCH_LIMIT):
+            chunk = _soql_ids(sorted(won)[start : start + BATCH_LIMIT])
             for row in self._query(
                 f"SELECT Id, ConvertedOpportunityId FROM Lead WHERE ConvertedOpportunityId IN ({chunk})"
             ):
@@ -502,8 +502,8 @@ class SalesforceCRM:
         ids, and none won when the integration user may not read Opportunity (logged)."""
         ids = sorted({i for i in opportunity_ids if i})
         won: set[str] = set()
-        for start in range(0, len(ids), MAX_COLLECTION):
-            chunk = _soql_ids(ids[start : start + MAX_COLLECTION])
+        for start in range(0, len(ids), BATCH_LIMIT):
+            chunk = _soql_ids(ids[start : start + BATCH_LIMIT])
             try:
                 rows = self._query(f"SELECT Id, IsWon FROM Opportunity WHERE Id IN ({chunk})")
             except ObjectUnreadable:
@@ -524,8 +524,8 @@ class SalesforceCRM:
     def write_many(self, writes: list[tuple[str, dict[str, str]]]) -> list[WriteResult]:
         """Write score fields to many Leads, 200 a call; each record succeeds or fails on its own."""
         results: list[WriteResult] = []
-        for start in range(0, len(writes), MAX_COLLECTION):
-            chunk = writes[start : start + MAX_COLLECTION]
+        for start in range(0, len(writes), BATCH_LIMIT):
+            chunk = writes[start : start + BATCH_LIMIT]
             records = [
                 {"attributes": {"type": "Lead"}, "id": lead_id, **_typed(fields)} for lead_id, fields in chunk
             ]
