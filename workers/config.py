@@ -27,6 +27,9 @@ class KeywordRule(_Strict):
     score: float = Score
     keywords: tuple[str, ...] = Field(min_length=1)
 
+    def model_post_init(self, context, /) -> None:
+        self.pattern  # noqa: B018 - compiled as the config loads: in a worker, once, not in each forked job
+
     @cached_property
     def pattern(self) -> re.Pattern[str]:
         """A keyword as a whole word of `folded` text: "ＣＥＯ", "Head of" with a no-break space and a

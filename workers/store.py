@@ -290,7 +290,7 @@ class Store:
         return self
 
     def record_scores(self, records: Iterable[ScoreRecord]) -> int:
-        rows = [asdict(r) for r in records]
+        rows = [dict(vars(r)) for r in records]  # not asdict, which deep-copies every score's details
         if rows:
             with self.engine.begin() as connection:
                 connection.execute(scores.insert(), rows)
