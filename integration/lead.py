@@ -13,6 +13,33 @@ MAX_TEXT_CHARS = 4000  # bounds prompt size and cost, whatever the CRM holds
 FEEDBACK_VALUES = ("too_high", "too_low", "right")  # what reps may say of a score, in both CRMs
 # What each tier asks of a rep, in the tier field's help in both CRMs.
 TIER_MEANINGS = "A = call first, B = call this week, C = follow up, D = nurture"
+# What each of leadscore's fields says of itself, in both CRMs: (to admins, to reps). Salesforce shows
+# the first in Setup and the second at the field's "i"; HubSpot shows its one description to both.
+FIELD_HELP: dict[str, tuple[str, str]] = {
+    "score": ("Conversion propensity, 0-100", "How likely this lead is to convert, from 0 to 100"),
+    "tier": (TIER_MEANINGS, TIER_MEANINGS),
+    "reason": ("Why, in one line", "Why the lead has this score, in one line"),
+    "scored_at": ("When the score was written", "When this lead's score was last written"),
+    "details": (
+        "JSON provenance: sub-scores, weights, model, evidence, fingerprint",
+        "How the score was made, as JSON, for whoever looks after the scoring",
+    ),
+    "holdout": (
+        "In the randomised holdout: no score shown, so lift can be measured",
+        "Checked: the score is left blank on purpose, to measure what scores change; work the lead as "
+        "you would without one",
+    ),
+    "feedback": (
+        "Reps: is this score too high, too low or right?",
+        "Is this lead's score too high, too low or right? Say so here",
+    ),
+}
+
+
+def field_help(key: str, to: str) -> str:
+    """A field's help (`to` "admins" or "reps"), signed so it reads as leadscore's among a CRM's own."""
+    for_admins, for_reps = FIELD_HELP[key]
+    return f"{for_reps if to == 'reps' else for_admins} (leadscore)"
 
 
 def option_label(value: str) -> str:

@@ -15,8 +15,17 @@ from pathlib import Path
 import pytest
 
 from integration.events import LeadEvent, coalesce
-from integration.hubspot.api import TEXT_OBJECTS, lead_from_properties, newest_texts, record_text
+from integration.hubspot import FEEDBACK_PROPERTY, OUTPUT_PROPERTIES
+from integration.hubspot.api import (
+    PROPERTY_DEFINITIONS,
+    TEXT_OBJECTS,
+    lead_from_properties,
+    newest_texts,
+    record_text,
+)
 from integration.lead import Lead
+from integration.salesforce import FEEDBACK_FIELD, OUTPUT_FIELDS
+from integration.salesforce.api import FIELD_DEFINITIONS
 from workers.blend import (
     MAX_REASON_CHARS,
     PROPENSITY,
@@ -1667,3 +1676,17 @@ def test_a_trained_model_reads_the_llms_last_answer_where_it_stands_in_and_a_pla
     assert snapshot(lead, _previous_stands_in(lead, outage))[LLM_FEATURE] == 0.86
     assert LLM_FEATURE not in snapshot(lead, outage)
     assert LLM_FEATURE not in snapshot(lead, fallback("LLM disabled"))
+
+
+def test_both_crms_give_reps_the_same_help_on_each_field():
+    """HubSpot shows a property's description to reps; Salesforce its inlineHelpText."""
+    on_hubspot = {p.name: p.description for p in PROPERTY_DEFINITIONS}
+    on_salesforce = {name: spec["inlineHelpText"] for name, spec in FIELD_DEFINITIONS.items()}
+
+    assert [on_hubspot[name] for name in (*OUTPUT_PROPERTIES.values(), FEEDBACK_PROPERTY)] == [
+        on_salesforce[name] for name in (*OUTPUT_FIELDS.values(), FEEDBACK_FIELD)
+    ]
+    assert (
+        on_hubspot["leadscore_tier"]
+        == "A = call first, B = call this week, C = follow up, D = nurture (leadscore)"
+    )

@@ -1,8 +1,9 @@
 """The pipeline's RQ jobs: `collect` turns pending leads into batches, `score_batch` scores them.
 
-A batch is one CRM read (HubSpot `batch/read`, Salesforce one SOQL `IN`), LLM calls
-made concurrently (cached by input fingerprint), and one CRM write (HubSpot
-`batch/update`, Salesforce sObject Collections). A record the CRM refuses is split
+A batch is one CRM read (HubSpot `batch/read`, with the contacts' companies and, for those with
+sales activity, their notes and emails; Salesforce one SOQL `IN`, with the Leads' latest tasks), LLM
+calls made concurrently (cached by input fingerprint), and one CRM write (HubSpot `batch/update`,
+Salesforce sObject Collections). A record the CRM refuses is split
 off into a job of its own, so it is retried — or dead-lettered with the CRM's
 reason — without holding back the rest.
 """
@@ -104,7 +105,8 @@ def sweep(queue: Queue) -> int:
 
 
 def score_batch(crm: str, account: str, events: list[str]) -> list[dict]:
-    """Score a batch of leads of one account; returns each lead's outcome, in order."""
+    """Score a batch of leads of one account; returns each event's outcome (`{"lead", "outcome", …}`):
+    the leads' in order, then the deals', then the erasures'."""
     ctx = context()
     try:
         with ctx.tallied():
@@ -215,14 +217,18 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     forced = {event.lead_id for event in lead_events if FORCED in event.kinds}
     scored = dict(zip(open_leads, ctx.score(list(open_leads.values()), forced), strict=True))
     survivors = sorted(set(merged_into.values()))
-    gone = erased_since(ctx.redis, crm, account, [*leads, *(f.lead_id for f in won), *survivors], read_at)
-    merges = _merges({loser: winner for loser, winner in merged_into.items() if winner not in gone})
-    won = [fact for fact in won if fact.lead_id not in gone]
+    erased_since_read = erased_since(
+        ctx.redis, crm, account, [*leads, *(f.lead_id for f in won), *survivors], read_at
+    )
+    merges = _merges(
+        {loser: winner for loser, winner in merged_into.items() if winner not in erased_since_read}
+    )
+    won = [fact for fact in won if fact.lead_id not in erased_since_read]
     superseded = _superseded(ctx, crm, account, [by_id[i] for i, s in scored.items() if s.fields is not None])
     to_write = [
         (s.lead.lead_id, s.fields)
         for i, s in scored.items()
-        if s.fields is not None and i not in superseded and i not in gone
+        if s.fields is not None and i not in superseded and i not in erased_since_read
     ]
     try:
         written = {r.lead_id: r for r in adapter.write_many(to_write)} if to_write else {}
@@ -249,7 +255,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         if s is None:
             results.append(outcome(key, "lead_gone"))
             continue
-        if lead_id in gone:
+        if lead_id in erased_since_read:
             results.append(outcome(key, "erased"))  # since it was read
             continue
         if lead_id in superseded:
@@ -283,10 +289,8 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
     refused = {event.lead_id for event, _ in failed}  # the rest are settled, whoever queued them
     settled = [e.lead_id for e in lead_events + erased if e.lead_id not in refused]
     pending.backfilled(ctx.redis, crm, account, settled)
-    erased_late = _keep(
-        ctx, crm, account, read_at, scored, kept, [lead for i, lead in leads.items() if i not in gone], won,
-        merges,
-    )  # fmt: skip
+    kept_leads = [lead for i, lead in leads.items() if i not in erased_since_read]
+    erased_late = _keep(ctx, crm, account, read_at, scored, kept, kept_leads, won, merges)
     failed = [(event, result) for event, result in failed if event.lead_id not in erased_late]
     fallbacks = [event for event in fallbacks if event.lead_id not in erased_late | overtaken]
     queue = _queue()
@@ -353,7 +357,7 @@ def _keep(
     read = {*scored, *(lead.lead_id for lead in leads), *(fact.lead_id for fact in won), *moved}
     traces = erased_since(ctx.redis, crm, account, sorted(read), read_at)
     if traces:
-        ctx.erase(crm, account, sorted(traces), mark=False)
+        ctx.erase(crm, account, sorted(traces), mark_erased=False)
     return traces
 
 

@@ -57,7 +57,9 @@ class Scored:
     """One lead's scoring outcome before it is written."""
 
     lead: Lead
-    result: ScoreResult | None  # None: inputs unchanged since the last score, nothing to do
+    # None: nothing was scored; the inputs are unchanged since the score the CRM shows (or, with that
+    # score missing from the store, since the one that scores the same again)
+    result: ScoreResult | None
     propensity: PropensityResult | None  # None also when a trained model that ignores the LLM scored it
     fields: dict[str, str] | None  # what to write; None when the CRM already shows it
     holdout: bool = False  # the CRM shows no score for this lead (the randomised holdout)
@@ -204,10 +206,10 @@ class WorkerContext:
             gone = sorted({lead for losers in merges.values() for lead in losers} - merges.keys())
             forget_answers(self.redis, crm, *pipeline_ids(crm, account, gone))
 
-    def erase(self, crm: str, account: str, lead_ids: list[str], mark: bool = True) -> dict[str, int]:
+    def erase(self, crm: str, account: str, lead_ids: list[str], mark_erased: bool = True) -> dict[str, int]:
         """Erase what leadscore keeps of these leads: their rows in the store and their cached LLM
         answers. Unlike `keep`, a failure fails the batch, so RQ retries it: an erasure is owed."""
-        return erase(self.store, self.redis, crm, account, lead_ids, mark)
+        return erase(self.store, self.redis, crm, account, lead_ids, mark_erased)
 
     def telemetry(self, name: str, amount: float = 1, **labels: str) -> None:
         if self.tally is None:
@@ -683,14 +685,14 @@ def erased_since(redis: Redis, crm: str, account: str, lead_ids: list[str], sinc
 
 
 def erase(
-    store: Store, redis: Redis, crm: str, account: str, lead_ids: list[str], mark: bool = True
+    store: Store, redis: Redis, crm: str, account: str, lead_ids: list[str], mark_erased: bool = True
 ) -> dict[str, int]:
     """A privacy deletion's or `leadscore forget`'s work: the rows deleted per table, and the cached
-    LLM answers (`llm_answers`). Marked erased first (`mark`), so a batch that read a lead before
+    LLM answers (`llm_answers`). Marked erased first (`mark_erased`), so a batch that read a lead before
     sees the mark once it has kept its own rows, and erases those again, unmarked: a batch that read
     the lead after the erasure must not read as before it."""
     account_id, keyed = pipeline_ids(crm, account, lead_ids)
-    if mark:
+    if mark_erased:
         now = redis_now(redis)
         with redis.pipeline(transaction=True) as pipe:
             pipe.zadd(erased_key(crm, account_id), dict.fromkeys(keyed, now))
@@ -702,7 +704,9 @@ def erase(
     answers = forget_answers(redis, crm, account_id, keyed, store.fingerprints_of(crm, account, lead_ids))
     with redis.pipeline(transaction=False) as pipe:  # what else Redis keeps under the lead's id
         pipe.delete(*(put_back_key(lead_key(crm, account_id, lead_id)) for lead_id in keyed))
-        if mark:  # a batch's second pass: a newer batch may hold the lead's marks by now
+        if (
+            mark_erased
+        ):  # not on a batch's second pass (mark_erased=False): a newer batch may hold the lead's marks by now
             marks, marked_at, marks_before = pending.handoff_keys(crm, account_id)
             pipe.hdel(marks, *keyed)
             pipe.zrem(marked_at, *keyed)

@@ -90,7 +90,7 @@ def _keep(store: Store, redis: Redis, facts: list[LeadFact], read_at: float) -> 
         crm, account = facts[0].crm, facts[0].account_id
         erased = erased_since(redis, crm, account, sorted({fact.lead_id for fact in facts}), read_at)
         if erased:
-            erase(store, redis, crm, account, sorted(erased), mark=False)
+            erase(store, redis, crm, account, sorted(erased), mark_erased=False)
     return new
 
 

@@ -21,7 +21,9 @@ _GROUPING = re.compile(r",|[.' ’](?=\d{3}(?!\d))")
 
 @dataclass(frozen=True)
 class Component:
-    """One rules sub-score with the words a rep would use for it."""
+    """One rules sub-score with the words a rep would use for it: `labels` holds, by component,
+    seniority: "seniority"; role_fit: "function", "size", "industry"; reachability: "reach";
+    source_stage: "source", "intent", "status", "stage" (those found). blend.py reads them by name."""
 
     score: float
     labels: dict[str, str] = field(default_factory=dict)

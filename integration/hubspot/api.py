@@ -46,7 +46,7 @@ from integration.hubspot import (
     outcome_stages,
     stage_date_property,
 )
-from integration.lead import FEEDBACK_VALUES, TIER_MEANINGS, Lead, bounded_texts, moment_of, option_label
+from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, field_help, moment_of, option_label
 from integration.ratelimit import DEFAULT_MAX_WAIT_S, RateLimiter
 from integration.settings import Settings
 
@@ -79,37 +79,37 @@ GROUP = PropertyGroupCreate(name="leadscore", label="leadscore", display_order=-
 PROPERTY_DEFINITIONS = (
     PropertyCreate(
         name=OUTPUT_PROPERTIES["score"], label="Lead score", type="number", field_type="number",
-        group_name=GROUP.name, description="Conversion propensity, 0-100 (leadscore)",
+        group_name=GROUP.name, description=field_help("score", "reps"),
     ),
     PropertyCreate(
         name=OUTPUT_PROPERTIES["tier"], label="Lead tier", type="enumeration", field_type="select",
-        group_name=GROUP.name, description=f"{TIER_MEANINGS} (leadscore)",
+        group_name=GROUP.name, description=field_help("tier", "reps"),
         options=[OptionInput(label=t, value=t, display_order=i, hidden=False)
                  for i, t in enumerate("ABCD")],
     ),
     PropertyCreate(
         name=OUTPUT_PROPERTIES["reason"], label="Lead score reason", type="string",
-        field_type="text", group_name=GROUP.name, description="Why, in one line (leadscore)",
+        field_type="text", group_name=GROUP.name, description=field_help("reason", "reps"),
     ),
     PropertyCreate(
         name=OUTPUT_PROPERTIES["scored_at"], label="Lead scored at", type="datetime",
-        field_type="date", group_name=GROUP.name, description="When the score was written",
+        field_type="date", group_name=GROUP.name, description=field_help("scored_at", "reps"),
     ),
     PropertyCreate(
         name=OUTPUT_PROPERTIES["details"], label="Lead score details", type="string",
         field_type="textarea", group_name=GROUP.name,
-        description="JSON provenance: sub-scores, weights, model, evidence, fingerprint",
+        description=field_help("details", "reps"),
     ),
     PropertyCreate(
         name=OUTPUT_PROPERTIES["holdout"], label="Lead score holdout", type="bool",
         field_type="booleancheckbox", group_name=GROUP.name,
-        description="In the randomised holdout: no score shown, so lift can be measured (leadscore)",
+        description=field_help("holdout", "reps"),
         options=[OptionInput(label="Yes", value="true", display_order=0, hidden=False),
                  OptionInput(label="No", value="false", display_order=1, hidden=False)],
     ),
     PropertyCreate(
         name=FEEDBACK_PROPERTY, label="Lead score feedback", type="enumeration", field_type="select",
-        group_name=GROUP.name, description="Reps: is this score too high, too low or right?",
+        group_name=GROUP.name, description=field_help("feedback", "reps"),
         options=[OptionInput(label=option_label(value), value=value, display_order=i,
                              hidden=False) for i, value in enumerate(FEEDBACK_VALUES)],
     ),

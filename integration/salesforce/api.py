@@ -24,7 +24,7 @@ from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSessi
 
 from integration.crm import SetupReport, WriteResult, write_one
 from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
-from integration.lead import FEEDBACK_VALUES, TIER_MEANINGS, Lead, bounded_texts, option_label
+from integration.lead import FEEDBACK_VALUES, Lead, bounded_texts, field_help, option_label
 from integration.salesforce import (
     BATCH_LIMIT,
     FEEDBACK_FIELD,
@@ -65,39 +65,38 @@ GONE_CODES = frozenset({"ENTITY_IS_DELETED", "CANNOT_UPDATE_CONVERTED_LEAD", "IN
 FIELD_DEFINITIONS: dict[str, dict] = {
     OUTPUT_FIELDS["score"]: {
         "label": "Lead Score", "type": "Number", "precision": 3, "scale": 0,
-        "description": "Conversion propensity, 0-100 (leadscore)",
-        "inlineHelpText": "How likely this lead is to convert, from 0 to 100 (leadscore)",
+        "description": field_help("score", "admins"),
+        "inlineHelpText": field_help("score", "reps"),
     },
     OUTPUT_FIELDS["tier"]: {
         "label": "Lead Tier", "type": "Picklist", "values": ["A", "B", "C", "D"],
-        "description": f"{TIER_MEANINGS} (leadscore)",
-        "inlineHelpText": f"{TIER_MEANINGS} (leadscore)",
+        "description": field_help("tier", "admins"),
+        "inlineHelpText": field_help("tier", "reps"),
     },
     OUTPUT_FIELDS["reason"]: {
         "label": "Lead Score Reason", "type": "Text", "length": 255,
-        "description": "Why, in one line (leadscore)",
-        "inlineHelpText": "Why the lead has this score, in one line (leadscore)",
+        "description": field_help("reason", "admins"),
+        "inlineHelpText": field_help("reason", "reps"),
     },
     OUTPUT_FIELDS["scored_at"]: {
         "label": "Lead Scored At", "type": "DateTime",
-        "description": "When the score was written (leadscore)",
-        "inlineHelpText": "When leadscore last wrote this lead's score",
+        "description": field_help("scored_at", "admins"),
+        "inlineHelpText": field_help("scored_at", "reps"),
     },
     OUTPUT_FIELDS["details"]: {
         "label": "Lead Score Details", "type": "LongTextArea", "length": 32768, "visibleLines": 5,
-        "description": "JSON provenance: sub-scores, weights, model, evidence, fingerprint (leadscore)",
-        "inlineHelpText": "How the score was made, as JSON, for whoever looks after leadscore (leadscore)",
+        "description": field_help("details", "admins"),
+        "inlineHelpText": field_help("details", "reps"),
     },
     OUTPUT_FIELDS["holdout"]: {
         "label": "Lead Score Holdout", "type": "Checkbox", "defaultValue": "false",
-        "description": "In the randomised holdout: no score shown, so lift can be measured (leadscore)",
-        "inlineHelpText": "Checked: the score is left blank on purpose, to measure what scores change; work "
-        "the lead as you would without one (leadscore)",
+        "description": field_help("holdout", "admins"),
+        "inlineHelpText": field_help("holdout", "reps"),
     },
     FEEDBACK_FIELD: {
         "label": "Lead Score Feedback", "type": "Picklist", "values": list(FEEDBACK_VALUES),
-        "description": "Reps: is this score too high, too low or right? (leadscore)",
-        "inlineHelpText": "Is this lead's score too high, too low or right? Say so here (leadscore)",
+        "description": field_help("feedback", "admins"),
+        "inlineHelpText": field_help("feedback", "reps"),
     },
 }  # fmt: skip
 
