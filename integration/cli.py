@@ -98,7 +98,7 @@ def cmd_worker(args) -> int:
     backoff = 1.0
     while True:  # a Redis restart must not end the worker: wait for it, then work again
         try:
-            redis = settings_redis(settings)
+            redis = ctx.redis  # RQ's and the jobs' one client: a work horse opens one connection, not two
             worker = build(worker_queues(settings.queue_name, redis), redis, settings.worker_maintenance_s)
             worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
             return 0

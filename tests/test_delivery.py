@@ -754,6 +754,22 @@ def test_a_salesforce_org_failing_at_worker_start_does_not_stop_hubspot_scoring(
     assert refused.endswith("password); the worker starts, and its jobs try again")
 
 
+def test_a_work_horse_scores_a_batch_over_one_redis_connection(
+    env, post_delivery, crm, hubspot, redis, queue
+):
+    """RQ forks a work horse per job, whose clients connect afresh (a TLS handshake each on rediss://):
+    RQ and leadscore share one client, and a batch's LLM calls read every worker's pause through one
+    thread, not each its own connection."""
+    post_delivery("contact.creation__demo_burst")
+    _clear_caches()
+    started = redis.info("stats")["total_connections_received"]
+
+    assert main(["worker", "--burst"]) == 0
+    opened = redis.info("stats")["total_connections_received"] - started
+    jobs = len(finished_jobs(redis, queue))
+    assert 0 < opened <= jobs + 6  # the worker's own before it forks: its client, the scheduler's, the checks
+
+
 def test_a_delivery_from_a_portal_the_token_does_not_reach_is_not_scored_with_it(
     env, post_delivery, crm, hubspot, sf_crm, redis, queue, capfd
 ):

@@ -104,6 +104,9 @@ def asked_to_wait_s(exc: openai.APIStatusError) -> float:
 
 
 MAX_BATCH_TIMEOUTS = 3  # LLM calls of a batch that may time out before it starts no more
+# How long a batch's calls go by one reading of every worker's LLM pause: read by one thread for all,
+# not by each call, so a batch's calls share one Redis connection rather than open one each.
+SHARED_PAUSE_FRESH_S = 0.25
 
 
 class _Throttle:
@@ -114,7 +117,8 @@ class _Throttle:
         self.shared, self.deadline = shared, deadline  # the deadline on time.monotonic()
         self.met = False  # the batch met a pause, which took time its unanswered leads could have had
         self.timeouts = 0  # calls that timed out: past MAX_BATCH_TIMEOUTS, no more start in this batch
-        self._until = 0.0
+        self._until = 0.0  # this batch's own pause, on time.monotonic()
+        self._shared_until, self._read_again_at = 0.0, 0.0  # every worker's, as last read
         self._lock = threading.Lock()
 
     def timed_out(self) -> None:
@@ -138,13 +142,16 @@ class _Throttle:
                 log.warning("LLM pause not shared (Redis unavailable): other workers may call it meanwhile")
 
     def left_s(self) -> float:
-        left = self._until - time.monotonic()
-        if self.shared is not None:
-            try:
-                left = max(left, self.shared.left_s())
-            except RedisError:
-                self.shared = None  # not asked again for each lead of the batch
-        return max(left, 0.0)
+        with self._lock:
+            now = time.monotonic()
+            if self.shared is not None and now >= self._read_again_at:
+                try:
+                    self._shared_until = now + self.shared.left_s()
+                except RedisError:
+                    self.shared = None  # not asked again for each lead of the batch
+                self._read_again_at = now + SHARED_PAUSE_FRESH_S
+            until = max(self._until, self._shared_until)
+        return max(until - time.monotonic(), 0.0)
 
     def wait_out(self) -> bool:
         """Whether a call may be made now, having waited out a pause that ends before the deadline."""
