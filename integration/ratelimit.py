@@ -77,10 +77,16 @@ class RateLimiter:
     ):
         """`max_wait_s`: how long `acquire` waits before it raises RateLimited; a worker's is short, so
         a pause the CRM asked for puts its batch off rather than holding the worker from other work."""
-        self.redis, self.limit, self.window_s, self.max_wait_s = redis, limit, window_s, max_wait_s
+        self.redis, self.name, self.limit, self.window_s = redis, name, limit, window_s
+        self.max_wait_s = max_wait_s
         self.paused = SharedPause(redis, name)
         self.key, self.pause_key = f"leadscore:rate:{name}", self.paused.key
         self._take = redis.register_script(_TAKE)
+
+    def beside(self, what: str, limit: int, window_s: float) -> RateLimiter:
+        """A limiter of its own for one kind of call the CRM limits apart (HubSpot's searches), waiting as
+        long as this one does."""
+        return RateLimiter(self.redis, f"{self.name}:{what}", limit, window_s, self.max_wait_s)
 
     def acquire(self) -> float:
         """Block until a call may be made, `max_wait_s` at most; returns the seconds waited."""

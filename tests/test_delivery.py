@@ -32,7 +32,7 @@ from integration.cli import main
 from integration.emulators import free_port, start_redis
 from integration.errors import CRMError, CRMUnavailable, RateLimited
 from integration.events import ERASE, IntakeRow, LeadEvent, pack_intake
-from integration.hubspot.api import HubSpotCRM, halving_budget
+from integration.hubspot.api import HubSpotCRM, halving_budget, shared_limiter
 from integration.ratelimit import RateLimiter, SharedPause
 from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce.api import SalesforceCRM
@@ -485,6 +485,44 @@ def test_429_storm_waits_and_finishes_with_nothing_dropped(post_delivery, crm, r
     assert hubspot.throttled == 4
     assert len(results) == 24 and {r["outcome"] for r in results} == {"written"}
     assert all(scored(hubspot)[c] for c in hubspot.contacts if c.startswith("743000001"))
+
+
+def _many_contacts(hubspot, count: int) -> None:
+    template = hubspot.contacts[VP]
+    for n in range(count):
+        contact_id = str(74400000000 + n)
+        hubspot.add_contact({**template, "id": contact_id, "properties": {"hs_object_id": contact_id}})
+
+
+def test_searches_keep_to_hubspots_own_limit_on_them(settings, hubspot, redis):
+    """HubSpot answers a search past 4 a second 429 SECONDLY: a rescore or outcomes sync paging through a
+    portal keeps under it, with every other process's searches."""
+    hubspot.search_per_s = 4
+    _many_contacts(hubspot, 1400)  # 8 pages of 200 with the fixtures' own
+    adapter = HubSpotCRM(settings, portal_id=PORTAL_ID, limiter=shared_limiter(redis, settings, PORTAL_ID))
+    started = time.monotonic()
+
+    assert len(list(adapter.contact_ids())) == len(hubspot.contacts)
+    assert hubspot.throttled == 0
+    assert time.monotonic() - started >= 1.0  # the fifth search waited for the second to come round
+
+
+def test_a_search_throttled_holds_back_searches_not_the_workers_other_calls(settings, hubspot, redis, caplog):
+    """A 429 of the search limit says nothing of the portal's other limits: scoring goes on."""
+    hubspot.search_per_s = 1
+    _many_contacts(hubspot, 400)  # 3 pages
+    adapter = HubSpotCRM(settings, portal_id=PORTAL_ID, limiter=shared_limiter(redis, settings, PORTAL_ID))
+    pauses = []
+    pause = adapter.limiter.paused.pause
+    adapter.limiter.paused.pause = lambda seconds: pauses.append(seconds) or pause(seconds)
+
+    assert len(list(adapter.contact_ids())) == len(hubspot.contacts)
+    assert hubspot.throttled >= 1
+    assert pauses == []  # a batch's reads and writes went on
+    throttled = [r.getMessage() for r in caplog.records if "answered 429" in r.getMessage()]
+    assert throttled and set(throttled) == {
+        "HubSpot answered 429 (SECONDLY); every worker's searches pause 1.0s"
+    }
 
 
 def test_a_long_hubspot_pause_puts_its_batch_off_and_leaves_the_worker_to_the_salesforce_org(

@@ -176,6 +176,8 @@ class HubSpotEmulator:
         self.portal_id = portal_id  # the portal the token belongs to (account details)
         self.latency_s = latency_s
         self.rate_limit = rate_limit  # authenticated calls per rolling 10 s; None = unlimited
+        self.search_per_s: int | None = None  # search calls a second, HubSpot's own limit on them
+        self._searches: deque[float] = deque()
         self.daily_limit_reached = False  # every authenticated call answers 429 DAILY
         # While set, every authenticated call answers 477 with this Retry-After: the portal is being
         # moved between data hosting locations.
@@ -544,6 +546,8 @@ class HubSpotEmulator:
                 return body, status, {"Retry-After": str(self.migrating_retry_after_s)}
             if self.daily_limit_reached:
                 policy = "DAILY"
+            elif self.search_per_s is not None and request.path.endswith("/search") and self._search_full():
+                policy = "SECONDLY"
             elif self._storm > 0:
                 self._storm -= 1
                 policy = "TEN_SECONDLY_ROLLING"
@@ -562,6 +566,14 @@ class HubSpotEmulator:
             self.throttled += 1
         return self._too_many_requests(policy)
 
+    def _search_full(self) -> bool:
+        """Whether a search now would be past `search_per_s` (counted whether answered or not)."""
+        now = time.monotonic()
+        while self._searches and now - self._searches[0] >= 1.0:
+            self._searches.popleft()
+        self._searches.append(now)
+        return len(self._searches) > self.search_per_s
+
     def _rate_headers(self, remaining: int) -> dict[str, str]:
         return {
             "X-HubSpot-RateLimit-Interval-Milliseconds": str(int(RATE_WINDOW_S * 1000)),
@@ -573,7 +585,7 @@ class HubSpotEmulator:
         daily = policy == "DAILY"
         body = {
             "status": "error",
-            "message": f"You have reached your {'daily' if daily else 'ten_secondly_rolling'} limit.",
+            "message": f"You have reached your {policy.lower()} limit.",
             "errorType": "RATE_LIMIT",
             "correlationId": str(uuid.uuid4()),
             "policyName": policy,

@@ -68,6 +68,7 @@ MAX_TEXT_RECORDS = 5
 MAX_ASSOCIATION_PAGES = 10  # of a 100 contacts' notes, emails or deals: more is a record's history, not news
 SEARCH_PAGE = 200  # the search API's largest page
 MAX_THROTTLED_TRIES = 8
+SEARCHES_PER_S = 4  # HubSpot's own limit on its search API, a token's searches a second
 THROTTLED_PUT_OFF_S = 60  # a batch still throttled after MAX_THROTTLED_TRIES waits this long
 DAILY_PAUSE_S = 3600  # HubSpot resets daily limits at midnight in the portal's time zone
 # 477: the portal is being moved between data hosting locations, "typically up to 24 hours".
@@ -238,6 +239,8 @@ class HubSpotCRM:
             *self.custom_properties.values(), *self.stage_dates,
         ]))  # fmt: skip
         self.limiter, self.telemetry = limiter, telemetry
+        # Searches have a limit of their own, every process's together; a 429 of it holds back searches only.
+        self.search_limiter = limiter.beside("search", SEARCHES_PER_S, window_s=1.0) if limiter else None
         self._merged_away: dict[str, str] = {}  # by the last read_leads: id asked for → contact that remains
         self.timeout = settings.hubspot_timeout_s
         retry = Retry(
@@ -263,9 +266,12 @@ class HubSpotCRM:
           off THROTTLED_PUT_OFF_S, as a DAILY 429 (an hour) and a 477 (the portal moving) do at once;
         - waiting for a call slot longer than the limiter's max_wait_s is RateLimited too (ratelimit.py);
         - a 401 is CRMError: the token is wrong, and no retry helps."""
+        searching = operation == "search"
         for _ in range(MAX_THROTTLED_TRIES):
             if self.limiter is not None:
                 self.limiter.acquire()
+            if searching and self.search_limiter is not None:
+                self.search_limiter.acquire()
             self.telemetry("crm_calls_total", crm="hubspot", operation=operation)
             try:
                 return fn(*args, _request_timeout=self.timeout, **kwargs)
@@ -288,9 +294,12 @@ class HubSpotCRM:
                         f"HubSpot portal {self.portal_id}: daily API limit reached",
                         retry_after_s=DAILY_PAUSE_S,
                     ) from None
-                log.warning("HubSpot answered 429 (%s); every worker pauses %.1fs", policy, wait_s)
-                if self.limiter is not None:
-                    self.limiter.pause(wait_s)
+                searches_only = searching and policy == "SECONDLY"
+                held = self.search_limiter if searches_only else self.limiter
+                log.warning("HubSpot answered 429 (%s); every worker's %s pause %.1fs", policy,
+                            "searches" if searches_only else "calls", wait_s)  # fmt: skip
+                if held is not None:
+                    held.pause(wait_s)
                 else:
                     time.sleep(wait_s)
             except urllib3.exceptions.HTTPError as exc:  # no answer, after urllib3's own retries
