@@ -21,6 +21,15 @@ PARAMS_LEADSCORE_SETS = ("model", "messages", "stream")
 EXAMPLE_PARAMS = '{"max_tokens": null, "max_completion_tokens": 2000}'
 EXAMPLE_HEADERS = '{"x-portkey-provider": "openai"}'
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+# Compared or sent byte for byte, so what a paste or a mounted file leaves around one is taken off (none
+# starts or ends with a space), and quotes an env file or a shell kept are refused. A password may end
+# in a space, so it is left as typed.
+SECRETS_AND_IDS = (
+    "hubspot_access_token", "hubspot_app_secret", "hubspot_app_id", "salesforce_org_ids",
+    "salesforce_webhook_token", "salesforce_events_secret", "salesforce_integration_user_id",
+    "salesforce_access_token", "salesforce_consumer_key", "salesforce_consumer_secret", "salesforce_username",
+    "salesforce_security_token", "llm_api_key", "metrics_token",
+)  # fmt: skip
 
 
 class SettingsError(RuntimeError):
@@ -56,7 +65,7 @@ class Settings(BaseSettings):
     hubspot_app_secret: str = ""
     hubspot_app_id: str = ""
     hubspot_api_base: AnyHttpUrl = AnyHttpUrl("https://api.hubapi.com")
-    hubspot_timeout_s: float = Field(10.0, gt=0)
+    hubspot_timeout_s: float = Field(10.0, gt=0, le=300)
     hubspot_won_pipelines: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated deal pipeline ids whose closed-won deals are outcomes; unset: all",
@@ -82,12 +91,12 @@ class Settings(BaseSettings):
     salesforce_security_token: str = ""
     salesforce_domain: str = Field("login", description="login, test or a My Domain, for username login")
     salesforce_api_version: str = Field("60.0", pattern=r"^\d{2,3}\.0$")
-    salesforce_timeout_s: float = Field(10.0, gt=0)
+    salesforce_timeout_s: float = Field(10.0, gt=0, le=300)
 
     llm_base_url: AnyHttpUrl | None = None
     llm_api_key: str = ""
     llm_model: str = "gpt-4o-mini"
-    llm_timeout_s: float = Field(8.0, gt=0)
+    llm_timeout_s: float = Field(8.0, gt=0, le=300)
     llm_extra_params: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=dict,
         description="a JSON object merged into every Chat Completions request; a null removes that key",
@@ -107,14 +116,18 @@ class Settings(BaseSettings):
         60.0, gt=0, le=300, description="a batch's leads the LLM has not answered by then fall back"
     )
     llm_cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="how long an LLM answer is reused")
-    fallback_rescore_s: int = Field(300, ge=0, description="rescore fallback leads after this; 0 = never")
-    hubspot_calls_per_10s: int = Field(100, ge=1, description="shared by all workers, per portal")
+    fallback_rescore_s: int = Field(
+        300, ge=0, le=86_400, description="rescore fallback leads after this; 0 = never"
+    )
+    hubspot_calls_per_10s: int = Field(100, ge=1, le=1000, description="shared by all workers, per portal")
     salesforce_api_stop_fraction: float = Field(
         0.9, gt=0, le=1, description="stop calling when this share of the org's daily API budget is used"
     )
     metrics_token: str = Field("", description="when set, GET /metrics needs `Authorization: Bearer` it")
     bench_bare_endpoint: bool = Field(False, description="serve POST /_bench/bare (benchmarks only)")
-    worker_maintenance_s: int = Field(15, ge=1, description="how often a worker sweeps for lost work")
+    worker_maintenance_s: int = Field(
+        15, ge=1, le=3600, description="how often a worker sweeps for lost work"
+    )
 
     scoring_config_path: Path | None = Field(
         None, description="TOML scoring config; the shipped B2B SaaS default when unset"
@@ -183,7 +196,14 @@ class Settings(BaseSettings):
     @field_validator("hubspot_won_pipelines", mode="before")
     @classmethod
     def _pipelines_comma_separated(cls, value):
-        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        pipelines = [p.strip() for p in value.split(",") if p.strip()]
+        if any(p[0] in "\"'" or p[-1] in "\"'" for p in pipelines):
+            raise ValueError(
+                "HUBSPOT_WON_PIPELINES is in quotes, which an env file or a shell kept: remove them"
+            )
+        return pipelines
 
     @field_validator("hubspot_outcome_stages", mode="before")
     @classmethod
@@ -211,6 +231,54 @@ class Settings(BaseSettings):
                     f"LLM_EXTRA_HEADERS: the value of {name} must be a string on one line, in ASCII"
                 )
         return headers
+
+    @field_validator(*SECRETS_AND_IDS, mode="before")
+    @classmethod
+    def _as_pasted_without_its_edges(cls, value, info):
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            raise ValueError(
+                f"{info.field_name.upper()} is in quotes, which an env file or a shell kept: remove them"
+            )
+        return value
+
+    @field_validator("salesforce_org_ids")
+    @classmethod
+    def _org_ids_as_salesforce_gives_them(cls, value: str) -> str:
+        from integration.salesforce import is_org_id
+
+        if wrong := [i for i in (i.strip() for i in value.split(",")) if i and not is_org_id(i)]:
+            raise ValueError(
+                f"SALESFORCE_ORG_IDS has {', '.join(map(repr, wrong))}, not an organization id as Setup > "
+                "Company Information shows it (15 or 18 characters, from 00D, its case kept)"
+            )
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url_without_the_webhook_path(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if url is not None and "/webhooks/" in f"{url.path or ''}/":
+            raise ValueError(
+                f"PUBLIC_BASE_URL is the scheme://host[:port] (and any prefix a proxy adds) that the webhook "
+                f"paths follow, not a webhook's whole URL: got {url}"
+            )
+        return url
+
+    @field_validator("salesforce_instance_url")
+    @classmethod
+    def _instance_url_the_orgs_own(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        """A URL copied from the browser is Lightning's (`…lightning.force.com/lightning/page/home`), which
+        the REST API is not served from."""
+        if url is not None and (
+            (url.path or "/") != "/" or (url.host or "").endswith(".lightning.force.com")
+        ):
+            raise ValueError(
+                "SALESFORCE_INSTANCE_URL is the org's My Domain URL with no path, such as "
+                f"https://acme.my.salesforce.com (Setup > My Domain), got {url}"
+            )
+        return url
 
     @field_validator("hubspot_app_id")
     @classmethod
@@ -258,6 +326,7 @@ class Settings(BaseSettings):
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
+        value = value.strip()  # a newline from a mounted file would name another SQLite file
         try:
             url = make_url(value)
         except ArgumentError:

@@ -20,10 +20,11 @@ from integration import pending
 from integration.app import create_app
 from integration.cli import build_parser, main
 from integration.emulators import free_port, serve_in_thread, start_redis, wait_until
+from integration.replay import hubspot_headers, load_delivery
 from integration.salesforce import api as salesforce_api
 from integration.salesforce.api import FIELD_DEFINITIONS
 from integration.settings import get_settings
-from tests.conftest import FIXTURES, SF_WEBHOOK_TOKEN
+from tests.conftest import APP_SECRET, FIXTURES, SF_WEBHOOK_TOKEN, WEBHOOK_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE = FIXTURES / "hubspot" / "contact.creation__single.json"
@@ -984,3 +985,79 @@ def test_every_commands_help_opens_with_what_it_does(capsys):
     assert len(listed) == len(commands.choices) == 16
     for name, summary in listed.items():
         assert commands.choices[name].description == summary, name
+
+
+# ---- settings as operators paste them
+
+
+@pytest.mark.parametrize("pasted", ["{}\n", "  {} ", "{}\r\n"], ids=["mounted_file", "spaces", "crlf"])
+def test_a_secret_pasted_with_a_newline_or_spaces_still_verifies_deliveries(env, monkeypatch, pasted):
+    """Compared byte for byte, a secret with a file's newline refused every delivery, which HubSpot does not
+    send again."""
+    reconfigure(monkeypatch, HUBSPOT_APP_SECRET=pasted.format(APP_SECRET), METRICS_TOKEN=pasted.format("m"))
+    client = create_app(get_settings()).test_client()
+    body = load_delivery(FIXTURES / "hubspot" / "contact.creation__single.json")
+
+    posted = client.post(WEBHOOK_URL, data=body, headers=hubspot_headers(WEBHOOK_URL, body, APP_SECRET))
+    assert posted.status_code == 200
+    assert client.get("/metrics", headers={"Authorization": "Bearer m"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("HUBSPOT_APP_SECRET", '"s3cret"', "HUBSPOT_APP_SECRET is in quotes, which an env file or a shell "
+         "kept: remove them"),
+        ("LLM_API_KEY", "'sk-s3cret'", "LLM_API_KEY is in quotes, which an env file or a shell kept: "
+         "remove them"),
+        ("HUBSPOT_WON_PIPELINES", '"default"', "HUBSPOT_WON_PIPELINES is in quotes, which an env file or a "
+         "shell kept: remove them"),
+        ("SALESFORCE_ORG_IDS", "00d5g000004xyzaeak", "SALESFORCE_ORG_IDS has '00d5g000004xyzaeak', not an "
+         "organization id as Setup > Company Information shows it (15 or 18 characters, from 00D, its case "
+         "kept)"),
+        ("PUBLIC_BASE_URL", "https://leadscore.example.com/webhooks/hubspot", "PUBLIC_BASE_URL is the "
+         "scheme://host[:port] (and any prefix a proxy adds) that the webhook paths follow, not a webhook's "
+         "whole URL: got https://leadscore.example.com/webhooks/hubspot"),
+        ("SALESFORCE_INSTANCE_URL", "https://acme.lightning.force.com/lightning/page/home",
+         "SALESFORCE_INSTANCE_URL is the org's My Domain URL with no path, such as "
+         "https://acme.my.salesforce.com (Setup > My Domain), got "
+         "https://acme.lightning.force.com/lightning/page/home"),
+    ],
+    ids=["secret_quoted", "key_quoted", "pipelines_quoted", "org_id_lower_case", "public_url_whole",
+         "instance_url_lightning"],
+)  # fmt: skip
+def test_settings_as_operators_paste_them_are_refused_saying_what_to_fix(
+    env, monkeypatch, capsys, setting, value, problem
+):
+    reconfigure(monkeypatch, **{setting: value})
+
+    assert main(["db", "upgrade"]) == 2
+    said = capsys.readouterr().err
+    assert said == f"leadscore: invalid leadscore settings: {setting}: Value error, {problem}\n"
+    assert "s3cret" not in said
+
+
+@pytest.mark.parametrize(("setting", "value"), [("HUBSPOT_TIMEOUT_S", "inf"), ("LLM_TIMEOUT_S", "8000"),
+                                                ("FALLBACK_RESCORE_S", "300000")])  # fmt: skip
+def test_a_number_out_of_all_reason_is_refused_at_start(env, monkeypatch, capsys, setting, value):
+    """`inf` crashed the worker with a traceback, and milliseconds for seconds held every call."""
+    reconfigure(monkeypatch, **{setting: value})
+
+    assert main(["db", "upgrade"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"leadscore: invalid leadscore settings: {setting}: Input should be"
+    )
+
+
+def test_a_store_url_from_a_mounted_file_names_the_same_store(env, monkeypatch):
+    url = get_settings().database_url
+    reconfigure(
+        monkeypatch, DATABASE_URL=f"{url}\n", LLM_API_KEY="sk-test\n", HUBSPOT_ACCESS_TOKEN=" pat-na1-x\n"
+    )
+
+    settings = get_settings()
+    assert (settings.database_url, settings.llm_api_key, settings.hubspot_access_token) == (
+        url,
+        "sk-test",
+        "pat-na1-x",
+    )
