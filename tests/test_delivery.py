@@ -933,6 +933,23 @@ def test_a_crm_that_is_down_or_unreachable_is_crm_unavailable(settings, crm, hub
     assert not isinstance(refused.value, CRMUnavailable)
 
 
+def test_a_crm_that_fails_at_the_write_puts_the_batch_off_as_an_outage(
+    post_delivery, post_change_events, crm, sf_crm, run_worker, hubspot, salesforce, queue
+):
+    """Read and scored, then the write answers 503: the batch waits for the CRM, spending no RQ retry."""
+    hubspot.unavailable_objects.add("writes")
+    salesforce.unavailable_writes = True
+    post_delivery("contact.creation__single")
+    post_change_events("lead_change_event__create")
+
+    results = run_worker()
+
+    assert sorted(r["outcome"] for r in results) == ["deferred", "deferred"]
+    put_off = [queue.fetch_job(i) for i in queue.scheduled_job_registry.get_job_ids()]
+    assert sorted(job.meta[batch.OUTAGE_META]["waits"] for job in put_off) == [1, 1]
+    assert queue.failed_job_registry.count == 0 and hubspot.writes == salesforce.writes == []
+
+
 @pytest.mark.parametrize(
     ("failing", "said"),
     [("notes", "notes read failed: 503"), ("associations", "associations read failed: 503")],

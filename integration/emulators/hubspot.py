@@ -197,7 +197,8 @@ class HubSpotEmulator:
         self.echo: dict | None = None
         self.echo_responses: list[dict] = []
         self.forbidden_objects: set[str] = set()  # object types the token lacks the scope for
-        self.unavailable_objects: set[str] = set()  # batch reads of these ("associations": those) answer 503
+        # batch reads of these ("associations": those; "writes": batch updates) answer 503
+        self.unavailable_objects: set[str] = set()
         self.invalid_objects: set[str] = set()  # batch reads of these answer 400, as to a malformed request
         self.schemas_read_only = False  # the token lacks crm.schemas.contacts.write: creating answers 403
         self.refused_properties: dict[str, tuple[int, str, str]] = {}  # name -> status, category, message
@@ -363,6 +364,8 @@ class HubSpotEmulator:
 
         @app.post("/crm/v3/objects/contacts/batch/update")
         def batch_update():
+            if "writes" in self.unavailable_objects:
+                return _error(503, "SERVICE_UNAVAILABLE", "The service is temporarily unavailable.")
             inputs = (request.get_json(silent=True) or {}).get("inputs") or []
             if len(inputs) > BATCH_LIMIT:
                 return _too_many(len(inputs))

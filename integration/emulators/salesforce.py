@@ -327,6 +327,7 @@ class SalesforceEmulator:
         self.duplicate_alerts: set[str] = set()
         self.unreadable: set[str] = set()  # objects the integration user has no Read on
         self.unavailable = False  # every REST call answers 503, as in the org's maintenance window
+        self.unavailable_writes = False  # sObject Collections writes alone answer 503
         self.api_calls = 0
         self.api_limit = 15000
         self.limit_exceeded: str | None = None  # as "TotalRequests Limit exceeded.": every call refused
@@ -596,6 +597,8 @@ class SalesforceEmulator:
 
         @app.patch(f"{data}/composite/sobjects")
         def update_collection(version):
+            if self.unavailable_writes:
+                return _errors(503, "SERVER_UNAVAILABLE", "The server is down for maintenance.")
             body = request.get_json(silent=True)
             if not isinstance(body, dict) or not isinstance(body.get("records"), list):
                 return _errors(
