@@ -198,7 +198,7 @@ def _score_batch(ctx, crm: str, account: str, events: list[str]) -> list[dict]:
         ctx.erase(crm, account, [event.lead_id for event in erasures])  # a failure fails the job: owed
         erased = erasures
     lead_events = [event for event in lead_events if ERASE not in event.kinds]
-    if (reached := ctx.reached.get(crm)) and not same_account(reached, account):
+    if (reached := ctx.reached_account(crm, account)) and not same_account(reached, account):
         return [
             *_not_this_account(ctx, crm, account, reached, lead_events),
             *_erasure_results(erased, split_off),

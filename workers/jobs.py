@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from integration import metrics, pending
 from integration.clock import redis_now
 from integration.crm import CRMAdapter
-from integration.errors import LeadGone
+from integration.errors import CRMError, LeadGone, RateLimited
 from integration.events import LeadEvent
 from integration.hubspot.api import WORKER_MAX_WAIT_S, HubSpotCRM, shared_limiter
 from integration.lead import Lead, lead_key, moment_of
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 RULES_SCORER = "rules+llm"  # what the store and metrics call a score without a trained model
 SHOWN_FIELDS = ("score", "tier", "reason")  # what reps see of a score
 PUT_BACK_EVERY_S = 86_400  # a score someone else keeps changing is put back once a day at most
+REACHED_KEPT_S = 86_400  # the portal a token reaches, learned by a job when the worker's start could not
+REACHED_ASKED_AGAIN_S = 60
 
 
 @dataclass
@@ -230,6 +232,30 @@ class WorkerContext:
 
     def crm(self, crm: str, account: str) -> CRMAdapter:
         return _hubspot(account) if crm == "hubspot" else salesforce_for(account)
+
+    def reached_account(self, crm: str, account: str) -> str | None:
+        """The account the CRM's credentials reach, as the worker learned at start. HubSpot's, if the start
+        could not learn it (HubSpot down then), is learned by a job and kept in Redis for the others, so
+        another portal's contacts are not read with the token for the worker's life; while HubSpot will
+        not say, it is asked once a minute at most."""
+        if (reached := self.reached.get(crm)) or crm != "hubspot":
+            return reached
+        token = hashlib.sha256(self.settings.hubspot_access_token.encode()).hexdigest()[:16]
+        key = f"leadscore:reached:hubspot:{token}"
+        try:
+            if (known := self.redis.get(key)) is None:
+                try:
+                    known = self.crm(crm, account).token_portal().encode()
+                except (CRMError, RateLimited) as exc:
+                    self.redis.set(key, "", ex=REACHED_ASKED_AGAIN_S)
+                    log.warning("still not known which HubSpot portal the token reaches (%s)", exc)
+                    return None
+                self.redis.set(key, known, ex=REACHED_KEPT_S)
+        except RedisError:
+            return None
+        if known:
+            self.reached[crm] = known.decode()
+        return self.reached.get(crm)
 
     def crm_for(self, event: LeadEvent) -> HubSpotCRM | SalesforceCRM:  # with the single-lead calls
         return self.crm(event.crm, event.account_id)
