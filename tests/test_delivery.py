@@ -24,6 +24,7 @@ from rq import Retry, SimpleWorker, Worker
 from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.scheduler import RQScheduler
+from simple_salesforce.exceptions import SalesforceAuthenticationFailed
 
 from bench import harness
 from integration import clock, metrics, pending, ratelimit, signing
@@ -35,6 +36,7 @@ from integration.events import ERASE, IntakeRow, LeadEvent, pack_intake
 from integration.hubspot.api import HubSpotCRM, halving_budget, shared_limiter
 from integration.ratelimit import RateLimiter, SharedPause
 from integration.replay import hubspot_headers, load_delivery
+from integration.salesforce import api as salesforce_api
 from integration.salesforce.api import SalesforceCRM
 from integration.settings import get_settings
 from tests.conftest import (
@@ -946,6 +948,38 @@ def test_a_crm_that_is_down_or_unreachable_is_crm_unavailable(settings, crm, hub
     with pytest.raises(CRMError) as refused:  # leadscore's to fix: RQ retries it, then it fails
         crm.read_leads([VP])
     assert not isinstance(refused.value, CRMUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "kind", "said"),
+    [
+        (503, "<html>\n Down for maintenance </html>", CRMUnavailable,
+         "Salesforce login failed: 503 <html> Down for maintenance </html>"),
+        ("sf:SERVER_UNAVAILABLE", "The server is down", CRMUnavailable,
+         "Salesforce login failed: SERVER_UNAVAILABLE The server is down"),
+        ("sf:LOGIN_RATE_EXCEEDED", "Login rate exceeded", RateLimited,
+         "Salesforce login refused: LOGIN_RATE_EXCEEDED Login rate exceeded"),
+        ("sf:INVALID_LOGIN", "Invalid username, password, security token; or user locked out.", CRMError,
+         "Salesforce refused the login (INVALID_LOGIN: Invalid username, password, security token; or user "
+         "locked out.): check SALESFORCE_USERNAME, SALESFORCE_PASSWORD and SALESFORCE_SECURITY_TOKEN, and "
+         "SALESFORCE_DOMAIN (test for a sandbox)"),
+    ],
+    ids=["maintenance_page", "server_unavailable", "too_many_logins", "wrong_password"],
+)  # fmt: skip
+def test_a_password_login_that_fails_is_waited_for_or_said_to_fix_as_the_org_answered(
+    settings, monkeypatch, code, message, kind, said
+):
+    """simple-salesforce reports every SOAP login failure as a 401: read as a refusal, an org in its
+    maintenance window spent a batch's RQ retries and failed it, where its other calls wait."""
+
+    def login(*args):
+        raise SalesforceAuthenticationFailed(code, message)
+
+    monkeypatch.setattr(salesforce_api, "_new_session", login)
+    with pytest.raises(kind) as caught:
+        SalesforceCRM(settings)
+
+    assert type(caught.value) is kind and str(caught.value) == said
 
 
 def test_a_crm_that_fails_at_the_write_puts_the_batch_off_as_an_outage(

@@ -20,7 +20,11 @@ import requests
 from redis import Redis
 from redis.exceptions import RedisError
 from simple_salesforce import Salesforce
-from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
+from simple_salesforce.exceptions import (
+    SalesforceAuthenticationFailed,
+    SalesforceError,
+    SalesforceExpiredSession,
+)
 
 from integration.crm import SetupReport, WriteResult, write_one
 from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
@@ -293,6 +297,8 @@ class SalesforceCRM:
             token = _new_session(self.settings, self.session)
         except requests.RequestException as exc:
             raise _failure("Salesforce login failed", exc) from exc
+        except SalesforceAuthenticationFailed as exc:
+            raise _login_refused(exc) from exc
         if self.shared:
             self.shared.put(token)
         return self._client(token)
@@ -659,6 +665,26 @@ def _auth_mode(settings: Settings) -> str:
 class SessionToken(NamedTuple):
     instance_url: str
     access_token: str
+
+
+LOGIN_LIMITED = ("REQUEST_LIMIT_EXCEEDED", "LOGIN_RATE_EXCEEDED")
+LOGIN_LIMITED_WAIT_S = 600
+
+
+def _login_refused(exc: SalesforceAuthenticationFailed) -> CRMError | RateLimited:
+    """A username-password (SOAP) login's failure, which simple-salesforce reports as a 401 whatever the
+    org answered: an org down or in maintenance (a 5xx page, SERVER_UNAVAILABLE) is waited for, as its
+    other calls are; too many logins wait too; a refused credential is for an admin to fix."""
+    code = str(exc.code).removeprefix("sf:")
+    said = " ".join(exc.auth_message.split())[:200]
+    if (code.isdigit() and int(code) >= 500) or code in ("SERVER_UNAVAILABLE", "UNKNOWN_EXCEPTION"):
+        return CRMUnavailable(f"Salesforce login failed: {code} {said}")
+    if code in LOGIN_LIMITED:
+        return RateLimited(f"Salesforce login refused: {code} {said}", retry_after_s=LOGIN_LIMITED_WAIT_S)
+    return CRMError(
+        f"Salesforce refused the login ({code}: {said}): check SALESFORCE_USERNAME, SALESFORCE_PASSWORD and "
+        "SALESFORCE_SECURITY_TOKEN, and SALESFORCE_DOMAIN (test for a sandbox)"
+    )
 
 
 def _new_session(settings: Settings, session: requests.Session) -> SessionToken:
