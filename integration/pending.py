@@ -298,22 +298,36 @@ def live_queue(queue: Queue) -> Queue:
 
 def kick(queue: Queue, crm: str, account: str) -> Job | None:
     """Make sure one collect job is queued or running for the account (on the live queue, even
-    when a backfill batch's fallback rescore asks)."""
+    when a backfill batch's fallback rescore asks). The kick and its job are made in one transaction:
+    a kick whose job Redis never took would keep the sweeper off the account for KICK_TTL_S."""
     queue = live_queue(queue)
-    token = uuid.uuid4().hex
-    if not queue.connection.set(kick_key(crm, account), token, nx=True, ex=KICK_TTL_S):
-        return None
-    return queue.enqueue(
-        COLLECT_JOB,
-        crm,
-        account,
-        token,
-        job_timeout=BATCH_TIMEOUT_S,
-        retry=Retry(max=3, interval=[1, 5, 30]),
-        result_ttl=300,
-        failure_ttl=FAILED_KEPT_S,
-        description=f"collect {crm}:{account}",
-    )
+    token, key = uuid.uuid4().hex, kick_key(crm, account)
+    with queue.connection.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            if pipe.exists(key):
+                pipe.unwatch()
+                return None
+            pipe.multi()
+            pipe.set(key, token, ex=KICK_TTL_S)
+            [job] = queue.enqueue_many(
+                [
+                    Queue.prepare_data(
+                        COLLECT_JOB,
+                        args=(crm, account, token),
+                        timeout=BATCH_TIMEOUT_S,
+                        retry=Retry(max=3, interval=[1, 5, 30]),
+                        result_ttl=300,
+                        failure_ttl=FAILED_KEPT_S,
+                        description=f"collect {crm}:{account}",
+                    )
+                ],
+                pipeline=pipe,
+            )
+            pipe.execute()
+        except WatchError:  # another process kicked it meanwhile
+            return None
+    return job
 
 
 def oldest(redis: Redis, crm: str, account: str) -> tuple[int, float | None]:

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AnyHttpUrl
 from redis import Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry as RedisRetry
 from rq import Retry, SimpleWorker, Worker
 from rq.exceptions import DequeueTimeout
@@ -414,6 +415,27 @@ def test_an_account_whose_collector_was_lost_is_kicked_by_the_sweeper(
 
     assert batch.sweep(queue) == 0  # too early to tell a lost kick from a busy collector
     redis.zadd(pending.ACCOUNTS, {f"hubspot:{PORTAL_ID}": time.time() - 60})
+    assert batch.sweep(queue) == 1
+    SimpleWorker([queue], connection=redis).work(burst=True)
+
+    assert pending.depth(redis) == 0 and len(hubspot.writes) == 1
+
+
+def test_a_delivery_whose_collector_redis_would_not_queue_is_acknowledged_and_swept_later(
+    post_delivery, crm, queue, redis, hubspot, monkeypatch
+):
+    """The events are durably queued once the intake's transaction is done: a Redis that fails just after
+    loses no event, and no kick is left without its job to hold the sweeper off."""
+
+    def refused(queue, crm, account):
+        raise RedisConnectionError("Connection reset by peer")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pending, "kick", refused)
+        assert post_delivery("contact.creation__single").status_code == 200
+
+    assert queue.count == 0 and not redis.exists(pending.kick_key("hubspot", PORTAL_ID))
+    redis.zadd(pending.ACCOUNTS, {f"hubspot:{PORTAL_ID}": time.time() - 60})  # the sweeper's 30 s on
     assert batch.sweep(queue) == 1
     SimpleWorker([queue], connection=redis).work(burst=True)
 
