@@ -234,16 +234,16 @@ TABLE_NAMES = {"source": "sources", "status": "statuses", "stage": "stages"}
 
 def _learn_reached_portal(settings, ctx) -> None:
     """Which portal HUBSPOT_ACCESS_TOKEN reaches, so that batches of another portal's contacts (an app
-    installed in two) are not read and written with it. Unknown (HubSpot down, no `oauth` scope),
-    every portal's batches are read, as before."""
+    installed in two) are not read and written with it. Unknown now (HubSpot down), the jobs learn it
+    (`WorkerContext.reached_account`); without the `oauth` scope, every portal's batches are read."""
     from integration.hubspot.api import HubSpotCRM
 
     try:
         ctx.reached["hubspot"] = HubSpotCRM(settings).token_portal()
     except (CRMError, RateLimited) as exc:
         logging.getLogger("leadscore.worker").warning(
-            "could not learn which HubSpot portal the token reaches (%s): events of any portal the app is "
-            "installed in are scored with it", exc,
+            "could not learn which HubSpot portal the token reaches (%s): the jobs ask again; until one "
+            "learns it, events of any portal the app is installed in are scored with it", exc,
         )  # fmt: skip
 
 

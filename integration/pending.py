@@ -96,6 +96,16 @@ if #old > 0 then
 end
 return #old
 """
+# A rescore's hand-off marks (KEYS[1], when in KEYS[2]) only the leads no batch has marked, in these
+# marks or in those of older releases (KEYS[3]). ARGV: the hand-off, now, the lead ids.
+_MARK_UNMARKED = """
+for i = 3, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[i])
+  end
+end
+"""
 ACCOUNTS = "leadscore:accounts"
 CRM_BATCH_LIMIT = {"hubspot": hubspot.BATCH_LIMIT, "salesforce": salesforce.BATCH_LIMIT}
 COLLECT_JOB = "workers.batch.collect"
@@ -424,13 +434,12 @@ def enqueue_batch(
     """
     numbered = [event.model_copy(update={"handoff": handoff}) for event in parse_events(events)]
     target = live_queue(queue)
-    marks, marked_at, _ = handoff_keys(crm, account)
+    marks, marked_at, marks_before = handoff_keys(crm, account)
     now = shared_now(queue.connection)
     if all(RESCORE in event.kinds for event in numbered):
         target = Queue(target.name + BACKFILL, connection=target.connection)
-        for event in numbered:
-            pipe.hsetnx(marks, event.lead_id, handoff)
-        pipe.zadd(marked_at, {event.lead_id: now for event in numbered}, nx=True)
+        ids = [event.lead_id for event in numbered]
+        pipe.eval(_MARK_UNMARKED, 3, marks, marked_at, marks_before, handoff, now, *ids)
         pipe.zadd(backfill_key(crm, account), {event.lead_id: now for event in numbered})
         pipe.zremrangebyscore(backfill_key(crm, account), 0, now - HANDOFF_TTL_S)
         pipe.expire(backfill_key(crm, account), HANDOFF_TTL_S)

@@ -773,11 +773,29 @@ EXAMPLE_HEADERS = '{"x-portkey-provider": "openai"}'
          "LLM_EXTRA_HEADERS: the value of x-gateway-key must be a string on one line, in ASCII"),
         ("LLM_EXTRA_HEADERS", '{"x gateway key": "s3cret"}',
          "LLM_EXTRA_HEADERS: 'x gateway key' is not a header name (letters, digits and -)"),
+        ("HUBSPOT_APP_SECRET", '"s3cret"', "HUBSPOT_APP_SECRET is in quotes, which an env file or a shell "
+         "kept: remove them"),
+        ("LLM_API_KEY", "'sk-s3cret'", "LLM_API_KEY is in quotes, which an env file or a shell kept: "
+         "remove them"),
+        ("HUBSPOT_WON_PIPELINES", '"default"', "HUBSPOT_WON_PIPELINES is in quotes, which an env file or a "
+         "shell kept: remove them"),
+        ("SALESFORCE_ORG_IDS", "00d5g000004xyzaeak", "SALESFORCE_ORG_IDS has '00d5g000004xyzaeak', not an "
+         "organization id as Setup > Company Information shows it (15 or 18 characters, from 00D, its case "
+         "kept)"),
+        ("PUBLIC_BASE_URL", "https://leadscore.example.com/webhooks/hubspot", "PUBLIC_BASE_URL is the "
+         "scheme://host[:port] (and any prefix a proxy adds) that the webhook paths follow, not a webhook's "
+         "whole URL: got https://leadscore.example.com/webhooks/hubspot"),
+        ("SALESFORCE_INSTANCE_URL", "https://acme.lightning.force.com/lightning/page/home",
+         "SALESFORCE_INSTANCE_URL is the org's My Domain URL with no path, such as "
+         "https://acme.my.salesforce.com (Setup > My Domain), got "
+         "https://acme.lightning.force.com/lightning/page/home"),
     ],
     ids=["params_not_json", "params_a_list", "params_leadscore_sets", "headers_not_json",
-         "header_a_number", "header_two_lines", "header_not_ascii", "header_name_with_spaces"],
+         "header_a_number", "header_two_lines", "header_not_ascii", "header_name_with_spaces",
+         "secret_quoted", "key_quoted", "pipelines_quoted", "org_id_lower_case", "public_url_whole",
+         "instance_url_lightning"],
 )  # fmt: skip
-def test_llm_extra_params_and_headers_must_be_json_objects_and_no_header_value_is_echoed(
+def test_settings_operators_get_wrong_are_refused_saying_what_to_fix_and_echo_no_secret(
     env, monkeypatch, capsys, setting, value, problem
 ):
     reconfigure(monkeypatch, **{setting: value})
@@ -1001,40 +1019,6 @@ def test_a_secret_pasted_with_a_newline_or_spaces_still_verifies_deliveries(env,
     posted = client.post(WEBHOOK_URL, data=body, headers=hubspot_headers(WEBHOOK_URL, body, APP_SECRET))
     assert posted.status_code == 200
     assert client.get("/metrics", headers={"Authorization": "Bearer m"}).status_code == 200
-
-
-@pytest.mark.parametrize(
-    ("setting", "value", "problem"),
-    [
-        ("HUBSPOT_APP_SECRET", '"s3cret"', "HUBSPOT_APP_SECRET is in quotes, which an env file or a shell "
-         "kept: remove them"),
-        ("LLM_API_KEY", "'sk-s3cret'", "LLM_API_KEY is in quotes, which an env file or a shell kept: "
-         "remove them"),
-        ("HUBSPOT_WON_PIPELINES", '"default"', "HUBSPOT_WON_PIPELINES is in quotes, which an env file or a "
-         "shell kept: remove them"),
-        ("SALESFORCE_ORG_IDS", "00d5g000004xyzaeak", "SALESFORCE_ORG_IDS has '00d5g000004xyzaeak', not an "
-         "organization id as Setup > Company Information shows it (15 or 18 characters, from 00D, its case "
-         "kept)"),
-        ("PUBLIC_BASE_URL", "https://leadscore.example.com/webhooks/hubspot", "PUBLIC_BASE_URL is the "
-         "scheme://host[:port] (and any prefix a proxy adds) that the webhook paths follow, not a webhook's "
-         "whole URL: got https://leadscore.example.com/webhooks/hubspot"),
-        ("SALESFORCE_INSTANCE_URL", "https://acme.lightning.force.com/lightning/page/home",
-         "SALESFORCE_INSTANCE_URL is the org's My Domain URL with no path, such as "
-         "https://acme.my.salesforce.com (Setup > My Domain), got "
-         "https://acme.lightning.force.com/lightning/page/home"),
-    ],
-    ids=["secret_quoted", "key_quoted", "pipelines_quoted", "org_id_lower_case", "public_url_whole",
-         "instance_url_lightning"],
-)  # fmt: skip
-def test_settings_as_operators_paste_them_are_refused_saying_what_to_fix(
-    env, monkeypatch, capsys, setting, value, problem
-):
-    reconfigure(monkeypatch, **{setting: value})
-
-    assert main(["db", "upgrade"]) == 2
-    said = capsys.readouterr().err
-    assert said == f"leadscore: invalid leadscore settings: {setting}: Value error, {problem}\n"
-    assert "s3cret" not in said
 
 
 @pytest.mark.parametrize(("setting", "value"), [("HUBSPOT_TIMEOUT_S", "inf"), ("LLM_TIMEOUT_S", "8000"),

@@ -21,7 +21,7 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry as RedisRetry
-from rq import Retry, SimpleWorker, Worker
+from rq import Queue, Retry, SimpleWorker, Worker
 from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.scheduler import RQScheduler
@@ -33,7 +33,7 @@ from integration.app import create_app
 from integration.cli import main
 from integration.emulators import free_port, start_redis
 from integration.errors import CRMError, CRMUnavailable, RateLimited
-from integration.events import ERASE, IntakeRow, LeadEvent, pack_intake
+from integration.events import ERASE, RESCORE, IntakeRow, LeadEvent, pack_intake
 from integration.hubspot.api import HubSpotCRM, halving_budget, shared_limiter
 from integration.ratelimit import RateLimiter, SharedPause
 from integration.replay import hubspot_headers, load_delivery
@@ -427,11 +427,11 @@ def test_a_delivery_whose_collector_redis_would_not_queue_is_acknowledged_and_sw
     """The events are durably queued once the intake's transaction is done: a Redis that fails just after
     loses no event, and no kick is left without its job to hold the sweeper off."""
 
-    def refused(queue, crm, account):
+    def refused(*args, **kwargs):  # Redis gone between the kick and its job
         raise RedisConnectionError("Connection reset by peer")
 
     with monkeypatch.context() as patched:
-        patched.setattr(pending, "kick", refused)
+        patched.setattr(Queue, "_enqueue_job", refused)
         assert post_delivery("contact.creation__single").status_code == 200
 
     assert queue.count == 0 and not redis.exists(pending.kick_key("hubspot", PORTAL_ID))
@@ -822,14 +822,19 @@ def test_a_work_horse_scores_a_batch_over_one_redis_connection(
     """RQ forks a work horse per job, whose clients connect afresh (a TLS handshake each on rediss://):
     RQ and leadscore share one client, and a batch's LLM calls read every worker's pause through one
     thread, not each its own connection."""
-    post_delivery("contact.creation__demo_burst")
-    _clear_caches()
-    started = redis.info("stats")["total_connections_received"]
 
-    assert main(["worker", "--burst"]) == 0
-    opened = redis.info("stats")["total_connections_received"] - started
+    def connections_opened_by_a_worker() -> int:
+        _clear_caches()
+        started = redis.info("stats")["total_connections_received"]
+        assert main(["worker", "--burst"]) == 0
+        return redis.info("stats")["total_connections_received"] - started
+
+    idle = connections_opened_by_a_worker()  # its own, before it forks: its client, the scheduler's, checks
+    post_delivery("contact.creation__demo_burst")
+    working = connections_opened_by_a_worker()
+
     jobs = len(finished_jobs(redis, queue))
-    assert 0 < opened <= jobs + 6  # the worker's own before it forks: its client, the scheduler's, the checks
+    assert jobs == 2 and working - idle == jobs  # a collect and a batch of 24 leads, one connection each
 
 
 def test_a_portal_the_worker_could_not_learn_at_start_is_learned_by_its_jobs(
@@ -2078,6 +2083,25 @@ def test_a_batch_handed_off_by_an_older_release_is_still_superseded(crm, queue, 
     assert [r["outcome"] for r in queue.fetch_job(older.id).return_value()] == ["superseded"]
     assert [r["outcome"] for r in queue.fetch_job(newer.id).return_value()] == ["written"]
     assert len(hubspot.writes) == 1
+
+
+def test_a_rescore_leaves_a_lead_to_a_batch_an_older_release_handed_it_to(queue, redis):
+    """A webhook's batch queued before the upgrade is not superseded by a rescore queued after it."""
+    _, _, marks_before = pending.handoff_keys("hubspot", PORTAL_ID)
+    redis.hset(marks_before, VP, 1)  # the webhook's batch, as the release before marked it
+    redis.set(pending.HANDOFFS, 1)
+    now = datetime.now(UTC)
+    rescore = LeadEvent(
+        crm="hubspot", account_id=PORTAL_ID, lead_id=VP, event_ids=("rescore",), kinds=(RESCORE,),
+        occurred_at=now, accepted_at=now,
+    )  # fmt: skip
+    with redis.pipeline(transaction=True) as pipe:
+        pending.record(pipe, [rescore])
+        pipe.execute()
+
+    pending.take_batch(queue, "hubspot", PORTAL_ID, 1)
+
+    assert pending.newest_handoffs(redis, "hubspot", PORTAL_ID, [VP]) == [1]
 
 
 def test_a_hand_off_forgets_marks_older_than_any_batch_still_waiting(crm, queue, redis):

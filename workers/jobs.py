@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from integration import metrics, pending
 from integration.clock import redis_now
 from integration.crm import CRMAdapter
-from integration.errors import CRMError, LeadGone, RateLimited
+from integration.errors import CRMError, CRMUnavailable, LeadGone, RateLimited
 from integration.events import LeadEvent
 from integration.hubspot.api import WORKER_MAX_WAIT_S, HubSpotCRM, shared_limiter
 from integration.lead import Lead, lead_key, moment_of
@@ -246,8 +246,9 @@ class WorkerContext:
             if (known := self.redis.get(key)) is None:
                 try:
                     known = self.crm(crm, account).token_portal().encode()
-                except (CRMError, RateLimited) as exc:
-                    self.redis.set(key, "", ex=REACHED_ASKED_AGAIN_S)
+                except (CRMError, RateLimited) as exc:  # refused (no `oauth` scope): asked again tomorrow
+                    waiting = isinstance(exc, (CRMUnavailable, RateLimited))
+                    self.redis.set(key, "", ex=REACHED_ASKED_AGAIN_S if waiting else REACHED_KEPT_S)
                     log.warning("still not known which HubSpot portal the token reaches (%s)", exc)
                     return None
                 self.redis.set(key, known, ex=REACHED_KEPT_S)

@@ -135,21 +135,29 @@ class _Throttle:
         with self._lock:
             self.met = True
             self._until = max(self._until, time.monotonic() + seconds)
-        if self.shared is not None:
+            shared = self.shared
+        if shared is not None:
             try:
-                self.shared.pause(seconds)
+                shared.pause(seconds)
             except RedisError:
                 log.warning("LLM pause not shared (Redis unavailable): other workers may call it meanwhile")
 
     def left_s(self) -> float:
-        with self._lock:
-            now = time.monotonic()
-            if self.shared is not None and now >= self._read_again_at:
-                try:
-                    self._shared_until = now + self.shared.left_s()
-                except RedisError:
-                    self.shared = None  # not asked again for each lead of the batch
+        now = time.monotonic()
+        with self._lock:  # one thread reads; the others go by the last reading meanwhile
+            shared = self.shared if now >= self._read_again_at else None
+            if shared is not None:
                 self._read_again_at = now + SHARED_PAUSE_FRESH_S
+        if shared is not None:
+            try:
+                shared_until = now + shared.left_s()
+            except RedisError:
+                with self._lock:
+                    self.shared = None  # not asked again for each lead of the batch
+            else:
+                with self._lock:
+                    self._shared_until = shared_until
+        with self._lock:
             until = max(self._until, self._shared_until)
         return max(until - time.monotonic(), 0.0)
 

@@ -466,7 +466,7 @@ class HubSpotCRM:
                 except AssociationsApiException as exc:
                     if (exc.status or 0) >= 500:  # HubSpot is failing: wait for it, not score without
                         raise _failure(f"HubSpot associations read failed: {exc.status}", exc) from exc
-                    log.warning("scoring without %s: associations answered %s", kind, exc.status)
+                    log.warning("scoring without some %s: associations answered %s", kind, exc.status)
         return linked
 
     def _association_pages(self, of: str, kind: str, ids: list[str]) -> Iterator:
@@ -489,6 +489,8 @@ class HubSpotCRM:
                     inputs.append(PublicFetchAssociationsBatchRequest(id=str(result._from.id), after=after))
             if not inputs:
                 return
+        log.warning("%s of %d %s past %d pages each read no further: scored on those read", kind, len(inputs),
+                    of, MAX_ASSOCIATION_PAGES)  # fmt: skip
 
     def _with_won_deal(self, contact_ids: list[str]) -> set[str]:
         """Which of these contacts have a closed-won deal, where the token may read deals: two calls

@@ -677,7 +677,7 @@ def _login_refused(exc: SalesforceAuthenticationFailed) -> CRMError | RateLimite
     other calls are; too many logins wait too; a refused credential is for an admin to fix."""
     code = str(exc.code).removeprefix("sf:")
     said = " ".join(exc.auth_message.split())[:200]
-    if (code.isdigit() and int(code) >= 500) or code in ("SERVER_UNAVAILABLE", "UNKNOWN_EXCEPTION"):
+    if (code.isdigit() and int(code) >= 500) or code in ("None", "SERVER_UNAVAILABLE", "UNKNOWN_EXCEPTION"):
         return CRMUnavailable(f"Salesforce login failed: {code} {said}")
     if code in LOGIN_LIMITED:
         return RateLimited(f"Salesforce login refused: {code} {said}", retry_after_s=LOGIN_LIMITED_WAIT_S)
