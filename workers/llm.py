@@ -120,6 +120,7 @@ class _Throttle:
         self._until = 0.0  # this batch's own pause, on time.monotonic()
         self._shared_until, self._read_again_at = 0.0, 0.0  # every worker's, as last read
         self._lock = threading.Lock()
+        self._reading = threading.Lock()
 
     def timed_out(self) -> None:
         with self._lock:
@@ -143,20 +144,16 @@ class _Throttle:
                 log.warning("LLM pause not shared (Redis unavailable): other workers may call it meanwhile")
 
     def left_s(self) -> float:
-        now = time.monotonic()
-        with self._lock:  # one thread reads; the others go by the last reading meanwhile
-            shared = self.shared if now >= self._read_again_at else None
-            if shared is not None:
-                self._read_again_at = now + SHARED_PAUSE_FRESH_S
-        if shared is not None:
-            try:
-                shared_until = now + shared.left_s()
-            except RedisError:
-                with self._lock:
+        # One thread reads Redis; the others wait for its reading (not `_lock`, which a 429 must not
+        # wait behind a Redis that stalls), then go by it for SHARED_PAUSE_FRESH_S.
+        with self._reading:
+            now = time.monotonic()
+            if (shared := self.shared) is not None and now >= self._read_again_at:
+                try:
+                    self._shared_until = now + shared.left_s()
+                except RedisError:
                     self.shared = None  # not asked again for each lead of the batch
-            else:
-                with self._lock:
-                    self._shared_until = shared_until
+                self._read_again_at = now + SHARED_PAUSE_FRESH_S
         with self._lock:
             until = max(self._until, self._shared_until)
         return max(until - time.monotonic(), 0.0)
