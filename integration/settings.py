@@ -200,9 +200,7 @@ class Settings(BaseSettings):
             return value
         pipelines = [p.strip() for p in value.split(",") if p.strip()]
         if any(p[0] in "\"'" or p[-1] in "\"'" for p in pipelines):
-            raise ValueError(
-                "HUBSPOT_WON_PIPELINES is in quotes, which an env file or a shell kept: remove them"
-            )
+            raise _kept_quotes("HUBSPOT_WON_PIPELINES")
         return pipelines
 
     @field_validator("hubspot_outcome_stages", mode="before")
@@ -239,9 +237,7 @@ class Settings(BaseSettings):
             return value
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            raise ValueError(
-                f"{info.field_name.upper()} is in quotes, which an env file or a shell kept: remove them"
-            )
+            raise _kept_quotes(info.field_name.upper())
         return value
 
     @field_validator("salesforce_org_ids")
@@ -427,6 +423,10 @@ def _json_object(setting: str, value, example: str, echo: bool = True) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{setting} must be a JSON object such as {example}, got a {type(value).__name__}")
     return value
+
+
+def _kept_quotes(setting: str) -> ValueError:
+    return ValueError(f"{setting} is in quotes, which an env file or a shell kept: remove them")
 
 
 def masked(url: str) -> str:
